@@ -1,0 +1,116 @@
+"""Torch reference of the paged-attention kernels.
+
+These are exact (fp32 math) and vectorized per sequence, so the CPU engine uses them for real
+inference and the Triton kernels are tested against them.
+
+Layout (see ARCHITECTURE.md):
+  kv_pool:    [num_pages, num_layers, 2, page_size, num_kv_heads, head_dim]  (K at 0, V at 1)
+  page_table: [num_seqs, max_pages] int32; entries past a sequence's pages are ignored
+  seq_lens:   [num_seqs] int32, total tokens of each sequence including the new ones
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_gqa(num_heads: int, num_kv_heads: int) -> int:
+    """Return the GQA group size; raise ValueError when the heads do not divide."""
+    if num_kv_heads <= 0 or num_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})"
+        )
+    return num_heads // num_kv_heads
+
+
+def write_kv_ref(kv_pool: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+    """Scatter new K/V into the pool; mutates kv_pool[:, layer].
+
+    k, v: [num_tokens, num_kv_heads, head_dim]; slot_mapping: [num_tokens] int64
+    (slot = page_id * page_size + offset).
+    """
+    num_pages, _, _, page_size, num_kv_heads, head_dim = kv_pool.shape
+    if k.shape != v.shape or k.shape[1:] != (num_kv_heads, head_dim):
+        raise ValueError(f"k/v shape {tuple(k.shape)}/{tuple(v.shape)} does not match the pool")
+    if slot_mapping.shape != (k.shape[0],):
+        raise ValueError("slot_mapping must be [num_tokens]")
+    slots = slot_mapping.to(device=kv_pool.device, dtype=torch.int64)
+    page_ids = torch.div(slots, page_size, rounding_mode="floor")
+    offsets = slots - page_ids * page_size
+    kv_pool[page_ids, layer, 0, offsets] = k.to(kv_pool.dtype)
+    kv_pool[page_ids, layer, 1, offsets] = v.to(kv_pool.dtype)
+
+
+def gather_kv(kv_pool: torch.Tensor, layer: int, page_row: torch.Tensor,
+              seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous K, V of one sequence: each [seq_len, num_kv_heads, head_dim] (pool dtype)."""
+    page_size = kv_pool.shape[3]
+    num_seq_pages = (seq_len + page_size - 1) // page_size
+    pages = page_row[:num_seq_pages].to(device=kv_pool.device, dtype=torch.int64)
+    # kv: [num_seq_pages, 2, page_size, num_kv_heads, head_dim]
+    kv = kv_pool[pages, layer]
+    k = kv[:, 0].reshape(-1, *kv.shape[-2:])[:seq_len]
+    v = kv[:, 1].reshape(-1, *kv.shape[-2:])[:seq_len]
+    return k, v
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+            context_len: int) -> torch.Tensor:
+    """Causal attention of the last q.shape[0] positions of a context_len sequence.
+
+    q: [num_q, num_heads, head_dim]; k, v: [context_len, num_kv_heads, head_dim] -> fp32 out.
+    """
+    num_q, num_heads, head_dim = q.shape
+    group = check_gqa(num_heads, k.shape[1])
+    qf = q.float().view(num_q, k.shape[1], group, head_dim)
+    kf = k.float()
+    vf = v.float()
+    # scores: [num_kv_heads, group, num_q, context_len]
+    scores = torch.einsum("qhgd,khd->hgqk", qf, kf) * scale
+    q_pos = torch.arange(context_len - num_q, context_len, device=q.device)
+    k_pos = torch.arange(context_len, device=q.device)
+    scores.masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("hgqk,khd->qhgd", probs, vf)
+    return out.reshape(num_q, num_heads, head_dim)
+
+
+def paged_decode_ref(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, page_table: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query (the last token) per sequence. q: [num_seqs, num_heads, head_dim] -> same shape.
+
+    Reads kv_pool only. Every seq_len must be >= 1.
+    """
+    out = torch.empty_like(q)
+    lens = seq_lens.tolist()
+    for i, seq_len in enumerate(lens):
+        if seq_len < 1:
+            raise ValueError(f"decode needs seq_lens >= 1, got {seq_len} for sequence {i}")
+        k, v = gather_kv(kv_pool, layer, page_table[i], seq_len)
+        out[i] = _attend(q[i : i + 1], k, v, scale, seq_len)[0].to(q.dtype)
+    return out
+
+
+def paged_prefill_ref(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, page_table: torch.Tensor,
+                      cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """Varlen extend attention over cached prefix + the new tokens (already in the pool).
+
+    q: [total_q, num_heads, head_dim]; cu_seqlens_q: [num_seqs + 1] int32. Sequence i's new tokens
+    are the last (cu_seqlens_q[i+1] - cu_seqlens_q[i]) of its seq_lens[i] positions; causal.
+    A zero-length chunk is allowed. Returns [total_q, num_heads, head_dim] in q's dtype.
+    """
+    out = torch.empty_like(q)
+    cu = cu_seqlens_q.tolist()
+    lens = seq_lens.tolist()
+    for i, seq_len in enumerate(lens):
+        start, end = cu[i], cu[i + 1]
+        num_q = end - start
+        if num_q < 0 or num_q > seq_len:
+            raise ValueError(f"sequence {i}: {num_q} new tokens but seq_len {seq_len}")
+        if num_q == 0:
+            continue
+        k, v = gather_kv(kv_pool, layer, page_table[i], seq_len)
+        out[start:end] = _attend(q[start:end], k, v, scale, seq_len).to(q.dtype)
+    return out
