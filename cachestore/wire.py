@@ -1,0 +1,197 @@
+"""Wire forms of the KVStore service: bulk data frames, NamespaceSpec <-> Namespace, tier enums.
+
+Bulk payloads travel as `data` frames: a PutRequest / GetClosestResponse (or the page-level
+messages) whose only field is `bytes data = 2`. On the wire such a message is exactly
+`0x12, varint(len), raw bytes`, so both ends write and read it here without building protobuf
+objects: the serializers below emit the tag and length by hand and the deserializers peek at the
+tag byte and hand out a memoryview into the received bytes (no copy). Headers (field 1, tag 0x0a)
+go through the generated pb2 classes. Any other gRPC client still sees ordinary messages.
+
+A deserializer never raises (grpc would turn that into INTERNAL): bytes that are neither a
+header nor a data frame become a `BadMessage`, which the receiver reports as INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from cachestore.keys import LAYOUT_VERSION, InvalidNamespace, Namespace
+from kvmesh.v1 import common_pb2
+
+FRAME_NBYTES = 1 << 20  # bulk data is cut into frames of this size
+DATA_TAG = 0x12  # field 2, wire type 2 (length-delimited)
+HEADER_TAG = 0x0A  # field 1, wire type 2
+MAX_MESSAGE_NBYTES = 64 << 20  # raised limit, both ends: headers carry up to MAX_TOKENS tokens
+MAX_TOKENS = 1 << 20
+MAX_STRING_NBYTES = 1024  # any NamespaceSpec string field
+
+GRPC_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_NBYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_NBYTES),
+]
+
+TIER_BY_NAME: dict[str, int] = {
+    "device": common_pb2.TIER_DEVICE,
+    "cpu": common_pb2.TIER_CPU,
+    "disk": common_pb2.TIER_DISK,
+    "redis": common_pb2.TIER_REDIS,
+    "remote": common_pb2.TIER_REMOTE,
+}
+TIER_NAME_BY_ENUM: dict[int, str] = {value: name for name, value in TIER_BY_NAME.items()}
+
+
+@dataclass(frozen=True)
+class BadMessage:
+    """Received bytes that do not parse; `reason` says why (goes into the status details)."""
+
+    reason: str
+
+
+# A received stream item: a parsed header message, a data frame, or garbage.
+Received = Any  # pb2 header message | memoryview | BadMessage
+
+
+def varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int] | None:
+    """(value, position after it), or None when the varint is truncated or longer than 10 bytes."""
+    value = shift = 0
+    end = min(len(buf), pos + 10)
+    while pos < end:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    return None
+
+
+def encode_frame(parts: memoryview | bytes | Sequence[memoryview | bytes]) -> bytes:
+    """Wire bytes of one data frame holding `parts` back to back (one copy, by join)."""
+    if isinstance(parts, (bytes, bytearray, memoryview)):
+        parts = (parts,)
+    nbytes = sum(memoryview(p).nbytes for p in parts)
+    return b"".join((bytes((DATA_TAG,)), varint(nbytes), *parts))
+
+
+def make_serializer(header_type: type) -> Callable[[Any], bytes]:
+    """Serializer of a `oneof {header = 1; bytes data = 2}` stream: pb2 messages (of the oneof's
+    wrapper type, or the bare header type) are serialized by protobuf, everything else is taken
+    as a data frame (bytes, memoryview, or a sequence of them sent as one frame)."""
+
+    def serialize(item: Any) -> bytes:
+        if isinstance(item, header_type):
+            return bytes((HEADER_TAG,)) + varint(item.ByteSize()) + item.SerializeToString()
+        if hasattr(item, "SerializeToString"):
+            return item.SerializeToString()
+        return encode_frame(item)
+
+    return serialize
+
+
+def make_deserializer(message_type: type) -> Callable[[bytes], Received]:
+    """Deserializer of a `oneof {header = 1; bytes data = 2}` stream: a data frame comes back as
+    a memoryview of its raw bytes (zero copy), a header as the parsed header message, anything
+    else as a BadMessage."""
+
+    def deserialize(raw: bytes) -> Received:
+        view = memoryview(raw)
+        if len(view) and view[0] == DATA_TAG:
+            parsed = _read_varint(view, 1)
+            if parsed is not None and parsed[1] + parsed[0] == len(view):
+                return view[parsed[1] :]
+        # Slow path: a header, or a data frame some other encoder wrote differently.
+        try:
+            message = message_type.FromString(raw)
+        except DecodeError as exc:
+            return BadMessage(f"undecodable {message_type.__name__}: {exc}")
+        kind = message.WhichOneof("kind")
+        if kind == "header":
+            return message.header
+        if kind == "data":
+            return memoryview(message.data)
+        return BadMessage(f"{message_type.__name__} carries neither a header nor data")
+
+    return deserialize
+
+
+def cut_frames(views: Sequence[memoryview], frame_nbytes: int = FRAME_NBYTES) -> Iterator[list]:
+    """Cut the concatenation of `views` into frames of `frame_nbytes` (the last may be shorter).
+    Each frame is a list of memoryview slices (no copy until the serializer joins them)."""
+    frame: list[memoryview] = []
+    room = frame_nbytes
+    for view in views:
+        view = memoryview(view).cast("B")
+        while len(view):
+            piece = view[:room]
+            frame.append(piece)
+            room -= len(piece)
+            view = view[len(piece) :]
+            if room == 0:
+                yield frame
+                frame, room = [], frame_nbytes
+    if frame:
+        yield frame
+
+
+def namespace_to_spec(ns: Namespace) -> common_pb2.NamespaceSpec:
+    return common_pb2.NamespaceSpec(
+        model=ns.model,
+        weights_fingerprint=ns.weights_fingerprint,
+        tokenizer_fingerprint=ns.tokenizer_fingerprint,
+        kv_dtype=ns.dtype_name,
+        layout_version=ns.layout_version,
+        num_layers=ns.num_layers,
+        num_kv_heads=ns.num_kv_heads,
+        head_dim=ns.head_dim,
+        page_size=ns.page_size,
+        tp_rank=ns.tp_rank,
+        tp_size=ns.tp_size,
+        lora_id=ns.lora_id,
+        salt=ns.salt,
+    )
+
+
+def namespace_from_spec(spec: common_pb2.NamespaceSpec) -> Namespace:
+    """Namespace of a request. Raises InvalidNamespace (a ValueError) for missing, oversized or
+    out-of-range fields. proto3 cannot tell 0 from unset, so tp_size 0 reads as 1 and
+    layout_version 0 as the current version; any other version is refused."""
+    for name in ("model", "weights_fingerprint", "tokenizer_fingerprint", "kv_dtype", "lora_id",
+                 "salt"):
+        nbytes = len(getattr(spec, name).encode("utf-8"))
+        if nbytes > MAX_STRING_NBYTES:
+            raise InvalidNamespace(f"namespace {name} is {nbytes} bytes, at most {MAX_STRING_NBYTES}")
+    layout_version = spec.layout_version or LAYOUT_VERSION
+    if layout_version != LAYOUT_VERSION:
+        raise InvalidNamespace(f"namespace layout_version {layout_version} unsupported; "
+                       f"this store speaks {LAYOUT_VERSION}")
+    if not spec.kv_dtype:
+        raise InvalidNamespace("namespace kv_dtype must be set, e.g. 'bfloat16'")
+    return Namespace(
+        model=spec.model,
+        num_layers=spec.num_layers,
+        num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
+        dtype=spec.kv_dtype,
+        page_size=spec.page_size,
+        salt=spec.salt,
+        weights_fingerprint=spec.weights_fingerprint,
+        tokenizer_fingerprint=spec.tokenizer_fingerprint,
+        lora_id=spec.lora_id,
+        tp_rank=spec.tp_rank,
+        tp_size=spec.tp_size or 1,
+        layout_version=layout_version,
+    )
+
