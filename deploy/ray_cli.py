@@ -1,0 +1,132 @@
+"""`kvmesh ray deploy|status|down`: the kvmesh stack on a Ray cluster (see deploy/ray_stack.py).
+
+Flag defaults come from `KVMESH_RAY_*` environment variables (e.g. KVMESH_RAY_WORKERS=4); the
+cluster address from --address, else RAY_ADDRESS, else "auto" (the local node's cluster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+from deploy.ray_config import NAMESPACE, RayConfigError, RayDeployConfig
+
+
+def _env(name: str, default: str | None) -> str | None:
+    return os.environ.get(f"KVMESH_RAY_{name}", default)
+
+
+def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "auto"),
+                        help="Ray cluster address (host:port, ray://host:port or auto)")
+    parser.add_argument("--namespace", default=_env("NAMESPACE", NAMESPACE),
+                        help="Ray namespace of the kvmesh actors")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("ray", help="run kvmesh on a Ray cluster")
+    actions = parser.add_subparsers(dest="ray_command", metavar="ACTION", required=True)
+
+    dep = actions.add_parser("deploy", help="start store, workers and router as Ray actors")
+    _add_connection_flags(dep)
+    dep.add_argument("--workers", type=int, default=int(_env("WORKERS", "1") or 1))
+    dep.add_argument("--num-cpus-per-worker", type=float,
+                     default=float(_env("NUM_CPUS_PER_WORKER", "1") or 1))
+    dep.add_argument("--num-gpus-per-worker", type=float,
+                     default=float(_env("NUM_GPUS_PER_WORKER", "0") or 0),
+                     help="1 on a GPU cluster (one worker per GPU, --device cuda); 0: CPU workers")
+    dep.add_argument("--model", default=_env("MODEL", None),
+                     help="model path (HF folder or .gguf); default: the worker's default")
+    dep.add_argument("--redis-url", default=_env("REDIS_URL", None),
+                     help="shared tier behind the store (redis:// or a Redis Cluster node)")
+    dep.add_argument("--port", type=int, default=int(_env("PORT", "8000") or 8000),
+                     help="router HTTP port")
+    dep.add_argument("--store-port", type=int, default=int(_env("STORE_PORT", "50051") or 50051))
+    dep.add_argument("--worker-port", type=int, default=int(_env("WORKER_PORT", "50100") or 50100),
+                     help="worker i listens on this port + i")
+    dep.add_argument("--store-cpu-bytes", type=int, default=None)
+    dep.add_argument("--store-disk-dir", default=_env("STORE_DISK_DIR", None))
+    dep.add_argument("--api-key", default=_env("API_KEY", None))
+    dep.add_argument("--token", default=_env("TOKEN", None),
+                     help="bearer token between router, workers and store")
+    dep.add_argument("--max-restarts", type=int, default=int(_env("MAX_RESTARTS", "5") or 5))
+    dep.add_argument("--timeout", type=float, default=600.0,
+                     help="seconds to wait for each role to listen")
+    for role in ("store", "worker", "router"):
+        dep.add_argument(f"--{role}-args", default="",
+                         help=f"extra flags for `kvmesh {role}`, one shell-quoted string")
+    dep.set_defaults(func=_deploy)
+
+    stat = actions.add_parser("status", help="list the kvmesh actors and their addresses")
+    _add_connection_flags(stat)
+    stat.set_defaults(func=_status)
+
+    down = actions.add_parser("down", help="stop every kvmesh actor")
+    _add_connection_flags(down)
+    down.set_defaults(func=_down)
+
+
+def _config(args: argparse.Namespace) -> RayDeployConfig:
+    return RayDeployConfig(
+        address=args.address, namespace=args.namespace, num_workers=args.workers,
+        num_cpus_per_worker=args.num_cpus_per_worker,
+        num_gpus_per_worker=args.num_gpus_per_worker, model=args.model,
+        redis_url=args.redis_url, store_port=args.store_port, worker_base_port=args.worker_port,
+        router_port=args.port, store_cpu_bytes=args.store_cpu_bytes,
+        store_disk_dir=args.store_disk_dir, api_key=args.api_key, token=args.token,
+        max_restarts=args.max_restarts, ready_timeout_s=args.timeout,
+        store_args=tuple(shlex.split(args.store_args)),
+        worker_args=tuple(shlex.split(args.worker_args)),
+        router_args=tuple(shlex.split(args.router_args)))
+
+
+def _print_status(stack) -> None:
+    for name, info in sorted(stack.infos.items()):
+        restarted = " (restarted)" if info.is_restarted else ""
+        print(f"{name:<20} {info.role:<7} {info.address:<22} node {info.node_ip} "
+              f"pid {info.child_pid}{restarted}")
+    for name in stack.unavailable:
+        print(f"{name:<20} unavailable (restarting or dead)")
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    try:
+        config = _config(args)
+    except RayConfigError as exc:
+        print(f"kvmesh ray deploy: {exc}", file=sys.stderr)
+        return 2
+    from deploy import ray_stack  # imports ray
+
+    try:
+        stack = ray_stack.deploy(config)
+    except ray_stack.DeployError as exc:
+        print(f"kvmesh ray deploy: {exc}", file=sys.stderr)
+        return 1
+    _print_status(stack)
+    print(f"kvmesh serving on {stack.router_url}", flush=True)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from deploy import ray_stack
+
+    ray_stack.connect(args.address, args.namespace)
+    stack = ray_stack.status()
+    if not stack.infos and not stack.unavailable:
+        print(f"kvmesh is not deployed in namespace {args.namespace!r}")
+        return 1
+    _print_status(stack)
+    if stack.router_url:
+        print(f"kvmesh serving on {stack.router_url}")
+    return 0 if not stack.unavailable else 1
+
+
+def _down(args: argparse.Namespace) -> int:
+    from deploy import ray_stack
+
+    ray_stack.connect(args.address, args.namespace)
+    names = ray_stack.down()
+    print(f"kvmesh ray down: stopped {len(names)} actors {' '.join(names)}".rstrip())
+    return 0

@@ -1,0 +1,125 @@
+"""What `kvmesh ray deploy` deploys: one frozen config, checked on construction.
+
+Filled from `kvmesh ray deploy` flags (deploy/ray_cli.py), whose defaults come from `KVMESH_RAY_*`
+environment variables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+NAMESPACE = "kvmesh"  # Ray namespace holding every kvmesh actor and the placement group
+ACTOR_PREFIX = "kvmesh-"
+STORE_ACTOR = "kvmesh-store"
+ROUTER_ACTOR = "kvmesh-router"
+WORKER_GROUP = "kvmesh-workers"  # detached placement group, one bundle per worker
+
+
+def worker_actor_name(index: int) -> str:
+    return f"kvmesh-worker-{index}"
+
+
+class RayConfigError(ValueError):
+    """A deploy setting is out of range; the CLI prints the message and exits 2."""
+
+
+def _check_port(name: str, port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise RayConfigError(f"{name} must be a TCP port in 1..65535, got {port}")
+
+
+@dataclass(frozen=True)
+class RayDeployConfig:
+    """The kvmesh stack on a Ray cluster.
+
+    Ports are fixed per role so a restarted actor comes back at the same address: the store and
+    the router are pinned to the head node, and worker i always runs in bundle i of a detached
+    placement group (the bundle stays on its node), listening on `worker_base_port + i`.
+    """
+
+    address: str = "auto"
+    namespace: str = NAMESPACE
+    num_workers: int = 1
+    num_cpus_per_worker: float = 1.0
+    num_gpus_per_worker: float = 0.0
+    model: str | None = None  # None: the worker's default model (SmolLM2-135M-Instruct)
+    redis_url: str | None = None
+    store_port: int = 50051
+    worker_base_port: int = 50100
+    router_port: int = 8000
+    store_cpu_bytes: int | None = None
+    store_disk_dir: str | None = None
+    api_key: str | None = None  # router clients must send it (Authorization: Bearer ...)
+    token: str | None = None  # bearer token between router, workers and store
+    max_restarts: int = 5
+    ready_timeout_s: float = 600.0
+    store_args: tuple[str, ...] = field(default_factory=tuple)  # passed through to the role CLI
+    worker_args: tuple[str, ...] = field(default_factory=tuple)
+    router_args: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise RayConfigError(f"--workers must be at least 1, got {self.num_workers}")
+        if self.num_cpus_per_worker < 0 or self.num_gpus_per_worker < 0:
+            raise RayConfigError("--num-cpus-per-worker and --num-gpus-per-worker must be >= 0")
+        if self.num_cpus_per_worker == 0 and self.num_gpus_per_worker == 0:
+            # a placement group bundle must reserve something
+            raise RayConfigError("a worker must reserve some CPUs or GPUs")
+        if self.num_gpus_per_worker > 1:
+            raise RayConfigError("one worker serves one device: --num-gpus-per-worker <= 1")
+        for name, port in (("--store-port", self.store_port), ("--port", self.router_port),
+                           ("--worker-port", self.worker_base_port)):
+            _check_port(name, port)
+        _check_port("--worker-port + workers - 1", self.worker_base_port + self.num_workers - 1)
+        if self.store_port == self.router_port:
+            raise RayConfigError("the store and the router need different ports")
+        worker_ports = range(self.worker_base_port, self.worker_base_port + self.num_workers)
+        if self.store_port in worker_ports or self.router_port in worker_ports:
+            raise RayConfigError("worker ports overlap the store or router port")
+        if self.max_restarts < 0:
+            raise RayConfigError(f"--max-restarts must be >= 0, got {self.max_restarts}")
+        if self.ready_timeout_s <= 0:
+            raise RayConfigError("--timeout must be positive")
+        if self.store_cpu_bytes is not None and self.store_cpu_bytes <= 0:
+            raise RayConfigError("--store-cpu-bytes must be positive")
+        if not self.namespace:
+            raise RayConfigError("--namespace must not be empty")
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.num_gpus_per_worker > 0 else "cpu"
+
+    def worker_port(self, index: int) -> int:
+        return self.worker_base_port + index
+
+    def store_argv(self) -> list[str]:
+        argv = ["--port", str(self.store_port)]
+        if self.store_cpu_bytes is not None:
+            argv += ["--cpu-bytes", str(self.store_cpu_bytes)]
+        if self.store_disk_dir:
+            argv += ["--disk-dir", self.store_disk_dir]
+        if self.redis_url:
+            argv += ["--redis-url", self.redis_url]
+        if self.token:
+            argv += ["--token", self.token]
+        return argv + list(self.store_args)
+
+    def worker_argv(self, index: int, store_address: str) -> list[str]:
+        argv = ["--device", self.device, "--store", store_address,
+                "--port", str(self.worker_port(index))]
+        if self.model:
+            argv += ["--model", self.model]
+        if self.token:
+            argv += ["--token", self.token]
+        return argv + list(self.worker_args)
+
+    def router_argv(self, worker_addresses: list[str], store_address: str) -> list[str]:
+        argv: list[str] = []
+        for address in worker_addresses:
+            argv += ["--worker", address]
+        argv += ["--store", store_address, "--port", str(self.router_port)]
+        if self.api_key:
+            argv += ["--api-key", self.api_key]
+        if self.token:
+            argv += ["--token", self.token]
+        return argv + list(self.router_args)

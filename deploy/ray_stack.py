@@ -1,0 +1,180 @@
+"""Bring the kvmesh stack up on a Ray cluster, list it, take it down.
+
+Layout on the cluster:
+- `kvmesh-store`: pinned to the head node, fixed port, restarted by Ray on failure.
+- `kvmesh-worker-<i>`: bundle i of the detached SPREAD placement group `kvmesh-workers` (one
+  bundle per worker: its CPUs/GPU), port `worker_base_port + i`. A bundle stays on its node, so a
+  worker restarted by Ray comes back at the same host:port and the router, which keeps dialing
+  the address it was given, picks it up again when its KvEvents stream resumes.
+- `kvmesh-router`: pinned to the head node, fixed port; given every worker's address.
+All are detached actors in one Ray namespace, so they outlive the `kvmesh ray deploy` driver.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import (
+    get_placement_group,
+    placement_group,
+    remove_placement_group,
+)
+from ray.util.scheduling_strategies import (
+    NodeAffinitySchedulingStrategy,
+    PlacementGroupSchedulingStrategy,
+)
+
+from deploy.ray_actors import RemoteRoleActor, RoleInfo, wait_ready
+from deploy.ray_config import (
+    ACTOR_PREFIX,
+    ROUTER_ACTOR,
+    STORE_ACTOR,
+    WORKER_GROUP,
+    RayDeployConfig,
+    worker_actor_name,
+)
+
+_HEAD_RESOURCE = "node:__internal_head__"
+
+
+class DeployError(RuntimeError):
+    """The stack cannot be deployed as asked (already up, cluster too small, a role failed)."""
+
+
+@dataclass(frozen=True)
+class StackStatus:
+    infos: dict[str, RoleInfo]  # actor name -> info, for actors that answered
+    unavailable: list[str]  # actor names that did not answer (restarting, or dead)
+
+    @property
+    def router_url(self) -> str | None:
+        router = self.infos.get(ROUTER_ACTOR)
+        return None if router is None else f"http://{router.address}"
+
+
+def connect(address: str, namespace: str) -> None:
+    if not ray.is_initialized():
+        ray.init(address=address, namespace=namespace, log_to_driver=False,
+                 logging_level=logging.WARNING)
+
+
+def _head_node_id() -> str:
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    for node in nodes:
+        if _HEAD_RESOURCE in node["Resources"]:
+            return node["NodeID"]
+    return ray.get_runtime_context().get_node_id()
+
+
+def _on_head(head_node_id: str) -> NodeAffinitySchedulingStrategy:
+    return NodeAffinitySchedulingStrategy(node_id=head_node_id, soft=False)
+
+
+def _start(name: str, role: str, argv: list[str], config: RayDeployConfig,
+           **options: object) -> ray.actor.ActorHandle:
+    return RemoteRoleActor.options(
+        name=name, namespace=config.namespace, lifetime="detached",
+        max_restarts=config.max_restarts, max_task_retries=-1, **options,
+    ).remote(role, argv, config.ready_timeout_s)
+
+
+def _ready(handles: list[ray.actor.ActorHandle], what: str, timeout_s: float) -> list[RoleInfo]:
+    try:
+        return wait_ready(handles, timeout_s)
+    except ray.exceptions.GetTimeoutError as exc:
+        raise DeployError(f"{what} not ready after {timeout_s:.0f}s") from exc
+    except ray.exceptions.RayActorError as exc:
+        raise DeployError(f"{what} failed to start: {exc}") from exc
+
+
+def _kvmesh_actor_names() -> list[str]:
+    return sorted(n for n in ray.util.list_named_actors() if n.startswith(ACTOR_PREFIX))
+
+
+def deploy(config: RayDeployConfig) -> StackStatus:
+    """Start store, workers and router; returns once all are listening. Raises DeployError
+    (after removing what it started) when the stack cannot come up."""
+    connect(config.address, config.namespace)
+    if _kvmesh_actor_names():
+        raise DeployError(f"kvmesh is already deployed in namespace {config.namespace!r}; "
+                          "run `kvmesh ray down` first")
+    try:
+        return _deploy(config)
+    except BaseException:
+        down()
+        raise
+
+
+def _deploy(config: RayDeployConfig) -> StackStatus:
+    head = _head_node_id()
+    store = _start(STORE_ACTOR, "store", config.store_argv(), config, num_cpus=0,
+                   scheduling_strategy=_on_head(head))
+    (store_info,) = _ready([store], "the store", config.ready_timeout_s)
+
+    bundle = {"CPU": config.num_cpus_per_worker, "GPU": config.num_gpus_per_worker}
+    bundle = {k: v for k, v in bundle.items() if v > 0}
+    group = placement_group([bundle] * config.num_workers, strategy="SPREAD",
+                            name=WORKER_GROUP, lifetime="detached")
+    try:
+        ray.get(group.ready(), timeout=config.ready_timeout_s)
+    except ray.exceptions.GetTimeoutError as exc:
+        raise DeployError(f"the cluster cannot place {config.num_workers} workers of {bundle} "
+                          f"each within {config.ready_timeout_s:.0f}s; available: "
+                          f"{ray.available_resources()}") from exc
+    workers = [
+        _start(worker_actor_name(i), "worker", config.worker_argv(i, store_info.address), config,
+               num_cpus=config.num_cpus_per_worker, num_gpus=config.num_gpus_per_worker,
+               scheduling_strategy=PlacementGroupSchedulingStrategy(
+                   placement_group=group, placement_group_bundle_index=i))
+        for i in range(config.num_workers)
+    ]
+    worker_infos = _ready(workers, "the workers", config.ready_timeout_s)
+
+    router = _start(ROUTER_ACTOR, "router",
+                    config.router_argv([w.address for w in worker_infos], store_info.address),
+                    config, num_cpus=0, scheduling_strategy=_on_head(head))
+    (router_info,) = _ready([router], "the router", config.ready_timeout_s)
+    infos = {STORE_ACTOR: store_info, ROUTER_ACTOR: router_info}
+    infos.update({worker_actor_name(i): info for i, info in enumerate(worker_infos)})
+    return StackStatus(infos=infos, unavailable=[])
+
+
+def status(timeout_s: float = 10.0) -> StackStatus:
+    """Ask every kvmesh actor in the connected namespace for its info."""
+    infos: dict[str, RoleInfo] = {}
+    unavailable: list[str] = []
+    for name in _kvmesh_actor_names():
+        try:
+            handle = ray.get_actor(name)
+            (infos[name],) = wait_ready([handle], timeout_s)
+        except (ValueError, ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            unavailable.append(name)
+    return StackStatus(infos=infos, unavailable=unavailable)
+
+
+def down(timeout_s: float = 30.0) -> list[str]:
+    """Stop every kvmesh actor (router first, store last) and remove the worker placement group.
+    Returns the actor names it removed. Waits until Ray has released their names."""
+    names = _kvmesh_actor_names()
+    order = sorted(names, key=lambda n: (n != ROUTER_ACTOR, n == STORE_ACTOR, n))
+    for name in order:
+        try:
+            handle = ray.get_actor(name)
+        except ValueError:
+            continue  # died meanwhile
+        try:
+            ray.get(handle.stop.remote(), timeout=timeout_s)  # stops the child cleanly
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            pass  # the kill below takes the child down with it (PDEATHSIG)
+        ray.kill(handle, no_restart=True)
+    try:
+        remove_placement_group(get_placement_group(WORKER_GROUP))
+    except ValueError:
+        pass  # no placement group: nothing was deployed, or a failed deploy before it
+    deadline = time.monotonic() + timeout_s
+    while _kvmesh_actor_names() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return names
