@@ -83,10 +83,12 @@ def decode_header(blob: bytes | memoryview) -> PageHeader:
     view = memoryview(blob).cast("B")
     if view.nbytes < HEADER_FIXED_NBYTES:
         raise PageCorrupt(f"page too short: {view.nbytes} bytes")
-    (magic, version, dtype_code, _, key, digest, num_layers, page_size, num_kv_heads, head_dim,
-     payload_nbytes, checksum) = _FIXED.unpack_from(view)
+    (magic, version, dtype_code, reserved, key, digest, num_layers, page_size, num_kv_heads,
+     head_dim, payload_nbytes, checksum) = _FIXED.unpack_from(view)
     if magic != MAGIC:
         raise PageCorrupt("bad page magic")
+    if reserved != 0:  # written as 0: any other value is a flipped bit
+        raise PageCorrupt(f"page reserved byte is {reserved}, expected 0")
     if version != LAYOUT_VERSION:
         raise PageCorrupt(f"page layout version {version}, expected {LAYOUT_VERSION}")
     dtype = _DTYPE_BY_CODE.get(dtype_code)

@@ -1,0 +1,248 @@
+"""TieredStore: chains tiers (fastest first) into one page store.
+
+- put: encodes full pages (cachestore.codec) and stores the ones no tier holds in the top
+  available tier; evictions cascade down (tier i -> tier i+1 -> ...; the last tier drops them).
+- get_closest: longest contiguous verified prefix. Presence is checked top-down with one batched
+  `contains_many` per tier, then each tier serves its pages with one `get_many`; every page is
+  verified (key, namespace, shape, token ids, checksum). A bad page is deleted from its tier,
+  counted as an error and ends the prefix. Hits from lower tiers are promoted to the top tier.
+- A tier raising TierUnavailable is a miss for that call, counted in its errors and reported
+  `is_available=False` until it answers again; no tier exception reaches the caller.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from cachestore.codec import PageCorrupt, decode_page, encode_page
+from cachestore.errors import InvalidRequest, StoreClosed
+from cachestore.keys import Namespace, tokens_to_bytes
+from cachestore.tiers.base import Tier, TierFull, TierStats, TierUnavailable
+
+Page = tuple[bytes, bytes]  # (key, encoded page)
+
+
+@dataclass(frozen=True)
+class ClosestPages:
+    num_tokens: int  # matched tokens, a multiple of page_size, > 0
+    payloads: list[memoryview]  # per page: ns.page_nbytes, verified, [L, 2, P, H, D]
+    tiers: list[str]  # tier name each page came from
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    num_tokens: int
+    tiers: list[str]
+
+
+@dataclass
+class _Request:
+    """Validated tokens of one call: page keys and each page's token bytes."""
+
+    keys: list[bytes]
+    token_bytes: bytes
+    page_token_nbytes: int
+
+    def page_tokens(self, index: int) -> bytes:
+        n = self.page_token_nbytes
+        return self.token_bytes[index * n : (index + 1) * n]
+
+
+class TieredStore:
+    """Thread-safe: tiers lock themselves; the store only keeps per-tier error counters."""
+
+    def __init__(self, tiers: list[Tier]) -> None:
+        if not tiers:
+            raise InvalidRequest("TieredStore needs at least one tier")
+        self.tiers = list(tiers)
+        self._lock = threading.Lock()
+        self._errors = [0] * len(self.tiers)
+        self._is_available = [True] * len(self.tiers)
+        self._is_closed = False
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def put(self, ns: Namespace, token_ids, payloads: Sequence[bytes | memoryview]) -> int:
+        """Store every full page of `token_ids` (payload i = page i, ns.page_nbytes each).
+        Returns the pages newly stored; pages some tier already holds are skipped."""
+        req = self._request(ns, token_ids)
+        if len(payloads) != len(req.keys):
+            raise InvalidRequest(f"{len(req.keys)} full pages of {ns.page_size} tokens need "
+                                 f"{len(req.keys)} payloads, got {len(payloads)}")
+        for i, payload in enumerate(payloads):
+            nbytes = memoryview(payload).nbytes
+            if nbytes != ns.page_nbytes:
+                raise InvalidRequest(f"payload {i} is {nbytes} bytes, a page of {ns.page_shape} "
+                                     f"{ns.dtype_name} is {ns.page_nbytes}")
+        owner = self._locate(req.keys)
+        pages = [(req.keys[i], encode_page(ns, req.keys[i], req.page_tokens(i), payloads[i]))
+                 for i in range(len(req.keys)) if owner[i] is None]
+        if not pages:
+            return 0
+        dropped = {key for key, _ in self._put_from(0, pages)}
+        return sum(1 for key, _ in pages if key not in dropped)
+
+    def get_closest(self, ns: Namespace, token_ids) -> ClosestPages | None:
+        """Longest contiguous prefix of verified pages, or None when page 0 is not stored."""
+        req = self._request(ns, token_ids)
+        owner = self._locate(req.keys)
+        num_found = _prefix_len(owner)
+        blobs: list[bytes | memoryview | None] = [None] * num_found
+        for t in range(len(self.tiers)):
+            indices = [i for i in range(num_found) if owner[i] == t]
+            if not indices:
+                continue
+            got = self._call(t, "get_many", [req.keys[i] for i in indices])
+            for i, blob in zip(indices, got or [None] * len(indices), strict=True):
+                blobs[i] = blob
+        payloads: list[memoryview] = []
+        tier_names: list[str] = []
+        promote: list[Page] = []
+        for i, blob in enumerate(blobs):
+            if blob is None:  # evicted between contains and get, or the tier went down
+                break
+            t = owner[i]
+            assert t is not None
+            try:
+                payload = decode_page(blob, ns, req.keys[i], req.page_tokens(i))
+            except PageCorrupt:
+                self._drop_corrupt(t, req.keys[i])
+                break
+            payloads.append(payload)
+            tier_names.append(self.tiers[t].name)
+            if t > 0:
+                promote.append((req.keys[i], blob))
+        if promote:
+            self._put_from(0, promote)
+        if not payloads:
+            return None
+        return ClosestPages(len(payloads) * ns.page_size, payloads, tier_names)
+
+    def lookup(self, ns: Namespace, token_ids) -> LookupResult:
+        """Matched tokens and the tier of each page; metadata only (pages are not verified)."""
+        req = self._request(ns, token_ids)
+        owner = self._locate(req.keys)
+        num_found = _prefix_len(owner)
+        names = [self.tiers[t].name for t in owner[:num_found] if t is not None]
+        return LookupResult(num_found * ns.page_size, names)
+
+    def delete(self, ns: Namespace, token_ids, page_indices: Sequence[int] | None = None) -> int:
+        """Remove the given pages (default: every full page) from every tier. Returns how many
+        of them some tier held."""
+        req = self._request(ns, token_ids)
+        if page_indices is None:
+            indices = list(range(len(req.keys)))
+        else:
+            indices = sorted(set(page_indices))
+            bad = [i for i in indices if not isinstance(i, int) or not 0 <= i < len(req.keys)]
+            if bad:
+                raise InvalidRequest(f"page indices {bad} out of range: the tokens have "
+                                     f"{len(req.keys)} full pages")
+        keys = [req.keys[i] for i in indices]
+        was_present = [False] * len(keys)
+        for t in range(len(self.tiers)):
+            found = self._call(t, "contains_many", keys)
+            if found is None:
+                continue
+            was_present = [a or b for a, b in zip(was_present, found, strict=True)]
+            if any(found):
+                self._call(t, "delete_many", [k for k, f in zip(keys, found, strict=True) if f])
+        return sum(was_present)
+
+    def stats(self) -> list[TierStats]:
+        out = []
+        for t, tier in enumerate(self.tiers):
+            try:
+                s = tier.stats()
+            except TierUnavailable:
+                self._mark(t, is_available=False)
+                s = TierStats(name=tier.name, is_available=False)
+            with self._lock:
+                out.append(replace(s, errors=s.errors + self._errors[t],
+                                   is_available=s.is_available and self._is_available[t]))
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            if self._is_closed:
+                return
+            self._is_closed = True
+        for tier in self.tiers:
+            tier.close()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _request(self, ns: Namespace, token_ids) -> _Request:
+        if self._is_closed:
+            raise StoreClosed("the store is closed")
+        if not isinstance(ns, Namespace):
+            raise InvalidRequest(f"namespace must be a Namespace, got {type(ns).__name__}")
+        try:
+            token_bytes = tokens_to_bytes(token_ids)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise InvalidRequest(f"token ids must be a 1-D sequence of int32: {e}") from e
+        if not token_bytes:
+            raise InvalidRequest("token ids must not be empty")
+        keys = ns.page_keys(token_ids)
+        return _Request(keys, token_bytes, 4 * ns.page_size)
+
+    def _locate(self, keys: list[bytes]) -> list[int | None]:
+        """Index of the first tier holding each key (None: nowhere): one batched
+        contains_many per tier, top-down, asking each tier only for keys not found above."""
+        owner: list[int | None] = [None] * len(keys)
+        pending = list(range(len(keys)))
+        for t in range(len(self.tiers)):
+            if not pending:
+                break
+            found = self._call(t, "contains_many", [keys[i] for i in pending])
+            if found is None:
+                continue
+            for i, is_found in zip(pending, found, strict=True):
+                if is_found:
+                    owner[i] = t
+            pending = [i for i in pending if owner[i] is None]
+        return owner
+
+    def _put_from(self, start: int, pages: list[Page]) -> list[Page]:
+        """Put `pages` into the first available tier at or below `start`, cascading each tier's
+        evictions into the tiers below it. Returns the pages no tier kept (evicted from the
+        last tier, or not stored because every tier below was down)."""
+        for t in range(start, len(self.tiers)):
+            if not pages:
+                break
+            evicted = self._call(t, "put_many", pages)
+            if evicted is not None:  # None: tier down or full, the next one gets the same pages
+                pages = evicted
+        return pages
+
+    def _drop_corrupt(self, t: int, key: bytes) -> None:
+        with self._lock:
+            self._errors[t] += 1
+        self._call(t, "delete_many", [key])
+
+    def _call(self, t: int, method: str, arg):
+        """tier.method(arg); None when the tier is down (counted) or full."""
+        try:
+            result = getattr(self.tiers[t], method)(arg)
+        except TierUnavailable:
+            self._mark(t, is_available=False)
+            return None
+        except TierFull:
+            return None
+        self._mark(t, is_available=True)
+        return result
+
+    def _mark(self, t: int, is_available: bool) -> None:
+        with self._lock:
+            if not is_available:
+                self._errors[t] += 1
+            self._is_available[t] = is_available
+
+
+def _prefix_len(owner: list[int | None]) -> int:
+    for i, t in enumerate(owner):
+        if t is None:
+            return i
+    return len(owner)

@@ -1,0 +1,143 @@
+"""Shared fixtures: real redis-server processes (single node and a 3-master cluster) on free
+loopback ports, and small KV pages for store tests. Nothing here touches the system Redis."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_MISSING_REDIS = ("redis-server/redis-cli not on PATH: run `make test`, which installs them "
+                  "(apt-get install redis-server redis-tools)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _redis_cli(port: int, *args: str, timeout: float = 10.0) -> str:
+    out = subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", str(port), *args],
+                         capture_output=True, text=True, timeout=timeout)
+    return out.stdout
+
+
+@dataclass
+class RedisProcess:
+    """One redis-server on 127.0.0.1:port; `kill()` / `start()` let a test take it down and
+    bring it back mid-test (same port, empty data)."""
+
+    dir: Path
+    port: int = field(default_factory=free_port)
+    extra_args: tuple[str, ...] = ()
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        assert self.proc is None, "already running"
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--dir", str(self.dir),
+                "--protected-mode", "no", *self.extra_args]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while _redis_cli(self.port, "ping").strip() != "PONG":
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"redis-server on port {self.port} did not start")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+def _require_redis() -> None:
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.fail(_MISSING_REDIS, pytrace=False)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A fresh redis-server (no persistence) on a free port; killed at teardown."""
+    _require_redis()
+    server = RedisProcess(tmp_path / "redis")
+    server.dir.mkdir()
+    server.start()
+    yield server
+    server.kill()
+
+
+@dataclass
+class RedisClusterProcesses:
+    nodes: list[RedisProcess]
+
+    @property
+    def url(self) -> str:
+        """Startup node in the `redis+cluster://` scheme RedisTier understands."""
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+
+    def kill(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path):
+    """3 masters with --cluster-enabled yes on free loopback ports, joined by
+    `redis-cli --cluster create`; yields once `cluster info` says cluster_state:ok."""
+    _require_redis()
+    nodes = []
+    try:
+        for i in range(3):
+            node_dir = tmp_path / f"cluster{i}"
+            node_dir.mkdir()
+            node = RedisProcess(node_dir, extra_args=(
+                "--cluster-enabled", "yes", "--cluster-config-file", str(node_dir / "nodes.conf"),
+                "--cluster-node-timeout", "2000"))
+            nodes.append(node)
+            node.start()
+        addrs = [f"127.0.0.1:{n.port}" for n in nodes]
+        subprocess.run(["redis-cli", "--cluster", "create", *addrs, "--cluster-replicas", "0",
+                        "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 30
+        while not all("cluster_state:ok" in _redis_cli(n.port, "cluster", "info") for n in nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+        yield RedisClusterProcesses(nodes)
+    finally:
+        for node in nodes:
+            node.kill()
+
+
+@dataclass
+class PageMaker:
+    """Deterministic random pages for a namespace: token ids and one payload per full page."""
+
+    seed: int = 0
+
+    def tokens(self, num_tokens: int, offset: int = 0) -> list[int]:
+        rng = np.random.default_rng(self.seed + offset)
+        return rng.integers(0, 50_000, size=num_tokens).tolist()
+
+    def payloads(self, ns, num_pages: int, offset: int = 0) -> list[bytes]:
+        rng = np.random.default_rng(10_000 + self.seed + offset)
+        return [rng.integers(0, 256, size=ns.page_nbytes, dtype=np.uint8).tobytes()
+                for _ in range(num_pages)]
+
+
+@pytest.fixture
+def pages() -> PageMaker:
+    return PageMaker()
