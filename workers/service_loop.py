@@ -1,0 +1,346 @@
+"""The engine loop: one thread owns the Engine; gRPC handler threads talk to it through queues.
+
+The Engine is single-threaded. Handler threads never touch it: they put commands on one
+thread-safe queue (add, abort, subscribe, call) and read results from their own queues
+(`RequestStream` per Generate call, `EventSubscription` per KvEvents call). Everything the engine
+emits (outputs, KV events) is dispatched by the loop thread, so a subscription's snapshot and its
+live events are ordered without locks.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_END = object()  # end of a request's or subscription's queue
+# A subscriber this far behind is dropped; it resubscribes and resyncs from a snapshot.
+MAX_PENDING_EVENTS = 100_000
+
+
+class WorkerNotReady(Exception):
+    """The engine is still loading, failed to load, or the worker is shutting down."""
+
+
+class EngineFailure(Exception):
+    """The engine raised while running a step; the requests in flight were aborted."""
+
+
+class SubscriberTooSlow(Exception):
+    """A KvEvents subscriber fell more than MAX_PENDING_EVENTS behind and was dropped."""
+
+
+@dataclass(frozen=True)
+class SequencedEvent:
+    """One KvEvents message of a subscription: `event` is a KvEventData, or None for the
+    AllCleared{epoch} that opens every subscription (and follows an engine "cleared" event)."""
+
+    seq: int
+    event: Any  # workers.engine.KvEventData | None
+
+
+class RequestStream:
+    """Outputs of one Generate call, in order; iterate to receive RequestOutput objects.
+
+    Iteration ends once all `n` completions finished; it raises the typed error the loop put
+    (InvalidRequest, EngineFailure, WorkerNotReady). `cancel()` aborts the request in the engine
+    (idempotent; a no-op once finished)."""
+
+    def __init__(self, loop: EngineLoop, engine_request_id: str) -> None:
+        self.engine_request_id = engine_request_id
+        self._loop = loop
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._is_done = threading.Event()
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def cancel(self) -> None:
+        if not self._is_done.is_set():
+            self._loop.abort(self.engine_request_id)
+
+    def _put(self, item: Any) -> None:
+        self._queue.put(item)
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        if self._is_done.is_set():
+            return
+        self._is_done.set()
+        if error is not None:
+            self._queue.put(error)
+        self._queue.put(_END)
+
+
+class EventSubscription:
+    """KV events for one KvEvents call: AllCleared, the snapshot, then live events.
+
+    Sequence numbers start at 1 and increase by one per message. `close()` unsubscribes."""
+
+    def __init__(self, loop: EngineLoop) -> None:
+        self._loop = loop
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._num_pending = 0  # approximate; only the loop thread increments it
+        self.last_seq = 0
+
+    def __iter__(self) -> Iterator[SequencedEvent]:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            self._num_pending -= 1
+            yield item
+
+    def close(self) -> None:
+        self._loop._commands.put(("unsubscribe", self))
+
+    def _emit(self, event: Any) -> bool:
+        """Queue one event; False when the subscriber is too far behind (caller drops it)."""
+        if self._num_pending >= MAX_PENDING_EVENTS:
+            return False
+        self.last_seq += 1
+        self._num_pending += 1
+        self._queue.put(SequencedEvent(self.last_seq, event))
+        return True
+
+    def _end(self, error: BaseException | None = None) -> None:
+        if error is not None:
+            self._queue.put(error)
+        self._queue.put(_END)
+
+
+@dataclass
+class _Active:
+    stream: RequestStream
+    num_completions: int
+    finished_indices: set[int] = field(default_factory=set)
+
+
+class EngineLoop:
+    """Owns an Engine on a dedicated thread.
+
+    `engine_factory` runs on the loop thread (so a CUDA context belongs to it). `epoch` identifies
+    this process's event history: it differs on every start, so a subscriber seeing a new epoch
+    knows the worker restarted."""
+
+    def __init__(self, engine_factory: Callable[[], Any]) -> None:
+        self.epoch = time.time_ns()
+        self._engine_factory = engine_factory
+        self._engine: Any = None
+        self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._active: dict[str, _Active] = {}
+        self._subscriptions: list[EventSubscription] = []
+        self._ready = threading.Event()
+        self._load_error: BaseException | None = None
+        self._is_stopping = False
+        self._next_id = 0
+        self._id_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="kvmesh-engine-loop", daemon=True)
+
+    # ---- called from any thread ----------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wait_ready(self, timeout: float | None = None) -> Any:
+        """Block until the engine is loaded; returns it (read-only use: tokenizer, limits).
+        Raises WorkerNotReady if loading failed or timed out."""
+        if not self._ready.wait(timeout):
+            raise WorkerNotReady(f"engine not loaded after {timeout} s")
+        if self._load_error is not None:
+            raise WorkerNotReady(f"engine failed to load: {self._load_error}") from self._load_error
+        return self._engine
+
+    @property
+    def is_ready(self) -> bool:
+        return self._ready.is_set() and self._load_error is None
+
+    def submit(
+        self, request_id: str, prompt_token_ids: list[int], sampling: Any, tenant_salt: str
+    ) -> RequestStream:
+        """Queue a request; outputs arrive on the returned stream. The engine's request id is
+        made unique per call so two clients reusing an id never collide."""
+        if not self.is_ready or self._is_stopping:
+            raise WorkerNotReady("worker is not serving (loading or shutting down)")
+        with self._id_lock:
+            self._next_id += 1
+            engine_request_id = f"{request_id}#{self._next_id}"
+        stream = RequestStream(self, engine_request_id)
+        num_completions = max(1, int(getattr(sampling, "n", 1) or 1))
+        self._commands.put(
+            ("add", stream, num_completions, prompt_token_ids, sampling, tenant_salt)
+        )
+        return stream
+
+    def abort(self, engine_request_id: str) -> None:
+        self._commands.put(("abort", engine_request_id))
+
+    def subscribe(self) -> EventSubscription:
+        if not self.is_ready or self._is_stopping:
+            raise WorkerNotReady("worker is not serving (loading or shutting down)")
+        subscription = EventSubscription(self)
+        self._commands.put(("subscribe", subscription))
+        return subscription
+
+    def call(self, fn: Callable[[Any], Any], timeout: float = 30.0) -> Any:
+        """Run fn(engine) on the loop thread between steps and return its result."""
+        if not self.is_ready:
+            raise WorkerNotReady("worker is not serving (loading or shutting down)")
+        future: Future[Any] = Future()
+        self._commands.put(("call", fn, future))
+        return future.result(timeout)
+
+    @property
+    def kv_events_seq(self) -> int:
+        """Last sequence number emitted on any open subscription (0 when none)."""
+        return max((s.last_seq for s in list(self._subscriptions)), default=0)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Abort everything in flight, end every stream, and join the loop thread."""
+        self._is_stopping = True
+        self._commands.put(("stop",))
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ---- loop thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._engine = self._engine_factory()
+        except BaseException as exc:  # noqa: BLE001 - reported through wait_ready
+            log.exception("engine failed to load")
+            self._load_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        while True:
+            is_idle = not self._engine.has_unfinished_requests()
+            if not self._handle_commands(block=is_idle):
+                break
+            if self._engine.has_unfinished_requests():
+                self._step()
+            self._publish_events()
+        self._shutdown()
+
+    def _handle_commands(self, block: bool) -> bool:
+        """Apply queued commands; False once asked to stop."""
+        try:
+            command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            if command[0] == "stop":
+                return False
+            self._apply(command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _apply(self, command: tuple[Any, ...]) -> None:
+        kind = command[0]
+        if kind == "add":
+            _, stream, num_completions, prompt_token_ids, sampling, tenant_salt = command
+            try:
+                self._engine.add_request(
+                    stream.engine_request_id, prompt_token_ids, sampling, tenant_salt=tenant_salt
+                )
+            except Exception as exc:  # noqa: BLE001 - typed errors go back to the caller
+                stream._finish(exc)
+                return
+            self._active[stream.engine_request_id] = _Active(stream, num_completions)
+        elif kind == "abort":
+            active = self._active.pop(command[1], None)
+            if active is not None:
+                self._engine.abort_request(command[1])
+                active.stream._finish()
+        elif kind == "subscribe":
+            self._publish_events()  # older subscribers get pending events before the snapshot
+            subscription: EventSubscription = command[1]
+            self._subscriptions.append(subscription)
+            subscription._emit(None)
+            for event in self._engine.cached_pages():
+                subscription._emit(event)
+        elif kind == "unsubscribe":
+            if command[1] in self._subscriptions:
+                self._subscriptions.remove(command[1])
+                command[1]._end()
+        elif kind == "call":
+            _, fn, future = command
+            try:
+                future.set_result(fn(self._engine))
+            except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                future.set_exception(exc)
+
+    def _step(self) -> None:
+        try:
+            outputs = self._engine.step()
+        except Exception as exc:  # noqa: BLE001 - fail the batch, keep the worker up
+            log.exception("engine step failed; aborting %d requests", len(self._active))
+            for request_id, active in list(self._active.items()):
+                try:
+                    self._engine.abort_request(request_id)
+                except Exception:  # noqa: BLE001
+                    log.exception("abort after failed step")
+                active.stream._finish(EngineFailure(f"engine step failed: {exc}"))
+            self._active.clear()
+            return
+        for output in outputs:
+            active = self._active.get(output.request_id)
+            if active is None:
+                continue  # aborted by the caller already
+            active.stream._put(output)
+            if output.finish_reason is not None:
+                active.finished_indices.add(output.index)
+                if len(active.finished_indices) >= active.num_completions:
+                    del self._active[output.request_id]
+                    active.stream._finish()
+
+    def _publish_events(self) -> None:
+        events = self._engine.pop_kv_events()
+        if not events or not self._subscriptions:
+            return
+        for subscription in list(self._subscriptions):
+            for event in events:
+                # A "cleared" event becomes AllCleared{epoch}: the subscriber drops everything.
+                if not subscription._emit(None if event.kind == "cleared" else event):
+                    self._subscriptions.remove(subscription)
+                    subscription._end(SubscriberTooSlow("subscriber fell behind; resubscribe"))
+                    break
+
+    def _shutdown(self) -> None:
+        for request_id, active in list(self._active.items()):
+            try:
+                self._engine.abort_request(request_id)
+            except Exception:  # noqa: BLE001
+                log.exception("abort at shutdown")
+            active.stream._finish(WorkerNotReady("worker is shutting down"))
+        self._active.clear()
+        for subscription in self._subscriptions:
+            subscription._end()
+        self._subscriptions.clear()
+        while True:  # fail whatever arrived after the stop command
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if command[0] == "add":
+                command[1]._finish(WorkerNotReady("worker is shutting down"))
+            elif command[0] == "call":
+                command[2].set_exception(WorkerNotReady("worker is shutting down"))
+            elif command[0] in ("subscribe", "unsubscribe"):
+                command[1]._end()
