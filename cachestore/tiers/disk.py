@@ -1,0 +1,205 @@
+"""Disk tier: one file per encoded page, LRU by bytes, survives restarts.
+
+Layout: `<root>/<key hex[:2]>/<key hex>.page`. A page is written to a `.tmp` file in the same
+directory and renamed over its final name (os.replace is atomic), so a reader sees a whole page
+or none. No fsync: a crash may lose recent pages, never expose a partial one as valid (and
+every get is verified by TieredStore anyway).
+
+At start the index is rebuilt from the page headers (codec.decode_header on a read-only mmap,
+so only the header is read): leftover `.tmp` files, unreadable or truncated pages and pages
+whose header key differs from their file name are deleted. Recency order after a restart is
+file mtime; hits refresh mtime so the order survives the next restart too.
+
+Readers open the file outside the lock; eviction unlinks it, and on POSIX an already opened file
+stays readable, so a page is never freed under a reader.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from cachestore.codec import PageCorrupt, decode_header
+from cachestore.errors import InvalidConfig
+from cachestore.keys import KEY_NBYTES
+from cachestore.tiers.base import Tier, TierStats, TierUnavailable
+from cachestore.tiers.lru import LruIndex
+
+_SUFFIX = ".page"
+_TMP_SUFFIX = ".tmp"
+
+
+class DiskTier(Tier):
+    """Thread-safe; `put_many` returns evicted pages (read back before unlinking) for demotion
+    unless `read_evicted=False` (the last tier of a chain need not read what it drops)."""
+
+    name = "disk"
+
+    def __init__(self, path: str | os.PathLike, capacity_bytes: int,
+                 read_evicted: bool = True) -> None:
+        if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
+            raise InvalidConfig(f"disk tier capacity_bytes must be a positive int, "
+                                f"got {capacity_bytes!r}")
+        self.root = Path(path)
+        self.read_evicted = read_evicted
+        self._lock = threading.Lock()
+        self._lru = LruIndex(capacity_bytes)
+        self._stats = TierStats(name=self.name, capacity_bytes=capacity_bytes)
+        self.num_dropped_at_start = 0
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InvalidConfig(f"disk tier cannot create {self.root}: {e}") from e
+        self._rebuild_index()
+
+    # -- Tier API ------------------------------------------------------------------------------
+
+    def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
+        with self._lock:
+            return [key in self._lru for key in keys]
+
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | memoryview | None]:
+        out: list[bytes | memoryview | None] = []
+        for key in keys:
+            with self._lock:
+                is_present = self._lru.touch(key)
+            blob = self._read(key) if is_present else None
+            with self._lock:
+                if blob is None:
+                    self._stats.misses += 1
+                    if is_present:  # file vanished under us (evicted, or removed by hand)
+                        self._lru.remove(key)
+                else:
+                    self._stats.hits += 1
+            out.append(blob)
+        return out
+
+    def put_many(self, pages: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        evicted: list[tuple[bytes, bytes]] = []
+        for key, blob in pages:
+            nbytes = memoryview(blob).nbytes
+            with self._lock:
+                if self._lru.touch(key):
+                    continue
+                if not self._lru.fits(nbytes):
+                    evicted.append((key, blob))
+                    continue
+            self._write(key, blob)  # outside the lock: visible only after the rename
+            with self._lock:
+                if self._lru.touch(key):  # another thread stored the same page meanwhile
+                    continue
+                victims = self._lru.victims_for(nbytes)
+                for victim in victims:
+                    self._lru.remove(victim)
+                    self._stats.evictions += 1
+                self._lru.add(key, nbytes)
+            for victim in victims:
+                old = self._read(victim) if self.read_evicted else None
+                self._unlink(victim)
+                if old is not None:
+                    evicted.append((victim, old))
+        return evicted
+
+    def delete_many(self, keys: Sequence[bytes]) -> int:
+        num_deleted = 0
+        for key in keys:
+            with self._lock:
+                is_present = self._lru.remove(key) is not None
+            if is_present:
+                self._unlink(key)
+                num_deleted += 1
+        return num_deleted
+
+    def keys_lru_order(self) -> list[bytes]:
+        """Keys from least to most recently used (for tests and debugging)."""
+        with self._lock:
+            return self._lru.keys_oldest_first()
+
+    def stats(self) -> TierStats:
+        with self._lock:
+            s = self._stats
+            return TierStats(self.name, self._lru.used_bytes, s.capacity_bytes, len(self._lru),
+                             s.hits, s.misses, s.evictions, s.errors, True)
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def path_of(self, key: bytes) -> Path:
+        hex_key = key.hex()
+        return self.root / hex_key[:2] / (hex_key + _SUFFIX)
+
+    def _read(self, key: bytes) -> bytes | None:
+        try:
+            path = self.path_of(key)
+            with open(path, "rb") as f:
+                blob = f.read()
+            os.utime(path)  # persist recency for the next restart's ordering
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            self._count_error()
+            raise TierUnavailable(f"disk tier read failed: {e}") from e
+        return blob
+
+    def _write(self, key: bytes, blob: bytes | memoryview) -> None:
+        path = self.path_of(key)
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
+        try:
+            path.parent.mkdir(exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            self._count_error()
+            raise TierUnavailable(f"disk tier write failed: {e}") from e
+
+    def _unlink(self, key: bytes) -> None:
+        try:
+            self.path_of(key).unlink(missing_ok=True)
+        except OSError:
+            self._count_error()
+
+    def _count_error(self) -> None:
+        with self._lock:
+            self._stats.errors += 1
+
+    def _rebuild_index(self) -> None:
+        found: list[tuple[float, bytes, int]] = []  # (mtime, key, nbytes)
+        for sub in sorted(self.root.iterdir()):
+            if not sub.is_dir():
+                continue
+            for path in sub.iterdir():
+                key = _valid_page_key(path)
+                if key is None:
+                    path.unlink(missing_ok=True)
+                    self.num_dropped_at_start += 1
+                    continue
+                st = path.stat()
+                found.append((st.st_mtime, key, st.st_size))
+        found.sort()
+        for _, key, nbytes in found:
+            for victim in self._lru.victims_for(nbytes):  # capacity shrank since last run
+                self._lru.remove(victim)
+                self._unlink(victim)
+            self._lru.add(key, nbytes)
+
+
+def _valid_page_key(path: Path) -> bytes | None:
+    """The key of a whole, well-formed page file named after its header key; else None."""
+    if not path.name.endswith(_SUFFIX):
+        return None  # leftover .tmp of an interrupted write, or a stranger
+    try:
+        key = bytes.fromhex(path.name[: -len(_SUFFIX)])
+        if len(key) != KEY_NBYTES or not path.is_file() or path.stat().st_size == 0:
+            return None
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            header = decode_header(mm)
+            header_key = header.key
+            del header  # its token_ids view pins the mmap
+    except (ValueError, OSError, PageCorrupt, BufferError):
+        return None
+    return key if header_key == key else None
