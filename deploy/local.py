@@ -1,0 +1,191 @@
+"""`kvmesh serve`: the whole stack on one machine (store, N workers, router) as child processes.
+
+Embedded defaults: CPU + disk tiers in the store, no Redis, no Ray, no GPU. Each child is a plain
+`kvmesh <role> --port 0 ...` and is waited for by its `kvmesh <role> listening on HOST:PORT`
+line; then this prints `kvmesh serving on http://HOST:PORT` and serves until SIGINT/SIGTERM,
+when every child is stopped (router first, store last). A child that dies at any time stops the
+whole stack with a clear message. Children die with this process even if it is killed
+(PR_SET_PDEATHSIG), so nothing is orphaned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_LISTENING = re.compile(r"^kvmesh (\w+) listening on (\S+)\s*$")
+_PR_SET_PDEATHSIG = 1
+DEFAULT_DATA_DIR = "~/.cache/kvmesh/serve"
+DEFAULT_STORE_CPU_BYTES = 1 << 30
+START_TIMEOUT_S = 600.0
+STOP_TIMEOUT_S = 15.0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    env = os.environ.get
+    parser = subparsers.add_parser("serve", help="run store + workers + router on this machine")
+    parser.add_argument("--host", default=env("KVMESH_SERVE_HOST", "127.0.0.1"),
+                        help="router HTTP host (children bind 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=int(env("KVMESH_SERVE_PORT", "8000")),
+                        help="router HTTP port (0 = a free port)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="number of workers (default 1 on CPU, one per GPU on cuda)")
+    parser.add_argument("--device", default=env("KVMESH_SERVE_DEVICE", "cpu"),
+                        choices=("cpu", "cuda"))
+    parser.add_argument("--model", default=env("KVMESH_SERVE_MODEL", "smollm2"),
+                        help='"smollm2" (bundled), a Hugging Face folder or a .gguf file')
+    parser.add_argument("--data-dir", default=env("KVMESH_SERVE_DATA_DIR", DEFAULT_DATA_DIR),
+                        help="the store's disk tier lives in DATA_DIR/store")
+    parser.add_argument("--store-cpu-bytes", type=int, default=DEFAULT_STORE_CPU_BYTES)
+    parser.add_argument("--api-key", action="append", default=[], metavar="KEY[=TENANT]",
+                        help="router API key (repeat); none = no auth")
+    parser.add_argument("--start-timeout", type=float, default=START_TIMEOUT_S,
+                        help="seconds each part may take to start listening")
+    for role in ("store", "worker", "router"):
+        parser.add_argument(f"--{role}-arg", action="append", default=[], metavar="ARG",
+                            help=f"extra argument for every `kvmesh {role}` (repeat)")
+    parser.set_defaults(func=run)
+
+
+@dataclass
+class Child:
+    """One started part. `address` is set once it printed its listening line."""
+
+    name: str
+    process: subprocess.Popen
+    address: str | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec: SIGTERM it when this process dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _start(name: str, argv: list[str]) -> Child:
+    """Start `kvmesh ...` with stdout piped (its listening line), stderr inherited. A thread
+    reads stdout: it records the address, then forwards every line to our stderr."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "deploy.cli", *argv],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, bufsize=1,
+        preexec_fn=_die_with_parent,
+    )
+    child = Child(name, process)
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            match = _LISTENING.match(line)
+            if match and not child.ready.is_set():
+                child.address = match.group(2)
+                child.ready.set()
+            else:
+                sys.stderr.write(f"[{name}] {line}")
+        child.ready.set()  # exited: wake the waiter, which sees no address
+
+    threading.Thread(target=pump, name=f"pump-{name}", daemon=True).start()
+    return child
+
+
+class StartFailed(Exception):
+    """A part exited or timed out before it was listening."""
+
+
+def _wait_ready(children: list[Child], timeout: float, interrupted: threading.Event) -> None:
+    deadline = time.monotonic() + timeout
+    for child in children:
+        while not child.ready.wait(0.2):
+            if interrupted.is_set():
+                raise StartFailed("interrupted while starting")
+            if time.monotonic() > deadline:
+                raise StartFailed(f"{child.name} did not start listening within {timeout:.0f} s")
+        if child.address is None:
+            code = child.process.wait()
+            raise StartFailed(f"{child.name} exited with code {code} before it was ready "
+                              "(its error is above)")
+
+
+def _stop(children: list[Child]) -> None:
+    """SIGTERM each child (in the given order), then SIGKILL whatever outlives STOP_TIMEOUT_S."""
+    for child in children:
+        if child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+        try:
+            child.process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            print(f"kvmesh serve: {child.name} ignored SIGTERM; killing it", file=sys.stderr)
+            child.process.kill()
+            child.process.wait()
+
+
+def _num_workers(args: argparse.Namespace) -> int:
+    if args.workers is not None:
+        return args.workers
+    if args.device == "cuda":
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    num_workers = _num_workers(args)
+    if num_workers < 1:
+        print("kvmesh serve: --workers must be >= 1", file=sys.stderr)
+        return 2
+    data_dir = Path(args.data_dir).expanduser()
+    (data_dir / "store").mkdir(parents=True, exist_ok=True)
+    stop_requested = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop_requested.set())
+
+    children: list[Child] = []
+    try:
+        store = _start("store", ["store", "--port", "0", "--cpu-bytes",
+                                 str(args.store_cpu_bytes), "--disk-dir",
+                                 str(data_dir / "store"), *args.store_arg])
+        children.append(store)
+        _wait_ready([store], args.start_timeout, stop_requested)
+        workers = []
+        for i in range(num_workers):
+            device = f"cuda:{i}" if args.device == "cuda" else "cpu"
+            workers.append(_start(f"worker {i}", [
+                "worker", "--port", "0", "--model", args.model, "--device", device,
+                "--store", str(store.address), *args.worker_arg]))
+        children.extend(workers)
+        _wait_ready(workers, args.start_timeout, stop_requested)
+        router_argv = ["router", "--host", args.host, "--port", str(args.port),
+                       "--store", str(store.address)]
+        for worker in workers:
+            router_argv += ["--worker", str(worker.address)]
+        if args.model != "smollm2":  # the router tokenizes with the bundled model by default
+            router_argv += ["--model", args.model]
+        for key in args.api_key:
+            router_argv += ["--api-key", key]
+        router = _start("router", [*router_argv, *args.router_arg])
+        children.append(router)
+        _wait_ready([router], args.start_timeout, stop_requested)
+        print(f"kvmesh serving on http://{router.address}", flush=True)
+        while not stop_requested.wait(0.5):
+            dead = next((c for c in children if c.process.poll() is not None), None)
+            if dead is not None:
+                print(f"kvmesh serve: {dead.name} exited with code {dead.process.returncode}; "
+                      "stopping the stack", file=sys.stderr, flush=True)
+                return 1
+        print("kvmesh serve: shutting down", file=sys.stderr, flush=True)
+        return 0
+    except StartFailed as exc:
+        print(f"kvmesh serve: {exc}; stopping the stack", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        _stop(list(reversed(children)))
