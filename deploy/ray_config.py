@@ -38,6 +38,7 @@ class RayDeployConfig:
     """
 
     address: str = "auto"
+    bind_host: str = "0.0.0.0"  # roles listen on every interface; others dial the node's IP
     namespace: str = NAMESPACE
     num_workers: int = 1
     num_cpus_per_worker: float = 1.0
@@ -93,7 +94,7 @@ class RayDeployConfig:
         return self.worker_base_port + index
 
     def store_argv(self) -> list[str]:
-        argv = ["--port", str(self.store_port)]
+        argv = ["--host", self.bind_host, "--port", str(self.store_port)]
         if self.store_cpu_bytes is not None:
             argv += ["--cpu-bytes", str(self.store_cpu_bytes)]
         if self.store_disk_dir:
@@ -106,7 +107,7 @@ class RayDeployConfig:
 
     def worker_argv(self, index: int, store_address: str) -> list[str]:
         argv = ["--device", self.device, "--store", store_address,
-                "--port", str(self.worker_port(index))]
+                "--host", self.bind_host, "--port", str(self.worker_port(index))]
         if self.model:
             argv += ["--model", self.model]
         if self.token:
@@ -117,9 +118,12 @@ class RayDeployConfig:
         argv: list[str] = []
         for address in worker_addresses:
             argv += ["--worker", address]
-        argv += ["--store", store_address, "--port", str(self.router_port)]
+        argv += ["--store", store_address, "--host", self.bind_host,
+                 "--port", str(self.router_port)]
+        if self.model and self.model != "smollm2":  # "smollm2" is the router's default too
+            argv += ["--model", self.model]  # the router tokenizes with the workers' model
         if self.api_key:
             argv += ["--api-key", self.api_key]
         if self.token:
-            argv += ["--token", self.token]
+            argv += ["--worker-token", self.token]
         return argv + list(self.router_args)
