@@ -1,8 +1,10 @@
 """Paged-attention kernels (Triton) and their torch references.
 
-The references import only torch, so the CPU engine never pays for importing Triton; the Triton
-launchers are loaded on first access (``from kernels import paged_decode``).
+The references need only torch (the CPU engine runs on them). The Triton launchers are exported
+when Triton is installed; without a CUDA device they run in Triton's interpreter (see _common).
 """
+
+import importlib.util
 
 from kernels.reference import (
     gather_kv,
@@ -11,26 +13,14 @@ from kernels.reference import (
     write_kv_ref,
 )
 
-_LAUNCHERS = {
-    "paged_decode": "kernels.paged_decode",
-    "DecodeWorkspace": "kernels.paged_decode",
-    "num_kv_splits": "kernels.paged_decode",
-    "paged_prefill": "kernels.paged_prefill",
-    "write_kv": "kernels.cache_write",
-}
+__all__ = ["gather_kv", "paged_decode_ref", "paged_prefill_ref", "write_kv_ref"]
 
-__all__ = [
-    "gather_kv",
-    "paged_decode_ref",
-    "paged_prefill_ref",
-    "write_kv_ref",
-    *_LAUNCHERS,
-]
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON:
+    # kernels._common must load first: it picks the interpreter before Triton is imported
+    import kernels._common  # noqa: F401
+    from kernels.cache_write import write_kv
+    from kernels.paged_decode import DecodeWorkspace, num_kv_splits, paged_decode
+    from kernels.paged_prefill import paged_prefill
 
-
-def __getattr__(name: str):
-    if name in _LAUNCHERS:
-        import importlib
-
-        return getattr(importlib.import_module(_LAUNCHERS[name]), name)
-    raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+    __all__ += ["write_kv", "paged_decode", "paged_prefill", "DecodeWorkspace", "num_kv_splits"]

@@ -1,0 +1,59 @@
+"""Shared Triton helpers and launcher-side checks for the paged kernels.
+
+Index math is int64: a pool can hold more than 2^31 elements, and page_id * stride_page would
+wrap in int32 (page ids come from an int32 page table).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Without a CUDA device Triton kernels can only run in its interpreter; the flag is read when
+# each @triton.jit function is defined, so it must be set before the kernel modules load.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from kernels.reference import check_gqa  # noqa: E402
+
+
+@triton.jit
+def kv_token_offset(page_id, token_in_page, stride_page, stride_token):
+    """Element offset of a token's row in one (layer, K|V) plane of the pool, as int64."""
+    return page_id.to(tl.int64) * stride_page + token_in_page.to(tl.int64) * stride_token
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 products; fp16/bf16 use tensor cores natively."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def check_pool(kv_pool: torch.Tensor, layer: int, q: torch.Tensor) -> tuple[int, int, int]:
+    """Validate pool/query agreement; return (page_size, num_kv_heads, group_size)."""
+    if kv_pool.dim() != 6 or kv_pool.shape[2] != 2:
+        raise ValueError(
+            "kv_pool must be [num_pages, num_layers, 2, page_size, num_kv_heads, head_dim], "
+            f"got {tuple(kv_pool.shape)}"
+        )
+    if not 0 <= layer < kv_pool.shape[1]:
+        raise ValueError(f"layer {layer} out of range for {kv_pool.shape[1]} layers")
+    if q.dim() != 3 or q.shape[2] != kv_pool.shape[5]:
+        raise ValueError(f"q must be [tokens, num_heads, {kv_pool.shape[5]}], got {tuple(q.shape)}")
+    if q.dtype != kv_pool.dtype or q.device != kv_pool.device:
+        raise ValueError("q and kv_pool must share dtype and device")
+    if kv_pool.stride(5) != 1 or q.stride(2) != 1:
+        raise ValueError("head_dim must be the innermost contiguous dimension")
+    head_dim = kv_pool.shape[5]
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
+    group = check_gqa(q.shape[1], kv_pool.shape[4])
+    return kv_pool.shape[3], kv_pool.shape[4], group
+
+
+def check_index_tensor(name: str, t: torch.Tensor, dim: int, device: torch.device) -> None:
+    if t.dim() != dim or t.dtype != torch.int32 or t.device != device:
+        raise ValueError(f"{name} must be a {dim}-d int32 tensor on {device}")

@@ -1,0 +1,213 @@
+"""Paged decode attention: one query token per sequence, split-KV (flash-decoding).
+
+Grid (num_seqs, num_kv_heads, num_splits): each program packs the query heads of one KV group
+into one [BLOCK_H, HEAD_DIM] tile, so QK^T and PV are tensor-core dots, and reads its split's
+share of the sequence's KV once. With one split the kernel writes the output directly; otherwise
+it writes fp32 partials and their log-sum-exp, merged by a second kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import check_index_tensor, check_pool, dot_precision, kv_token_offset
+
+_LOG2E = 1.4426950408889634
+MAX_SPLITS = 64
+_MIN_TOKENS_PER_SPLIT = 256
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, pool_ptr, page_table_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    sm_scale_log2,
+    stride_q_seq, stride_q_head, stride_o_seq, stride_o_head,
+    stride_page, stride_token, stride_head, layer_k_offset, v_offset, stride_pt_seq,
+    stride_po_seq, stride_po_head, stride_po_split, stride_pl_seq, stride_pl_head,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, IS_SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    # Each split takes a whole number of BLOCK_N blocks; trailing splits may be empty.
+    num_blocks = (seq_len + BLOCK_N - 1) // BLOCK_N
+    blocks_per_split = (num_blocks + num_splits - 1) // num_splits
+    start = split * blocks_per_split * BLOCK_N
+    end = tl.minimum(start + blocks_per_split * BLOCK_N, seq_len)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM)
+    head = kv_head * GROUP + offs_h  # query heads of this KV group
+    mask_h = offs_h < GROUP
+    # q: [BLOCK_H, HEAD_DIM]
+    q = tl.load(q_ptr + seq * stride_q_seq + head[:, None] * stride_q_head + offs_d[None, :],
+                mask=mask_h[:, None], other=0.0)
+    kv_base = pool_ptr + layer_k_offset + kv_head.to(tl.int64) * stride_head
+    pt_row = page_table_ptr + seq * stride_pt_seq
+
+    m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    for block_start in range(start, end, BLOCK_N):
+        pos = block_start + tl.arange(0, BLOCK_N)
+        mask_n = pos < end
+        page_id = tl.load(pt_row + pos // PAGE_SIZE, mask=mask_n, other=0)
+        row = kv_token_offset(page_id, pos % PAGE_SIZE, stride_page, stride_token)
+        # k, v: [BLOCK_N, HEAD_DIM]
+        k = tl.load(kv_base + row[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        v = tl.load(kv_base + v_offset + row[:, None] + offs_d[None, :], mask=mask_n[:, None],
+                    other=0.0)
+        # s: [BLOCK_H, BLOCK_N], already in log2 units
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # an empty split has l == 0 and acc == 0
+    acc = acc / l_safe[:, None]
+    if IS_SPLIT:
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))  # log2 units
+        po = (part_out_ptr + seq * stride_po_seq + head[:, None].to(tl.int64) * stride_po_head
+              + split * stride_po_split + offs_d[None, :])
+        tl.store(po, acc, mask=mask_h[:, None])
+        tl.store(part_lse_ptr + seq * stride_pl_seq + head * stride_pl_head + split, lse,
+                 mask=mask_h)
+    else:
+        o = out_ptr + seq * stride_o_seq + head[:, None] * stride_o_head + offs_d[None, :]
+        tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, num_splits,
+    stride_po_seq, stride_po_head, stride_po_split, stride_pl_seq, stride_pl_head,
+    stride_o_seq, stride_o_head,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_s = offs_s < num_splits
+    lse = tl.load(part_lse_ptr + seq * stride_pl_seq + head * stride_pl_head + offs_s,
+                  mask=mask_s, other=float("-inf"))
+    # split 0 always holds tokens (seq_len >= 1), so the max is finite
+    weight = tl.exp2(lse - tl.max(lse, axis=0))
+    weight = weight / tl.sum(weight, axis=0)
+    # part: [BLOCK_S, HEAD_DIM]
+    part = tl.load(part_out_ptr + seq * stride_po_seq + head * stride_po_head
+                   + offs_s[:, None] * stride_po_split + offs_d[None, :],
+                   mask=mask_s[:, None], other=0.0)
+    o = tl.sum(part * weight[:, None], axis=0)
+    tl.store(out_ptr + seq * stride_o_seq + head * stride_o_head + offs_d,
+             o.to(out_ptr.dtype.element_ty))
+
+
+@dataclass(frozen=True)
+class DecodeWorkspace:
+    """Preallocated split-KV partials, so decode can be captured in a CUDA graph.
+
+    part_out: [max_num_seqs, num_heads, max_splits, head_dim] fp32
+    part_lse: [max_num_seqs, num_heads, max_splits] fp32
+    """
+
+    part_out: torch.Tensor
+    part_lse: torch.Tensor
+
+    @classmethod
+    def allocate(cls, max_num_seqs: int, num_heads: int, head_dim: int,
+                 max_splits: int = MAX_SPLITS, device: torch.device | str = "cuda"
+                 ) -> DecodeWorkspace:
+        if min(max_num_seqs, num_heads, head_dim, max_splits) < 1:
+            raise ValueError("workspace dimensions must be >= 1")
+        part_out = torch.empty(max_num_seqs, num_heads, max_splits, head_dim,
+                               dtype=torch.float32, device=device)
+        part_lse = torch.empty(max_num_seqs, num_heads, max_splits, dtype=torch.float32,
+                               device=device)
+        return cls(part_out, part_lse)
+
+    def fits(self, num_seqs: int, num_heads: int, head_dim: int, num_splits: int) -> bool:
+        s, h, n, d = self.part_out.shape
+        return num_seqs <= s and num_heads == h and num_splits <= n and head_dim == d
+
+
+def num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
+                  num_sms: int | None = None) -> int:
+    """Splits per sequence so the grid fills the GPU (about two programs per SM), never
+    splitting below _MIN_TOKENS_PER_SPLIT tokens; 1 when batch x kv heads already fill it."""
+    if num_sms is None:
+        num_sms = (torch.cuda.get_device_properties(0).multi_processor_count
+                   if torch.cuda.is_available() else 8)
+    programs = max(num_seqs * num_kv_heads, 1)
+    want = triton.cdiv(2 * num_sms, programs)
+    cap = max(triton.cdiv(max_seq_len, _MIN_TOKENS_PER_SPLIT), 1)
+    return max(1, min(want, cap, MAX_SPLITS))
+
+
+def paged_decode(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, page_table: torch.Tensor,
+                 seq_lens: torch.Tensor, scale: float, *, num_splits: int | None = None,
+                 workspace: DecodeWorkspace | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode attention; q: [num_seqs, num_heads, head_dim] -> out (same shape, q's dtype).
+
+    Reads kv_pool; writes out and the workspace. Every seq_len must be >= 1 (not checked on
+    device). For CUDA-graph capture pass num_splits, workspace and out: then nothing here syncs
+    or allocates. Without num_splits it is chosen from seq_lens.max() (a host sync).
+    """
+    page_size, num_kv_heads, group = check_pool(kv_pool, layer, q)
+    num_seqs, num_heads, head_dim = q.shape
+    check_index_tensor("page_table", page_table, 2, q.device)
+    check_index_tensor("seq_lens", seq_lens, 1, q.device)
+    if page_table.shape[0] != num_seqs or seq_lens.shape[0] != num_seqs:
+        raise ValueError("page_table and seq_lens need one row per sequence")
+    if out is None:
+        out = torch.empty_like(q)
+    if num_seqs == 0:
+        return out
+    if num_splits is None:
+        num_splits = num_kv_splits(num_seqs, num_kv_heads, int(seq_lens.max()))
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
+    is_split = num_splits > 1
+    if is_split:
+        if workspace is None:
+            workspace = DecodeWorkspace.allocate(num_seqs, num_heads, head_dim, num_splits,
+                                                 q.device)
+        if not workspace.fits(num_seqs, num_heads, head_dim, num_splits):
+            raise ValueError("workspace too small for this batch / split count")
+        part_out, part_lse = workspace.part_out, workspace.part_lse
+    else:
+        part_out = part_lse = out  # unused: IS_SPLIT is False
+    block_h = max(16, triton.next_power_of_2(group))
+    block_n = 64 if head_dim <= 128 else 32
+    _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, kv_pool, page_table, seq_lens, out, part_out, part_lse,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        kv_pool.stride(0), kv_pool.stride(3), kv_pool.stride(4),
+        layer * kv_pool.stride(1), kv_pool.stride(2), page_table.stride(0),
+        part_out.stride(0), part_out.stride(1), part_out.stride(2) if is_split else 0,
+        part_lse.stride(0), part_lse.stride(1),
+        GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_H=block_h, BLOCK_N=block_n,
+        IS_SPLIT=is_split, DOT_PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2,
+    )
+    if is_split:
+        _merge_splits_kernel[(num_seqs, num_heads)](
+            part_out, part_lse, out, num_splits,
+            part_out.stride(0), part_out.stride(1), part_out.stride(2),
+            part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+        )
+    return out
