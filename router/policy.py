@@ -1,0 +1,133 @@
+"""Routing policy: estimated cost of serving a prompt on each candidate worker; pick the cheapest
+that is not overloaded. Pure: no I/O, no clocks; the caller supplies matches and loads."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from router.index import PrefixMatch
+
+
+class NoCandidate(Exception):
+    """No worker can take the request."""
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Per-token costs in milliseconds. Defaults are CPU-scale guesses; only ratios matter."""
+
+    prefill_ms_per_token: float = 1.0  # computing a missed token
+    host_ms_per_token: float = 0.05  # copying a token's KV from the worker's host tier
+    store_ms_per_token: float = 0.2  # fetching a token's KV from the shared store
+    queued_ms_per_token: float = 1.0  # waiting behind a queued prefill token
+    running_ms_per_request: float = 2.0  # slowdown from each request decoding on the worker
+
+    def __post_init__(self) -> None:
+        for name, value in self.__dict__.items():
+            if value < 0:
+                raise ValueError(f"CostModel.{name} must be >= 0, got {value}")
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    num_inflight: int = 0  # requests the router sent that have not finished
+    num_queued_tokens: int = 0  # prompt tokens sent that have not produced a first token
+
+
+@dataclass(frozen=True)
+class Decision:
+    worker_id: str
+    cost_ms: float
+    num_cached_pages: int  # pages of the prompt the chosen worker holds (any tier)
+    reason: str  # "prefix" (chosen for its cache) or "load" (no cache advantage)
+
+
+@dataclass(frozen=True)
+class BalanceThreshold:
+    """A worker with `balance_abs` more requests than the least loaded one AND above
+    `balance_rel` x the mean load (counting this request) is skipped."""
+
+    balance_abs: int = 4
+    balance_rel: float = 1.25
+
+
+def prefill_cost_ms(
+    num_prompt_tokens: int,
+    page_size: int,
+    match: PrefixMatch | None,
+    num_store_pages: int,
+    cost: CostModel,
+) -> float:
+    """Cost of making the prompt's KV ready on a worker: device pages free, host pages and
+    shared-store pages cost their transfer, the rest is prefilled. At least the last token is
+    always computed (a full hit still runs one token to produce logits)."""
+    own = match.num_pages if match else 0
+    device = match.num_device_pages if match else 0
+    cached_tokens = min(max(own, num_store_pages) * page_size, max(num_prompt_tokens - 1, 0))
+    own_tokens = min(own * page_size, cached_tokens)
+    device_tokens = min(device * page_size, own_tokens)
+    host_tokens = own_tokens - device_tokens
+    store_tokens = cached_tokens - own_tokens
+    missed = num_prompt_tokens - cached_tokens
+    return (
+        host_tokens * cost.host_ms_per_token
+        + store_tokens * cost.store_ms_per_token
+        + missed * cost.prefill_ms_per_token
+    )
+
+
+def load_cost_ms(load: WorkerLoad, cost: CostModel) -> float:
+    return (
+        load.num_queued_tokens * cost.queued_ms_per_token
+        + load.num_inflight * cost.running_ms_per_request
+    )
+
+
+def eligible(loads: Mapping[str, WorkerLoad], balance: BalanceThreshold) -> list[str]:
+    """Workers not overloaded, in the order of `loads`."""
+    if not loads:
+        return []
+    inflight = [load.num_inflight for load in loads.values()]
+    least = min(inflight)
+    mean_after = (sum(inflight) + 1) / len(inflight)
+    limit = balance.balance_rel * mean_after
+    return [
+        worker_id
+        for worker_id, load in loads.items()
+        if load.num_inflight - least < balance.balance_abs or load.num_inflight + 1 <= limit
+    ]
+
+
+def choose(
+    num_prompt_tokens: int,
+    page_size: int,
+    matches: Mapping[str, PrefixMatch],
+    loads: Mapping[str, WorkerLoad],
+    *,
+    num_store_pages: int = 0,
+    cost: CostModel | None = None,
+    balance: BalanceThreshold | None = None,
+    exclude: Sequence[str] = (),
+) -> Decision:
+    """The cheapest eligible worker among `loads` (the candidates) minus `exclude`.
+    Ties go to the lower load, then to the earlier candidate. Raises NoCandidate."""
+    cost = cost or CostModel()
+    balance = balance or BalanceThreshold()
+    candidates = {w: load for w, load in loads.items() if w not in exclude}
+    best: tuple[float, int, int] | None = None
+    decision: Decision | None = None
+    no_cache_cost = prefill_cost_ms(num_prompt_tokens, page_size, None, num_store_pages, cost)
+    for order, worker_id in enumerate(eligible(candidates, balance)):
+        load = candidates[worker_id]
+        match = matches.get(worker_id)
+        prefill = prefill_cost_ms(num_prompt_tokens, page_size, match, num_store_pages, cost)
+        total = prefill + load_cost_ms(load, cost)
+        rank = (total, load.num_inflight, order)
+        if best is None or rank < best:
+            best = rank
+            reason = "prefix" if prefill < no_cache_cost else "load"
+            decision = Decision(worker_id, total, match.num_pages if match else 0, reason)
+    if decision is None:
+        raise NoCandidate("no healthy worker")
+    return decision

@@ -1,0 +1,188 @@
+"""Worker pool: one gRPC channel per worker, health polling (Stats), circuit breaking, and the
+KvEvents subscription that feeds the prefix index. Runs on the router's asyncio loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from cachestore.keys import Namespace
+from cachestore.wire import namespace_from_spec
+from kvmesh.v1 import worker_pb2, worker_pb2_grpc
+from router.config import RouterConfig
+from router.index import Cleared, PrefixIndex, Removed, SequenceGap, Stored
+from router.metrics import RouterMetrics
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_NBYTES = 64 << 20
+STATS_TIMEOUT_S = 2.0
+RESUBSCRIBE_BACKOFF_S = (0.05, 0.2, 0.5, 1.0)
+# Worker failures that make a request worth retrying elsewhere (the worker, not the input, failed).
+RETRYABLE_CODES = frozenset({
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+})
+
+
+class WorkerHandle:
+    """One worker as the router sees it. `num_inflight` / `num_queued_tokens` are the router's
+    own up-to-date counts of what it sent; `stats` is the worker's last report."""
+
+    def __init__(self, address: str, token: str) -> None:
+        self.worker_id = address
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_NBYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_NBYTES)]
+        self.channel = grpc.aio.insecure_channel(address, options=options)
+        self.stub = worker_pb2_grpc.WorkerStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.stats: worker_pb2.WorkerStats | None = None
+        self.namespace: Namespace | None = None  # the worker's namespace, empty salt
+        self.is_healthy = False
+        self.num_failures = 0  # consecutive request failures
+        self.circuit_open_until = 0.0
+        self.num_inflight = 0
+        self.num_queued_tokens = 0
+
+    def is_available(self, now: float) -> bool:
+        return self.is_healthy and self.namespace is not None and now >= self.circuit_open_until
+
+
+class WorkerPool:
+    def __init__(self, config: RouterConfig, index: PrefixIndex, metrics: RouterMetrics) -> None:
+        self.config = config
+        self.index = index
+        self.metrics = metrics
+        self.workers = {addr: WorkerHandle(addr, config.worker_token) for addr in config.workers}
+        self._tasks: list[asyncio.Task] = []
+        self._ready = asyncio.Event()
+
+    async def start(self) -> None:
+        for handle in self.workers.values():
+            self.index.add_worker(handle.worker_id)
+            self._tasks.append(asyncio.create_task(self._poll_stats(handle)))
+            self._tasks.append(asyncio.create_task(self._follow_events(handle)))
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """True once any worker answered Stats (within `timeout` seconds)."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        return self._ready.is_set()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for handle in self.workers.values():
+            await handle.channel.close()
+
+    def available(self) -> list[WorkerHandle]:
+        now = time.monotonic()
+        return [h for h in self.workers.values() if h.is_available(now)]
+
+    # ---- request outcomes ----------------------------------------------------------------
+    def record_success(self, handle: WorkerHandle) -> None:
+        handle.num_failures = 0
+        handle.circuit_open_until = 0.0
+
+    def record_failure(self, handle: WorkerHandle, code: grpc.StatusCode | None) -> None:
+        """A request failed on the worker. UNAVAILABLE means it is gone: take it out and drop
+        its index entries now; otherwise open its circuit after `circuit_failures` in a row."""
+        handle.num_failures += 1
+        if code == grpc.StatusCode.UNAVAILABLE:
+            self._mark_down(handle)
+        if handle.num_failures >= self.config.circuit_failures:
+            handle.circuit_open_until = time.monotonic() + self.config.circuit_cooldown_s
+
+    def _mark_down(self, handle: WorkerHandle) -> None:
+        handle.is_healthy = False
+        self.index.drop_worker(handle.worker_id)
+        self.metrics.worker_healthy.set(0, worker=handle.worker_id)
+
+    async def generate(
+        self, handle: WorkerHandle, request: worker_pb2.GenerateRequest
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        call = handle.stub.Generate(request, metadata=handle.metadata)
+        try:
+            async for response in call:
+                yield response
+        finally:
+            call.cancel()  # no-op once finished; stops the worker's work if the client left
+
+    # ---- background loops ----------------------------------------------------------------
+    async def _poll_stats(self, handle: WorkerHandle) -> None:
+        while True:
+            try:
+                stats = await handle.stub.Stats(worker_pb2.WorkerStatsRequest(),
+                                                metadata=handle.metadata, timeout=STATS_TIMEOUT_S)
+                self._apply_stats(handle, stats)
+            except grpc.aio.AioRpcError as exc:
+                if handle.is_healthy:
+                    log.warning("worker %s failed its health check: %s", handle.worker_id,
+                                exc.code().name)
+                self._mark_down(handle)
+            await asyncio.sleep(self.config.health_interval_s)
+
+    def _apply_stats(self, handle: WorkerHandle, stats: worker_pb2.WorkerStats) -> None:
+        handle.stats = stats
+        if handle.namespace is None and stats.HasField("namespace"):
+            handle.namespace = namespace_from_spec(stats.namespace)
+        was_healthy, handle.is_healthy = handle.is_healthy, True
+        w = handle.worker_id
+        self.metrics.worker_healthy.set(1, worker=w)
+        self.metrics.requests_running.set(stats.num_running, worker=w)
+        self.metrics.requests_waiting.set(stats.num_waiting, worker=w)
+        if stats.num_pages_total:
+            used = 1 - stats.num_pages_free / stats.num_pages_total
+            self.metrics.kv_usage.set(round(used, 6), worker=w)
+        if self.index.is_synced(w):
+            lag = max(stats.kv_events_seq - self.index.applied_seq(w), 0)
+            self.metrics.index_lag.set(lag, worker=w)
+        if not was_healthy:
+            log.info("worker %s is up (%s)", w, stats.model)
+        if handle.namespace is not None:
+            self._ready.set()
+
+    async def _follow_events(self, handle: WorkerHandle) -> None:
+        """Keep the index in step with the worker: every (re)subscription starts with
+        AllCleared + a snapshot; a gap resubscribes; a broken stream drops the worker's entries."""
+        attempt = 0
+        while True:
+            call = handle.stub.KvEvents(worker_pb2.KvEventsRequest(), metadata=handle.metadata)
+            try:
+                async for event in call:
+                    attempt = 0
+                    self._apply_event(handle.worker_id, event)
+                self.index.drop_worker(handle.worker_id)  # stream ended: worker shutting down
+            except SequenceGap as exc:
+                log.warning("%s; resyncing", exc)
+                self.metrics.index_resyncs.inc(worker=handle.worker_id)
+                call.cancel()
+                continue
+            except grpc.aio.AioRpcError:
+                self.index.drop_worker(handle.worker_id)
+            finally:
+                call.cancel()
+            await asyncio.sleep(RESUBSCRIBE_BACKOFF_S[min(attempt, len(RESUBSCRIBE_BACKOFF_S) - 1)])
+            attempt += 1
+
+    def _apply_event(self, worker_id: str, event: worker_pb2.KvEvent) -> None:
+        kind = event.WhichOneof("kind")
+        if kind == "stored":
+            self.index.apply(worker_id, event.seq, Stored(event.stored.keys, event.stored.tier))
+        elif kind == "removed":
+            self.index.apply(worker_id, event.seq,
+                             Removed(event.removed.keys, event.removed.tier))
+        elif kind == "cleared":
+            self.index.apply(worker_id, event.seq, Cleared(event.cleared.epoch))
+        self.metrics.index_pages.set(self.index.num_pages())

@@ -1,0 +1,189 @@
+"""OpenAI request bodies -> checked, typed requests. Every check of a body field lives here, so
+each bad request gets one clear 4xx message naming the field."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from router.errors import InvalidRequest
+
+MAX_N = 16
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_TEMPERATURE = 2.0
+MAX_SEED = (1 << 64) - 1
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int | None  # None = up to the context length
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    """A checked completion or chat request; exactly one of prompt / messages is set."""
+
+    is_chat: bool
+    model: str | None
+    prompt: str | tuple[int, ...] | None
+    messages: tuple[dict[str, str], ...] | None
+    sampling: Sampling
+    stream: bool
+    include_usage: bool
+    user: str | None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _optional(body: dict, name: str, check: Any, what: str) -> Any:
+    value = body.get(name)
+    if value is not None and not check(value):
+        raise InvalidRequest(f"'{name}' must be {what}, got {value!r}", param=name)
+    return value
+
+
+def _parse_sampling(body: dict, is_chat: bool) -> Sampling:
+    max_tokens = _optional(body, "max_tokens", _is_int, "an integer")
+    if is_chat and body.get("max_completion_tokens") is not None:
+        max_tokens = _optional(body, "max_completion_tokens", _is_int, "an integer")
+    has_mct = body.get("max_completion_tokens") is not None
+    param = "max_completion_tokens" if has_mct else "max_tokens"
+    if max_tokens is not None and max_tokens < 1:
+        raise InvalidRequest(f"'{param}' must be at least 1, got {max_tokens}", param=param)
+    if max_tokens is None and not is_chat:
+        max_tokens = DEFAULT_COMPLETION_MAX_TOKENS
+    temperature = _optional(body, "temperature", _is_number, "a number")
+    if temperature is not None and not 0 <= temperature <= MAX_TEMPERATURE:
+        raise InvalidRequest(f"'temperature' must be in [0, {MAX_TEMPERATURE}], got {temperature}",
+                             param="temperature")
+    top_p = _optional(body, "top_p", _is_number, "a number")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise InvalidRequest(f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
+    top_k = _optional(body, "top_k", _is_int, "an integer")
+    if top_k is not None and top_k < -1:
+        raise InvalidRequest(f"'top_k' must be -1 or 0 (off) or positive, got {top_k}",
+                             param="top_k")
+    n = _optional(body, "n", _is_int, "an integer")
+    if n is not None and not 1 <= n <= MAX_N:
+        raise InvalidRequest(f"'n' must be in [1, {MAX_N}], got {n}", param="n")
+    seed = _optional(body, "seed", _is_int, "an integer")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise InvalidRequest(f"'seed' must be in [0, 2**64), got {seed}", param="seed")
+    ignore_eos = _optional(body, "ignore_eos", lambda v: isinstance(v, bool), "a boolean")
+    return Sampling(
+        max_tokens=max_tokens,
+        temperature=1.0 if temperature is None else float(temperature),
+        top_p=1.0 if top_p is None else float(top_p),
+        top_k=max(top_k or 0, 0),
+        n=n or 1,
+        stop=_parse_stop(body.get("stop")),
+        seed=seed,
+        ignore_eos=bool(ignore_eos),
+    )
+
+
+def _parse_stop(stop: Any) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    items = [stop] if isinstance(stop, str) else stop
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise InvalidRequest("'stop' must be a string or a list of strings", param="stop")
+    if len(items) > MAX_STOP_STRINGS:
+        raise InvalidRequest(f"'stop' has more than {MAX_STOP_STRINGS} strings", param="stop")
+    if any(not s or len(s) > MAX_STOP_CHARS for s in items):
+        raise InvalidRequest(f"each stop string must have 1 to {MAX_STOP_CHARS} characters",
+                             param="stop")
+    return tuple(items)
+
+
+def _parse_prompt(prompt: Any) -> str | tuple[int, ...]:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidRequest("'prompt' must not be empty", param="prompt")
+        return prompt
+    if isinstance(prompt, list) and prompt and all(_is_int(t) and t >= 0 for t in prompt):
+        return tuple(prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        raise InvalidRequest("batched prompts are not supported; send one prompt per request",
+                             param="prompt")
+    raise InvalidRequest("'prompt' must be a non-empty string or a list of token ids",
+                         param="prompt")
+
+
+def _parse_messages(messages: Any) -> tuple[dict[str, str], ...]:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty list", param="messages")
+    parsed = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidRequest(f"messages[{i}] must be an object", param="messages")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise InvalidRequest(f"messages[{i}].role must be one of {list(CHAT_ROLES)}, "
+                                 f"got {role!r}", param="messages")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: only text is supported
+            texts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    raise InvalidRequest(f"messages[{i}].content: only text parts are supported",
+                                         param="messages")
+                texts.append(str(part.get("text", "")))
+            content = "".join(texts)
+        if content is None and role == "assistant":
+            content = ""
+        if not isinstance(content, str):
+            raise InvalidRequest(f"messages[{i}].content must be a string", param="messages")
+        parsed.append({"role": "system" if role == "developer" else role, "content": content})
+    return tuple(parsed)
+
+
+def parse_request(body: Any, *, is_chat: bool) -> ParsedRequest:
+    """Check a decoded JSON body. Raises InvalidRequest naming the bad field."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    model = _optional(body, "model", lambda v: isinstance(v, str), "a string")
+    stream = _optional(body, "stream", lambda v: isinstance(v, bool), "a boolean")
+    options = _optional(body, "stream_options", lambda v: isinstance(v, dict), "an object")
+    include_usage = bool((options or {}).get("include_usage", False))
+    if options is not None and not stream:
+        raise InvalidRequest("'stream_options' is only allowed with 'stream': true",
+                             param="stream_options")
+    user = _optional(body, "user", lambda v: isinstance(v, str), "a string")
+    if is_chat:
+        if "messages" not in body:
+            raise InvalidRequest("'messages' is required", param="messages")
+        prompt, messages = None, _parse_messages(body["messages"])
+    else:
+        if "prompt" not in body:
+            raise InvalidRequest("'prompt' is required", param="prompt")
+        prompt, messages = _parse_prompt(body["prompt"]), None
+    return ParsedRequest(
+        is_chat=is_chat,
+        model=model,
+        prompt=prompt,
+        messages=messages,
+        sampling=_parse_sampling(body, is_chat),
+        stream=bool(stream),
+        include_usage=include_usage,
+        user=user,
+    )

@@ -1,0 +1,243 @@
+"""The router's core: tokenize, compute page keys per tenant, pick a worker, stream its output,
+and move a request that produced no token yet to another worker when its worker fails.
+Transport-free: app.py turns `Chunk`s into HTTP responses."""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import xxhash
+
+from cachestore.keys import Namespace
+from kvmesh.v1 import worker_pb2
+from router.config import RouterConfig
+from router.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    NoWorkerAvailable,
+    Overloaded,
+    PromptTooLong,
+    WorkerFailed,
+)
+from router.index import PrefixIndex
+from router.metrics import RouterMetrics
+from router.policy import BalanceThreshold, Decision, NoCandidate, WorkerLoad, choose
+from router.pool import RETRYABLE_CODES, WorkerHandle, WorkerPool
+from router.protocol import ParsedRequest
+from router.tokenizer import PromptTokenizer
+
+FINISH_REASONS = {
+    worker_pb2.FINISH_REASON_STOP: "stop",
+    worker_pb2.FINISH_REASON_LENGTH: "length",
+    worker_pb2.FINISH_REASON_ABORT: "abort",
+}
+
+
+@dataclass
+class Chunk:
+    """One streamed piece of completion `index`; `finish_reason` and `usage` on its last."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    worker_id: str
+    finish_reason: str | None = None
+    usage: worker_pb2.Usage | None = None
+
+
+@dataclass
+class Prepared:
+    request_id: str
+    prompt_ids: list[int]
+    salt: str
+    parsed: ParsedRequest
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def tenant_salt(secret: str, tenant: str) -> str:
+    """Per-tenant salt: xxh3_128 hex of the router secret and the tenant; '' without auth."""
+    if not tenant:
+        return ""
+    return xxhash.xxh3_128_hexdigest(f"{secret}\0{tenant}".encode())
+
+
+class Router:
+    def __init__(self, config: RouterConfig, tokenizer: PromptTokenizer, pool: WorkerPool,
+                 index: PrefixIndex, metrics: RouterMetrics) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.pool = pool
+        self.index = index
+        self.metrics = metrics
+        self.balance = BalanceThreshold(config.balance_abs, config.balance_rel)
+        self.num_inflight = 0
+        self._salted: dict[tuple[bytes, str], Namespace] = {}
+        self._ids = itertools.count()
+
+    # ---- model facts the workers report ---------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        if self.config.served_model_name:
+            return self.config.served_model_name
+        for handle in self.pool.workers.values():
+            if handle.stats is not None and handle.stats.model:
+                return handle.stats.model
+        return "kvmesh"
+
+    @property
+    def max_model_len(self) -> int | None:
+        if self.config.max_model_len:
+            return self.config.max_model_len
+        lens = [h.stats.max_model_len for h in self.pool.workers.values()
+                if h.stats is not None and h.stats.max_model_len]
+        return min(lens) if lens else None
+
+    # ---- request lifecycle ----------------------------------------------------------------
+    def prepare(self, parsed: ParsedRequest, tenant: str) -> Prepared:
+        """Check the model, tokenize, check the length. Raises a RouterError for bad input."""
+        if parsed.model is not None and parsed.model != self.model_name:
+            raise ModelNotFound(f"model '{parsed.model}' does not exist; this server serves "
+                                f"'{self.model_name}'", param="model")
+        if parsed.messages is not None:
+            prompt_ids = self.tokenizer.encode_chat(parsed.messages)
+        elif isinstance(parsed.prompt, str):
+            prompt_ids = self.tokenizer.encode(parsed.prompt)
+        else:
+            prompt_ids = list(parsed.prompt or ())
+        if not prompt_ids:
+            raise InvalidRequest("the prompt has no tokens", param="prompt")
+        limit = self.max_model_len
+        wanted = parsed.sampling.max_tokens or 1
+        if limit is not None and len(prompt_ids) + wanted > limit:
+            raise PromptTooLong(
+                f"this model's maximum context length is {limit} tokens; the prompt has "
+                f"{len(prompt_ids)} tokens and {wanted} more were requested", param="messages"
+                if parsed.is_chat else "prompt")
+        if self.num_inflight >= self.config.max_inflight:
+            raise Overloaded(f"router has {self.num_inflight} requests in flight; retry later")
+        request_id = f"{'chatcmpl' if parsed.is_chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        return Prepared(request_id, prompt_ids, tenant_salt(self.config.secret, tenant), parsed)
+
+    def route(self, prompt_ids: Sequence[int], salt: str, exclude: Sequence[str] = ()
+              ) -> tuple[WorkerHandle, Decision]:
+        """Pick the cheapest worker and record predicted entries for the prompt on it."""
+        handles = {h.worker_id: h for h in self.pool.available() if h.worker_id not in exclude}
+        if not handles:
+            raise NoWorkerAvailable("no healthy worker can take the request")
+        matches = {}
+        keys_by_worker: dict[str, list[bytes]] = {}
+        page_size = 16
+        for digest_keys, group in self._keys_by_namespace(handles.values(), prompt_ids, salt):
+            found = self.index.match(digest_keys)
+            for handle in group:
+                keys_by_worker[handle.worker_id] = digest_keys
+                page_size = handle.namespace.page_size  # type: ignore[union-attr]
+                if handle.worker_id in found:
+                    matches[handle.worker_id] = found[handle.worker_id]
+        loads = {w: WorkerLoad(h.num_inflight, h.num_queued_tokens) for w, h in handles.items()}
+        try:
+            decision = choose(len(prompt_ids), page_size, matches, loads, balance=self.balance)
+        except NoCandidate as exc:
+            raise NoWorkerAvailable(str(exc)) from None
+        self.index.predict(decision.worker_id, keys_by_worker[decision.worker_id])
+        self.metrics.decisions.inc(reason=decision.reason, worker=decision.worker_id)
+        return handles[decision.worker_id], decision
+
+    def _keys_by_namespace(self, handles, prompt_ids, salt):
+        groups: dict[bytes, list[WorkerHandle]] = {}
+        for handle in handles:
+            groups.setdefault(handle.namespace.digest, []).append(handle)
+        for digest, group in groups.items():
+            base = group[0].namespace
+            salted = self._salted.get((digest, salt))
+            if salted is None:
+                salted = self._salted[(digest, salt)] = base.with_salt(salt)
+            yield salted.page_keys(prompt_ids), group
+
+    def _generate_request(self, prep: Prepared) -> worker_pb2.GenerateRequest:
+        s = prep.parsed.sampling
+        sampling = worker_pb2.SamplingParams(
+            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens or 0,
+            stop=list(s.stop), ignore_eos=s.ignore_eos, n=s.n)
+        if s.seed is not None:
+            sampling.seed = s.seed
+        return worker_pb2.GenerateRequest(request_id=f"{prep.request_id}-{next(self._ids)}",
+                                          prompt_token_ids=prep.prompt_ids, sampling=sampling,
+                                          tenant_salt=prep.salt)
+
+    async def run(self, prep: Prepared) -> AsyncIterator[Chunk]:
+        """Stream the request's chunks. Retries on another worker while no token has been
+        produced; raises WorkerFailed if a worker fails after that, InvalidRequest if the worker
+        rejects the input, NoWorkerAvailable when every attempt failed."""
+        tried: list[str] = []
+        started = time.monotonic()
+        last_token_time: float | None = None
+        num_prompt = len(prep.prompt_ids)
+        self.num_inflight += 1
+        self.metrics.router_inflight.set(self.num_inflight)
+        try:
+            for _attempt in range(self.config.max_attempts):
+                handle, decision = self.route(prep.prompt_ids, prep.salt, exclude=tried)
+                tried.append(handle.worker_id)
+                handle.num_inflight += 1
+                handle.num_queued_tokens += num_prompt
+                queued = True
+                produced = False
+                try:
+                    async for response in self.pool.generate(handle, self._generate_request(prep)):
+                        if queued:
+                            queued = False
+                            handle.num_queued_tokens -= num_prompt
+                        if response.token_ids:
+                            now = time.monotonic()
+                            if last_token_time is None:
+                                self.metrics.ttft.observe(now - started)
+                            else:
+                                self.metrics.itl.observe(now - last_token_time)
+                            last_token_time = now
+                        produced = produced or bool(response.token_ids or response.text)
+                        yield self._chunk(response, handle.worker_id)
+                    self.pool.record_success(handle)
+                    self.metrics.e2e.observe(time.monotonic() - started)
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    code = exc.code()
+                    if code == grpc.StatusCode.INVALID_ARGUMENT:
+                        raise InvalidRequest(f"worker rejected the request: {exc.details()}"
+                                             ) from None
+                    if code not in RETRYABLE_CODES:
+                        raise WorkerFailed(f"worker {handle.worker_id}: {code.name} "
+                                           f"{exc.details()}") from None
+                    self.pool.record_failure(handle, code)
+                    if produced:
+                        raise WorkerFailed(f"worker {handle.worker_id} failed mid-stream: "
+                                           f"{code.name}") from None
+                    self.metrics.retries.inc(code=code.name)
+                finally:
+                    handle.num_inflight -= 1
+                    if queued:
+                        handle.num_queued_tokens -= num_prompt
+            raise NoWorkerAvailable(f"request failed on {len(tried)} workers: {tried}")
+        finally:
+            self.num_inflight -= 1
+            self.metrics.router_inflight.set(self.num_inflight)
+
+    def _chunk(self, response: worker_pb2.GenerateResponse, worker_id: str) -> Chunk:
+        finish = FINISH_REASONS.get(response.finish_reason)
+        usage = response.usage if response.HasField("usage") else None
+        if response.token_ids:
+            self.metrics.generation_tokens.inc(len(response.token_ids))
+        if usage is not None and response.index == 0:
+            self.metrics.prompt_tokens.inc(usage.prompt_tokens)
+            self.metrics.prefix_queries.inc(usage.prompt_tokens)
+            for tier, num in usage.cached_tokens_by_tier.items():
+                self.metrics.prefix_hits.inc(num, tier=tier)
+        if finish is not None:
+            self.metrics.requests.inc(finished_reason=finish)
+        return Chunk(response.index, response.text, list(response.token_ids), worker_id, finish,
+                     usage)
