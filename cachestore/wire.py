@@ -20,7 +20,8 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from cachestore.keys import LAYOUT_VERSION, InvalidNamespace, Namespace
-from kvmesh.v1 import common_pb2
+from cachestore.tiers.base import TierStats
+from kvmesh.v1 import common_pb2, store_pb2
 
 FRAME_NBYTES = 1 << 20  # bulk data is cut into frames of this size
 DATA_TAG = 0x12  # field 2, wire type 2 (length-delimited)
@@ -172,7 +173,8 @@ def namespace_from_spec(spec: common_pb2.NamespaceSpec) -> Namespace:
                  "salt"):
         nbytes = len(getattr(spec, name).encode("utf-8"))
         if nbytes > MAX_STRING_NBYTES:
-            raise InvalidNamespace(f"namespace {name} is {nbytes} bytes, at most {MAX_STRING_NBYTES}")
+            raise InvalidNamespace(
+                f"namespace {name} is {nbytes} bytes, at most {MAX_STRING_NBYTES}")
     layout_version = spec.layout_version or LAYOUT_VERSION
     if layout_version != LAYOUT_VERSION:
         raise InvalidNamespace(f"namespace layout_version {layout_version} unsupported; "
@@ -195,3 +197,26 @@ def namespace_from_spec(spec: common_pb2.NamespaceSpec) -> Namespace:
         layout_version=layout_version,
     )
 
+
+
+def tier_enum(name: str) -> int:
+    return TIER_BY_NAME.get(name, common_pb2.TIER_UNSPECIFIED)
+
+
+def tier_name(value: int) -> str:
+    return TIER_NAME_BY_ENUM.get(value, "unspecified")
+
+
+def stats_to_proto(stats: TierStats) -> store_pb2.TierStats:
+    return store_pb2.TierStats(
+        name=stats.name, tier=tier_enum(stats.name), used_bytes=stats.used_bytes,
+        capacity_bytes=stats.capacity_bytes, num_pages=stats.num_pages, hits=stats.hits,
+        misses=stats.misses, evictions=stats.evictions, errors=stats.errors,
+        is_available=stats.is_available)
+
+
+def stats_from_proto(message: store_pb2.TierStats) -> TierStats:
+    return TierStats(
+        name=message.name, used_bytes=message.used_bytes, capacity_bytes=message.capacity_bytes,
+        num_pages=message.num_pages, hits=message.hits, misses=message.misses,
+        evictions=message.evictions, errors=message.errors, is_available=message.is_available)

@@ -1,0 +1,70 @@
+"""`kvmesh store`: run a store server until SIGINT / SIGTERM.
+
+Prints `kvmesh store listening on HOST:PORT` once it accepts calls (port 0: the port picked),
+then one line per tier."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from cachestore.config import StoreConfig, parse_bytes
+from cachestore.errors import InvalidConfig
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "store", help="run a KV page store server",
+        description="Run a tiered KV page store (cpu, then disk / redis / remote) over gRPC. "
+                    "Every flag can also come from KVMESH_STORE_<FLAG> (e.g. KVMESH_STORE_PORT).")
+    add = parser.add_argument
+    add("--host", help="address to bind (default 127.0.0.1)")
+    add("--port", type=int, help="port to listen on; 0 picks a free one (default 0)")
+    add("--cpu-bytes", type=_size, help="CPU tier capacity, e.g. 4G (default 4G)")
+    add("--disk-dir", help="directory of the disk tier (default: no disk tier)")
+    add("--disk-bytes", type=_size, help="disk tier capacity, e.g. 64G")
+    add("--redis-url", help="redis:// URL of the Redis tier (default: no Redis tier)")
+    add("--redis-ttl", type=int, help="seconds a page lives in Redis (default: no TTL)")
+    add("--remote", help="HOST:PORT of another store server, the last tier")
+    add("--remote-token", help="bearer token for --remote")
+    add("--token", help="require `authorization: Bearer TOKEN` on every call")
+    add("--tls-cert", help="PEM certificate chain; with --tls-key enables TLS")
+    add("--tls-key", help="PEM private key")
+    add("--max-workers", type=int, help="server threads (default 32)")
+    parser.set_defaults(func=run)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4096, 512M, 4G)") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from cachestore.server import serve_store  # grpc + tiers: only when actually serving
+
+    flags = {name: getattr(args, name, None) for name in StoreConfig.__dataclass_fields__}
+    try:
+        config = StoreConfig.from_sources(flags)
+    except InvalidConfig as exc:
+        print(f"kvmesh store: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        server = serve_store(config)
+    except (InvalidConfig, OSError) as exc:
+        print(f"kvmesh store: {exc}", file=sys.stderr)
+        return 1
+    print(f"kvmesh store listening on {config.host}:{server.port}", flush=True)
+    for tier in server.store.stats():
+        print(f"  tier {tier.name}: capacity {tier.capacity_bytes} bytes, "
+              f"{tier.num_pages} pages", flush=True)
+    stop.wait()
+    server.stop(grace=2.0)
+    print("kvmesh store stopped", flush=True)
+    return 0

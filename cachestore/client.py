@@ -1,0 +1,360 @@
+"""StoreClient: the typed Python client of a KVStore server. Callers never see pb2 objects.
+
+Two levels:
+- tensors: `put(tokens, kv, namespace)` / `get_closest(tokens, namespace)` with kv shaped
+  [num_layers, 2, num_tokens, num_kv_heads, head_dim] in the namespace's dtype;
+- raw pages (what workers and RemoteTier move): `put_pages`, `get_closest_pages`, and the
+  key-level `has_pages` / `get_pages` / `put_encoded_pages` / `delete_pages`.
+Tensor <-> page payload conversion costs one permute-copy each way; frames are written and read
+by cachestore.wire without protobuf copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from cachestore import wire
+from cachestore.errors import InvalidRequest, StoreError
+from cachestore.keys import Namespace, tokens_to_bytes
+from cachestore.store import ClosestPages, LookupResult
+from cachestore.tiers.base import TierStats
+from kvmesh.v1 import store_pb2
+
+_SERVICE = "/kvmesh.v1.KVStore/"
+MAX_KEYS_PER_CALL = 1 << 16
+
+
+class StoreUnavailable(StoreError, ConnectionError):
+    """The server cannot be reached, or answered UNAVAILABLE / DEADLINE_EXCEEDED."""
+
+
+class Unauthenticated(StoreError, PermissionError):
+    """The server refused the bearer token (or none was given)."""
+
+
+class StoreFull(StoreError):
+    """The server answered RESOURCE_EXHAUSTED."""
+
+
+class ProtocolError(StoreError):
+    """The server's reply does not follow the KVStore protocol."""
+
+
+# Status code -> error raised to the caller (the client side of the server's error table).
+ERROR_BY_STATUS: dict[grpc.StatusCode, type[StoreError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: StoreFull,
+    grpc.StatusCode.UNAVAILABLE: StoreUnavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: StoreUnavailable,
+}
+
+
+@dataclass(frozen=True)
+class ClosestKV:
+    num_tokens: int  # matched tokens, a multiple of page_size
+    kv: torch.Tensor  # [num_layers, 2, num_tokens, num_kv_heads, head_dim], namespace dtype, CPU
+    tiers: list[str]  # tier each page came from
+
+
+def _typed_error(exc: grpc.RpcError) -> StoreError:
+    code, details = exc.code(), exc.details()
+    error_type = ERROR_BY_STATUS.get(code, StoreError)
+    return error_type(f"{details} ({code.name})" if error_type is StoreError else details)
+
+
+def _credentials(tls: bool | str | bytes) -> grpc.ChannelCredentials | None:
+    """tls: False (plain), True (system roots), or the CA certificate (PEM bytes or a path)."""
+    if tls is False:
+        return None
+    if tls is True:
+        return grpc.ssl_channel_credentials()
+    root = tls if isinstance(tls, bytes) else Path(tls).read_bytes()
+    return grpc.ssl_channel_credentials(root_certificates=root)
+
+
+class StoreClient:
+    """Thread-safe (one gRPC channel shared by all calls). `timeout` bounds every call."""
+
+    def __init__(self, target: str, token: str | None = None, tls: bool | str | bytes = False,
+                 timeout: float | None = 60.0) -> None:
+        self.target = target
+        self.timeout = timeout
+        credentials = _credentials(tls)
+        options = wire.GRPC_OPTIONS
+        self._channel = (grpc.insecure_channel(target, options=options) if credentials is None
+                         else grpc.secure_channel(target, credentials, options=options))
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        pb, ch = store_pb2, self._channel
+        self._put = ch.stream_unary(_SERVICE + "Put", wire.make_serializer(pb.PutHeader),
+                                    pb.PutResponse.FromString)
+        self._get_closest = ch.unary_stream(_SERVICE + "GetClosest",
+                                            pb.GetClosestRequest.SerializeToString,
+                                            wire.make_deserializer(pb.GetClosestResponse))
+        self._unary = {name: ch.unary_unary(_SERVICE + name, req.SerializeToString, resp.FromString)
+                       for name, req, resp in (
+                           ("Lookup", pb.LookupRequest, pb.LookupResponse),
+                           ("Delete", pb.DeleteRequest, pb.DeleteResponse),
+                           ("Stats", pb.StatsRequest, pb.StatsResponse),
+                           ("HasPages", pb.PageKeys, pb.HasPagesResponse),
+                           ("DeletePages", pb.PageKeys, pb.DeleteResponse))}
+        self._get_pages = ch.unary_stream(_SERVICE + "GetPages", pb.PageKeys.SerializeToString,
+                                          wire.make_deserializer(pb.GetPagesResponse))
+        self._put_pages = ch.stream_unary(_SERVICE + "PutPages",
+                                          wire.make_serializer(pb.PutPagesHeader),
+                                          pb.PutPagesResponse.FromString)
+
+    # -- tensors ------------------------------------------------------------------------------
+
+    def put(self, tokens: Any, kv: torch.Tensor, namespace: Namespace) -> int:
+        """Store every full page of `tokens`; kv: [num_layers, 2, len(tokens), num_kv_heads,
+        head_dim] in namespace.dtype (any device). Returns pages newly stored."""
+        token_bytes = _token_bytes(tokens, namespace)
+        num_tokens = len(token_bytes) // 4
+        _check_kv(kv, namespace, num_tokens)
+        num_pages = num_tokens // namespace.page_size
+        if num_pages == 0:
+            return 0
+        L, _, P, H, D = namespace.page_shape
+        # pages: [num_pages, L, 2, P, H, D], the one copy (also device -> host)
+        pages = torch.empty((num_pages, L, 2, P, H, D), dtype=kv.dtype)
+        src = kv[:, :, : num_pages * P].unflatten(2, (num_pages, P))  # [L, 2, n, P, H, D]
+        pages.copy_(src.permute(2, 0, 1, 3, 4, 5))
+        flat = memoryview(pages.view(-1).view(torch.uint8).numpy())
+        n = namespace.page_nbytes
+        return self._put_payloads(namespace, token_bytes, [flat[i * n : (i + 1) * n]
+                                                           for i in range(num_pages)])
+
+    def get_closest(self, tokens: Any, namespace: Namespace) -> ClosestKV | None:
+        """Longest stored contiguous prefix of `tokens` as a tensor, or None if page 0 is not
+        stored."""
+        got = self._fetch_closest(namespace, _token_bytes(tokens, namespace))
+        if got is None:
+            return None
+        header, buffer = got
+        L, _, P, H, D = namespace.page_shape
+        # buffer: [num_pages * page_nbytes] uint8 -> [num_pages, L, 2, P, H, D] -> [L, 2, T, H, D]
+        pages = buffer.view(_torch_dtype(namespace)).view(header.num_pages, L, 2, P, H, D)
+        kv = pages.permute(1, 2, 0, 3, 4, 5).reshape(L, 2, header.num_pages * P, H, D)
+        return ClosestKV(header.num_tokens, kv, [wire.tier_name(t) for t in header.tiers])
+
+    # -- raw pages ----------------------------------------------------------------------------
+
+    def put_pages(self, namespace: Namespace, token_ids: Any,
+                  payloads: Sequence[bytes | memoryview]) -> int:
+        """Store full pages given as payloads (page i = payload i, namespace.page_nbytes each,
+        [L, 2, P, H, D] bytes). Returns pages newly stored."""
+        token_bytes = _token_bytes(token_ids, namespace)
+        num_pages = len(token_bytes) // 4 // namespace.page_size
+        if len(payloads) != num_pages:
+            raise InvalidRequest(f"{num_pages} full pages need {num_pages} payloads, "
+                                 f"got {len(payloads)}")
+        views = [memoryview(p).cast("B") for p in payloads]
+        bad = [i for i, v in enumerate(views) if v.nbytes != namespace.page_nbytes]
+        if bad:
+            raise InvalidRequest(f"payloads {bad[:8]} are not {namespace.page_nbytes} bytes")
+        return self._put_payloads(namespace, token_bytes, views) if views else 0
+
+    def get_closest_pages(self, namespace: Namespace, token_ids: Any) -> ClosestPages | None:
+        """Like get_closest, as one payload view per page (views into one buffer)."""
+        got = self._fetch_closest(namespace, _token_bytes(token_ids, namespace))
+        if got is None:
+            return None
+        header, buffer = got
+        flat = memoryview(buffer.numpy())
+        n = namespace.page_nbytes
+        return ClosestPages(header.num_tokens, [flat[i * n : (i + 1) * n]
+                                                for i in range(header.num_pages)],
+                            [wire.tier_name(t) for t in header.tiers])
+
+    def lookup(self, tokens: Any, namespace: Namespace) -> LookupResult:
+        reply = self._call("Lookup", store_pb2.LookupRequest(
+            namespace=wire.namespace_to_spec(namespace),
+            token_ids=_token_bytes(tokens, namespace)))
+        return LookupResult(reply.num_tokens, [wire.tier_name(t) for t in reply.tiers])
+
+    def delete(self, tokens: Any, namespace: Namespace,
+               page_indices: Sequence[int] | None = None) -> int:
+        """Delete the given pages of `tokens` (default: every full page); returns how many
+        were stored."""
+        if page_indices is not None and not page_indices:
+            return 0
+        reply = self._call("Delete", store_pb2.DeleteRequest(
+            namespace=wire.namespace_to_spec(namespace),
+            token_ids=_token_bytes(tokens, namespace), page_indices=page_indices or []))
+        return reply.num_pages_deleted
+
+    def stats(self) -> list[TierStats]:
+        reply = self._call("Stats", store_pb2.StatsRequest())
+        return [wire.stats_from_proto(s) for s in reply.tiers]
+
+    # -- key-level pages (RemoteTier) ---------------------------------------------------------
+
+    def has_pages(self, keys: Sequence[bytes]) -> list[bool]:
+        out: list[bool] = []
+        for chunk in _chunks(keys):
+            out += self._call("HasPages", store_pb2.PageKeys(keys=chunk)).is_present
+        return out
+
+    def get_pages(self, keys: Sequence[bytes]) -> list[memoryview | None]:
+        """Encoded pages by key (None where absent)."""
+        out: list[memoryview | None] = []
+        for chunk in _chunks(keys):
+            out += self._get_pages_chunk(chunk)
+        return out
+
+    def put_encoded_pages(self, pages: Sequence[tuple[bytes, bytes | memoryview]]) -> int:
+        """Store (key, encoded page) pairs; the server checks each page before storing any."""
+        stored = 0
+        for chunk in _chunks(pages):
+            views = [memoryview(blob).cast("B") for _, blob in chunk]
+            header = store_pb2.PutPagesHeader(keys=[key for key, _ in chunk],
+                                              page_nbytes=[v.nbytes for v in views])
+            stored += self._stream_in(self._put_pages, header, views).num_pages_stored
+        return stored
+
+    def delete_pages(self, keys: Sequence[bytes]) -> int:
+        return sum(self._call("DeletePages", store_pb2.PageKeys(keys=chunk)).num_pages_deleted
+                   for chunk in _chunks(keys))
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> StoreClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, name: str, request: Any) -> Any:
+        try:
+            return self._unary[name](request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _typed_error(exc) from None
+
+    def _stream_in(self, method: Any, header: Any, views: Sequence[memoryview]) -> Any:
+        def items() -> Iterator:
+            yield header
+            yield from wire.cut_frames(views)
+
+        try:
+            return method(items(), timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _typed_error(exc) from None
+
+    def _put_payloads(self, ns: Namespace, token_bytes: bytes,
+                      views: Sequence[memoryview]) -> int:
+        header = store_pb2.PutHeader(namespace=wire.namespace_to_spec(ns), token_ids=token_bytes,
+                                     payload_nbytes=sum(v.nbytes for v in views))
+        return self._stream_in(self._put, header, views).num_pages_stored
+
+    def _fetch_closest(self, ns: Namespace, token_bytes: bytes) -> tuple[Any, torch.Tensor] | None:
+        """(header, uint8 buffer of the matched pages' payloads) or None when nothing matched."""
+        request = store_pb2.GetClosestRequest(namespace=wire.namespace_to_spec(ns),
+                                              token_ids=token_bytes)
+        try:
+            stream = self._get_closest(request, timeout=self.timeout, metadata=self._metadata)
+            header = next(stream, None)
+            if not isinstance(header, store_pb2.GetClosestHeader):
+                raise ProtocolError(f"GetClosest reply starts with {header!r}, not a header")
+            if header.num_pages == 0:
+                return None
+            if (header.page_nbytes != ns.page_nbytes
+                    or header.num_tokens != header.num_pages * ns.page_size):
+                raise ProtocolError(f"GetClosest header does not fit the namespace: {header}")
+            buffer = torch.empty(header.num_pages * ns.page_nbytes, dtype=torch.uint8)
+            _fill(buffer.numpy(), stream, "GetClosest")
+        except grpc.RpcError as exc:
+            raise _typed_error(exc) from None
+        return header, buffer
+
+    def _get_pages_chunk(self, keys: list[bytes]) -> list[memoryview | None]:
+        try:
+            stream = self._get_pages(store_pb2.PageKeys(keys=keys), timeout=self.timeout,
+                                     metadata=self._metadata)
+            header = next(stream, None)
+            if (not isinstance(header, store_pb2.GetPagesHeader)
+                    or len(header.is_found) != len(keys)
+                    or sum(header.is_found) != len(header.page_nbytes)):
+                raise ProtocolError(f"GetPages reply starts with {header!r}")
+            buffer = np.empty(sum(header.page_nbytes), dtype=np.uint8)
+            _fill(buffer, stream, "GetPages")
+        except grpc.RpcError as exc:
+            raise _typed_error(exc) from None
+        flat, offset, sizes = memoryview(buffer), 0, iter(header.page_nbytes)
+        out: list[memoryview | None] = []
+        for is_found in header.is_found:
+            if not is_found:
+                out.append(None)
+                continue
+            size = next(sizes)
+            out.append(flat[offset : offset + size])
+            offset += size
+        return out
+
+
+def _fill(buffer: np.ndarray, stream: Iterator, rpc: str) -> None:
+    """Copy the data frames of `stream` into `buffer` ([n] uint8), which they must fill exactly."""
+    filled = 0
+    for frame in stream:
+        if not isinstance(frame, memoryview):
+            raise ProtocolError(f"{rpc}: expected a data frame, got {frame!r}")
+        end = filled + len(frame)
+        if end > len(buffer):
+            raise ProtocolError(f"{rpc}: more data than the header announced")
+        buffer[filled:end] = np.frombuffer(frame, dtype=np.uint8)
+        filled = end
+    if filled != len(buffer):
+        raise ProtocolError(f"{rpc}: {filled} data bytes, the header announced {len(buffer)}")
+
+
+def _chunks(items: Sequence) -> Iterator[list]:
+    for start in range(0, len(items), MAX_KEYS_PER_CALL):
+        yield list(items[start : start + MAX_KEYS_PER_CALL])
+
+
+def _torch_dtype(ns: Namespace) -> torch.dtype:
+    return getattr(torch, ns.dtype_name)
+
+
+def _token_bytes(tokens: Any, ns: Namespace) -> bytes:
+    """Token ids (list, numpy array or 1-D integer tensor) as little-endian int32 bytes."""
+    if not isinstance(ns, Namespace):
+        raise InvalidRequest(f"namespace must be a cachestore.Namespace, got {type(ns).__name__}")
+    if isinstance(tokens, torch.Tensor):
+        if tokens.is_floating_point() or tokens.is_complex():
+            raise InvalidRequest(f"token ids must be integers, got a {tokens.dtype} tensor")
+        tokens = tokens.detach().cpu().numpy()
+    array = np.asarray(tokens)
+    if array.ndim != 1:
+        raise InvalidRequest(f"token ids must be 1-D, got shape {array.shape}")
+    if array.size == 0:
+        raise InvalidRequest("token ids must not be empty")
+    if array.dtype.kind not in "iu":
+        raise InvalidRequest(f"token ids must be integers, got {array.dtype}")
+    if array.min() < -(1 << 31) or array.max() >= 1 << 31:
+        raise InvalidRequest("token ids must fit in int32")
+    if array.size > wire.MAX_TOKENS:
+        raise InvalidRequest(f"{array.size} tokens, at most {wire.MAX_TOKENS} per request")
+    return tokens_to_bytes(array)
+
+
+def _check_kv(kv: Any, ns: Namespace, num_tokens: int) -> None:
+    if not isinstance(kv, torch.Tensor):
+        raise InvalidRequest(f"kv must be a torch.Tensor, got {type(kv).__name__}")
+    expected = (ns.num_layers, 2, num_tokens, ns.num_kv_heads, ns.head_dim)
+    if tuple(kv.shape) != expected:
+        raise InvalidRequest(f"kv shape {tuple(kv.shape)} does not match [num_layers, 2, "
+                             f"num_tokens, num_kv_heads, head_dim] = {expected}")
+    if kv.dtype != _torch_dtype(ns):
+        raise InvalidRequest(f"kv dtype {kv.dtype} differs from the namespace's "
+                             f"{ns.dtype_name}")

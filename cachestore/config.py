@@ -1,0 +1,109 @@
+"""StoreConfig: everything a store server needs, filled from CLI flags and KVMESH_STORE_* env vars
+in one place (`StoreConfig.from_sources`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from cachestore.errors import InvalidConfig
+
+ENV_PREFIX = "KVMESH_STORE_"
+DEFAULT_CPU_BYTES = 4 << 30
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """One store server. Tiers in chain order: cpu (always), then disk, redis, remote if set.
+
+    port 0 picks a free port. `token` enables bearer-token auth; `tls_cert` + `tls_key` (PEM
+    paths) enable TLS. `disk_bytes` / `redis_ttl` / `cpu_bytes` are bytes / seconds.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    cpu_bytes: int = DEFAULT_CPU_BYTES
+    disk_dir: str | None = None
+    disk_bytes: int = 64 << 30
+    redis_url: str | None = None
+    redis_ttl: int | None = None
+    remote: str | None = None  # host:port of another store server, the last tier
+    remote_token: str | None = None
+    token: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_workers: int = 32
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise InvalidConfig("host must not be empty")
+        if not 0 <= self.port <= 65535:
+            raise InvalidConfig(f"port must be in [0, 65535], got {self.port}")
+        if self.cpu_bytes <= 0:
+            raise InvalidConfig(f"cpu_bytes must be positive, got {self.cpu_bytes}")
+        if self.disk_bytes <= 0:
+            raise InvalidConfig(f"disk_bytes must be positive, got {self.disk_bytes}")
+        if self.redis_ttl is not None and self.redis_ttl <= 0:
+            raise InvalidConfig(f"redis_ttl must be positive seconds, got {self.redis_ttl}")
+        if self.redis_url is not None and not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://", "redis+cluster://")
+        ):
+            raise InvalidConfig(f"redis_url must be a redis:// URL, got {self.redis_url!r}")
+        if self.remote is not None and ":" not in self.remote:
+            raise InvalidConfig(f"remote must be HOST:PORT, got {self.remote!r}")
+        if self.token is not None and not self.token:
+            raise InvalidConfig("token must not be empty (omit it to disable auth)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidConfig("tls_cert and tls_key go together")
+        for name in ("tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise InvalidConfig(f"{name} {path!r} is not a file")
+        if self.max_workers <= 0:
+            raise InvalidConfig(f"max_workers must be positive, got {self.max_workers}")
+
+    @property
+    def is_tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @classmethod
+    def from_sources(
+        cls, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+    ) -> StoreConfig:
+        """Flags (None = not given) override KVMESH_STORE_<FIELD> env vars, which override the
+        defaults. Env values are parsed to the field's type."""
+        flags = flags or {}
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if flags.get(f.name) is not None:
+                values[f.name] = flags[f.name]
+            elif (raw := env.get(ENV_PREFIX + f.name.upper())) is not None:
+                values[f.name] = _parse_env(f.name, f.type, raw)
+        return cls(**values)
+
+
+def _parse_env(name: str, type_name: Any, raw: str) -> Any:
+    if "int" in str(type_name):
+        try:
+            return parse_bytes(raw)
+        except ValueError:
+            raise InvalidConfig(f"{ENV_PREFIX}{name.upper()}={raw!r} is not an integer") from None
+    return raw
+
+
+_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """'4096', '512M', '4G', '1.5g', '64KiB' -> bytes. Raises ValueError."""
+    value = text.strip().lower().removesuffix("ib").removesuffix("b")
+    scale = 1
+    if value and value[-1] in _UNITS:
+        scale = _UNITS[value[-1]]
+        value = value[:-1]
+    number = float(value) if "." in value else int(value)
+    return int(number * scale)

@@ -1,0 +1,269 @@
+"""gRPC KVStore server: the servicer (thin methods; request checks live in cachestore.messages),
+the error table, bearer-token auth, health and reflection, and `serve_store(config)`."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cachestore import messages, wire
+from cachestore.config import StoreConfig
+from cachestore.errors import InvalidRequest, StoreClosed
+from cachestore.keys import InvalidNamespace
+from cachestore.page_access import PageAccess
+from cachestore.store import TieredStore
+from cachestore.tiers.base import Tier, TierFull, TierUnavailable
+from kvmesh.v1 import store_pb2
+
+log = logging.getLogger(__name__)
+SERVICE = store_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name  # "kvmesh.v1.KVStore"
+
+
+class NotFound(LookupError):
+    """The named thing does not exist."""
+
+
+# The one table from typed errors to status codes (first match wins).
+STATUS_BY_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (InvalidNamespace, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (TierFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (TierUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (StoreClosed, grpc.StatusCode.UNAVAILABLE),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (PermissionError, grpc.StatusCode.UNAUTHENTICATED),
+]
+
+
+def status_of(exc: BaseException) -> grpc.StatusCode | None:
+    for error_type, code in STATUS_BY_ERROR:
+        if isinstance(exc, error_type):
+            return code
+    return None
+
+
+def _mapped(method: Callable) -> Callable:
+    """Turn a typed error raised by a servicer method into its status code and message."""
+
+    @wraps(method)
+    def call(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except Exception as exc:
+            code = status_of(exc)
+            if code is None:
+                raise  # a bug: grpc answers UNKNOWN and logs it
+            context.abort(code, str(exc))
+
+    return call
+
+
+class KVStoreServicer:
+    """Thin RPC methods over a TieredStore; streaming replies are computed before they start, so
+    every error is known up front and mapped to its status."""
+
+    def __init__(self, store: TieredStore) -> None:
+        self.store = store
+        self.pages = PageAccess(store)
+
+    @_mapped
+    def Put(self, request_iterator: Iterator, context: grpc.ServicerContext):
+        ns, token_ids, payloads = messages.receive_put(request_iterator)
+        stored = self.store.put(ns, token_ids, payloads)
+        return store_pb2.PutResponse(num_pages_stored=stored, num_pages=len(payloads))
+
+    @_mapped
+    def GetClosest(self, request, context: grpc.ServicerContext):
+        ns, token_ids = messages.parse_tokens_request(request)
+        closest = self.store.get_closest(ns, token_ids)
+        return messages.closest_reply(ns, closest)
+
+    @_mapped
+    def Lookup(self, request, context: grpc.ServicerContext):
+        ns, token_ids = messages.parse_tokens_request(request)
+        result = self.store.lookup(ns, token_ids)
+        return store_pb2.LookupResponse(num_tokens=result.num_tokens,
+                                        tiers=[wire.tier_enum(t) for t in result.tiers])
+
+    @_mapped
+    def Delete(self, request, context: grpc.ServicerContext):
+        ns, token_ids = messages.parse_tokens_request(request)
+        indices = list(request.page_indices) or None
+        deleted = self.store.delete(ns, token_ids, indices)
+        return store_pb2.DeleteResponse(num_pages_deleted=deleted)
+
+    @_mapped
+    def Stats(self, request, context: grpc.ServicerContext):
+        return store_pb2.StatsResponse(tiers=[wire.stats_to_proto(s) for s in self.store.stats()])
+
+    @_mapped
+    def HasPages(self, request, context: grpc.ServicerContext):
+        return store_pb2.HasPagesResponse(is_present=self.pages.has(messages.page_keys(request)))
+
+    @_mapped
+    def GetPages(self, request, context: grpc.ServicerContext):
+        return messages.pages_reply(self.pages.get(messages.page_keys(request)))
+
+    @_mapped
+    def PutPages(self, request_iterator: Iterator, context: grpc.ServicerContext):
+        stored = self.pages.put(messages.receive_pages(request_iterator))
+        return store_pb2.PutPagesResponse(num_pages_stored=stored)
+
+    @_mapped
+    def DeletePages(self, request, context: grpc.ServicerContext):
+        deleted = self.pages.delete(messages.page_keys(request))
+        return store_pb2.DeleteResponse(num_pages_deleted=deleted)
+
+
+def _handlers(servicer: KVStoreServicer) -> grpc.GenericRpcHandler:
+    """Method handlers with the frame (de)serializers of cachestore.wire for the bulk streams."""
+    pb = store_pb2
+    unary = grpc.unary_unary_rpc_method_handler
+
+    def plain(method: Callable, request_type: type) -> grpc.RpcMethodHandler:
+        return unary(method, request_deserializer=request_type.FromString,
+                     response_serializer=lambda m: m.SerializeToString())
+
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        "Put": grpc.stream_unary_rpc_method_handler(
+            servicer.Put, request_deserializer=wire.make_deserializer(pb.PutRequest),
+            response_serializer=pb.PutResponse.SerializeToString),
+        "GetClosest": grpc.unary_stream_rpc_method_handler(
+            servicer.GetClosest, request_deserializer=pb.GetClosestRequest.FromString,
+            response_serializer=wire.make_serializer(pb.GetClosestHeader)),
+        "Lookup": plain(servicer.Lookup, pb.LookupRequest),
+        "Delete": plain(servicer.Delete, pb.DeleteRequest),
+        "Stats": plain(servicer.Stats, pb.StatsRequest),
+        "HasPages": plain(servicer.HasPages, pb.PageKeys),
+        "GetPages": grpc.unary_stream_rpc_method_handler(
+            servicer.GetPages, request_deserializer=pb.PageKeys.FromString,
+            response_serializer=wire.make_serializer(pb.GetPagesHeader)),
+        "PutPages": grpc.stream_unary_rpc_method_handler(
+            servicer.PutPages, request_deserializer=wire.make_deserializer(pb.PutPagesRequest),
+            response_serializer=pb.PutPagesResponse.SerializeToString),
+        "DeletePages": plain(servicer.DeletePages, pb.PageKeys),
+    })
+
+
+class BearerAuth(grpc.ServerInterceptor):
+    """Every call but health checks must carry `authorization: Bearer <token>`."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith("/grpc.health.v1.Health/"):
+            return handler
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        given = metadata.get("authorization", "")
+        given = given.encode() if isinstance(given, str) else given
+        if hmac.compare_digest(given, self._expected):
+            return handler
+        return _denied(handler, "missing authorization" if not given else "wrong bearer token")
+
+
+def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    def deny(request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    kind = (handler.request_streaming, handler.response_streaming)
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[kind]
+    return make(deny)
+
+
+def build_tiers(config: StoreConfig) -> list[Tier]:
+    """Tiers in chain order from a config: cpu, then disk, redis, remote when configured."""
+    from cachestore.tiers.cpu import CpuTier
+
+    tiers: list[Tier] = [CpuTier(config.cpu_bytes)]
+    if config.disk_dir is not None:
+        from cachestore.tiers.disk import DiskTier
+
+        tiers.append(DiskTier(config.disk_dir, config.disk_bytes))
+    if config.redis_url is not None:
+        from cachestore.tiers.redis import RedisTier
+
+        tiers.append(RedisTier(config.redis_url, ttl_seconds=config.redis_ttl))
+    if config.remote is not None:
+        from cachestore.tiers.remote import RemoteTier
+
+        tiers.append(RemoteTier(config.remote, token=config.remote_token))
+    return tiers
+
+
+class StoreServer:
+    """A started store server. Owns its TieredStore (closed by `stop`)."""
+
+    def __init__(self, config: StoreConfig, store: TieredStore | None = None) -> None:
+        self.config = config
+        self.store = store if store is not None else TieredStore(build_tiers(config))
+        interceptors = [BearerAuth(config.token)] if config.token else []
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.max_workers,
+                                       thread_name_prefix="kvstore"),
+            interceptors=interceptors,
+            options=[*wire.GRPC_OPTIONS, ("grpc.so_reuseport", 0)],
+        )
+        self._server.add_generic_rpc_handlers((_handlers(KVStoreServicer(self.store)),))
+        self._health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        address = f"{config.host}:{config.port}"
+        if config.is_tls:
+            key = Path(config.tls_key).read_bytes()  # type: ignore[arg-type]
+            cert = Path(config.tls_cert).read_bytes()  # type: ignore[arg-type]
+            credentials = grpc.ssl_server_credentials([(key, cert)])
+            self.port = self._server.add_secure_port(address, credentials)
+        else:
+            self.port = self._server.add_insecure_port(address)
+        if self.port == 0:
+            self.store.close()
+            raise OSError(f"cannot listen on {address}")
+        self._server.start()
+        for name in ("", SERVICE):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    @property
+    def target(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server stops; True if it did within `timeout`."""
+        return self._server.wait_for_termination(timeout)
+
+    def stop(self, grace: float | None = 2.0) -> None:
+        """Stop accepting calls, let running ones finish for `grace` seconds, close the store."""
+        self._health.enter_graceful_shutdown()
+        self._server.stop(grace).wait()
+        self.store.close()
+
+    def __enter__(self) -> StoreServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve_store(config: StoreConfig, store: TieredStore | None = None) -> StoreServer:
+    """Start a store server for `config` (port 0 picks a free port: see `.port`)."""
+    return StoreServer(config, store)
+
+
+__all__ = ["KVStoreServicer", "NotFound", "STATUS_BY_ERROR", "StoreServer", "serve_store",
+           "status_of"]

@@ -1,0 +1,87 @@
+"""RemoteTier: a tier backed by another store server, so tiered stores compose across machines.
+
+It speaks the key-level page RPCs (HasPages / GetPages / PutPages / DeletePages), moving encoded
+pages by key exactly as any other tier does; the remote server keeps them in its own tiers (with
+its own LRU and demotion) and checks each page's header and checksum before storing it. This
+store's TieredStore still verifies every page it reads (namespace, token ids, checksum).
+
+The remote store's capacity and evictions are its own: `put_many` returns no evicted pages.
+A server that cannot be reached, or answers UNAVAILABLE, raises TierUnavailable (a miss).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from cachestore.client import (
+    ProtocolError,
+    StoreClient,
+    StoreFull,
+    StoreUnavailable,
+    Unauthenticated,
+)
+from cachestore.tiers.base import Tier, TierFull, TierStats, TierUnavailable
+
+
+class RemoteTier(Tier):
+    """Thread-safe (one gRPC channel). `timeout` bounds each call in seconds, so a hung remote
+    costs at most that much before it reads as down."""
+
+    name = "remote"
+
+    def __init__(self, target: str, token: str | None = None, tls: bool | str | bytes = False,
+                 timeout: float = 5.0) -> None:
+        self.target = target
+        self._client = StoreClient(target, token=token, tls=tls, timeout=timeout)
+        self._stats = TierStats(self.name)
+
+    def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
+        if not keys:
+            return []
+        return self._guard(self._client.has_pages, keys)
+
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | memoryview | None]:
+        if not keys:
+            return []
+        pages = self._guard(self._client.get_pages, keys)
+        hits = sum(page is not None for page in pages)
+        self._stats.hits += hits
+        self._stats.misses += len(pages) - hits
+        return list(pages)
+
+    def put_many(self, pages: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        if pages:
+            self._guard(self._client.put_encoded_pages, pages)
+        return []
+
+    def delete_many(self, keys: Sequence[bytes]) -> int:
+        if not keys:
+            return 0
+        return self._guard(self._client.delete_pages, keys)
+
+    def stats(self) -> TierStats:
+        """Hits and misses as seen from here; sizes summed over the remote server's tiers."""
+        remote = self._guard(self._client.stats)
+        return TierStats(
+            self.name,
+            used_bytes=sum(s.used_bytes for s in remote),
+            capacity_bytes=sum(s.capacity_bytes for s in remote),
+            num_pages=sum(s.num_pages for s in remote),
+            hits=self._stats.hits,
+            misses=self._stats.misses,
+            evictions=sum(s.evictions for s in remote),
+            errors=self._stats.errors,
+            is_available=True,
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _guard(self, method, *args):
+        try:
+            return method(*args)
+        except (StoreUnavailable, Unauthenticated, ProtocolError) as exc:
+            self._stats.errors += 1
+            raise TierUnavailable(f"remote store {self.target}: {exc}") from None
+        except StoreFull as exc:
+            raise TierFull(f"remote store {self.target}: {exc}") from None
