@@ -28,6 +28,8 @@ _PR_SET_PDEATHSIG = 1
 _LISTENING = re.compile(r"kvmesh (\w+) listening on (\S+)")
 _ANY_HOST = {"0.0.0.0", "::", "[::]", ""}
 _STOP_GRACE_S = 10.0
+_RESTART_ATTEMPTS = 3
+_RESTART_BACKOFF_S = 2.0
 
 
 class RoleStartError(RuntimeError):
@@ -78,29 +80,42 @@ class RoleActor:
     def __init__(self, role: str, argv: list[str], ready_timeout_s: float) -> None:
         self._role = role
         self._command = role_command(role, argv)
-        self._ready = threading.Event()
         self._is_stopping = False
-        self._listen_address: str | None = None
         self._output_tail: deque[str] = deque(maxlen=40)
-        self._child: subprocess.Popen[str] | None = None
-        self._exit_code: int | None = None
-        # the supervising thread forks the child and lives as long as it (PDEATHSIG is per thread)
-        thread = threading.Thread(target=self._supervise, name=f"kvmesh-{role}", daemon=True)
-        thread.start()
-        if not self._ready.wait(ready_timeout_s):
-            self._kill_child()
-            raise RoleStartError(f"kvmesh {role} was not listening after {ready_timeout_s:.0f}s; "
-                                 f"last output:\n{self._tail()}")
-        if self._listen_address is None:
+        context = ray.get_runtime_context()
+        is_restarted = context.was_current_actor_reconstructed
+        # after a crash the old child may still hold the port for a moment: retry briefly
+        for attempt in range(_RESTART_ATTEMPTS if is_restarted else 1):
+            if attempt:
+                time.sleep(_RESTART_BACKOFF_S * attempt)
+            listen_address = self._start_child(ready_timeout_s)
+            if listen_address is not None:
+                break
+        else:
             raise RoleStartError(f"kvmesh {role} exited with {self._exit_code} before listening; "
                                  f"last output:\n{self._tail()}")
-        context = ray.get_runtime_context()
         node_ip = ray.util.get_node_ip_address()
         assert self._child is not None
         self._info = RoleInfo(
-            role=role, address=advertised_address(self._listen_address, node_ip), node_ip=node_ip,
+            role=role, address=advertised_address(listen_address, node_ip), node_ip=node_ip,
             node_id=context.get_node_id(), actor_pid=os.getpid(), child_pid=self._child.pid,
-            is_restarted=context.was_current_actor_reconstructed)
+            is_restarted=is_restarted)
+
+    def _start_child(self, ready_timeout_s: float) -> str | None:
+        """Start the child; its listen address, or None when it exited before listening."""
+        self._ready = threading.Event()
+        self._listen_address: str | None = None
+        self._child: subprocess.Popen[str] | None = None
+        self._exit_code: int | None = None
+        # the supervising thread forks the child and lives as long as it (PDEATHSIG is per thread)
+        thread = threading.Thread(target=self._supervise, name=f"kvmesh-{self._role}",
+                                  daemon=True)
+        thread.start()
+        if not self._ready.wait(ready_timeout_s):
+            self._kill_child()
+            raise RoleStartError(f"kvmesh {self._role} was not listening after "
+                                 f"{ready_timeout_s:.0f}s; last output:\n{self._tail()}")
+        return self._listen_address
 
     def _supervise(self) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
