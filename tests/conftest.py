@@ -105,6 +105,7 @@ def redis_cluster(tmp_path):
             node_dir.mkdir()
             node = RedisProcess(node_dir, extra_args=(
                 "--cluster-enabled", "yes", "--cluster-config-file", str(node_dir / "nodes.conf"),
+                "--cluster-port", str(free_port()),  # bus port; default port+10000 may not exist
                 "--cluster-node-timeout", "2000"))
             nodes.append(node)
             node.start()

@@ -139,8 +139,7 @@ class DiskTier(Tier):
             os.utime(path)  # persist recency for the next restart's ordering
         except FileNotFoundError:
             return None
-        except OSError as e:
-            self._count_error()
+        except OSError as e:  # counted by the caller, like every TierUnavailable
             raise TierUnavailable(f"disk tier read failed: {e}") from e
         return blob
 
@@ -154,7 +153,6 @@ class DiskTier(Tier):
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            self._count_error()
             raise TierUnavailable(f"disk tier write failed: {e}") from e
 
     def _unlink(self, key: bytes) -> None:
