@@ -1,0 +1,102 @@
+"""`kvmesh worker`: flags and KVMESH_WORKER_* variables into WorkerConfig, and a real worker
+process (SmolLM2) with bearer-token auth that stops cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from deploy.cli import build_parser
+from workers.cli import config_from_args, serving_from_args
+from workers.client import WorkerClient, WorkerError
+from workers.errors import InvalidConfig
+
+LISTENING = re.compile(r"^kvmesh worker listening on (127\.0\.0\.1:\d+)\n$")
+
+
+def _args(*argv: str):
+    argv = ("worker", *argv)
+    return build_parser(list(argv)).parse_args(list(argv))
+
+
+def test_flags_override_environment_which_overrides_defaults():
+    env = {
+        "KVMESH_WORKER_PAGE_SIZE": "32",
+        "KVMESH_WORKER_MAX_NUM_SEQS": "5",
+        "KVMESH_WORKER_ENFORCE_EAGER": "true",
+        "KVMESH_WORKER_STORE": "127.0.0.1:7001",
+        "KVMESH_WORKER_PORT": "6001",
+        "KVMESH_WORKER_TOKEN": "env-token",
+    }
+    args = _args("--max-num-seqs", "9", "--kv-cache-bytes", "1048576", "--port", "0")
+    config = config_from_args(args, env)
+    assert config.page_size == 32  # env
+    assert config.max_num_seqs == 9  # flag beats env
+    assert config.kv_cache_bytes == 1 << 20
+    assert config.enforce_eager is True
+    assert config.store == "127.0.0.1:7001"
+    assert config.model == "smollm2"  # default
+    assert serving_from_args(args, env) == ("127.0.0.1", 0, "env-token")
+
+
+def test_bad_environment_value_names_the_variable():
+    with pytest.raises(ValueError, match="KVMESH_WORKER_PAGE_SIZE"):
+        config_from_args(_args(), {"KVMESH_WORKER_PAGE_SIZE": "sixteen"})
+    with pytest.raises(ValueError, match="KVMESH_WORKER_ENFORCE_EAGER"):
+        config_from_args(_args(), {"KVMESH_WORKER_ENFORCE_EAGER": "maybe"})
+    with pytest.raises(InvalidConfig, match="page_size must be a power of two"):
+        config_from_args(_args("--page-size", "12"), {})
+
+
+def test_bad_flag_exits_2_with_a_clear_message_and_no_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "deploy.cli", "worker", "--device", "tpu", "--port", "0"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert "kvmesh worker: device must be 'cpu' or 'cuda[:N]'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_worker_process_serves_with_token_and_stops_on_sigterm(tmp_path):
+    env = {**os.environ, "KVMESH_WORKER_MAX_MODEL_LEN": "256"}
+    stderr = open(tmp_path / "stderr", "w+")  # a file, not a pipe: model loading logs a lot
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deploy.cli", "worker", "--port", "0", "--token", "s3cret",
+         "--kv-cache-bytes", str(64 << 20), "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert LISTENING.match(line), (line, (tmp_path / "stderr").read_text())
+        address = LISTENING.match(line).group(1)
+        with grpc.insecure_channel(address) as channel:  # health needs no token
+            status = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="kvmesh.v1.Worker"), timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        with WorkerClient(address) as anonymous:
+            with pytest.raises(WorkerError) as info:
+                anonymous.stats()
+            assert info.value.code == "UNAUTHENTICATED"
+        with WorkerClient(address, token="wrong") as wrong:
+            with pytest.raises(WorkerError) as info:
+                list(wrong.generate([1, 2, 3]))
+            assert info.value.code == "UNAUTHENTICATED"
+        with WorkerClient(address, token="s3cret") as client:
+            assert client.stats().max_model_len == 256  # from the environment
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert proc.stdout.read() == ""  # exactly one line on stdout
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        stderr.close()
