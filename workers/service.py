@@ -80,7 +80,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             return
         # Runs when the RPC ends for any reason: a client that cancels or disconnects aborts
         # the request so its pages are freed (a no-op once the request finished).
-        context.add_callback(stream.cancel)
+        if not context.add_callback(stream.cancel):
+            stream.cancel()  # the RPC had already ended
+            return
         try:
             for output in stream:
                 yield output_to_pb(request_id, output)
@@ -95,7 +97,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except Exception as exc:  # noqa: BLE001
             _abort(context, exc)
             return
-        context.add_callback(subscription.close)
+        if not context.add_callback(subscription.close):
+            subscription.close()
+            return
         epoch = self._loop.epoch
         try:
             for item in subscription:
