@@ -1,0 +1,88 @@
+"""Random paged KV batches for kernel tests, with a contiguous copy of the same data.
+
+Poison: every pool slot that no sequence owns is NaN, and page-table entries past a sequence's
+pages point at an all-NaN page, so a kernel that reads past seq_len or past its pages turns its
+output into NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# per-dtype (atol, rtol) of kernel vs reference (and vs fp64 SDPA); fp32 dots are exact ("ieee")
+TOLERANCE = {
+    torch.float32: (2e-5, 1e-4),
+    torch.float16: (2e-3, 1e-2),
+    torch.bfloat16: (1.6e-2, 5e-2),
+}
+
+
+@dataclass
+class PagedBatch:
+    kv_pool: torch.Tensor  # [num_pages, num_layers, 2, page_size, num_kv_heads, head_dim]
+    page_table: torch.Tensor  # [num_seqs, max_pages] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32
+    keys: list[torch.Tensor]  # per sequence [seq_len, num_kv_heads, head_dim]
+    values: list[torch.Tensor]
+    layer: int
+
+
+def make_paged_batch(seq_lens: list[int], page_size: int, num_kv_heads: int, head_dim: int,
+                     dtype: torch.dtype, *, num_layers: int = 2, layer: int = 1,
+                     shuffle: bool = True, seed: int = 0, device: str = DEVICE) -> PagedBatch:
+    gen = torch.Generator().manual_seed(seed)
+    pages_per_seq = [math.ceil(n / page_size) for n in seq_lens]
+    num_used = sum(pages_per_seq)
+    num_pages = num_used + 3  # spare pages stay NaN; the last one is the padding target
+    # the page order has its own generator, so shuffling leaves the K/V values unchanged
+    order_gen = torch.Generator().manual_seed(seed + 7919)
+    order = torch.randperm(num_used, generator=order_gen) if shuffle else torch.arange(num_used)
+    max_pages = max(pages_per_seq) + 2
+    pool = torch.full((num_pages, num_layers, 2, page_size, num_kv_heads, head_dim), math.nan,
+                      dtype=dtype)
+    page_table = torch.full((len(seq_lens), max_pages), num_pages - 1, dtype=torch.int32)
+    keys, values = [], []
+    next_page = 0
+    for i, n in enumerate(seq_lens):
+        k = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype)
+        v = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype)
+        pages = order[next_page : next_page + pages_per_seq[i]]
+        next_page += pages_per_seq[i]
+        page_table[i, : len(pages)] = pages.to(torch.int32)
+        for j, page in enumerate(pages.tolist()):
+            chunk = slice(j * page_size, min((j + 1) * page_size, n))
+            filled = chunk.stop - chunk.start
+            pool[page, layer, 0, :filled] = k[chunk]
+            pool[page, layer, 1, :filled] = v[chunk]
+        keys.append(k.to(device))
+        values.append(v.to(device))
+    return PagedBatch(pool.to(device), page_table.to(device),
+                      torch.tensor(seq_lens, dtype=torch.int32, device=device), keys, values,
+                      layer)
+
+
+def sdpa_fp64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of the last q.shape[0] positions over contiguous k, v, in fp64.
+
+    q: [num_q, num_heads, head_dim]; k, v: [seq_len, num_kv_heads, head_dim] -> fp64 out.
+    """
+    num_q, seq_len = q.shape[0], k.shape[0]
+    group = q.shape[1] // k.shape[1]
+    qd = q.double().transpose(0, 1)
+    kd = k.double().repeat_interleave(group, dim=1).transpose(0, 1)
+    vd = v.double().repeat_interleave(group, dim=1).transpose(0, 1)
+    mask = torch.ones(num_q, seq_len, dtype=torch.bool, device=q.device).tril(seq_len - num_q)
+    out = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask,
+                                                           scale=scale)
+    return out.transpose(0, 1)
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert not out.isnan().any(), "output holds NaN: a poisoned slot or page was read"
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.double(), ref.double(), atol=atol, rtol=rtol)
