@@ -1,0 +1,75 @@
+"""Page codec: round trip, and every corruption detected."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cachestore.codec import PageCorrupt, decode_header, decode_page, encode_page, header_nbytes
+from cachestore.keys import Namespace, tokens_to_bytes
+
+NS = Namespace("m", num_layers=3, num_kv_heads=2, head_dim=4, dtype="bfloat16", page_size=5)
+TOKENS = [7, 11, 13, 17, 19]
+
+
+@pytest.fixture
+def page():
+    payload = np.random.default_rng(0).integers(0, 256, NS.page_nbytes, dtype=np.uint8).tobytes()
+    key = NS.page_keys(TOKENS)[0]
+    return key, payload, encode_page(NS, key, tokens_to_bytes(TOKENS), payload)
+
+
+def test_round_trip(page):
+    key, payload, blob = page
+    assert len(blob) == header_nbytes(5) + NS.page_nbytes == 72 + 20 + 3 * 2 * 5 * 2 * 4 * 2
+    out = decode_page(blob, NS, key, tokens_to_bytes(TOKENS))
+    assert bytes(out) == payload
+    assert out.obj is blob  # a view into the stored blob, no copy
+    header = decode_header(blob)
+    assert (header.key, header.namespace_digest, header.dtype_name) == (key, NS.digest,
+                                                                       "bfloat16")
+    assert (header.num_layers, header.page_size, header.num_kv_heads, header.head_dim) == (
+        3, 5, 2, 4)
+    assert header.token_ids.tolist() == TOKENS
+    assert header.nbytes == header_nbytes(5)
+
+
+def test_every_flipped_byte_is_detected(page):
+    key, _, blob = page
+    tokens = tokens_to_bytes(TOKENS)
+    for offset in range(len(blob)):
+        for bit in (0x01, 0x80):
+            bad = bytearray(blob)
+            bad[offset] ^= bit
+            with pytest.raises(PageCorrupt):
+                decode_page(bytes(bad), NS, key, tokens)
+
+
+def test_truncated_or_extended_is_detected(page):
+    key, _, blob = page
+    tokens = tokens_to_bytes(TOKENS)
+    for bad in (blob[:-1], blob + b"\0", blob[:10], b"", blob[: header_nbytes(5)]):
+        with pytest.raises(PageCorrupt):
+            decode_page(bad, NS, key, tokens)
+
+
+def test_mismatches_name_the_reason(page):
+    key, _, blob = page
+    tokens = tokens_to_bytes(TOKENS)
+    with pytest.raises(PageCorrupt, match="key mismatch"):
+        decode_page(blob, NS, bytes(16), tokens)
+    with pytest.raises(PageCorrupt, match="namespace mismatch"):
+        decode_page(blob, NS.with_salt("other"), key, tokens)
+    with pytest.raises(PageCorrupt, match="collision"):
+        decode_page(blob, NS, key, tokens_to_bytes([7, 11, 13, 17, 20]))
+
+
+def test_encode_rejects_wrong_sizes(page):
+    key, payload, _ = page
+    tokens = tokens_to_bytes(TOKENS)
+    with pytest.raises(ValueError, match="16 bytes"):
+        encode_page(NS, key[:8], tokens, payload)
+    with pytest.raises(ValueError, match="5 token ids"):
+        encode_page(NS, key, tokens[:16], payload)
+    with pytest.raises(ValueError, match=f"{NS.page_nbytes} bytes"):
+        encode_page(NS, key, tokens, payload[:-2])
