@@ -111,7 +111,7 @@ class RayDeployConfig:
         if self.model:
             argv += ["--model", self.model]
         if self.token:
-            argv += ["--token", self.token]
+            argv += ["--token", self.token, "--store-token", self.token]
         return argv + list(self.worker_args)
 
     def router_argv(self, worker_addresses: list[str], store_address: str) -> list[str]:
