@@ -1,0 +1,66 @@
+"""RayDeployConfig checks and the exact command lines it gives each role; CLI errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from deploy.ray_actors import advertised_address
+from deploy.ray_config import RayConfigError, RayDeployConfig
+
+
+def test_role_command_lines():
+    config = RayDeployConfig(num_workers=2, store_port=7001, worker_base_port=7100,
+                             router_port=9000, redis_url="redis://r:6379/0",
+                             store_cpu_bytes=1 << 20, api_key="k", token="t",
+                             worker_args=("--kv-cache-bytes", "1000"))
+    assert config.store_argv() == ["--host", "0.0.0.0", "--port", "7001", "--cpu-bytes",
+                                   "1048576", "--redis-url", "redis://r:6379/0", "--token", "t"]
+    assert config.worker_argv(1, "10.0.0.1:7001") == [
+        "--device", "cpu", "--store", "10.0.0.1:7001", "--host", "0.0.0.0", "--port", "7101",
+        "--token", "t", "--store-token", "t", "--kv-cache-bytes", "1000"]
+    assert config.router_argv(["a:1", "b:2"], "s:3") == [
+        "--worker", "a:1", "--worker", "b:2", "--store", "s:3", "--host", "0.0.0.0",
+        "--port", "9000", "--api-key", "k", "--worker-token", "t"]
+
+
+def test_gpu_workers_run_on_cuda_and_model_reaches_router():
+    config = RayDeployConfig(num_gpus_per_worker=1, num_cpus_per_worker=0, model="/m.gguf")
+    assert config.device == "cuda"
+    assert config.worker_argv(0, "s:1")[:2] == ["--device", "cuda"]
+    assert "/m.gguf" in config.router_argv(["w:1"], "s:1")
+    # the worker's alias for the bundled model is the router's default: not passed on
+    assert "--model" not in RayDeployConfig(model="smollm2").router_argv(["w:1"], "s:1")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_workers": 0}, "--workers"),
+    ({"num_cpus_per_worker": 0, "num_gpus_per_worker": 0}, "reserve"),
+    ({"num_gpus_per_worker": 2}, "one device"),
+    ({"store_port": 0}, "--store-port"),
+    ({"router_port": 70000}, "--port"),
+    ({"worker_base_port": 65535, "num_workers": 2}, "--worker-port"),
+    ({"store_port": 8000, "router_port": 8000}, "different ports"),
+    ({"worker_base_port": 8000, "router_port": 8001, "num_workers": 3}, "overlap"),
+    ({"max_restarts": -1}, "--max-restarts"),
+    ({"ready_timeout_s": 0}, "--timeout"),
+])
+def test_bad_settings_are_refused(kwargs, message):
+    with pytest.raises(RayConfigError, match=message):
+        RayDeployConfig(**kwargs)
+
+
+def test_advertised_address_uses_node_ip_for_any_host():
+    assert advertised_address("0.0.0.0:50100", "10.1.2.3") == "10.1.2.3:50100"
+    assert advertised_address("[::]:8000", "10.1.2.3") == "10.1.2.3:8000"
+    assert advertised_address("127.0.0.1:8000", "10.1.2.3") == "127.0.0.1:8000"
+
+
+def test_cli_rejects_bad_flags_with_a_clear_message():
+    out = subprocess.run([sys.executable, "-m", "deploy.cli", "ray", "deploy", "--workers", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "kvmesh ray deploy: --workers must be at least 1, got 0"
+    assert out.stdout == ""
