@@ -18,10 +18,12 @@ from dataclasses import dataclass, replace
 
 from cachestore.codec import PageCorrupt, decode_page, encode_page
 from cachestore.errors import InvalidRequest, StoreClosed
-from cachestore.keys import Namespace, tokens_to_bytes
+from cachestore.inflight import InFlightPages
+from cachestore.keys import Namespace, chain_keys, tokens_to_bytes
 from cachestore.tiers.base import Tier, TierFull, TierStats, TierUnavailable
 
 Page = tuple[bytes, bytes]  # (key, encoded page)
+_Found = tuple[int, bytes | memoryview, bool]  # (tier index, encoded page, is_in_flight)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class TieredStore:
         self._errors = [0] * len(self.tiers)
         self._is_available = [True] * len(self.tiers)
         self._is_closed = False
+        self._in_flight = InFlightPages()
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -85,26 +88,16 @@ class TieredStore:
         return sum(1 for key, _ in pages if key not in dropped)
 
     def get_closest(self, ns: Namespace, token_ids) -> ClosestPages | None:
-        """Longest contiguous prefix of verified pages, or None when page 0 is not stored."""
+        """Longest contiguous prefix of verified pages, or None when page 0 is not stored.
+        Verified pages from lower tiers are promoted to the top tier (they stay below too)."""
         req = self._request(ns, token_ids)
-        owner = self._locate(req.keys)
-        num_found = _prefix_len(owner)
-        blobs: list[bytes | memoryview | None] = [None] * num_found
-        for t in range(len(self.tiers)):
-            indices = [i for i in range(num_found) if owner[i] == t]
-            if not indices:
-                continue
-            got = self._call(t, "get_many", [req.keys[i] for i in indices])
-            for i, blob in zip(indices, got or [None] * len(indices), strict=True):
-                blobs[i] = blob
+        found, is_raced = self._fetch(req.keys, 0)
+        if is_raced:  # a page moved down between contains and get: look for the rest once more
+            found += self._fetch(req.keys, len(found))[0]
         payloads: list[memoryview] = []
         tier_names: list[str] = []
         promote: list[Page] = []
-        for i, blob in enumerate(blobs):
-            if blob is None:  # evicted between contains and get, or the tier went down
-                break
-            t = owner[i]
-            assert t is not None
+        for i, (t, blob, is_in_flight) in enumerate(found):
             try:
                 payload = decode_page(blob, ns, req.keys[i], req.page_tokens(i))
             except PageCorrupt:
@@ -112,7 +105,7 @@ class TieredStore:
                 break
             payloads.append(payload)
             tier_names.append(self.tiers[t].name)
-            if t > 0:
+            if t > 0 or is_in_flight:
                 promote.append((req.keys[i], blob))
         if promote:
             self._put_from(0, promote)
@@ -185,7 +178,7 @@ class TieredStore:
             raise InvalidRequest(f"token ids must be a 1-D sequence of int32: {e}") from e
         if not token_bytes:
             raise InvalidRequest("token ids must not be empty")
-        keys = ns.page_keys(token_ids)
+        keys = chain_keys(ns.digest, token_bytes, ns.page_size)
         return _Request(keys, token_bytes, 4 * ns.page_size)
 
     def _locate(self, keys: list[bytes]) -> list[int | None]:
@@ -203,19 +196,58 @@ class TieredStore:
                 if is_found:
                     owner[i] = t
             pending = [i for i in pending if owner[i] is None]
+        for i in pending:
+            owner[i] = self._in_flight.tier_of(keys[i])
         return owner
+
+    def _fetch(self, keys: list[bytes], start: int) -> tuple[list[_Found], bool]:
+        """Pages start, start+1, ... up to the first one found nowhere: (tier, blob, whether it
+        came from the in-flight registry) each, one get_many per tier. The bool says the run
+        ended at a page a tier had at contains time but not at get time (moved or evicted)."""
+        owner = self._locate(keys[start:])
+        num_found = _prefix_len(owner)
+        blobs: list[bytes | memoryview | None] = [None] * num_found
+        for t in range(len(self.tiers)):
+            indices = [i for i in range(num_found) if owner[i] == t]
+            if not indices:
+                continue
+            got = self._call(t, "get_many", [keys[start + i] for i in indices])
+            for i, blob in zip(indices, got or [None] * len(indices), strict=True):
+                blobs[i] = blob
+        found: list[_Found] = []
+        for i, blob in enumerate(blobs):
+            t = owner[i]
+            assert t is not None
+            is_in_flight = False
+            if blob is None:
+                entry = self._in_flight.get(keys[start + i])
+                if entry is None:
+                    return found, self._is_available[t]
+                (t, blob), is_in_flight = entry, True
+            found.append((t, blob, is_in_flight))
+        return found, False
 
     def _put_from(self, start: int, pages: list[Page]) -> list[Page]:
         """Put `pages` into the first available tier at or below `start`, cascading each tier's
         evictions into the tiers below it. Returns the pages no tier kept (evicted from the
-        last tier, or not stored because every tier below was down)."""
-        for t in range(start, len(self.tiers)):
-            if not pages:
-                break
-            evicted = self._call(t, "put_many", pages)
-            if evicted is not None:  # None: tier down or full, the next one gets the same pages
-                pages = evicted
-        return pages
+        last tier, or not stored because every tier below was down).
+
+        Evicted pages are in the in-flight registry until the next tier has them, so a reader
+        looking for them meanwhile still finds them (`_locate`, `_fetch`)."""
+        in_flight: list[Page] = []
+        try:
+            for t in range(start, len(self.tiers)):
+                if not pages:
+                    break
+                evicted = self._call(t, "put_many", pages)
+                if evicted is None:  # tier down or full: the next one gets the same pages
+                    continue
+                self._in_flight.add(t, evicted)
+                self._in_flight.remove(in_flight)
+                in_flight = pages = evicted
+            return pages
+        finally:
+            self._in_flight.remove(in_flight)
 
     def _drop_corrupt(self, t: int, key: bytes) -> None:
         with self._lock:

@@ -215,3 +215,27 @@ def test_sixteen_threads_over_cpu_and_redis(redis_server, pages):
     for t in range(16):  # every page is still somewhere, intact
         got = store.get_closest(NS, prompts[t])
         assert [bytes(p) for p in got.payloads] == expected[t]
+
+
+def test_page_in_flight_to_a_slow_redis_is_still_found(redis_server, pages):
+    """CLIENT PAUSE WRITE holds the demotion SETs; meanwhile the demoted pages are served from
+    the in-flight registry instead of being a miss."""
+    cpu = CpuTier(capacity_bytes=2 * BLOB, pin_memory=False)
+    store = TieredStore([cpu, RedisTier(redis_server.url, socket_timeout_s=2.0)])
+    first, second = pages.tokens(8, offset=1), pages.tokens(8, offset=2)
+    first_payloads = pages.payloads(NS, 2, offset=1)
+    store.put(NS, first, first_payloads)
+    raw = redis.Redis.from_url(redis_server.url)
+    raw.execute_command("CLIENT", "PAUSE", "400", "WRITE")
+    putter = threading.Thread(target=store.put, args=(NS, second, pages.payloads(NS, 2, 2)))
+    putter.start()
+    deadline = time.monotonic() + 5
+    while cpu.contains_many(NS.page_keys(first)) != [False, False]:  # evicted, SET pending
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert raw.dbsize() == 0  # not in Redis yet
+    assert store.lookup(NS, first).tiers == ["cpu", "cpu"]
+    got = store.get_closest(NS, first)
+    assert [bytes(p) for p in got.payloads] == first_payloads
+    putter.join()
+    assert store.lookup(NS, first).num_tokens == 8 and store.lookup(NS, second).num_tokens == 8
