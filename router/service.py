@@ -26,7 +26,7 @@ from router.errors import (
 )
 from router.index import PrefixIndex
 from router.metrics import RouterMetrics
-from router.policy import BalanceThreshold, Decision, NoCandidate, WorkerLoad, choose
+from router.policy import BalanceThreshold, Decision, NoCandidate, choose
 from router.pool import RETRYABLE_CODES, WorkerHandle, WorkerPool
 from router.protocol import ParsedRequest
 from router.tokenizer import PromptTokenizer
@@ -139,9 +139,8 @@ class Router:
                 page_size = handle.namespace.page_size  # type: ignore[union-attr]
                 if handle.worker_id in found:
                     matches[handle.worker_id] = found[handle.worker_id]
-        loads = {w: WorkerLoad(h.num_inflight, h.num_queued_tokens) for w, h in handles.items()}
-        try:
-            decision = choose(len(prompt_ids), page_size, matches, loads, balance=self.balance)
+        try:  # the handles carry live num_inflight / num_queued_tokens
+            decision = choose(len(prompt_ids), page_size, matches, handles, balance=self.balance)
         except NoCandidate as exc:
             raise NoWorkerAvailable(str(exc)) from None
         self.index.predict(decision.worker_id, keys_by_worker[decision.worker_id])
