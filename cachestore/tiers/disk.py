@@ -7,8 +7,10 @@ every get is verified by TieredStore anyway).
 
 At start the index is rebuilt from the page headers (codec.decode_header on a read-only mmap,
 so only the header is read): leftover `.tmp` files, unreadable or truncated pages and pages
-whose header key differs from their file name are deleted. Recency order after a restart is
-file mtime; hits refresh mtime so the order survives the next restart too.
+whose header key differs from their file name are deleted. Only `*.page` / `*.tmp` files in
+two-hex-digit subdirectories are considered; anything else under the root is left alone.
+Recency order after a restart is file mtime; hits refresh mtime so the order survives the next
+restart too.
 
 Readers open the file outside the lock; eviction unlinks it, and on POSIX an already opened file
 stays readable, so a page is never freed under a reader.
@@ -168,9 +170,11 @@ class DiskTier(Tier):
     def _rebuild_index(self) -> None:
         found: list[tuple[float, bytes, int]] = []  # (mtime, key, nbytes)
         for sub in sorted(self.root.iterdir()):
-            if not sub.is_dir():
-                continue
+            if not (sub.is_dir() and len(sub.name) == 2 and _is_hex(sub.name)):
+                continue  # not ours: never delete what this tier did not write
             for path in sub.iterdir():
+                if not path.name.endswith((_SUFFIX, _TMP_SUFFIX)):
+                    continue
                 key = _valid_page_key(path)
                 if key is None:
                     path.unlink(missing_ok=True)
@@ -184,6 +188,10 @@ class DiskTier(Tier):
                 self._lru.remove(victim)
                 self._unlink(victim)
             self._lru.add(key, nbytes)
+
+
+def _is_hex(name: str) -> bool:
+    return all(c in "0123456789abcdef" for c in name)
 
 
 def _valid_page_key(path: Path) -> bytes | None:
