@@ -142,6 +142,8 @@ async def health(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     router = request.app[ROUTER_KEY]
     router.metrics.index_pages.set(router.index.num_pages())
+    for worker_id in router.index.worker_ids:
+        router.metrics.index_worker_pages.set(router.index.num_pages(worker_id), worker=worker_id)
     return web.Response(text=router.metrics.render(), content_type="text/plain",
                         headers={"X-Content-Type": "version=0.0.4"})
 

@@ -119,6 +119,8 @@ class RouterMetrics:
         self.generation_tokens = Counter(p + "generation_tokens_total", "Generated tokens")
         self.worker_healthy = Gauge(p + "worker_healthy", "1 if the worker takes requests")
         self.index_pages = Gauge(p + "index_pages", "Page keys in the router's prefix index")
+        self.index_worker_pages = Gauge(p + "index_worker_pages",
+                                        "Page keys the prefix index holds for each worker")
         self.index_lag = Gauge(p + "index_lag_events",
                                "KV events a worker emitted that the index has not applied")
         self.index_resyncs = Counter(p + "index_resyncs_total", "Event stream resyncs")
