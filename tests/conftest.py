@@ -79,6 +79,25 @@ def redis_server(tmp_path):
     server.kill()
 
 
+@pytest.fixture
+def redis_factory(tmp_path):
+    """start(*extra_args) -> a started RedisProcess with extra redis-server flags (e.g.
+    "--maxmemory", "1mb"); every one is killed at teardown."""
+    _require_redis()
+    started: list[RedisProcess] = []
+
+    def start(*extra_args: str) -> RedisProcess:
+        server = RedisProcess(tmp_path / f"redis-{len(started)}", extra_args=extra_args)
+        server.dir.mkdir()
+        started.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in started:
+        server.kill()
+
+
 @dataclass
 class RedisClusterProcesses:
     nodes: list[RedisProcess]
