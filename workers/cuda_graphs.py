@@ -1,0 +1,93 @@
+"""CUDA graphs of the decode forward, one per padded batch size.
+
+Fixed buffers (gpt-fast style) make capture possible: input ids, positions, slot mapping, a page
+table as wide as max_model_len, and seq lens. A batch is padded up to the next captured size;
+padded rows write into the scratch page and attend over one token of it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workers.models.llama import AttentionMetadata, AttentionOps, LlamaForCausalLM
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, 257, 16))
+    return [s for s in sizes if s < max_num_seqs] + [max_num_seqs]
+
+
+class DecodeGraphs:
+    def __init__(self, model: LlamaForCausalLM, kv_pool: torch.Tensor, max_num_seqs: int,
+                 max_pages_per_seq: int, scratch_page: int, max_model_len: int) -> None:
+        from kernels.paged_decode import num_kv_splits
+
+        self.model = model
+        self.kv_pool = kv_pool
+        self.page_size = kv_pool.shape[3]
+        self.scratch_slot = scratch_page * self.page_size
+        self.scratch_page = scratch_page
+        dev = kv_pool.device
+        n = max_num_seqs
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.full((n,), self.scratch_slot, dtype=torch.int64, device=dev)
+        self.page_table = torch.full((n, max_pages_per_seq), scratch_page, dtype=torch.int32,
+                                     device=dev)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.sizes = graph_batch_sizes(max_num_seqs)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        base_ops = model.ops
+        assert base_ops is not None
+        pool = torch.cuda.graph_pool_handle()
+        num_kv_heads = kv_pool.shape[4]
+        for bs in reversed(self.sizes):
+            splits = num_kv_splits(bs, num_kv_heads, max_model_len)
+
+            def decode(q, pool_, layer, table, lens, scale, _splits=splits):
+                return base_ops.paged_decode(q, pool_, layer, table, lens, scale,
+                                             num_splits=_splits)
+
+            model.ops = AttentionOps(base_ops.write_kv, base_ops.paged_prefill, decode)
+            try:
+                meta = AttentionMetadata(self.slot_mapping[:bs], self.page_table[:bs],
+                                         self.seq_lens[:bs], self.cu[: bs + 1], True)
+                with torch.inference_mode():
+                    for _ in range(2):  # compile the kernels and settle the allocator
+                        model(self.input_ids[:bs], self.positions[:bs], meta, kv_pool)
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        out = model(self.input_ids[:bs], self.positions[:bs], meta, kv_pool)
+                self.graphs[bs] = graph
+                self.outputs[bs] = out
+            finally:
+                model.ops = base_ops
+        torch.cuda.synchronize()
+
+    def fits(self, num_seqs: int) -> bool:
+        return num_seqs <= self.sizes[-1]
+
+    def run(self, input_ids: list[int], positions: list[int], slots: list[int],
+            page_rows: list[list[int]], seq_lens: list[int]) -> torch.Tensor:
+        """Hidden states [num_seqs, hidden] of one decode token per sequence (a view of the
+        graph's output buffer, valid until the next replay)."""
+        num_seqs = len(input_ids)
+        bs = next(s for s in self.sizes if s >= num_seqs)
+        pad = bs - num_seqs
+        dev = self.input_ids.device
+        self.input_ids[:bs].copy_(torch.tensor(input_ids + [0] * pad), non_blocking=True)
+        self.positions[:bs].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
+        self.slot_mapping[:bs].copy_(torch.tensor(slots + [self.scratch_slot] * pad),
+                                     non_blocking=True)
+        self.seq_lens[:bs].copy_(torch.tensor(seq_lens + [1] * pad, dtype=torch.int32),
+                                 non_blocking=True)
+        width = max(len(r) for r in page_rows)
+        table = torch.full((bs, width), self.scratch_page, dtype=torch.int32)
+        for i, row in enumerate(page_rows):
+            table[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
+        self.page_table[:bs, :width].copy_(table.to(dev, non_blocking=True))
+        self.graphs[bs].replay()
+        return self.outputs[bs][:num_seqs]

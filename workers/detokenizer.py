@@ -1,0 +1,66 @@
+"""Incremental detokenization with stop strings.
+
+Text is decoded over a short window of recent tokens (a token can change how the previous ones
+render, and an unfinished UTF-8 sequence renders as U+FFFD until its last byte arrives), so each
+step costs O(window), not O(output). When stop strings are set, the last len(longest stop) - 1
+characters are held back until it is clear they do not start a stop string; the stop string
+itself is never sent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Any, stop: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = list(stop)
+        self.holdback = max((len(s) for s in stop), default=1) - 1
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.text = ""
+        self.num_sent = 0
+        self.hit_stop = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, token_id: int, skip: bool = False) -> str:
+        """Append a token (skip=True: a special token that adds no text); returns the text that
+        can be sent now."""
+        if self.hit_stop:
+            return ""
+        if not skip:
+            self.ids.append(token_id)
+            prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+            full = self._decode(self.ids[self.prefix_offset :])
+            if len(full) > len(prefix) and not full.endswith("\ufffd"):
+                old_len = len(self.text)
+                self.text += full[len(prefix) :]
+                self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+                self._check_stop(old_len)
+        if self.hit_stop:
+            return self.flush()
+        safe_end = len(self.text) - self.holdback
+        if safe_end <= self.num_sent:
+            return ""
+        delta = self.text[self.num_sent : safe_end]
+        self.num_sent = safe_end
+        return delta
+
+    def _check_stop(self, old_len: int) -> None:
+        if not self.stop:
+            return
+        start = max(0, old_len - self.holdback)
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.hit_stop = True
+
+    def flush(self) -> str:
+        """Everything not sent yet (at the end of the completion)."""
+        delta = self.text[self.num_sent :]
+        self.num_sent = len(self.text)
+        return delta

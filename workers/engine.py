@@ -1,0 +1,225 @@
+"""The worker engine: requests in, tokens out, one `step()` at a time.
+
+schedule (scheduler) -> run (model runner) -> postprocess (register full pages in the prefix
+cache, write them through to the store, sample, detokenize, stop). Single-threaded: the caller
+drives step(); the only other thread is the offload's store writer.
+"""
+
+from __future__ import annotations
+
+from cachestore.keys import Namespace
+from workers.block_manager import BlockManager
+from workers.config import WorkerConfig
+from workers.detokenizer import IncrementalDetokenizer
+from workers.errors import InvalidRequest
+from workers.events import coalesce_block_events, snapshot_events
+from workers.model_runner import ModelRunner
+from workers.models.loader import LoadedModel, load_model
+from workers.offload import KvOffload
+from workers.outputs import EngineStats, KvEventData, RequestOutput, Usage
+from workers.sampler import make_generator, sample
+from workers.sampling import SamplingParams
+from workers.scheduler import Scheduler
+from workers.sequence import Sequence
+
+
+class Engine:
+    def __init__(self, config: WorkerConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        loaded = loaded if loaded is not None else load_model(config.model)
+        cfg = loaded.config
+        self.model_config = cfg
+        self.tokenizer = loaded.tokenizer
+        self.model_name = loaded.model_id
+        self.page_size = config.page_size
+        limit = cfg.max_position_embeddings
+        self.max_model_len = min(config.max_model_len or limit, limit)
+        self.runner = ModelRunner(config, loaded, self.max_model_len)
+        self.offload = KvOffload(self.runner.read_page, config.host_tier_bytes, config.store,
+                                 config.store_token)
+        on_evict = self.offload.on_evict if self.offload.host is not None else None
+        self.block_manager = BlockManager(self.runner.num_pages, self.page_size, on_evict)
+        has_tiers = self.offload.host is not None or self.offload.store is not None
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens,
+                                   self.offload.lookup if has_tiers else None)
+        self._base_namespace = Namespace(
+            model=self.model_name, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim, dtype=config.torch_dtype_name, page_size=self.page_size,
+            weights_fingerprint=loaded.weights_fingerprint,
+            tokenizer_fingerprint=loaded.tokenizer_fingerprint)
+        self._namespaces: dict[str, Namespace] = {"": self._base_namespace}
+        self._requests: dict[str, list[Sequence]] = {}
+        self._generators: dict[int, object] = {}
+        self._detok: dict[int, IncrementalDetokenizer] = {}
+        self._pending: list[RequestOutput] = []
+        self._arrivals = 0
+        self.eos_token_ids = set(cfg.eos_token_ids)
+
+    # ------------------------------------------------------------------ requests
+    def namespace(self, tenant_salt: str = "") -> Namespace:
+        ns = self._namespaces.get(tenant_salt)
+        if ns is None:
+            ns = self._namespaces[tenant_salt] = self._base_namespace.with_salt(tenant_salt)
+        return ns
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    sampling: SamplingParams, tenant_salt: str = "") -> None:
+        """Queue a request; raises InvalidRequest for an empty or too long prompt, bad params
+        or a duplicate id. Nothing is queued when it raises."""
+        if not request_id:
+            raise InvalidRequest("request_id must not be empty")
+        if request_id in self._requests:
+            raise InvalidRequest(f"duplicate request id {request_id!r}")
+        if not prompt_token_ids:
+            raise InvalidRequest("prompt must not be empty")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
+            raise InvalidRequest(f"prompt token ids must be ints in [0, {vocab})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise InvalidRequest(f"prompt has {len(prompt_token_ids)} tokens; this model takes "
+                                 f"at most {self.max_model_len - 1}")
+        sampling.validate(vocab)
+        needed = min(len(prompt_token_ids) + sampling.max_tokens, self.max_model_len)
+        if -(-needed // self.page_size) > self.runner.num_pages:
+            raise InvalidRequest(f"{needed} tokens do not fit the KV cache "
+                                 f"({self.runner.num_pages} pages of {self.page_size})")
+        seq = Sequence(request_id, 0, list(prompt_token_ids), len(prompt_token_ids), sampling,
+                       self.namespace(tenant_salt), arrival=self._arrivals,
+                       fork_pending=sampling.n > 1)
+        self._arrivals += 1
+        self._track(seq)
+        self._requests[request_id] = [seq]
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        """Free the request's pages; its unfinished completions end with "abort" (emitted by
+        the next step()). Unknown or finished ids are ignored."""
+        for seq in self._requests.pop(request_id, []):
+            if not seq.is_finished:
+                self.scheduler.remove(seq)
+                self._pending.append(self._final(seq, [], "", "abort"))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests) or bool(self._pending)
+
+    # ------------------------------------------------------------------ stepping
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return outputs
+        logits, sampled = self.runner.execute(batch)
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=False):
+            seq.num_computed_tokens += num_new
+            self._register_full_pages(seq)
+        rows = [batch.seqs[i] for i in sampled]
+        tokens = sample(logits, [s.sampling for s in rows],
+                        [self._generators.get(s.seq_id) for s in rows])
+        for row, (seq, token) in enumerate(zip(rows, tokens, strict=False)):
+            if seq.fork_pending:
+                outputs += self._fork(seq, logits[row : row + 1])
+            outputs.append(self._append(seq, token))
+        return outputs
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[int]]:
+        """Run the prompts to completion; returns completion 0's token ids of each prompt."""
+        ids = [f"generate-{self._arrivals}-{i}" for i in range(len(prompts))]
+        for request_id, prompt in zip(ids, prompts, strict=False):
+            self.add_request(request_id, prompt, sampling)
+        results: dict[str, list[int]] = {request_id: [] for request_id in ids}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                if out.request_id in results and out.index == 0:
+                    results[out.request_id].extend(out.new_token_ids)
+        return [results[request_id] for request_id in ids]
+
+    # ------------------------------------------------------------------ introspection
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            num_pages_total=self.block_manager.num_pages,
+            num_pages_free=self.block_manager.num_free_pages,
+            num_running=len(s.running), num_waiting=len(s.waiting),
+            prefix_queries=s.prefix_queries, prefix_hits=dict(s.prefix_hits),
+            num_preemptions=s.num_preemptions,
+            num_store_writes_dropped=self.offload.num_store_writes_dropped)
+
+    def pop_kv_events(self) -> list[KvEventData]:
+        events = coalesce_block_events(self.block_manager.events)
+        self.block_manager.events = []
+        return events + self.offload.pop_events()
+
+    def cached_pages(self) -> list[KvEventData]:
+        return snapshot_events(self.block_manager.cached_entries(), self.offload.host_keys())
+
+    def close(self) -> None:
+        self.offload.close()
+
+    # ------------------------------------------------------------------ internals
+    def _track(self, seq: Sequence) -> None:
+        self._detok[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, seq.sampling.stop)
+        if not seq.sampling.is_greedy:
+            self._generators[seq.seq_id] = make_generator(seq.sampling, seq.index,
+                                                          self.config.device)
+
+    def _register_full_pages(self, seq: Sequence) -> None:
+        num_full = seq.num_computed_tokens // self.page_size
+        if num_full <= seq.num_registered_pages:
+            return
+        keys = seq.full_page_keys(num_full)
+        for p in range(seq.num_registered_pages, num_full):
+            parent = keys[p - 1] if p else None
+            tokens = seq.page_tokens(p)
+            if self.block_manager.register(seq.page_ids[p], keys[p], parent, tokens,
+                                           seq.namespace):
+                self.offload.write_through(seq.namespace, keys[p], tokens, seq.page_ids[p])
+        seq.num_registered_pages = num_full
+
+    def _fork(self, parent: Sequence, logits) -> list[RequestOutput]:
+        """n > 1: the prompt is computed once; completions 1..n-1 share its pages (the partial
+        last page is copied on their first write) and sample their own first token."""
+        parent.fork_pending = False
+        outputs = []
+        for index in range(1, parent.sampling.n):
+            child = parent.fork(index, parent.sampling)
+            self.block_manager.acquire(child.page_ids)
+            self._track(child)
+            self._requests[parent.request_id].append(child)
+            self.scheduler.running.append(child)
+            (token,) = sample(logits, [child.sampling], [self._generators.get(child.seq_id)])
+            outputs.append(self._append(child, token))
+        return outputs
+
+    def _append(self, seq: Sequence, token: int) -> RequestOutput:
+        seq.token_ids.append(token)
+        params = seq.sampling
+        detok = self._detok[seq.seq_id]
+        finish = None
+        if token in params.stop_token_ids or (not params.ignore_eos
+                                              and token in self.eos_token_ids):
+            finish = "stop"
+        is_special = token in self.eos_token_ids
+        text = detok.add(token, skip=is_special)
+        if finish is None and detok.hit_stop:
+            finish = "stop"
+        if finish is None and (len(seq.output_token_ids) >= params.max_tokens
+                               or seq.num_tokens >= self.max_model_len):
+            finish = "length"
+        if finish is None:
+            return RequestOutput(seq.request_id, seq.index, [token], text)
+        text += detok.flush()
+        self.scheduler.remove(seq)
+        out = self._final(seq, [token], text, finish)
+        remaining = self._requests.get(seq.request_id, [])
+        if all(s.is_finished for s in remaining) and not seq.fork_pending:
+            self._requests.pop(seq.request_id, None)
+        return out
+
+    def _final(self, seq: Sequence, tokens: list[int], text: str, reason: str) -> RequestOutput:
+        by_tier = dict(seq.cached_tokens_by_tier)
+        usage = Usage(seq.num_prompt_tokens, len(seq.output_token_ids),
+                      sum(by_tier.values()), by_tier)
+        self._detok.pop(seq.seq_id, None)
+        self._generators.pop(seq.seq_id, None)
+        return RequestOutput(seq.request_id, seq.index, tokens, text, reason, usage)

@@ -1,0 +1,141 @@
+"""Runs the model over a scheduled batch: builds the paged-attention inputs, owns the KV pool,
+moves pages in and out of it, and (on CUDA) replays captured graphs for decode batches.
+
+KV pool: [num_pages + 1, num_layers, 2, page_size, num_kv_heads, head_dim] in the model dtype.
+The last page is a scratch page that padded rows of a captured decode batch write into; the
+block manager never hands it out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import reference
+from workers.config import WorkerConfig
+from workers.cuda_graphs import DecodeGraphs
+from workers.errors import InvalidConfig
+from workers.models.llama import AttentionMetadata, AttentionOps, LlamaForCausalLM
+from workers.models.loader import LoadedModel
+from workers.scheduler import ScheduledBatch
+
+CPU_DEFAULT_KV_BYTES = 512 << 20
+_GPU_ACTIVATION_RESERVE = 2 << 30
+
+
+def attention_ops(device: torch.device) -> AttentionOps:
+    if device.type == "cpu":
+        return AttentionOps(reference.write_kv_ref, reference.paged_prefill_ref,
+                            reference.paged_decode_ref)
+    from kernels.cache_write import write_kv
+    from kernels.paged_decode import paged_decode
+    from kernels.paged_prefill import paged_prefill
+
+    return AttentionOps(write_kv, paged_prefill, paged_decode)
+
+
+class ModelRunner:
+    def __init__(self, config: WorkerConfig, loaded: LoadedModel, max_model_len: int) -> None:
+        self.device = torch.device(config.device)
+        self.dtype = getattr(torch, config.torch_dtype_name)
+        self.page_size = config.page_size
+        self.max_model_len = max_model_len
+        self.max_pages_per_seq = -(-max_model_len // self.page_size)
+        cfg = loaded.config
+        with torch.device("meta"):
+            self.model = LlamaForCausalLM(cfg, max_positions=max_model_len)
+        self.model.load_weights(loaded.state_dict, self.device, self.dtype)
+        self.model.eval()
+        self.model.ops = attention_ops(self.device)
+        self.page_shape = (cfg.num_layers, 2, self.page_size, cfg.num_kv_heads, cfg.head_dim)
+        self.page_nbytes = self.dtype.itemsize
+        for dim in self.page_shape:
+            self.page_nbytes *= dim
+        self.num_pages = self._num_pages(config)
+        if self.num_pages < 2:
+            raise InvalidConfig(f"KV budget holds {self.num_pages} pages of {self.page_nbytes} "
+                                "bytes; need at least 2")
+        self.scratch_page = self.num_pages
+        self.kv_pool = torch.zeros((self.num_pages + 1, *self.page_shape), dtype=self.dtype,
+                                   device=self.device)
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.graphs = DecodeGraphs(self.model, self.kv_pool, config.max_num_seqs,
+                                       self.max_pages_per_seq, self.scratch_page, max_model_len)
+
+    def _num_pages(self, config: WorkerConfig) -> int:
+        if config.kv_cache_bytes is not None:
+            return config.kv_cache_bytes // self.page_nbytes
+        if self.device.type == "cpu":
+            return CPU_DEFAULT_KV_BYTES // self.page_nbytes
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = free - (1 - config.gpu_memory_utilization) * total - _GPU_ACTIVATION_RESERVE
+        return max(int(budget) // self.page_nbytes, 0)
+
+    # ------------------------------------------------------------------ pages
+    def read_page(self, page_id: int) -> memoryview:
+        """A host copy of one page's payload ([num_layers, 2, page_size, kv_heads, head_dim])."""
+        page = self.kv_pool[page_id].to("cpu", copy=True).contiguous()
+        return memoryview(page.view(torch.uint8).numpy()).cast("B")
+
+    def write_pages(self, loads: list[tuple[int, memoryview]]) -> None:
+        for page_id, payload in loads:
+            src = torch.frombuffer(payload, dtype=torch.uint8).view(self.dtype)
+            self.kv_pool[page_id].copy_(src.view(self.page_shape), non_blocking=False)
+
+    def copy_pages(self, copies: list[tuple[int, int]]) -> None:
+        for src, dst in copies:
+            self.kv_pool[dst].copy_(self.kv_pool[src])
+
+    # ------------------------------------------------------------------ forward
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+        """Run one forward over `batch` (its pages already allocated; loads and copies applied
+        here first). Returns (fp32 logits [num_sampled, vocab], indices into batch.seqs of the
+        sequences whose chunk reached their last token, i.e. that get a new token)."""
+        self.write_pages(batch.page_loads)
+        self.copy_pages(batch.page_copies)
+        ps = self.page_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        cu = [0]
+        sampled: list[int] = []
+        for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=False)):
+            start = seq.num_computed_tokens
+            end = start + num_new
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(seq.page_ids[p // ps] * ps + p % ps for p in range(start, end))
+            seq_lens.append(end)
+            cu.append(cu[-1] + num_new)
+            if end == seq.num_tokens:
+                sampled.append(i)
+        is_decode = all(n == 1 for n in batch.num_new_tokens)
+        page_rows = [seq.page_ids for seq in batch.seqs]
+        if is_decode and self.graphs is not None and self.graphs.fits(len(batch.seqs)):
+            hidden = self.graphs.run(input_ids, positions, slots, page_rows, seq_lens)
+        else:
+            hidden = self._eager(input_ids, positions, slots, page_rows, seq_lens, cu,
+                                 is_decode)
+        last_rows = torch.tensor([cu[i + 1] - 1 for i in sampled], device=self.device)
+        return self.model.compute_logits(hidden[last_rows]), sampled
+
+    def _eager(self, input_ids: list[int], positions: list[int], slots: list[int],
+               page_rows: list[list[int]], seq_lens: list[int], cu: list[int],
+               is_decode: bool) -> torch.Tensor:
+        dev = self.device
+        max_pages = max(len(r) for r in page_rows)
+        table = torch.zeros((len(page_rows), max_pages), dtype=torch.int32)
+        for i, row in enumerate(page_rows):
+            table[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
+            page_table=table.to(dev, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(dev, non_blocking=True),
+            is_decode=is_decode,
+        )
+        ids = torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True)
+        pos = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
+        return self.model(ids, pos, meta, self.kv_pool)

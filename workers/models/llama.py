@@ -1,0 +1,234 @@
+"""Our own Llama-family forward over a paged KV pool.
+
+RMSNorm, RoPE (default and llama3 scaling), grouped-query attention, SwiGLU MLP, optional tied
+embeddings. Parameter names mirror transformers' LlamaForCausalLM so its state dict loads as is.
+Attention writes the new K/V into the pool (`write_kv`) and attends over each sequence's pages
+(`paged_prefill` for mixed batches, `paged_decode` when every sequence brings one token).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: tuple[tuple[str, Any], ...] | None  # llama3 params, as sorted items
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_hf(cls, cfg: Any) -> LlamaConfig:
+        rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
+                    or {})
+        theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        scaling = None
+        if rope_type == "llama3":
+            keys = ("factor", "low_freq_factor", "high_freq_factor",
+                    "original_max_position_embeddings")
+            scaling = tuple(sorted((k, rope[k]) for k in keys))
+        elif rope_type not in ("default", None):
+            raise ValueError(f"unsupported rope type {rope_type!r}")
+        eos = cfg.eos_token_id
+        eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (() if eos is None else (eos,))
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_layers=cfg.num_hidden_layers,
+            num_heads=cfg.num_attention_heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(cfg.rms_norm_eps),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            max_position_embeddings=int(cfg.max_position_embeddings),
+            eos_token_ids=eos_ids,
+        )
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """[head_dim // 2] fp32 inverse frequencies, llama3-scaled when configured."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if cfg.rope_scaling is None:
+        return inv_freq
+    p = dict(cfg.rope_scaling)
+    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    old_len = p["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step batch layout. Tokens of sequence i are rows cu_seqlens_q[i]:cu_seqlens_q[i+1]."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64, page_id * page_size + offset
+    page_table: torch.Tensor  # [num_seqs, max_pages] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32, context length including the new tokens
+    cu_seqlens_q: torch.Tensor  # [num_seqs + 1] int32
+    is_decode: bool  # every sequence brings exactly one token
+
+
+@dataclass(frozen=True)
+class AttentionOps:
+    write_kv: Callable[..., None]
+    paged_prefill: Callable[..., torch.Tensor]
+    paged_decode: Callable[..., torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.scale = cfg.head_dim ** -0.5
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                meta: AttentionMetadata, kv_pool: torch.Tensor, ops: AttentionOps) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
+        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        ops.write_kv(kv_pool, self.layer, k, v, meta.slot_mapping)
+        if meta.is_decode:
+            out = ops.paged_decode(q, kv_pool, self.layer, meta.page_table, meta.seq_lens,
+                                   self.scale)
+        else:
+            out = ops.paged_prefill(q, kv_pool, self.layer, meta.page_table, meta.cu_seqlens_q,
+                                    meta.seq_lens, self.scale)
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer: int) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, layer)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                meta: AttentionMetadata, kv_pool: torch.Tensor, ops: AttentionOps) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_pool, ops)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """forward(input_ids, positions, meta, kv_pool) -> hidden [num_tokens, hidden];
+    compute_logits(hidden rows) -> fp32 logits. Mutates kv_pool (writes the new tokens' K/V)."""
+
+    def __init__(self, cfg: LlamaConfig, max_positions: int) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.max_positions = max_positions
+        self.cos_cache = self.sin_cache = torch.empty(0)
+        self.ops: AttentionOps | None = None
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], device: torch.device,
+                     dtype: torch.dtype) -> None:
+        """Take the weights (transformers names), moved to device/dtype; a model built on the
+        meta device gets them assigned without a second copy. Builds the RoPE tables."""
+        state = {name: t.to(device=device, dtype=dtype) for name, t in state_dict.items()
+                 if name != "lm_head.weight" or not self.config.tie_word_embeddings}
+        missing, unexpected = self.load_state_dict(state, strict=False, assign=True)
+        allowed = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
+        if set(missing) - allowed or unexpected:
+            raise ValueError(f"weights do not fit the model: missing {sorted(missing)[:4]}, "
+                             f"unexpected {sorted(unexpected)[:4]}")
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        inv_freq = rope_inv_freq(self.config)
+        # freqs: [max_positions, head_dim // 2]; same fp32 products as transformers' rotary
+        positions = torch.arange(self.max_positions, dtype=torch.int64).float()
+        emb = torch.cat((positions[:, None] * inv_freq[None],) * 2, dim=-1)
+        self.cos_cache, self.sin_cache = emb.cos().to(device), emb.sin().to(device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata, kv_pool: torch.Tensor) -> torch.Tensor:
+        assert self.ops is not None, "attention ops not set"
+        x = self.model.embed_tokens(input_ids)
+        # cos, sin: [num_tokens, 1, head_dim], broadcast over heads
+        cos = self.cos_cache[positions].to(x.dtype)[:, None, :]
+        sin = self.sin_cache[positions].to(x.dtype)[:, None, :]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, meta, kv_pool, self.ops)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

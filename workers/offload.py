@@ -1,0 +1,174 @@
+"""KV offload: device pool <-> host tier <-> remote store.
+
+- A cached page evicted from the device pool is copied into the host tier (a CpuTier) before its
+  slot is reused.
+- Every page that becomes full and cached on the device is written through to the remote store
+  (when configured) by a background thread, so decode steps never wait on the network; when the
+  queue is full the write is dropped and counted.
+- On admission, the pages after the device-cached prefix are looked up by key in the host tier,
+  then in the store; every page is verified (namespace, key, token ids, checksum) before use, and
+  a gap ends the prefix. A store that is down or answers badly is a miss, never a failed request.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+from cachestore.codec import PageCorrupt, decode_page, encode_page
+from cachestore.keys import Namespace, tokens_to_bytes
+from cachestore.tiers.cpu import CpuTier
+from workers.block_manager import EvictedPage
+from workers.outputs import KvEventData
+from workers.sequence import PendingLoad, Sequence
+
+log = logging.getLogger(__name__)
+
+_STORE_QUEUE_PAGES = 256
+
+
+class KvOffload:
+    """Called from the engine thread, except the store writer thread it owns. `read_page(id)`
+    returns a host copy of a device page's payload."""
+
+    def __init__(
+        self,
+        read_page: Callable[[int], memoryview],
+        host_tier_bytes: int,
+        store_target: str | None,
+        store_token: str | None,
+    ) -> None:
+        self.read_page = read_page
+        self.host = CpuTier(host_tier_bytes) if host_tier_bytes else None
+        self.store = None
+        if store_target is not None:
+            from cachestore.client import StoreClient  # needs the generated gRPC code
+
+            self.store = StoreClient(store_target, store_token, timeout=10.0)
+        self._events: list[KvEventData] = []
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[list[tuple[bytes, bytes]] | None] = queue.Queue(
+            _STORE_QUEUE_PAGES)
+        self.num_store_writes_dropped = 0
+        self.num_store_errors = 0
+        self._writer: threading.Thread | None = None
+        if self.store is not None:
+            self._writer = threading.Thread(target=self._write_loop, name="kv-store-writer",
+                                            daemon=True)
+            self._writer.start()
+
+    # ------------------------------------------------------------------ device -> host / store
+    def on_evict(self, page: EvictedPage) -> None:
+        """Demote an evicted device page to the host tier (block manager callback)."""
+        if self.host is None or not isinstance(page.tag, Namespace):
+            return
+        blob = encode_page(page.tag, page.key, tokens_to_bytes(page.token_ids),
+                           self.read_page(page.page_id))
+        evicted = self.host.put_many([(page.key, blob)])
+        stored = [page.key] if page.key not in {k for k, _ in evicted} else []
+        self._emit(KvEventData("stored", stored, page.parent, "cpu") if stored else None)
+        gone = [k for k, _ in evicted if k != page.key]
+        self._emit(KvEventData("removed", gone, None, "cpu") if gone else None)
+
+    def write_through(self, ns: Namespace, key: bytes, token_ids: list[int],
+                      page_id: int) -> None:
+        """Queue a copy of a newly cached device page for the store; drop it if the queue is
+        full (the store is slow or down) rather than stall the caller."""
+        if self.store is None:
+            return
+        blob = encode_page(ns, key, tokens_to_bytes(token_ids), self.read_page(page_id))
+        try:
+            self._queue.put_nowait([(key, blob)])
+        except queue.Full:
+            self.num_store_writes_dropped += 1
+
+    def _write_loop(self) -> None:
+        assert self.store is not None
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                self.store.put_encoded_pages(item)
+                self._emit(KvEventData("stored", [k for k, _ in item], None, "store"))
+            except Exception as exc:  # a store that is down is a dropped write, not a crash
+                self.num_store_errors += 1
+                log.warning("store write failed: %s", exc)
+            finally:
+                self._queue.task_done()
+
+    def flush(self) -> None:
+        """Block until every queued store write has been sent or has failed."""
+        if self._writer is not None:
+            self._queue.join()
+
+    # ------------------------------------------------------------------ host / store -> device
+    def lookup(self, seq: Sequence, num_device_pages: int, max_pages: int) -> PendingLoad | None:
+        """Verified payloads of the pages after the device-cached prefix, host tier first."""
+        ns = seq.namespace
+        keys = seq.full_page_keys(max_pages)[num_device_pages:]
+        page_tokens = [tokens_to_bytes(seq.page_tokens(p))
+                       for p in range(num_device_pages, max_pages)]
+        payloads: list[memoryview] = []
+        tiers: list[str] = []
+        for name, fetch in (("cpu", self._host_get), ("store", self._store_get)):
+            start = len(payloads)
+            if start == len(keys):
+                break
+            blobs = fetch(keys[start:])
+            for i, blob in enumerate(blobs):
+                if blob is None:
+                    break
+                try:
+                    payloads.append(decode_page(blob, ns, keys[start + i],
+                                                page_tokens[start + i]))
+                except PageCorrupt as exc:
+                    log.warning("dropping a bad page from the %s tier: %s", name, exc)
+                    break
+                tiers.append(name)
+        return PendingLoad(payloads, tiers) if payloads else None
+
+    def _host_get(self, keys: list[bytes]) -> list[bytes | memoryview | None]:
+        if self.host is None:
+            return []
+        present = self.host.contains_many(keys)
+        n = present.index(False) if False in present else len(keys)
+        return list(self.host.get_many(keys[:n])) if n else []
+
+    def _store_get(self, keys: list[bytes]) -> list[bytes | memoryview | None]:
+        if self.store is None:
+            return []
+        try:
+            present = self.store.has_pages(keys)
+            n = present.index(False) if False in present else len(keys)
+            return list(self.store.get_pages(keys[:n])) if n else []
+        except Exception as exc:  # down, timed out, unauthenticated: a miss
+            self.num_store_errors += 1
+            log.warning("store lookup failed, treating as a miss: %s", exc)
+            return []
+
+    # ------------------------------------------------------------------ events
+    def _emit(self, event: KvEventData | None) -> None:
+        if event is not None:
+            with self._lock:
+                self._events.append(event)
+
+    def pop_events(self) -> list[KvEventData]:
+        with self._lock:
+            events, self._events = self._events, []
+        return events
+
+    def host_keys(self) -> list[bytes]:
+        return self.host.keys_lru_order() if self.host is not None else []
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join(timeout=10)
+            self._writer = None
+        if self.store is not None:
+            self.store.close()
+        if self.host is not None:
+            self.host.close()

@@ -1,0 +1,55 @@
+"""Next-token choice from logits: greedy, temperature, top-k, top-p, per-request seed."""
+
+from __future__ import annotations
+
+import torch
+
+from workers.sampling import SamplingParams
+
+
+def make_generator(params: SamplingParams, index: int, device: str = "cpu") -> torch.Generator:
+    """A generator for completion `index` of a request: seeded from params.seed (+ index, so
+    the n completions differ but each is reproducible) or from the OS when seed is None."""
+    gen = torch.Generator(device=device)
+    if params.seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed((params.seed + index) % 2**63)
+    return gen
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature-scaled logits of one row with tokens outside top-k / top-p set to -inf.
+    logits: [vocab] fp32 -> [vocab] fp32 (new tensor)."""
+    scaled = logits / params.temperature
+    if params.top_k > 0 and params.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, params.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the mass before it already reaches top_p (the top token always stays)
+        drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    return scaled
+
+
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> list[int]:
+    """One token per row. logits: [num_seqs, vocab] fp32. Greedy rows (temperature 0 or
+    top_k 1) take the argmax; others draw from softmax(filtered / T) with their generator."""
+    assert logits.shape[0] == len(params) == len(generators)
+    tokens = logits.argmax(dim=-1).tolist()
+    for i, p in enumerate(params):
+        if p.is_greedy:
+            continue
+        probs = torch.softmax(filter_logits(logits[i].float(), p), dim=-1)
+        gen = generators[i]
+        if gen is not None and gen.device != probs.device:
+            probs = probs.to(gen.device)
+        tokens[i] = int(torch.multinomial(probs, 1, generator=gen).item())
+    return tokens

@@ -1,0 +1,190 @@
+"""Continuous batching with chunked prefill, prefix reuse on admission, and preemption.
+
+Each step gets a token budget (max_num_batched_tokens). Running sequences go first in arrival
+order (decodes cost one token, unfinished prompts continue in chunks); then waiting sequences are
+admitted in arrival order while budget, sequence slots and pages last. The head of the waiting
+queue is never skipped (FCFS, no starvation). When a running sequence needs a page and none is
+free, the most recently arrived running sequence is preempted: its pages are released (full pages
+stay in the prefix cache, and demote to the host tier if evicted), it goes back to the front of
+the queue, and on readmission it reloads what is still cached and recomputes the rest.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from workers.block_manager import BlockManager
+from workers.sequence import PendingLoad, SeqStatus, Sequence
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    page_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) before forward
+    page_loads: list[tuple[int, memoryview]] = field(default_factory=list)  # (page_id, payload)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+
+# Looks a waiting sequence up in the host tier / store past its device-cached pages:
+# (seq, num_device_pages, max_pages) -> PendingLoad | None
+LookupFn = Callable[[Sequence, int, int], "PendingLoad | None"]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        lookup: LookupFn | None = None,
+    ) -> None:
+        self.bm = block_manager
+        self.page_size = block_manager.page_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.lookup = lookup
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self.prefix_queries = 0
+        self.prefix_hits: dict[str, int] = {"device": 0, "cpu": 0, "store": 0}
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a sequence wherever it is and release its pages (finish or abort)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.bm.release(seq.page_ids)
+        seq.page_ids = []
+        seq.pending_load = None
+        seq.status = SeqStatus.FINISHED
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            while not self.bm.can_allocate(self._pages_needed(seq, num_new)):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted itself; running[i] is now the next sequence
+            self._grow(seq, num_new, batch)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num_new)
+            budget -= num_new
+            i += 1
+        while (not preempted and self.waiting and budget > 0
+               and len(self.running) < self.max_num_seqs):
+            seq = self.waiting[0]
+            num_new = self._admit(seq, budget, batch)
+            if num_new is None:
+                break
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num_new)
+            budget -= num_new
+        return batch
+
+    # ------------------------------------------------------------------ internals
+    def _pages_needed(self, seq: Sequence, num_new: int) -> int:
+        total = -(-(seq.num_computed_tokens + num_new) // self.page_size)
+        needed = total - len(seq.page_ids)
+        if self._shared_partial_page(seq) is not None:
+            needed += 1  # copy-on-write
+        return needed
+
+    def _shared_partial_page(self, seq: Sequence) -> int | None:
+        if seq.num_computed_tokens % self.page_size == 0:
+            return None
+        page_id = seq.page_ids[seq.num_computed_tokens // self.page_size]
+        return page_id if self.bm.pages[page_id].ref_count > 1 else None
+
+    def _grow(self, seq: Sequence, num_new: int, batch: ScheduledBatch) -> None:
+        shared = self._shared_partial_page(seq)
+        if shared is not None:
+            new_id = self.bm.copy_on_write(shared)
+            assert new_id is not None
+            seq.page_ids[seq.num_computed_tokens // self.page_size] = new_id
+            batch.page_copies.append((shared, new_id))
+        total = -(-(seq.num_computed_tokens + num_new) // self.page_size)
+        if total > len(seq.page_ids):
+            seq.page_ids.extend(self.bm.allocate(total - len(seq.page_ids)))
+
+    def _admit(self, seq: Sequence, budget: int, batch: ScheduledBatch) -> int | None:
+        """Match the prefix (device cache, then host tier / store), take pages for it and the
+        first chunk. Returns the chunk length, or None when the pages do not fit now."""
+        ps = self.page_size
+        max_pages = (seq.num_tokens - 1) // ps  # leave at least one token to compute
+        keys = seq.full_page_keys(max_pages)
+        page_tokens = [seq.page_tokens(p) for p in range(max_pages)]
+        device_ids = self.bm.match_prefix(keys, page_tokens)
+        if self.lookup is not None and seq.pending_load is None and len(device_ids) < max_pages:
+            seq.pending_load = self.lookup(seq, len(device_ids), max_pages)
+        loads = seq.pending_load or PendingLoad([], [])
+        num_loaded = min(len(loads.payloads), max_pages - len(device_ids))
+        num_matched = len(device_ids) + num_loaded
+        num_computed = num_matched * ps
+        num_new = min(seq.num_tokens - num_computed, budget)
+        num_fresh = num_loaded + -(-(num_computed + num_new) // ps) - num_matched
+        num_free_hits = sum(1 for p in device_ids if self.bm.pages[p].ref_count == 0)
+        if not self.bm.can_allocate(num_fresh + num_free_hits):
+            return None
+        self.bm.acquire(device_ids)
+        self.bm.touch(device_ids)
+        loaded_ids = self.bm.allocate(num_loaded)
+        for p, (page_id, payload) in enumerate(zip(loaded_ids, loads.payloads, strict=False)):
+            batch.page_loads.append((page_id, payload))
+            index = len(device_ids) + p
+            parent = keys[index - 1] if index else None
+            self.bm.register(page_id, keys[index], parent, page_tokens[index], seq.namespace)
+        seq.page_ids = device_ids + loaded_ids
+        seq.num_computed_tokens = num_computed
+        seq.num_registered_pages = num_matched
+        seq.pending_load = None
+        if seq.is_first_admission:
+            self.prefix_queries += max_pages
+            self.prefix_hits["device"] += len(device_ids)
+            by_tier = {"device": len(device_ids) * ps}
+            for tier in loads.tiers[:num_loaded]:
+                self.prefix_hits[tier] = self.prefix_hits.get(tier, 0) + 1
+                by_tier[tier] = by_tier.get(tier, 0) + ps
+            seq.cached_tokens_by_tier = {t: n for t, n in by_tier.items() if n}
+            seq.is_first_admission = False
+        self._grow(seq, num_new, batch)
+        return num_new
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.release(seq.page_ids)
+        seq.page_ids = []
+        seq.num_computed_tokens = 0
+        seq.num_registered_pages = 0
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
