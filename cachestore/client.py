@@ -29,6 +29,7 @@ from kvmesh.v1 import store_pb2
 
 _SERVICE = "/kvmesh.v1.KVStore/"
 MAX_KEYS_PER_CALL = 1 << 16
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}  # element size -> same-size int
 
 
 class StoreUnavailable(StoreError, ConnectionError):
@@ -88,7 +89,7 @@ class StoreClient:
         self.target = target
         self.timeout = timeout
         credentials = _credentials(tls)
-        options = wire.GRPC_OPTIONS
+        options = wire.CLIENT_OPTIONS
         self._channel = (grpc.insecure_channel(target, options=options) if credentials is None
                          else grpc.secure_channel(target, credentials, options=options))
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
@@ -138,11 +139,17 @@ class StoreClient:
         got = self._fetch_closest(namespace, _token_bytes(tokens, namespace))
         if got is None:
             return None
-        header, buffer = got
+        header, frames = got
         L, _, P, H, D = namespace.page_shape
-        # buffer: [num_pages * page_nbytes] uint8 -> [num_pages, L, 2, P, H, D] -> [L, 2, T, H, D]
-        pages = buffer.view(_torch_dtype(namespace)).view(header.num_pages, L, 2, P, H, D)
-        kv = pages.permute(1, 2, 0, 3, 4, 5).reshape(L, 2, header.num_pages * P, H, D)
+        num_pages = header.num_pages
+        kv = torch.empty((L, 2, num_pages * P, H, D), dtype=_torch_dtype(namespace))
+        # Copy as same-sized integers: numpy has no bfloat16 / float8, and bits are bits.
+        word = np.dtype(f"<u{kv.element_size()}")
+        out = kv.view(_INT_VIEW[kv.element_size()]).numpy()  # [L, 2, T, H, D]
+        pages = wire.split_pages(frames, [namespace.page_nbytes] * num_pages)
+        for i, page in enumerate(pages):  # the one permute-copy: [L, 2, P, H, D] -> slot i
+            src = np.frombuffer(page, dtype=word).reshape(L, 2, P, H, D)
+            np.copyto(out[:, :, i * P : (i + 1) * P], src, casting="unsafe")
         return ClosestKV(header.num_tokens, kv, [wire.tier_name(t) for t in header.tiers])
 
     # -- raw pages ----------------------------------------------------------------------------
@@ -167,12 +174,9 @@ class StoreClient:
         got = self._fetch_closest(namespace, _token_bytes(token_ids, namespace))
         if got is None:
             return None
-        header, buffer = got
-        flat = memoryview(buffer.numpy())
-        n = namespace.page_nbytes
-        return ClosestPages(header.num_tokens, [flat[i * n : (i + 1) * n]
-                                                for i in range(header.num_pages)],
-                            [wire.tier_name(t) for t in header.tiers])
+        header, frames = got
+        pages = wire.split_pages(frames, [namespace.page_nbytes] * header.num_pages)
+        return ClosestPages(header.num_tokens, pages, [wire.tier_name(t) for t in header.tiers])
 
     def lookup(self, tokens: Any, namespace: Namespace) -> LookupResult:
         reply = self._call("Lookup", store_pb2.LookupRequest(
@@ -257,8 +261,9 @@ class StoreClient:
                                      payload_nbytes=sum(v.nbytes for v in views))
         return self._stream_in(self._put, header, views).num_pages_stored
 
-    def _fetch_closest(self, ns: Namespace, token_bytes: bytes) -> tuple[Any, torch.Tensor] | None:
-        """(header, uint8 buffer of the matched pages' payloads) or None when nothing matched."""
+    def _fetch_closest(self, ns: Namespace, token_bytes: bytes
+                       ) -> tuple[Any, list[memoryview]] | None:
+        """(header, data frames of the matched pages' payloads) or None when nothing matched."""
         request = store_pb2.GetClosestRequest(namespace=wire.namespace_to_spec(ns),
                                               token_ids=token_bytes)
         try:
@@ -271,11 +276,10 @@ class StoreClient:
             if (header.page_nbytes != ns.page_nbytes
                     or header.num_tokens != header.num_pages * ns.page_size):
                 raise ProtocolError(f"GetClosest header does not fit the namespace: {header}")
-            buffer = torch.empty(header.num_pages * ns.page_nbytes, dtype=torch.uint8)
-            _fill(buffer.numpy(), stream, "GetClosest")
+            frames = _receive(stream, header.num_pages * ns.page_nbytes, "GetClosest")
         except grpc.RpcError as exc:
             raise _typed_error(exc) from None
-        return header, buffer
+        return header, frames
 
     def _get_pages_chunk(self, keys: list[bytes]) -> list[memoryview | None]:
         try:
@@ -286,35 +290,27 @@ class StoreClient:
                     or len(header.is_found) != len(keys)
                     or sum(header.is_found) != len(header.page_nbytes)):
                 raise ProtocolError(f"GetPages reply starts with {header!r}")
-            buffer = np.empty(sum(header.page_nbytes), dtype=np.uint8)
-            _fill(buffer, stream, "GetPages")
+            frames = _receive(stream, sum(header.page_nbytes), "GetPages")
         except grpc.RpcError as exc:
             raise _typed_error(exc) from None
-        flat, offset, sizes = memoryview(buffer), 0, iter(header.page_nbytes)
-        out: list[memoryview | None] = []
-        for is_found in header.is_found:
-            if not is_found:
-                out.append(None)
-                continue
-            size = next(sizes)
-            out.append(flat[offset : offset + size])
-            offset += size
-        return out
+        found = iter(wire.split_pages(frames, header.page_nbytes))
+        return [next(found) if is_found else None for is_found in header.is_found]
 
 
-def _fill(buffer: np.ndarray, stream: Iterator, rpc: str) -> None:
-    """Copy the data frames of `stream` into `buffer` ([n] uint8), which they must fill exactly."""
+def _receive(stream: Iterator, nbytes: int, rpc: str) -> list[memoryview]:
+    """The data frames of `stream`, which must add up to exactly `nbytes`."""
+    frames: list[memoryview] = []
     filled = 0
     for frame in stream:
         if not isinstance(frame, memoryview):
             raise ProtocolError(f"{rpc}: expected a data frame, got {frame!r}")
-        end = filled + len(frame)
-        if end > len(buffer):
+        filled += len(frame)
+        if filled > nbytes:
             raise ProtocolError(f"{rpc}: more data than the header announced")
-        buffer[filled:end] = np.frombuffer(frame, dtype=np.uint8)
-        filled = end
-    if filled != len(buffer):
-        raise ProtocolError(f"{rpc}: {filled} data bytes, the header announced {len(buffer)}")
+        frames.append(frame)
+    if filled != nbytes:
+        raise ProtocolError(f"{rpc}: {filled} data bytes, the header announced {nbytes}")
+    return frames
 
 
 def _chunks(items: Sequence) -> Iterator[list]:

@@ -37,25 +37,26 @@ def parse_tokens_request(request: Any) -> tuple[Namespace, np.ndarray]:
     return wire.namespace_from_spec(request.namespace), check_token_bytes(request.token_ids)
 
 
-def _receive_frames(items: Iterator, header: Any, nbytes: int, rpc: str) -> memoryview:
-    """Read the data frames after `header` into one buffer of exactly `nbytes` bytes."""
-    buffer = memoryview(bytearray(nbytes))
+def _receive_frames(items: Iterator, sizes: Sequence[int], rpc: str) -> list[memoryview]:
+    """Read the data frames after the header and cut them into pages of `sizes` bytes; the
+    frames must add up to exactly sum(sizes)."""
+    nbytes = sum(sizes)
+    frames: list[memoryview] = []
     filled = 0
     for item in items:
         if isinstance(item, wire.BadMessage):
             raise InvalidRequest(f"{rpc}: bad message after {filled} data bytes: {item.reason}")
         if not isinstance(item, memoryview):
             raise InvalidRequest(f"{rpc}: a second header after {filled} data bytes")
-        end = filled + len(item)
-        if end > nbytes:
+        filled += len(item)
+        if filled > nbytes:
             raise InvalidRequest(f"{rpc}: data frames carry more than the {nbytes} bytes "
                                  "the header announced")
-        buffer[filled:end] = item
-        filled = end
+        frames.append(item)
     if filled != nbytes:
         raise InvalidRequest(f"{rpc}: data frames add up to {filled} bytes, the header "
                              f"announced {nbytes}")
-    return buffer
+    return wire.split_pages(frames, sizes)
 
 
 def _first_header(items: Iterator, header_type: type, rpc: str) -> Any:
@@ -84,9 +85,7 @@ def receive_put(items: Iterator) -> tuple[Namespace, np.ndarray, list[memoryview
     if expected > MAX_PAYLOAD_NBYTES:
         raise InvalidRequest(f"Put: {expected} payload bytes, at most {MAX_PAYLOAD_NBYTES} "
                              "per request; split the sequence")
-    buffer = _receive_frames(items, header, expected, "Put")
-    page = ns.page_nbytes
-    return ns, token_ids, [buffer[i * page : (i + 1) * page] for i in range(num_pages)]
+    return ns, token_ids, _receive_frames(items, [ns.page_nbytes] * num_pages, "Put")
 
 
 def closest_reply(ns: Namespace, closest: ClosestPages | None) -> Iterator:
@@ -128,9 +127,6 @@ def receive_pages(items: Iterator) -> list[tuple[bytes, memoryview]]:
     total = sum(sizes)
     if total > MAX_PAYLOAD_NBYTES:
         raise InvalidRequest(f"PutPages: {total} bytes, at most {MAX_PAYLOAD_NBYTES} per call")
-    buffer = _receive_frames(items, header, total, "PutPages")
-    out, offset = [], 0
-    for key, size in zip(keys, sizes, strict=True):
-        out.append((key, buffer[offset : offset + size]))
-        offset += size
-    return out
+    if any(size == 0 for size in sizes):
+        raise InvalidRequest("PutPages: a page of 0 bytes")
+    return list(zip(keys, _receive_frames(items, sizes, "PutPages"), strict=True))

@@ -1,0 +1,196 @@
+"""Store throughput and lookup latency over loopback gRPC, against raw redis-py and memcpy.
+
+Starts `kvmesh store` (CPU tier) and a `redis-server` on free ports as subprocesses, then, for
+SmolLM2-135M pages (30 layers x 2 x 16 tokens x 3 kv heads x 64 x bf16 = 368,640 B) and
+Llama-3-8B pages (32 x 2 x 16 x 8 x 128 x bf16 = 2 MiB), moves the same bytes with
+- gRPC put_pages / get_closest_pages (raw page bytes) and get_closest (into a [L,2,T,H,D] tensor),
+- redis-py (hiredis) pipelined SET / GET of one value per page,
+- an in-process numpy copy of the same bytes (memcpy, the ceiling).
+Then indexes --lookup-pages tiny pages through the real Put path and times Lookup of a fully
+cached --lookup-tokens prompt.
+
+    python3 benchmarks/store_bench.py [--pages-per-request 32] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import redis
+import torch
+
+from cachestore import Namespace, StoreClient
+
+SHAPES = {  # name -> (num_layers, num_kv_heads, head_dim)
+    "SmolLM2-135M": (30, 3, 64),
+    "Llama-3-8B": (32, 8, 128),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_store(cpu_bytes: int) -> tuple[subprocess.Popen, str]:
+    cmd = [shutil.which("kvmesh") or "kvmesh", "store", "--port", "0", "--cpu-bytes",
+           str(cpu_bytes)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    match = re.match(r"kvmesh store listening on (\S+)", line)
+    if not match:
+        proc.kill()
+        sys.exit(f"store did not start: {line!r}")
+    return proc, match.group(1)
+
+
+def start_redis() -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly",
+                             "no", "--bind", "127.0.0.1"], stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            return proc, port
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    sys.exit("redis-server did not start")
+
+
+def best_gbps(fn, nbytes: int, repeats: int) -> float:
+    """Best-of-`repeats` throughput of fn() moving `nbytes` (GB/s, 1e9 bytes)."""
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - t0)
+    return nbytes / min(times) / 1e9
+
+
+def bench_shape(name: str, client: StoreClient, rds: redis.Redis, num_pages: int,
+                repeats: int) -> list[tuple[str, str, float]]:
+    num_layers, num_kv_heads, head_dim = SHAPES[name]
+    ns = Namespace(name, num_layers, num_kv_heads, head_dim, torch.bfloat16)
+    num_tokens = num_pages * ns.page_size
+    nbytes = num_pages * ns.page_nbytes
+    rng = np.random.default_rng(0)
+    payload = rng.integers(0, 256, nbytes, dtype=np.uint8)
+    views = [memoryview(payload)[i * ns.page_nbytes : (i + 1) * ns.page_nbytes]
+             for i in range(num_pages)]
+    # Each put repeat stores new pages (distinct first token) so nothing is a no-op.
+    prompts = [np.arange(num_tokens, dtype=np.int32) + 1_000_000 * (i + 1)
+               for i in range(repeats)]
+    rows = []
+    size = f"{ns.page_nbytes / 1e6:.3f} MB x {num_pages}"
+
+    def put(i: int) -> None:
+        assert client.put_pages(ns, prompts[i], views) == num_pages
+
+    def get_pages(i: int) -> None:
+        got = client.get_closest_pages(ns, prompts[0])
+        assert got is not None and got.num_tokens == num_tokens
+
+    def get_tensor(i: int) -> None:
+        got = client.get_closest(prompts[0], ns)
+        assert got is not None and got.num_tokens == num_tokens
+
+    rows.append(("gRPC put_pages", size, best_gbps(put, nbytes, repeats)))
+    rows.append(("gRPC get_closest_pages", size, best_gbps(get_pages, nbytes, repeats)))
+    rows.append(("gRPC get_closest -> tensor", size, best_gbps(get_tensor, nbytes, repeats)))
+    got = client.get_closest_pages(ns, prompts[0])
+    assert got is not None and b"".join(got.payloads) == payload.tobytes()
+
+    keys = [f"{name}:{i}".encode() for i in range(num_pages)]
+
+    def redis_set(i: int) -> None:
+        pipe = rds.pipeline(transaction=False)
+        for key, view in zip(keys, views, strict=True):
+            pipe.set(key, view)
+        pipe.execute()
+
+    def redis_get(i: int) -> None:
+        pipe = rds.pipeline(transaction=False)
+        for key in keys:
+            pipe.get(key)
+        values = pipe.execute()
+        assert len(values[-1]) == ns.page_nbytes
+
+    rows.append(("redis-py SET (pipelined)", size, best_gbps(redis_set, nbytes, repeats)))
+    rows.append(("redis-py GET (pipelined)", size, best_gbps(redis_get, nbytes, repeats)))
+    rds.delete(*keys)
+    out = np.empty_like(payload)
+    rows.append(("memcpy (numpy, in-process)", size,
+                 best_gbps(lambda i: np.copyto(out, payload), nbytes, repeats)))
+    return rows
+
+
+def bench_lookup(client: StoreClient, num_pages: int, prompt_tokens: int,
+                 num_calls: int) -> tuple[float, float, int]:
+    """Index `num_pages` tiny pages (1 layer x 1 head x dim 8, fp16: 512 B payload) through Put,
+    then time Lookup of a fully cached prompt. Returns (p50 ms, p99 ms, pages indexed)."""
+    ns = Namespace("lookup-bench", 1, 1, 8, torch.float16)
+    tokens_per_put = 4096 * ns.page_size
+    payload = bytes(ns.page_nbytes)
+    num_puts = num_pages * ns.page_size // tokens_per_put
+    for i in range(num_puts):
+        tokens = np.arange(tokens_per_put, dtype=np.int32) + i * tokens_per_put
+        client.put_pages(ns, tokens, [payload] * (tokens_per_put // ns.page_size))
+    indexed = sum(s.num_pages for s in client.stats())
+    prompt = np.arange(prompt_tokens, dtype=np.int32)
+    assert client.lookup(prompt, ns).num_tokens == prompt_tokens
+    latencies = []
+    for _ in range(num_calls):
+        t0 = time.perf_counter()
+        client.lookup(prompt, ns)
+        latencies.append(time.perf_counter() - t0)
+    q = statistics.quantiles(latencies, n=100)
+    return q[49] * 1e3, q[98] * 1e3, indexed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pages-per-request", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--lookup-pages", type=int, default=1 << 20)
+    parser.add_argument("--lookup-tokens", type=int, default=1024)
+    parser.add_argument("--lookup-calls", type=int, default=2000)
+    args = parser.parse_args()
+
+    store, target = start_store(cpu_bytes=48 << 30)
+    redis_proc, redis_port = start_redis()
+    try:
+        client = StoreClient(target)
+        rds = redis.Redis(port=redis_port)
+        rows = []
+        for name in SHAPES:
+            rows += bench_shape(name, client, rds, args.pages_per_request, args.repeats)
+        print(f"\nthroughput, best of {args.repeats}, {os.cpu_count()} CPUs, GB/s = 1e9 B/s")
+        print(f"{'path':<30} {'request':<22} {'GB/s':>7}")
+        for path, size, gbps in rows:
+            print(f"{path:<30} {size:<22} {gbps:>7.2f}")
+        if args.lookup_pages:
+            p50, p99, indexed = bench_lookup(client, args.lookup_pages, args.lookup_tokens,
+                                             args.lookup_calls)
+            print(f"\nLookup of a cached {args.lookup_tokens}-token prompt over gRPC with "
+                  f"{indexed:,} pages indexed: p50 {p50:.3f} ms, p99 {p99:.3f} ms "
+                  f"({args.lookup_calls} calls)")
+        client.close()
+    finally:
+        for proc in (store, redis_proc):
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
