@@ -147,3 +147,27 @@ def test_demotion_chain_drops_only_at_the_bottom(tmp_path, pages):
     assert disk.keys_lru_order() == [keys[1], keys[2]]  # page 0 fell off the bottom
     assert store.get_closest(NS, tokens) is None  # page 0 is gone: no prefix
     assert store.get_closest(NS, tokens[4:]) is None  # other chain: other keys
+
+
+@pytest.mark.gpu
+def test_pinned_cpu_tier_over_disk_on_cuda(tmp_path, pages):
+    torch = pytest.importorskip("torch")
+    assert torch.cuda.is_available(), "gpu test needs CUDA"
+    cpu = CpuTier(capacity_bytes=2 * BLOB)  # pinned by default with CUDA present
+    assert cpu.is_pinned
+    store = TieredStore([cpu, DiskTier(tmp_path, capacity_bytes=100 * BLOB)])
+    tokens = pages.tokens(16)
+    payloads = pages.payloads(NS, 4)
+    assert store.put(NS, tokens, payloads) == 4  # pinned pages 0-1 demoted to disk
+    got = store.get_closest(NS, tokens)
+    assert got.tiers == ["disk", "disk", "cpu", "cpu"]
+    assert [bytes(p) for p in got.payloads] == payloads
+    # pages 2-3 are views into pinned host memory: one async copy each to the GPU
+    kv = [torch.frombuffer(p, dtype=torch.float16).view(NS.page_shape) for p in got.payloads[2:]]
+    assert all(t.is_pinned() for t in kv)
+    on_gpu = [t.to("cuda", non_blocking=True) for t in kv]
+    torch.cuda.synchronize()
+    # compare bit patterns: random bytes as float16 include NaNs
+    assert all(torch.equal(g.cpu().view(torch.int16), t.view(torch.int16))
+               for g, t in zip(on_gpu, kv, strict=True))
+    assert store.get_closest(NS, tokens).tiers == ["cpu", "cpu", "disk", "disk"]
