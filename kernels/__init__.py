@@ -20,7 +20,8 @@ if HAS_TRITON:
     # kernels._common must load first: it picks the interpreter before Triton is imported
     import kernels._common  # noqa: F401
     from kernels.cache_write import write_kv
-    from kernels.paged_decode import DecodeWorkspace, num_kv_splits, paged_decode
+    from kernels.paged_decode import DecodeConfig, DecodeWorkspace, num_kv_splits, paged_decode
     from kernels.paged_prefill import paged_prefill
 
-    __all__ += ["write_kv", "paged_decode", "paged_prefill", "DecodeWorkspace", "num_kv_splits"]
+    __all__ += ["write_kv", "paged_decode", "paged_prefill", "DecodeWorkspace", "DecodeConfig",
+                "num_kv_splits"]

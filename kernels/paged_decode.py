@@ -18,7 +18,7 @@ from kernels._common import check_index_tensor, check_pool, dot_precision, kv_to
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
-_MIN_TOKENS_PER_SPLIT = 256
+_MIN_TOKENS_PER_SPLIT = 64
 
 
 @triton.jit
@@ -143,15 +143,36 @@ class DecodeWorkspace:
         return num_seqs <= s and num_heads == h and num_splits <= n and head_dim == d
 
 
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Tile and launch parameters of the decode kernel (tuned in benchmarks/kernel_bench.py)."""
+
+    block_n: int = 64  # tokens per KV tile
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        if self.block_n < 16 or self.block_n & (self.block_n - 1):
+            raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
+        if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
+            raise ValueError("num_warps must be a power of two <= 16 and num_stages >= 1")
+
+
 def num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
                   num_sms: int | None = None) -> int:
-    """Splits per sequence so the grid fills the GPU (about two programs per SM), never
-    splitting below _MIN_TOKENS_PER_SPLIT tokens; 1 when batch x kv heads already fill it."""
+    """Splits per sequence so the grid fills the GPU.
+
+    With at least two programs per SM (batch x kv heads) one split is best: splitting only adds
+    the partials round trip. Below that, aim at four programs per SM, never below
+    _MIN_TOKENS_PER_SPLIT tokens per split (H100 sweep, benchmarks/RESULTS.md).
+    """
     if num_sms is None:
         num_sms = (torch.cuda.get_device_properties(0).multi_processor_count
                    if torch.cuda.is_available() else 8)
     programs = max(num_seqs * num_kv_heads, 1)
-    want = triton.cdiv(2 * num_sms, programs)
+    if programs >= 2 * num_sms:
+        return 1
+    want = triton.cdiv(4 * num_sms, programs)
     cap = max(triton.cdiv(max_seq_len, _MIN_TOKENS_PER_SPLIT), 1)
     return max(1, min(want, cap, MAX_SPLITS))
 
@@ -159,7 +180,8 @@ def num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
 def paged_decode(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, page_table: torch.Tensor,
                  seq_lens: torch.Tensor, scale: float, *, num_splits: int | None = None,
                  workspace: DecodeWorkspace | None = None,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None,
+                 config: DecodeConfig | None = None) -> torch.Tensor:
     """Decode attention; q: [num_seqs, num_heads, head_dim] -> out (same shape, q's dtype).
 
     Reads kv_pool; writes out and the workspace. Every seq_len must be >= 1 (not checked on
@@ -191,7 +213,7 @@ def paged_decode(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, page_table:
     else:
         part_out = part_lse = out  # unused: IS_SPLIT is False
     block_h = max(16, triton.next_power_of_2(group))
-    block_n = 64 if head_dim <= 128 else 32
+    config = config or DecodeConfig()
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, kv_pool, page_table, seq_lens, out, part_out, part_lse,
         scale * _LOG2E,
@@ -200,8 +222,9 @@ def paged_decode(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, page_table:
         layer * kv_pool.stride(1), kv_pool.stride(2), page_table.stride(0),
         part_out.stride(0), part_out.stride(1), part_out.stride(2) if is_split else 0,
         part_lse.stride(0), part_lse.stride(1),
-        GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_H=block_h, BLOCK_N=block_n,
-        IS_SPLIT=is_split, DOT_PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2,
+        GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_H=block_h,
+        BLOCK_N=config.block_n, IS_SPLIT=is_split, DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if is_split:
         _merge_splits_kernel[(num_seqs, num_heads)](

@@ -62,9 +62,12 @@ def test_scattered_pages_equal_contiguous_pages():
 
 
 def test_num_kv_splits_fills_the_gpu():
-    assert num_kv_splits(1, 8, 32768, num_sms=132) == 33  # 264 programs = 2 per SM
+    assert num_kv_splits(8, 8, 32768, num_sms=132) == 9  # 576 programs, about 4 per SM
+    assert num_kv_splits(16, 8, 4096, num_sms=132) == 5
     assert num_kv_splits(128, 8, 1024, num_sms=132) == 1  # 1024 programs already
-    assert num_kv_splits(1, 8, 300, num_sms=132) == 2  # never below 256 tokens per split
+    assert num_kv_splits(33, 8, 8192, num_sms=132) == 1  # 264 programs = 2 per SM
+    assert num_kv_splits(32, 8, 8192, num_sms=132) == 3  # 256 programs: one short of that
+    assert num_kv_splits(1, 8, 300, num_sms=132) == 5  # never below 64 tokens per split
     assert num_kv_splits(1, 1, 10**6, num_sms=132) == 64  # capped at MAX_SPLITS
 
 
