@@ -16,13 +16,16 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from cachestore.codec import PageCorrupt, decode_page, encode_page
-from cachestore.errors import InvalidRequest, StoreClosed
+from cachestore.errors import InvalidConfig, InvalidRequest, StoreClosed
 from cachestore.inflight import InFlightPages
-from cachestore.keys import Namespace, chain_keys, tokens_to_bytes
+from cachestore.keys import Namespace, chain_keys
 from cachestore.tiers.base import Tier, TierFull, TierStats, TierUnavailable
 
 Page = tuple[bytes, bytes]  # (key, encoded page)
+_MAX_TOKEN_ID = 2**31 - 1
 _Found = tuple[int, bytes | memoryview, bool]  # (tier index, encoded page, is_in_flight)
 
 
@@ -57,7 +60,7 @@ class TieredStore:
 
     def __init__(self, tiers: list[Tier]) -> None:
         if not tiers:
-            raise InvalidRequest("TieredStore needs at least one tier")
+            raise InvalidConfig("TieredStore needs at least one tier")
         self.tiers = list(tiers)
         self._lock = threading.Lock()
         self._errors = [0] * len(self.tiers)
@@ -172,12 +175,7 @@ class TieredStore:
             raise StoreClosed("the store is closed")
         if not isinstance(ns, Namespace):
             raise InvalidRequest(f"namespace must be a Namespace, got {type(ns).__name__}")
-        try:
-            token_bytes = tokens_to_bytes(token_ids)
-        except (ValueError, TypeError, OverflowError) as e:
-            raise InvalidRequest(f"token ids must be a 1-D sequence of int32: {e}") from e
-        if not token_bytes:
-            raise InvalidRequest("token ids must not be empty")
+        token_bytes = _token_bytes(token_ids)
         keys = chain_keys(ns.digest, token_bytes, ns.page_size)
         return _Request(keys, token_bytes, 4 * ns.page_size)
 
@@ -271,6 +269,24 @@ class TieredStore:
             if not is_available:
                 self._errors[t] += 1
             self._is_available[t] = is_available
+
+
+def _token_bytes(token_ids) -> bytes:
+    """Little-endian int32 bytes of a non-empty 1-D sequence of token ids in [0, 2**31)."""
+    try:
+        arr = np.asarray(token_ids)
+    except (ValueError, TypeError) as e:
+        raise InvalidRequest(f"token ids must be a 1-D sequence of ints: {e}") from e
+    if arr.ndim != 1:
+        raise InvalidRequest(f"token ids must be 1-D, got shape {arr.shape}")
+    if arr.size == 0:
+        raise InvalidRequest("token ids must not be empty")
+    if arr.dtype.kind not in "iu":
+        raise InvalidRequest(f"token ids must be integers, got {arr.dtype}")
+    if int(arr.min()) < 0 or int(arr.max()) > _MAX_TOKEN_ID:
+        raise InvalidRequest(f"token ids must be in [0, {_MAX_TOKEN_ID}], got "
+                             f"[{int(arr.min())}, {int(arr.max())}]")
+    return arr.astype("<i4", copy=False).tobytes()
 
 
 def _prefix_len(owner: list[int | None]) -> int:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 
 from cachestore.codec import encode_page, header_nbytes
-from cachestore.errors import InvalidRequest
+from cachestore.errors import InvalidConfig, InvalidRequest, StoreClosed
 from cachestore.keys import Namespace, tokens_to_bytes
 from cachestore.store import TieredStore
 from cachestore.tiers.cpu import CpuTier
@@ -120,10 +121,41 @@ def test_bad_input_raises_invalid_request(store, pages):
         store.put(NS, tokens, [b"\0" * 512, b"\0" * 511])
     with pytest.raises(InvalidRequest, match="1-D"):
         store.lookup(NS, [[1, 2], [3, 4]])
+    with pytest.raises(InvalidRequest, match="must be integers, got float64"):
+        store.lookup(NS, [1.5, 2, 3, 4])
+    with pytest.raises(InvalidRequest, match="must be integers, got bool"):
+        store.lookup(NS, [True] * 4)
+    with pytest.raises(InvalidRequest, match=r"in \[0, 2147483647\], got \[-1, 3\]"):
+        store.get_closest(NS, [-1, 1, 2, 3])
+    with pytest.raises(InvalidRequest, match="must be integers, got object"):
+        store.put(NS, [2**70, 1, 2, 3], pages.payloads(NS, 1))
+    with pytest.raises(InvalidRequest, match=r"got \[1, 2147483648\]"):
+        store.put(NS, np.array([2**31, 1, 2, 3], dtype=np.int64), pages.payloads(NS, 1))
+    with pytest.raises(InvalidRequest, match="namespace must be a Namespace"):
+        store.lookup("m", tokens)
     with pytest.raises(InvalidRequest, match=r"page indices \[2\] out of range"):
         store.delete(NS, tokens, page_indices=[0, 2])
     assert issubclass(InvalidRequest, ValueError)
     assert store.lookup(NS, tokens).num_tokens == 0  # nothing half-stored
+    assert store.lookup(NS, np.array(tokens, dtype=np.uint16)).num_tokens == 0  # any int dtype
+
+
+def test_numpy_and_list_tokens_give_the_same_pages(store, pages):
+    tokens = pages.tokens(8)
+    payloads = pages.payloads(NS, 2)
+    store.put(NS, np.array(tokens, dtype=np.int64), payloads)
+    assert [bytes(p) for p in store.get_closest(NS, tokens).payloads] == payloads
+    assert store.get_closest(NS, np.array(tokens, dtype="<i4")).num_tokens == 8
+
+
+def test_closed_store_refuses_calls(pages):
+    store = TieredStore([CpuTier(capacity_bytes=1 << 20, pin_memory=False)])
+    store.close()
+    store.close()  # idempotent
+    with pytest.raises(StoreClosed):
+        store.lookup(NS, pages.tokens(4))
+    with pytest.raises(InvalidConfig, match="at least one tier"):
+        TieredStore([])
 
 
 def test_lru_order_and_eviction_exact(pages):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
@@ -147,6 +148,34 @@ def test_demotion_chain_drops_only_at_the_bottom(tmp_path, pages):
     assert disk.keys_lru_order() == [keys[1], keys[2]]  # page 0 fell off the bottom
     assert store.get_closest(NS, tokens) is None  # page 0 is gone: no prefix
     assert store.get_closest(NS, tokens[4:]) is None  # other chain: other keys
+
+
+def test_sixteen_threads_over_cpu_and_disk(tmp_path, pages):
+    cpu = CpuTier(capacity_bytes=6 * BLOB, pin_memory=False)
+    store = TieredStore([cpu, DiskTier(tmp_path, capacity_bytes=1000 * BLOB)])
+    prompts = [pages.tokens(12, offset=t) for t in range(16)]
+    expected = [pages.payloads(NS, 3, offset=t) for t in range(16)]
+    errors: list[str] = []
+
+    def worker(t: int) -> None:
+        for _ in range(6):
+            store.put(NS, prompts[t], expected[t])
+            got = store.get_closest(NS, prompts[t])
+            num_pages = 0 if got is None else got.num_tokens // NS.page_size
+            if got is not None and [bytes(p) for p in got.payloads] != expected[t][:num_pages]:
+                errors.append(f"thread {t}: wrong payloads")
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(16)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    for t in range(16):  # nothing lost: every page is in the CPU tier or on disk, intact
+        got = store.get_closest(NS, prompts[t])
+        assert [bytes(p) for p in got.payloads] == expected[t]
+    assert not list(tmp_path.rglob("*.tmp"))
+    assert cpu.stats().num_pages == 6
 
 
 @pytest.mark.gpu
