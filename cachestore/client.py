@@ -180,7 +180,7 @@ class StoreClient:
 
     def lookup(self, tokens: Any, namespace: Namespace) -> LookupResult:
         reply = self._call("Lookup", store_pb2.LookupRequest(
-            namespace=wire.namespace_to_spec(namespace),
+            namespace=_spec(namespace),
             token_ids=_token_bytes(tokens, namespace)))
         return LookupResult(reply.num_tokens, [wire.tier_name(t) for t in reply.tiers])
 
@@ -191,7 +191,7 @@ class StoreClient:
         if page_indices is not None and not page_indices:
             return 0
         reply = self._call("Delete", store_pb2.DeleteRequest(
-            namespace=wire.namespace_to_spec(namespace),
+            namespace=_spec(namespace),
             token_ids=_token_bytes(tokens, namespace), page_indices=page_indices or []))
         return reply.num_pages_deleted
 
@@ -257,14 +257,14 @@ class StoreClient:
 
     def _put_payloads(self, ns: Namespace, token_bytes: bytes,
                       views: Sequence[memoryview]) -> int:
-        header = store_pb2.PutHeader(namespace=wire.namespace_to_spec(ns), token_ids=token_bytes,
+        header = store_pb2.PutHeader(namespace=_spec(ns), token_ids=token_bytes,
                                      payload_nbytes=sum(v.nbytes for v in views))
         return self._stream_in(self._put, header, views).num_pages_stored
 
     def _fetch_closest(self, ns: Namespace, token_bytes: bytes
                        ) -> tuple[Any, list[memoryview]] | None:
         """(header, data frames of the matched pages' payloads) or None when nothing matched."""
-        request = store_pb2.GetClosestRequest(namespace=wire.namespace_to_spec(ns),
+        request = store_pb2.GetClosestRequest(namespace=_spec(ns),
                                               token_ids=token_bytes)
         try:
             stream = self._get_closest(request, timeout=self.timeout, metadata=self._metadata)
@@ -322,10 +322,19 @@ def _torch_dtype(ns: Namespace) -> torch.dtype:
     return getattr(torch, ns.dtype_name)
 
 
-def _token_bytes(tokens: Any, ns: Namespace) -> bytes:
-    """Token ids (list, numpy array or 1-D integer tensor) as little-endian int32 bytes."""
+def _check_namespace(ns: Any) -> None:
     if not isinstance(ns, Namespace):
         raise InvalidRequest(f"namespace must be a cachestore.Namespace, got {type(ns).__name__}")
+
+
+def _spec(ns: Namespace) -> Any:
+    _check_namespace(ns)
+    return wire.namespace_to_spec(ns)
+
+
+def _token_bytes(tokens: Any, ns: Namespace) -> bytes:
+    """Token ids (list, numpy array or 1-D integer tensor) as little-endian int32 bytes."""
+    _check_namespace(ns)
     if isinstance(tokens, torch.Tensor):
         if tokens.is_floating_point() or tokens.is_complex():
             raise InvalidRequest(f"token ids must be integers, got a {tokens.dtype} tensor")

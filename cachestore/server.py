@@ -56,6 +56,8 @@ def _mapped(method: Callable) -> Callable:
 
     @wraps(method)
     def call(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, wire.BadMessage):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method.__name__}: {request.reason}")
         try:
             return method(self, request, context)
         except Exception as exc:
@@ -130,7 +132,7 @@ def _handlers(servicer: KVStoreServicer) -> grpc.GenericRpcHandler:
     unary = grpc.unary_unary_rpc_method_handler
 
     def plain(method: Callable, request_type: type) -> grpc.RpcMethodHandler:
-        return unary(method, request_deserializer=request_type.FromString,
+        return unary(method, request_deserializer=wire.make_parser(request_type),
                      response_serializer=lambda m: m.SerializeToString())
 
     return grpc.method_handlers_generic_handler(SERVICE, {
@@ -138,14 +140,14 @@ def _handlers(servicer: KVStoreServicer) -> grpc.GenericRpcHandler:
             servicer.Put, request_deserializer=wire.make_deserializer(pb.PutRequest),
             response_serializer=pb.PutResponse.SerializeToString),
         "GetClosest": grpc.unary_stream_rpc_method_handler(
-            servicer.GetClosest, request_deserializer=pb.GetClosestRequest.FromString,
+            servicer.GetClosest, request_deserializer=wire.make_parser(pb.GetClosestRequest),
             response_serializer=wire.make_serializer(pb.GetClosestHeader)),
         "Lookup": plain(servicer.Lookup, pb.LookupRequest),
         "Delete": plain(servicer.Delete, pb.DeleteRequest),
         "Stats": plain(servicer.Stats, pb.StatsRequest),
         "HasPages": plain(servicer.HasPages, pb.PageKeys),
         "GetPages": grpc.unary_stream_rpc_method_handler(
-            servicer.GetPages, request_deserializer=pb.PageKeys.FromString,
+            servicer.GetPages, request_deserializer=wire.make_parser(pb.PageKeys),
             response_serializer=wire.make_serializer(pb.GetPagesHeader)),
         "PutPages": grpc.stream_unary_rpc_method_handler(
             servicer.PutPages, request_deserializer=wire.make_deserializer(pb.PutPagesRequest),

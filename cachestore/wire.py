@@ -135,6 +135,18 @@ def make_deserializer(message_type: type) -> Callable[[bytes], Received]:
     return deserialize
 
 
+def make_parser(message_type: type) -> Callable[[bytes], Any]:
+    """Deserializer of a plain request: the parsed message, or a BadMessage for garbage."""
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return message_type.FromString(raw)
+        except DecodeError as exc:
+            return BadMessage(f"undecodable {message_type.__name__}: {exc}")
+
+    return parse
+
+
 def cut_frames(pages: Sequence[memoryview | bytes], frame_nbytes: int = FRAME_NBYTES
                ) -> Iterator[list[memoryview]]:
     """Group the concatenation of `pages` into data frames of about `frame_nbytes`, never
