@@ -8,6 +8,8 @@ block manager never hands it out.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from kernels import reference
@@ -79,7 +81,9 @@ class ModelRunner:
 
     def write_pages(self, loads: list[tuple[int, memoryview]]) -> None:
         for page_id, payload in loads:
-            src = torch.frombuffer(payload, dtype=torch.uint8).view(self.dtype)
+            with warnings.catch_warnings():  # read-only source: we only copy out of it
+                warnings.simplefilter("ignore", UserWarning)
+                src = torch.frombuffer(payload, dtype=torch.uint8).view(self.dtype)
             self.kv_pool[page_id].copy_(src.view(self.page_shape), non_blocking=False)
 
     def copy_pages(self, copies: list[tuple[int, int]]) -> None:
@@ -118,7 +122,8 @@ class ModelRunner:
         else:
             hidden = self._eager(input_ids, positions, slots, page_rows, seq_lens, cu,
                                  is_decode)
-        last_rows = torch.tensor([cu[i + 1] - 1 for i in sampled], device=self.device)
+        last_rows = torch.tensor([cu[i + 1] - 1 for i in sampled], dtype=torch.int64,
+                                 device=self.device)
         return self.model.compute_logits(hidden[last_rows]), sampled
 
     def _eager(self, input_ids: list[int], positions: list[int], slots: list[int],

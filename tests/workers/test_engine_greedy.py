@@ -1,0 +1,131 @@
+"""The engine on the real SmolLM2 (fp32, CPU) against transformers' own greedy `generate`:
+batched, chunked prefill, prefix hits from the device cache and the host tier, preemption, n > 1
+forks with copy-on-write."""
+
+from __future__ import annotations
+
+from workers.outputs import RequestOutput
+from workers.sampling import SamplingParams
+
+N = 16
+GREEDY = SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True)
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Once upon a time, in a land far away, there lived a small dragon who loved to read books "
+    "about the stars and the sea.",
+]
+LONG = ("In 1440 Johannes Gutenberg built a printing press with movable metal type in Mainz. "
+        "Within fifty years presses were running in more than two hundred cities, and")
+
+
+def run(engine, prompts: dict[str, list[int]], params: SamplingParams
+        ) -> dict[str, list[RequestOutput]]:
+    outs: dict[str, list[RequestOutput]] = {rid: [] for rid in prompts}
+    for rid, ids in prompts.items():
+        engine.add_request(rid, ids, params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outs[out.request_id].append(out)
+    return outs
+
+
+def tokens_of(outs: list[RequestOutput], index: int = 0) -> list[int]:
+    return [t for o in outs if o.index == index for t in o.new_token_ids]
+
+
+def final(outs: list[RequestOutput], index: int = 0) -> RequestOutput:
+    (last,) = [o for o in outs if o.index == index and o.finish_reason is not None]
+    return last
+
+
+def test_batched_chunked_prefill_matches_transformers(make_engine, encode, hf_greedy):
+    engine = make_engine(max_num_batched_tokens=7)  # every prompt spans several chunks
+    prompts = {f"r{i}": encode(p) for i, p in enumerate(PROMPTS)}
+    assert max(len(p) for p in prompts.values()) > 2 * 7
+    outs = run(engine, prompts, GREEDY)
+    for rid, ids in prompts.items():
+        assert tokens_of(outs[rid]) == hf_greedy(ids, N)
+        last = final(outs[rid])
+        assert last.finish_reason == "length"
+        assert last.usage.prompt_tokens == len(ids) and last.usage.completion_tokens == N
+        assert last.usage.cached_tokens == 0
+    stats = engine.stats()
+    assert stats.num_pages_free == stats.num_pages_total
+    assert stats.num_running == stats.num_waiting == 0
+
+
+def test_second_request_reuses_the_device_prefix(make_engine, encode, hf_greedy):
+    engine = make_engine()
+    first = encode(LONG)
+    first_out = tokens_of(run(engine, {"a": first}, GREEDY)["a"])
+    # the follow-up continues the conversation: prompt + answer + a new question
+    second = first + first_out + encode(" What came next?")
+    outs = run(engine, {"b": second}, GREEDY)["b"]
+    assert tokens_of(outs) == hf_greedy(second, N)
+    computed = len(first) + N - 1  # the last sampled token of "a" was never fed back
+    expected = 16 * (computed // 16)
+    usage = final(outs).usage
+    assert usage.cached_tokens == expected and usage.cached_tokens_by_tier == {"device": expected}
+    assert engine.stats().prefix_hits["device"] == expected // 16
+
+
+def test_host_tier_hit_after_device_eviction(make_engine, encode, hf_greedy, smollm2):
+    page_nbytes = 30 * 2 * 16 * 3 * 64 * 4
+    engine = make_engine(kv_cache_bytes=8 * page_nbytes, host_tier_bytes=64 * page_nbytes)
+    prompt = encode(LONG)
+    assert 32 < len(prompt) < 48
+    run(engine, {"a": prompt}, GREEDY)
+    engine.pop_kv_events()
+    # a different 112-token prompt needs all 8 pages: every cached page of "a" is evicted
+    filler = encode("Bananas are yellow. " * 40)[:112]
+    run(engine, {"filler": filler}, SamplingParams(temperature=0.0, max_tokens=N,
+                                                   ignore_eos=True))
+    events = engine.pop_kv_events()
+    a_keys = engine.namespace().page_keys(prompt)[:2]
+    removed = {k for e in events if e.kind == "removed" and e.tier == "device" for k in e.keys}
+    demoted = {k for e in events if e.kind == "stored" and e.tier == "cpu" for k in e.keys}
+    assert set(a_keys) <= removed and set(a_keys) <= demoted
+    second = prompt + encode(" and then")
+    outs = run(engine, {"b": second}, GREEDY)["b"]
+    assert tokens_of(outs) == hf_greedy(second, N)
+    assert final(outs).usage.cached_tokens_by_tier == {"cpu": 32}
+    assert engine.stats().prefix_hits["cpu"] == 2
+
+
+def test_preemption_under_a_tiny_pool_matches_unconstrained(make_engine, encode, hf_greedy):
+    page_nbytes = 30 * 2 * 16 * 3 * 64 * 4
+    # 3 requests x 3 pages each at the end, 5 pages in the pool
+    engine = make_engine(kv_cache_bytes=5 * page_nbytes, host_tier_bytes=32 * page_nbytes)
+    prompts = {f"p{i}": encode(p)[:20] for i, p in enumerate(PROMPTS[1:] + [LONG])}
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    outs = run(engine, prompts, params)
+    assert engine.stats().num_preemptions > 0
+    for rid, ids in prompts.items():
+        assert tokens_of(outs[rid]) == hf_greedy(ids, 24)
+        assert final(outs[rid]).finish_reason == "length"
+    assert engine.stats().num_pages_free == 5
+
+
+def test_n_forks_share_the_prompt_and_copy_the_partial_page(make_engine, encode, hf_greedy):
+    engine = make_engine()
+    prompt = encode(PROMPTS[2])
+    assert len(prompt) % 16 != 0  # the last prompt page is partial: forks must copy it
+    params = SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True, n=3)
+    outs = run(engine, {"f": prompt}, params)["f"]
+    expected = hf_greedy(prompt, N)
+    for index in range(3):
+        assert tokens_of(outs, index) == expected
+        usage = final(outs, index).usage
+        assert usage.completion_tokens == N and usage.prompt_tokens == len(prompt)
+    assert engine.stats().num_pages_free == engine.stats().num_pages_total
+
+
+def test_seeded_sampling_is_reproducible_across_engines(make_engine, encode):
+    params = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=42, max_tokens=12,
+                            ignore_eos=True, n=2)
+    prompt = encode(PROMPTS[0])
+    a = run(make_engine(), {"s": prompt}, params)["s"]
+    b = run(make_engine(max_num_batched_tokens=3), {"s": prompt}, params)["s"]
+    assert tokens_of(a, 0) == tokens_of(b, 0) and tokens_of(a, 1) == tokens_of(b, 1)
+    assert tokens_of(a, 0) != tokens_of(a, 1)

@@ -1,0 +1,88 @@
+"""Sampler and SamplingParams on fixed logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.errors import InvalidRequest
+from workers.sampler import filter_logits, make_generator, sample
+from workers.sampling import SamplingParams
+
+
+def logits(num_rows: int = 3, vocab: int = 97, seed: int = 0) -> torch.Tensor:
+    return torch.randn(num_rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_greedy_and_top_k_1_take_the_argmax():
+    x = logits()
+    expected = x.argmax(-1).tolist()
+    for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_k=1)):
+        assert sample(x, [params] * 3, [None] * 3) == expected
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent():
+    x = logits(num_rows=1, vocab=1000)
+    params = SamplingParams(temperature=1.5, seed=1234)
+
+    def draw(p: SamplingParams, index: int = 0) -> list[int]:
+        gen = make_generator(p, index)
+        return [sample(x, [p], [gen])[0] for _ in range(20)]
+
+    first = draw(params)
+    assert first == draw(params)
+    assert first != draw(SamplingParams(temperature=1.5, seed=1235))
+    assert first != draw(params, index=1)  # the n completions of one request differ
+    assert len(set(first)) > 5  # high temperature over 1000 tokens really samples
+
+
+def test_top_k_keeps_exactly_k_tokens():
+    x = logits(num_rows=1)[0]
+    kept = torch.isfinite(filter_logits(x, SamplingParams(top_k=5)))
+    assert kept.sum().item() == 5
+    assert set(kept.nonzero().flatten().tolist()) == set(torch.topk(x, 5).indices.tolist())
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    x = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
+    kept = torch.isfinite(filter_logits(x, SamplingParams(top_p=0.7))).tolist()
+    assert kept == [True, True, False, False, False]
+    kept = torch.isfinite(filter_logits(x, SamplingParams(top_p=0.71))).tolist()
+    assert kept == [True, True, True, False, False]
+    kept = torch.isfinite(filter_logits(x, SamplingParams(top_p=0.3))).tolist()
+    assert kept == [True, False, False, False, False]
+
+
+def test_sampling_only_draws_allowed_tokens():
+    x = logits(num_rows=1, vocab=50)
+    params = SamplingParams(temperature=20.0, top_k=3, seed=7)  # near-uniform over 3
+    gen = make_generator(params, 0)
+    allowed = set(torch.topk(x[0], 3).indices.tolist())
+    assert {sample(x, [params], [gen])[0] for _ in range(50)} == allowed
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"temperature": -0.1},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"top_k": -1},
+        {"max_tokens": 0},
+        {"n": 0},
+        {"n": 100},
+        {"stop": [""]},
+        {"seed": -1},
+        {"stop_token_ids": [-3]},
+    ],
+)
+def test_bad_params_raise_invalid_request(kwargs):
+    with pytest.raises(InvalidRequest):
+        SamplingParams(**kwargs)
+
+
+def test_stop_token_outside_vocab_is_rejected_on_validate():
+    params = SamplingParams(stop_token_ids=[50])
+    params.validate(vocab_size=100)
+    with pytest.raises(InvalidRequest, match="stop token id 50"):
+        params.validate(vocab_size=50)
