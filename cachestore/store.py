@@ -24,7 +24,7 @@ from cachestore.inflight import InFlightPages
 from cachestore.keys import Namespace, chain_keys
 from cachestore.tiers.base import Tier, TierFull, TierStats, TierUnavailable
 
-Page = tuple[bytes, bytes]  # (key, encoded page)
+Page = tuple[bytes, bytes | memoryview]  # (key, encoded page)
 _MAX_TOKEN_ID = 2**31 - 1
 _Found = tuple[int, bytes | memoryview, bool]  # (tier index, encoded page, is_in_flight)
 
@@ -56,7 +56,9 @@ class _Request:
 
 
 class TieredStore:
-    """Thread-safe: tiers lock themselves; the store only keeps per-tier error counters."""
+    """Thread-safe: tiers lock themselves; the store keeps per-tier error counters and the
+    in-flight registry (pages between two tiers during a demotion) under its own locks.
+    A page deleted while it is being demoted may reappear in the tier below."""
 
     def __init__(self, tiers: list[Tier]) -> None:
         if not tiers:
@@ -214,25 +216,25 @@ class TieredStore:
                 blobs[i] = blob
         found: list[_Found] = []
         for i, blob in enumerate(blobs):
-            t = owner[i]
-            assert t is not None
-            is_in_flight = False
-            if blob is None:
-                entry = self._in_flight.get(keys[start + i])
-                if entry is None:
-                    return found, self._is_available[t]
-                (t, blob), is_in_flight = entry, True
-            found.append((t, blob, is_in_flight))
+            tier_index = owner[i]
+            assert tier_index is not None
+            if blob is not None:
+                found.append((tier_index, blob, False))
+                continue
+            entry = self._in_flight.get(keys[start + i])
+            if entry is None:
+                return found, self._is_available[tier_index]
+            found.append((entry[0], entry[1], True))
         return found, False
 
-    def _put_from(self, start: int, pages: list[Page]) -> list[Page]:
+    def _put_from(self, start: int, pages: Sequence[Page]) -> Sequence[Page]:
         """Put `pages` into the first available tier at or below `start`, cascading each tier's
         evictions into the tiers below it. Returns the pages no tier kept (evicted from the
         last tier, or not stored because every tier below was down).
 
         Evicted pages are in the in-flight registry until the next tier has them, so a reader
         looking for them meanwhile still finds them (`_locate`, `_fetch`)."""
-        in_flight: list[Page] = []
+        in_flight: Sequence[Page] = []
         try:
             for t in range(start, len(self.tiers)):
                 if not pages:

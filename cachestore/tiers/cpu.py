@@ -35,7 +35,7 @@ def _to_pinned(blob: bytes | memoryview) -> memoryview:
     src = memoryview(blob).cast("B")
     host = torch.empty(src.nbytes, dtype=torch.uint8, pin_memory=True)
     host.numpy()[:] = src  # one copy into page-locked memory
-    return memoryview(host.numpy())
+    return host.numpy().data  # a memoryview that keeps the pinned tensor alive
 
 
 class CpuTier(Tier):
@@ -72,7 +72,7 @@ class CpuTier(Tier):
         return out
 
     def put_many(self, pages: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        evicted: list[tuple[bytes, bytes]] = []
+        evicted: list[tuple[bytes, bytes | memoryview]] = []
         for key, blob in pages:
             nbytes = memoryview(blob).nbytes
             with self._lock:
@@ -92,7 +92,7 @@ class CpuTier(Tier):
                     self._stats.evictions += 1
                 self._lru.add(key, nbytes)
                 self._pages[key] = stored
-        return evicted
+        return evicted  # type: ignore[return-value]  # pinned pages are memoryviews
 
     def delete_many(self, keys: Sequence[bytes]) -> int:
         num_deleted = 0

@@ -203,9 +203,11 @@ def _valid_page_key(path: Path) -> bytes | None:
         if len(key) != KEY_NBYTES or not path.is_file() or path.stat().st_size == 0:
             return None
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            header = decode_header(mm)
-            header_key = header.key
-            del header  # its token_ids view pins the mmap
+            view = memoryview(mm)  # only the header's pages are read from disk
+            try:
+                header_key = decode_header(view).key  # the header (and its views) dies here
+            finally:
+                view.release()
     except (ValueError, OSError, PageCorrupt, BufferError):
         return None
     return key if header_key == key else None

@@ -157,6 +157,7 @@ class RedisTier(Tier):
         kwargs = dict(socket_timeout=self.socket_timeout_s,
                       socket_connect_timeout=self.socket_timeout_s,
                       retry=Retry(NoBackoff(), 0))
+        client: redis.Redis | RedisCluster
         if self.is_cluster:
             client = RedisCluster.from_url(self.url, **kwargs)
         else:
