@@ -159,13 +159,13 @@ class WorkerClient:
         call = self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
         return _generate_outputs(call)
 
-    def kv_events(self, timeout: float | None = None) -> Iterator[KvEvent]:
+    def kv_events(self, timeout: float | None = None) -> KvEventStream:
         """Subscribe: a "cleared" event, the snapshot as "stored" events, then live events.
-        Closing the iterator (`.close()`) ends the subscription."""
+        `.cancel()` on the returned stream ends the subscription (from any thread)."""
         call = self._stub.KvEvents(
             worker_pb2.KvEventsRequest(), timeout=timeout, metadata=self._metadata
         )
-        return _kv_events(call)
+        return KvEventStream(call)
 
     def stats(self, timeout: float | None = 10.0) -> WorkerStats:
         try:
@@ -212,22 +212,35 @@ def _generate_outputs(call: Any) -> Iterator[GenerateOutput]:
         call.cancel()  # no-op after a clean end; aborts the request when the caller stops early
 
 
-def _kv_events(call: Any) -> Iterator[KvEvent]:
-    try:
-        for m in call:
-            kind = m.WhichOneof("kind")
-            if kind == "cleared":
-                yield KvEvent(seq=m.seq, kind="cleared", epoch=m.cleared.epoch)
-            elif kind == "stored":
-                yield KvEvent(seq=m.seq, kind="stored", keys=list(m.stored.keys),
-                              parent=m.stored.parent or None,
-                              tier=_TIER_NAMES.get(m.stored.tier))
-            elif kind == "removed":
-                yield KvEvent(seq=m.seq, kind="removed", keys=list(m.removed.keys),
-                              tier=_TIER_NAMES.get(m.removed.tier))
-    except grpc.RpcError as exc:
-        if exc.code() == grpc.StatusCode.CANCELLED:
-            return
-        raise _error(exc) from None
-    finally:
-        call.cancel()
+class KvEventStream:
+    """Iterator over one KvEvents subscription. `cancel()` ends it from any thread (the
+    iterating thread then stops cleanly); iteration raises WorkerError if the worker fails."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._is_cancelled = False
+
+    def __iter__(self) -> KvEventStream:
+        return self
+
+    def __next__(self) -> KvEvent:
+        try:
+            m = next(self._call)
+        except grpc.RpcError as exc:
+            if self._is_cancelled or exc.code() == grpc.StatusCode.CANCELLED:
+                raise StopIteration from None
+            raise _error(exc) from None
+        kind = m.WhichOneof("kind")
+        if kind == "cleared":
+            return KvEvent(seq=m.seq, kind="cleared", epoch=m.cleared.epoch)
+        if kind == "stored":
+            return KvEvent(seq=m.seq, kind="stored", keys=list(m.stored.keys),
+                           parent=m.stored.parent or None, tier=_TIER_NAMES.get(m.stored.tier))
+        return KvEvent(seq=m.seq, kind="removed", keys=list(m.removed.keys),
+                       tier=_TIER_NAMES.get(m.removed.tier))
+
+    def cancel(self) -> None:
+        self._is_cancelled = True
+        self._call.cancel()
+
+    close = cancel

@@ -122,9 +122,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
 
 def _vocab_size(engine: Any) -> int:
-    """Largest valid token id + 1: the model's embedding rows when known, else the tokenizer's."""
-    vocab_size = getattr(engine, "vocab_size", None)
-    return int(vocab_size) if vocab_size else len(engine.tokenizer)
+    """Largest valid token id + 1: the model's embedding rows."""
+    return int(engine.model_config.vocab_size)
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):

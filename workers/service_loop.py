@@ -144,6 +144,7 @@ class EngineLoop:
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._active: dict[str, _Active] = {}
         self._subscriptions: list[EventSubscription] = []
+        self._latest_subscription: EventSubscription | None = None
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
         self._is_stopping = False
@@ -206,8 +207,10 @@ class EngineLoop:
 
     @property
     def kv_events_seq(self) -> int:
-        """Last sequence number emitted on any open subscription (0 when none)."""
-        return max((s.last_seq for s in list(self._subscriptions)), default=0)
+        """Last sequence number emitted on the newest subscription (0 before the first). A
+        router holds one subscription, so it compares this with the last seq it applied."""
+        latest = self._latest_subscription
+        return latest.last_seq if latest is not None else 0
 
     def stop(self, timeout: float = 30.0) -> None:
         """Abort everything in flight, end every stream, and join the loop thread."""
@@ -272,6 +275,7 @@ class EngineLoop:
             self._publish_events()  # older subscribers get pending events before the snapshot
             subscription: EventSubscription = command[1]
             self._subscriptions.append(subscription)
+            self._latest_subscription = subscription
             subscription._emit(None)
             for event in self._engine.cached_pages():
                 subscription._emit(event)
@@ -344,3 +348,7 @@ class EngineLoop:
                 command[2].set_exception(WorkerNotReady("worker is shutting down"))
             elif command[0] in ("subscribe", "unsubscribe"):
                 command[1]._end()
+        try:
+            self._engine.close()  # joins the offload's store writer
+        except Exception:  # noqa: BLE001
+            log.exception("engine close failed")
