@@ -116,7 +116,7 @@ def make_trace(num_workers: int, num_requests: int, rng: random.Random) -> list[
 
 
 def simulate(policy: str, num_workers: int, trace: list[dict], rate: float, seed: int,
-             capacity_pages: int, event_delay_s: float) -> dict:
+             capacity_pages: int, event_delay_s: float, balance: BalanceThreshold) -> dict:
     rng = random.Random(seed)
     workers = [SimWorker(capacity_pages) for _ in range(num_workers)]
     now = 0.0
@@ -125,7 +125,6 @@ def simulate(policy: str, num_workers: int, trace: list[dict], rate: float, seed
         index.add_worker(str(w))
         index.apply(str(w), 1, Cleared(0))
     approx = ApproxTree(num_workers, capacity_pages) if policy == "sglang" else None
-    balance = BalanceThreshold(balance_abs=4, balance_rel=1.25)
     heap: list = []
     tie = itertools.count()
     history: dict[int, list[int]] = {}
@@ -167,7 +166,8 @@ def simulate(policy: str, num_workers: int, trace: list[dict], rate: float, seed
             w = min(range(num_workers), key=lambda i: workers[i].num_inflight)
         else:
             loads = {str(i): WorkerLoad(wk.num_inflight,
-                                        int(max(wk.prefill_free_at - now, 0) / 1e-4))
+                                        int(max(wk.prefill_free_at - now, 0) / 1e-4),
+                                        len(wk.cache))
                      for i, wk in enumerate(workers)}
             if policy == "sglang":
                 w = sglang_choice(approx, keys, workers)
@@ -285,8 +285,13 @@ def main() -> None:
     parser.add_argument("--event-delay", type=float, default=0.05, help="KV event lag, seconds")
     parser.add_argument("--scale-pages", type=int, default=1_000_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--balance-abs", type=int, default=BalanceThreshold().balance_abs)
+    parser.add_argument("--balance-rel", type=float, default=BalanceThreshold().balance_rel)
+    parser.add_argument("--policies", nargs="+",
+                        default=["round_robin", "least_loaded", "sglang", "ours", "oracle"])
     args = parser.parse_args()
-    policies = ["round_robin", "least_loaded", "sglang", "ours", "oracle"]
+    policies = args.policies
+    balance = BalanceThreshold(args.balance_abs, args.balance_rel)
     print(f"{'workers':>7} {'policy':>12} {'hit rate':>8} {'vs oracle':>9} {'TTFT mean':>9} "
           f"{'TTFT p99':>9} {'p99/mean':>8} {'decide p50':>10} {'p99 (us)':>9}")
     print("(decision times are thread CPU time: the policy alone, prompt keys precomputed)")
@@ -295,12 +300,15 @@ def main() -> None:
         # ~1,200 uncached prompt tokens per request at 0.1 ms/token -> rate for the wanted load
         rate = args.load * n / (1200 * COST.prefill_ms_per_token / 1e3)
         results = {p: simulate(p, n, trace, rate, args.seed, args.capacity_pages,
-                               args.event_delay) for p in policies}
+                               args.event_delay, balance) for p in policies}
+        oracle_hit = results.get("oracle", {"hit": float("nan")})["hit"]
         for p, r in results.items():
-            print(f"{n:>7} {p:>12} {r['hit']:>8.1%} {r['hit'] / results['oracle']['hit']:>9.1%} "
+            print(f"{n:>7} {p:>12} {r['hit']:>8.1%} {r['hit'] / oracle_hit:>9.1%} "
                   f"{r['ttft_mean'] * 1e3:>7.0f}ms {r['ttft_p99'] * 1e3:>7.0f}ms "
                   f"{r['imbalance']:>8.2f} {r['decide_p50']:>10.0f} {r['decide_p99']:>9.0f}",
                   flush=True)
+    if not args.scale_pages:
+        return
     s = scale_test(1000, args.scale_pages, args.seed)
     print(f"\nscale: 1000 workers, {s['pages']:,} distinct pages ({s['entries']:,} worker-page "
           f"entries), index memory {s['mem_mb']:.0f} MiB; decision (hash+walk+policy) "

@@ -39,8 +39,10 @@ class RouterConfig:
     worker_token: str = ""  # bearer token for worker and store gRPC calls
     # routing
     predicted_ttl_s: float = 2.0
-    balance_abs: int = 4  # a worker this many requests above the least loaded ...
-    balance_rel: float = 1.25  # ... and this many times the mean load is skipped
+    # A worker this many requests above the least loaded AND this many times the mean load is
+    # skipped (benchmarks/router_sim.py: 2 / 1.2 keep p99 load <= 1.25x mean).
+    balance_abs: int = 2
+    balance_rel: float = 1.2
     # pool
     health_interval_s: float = 1.0
     circuit_failures: int = 3  # consecutive failures that open a worker's circuit

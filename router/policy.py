@@ -35,12 +35,14 @@ class LoadLike(Protocol):
 
     num_inflight: int
     num_queued_tokens: int
+    num_cached_pages: int
 
 
 @dataclass(frozen=True)
 class WorkerLoad:
     num_inflight: int = 0  # requests the router sent that have not finished
     num_queued_tokens: int = 0  # prompt tokens sent that have not produced a first token
+    num_cached_pages: int = 0  # pages the index holds for it: ties go to the emptier cache
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,8 @@ class BalanceThreshold:
     """A worker with `balance_abs` more requests than the least loaded one AND above
     `balance_rel` x the mean load (counting this request) is skipped."""
 
-    balance_abs: int = 4
-    balance_rel: float = 1.25
+    balance_abs: int = 2
+    balance_rel: float = 1.2
 
 
 def prefill_cost_ms(
@@ -114,7 +116,8 @@ def choose(
     exclude: Sequence[str] = (),
 ) -> Decision:
     """The cheapest eligible worker among `loads` (the candidates) minus `exclude`.
-    Ties go to the lower load, then to the earlier candidate. Raises NoCandidate.
+    Ties go to the lower load, then to the emptier cache (new prefixes spread out instead of
+    evicting a full cache), then to the earlier candidate. Raises NoCandidate.
     One pass over the candidates: at 1,000 workers this is the decision's main cost."""
     cost = cost or CostModel()
     balance = balance or BalanceThreshold()
@@ -126,7 +129,7 @@ def choose(
     no_cache = prefill_cost_ms(num_prompt_tokens, page_size, None, num_store_pages, cost)
     per_queued, per_running = cost.queued_ms_per_token, cost.running_ms_per_request
     best_worker: str | None = None
-    best_total = best_inflight = best_prefill = 0.0
+    best_total = best_inflight = best_prefill = best_pages = 0.0
     for worker_id, load in loads.items():
         inflight = load.num_inflight
         if inflight >= cutoff and inflight + 1 > limit:
@@ -135,11 +138,12 @@ def choose(
         prefill = no_cache if match is None else prefill_cost_ms(
             num_prompt_tokens, page_size, match, num_store_pages, cost)
         total = prefill + load.num_queued_tokens * per_queued + inflight * per_running
-        if best_worker is None or total < best_total or (
-            total == best_total and inflight < best_inflight
+        if best_worker is None or total < best_total or total == best_total and (
+            inflight < best_inflight
+            or inflight == best_inflight and load.num_cached_pages < best_pages
         ):
             best_worker, best_total, best_inflight = worker_id, total, inflight
-            best_prefill = prefill
+            best_prefill, best_pages = prefill, load.num_cached_pages
     assert best_worker is not None  # the least loaded worker is always eligible
     match = matches.get(best_worker)
     return Decision(best_worker, best_total, match.num_pages if match else 0,

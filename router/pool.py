@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 
@@ -21,7 +22,7 @@ from router.metrics import RouterMetrics
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_NBYTES = 64 << 20
-STATS_TIMEOUT_S = 2.0
+STATS_TIMEOUT_S = 5.0  # a busy CPU worker answers Stats slowly; that is not death
 RESUBSCRIBE_BACKOFF_S = (0.05, 0.2, 0.5, 1.0)
 # Worker failures that make a request worth retrying elsewhere (the worker, not the input, failed).
 RETRYABLE_CODES = frozenset({
@@ -53,6 +54,10 @@ class WorkerHandle:
         self.circuit_open_until = 0.0
         self.num_inflight = 0
         self.num_queued_tokens = 0
+        self.num_cached_pages = 0  # pages the index holds for it
+        self.num_stats_failures = 0  # consecutive
+        self.events_call: grpc.aio.UnaryStreamCall | None = None
+        self.resync_requested = False
 
     def is_available(self, now: float) -> bool:
         return self.is_healthy and self.namespace is not None and now >= self.circuit_open_until
@@ -105,9 +110,15 @@ class WorkerPool:
             handle.circuit_open_until = time.monotonic() + self.config.circuit_cooldown_s
 
     def _mark_down(self, handle: WorkerHandle) -> None:
+        """Take the worker out and drop its index entries now. Its event stream (if still up)
+        is cut so the follower resubscribes and rebuilds from a fresh snapshot."""
         handle.is_healthy = False
         self.index.drop_worker(handle.worker_id)
+        handle.num_cached_pages = 0
         self.metrics.worker_healthy.set(0, worker=handle.worker_id)
+        if handle.events_call is not None and not handle.events_call.done():
+            handle.resync_requested = True
+            handle.events_call.cancel()
 
     async def generate(
         self, handle: WorkerHandle, request: worker_pb2.GenerateRequest
@@ -127,14 +138,20 @@ class WorkerPool:
                                                 metadata=handle.metadata, timeout=STATS_TIMEOUT_S)
                 self._apply_stats(handle, stats)
             except grpc.aio.AioRpcError as exc:
-                if handle.is_healthy:
+                # Refused connection = gone: out now. Slow answers: out after a few in a row.
+                handle.num_stats_failures += 1
+                is_gone = exc.code() == grpc.StatusCode.UNAVAILABLE
+                if handle.is_healthy and (
+                    is_gone or handle.num_stats_failures >= self.config.circuit_failures
+                ):
                     log.warning("worker %s failed its health check: %s", handle.worker_id,
                                 exc.code().name)
-                self._mark_down(handle)
+                    self._mark_down(handle)
             await asyncio.sleep(self.config.health_interval_s)
 
     def _apply_stats(self, handle: WorkerHandle, stats: worker_pb2.WorkerStats) -> None:
         handle.stats = stats
+        handle.num_stats_failures = 0
         if handle.namespace is None and stats.HasField("namespace"):
             handle.namespace = namespace_from_spec(stats.namespace)
         was_healthy, handle.is_healthy = handle.is_healthy, True
@@ -159,6 +176,7 @@ class WorkerPool:
         attempt = 0
         while True:
             call = handle.stub.KvEvents(worker_pb2.KvEventsRequest(), metadata=handle.metadata)
+            handle.events_call = call
             try:
                 async for event in call:
                     attempt = 0
@@ -167,12 +185,19 @@ class WorkerPool:
             except SequenceGap as exc:
                 log.warning("%s; resyncing", exc)
                 self.metrics.index_resyncs.inc(worker=handle.worker_id)
-                call.cancel()
                 continue
-            except grpc.aio.AioRpcError:
-                self.index.drop_worker(handle.worker_id)
+            except (grpc.aio.AioRpcError, asyncio.CancelledError):
+                if not handle.resync_requested:
+                    if isinstance(sys.exc_info()[1], asyncio.CancelledError):
+                        raise  # the pool is closing
+                    self.index.drop_worker(handle.worker_id)
+                else:  # cut by _mark_down: resubscribe at once
+                    handle.resync_requested = False
+                    self.metrics.index_resyncs.inc(worker=handle.worker_id)
+                    continue
             finally:
                 call.cancel()
+                handle.events_call = None
             await asyncio.sleep(RESUBSCRIBE_BACKOFF_S[min(attempt, len(RESUBSCRIBE_BACKOFF_S) - 1)])
             attempt += 1
 
@@ -186,3 +211,4 @@ class WorkerPool:
         elif kind == "cleared":
             self.index.apply(worker_id, event.seq, Cleared(event.cleared.epoch))
         self.metrics.index_pages.set(self.index.num_pages())
+        self.workers[worker_id].num_cached_pages = self.index.num_pages(worker_id)

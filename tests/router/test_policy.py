@@ -72,6 +72,12 @@ def test_ties_go_to_lower_load_then_candidate_order():
     assert choose(10, 16, {}, loads, cost=zero).worker_id == "y"
 
 
+def test_ties_then_go_to_the_emptier_cache():
+    loads = {"x": WorkerLoad(0, 0, num_cached_pages=50), "y": WorkerLoad(0, 0, 3),
+             "z": WorkerLoad(0, 0, 3)}
+    assert choose(10, 16, {}, loads, cost=COST) == Decision("y", 10.0, 0, "load")
+
+
 def test_no_candidate():
     with pytest.raises(NoCandidate):
         choose(10, 16, {}, {})
