@@ -19,6 +19,9 @@ from kernels._common import check_index_tensor, check_pool, dot_precision, kv_to
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
 _MIN_TOKENS_PER_SPLIT = 64
+# the default DecodeConfig at head_dim 128 (2 stages of 64-token K and V tiles: 64 KB of
+# shared memory) leaves room for 3 programs per SM
+_CTAS_PER_SM = 3
 
 
 @triton.jit
@@ -149,7 +152,7 @@ class DecodeConfig:
 
     block_n: int = 64  # tokens per KV tile
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 2
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -160,21 +163,20 @@ class DecodeConfig:
 
 def num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
                   num_sms: int | None = None) -> int:
-    """Splits per sequence so the grid fills the GPU.
+    """Splits per sequence so that one wave of programs fills the GPU.
 
-    With at least two programs per SM (batch x kv heads) one split is best: splitting only adds
-    the partials round trip. Below that, aim at four programs per SM, never below
-    _MIN_TOKENS_PER_SPLIT tokens per split (H100 sweep, benchmarks/RESULTS.md).
+    Programs of one launch do equal work, so a partial last wave idles most SMs: with fewer
+    programs (batch x kv heads) than resident slots (_CTAS_PER_SM per SM) take as many splits
+    as fit in one wave; otherwise one. A split never gets fewer than _MIN_TOKENS_PER_SPLIT
+    tokens. Measured on the H100 in benchmarks/RESULTS.md.
     """
     if num_sms is None:
         num_sms = (torch.cuda.get_device_properties(0).multi_processor_count
                    if torch.cuda.is_available() else 8)
     programs = max(num_seqs * num_kv_heads, 1)
-    if programs >= 2 * num_sms:
-        return 1
-    want = triton.cdiv(4 * num_sms, programs)
+    slots = _CTAS_PER_SM * num_sms
     cap = max(triton.cdiv(max_seq_len, _MIN_TOKENS_PER_SPLIT), 1)
-    return max(1, min(want, cap, MAX_SPLITS))
+    return max(1, min(slots // programs, cap, MAX_SPLITS))
 
 
 def paged_decode(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, page_table: torch.Tensor,

@@ -61,12 +61,12 @@ def test_scattered_pages_equal_contiguous_pages():
     assert torch.equal(outs[0], outs[1])
 
 
-def test_num_kv_splits_fills_the_gpu():
-    assert num_kv_splits(8, 8, 32768, num_sms=132) == 9  # 576 programs, about 4 per SM
-    assert num_kv_splits(16, 8, 4096, num_sms=132) == 5
-    assert num_kv_splits(128, 8, 1024, num_sms=132) == 1  # 1024 programs already
-    assert num_kv_splits(33, 8, 8192, num_sms=132) == 1  # 264 programs = 2 per SM
-    assert num_kv_splits(32, 8, 8192, num_sms=132) == 3  # 256 programs: one short of that
+def test_num_kv_splits_fills_one_wave():
+    # 132 SMs x 3 resident programs = 396 slots
+    assert num_kv_splits(8, 8, 32768, num_sms=132) == 6  # 64 programs -> 384
+    assert num_kv_splits(16, 8, 4096, num_sms=132) == 3  # 128 programs -> 384
+    assert num_kv_splits(128, 8, 1024, num_sms=132) == 1  # 1024 programs: several waves
+    assert num_kv_splits(49, 8, 8192, num_sms=132) == 1  # 392 programs: one wave already
     assert num_kv_splits(1, 8, 300, num_sms=132) == 5  # never below 64 tokens per split
     assert num_kv_splits(1, 1, 10**6, num_sms=132) == 64  # capped at MAX_SPLITS
 
