@@ -17,19 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 import torch
 
-from cachestore import wire
+from cachestore import kv_pages, wire
 from cachestore.errors import InvalidRequest, StoreError
-from cachestore.keys import Namespace, tokens_to_bytes
+from cachestore.keys import Namespace
 from cachestore.store import ClosestPages, LookupResult
 from cachestore.tiers.base import TierStats
 from kvmesh.v1 import store_pb2
 
 _SERVICE = "/kvmesh.v1.KVStore/"
 MAX_KEYS_PER_CALL = 1 << 16
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}  # element size -> same-size int
 
 
 class StoreUnavailable(StoreError, ConnectionError):
@@ -117,40 +115,20 @@ class StoreClient:
     def put(self, tokens: Any, kv: torch.Tensor, namespace: Namespace) -> int:
         """Store every full page of `tokens`; kv: [num_layers, 2, len(tokens), num_kv_heads,
         head_dim] in namespace.dtype (any device). Returns pages newly stored."""
-        token_bytes = _token_bytes(tokens, namespace)
-        num_tokens = len(token_bytes) // 4
-        _check_kv(kv, namespace, num_tokens)
-        num_pages = num_tokens // namespace.page_size
-        if num_pages == 0:
-            return 0
-        L, _, P, H, D = namespace.page_shape
-        # pages: [num_pages, L, 2, P, H, D], the one copy (also device -> host)
-        pages = torch.empty((num_pages, L, 2, P, H, D), dtype=kv.dtype)
-        src = kv[:, :, : num_pages * P].unflatten(2, (num_pages, P))  # [L, 2, n, P, H, D]
-        pages.copy_(src.permute(2, 0, 1, 3, 4, 5))
-        flat = memoryview(pages.view(-1).view(torch.uint8).numpy())
-        n = namespace.page_nbytes
-        return self._put_payloads(namespace, token_bytes, [flat[i * n : (i + 1) * n]
-                                                           for i in range(num_pages)])
+        token_bytes = kv_pages.token_bytes(tokens, namespace)
+        payloads = kv_pages.kv_to_pages(kv, namespace, len(token_bytes) // 4)
+        return self._put_payloads(namespace, token_bytes, payloads) if payloads else 0
 
     def get_closest(self, tokens: Any, namespace: Namespace) -> ClosestKV | None:
         """Longest stored contiguous prefix of `tokens` as a tensor, or None if page 0 is not
         stored."""
-        got = self._fetch_closest(namespace, _token_bytes(tokens, namespace))
+        got = self._fetch_closest(namespace, kv_pages.token_bytes(tokens, namespace))
         if got is None:
             return None
         header, frames = got
-        L, _, P, H, D = namespace.page_shape
-        num_pages = header.num_pages
-        kv = torch.empty((L, 2, num_pages * P, H, D), dtype=_torch_dtype(namespace))
-        # Copy as same-sized integers: numpy has no bfloat16 / float8, and bits are bits.
-        word = np.dtype(f"<u{kv.element_size()}")
-        out = kv.view(_INT_VIEW[kv.element_size()]).numpy()  # [L, 2, T, H, D]
-        pages = wire.split_pages(frames, [namespace.page_nbytes] * num_pages)
-        for i, page in enumerate(pages):  # the one permute-copy: [L, 2, P, H, D] -> slot i
-            src = np.frombuffer(page, dtype=word).reshape(L, 2, P, H, D)
-            np.copyto(out[:, :, i * P : (i + 1) * P], src, casting="unsafe")
-        return ClosestKV(header.num_tokens, kv, [wire.tier_name(t) for t in header.tiers])
+        pages = wire.split_pages(frames, [namespace.page_nbytes] * header.num_pages)
+        return ClosestKV(header.num_tokens, kv_pages.pages_to_kv(pages, namespace),
+                         [wire.tier_name(t) for t in header.tiers])
 
     # -- raw pages ----------------------------------------------------------------------------
 
@@ -158,7 +136,7 @@ class StoreClient:
                   payloads: Sequence[bytes | memoryview]) -> int:
         """Store full pages given as payloads (page i = payload i, namespace.page_nbytes each,
         [L, 2, P, H, D] bytes). Returns pages newly stored."""
-        token_bytes = _token_bytes(token_ids, namespace)
+        token_bytes = kv_pages.token_bytes(token_ids, namespace)
         num_pages = len(token_bytes) // 4 // namespace.page_size
         if len(payloads) != num_pages:
             raise InvalidRequest(f"{num_pages} full pages need {num_pages} payloads, "
@@ -171,7 +149,7 @@ class StoreClient:
 
     def get_closest_pages(self, namespace: Namespace, token_ids: Any) -> ClosestPages | None:
         """Like get_closest, as one payload view per page (views into one buffer)."""
-        got = self._fetch_closest(namespace, _token_bytes(token_ids, namespace))
+        got = self._fetch_closest(namespace, kv_pages.token_bytes(token_ids, namespace))
         if got is None:
             return None
         header, frames = got
@@ -181,7 +159,7 @@ class StoreClient:
     def lookup(self, tokens: Any, namespace: Namespace) -> LookupResult:
         reply = self._call("Lookup", store_pb2.LookupRequest(
             namespace=_spec(namespace),
-            token_ids=_token_bytes(tokens, namespace)))
+            token_ids=kv_pages.token_bytes(tokens, namespace)))
         return LookupResult(reply.num_tokens, [wire.tier_name(t) for t in reply.tiers])
 
     def delete(self, tokens: Any, namespace: Namespace,
@@ -192,7 +170,7 @@ class StoreClient:
             return 0
         reply = self._call("Delete", store_pb2.DeleteRequest(
             namespace=_spec(namespace),
-            token_ids=_token_bytes(tokens, namespace), page_indices=page_indices or []))
+            token_ids=kv_pages.token_bytes(tokens, namespace), page_indices=page_indices or []))
         return reply.num_pages_deleted
 
     def stats(self) -> list[TierStats]:
@@ -318,48 +296,6 @@ def _chunks(items: Sequence) -> Iterator[list]:
         yield list(items[start : start + MAX_KEYS_PER_CALL])
 
 
-def _torch_dtype(ns: Namespace) -> torch.dtype:
-    return getattr(torch, ns.dtype_name)
-
-
-def _check_namespace(ns: Any) -> None:
-    if not isinstance(ns, Namespace):
-        raise InvalidRequest(f"namespace must be a cachestore.Namespace, got {type(ns).__name__}")
-
-
 def _spec(ns: Namespace) -> Any:
-    _check_namespace(ns)
+    kv_pages.check_namespace(ns)
     return wire.namespace_to_spec(ns)
-
-
-def _token_bytes(tokens: Any, ns: Namespace) -> bytes:
-    """Token ids (list, numpy array or 1-D integer tensor) as little-endian int32 bytes."""
-    _check_namespace(ns)
-    if isinstance(tokens, torch.Tensor):
-        if tokens.is_floating_point() or tokens.is_complex():
-            raise InvalidRequest(f"token ids must be integers, got a {tokens.dtype} tensor")
-        tokens = tokens.detach().cpu().numpy()
-    array = np.asarray(tokens)
-    if array.ndim != 1:
-        raise InvalidRequest(f"token ids must be 1-D, got shape {array.shape}")
-    if array.size == 0:
-        raise InvalidRequest("token ids must not be empty")
-    if array.dtype.kind not in "iu":
-        raise InvalidRequest(f"token ids must be integers, got {array.dtype}")
-    if array.min() < -(1 << 31) or array.max() >= 1 << 31:
-        raise InvalidRequest("token ids must fit in int32")
-    if array.size > wire.MAX_TOKENS:
-        raise InvalidRequest(f"{array.size} tokens, at most {wire.MAX_TOKENS} per request")
-    return tokens_to_bytes(array)
-
-
-def _check_kv(kv: Any, ns: Namespace, num_tokens: int) -> None:
-    if not isinstance(kv, torch.Tensor):
-        raise InvalidRequest(f"kv must be a torch.Tensor, got {type(kv).__name__}")
-    expected = (ns.num_layers, 2, num_tokens, ns.num_kv_heads, ns.head_dim)
-    if tuple(kv.shape) != expected:
-        raise InvalidRequest(f"kv shape {tuple(kv.shape)} does not match [num_layers, 2, "
-                             f"num_tokens, num_kv_heads, head_dim] = {expected}")
-    if kv.dtype != _torch_dtype(ns):
-        raise InvalidRequest(f"kv dtype {kv.dtype} differs from the namespace's "
-                             f"{ns.dtype_name}")
