@@ -124,6 +124,9 @@ def _deploy(config: RayDeployConfig) -> StackStatus:
         raise DeployError(f"the cluster cannot place {config.num_workers} workers of {bundle} "
                           f"each within {config.ready_timeout_s:.0f}s; available: "
                           f"{ray.available_resources()}") from exc
+    # Ray warns about restartable detached actors in a placement group (removing the group kills
+    # them for good); that is what `kvmesh ray down` wants, so keep the warning off the console.
+    logging.getLogger("ray.actor").setLevel(logging.ERROR)
     workers = [
         _start(worker_actor_name(i), "worker", config.worker_argv(i, store_info.address), config,
                num_cpus=config.num_cpus_per_worker, num_gpus=config.num_gpus_per_worker,

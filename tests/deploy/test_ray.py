@@ -1,0 +1,250 @@
+"""`kvmesh ray deploy|status|down` on a real local Ray cluster (2 CPUs) started by the test, with
+the real store, two real SmolLM2 CPU workers and the real router; one variant puts the store's
+shared tier on a real redis-server."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import httpx
+import psutil
+import pytest
+import ray
+import redis
+
+from cachestore.codec import decode_header
+
+pytestmark = pytest.mark.timeout(420)
+
+PAGE_SIZE = 16
+# 6 full pages + 3 tokens; ids inside SmolLM2's vocabulary, no special tokens
+PROMPT_IDS = [(7 * i + 300) % 4000 + 200 for i in range(6 * PAGE_SIZE + 3)]
+WORKER_ARGS = "--kv-cache-bytes 33554432 --max-num-seqs 4 --max-model-len 512"
+
+
+@dataclass
+class RayHead:
+    address: str
+    process: subprocess.Popen
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """`ray start --head --block` on loopback with 2 CPUs and free ports; at teardown SIGTERM to
+    that process (it stops its Ray processes), then SIGKILL any of its descendants still there,
+    by pid. Never `ray stop`, which would stop every Ray cluster on the machine."""
+    gcs, client, dashboard, agent = _free_ports(4)
+    log = (tmp_path_factory.mktemp("ray") / "ray-start.log").open("w")
+    process = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs),
+         "--node-ip-address", "127.0.0.1", "--include-dashboard=false",
+         "--dashboard-port", str(dashboard), "--ray-client-server-port", str(client),
+         "--dashboard-agent-listen-port", str(agent), "--object-store-memory", "100000000",
+         "--disable-usage-stats"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"127.0.0.1:{gcs}"
+    deadline = time.monotonic() + 90
+    while "block forever" not in open(log.name).read():
+        assert process.poll() is None, open(log.name).read()
+        assert time.monotonic() < deadline, "ray start did not come up"
+        time.sleep(0.5)
+    ray.init(address=address, namespace="kvmesh", log_to_driver=False)
+    yield RayHead(address, process)
+    ray.shutdown()
+    descendants = psutil.Process(process.pid).children(recursive=True)
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    for child in descendants:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    log.close()
+
+
+def _kvmesh(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deploy.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _wait_for(what: str, predicate: Callable[[], bool], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def _complete(url: str, prompt: list[int] | str, max_tokens: int = 6) -> dict:
+    response = httpx.post(f"{url}/v1/completions", timeout=120, json={
+        "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _metric(url: str, name: str, worker: str) -> float | None:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    match = re.search(rf'^{re.escape(name)}{{worker="{re.escape(worker)}"}} (\S+)$', text, re.M)
+    return None if match is None else float(match.group(1))
+
+
+def _routed_to(url: str, worker: str) -> float:
+    """Requests the router has sent to `worker` (any routing reason)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("kvmesh:routing_decisions_total{")
+               and f'worker="{worker}"' in line)
+
+
+def _health(url: str) -> dict[str, bool]:
+    return httpx.get(f"{url}/health", timeout=10).json()["workers"]
+
+
+class Stack:
+    """A deployed stack: ports, router URL and the pids `kvmesh ray status` reported."""
+
+    def __init__(self, head: RayHead, *extra: str) -> None:
+        self.store_port, self.router_port, self.worker_port = _free_ports(3)
+        self.head = head
+        out = _kvmesh("ray", "deploy", "--address", head.address, "--workers", "2",
+                      "--num-cpus-per-worker", "1", "--port", str(self.router_port),
+                      "--store-port", str(self.store_port), "--worker-port",
+                      str(self.worker_port), "--max-restarts", "2", "--timeout", "300",
+                      "--worker-args", WORKER_ARGS, *extra)
+        assert out.returncode == 0, out.stdout + out.stderr
+        try:
+            last = out.stdout.splitlines()[-1]
+            assert re.fullmatch(rf"kvmesh serving on http://[\d.]+:{self.router_port}", last), last
+            self.url = last.split()[-1]
+            # `name role address node IP pid PID` per actor, as `kvmesh ray status` prints
+            rows = {row[0]: row for row in map(str.split, out.stdout.splitlines()[:-1])}
+            assert sorted(rows) == ["kvmesh-router", "kvmesh-store", "kvmesh-worker-0",
+                                    "kvmesh-worker-1"]
+            self.workers = [rows[f"kvmesh-worker-{i}"][2] for i in range(2)]
+            assert [w.rsplit(":", 1)[1] for w in self.workers] == [
+                str(self.worker_port), str(self.worker_port + 1)]
+            self.child_pids = [int(row[6]) for row in rows.values()]
+            _wait_for("both workers healthy", lambda: all(_health(self.url).values()))
+        except BaseException:
+            self.down()
+            raise
+
+    def down(self) -> None:
+        out = _kvmesh("ray", "down", "--address", self.head.address, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split()[:4] == ["kvmesh", "ray", "down:", "stopped"]
+
+
+def _assert_nothing_left(stack: Stack, more_pids: list[int]) -> None:
+    assert [n for n in ray.util.list_named_actors() if n.startswith("kvmesh-")] == []
+    for pid in stack.child_pids + more_pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    out = _kvmesh("ray", "status", "--address", stack.head.address, timeout=60)
+    assert (out.returncode, out.stdout.strip()) == (1, "kvmesh is not deployed in namespace "
+                                                       "'kvmesh'")
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{stack.url}/health", timeout=5)
+
+
+def test_deploy_serve_survive_worker_kill_and_down(ray_head):
+    stack = Stack(ray_head)
+    restarted_pids: list[int] = []
+    try:
+        status = _kvmesh("ray", "status", "--address", ray_head.address, timeout=60)
+        assert status.returncode == 0, status.stderr
+        names = [line.split()[0] for line in status.stdout.splitlines()[:-1]]
+        assert names == ["kvmesh-router", "kvmesh-store", "kvmesh-worker-0", "kvmesh-worker-1"]
+        first = _complete(stack.url, PROMPT_IDS)
+        expected_text = first["choices"][0]["text"]
+        assert first["usage"] == first["usage"] | {"prompt_tokens": len(PROMPT_IDS),
+                                                   "completion_tokens": 6}
+        # the worker that served it reports its pages; find it in the index
+        _wait_for("pages in the index", lambda: any(
+            (_metric(stack.url, "kvmesh:index_worker_pages", w) or 0) >= 6
+            for w in stack.workers))
+        victim_index = next(i for i, w in enumerate(stack.workers)
+                            if _metric(stack.url, "kvmesh:index_worker_pages", w) >= 6)
+        victim = stack.workers[victim_index]
+        actor = ray.get_actor(f"kvmesh-worker-{victim_index}")
+        old = ray.get(actor.info.remote(), timeout=30)
+
+        ray.kill(actor, no_restart=False)
+        _wait_for("the old worker process gone", lambda: not psutil.pid_exists(
+            old["child_pid"]) or psutil.Process(old["child_pid"]).status() == "zombie", 30)
+        # while Ray restarts it (the model takes a while to load), requests keep succeeding
+        again = _complete(stack.url, PROMPT_IDS)
+        assert again["choices"][0]["text"] == expected_text
+        _wait_for("the router drops the dead worker", lambda: _health(stack.url)[victim] is False
+                  and _metric(stack.url, "kvmesh:worker_healthy", victim) == 0.0, 30)
+        assert _metric(stack.url, "kvmesh:index_worker_pages", victim) == 0.0
+        assert _complete(stack.url, "The capital of France is")["usage"]["completion_tokens"] == 6
+
+        new = ray.get(actor.info.remote(), timeout=300)  # returns once the restart is listening
+        restarted_pids.append(new["child_pid"])
+        assert (new["address"], new["is_restarted"]) == (victim, True)
+        assert new["child_pid"] != old["child_pid"] and new["actor_pid"] != old["actor_pid"]
+        _wait_for("the router takes the restarted worker back", lambda: _health(stack.url)[victim])
+        # the restarted worker serves again: fresh prompts, two at a time, until the router
+        # (which sends PROMPT_IDS to the worker that caches it) has picked it for one
+        decided = _routed_to(stack.url, victim)
+        with ThreadPoolExecutor(2) as pool:
+            for round_ in range(10):
+                prompts = [[t + 1000 * (round_ + 1) + 17 * j for t in PROMPT_IDS] for j in range(2)]
+                answers = list(pool.map(lambda p: _complete(stack.url, p), prompts))
+                assert [a["usage"]["completion_tokens"] for a in answers] == [6, 6]
+                if _routed_to(stack.url, victim) > decided:
+                    break
+        assert _routed_to(stack.url, victim) > decided
+        _wait_for("the restarted worker's pages in the index",
+                  lambda: (_metric(stack.url, "kvmesh:index_worker_pages", victim) or 0) >= 6, 30)
+        status = _kvmesh("ray", "status", "--address", ray_head.address, timeout=60)
+        assert f"kvmesh-worker-{victim_index}" in status.stdout
+        assert "(restarted)" in status.stdout
+    finally:
+        stack.down()
+    _assert_nothing_left(stack, restarted_pids)
+
+
+def test_deploy_with_redis_shared_tier(ray_head, redis_server):
+    # a store CPU tier smaller than one page (30 layers x 2 x 16 x 3 x 64 fp32 = 720 KiB):
+    # every page the workers write through lands in Redis
+    stack = Stack(ray_head, "--redis-url", redis_server.url, "--store-cpu-bytes", "65536")
+    try:
+        first = _complete(stack.url, PROMPT_IDS)
+        assert first["usage"]["completion_tokens"] == 6
+        client = redis.Redis(host="127.0.0.1", port=redis_server.port)
+        _wait_for("pages in redis", lambda: client.dbsize() >= 6, 60)
+        pages = {}
+        for redis_key in client.scan_iter(match=b"kvmesh:*"):
+            header = decode_header(client.get(redis_key))
+            assert redis_key == b"kvmesh:" + header.key
+            pages[header.token_ids.tolist()[0]] = header.token_ids.tolist()
+        # the prompt's 6 full pages (generated tokens may fill no further page)
+        expected = {PROMPT_IDS[i]: PROMPT_IDS[i:i + PAGE_SIZE]
+                    for i in range(0, 6 * PAGE_SIZE, PAGE_SIZE)}
+        assert {k: v for k, v in pages.items() if k in expected} == expected
+        client.close()
+    finally:
+        stack.down()
+    _assert_nothing_left(stack, [])
