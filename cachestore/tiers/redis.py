@@ -27,6 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.connection import Connection, Encoder, PythonRespSerializer
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
@@ -154,14 +155,18 @@ class RedisTier(Tier):
         with self._lock:
             if self._client is not None:
                 return self._client
-        kwargs = dict(socket_timeout=self.socket_timeout_s,
-                      socket_connect_timeout=self.socket_timeout_s,
-                      retry=Retry(NoBackoff(), 0))
+        kwargs: dict = dict(socket_timeout=self.socket_timeout_s,
+                            socket_connect_timeout=self.socket_timeout_s,
+                            retry=Retry(NoBackoff(), 0))
         client: redis.Redis | RedisCluster
         if self.is_cluster:
+            if urlsplit(self.url).scheme == "redis":  # TLS keeps redis-py's own SSL connection
+                kwargs["connection_class"] = _NoCopyConnection
             client = RedisCluster.from_url(self.url, **kwargs)
         else:
-            client = redis.Redis.from_url(self.url, **kwargs)
+            pool = redis.ConnectionPool.from_url(self.url, command_packer=_no_copy_packer(),
+                                                 **kwargs)
+            client = redis.Redis(connection_pool=pool)
         with self._lock:
             if self._client is None:
                 self._client = client
@@ -198,6 +203,23 @@ class RedisTier(Tier):
                 client.close()
             except Exception:  # noqa: BLE001 - closing a broken client must not mask the error
                 pass
+
+
+def _no_copy_packer() -> PythonRespSerializer:
+    """redis-py's pure-Python command packer: it sends values over 6 kB as their own buffers,
+    where the hiredis packer copies every page into one new command buffer (on 2 cores that
+    copy made pipelined SET of 0.37 MB pages several times slower). Replies are still parsed
+    by hiredis."""
+    return PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
+
+
+class _NoCopyConnection(Connection):
+    """A plain TCP connection using the no-copy packer (for cluster nodes, which accept a
+    connection class but not a packer)."""
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("command_packer", _no_copy_packer())
+        super().__init__(**kwargs)
 
 
 def _is_per_node(info: dict) -> bool:

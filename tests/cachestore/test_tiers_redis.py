@@ -48,11 +48,13 @@ def test_maxmemory_reported_and_oom_degrades(redis_factory, pages):
     assert tier.contains_many([key(i) for i in range(num_stored + 1)]) == [True] * num_stored + [
         False]
     assert tier.stats().errors == 1
+    redis.Redis.from_url(server.url).config_set("maxmemory", 1)  # refuse every write from now
     ns = Namespace("m", num_layers=4, num_kv_heads=4, head_dim=64, dtype="float32", page_size=16)
     store = TieredStore([tier])
     tokens = pages.tokens(32)
     assert store.put(ns, tokens, pages.payloads(ns, 2)) == 0  # full: stored nowhere, no raise
     assert store.get_closest(ns, tokens) is None
+    assert store.stats()[0].is_available  # full is not down
 
 
 def test_failure_backs_off_then_reconnects(redis_server):
