@@ -80,16 +80,41 @@ def paged_decode_ref(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, page_ta
                      seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """One query (the last token) per sequence. q: [num_seqs, num_heads, head_dim] -> same shape.
 
-    Reads kv_pool only. Every seq_len must be >= 1.
+    Reads kv_pool only. Every seq_len must be >= 1. The whole batch is gathered at once, padded
+    to the longest sequence, so the cost does not grow with a Python loop over sequences.
     """
-    out = torch.empty_like(q)
-    lens = seq_lens.tolist()
-    for i, seq_len in enumerate(lens):
-        if seq_len < 1:
-            raise ValueError(f"decode needs seq_lens >= 1, got {seq_len} for sequence {i}")
-        k, v = gather_kv(kv_pool, layer, page_table[i], seq_len)
-        out[i] = _attend(q[i : i + 1], k, v, scale, seq_len)[0].to(q.dtype)
-    return out
+    num_seqs, num_heads, head_dim = q.shape
+    if num_seqs == 0:
+        return torch.empty_like(q)
+    page_size, num_kv_heads = kv_pool.shape[3], kv_pool.shape[4]
+    group = check_gqa(num_heads, num_kv_heads)
+    lens = seq_lens.to(device=kv_pool.device, dtype=torch.int64)
+    if bool((lens < 1).any()):
+        raise ValueError(f"decode needs every seq_len >= 1, got {seq_lens.tolist()}")
+    num_seq_pages = (lens + page_size - 1) // page_size
+    max_pages = int(num_seq_pages.max())
+    if max_pages > page_table.shape[1]:
+        raise ValueError(f"seq_lens need {max_pages} pages, page_table has {page_table.shape[1]}")
+    # entries past a sequence's pages may hold anything: point them at page 0, masked below
+    page_idx = torch.arange(max_pages, device=kv_pool.device)
+    pages = page_table[:, :max_pages].to(device=kv_pool.device, dtype=torch.int64)
+    pages = torch.where(page_idx[None, :] < num_seq_pages[:, None], pages, 0)
+    # kv: [num_seqs, max_pages, 2, page_size, num_kv_heads, head_dim]
+    kv = kv_pool[pages, layer]
+    max_tokens = max_pages * page_size
+    valid = torch.arange(max_tokens, device=kv_pool.device)[None, :] < lens[:, None]
+    # k, v: [num_seqs, max_tokens, num_kv_heads, head_dim], zero at padding (which may be NaN)
+    k = kv[:, :, 0].reshape(num_seqs, max_tokens, num_kv_heads, head_dim).float()
+    v = kv[:, :, 1].reshape(num_seqs, max_tokens, num_kv_heads, head_dim).float()
+    k = k.masked_fill(~valid[:, :, None, None], 0.0)
+    v = v.masked_fill(~valid[:, :, None, None], 0.0)
+    qf = q.float().view(num_seqs, num_kv_heads, group, head_dim)
+    # scores: [num_seqs, num_kv_heads, group, max_tokens]
+    scores = torch.einsum("bhgd,bthd->bhgt", qf, k) * scale
+    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhgt,bthd->bhgd", probs, v)
+    return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
 
 def paged_prefill_ref(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, page_table: torch.Tensor,
