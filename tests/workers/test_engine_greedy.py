@@ -4,39 +4,12 @@ forks with copy-on-write."""
 
 from __future__ import annotations
 
-from workers.outputs import RequestOutput
+from engine_helpers import LONG, PROMPTS, final, run, tokens_of
+
 from workers.sampling import SamplingParams
 
 N = 16
 GREEDY = SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True)
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-    "Once upon a time, in a land far away, there lived a small dragon who loved to read books "
-    "about the stars and the sea.",
-]
-LONG = ("In 1440 Johannes Gutenberg built a printing press with movable metal type in Mainz. "
-        "Within fifty years presses were running in more than two hundred cities, and")
-
-
-def run(engine, prompts: dict[str, list[int]], params: SamplingParams
-        ) -> dict[str, list[RequestOutput]]:
-    outs: dict[str, list[RequestOutput]] = {rid: [] for rid in prompts}
-    for rid, ids in prompts.items():
-        engine.add_request(rid, ids, params)
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            outs[out.request_id].append(out)
-    return outs
-
-
-def tokens_of(outs: list[RequestOutput], index: int = 0) -> list[int]:
-    return [t for o in outs if o.index == index for t in o.new_token_ids]
-
-
-def final(outs: list[RequestOutput], index: int = 0) -> RequestOutput:
-    (last,) = [o for o in outs if o.index == index and o.finish_reason is not None]
-    return last
 
 
 def test_batched_chunked_prefill_matches_transformers(make_engine, encode, hf_greedy):
