@@ -18,6 +18,7 @@ stays readable, so a page is never freed under a reader.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import threading
@@ -28,7 +29,7 @@ from pathlib import Path
 from cachestore.codec import PageCorrupt, decode_header
 from cachestore.errors import InvalidConfig
 from cachestore.keys import KEY_NBYTES
-from cachestore.tiers.base import Tier, TierStats, TierUnavailable
+from cachestore.tiers.base import Tier, TierFull, TierStats, TierUnavailable
 from cachestore.tiers.lru import LruIndex
 
 _SUFFIX = ".page"
@@ -155,6 +156,8 @@ class DiskTier(Tier):
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise TierFull(f"disk tier file system is full: {e}") from e
             raise TierUnavailable(f"disk tier write failed: {e}") from e
 
     def _unlink(self, key: bytes) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 
 import pytest
@@ -176,6 +177,23 @@ def test_sixteen_threads_over_cpu_and_disk(tmp_path, pages):
         assert [bytes(p) for p in got.payloads] == expected[t]
     assert not list(tmp_path.rglob("*.tmp"))
     assert cpu.stats().num_pages == 6
+
+
+def test_disk_gone_degrades_to_miss(tmp_path, pages):
+    root = tmp_path / "pages"
+    cpu = CpuTier(capacity_bytes=2 * BLOB, pin_memory=False)
+    store = TieredStore([cpu, DiskTier(root, capacity_bytes=100 * BLOB)])
+    tokens = pages.tokens(16)
+    assert store.put(NS, tokens, pages.payloads(NS, 4)) == 4  # pages 0-1 on disk
+    shutil.rmtree(root)  # the disk goes away under the running store
+    assert store.get_closest(NS, tokens) is None  # page 0 was on disk
+    other = pages.tokens(12, offset=1)
+    assert store.put(NS, other, pages.payloads(NS, 3, offset=1)) == 2  # page 0 had nowhere to go
+    s_cpu, s_disk = store.stats()  # the failed write marked the disk down ...
+    assert s_cpu.is_available and not s_disk.is_available and s_disk.errors == 1
+    assert store.get_closest(NS, other) is None
+    assert store.lookup(NS, other).num_tokens == 0
+    assert store.stats()[1].is_available  # ... until its next call (an index lookup) answered
 
 
 @pytest.mark.gpu
