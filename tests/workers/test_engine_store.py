@@ -1,0 +1,80 @@
+"""Prefix reuse through the shared store: one worker process writes its pages through to a real
+KVStore gRPC server; an engine in this process loads them instead of prefilling, and its greedy
+output still matches transformers. A store that is down is a miss, not a failed request."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from engine_helpers import LONG, final, run, tokens_of
+
+from cachestore.config import StoreConfig
+from cachestore.server import StoreServer
+from workers.sampling import SamplingParams
+
+N = 16
+WRITER = textwrap.dedent("""
+    import json, sys, torch
+    torch.set_num_threads(1)
+    from workers.config import WorkerConfig
+    from workers.engine import Engine
+    from workers.sampling import SamplingParams
+    target, prompt = sys.argv[1], json.loads(sys.argv[2])
+    engine = Engine(WorkerConfig(store=target, max_model_len=512, kv_cache_bytes=64 << 20))
+    out = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4,
+                                                   ignore_eos=True))[0]
+    engine.offload.flush()
+    stored = [k.hex() for e in engine.pop_kv_events() if e.tier == "store" for k in e.keys]
+    engine.close()
+    print(json.dumps({"tokens": out, "stored": stored}))
+""")
+
+
+@pytest.fixture
+def store_server():
+    server = StoreServer(StoreConfig(port=0, cpu_bytes=256 << 20))
+    yield server
+    server.stop(grace=0)
+
+
+def test_prefix_written_by_another_worker_process_is_loaded_from_the_store(
+        store_server, make_engine, encode, hf_greedy):
+    prompt = encode(LONG)
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    proc = subprocess.run([sys.executable, "-c", WRITER, store_server.target, json.dumps(prompt)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    written = json.loads(proc.stdout.strip().splitlines()[-1])
+    engine = make_engine(store=store_server.target)
+    computed = len(prompt) + 4 - 1
+    keys = engine.namespace().page_keys(prompt)
+    assert [bytes.fromhex(k) for k in written["stored"]][:2] == keys[:2]
+    assert len(written["stored"]) == computed // 16
+    second = prompt + encode(" and then")
+    outs = run(engine, {"b": second},
+               SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True))["b"]
+    assert tokens_of(outs) == hf_greedy(second, N)
+    assert final(outs).usage.cached_tokens_by_tier == {"store": 32}
+    assert engine.stats().prefix_hits["store"] == 2
+    # the loaded pages are now in this worker's own cache: a third request hits the device
+    third = prompt + encode(" but later")
+    outs = run(engine, {"c": third}, SamplingParams(temperature=0.0, max_tokens=2))["c"]
+    assert final(outs).usage.cached_tokens_by_tier == {"device": 32}
+
+
+def test_a_store_that_is_down_is_a_miss(make_engine, encode, hf_greedy, store_server):
+    target = store_server.target
+    store_server.stop(grace=0)  # nothing listens on this port any more
+    engine = make_engine(store=target)
+    prompt = encode(LONG)
+    outs = run(engine, {"a": prompt},
+               SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True))["a"]
+    assert tokens_of(outs) == hf_greedy(prompt, N)
+    assert final(outs).usage.cached_tokens == 0
+    engine.offload.flush()
+    assert engine.offload.num_store_errors > 0
