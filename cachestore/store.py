@@ -6,6 +6,9 @@
   `contains_many` per tier, then each tier serves its pages with one `get_many`; every page is
   verified (key, namespace, shape, token ids, checksum). A bad page is deleted from its tier,
   counted as an error and ends the prefix. Hits from lower tiers are promoted to the top tier.
+- Pages of one call reach the tiers deepest first (put, promotion, get), so a prompt's first
+  page is its most recently used: LRU eats a prefix from its end, never from its start (a page
+  whose predecessor is gone can never be part of a hit).
 - A tier raising TierUnavailable is a miss for that call, counted in its errors and reported
   `is_available=False` until it answers again; no tier exception reaches the caller.
 """
@@ -16,16 +19,14 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-import numpy as np
-
 from cachestore.codec import PageCorrupt, decode_page, encode_page
 from cachestore.errors import InvalidConfig, InvalidRequest, StoreClosed
 from cachestore.inflight import InFlightPages
-from cachestore.keys import Namespace, chain_keys
+from cachestore.keys import Namespace
+from cachestore.request import PageRequest
 from cachestore.tiers.base import Tier, TierFull, TierStats, TierUnavailable
 
 Page = tuple[bytes, bytes | memoryview]  # (key, encoded page)
-_MAX_TOKEN_ID = 2**31 - 1
 _Found = tuple[int, bytes | memoryview, bool]  # (tier index, encoded page, is_in_flight)
 
 
@@ -40,19 +41,6 @@ class ClosestPages:
 class LookupResult:
     num_tokens: int
     tiers: list[str]
-
-
-@dataclass
-class _Request:
-    """Validated tokens of one call: page keys and each page's token bytes."""
-
-    keys: list[bytes]
-    token_bytes: bytes
-    page_token_nbytes: int
-
-    def page_tokens(self, index: int) -> bytes:
-        n = self.page_token_nbytes
-        return self.token_bytes[index * n : (index + 1) * n]
 
 
 class TieredStore:
@@ -89,19 +77,21 @@ class TieredStore:
                  for i in range(len(req.keys)) if owner[i] is None]
         if not pages:
             return 0
-        dropped = {key for key, _ in self._put_from(0, pages)}
+        dropped = {key for key, _ in self._put_from(0, pages[::-1])}  # deepest first
         return sum(1 for key, _ in pages if key not in dropped)
 
     def get_closest(self, ns: Namespace, token_ids) -> ClosestPages | None:
         """Longest contiguous prefix of verified pages, or None when page 0 is not stored.
-        Verified pages from lower tiers are promoted to the top tier (they stay below too)."""
+        When some came from lower tiers, the prefix is promoted to the top tier (pages stay in
+        the lower tiers too)."""
         req = self._request(ns, token_ids)
         found, is_raced = self._fetch(req.keys, 0)
         if is_raced:  # a page moved down between contains and get: look for the rest once more
             found += self._fetch(req.keys, len(found))[0]
         payloads: list[memoryview] = []
         tier_names: list[str] = []
-        promote: list[Page] = []
+        verified: list[Page] = []
+        is_promoting = False
         for i, (t, blob, is_in_flight) in enumerate(found):
             try:
                 payload = decode_page(blob, ns, req.keys[i], req.page_tokens(i))
@@ -110,10 +100,12 @@ class TieredStore:
                 break
             payloads.append(payload)
             tier_names.append(self.tiers[t].name)
-            if t > 0 or is_in_flight:
-                promote.append((req.keys[i], blob))
-        if promote:
-            self._put_from(0, promote)
+            verified.append((req.keys[i], blob))
+            is_promoting = is_promoting or t > 0 or is_in_flight
+        if is_promoting:
+            # The whole prefix, deepest first: pages already in the top tier are only refreshed,
+            # so the shallowest pages end up most recent even when the prefix overflows the tier.
+            self._put_from(0, verified[::-1])
         if not payloads:
             return None
         return ClosestPages(len(payloads) * ns.page_size, payloads, tier_names)
@@ -172,14 +164,12 @@ class TieredStore:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _request(self, ns: Namespace, token_ids) -> _Request:
+    def _request(self, ns: Namespace, token_ids) -> PageRequest:
         if self._is_closed:
             raise StoreClosed("the store is closed")
         if not isinstance(ns, Namespace):
             raise InvalidRequest(f"namespace must be a Namespace, got {type(ns).__name__}")
-        token_bytes = _token_bytes(token_ids)
-        keys = chain_keys(ns.digest, token_bytes, ns.page_size)
-        return _Request(keys, token_bytes, 4 * ns.page_size)
+        return PageRequest.of(ns, token_ids)
 
     def _locate(self, keys: list[bytes]) -> list[int | None]:
         """Index of the first tier holding each key (None: nowhere): one batched
@@ -208,7 +198,7 @@ class TieredStore:
         num_found = _prefix_len(owner)
         blobs: list[bytes | memoryview | None] = [None] * num_found
         for t in range(len(self.tiers)):
-            indices = [i for i in range(num_found) if owner[i] == t]
+            indices = [i for i in reversed(range(num_found)) if owner[i] == t]  # deepest first
             if not indices:
                 continue
             got = self._call(t, "get_many", [keys[start + i] for i in indices])
@@ -271,24 +261,6 @@ class TieredStore:
             if not is_available:
                 self._errors[t] += 1
             self._is_available[t] = is_available
-
-
-def _token_bytes(token_ids) -> bytes:
-    """Little-endian int32 bytes of a non-empty 1-D sequence of token ids in [0, 2**31)."""
-    try:
-        arr = np.asarray(token_ids)
-    except (ValueError, TypeError) as e:
-        raise InvalidRequest(f"token ids must be a 1-D sequence of ints: {e}") from e
-    if arr.ndim != 1:
-        raise InvalidRequest(f"token ids must be 1-D, got shape {arr.shape}")
-    if arr.size == 0:
-        raise InvalidRequest("token ids must not be empty")
-    if arr.dtype.kind not in "iu":
-        raise InvalidRequest(f"token ids must be integers, got {arr.dtype}")
-    if int(arr.min()) < 0 or int(arr.max()) > _MAX_TOKEN_ID:
-        raise InvalidRequest(f"token ids must be in [0, {_MAX_TOKEN_ID}], got "
-                             f"[{int(arr.min())}, {int(arr.max())}]")
-    return arr.astype("<i4", copy=False).tobytes()
 
 
 def _prefix_len(owner: list[int | None]) -> int:
