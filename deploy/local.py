@@ -3,9 +3,10 @@
 Embedded defaults: CPU + disk tiers in the store, no Redis, no Ray, no GPU. Each child is a plain
 `kvmesh <role> --port 0 ...` and is waited for by its `kvmesh <role> listening on HOST:PORT`
 line; then this prints `kvmesh serving on http://HOST:PORT` and serves until SIGINT/SIGTERM,
-when every child is stopped (router first, store last). A child that dies at any time stops the
-whole stack with a clear message. Children die with this process even if it is killed
-(PR_SET_PDEATHSIG), so nothing is orphaned.
+when every child is stopped (router first, store last). A part that fails to start stops the
+whole stack with a clear message; later, a dead worker is left out while others live (the
+router routes around it), and a dead store or router stops the stack. Children die with this
+process even if it is killed (PR_SET_PDEATHSIG), so nothing is orphaned.
 """
 
 from __future__ import annotations
@@ -128,6 +129,29 @@ def _stop(children: list[Child]) -> None:
             child.process.wait()
 
 
+def _supervise(store: Child, workers: list[Child], router: Child,
+               stop_requested: threading.Event) -> int:
+    """Serve until asked to stop (0). A dead worker is left out (the router routes around it)
+    while another one lives; the store, the router or the last worker dying stops the stack (1)."""
+    lost: set[str] = set()
+    while not stop_requested.wait(0.5):
+        for child in (store, router, *workers):
+            code = child.process.poll()
+            if code is None or child.name in lost:
+                continue
+            lost.add(child.name)
+            alive = [w for w in workers if w.process.poll() is None]
+            if child in workers and alive:
+                print(f"kvmesh serve: {child.name} exited with code {code}; serving with "
+                      f"{len(alive)} worker(s)", file=sys.stderr, flush=True)
+                continue
+            print(f"kvmesh serve: {child.name} exited with code {code}; stopping the stack",
+                  file=sys.stderr, flush=True)
+            return 1
+    print("kvmesh serve: shutting down", file=sys.stderr, flush=True)
+    return 0
+
+
 def _num_workers(args: argparse.Namespace) -> int:
     if args.workers is not None:
         return args.workers
@@ -176,14 +200,7 @@ def run(args: argparse.Namespace) -> int:
         children.append(router)
         _wait_ready([router], args.start_timeout, stop_requested)
         print(f"kvmesh serving on http://{router.address}", flush=True)
-        while not stop_requested.wait(0.5):
-            dead = next((c for c in children if c.process.poll() is not None), None)
-            if dead is not None:
-                print(f"kvmesh serve: {dead.name} exited with code {dead.process.returncode}; "
-                      "stopping the stack", file=sys.stderr, flush=True)
-                return 1
-        print("kvmesh serve: shutting down", file=sys.stderr, flush=True)
-        return 0
+        return _supervise(store, workers, router, stop_requested)
     except StartFailed as exc:
         print(f"kvmesh serve: {exc}; stopping the stack", file=sys.stderr, flush=True)
         return 1
