@@ -44,8 +44,9 @@ def token_bytes(tokens: Any, ns: Namespace) -> bytes:
         raise InvalidRequest("token ids must not be empty")
     if array.dtype.kind not in "iu":
         raise InvalidRequest(f"token ids must be integers, got {array.dtype}")
-    if array.min() < -(1 << 31) or array.max() >= 1 << 31:
-        raise InvalidRequest("token ids must fit in int32")
+    if array.min() < 0 or array.max() >= 1 << 31:
+        raise InvalidRequest(f"token ids must be in [0, {(1 << 31) - 1}], got "
+                             f"[{array.min()}, {array.max()}]")
     if array.size > wire.MAX_TOKENS:
         raise InvalidRequest(f"{array.size} tokens, at most {wire.MAX_TOKENS} per request")
     return tokens_to_bytes(array)

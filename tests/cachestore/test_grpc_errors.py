@@ -60,7 +60,8 @@ def test_client_refuses_wrong_kv(client, bad_kv, message):
     ([], "token ids must not be empty"),
     ([[1, 2], [3, 4]], r"token ids must be 1-D, got shape \(2, 2\)"),
     ([1.5, 2.0], "token ids must be integers, got float64"),
-    ([1, 1 << 40], "token ids must fit in int32"),
+    ([1, 1 << 40], r"token ids must be in \[0, 2147483647\], got \[1, 1099511627776\]"),
+    ([5, -1], r"token ids must be in \[0, 2147483647\], got \[-1, 5\]"),
     (torch.ones(4), "token ids must be integers, got a torch.float32 tensor"),
 ])
 def test_client_refuses_bad_tokens(client, tokens, message):
