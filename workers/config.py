@@ -30,7 +30,7 @@ class WorkerConfig:
     store_token: str | None = None
     enforce_eager: bool = False
     gpu_memory_utilization: float = 0.9
-    seed: int = 0
+    attention_backend: str = "auto"  # "auto" (torch on cpu, triton on cuda), "torch", "triton"
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -52,6 +52,9 @@ class WorkerConfig:
             raise InvalidConfig(f"host_tier_bytes must be >= 0, got {self.host_tier_bytes}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise InvalidConfig("gpu_memory_utilization must be in (0, 1]")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise InvalidConfig(f"attention_backend must be auto, torch or triton, "
+                                f"got {self.attention_backend!r}")
         if self.store_token is not None and self.store is None:
             raise InvalidConfig("store_token given without a store")
 

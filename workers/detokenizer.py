@@ -25,6 +25,8 @@ class IncrementalDetokenizer:
         self.hit_stop = False
 
     def _decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:  # benchmarks on random weights: tokens only
+            return ""
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def add(self, token_id: int, skip: bool = False) -> str:

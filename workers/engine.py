@@ -39,10 +39,8 @@ class Engine:
                                  config.store_token)
         on_evict = self.offload.on_evict if self.offload.host is not None else None
         self.block_manager = BlockManager(self.runner.num_pages, self.page_size, on_evict)
-        has_tiers = self.offload.host is not None or self.offload.store is not None
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens,
-                                   self.offload.lookup if has_tiers else None)
+                                   config.max_num_batched_tokens, self._lookup)
         self._base_namespace = Namespace(
             model=self.model_name, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
             head_dim=cfg.head_dim, dtype=config.torch_dtype_name, page_size=self.page_size,
@@ -162,6 +160,11 @@ class Engine:
         if not seq.sampling.is_greedy:
             self._generators[seq.seq_id] = make_generator(seq.sampling, seq.index,
                                                           self.config.device)
+
+    def _lookup(self, seq: Sequence, num_device_pages: int, max_pages: int):
+        if self.offload.host is None and self.offload.store is None:
+            return None
+        return self.offload.lookup(seq, num_device_pages, max_pages)
 
     def _register_full_pages(self, seq: Sequence) -> None:
         num_full = seq.num_computed_tokens // self.page_size

@@ -8,6 +8,7 @@ block manager never hands it out.
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
@@ -20,12 +21,16 @@ from workers.models.llama import AttentionMetadata, AttentionOps, LlamaForCausal
 from workers.models.loader import LoadedModel
 from workers.scheduler import ScheduledBatch
 
+log = logging.getLogger(__name__)
+
 CPU_DEFAULT_KV_BYTES = 512 << 20
 _GPU_ACTIVATION_RESERVE = 2 << 30
 
 
-def attention_ops(device: torch.device) -> AttentionOps:
-    if device.type == "cpu":
+def attention_ops(device: torch.device, backend: str = "auto") -> AttentionOps:
+    """torch reference ops (CPU default) or the Triton kernels (CUDA default; on CPU they run
+    under TRITON_INTERPRET=1)."""
+    if backend == "torch" or (backend == "auto" and device.type == "cpu"):
         return AttentionOps(reference.write_kv_ref, reference.paged_prefill_ref,
                             reference.paged_decode_ref)
     from kernels.cache_write import write_kv
@@ -47,7 +52,7 @@ class ModelRunner:
             self.model = LlamaForCausalLM(cfg, max_positions=max_model_len)
         self.model.load_weights(loaded.state_dict, self.device, self.dtype)
         self.model.eval()
-        self.model.ops = attention_ops(self.device)
+        self.model.ops = attention_ops(self.device, config.attention_backend)
         self.page_shape = (cfg.num_layers, 2, self.page_size, cfg.num_kv_heads, cfg.head_dim)
         self.page_nbytes = self.dtype.itemsize
         for dim in self.page_shape:
@@ -61,8 +66,12 @@ class ModelRunner:
                                    device=self.device)
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
-            self.graphs = DecodeGraphs(self.model, self.kv_pool, config.max_num_seqs,
-                                       self.max_pages_per_seq, self.scratch_page, max_model_len)
+            try:
+                self.graphs = DecodeGraphs(self.model, self.kv_pool, config.max_num_seqs,
+                                           self.max_pages_per_seq, self.scratch_page,
+                                           max_model_len)
+            except Exception as exc:  # a backend that cannot be captured still runs eagerly
+                log.warning("CUDA graph capture failed, decoding eagerly: %s", exc)
 
     def _num_pages(self, config: WorkerConfig) -> int:
         if config.kv_cache_bytes is not None:

@@ -16,6 +16,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from cachestore.codec import PageCorrupt, decode_page, encode_page
 from cachestore.keys import Namespace, tokens_to_bytes
@@ -42,11 +43,7 @@ class KvOffload:
     ) -> None:
         self.read_page = read_page
         self.host = CpuTier(host_tier_bytes) if host_tier_bytes else None
-        self.store = None
-        if store_target is not None:
-            from cachestore.client import StoreClient  # needs the generated gRPC code
-
-            self.store = StoreClient(store_target, store_token, timeout=10.0)
+        self.store: Any = None
         self._events: list[KvEventData] = []
         self._lock = threading.Lock()
         self._queue: queue.Queue[list[tuple[bytes, bytes]] | None] = queue.Queue(
@@ -54,10 +51,19 @@ class KvOffload:
         self.num_store_writes_dropped = 0
         self.num_store_errors = 0
         self._writer: threading.Thread | None = None
-        if self.store is not None:
-            self._writer = threading.Thread(target=self._write_loop, name="kv-store-writer",
-                                            daemon=True)
-            self._writer.start()
+        if store_target is not None:
+            from cachestore.client import StoreClient  # needs the generated gRPC code
+
+            self.attach_store(StoreClient(store_target, store_token, timeout=10.0))
+
+    def attach_store(self, store: Any) -> None:
+        """Use `store` (StoreClient-like: has_pages, get_pages, put_encoded_pages, close) as the
+        remote tier and start the writer thread."""
+        assert self.store is None, "a store is already attached"
+        self.store = store
+        self._writer = threading.Thread(target=self._write_loop, name="kv-store-writer",
+                                        daemon=True)
+        self._writer.start()
 
     # ------------------------------------------------------------------ device -> host / store
     def on_evict(self, page: EvictedPage) -> None:

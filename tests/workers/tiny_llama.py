@@ -1,0 +1,64 @@
+"""A tiny random Llama (GQA, llama3 RoPE scaling, untied head) and greedy references from
+transformers on the same weights. Run as a script (`python tiny_llama.py BACKEND`) it prints the
+engine's and transformers' tokens as JSON: the Triton test runs it with TRITON_INTERPRET=1."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from workers.config import WorkerConfig
+from workers.engine import Engine
+from workers.models.llama import LlamaConfig
+from workers.models.loader import LoadedModel
+from workers.sampling import SamplingParams
+
+HF_CONFIG = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 max_position_embeddings=256, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                 rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                  "original_max_position_embeddings": 16})
+PROMPTS = [[(7 * i + 3) % 211 for i in range(n)] for n in (5, 37, 70)]
+NEW = 20
+
+
+def build():
+    """(transformers model, LoadedModel sharing its weights)."""
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(HFConfig(**HF_CONFIG)).float().eval()
+    with torch.no_grad():  # larger weights than the init: sharper logits, no argmax near-ties
+        for p in hf.parameters():
+            if p.dim() > 1:
+                p.mul_(4.0)
+    loaded = LoadedModel("tiny", LlamaConfig.from_hf(hf.config), hf.state_dict(), None,
+                         "tiny-seed0", "none", Path("."))
+    return hf, loaded
+
+
+def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                      max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+    return out[0, len(prompt) :].tolist()
+
+
+def engine_greedy(loaded: LoadedModel, backend: str) -> list[list[int]]:
+    config = WorkerConfig(model="tiny", kv_cache_bytes=1 << 20, max_num_batched_tokens=24,
+                          attention_backend=backend, page_size=8)
+    engine = Engine(config, loaded=loaded)
+    return engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=NEW,
+                                                   ignore_eos=True))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    hf_model, tiny = build()
+    print(json.dumps({"engine": engine_greedy(tiny, sys.argv[1]),
+                      "hf": [hf_greedy(hf_model, p, NEW) for p in PROMPTS]}))
