@@ -6,9 +6,9 @@
   `contains_many` per tier, then each tier serves its pages with one `get_many`; every page is
   verified (key, namespace, shape, token ids, checksum). A bad page is deleted from its tier,
   counted as an error and ends the prefix. Hits from lower tiers are promoted to the top tier.
-- Pages of one call reach the tiers deepest first (put, promotion, get), so a prompt's first
-  page is its most recently used: LRU eats a prefix from its end, never from its start (a page
-  whose predecessor is gone can never be part of a hit).
+- Pages of one call reach the tiers in prompt order, so when a prompt overflows the top tier
+  its first pages are demoted first: the start of a prefix lands in the (larger, possibly
+  persistent) lower tiers and the top tier keeps the most recently written pages.
 - A tier raising TierUnavailable is a miss for that call, counted in its errors and reported
   `is_available=False` until it answers again; no tier exception reaches the caller.
 """
@@ -77,21 +77,19 @@ class TieredStore:
                  for i in range(len(req.keys)) if owner[i] is None]
         if not pages:
             return 0
-        dropped = {key for key, _ in self._put_from(0, pages[::-1])}  # deepest first
+        dropped = {key for key, _ in self._put_from(0, pages)}
         return sum(1 for key, _ in pages if key not in dropped)
 
     def get_closest(self, ns: Namespace, token_ids) -> ClosestPages | None:
         """Longest contiguous prefix of verified pages, or None when page 0 is not stored.
-        When some came from lower tiers, the prefix is promoted to the top tier (pages stay in
-        the lower tiers too)."""
+        Verified pages from lower tiers are promoted to the top tier (they stay below too)."""
         req = self._request(ns, token_ids)
         found, is_raced = self._fetch(req.keys, 0)
         if is_raced:  # a page moved down between contains and get: look for the rest once more
             found += self._fetch(req.keys, len(found))[0]
         payloads: list[memoryview] = []
         tier_names: list[str] = []
-        verified: list[Page] = []
-        is_promoting = False
+        promote: list[Page] = []
         for i, (t, blob, is_in_flight) in enumerate(found):
             try:
                 payload = decode_page(blob, ns, req.keys[i], req.page_tokens(i))
@@ -100,12 +98,10 @@ class TieredStore:
                 break
             payloads.append(payload)
             tier_names.append(self.tiers[t].name)
-            verified.append((req.keys[i], blob))
-            is_promoting = is_promoting or t > 0 or is_in_flight
-        if is_promoting:
-            # The whole prefix, deepest first: pages already in the top tier are only refreshed,
-            # so the shallowest pages end up most recent even when the prefix overflows the tier.
-            self._put_from(0, verified[::-1])
+            if t > 0 or is_in_flight:
+                promote.append((req.keys[i], blob))
+        if promote:
+            self._put_from(0, promote)
         if not payloads:
             return None
         return ClosestPages(len(payloads) * ns.page_size, payloads, tier_names)
@@ -198,7 +194,7 @@ class TieredStore:
         num_found = _prefix_len(owner)
         blobs: list[bytes | memoryview | None] = [None] * num_found
         for t in range(len(self.tiers)):
-            indices = [i for i in reversed(range(num_found)) if owner[i] == t]  # deepest first
+            indices = [i for i in range(num_found) if owner[i] == t]
             if not indices:
                 continue
             got = self._call(t, "get_many", [keys[start + i] for i in indices])

@@ -117,41 +117,25 @@ def test_demotion_cpu_to_disk_and_promotion_back(tmp_path, pages):
     cpu = CpuTier(capacity_bytes=2 * BLOB, pin_memory=False)
     disk = DiskTier(tmp_path, capacity_bytes=100 * BLOB)
     store = TieredStore([cpu, disk])
-    a, b = pages.tokens(8, offset=1), pages.tokens(8, offset=2)
-    a_payloads, b_payloads = pages.payloads(NS, 2, offset=1), pages.payloads(NS, 2, offset=2)
-    a_keys, b_keys = NS.page_keys(a), NS.page_keys(b)
-    assert store.put(NS, a, a_payloads) == 2
-    assert cpu.keys_lru_order() == [a_keys[1], a_keys[0]]  # deepest first: page 0 newest
-    assert store.put(NS, b, b_payloads) == 2  # pushes A down to disk, deepest page first
-    assert cpu.keys_lru_order() == [b_keys[1], b_keys[0]]
-    assert disk.keys_lru_order() == [a_keys[1], a_keys[0]]
-    assert store.lookup(NS, a).tiers == ["disk", "disk"]
-    got = store.get_closest(NS, a)
-    assert got.tiers == ["disk", "disk"] and [bytes(p) for p in got.payloads] == a_payloads
-    assert cpu.keys_lru_order() == [a_keys[1], a_keys[0]]  # promoted back
-    assert store.lookup(NS, a).tiers == ["cpu", "cpu"]
-    assert store.lookup(NS, b).tiers == ["disk", "disk"]  # demoted in turn, nothing lost
-    assert [bytes(p) for p in store.get_closest(NS, b).payloads] == b_payloads
-    s_cpu, s_disk = store.stats()
-    assert (s_cpu.name, s_cpu.num_pages, s_cpu.evictions) == ("cpu", 2, 6)
-    assert (s_disk.name, s_disk.num_pages, s_disk.evictions) == ("disk", 4, 0)
-
-
-def test_prefix_larger_than_cpu_tier_keeps_its_start_on_top(tmp_path, pages):
-    cpu = CpuTier(capacity_bytes=2 * BLOB, pin_memory=False)
-    disk = DiskTier(tmp_path, capacity_bytes=100 * BLOB)
-    store = TieredStore([cpu, disk])
     tokens = pages.tokens(20)
     payloads = pages.payloads(NS, 5)
     keys = NS.page_keys(tokens)
     assert store.put(NS, tokens, payloads) == 5
-    assert cpu.keys_lru_order() == [keys[1], keys[0]]
-    assert disk.keys_lru_order() == [keys[4], keys[3], keys[2]]
+    assert cpu.keys_lru_order() == keys[3:]  # the CPU tier keeps the 2 newest
+    assert disk.keys_lru_order() == keys[:3]  # the 3 it evicted were demoted
+    assert store.lookup(NS, tokens).tiers == ["disk"] * 3 + ["cpu"] * 2
     got = store.get_closest(NS, tokens)
-    assert got.tiers == ["cpu", "cpu", "disk", "disk", "disk"]
-    assert [bytes(p) for p in got.payloads] == payloads
-    assert cpu.keys_lru_order() == [keys[1], keys[0]]  # promoting 2-4 did not push out 0-1
-    assert store.lookup(NS, tokens).tiers == ["cpu", "cpu", "disk", "disk", "disk"]
+    assert got.num_tokens == 20 and [bytes(p) for p in got.payloads] == payloads
+    assert got.tiers == ["disk"] * 3 + ["cpu"] * 2
+    # Hits from disk were promoted (the CPU tier now holds the last two promoted) and what they
+    # pushed out of the CPU tier went back down; nothing was lost.
+    assert cpu.keys_lru_order() == keys[1:3]
+    assert set(disk.keys_lru_order()) == set(keys)
+    assert store.get_closest(NS, tokens[:12]).tiers == ["disk", "cpu", "cpu"]
+    s_cpu, s_disk = store.stats()
+    # CPU evictions: 3 at put, 3 + 1 by the promotions of the two get_closest calls.
+    assert (s_cpu.name, s_cpu.num_pages, s_cpu.evictions) == ("cpu", 2, 7)
+    assert (s_disk.name, s_disk.num_pages, s_disk.evictions) == ("disk", 5, 0)
 
 
 def test_demotion_chain_drops_only_at_the_bottom(tmp_path, pages):
@@ -160,10 +144,11 @@ def test_demotion_chain_drops_only_at_the_bottom(tmp_path, pages):
     store = TieredStore([cpu, disk])
     tokens = pages.tokens(16)
     keys = NS.page_keys(tokens)
-    assert store.put(NS, tokens, pages.payloads(NS, 4)) == 3  # the deepest page fell off
-    assert cpu.keys_lru_order() == [keys[0]]
-    assert disk.keys_lru_order() == [keys[2], keys[1]]
-    assert store.get_closest(NS, tokens).num_tokens == 12  # the prefix is whole
+    store.put(NS, tokens, pages.payloads(NS, 4))
+    assert cpu.keys_lru_order() == [keys[3]]
+    assert disk.keys_lru_order() == [keys[1], keys[2]]  # page 0 fell off the bottom
+    assert store.get_closest(NS, tokens) is None  # page 0 is gone: no prefix
+    assert store.get_closest(NS, tokens[4:]) is None  # other chain: other keys
 
 
 def test_sixteen_threads_over_cpu_and_disk(tmp_path, pages):
@@ -199,17 +184,15 @@ def test_disk_gone_degrades_to_miss(tmp_path, pages):
     cpu = CpuTier(capacity_bytes=2 * BLOB, pin_memory=False)
     store = TieredStore([cpu, DiskTier(root, capacity_bytes=100 * BLOB)])
     tokens = pages.tokens(16)
-    assert store.put(NS, tokens, pages.payloads(NS, 4)) == 4  # pages 2-3 on disk
+    assert store.put(NS, tokens, pages.payloads(NS, 4)) == 4  # pages 0-1 on disk
     shutil.rmtree(root)  # the disk goes away under the running store
-    assert store.get_closest(NS, tokens).num_tokens == 8  # pages 2-3 went with it: a miss
+    assert store.get_closest(NS, tokens) is None  # page 0 was on disk
     other = pages.tokens(12, offset=1)
-    # 3 pages into the 2-page CPU tier: the deepest has nowhere to go, nor have the pages of
-    # `tokens` it pushes out.
-    assert store.put(NS, other, pages.payloads(NS, 3, offset=1)) == 2
+    assert store.put(NS, other, pages.payloads(NS, 3, offset=1)) == 2  # page 0 had nowhere to go
     s_cpu, s_disk = store.stats()  # the failed write marked the disk down ...
     assert s_cpu.is_available and not s_disk.is_available and s_disk.errors == 1
-    assert store.get_closest(NS, other).num_tokens == 8
-    assert store.lookup(NS, tokens).num_tokens == 0
+    assert store.get_closest(NS, other) is None
+    assert store.lookup(NS, other).num_tokens == 0
     assert store.stats()[1].is_available  # ... until its next call (an index lookup) answered
 
 
