@@ -13,6 +13,7 @@ header nor a data frame become a `BadMessage`, which the receiver reports as INV
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ HEADER_TAG = 0x0A  # field 1, wire type 2
 MAX_MESSAGE_NBYTES = 64 << 20  # raised limit, both ends: headers carry up to MAX_TOKENS tokens
 MAX_TOKENS = 1 << 20
 MAX_STRING_NBYTES = 1024  # any NamespaceSpec string field
+MAX_PAGE_NBYTES = 1 << 30  # one page's payload
 
 GRPC_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_NBYTES),
@@ -214,38 +216,40 @@ def namespace_to_spec(ns: Namespace) -> common_pb2.NamespaceSpec:
     )
 
 
+_SPEC_FIELDS = ("model", "weights_fingerprint", "tokenizer_fingerprint", "kv_dtype",
+                "layout_version", "num_layers", "num_kv_heads", "head_dim", "page_size", "tp_rank",
+                "tp_size", "lora_id", "salt")
+
+
 def namespace_from_spec(spec: common_pb2.NamespaceSpec) -> Namespace:
     """Namespace of a request. Raises InvalidNamespace (a ValueError) for missing, oversized or
     out-of-range fields. proto3 cannot tell 0 from unset, so tp_size 0 reads as 1 and
-    layout_version 0 as the current version; any other version is refused."""
-    for name in ("model", "weights_fingerprint", "tokenizer_fingerprint", "kv_dtype", "lora_id",
-                 "salt"):
-        nbytes = len(getattr(spec, name).encode("utf-8"))
-        if nbytes > MAX_STRING_NBYTES:
-            raise InvalidNamespace(
-                f"namespace {name} is {nbytes} bytes, at most {MAX_STRING_NBYTES}")
-    layout_version = spec.layout_version or LAYOUT_VERSION
-    if layout_version != LAYOUT_VERSION:
-        raise InvalidNamespace(f"namespace layout_version {layout_version} unsupported; "
-                       f"this store speaks {LAYOUT_VERSION}")
-    if not spec.kv_dtype:
-        raise InvalidNamespace("namespace kv_dtype must be set, e.g. 'bfloat16'")
-    return Namespace(
-        model=spec.model,
-        num_layers=spec.num_layers,
-        num_kv_heads=spec.num_kv_heads,
-        head_dim=spec.head_dim,
-        dtype=spec.kv_dtype,
-        page_size=spec.page_size,
-        salt=spec.salt,
-        weights_fingerprint=spec.weights_fingerprint,
-        tokenizer_fingerprint=spec.tokenizer_fingerprint,
-        lora_id=spec.lora_id,
-        tp_rank=spec.tp_rank,
-        tp_size=spec.tp_size or 1,
-        layout_version=layout_version,
-    )
+    layout_version 0 as the current version; any other version is refused. Checked namespaces
+    are cached (their digest is computed once)."""
+    return _namespace(tuple(getattr(spec, name) for name in _SPEC_FIELDS))
 
+
+@functools.lru_cache(maxsize=4096)
+def _namespace(values: tuple) -> Namespace:
+    fields = dict(zip(_SPEC_FIELDS, values, strict=True))
+    for name, value in fields.items():
+        if isinstance(value, str) and len(value.encode("utf-8")) > MAX_STRING_NBYTES:
+            raise InvalidNamespace(f"namespace {name} is {len(value.encode('utf-8'))} bytes, "
+                                   f"at most {MAX_STRING_NBYTES}")
+    fields["layout_version"] = fields["layout_version"] or LAYOUT_VERSION
+    if fields["layout_version"] != LAYOUT_VERSION:
+        raise InvalidNamespace(f"namespace layout_version {fields['layout_version']} "
+                               f"unsupported; this store speaks {LAYOUT_VERSION}")
+    if not fields["kv_dtype"]:
+        raise InvalidNamespace("namespace kv_dtype must be set, e.g. 'bfloat16'")
+    fields["tp_size"] = fields["tp_size"] or 1
+    fields["dtype"] = fields.pop("kv_dtype")
+    ns = Namespace(**fields)
+    if ns.page_nbytes > MAX_PAGE_NBYTES:
+        raise InvalidNamespace(f"namespace describes pages of {ns.page_nbytes} bytes, at most "
+                               f"{MAX_PAGE_NBYTES}")
+    ns.digest  # noqa: B018 - computed once, here, for every later request
+    return ns
 
 
 def tier_enum(name: str) -> int:

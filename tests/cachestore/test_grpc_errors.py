@@ -101,6 +101,8 @@ def _spec(**changes) -> common_pb2.NamespaceSpec:
     (_spec(kv_dtype=""), b"\0" * 16, "namespace kv_dtype must be set"),
     (_spec(layout_version=9), b"\0" * 16, "layout_version 9 unsupported"),
     (_spec(tp_rank=3, tp_size=2), b"\0" * 16, r"tp_rank 3 not in \[0, 2\)"),
+    (_spec(num_layers=1 << 20, head_dim=1 << 12), b"\0" * 16,
+     "namespace describes pages of 68719476736 bytes, at most 1073741824"),
 ])
 def test_bad_get_closest_requests(channel, spec, token_ids, message):
     request = store_pb2.GetClosestRequest(namespace=spec, token_ids=token_ids)
@@ -160,6 +162,19 @@ def test_bad_put_streams_store_nothing(channel, client, messages, message):
     assert isinstance(error, grpc.RpcError)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in error.details()
+    assert client.lookup(list(range(8)), NS).num_tokens == 0
+
+
+def test_a_put_cancelled_midway_stores_nothing(channel, client):
+    def messages():
+        yield _put_header()
+        yield encode_frame(PAGE)
+        raise RuntimeError("client gave up")  # grpc cancels the call
+
+    call = channel.stream_unary("/kvmesh.v1.KVStore/Put", **IDENTITY)
+    with pytest.raises(grpc.RpcError) as info:
+        call(messages(), timeout=10)
+    assert info.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
     assert client.lookup(list(range(8)), NS).num_tokens == 0
 
 
