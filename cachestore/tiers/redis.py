@@ -28,7 +28,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.connection import Connection, Encoder, PythonRespSerializer
-from redis.exceptions import RedisClusterException
+from redis.exceptions import OutOfMemoryError, RedisClusterException
 from redis.retry import Retry
 
 from cachestore.errors import InvalidConfig
@@ -109,7 +109,9 @@ class RedisTier(Tier):
             with self._lock:
                 self._stats.errors += len(failures)
             if len(failures) == len(pages):
-                raise TierFull(f"redis refused every write: {failures[0]}")
+                if all(isinstance(f, OutOfMemoryError) for f in failures):
+                    raise TierFull(f"redis refused every write: {failures[0]}")
+                raise TierUnavailable(f"redis refused every write: {failures[0]}")
         return []  # Redis evicts by itself (maxmemory-policy); nothing to demote
 
     def delete_many(self, keys: Sequence[bytes]) -> int:
@@ -185,9 +187,9 @@ class RedisTier(Tier):
             for item in items:
                 add(pipe, self.key_prefix + item if prefixed else item)
             return pipe.execute(raise_on_error=raise_on_error)
+        except OutOfMemoryError as e:
+            raise TierFull(f"redis is out of memory: {e}") from e
         except redis.ResponseError as e:
-            if str(e).startswith("OOM"):
-                raise TierFull(f"redis is out of memory: {e}") from e
             self._mark_down(e)
             raise TierUnavailable(f"redis at {self.url}: {e}") from e
         except _BACKEND_ERRORS as e:
