@@ -93,7 +93,8 @@ class ModelRunner:
             with warnings.catch_warnings():  # read-only source: we only copy out of it
                 warnings.simplefilter("ignore", UserWarning)
                 src = torch.frombuffer(payload, dtype=torch.uint8).view(self.dtype)
-            self.kv_pool[page_id].copy_(src.view(self.page_shape), non_blocking=False)
+            # async from pinned host pages; sampling syncs the stream before they are dropped
+            self.kv_pool[page_id].copy_(src.view(self.page_shape), non_blocking=True)
 
     def copy_pages(self, copies: list[tuple[int, int]]) -> None:
         for src, dst in copies:

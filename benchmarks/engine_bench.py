@@ -1,0 +1,315 @@
+"""Engine benchmark on random bf16 weights with Llama-3.2-1B / Llama-3-8B shapes, beside
+transformers' `generate` on the very same weight tensors, in one run.
+
+  decode   tokens/s at batch 1/32/64 (1K-token prompts, 256 new tokens), engine vs transformers,
+           and the engine's decode step against the roofline (weight + KV bytes / copy bandwidth)
+  ttft     first token of an 8K-token prompt: cold, device prefix hit, host-tier hit, and a hit
+           through the store path (an in-process TieredStore behind the same key-level page API
+           the gRPC StoreClient offers: the device image has no generated gRPC code)
+  memory   KV bytes used vs allocated under a mixed-length workload, next to a contiguous
+           max-length allocation of the same requests
+
+  PYTHONPATH=. python benchmarks/engine_bench.py --models 1b,8b --out DIR
+  PYTHONPATH=. python benchmarks/engine_bench.py --device cpu --models tiny --smoke   # CPU check
+
+Importable without kvmesh.v1 / grpc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from workers.config import WorkerConfig
+from workers.engine import Engine
+from workers.models.llama import LlamaConfig
+from workers.models.loader import LoadedModel
+from workers.sampling import SamplingParams
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+SHAPES = {
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+               tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+               tie_word_embeddings=False,
+               rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=1000,
+                 tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE),
+}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def build(name: str, device: str, dtype: torch.dtype, max_len: int):
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = HFConfig(**SHAPES[name], max_position_embeddings=max_len, rms_norm_eps=1e-5,
+                   bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    with torch.device(device):
+        hf = LlamaForCausalLM(cfg).to(dtype).eval()
+    loaded = LoadedModel(f"random-llama-{name}", LlamaConfig.from_hf(hf.config), hf.state_dict(),
+                         None, f"random-{name}-seed0", "none", Path("."))
+    return hf, loaded
+
+
+def prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, vocab, (num, length), generator=g).tolist()
+
+
+def engine_run(engine: Engine, batch: list[list[int]], new_tokens: int):
+    """(ttft of the whole batch, decode seconds after it, outputs) for one batch."""
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    for i, p in enumerate(batch):
+        engine.add_request(f"b{start}-{i}", p, params)
+    outs: dict[str, list[int]] = {}
+    first_all = None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).extend(o.new_token_ids)
+        if first_all is None and len(outs) == len(batch):
+            first_all = time.perf_counter()
+    end = time.perf_counter()
+    return first_all - start, end - first_all, [outs[k] for k in sorted(outs, key=lambda k:
+                                                                       int(k.split("-")[-1]))]
+
+
+@torch.inference_mode()
+def hf_run(hf, batch: list[list[int]], new_tokens: int, device: str):
+    ids = torch.tensor(batch, device=device)
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=1)
+    sync(device)
+    t0 = time.perf_counter()
+    hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+    sync(device)
+    ttft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+    sync(device)
+    return ttft, time.perf_counter() - t0 - ttft, out[:, ids.shape[1]:].tolist()
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes/s of a large device-to-device copy (read + write counted)."""
+    if not device.startswith("cuda"):
+        return float("nan")
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    sync(device)
+    return 2 * 10 * x.numel() / (time.perf_counter() - t0)
+
+
+def bench_decode(name, hf, loaded, args, out: dict) -> None:
+    cfg = loaded.config
+    kv_token_bytes = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2
+    weight_bytes = sum(t.numel() * t.element_size() for k, t in loaded.state_dict.items()
+                       if k != "model.embed_tokens.weight" or cfg.tie_word_embeddings)
+    engine = Engine(WorkerConfig(model=name, device=args.device, dtype=args.dtype,
+                                 kv_cache_bytes=args.kv_gib << 30, max_num_seqs=max(args.batches),
+                                 max_num_batched_tokens=16384, max_model_len=args.max_len),
+                    loaded=loaded)
+    engine_run(engine, prompts(2, 64, cfg.vocab_size, 99), 4)  # compile prefill kernels
+    bandwidth = copy_bandwidth(args.device)
+    rows = []
+    for bs in args.batches:
+        batch = prompts(bs, args.prompt_len, cfg.vocab_size, seed=bs)
+        e_ttft, e_dec, e_out = engine_run(engine, batch, args.new_tokens)
+        h_ttft, h_dec, h_out = hf_run(hf, batch, args.new_tokens, args.device)
+        steps = args.new_tokens - 1
+        avg_ctx = args.prompt_len + args.new_tokens / 2
+        roof_s = (weight_bytes + bs * avg_ctx * kv_token_bytes) / bandwidth
+        agree = [next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), len(x))
+                 for x, y in zip(e_out, h_out, strict=True)]
+        rows.append(dict(batch=bs, engine_tok_s=bs * steps / e_dec, hf_tok_s=bs * steps / h_dec,
+                         speedup=h_dec / e_dec, engine_step_ms=1e3 * e_dec / steps,
+                         roofline_step_ms=1e3 * roof_s, roofline_frac=roof_s / (e_dec / steps),
+                         engine_ttft_s=e_ttft, hf_ttft_s=h_ttft,
+                         greedy_agree_min=min(agree), greedy_agree_mean=sum(agree) / len(agree)))
+        print(f"[{name}] decode bs={bs}: {rows[-1]}", flush=True)
+    out["decode"] = dict(bandwidth_gb_s=bandwidth / 1e9, weight_gb=weight_bytes / 1e9,
+                         graphs=engine.runner.graphs is not None, rows=rows)
+    engine.close()
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache() if args.device.startswith("cuda") else None
+
+
+def first_token_s(engine: Engine, prompt: list[int]) -> tuple[float, dict]:
+    sync(engine.config.device)
+    t0 = time.perf_counter()
+    engine.add_request(f"t{t0}", prompt, SamplingParams(temperature=0.0, max_tokens=1))
+    usage = None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            usage = o.usage or usage
+    return time.perf_counter() - t0, usage.cached_tokens_by_tier
+
+
+def evict_all(engine: Engine) -> None:
+    """Take every free page once: cached pages are evicted (and demoted to the host tier)."""
+    bm = engine.block_manager
+    bm.release(bm.allocate(bm.num_free_pages))
+
+
+def bench_ttft(name, loaded, args, out: dict) -> None:
+    from cachestore.page_access import PageAccess
+    from cachestore.store import TieredStore
+    from cachestore.tiers.cpu import CpuTier
+
+    cfg = loaded.config
+    kv = WorkerConfig(model=name, device=args.device, dtype=args.dtype, enforce_eager=True,
+                      kv_cache_bytes=args.kv_gib << 30, max_num_seqs=8,
+                      max_num_batched_tokens=16384, max_model_len=args.max_len,
+                      host_tier_bytes=args.host_gib << 30)
+    engine = Engine(kv, loaded=loaded)
+    store = TieredStore([CpuTier(args.host_gib << 30)])
+    access = PageAccess(store)
+
+    class InProcessStore:  # StoreClient's key-level page API, minus the network
+        has_pages, get_pages, close = access.has, access.get, store.close
+
+        def put_encoded_pages(self, pages):
+            return access.put(pages)
+
+    engine.offload.attach_store(InProcessStore())
+    first_token_s(engine, prompts(1, 256, cfg.vocab_size, 7)[0])  # compile
+    results = {}
+    for trial in range(args.trials):
+        base = prompts(1, args.ttft_prefix, cfg.vocab_size, seed=1000 + trial)[0]
+        suffix = prompts(1, 16, cfg.vocab_size, seed=2000 + trial)[0]
+        measured = {}
+        measured["cold"] = first_token_s(engine, base + suffix)
+        engine.offload.flush()
+        measured["device_hit"] = first_token_s(engine, base + suffix[:8])
+        evict_all(engine)
+        measured["host_hit"] = first_token_s(engine, base + suffix[:4])
+        evict_all(engine)
+        engine.offload.host.delete_many(engine.namespace().page_keys(base + suffix))
+        measured["store_hit"] = first_token_s(engine, base + suffix[:2])
+        for key, (secs, tiers) in measured.items():
+            results.setdefault(key, []).append((secs, tiers))
+    summary = {k: dict(ttft_ms=1e3 * min(s for s, _ in v), tiers=v[-1][1])
+               for k, v in results.items()}
+    cold = summary["cold"]["ttft_ms"]
+    for v in summary.values():
+        v["of_cold"] = v["ttft_ms"] / cold
+    print(f"[{name}] ttft {args.ttft_prefix} tokens: {summary}", flush=True)
+    out["ttft"] = summary
+    engine.close()
+    del engine
+    gc.collect()
+
+
+def bench_memory(name, loaded, args, out: dict) -> None:
+    cfg = loaded.config
+    engine = Engine(WorkerConfig(model=name, device=args.device, dtype=args.dtype,
+                                 kv_cache_bytes=args.kv_gib << 30, max_num_seqs=64,
+                                 max_num_batched_tokens=16384, max_model_len=args.max_len,
+                                 enforce_eager=not args.device.startswith("cuda")),
+                    loaded=loaded)
+    g = torch.Generator().manual_seed(5)
+    n = args.mem_requests
+    lens = torch.randint(args.mem_min, args.mem_max, (n,), generator=g).tolist()
+    new = torch.randint(16, args.mem_new_max, (n,), generator=g).tolist()
+    for i in range(n):
+        p = prompts(1, lens[i], cfg.vocab_size, seed=3000 + i)[0]
+        engine.add_request(f"m{i}", p, SamplingParams(temperature=0.0, max_tokens=new[i],
+                                                      ignore_eos=True))
+    ps, bm = engine.page_size, engine.block_manager
+    samples = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        running = engine.scheduler.running
+        if not running:
+            continue
+        tokens = sum(s.num_computed_tokens for s in running)
+        used_pages = bm.num_pages - bm.num_free_pages
+        samples.append((tokens, used_pages * ps, len(running) * args.max_len,
+                        sum(s.num_prompt_tokens + s.sampling.max_tokens for s in running)))
+    t = sum(s[0] for s in samples)
+    out["memory"] = dict(
+        requests=n, prompt_len=[args.mem_min, args.mem_max], max_tokens=[16, args.mem_new_max],
+        page_size=ps, paged_waste=1 - t / sum(s[1] for s in samples),
+        contiguous_max_len_waste=1 - t / sum(s[2] for s in samples),
+        contiguous_request_max_waste=1 - t / sum(s[3] for s in samples),
+        max_model_len=args.max_len, steps=len(samples))
+    print(f"[{name}] memory: {out['memory']}", flush=True)
+    engine.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="1b,8b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batches", default="1,32,64")
+    ap.add_argument("--prompt-len", type=int, default=1024)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--ttft-prefix", type=int, default=8192)
+    ap.add_argument("--trials", type=int, default=2)
+    ap.add_argument("--kv-gib", type=int, default=16)
+    ap.add_argument("--host-gib", type=int, default=4)
+    ap.add_argument("--max-len", type=int, default=8192 + 512)
+    ap.add_argument("--mem-requests", type=int, default=64)
+    ap.add_argument("--mem-min", type=int, default=64)
+    ap.add_argument("--mem-max", type=int, default=4096)
+    ap.add_argument("--mem-new-max", type=int, default=512)
+    ap.add_argument("--parts", default="decode,ttft,memory")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes for a CPU check")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
+    if args.smoke:
+        args.batches, args.prompt_len, args.new_tokens, args.ttft_prefix = [1, 4], 64, 8, 256
+        args.kv_gib, args.host_gib, args.max_len, args.trials = 1, 1, 512, 1
+        args.mem_requests, args.mem_min, args.mem_max, args.mem_new_max = 8, 16, 200, 32
+    args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    torch_dtype = getattr(torch, args.dtype)
+    results: dict = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda")
+                     else "cpu", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                     "args": {k: v for k, v in vars(args).items()}}
+    for name in args.models.split(","):
+        hf, loaded = build(name, args.device, torch_dtype, args.max_len)
+        out = results.setdefault(name, {})
+        parts = args.parts.split(",")
+        for part in ("decode", "ttft", "memory"):
+            if part not in parts:
+                continue
+            if part == "decode":
+                bench_decode(name, hf, loaded, args, out)
+            elif part == "ttft":
+                bench_ttft(name, loaded, args, out)
+            else:
+                bench_memory(name, loaded, args, out)
+            if args.out:
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                Path(args.out, "engine_bench.json").write_text(json.dumps(results, indent=1))
+        del hf, loaded
+        gc.collect()
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
