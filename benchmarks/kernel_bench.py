@@ -22,7 +22,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench, do_bench_cudagraph
 
-from kernels import DecodeConfig, num_kv_splits, paged_decode, paged_prefill
+from kernels import DecodeConfig, DecodeWorkspace, num_kv_splits, paged_decode, paged_prefill
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -76,6 +76,9 @@ class Case:
                                        dtype=DTYPE, generator=gen))
         self.scale = HEAD_DIM**-0.5
         self.step = 0
+        # preallocated like a serving engine's (and required for CUDA-graph capture)
+        self.workspace = DecodeWorkspace.allocate(self.batch, NUM_HEADS, HEAD_DIM, device="cuda")
+        self.out = torch.empty_like(self.qs[0])
 
     def _next(self) -> int:
         self.step = (self.step + 1) % self.copies
@@ -85,7 +88,8 @@ class Case:
         def run():
             r = self._next()
             return paged_decode(self.qs[r], self.pool, 0, self.page_tables[r], self.lens,
-                                self.scale, num_splits=num_splits, config=config)
+                                self.scale, num_splits=num_splits, config=config,
+                                workspace=self.workspace, out=self.out)
         return run
 
     def sdpa_fn(self):

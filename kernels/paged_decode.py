@@ -3,7 +3,8 @@
 Grid (num_seqs, num_kv_heads, num_splits): each program packs the query heads of one KV group
 into one [BLOCK_H, HEAD_DIM] tile, so QK^T and PV are tensor-core dots, and reads its split's
 share of the sequence's KV once. With one split the kernel writes the output directly; otherwise
-it writes fp32 partials and their log-sum-exp, merged by a second kernel.
+each program writes fp32 partials and their log-sum-exp, and the last program of a (sequence,
+KV group) to finish, counted by an atomic, merges them: one launch either way.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ _CTAS_PER_SM = 3
 @triton.jit
 def _paged_decode_kernel(
     q_ptr, pool_ptr, page_table_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    sm_scale_log2,
+    counter_ptr, sm_scale_log2,
     stride_q_seq, stride_q_head, stride_o_seq, stride_o_head,
     stride_page, stride_token, stride_head, layer_k_offset, v_offset, stride_pt_seq,
     stride_po_seq, stride_po_head, stride_po_split, stride_pl_seq, stride_pl_head,
+    stride_cnt_seq,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, IS_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -82,40 +84,38 @@ def _paged_decode_kernel(
     acc = acc / l_safe[:, None]
     if IS_SPLIT:
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))  # log2 units
-        po = (part_out_ptr + seq * stride_po_seq + head[:, None].to(tl.int64) * stride_po_head
-              + split * stride_po_split + offs_d[None, :])
-        tl.store(po, acc, mask=mask_h[:, None])
-        tl.store(part_lse_ptr + seq * stride_pl_seq + head * stride_pl_head + split, lse,
-                 mask=mask_h)
+        po_base = part_out_ptr + seq * stride_po_seq + head[:, None].to(tl.int64) * stride_po_head
+        pl_base = part_lse_ptr + seq * stride_pl_seq + head * stride_pl_head
+        tl.store(po_base + split * stride_po_split + offs_d[None, :], acc, mask=mask_h[:, None])
+        tl.store(pl_base + split, lse, mask=mask_h)
+        # The last split of this (sequence, KV group) to finish merges all of them, so decode is
+        # one launch. The barrier orders every thread's partial stores before the release.
+        tl.debug_barrier()
+        counter = counter_ptr + seq * stride_cnt_seq + kv_head
+        num_done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if num_done == num_splits - 1:
+            m_all = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
+            l_all = tl.zeros([BLOCK_H], dtype=tl.float32)
+            o_all = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+            for s in range(0, num_splits):
+                # .cg: read other programs' partials from L2, never a stale L1 line
+                lse_s = tl.load(pl_base + s, mask=mask_h, other=0.0, cache_modifier=".cg")
+                part = tl.load(po_base + s * stride_po_split + offs_d[None, :],
+                               mask=mask_h[:, None], other=0.0, cache_modifier=".cg")
+                m_new = tl.maximum(m_all, lse_s)  # an empty split has lse -inf: weight 0
+                alpha = tl.exp2(m_all - m_new)
+                weight = tl.exp2(lse_s - m_new)
+                o_all = o_all * alpha[:, None] + part * weight[:, None]
+                l_all = l_all * alpha + weight
+                m_all = m_new
+            o = out_ptr + seq * stride_o_seq + head[:, None] * stride_o_head + offs_d[None, :]
+            # split 0 always holds tokens (seq_len >= 1), so l_all > 0
+            tl.store(o, (o_all / l_all[:, None]).to(out_ptr.dtype.element_ty),
+                     mask=mask_h[:, None])
+            tl.store(counter, 0)  # ready for the next call or graph replay
     else:
         o = out_ptr + seq * stride_o_seq + head[:, None] * stride_o_head + offs_d[None, :]
         tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
-
-
-@triton.jit
-def _merge_splits_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, num_splits,
-    stride_po_seq, stride_po_head, stride_po_split, stride_pl_seq, stride_pl_head,
-    stride_o_seq, stride_o_head,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    seq = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1).to(tl.int64)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
-    mask_s = offs_s < num_splits
-    lse = tl.load(part_lse_ptr + seq * stride_pl_seq + head * stride_pl_head + offs_s,
-                  mask=mask_s, other=float("-inf"))
-    # split 0 always holds tokens (seq_len >= 1), so the max is finite
-    weight = tl.exp2(lse - tl.max(lse, axis=0))
-    weight = weight / tl.sum(weight, axis=0)
-    # part: [BLOCK_S, HEAD_DIM]
-    part = tl.load(part_out_ptr + seq * stride_po_seq + head * stride_po_head
-                   + offs_s[:, None] * stride_po_split + offs_d[None, :],
-                   mask=mask_s[:, None], other=0.0)
-    o = tl.sum(part * weight[:, None], axis=0)
-    tl.store(out_ptr + seq * stride_o_seq + head * stride_o_head + offs_d,
-             o.to(out_ptr.dtype.element_ty))
 
 
 @dataclass(frozen=True)
@@ -124,10 +124,14 @@ class DecodeWorkspace:
 
     part_out: [max_num_seqs, num_heads, max_splits, head_dim] fp32
     part_lse: [max_num_seqs, num_heads, max_splits] fp32
+    counters: [max_num_seqs, num_heads] int32, zero between calls (the kernel resets them);
+      only the first num_kv_heads columns are used
+    One workspace serves one decode call at a time (one stream).
     """
 
     part_out: torch.Tensor
     part_lse: torch.Tensor
+    counters: torch.Tensor
 
     @classmethod
     def allocate(cls, max_num_seqs: int, num_heads: int, head_dim: int,
@@ -139,7 +143,8 @@ class DecodeWorkspace:
                                dtype=torch.float32, device=device)
         part_lse = torch.empty(max_num_seqs, num_heads, max_splits, dtype=torch.float32,
                                device=device)
-        return cls(part_out, part_lse)
+        counters = torch.zeros(max_num_seqs, num_heads, dtype=torch.int32, device=device)
+        return cls(part_out, part_lse, counters)
 
     def fits(self, num_seqs: int, num_heads: int, head_dim: int, num_splits: int) -> bool:
         s, h, n, d = self.part_out.shape
@@ -211,28 +216,20 @@ def paged_decode(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, page_table:
                                                  q.device)
         if not workspace.fits(num_seqs, num_heads, head_dim, num_splits):
             raise ValueError("workspace too small for this batch / split count")
-        part_out, part_lse = workspace.part_out, workspace.part_lse
+        part_out, part_lse, counters = workspace.part_out, workspace.part_lse, workspace.counters
     else:
-        part_out = part_lse = out  # unused: IS_SPLIT is False
+        part_out = part_lse = counters = out  # unused: IS_SPLIT is False
     block_h = max(16, triton.next_power_of_2(group))
     config = config or DecodeConfig()
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, kv_pool, page_table, seq_lens, out, part_out, part_lse,
-        scale * _LOG2E,
+        q, kv_pool, page_table, seq_lens, out, part_out, part_lse, counters, scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_pool.stride(0), kv_pool.stride(3), kv_pool.stride(4),
         layer * kv_pool.stride(1), kv_pool.stride(2), page_table.stride(0),
         part_out.stride(0), part_out.stride(1), part_out.stride(2) if is_split else 0,
-        part_lse.stride(0), part_lse.stride(1),
+        part_lse.stride(0), part_lse.stride(1), counters.stride(0),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_H=block_h,
         BLOCK_N=config.block_n, IS_SPLIT=is_split, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if is_split:
-        _merge_splits_kernel[(num_seqs, num_heads)](
-            part_out, part_lse, out, num_splits,
-            part_out.stride(0), part_out.stride(1), part_out.stride(2),
-            part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
-        )
     return out

@@ -132,3 +132,16 @@ def test_poisoned_slots_would_be_caught():
     q = torch.randn(2, 4, 32, device=DEVICE)
     out = paged_decode(q, b.kv_pool, b.layer, b.page_table, b.seq_lens + 1, 0.1)
     assert out[0].isnan().all() and out[1].isnan().all()  # slot 9 of page 0; the padding page
+
+
+def test_workspace_reused_across_calls():
+    # the merge counters must come back to zero, or the next call would merge too early
+    ws = DecodeWorkspace.allocate(4, 8, 32, max_splits=6, device=DEVICE)
+    for seed in range(2):
+        b = make_paged_batch([341, 9, 100][: 3 - seed], 16, 2, 32, torch.float32, seed=seed)
+        q = torch.randn(3 - seed, 8, 32, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+        out = paged_decode(q, b.kv_pool, b.layer, b.page_table, b.seq_lens, 0.2, num_splits=5,
+                           workspace=ws)
+        ref = paged_decode_ref(q, b.kv_pool, b.layer, b.page_table, b.seq_lens, 0.2)
+        assert_close(out, ref, torch.float32)
+        assert ws.counters.abs().sum().item() == 0
