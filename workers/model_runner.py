@@ -88,6 +88,17 @@ class ModelRunner:
         page = self.kv_pool[page_id].to("cpu", copy=True).contiguous()
         return memoryview(page.view(torch.uint8).numpy()).cast("B")
 
+    def snapshot_page(self, page_id: int) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Start copying one page to host memory without waiting: (host tensor, event that
+        completes with the copy; None when the copy already happened, on CPU)."""
+        if self.device.type == "cpu":
+            return self.kv_pool[page_id].clone(), None
+        host = torch.empty(self.page_shape, dtype=self.dtype, pin_memory=True)
+        host.copy_(self.kv_pool[page_id], non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
     def write_pages(self, loads: list[tuple[int, memoryview]]) -> None:
         for page_id, payload in loads:
             with warnings.catch_warnings():  # read-only source: we only copy out of it

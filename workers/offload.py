@@ -16,7 +16,10 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from cachestore.codec import PageCorrupt, decode_page, encode_page
 from cachestore.keys import Namespace, tokens_to_bytes
@@ -27,27 +30,40 @@ from workers.sequence import PendingLoad, Sequence
 
 log = logging.getLogger(__name__)
 
-_STORE_QUEUE_PAGES = 256
+
+@dataclass
+class _PendingWrite:
+    ns: Namespace
+    key: bytes
+    token_bytes: bytes
+    host: torch.Tensor  # the page, being copied to host memory until `event` completes
+    event: Any
+
+_STORE_QUEUE_BYTES = 2 << 30
+_WRITE_BATCH = 32
 
 
 class KvOffload:
     """Called from the engine thread, except the store writer thread it owns. `read_page(id)`
-    returns a host copy of a device page's payload."""
+    returns a host copy of a device page's payload; `snapshot_page(id)` starts one and returns
+    (host tensor, CUDA event or None)."""
 
     def __init__(
         self,
         read_page: Callable[[int], memoryview],
+        snapshot_page: Callable[[int], tuple[Any, Any]],
         host_tier_bytes: int,
         store_target: str | None,
         store_token: str | None,
     ) -> None:
         self.read_page = read_page
+        self.snapshot_page = snapshot_page
         self.host = CpuTier(host_tier_bytes) if host_tier_bytes else None
         self.store: Any = None
         self._events: list[KvEventData] = []
         self._lock = threading.Lock()
-        self._queue: queue.Queue[list[tuple[bytes, bytes]] | None] = queue.Queue(
-            _STORE_QUEUE_PAGES)
+        self._queue: queue.Queue[_PendingWrite | None] = queue.Queue()
+        self._queued_bytes = 0
         self.num_store_writes_dropped = 0
         self.num_store_errors = 0
         self._writer: threading.Thread | None = None
@@ -84,26 +100,46 @@ class KvOffload:
         full (the store is slow or down) rather than stall the caller."""
         if self.store is None:
             return
-        blob = encode_page(ns, key, tokens_to_bytes(token_ids), self.read_page(page_id))
-        try:
-            self._queue.put_nowait([(key, blob)])
-        except queue.Full:
+        if self._queued_bytes + ns.page_nbytes > _STORE_QUEUE_BYTES:
             self.num_store_writes_dropped += 1
+            return
+        host, event = self.snapshot_page(page_id)  # async device -> host copy
+        with self._lock:
+            self._queued_bytes += ns.page_nbytes
+        self._queue.put(_PendingWrite(ns, key, tokens_to_bytes(token_ids), host, event))
 
     def _write_loop(self) -> None:
+        """Send queued pages, up to _WRITE_BATCH per call, until a None arrives."""
         assert self.store is not None
         while True:
-            item = self._queue.get()
+            items = [self._queue.get()]
+            while len(items) < _WRITE_BATCH and items[-1] is not None:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            writes = [item for item in items if item is not None]
             try:
-                if item is None:
-                    return
-                self.store.put_encoded_pages(item)
-                self._emit(KvEventData("stored", [k for k, _ in item], None, "store"))
+                pages = []
+                for item in writes:
+                    if item.event is not None:
+                        item.event.synchronize()
+                    payload = memoryview(item.host.view(-1).view(torch.uint8).numpy()).cast("B")
+                    pages.append((item.key, encode_page(item.ns, item.key, item.token_bytes,
+                                                        payload)))
+                if pages:
+                    self.store.put_encoded_pages(pages)
+                    self._emit(KvEventData("stored", [k for k, _ in pages], None, "store"))
             except Exception as exc:  # a store that is down is a dropped write, not a crash
                 self.num_store_errors += 1
-                log.warning("store write failed: %s", exc)
+                log.warning("store write of %d pages failed: %s", len(writes), exc)
             finally:
-                self._queue.task_done()
+                with self._lock:
+                    self._queued_bytes -= sum(item.ns.page_nbytes for item in writes)
+                for _ in items:
+                    self._queue.task_done()
+            if items[-1] is None:
+                return
 
     def flush(self) -> None:
         """Block until every queued store write has been sent or has failed."""
