@@ -74,14 +74,14 @@ async def _completion(request: web.Request, *, is_chat: bool) -> web.StreamRespo
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
     parsed = parse_request(body, is_chat=is_chat)
     prep = router.prepare(parsed, request["tenant"])
-    chunks = router.run(prep)
     model = router.model_name
     if not parsed.stream:
-        collected = [chunk async for chunk in chunks]
+        collected = [chunk async for chunk in router.run(prep, buffered=True)]
         worker = collected[-1].worker_id if collected else ""
         return web.json_response(full_response(prep, model, collected),
                                  headers={WORKER_HEADER: worker})
     # Wait for the first chunk before sending headers: until then, failures are plain errors.
+    chunks = router.run(prep)
     try:
         first = await chunks.__anext__()
     except StopAsyncIteration:

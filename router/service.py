@@ -169,10 +169,12 @@ class Router:
                                           prompt_token_ids=prep.prompt_ids, sampling=sampling,
                                           tenant_salt=prep.salt)
 
-    async def run(self, prep: Prepared) -> AsyncIterator[Chunk]:
-        """Stream the request's chunks. Retries on another worker while no token has been
-        produced; raises WorkerFailed if a worker fails after that, InvalidRequest if the worker
-        rejects the input, NoWorkerAvailable when every attempt failed."""
+    async def run(self, prep: Prepared, *, buffered: bool = False) -> AsyncIterator[Chunk]:
+        """The request's chunks. Streamed (`buffered` False): retried on another worker while
+        no output has been yielded; WorkerFailed if a worker fails after that. Buffered: each
+        attempt's chunks are held until it finishes, so any worker failure is retried.
+        InvalidRequest if the worker rejects the input; NoWorkerAvailable when every attempt
+        failed."""
         tried: list[str] = []
         started = time.monotonic()
         last_token_time: float | None = None
@@ -187,6 +189,7 @@ class Router:
                 handle.num_queued_tokens += num_prompt
                 queued = True
                 produced = False
+                held: list[Chunk] = []
                 try:
                     async for response in self.pool.generate(handle, self._generate_request(prep)):
                         if queued:
@@ -199,10 +202,16 @@ class Router:
                             else:
                                 self.metrics.itl.observe(now - last_token_time)
                             last_token_time = now
-                        produced = produced or bool(response.token_ids or response.text)
-                        yield self._chunk(response, handle.worker_id)
+                        chunk = self._chunk(response, handle.worker_id)
+                        if buffered:
+                            held.append(chunk)
+                        else:
+                            produced = produced or bool(chunk.token_ids or chunk.text)
+                            yield chunk
                     self.pool.record_success(handle)
                     self.metrics.e2e.observe(time.monotonic() - started)
+                    for chunk in held:
+                        yield chunk
                     return
                 except grpc.aio.AioRpcError as exc:
                     code = exc.code()
