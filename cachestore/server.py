@@ -227,19 +227,21 @@ class StoreServer:
         reflection.enable_server_reflection(
             (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
         address = f"{config.host}:{config.port}"
-        if config.is_tls:
-            key = Path(config.tls_key).read_bytes()  # type: ignore[arg-type]
-            cert = Path(config.tls_cert).read_bytes()  # type: ignore[arg-type]
-            credentials = grpc.ssl_server_credentials([(key, cert)])
-            self.port = self._server.add_secure_port(address, credentials)
-        else:
-            self.port = self._server.add_insecure_port(address)
-        if self.port == 0:
+        try:
+            self.port = self._bind(address)
+        except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
             self.store.close()
-            raise OSError(f"cannot listen on {address}")
+            raise OSError(f"cannot listen on {address}: {exc}") from None
         self._server.start()
         for name in ("", SERVICE):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def _bind(self, address: str) -> int:
+        if not self.config.is_tls:
+            return self._server.add_insecure_port(address)
+        key = Path(self.config.tls_key).read_bytes()  # type: ignore[arg-type]
+        cert = Path(self.config.tls_cert).read_bytes()  # type: ignore[arg-type]
+        return self._server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
 
     @property
     def target(self) -> str:

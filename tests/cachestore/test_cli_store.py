@@ -72,6 +72,17 @@ def test_token_from_env_is_enforced():
             proc.wait()
 
 
+def test_port_in_use_exits_1():
+    from cachestore.server import serve_store
+
+    with serve_store(StoreConfig(port=0)) as taken:
+        proc = kvmesh("store", "--port", str(taken.port))
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert f"kvmesh store: cannot listen on 127.0.0.1:{taken.port}" in err
+    assert "Traceback" not in err and out == ""
+
+
 @pytest.mark.parametrize("args, message", [
     (["--cpu-bytes", "0"], "cpu_bytes must be positive, got 0"),
     (["--port", "70000"], r"port must be in \[0, 65535\], got 70000"),
