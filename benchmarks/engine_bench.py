@@ -123,8 +123,11 @@ def copy_bandwidth(device: str) -> float:
 def bench_decode(name, hf, loaded, args, out: dict) -> None:
     cfg = loaded.config
     kv_token_bytes = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2
-    weight_bytes = sum(t.numel() * t.element_size() for k, t in loaded.state_dict.items()
-                       if k != "model.embed_tokens.weight" or cfg.tie_word_embeddings)
+    # bytes a decode step reads: every matrix once (a tied embedding is the LM head); an untied
+    # embedding table is only gathered, so it is left out
+    read = {t.data_ptr(): t.numel() * t.element_size() for k, t in loaded.state_dict.items()
+            if k != "model.embed_tokens.weight" or cfg.tie_word_embeddings}
+    weight_bytes = sum(read.values())
     engine = Engine(WorkerConfig(model=name, device=args.device, dtype=args.dtype,
                                  kv_cache_bytes=args.kv_gib << 30, max_num_seqs=max(args.batches),
                                  max_num_batched_tokens=16384, max_model_len=args.max_len),
