@@ -33,7 +33,7 @@ class RouterConfig:
     store: str = ""  # shared KV store address; empty = no store lookups
     api_keys: Mapping[str, str] = field(default_factory=dict)  # key -> tenant; empty = no auth
     secret: str = "kvmesh-router"  # enters every tenant salt; set per deployment
-    model_path: str = field(default_factory=default_model_path)  # GGUF file or HF folder
+    model_path: str = field(default_factory=default_model_path)  # GGUF, HF folder or "smollm2"
     served_model_name: str = ""  # empty = the model name the workers report
     max_model_len: int = 0  # 0 = the smallest max_model_len the workers report
     worker_token: str = ""  # bearer token for worker and store gRPC calls
@@ -61,6 +61,8 @@ class RouterConfig:
             _check_address(self.store, "store")
         if not 0 <= self.port <= 65535:
             raise InvalidConfig(f"port must be in [0, 65535], got {self.port}")
+        if self.model_path == "smollm2":  # the workers' name for the bundled model
+            object.__setattr__(self, "model_path", default_model_path())
         if not self.model_path:
             raise InvalidConfig("no model: pass --model (GGUF file or HF folder)")
         if not os.path.exists(self.model_path):
