@@ -8,6 +8,7 @@ one value per page (redis, hiredis parser). A redis-server is started on a free 
 disk tier writes under a temp dir (use --disk-dir to pick the file system).
 
     python3 benchmarks/tiers_bench.py [--pages-per-request 32] [--repeats 5] [--disk-dir DIR]
+                                      [--tune-malloc]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 import redis
 
 from cachestore.keys import Namespace
+from cachestore.malloc_tuning import keep_freed_memory
 from cachestore.store import TieredStore
 from cachestore.tiers.cpu import CpuTier
 from cachestore.tiers.disk import DiskTier
@@ -134,7 +136,11 @@ def main() -> int:
     parser.add_argument("--pages-per-request", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--disk-dir", default=None)
+    parser.add_argument("--tune-malloc", action="store_true",
+                        help="cachestore.malloc_tuning.keep_freed_memory() first")
     args = parser.parse_args()
+    if args.tune_malloc and not keep_freed_memory():
+        sys.exit("--tune-malloc: glibc mallopt not available")
     if shutil.which("redis-server") is None:
         sys.exit("redis-server not on PATH: run `make test` (it installs it)")
     port = free_port()
@@ -158,7 +164,8 @@ def main() -> int:
         proc.kill()
         proc.wait()
     print(f"{args.pages_per_request} pages per request, median of {args.repeats}; "
-          f"cpus={os.cpu_count()}")
+          f"cpus={os.cpu_count()}; malloc tuned: {args.tune_malloc}; "
+          f"load average {os.getloadavg()[0]:.1f}")
     print("| pages | tier | path | put GB/s | get GB/s | lookup us |")
     print("|---|---|---|---:|---:|---:|")
     for name, tier, path, put, get, lookup in rows:

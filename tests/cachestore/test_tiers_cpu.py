@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
+
 import pytest
 
 from cachestore.errors import InvalidConfig
@@ -85,3 +89,12 @@ def test_pinned_pages_on_cuda():
     on_gpu = host.to("cuda", non_blocking=True)
     torch.cuda.synchronize()
     assert torch.equal(on_gpu.cpu(), torch.frombuffer(bytearray(data), dtype=torch.uint8))
+
+
+def test_keep_freed_memory_takes_effect_on_glibc():
+    code = ("from cachestore.malloc_tuning import keep_freed_memory; "
+            "print(keep_freed_memory())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    expected = "True" if platform.libc_ver()[0] == "glibc" else "False"
+    assert out.stdout.strip() == expected
