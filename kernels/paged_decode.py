@@ -26,6 +26,46 @@ _CTAS_PER_SM = 3
 
 
 @triton.jit
+def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, seq, kv_head, num_splits,
+                  stride_po_seq, stride_po_head, stride_po_split, stride_pl_seq, stride_pl_head,
+                  stride_o_seq, stride_o_head,
+                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr,
+                  CHUNK: tl.constexpr):
+    """Merge one KV group's split partials by their log-sum-exp, CHUNK splits per step."""
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_c = tl.arange(0, CHUNK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_g = offs_g < GROUP
+    head = (kv_head * GROUP + offs_g).to(tl.int64)
+    pl = part_lse_ptr + seq * stride_pl_seq + head * stride_pl_head  # [BLOCK_G]
+    po = part_out_ptr + seq * stride_po_seq + head * stride_po_head  # [BLOCK_G]
+    m_all = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
+    l_all = tl.zeros([BLOCK_G], dtype=tl.float32)
+    o_all = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+    for s0 in range(0, num_splits, CHUNK):
+        split = s0 + offs_c
+        mask = mask_g[:, None] & (split < num_splits)[None, :]
+        # .cg: other programs wrote these; read them from L2, never from a stale L1 line
+        # lse: [BLOCK_G, CHUNK]; an empty split has -inf and gets weight 0
+        lse = tl.load(pl[:, None] + split[None, :], mask=mask, other=float("-inf"),
+                      cache_modifier=".cg")
+        # part: [BLOCK_G, CHUNK, HEAD_DIM]
+        part = tl.load(po[:, None, None] + split[None, :, None] * stride_po_split
+                       + offs_d[None, None, :], mask=mask[:, :, None], other=0.0,
+                       cache_modifier=".cg")
+        m_new = tl.maximum(m_all, tl.max(lse, axis=1))
+        alpha = tl.exp2(m_all - m_new)
+        weight = tl.exp2(lse - m_new[:, None])
+        o_all = o_all * alpha[:, None] + tl.sum(part * weight[:, :, None], axis=1)
+        l_all = l_all * alpha + tl.sum(weight, axis=1)
+        m_all = m_new
+    # split 0 always holds tokens (seq_len >= 1), so l_all > 0 on real heads
+    l_all = tl.where(mask_g, l_all, 1.0)
+    o = out_ptr + seq * stride_o_seq + head[:, None] * stride_o_head + offs_d[None, :]
+    tl.store(o, (o_all / l_all[:, None]).to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr, pool_ptr, page_table_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     counter_ptr, sm_scale_log2,
@@ -35,7 +75,7 @@ def _paged_decode_kernel(
     stride_cnt_seq,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, IS_SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_G: tl.constexpr, MERGE_CHUNK: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -94,24 +134,10 @@ def _paged_decode_kernel(
         counter = counter_ptr + seq * stride_cnt_seq + kv_head
         num_done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         if num_done == num_splits - 1:
-            m_all = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
-            l_all = tl.zeros([BLOCK_H], dtype=tl.float32)
-            o_all = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
-            for s in range(0, num_splits):
-                # .cg: read other programs' partials from L2, never a stale L1 line
-                lse_s = tl.load(pl_base + s, mask=mask_h, other=0.0, cache_modifier=".cg")
-                part = tl.load(po_base + s * stride_po_split + offs_d[None, :],
-                               mask=mask_h[:, None], other=0.0, cache_modifier=".cg")
-                m_new = tl.maximum(m_all, lse_s)  # an empty split has lse -inf: weight 0
-                alpha = tl.exp2(m_all - m_new)
-                weight = tl.exp2(lse_s - m_new)
-                o_all = o_all * alpha[:, None] + part * weight[:, None]
-                l_all = l_all * alpha + weight
-                m_all = m_new
-            o = out_ptr + seq * stride_o_seq + head[:, None] * stride_o_head + offs_d[None, :]
-            # split 0 always holds tokens (seq_len >= 1), so l_all > 0
-            tl.store(o, (o_all / l_all[:, None]).to(out_ptr.dtype.element_ty),
-                     mask=mask_h[:, None])
+            _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, seq, kv_head, num_splits,
+                          stride_po_seq, stride_po_head, stride_po_split, stride_pl_seq,
+                          stride_pl_head, stride_o_seq, stride_o_head,
+                          GROUP, HEAD_DIM, BLOCK_G, MERGE_CHUNK)
             tl.store(counter, 0)  # ready for the next call or graph replay
     else:
         o = out_ptr + seq * stride_o_seq + head[:, None] * stride_o_head + offs_d[None, :]
@@ -230,6 +256,7 @@ def paged_decode(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, page_table:
         part_lse.stride(0), part_lse.stride(1), counters.stride(0),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_H=block_h,
         BLOCK_N=config.block_n, IS_SPLIT=is_split, DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_G=triton.next_power_of_2(group), MERGE_CHUNK=8,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
