@@ -29,6 +29,7 @@ import redis
 import torch
 
 from cachestore import Namespace, StoreClient
+from cachestore.malloc import retain_freed_memory
 
 SHAPES = {  # name -> (num_layers, num_kv_heads, head_dim)
     "SmolLM2-135M": (30, 3, 64),
@@ -110,7 +111,7 @@ def bench_shape(name: str, client: StoreClient, rds: redis.Redis, num_pages: int
     # memory is reused). Without this the put figures measure this VM's first touch of fresh
     # guest memory (~0.6 GB/s here), not the store.
     for i in range(warmup_requests):
-        filler = np.arange(num_tokens, dtype=np.int32) + 500_000_000 + 1_000_000 * i
+        filler = np.arange(num_tokens, dtype=np.int64) + 1_000_000_000 + num_tokens * i
         client.put_pages(ns, filler, views)
     rows.append(("gRPC put_pages", size, best_gbps(put, nbytes, repeats)))
     client.put_pages(ns, prompts[0], views)  # most recent: in the CPU tier
@@ -155,7 +156,8 @@ def bench_lookup(client: StoreClient, num_pages: int, prompt_tokens: int,
         tokens = np.arange(tokens_per_put, dtype=np.int32) + i * tokens_per_put
         client.put_pages(ns, tokens, [payload] * (tokens_per_put // ns.page_size))
     indexed = sum(s.num_pages for s in client.stats())
-    prompt = np.arange(prompt_tokens, dtype=np.int32)
+    # a prefix of the last sequence put: the most recent pages, never evicted
+    prompt = np.arange(prompt_tokens, dtype=np.int32) + (num_puts - 1) * tokens_per_put
     assert client.lookup(prompt, ns).num_tokens == prompt_tokens
     latencies = []
     for _ in range(num_calls):
@@ -175,7 +177,12 @@ def main() -> None:
     parser.add_argument("--lookup-pages", type=int, default=1 << 20)
     parser.add_argument("--lookup-tokens", type=int, default=1024)
     parser.add_argument("--lookup-calls", type=int, default=2000)
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave this (client) process's glibc malloc untuned; `kvmesh store` "
+                             "always tunes its own (cachestore/malloc.py)")
     args = parser.parse_args()
+    # Applies to every path measured in this process alike: gRPC client, redis-py, memcpy.
+    malloc_tuned = not args.default_malloc and retain_freed_memory()
 
     store, target = start_store(cpu_bytes=args.cpu_bytes)
     redis_proc, redis_port = start_redis()
@@ -183,10 +190,12 @@ def main() -> None:
         client = StoreClient(target)
         rds = redis.Redis(port=redis_port)
         rows = []
+        load = os.getloadavg()
         for name in SHAPES:
             rows += bench_shape(name, client, rds, args.pages_per_request, args.repeats,
                                 args.cpu_bytes)
-        print(f"\nthroughput, best of {args.repeats}, {os.cpu_count()} CPUs, GB/s = 1e9 B/s")
+        print(f"\nthroughput, best of {args.repeats}, {os.cpu_count()} CPUs, GB/s = 1e9 B/s, "
+              f"load average before {load[0]:.1f}, client malloc tuned: {malloc_tuned}")
         print(f"{'path':<30} {'request':<22} {'GB/s':>7}")
         for path, size, gbps in rows:
             print(f"{path:<30} {size:<22} {gbps:>7.2f}")
