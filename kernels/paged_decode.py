@@ -202,8 +202,10 @@ def num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
     tokens. Measured on the H100 in benchmarks/RESULTS.md.
     """
     if num_sms is None:
-        num_sms = (torch.cuda.get_device_properties(0).multi_processor_count
-                   if torch.cuda.is_available() else 8)
+        num_sms = 8  # CPU (interpreter): any small grid will do
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(torch.cuda.current_device())
+            num_sms = props.multi_processor_count
     programs = max(num_seqs * num_kv_heads, 1)
     slots = _CTAS_PER_SM * num_sms
     cap = max(triton.cdiv(max_seq_len, _MIN_TOKENS_PER_SPLIT), 1)
