@@ -3,8 +3,9 @@
 For SmolLM2-135M pages (368,640 B) and Llama-3-8B pages (2 MiB), over a store of one tier each
 (cpu, disk, redis) measures put and get_closest (GB/s of payload: keys, verification and
 copies included) and lookup latency, next to the raw backend moving the same bytes in the same
-run: a numpy copy (cpu), open+read of the page files (disk), redis-py pipelined SET / GET of
-one value per page (redis, hiredis parser). A redis-server is started on a free port, and the
+run: a numpy copy (cpu), open+write / open+read of one file per page, keeping every page read
+as an answer must (disk), redis-py pipelined SET / GET of one value per page (redis, hiredis
+parser). A redis-server is started on a free port, and the
 disk tier writes under a temp dir (use --disk-dir to pick the file system).
 
     python3 benchmarks/tiers_bench.py [--pages-per-request 32] [--repeats 5] [--disk-dir DIR]
@@ -97,10 +98,12 @@ def bench_shape(name: str, args, redis_url: str, raw: redis.Redis) -> list[tuple
             with open(path, "wb") as f:
                 f.write(p)
 
-    def read_files():
+    def read_files():  # keeps every page until the end, as a get_closest answer must
+        held = []
         for path in files:
             with open(path, "rb") as f:
-                f.read()
+                held.append(f.read())
+        return held
 
     write_s = median_seconds(write_files, args.repeats)
     read_s = median_seconds(read_files, args.repeats)

@@ -48,6 +48,7 @@ class DiskTier(Tier):
             raise InvalidConfig(f"disk tier capacity_bytes must be a positive int, "
                                 f"got {capacity_bytes!r}")
         self.root = Path(path)
+        self._root_str = str(self.root)
         self.read_evicted = read_evicted
         self._lock = threading.Lock()
         self._lru = LruIndex(capacity_bytes)
@@ -131,15 +132,17 @@ class DiskTier(Tier):
     # -- files ---------------------------------------------------------------------------------
 
     def path_of(self, key: bytes) -> Path:
-        hex_key = key.hex()
-        return self.root / hex_key[:2] / (hex_key + _SUFFIX)
+        return Path(self._file_of(key))
+
+    def _file_of(self, key: bytes) -> str:
+        hex_key = key.hex()  # plain strings: pathlib cost more than the read of a small page
+        return f"{self._root_str}/{hex_key[:2]}/{hex_key}{_SUFFIX}"
 
     def _read(self, key: bytes) -> bytes | None:
         try:
-            path = self.path_of(key)
-            with open(path, "rb") as f:
+            with open(self._file_of(key), "rb") as f:
                 blob = f.read()
-            os.utime(path)  # persist recency for the next restart's ordering
+                os.utime(f.fileno())  # persist recency for the next restart's ordering
         except FileNotFoundError:
             return None
         except OSError as e:  # counted by the caller, like every TierUnavailable
@@ -147,22 +150,26 @@ class DiskTier(Tier):
         return blob
 
     def _write(self, key: bytes, blob: bytes | memoryview) -> None:
-        path = self.path_of(key)
-        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
+        path = self._file_of(key)
+        tmp = f"{path}.{uuid.uuid4().hex}{_TMP_SUFFIX}"
         try:
-            path.parent.mkdir(exist_ok=True)
-            with open(tmp, "wb") as f:
+            try:
+                f = open(tmp, "wb")
+            except FileNotFoundError:  # first page of this subdirectory
+                os.mkdir(os.path.dirname(path))
+                f = open(tmp, "wb")
+            with f:
                 f.write(blob)
             os.replace(tmp, path)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            _remove(tmp)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise TierFull(f"disk tier file system is full: {e}") from e
             raise TierUnavailable(f"disk tier write failed: {e}") from e
 
     def _unlink(self, key: bytes) -> None:
         try:
-            self.path_of(key).unlink(missing_ok=True)
+            _remove(self._file_of(key))
         except OSError:
             self._count_error()
 
@@ -191,6 +198,13 @@ class DiskTier(Tier):
                 self._lru.remove(victim)
                 self._unlink(victim)
             self._lru.add(key, nbytes)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _is_hex(name: str) -> bool:
