@@ -109,10 +109,22 @@ def _deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _connect(args: argparse.Namespace, action: str) -> bool:
+    from deploy import ray_stack
+
+    try:
+        ray_stack.connect(args.address, args.namespace)
+    except ray_stack.DeployError as exc:
+        print(f"kvmesh ray {action}: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
 def _status(args: argparse.Namespace) -> int:
     from deploy import ray_stack
 
-    ray_stack.connect(args.address, args.namespace)
+    if not _connect(args, "status"):
+        return 1
     stack = ray_stack.status()
     if not stack.infos and not stack.unavailable:
         print(f"kvmesh is not deployed in namespace {args.namespace!r}")
@@ -126,7 +138,8 @@ def _status(args: argparse.Namespace) -> int:
 def _down(args: argparse.Namespace) -> int:
     from deploy import ray_stack
 
-    ray_stack.connect(args.address, args.namespace)
+    if not _connect(args, "down"):
+        return 1
     names = ray_stack.down()
     print(f"kvmesh ray down: stopped {len(names)} actors {' '.join(names)}".rstrip())
     return 0

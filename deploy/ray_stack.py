@@ -13,6 +13,7 @@ All are detached actors in one Ray namespace, so they outlive the `kvmesh ray de
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from dataclasses import dataclass
 
@@ -55,10 +56,23 @@ class StackStatus:
         return None if router is None else f"http://{router.address}"
 
 
-def connect(address: str, namespace: str) -> None:
-    if not ray.is_initialized():
+def connect(address: str, namespace: str, timeout_s: float = 10.0) -> None:
+    """Join the cluster as a driver. Raises DeployError at once when it cannot be reached
+    (ray.init alone retries an unreachable GCS forever)."""
+    if ray.is_initialized():
+        return
+    target = address.removeprefix("ray://")
+    if address != "auto" and ":" in target:
+        host, _, port = target.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        except (OSError, ValueError) as exc:
+            raise DeployError(f"cannot reach the Ray cluster at {address}: {exc}") from exc
+    try:
         ray.init(address=address, namespace=namespace, log_to_driver=False,
                  logging_level=logging.WARNING)
+    except ConnectionError as exc:
+        raise DeployError(f"cannot connect to the Ray cluster at {address}: {exc}") from exc
 
 
 def _head_node_id() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -64,3 +65,15 @@ def test_cli_rejects_bad_flags_with_a_clear_message():
     assert out.returncode == 2
     assert out.stderr.strip() == "kvmesh ray deploy: --workers must be at least 1, got 0"
     assert out.stdout == ""
+
+
+def test_unreachable_cluster_fails_fast_with_a_clear_message():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens on it once closed
+    for action in ("deploy", "status", "down"):
+        out = subprocess.run([sys.executable, "-m", "deploy.cli", "ray", action, "--address",
+                              f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1
+        assert out.stderr.startswith(
+            f"kvmesh ray {action}: cannot reach the Ray cluster at 127.0.0.1:{port}: ")
