@@ -17,7 +17,7 @@ from cachestore.errors import InvalidRequest
 from cachestore.keys import Namespace, tokens_to_bytes
 
 # element size -> numpy integer of that size: numpy has no bfloat16 / float8, and bits are bits
-_WORD = {1: np.dtype("<u1"), 2: np.dtype("<i2"), 4: np.dtype("<i4")}
+_WORD: dict[int, np.dtype] = {1: np.dtype("<u1"), 2: np.dtype("<i2"), 4: np.dtype("<i4")}
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 
@@ -75,7 +75,7 @@ def kv_to_pages(kv: torch.Tensor, ns: Namespace, num_tokens: int) -> list[memory
     pages = torch.empty((num_pages, L, 2, P, H, D), dtype=kv.dtype)
     src = kv[:, :, : num_pages * P].unflatten(2, (num_pages, P))  # [L, 2, n, P, H, D]
     pages.copy_(src.permute(2, 0, 1, 3, 4, 5))
-    flat = memoryview(pages.view(-1).view(torch.uint8).numpy())
+    flat = memoryview(pages.view(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
     n = ns.page_nbytes
     return [flat[i * n : (i + 1) * n] for i in range(num_pages)]
 

@@ -44,7 +44,7 @@ CLIENT_OPTIONS: list[tuple[str, int]] = [
     ("SingleThreadedUnaryStream", 1),  # grpc.experimental.ChannelOptions
 ]
 
-TIER_BY_NAME: dict[str, int] = {
+TIER_BY_NAME: dict[str, Any] = {  # name -> common_pb2.Tier value
     "device": common_pb2.TIER_DEVICE,
     "cpu": common_pb2.TIER_CPU,
     "disk": common_pb2.TIER_DISK,
@@ -96,7 +96,7 @@ def encode_frame(parts: memoryview | bytes | Sequence[memoryview | bytes]) -> by
     return b"".join((bytes((DATA_TAG,)), varint(nbytes), *parts))
 
 
-def make_serializer(header_type: type) -> Callable[[Any], bytes]:
+def make_serializer(header_type: Any) -> Callable[[Any], bytes]:
     """Serializer of a `oneof {header = 1; bytes data = 2}` stream: pb2 messages (of the oneof's
     wrapper type, or the bare header type) are serialized by protobuf, everything else is taken
     as a data frame (bytes, memoryview, or a sequence of them sent as one frame)."""
@@ -111,7 +111,7 @@ def make_serializer(header_type: type) -> Callable[[Any], bytes]:
     return serialize
 
 
-def make_deserializer(message_type: type) -> Callable[[bytes], Received]:
+def make_deserializer(message_type: Any) -> Callable[[bytes], Received]:
     """Deserializer of a `oneof {header = 1; bytes data = 2}` stream: a data frame comes back as
     a memoryview of its raw bytes (zero copy), a header as the parsed header message, anything
     else as a BadMessage."""
@@ -137,7 +137,7 @@ def make_deserializer(message_type: type) -> Callable[[bytes], Received]:
     return deserialize
 
 
-def make_parser(message_type: type) -> Callable[[bytes], Any]:
+def make_parser(message_type: Any) -> Callable[[bytes], Any]:
     """Deserializer of a plain request: the parsed message, or a BadMessage for garbage."""
 
     def parse(raw: bytes) -> Any:
@@ -252,7 +252,7 @@ def _namespace(values: tuple) -> Namespace:
     return ns
 
 
-def tier_enum(name: str) -> int:
+def tier_enum(name: str) -> Any:  # a common_pb2.Tier value
     return TIER_BY_NAME.get(name, common_pb2.TIER_UNSPECIFIED)
 
 
