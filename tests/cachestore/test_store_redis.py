@@ -179,14 +179,18 @@ def test_cluster_round_trip_spreads_pages_over_masters(redis_cluster, pages):
     store.close()
 
 
-def test_cluster_down_degrades_to_miss(redis_cluster, pages):
+def test_cluster_master_down_degrades_to_miss(redis_cluster, pages):
     store = TieredStore([RedisTier(redis_cluster.url)])
-    tokens = pages.tokens(8)
-    assert store.put(NS, tokens, pages.payloads(NS, 2)) == 2
+    tokens = pages.tokens(4 * 24)  # spread over all three masters
+    assert store.put(NS, tokens, pages.payloads(NS, 24)) == 24
+    redis_cluster.nodes[1].kill()  # no replicas: its slots are gone
+    for _ in range(3):  # the first call finds the dead node, the next ones back off
+        assert store.get_closest(NS, tokens) is None
+        assert store.lookup(NS, tokens).num_tokens == 0
+        assert store.put(NS, pages.tokens(8, offset=1), pages.payloads(NS, 2)) == 0
+    assert not store.stats()[0].is_available
     redis_cluster.kill()
     assert store.get_closest(NS, tokens) is None
-    assert store.put(NS, tokens, pages.payloads(NS, 2)) == 0
-    assert not store.stats()[0].is_available
 
 
 def test_sixteen_threads_over_cpu_and_redis(redis_server, pages):
