@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 ENV_PREFIX = "KVMESH_WORKER_"
@@ -41,6 +42,8 @@ _SERVING: dict[str, tuple[Any, str]] = {
     "host": (str, "address to bind (default 127.0.0.1)"),
     "port": (int, "port to bind; 0 = a free port (default 0)"),
     "token": (str, "require this bearer token on every call but health"),
+    "tls_cert": (str, "PEM certificate chain; with --tls-key serves TLS"),
+    "tls_key": (str, "PEM private key"),
 }
 
 
@@ -94,16 +97,33 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.e
     return WorkerConfig(**fields)
 
 
+@dataclass(frozen=True)
+class Serving:
+    """Where and how the worker listens (not engine config)."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    token: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.token is not None and not self.token:
+            raise ValueError("token must not be empty (omit it to disable auth)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        for path in (self.tls_cert, self.tls_key):
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"{path!r} is not a file")
+
+
 def serving_from_args(
     args: argparse.Namespace, environ: Mapping[str, str] = os.environ
-) -> tuple[str, int, str | None]:
-    host = _value(args, environ, "host", str) or "127.0.0.1"
-    port = _value(args, environ, "port", int)
-    token = _value(args, environ, "token", str) or None
-    port = 0 if port is None else port
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port must be in [0, 65535], got {port}")
-    return host, port, token
+) -> Serving:
+    values = {name: _value(args, environ, name, kind) for name, (kind, _) in _SERVING.items()}
+    return Serving(**{name: value for name, value in values.items() if value is not None})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         config = config_from_args(args)
-        host, port, token = serving_from_args(args)
+        serving = serving_from_args(args)
     except ValueError as exc:
         print(f"kvmesh worker: {exc}", file=sys.stderr)
         return 2
@@ -124,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
     from workers.server import serve_worker
 
     try:
-        handle = serve_worker(config, host, port, token=token)
+        handle = serve_worker(config, serving.host, serving.port, token=serving.token,
+                              tls_cert=serving.tls_cert, tls_key=serving.tls_key)
     except Exception as exc:  # noqa: BLE001 - a clear line, not a traceback
         logging.getLogger(__name__).debug("start failed", exc_info=True)
         print(f"kvmesh worker: failed to start: {exc}", file=sys.stderr)

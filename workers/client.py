@@ -112,9 +112,15 @@ class WorkerClient:
     `close()` (or a with-block) releases the channel; cancelling a generate() iterator
     (`close()` on it, or dropping it) cancels the RPC, and the worker aborts the request."""
 
-    def __init__(self, target: str, token: str | None = None) -> None:
+    def __init__(self, target: str, token: str | None = None, tls: str | None = None) -> None:
+        """`tls`: path of the PEM root certificate to trust; None = plaintext."""
         self.target = target
-        self._channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
+        if tls is not None:
+            with open(tls, "rb") as f:
+                credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+            self._channel = grpc.secure_channel(target, credentials, options=GRPC_OPTIONS)
+        else:
+            self._channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
 

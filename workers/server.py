@@ -11,6 +11,7 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -72,12 +73,18 @@ def serve_worker(
     port: int = 0,
     token: str | None = None,
     load_timeout: float | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
     engine_factory: Callable[[], Any] | None = None,
 ) -> WorkerHandle:
     """Start a worker and block until its model is loaded. Port 0 picks a free port.
 
-    `engine_factory` defaults to `workers.engine.Engine(config)`. Raises WorkerNotReady (after
-    stopping the server) when the model fails to load."""
+    `token` requires `authorization: Bearer <token>` on every call but health; `tls_cert` and
+    `tls_key` (PEM paths, both or neither) serve TLS. `engine_factory` defaults to
+    `workers.engine.Engine(config)`. Raises WorkerNotReady (after stopping the server) when the
+    model fails to load."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key go together")
     if engine_factory is None:
         from workers.engine import Engine  # heavy (torch, transformers): only when serving
 
@@ -102,7 +109,13 @@ def serve_worker(
     )
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    bound_port = server.add_insecure_port(f"{host}:{port}")
+    if tls_cert is not None and tls_key is not None:
+        credentials = grpc.ssl_server_credentials(
+            [(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())]
+        )
+        bound_port = server.add_secure_port(f"{host}:{port}", credentials)
+    else:
+        bound_port = server.add_insecure_port(f"{host}:{port}")
     if bound_port == 0:
         raise OSError(f"cannot bind {host}:{port}")
     server.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import uuid
 from collections.abc import Iterator
@@ -146,7 +147,8 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         if method.startswith(self._OPEN_PREFIXES):
             return continuation(handler_call_details)
         metadata = dict(handler_call_details.invocation_metadata or ())
-        if metadata.get("authorization") == self._expected:
+        given = metadata.get("authorization", "")
+        if isinstance(given, str) and hmac.compare_digest(given.encode(), self._expected.encode()):
             return continuation(handler_call_details)
         handler = continuation(handler_call_details)
         if handler is not None and handler.response_streaming:

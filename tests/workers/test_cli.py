@@ -3,6 +3,8 @@ process (SmolLM2) with bearer-token auth that stops cleanly on SIGTERM."""
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import os
 import re
 import signal
@@ -14,9 +16,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deploy.cli import build_parser
-from workers.cli import config_from_args, serving_from_args
+from workers.cli import Serving, config_from_args, serving_from_args
 from workers.client import WorkerClient, WorkerError
 from workers.errors import InvalidConfig
+from workers.sampling import SamplingParams
 
 LISTENING = re.compile(r"^kvmesh worker listening on (127\.0\.0\.1:\d+)\n$")
 
@@ -43,7 +46,7 @@ def test_flags_override_environment_which_overrides_defaults():
     assert config.enforce_eager is True
     assert config.store == "127.0.0.1:7001"
     assert config.model == "smollm2"  # default
-    assert serving_from_args(args, env) == ("127.0.0.1", 0, "env-token")
+    assert serving_from_args(args, env) == Serving("127.0.0.1", 0, "env-token")
 
 
 def test_bad_environment_value_names_the_variable():
@@ -53,6 +56,10 @@ def test_bad_environment_value_names_the_variable():
         config_from_args(_args(), {"KVMESH_WORKER_ENFORCE_EAGER": "maybe"})
     with pytest.raises(InvalidConfig, match="page_size must be a power of two"):
         config_from_args(_args("--page-size", "12"), {})
+    with pytest.raises(ValueError, match="tls_cert and tls_key go together"):
+        serving_from_args(_args("--tls-cert", __file__), {})
+    with pytest.raises(ValueError, match="port must be in"):
+        serving_from_args(_args(), {"KVMESH_WORKER_PORT": "70000"})
 
 
 def test_bad_flag_exits_2_with_a_clear_message_and_no_traceback():
@@ -66,32 +73,70 @@ def test_bad_flag_exits_2_with_a_clear_message_and_no_traceback():
     assert "Traceback" not in proc.stderr
 
 
-def test_worker_process_serves_with_token_and_stops_on_sigterm(tmp_path):
-    env = {**os.environ, "KVMESH_WORKER_MAX_MODEL_LEN": "256"}
+def _self_signed(tmp_path) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 and its key, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_worker_process_serves_tls_with_token_and_stops_on_sigterm(tmp_path):
+    cert, key = _self_signed(tmp_path)
+    env = {**os.environ, "KVMESH_WORKER_MAX_MODEL_LEN": "256", "KVMESH_WORKER_TLS_KEY": key}
     stderr = open(tmp_path / "stderr", "w+")  # a file, not a pipe: model loading logs a lot
     proc = subprocess.Popen(
         [sys.executable, "-m", "deploy.cli", "worker", "--port", "0", "--token", "s3cret",
-         "--kv-cache-bytes", str(64 << 20), "--log-level", "WARNING"],
+         "--tls-cert", cert, "--kv-cache-bytes", str(64 << 20), "--log-level", "WARNING"],
         stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
     )
     try:
         line = proc.stdout.readline()
         assert LISTENING.match(line), (line, (tmp_path / "stderr").read_text())
         address = LISTENING.match(line).group(1)
-        with grpc.insecure_channel(address) as channel:  # health needs no token
+        credentials = grpc.ssl_channel_credentials(open(cert, "rb").read())
+        with grpc.secure_channel(address, credentials) as channel:  # health needs no token
             status = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service="kvmesh.v1.Worker"), timeout=10).status
         assert status == health_pb2.HealthCheckResponse.SERVING
-        with WorkerClient(address) as anonymous:
+        with WorkerClient(address, tls=cert) as anonymous:
             with pytest.raises(WorkerError) as info:
                 anonymous.stats()
             assert info.value.code == "UNAUTHENTICATED"
-        with WorkerClient(address, token="wrong") as wrong:
+        with WorkerClient(address, token="wrong", tls=cert) as wrong:
             with pytest.raises(WorkerError) as info:
                 list(wrong.generate([1, 2, 3]))
             assert info.value.code == "UNAUTHENTICATED"
-        with WorkerClient(address, token="s3cret") as client:
+        with WorkerClient(address, token="s3cret", tls=cert) as client:
             assert client.stats().max_model_len == 256  # from the environment
+            got = [o.token_ids for o in client.generate(
+                [1, 2, 3], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))]
+            assert sum(len(ids) for ids in got) == 2
+        with WorkerClient(address, token="s3cret") as plaintext:  # no TLS: cannot talk
+            with pytest.raises(WorkerError) as info:
+                plaintext.stats(timeout=5)
+            assert info.value.is_unavailable
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         assert proc.stdout.read() == ""  # exactly one line on stdout
