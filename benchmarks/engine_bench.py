@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from engine_bench_tables import print_tables
 
 from workers.config import WorkerConfig
 from workers.engine import Engine
@@ -263,23 +264,15 @@ def bench_memory(name, loaded, args, out: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="1b,8b")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--batches", default="1,32,64")
-    ap.add_argument("--prompt-len", type=int, default=1024)
-    ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--ttft-prefix", type=int, default=8192)
-    ap.add_argument("--trials", type=int, default=2)
-    ap.add_argument("--kv-gib", type=int, default=16)
-    ap.add_argument("--host-gib", type=int, default=4)
-    ap.add_argument("--max-len", type=int, default=8192 + 512)
-    ap.add_argument("--mem-requests", type=int, default=64)
-    ap.add_argument("--mem-min", type=int, default=64)
-    ap.add_argument("--mem-max", type=int, default=4096)
-    ap.add_argument("--mem-new-max", type=int, default=512)
-    ap.add_argument("--parts", default="decode,ttft,memory")
+    for flag, default in (("models", "1b,8b"), ("device", "cuda"), ("batches", "1,32,64"),
+                          ("parts", "decode,ttft,memory"), ("out", None)):
+        ap.add_argument(f"--{flag}", default=default)
+    for flag, default in (("prompt-len", 1024), ("new-tokens", 256), ("ttft-prefix", 8192),
+                          ("trials", 2), ("kv-gib", 16), ("host-gib", 4), ("max-len", 8704),
+                          ("mem-requests", 64), ("mem-min", 64), ("mem-max", 4096),
+                          ("mem-new-max", 512)):
+        ap.add_argument(f"--{flag}", type=int, default=default)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes for a CPU check")
-    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     if args.smoke:
@@ -295,9 +288,7 @@ def main() -> None:
         hf, loaded = build(name, args.device, torch_dtype, args.max_len)
         out = results.setdefault(name, {})
         parts = args.parts.split(",")
-        for part in ("decode", "ttft", "memory"):
-            if part not in parts:
-                continue
+        for part in (p for p in ("decode", "ttft", "memory") if p in parts):
             if part == "decode":
                 bench_decode(name, hf, loaded, args, out)
             elif part == "ttft":
@@ -312,6 +303,7 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
     print(json.dumps(results, indent=1))
+    print_tables(results)
 
 
 if __name__ == "__main__":
