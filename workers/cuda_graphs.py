@@ -7,6 +7,7 @@ padded rows write into the scratch page and attend over one token of it.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from workers.models.llama import AttentionMetadata, AttentionOps, LlamaForCausalLM
@@ -29,12 +30,21 @@ class DecodeGraphs:
         self.scratch_page = scratch_page
         dev = kv_pool.device
         n = max_num_seqs
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.full((n,), self.scratch_slot, dtype=torch.int64, device=dev)
+        # rows: input ids, positions, slot mapping, seq lens (copied into the int32 seq_lens)
+        self._dev_inputs = torch.zeros((4, n), dtype=torch.int64, device=dev)
+        self.input_ids, self.positions, self.slot_mapping = self._dev_inputs[:3]
+        self._host_inputs_t = torch.zeros((4, n), dtype=torch.int64, pin_memory=True)
+        self._host_inputs = self._host_inputs_t.numpy()
+        self._pad_row = np.array([[0], [0], [self.scratch_slot], [1]], dtype=np.int64)
+        self._host_table_t = torch.zeros((n, max_pages_per_seq), dtype=torch.int32,
+                                         pin_memory=True)
+        self._host_table = self._host_table_t.numpy()
+        self._dev_inputs[2].fill_(self.scratch_slot)
+        self._dev_inputs[3].fill_(1)
+        self._seq_lens64 = self._dev_inputs[3]
         self.page_table = torch.full((n, max_pages_per_seq), scratch_page, dtype=torch.int32,
                                      device=dev)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)  # filled from row 3
         self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.sizes = graph_batch_sizes(max_num_seqs)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -76,18 +86,21 @@ class DecodeGraphs:
         graph's output buffer, valid until the next replay)."""
         num_seqs = len(input_ids)
         bs = next(s for s in self.sizes if s >= num_seqs)
-        pad = bs - num_seqs
-        dev = self.input_ids.device
-        self.input_ids[:bs].copy_(torch.tensor(input_ids + [0] * pad), non_blocking=True)
-        self.positions[:bs].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
-        self.slot_mapping[:bs].copy_(torch.tensor(slots + [self.scratch_slot] * pad),
-                                     non_blocking=True)
-        self.seq_lens[:bs].copy_(torch.tensor(seq_lens + [1] * pad, dtype=torch.int32),
-                                 non_blocking=True)
+        # one staging row per input, padded for the captured size, sent in one copy:
+        # ids, positions, slots, seq_lens
+        host = self._host_inputs
+        host[:, :bs] = self._pad_row
+        host[0, :num_seqs] = input_ids
+        host[1, :num_seqs] = positions
+        host[2, :num_seqs] = slots
+        host[3, :num_seqs] = seq_lens
+        self._dev_inputs[:, :bs].copy_(self._host_inputs_t[:, :bs], non_blocking=True)
         width = max(len(r) for r in page_rows)
-        table = torch.full((bs, width), self.scratch_page, dtype=torch.int32)
+        table = self._host_table
+        table[:bs, :width] = self.scratch_page
         for i, row in enumerate(page_rows):
-            table[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
-        self.page_table[:bs, :width].copy_(table.to(dev, non_blocking=True))
+            table[i, : len(row)] = row
+        self.page_table[:bs, :width].copy_(self._host_table_t[:bs, :width], non_blocking=True)
+        self.seq_lens[:bs].copy_(self._seq_lens64[:bs])  # int64 staging row -> int32 input
         self.graphs[bs].replay()
         return self.outputs[bs][:num_seqs]
