@@ -35,7 +35,9 @@ def _to_pinned(blob: bytes | memoryview) -> memoryview:
     src = memoryview(blob).cast("B")
     host = torch.empty(src.nbytes, dtype=torch.uint8, pin_memory=True)
     host.numpy()[:] = src  # one copy into page-locked memory
-    return host.numpy().data  # a memoryview that keeps the pinned tensor alive
+    # Read-only, like bytes pages: readers cannot scribble on a stored page. The view keeps
+    # the pinned tensor alive.
+    return host.numpy().data.toreadonly()
 
 
 class CpuTier(Tier):

@@ -209,6 +209,7 @@ def test_pinned_cpu_tier_over_disk_on_cuda(tmp_path, pages):
     got = store.get_closest(NS, tokens)
     assert got.tiers == ["disk", "disk", "cpu", "cpu"]
     assert [bytes(p) for p in got.payloads] == payloads
+    assert all(p.readonly for p in got.payloads)
     # pages 2-3 are views into pinned host memory: one async copy each to the GPU
     kv = [torch.frombuffer(p, dtype=torch.float16).view(NS.page_shape) for p in got.payloads[2:]]
     assert all(t.is_pinned() for t in kv)

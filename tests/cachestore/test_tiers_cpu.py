@@ -84,7 +84,8 @@ def test_pinned_pages_on_cuda():
     tier.put_many([(key(1), data)])
     page = tier.get_many([key(1)])[0]
     assert bytes(page) == data
-    host = torch.frombuffer(page, dtype=torch.uint8)
+    assert page.readonly  # like bytes pages: no reader can change a stored page
+    host = torch.frombuffer(page, dtype=torch.uint8)  # warns: read-only buffer
     assert host.is_pinned()
     on_gpu = host.to("cuda", non_blocking=True)
     torch.cuda.synchronize()
