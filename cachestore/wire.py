@@ -151,7 +151,8 @@ def make_parser(message_type: Any) -> Callable[[bytes], Any]:
 
 def cut_frames(pages: Sequence[memoryview | bytes], frame_nbytes: int = FRAME_NBYTES
                ) -> Iterator[list[memoryview]]:
-    """Group the concatenation of `pages` into data frames of about `frame_nbytes`, never
+    """Group the concatenation of `pages` into data frames of about `frame_nbytes` (at most
+    a quarter more, so three SmolLM2 pages of 368,640 B share a frame), never
     splitting a page of up to MAX_PAGE_IN_FRAME bytes: a frame holds whole pages (one page if it
     is bigger than `frame_nbytes`), so the receiver can slice pages out of frames without a copy.
     Larger pages are cut into `frame_nbytes` pieces. Each frame is a list of memoryview slices
@@ -160,7 +161,7 @@ def cut_frames(pages: Sequence[memoryview | bytes], frame_nbytes: int = FRAME_NB
     size = 0
     for page in pages:
         view = memoryview(page).cast("B")
-        if frame and size + len(view) > frame_nbytes:
+        if frame and size + len(view) > frame_nbytes + frame_nbytes // 4:
             yield frame
             frame, size = [], 0
         if len(view) > MAX_PAGE_IN_FRAME:
