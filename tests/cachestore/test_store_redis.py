@@ -225,12 +225,12 @@ def test_page_in_flight_to_a_slow_redis_is_still_found(redis_server, pages):
     """CLIENT PAUSE WRITE holds the demotion SETs; meanwhile the demoted pages are served from
     the in-flight registry instead of being a miss."""
     cpu = CpuTier(capacity_bytes=2 * BLOB, pin_memory=False)
-    store = TieredStore([cpu, RedisTier(redis_server.url, socket_timeout_s=2.0)])
+    store = TieredStore([cpu, RedisTier(redis_server.url, socket_timeout_s=5.0)])
     first, second = pages.tokens(8, offset=1), pages.tokens(8, offset=2)
     first_payloads = pages.payloads(NS, 2, offset=1)
     store.put(NS, first, first_payloads)
     raw = redis.Redis.from_url(redis_server.url)
-    raw.execute_command("CLIENT", "PAUSE", "400", "WRITE")
+    raw.execute_command("CLIENT", "PAUSE", "1500", "WRITE")  # long: loaded CI
     putter = threading.Thread(target=store.put, args=(NS, second, pages.payloads(NS, 2, 2)))
     putter.start()
     deadline = time.monotonic() + 5
