@@ -99,7 +99,7 @@ def test_ttl_is_set_and_refreshed_on_hit(redis_server, pages):
 
 
 def test_kill_redis_mid_test_degrades_to_miss_then_recovers(redis_server, pages):
-    tier = RedisTier(redis_server.url, retry_after_s=0.5)
+    tier = RedisTier(redis_server.url, retry_after_s=1.0)
     store = TieredStore([CpuTier(capacity_bytes=2 * BLOB, pin_memory=False), tier])
     tokens = pages.tokens(16)
     payloads = pages.payloads(NS, 4)
@@ -121,7 +121,7 @@ def test_kill_redis_mid_test_degrades_to_miss_then_recovers(redis_server, pages)
         tier.contains_many([b"\0" * 16])
 
     redis_server.start()  # same port, empty
-    time.sleep(0.6)
+    time.sleep(1.1)
     assert store.put(NS, tokens, payloads) == 4
     assert store.lookup(NS, tokens).tiers == ["redis"] * 2 + ["cpu"] * 2
     assert store.stats()[1].is_available

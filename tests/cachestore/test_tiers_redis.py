@@ -58,7 +58,7 @@ def test_maxmemory_reported_and_oom_degrades(redis_factory, pages):
 
 
 def test_failure_backs_off_then_reconnects(redis_server):
-    tier = RedisTier(redis_server.url, retry_after_s=0.3)
+    tier = RedisTier(redis_server.url, retry_after_s=0.5)
     tier.put_many([(key(1), b"v")])
     redis_server.kill()
     with pytest.raises(TierUnavailable, match="unreachable"):
@@ -67,7 +67,7 @@ def test_failure_backs_off_then_reconnects(redis_server):
         tier.contains_many([key(1)])
     assert not tier.stats().is_available
     redis_server.start()
-    time.sleep(0.35)
+    time.sleep(0.55)
     assert tier.contains_many([key(1)]) == [False]  # a fresh, empty server
     assert tier.stats().is_available
 
