@@ -18,7 +18,14 @@ __all__ = ["gather_kv", "paged_decode_ref", "paged_prefill_ref", "write_kv_ref"]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON:
     # kernels._common must load first: it picks the interpreter before Triton is imported
-    import kernels._common  # noqa: F401
+    try:
+        import kernels._common  # noqa: F401
+    except RuntimeError as exc:  # Triton unusable here; the references still work
+        import warnings
+
+        warnings.warn(str(exc), stacklevel=2)
+        HAS_TRITON = False
+if HAS_TRITON:
     from kernels.cache_write import write_kv
     from kernels.paged_decode import DecodeConfig, DecodeWorkspace, num_kv_splits, paged_decode
     from kernels.paged_prefill import paged_prefill

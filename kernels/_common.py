@@ -7,12 +7,19 @@ wrap in int32 (page ids come from an int32 page table).
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
 # Without a CUDA device Triton kernels can only run in its interpreter; the flag is read when
-# each @triton.jit function is defined, so it must be set before the kernel modules load.
+# each @triton.jit function (Triton's own tl.zeros etc. included) is defined, so it must be set
+# before Triton is first imported.
 if not torch.cuda.is_available():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "Triton was imported before kernels without TRITON_INTERPRET=1 on a machine "
+            "without CUDA; set TRITON_INTERPRET=1 before anything imports triton"
+        )
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton  # noqa: E402
