@@ -102,7 +102,7 @@ class DiskTier(Tier):
                     self._stats.evictions += 1
                 self._lru.add(key, nbytes)
             for victim in victims:
-                old = self._read(victim) if self.read_evicted else None
+                old = self._read_evicted(victim) if self.read_evicted else None
                 self._unlink(victim)
                 if old is not None:
                     evicted.append((victim, old))
@@ -148,6 +148,14 @@ class DiskTier(Tier):
         except OSError as e:  # counted by the caller, like every TierUnavailable
             raise TierUnavailable(f"disk tier read failed: {e}") from e
         return blob
+
+    def _read_evicted(self, key: bytes) -> bytes | None:
+        """An evicted page for demotion; unreadable means it is simply not demoted."""
+        try:
+            with open(self._file_of(key), "rb") as f:
+                return f.read()
+        except OSError:
+            return None
 
     def _write(self, key: bytes, blob: bytes | memoryview) -> None:
         path = self._file_of(key)
