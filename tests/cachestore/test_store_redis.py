@@ -173,6 +173,7 @@ def test_cluster_round_trip_spreads_pages_over_masters(redis_cluster, pages):
     assert store.lookup(NS, tokens).num_tokens == 40
     s = store.stats()[0]
     assert (s.num_pages, s.is_available, s.errors) == (23, True, 0)
+    assert s.used_bytes > 23 * BLOB and s.capacity_bytes == 0  # summed over masters; no maxmemory
     client = RedisCluster(host="127.0.0.1", port=redis_cluster.nodes[0].port)
     assert client.strlen(PREFIX + NS.page_keys(tokens)[0]) == BLOB
     client.close()
