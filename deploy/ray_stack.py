@@ -21,6 +21,7 @@ import ray
 from ray.util.placement_group import (
     get_placement_group,
     placement_group,
+    placement_group_table,
     remove_placement_group,
 )
 from ray.util.scheduling_strategies import (
@@ -122,12 +123,15 @@ def deploy(config: RayDeployConfig) -> StackStatus:
         raise
 
 
-def _deploy(config: RayDeployConfig) -> StackStatus:
-    head = _head_node_id()
-    store = _start(STORE_ACTOR, "store", config.store_argv(), config, num_cpus=0,
-                   scheduling_strategy=_on_head(head))
-    (store_info,) = _ready([store], "the store", config.ready_timeout_s)
+def _node_ips() -> dict[str, str]:
+    return {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]}
 
+
+def _deploy(config: RayDeployConfig) -> StackStatus:
+    # Every address is known before anything starts (fixed ports; the store and router on the
+    # head node, worker i on the node of bundle i), so all roles start at once: the workers'
+    # store client and the router's worker pool connect when their peers come up.
+    head = _head_node_id()
     bundle = {"CPU": config.num_cpus_per_worker, "GPU": config.num_gpus_per_worker}
     bundle = {k: v for k, v in bundle.items() if v > 0}
     group = placement_group([bundle] * config.num_workers, strategy="SPREAD",
@@ -138,24 +142,34 @@ def _deploy(config: RayDeployConfig) -> StackStatus:
         raise DeployError(f"the cluster cannot place {config.num_workers} workers of {bundle} "
                           f"each within {config.ready_timeout_s:.0f}s; available: "
                           f"{ray.available_resources()}") from exc
+    node_ips = _node_ips()
+    bundle_nodes = placement_group_table(group)["bundles_to_node_id"]
+    store_address = f"{node_ips[head]}:{config.store_port}"
+    worker_addresses = [f"{node_ips[bundle_nodes[i]]}:{config.worker_port(i)}"
+                        for i in range(config.num_workers)]
+
+    store = _start(STORE_ACTOR, "store", config.store_argv(), config, num_cpus=0,
+                   scheduling_strategy=_on_head(head))
     # Ray warns about restartable detached actors in a placement group (removing the group kills
     # them for good); that is what `kvmesh ray down` wants, so keep the warning off the console.
     logging.getLogger("ray.actor").setLevel(logging.ERROR)
     workers = [
-        _start(worker_actor_name(i), "worker", config.worker_argv(i, store_info.address), config,
+        _start(worker_actor_name(i), "worker", config.worker_argv(i, store_address), config,
                num_cpus=config.num_cpus_per_worker, num_gpus=config.num_gpus_per_worker,
                scheduling_strategy=PlacementGroupSchedulingStrategy(
                    placement_group=group, placement_group_bundle_index=i))
         for i in range(config.num_workers)
     ]
-    worker_infos = _ready(workers, "the workers", config.ready_timeout_s)
-
-    router = _start(ROUTER_ACTOR, "router",
-                    config.router_argv([w.address for w in worker_infos], store_info.address),
+    router = _start(ROUTER_ACTOR, "router", config.router_argv(worker_addresses, store_address),
                     config, num_cpus=0, scheduling_strategy=_on_head(head))
-    (router_info,) = _ready([router], "the router", config.ready_timeout_s)
-    infos = {STORE_ACTOR: store_info, ROUTER_ACTOR: router_info}
-    infos.update({worker_actor_name(i): info for i, info in enumerate(worker_infos)})
+    names = [STORE_ACTOR, *(worker_actor_name(i) for i in range(config.num_workers)),
+             ROUTER_ACTOR]
+    infos = dict(zip(names, _ready([store, *workers, router], "the stack",
+                                   config.ready_timeout_s), strict=True))
+    expected = [store_address, *worker_addresses]
+    actual = [infos[name].address for name in names[:-1]]
+    if actual != expected:  # e.g. a node whose Ray IP is not the one its roles report
+        raise DeployError(f"roles listen on {actual}, the router was given {expected}")
     return StackStatus(infos=infos, unavailable=[])
 
 
@@ -173,20 +187,26 @@ def status(timeout_s: float = 10.0) -> StackStatus:
 
 
 def down(timeout_s: float = 30.0) -> list[str]:
-    """Stop every kvmesh actor (router first, store last) and remove the worker placement group.
-    Returns the actor names it removed. Waits until Ray has released their names."""
+    """Stop every kvmesh actor (the router, then the workers together, then the store) and
+    remove the worker placement group. Returns the actor names it removed. Waits until Ray has
+    released their names."""
     names = _kvmesh_actor_names()
-    order = sorted(names, key=lambda n: (n != ROUTER_ACTOR, n == STORE_ACTOR, n))
-    for name in order:
-        try:
-            handle = ray.get_actor(name)
-        except ValueError:
-            continue  # died meanwhile
-        try:
-            ray.get(handle.stop.remote(), timeout=timeout_s)  # stops the child cleanly
-        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
-            pass  # the kill below takes the child down with it (PDEATHSIG)
-        ray.kill(handle, no_restart=True)
+    phases = [[n for n in names if n == ROUTER_ACTOR],
+              [n for n in names if n not in (ROUTER_ACTOR, STORE_ACTOR)],
+              [n for n in names if n == STORE_ACTOR]]
+    for phase in phases:
+        handles = []
+        for name in phase:
+            try:
+                handles.append(ray.get_actor(name))
+            except ValueError:
+                continue  # died meanwhile
+        if not handles:
+            continue
+        stops = [handle.stop.remote() for handle in handles]  # stops each child cleanly
+        ray.wait(stops, num_returns=len(stops), timeout=timeout_s)
+        for handle in handles:
+            ray.kill(handle, no_restart=True)  # a child still there dies with it (PDEATHSIG)
     try:
         remove_placement_group(get_placement_group(WORKER_GROUP))
     except ValueError:
