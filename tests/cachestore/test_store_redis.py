@@ -176,8 +176,18 @@ def test_cluster_round_trip_spreads_pages_over_masters(redis_cluster, pages):
     assert s.used_bytes > 23 * BLOB and s.capacity_bytes == 0  # summed over masters; no maxmemory
     client = RedisCluster(host="127.0.0.1", port=redis_cluster.nodes[0].port)
     assert client.strlen(PREFIX + NS.page_keys(tokens)[0]) == BLOB
+    # TTL and GETEX refresh work across nodes too (another prefix on the same cluster)
+    ttl_store = TieredStore([RedisTier(redis_cluster.url, ttl_seconds=100, key_prefix="ttl:")])
+    assert ttl_store.put(NS, tokens[:40], payloads[:10]) == 10
+    ttl_keys = [b"ttl:" + k for k in NS.page_keys(tokens[:40])]
+    assert all(0 < client.ttl(k) <= 100 for k in ttl_keys)
+    for k in ttl_keys:
+        client.expire(k, 5)
+    assert ttl_store.get_closest(NS, tokens[:40]).num_tokens == 40
+    assert all(client.ttl(k) > 5 for k in ttl_keys)
     client.close()
     store.close()
+    ttl_store.close()
 
 
 def test_cluster_master_down_degrades_to_miss(redis_cluster, pages):
