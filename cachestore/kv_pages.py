@@ -6,6 +6,8 @@ KV is [num_layers, 2, num_tokens, num_kv_heads, head_dim]. Each direction is one
 
 from __future__ import annotations
 
+import math
+import mmap
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +21,19 @@ from cachestore.keys import Namespace, tokens_to_bytes
 # element size -> numpy integer of that size: numpy has no bfloat16 / float8, and bits are bits
 _WORD: dict[int, np.dtype] = {1: np.dtype("<u1"), 2: np.dtype("<i2"), 4: np.dtype("<i4")}
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+_HUGE_PAGE_MIN_NBYTES = 8 << 20
+
+
+def empty_host(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """torch.empty on the host; large buffers are backed by transparent huge pages (anonymous
+    mmap + MADV_HUGEPAGE), so filling them takes 512x fewer page faults: 0.7 -> 3-5 GiB/s for
+    a fresh 64 MiB buffer on the benchmark VM. The tensor keeps its mapping alive."""
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    if nbytes < _HUGE_PAGE_MIN_NBYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape, dtype=dtype)
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mapping.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(mapping, dtype=torch.uint8).view(dtype).view(shape)
 
 
 def torch_dtype(ns: Namespace) -> torch.dtype:
@@ -72,7 +87,7 @@ def kv_to_pages(kv: torch.Tensor, ns: Namespace, num_tokens: int) -> list[memory
     if num_pages == 0:
         return []
     L, _, P, H, D = ns.page_shape
-    pages = torch.empty((num_pages, L, 2, P, H, D), dtype=kv.dtype)
+    pages = empty_host((num_pages, L, 2, P, H, D), kv.dtype)
     src = kv[:, :, : num_pages * P].unflatten(2, (num_pages, P))  # [L, 2, n, P, H, D]
     pages.copy_(src.permute(2, 0, 1, 3, 4, 5))
     flat = memoryview(pages.view(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
@@ -84,7 +99,7 @@ def pages_to_kv(pages: Sequence[memoryview], ns: Namespace) -> torch.Tensor:
     """kv [L, 2, len(pages) * P, H, D] (CPU, ns dtype) from page payloads: one copy per page
     into its token slot."""
     L, _, P, H, D = ns.page_shape
-    kv = torch.empty((L, 2, len(pages) * P, H, D), dtype=torch_dtype(ns))
+    kv = empty_host((L, 2, len(pages) * P, H, D), torch_dtype(ns))
     word = _WORD[kv.element_size()]
     out = kv.view(_INT_VIEW[kv.element_size()]).numpy()  # [L, 2, T, H, D]
     for i, page in enumerate(pages):
