@@ -50,6 +50,7 @@ class WorkerHandle:
         self.stats: worker_pb2.WorkerStats | None = None
         self.namespace: Namespace | None = None  # the worker's namespace, empty salt
         self.is_healthy = False
+        self.is_gone = False  # refused connections (not just slow answers)
         self.num_failures = 0  # consecutive request failures
         self.circuit_open_until = 0.0
         self.num_inflight = 0
@@ -92,8 +93,14 @@ class WorkerPool:
             await handle.channel.close()
 
     def available(self) -> list[WorkerHandle]:
+        """Healthy workers with a closed circuit. If there are none, degrade instead of failing:
+        workers that only answered health checks slowly (an overloaded CPU) still count."""
         now = time.monotonic()
-        return [h for h in self.workers.values() if h.is_available(now)]
+        ready = [h for h in self.workers.values() if h.is_available(now)]
+        if ready:
+            return ready
+        return [h for h in self.workers.values() if h.namespace is not None and not h.is_gone
+                and now >= h.circuit_open_until]
 
     # ---- request outcomes ----------------------------------------------------------------
     def record_success(self, handle: WorkerHandle) -> None:
@@ -105,6 +112,7 @@ class WorkerPool:
         its index entries now; otherwise open its circuit after `circuit_failures` in a row."""
         handle.num_failures += 1
         if code == grpc.StatusCode.UNAVAILABLE:
+            handle.is_gone = True
             self._mark_down(handle)
         if handle.num_failures >= self.config.circuit_failures:
             handle.circuit_open_until = time.monotonic() + self.config.circuit_cooldown_s
@@ -141,6 +149,7 @@ class WorkerPool:
                 # Refused connection = gone: out now. Slow answers: out after a few in a row.
                 handle.num_stats_failures += 1
                 is_gone = exc.code() == grpc.StatusCode.UNAVAILABLE
+                handle.is_gone = handle.is_gone or is_gone
                 if handle.is_healthy and (
                     is_gone or handle.num_stats_failures >= self.config.circuit_failures
                 ):
@@ -152,6 +161,7 @@ class WorkerPool:
     def _apply_stats(self, handle: WorkerHandle, stats: worker_pb2.WorkerStats) -> None:
         handle.stats = stats
         handle.num_stats_failures = 0
+        handle.is_gone = False
         if handle.namespace is None and stats.HasField("namespace"):
             handle.namespace = namespace_from_spec(stats.namespace)
         was_healthy, handle.is_healthy = handle.is_healthy, True
