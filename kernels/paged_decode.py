@@ -193,22 +193,26 @@ class DecodeConfig:
 
 
 def num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
-                  num_sms: int | None = None) -> int:
+                  num_sms: int | None = None, total_tokens: int | None = None) -> int:
     """Splits per sequence so that one wave of programs fills the GPU.
 
-    Programs of one launch do equal work, so a partial last wave idles most SMs: with fewer
-    programs (batch x kv heads) than resident slots (_CTAS_PER_SM per SM) take as many splits
-    as fit in one wave; otherwise one. A split never gets fewer than _MIN_TOKENS_PER_SPLIT
-    tokens. Measured on the H100 in benchmarks/RESULTS.md.
+    Programs of one launch do about equal work, so a partial last wave idles most SMs: with
+    fewer programs than resident slots (_CTAS_PER_SM per SM) take as many splits as fit in one
+    wave; otherwise one. Programs are counted in units of the longest sequence: with
+    total_tokens (varlen batches) a batch weighs total_tokens / max_seq_len sequences, so short
+    sequences leave room for more splits of the long ones. A split never gets fewer than
+    _MIN_TOKENS_PER_SPLIT tokens. Measured on the H100 in benchmarks/RESULTS.md.
     """
     if num_sms is None:
         num_sms = 8  # CPU (interpreter): any small grid will do
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(torch.cuda.current_device())
             num_sms = props.multi_processor_count
-    programs = max(num_seqs * num_kv_heads, 1)
+    max_seq_len = max(max_seq_len, 1)
+    full_seqs = num_seqs if total_tokens is None else triton.cdiv(total_tokens, max_seq_len)
+    programs = max(min(full_seqs, num_seqs) * num_kv_heads, 1)
     slots = _CTAS_PER_SM * num_sms
-    cap = max(triton.cdiv(max_seq_len, _MIN_TOKENS_PER_SPLIT), 1)
+    cap = triton.cdiv(max_seq_len, _MIN_TOKENS_PER_SPLIT)
     return max(1, min(slots // programs, cap, MAX_SPLITS))
 
 
@@ -221,7 +225,7 @@ def paged_decode(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, page_table:
 
     Reads kv_pool; writes out and the workspace. Every seq_len must be >= 1 (not checked on
     device). For CUDA-graph capture pass num_splits, workspace and out: then nothing here syncs
-    or allocates. Without num_splits it is chosen from seq_lens.max() (a host sync).
+    or allocates. Without num_splits it is chosen from the max and sum of seq_lens (a host sync).
     """
     page_size, num_kv_heads, group = check_pool(kv_pool, layer, q)
     num_seqs, num_heads, head_dim = q.shape
@@ -234,7 +238,8 @@ def paged_decode(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, page_table:
     if num_seqs == 0:
         return out
     if num_splits is None:
-        num_splits = num_kv_splits(num_seqs, num_kv_heads, int(seq_lens.max()))
+        max_len, total = torch.stack([seq_lens.max(), seq_lens.sum()]).tolist()
+        num_splits = num_kv_splits(num_seqs, num_kv_heads, max_len, total_tokens=total)
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     is_split = num_splits > 1

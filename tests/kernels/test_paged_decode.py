@@ -70,6 +70,9 @@ def test_num_kv_splits_fills_one_wave():
     assert num_kv_splits(49, 8, 8192, num_sms=132) == 1  # 392 programs: one wave already
     assert num_kv_splits(1, 8, 300, num_sms=132) == 5  # never below 64 tokens per split
     assert num_kv_splits(1, 1, 10**6, num_sms=132) == 64  # capped at MAX_SPLITS
+    # varlen: 16 sequences holding as many tokens as 9 of the longest -> 72 programs
+    assert num_kv_splits(16, 8, 8000, num_sms=132, total_tokens=66_000) == 5
+    assert num_kv_splits(16, 8, 8000, num_sms=132, total_tokens=16 * 8000) == 3  # uniform
 
 
 @pytest.mark.parametrize(
