@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 import redis
@@ -69,14 +70,16 @@ def start_redis() -> tuple[subprocess.Popen, int]:
     sys.exit("redis-server did not start")
 
 
-def best_gbps(fn, nbytes: int, repeats: int) -> float:
-    """Best-of-`repeats` throughput of fn() moving `nbytes` (GB/s, 1e9 bytes)."""
-    times = []
+def interleaved_best(fns: dict[str, Callable[[int], None]], repeats: int) -> dict[str, float]:
+    """Best-of-`repeats` seconds of each fn(i), taking turns (fn A, fn B, ..., A, B, ...) so
+    every path sees the same machine load, which on a shared 2-core VM swings a lot."""
+    best = dict.fromkeys(fns, float("inf"))
     for i in range(repeats):
-        t0 = time.perf_counter()
-        fn(i)
-        times.append(time.perf_counter() - t0)
-    return nbytes / min(times) / 1e9
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(i)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
 
 
 def bench_shape(name: str, client: StoreClient, rds: redis.Redis, num_pages: int,
@@ -92,8 +95,6 @@ def bench_shape(name: str, client: StoreClient, rds: redis.Redis, num_pages: int
     # Each put repeat stores new pages (distinct first token) so nothing is a no-op.
     prompts = [np.arange(num_tokens, dtype=np.int32) + 1_000_000 * (i + 1)
                for i in range(repeats)]
-    rows = []
-    size = f"{ns.page_nbytes / 1e6:.3f} MB x {num_pages}"
     warmup_requests = 2 * cpu_bytes // nbytes + 1
 
     def put(i: int) -> None:
@@ -113,13 +114,6 @@ def bench_shape(name: str, client: StoreClient, rds: redis.Redis, num_pages: int
     for i in range(warmup_requests):
         filler = np.arange(num_tokens, dtype=np.int64) + 1_000_000_000 + num_tokens * i
         client.put_pages(ns, filler, views)
-    rows.append(("gRPC put_pages", size, best_gbps(put, nbytes, repeats)))
-    client.put_pages(ns, prompts[0], views)  # most recent: in the CPU tier
-    rows.append(("gRPC get_closest_pages", size, best_gbps(get_pages, nbytes, repeats)))
-    rows.append(("gRPC get_closest -> tensor", size, best_gbps(get_tensor, nbytes, repeats)))
-    got = client.get_closest_pages(ns, prompts[0])
-    assert got is not None and b"".join(got.payloads) == payload.tobytes()
-
     keys = [f"{name}:{i}".encode() for i in range(num_pages)]
 
     def redis_set(i: int) -> None:
@@ -135,13 +129,21 @@ def bench_shape(name: str, client: StoreClient, rds: redis.Redis, num_pages: int
         values = pipe.execute()
         assert len(values[-1]) == ns.page_nbytes
 
-    rows.append(("redis-py SET (pipelined)", size, best_gbps(redis_set, nbytes, repeats)))
-    rows.append(("redis-py GET (pipelined)", size, best_gbps(redis_get, nbytes, repeats)))
-    rds.delete(*keys)
     out = np.empty_like(payload)
-    rows.append(("memcpy (numpy, in-process)", size,
-                 best_gbps(lambda i: np.copyto(out, payload), nbytes, repeats)))
-    return rows
+    writes = interleaved_best({"gRPC put_pages": put, "redis-py SET (pipelined)": redis_set},
+                              repeats)
+    client.delete(prompts[0], ns)
+    client.put_pages(ns, prompts[0], views)  # whole and most recent: in the CPU tier
+    got = client.get_closest_pages(ns, prompts[0])
+    assert got is not None and b"".join(got.payloads) == payload.tobytes()
+    reads = interleaved_best({"gRPC get_closest_pages": get_pages,
+                              "gRPC get_closest -> tensor": get_tensor,
+                              "redis-py GET (pipelined)": redis_get,
+                              "memcpy (numpy, in-process)": lambda i: np.copyto(out, payload)},
+                             repeats)
+    rds.delete(*keys)
+    size = f"{ns.page_nbytes / 1e6:.3f} MB x {num_pages}"
+    return [(path, size, nbytes / seconds / 1e9) for path, seconds in {**writes, **reads}.items()]
 
 
 def bench_lookup(client: StoreClient, num_pages: int, prompt_tokens: int,
@@ -171,7 +173,7 @@ def bench_lookup(client: StoreClient, num_pages: int, prompt_tokens: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pages-per-request", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--cpu-bytes", type=int, default=1 << 30,
                         help="CPU tier of the benchmarked store (put runs with it full)")
     parser.add_argument("--lookup-pages", type=int, default=1 << 20)
