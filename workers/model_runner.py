@@ -117,8 +117,9 @@ class ModelRunner:
         """Run one forward over `batch` (its pages already allocated; loads and copies applied
         here first). Returns (fp32 logits [num_sampled, vocab], indices into batch.seqs of the
         sequences whose chunk reached their last token, i.e. that get a new token)."""
-        self.write_pages(batch.page_loads)
+        # copies first: a copy's source may be freed (preemption) and reused as a load target
         self.copy_pages(batch.page_copies)
+        self.write_pages(batch.page_loads)
         ps = self.page_size
         input_ids: list[int] = []
         positions: list[int] = []

@@ -170,7 +170,7 @@ class KvOffload:
                     log.warning("dropping a bad page from the %s tier: %s", name, exc)
                     break
                 tiers.append(name)
-        return PendingLoad(payloads, tiers) if payloads else None
+        return PendingLoad(num_device_pages, payloads, tiers) if payloads else None
 
     def _host_get(self, keys: list[bytes]) -> list[bytes | memoryview | None]:
         if self.host is None:

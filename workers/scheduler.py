@@ -144,9 +144,15 @@ class Scheduler:
         keys = seq.full_page_keys(max_pages)
         page_tokens = [seq.page_tokens(p) for p in range(max_pages)]
         device_ids = self.bm.match_prefix(keys, page_tokens)
-        if self.lookup is not None and seq.pending_load is None and len(device_ids) < max_pages:
-            seq.pending_load = self.lookup(seq, len(device_ids), max_pages)
-        loads = seq.pending_load or PendingLoad([], [])
+        pending = seq.pending_load
+        if pending is not None and pending.start_page != len(device_ids):
+            pending = None  # the device prefix changed since the lookup: look again
+        if pending is None:
+            if self.lookup is not None and len(device_ids) < max_pages:
+                pending = self.lookup(seq, len(device_ids), max_pages)
+            # a miss is remembered too, so a head that waits for pages is not looked up again
+            pending = pending or PendingLoad(len(device_ids), [], [])
+        seq.pending_load = loads = pending
         num_loaded = min(len(loads.payloads), max_pages - len(device_ids))
         num_matched = len(device_ids) + num_loaded
         num_computed = num_matched * ps

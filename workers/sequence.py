@@ -21,8 +21,9 @@ class SeqStatus(Enum):
 @dataclass
 class PendingLoad:
     """Pages found in the host tier or the store for a waiting sequence, not yet in the pool.
-    payloads[i] is the page after the device-cached prefix + i; tiers[i] names where it was."""
+    payloads[i] is page start_page + i; tiers[i] names where it was."""
 
+    start_page: int
     payloads: list[memoryview]
     tiers: list[str]
 
