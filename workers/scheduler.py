@@ -100,15 +100,15 @@ class Scheduler:
         while (not preempted and self.waiting and budget > 0
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
-            num_new = self._admit(seq, budget, batch)
-            if num_new is None:
+            admitted = self._admit(seq, budget, batch)
+            if admitted is None:
                 break
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)
-            batch.num_new_tokens.append(num_new)
-            budget -= num_new
+            batch.num_new_tokens.append(admitted)
+            budget -= admitted
         return batch
 
     # ------------------------------------------------------------------ internals
