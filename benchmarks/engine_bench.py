@@ -61,8 +61,13 @@ def build(name: str, device: str, dtype: torch.dtype, max_len: int):
     torch.manual_seed(0)
     cfg = HFConfig(**SHAPES[name], max_position_embeddings=max_len, rms_norm_eps=1e-5,
                    bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    with torch.device(device):
-        hf = LlamaForCausalLM(cfg).to(dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialize straight in bf16: no fp32 copy of 8B weights
+    try:
+        with torch.device(device):
+            hf = LlamaForCausalLM(cfg).to(dtype).eval()
+    finally:
+        torch.set_default_dtype(default)
     loaded = LoadedModel(f"random-llama-{name}", LlamaConfig.from_hf(hf.config), hf.state_dict(),
                          None, f"random-{name}-seed0", "none", Path("."))
     return hf, loaded
