@@ -172,11 +172,25 @@ class RoleActor:
 
 
 def wait_ready(handles: list[ray.actor.ActorHandle], timeout_s: float) -> list[RoleInfo]:
-    """Block until every actor answers `info` (its child is listening); raises on timeout."""
+    """Block until every actor answers `info` (its child is listening). Raises GetTimeoutError
+    on timeout and the first actor's failure as soon as it happens (not after the others)."""
     deadline = time.monotonic() + timeout_s
-    infos = ray.get([handle.info.remote() for handle in handles],
-                    timeout=max(1.0, deadline - time.monotonic()))
-    return [RoleInfo(**info) for info in infos]
+    refs = [handle.info.remote() for handle in handles]
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1,
+                                 timeout=max(0.0, deadline - time.monotonic()))
+        if not done:
+            raise ray.exceptions.GetTimeoutError(f"{len(pending)} actors not ready")
+        ray.get(done)  # raises the actor's failure now
+    return [RoleInfo(**info) for info in ray.get(refs)]
+
+
+def start_error(exc: Exception) -> str:
+    """The RoleStartError message inside a Ray actor failure, else the failure's text."""
+    text = str(exc)
+    marker = f"{RoleStartError.__name__}: "
+    return text.split(marker, 1)[1].strip() if marker in text else text
 
 
 RemoteRoleActor = ray.remote(RoleActor)

@@ -13,6 +13,7 @@ All are detached actors in one Ray namespace, so they outlive the `kvmesh ray de
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from ray.util.scheduling_strategies import (
     PlacementGroupSchedulingStrategy,
 )
 
-from deploy.ray_actors import RemoteRoleActor, RoleInfo, wait_ready
+from deploy.ray_actors import RemoteRoleActor, RoleInfo, start_error, wait_ready
 from deploy.ray_config import (
     ACTOR_PREFIX,
     ROUTER_ACTOR,
@@ -69,6 +70,9 @@ def connect(address: str, namespace: str, timeout_s: float = 10.0) -> None:
             socket.create_connection((host, int(port)), timeout=timeout_s).close()
         except (OSError, ValueError) as exc:
             raise DeployError(f"cannot reach the Ray cluster at {address}: {exc}") from exc
+    # deploy reports the first role that failed; Ray would also print every other failed
+    # info() call, with tracebacks, when its result is dropped
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     try:
         ray.init(address=address, namespace=namespace, log_to_driver=False,
                  logging_level=logging.WARNING)
@@ -102,7 +106,7 @@ def _ready(handles: list[ray.actor.ActorHandle], what: str, timeout_s: float) ->
     except ray.exceptions.GetTimeoutError as exc:
         raise DeployError(f"{what} not ready after {timeout_s:.0f}s") from exc
     except ray.exceptions.RayActorError as exc:
-        raise DeployError(f"{what} failed to start: {exc}") from exc
+        raise DeployError(f"{what} failed to start: {start_error(exc)}") from exc
 
 
 def _kvmesh_actor_names() -> list[str]:
@@ -119,7 +123,7 @@ def deploy(config: RayDeployConfig) -> StackStatus:
     try:
         return _deploy(config)
     except BaseException:
-        down()
+        down(is_graceful=False)  # roles still starting cannot take a stop call
         raise
 
 
@@ -186,10 +190,11 @@ def status(timeout_s: float = 10.0) -> StackStatus:
     return StackStatus(infos=infos, unavailable=unavailable)
 
 
-def down(timeout_s: float = 30.0) -> list[str]:
+def down(timeout_s: float = 30.0, is_graceful: bool = True) -> list[str]:
     """Stop every kvmesh actor (the router, then the workers together, then the store) and
     remove the worker placement group. Returns the actor names it removed. Waits until Ray has
-    released their names."""
+    released their names. Graceful: each child gets SIGTERM and up to `timeout_s` first;
+    otherwise the actors are killed at once and their children with them (SIGKILL)."""
     names = _kvmesh_actor_names()
     phases = [[n for n in names if n == ROUTER_ACTOR],
               [n for n in names if n not in (ROUTER_ACTOR, STORE_ACTOR)],
@@ -201,10 +206,9 @@ def down(timeout_s: float = 30.0) -> list[str]:
                 handles.append(ray.get_actor(name))
             except ValueError:
                 continue  # died meanwhile
-        if not handles:
-            continue
-        stops = [handle.stop.remote() for handle in handles]  # stops each child cleanly
-        ray.wait(stops, num_returns=len(stops), timeout=timeout_s)
+        if handles and is_graceful:
+            stops = [handle.stop.remote() for handle in handles]  # stops each child cleanly
+            ray.wait(stops, num_returns=len(stops), timeout=timeout_s)
         for handle in handles:
             ray.kill(handle, no_restart=True)  # a child still there dies with it (PDEATHSIG)
     try:
