@@ -32,7 +32,7 @@ class IncrementalDetokenizer:
     def add(self, token_id: int, skip: bool = False) -> str:
         """Append a token (skip=True: a special token that adds no text); returns the text that
         can be sent now."""
-        if self.hit_stop:
+        if self.hit_stop or self.tokenizer is None:
             return ""
         if not skip:
             self.ids.append(token_id)

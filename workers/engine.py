@@ -206,7 +206,7 @@ class Engine:
         text = detok.add(token, skip=is_special)
         if finish is None and detok.hit_stop:
             finish = "stop"
-        if finish is None and (len(seq.output_token_ids) >= params.max_tokens
+        if finish is None and (seq.num_output_tokens >= params.max_tokens
                                or seq.num_tokens >= self.max_model_len):
             finish = "length"
         if finish is None:
@@ -221,7 +221,7 @@ class Engine:
 
     def _final(self, seq: Sequence, tokens: list[int], text: str, reason: str) -> RequestOutput:
         by_tier = dict(seq.cached_tokens_by_tier)
-        usage = Usage(seq.num_prompt_tokens, len(seq.output_token_ids),
+        usage = Usage(seq.num_prompt_tokens, seq.num_output_tokens,
                       sum(by_tier.values()), by_tier)
         self._detok.pop(seq.seq_id, None)
         self._generators.pop(seq.seq_id, None)
