@@ -134,19 +134,19 @@ def test_holder_killed_mid_run_requests_succeed_elsewhere(stack: Stack):
     def ask(q: int):
         with stack.client() as client:
             return complete(client, PREFIX + f" Question {q}: where is book {q}?",
-                            max_tokens=24, ignore_eos=True)
+                            max_tokens=12, ignore_eos=True)
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(ask, q) for q in range(10, 14)]
+        futures = [pool.submit(ask, q) for q in range(10, 13)]
         deadline = time.monotonic() + 60
         while stack.metric("kvmesh:routing_decisions_total", worker=holder) < routed_before + 1:
             assert time.monotonic() < deadline, "nothing was routed to the prefix holder"
             time.sleep(0.05)
         victim.kill()  # mid-run: requests are generating on it
         responses = [f.result() for f in futures]
-    assert [r.status_code for r in responses] == [200] * 4, [r.text for r in responses]
+    assert [r.status_code for r in responses] == [200] * 3, [r.text for r in responses]
     assert {r.headers[WORKER_HEADER] for r in responses} == {survivor}
-    assert all(r.json()["usage"]["completion_tokens"] == 24 for r in responses)
+    assert all(r.json()["usage"]["completion_tokens"] == 12 for r in responses)
     assert stack.metric("kvmesh:request_retries_total") >= 1
     # the survivor never computed this prefix: it came from the store
     tiers = [r.json()["usage"]["prompt_tokens_details"]["cached_tokens_by_tier"]
