@@ -228,12 +228,13 @@ def bench_ttft(name, loaded, args, out: dict) -> None:
     engine.close()
     del engine
     gc.collect()
+    torch.cuda.empty_cache() if args.device.startswith("cuda") else None
 
 
 def bench_memory(name, loaded, args, out: dict) -> None:
     cfg = loaded.config
     engine = Engine(WorkerConfig(model=name, device=args.device, dtype=args.dtype,
-                                 kv_cache_bytes=args.kv_gib << 30, max_num_seqs=64,
+                                 kv_cache_bytes=args.mem_kv_gib << 30, max_num_seqs=64,
                                  max_num_batched_tokens=16384, max_model_len=args.max_len,
                                  enforce_eager=not args.device.startswith("cuda")),
                     loaded=loaded)
@@ -263,6 +264,12 @@ def bench_memory(name, loaded, args, out: dict) -> None:
         contiguous_max_len_waste=1 - t / sum(s[2] for s in samples),
         contiguous_request_max_waste=1 - t / sum(s[3] for s in samples),
         max_model_len=args.max_len, steps=len(samples))
+    token_gb = engine.runner.page_nbytes / ps / 1e9
+    peak = max(samples, key=lambda x: x[1])  # the step holding the most pages
+    out["memory"].update(pool_gb=engine.runner.num_pages * ps * token_gb,
+                         peak_kv_gb=peak[0] * token_gb, peak_paged_gb=peak[1] * token_gb,
+                         peak_contiguous_max_len_gb=peak[2] * token_gb,
+                         preemptions=engine.stats().num_preemptions)
     print(f"[{name}] memory: {out['memory']}", flush=True)
     engine.close()
 
@@ -273,7 +280,8 @@ def main() -> None:
                           ("parts", "decode,ttft,memory"), ("out", None)):
         ap.add_argument(f"--{flag}", default=default)
     for flag, default in (("prompt-len", 1024), ("new-tokens", 256), ("ttft-prefix", 8192),
-                          ("trials", 2), ("kv-gib", 16), ("host-gib", 4), ("max-len", 8704),
+                          ("trials", 2), ("kv-gib", 16), ("mem-kv-gib", 40), ("host-gib", 4),
+                          ("max-len", 8704),
                           ("mem-requests", 64), ("mem-min", 64), ("mem-max", 4096),
                           ("mem-new-max", 512)):
         ap.add_argument(f"--{flag}", type=int, default=default)
@@ -282,7 +290,7 @@ def main() -> None:
     args.batches = [int(b) for b in args.batches.split(",")]
     if args.smoke:
         args.batches, args.prompt_len, args.new_tokens, args.ttft_prefix = [1, 4], 64, 8, 256
-        args.kv_gib, args.host_gib, args.max_len, args.trials = 1, 1, 512, 1
+        args.kv_gib, args.mem_kv_gib, args.host_gib, args.max_len, args.trials = 1, 1, 1, 512, 1
         args.mem_requests, args.mem_min, args.mem_max, args.mem_new_max = 8, 16, 200, 32
     args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     torch_dtype = getattr(torch, args.dtype)

@@ -34,7 +34,10 @@ def print_tables(results: dict) -> None:
             print(f"\n{name}: KV waste, {m['requests']} requests, prompts {m['prompt_len']}, "
                   f"max_tokens {m['max_tokens']}: paged {m['paged_waste']:.2%}, contiguous "
                   f"max_model_len ({m['max_model_len']}) {m['contiguous_max_len_waste']:.1%}, "
-                  f"contiguous prompt+max_tokens {m['contiguous_request_max_waste']:.1%}")
+                  f"contiguous prompt+max_tokens {m['contiguous_request_max_waste']:.1%}; at the "
+                  f"peak step: KV {m['peak_kv_gb']:.2f} GB in {m['peak_paged_gb']:.2f} GB of pages"
+                  f" (pool {m['pool_gb']:.1f} GB); contiguous max-length would reserve "
+                  f"{m['peak_contiguous_max_len_gb']:.1f} GB; preemptions {m['preemptions']}")
 
 
 if __name__ == "__main__":
