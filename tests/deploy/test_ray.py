@@ -4,6 +4,7 @@ shared tier on a real redis-server."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -144,7 +145,7 @@ class Stack:
             self.workers = [rows[f"kvmesh-worker-{i}"][2] for i in range(2)]
             assert [w.rsplit(":", 1)[1] for w in self.workers] == [
                 str(self.worker_port), str(self.worker_port + 1)]
-            self.child_pids = [int(row[6]) for row in rows.values()]
+            self.pids = {name: int(row[6]) for name, row in rows.items()}
             _wait_for("both workers healthy", lambda: all(_health(self.url).values()))
         except BaseException:
             self.down()
@@ -158,13 +159,34 @@ class Stack:
 
 def _assert_nothing_left(stack: Stack, more_pids: list[int]) -> None:
     assert [n for n in ray.util.list_named_actors() if n.startswith("kvmesh-")] == []
-    for pid in stack.child_pids + more_pids:
+    for pid in [*stack.pids.values(), *more_pids]:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     out = _kvmesh("ray", "status", "--address", stack.head.address, timeout=60)
     assert (out.returncode, out.stdout.strip()) == (1, "kvmesh is not deployed in namespace "
                                                        "'kvmesh'")
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{stack.url}/health", timeout=5)
+
+
+def _processes_with(arg: str) -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if arg in " ".join(p.info["cmdline"] or [])]
+
+
+def test_role_that_cannot_start_fails_the_deploy_and_leaves_nothing(ray_head):
+    store_port, router_port, worker_port = _free_ports(3)
+    out = _kvmesh("ray", "deploy", "--address", ray_head.address, "--workers", "2",
+                  "--port", str(router_port), "--store-port", str(store_port),
+                  "--worker-port", str(worker_port), "--worker-args", "--max-num-seqs 0",
+                  timeout=180)
+    assert out.returncode == 1
+    assert ("kvmesh ray deploy: the stack failed to start: kvmesh worker exited with 2 before "
+            "listening; last output:\nkvmesh worker: max_num_seqs must be positive, got 0"
+            ) in out.stderr
+    assert [n for n in ray.util.list_named_actors() if n.startswith("kvmesh-")] == []
+    with pytest.raises(ValueError):
+        ray.util.get_placement_group("kvmesh-workers")
+    _wait_for("the store and router processes gone", lambda: not any(
+        _processes_with(f"--port {port}") for port in (store_port, router_port)), 30)
 
 
 def test_deploy_serve_survive_worker_kill_and_down(ray_head):
@@ -175,6 +197,10 @@ def test_deploy_serve_survive_worker_kill_and_down(ray_head):
         assert status.returncode == 0, status.stderr
         names = [line.split()[0] for line in status.stdout.splitlines()[:-1]]
         assert names == ["kvmesh-router", "kvmesh-store", "kvmesh-worker-0", "kvmesh-worker-1"]
+        again = _kvmesh("ray", "deploy", "--address", ray_head.address, timeout=60)
+        assert (again.returncode, again.stderr.strip()) == (1, "kvmesh ray deploy: kvmesh is "
+                                                            "already deployed in namespace "
+                                                            "'kvmesh'; run `kvmesh ray down` first")
         first = _complete(stack.url, PROMPT_IDS)
         expected_text = first["choices"][0]["text"]
         assert first["usage"] == first["usage"] | {"prompt_tokens": len(PROMPT_IDS),
@@ -218,6 +244,14 @@ def test_deploy_serve_survive_worker_kill_and_down(ray_head):
         assert _routed_to(stack.url, victim) > decided
         _wait_for("the restarted worker's pages in the index",
                   lambda: (_metric(stack.url, "kvmesh:index_worker_pages", victim) or 0) >= 6, 30)
+        # a role that dies on its own takes its actor down; Ray restarts it at the same address
+        store = ray.get_actor("kvmesh-store")
+        os.kill(stack.pids["kvmesh-store"], signal.SIGKILL)
+        _wait_for("the store restarted", lambda: ray.get(store.info.remote(), timeout=120)[
+            "child_pid"] != stack.pids["kvmesh-store"], 120)
+        restarted_pids.append(ray.get(store.info.remote())["child_pid"])
+        assert ray.get(store.info.remote())["is_restarted"] is True
+        assert _complete(stack.url, PROMPT_IDS)["choices"][0]["text"] == expected_text
         status = _kvmesh("ray", "status", "--address", ray_head.address, timeout=60)
         assert f"kvmesh-worker-{victim_index}" in status.stdout
         assert "(restarted)" in status.stdout
@@ -231,6 +265,10 @@ def test_deploy_with_redis_shared_tier(ray_head, redis_server):
     # every page the workers write through lands in Redis
     stack = Stack(ray_head, "--redis-url", redis_server.url, "--store-cpu-bytes", "65536")
     try:
+        again = _kvmesh("ray", "deploy", "--address", ray_head.address, timeout=60)
+        assert (again.returncode, again.stderr.strip()) == (1, "kvmesh ray deploy: kvmesh is "
+                                                            "already deployed in namespace "
+                                                            "'kvmesh'; run `kvmesh ray down` first")
         first = _complete(stack.url, PROMPT_IDS)
         assert first["usage"]["completion_tokens"] == 6
         client = redis.Redis(host="127.0.0.1", port=redis_server.port)
