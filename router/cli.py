@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -44,6 +45,7 @@ async def start_router(config: RouterConfig, ready_timeout: float = READY_TIMEOU
     from router.metrics import RouterMetrics
     from router.pool import WorkerPool
     from router.service import Router
+    from router.store_probe import StoreProbe
     from router.tokenizer import PromptTokenizer
 
     tokenizer = await asyncio.to_thread(PromptTokenizer, config.model_path)
@@ -51,13 +53,16 @@ async def start_router(config: RouterConfig, ready_timeout: float = READY_TIMEOU
     metrics = RouterMetrics()
     pool = WorkerPool(config, index, metrics)
     await pool.start()
-    router = Router(config, tokenizer, pool, index, metrics)
+    store = StoreProbe(config.store, config.worker_token, metrics) if config.store else None
+    router = Router(config, tokenizer, pool, index, metrics, store)
     if not await pool.wait_ready(ready_timeout):
         logging.getLogger(__name__).warning("no worker ready after %.0fs", ready_timeout)
     runner = web.AppRunner(build_app(router), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()
+    gc.collect()
+    gc.freeze()  # startup objects (tokenizer, model tables) leave the GC's scans
     host, port = site._server.sockets[0].getsockname()[:2]  # type: ignore[union-attr]
     return runner, router, (host, port)
 
@@ -65,6 +70,8 @@ async def start_router(config: RouterConfig, ready_timeout: float = READY_TIMEOU
 async def stop_router(runner: web.AppRunner, router) -> None:
     await runner.cleanup()
     await router.pool.close()
+    if router.store is not None:
+        await router.store.close()
 
 
 async def serve(config: RouterConfig, ready_timeout: float = READY_TIMEOUT_S) -> None:

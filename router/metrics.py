@@ -123,6 +123,8 @@ class RouterMetrics:
                                         "Page keys the prefix index holds for each worker")
         self.index_lag = Gauge(p + "index_lag_events",
                                "KV events a worker emitted that the index has not applied")
+        self.store_lookup_errors = Counter(p + "store_lookup_errors_total",
+                                           "Store lookups that failed or came late (a miss)")
         self.index_resyncs = Counter(p + "index_resyncs_total", "Event stream resyncs")
 
     def render(self) -> str:

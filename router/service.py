@@ -29,6 +29,7 @@ from router.metrics import RouterMetrics
 from router.policy import BalanceThreshold, Decision, NoCandidate, choose
 from router.pool import RETRYABLE_CODES, WorkerHandle, WorkerPool
 from router.protocol import ParsedRequest
+from router.store_probe import StoreProbe
 from router.tokenizer import PromptTokenizer
 
 FINISH_REASONS = {
@@ -68,12 +69,14 @@ def tenant_salt(secret: str, tenant: str) -> str:
 
 class Router:
     def __init__(self, config: RouterConfig, tokenizer: PromptTokenizer, pool: WorkerPool,
-                 index: PrefixIndex, metrics: RouterMetrics) -> None:
+                 index: PrefixIndex, metrics: RouterMetrics,
+                 store: StoreProbe | None = None) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.pool = pool
         self.index = index
         self.metrics = metrics
+        self.store = store
         self.balance = BalanceThreshold(config.balance_abs, config.balance_rel)
         self.num_inflight = 0
         self._salted: dict[tuple[bytes, str], Namespace] = {}
@@ -123,8 +126,18 @@ class Router:
         request_id = f"{'chatcmpl' if parsed.is_chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         return Prepared(request_id, prompt_ids, tenant_salt(self.config.secret, tenant), parsed)
 
-    def route(self, prompt_ids: Sequence[int], salt: str, exclude: Sequence[str] = ()
-              ) -> tuple[WorkerHandle, Decision]:
+    async def store_pages(self, prompt_ids: list[int], salt: str) -> int:
+        """Pages of the prompt the shared store holds (0 without a store or on failure)."""
+        if self.store is None:
+            return 0
+        handle = next((h for h in self.pool.available()), None)
+        if handle is None or handle.namespace is None:
+            return 0
+        return await self.store.num_pages(self._salted_namespace(handle.namespace, salt),
+                                          prompt_ids)
+
+    def route(self, prompt_ids: Sequence[int], salt: str, exclude: Sequence[str] = (),
+              num_store_pages: int = 0) -> tuple[WorkerHandle, Decision]:
         """Pick the cheapest worker and record predicted entries for the prompt on it."""
         handles = {h.worker_id: h for h in self.pool.available() if h.worker_id not in exclude}
         if not handles:
@@ -140,7 +153,8 @@ class Router:
                 if handle.worker_id in found:
                     matches[handle.worker_id] = found[handle.worker_id]
         try:  # the handles carry live num_inflight / num_queued_tokens
-            decision = choose(len(prompt_ids), page_size, matches, handles, balance=self.balance)
+            decision = choose(len(prompt_ids), page_size, matches, handles,
+                              num_store_pages=num_store_pages, balance=self.balance)
         except NoCandidate as exc:
             raise NoWorkerAvailable(str(exc)) from None
         self.index.predict(decision.worker_id, keys_by_worker[decision.worker_id])
@@ -151,12 +165,15 @@ class Router:
         groups: dict[bytes, list[WorkerHandle]] = {}
         for handle in handles:
             groups.setdefault(handle.namespace.digest, []).append(handle)
-        for digest, group in groups.items():
-            base = group[0].namespace
-            salted = self._salted.get((digest, salt))
-            if salted is None:
-                salted = self._salted[(digest, salt)] = base.with_salt(salt)
+        for group in groups.values():
+            salted = self._salted_namespace(group[0].namespace, salt)
             yield salted.page_keys(prompt_ids), group
+
+    def _salted_namespace(self, base: Namespace, salt: str) -> Namespace:
+        salted = self._salted.get((base.digest, salt))
+        if salted is None:
+            salted = self._salted[(base.digest, salt)] = base.with_salt(salt)
+        return salted
 
     def _generate_request(self, prep: Prepared) -> worker_pb2.GenerateRequest:
         s = prep.parsed.sampling
@@ -182,8 +199,10 @@ class Router:
         self.num_inflight += 1
         self.metrics.router_inflight.set(self.num_inflight)
         try:
+            num_store_pages = await self.store_pages(prep.prompt_ids, prep.salt)
             for _attempt in range(self.config.max_attempts):
-                handle, decision = self.route(prep.prompt_ids, prep.salt, exclude=tried)
+                handle, decision = self.route(prep.prompt_ids, prep.salt, exclude=tried,
+                                              num_store_pages=num_store_pages)
                 tried.append(handle.worker_id)
                 handle.num_inflight += 1
                 handle.num_queued_tokens += num_prompt
