@@ -1,9 +1,11 @@
-"""`kvmesh serve` end to end: the official `openai` client against the real stack (store, one
-SmolLM2 worker, router) started as a subprocess on a free port. One stack for the module; the
-last test stops it with SIGINT and checks that no part outlives it."""
+"""`kvmesh serve` end to end: the official `openai` client against the real stack (store, two
+SmolLM2 workers, router) started as a subprocess on a free port. One stack for the module; the
+last tests kill a worker (the stack keeps serving) and then stop it with SIGINT, checking that
+no part outlives it."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -92,7 +94,8 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = Stack(tmp_path_factory.mktemp("serve") / "data", "--api-key", KEY_A, "--api-key", KEY_B)
+    s = Stack(tmp_path_factory.mktemp("serve") / "data", "--workers", "2",
+              "--api-key", KEY_A, "--api-key", KEY_B)
     try:
         line = s.wait_ready(300)
         assert line == f"kvmesh serving on http://127.0.0.1:{s.port}\n"
@@ -238,9 +241,28 @@ def test_missing_or_unknown_api_key_is_401(base_url, model):
     assert response.json()["error"]["message"]
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except FileNotFoundError:
+        return ""
+
+
+def test_killed_worker_is_left_out_and_requests_still_succeed(stack, client, model):
+    workers = [pid for pid in _children_of(stack.proc.pid) if " worker " in _cmdline(pid)]
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+    for i in range(3):
+        response = client.completions.create(model=model, prompt=f"Fact {i}:", max_tokens=2,
+                                             temperature=0)
+        assert response.usage.completion_tokens == 2
+    assert stack.proc.poll() is None  # the stack kept serving
+    assert "exited with code -9; serving with 1 worker(s)" in stack.stderr()
+
+
 def test_sigint_stops_every_part(stack):
     all_children = _children_of(stack.proc.pid)
-    assert len(all_children) == 3, all_children  # store, worker, router
+    assert len(all_children) == 3, all_children  # store, the live worker, router
     stack.proc.send_signal(signal.SIGINT)
     assert stack.proc.wait(60) == 0, stack.stderr()
     deadline = time.monotonic() + 10
