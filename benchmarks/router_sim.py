@@ -36,14 +36,31 @@ COST = CostModel(prefill_ms_per_token=0.1, host_ms_per_token=0.01, store_ms_per_
 DECODE_MS_PER_TOKEN = 20.0
 
 
+class SimClock:
+    now = 0.0
+
+
 class SimWorker:
-    def __init__(self, capacity_pages: int) -> None:
+    """A worker's cache and queues; also the live load object the policy reads (LoadLike), as
+    the router's pool handles are."""
+
+    def __init__(self, capacity_pages: int, clock: SimClock) -> None:
+        self.clock = clock
         self.capacity = capacity_pages
         self.cache: OrderedDict[bytes, None] = OrderedDict()
         self.prefill_free_at = 0.0
         self.num_inflight = 0
         self.num_assigned = 0
         self.seq = 1
+
+    @property
+    def num_queued_tokens(self) -> int:
+        wait_s = max(self.prefill_free_at - self.clock.now, 0.0)
+        return int(wait_s * 1e3 / COST.prefill_ms_per_token)
+
+    @property
+    def num_cached_pages(self) -> int:
+        return len(self.cache)
 
     def hit_pages(self, keys: list[bytes]) -> int:
         n = 0
@@ -118,9 +135,11 @@ def make_trace(num_workers: int, num_requests: int, rng: random.Random) -> list[
 def simulate(policy: str, num_workers: int, trace: list[dict], rate: float, seed: int,
              capacity_pages: int, event_delay_s: float, balance: BalanceThreshold) -> dict:
     rng = random.Random(seed)
-    workers = [SimWorker(capacity_pages) for _ in range(num_workers)]
+    clock = SimClock()
+    workers = [SimWorker(capacity_pages, clock) for _ in range(num_workers)]
+    loads = {str(i): wk for i, wk in enumerate(workers)}
     now = 0.0
-    index = PrefixIndex(predicted_ttl_s=1.0, clock=lambda: now)
+    index = PrefixIndex(predicted_ttl_s=1.0, clock=lambda: clock.now)
     for w in range(num_workers):
         index.add_worker(str(w))
         index.apply(str(w), 1, Cleared(0))
@@ -138,6 +157,7 @@ def simulate(policy: str, num_workers: int, trace: list[dict], rate: float, seed
     ttfts, decide_us = [], []
     while heap:
         now, _, kind, data = heapq.heappop(heap)
+        clock.now = now
         if kind == "done":
             workers[data].num_inflight -= 1
             continue
@@ -165,10 +185,6 @@ def simulate(policy: str, num_workers: int, trace: list[dict], rate: float, seed
         elif policy == "least_loaded":
             w = min(range(num_workers), key=lambda i: workers[i].num_inflight)
         else:
-            loads = {str(i): WorkerLoad(wk.num_inflight,
-                                        int(max(wk.prefill_free_at - now, 0) / 1e-4),
-                                        len(wk.cache))
-                     for i, wk in enumerate(workers)}
             if policy == "sglang":
                 w = sglang_choice(approx, keys, workers)
             else:
