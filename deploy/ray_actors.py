@@ -1,8 +1,10 @@
 """kvmesh roles as named, detached Ray actors.
 
 Each actor runs one `kvmesh <role>` CLI as a child process and lives exactly as long as it:
-- the child is started with PR_SET_PDEATHSIG, so when Ray kills the actor (ray.kill, node
-  drain, OOM) the kernel kills the child too and its port is freed;
+- the child is started with PR_SET_PDEATHSIG = SIGKILL, so when Ray kills the actor (ray.kill,
+  node drain, OOM) the kernel kills the child too and its port is free before Ray restarts the
+  actor (a SIGTERM'd gRPC server could still hold it, and gRPC binds with SO_REUSEPORT, so two
+  incarnations could share the port);
 - when the child dies on its own, the actor exits the process, so Ray sees an actor failure and
   restarts it (max_restarts); the restarted actor starts a fresh child on the same port.
 Running the role in a child process keeps CUDA, gRPC and event-loop state out of the Ray worker

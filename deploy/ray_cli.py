@@ -48,6 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="worker i listens on this port + i")
     dep.add_argument("--store-cpu-bytes", type=int, default=None)
     dep.add_argument("--store-disk-dir", default=_env("STORE_DISK_DIR", None))
+    dep.add_argument("--host-tier-bytes", type=int, default=None,
+                     help="each worker's host CPU tier (on its node) that evicted pages demote to")
     dep.add_argument("--api-key", default=_env("API_KEY", None))
     dep.add_argument("--token", default=_env("TOKEN", None),
                      help="bearer token between router, workers and store")
@@ -75,7 +77,8 @@ def _config(args: argparse.Namespace) -> RayDeployConfig:
         num_gpus_per_worker=args.num_gpus_per_worker, model=args.model,
         redis_url=args.redis_url, store_port=args.store_port, worker_base_port=args.worker_port,
         router_port=args.port, store_cpu_bytes=args.store_cpu_bytes,
-        store_disk_dir=args.store_disk_dir, api_key=args.api_key, token=args.token,
+        store_disk_dir=args.store_disk_dir, worker_host_tier_bytes=args.host_tier_bytes,
+        api_key=args.api_key, token=args.token,
         max_restarts=args.max_restarts, ready_timeout_s=args.timeout,
         store_args=tuple(shlex.split(args.store_args)),
         worker_args=tuple(shlex.split(args.worker_args)),

@@ -50,6 +50,7 @@ class RayDeployConfig:
     router_port: int = 8000
     store_cpu_bytes: int | None = None
     store_disk_dir: str | None = None
+    worker_host_tier_bytes: int | None = None  # each worker's host CPU tier, on its own node
     api_key: str | None = None  # router clients must send it (Authorization: Bearer ...)
     token: str | None = None  # bearer token between router, workers and store
     max_restarts: int = 5
@@ -83,6 +84,8 @@ class RayDeployConfig:
             raise RayConfigError("--timeout must be positive")
         if self.store_cpu_bytes is not None and self.store_cpu_bytes <= 0:
             raise RayConfigError("--store-cpu-bytes must be positive")
+        if self.worker_host_tier_bytes is not None and self.worker_host_tier_bytes < 0:
+            raise RayConfigError("--host-tier-bytes must be >= 0")
         if not self.namespace:
             raise RayConfigError("--namespace must not be empty")
 
@@ -110,6 +113,8 @@ class RayDeployConfig:
                 "--host", self.bind_host, "--port", str(self.worker_port(index))]
         if self.model:
             argv += ["--model", self.model]
+        if self.worker_host_tier_bytes is not None:
+            argv += ["--host-tier-bytes", str(self.worker_host_tier_bytes)]
         if self.token:
             argv += ["--token", self.token, "--store-token", self.token]
         return argv + list(self.worker_args)

@@ -16,12 +16,14 @@ def test_role_command_lines():
     config = RayDeployConfig(num_workers=2, store_port=7001, worker_base_port=7100,
                              router_port=9000, redis_url="redis://r:6379/0",
                              store_cpu_bytes=1 << 20, api_key="k", token="t",
+                             worker_host_tier_bytes=1 << 22,
                              worker_args=("--kv-cache-bytes", "1000"))
     assert config.store_argv() == ["--host", "0.0.0.0", "--port", "7001", "--cpu-bytes",
                                    "1048576", "--redis-url", "redis://r:6379/0", "--token", "t"]
     assert config.worker_argv(1, "10.0.0.1:7001") == [
         "--device", "cpu", "--store", "10.0.0.1:7001", "--host", "0.0.0.0", "--port", "7101",
-        "--token", "t", "--store-token", "t", "--kv-cache-bytes", "1000"]
+        "--host-tier-bytes", "4194304", "--token", "t", "--store-token", "t",
+        "--kv-cache-bytes", "1000"]
     assert config.router_argv(["a:1", "b:2"], "s:3") == [
         "--worker", "a:1", "--worker", "b:2", "--store", "s:3", "--host", "0.0.0.0",
         "--port", "9000", "--api-key", "k", "--worker-token", "t"]
@@ -46,6 +48,7 @@ def test_gpu_workers_run_on_cuda_and_model_reaches_router():
     ({"store_port": 8000, "router_port": 8000}, "different ports"),
     ({"worker_base_port": 8000, "router_port": 8001, "num_workers": 3}, "overlap"),
     ({"max_restarts": -1}, "--max-restarts"),
+    ({"worker_host_tier_bytes": -1}, "--host-tier-bytes"),
     ({"ready_timeout_s": 0}, "--timeout"),
 ])
 def test_bad_settings_are_refused(kwargs, message):
