@@ -147,9 +147,9 @@ def bench_shape(name: str, client: StoreClient, rds: redis.Redis, num_pages: int
 
 
 def bench_lookup(client: StoreClient, num_pages: int, prompt_tokens: int,
-                 num_calls: int) -> tuple[float, float, int]:
+                 num_calls: int) -> tuple[dict[str, tuple[float, float]], int]:
     """Index `num_pages` tiny pages (1 layer x 1 head x dim 8, fp16: 512 B payload) through Put,
-    then time Lookup of a fully cached prompt. Returns (p50 ms, p99 ms, pages indexed)."""
+    then time Lookup of a fully cached prompt. Returns ({name: (p50 ms, p99 ms)}, pages indexed)."""
     ns = Namespace("lookup-bench", 1, 1, 8, torch.float16)
     tokens_per_put = 4096 * ns.page_size
     payload = bytes(ns.page_nbytes)
@@ -161,13 +161,19 @@ def bench_lookup(client: StoreClient, num_pages: int, prompt_tokens: int,
     # a prefix of the last sequence put: the most recent pages, never evicted
     prompt = np.arange(prompt_tokens, dtype=np.int32) + (num_puts - 1) * tokens_per_put
     assert client.lookup(prompt, ns).num_tokens == prompt_tokens
-    latencies = []
+    # Peer: Stats, an RPC that does no store work, interleaved call by call with Lookup, shows
+    # how much of the latency is gRPC + scheduling on this machine.
+    latencies: dict[str, list[float]] = {"lookup": [], "stats": []}
     for _ in range(num_calls):
-        t0 = time.perf_counter()
-        client.lookup(prompt, ns)
-        latencies.append(time.perf_counter() - t0)
-    q = statistics.quantiles(latencies, n=100)
-    return q[49] * 1e3, q[98] * 1e3, indexed
+        for name, call in (("lookup", lambda: client.lookup(prompt, ns)), ("stats", client.stats)):
+            t0 = time.perf_counter()
+            call()
+            latencies[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, values in latencies.items():
+        q = statistics.quantiles(values, n=100)
+        out[name] = (q[49] * 1e3, q[98] * 1e3)
+    return out, indexed
 
 
 def main() -> None:
@@ -202,11 +208,15 @@ def main() -> None:
         for path, size, gbps in rows:
             print(f"{path:<30} {size:<22} {gbps:>7.2f}")
         if args.lookup_pages:
-            p50, p99, indexed = bench_lookup(client, args.lookup_pages, args.lookup_tokens,
-                                             args.lookup_calls)
-            print(f"\nLookup of a cached {args.lookup_tokens}-token prompt over gRPC with "
-                  f"{indexed:,} pages indexed: p50 {p50:.3f} ms, p99 {p99:.3f} ms "
-                  f"({args.lookup_calls} calls)")
+            quantiles, indexed = bench_lookup(client, args.lookup_pages, args.lookup_tokens,
+                                              args.lookup_calls)
+            print(f"\nlatency over gRPC, {indexed:,} pages indexed, "
+                  f"{args.lookup_calls} calls each, interleaved")
+            print(f"{'call':<46} {'p50 ms':>7} {'p99 ms':>7}")
+            for name, label in (("lookup", f"Lookup of a cached {args.lookup_tokens}-token prompt"),
+                                ("stats", "Stats (no store work: the gRPC floor)")):
+                p50, p99 = quantiles[name]
+                print(f"{label:<46} {p50:>7.3f} {p99:>7.3f}")
         client.close()
     finally:
         for proc in (store, redis_proc):
