@@ -5,11 +5,13 @@ SmolLM2-135M pages (30 layers x 2 x 16 tokens x 3 kv heads x 64 x bf16 = 368,640
 Llama-3-8B pages (32 x 2 x 16 x 8 x 128 x bf16 = 2 MiB), moves the same bytes with
 - gRPC put_pages / get_closest_pages (raw page bytes) and get_closest (into a [L,2,T,H,D] tensor),
 - redis-py (hiredis) pipelined SET / GET of one value per page,
-- an in-process numpy copy of the same bytes (memcpy, the ceiling).
-Then indexes --lookup-pages tiny pages through the real Put path and times Lookup of a fully
-cached --lookup-tokens prompt.
+- an in-process numpy copy of the same bytes (memcpy, the ceiling),
+taking turns repeat by repeat (best of --repeats each) so every path sees the same machine load.
+Puts run with the store's CPU tier full (steady state: every put evicts). Then indexes
+--lookup-pages tiny pages through the real Put path and times Lookup of a fully cached
+--lookup-tokens prompt, interleaved with a no-op Stats RPC (the gRPC latency floor).
 
-    python3 benchmarks/store_bench.py [--pages-per-request 32] [--repeats 5]
+    python3 benchmarks/store_bench.py [--pages-per-request 32] [--repeats 10]
 """
 
 from __future__ import annotations
