@@ -25,7 +25,8 @@ def print_tables(results: dict) -> None:
                       f"{x['roofline_step_ms']:.2f} | {x['roofline_frac']:.0%} | "
                       f"{x['engine_ttft_s']:.3f} | {x['hf_ttft_s']:.3f} |")
         if "ttft" in r:
-            print(f"\n{name}: TTFT of an 8K-token prefix + suffix\n")
+            print(f"\n{name}: TTFT of an 8K-token prefix + suffix (store: "
+                  f"{r.get('ttft_store_path')})\n")
             print("| case | TTFT ms | of cold | cached tokens by tier |\n|---|---|---|---|")
             for case, x in r["ttft"].items():
                 print(f"| {case} | {x['ttft_ms']:.1f} | {x['of_cold']:.0%} | {x['tiers']} |")
