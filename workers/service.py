@@ -112,14 +112,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self, request: worker_pb2.WorkerStatsRequest, context: grpc.ServicerContext
     ) -> worker_pb2.WorkerStats:
         try:
-            return self._loop.call(
-                lambda engine: stats_to_pb(
-                    engine, engine.stats(), self._loop.epoch, self._loop.kv_events_seq
-                )
-            )
-        except Exception as exc:  # noqa: BLE001
+            engine = self._loop.wait_ready(timeout=0)
+        except WorkerNotReady as exc:
             _abort(context, exc)
             raise  # unreachable: abort raises
+        # Snapshots kept by the loop thread: Stats answers at once even during a long step.
+        return stats_to_pb(engine, self._loop.engine_stats, self._loop.base_namespace,
+                           self._loop.epoch, self._loop.kv_events_seq)
 
 
 def _vocab_size(engine: Any) -> int:

@@ -163,7 +163,8 @@ class EngineLoop:
         """Block until the engine is loaded; returns it (read-only use: tokenizer, limits).
         Raises WorkerNotReady if loading failed or timed out."""
         if not self._ready.wait(timeout):
-            raise WorkerNotReady(f"engine not loaded after {timeout} s")
+            raise WorkerNotReady("the worker is still loading its model"
+                                 + (f" after {timeout} s" if timeout else ""))
         if self._load_error is not None:
             raise WorkerNotReady(f"engine failed to load: {self._load_error}") from self._load_error
         return self._engine
@@ -207,6 +208,11 @@ class EngineLoop:
         self._commands.put(("call", fn, future))
         return future.result(timeout)
 
+    # Refreshed by the loop thread before each step's outputs are dispatched and after each batch
+    # of commands, so Stats never waits for a (possibly long) step.
+    engine_stats: Any = None  # workers.outputs.EngineStats
+    base_namespace: Any = None  # the engine's Namespace with an empty salt
+
     @property
     def kv_events_seq(self) -> int:
         """Last sequence number emitted on the newest subscription (0 before the first). A
@@ -234,11 +240,14 @@ class EngineLoop:
             self._load_error = exc
             self._ready.set()
             return
+        self.base_namespace = self._engine.namespace("")
+        self._refresh_stats()
         self._ready.set()
         while True:
             is_idle = not self._engine.has_unfinished_requests()
             if not self._handle_commands(block=is_idle):
                 break
+            self._refresh_stats()
             if self._engine.has_unfinished_requests():
                 self._step()
             self._publish_events()
@@ -295,9 +304,13 @@ class EngineLoop:
             except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 future.set_exception(exc)
 
+    def _refresh_stats(self) -> None:
+        self.engine_stats = self._engine.stats()  # replaced whole: readers never see it torn
+
     def _step(self) -> None:
         try:
             outputs = self._engine.step()
+            self._refresh_stats()  # before the outputs go out: a caller reacting sees the step
         except Exception as exc:  # noqa: BLE001 - fail the batch, keep the worker up
             log.exception("engine step failed; aborting %d requests", len(self._active))
             for request_id, active in list(self._active.items()):

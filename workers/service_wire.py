@@ -126,9 +126,10 @@ def event_to_pb(seq: int, event: Any, epoch: int) -> worker_pb2.KvEvent:
 
 
 def stats_to_pb(
-    engine: Any, stats: Any, epoch: int, kv_events_seq: int
+    engine: Any, stats: Any, namespace: Any, epoch: int, kv_events_seq: int
 ) -> worker_pb2.WorkerStats:
-    """Stats message from the engine and its EngineStats (read on the engine-loop thread)."""
+    """Stats message from an EngineStats snapshot and the engine's fixed attributes (model name,
+    page size, context length: safe to read from any thread)."""
     return worker_pb2.WorkerStats(
         model=engine.model_name,
         page_size=engine.page_size,
@@ -141,6 +142,6 @@ def stats_to_pb(
         prefix_hits={k: int(v) * engine.page_size for k, v in stats.prefix_hits.items()},
         epoch=epoch,
         max_model_len=engine.max_model_len,
-        namespace=namespace_to_spec(engine.namespace("")),
+        namespace=namespace_to_spec(namespace),
         kv_events_seq=kv_events_seq,
     )
