@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cachestore import Namespace, StoreClient
-from cachestore.codec import decode_page
+from cachestore.codec import decode_page, encode_page
 from cachestore.config import StoreConfig
 from cachestore.server import serve_store
 
@@ -143,3 +143,22 @@ def test_remote_tier_down_is_a_miss(backend):
         shorter = [7, 8, 9, 10]
         assert client.put(shorter, kv_for(shorter), NS) == 1  # puts still work, into CPU
         assert client.get_closest(shorter, NS).tiers == ["cpu"]
+
+
+def test_a_bad_page_from_the_remote_is_a_miss_and_dropped(backend):
+    """The backend checks key and checksum; the front still verifies namespace and tokens, so a
+    page whose tokens differ (a collision) is never returned and is deleted from the remote."""
+    tokens = list(range(200, 208))  # 2 pages
+    keys = NS.page_keys(tokens)
+    wrong_tokens = np.arange(900, 904, dtype="<i4").tobytes()
+    impostor = encode_page(NS, keys[0], wrong_tokens, bytes(PAGE))  # right key, other tokens
+    with StoreClient(backend.target, token="back") as direct:
+        assert direct.put_encoded_pages([(keys[0], impostor)]) == 1
+        config = StoreConfig(port=0, cpu_bytes=1 << 20, remote=backend.target,
+                             remote_token="back")
+        with serve_store(config) as front, StoreClient(front.target) as client:
+            assert client.lookup(tokens, NS).tiers == ["remote"]  # metadata: present
+            assert client.get_closest(tokens, NS) is None  # verified: a miss
+            assert direct.has_pages([keys[0]]) == [False]  # and dropped from the remote
+            remote = {s.name: s for s in client.stats()}["remote"]
+            assert remote.errors == 1 and remote.is_available
