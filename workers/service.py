@@ -12,7 +12,8 @@ import grpc
 
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
 from workers.errors import InvalidRequest, OutOfPages
-from workers.service_loop import EngineFailure, EngineLoop, SubscriberTooSlow, WorkerNotReady
+from workers.service_loop import EngineLoop
+from workers.service_streams import EngineFailure, SubscriberTooSlow, WorkerNotReady
 from workers.service_wire import (
     RequestLimits,
     event_to_pb,

@@ -23,7 +23,7 @@ from workers.client import WorkerClient, WorkerError
 from workers.config import WorkerConfig
 from workers.sampling import SamplingParams
 from workers.server import serve_worker
-from workers.service_loop import WorkerNotReady
+from workers.service_streams import WorkerNotReady
 
 MAX_MODEL_LEN = 512
 NUM_NEW_TOKENS = 12
