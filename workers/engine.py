@@ -108,13 +108,13 @@ class Engine:
         if batch.is_empty:
             return outputs
         logits, sampled = self.runner.execute(batch)
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=False):
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += num_new
             self._register_full_pages(seq)
         rows = [batch.seqs[i] for i in sampled]
         tokens = sample(logits, [s.sampling for s in rows],
                         [self._generators.get(s.seq_id) for s in rows])
-        for row, (seq, token) in enumerate(zip(rows, tokens, strict=False)):
+        for row, (seq, token) in enumerate(zip(rows, tokens, strict=True)):
             if seq.fork_pending:
                 outputs += self._fork(seq, logits[row : row + 1])
             outputs.append(self._append(seq, token))
@@ -123,7 +123,7 @@ class Engine:
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[int]]:
         """Run the prompts to completion; returns completion 0's token ids of each prompt."""
         ids = [f"generate-{self._arrivals}-{i}" for i in range(len(prompts))]
-        for request_id, prompt in zip(ids, prompts, strict=False):
+        for request_id, prompt in zip(ids, prompts, strict=True):
             self.add_request(request_id, prompt, sampling)
         results: dict[str, list[int]] = {request_id: [] for request_id in ids}
         while self.has_unfinished_requests():

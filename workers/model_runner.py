@@ -127,7 +127,7 @@ class ModelRunner:
         seq_lens: list[int] = []
         cu = [0]
         sampled: list[int] = []
-        for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=False)):
+        for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
             start = seq.num_computed_tokens
             end = start + num_new
             input_ids.extend(seq.token_ids[start:end])

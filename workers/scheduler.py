@@ -164,6 +164,7 @@ class Scheduler:
         self.bm.acquire(device_ids)
         self.bm.touch(device_ids)
         loaded_ids = self.bm.allocate(num_loaded)
+        # loads.payloads may hold more pages than this sequence can use now (max_pages)
         for p, (page_id, payload) in enumerate(zip(loaded_ids, loads.payloads, strict=False)):
             batch.page_loads.append((page_id, payload))
             index = len(device_ids) + p
