@@ -29,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--redis-ttl", type=int, help="seconds a page lives in Redis (default: no TTL)")
     add("--remote", help="HOST:PORT of another store server, the last tier")
     add("--remote-token", help="bearer token for --remote")
+    add("--remote-tls-ca", help="PEM CA certificate of --remote: connect to it over TLS")
     add("--token", help="require `authorization: Bearer TOKEN` on every call")
     add("--tls-cert", help="PEM certificate chain; with --tls-key enables TLS")
     add("--tls-key", help="PEM private key")

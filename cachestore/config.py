@@ -32,6 +32,7 @@ class StoreConfig:
     redis_ttl: int | None = None
     remote: str | None = None  # host:port of another store server, the last tier
     remote_token: str | None = None
+    remote_tls_ca: str | None = None  # PEM CA of --remote's certificate: talk TLS to it
     token: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -58,7 +59,9 @@ class StoreConfig:
             raise InvalidConfig("token must not be empty (omit it to disable auth)")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise InvalidConfig("tls_cert and tls_key go together")
-        for name in ("tls_cert", "tls_key"):
+        if self.remote_tls_ca is not None and self.remote is None:
+            raise InvalidConfig("remote_tls_ca needs remote")
+        for name in ("tls_cert", "tls_key", "remote_tls_ca"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise InvalidConfig(f"{name} {path!r} is not a file")

@@ -204,7 +204,8 @@ def build_tiers(config: StoreConfig) -> list[Tier]:
     if config.remote is not None:
         from cachestore.tiers.remote import RemoteTier
 
-        tiers.append(RemoteTier(config.remote, token=config.remote_token))
+        tiers.append(RemoteTier(config.remote, token=config.remote_token,
+                                tls=config.remote_tls_ca or False))
     return tiers
 
 

@@ -86,5 +86,11 @@ def test_tls_with_token(tmp_path):
         with StoreClient(srv.target, token="t", timeout=5) as plain:  # no TLS: cannot talk
             with pytest.raises(StoreUnavailable):
                 plain.lookup([5, 6], NS)
+        # a front store whose remote tier reaches this one over TLS with its token
+        front = serve_store(StoreConfig(port=0, cpu_bytes=1 << 20, remote=srv.target,
+                                        remote_token="t", remote_tls_ca=cert))
+        with front, StoreClient(front.target) as client:
+            assert client.lookup([5, 6], NS).tiers == ["remote"]
+            assert torch.equal(client.get_closest([5, 6, 7], NS).kv, torch.ones(1, 2, 2, 1, 4))
     finally:
         srv.stop(grace=0)
