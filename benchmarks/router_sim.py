@@ -144,6 +144,10 @@ def simulate(policy: str, num_workers: int, trace: list[dict], rate: float, seed
         index.add_worker(str(w))
         index.apply(str(w), 1, Cleared(0))
     approx = ApproxTree(num_workers, capacity_pages) if policy == "sglang" else None
+    exact = PrefixIndex()  # the oracle's view: every cache, updated the moment it changes
+    for w in range(num_workers):
+        exact.add_worker(str(w))
+        exact.apply(str(w), 1, Cleared(0))
     heap: list = []
     tie = itertools.count()
     history: dict[int, list[int]] = {}
@@ -188,11 +192,7 @@ def simulate(policy: str, num_workers: int, trace: list[dict], rate: float, seed
             if policy == "sglang":
                 w = sglang_choice(approx, keys, workers)
             else:
-                if policy == "oracle":
-                    matches = {str(i): _exact(wk, keys) for i, wk in enumerate(workers)}
-                    matches = {k: v for k, v in matches.items() if v is not None}
-                else:
-                    matches = index.match(keys)
+                matches = (exact if policy == "oracle" else index).match(keys)
                 w = int(choose(len(tokens), PAGE, matches, loads, cost=COST,
                                balance=balance).worker_id)
                 if policy == "ours":
@@ -217,20 +217,19 @@ def simulate(policy: str, num_workers: int, trace: list[dict], rate: float, seed
             conv_ready[req["conv"]] = done + rng.expovariate(1.0)
             keys = NS.page_keys(hist)
         new, evicted = wk.insert(keys)
-        heapq.heappush(heap, (prefill_end + event_delay_s, next(tie), "events", (w, new, evicted)))
+        if policy == "oracle":
+            for event in (Stored(new, TIER_DEVICE), Removed(evicted, TIER_DEVICE)):
+                wk.seq += 1
+                exact.apply(str(w), wk.seq, event)
+        if policy == "ours":  # KV events reach the router's index late
+            heapq.heappush(heap, (prefill_end + event_delay_s, next(tie), "events",
+                                  (w, new, evicted)))
     assigned = np.array([wk.num_assigned for wk in workers], dtype=float)
     return {"hit": hits / prompt_total, "ttft_mean": float(np.mean(ttfts)),
             "ttft_p99": float(np.percentile(ttfts, 99)),
             "imbalance": float(np.percentile(assigned, 99) / assigned.mean()),
             "decide_p50": float(np.percentile(decide_us, 50)),
             "decide_p99": float(np.percentile(decide_us, 99))}
-
-
-def _exact(worker: SimWorker, keys: list[bytes]):
-    from router.index import PrefixMatch
-
-    n = worker.hit_pages(keys)
-    return PrefixMatch(n, n) if n else None
 
 
 def sglang_choice(approx: ApproxTree, keys: list[bytes], workers: list[SimWorker]) -> int:
