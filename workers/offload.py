@@ -151,8 +151,9 @@ class KvOffload:
         """Verified payloads of the pages after the device-cached prefix, host tier first."""
         ns = seq.namespace
         keys = seq.full_page_keys(max_pages)[num_device_pages:]
-        page_tokens = [tokens_to_bytes(seq.page_tokens(p))
-                       for p in range(num_device_pages, max_pages)]
+        ps = ns.page_size
+        data = tokens_to_bytes(seq.token_ids[num_device_pages * ps : max_pages * ps])
+        page_tokens = [data[i * 4 * ps : (i + 1) * 4 * ps] for i in range(len(keys))]
         payloads: list[memoryview] = []
         tiers: list[str] = []
         for name, fetch in (("cpu", self._host_get), ("store", self._store_get)):
