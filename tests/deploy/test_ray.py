@@ -132,7 +132,7 @@ class Stack:
                       "--num-cpus-per-worker", "1", "--port", str(self.router_port),
                       "--store-port", str(self.store_port), "--worker-port",
                       str(self.worker_port), "--max-restarts", "2", "--timeout", "300",
-                      "--worker-args", WORKER_ARGS, *extra)
+                      "--host-tier-bytes", str(8 << 20), "--worker-args", WORKER_ARGS, *extra)
         assert out.returncode == 0, out.stdout + out.stderr
         try:
             last = out.stdout.splitlines()[-1]
@@ -283,6 +283,9 @@ def test_deploy_with_redis_shared_tier(ray_head, redis_server):
                     for i in range(0, 6 * PAGE_SIZE, PAGE_SIZE)}
         assert {k: v for k, v in pages.items() if k in expected} == expected
         client.close()
+        # the shared tier going down costs cache hits, not requests
+        redis_server.kill()
+        assert _complete(stack.url, PROMPT_IDS[::-1])["usage"]["completion_tokens"] == 6
     finally:
         stack.down()
     _assert_nothing_left(stack, [])
