@@ -6,11 +6,15 @@ its own LRU and demotion) and checks each page's header and checksum before stor
 store's TieredStore still verifies every page it reads (namespace, token ids, checksum).
 
 The remote store's capacity and evictions are its own: `put_many` returns no evicted pages.
-A server that cannot be reached, or answers UNAVAILABLE, raises TierUnavailable (a miss).
+A server that cannot be reached, or answers UNAVAILABLE, raises TierUnavailable (a miss); for
+`retry_after_s` after that every call fails at once instead of waiting on a dead or hung server
+again, then the next call tries it.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Sequence
 
 from cachestore.client import (
@@ -30,10 +34,13 @@ class RemoteTier(Tier):
     name = "remote"
 
     def __init__(self, target: str, token: str | None = None, tls: bool | str | bytes = False,
-                 timeout: float = 5.0) -> None:
+                 timeout: float = 5.0, retry_after_s: float = 2.0) -> None:
         self.target = target
+        self.retry_after_s = retry_after_s
         self._client = StoreClient(target, token=token, tls=tls, timeout=timeout)
         self._stats = TierStats(self.name)
+        self._lock = threading.Lock()
+        self._down_until = 0.0  # time.monotonic() before which calls fail fast
 
     def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
         if not keys:
@@ -45,8 +52,9 @@ class RemoteTier(Tier):
             return []
         pages = self._guard(self._client.get_pages, keys)
         hits = sum(page is not None for page in pages)
-        self._stats.hits += hits
-        self._stats.misses += len(pages) - hits
+        with self._lock:
+            self._stats.hits += hits
+            self._stats.misses += len(pages) - hits
         return list(pages)
 
     def put_many(self, pages: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -78,10 +86,15 @@ class RemoteTier(Tier):
         self._client.close()
 
     def _guard(self, method, *args):
+        if time.monotonic() < self._down_until:
+            raise TierUnavailable(f"remote store {self.target} is down; next try in at most "
+                                  f"{self.retry_after_s} s")
         try:
             return method(*args)
         except (StoreUnavailable, Unauthenticated, ProtocolError) as exc:
-            self._stats.errors += 1
+            with self._lock:
+                self._stats.errors += 1
+                self._down_until = time.monotonic() + self.retry_after_s
             raise TierUnavailable(f"remote store {self.target}: {exc}") from None
         except StoreFull as exc:
             raise TierFull(f"remote store {self.target}: {exc}") from None

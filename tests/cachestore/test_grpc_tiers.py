@@ -4,6 +4,7 @@ across a restart, Redis below CPU, and RemoteTier composing two servers."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -162,3 +163,27 @@ def test_a_bad_page_from_the_remote_is_a_miss_and_dropped(backend):
             assert direct.has_pages([keys[0]]) == [False]  # and dropped from the remote
             remote = {s.name: s for s in client.stats()}["remote"]
             assert remote.errors == 1 and remote.is_available
+
+
+def test_remote_tier_fails_fast_while_down_then_retries():
+    from cachestore.tiers.base import TierUnavailable
+    from cachestore.tiers.remote import RemoteTier
+
+    backend = serve_store(StoreConfig(port=0, cpu_bytes=1 << 20))
+    port = backend.port
+    tier = RemoteTier(backend.target, retry_after_s=1.0)
+    key = NS.page_keys(list(range(4)))[0]
+    try:
+        assert tier.contains_many([key]) == [False]
+        backend.stop(grace=0)
+        with pytest.raises(TierUnavailable, match=f"remote store 127.0.0.1:{port}"):
+            tier.contains_many([key])
+        backend = serve_store(StoreConfig(port=port, cpu_bytes=1 << 20))  # back, same port
+        with pytest.raises(TierUnavailable, match="is down; next try in at most 1.0 s"):
+            tier.get_many([key])  # inside the window: no call is made
+        time.sleep(1.1)
+        assert tier.contains_many([key]) == [False] and tier.get_many([key]) == [None]
+        assert tier.stats().errors == 1 and tier.stats().is_available
+    finally:
+        tier.close()
+        backend.stop(grace=0)
