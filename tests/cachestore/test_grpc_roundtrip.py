@@ -100,6 +100,7 @@ def test_get_closest_stops_at_a_gap(client):
     assert client.put(tokens, kv, SMALL) == 5
     assert client.delete(tokens, SMALL, page_indices=[2]) == 1
     assert client.delete(tokens, SMALL, page_indices=[2]) == 0
+    assert client.delete(tokens, SMALL, page_indices=[]) == 0  # nothing, not "every page"
     got = client.get_closest(tokens, SMALL)
     assert got.num_tokens == 8 and same_bits(got.kv, kv[:, :, :8])  # ends before the hole
     assert client.lookup(tokens, SMALL).num_tokens == 8
