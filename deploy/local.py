@@ -33,12 +33,15 @@ STOP_TIMEOUT_S = 15.0
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     env = os.environ.get
-    parser = subparsers.add_parser("serve", help="run store + workers + router on this machine")
+    parser = subparsers.add_parser(
+        "serve", help="run store + workers + router on this machine",
+        description=__doc__.split("\n\n")[0] + " Environment: KVMESH_SERVE_{HOST, PORT, "
+        "WORKERS, DEVICE, MODEL, DATA_DIR, STORE_CPU_BYTES}.")
     parser.add_argument("--host", default=env("KVMESH_SERVE_HOST", "127.0.0.1"),
                         help="router HTTP host (children bind 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=int(env("KVMESH_SERVE_PORT", "8000")),
+    parser.add_argument("--port", type=int, default=_env_int("KVMESH_SERVE_PORT", 8000),
                         help="router HTTP port (0 = a free port)")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=int, default=_env_int("KVMESH_SERVE_WORKERS", None),
                         help="number of workers (default 1 on CPU, one per GPU on cuda)")
     parser.add_argument("--device", default=env("KVMESH_SERVE_DEVICE", "cpu"),
                         choices=("cpu", "cuda"))
@@ -46,7 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help='"smollm2" (bundled), a Hugging Face folder or a .gguf file')
     parser.add_argument("--data-dir", default=env("KVMESH_SERVE_DATA_DIR", DEFAULT_DATA_DIR),
                         help="the store's disk tier lives in DATA_DIR/store")
-    parser.add_argument("--store-cpu-bytes", type=int, default=DEFAULT_STORE_CPU_BYTES)
+    parser.add_argument("--store-cpu-bytes", type=int,
+                        default=_env_int("KVMESH_SERVE_STORE_CPU_BYTES", DEFAULT_STORE_CPU_BYTES),
+                        help="capacity of the store's CPU tier in bytes (default 1 GiB)")
     parser.add_argument("--api-key", action="append", default=[], metavar="KEY[=TENANT]",
                         help="router API key (repeat); none = no auth")
     parser.add_argument("--start-timeout", type=float, default=START_TIMEOUT_S,
@@ -55,6 +60,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser.add_argument(f"--{role}-arg", action="append", default=[], metavar="ARG",
                             help=f"extra argument for every `kvmesh {role}` (repeat)")
     parser.set_defaults(func=run)
+
+
+def _env_int(name: str, default: int | None) -> int | None:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise SystemExit(f"kvmesh serve: {name} must be an integer, got {text!r}") from None
 
 
 @dataclass
