@@ -230,15 +230,15 @@ class EngineLoop:
             self._active.clear()
             return
         for output in outputs:
-            active = self._active.get(output.request_id)
-            if active is None:
+            owner = self._active.get(output.request_id)
+            if owner is None:
                 continue  # aborted by the caller already
-            active.stream._put(output)
+            owner.stream._put(output)
             if output.finish_reason is not None:
-                active.finished_indices.add(output.index)
-                if len(active.finished_indices) >= active.num_completions:
+                owner.finished_indices.add(output.index)
+                if len(owner.finished_indices) >= owner.num_completions:
                     del self._active[output.request_id]
-                    active.stream._finish()
+                    owner.stream._finish()
 
     def _publish_events(self) -> None:
         events = self._engine.pop_kv_events()

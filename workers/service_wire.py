@@ -16,8 +16,8 @@ from workers.errors import InvalidRequest
 from workers.sampling import SamplingParams
 
 # Engine tier names -> wire tiers. "store" is the shared store reached over gRPC.
-ENGINE_TIERS: dict[str, int] = {**TIER_BY_NAME, "store": common_pb2.TIER_REMOTE}
-FINISH_REASONS: dict[str | None, int] = {
+ENGINE_TIERS: dict[str, Any] = {**TIER_BY_NAME, "store": common_pb2.TIER_REMOTE}
+FINISH_REASONS: dict[str | None, Any] = {  # values: worker_pb2.FinishReason
     None: worker_pb2.FINISH_REASON_UNSPECIFIED,
     "stop": worker_pb2.FINISH_REASON_STOP,
     "length": worker_pb2.FINISH_REASON_LENGTH,
@@ -113,7 +113,7 @@ def event_to_pb(seq: int, event: Any, epoch: int) -> worker_pb2.KvEvent:
     """A KvEventData (or None for AllCleared) as a KvEvent with sequence number `seq`."""
     if event is None:
         return worker_pb2.KvEvent(seq=seq, cleared=worker_pb2.AllCleared(epoch=epoch))
-    tier = ENGINE_TIERS.get(event.tier, common_pb2.TIER_UNSPECIFIED)
+    tier: Any = ENGINE_TIERS.get(event.tier, common_pb2.TIER_UNSPECIFIED)
     if event.kind == "stored":
         return worker_pb2.KvEvent(
             seq=seq,
