@@ -177,15 +177,16 @@ def wait_ready(handles: list[ray.actor.ActorHandle], timeout_s: float) -> list[R
     """Block until every actor answers `info` (its child is listening). Raises GetTimeoutError
     on timeout and the first actor's failure as soon as it happens (not after the others)."""
     deadline = time.monotonic() + timeout_s
-    refs = [handle.info.remote() for handle in handles]
-    pending = list(refs)
+    refs: list[ray.ObjectRef] = [handle.info.remote() for handle in handles]
+    pending: list[ray.ObjectRef] = list(refs)
     while pending:
         done, pending = ray.wait(pending, num_returns=1,
                                  timeout=max(0.0, deadline - time.monotonic()))
         if not done:
             raise ray.exceptions.GetTimeoutError(f"{len(pending)} actors not ready")
         ray.get(done)  # raises the actor's failure now
-    return [RoleInfo(**info) for info in ray.get(refs)]
+    infos: list[dict[str, object]] = ray.get(refs)
+    return [RoleInfo(**info) for info in infos]  # type: ignore[arg-type]
 
 
 def start_error(exc: Exception) -> str:

@@ -10,8 +10,12 @@ import argparse
 import os
 import shlex
 import sys
+from typing import TYPE_CHECKING
 
 from deploy.ray_config import NAMESPACE, RayConfigError, RayDeployConfig
+
+if TYPE_CHECKING:
+    from deploy.ray_stack import StackStatus
 
 
 def _env(name: str, default: str | None) -> str | None:
@@ -85,7 +89,7 @@ def _config(args: argparse.Namespace) -> RayDeployConfig:
         router_args=tuple(shlex.split(args.router_args)))
 
 
-def _print_status(stack) -> None:
+def _print_status(stack: StackStatus) -> None:
     for name, info in sorted(stack.infos.items()):
         restarted = " (restarted)" if info.is_restarted else ""
         print(f"{name:<20} {info.role:<7} {info.address:<22} node {info.node_ip} "

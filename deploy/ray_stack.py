@@ -94,7 +94,7 @@ def _on_head(head_node_id: str) -> NodeAffinitySchedulingStrategy:
 
 def _start(name: str, role: str, argv: list[str], config: RayDeployConfig,
            **options: object) -> ray.actor.ActorHandle:
-    return RemoteRoleActor.options(
+    return RemoteRoleActor.options(  # type: ignore[return-value]
         name=name, namespace=config.namespace, lifetime="detached",
         max_restarts=config.max_restarts, max_task_retries=-1, **options,
     ).remote(role, argv, config.ready_timeout_s)
@@ -206,8 +206,8 @@ def down(timeout_s: float = 30.0, is_graceful: bool = True) -> list[str]:
                 handles.append(ray.get_actor(name))
             except ValueError:
                 continue  # died meanwhile
-        if handles and is_graceful:
-            stops = [handle.stop.remote() for handle in handles]  # stops each child cleanly
+        if handles and is_graceful:  # SIGTERM each child, wait for all of them together
+            stops: list[ray.ObjectRef] = [handle.stop.remote() for handle in handles]
             ray.wait(stops, num_returns=len(stops), timeout=timeout_s)
         for handle in handles:
             ray.kill(handle, no_restart=True)  # a child still there dies with it (PDEATHSIG)
