@@ -128,16 +128,24 @@ def test_worker_process_serves_tls_with_token_and_stops_on_sigterm(tmp_path):
             with pytest.raises(WorkerError) as info:
                 list(wrong.generate([1, 2, 3]))
             assert info.value.code == "UNAUTHENTICATED"
+        with WorkerClient(address, token="s3cret") as plaintext:  # no TLS: cannot talk
+            with pytest.raises(WorkerError) as info:
+                plaintext.stats(timeout=5)
+            assert info.value.is_unavailable
         with WorkerClient(address, token="s3cret", tls=cert) as client:
             assert client.stats().max_model_len == 256  # from the environment
             got = [o.token_ids for o in client.generate(
                 [1, 2, 3], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))]
             assert sum(len(ids) for ids in got) == 2
-        with WorkerClient(address, token="s3cret") as plaintext:  # no TLS: cannot talk
+            # SIGTERM with a request in flight: its stream ends UNAVAILABLE (a router retries
+            # elsewhere) and the process exits 0.
+            outputs = client.generate([1, 2, 3], SamplingParams(temperature=0, max_tokens=200,
+                                                                ignore_eos=True))
+            next(outputs)
+            proc.send_signal(signal.SIGTERM)
             with pytest.raises(WorkerError) as info:
-                plaintext.stats(timeout=5)
-            assert info.value.is_unavailable
-        proc.send_signal(signal.SIGTERM)
+                list(outputs)
+            assert info.value.is_unavailable, info.value
         assert proc.wait(timeout=60) == 0
         assert proc.stdout.read() == ""  # exactly one line on stdout
     finally:

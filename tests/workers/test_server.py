@@ -294,6 +294,26 @@ def test_kv_events_snapshot_then_live_events_with_increasing_seq(client, prompt_
     assert client.stats().kv_events_seq >= seen[-1].seq
 
 
+def test_tenant_salt_changes_the_page_keys_the_router_computes(client, prompt_ids):
+    namespace = client.stats().namespace
+    prompt = [(t * 5) % 20000 + 70 for t in prompt_ids[:32]]
+    events, stop = _subscribe(client)
+    try:
+        list(client.generate(prompt, _greedy(1), tenant_salt="tenant-x", timeout=60))
+        salted = namespace.with_salt("tenant-x").page_keys(prompt)
+        assert len(salted) == 2 and set(salted).isdisjoint(namespace.page_keys(prompt))
+        held: set[bytes] = set()
+        deadline = time.monotonic() + 10
+        while not set(salted) <= held:
+            assert time.monotonic() < deadline, "no stored events with the tenant's keys"
+            event = events.get(timeout=10)
+            if event.kind == "stored":
+                held.update(event.keys)
+        assert set(namespace.page_keys(prompt)).isdisjoint(held)
+    finally:
+        stop()
+
+
 def test_stats_report_model_limits_and_prefix_counters(client, prompt_ids):
     stats = client.stats()
     assert stats.model
