@@ -47,29 +47,26 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """`ray start --head --block` on loopback with 2 CPUs and free ports; at teardown SIGTERM to
-    that process (it stops its Ray processes), then SIGKILL any of its descendants still there,
-    by pid. Never `ray stop`, which would stop every Ray cluster on the machine."""
-    gcs, client, dashboard, agent = _free_ports(4)
-    log = (tmp_path_factory.mktemp("ray") / "ray-start.log").open("w")
+def _ray_start(args: list[str], log_path) -> subprocess.Popen:
+    """`ray start --block ...` in its own session; returns once the node is up."""
+    agent, = _free_ports(1)
+    log = open(log_path, "w")
     process = subprocess.Popen(
-        ["ray", "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs),
-         "--node-ip-address", "127.0.0.1", "--include-dashboard=false",
-         "--dashboard-port", str(dashboard), "--ray-client-server-port", str(client),
-         "--dashboard-agent-listen-port", str(agent), "--object-store-memory", "100000000",
-         "--disable-usage-stats"],
+        ["ray", "start", "--block", *args, "--dashboard-agent-listen-port", str(agent),
+         "--object-store-memory", "100000000", "--disable-usage-stats"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"127.0.0.1:{gcs}"
+    log.close()
     deadline = time.monotonic() + 90
-    while "block forever" not in open(log.name).read():
-        assert process.poll() is None, open(log.name).read()
-        assert time.monotonic() < deadline, "ray start did not come up"
+    while "block forever" not in open(log_path).read():
+        assert process.poll() is None, open(log_path).read()
+        assert time.monotonic() < deadline, f"ray start did not come up: {open(log_path).read()}"
         time.sleep(0.5)
-    ray.init(address=address, namespace="kvmesh", log_to_driver=False)
-    yield RayHead(address, process)
-    ray.shutdown()
+    return process
+
+
+def _ray_stop(process: subprocess.Popen) -> None:
+    """SIGTERM to `ray start --block` (it stops the Ray processes it started), then SIGKILL any
+    of its descendants still there, by pid. Never `ray stop`: it stops every Ray on the machine."""
     descendants = psutil.Process(process.pid).children(recursive=True)
     process.send_signal(signal.SIGTERM)
     try:
@@ -82,7 +79,28 @@ def ray_head(tmp_path_factory):
             child.kill()
         except psutil.NoSuchProcess:
             pass
-    log.close()
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A 2-node Ray cluster on this machine (head and one more node, 1 CPU each: 2 CPUs in all),
+    on free ports, so SPREAD really spreads: each worker gets a node of its own."""
+    gcs, client, dashboard = _free_ports(3)
+    logs = tmp_path_factory.mktemp("ray")
+    address = f"127.0.0.1:{gcs}"
+    processes = [_ray_start(["--head", "--num-cpus", "1", "--port", str(gcs),
+                             "--include-dashboard=false", "--dashboard-port", str(dashboard),
+                             "--ray-client-server-port", str(client)], logs / "head.log")]
+    try:
+        processes.append(_ray_start(["--address", address, "--num-cpus", "1"],
+                                    logs / "node.log"))
+        ray.init(address=address, namespace="kvmesh", log_to_driver=False)
+        _wait_for("2 Ray nodes", lambda: sum(n["Alive"] for n in ray.nodes()) == 2, 60)
+        yield RayHead(address, processes[0])
+    finally:
+        ray.shutdown()
+        for process in reversed(processes):
+            _ray_stop(process)
 
 
 def _kvmesh(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
@@ -212,8 +230,10 @@ def test_deploy_serve_survive_worker_kill_and_down(ray_head):
         victim_index = next(i for i, w in enumerate(stack.workers)
                             if _metric(stack.url, "kvmesh:index_worker_pages", w) >= 6)
         victim = stack.workers[victim_index]
-        actor = ray.get_actor(f"kvmesh-worker-{victim_index}")
-        old = ray.get(actor.info.remote(), timeout=30)
+        worker_actors = [ray.get_actor(f"kvmesh-worker-{i}") for i in range(2)]
+        infos = ray.get([a.info.remote() for a in worker_actors], timeout=30)
+        assert infos[0]["node_id"] != infos[1]["node_id"]  # SPREAD: one worker per node
+        actor, old = worker_actors[victim_index], infos[victim_index]
 
         ray.kill(actor, no_restart=False)
         _wait_for("the old worker process gone", lambda: not psutil.pid_exists(
@@ -227,6 +247,7 @@ def test_deploy_serve_survive_worker_kill_and_down(ray_head):
         assert _complete(stack.url, "The capital of France is")["usage"]["completion_tokens"] == 6
 
         new = ray.get(actor.info.remote(), timeout=300)  # returns once the restart is listening
+        assert new["node_id"] == old["node_id"]  # its placement-group bundle kept its node
         restarted_pids.append(new["child_pid"])
         assert (new["address"], new["is_restarted"]) == (victim, True)
         assert new["child_pid"] != old["child_pid"] and new["actor_pid"] != old["actor_pid"]
