@@ -250,8 +250,9 @@ def sglang_choice(approx: ApproxTree, keys: list[bytes], workers: list[SimWorker
 
 def scale_test(num_workers: int, num_pages: int, seed: int) -> dict:
     """One decision at `num_workers` workers with `num_pages` distinct pages indexed (prefix
-    chains of 128 pages, each whole on one worker and partly on two more): key hashing of a
-    prompt of up to 2,048 tokens + index walk + policy over every worker's load."""
+    chains of 128 pages, each whole on one worker and partly on two more), as the router makes
+    it: key hashing of a prompt of up to 2,048 tokens + index walk + policy over every worker's
+    load (plain attributes, like the pool's handles) + recording the predicted entries."""
     rng = random.Random(seed)
     chain_pages = 128
     num_chains = -(-num_pages // chain_pages)
@@ -281,6 +282,7 @@ def scale_test(num_workers: int, num_pages: int, seed: int) -> dict:
         t0, c0 = time.perf_counter(), time.thread_time()
         keys = NS.page_keys(tokens)
         decision = choose(len(tokens), PAGE, index.match(keys), loads, cost=COST)
+        index.predict(decision.worker_id, keys)
         cpu.append((time.thread_time() - c0) * 1e6)
         samples.append((time.perf_counter() - t0) * 1e6)
         assert decision.worker_id in loads
@@ -326,7 +328,7 @@ def main() -> None:
         return
     s = scale_test(1000, args.scale_pages, args.seed)
     print(f"\nscale: 1000 workers, {s['pages']:,} distinct pages ({s['entries']:,} worker-page "
-          f"entries), index memory {s['mem_mb']:.0f} MiB; decision (hash+walk+policy) "
+          f"entries), index memory {s['mem_mb']:.0f} MiB; decision (hash+walk+policy+predict) "
           f"wall p50 {s['p50']:.0f} us, p99 {s['p99']:.0f} us; thread CPU time p50 "
           f"{s['cpu_p50']:.0f} us, p99 {s['cpu_p99']:.0f} us")
 
