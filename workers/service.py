@@ -58,15 +58,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._limits: RequestLimits | None = None
 
     def _request_limits(self) -> RequestLimits:
+        """Limits read once from the loaded engine's fixed attributes (safe from any thread)."""
         if self._limits is None:
-            if not self._loop.is_ready:
-                raise WorkerNotReady("worker is still loading its model")
-            self._limits = self._loop.call(
-                lambda engine: RequestLimits(
-                    max_model_len=engine.max_model_len,
-                    vocab_size=_vocab_size(engine),
-                    max_num_seqs=self._max_num_seqs,
-                )
+            engine = self._loop.wait_ready(timeout=0)  # raises WorkerNotReady while loading
+            self._limits = RequestLimits(
+                max_model_len=engine.max_model_len,
+                vocab_size=int(engine.model_config.vocab_size),
+                max_num_seqs=self._max_num_seqs,
             )
         return self._limits
 
@@ -120,11 +118,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         # Snapshots kept by the loop thread: Stats answers at once even during a long step.
         return stats_to_pb(engine, self._loop.engine_stats, self._loop.base_namespace,
                            self._loop.epoch, self._loop.kv_events_seq)
-
-
-def _vocab_size(engine: Any) -> int:
-    """Largest valid token id + 1: the model's embedding rows."""
-    return int(engine.model_config.vocab_size)
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
