@@ -1,7 +1,7 @@
 """The engine loop: one thread owns the Engine; gRPC handler threads talk to it through queues.
 
 The Engine is single-threaded. Handler threads never touch it: they put commands on one
-thread-safe queue (add, abort, subscribe, call) and read results from their own queues
+thread-safe queue (add, abort, subscribe, unsubscribe) and read results from their own queues
 (`RequestStream` per Generate call, `EventSubscription` per KvEvents call). Everything the engine
 emits (outputs, KV events) is dispatched by the loop thread, so a subscription's snapshot and its
 live events are ordered without locks.
@@ -14,7 +14,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,14 +107,6 @@ class EngineLoop:
     def unsubscribe(self, subscription: EventSubscription) -> None:
         self._commands.put(("unsubscribe", subscription))
 
-    def call(self, fn: Callable[[Any], Any], timeout: float = 30.0) -> Any:
-        """Run fn(engine) on the loop thread between steps and return its result."""
-        if not self.is_ready:
-            raise WorkerNotReady("worker is not serving (loading or shutting down)")
-        future: Future[Any] = Future()
-        self._commands.put(("call", fn, future))
-        return future.result(timeout)
-
     # Refreshed by the loop thread before each step's outputs are dispatched and after each batch
     # of commands, so Stats never waits for a (possibly long) step.
     engine_stats: Any = None  # workers.outputs.EngineStats
@@ -205,12 +196,6 @@ class EngineLoop:
             if command[1] in self._subscriptions:
                 self._subscriptions.remove(command[1])
                 command[1]._end()
-        elif kind == "call":
-            _, fn, future = command
-            try:
-                future.set_result(fn(self._engine))
-            except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                future.set_exception(exc)
 
     def _refresh_stats(self) -> None:
         self.engine_stats = self._engine.stats()  # replaced whole: readers never see it torn
@@ -270,8 +255,6 @@ class EngineLoop:
                 break
             if command[0] == "add":
                 command[1]._finish(WorkerNotReady("worker is shutting down"))
-            elif command[0] == "call":
-                command[2].set_exception(WorkerNotReady("worker is shutting down"))
             elif command[0] in ("subscribe", "unsubscribe"):
                 command[1]._end()
         try:
