@@ -143,9 +143,9 @@ def _deploy(config: RayDeployConfig) -> StackStatus:
     try:
         ray.get(group.ready(), timeout=config.ready_timeout_s)
     except ray.exceptions.GetTimeoutError as exc:
+        free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
         raise DeployError(f"the cluster cannot place {config.num_workers} workers of {bundle} "
-                          f"each within {config.ready_timeout_s:.0f}s; available: "
-                          f"{ray.available_resources()}") from exc
+                          f"each within {config.ready_timeout_s:.0f}s; free now: {free}") from exc
     node_ips = _node_ips()
     bundle_nodes = placement_group_table(group)["bundles_to_node_id"]
     store_address = f"{node_ips[head]}:{config.store_port}"
