@@ -148,7 +148,8 @@ class StoreClient:
         return self._put_payloads(namespace, token_bytes, views) if views else 0
 
     def get_closest_pages(self, namespace: Namespace, token_ids: Any) -> ClosestPages | None:
-        """Like get_closest, as one payload view per page (views into one buffer)."""
+        """Like get_closest, as one payload view per page ([L, 2, P, H, D] bytes): read-only
+        views into the received frames, no copy."""
         got = self._fetch_closest(namespace, kv_pages.token_bytes(token_ids, namespace))
         if got is None:
             return None
