@@ -28,6 +28,7 @@ pytestmark = pytest.mark.timeout(420)
 PAGE_SIZE = 16
 # 6 full pages + 3 tokens; ids inside SmolLM2's vocabulary, no special tokens
 PROMPT_IDS = [(7 * i + 300) % 4000 + 200 for i in range(6 * PAGE_SIZE + 3)]
+API_KEY = "test-key"
 WORKER_ARGS = "--kv-cache-bytes 33554432 --max-num-seqs 4 --max-model-len 512"
 
 
@@ -115,9 +116,10 @@ def _wait_for(what: str, predicate: Callable[[], bool], timeout: float = 120) ->
         time.sleep(0.5)
 
 
-def _complete(url: str, prompt: list[int] | str, max_tokens: int = 6) -> dict:
-    response = httpx.post(f"{url}/v1/completions", timeout=120, json={
-        "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+def _complete(url: str, prompt: list[int] | str, api_key: str | None = None) -> dict:
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    response = httpx.post(f"{url}/v1/completions", timeout=120, headers=headers, json={
+        "prompt": prompt, "max_tokens": 6, "temperature": 0})
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -284,13 +286,14 @@ def test_deploy_serve_survive_worker_kill_and_down(ray_head):
 def test_deploy_with_redis_shared_tier(ray_head, redis_server):
     # a store CPU tier smaller than one page (30 layers x 2 x 16 x 3 x 64 fp32 = 720 KiB):
     # every page the workers write through lands in Redis
-    stack = Stack(ray_head, "--redis-url", redis_server.url, "--store-cpu-bytes", "65536")
+    # with auth on every hop: the pages reach Redis only if the workers' store token works
+    stack = Stack(ray_head, "--redis-url", redis_server.url, "--store-cpu-bytes", "65536",
+                  "--token", "hop-token", "--api-key", API_KEY)
     try:
-        again = _kvmesh("ray", "deploy", "--address", ray_head.address, timeout=60)
-        assert (again.returncode, again.stderr.strip()) == (1, "kvmesh ray deploy: kvmesh is "
-                                                            "already deployed in namespace "
-                                                            "'kvmesh'; run `kvmesh ray down` first")
-        first = _complete(stack.url, PROMPT_IDS)
+        refused = httpx.post(f"{stack.url}/v1/completions", json={"prompt": "hi"}, timeout=30)
+        assert refused.status_code == 401
+        assert refused.json()["error"]["code"] == "invalid_api_key"
+        first = _complete(stack.url, PROMPT_IDS, api_key=API_KEY)
         assert first["usage"]["completion_tokens"] == 6
         client = redis.Redis(host="127.0.0.1", port=redis_server.port)
         _wait_for("pages in redis", lambda: client.dbsize() >= 6, 60)
@@ -306,7 +309,8 @@ def test_deploy_with_redis_shared_tier(ray_head, redis_server):
         client.close()
         # the shared tier going down costs cache hits, not requests
         redis_server.kill()
-        assert _complete(stack.url, PROMPT_IDS[::-1])["usage"]["completion_tokens"] == 6
+        answer = _complete(stack.url, PROMPT_IDS[::-1], api_key=API_KEY)
+        assert answer["usage"]["completion_tokens"] == 6
     finally:
         stack.down()
     _assert_nothing_left(stack, [])
