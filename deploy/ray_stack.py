@@ -178,16 +178,28 @@ def _deploy(config: RayDeployConfig) -> StackStatus:
 
 
 def status(timeout_s: float = 10.0) -> StackStatus:
-    """Ask every kvmesh actor in the connected namespace for its info."""
-    infos: dict[str, RoleInfo] = {}
+    """Ask every kvmesh actor in the connected namespace for its info, all at once; an actor
+    that does not answer within `timeout_s` (restarting, or dead) is listed as unavailable."""
+    refs: dict[str, ray.ObjectRef] = {}
     unavailable: list[str] = []
     for name in _kvmesh_actor_names():
         try:
-            handle = ray.get_actor(name)
-            (infos[name],) = wait_ready([handle], timeout_s)
-        except (ValueError, ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            refs[name] = ray.get_actor(name).info.remote()
+        except ValueError:  # died meanwhile
             unavailable.append(name)
-    return StackStatus(infos=infos, unavailable=unavailable)
+    ready: list[ray.ObjectRef] = []
+    if refs:
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    infos: dict[str, RoleInfo] = {}
+    for name, ref in refs.items():
+        try:
+            if ref in ready:
+                infos[name] = RoleInfo(**ray.get(ref))
+                continue
+        except ray.exceptions.RayActorError:
+            pass
+        unavailable.append(name)
+    return StackStatus(infos=infos, unavailable=sorted(unavailable))
 
 
 def down(timeout_s: float = 30.0, is_graceful: bool = True) -> list[str]:
