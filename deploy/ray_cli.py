@@ -30,25 +30,27 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    # string defaults from the environment go through each flag's `type`, so a bad
+    # KVMESH_RAY_* value is reported like a bad flag
     parser = subparsers.add_parser("ray", help="run kvmesh on a Ray cluster")
     actions = parser.add_subparsers(dest="ray_command", metavar="ACTION", required=True)
 
     dep = actions.add_parser("deploy", help="start store, workers and router as Ray actors")
     _add_connection_flags(dep)
-    dep.add_argument("--workers", type=int, default=int(_env("WORKERS", "1") or 1))
+    dep.add_argument("--workers", type=int, default=_env("WORKERS", "1"))
     dep.add_argument("--num-cpus-per-worker", type=float,
-                     default=float(_env("NUM_CPUS_PER_WORKER", "1") or 1))
+                     default=_env("NUM_CPUS_PER_WORKER", "1"))
     dep.add_argument("--num-gpus-per-worker", type=float,
-                     default=float(_env("NUM_GPUS_PER_WORKER", "0") or 0),
+                     default=_env("NUM_GPUS_PER_WORKER", "0"),
                      help="1 on a GPU cluster (one worker per GPU, --device cuda); 0: CPU workers")
     dep.add_argument("--model", default=_env("MODEL", None),
                      help="model path (HF folder or .gguf); default: the worker's default")
     dep.add_argument("--redis-url", default=_env("REDIS_URL", None),
                      help="shared tier behind the store (redis:// or a Redis Cluster node)")
-    dep.add_argument("--port", type=int, default=int(_env("PORT", "8000") or 8000),
+    dep.add_argument("--port", type=int, default=_env("PORT", "8000"),
                      help="router HTTP port")
-    dep.add_argument("--store-port", type=int, default=int(_env("STORE_PORT", "50051") or 50051))
-    dep.add_argument("--worker-port", type=int, default=int(_env("WORKER_PORT", "50100") or 50100),
+    dep.add_argument("--store-port", type=int, default=_env("STORE_PORT", "50051"))
+    dep.add_argument("--worker-port", type=int, default=_env("WORKER_PORT", "50100"),
                      help="worker i listens on this port + i")
     dep.add_argument("--store-cpu-bytes", type=int, default=None)
     dep.add_argument("--store-disk-dir", default=_env("STORE_DISK_DIR", None))
@@ -57,12 +59,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dep.add_argument("--api-key", default=_env("API_KEY", None))
     dep.add_argument("--token", default=_env("TOKEN", None),
                      help="bearer token between router, workers and store")
-    dep.add_argument("--max-restarts", type=int, default=int(_env("MAX_RESTARTS", "5") or 5))
+    dep.add_argument("--max-restarts", type=int, default=_env("MAX_RESTARTS", "5"))
     dep.add_argument("--timeout", type=float, default=600.0,
                      help="seconds to wait for each role to listen")
     for role in ("store", "worker", "router"):
         dep.add_argument(f"--{role}-args", default="",
-                         help=f"extra flags for `kvmesh {role}`, one shell-quoted string")
+                         help=f"extra flags for `kvmesh {role}`, one shell-quoted string "
+                              f"(--{role}-args='--flag value')")
     dep.set_defaults(func=_deploy)
 
     stat = actions.add_parser("status", help="list the kvmesh actors and their addresses")

@@ -80,3 +80,19 @@ def test_unreachable_cluster_fails_fast_with_a_clear_message():
         assert out.returncode == 1
         assert out.stderr.startswith(
             f"kvmesh ray {action}: cannot reach the Ray cluster at 127.0.0.1:{port}: ")
+
+
+def test_flag_defaults_come_from_the_environment(monkeypatch):
+    from deploy.cli import build_parser
+
+    monkeypatch.setenv("KVMESH_RAY_WORKERS", "3")
+    monkeypatch.setenv("KVMESH_RAY_NUM_GPUS_PER_WORKER", "1")
+    monkeypatch.setenv("KVMESH_RAY_REDIS_URL", "redis://r:6379/0")
+    args = build_parser(["ray", "deploy"]).parse_args(["ray", "deploy"])
+    assert (args.workers, args.num_gpus_per_worker, args.redis_url) == (3, 1.0, "redis://r:6379/0")
+    args = build_parser(["ray", "deploy"]).parse_args(["ray", "deploy", "--workers", "4"])
+    assert args.workers == 4  # a flag wins over the environment
+    monkeypatch.setenv("KVMESH_RAY_WORKERS", "many")
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser(["ray", "deploy"]).parse_args(["ray", "deploy"])
+    assert exit_info.value.code == 2
