@@ -1,6 +1,6 @@
-"""`kvmesh ray deploy|status|down` on a real local Ray cluster (2 CPUs) started by the test, with
-the real store, two real SmolLM2 CPU workers and the real router; one variant puts the store's
-shared tier on a real redis-server."""
+"""`kvmesh ray deploy|status|down` on a real 2-node Ray cluster (1 CPU each) started by the test
+on this machine, with the real store, two real SmolLM2 CPU workers and the real router; one
+variant puts the store's shared tier on a real redis-server."""
 
 from __future__ import annotations
 
