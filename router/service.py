@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -161,13 +161,16 @@ class Router:
         self.metrics.decisions.inc(reason=decision.reason, worker=decision.worker_id)
         return handles[decision.worker_id], decision
 
-    def _keys_by_namespace(self, handles, prompt_ids, salt):
-        groups: dict[bytes, list[WorkerHandle]] = {}
+    def _keys_by_namespace(
+        self, handles: Iterable[WorkerHandle], prompt_ids: Sequence[int], salt: str
+    ) -> Iterator[tuple[list[bytes], list[WorkerHandle]]]:
+        groups: dict[bytes, tuple[Namespace, list[WorkerHandle]]] = {}
         for handle in handles:
-            groups.setdefault(handle.namespace.digest, []).append(handle)
-        for group in groups.values():
-            salted = self._salted_namespace(group[0].namespace, salt)
-            yield salted.page_keys(prompt_ids), group
+            namespace = handle.namespace
+            assert namespace is not None  # pool.available() only lists workers that reported it
+            groups.setdefault(namespace.digest, (namespace, []))[1].append(handle)
+        for namespace, group in groups.values():
+            yield self._salted_namespace(namespace, salt).page_keys(prompt_ids), group
 
     def _salted_namespace(self, base: Namespace, salt: str) -> Namespace:
         salted = self._salted.get((base.digest, salt))
@@ -186,7 +189,8 @@ class Router:
                                           prompt_token_ids=prep.prompt_ids, sampling=sampling,
                                           tenant_salt=prep.salt)
 
-    async def run(self, prep: Prepared, *, buffered: bool = False) -> AsyncIterator[Chunk]:
+    async def run(self, prep: Prepared, *, buffered: bool = False
+                  ) -> AsyncGenerator[Chunk, None]:
         """The request's chunks. Streamed (`buffered` False): retried on another worker while
         no output has been yielded; WorkerFailed if a worker fails after that. Buffered: each
         attempt's chunks are held until it finishes, so any worker failure is retried.

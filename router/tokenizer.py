@@ -31,4 +31,4 @@ class PromptTokenizer:
         return list(self._tok(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        return self._tok.decode(list(token_ids), skip_special_tokens=True)
+        return str(self._tok.decode(list(token_ids), skip_special_tokens=True))
