@@ -142,6 +142,13 @@ def _health(url: str) -> dict[str, bool]:
     return httpx.get(f"{url}/health", timeout=10).json()["workers"]
 
 
+def _all_healthy(url: str) -> bool:
+    try:
+        return all(_health(url).values())
+    except httpx.TransportError:  # not listening (yet)
+        return False
+
+
 class Stack:
     """A deployed stack: ports, router URL and the pids `kvmesh ray status` reported."""
 
@@ -274,6 +281,14 @@ def test_deploy_serve_survive_worker_kill_and_down(ray_head):
             "child_pid"] != stack.pids["kvmesh-store"], 120)
         restarted_pids.append(ray.get(store.info.remote())["child_pid"])
         assert ray.get(store.info.remote())["is_restarted"] is True
+        assert _complete(stack.url, PROMPT_IDS)["choices"][0]["text"] == expected_text
+        # the router too comes back on its port
+        router = ray.get_actor("kvmesh-router")
+        ray.kill(router, no_restart=False)
+        _wait_for("the router restarted", lambda: ray.get(router.info.remote(), timeout=300)[
+            "child_pid"] != stack.pids["kvmesh-router"], 300)
+        restarted_pids.append(ray.get(router.info.remote())["child_pid"])
+        _wait_for("the restarted router sees both workers", lambda: _all_healthy(stack.url))
         assert _complete(stack.url, PROMPT_IDS)["choices"][0]["text"] == expected_text
         status = _kvmesh("ray", "status", "--address", ray_head.address, timeout=60)
         assert f"kvmesh-worker-{victim_index}" in status.stdout
