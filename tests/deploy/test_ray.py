@@ -7,159 +7,68 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import httpx
 import psutil
 import pytest
 import ray
 import redis
+from ray_testing import (
+    API_KEY,
+    PAGE_SIZE,
+    PROMPT_IDS,
+    WORKER_ARGS,
+    RayHead,
+    all_healthy,
+    complete,
+    free_ports,
+    health,
+    kvmesh,
+    metric,
+    ray_start,
+    ray_stop,
+    routed_to,
+    wait_for,
+)
 
 from cachestore.codec import decode_header
 
 pytestmark = pytest.mark.timeout(420)
-
-PAGE_SIZE = 16
-# 6 full pages + 3 tokens; ids inside SmolLM2's vocabulary, no special tokens
-PROMPT_IDS = [(7 * i + 300) % 4000 + 200 for i in range(6 * PAGE_SIZE + 3)]
-API_KEY = "test-key"
-WORKER_ARGS = "--kv-cache-bytes 33554432 --max-num-seqs 4 --max-model-len 512"
-
-
-@dataclass
-class RayHead:
-    address: str
-    process: subprocess.Popen
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def _ray_start(args: list[str], log_path) -> subprocess.Popen:
-    """`ray start --block ...` in its own session; returns once the node is up."""
-    agent, = _free_ports(1)
-    log = open(log_path, "w")
-    process = subprocess.Popen(
-        ["ray", "start", "--block", *args, "--dashboard-agent-listen-port", str(agent),
-         "--object-store-memory", "100000000", "--disable-usage-stats"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
-    deadline = time.monotonic() + 90
-    while "block forever" not in open(log_path).read():
-        assert process.poll() is None, open(log_path).read()
-        assert time.monotonic() < deadline, f"ray start did not come up: {open(log_path).read()}"
-        time.sleep(0.5)
-    return process
-
-
-def _ray_stop(process: subprocess.Popen) -> None:
-    """SIGTERM to `ray start --block` (it stops the Ray processes it started), then SIGKILL any
-    of its descendants still there, by pid. Never `ray stop`: it stops every Ray on the machine."""
-    descendants = psutil.Process(process.pid).children(recursive=True)
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    for child in descendants:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A 2-node Ray cluster on this machine (head and one more node, 1 CPU each: 2 CPUs in all),
     on free ports, so SPREAD really spreads: each worker gets a node of its own."""
-    gcs, client, dashboard = _free_ports(3)
+    gcs, client, dashboard = free_ports(3)
     logs = tmp_path_factory.mktemp("ray")
     address = f"127.0.0.1:{gcs}"
-    processes = [_ray_start(["--head", "--num-cpus", "1", "--port", str(gcs),
-                             "--include-dashboard=false", "--dashboard-port", str(dashboard),
-                             "--ray-client-server-port", str(client)], logs / "head.log")]
+    processes = [ray_start(["--head", "--num-cpus", "1", "--port", str(gcs),
+                           "--include-dashboard=false", "--dashboard-port", str(dashboard),
+                           "--ray-client-server-port", str(client)], logs / "head.log")]
     try:
-        processes.append(_ray_start(["--address", address, "--num-cpus", "1"],
-                                    logs / "node.log"))
+        processes.append(ray_start(["--address", address, "--num-cpus", "1"], logs / "node.log"))
         ray.init(address=address, namespace="kvmesh", log_to_driver=False)
-        _wait_for("2 Ray nodes", lambda: sum(n["Alive"] for n in ray.nodes()) == 2, 60)
+        wait_for("2 Ray nodes", lambda: sum(n["Alive"] for n in ray.nodes()) == 2, 60)
         yield RayHead(address, processes[0])
     finally:
         ray.shutdown()
         for process in reversed(processes):
-            _ray_stop(process)
-
-
-def _kvmesh(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deploy.cli", *args], capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def _wait_for(what: str, predicate: Callable[[], bool], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
-
-
-def _complete(url: str, prompt: list[int] | str, api_key: str | None = None) -> dict:
-    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-    response = httpx.post(f"{url}/v1/completions", timeout=120, headers=headers, json={
-        "prompt": prompt, "max_tokens": 6, "temperature": 0})
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def _metric(url: str, name: str, worker: str) -> float | None:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    match = re.search(rf'^{re.escape(name)}{{worker="{re.escape(worker)}"}} (\S+)$', text, re.M)
-    return None if match is None else float(match.group(1))
-
-
-def _routed_to(url: str, worker: str) -> float:
-    """Requests the router has sent to `worker` (any routing reason)."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("kvmesh:routing_decisions_total{")
-               and f'worker="{worker}"' in line)
-
-
-def _health(url: str) -> dict[str, bool]:
-    return httpx.get(f"{url}/health", timeout=10).json()["workers"]
-
-
-def _all_healthy(url: str) -> bool:
-    try:
-        return all(_health(url).values())
-    except httpx.TransportError:  # not listening (yet)
-        return False
+            ray_stop(process)
 
 
 class Stack:
     """A deployed stack: ports, router URL and the pids `kvmesh ray status` reported."""
 
     def __init__(self, head: RayHead, *extra: str) -> None:
-        self.store_port, self.router_port, self.worker_port = _free_ports(3)
+        self.store_port, self.router_port, self.worker_port = free_ports(3)
         self.head = head
-        out = _kvmesh("ray", "deploy", "--address", head.address, "--workers", "2",
-                      "--num-cpus-per-worker", "1", "--port", str(self.router_port),
-                      "--store-port", str(self.store_port), "--worker-port",
-                      str(self.worker_port), "--max-restarts", "2", "--timeout", "300",
-                      "--host-tier-bytes", str(8 << 20), "--worker-args", WORKER_ARGS, *extra)
+        out = kvmesh("ray", "deploy", "--address", head.address, "--workers", "2",
+                     "--num-cpus-per-worker", "1", "--port", str(self.router_port),
+                     "--store-port", str(self.store_port), "--worker-port",
+                     str(self.worker_port), "--max-restarts", "2", "--timeout", "300",
+                     "--host-tier-bytes", str(8 << 20), "--worker-args", WORKER_ARGS, *extra)
         assert out.returncode == 0, out.stdout + out.stderr
         try:
             last = out.stdout.splitlines()[-1]
@@ -173,13 +82,13 @@ class Stack:
             assert [w.rsplit(":", 1)[1] for w in self.workers] == [
                 str(self.worker_port), str(self.worker_port + 1)]
             self.pids = {name: int(row[6]) for name, row in rows.items()}
-            _wait_for("both workers healthy", lambda: all(_health(self.url).values()))
+            wait_for("both workers healthy", lambda: all(health(self.url).values()))
         except BaseException:
             self.down()
             raise
 
     def down(self) -> None:
-        out = _kvmesh("ray", "down", "--address", self.head.address, timeout=120)
+        out = kvmesh("ray", "down", "--address", self.head.address, timeout=120)
         assert out.returncode == 0, out.stderr
         assert out.stdout.split()[:4] == ["kvmesh", "ray", "down:", "stopped"]
 
@@ -188,7 +97,7 @@ def _assert_nothing_left(stack: Stack, more_pids: list[int]) -> None:
     assert [n for n in ray.util.list_named_actors() if n.startswith("kvmesh-")] == []
     for pid in [*stack.pids.values(), *more_pids]:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    out = _kvmesh("ray", "status", "--address", stack.head.address, timeout=60)
+    out = kvmesh("ray", "status", "--address", stack.head.address, timeout=60)
     assert (out.returncode, out.stdout.strip()) == (1, "kvmesh is not deployed in namespace "
                                                        "'kvmesh'")
     with pytest.raises(httpx.TransportError):
@@ -200,11 +109,11 @@ def _processes_with(arg: str) -> list[psutil.Process]:
 
 
 def test_role_that_cannot_start_fails_the_deploy_and_leaves_nothing(ray_head):
-    store_port, router_port, worker_port = _free_ports(3)
-    out = _kvmesh("ray", "deploy", "--address", ray_head.address, "--workers", "2",
-                  "--port", str(router_port), "--store-port", str(store_port),
-                  "--worker-port", str(worker_port), "--worker-args", "--max-num-seqs 0",
-                  timeout=180)
+    store_port, router_port, worker_port = free_ports(3)
+    out = kvmesh("ray", "deploy", "--address", ray_head.address, "--workers", "2",
+                 "--port", str(router_port), "--store-port", str(store_port),
+                 "--worker-port", str(worker_port), "--worker-args", "--max-num-seqs 0",
+                 timeout=180)
     assert out.returncode == 1
     assert ("kvmesh ray deploy: the stack failed to start: kvmesh worker exited with 2 before "
             "listening; last output:\nkvmesh worker: max_num_seqs must be positive, got 0"
@@ -212,7 +121,7 @@ def test_role_that_cannot_start_fails_the_deploy_and_leaves_nothing(ray_head):
     assert [n for n in ray.util.list_named_actors() if n.startswith("kvmesh-")] == []
     with pytest.raises(ValueError):
         ray.util.get_placement_group("kvmesh-workers")
-    _wait_for("the store and router processes gone", lambda: not any(
+    wait_for("the store and router processes gone", lambda: not any(
         _processes_with(f"--port {port}") for port in (store_port, router_port)), 30)
 
 
@@ -220,24 +129,24 @@ def test_deploy_serve_survive_worker_kill_and_down(ray_head):
     stack = Stack(ray_head)
     restarted_pids: list[int] = []
     try:
-        status = _kvmesh("ray", "status", "--address", ray_head.address, timeout=60)
+        status = kvmesh("ray", "status", "--address", ray_head.address, timeout=60)
         assert status.returncode == 0, status.stderr
         names = [line.split()[0] for line in status.stdout.splitlines()[:-1]]
         assert names == ["kvmesh-router", "kvmesh-store", "kvmesh-worker-0", "kvmesh-worker-1"]
-        again = _kvmesh("ray", "deploy", "--address", ray_head.address, timeout=60)
+        again = kvmesh("ray", "deploy", "--address", ray_head.address, timeout=60)
         assert (again.returncode, again.stderr.strip()) == (1, "kvmesh ray deploy: kvmesh is "
                                                             "already deployed in namespace "
                                                             "'kvmesh'; run `kvmesh ray down` first")
-        first = _complete(stack.url, PROMPT_IDS)
+        first = complete(stack.url, PROMPT_IDS)
         expected_text = first["choices"][0]["text"]
         assert first["usage"] == first["usage"] | {"prompt_tokens": len(PROMPT_IDS),
                                                    "completion_tokens": 6}
         # the worker that served it reports its pages; find it in the index
-        _wait_for("pages in the index", lambda: any(
-            (_metric(stack.url, "kvmesh:index_worker_pages", w) or 0) >= 6
+        wait_for("pages in the index", lambda: any(
+            (metric(stack.url, "kvmesh:index_worker_pages", w) or 0) >= 6
             for w in stack.workers))
         victim_index = next(i for i, w in enumerate(stack.workers)
-                            if _metric(stack.url, "kvmesh:index_worker_pages", w) >= 6)
+                            if metric(stack.url, "kvmesh:index_worker_pages", w) >= 6)
         victim = stack.workers[victim_index]
         worker_actors = [ray.get_actor(f"kvmesh-worker-{i}") for i in range(2)]
         infos = ray.get([a.info.remote() for a in worker_actors], timeout=30)
@@ -245,52 +154,52 @@ def test_deploy_serve_survive_worker_kill_and_down(ray_head):
         actor, old = worker_actors[victim_index], infos[victim_index]
 
         ray.kill(actor, no_restart=False)
-        _wait_for("the old worker process gone", lambda: not psutil.pid_exists(
+        wait_for("the old worker process gone", lambda: not psutil.pid_exists(
             old["child_pid"]) or psutil.Process(old["child_pid"]).status() == "zombie", 30)
         # while Ray restarts it (the model takes a while to load), requests keep succeeding
-        again = _complete(stack.url, PROMPT_IDS)
+        again = complete(stack.url, PROMPT_IDS)
         assert again["choices"][0]["text"] == expected_text
-        _wait_for("the router drops the dead worker", lambda: _health(stack.url)[victim] is False
-                  and _metric(stack.url, "kvmesh:worker_healthy", victim) == 0.0, 30)
-        assert _metric(stack.url, "kvmesh:index_worker_pages", victim) == 0.0
-        assert _complete(stack.url, "The capital of France is")["usage"]["completion_tokens"] == 6
+        wait_for("the router drops the dead worker", lambda: health(stack.url)[victim] is False
+                 and metric(stack.url, "kvmesh:worker_healthy", victim) == 0.0, 30)
+        assert metric(stack.url, "kvmesh:index_worker_pages", victim) == 0.0
+        assert complete(stack.url, "The capital of France is")["usage"]["completion_tokens"] == 6
 
         new = ray.get(actor.info.remote(), timeout=300)  # returns once the restart is listening
         assert new["node_id"] == old["node_id"]  # its placement-group bundle kept its node
         restarted_pids.append(new["child_pid"])
         assert (new["address"], new["is_restarted"]) == (victim, True)
         assert new["child_pid"] != old["child_pid"] and new["actor_pid"] != old["actor_pid"]
-        _wait_for("the router takes the restarted worker back", lambda: _health(stack.url)[victim])
+        wait_for("the router takes the restarted worker back", lambda: health(stack.url)[victim])
         # the restarted worker serves again: fresh prompts, two at a time, until the router
         # (which sends PROMPT_IDS to the worker that caches it) has picked it for one
-        decided = _routed_to(stack.url, victim)
+        decided = routed_to(stack.url, victim)
         with ThreadPoolExecutor(2) as pool:
             for round_ in range(10):
                 prompts = [[t + 1000 * (round_ + 1) + 17 * j for t in PROMPT_IDS] for j in range(2)]
-                answers = list(pool.map(lambda p: _complete(stack.url, p), prompts))
+                answers = list(pool.map(lambda p: complete(stack.url, p), prompts))
                 assert [a["usage"]["completion_tokens"] for a in answers] == [6, 6]
-                if _routed_to(stack.url, victim) > decided:
+                if routed_to(stack.url, victim) > decided:
                     break
-        assert _routed_to(stack.url, victim) > decided
-        _wait_for("the restarted worker's pages in the index",
-                  lambda: (_metric(stack.url, "kvmesh:index_worker_pages", victim) or 0) >= 6, 30)
+        assert routed_to(stack.url, victim) > decided
+        wait_for("the restarted worker's pages in the index",
+                 lambda: (metric(stack.url, "kvmesh:index_worker_pages", victim) or 0) >= 6, 30)
         # a role that dies on its own takes its actor down; Ray restarts it at the same address
         store = ray.get_actor("kvmesh-store")
         os.kill(stack.pids["kvmesh-store"], signal.SIGKILL)
-        _wait_for("the store restarted", lambda: ray.get(store.info.remote(), timeout=120)[
+        wait_for("the store restarted", lambda: ray.get(store.info.remote(), timeout=120)[
             "child_pid"] != stack.pids["kvmesh-store"], 120)
         restarted_pids.append(ray.get(store.info.remote())["child_pid"])
         assert ray.get(store.info.remote())["is_restarted"] is True
-        assert _complete(stack.url, PROMPT_IDS)["choices"][0]["text"] == expected_text
+        assert complete(stack.url, PROMPT_IDS)["choices"][0]["text"] == expected_text
         # the router too comes back on its port
         router = ray.get_actor("kvmesh-router")
         ray.kill(router, no_restart=False)
-        _wait_for("the router restarted", lambda: ray.get(router.info.remote(), timeout=300)[
+        wait_for("the router restarted", lambda: ray.get(router.info.remote(), timeout=300)[
             "child_pid"] != stack.pids["kvmesh-router"], 300)
         restarted_pids.append(ray.get(router.info.remote())["child_pid"])
-        _wait_for("the restarted router sees both workers", lambda: _all_healthy(stack.url))
-        assert _complete(stack.url, PROMPT_IDS)["choices"][0]["text"] == expected_text
-        status = _kvmesh("ray", "status", "--address", ray_head.address, timeout=60)
+        wait_for("the restarted router sees both workers", lambda: all_healthy(stack.url))
+        assert complete(stack.url, PROMPT_IDS)["choices"][0]["text"] == expected_text
+        status = kvmesh("ray", "status", "--address", ray_head.address, timeout=60)
         assert f"kvmesh-worker-{victim_index}" in status.stdout
         assert "(restarted)" in status.stdout
     finally:
@@ -308,10 +217,10 @@ def test_deploy_with_redis_shared_tier(ray_head, redis_server):
         refused = httpx.post(f"{stack.url}/v1/completions", json={"prompt": "hi"}, timeout=30)
         assert refused.status_code == 401
         assert refused.json()["error"]["code"] == "invalid_api_key"
-        first = _complete(stack.url, PROMPT_IDS, api_key=API_KEY)
+        first = complete(stack.url, PROMPT_IDS, api_key=API_KEY)
         assert first["usage"]["completion_tokens"] == 6
         client = redis.Redis(host="127.0.0.1", port=redis_server.port)
-        _wait_for("pages in redis", lambda: client.dbsize() >= 6, 60)
+        wait_for("pages in redis", lambda: client.dbsize() >= 6, 60)
         pages = {}
         for redis_key in client.scan_iter(match=b"kvmesh:*"):
             header = decode_header(client.get(redis_key))
@@ -324,7 +233,7 @@ def test_deploy_with_redis_shared_tier(ray_head, redis_server):
         client.close()
         # the shared tier going down costs cache hits, not requests
         redis_server.kill()
-        answer = _complete(stack.url, PROMPT_IDS[::-1], api_key=API_KEY)
+        answer = complete(stack.url, PROMPT_IDS[::-1], api_key=API_KEY)
         assert answer["usage"]["completion_tokens"] == 6
     finally:
         stack.down()
