@@ -214,6 +214,45 @@ def plot(results: list[Result], path: str, title: str) -> None:
     fig.savefig(path, dpi=100)
 
 
+async def peer_run(args: argparse.Namespace) -> dict[str, list[Result]]:
+    """The peer, same stack, same minute: fresh prompts one at a time, alternately straight to
+    a worker over gRPC and through the server, so the router's own cost shows."""
+    from router.config import default_model_path
+    from router.tokenizer import PromptTokenizer
+    from workers.client import WorkerClient
+    from workers.sampling import SamplingParams
+
+    tokenizer = PromptTokenizer(args.tokenizer or default_model_path())
+    rng = random.Random(args.seed + 1)
+    out: dict[str, list[Result]] = {"worker direct": [], "through router": []}
+
+    def direct(prompt: str) -> Result:
+        result, times = Result(ok=False, start=time.perf_counter()), []
+        with WorkerClient(args.peer_worker) as client:
+            sampling = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
+            for output in client.generate(tokenizer.encode(prompt), sampling):
+                if output.token_ids:
+                    times.append(time.perf_counter())
+        result.ok = bool(times)
+        result.ttft = times[0] - result.start if times else 0.0
+        result.itls = list(np.diff(times))
+        return result
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        for i in range(args.peer_requests):
+            for mode in out:
+                prompt = f"Peer {i} {mode}: " + _text(rng, args.prefix_words // 2)
+                if mode == "worker direct":
+                    out[mode].append(await asyncio.to_thread(direct, prompt))
+                else:
+                    body = {"model": args.model, "prompt": prompt, "max_tokens": args.output_len,
+                            "temperature": 0, "ignore_eos": True, "stream": True}
+                    out[mode].append(await _stream(session, args.url + "/v1/completions", body,
+                                                   time.perf_counter()))
+    return out
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks against a running server")
     sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -233,6 +272,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", default="bench_serve.png", help="PNG path")
     p.add_argument("--result-json", default=None)
+    p.add_argument("--peer-worker", default=None, metavar="HOST:PORT",
+                   help="also time fresh prompts sent straight to this worker vs via the server")
+    p.add_argument("--peer-requests", type=int, default=4)
+    p.add_argument("--tokenizer", default=None, help="model file for --peer-worker prompts")
     p.set_defaults(func=handler)
 
 
@@ -251,6 +294,13 @@ def handler(args: argparse.Namespace) -> int:
     plot(results, args.plot, f"{args.workload}, {len(results)} requests, "
          f"hit rate {summary['cache_hit_rate']:.0%}")
     print(f"plot: {args.plot}")
+    if args.peer_worker:
+        for mode, peer in asyncio.run(peer_run(args)).items():
+            ok = [r for r in peer if r.ok]
+            itl = [x for r in ok for x in r.itls]
+            print(f"peer {mode:>15}: {len(ok)}/{len(peer)} ok, TTFT median "
+                  f"{np.median([r.ttft for r in ok]) * 1e3:.0f} ms, ITL mean "
+                  f"{np.mean(itl) * 1e3 if itl else 0:.0f} ms")
     if args.result_json:
         with open(args.result_json, "w") as f:
             json.dump({"args": {k: v for k, v in vars(args).items() if k != "func"},
