@@ -22,6 +22,7 @@ from router.service import Router
 
 log = logging.getLogger(__name__)
 ROUTER_KEY = web.AppKey("router", Router)
+TENANT_KEY = web.RequestKey("tenant", str)
 WORKER_HEADER = "x-kvmesh-worker"
 OPEN_PATHS = ("/health", "/metrics")
 
@@ -50,7 +51,7 @@ async def errors_middleware(request: web.Request, handler):
     router = request.app[ROUTER_KEY]
     try:
         if request.path not in OPEN_PATHS:
-            request["tenant"] = _tenant(request, router)
+            request[TENANT_KEY] = _tenant(request, router)
         return await handler(request)
     except RouterError as exc:
         return _error_response(router, exc)
@@ -73,7 +74,7 @@ async def _completion(request: web.Request, *, is_chat: bool) -> web.StreamRespo
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
     parsed = parse_request(body, is_chat=is_chat)
-    prep = router.prepare(parsed, request["tenant"])
+    prep = router.prepare(parsed, request[TENANT_KEY])
     model = router.model_name
     if not parsed.stream:
         collected = [chunk async for chunk in router.run(prep, buffered=True)]
