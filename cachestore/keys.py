@@ -59,7 +59,9 @@ class Namespace:
     num_layers: int
     num_kv_heads: int
     head_dim: int
-    dtype: Any  # torch.dtype or its name; kept as given, canonicalized in `dtype_name`
+    # torch.dtype or its name; kept as given. Equality and hashing use the canonical name, so
+    # Namespace(dtype=torch.bfloat16) == Namespace(dtype="bfloat16").
+    dtype: Any = field(compare=False)
     page_size: int = 16
     salt: str = ""
     weights_fingerprint: str = ""
@@ -68,7 +70,7 @@ class Namespace:
     tp_rank: int = 0
     tp_size: int = 1
     layout_version: int = LAYOUT_VERSION
-    _dtype_name: str = field(init=False, repr=False, compare=False)
+    _dtype_name: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -161,7 +163,9 @@ def page_keys(
     return chain_keys(namespace_digest, data, page_size)
 
 
-def chain_keys(parent: bytes, token_bytes: bytes, page_size: int, start_page: int = 0) -> list[bytes]:
+def chain_keys(
+    parent: bytes, token_bytes: bytes, page_size: int, start_page: int = 0
+) -> list[bytes]:
     """Keys of the full pages of `token_bytes` (little-endian int32) from `start_page` on,
     chained from `parent` (the key of page start_page - 1, or the namespace digest)."""
     page_nbytes = 4 * page_size
