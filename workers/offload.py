@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from cachestore.codec import PageCorrupt, decode_page, encode_page
+from cachestore.codec import decode_pages, encode_page
 from cachestore.keys import Namespace, tokens_to_bytes
 from cachestore.tiers.cpu import CpuTier
 from workers.block_manager import EvictedPage
@@ -161,15 +161,14 @@ class KvOffload:
             if start == len(keys):
                 break
             blobs = fetch(keys[start:])
-            for i, blob in enumerate(blobs):
-                if blob is None:
+            if None in blobs:
+                blobs = blobs[: blobs.index(None)]
+            end = start + len(blobs)
+            for payload in decode_pages(blobs, ns, keys[start:end], page_tokens[start:end]):
+                if payload is None:
+                    log.warning("dropping a bad page from the %s tier", name)
                     break
-                try:
-                    payloads.append(decode_page(blob, ns, keys[start + i],
-                                                page_tokens[start + i]))
-                except PageCorrupt as exc:
-                    log.warning("dropping a bad page from the %s tier: %s", name, exc)
-                    break
+                payloads.append(payload)
                 tiers.append(name)
         return PendingLoad(num_device_pages, payloads, tiers) if payloads else None
 

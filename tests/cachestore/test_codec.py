@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cachestore.codec import PageCorrupt, decode_header, decode_page, encode_page, header_nbytes
+from cachestore.codec import (
+    PageCorrupt,
+    decode_header,
+    decode_page,
+    decode_pages,
+    encode_page,
+    header_nbytes,
+)
 from cachestore.keys import Namespace, tokens_to_bytes
 
 NS = Namespace("m", num_layers=3, num_kv_heads=2, head_dim=4, dtype="bfloat16", page_size=5)
@@ -73,3 +80,22 @@ def test_encode_rejects_wrong_sizes(page):
         encode_page(NS, key, tokens[:16], payload)
     with pytest.raises(ValueError, match=f"{NS.page_nbytes} bytes"):
         encode_page(NS, key, tokens, payload[:-2])
+
+
+@pytest.mark.parametrize("num_pages", [3, 37])  # 37 pages of 256 KiB take the thread-pool path
+def test_decode_pages_matches_decode_page(num_pages):
+    ns = Namespace("m", num_layers=4, num_kv_heads=4, head_dim=64, dtype="bfloat16",
+                   page_size=64)
+    rng = np.random.default_rng(num_pages)
+    tokens = rng.integers(0, 50_000, num_pages * ns.page_size).tolist()
+    keys = ns.page_keys(tokens)
+    token_bytes = [tokens_to_bytes(tokens[i * 64 : (i + 1) * 64]) for i in range(num_pages)]
+    payloads = [rng.integers(0, 256, ns.page_nbytes, dtype=np.uint8).tobytes()
+                for _ in range(num_pages)]
+    blobs = [bytearray(encode_page(ns, k, t, p))
+             for k, t, p in zip(keys, token_bytes, payloads, strict=True)]
+    bad = num_pages // 2
+    blobs[bad][-1] ^= 0x01  # flipped payload byte: that page alone fails
+    out = decode_pages([bytes(b) for b in blobs], ns, keys, token_bytes)
+    assert [o is None for o in out] == [i == bad for i in range(num_pages)]
+    assert all(bytes(o) == p for o, p in zip(out, payloads, strict=True) if o is not None)
