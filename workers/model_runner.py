@@ -25,6 +25,23 @@ log = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 512 << 20
 _GPU_ACTIVATION_RESERVE = 2 << 30
+# A batch whose chunks are all this short (e.g. the suffix after a prefix hit) attends with the
+# split-KV decode kernel, one query row per token: the prefill kernel parallelizes over query
+# blocks, so a few tokens over a long context would run on a handful of SMs.
+SHORT_CHUNK_TOKENS = 16
+
+
+def _one_row_per_token(page_rows: list[list[int]], seq_lens: list[int],
+                       cu: list[int]) -> tuple[list[list[int]], list[int]]:
+    """Token j of sequence i's chunk becomes a row that sees the sequence's first
+    seq_lens[i] - chunk_len + j + 1 positions: causal attention as a batch of decodes."""
+    rows: list[list[int]] = []
+    lens: list[int] = []
+    for row, seq_len, start, end in zip(page_rows, seq_lens, cu[:-1], cu[1:], strict=True):
+        first = seq_len - (end - start)
+        rows.extend([row] * (end - start))
+        lens.extend(range(first + 1, seq_len + 1))
+    return rows, lens
 
 
 def attention_ops(device: torch.device, backend: str = "auto") -> AttentionOps:
@@ -53,6 +70,11 @@ class ModelRunner:
         self.model.load_weights(loaded.state_dict, self.device, self.dtype)
         self.model.eval()
         self.model.ops = attention_ops(self.device, config.attention_backend)
+        self._num_kv_splits = None
+        if self.model.ops.paged_decode is not reference.paged_decode_ref:
+            from kernels.paged_decode import num_kv_splits
+
+            self._num_kv_splits = num_kv_splits
         self.page_shape = (cfg.num_layers, 2, self.page_size, cfg.num_kv_heads, cfg.head_dim)
         self.page_nbytes = self.dtype.itemsize
         for dim in self.page_shape:
@@ -152,6 +174,14 @@ class ModelRunner:
                page_rows: list[list[int]], seq_lens: list[int], cu: list[int],
                is_decode: bool) -> torch.Tensor:
         dev = self.device
+        longest = max(b - a for a, b in zip(cu[:-1], cu[1:], strict=True))
+        if not is_decode and longest <= SHORT_CHUNK_TOKENS:
+            page_rows, seq_lens = _one_row_per_token(page_rows, seq_lens, cu)
+            is_decode = True
+        num_splits = None
+        if is_decode and self._num_kv_splits is not None:  # chosen here: no host sync per layer
+            num_splits = self._num_kv_splits(len(seq_lens), self.kv_pool.shape[4],
+                                             max(seq_lens), total_tokens=sum(seq_lens))
         max_pages = max(len(r) for r in page_rows)
         table = torch.zeros((len(page_rows), max_pages), dtype=torch.int32)
         for i, row in enumerate(page_rows):
@@ -162,6 +192,7 @@ class ModelRunner:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(dev, non_blocking=True),
             is_decode=is_decode,
+            num_splits=num_splits,
         )
         ids = torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True)
         pos = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)

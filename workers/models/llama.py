@@ -93,7 +93,8 @@ class AttentionMetadata:
     page_table: torch.Tensor  # [num_seqs, max_pages] int32
     seq_lens: torch.Tensor  # [num_seqs] int32, context length including the new tokens
     cu_seqlens_q: torch.Tensor  # [num_seqs + 1] int32
-    is_decode: bool  # every sequence brings exactly one token
+    is_decode: bool  # every row of q attends as one query (a decode, or a short chunk's token)
+    num_splits: int | None = None  # split-KV count for paged_decode; None = kernel's choice
 
 
 @dataclass(frozen=True)
@@ -103,17 +104,34 @@ class AttentionOps:
     paged_decode: Callable[..., torch.Tensor]
 
 
+@dataclass(frozen=True)
+class FusedOps:
+    """One-kernel replacements for chains of small torch ops (kernels/fused.py, CUDA)."""
+
+    rms_norm: Callable[..., Any]  # (x, weight, eps, residual=None) -> out | (out, residual)
+    rotary: Callable[..., None]  # (q, k, positions, cos_cache, sin_cache), in place
+    silu_and_mul: Callable[..., torch.Tensor]  # [T, 2I] -> [T, I]
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.fused: FusedOps | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x), or with a residual stream: (norm(x + residual), x + residual)."""
+        if self.fused is not None:
+            return self.fused.rms_norm(x, self.weight, self.eps, residual=residual)
+        if residual is not None:
+            x = x + residual
+            residual = x
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        out = self.weight * xf.to(dtype)
+        return out if residual is None else (out, residual)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -128,39 +146,70 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         self.scale = cfg.head_dim ** -0.5
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        # q, k and v in one matmul (weights concatenated at load time)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                meta: AttentionMetadata, kv_pool: torch.Tensor, ops: AttentionOps) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, meta: AttentionMetadata,
+                kv_pool: torch.Tensor, ops: AttentionOps) -> torch.Tensor:
         num_tokens = x.shape[0]
+        qkv = self.qkv_proj(x)
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        # (strided views of qkv)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = rope.apply(q, k)
         ops.write_kv(kv_pool, self.layer, k, v, meta.slot_mapping)
         if meta.is_decode:
+            splits = {} if meta.num_splits is None else {"num_splits": meta.num_splits}
             out = ops.paged_decode(q, kv_pool, self.layer, meta.page_table, meta.seq_lens,
-                                   self.scale)
+                                   self.scale, **splits)
         else:
             out = ops.paged_prefill(q, kv_pool, self.layer, meta.page_table, meta.cu_seqlens_q,
                                     meta.seq_lens, self.scale)
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.intermediate_size = cfg.intermediate_size
+        # gate and up in one matmul: [hidden] -> [2 * intermediate], gate first
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.fused: FusedOps | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = self.gate_up_proj(x)
+        if self.fused is not None:
+            return self.down_proj(self.fused.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Rope:
+    """RoPE of one forward's positions: torch ops over gathered cos/sin rows, or one fused
+    in-place kernel."""
+
+    def __init__(self, positions: torch.Tensor, cos_cache: torch.Tensor,
+                 sin_cache: torch.Tensor, dtype: torch.dtype, fused: FusedOps | None) -> None:
+        self.fused = fused
+        self.positions, self.cos_cache, self.sin_cache = positions, cos_cache, sin_cache
+        if fused is None:
+            # cos, sin: [num_tokens, 1, head_dim], broadcast over heads
+            self.cos = cos_cache[positions].to(dtype)[:, None, :]
+            self.sin = sin_cache[positions].to(dtype)[:, None, :]
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused is not None:
+            self.fused.rotary(q, k, self.positions, self.cos_cache, self.sin_cache)
+            return q, k
+        cos, sin = self.cos, self.sin
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -171,10 +220,19 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                meta: AttentionMetadata, kv_pool: torch.Tensor, ops: AttentionOps) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_pool, ops)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: Rope,
+                meta: AttentionMetadata, kv_pool: torch.Tensor,
+                ops: AttentionOps) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's output, the residual stream before it): the caller adds the two in
+        the next norm, which a fused kernel does in one pass."""
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, rope, meta, kv_pool, ops)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -199,13 +257,23 @@ class LlamaForCausalLM(nn.Module):
         self.max_positions = max_positions
         self.cos_cache = self.sin_cache = torch.empty(0)
         self.ops: AttentionOps | None = None
+        self.fused: FusedOps | None = None
+
+    def set_fused(self, fused: FusedOps | None) -> None:
+        """Use (or with None, stop using) the fused norm / rotary / activation kernels."""
+        self.fused = fused
+        for module in self.modules():
+            if isinstance(module, RMSNorm | LlamaMLP):
+                module.fused = fused
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], device: torch.device,
                      dtype: torch.dtype) -> None:
         """Take the weights (transformers names), moved to device/dtype; a model built on the
-        meta device gets them assigned without a second copy. Builds the RoPE tables."""
+        meta device gets them assigned without a second copy (q/k/v and gate/up are
+        concatenated into one new matrix each). Builds the RoPE tables."""
         state = {name: t.to(device=device, dtype=dtype) for name, t in state_dict.items()
                  if name != "lm_head.weight" or not self.config.tie_word_embeddings}
+        state = _fuse_projections(state, self.config.num_layers)
         missing, unexpected = self.load_state_dict(state, strict=False, assign=True)
         allowed = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
         if set(missing) - allowed or unexpected:
@@ -223,12 +291,24 @@ class LlamaForCausalLM(nn.Module):
                 meta: AttentionMetadata, kv_pool: torch.Tensor) -> torch.Tensor:
         assert self.ops is not None, "attention ops not set"
         x = self.model.embed_tokens(input_ids)
-        # cos, sin: [num_tokens, 1, head_dim], broadcast over heads
-        cos = self.cos_cache[positions].to(x.dtype)[:, None, :]
-        sin = self.sin_cache[positions].to(x.dtype)[:, None, :]
+        rope = Rope(positions, self.cos_cache, self.sin_cache, x.dtype, self.fused)
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, meta, kv_pool, self.ops)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, rope, meta, kv_pool, self.ops)
+        return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+
+def _fuse_projections(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """transformers' separate q/k/v and gate/up weights -> our qkv_proj / gate_up_proj."""
+    fused: dict[str, list[str]] = {}
+    for i in range(num_layers):
+        attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        fused[attn + "qkv_proj.weight"] = [f"{attn}{p}_proj.weight" for p in "qkv"]
+        fused[mlp + "gate_up_proj.weight"] = [f"{mlp}{p}_proj.weight" for p in ("gate", "up")]
+    for name, names in fused.items():
+        if all(n in state for n in names):
+            state[name] = torch.cat([state.pop(n) for n in names], dim=0)
+    return state
