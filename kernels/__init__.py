@@ -10,10 +10,21 @@ from kernels.reference import (
     gather_kv,
     paged_decode_ref,
     paged_prefill_ref,
+    rms_norm_ref,
+    rotary_ref,
+    silu_and_mul_ref,
     write_kv_ref,
 )
 
-__all__ = ["gather_kv", "paged_decode_ref", "paged_prefill_ref", "write_kv_ref"]
+__all__ = [
+    "gather_kv",
+    "paged_decode_ref",
+    "paged_prefill_ref",
+    "rms_norm_ref",
+    "rotary_ref",
+    "silu_and_mul_ref",
+    "write_kv_ref",
+]
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON:
@@ -27,8 +38,18 @@ if HAS_TRITON:
         HAS_TRITON = False
 if HAS_TRITON:
     from kernels.cache_write import write_kv
+    from kernels.fused import rms_norm, rotary, silu_and_mul
     from kernels.paged_decode import DecodeConfig, DecodeWorkspace, num_kv_splits, paged_decode
     from kernels.paged_prefill import paged_prefill
 
-    __all__ += ["write_kv", "paged_decode", "paged_prefill", "DecodeWorkspace", "DecodeConfig",
-                "num_kv_splits"]
+    __all__ += [
+        "write_kv",
+        "paged_decode",
+        "paged_prefill",
+        "DecodeWorkspace",
+        "DecodeConfig",
+        "num_kv_splits",
+        "rms_norm",
+        "rotary",
+        "silu_and_mul",
+    ]

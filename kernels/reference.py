@@ -23,8 +23,9 @@ def check_gqa(num_heads: int, num_kv_heads: int) -> int:
     return num_heads // num_kv_heads
 
 
-def write_kv_ref(kv_pool: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
+def write_kv_ref(
+    kv_pool: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """Scatter new K/V into the pool; mutates kv_pool[:, layer].
 
     k, v: [num_tokens, num_kv_heads, head_dim]; slot_mapping: [num_tokens] int64
@@ -42,8 +43,9 @@ def write_kv_ref(kv_pool: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Te
     kv_pool[page_ids, layer, 1, offsets] = v.to(kv_pool.dtype)
 
 
-def gather_kv(kv_pool: torch.Tensor, layer: int, page_row: torch.Tensor,
-              seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_kv(
+    kv_pool: torch.Tensor, layer: int, page_row: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Contiguous K, V of one sequence: each [seq_len, num_kv_heads, head_dim] (pool dtype)."""
     page_size = kv_pool.shape[3]
     num_seq_pages = (seq_len + page_size - 1) // page_size
@@ -55,8 +57,9 @@ def gather_kv(kv_pool: torch.Tensor, layer: int, page_row: torch.Tensor,
     return k, v
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-            context_len: int) -> torch.Tensor:
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, context_len: int
+) -> torch.Tensor:
     """Causal attention of the last q.shape[0] positions of a context_len sequence.
 
     q: [num_q, num_heads, head_dim]; k, v: [context_len, num_kv_heads, head_dim] -> fp32 out.
@@ -76,8 +79,14 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     return out.reshape(num_q, num_heads, head_dim)
 
 
-def paged_decode_ref(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, page_table: torch.Tensor,
-                     seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+def paged_decode_ref(
+    q: torch.Tensor,
+    kv_pool: torch.Tensor,
+    layer: int,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     """One query (the last token) per sequence. q: [num_seqs, num_heads, head_dim] -> same shape.
 
     Reads kv_pool only. Every seq_len must be >= 1. The whole batch is gathered at once, padded
@@ -117,9 +126,15 @@ def paged_decode_ref(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, page_ta
     return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
 
-def paged_prefill_ref(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, page_table: torch.Tensor,
-                      cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
-                      scale: float) -> torch.Tensor:
+def paged_prefill_ref(
+    q: torch.Tensor,
+    kv_pool: torch.Tensor,
+    layer: int,
+    page_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     """Varlen extend attention over cached prefix + the new tokens (already in the pool).
 
     q: [total_q, num_heads, head_dim]; cu_seqlens_q: [num_seqs + 1] int32. Sequence i's new tokens
@@ -139,3 +154,60 @@ def paged_prefill_ref(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, page_t
         k, v = gather_kv(kv_pool, layer, page_table[i], seq_len)
         out[start:end] = _attend(q[start:end], k, v, scale, seq_len).to(q.dtype)
     return out
+
+
+def rms_norm_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as kernels.fused.rms_norm: with residual, s = x + residual (in x's dtype) is
+    written into residual (mutated) and (norm(s), residual) is returned.
+
+    norm is transformers' LlamaRMSNorm: normalize in fp32, round to dtype, multiply by weight.
+    x: [num_tokens, hidden], weight: [hidden].
+    """
+    if residual is not None:
+        residual.copy_(x + residual)
+        x = residual
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    result = weight * normed
+    if out is not None:
+        result = out.copy_(result)
+    return result if residual is None else (result, residual)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotary_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+) -> None:
+    """NeoX-style RoPE on q [num_tokens, num_heads, head_dim] and k [num_tokens, num_kv_heads,
+    head_dim] in place (mutates both; views work). Computed in fp32, rounded once.
+
+    cos_cache, sin_cache: [max_positions, head_dim] fp32; positions: [num_tokens] integer.
+    """
+    # cos, sin: [num_tokens, 1, head_dim] fp32, broadcast over heads
+    cos = cos_cache[positions.long()].float()[:, None, :]
+    sin = sin_cache[positions.long()].float()[:, None, :]
+    for x in (q, k):
+        xf = x.float()
+        x.copy_(xf * cos + rotate_half(xf) * sin)
+
+
+def silu_and_mul_ref(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up in fp32 for x = [gate | up]: [num_tokens, 2 * inter] -> [num_tokens, inter]
+    in x's dtype; out, if given, is written and returned."""
+    inter = x.shape[-1] // 2
+    result = (torch.nn.functional.silu(x[:, :inter].float()) * x[:, inter:].float()).to(x.dtype)
+    return result if out is None else out.copy_(result)
