@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from workers.errors import InvalidConfig
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
+MAX_DECODE_STEPS = 64
 
 
 @dataclass(frozen=True)
@@ -15,7 +16,10 @@ class WorkerConfig:
     kv_cache_bytes: KV pool budget; None = from free device memory (GPU) or 512 MiB (CPU).
     max_num_batched_tokens: token budget of one step (chunked prefill).
     host_tier_bytes: host CPU tier that device-evicted pages demote to; 0 = off.
-    store: gRPC target of a KVStore that pages are written through to and read back from."""
+    store: gRPC target of a KVStore that pages are written through to and read back from.
+    decode_steps: greedy decode steps run back to back on the device per host round trip when
+    every running sequence decodes greedily (tokens past a stop are discarded); None = 8 with
+    CUDA graphs, else 1."""
 
     model: str = "smollm2"
     device: str = "cpu"
@@ -29,6 +33,7 @@ class WorkerConfig:
     store: str | None = None
     store_token: str | None = None
     enforce_eager: bool = False
+    decode_steps: int | None = None
     gpu_memory_utilization: float = 0.9
     attention_backend: str = "auto"  # "auto" (torch on cpu, triton on cuda), "torch", "triton"
 
@@ -48,6 +53,9 @@ class WorkerConfig:
             raise InvalidConfig(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
         if self.max_model_len is not None and self.max_model_len <= 1:
             raise InvalidConfig(f"max_model_len must be > 1, got {self.max_model_len}")
+        if self.decode_steps is not None and not 1 <= self.decode_steps <= MAX_DECODE_STEPS:
+            raise InvalidConfig(f"decode_steps must be in [1, {MAX_DECODE_STEPS}], "
+                                f"got {self.decode_steps}")
         if self.host_tier_bytes < 0:
             raise InvalidConfig(f"host_tier_bytes must be >= 0, got {self.host_tier_bytes}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

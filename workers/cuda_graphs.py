@@ -1,8 +1,12 @@
-"""CUDA graphs of the decode forward, one per padded batch size.
+"""CUDA graphs of the decode step, one per padded batch size.
 
 Fixed buffers (gpt-fast style) make capture possible: input ids, positions, slot mapping, a page
 table as wide as max_model_len, and seq lens. A batch is padded up to the next captured size;
 padded rows write into the scratch page and attend over one token of it.
+
+One graph is a whole greedy step: forward, fp32 logits, argmax, and the inputs of the next step
+advanced on the device (`advance_decode_inputs`). A run of several steps is then back-to-back
+replays with no host work between them (multi-step decode); a single step reads the logits.
 """
 
 from __future__ import annotations
@@ -11,6 +15,24 @@ import numpy as np
 import torch
 
 from workers.models.llama import AttentionMetadata, AttentionOps, LlamaForCausalLM
+
+
+def advance_decode_inputs(next_tokens: torch.Tensor, input_ids: torch.Tensor,
+                          positions: torch.Tensor, seq_lens: torch.Tensor,
+                          slot_mapping: torch.Tensor, page_table: torch.Tensor,
+                          step: torch.Tensor, page_size: int) -> None:
+    """Turn one decode step's inputs into the next step's, on the device (mutates every input
+    but next_tokens). Rows with step 0 (padding) keep position 0 in their scratch page; a
+    position past the table's last column reads that column (the result is never used: the
+    caller reserved pages for every step it runs).
+    next_tokens, input_ids, positions, slot_mapping, step: [n] int64; seq_lens: [n] int32;
+    page_table: [n, width] int32."""
+    input_ids.copy_(next_tokens)
+    positions.add_(step)
+    seq_lens.add_(step.to(torch.int32))
+    column = (positions // page_size).clamp_(max=page_table.shape[1] - 1)
+    page = page_table.gather(1, column.unsqueeze(1)).squeeze(1)
+    slot_mapping.copy_(page.to(torch.int64) * page_size + positions % page_size)
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -30,12 +52,14 @@ class DecodeGraphs:
         self.scratch_page = scratch_page
         dev = kv_pool.device
         n = max_num_seqs
-        # rows: input ids, positions, slot mapping, seq lens (copied into the int32 seq_lens)
-        self._dev_inputs = torch.zeros((4, n), dtype=torch.int64, device=dev)
+        # rows: input ids, positions, slot mapping, seq lens (copied into the int32 seq_lens),
+        # position step (1 for a sequence, 0 for padding)
+        self._dev_inputs = torch.zeros((5, n), dtype=torch.int64, device=dev)
         self.input_ids, self.positions, self.slot_mapping = self._dev_inputs[:3]
-        self._host_inputs_t = torch.zeros((4, n), dtype=torch.int64, pin_memory=True)
+        self.step = self._dev_inputs[4]
+        self._host_inputs_t = torch.zeros((5, n), dtype=torch.int64, pin_memory=True)
         self._host_inputs = self._host_inputs_t.numpy()
-        self._pad_row = np.array([[0], [0], [self.scratch_slot], [1]], dtype=np.int64)
+        self._pad_row = np.array([[0], [0], [self.scratch_slot], [1], [0]], dtype=np.int64)
         self._host_table_t = torch.zeros((n, max_pages_per_seq), dtype=torch.int32,
                                          pin_memory=True)
         self._host_table = self._host_table_t.numpy()
@@ -48,7 +72,10 @@ class DecodeGraphs:
         self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.sizes = graph_batch_sizes(max_num_seqs)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.logits: dict[int, torch.Tensor] = {}  # [bs, vocab] fp32
+        self.next_tokens: dict[int, torch.Tensor] = {}  # [bs] int64, the argmax of logits
+        self.max_steps = 64
+        self._tokens = torch.zeros((self.max_steps, n), dtype=torch.int64, device=dev)
         base_ops = model.ops
         assert base_ops is not None
         pool = torch.cuda.graph_pool_handle()
@@ -66,24 +93,54 @@ class DecodeGraphs:
                                          self.seq_lens[:bs], self.cu[: bs + 1], True)
                 with torch.inference_mode():
                     for _ in range(2):  # compile the kernels and settle the allocator
-                        model(self.input_ids[:bs], self.positions[:bs], meta, kv_pool)
+                        self._step(bs, meta)
                     torch.cuda.synchronize()
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=pool):
-                        out = model(self.input_ids[:bs], self.positions[:bs], meta, kv_pool)
+                        logits, next_tokens = self._step(bs, meta)
                 self.graphs[bs] = graph
-                self.outputs[bs] = out
+                self.logits[bs] = logits
+                self.next_tokens[bs] = next_tokens
             finally:
                 model.ops = base_ops
         torch.cuda.synchronize()
+
+    def _step(self, bs: int, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model(self.input_ids[:bs], self.positions[:bs], meta, self.kv_pool)
+        logits = self.model.compute_logits(hidden)
+        next_tokens = logits.argmax(dim=-1)
+        advance_decode_inputs(next_tokens, self.input_ids[:bs], self.positions[:bs],
+                              self.seq_lens[:bs], self.slot_mapping[:bs], self.page_table[:bs],
+                              self.step[:bs], self.page_size)
+        return logits, next_tokens
 
     def fits(self, num_seqs: int) -> bool:
         return num_seqs <= self.sizes[-1]
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int],
             page_rows: list[list[int]], seq_lens: list[int]) -> torch.Tensor:
-        """Hidden states [num_seqs, hidden] of one decode token per sequence (a view of the
-        graph's output buffer, valid until the next replay)."""
+        """fp32 logits [num_seqs, vocab] of one decode step (a view of the graph's output
+        buffer, valid until the next replay)."""
+        bs = self._load(input_ids, positions, slots, page_rows, seq_lens)
+        self.graphs[bs].replay()
+        return self.logits[bs][: len(input_ids)]
+
+    def run_steps(self, input_ids: list[int], positions: list[int], slots: list[int],
+                  page_rows: list[list[int]], seq_lens: list[int],
+                  num_steps: int) -> torch.Tensor:
+        """Greedy tokens of `num_steps` decode steps, each fed to the next on the device:
+        [num_steps, num_seqs] int64 on the device. The rows' pages must cover every step."""
+        assert 1 <= num_steps <= self.max_steps
+        bs = self._load(input_ids, positions, slots, page_rows, seq_lens)
+        graph, tokens = self.graphs[bs], self._tokens[:num_steps, :bs]
+        for k in range(num_steps):
+            graph.replay()
+            tokens[k].copy_(self.next_tokens[bs])
+        return tokens[:, : len(input_ids)]
+
+    def _load(self, input_ids: list[int], positions: list[int], slots: list[int],
+              page_rows: list[list[int]], seq_lens: list[int]) -> int:
+        """Stage one step's inputs into the graph buffers; returns the padded batch size."""
         num_seqs = len(input_ids)
         bs = next(s for s in self.sizes if s >= num_seqs)
         # one staging row per input, padded for the captured size, sent in one copy:
@@ -94,6 +151,7 @@ class DecodeGraphs:
         host[1, :num_seqs] = positions
         host[2, :num_seqs] = slots
         host[3, :num_seqs] = seq_lens
+        host[4, :num_seqs] = 1
         self._dev_inputs[:, :bs].copy_(self._host_inputs_t[:, :bs], non_blocking=True)
         width = max(len(r) for r in page_rows)
         table = self._host_table
@@ -102,5 +160,4 @@ class DecodeGraphs:
             table[i, : len(row)] = row
         self.page_table[:bs, :width].copy_(self._host_table_t[:bs, :width], non_blocking=True)
         self.seq_lens[:bs].copy_(self._seq_lens64[:bs])  # int64 staging row -> int32 input
-        self.graphs[bs].replay()
-        return self.outputs[bs][:num_seqs]
+        return bs

@@ -22,6 +22,8 @@ from workers.sampling import SamplingParams
 from workers.scheduler import Scheduler
 from workers.sequence import Sequence
 
+_GRAPH_DECODE_STEPS = 8
+
 
 class Engine:
     def __init__(self, config: WorkerConfig, loaded: LoadedModel | None = None) -> None:
@@ -53,6 +55,9 @@ class Engine:
         self._pending: list[RequestOutput] = []
         self._arrivals = 0
         self.eos_token_ids = set(cfg.eos_token_ids)
+        steps = config.decode_steps
+        self.decode_steps = steps if steps is not None else (
+            _GRAPH_DECODE_STEPS if self.runner.graphs is not None else 1)
 
     # ------------------------------------------------------------------ requests
     def namespace(self, tenant_salt: str = "") -> Namespace:
@@ -107,6 +112,9 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return outputs
+        num_steps = self._num_decode_steps(batch)
+        if num_steps > 1:
+            return outputs + self._decode_steps(batch, num_steps)
         logits, sampled = self.runner.execute(batch)
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += num_new
@@ -178,6 +186,44 @@ class Engine:
                                            seq.namespace):
                 self.offload.write_through(seq.namespace, keys[p], tokens, seq.page_ids[p])
         seq.num_registered_pages = num_full
+
+    def _num_decode_steps(self, batch) -> int:
+        """Steps to run back to back on the device: >1 only when every sequence decodes
+        greedily, and pages for every step could be reserved (else 1: an ordinary step)."""
+        if self.decode_steps <= 1 or any(n != 1 for n in batch.num_new_tokens):
+            return 1
+        seqs = batch.seqs
+        if any(not s.sampling.is_greedy or s.fork_pending for s in seqs):
+            return 1
+        # no step past max_model_len; none beyond what the longest-running request still needs
+        num_steps = min(self.decode_steps,
+                        min(self.max_model_len - s.num_tokens for s in seqs),
+                        max(s.sampling.max_tokens - s.num_output_tokens for s in seqs))
+        if num_steps <= 1 or not self.scheduler.reserve(seqs, num_steps):
+            return 1
+        return num_steps
+
+    def _decode_steps(self, batch, num_steps: int) -> list[RequestOutput]:
+        """Multi-step decode; a sequence keeps its tokens up to its stop, the rest (computed
+        past a stop or max_tokens) are dropped with the pages they were written to."""
+        tokens = self.runner.execute_decode_steps(batch, num_steps)
+        outputs = []
+        for seq, row in zip(batch.seqs, tokens, strict=True):
+            new_tokens: list[int] = []
+            text = ""
+            last = None
+            for token in row:
+                seq.num_computed_tokens += 1  # the token fed to this step
+                self._register_full_pages(seq)
+                last = self._append(seq, token)
+                new_tokens += last.new_token_ids
+                text += last.text_delta
+                if last.finish_reason is not None:
+                    break
+            assert last is not None
+            outputs.append(RequestOutput(seq.request_id, seq.index, new_tokens, text,
+                                         last.finish_reason, last.usage))
+        return outputs
 
     def _fork(self, parent: Sequence, logits) -> list[RequestOutput]:
         """n > 1: the prompt is computed once; completions 1..n-1 share its pages (the partial

@@ -15,7 +15,7 @@ import torch
 
 from kernels import reference
 from workers.config import WorkerConfig
-from workers.cuda_graphs import DecodeGraphs
+from workers.cuda_graphs import DecodeGraphs, advance_decode_inputs
 from workers.errors import InvalidConfig
 from workers.models.llama import AttentionMetadata, AttentionOps, LlamaForCausalLM
 from workers.models.loader import LoadedModel
@@ -139,9 +139,7 @@ class ModelRunner:
         """Run one forward over `batch` (its pages already allocated; loads and copies applied
         here first). Returns (fp32 logits [num_sampled, vocab], indices into batch.seqs of the
         sequences whose chunk reached their last token, i.e. that get a new token)."""
-        # copies first: a copy's source may be freed (preemption) and reused as a load target
-        self.copy_pages(batch.page_copies)
-        self.write_pages(batch.page_loads)
+        self._apply_page_moves(batch)
         ps = self.page_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -162,13 +160,68 @@ class ModelRunner:
         is_decode = all(n == 1 for n in batch.num_new_tokens)
         page_rows = [seq.page_ids for seq in batch.seqs]
         if is_decode and self.graphs is not None and self.graphs.fits(len(batch.seqs)):
-            hidden = self.graphs.run(input_ids, positions, slots, page_rows, seq_lens)
-        else:
-            hidden = self._eager(input_ids, positions, slots, page_rows, seq_lens, cu,
-                                 is_decode)
+            return self.graphs.run(input_ids, positions, slots, page_rows, seq_lens), sampled
+        hidden = self._eager(input_ids, positions, slots, page_rows, seq_lens, cu, is_decode)
         last_rows = torch.tensor([cu[i + 1] - 1 for i in sampled], dtype=torch.int64,
                                  device=self.device)
         return self.model.compute_logits(hidden[last_rows]), sampled
+
+    @torch.inference_mode()
+    def execute_decode_steps(self, batch: ScheduledBatch, num_steps: int) -> list[list[int]]:
+        """Greedy multi-step decode: `num_steps` steps over a batch of decoding sequences, each
+        step's argmax fed to the next on the device, one host sync at the end. Every sequence's
+        pages must already cover num_computed_tokens + num_steps tokens. Returns the sampled
+        tokens, [num_seqs][num_steps]; the caller decides how many of them to keep."""
+        self._apply_page_moves(batch)
+        ps = self.page_size
+        seqs = batch.seqs
+        positions = [seq.num_computed_tokens for seq in seqs]
+        input_ids = [seq.token_ids[p] for seq, p in zip(seqs, positions, strict=True)]
+        slots = [seq.page_ids[p // ps] * ps + p % ps for seq, p in zip(seqs, positions,
+                                                                        strict=True)]
+        seq_lens = [p + 1 for p in positions]
+        page_rows = [seq.page_ids for seq in seqs]
+        if self.graphs is not None and self.graphs.fits(len(seqs)) and \
+                num_steps <= self.graphs.max_steps:
+            tokens = self.graphs.run_steps(input_ids, positions, slots, page_rows, seq_lens,
+                                           num_steps)
+            return tokens.T.tolist()
+        dev = self.device
+        n = len(seqs)
+        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
+        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
+        slot_mapping = torch.tensor(slots, dtype=torch.int64, device=dev)
+        lens = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
+        table = self._page_table(page_rows)
+        step = torch.ones(n, dtype=torch.int64, device=dev)
+        cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        tokens = torch.empty((num_steps, n), dtype=torch.int64, device=dev)
+        for k in range(num_steps):
+            meta = AttentionMetadata(slot_mapping, table, lens, cu, True,
+                                     self._splits([x + k for x in seq_lens]))
+            hidden = self.model(ids, pos, meta, self.kv_pool)
+            tokens[k] = self.model.compute_logits(hidden).argmax(dim=-1)
+            advance_decode_inputs(tokens[k], ids, pos, lens, slot_mapping, table, step, ps)
+        return tokens.T.tolist()
+
+    def _apply_page_moves(self, batch: ScheduledBatch) -> None:
+        # copies first: a copy's source may be freed (preemption) and reused as a load target
+        self.copy_pages(batch.page_copies)
+        self.write_pages(batch.page_loads)
+
+    def _splits(self, seq_lens: list[int]) -> int | None:
+        """Split-KV count for a decode-style launch, chosen on the host (no sync per layer)."""
+        if self._num_kv_splits is None:
+            return None
+        return self._num_kv_splits(len(seq_lens), self.kv_pool.shape[4], max(seq_lens),
+                                   total_tokens=sum(seq_lens))
+
+    def _page_table(self, page_rows: list[list[int]]) -> torch.Tensor:
+        """[num_rows, longest row] int32 on the device, zero-padded."""
+        table = torch.zeros((len(page_rows), max(len(r) for r in page_rows)), dtype=torch.int32)
+        for i, row in enumerate(page_rows):
+            table[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
+        return table.to(self.device, non_blocking=True)
 
     def _eager(self, input_ids: list[int], positions: list[int], slots: list[int],
                page_rows: list[list[int]], seq_lens: list[int], cu: list[int],
@@ -178,21 +231,13 @@ class ModelRunner:
         if not is_decode and longest <= SHORT_CHUNK_TOKENS:
             page_rows, seq_lens = _one_row_per_token(page_rows, seq_lens, cu)
             is_decode = True
-        num_splits = None
-        if is_decode and self._num_kv_splits is not None:  # chosen here: no host sync per layer
-            num_splits = self._num_kv_splits(len(seq_lens), self.kv_pool.shape[4],
-                                             max(seq_lens), total_tokens=sum(seq_lens))
-        max_pages = max(len(r) for r in page_rows)
-        table = torch.zeros((len(page_rows), max_pages), dtype=torch.int32)
-        for i, row in enumerate(page_rows):
-            table[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
-            page_table=table.to(dev, non_blocking=True),
+            page_table=self._page_table(page_rows),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(dev, non_blocking=True),
             is_decode=is_decode,
-            num_splits=num_splits,
+            num_splits=self._splits(seq_lens) if is_decode else None,
         )
         ids = torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True)
         pos = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)

@@ -111,6 +111,18 @@ class Scheduler:
             budget -= admitted
         return batch
 
+    def reserve(self, seqs: list[Sequence], num_steps: int) -> bool:
+        """Give each scheduled decoding sequence the pages for `num_steps` tokens from its
+        next one (multi-step decode), all or nothing; False when they do not fit."""
+        ps = self.page_size
+        needed = [-(-(s.num_computed_tokens + num_steps) // ps) - len(s.page_ids) for s in seqs]
+        if not self.bm.can_allocate(sum(n for n in needed if n > 0)):
+            return False
+        for seq, num in zip(seqs, needed, strict=True):
+            if num > 0:
+                seq.page_ids.extend(self.bm.allocate(num))
+        return True
+
     # ------------------------------------------------------------------ internals
     def _pages_needed(self, seq: Sequence, num_new: int) -> int:
         total = -(-(seq.num_computed_tokens + num_new) // self.page_size)

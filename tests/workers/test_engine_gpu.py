@@ -36,11 +36,27 @@ def run(loaded: LoadedModel, enforce_eager: bool, **kw) -> list[list[int]]:
                                                    ignore_eos=True))
 
 
-def test_cuda_graphs_and_eager_match_transformers(tiny_cuda):
+@pytest.mark.parametrize("decode_steps", [1, 8])
+def test_cuda_graphs_and_eager_match_transformers(tiny_cuda, decode_steps):
+    """decode_steps 8: greedy steps replayed back to back, tokens fed back on the device."""
     hf, loaded = tiny_cuda
     expected = [hf_greedy(hf, p, NEW) for p in PROMPTS]
-    assert run(loaded, enforce_eager=True) == expected
-    assert run(loaded, enforce_eager=False) == expected
+    assert run(loaded, enforce_eager=True, decode_steps=decode_steps) == expected
+    assert run(loaded, enforce_eager=False, decode_steps=decode_steps) == expected
+
+
+def test_cuda_graph_multistep_stops_inside_a_window(tiny_cuda):
+    hf, loaded = tiny_cuda
+    full = hf_greedy(hf, PROMPTS[1], NEW)
+    stop_at = next(i for i in range(3, NEW) if full[i] not in full[:i])
+    config = WorkerConfig(model="tiny", device="cuda", dtype="float32", page_size=8,
+                          kv_cache_bytes=8 << 20, max_num_seqs=8, max_model_len=256,
+                          decode_steps=8)
+    engine = Engine(config, loaded=loaded)
+    params = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True,
+                            stop_token_ids=[full[stop_at]])
+    assert engine.generate([PROMPTS[1]], params)[0] == full[: stop_at + 1]
+    assert engine.stats().num_pages_free == engine.stats().num_pages_total
 
 
 def test_cuda_host_tier_reload_matches(tiny_cuda):

@@ -1,0 +1,90 @@
+"""Multi-step greedy decode (several steps per host round trip, tokens fed back on the device) on
+the real SmolLM2 in fp32 on CPU: token-identical to transformers, exact stops mid-window, no step
+past max_tokens in the output, and the reservation falling back under a tiny page pool."""
+
+from __future__ import annotations
+
+from engine_helpers import LONG, PROMPTS, final, run, tokens_of
+
+from workers.sampling import SamplingParams
+
+STEPS = 4
+
+
+def test_batched_multistep_matches_transformers_with_uneven_lengths(make_engine, encode,
+                                                                    hf_greedy):
+    engine = make_engine(decode_steps=STEPS)
+    assert engine.decode_steps == STEPS
+    prompts = {f"r{i}": encode(p) for i, p in enumerate(PROMPTS)}
+    lengths = {"r0": 5, "r1": 14, "r2": 9}  # none a multiple of the window
+    outs = {}
+    for rid, ids in prompts.items():
+        engine.add_request(rid, ids, SamplingParams(temperature=0.0, max_tokens=lengths[rid],
+                                                    ignore_eos=True))
+    num_steps = 0
+    while engine.has_unfinished_requests():
+        num_steps += 1
+        for out in engine.step():
+            outs.setdefault(out.request_id, []).append(out)
+    for rid, ids in prompts.items():
+        assert tokens_of(outs[rid]) == hf_greedy(ids, lengths[rid])
+        last = final(outs[rid])
+        assert last.finish_reason == "length"
+        assert last.usage.completion_tokens == lengths[rid]
+    # a prefill step, then windows of up to STEPS tokens: far fewer steps than tokens
+    assert num_steps <= 1 + -(-14 // STEPS) + 2
+    stats = engine.stats()
+    assert stats.num_pages_free == stats.num_pages_total
+
+
+def test_stop_token_inside_a_window_ends_exactly_there(make_engine, encode):
+    prompt = encode(LONG)
+    full = tokens_of(run(make_engine(decode_steps=1), {"a": prompt},
+                         SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))["a"])
+    stop_at = 6  # a token in the middle of the second window
+    stop_id = full[stop_at]
+    assert stop_id not in full[:stop_at]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                            stop_token_ids=[stop_id])
+    engine = make_engine(decode_steps=STEPS)
+    outs = run(engine, {"a": prompt}, params)["a"]
+    assert tokens_of(outs) == full[: stop_at + 1]
+    assert final(outs).finish_reason == "stop"
+    assert final(outs).usage.completion_tokens == stop_at + 1
+    assert engine.stats().num_pages_free == engine.stats().num_pages_total
+
+
+def test_prefix_after_a_multistep_run_is_reused(make_engine, encode, hf_greedy):
+    """Pages filled during a window are registered only up to the kept tokens; a follow-up
+    request reuses exactly those."""
+    engine = make_engine(decode_steps=STEPS)
+    first = encode(LONG)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    answer = tokens_of(run(engine, {"a": first}, params)["a"])
+    second = first + answer + encode(" Then")
+    outs = run(engine, {"b": second}, params)["b"]
+    assert tokens_of(outs) == hf_greedy(second, 16)
+    computed = len(first) + 16 - 1
+    assert final(outs).usage.cached_tokens == 16 * (computed // 16)
+
+
+def test_tiny_pool_falls_back_and_still_matches(make_engine, encode, hf_greedy):
+    page_nbytes = 30 * 2 * 16 * 3 * 64 * 4
+    engine = make_engine(kv_cache_bytes=5 * page_nbytes, host_tier_bytes=32 * page_nbytes,
+                         decode_steps=STEPS)
+    prompts = {f"p{i}": encode(p)[:20] for i, p in enumerate(PROMPTS[1:] + [LONG])}
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    outs = run(engine, prompts, params)
+    assert engine.stats().num_preemptions > 0
+    for rid, ids in prompts.items():
+        assert tokens_of(outs[rid]) == hf_greedy(ids, 24)
+    assert engine.stats().num_pages_free == 5
+
+
+def test_sampled_requests_take_single_steps(make_engine, encode):
+    engine = make_engine(decode_steps=STEPS)
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=6, ignore_eos=True)
+    outs = run(engine, {"s": encode(PROMPTS[0])}, params)["s"]
+    assert all(len(o.new_token_ids) == 1 for o in outs)
+    assert tokens_of(outs) == tokens_of(run(make_engine(), {"s": encode(PROMPTS[0])},
+                                            params)["s"])
