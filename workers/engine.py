@@ -161,6 +161,7 @@ class Engine:
 
     def close(self) -> None:
         self.offload.close()
+        self.runner.close()
 
     # ------------------------------------------------------------------ internals
     def _track(self, seq: Sequence) -> None:

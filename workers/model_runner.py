@@ -9,7 +9,6 @@ block manager never hands it out.
 from __future__ import annotations
 
 import logging
-import warnings
 
 import torch
 
@@ -17,7 +16,8 @@ from kernels import reference
 from workers.config import WorkerConfig
 from workers.cuda_graphs import DecodeGraphs, advance_decode_inputs
 from workers.errors import InvalidConfig
-from workers.models.llama import AttentionMetadata, AttentionOps, LlamaForCausalLM
+from workers.kv_upload import PageUploader
+from workers.models.llama import AttentionMetadata, AttentionOps, FusedOps, LlamaForCausalLM
 from workers.models.loader import LoadedModel
 from workers.scheduler import ScheduledBatch
 
@@ -72,9 +72,11 @@ class ModelRunner:
         self.model.ops = attention_ops(self.device, config.attention_backend)
         self._num_kv_splits = None
         if self.model.ops.paged_decode is not reference.paged_decode_ref:
+            from kernels.fused import rms_norm, rotary, silu_and_mul
             from kernels.paged_decode import num_kv_splits
 
             self._num_kv_splits = num_kv_splits
+            self.model.set_fused(FusedOps(rms_norm, rotary, silu_and_mul))
         self.page_shape = (cfg.num_layers, 2, self.page_size, cfg.num_kv_heads, cfg.head_dim)
         self.page_nbytes = self.dtype.itemsize
         for dim in self.page_shape:
@@ -86,6 +88,7 @@ class ModelRunner:
         self.scratch_page = self.num_pages
         self.kv_pool = torch.zeros((self.num_pages + 1, *self.page_shape), dtype=self.dtype,
                                    device=self.device)
+        self.uploader = PageUploader(self.kv_pool)
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             try:
@@ -122,12 +125,12 @@ class ModelRunner:
         return host, event
 
     def write_pages(self, loads: list[tuple[int, memoryview]]) -> None:
-        for page_id, payload in loads:
-            with warnings.catch_warnings():  # read-only source: we only copy out of it
-                warnings.simplefilter("ignore", UserWarning)
-                src = torch.frombuffer(payload, dtype=torch.uint8).view(self.dtype)
-            # async from pinned host pages; sampling syncs the stream before they are dropped
-            self.kv_pool[page_id].copy_(src.view(self.page_shape), non_blocking=True)
+        """Host payloads into pool pages (pinned staging, one H2D copy per chunk; see
+        kv_upload). Asynchronous on CUDA; the payloads may be dropped when this returns."""
+        self.uploader.upload([page_id for page_id, _ in loads], [p for _, p in loads])
+
+    def close(self) -> None:
+        self.uploader.close()
 
     def copy_pages(self, copies: list[tuple[int, int]]) -> None:
         for src, dst in copies:
