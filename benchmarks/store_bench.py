@@ -7,6 +7,10 @@ Llama-3-8B pages (32 x 2 x 16 x 8 x 128 x bf16 = 2 MiB), moves the same bytes wi
 - redis-py (hiredis) pipelined SET / GET of one value per page,
 - an in-process numpy copy of the same bytes (memcpy, the ceiling),
 taking turns repeat by repeat (best of --repeats each) so every path sees the same machine load.
+Then the key-level get a worker does on a store hit (--get-pages-nbytes of encoded pages, ~1 GB:
+an 8K-token Llama-8B prefix) from a second store: get_pages inline (gRPC data frames) vs through
+a same-host shared-memory segment (get_pages_leased: zero copy; get_pages: copied out), against
+redis-py GET of the same encoded pages and memcpy.
 Puts run with the store's CPU tier full (steady state: every put evicts). Then indexes
 --lookup-pages tiny pages through the real Put path and times Lookup of a fully cached
 --lookup-tokens prompt, interleaved with a no-op Stats RPC (the gRPC latency floor).
@@ -32,6 +36,7 @@ import redis
 import torch
 
 from cachestore import Namespace, StoreClient
+from cachestore.codec import encode_page
 from cachestore.malloc import retain_freed_memory
 
 SHAPES = {  # name -> (num_layers, num_kv_heads, head_dim)
@@ -148,6 +153,58 @@ def bench_shape(name: str, client: StoreClient, rds: redis.Redis, num_pages: int
     return [(path, size, nbytes / seconds / 1e9) for path, seconds in {**writes, **reads}.items()]
 
 
+def bench_key_pages(name: str, target: str, rds: redis.Redis, total_nbytes: int,
+                    repeats: int) -> list[tuple[str, str, float]]:
+    """Key-level get of ~total_nbytes of encoded pages of model `name`: inline gRPC frames vs a
+    shared-memory segment, vs redis-py GET and memcpy of the same bytes."""
+    num_layers, num_kv_heads, head_dim = SHAPES[name]
+    ns = Namespace(name, num_layers, num_kv_heads, head_dim, torch.bfloat16)
+    rng = np.random.default_rng(1)
+    payload = rng.integers(0, 256, ns.page_nbytes, dtype=np.uint8).tobytes()
+    num_pages = max(1, total_nbytes // ns.page_nbytes)
+    keys = [rng.bytes(16) for _ in range(num_pages)]
+    tokens = np.arange(ns.page_size, dtype=np.int32).tobytes()
+    pages = [encode_page(ns, key, tokens, payload) for key in keys]
+    nbytes = sum(len(page) for page in pages)
+    inline = StoreClient(target, shared_memory=False)
+    shared = StoreClient(target)
+    for start in range(0, num_pages, 64):
+        inline.put_encoded_pages(list(zip(keys[start : start + 64], pages[start : start + 64],
+                                          strict=True)))
+    redis_keys = [b"pages:" + key for key in keys]
+    for start in range(0, num_pages, 64):
+        rds.mset(dict(zip(redis_keys[start : start + 64], pages[start : start + 64],
+                          strict=True)))
+    with shared.get_pages_leased(keys) as lease:  # creates the segment, checks the bytes
+        assert lease.is_shared_memory and all(bytes(p) == q for p, q in zip(lease.pages, pages,
+                                                                            strict=True))
+    flat = np.frombuffer(b"".join(pages), dtype=np.uint8)
+    out = np.empty_like(flat)
+
+    def get_leased(i: int) -> None:
+        with shared.get_pages_leased(keys) as lease:
+            assert lease.is_shared_memory and lease.pages[-1] is not None
+
+    def redis_get(i: int) -> None:
+        pipe = rds.pipeline(transaction=False)
+        for key in redis_keys:
+            pipe.get(key)
+        assert len(pipe.execute()[-1]) == len(pages[-1])
+
+    best = interleaved_best({
+        "gRPC get_pages (inline)": lambda i: inline.get_pages(keys),
+        "gRPC get_pages_leased (shm)": get_leased,
+        "gRPC get_pages (shm, copy-out)": lambda i: shared.get_pages(keys),
+        "redis-py GET (pipelined)": redis_get,
+        "memcpy (numpy, in-process)": lambda i: np.copyto(out, flat),
+    }, repeats)
+    rds.delete(*redis_keys)
+    inline.close()
+    shared.close()
+    size = f"{len(pages[0]) / 1e6:.3f} MB x {num_pages}"
+    return [(path, size, nbytes / seconds / 1e9) for path, seconds in best.items()]
+
+
 def bench_lookup(client: StoreClient, num_pages: int, prompt_tokens: int,
                  num_calls: int) -> tuple[dict[str, tuple[float, float]], int]:
     """Index `num_pages` tiny pages (1 layer x 1 head x dim 8, fp16: 512 B payload) through Put,
@@ -211,6 +268,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--cpu-bytes", type=int, default=1 << 30,
                         help="CPU tier of the benchmarked store (put runs with it full)")
+    parser.add_argument("--get-pages-nbytes", type=int, default=1 << 30,
+                        help="encoded pages per key-level get (0 skips that part)")
     parser.add_argument("--lookup-pages", type=int, default=1 << 20)
     parser.add_argument("--lookup-tokens", type=int, default=1024)
     parser.add_argument("--lookup-calls", type=int, default=2000)
@@ -231,6 +290,16 @@ def main() -> None:
         for name in SHAPES:
             rows += bench_shape(name, client, rds, args.pages_per_request, args.repeats,
                                 args.cpu_bytes)
+        if args.get_pages_nbytes:
+            # its own store: all the pages fit in its CPU tier
+            pages_store, pages_target = start_store(cpu_bytes=args.get_pages_nbytes * 3 // 2)
+            try:
+                for name in SHAPES:
+                    rows += bench_key_pages(name, pages_target, rds, args.get_pages_nbytes,
+                                            args.repeats)
+            finally:
+                pages_store.terminate()
+                pages_store.wait(timeout=30)
         print(f"\nthroughput, best of {args.repeats}, {os.cpu_count()} CPUs, GB/s = 1e9 B/s, "
               f"load average before {load[0]:.1f}, client malloc tuned: {malloc_tuned}")
         print(f"{'path':<30} {'request':<22} {'GB/s':>7}")

@@ -34,6 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--tls-cert", help="PEM certificate chain; with --tls-key enables TLS")
     add("--tls-key", help="PEM private key")
     add("--max-workers", type=int, help="server threads (default 32)")
+    add("--shared-memory", action=argparse.BooleanOptionalAction, default=None,
+        help="let clients on this host receive pages through /dev/shm segments (default on)")
     parser.set_defaults(func=run)
 
 

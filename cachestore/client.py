@@ -4,9 +4,11 @@ Two levels:
 - tensors: `put(tokens, kv, namespace)` / `get_closest(tokens, namespace)` with kv shaped
   [num_layers, 2, num_tokens, num_kv_heads, head_dim] in the namespace's dtype;
 - raw pages (what workers and RemoteTier move): `put_pages`, `get_closest_pages`, and the
-  key-level `has_pages` / `get_pages` / `put_encoded_pages` / `delete_pages`.
+  key-level `has_pages` / `get_pages` / `get_pages_leased` / `put_encoded_pages` /
+  `delete_pages`.
 Tensor <-> page payload conversion costs one permute-copy each way; frames are written and read
-by cachestore.wire without protobuf copies.
+by cachestore.wire without protobuf copies. Against a server on this host, key-level gets move
+their bytes through shared-memory segments the client owns (cachestore/shm_client.py).
 """
 
 from __future__ import annotations
@@ -19,9 +21,24 @@ from typing import Any
 import grpc
 import torch
 
-from cachestore import kv_pages, wire
-from cachestore.errors import InvalidRequest, StoreError
+from cachestore import kv_pages, shm, wire
+from cachestore.client_errors import (  # noqa: F401 - re-exported: callers import them from here
+    ERROR_BY_STATUS,
+    ProtocolError,
+    StoreFull,
+    StoreUnavailable,
+    Unauthenticated,
+    typed_error,
+)
+from cachestore.errors import InvalidRequest
 from cachestore.keys import Namespace
+from cachestore.shm_client import (
+    PageLease,
+    SegmentCallback,
+    SegmentPool,
+    fits_segment,
+    pages_by_key,
+)
 from cachestore.store import ClosestPages, LookupResult
 from cachestore.tiers.base import TierStats
 from kvmesh.v1 import store_pb2
@@ -30,43 +47,11 @@ _SERVICE = "/kvmesh.v1.KVStore/"
 MAX_KEYS_PER_CALL = 1 << 16
 
 
-class StoreUnavailable(StoreError, ConnectionError):
-    """The server cannot be reached, or answered UNAVAILABLE / DEADLINE_EXCEEDED."""
-
-
-class Unauthenticated(StoreError, PermissionError):
-    """The server refused the bearer token (or none was given)."""
-
-
-class StoreFull(StoreError):
-    """The server answered RESOURCE_EXHAUSTED."""
-
-
-class ProtocolError(StoreError):
-    """The server's reply does not follow the KVStore protocol."""
-
-
-# Status code -> error raised to the caller (the client side of the server's error table).
-ERROR_BY_STATUS: dict[grpc.StatusCode, type[StoreError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
-    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: StoreFull,
-    grpc.StatusCode.UNAVAILABLE: StoreUnavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: StoreUnavailable,
-}
-
-
 @dataclass(frozen=True)
 class ClosestKV:
     num_tokens: int  # matched tokens, a multiple of page_size
     kv: torch.Tensor  # [num_layers, 2, num_tokens, num_kv_heads, head_dim], namespace dtype, CPU
     tiers: list[str]  # tier each page came from
-
-
-def _typed_error(exc: grpc.RpcError) -> StoreError:
-    code, details = exc.code(), exc.details()
-    error_type = ERROR_BY_STATUS.get(code, StoreError)
-    return error_type(f"{details} ({code.name})" if error_type is StoreError else details)
 
 
 def _credentials(tls: bool | str | bytes) -> grpc.ChannelCredentials | None:
@@ -80,12 +65,21 @@ def _credentials(tls: bool | str | bytes) -> grpc.ChannelCredentials | None:
 
 
 class StoreClient:
-    """Thread-safe (one gRPC channel shared by all calls). `timeout` bounds every call."""
+    """Thread-safe (one gRPC channel shared by all calls). `timeout` bounds every call.
+
+    `shared_memory`: None = use /dev/shm segments for key-level gets when `target` is on this
+    host (127.x, localhost, ::1, unix:), False = never, True = always ask (the server still
+    answers inline unless the peer is local). `on_new_segment(address, nbytes)` runs once per
+    new segment (e.g. cudaHostRegister), `on_release_segment` before one is unmapped."""
 
     def __init__(self, target: str, token: str | None = None, tls: bool | str | bytes = False,
-                 timeout: float | None = 60.0) -> None:
+                 timeout: float | None = 60.0, shared_memory: bool | None = None,
+                 on_new_segment: SegmentCallback | None = None,
+                 on_release_segment: SegmentCallback | None = None) -> None:
         self.target = target
         self.timeout = timeout
+        use_shm = shm.is_local_target(target) if shared_memory is None else shared_memory
+        self._segments = SegmentPool(on_new_segment, on_release_segment) if use_shm else None
         credentials = _credentials(tls)
         options = wire.CLIENT_OPTIONS
         self._channel = (grpc.insecure_channel(target, options=options) if credentials is None
@@ -186,12 +180,33 @@ class StoreClient:
             out += self._call("HasPages", store_pb2.PageKeys(keys=chunk)).is_present
         return out
 
-    def get_pages(self, keys: Sequence[bytes]) -> list[memoryview | None]:
-        """Encoded pages by key (None where absent)."""
-        out: list[memoryview | None] = []
-        for chunk in _chunks(keys):
-            out += self._get_pages_chunk(chunk)
-        return out
+    def get_pages(self, keys: Sequence[bytes],
+                  prefix_only: bool = False) -> list[memoryview | None]:
+        """Encoded pages by key (None where absent), in buffers of their own. `prefix_only`:
+        pages after the first missing one are not read and come back None."""
+        with self.get_pages_leased(keys, prefix_only) as lease:
+            return shm.copy_out(lease.pages) if lease.is_shared_memory else lease.pages
+
+    def get_pages_leased(self, keys: Sequence[bytes], prefix_only: bool = False) -> PageLease:
+        """Like get_pages, as a PageLease: views straight into a shared-memory segment when the
+        server is on this host (no copy), else into the received frames. Release it."""
+        if self._segments is not None and 0 < len(keys) <= MAX_KEYS_PER_CALL:
+            lease = self._segments.read(
+                lambda chunk, segment: self._fetch_pages(chunk, prefix_only, segment), keys)
+        else:
+            pages: list[memoryview | None] = []
+            for chunk in _chunks(keys):
+                if prefix_only and None in pages:
+                    pages += [None] * len(chunk)
+                    continue
+                header, frames = self._fetch_pages(chunk, prefix_only, None)
+                pages += pages_by_key(header.is_found, wire.split_pages(frames,
+                                                                        header.page_nbytes))
+            lease = PageLease(pages)
+        if prefix_only and None in lease.pages:  # an older server reads every key
+            first = lease.pages.index(None)
+            lease.pages[first:] = [None] * (len(lease.pages) - first)
+        return lease
 
     def put_encoded_pages(self, pages: Sequence[tuple[bytes, bytes | memoryview]]) -> int:
         """Store (key, encoded page) pairs; the server checks each page before storing any."""
@@ -210,7 +225,10 @@ class StoreClient:
     # -- plumbing -----------------------------------------------------------------------------
 
     def close(self) -> None:
+        """Close the channel; unmap and unlink this client's shared-memory segments."""
         self._channel.close()
+        if self._segments is not None:
+            self._segments.close()
 
     def __enter__(self) -> StoreClient:
         return self
@@ -222,7 +240,7 @@ class StoreClient:
         try:
             return self._unary[name](request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise _typed_error(exc) from None
+            raise typed_error(exc) from None
 
     def _stream_in(self, method: Any, header: Any, views: Sequence[memoryview]) -> Any:
         def items() -> Iterator:
@@ -232,7 +250,7 @@ class StoreClient:
         try:
             return method(items(), timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise _typed_error(exc) from None
+            raise typed_error(exc) from None
 
     def _put_payloads(self, ns: Namespace, token_bytes: bytes,
                       views: Sequence[memoryview]) -> int:
@@ -257,23 +275,31 @@ class StoreClient:
                 raise ProtocolError(f"GetClosest header does not fit the namespace: {header}")
             frames = _receive(stream, header.num_pages * ns.page_nbytes, "GetClosest")
         except grpc.RpcError as exc:
-            raise _typed_error(exc) from None
+            raise typed_error(exc) from None
         return header, frames
 
-    def _get_pages_chunk(self, keys: list[bytes]) -> list[memoryview | None]:
+    def _fetch_pages(self, keys: Sequence[bytes], prefix_only: bool,
+                     segment: shm.Segment | None) -> tuple[Any, list[memoryview]]:
+        """One GetPages call: (checked header, data frames; none when the pages went to
+        `segment` or it was too small)."""
+        request = store_pb2.PageKeys(keys=keys, prefix_only=prefix_only)
+        if segment is not None:
+            request.segment.name, request.segment.capacity = segment.name, segment.capacity
         try:
-            stream = self._get_pages(store_pb2.PageKeys(keys=keys), timeout=self.timeout,
-                                     metadata=self._metadata)
+            stream = self._get_pages(request, timeout=self.timeout, metadata=self._metadata)
             header = next(stream, None)
             if (not isinstance(header, store_pb2.GetPagesHeader)
                     or len(header.is_found) != len(keys)
                     or sum(header.is_found) != len(header.page_nbytes)):
                 raise ProtocolError(f"GetPages reply starts with {header!r}")
-            frames = _receive(stream, sum(header.page_nbytes), "GetPages")
+            is_shared = header.is_shared_memory or header.segment_nbytes_needed
+            if is_shared and (segment is None or not fits_segment(header, segment.capacity)):
+                raise ProtocolError(f"GetPages: shared-memory reply {header!r} does not fit "
+                                    f"the segment {segment and segment.name}")
+            frames = _receive(stream, 0 if is_shared else sum(header.page_nbytes), "GetPages")
         except grpc.RpcError as exc:
-            raise _typed_error(exc) from None
-        found = iter(wire.split_pages(frames, header.page_nbytes))
-        return [next(found) if is_found else None for is_found in header.is_found]
+            raise typed_error(exc) from None
+        return header, frames
 
 
 def _receive(stream: Iterator, nbytes: int, rpc: str) -> list[memoryview]:

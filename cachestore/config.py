@@ -21,6 +21,7 @@ class StoreConfig:
 
     port 0 picks a free port. `token` enables bearer-token auth; `tls_cert` + `tls_key` (PEM
     paths) enable TLS. `disk_bytes` / `redis_ttl` / `cpu_bytes` are bytes / seconds.
+    `shared_memory` lets clients on this host receive GetPages through /dev/shm segments.
     """
 
     host: str = "127.0.0.1"
@@ -37,6 +38,7 @@ class StoreConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     max_workers: int = 32
+    shared_memory: bool = True  # same-host GetPages may write into client /dev/shm segments
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -89,7 +91,16 @@ class StoreConfig:
         return cls(**values)
 
 
+_BOOLS = dict.fromkeys(("1", "true", "yes", "on"), True) | dict.fromkeys(
+    ("0", "false", "no", "off"), False
+)
+
+
 def _parse_env(name: str, type_name: Any, raw: str) -> Any:
+    if "bool" in str(type_name):
+        if raw.strip().lower() not in _BOOLS:
+            raise InvalidConfig(f"{ENV_PREFIX}{name.upper()}={raw!r} is not 1/0/true/false")
+        return _BOOLS[raw.strip().lower()]
     if "int" in str(type_name):
         try:
             return parse_bytes(raw)

@@ -47,9 +47,15 @@ class PageAccess:
     def has(self, keys: Sequence[bytes]) -> list[bool]:
         return [owner is not None for owner in self._locate(keys)]
 
-    def get(self, keys: Sequence[bytes]) -> list[bytes | memoryview | None]:
-        """Encoded pages (None where absent or corrupt); hits refresh recency in their tier."""
+    def get(
+        self, keys: Sequence[bytes], prefix_only: bool = False
+    ) -> list[bytes | memoryview | None]:
+        """Encoded pages (None where absent or corrupt); hits refresh recency in their tier.
+        `prefix_only`: keys after the first absent one are not read (None)."""
         owner = self._locate(keys)
+        if prefix_only and None in owner:
+            first = owner.index(None)
+            owner[first:] = [None] * (len(owner) - first)
         out: list[bytes | memoryview | None] = [None] * len(keys)
         for t, tier in enumerate(self._tiers):
             indices = [i for i, o in enumerate(owner) if o == t]

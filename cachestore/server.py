@@ -20,6 +20,7 @@ from cachestore.config import StoreConfig
 from cachestore.errors import InvalidRequest, StoreClosed
 from cachestore.keys import InvalidNamespace
 from cachestore.page_access import PageAccess
+from cachestore.shm_server import SegmentWriter
 from cachestore.store import TieredStore
 from cachestore.tiers.base import Tier, TierFull, TierUnavailable
 from kvmesh.v1 import store_pb2
@@ -73,9 +74,10 @@ class KVStoreServicer:
     """Thin RPC methods over a TieredStore; streaming replies are computed before they start, so
     every error is known up front and mapped to its status."""
 
-    def __init__(self, store: TieredStore) -> None:
+    def __init__(self, store: TieredStore, segments: SegmentWriter | None = None) -> None:
         self.store = store
         self.pages = PageAccess(store)
+        self.segments = segments  # None: GetPages always answers inline
 
     @_mapped
     def Put(self, request_iterator: Iterator, context: grpc.ServicerContext):
@@ -113,7 +115,12 @@ class KVStoreServicer:
 
     @_mapped
     def GetPages(self, request, context: grpc.ServicerContext):
-        return messages.pages_reply(self.pages.get(messages.page_keys(request)))
+        blobs = self.pages.get(messages.page_keys(request), prefix_only=request.prefix_only)
+        if self.segments is not None and request.HasField("segment"):
+            header = self.segments.write_pages(request.segment, blobs, context.peer())
+            if header is not None:
+                return iter((header,))
+        return messages.pages_reply(blobs)
 
     @_mapped
     def PutPages(self, request_iterator: Iterator, context: grpc.ServicerContext):
@@ -222,7 +229,9 @@ class StoreServer:
             interceptors=interceptors,
             options=[*wire.GRPC_OPTIONS, ("grpc.so_reuseport", 0)],
         )
-        self._server.add_generic_rpc_handlers((_handlers(KVStoreServicer(self.store)),))
+        self._segments = SegmentWriter() if config.shared_memory else None
+        servicer = KVStoreServicer(self.store, self._segments)
+        self._server.add_generic_rpc_handlers((_handlers(servicer),))
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
@@ -256,6 +265,8 @@ class StoreServer:
         """Stop accepting calls, let running ones finish for `grace` seconds, close the store."""
         self._health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
+        if self._segments is not None:
+            self._segments.close()
         self.store.close()
 
     def __enter__(self) -> StoreServer:

@@ -1,0 +1,180 @@
+"""Same-host shared memory for GetPages: segment files in /dev/shm and fast parallel copies.
+
+A *segment* is a file `/dev/shm/kvmesh-<hex>` that a client creates (O_EXCL, mode 0600), sizes
+with posix_fallocate (so a full /dev/shm fails at creation, not as SIGBUS on a later write) and
+keeps mapped; the server maps the same file and writes pages into it (cachestore/shm_server.py),
+so a get moves its bytes with memcpy instead of through a gRPC stream. Client side:
+cachestore/shm_client.py. gRPC stays the control plane: the request names the segment, the reply
+header says where each page landed.
+
+Copies go through `copy_many`: chunks of a few MiB spread over a small thread pool; ctypes'
+`memmove` is a plain foreign call, which releases the GIL, so the chunks really run in parallel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import re
+import secrets
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+SHM_DIR = "/dev/shm"
+NAME_PREFIX = "kvmesh-"
+SEGMENT_NAME = re.compile(r"kvmesh-[0-9a-f]{1,64}")  # fullmatch: no slash, no dots
+MAX_SEGMENT_NBYTES = 1 << 40
+COPY_THREADS = 8
+COPY_CHUNK_NBYTES = 4 << 20
+PARALLEL_MIN_NBYTES = 8 << 20  # smaller copies run on the calling thread
+MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # map every page up front
+
+Move = tuple[int, int, int]  # (destination address, source address, nbytes)
+
+_copy_pool: ThreadPoolExecutor | None = None
+_copy_pool_lock = threading.Lock()
+
+
+def is_segment_name(name: str) -> bool:
+    return SEGMENT_NAME.fullmatch(name) is not None
+
+
+def is_local_target(target: str) -> bool:
+    """True for gRPC targets on this host: unix sockets, 127.0.0.0/8, localhost, ::1."""
+    if target.startswith("unix:"):
+        return True
+    host = target.removeprefix("dns:").lstrip("/").removeprefix("ipv4:").removeprefix("ipv6:")
+    if host.startswith("["):
+        host = host[1:].split("]", 1)[0]
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def is_local_peer(peer: str) -> bool:
+    """True for a grpc `context.peer()` on this host: 'unix:...', 'ipv4:127.x.y.z:port',
+    'ipv6:[::1]:port' (or an IPv4-mapped loopback address)."""
+    if peer.startswith("unix:"):
+        return True
+    if peer.startswith("ipv4:"):
+        return peer[5:].startswith("127.")
+    if peer.startswith("ipv6:"):
+        host = peer[5:].removeprefix("%5B").removeprefix("[").split("]", 1)[0].split("%5D")[0]
+        return host == "::1" or host.startswith("::ffff:127.")
+    return False
+
+
+def mapping_address(mm: mmap.mmap) -> int:
+    """Address of a writable mapping's first byte. The temporary ctypes export is dropped at once,
+    so the mapping can still be closed."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(mm))
+
+
+class Segment:
+    """One client-owned segment: the file's name and the client's mapping of it."""
+
+    def __init__(self, name: str, path: str, mm: mmap.mmap) -> None:
+        self.name = name
+        self.path = path
+        self.mm = mm
+        self.capacity = len(mm)
+        self.address = mapping_address(mm)
+
+    def close(self) -> None:
+        """Unmap (when no view of it is alive any more; else when the last one dies) and unlink."""
+        try:
+            self.mm.close()
+        except BufferError:  # a caller still holds a view: the mapping lives until it goes
+            pass
+        unlink_quietly(self.path)
+
+
+def create_segment(capacity: int, shm_dir: str = SHM_DIR) -> Segment:
+    """Create, reserve and map a fresh segment of `capacity` bytes. Raises OSError (no /dev/shm,
+    ENOSPC, ...) with nothing left behind."""
+    name = NAME_PREFIX + secrets.token_hex(8)
+    path = os.path.join(shm_dir, name)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, capacity)
+        mm = mmap.mmap(fd, capacity, flags=MAP_FLAGS)
+    except BaseException:
+        unlink_quietly(path)
+        raise
+    finally:
+        os.close(fd)
+    return Segment(name, path, mm)
+
+
+def unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def unlink_all(paths: set[str]) -> None:
+    """Finalizer of a client's segment pool: remove files left behind (exit without close())."""
+    for path in list(paths):
+        unlink_quietly(path)
+    paths.clear()
+
+
+def buffer_address(buf: bytes | memoryview) -> tuple[int, np.ndarray]:
+    """(address of buf's first byte, an array that keeps the buffer exported while in use)."""
+    array = np.frombuffer(memoryview(buf).cast("B"), dtype=np.uint8)
+    return array.ctypes.data, array
+
+
+def copy_many(moves: Sequence[Move]) -> None:
+    """memmove each (dst, src, nbytes); large totals are cut into COPY_CHUNK_NBYTES chunks run on
+    COPY_THREADS threads with the GIL released. The caller keeps both sides alive and mapped."""
+    total = sum(n for _, _, n in moves)
+    if total < PARALLEL_MIN_NBYTES:
+        _run(moves)
+        return
+    pieces = [
+        (dst + start, src + start, min(COPY_CHUNK_NBYTES, n - start))
+        for dst, src, n in moves
+        for start in range(0, n, COPY_CHUNK_NBYTES)
+    ]
+    num_jobs = min(COPY_THREADS, len(pieces))
+    step = -(-len(pieces) // num_jobs)
+    jobs = [pieces[i : i + step] for i in range(0, len(pieces), step)]
+    for future in [_pool().submit(_run, job) for job in jobs]:
+        future.result()
+
+
+def copy_out(pages: Sequence[memoryview | None]) -> list[memoryview | None]:
+    """The pages copied into one new private buffer (read-only views into it, None kept): what a
+    caller may hold after the segment they came from is reused."""
+    found = [p for p in pages if p is not None]
+    out = np.empty(sum(p.nbytes for p in found), dtype=np.uint8)
+    view = memoryview(out).toreadonly()
+    moves, keep, offset = [], [], 0
+    for page in found:
+        address, array = buffer_address(page)
+        keep.append(array)
+        moves.append((out.ctypes.data + offset, address, page.nbytes))
+        offset += page.nbytes
+    copy_many(moves)
+    copies = iter(view[dst - out.ctypes.data : dst - out.ctypes.data + n] for dst, _, n in moves)
+    return [None if p is None else next(copies) for p in pages]
+
+
+def _run(moves: Sequence[Move]) -> None:
+    for dst, src, nbytes in moves:
+        ctypes.memmove(dst, src, nbytes)
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _copy_pool
+    with _copy_pool_lock:
+        if _copy_pool is None:
+            _copy_pool = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="kvmesh-copy")
+        return _copy_pool

@@ -1,0 +1,226 @@
+"""Client side of shared-memory GetPages: a pool of reusable segments and the leases handing out
+zero-copy views of them (segments and copies: cachestore/shm.py; the server: shm_server.py).
+
+Creating, reserving and first-touching a fresh segment costs about as much as the copy itself, so
+segments are pooled: a get leases one (the smallest idle one that fits the expected size, else the
+largest idle one, else a new one) and the lease's `release()` returns it. A server that finds the
+segment too small answers with the size it needs, nothing written; the get then retries once with
+a segment of at least that size (a quarter more, so a growing prefix does not regrow every call).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from cachestore import shm, wire
+from cachestore.shm import Segment
+
+log = logging.getLogger(__name__)
+MIN_SEGMENT_NBYTES = 8 << 20
+SEGMENT_ALIGN_NBYTES = 2 << 20
+MAX_IDLE_SEGMENTS = 2
+CALLS_INLINE_AFTER_DECLINE = 64  # after a server answered inline, ask again this much later
+
+SegmentCallback = Callable[[int, int], None]  # (address, nbytes)
+Fetch = Callable[[Sequence[bytes], "Segment | None"], tuple[Any, list[memoryview]]]
+
+
+class PageLease:
+    """Pages of one `StoreClient.get_pages_leased` call.
+
+    `pages`: one read-only memoryview per key, None where missing; views into a shared-memory
+    segment (`is_shared_memory`) or into received frames. `release()` hands the segment back to
+    the client's pool and invalidates the views it can (further use raises ValueError); using
+    any page after release is a bug. Idempotent; also a context manager. Until released, the
+    segment serves no other call."""
+
+    def __init__(
+        self,
+        pages: list[memoryview | None],
+        segment: Segment | None = None,
+        views: Sequence[memoryview] = (),
+        pool: SegmentPool | None = None,
+    ) -> None:
+        self.pages = pages
+        self.is_shared_memory = segment is not None
+        self._segment, self._views, self._pool = segment, list(views), pool
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            segment, self._segment = self._segment, None
+            views, self._views = self._views, []
+        if segment is None:
+            return
+        for view in views:
+            try:
+                view.release()
+            except BufferError:  # the caller made an export of it (e.g. numpy): leave it
+                pass
+        assert self._pool is not None
+        self._pool.give_back(segment)
+
+    def __enter__(self) -> PageLease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        if getattr(self, "_segment", None) is not None:  # its segment stays out of the pool
+            warnings.warn("PageLease dropped without release()", ResourceWarning, stacklevel=2)
+
+
+class SegmentPool:
+    """Segments this client created; thread-safe (one lock, never held across a call or a copy).
+    Owns the files: `close()` unmaps and unlinks them, and so does a finalizer at exit.
+    `on_new_segment(address, nbytes)` runs once per new segment (e.g. to cudaHostRegister it),
+    `on_release_segment(address, nbytes)` before it is unmapped."""
+
+    def __init__(
+        self,
+        on_new_segment: SegmentCallback | None = None,
+        on_release_segment: SegmentCallback | None = None,
+        shm_dir: str = shm.SHM_DIR,
+    ) -> None:
+        self.on_new_segment, self.on_release_segment = on_new_segment, on_release_segment
+        self._dir = shm_dir
+        self._lock = threading.Lock()
+        self._idle: list[Segment] = []
+        self._segments: dict[str, Segment] = {}  # every live segment, idle or leased
+        self._paths: set[str] = set()
+        self._finalizer = weakref.finalize(self, shm.unlink_all, self._paths)
+        self._is_closed = False
+        self._page_nbytes_hint = 0  # largest page seen: len(keys) * this is a get's expected size
+        self._calls_inline = 0
+
+    @property
+    def segment_names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._segments)
+
+    def read(self, fetch: Fetch, keys: Sequence[bytes]) -> PageLease:
+        """One GetPages of `keys` through a leased segment, with inline fallback. `fetch(keys,
+        segment)` does the call and returns (header, data frames); a call that fails discards
+        its segment (the server may still be writing into it) and raises."""
+        segment = self._lease(len(keys) * self._page_nbytes_hint, must_fit=False)
+        for attempt in range(3):  # own segment; a large enough one; inline
+            try:
+                header, frames = fetch(keys, segment)
+            except BaseException:
+                if segment is not None:
+                    self._discard(segment)
+                raise
+            if not header.segment_nbytes_needed:
+                break
+            assert segment is not None  # fetch checks this
+            self.give_back(segment)  # too small (the pages grew since the first try: inline)
+            segment = self._lease(header.segment_nbytes_needed, True) if not attempt else None
+        self._page_nbytes_hint = max(self._page_nbytes_hint, *header.page_nbytes, 0)
+        if not header.is_shared_memory:
+            if segment is not None:
+                self.give_back(segment)
+                self._calls_inline = CALLS_INLINE_AFTER_DECLINE
+            return PageLease(
+                pages_by_key(header.is_found, wire.split_pages(frames, header.page_nbytes))
+            )
+        assert segment is not None
+        base = memoryview(segment.mm).toreadonly()
+        views = [
+            base[offset : offset + nbytes]
+            for offset, nbytes in zip(header.page_offsets, header.page_nbytes, strict=True)
+        ]
+        return PageLease(pages_by_key(header.is_found, views), segment, [*views, base], self)
+
+    def give_back(self, segment: Segment) -> None:
+        with self._lock:
+            if self._is_closed or segment.name not in self._segments:
+                return
+            self._idle.append(segment)
+            if len(self._idle) <= MAX_IDLE_SEGMENTS:
+                return
+            victim = min(self._idle, key=lambda s: s.capacity)
+            self._idle.remove(victim)
+            del self._segments[victim.name]
+        self._close_segment(victim)
+
+    def close(self) -> None:
+        with self._lock:
+            self._is_closed = True
+            segments = list(self._segments.values())
+            self._segments.clear()
+            self._idle.clear()
+        for segment in segments:
+            self._close_segment(segment)
+        self._finalizer()
+
+    def _lease(self, nbytes: int, must_fit: bool) -> Segment | None:
+        """An idle segment (smallest that fits; else, unless must_fit, the largest) or a new one
+        of about `nbytes`; None (inline) when segments cannot be made or the server declined."""
+        with self._lock:
+            if self._is_closed:
+                return None
+            if self._calls_inline:
+                self._calls_inline -= 1
+                return None
+            fits = [s for s in self._idle if s.capacity >= nbytes]
+            if fits or (self._idle and not must_fit):
+                chosen = (
+                    min(fits, key=lambda s: s.capacity)
+                    if fits
+                    else max(self._idle, key=lambda s: s.capacity)
+                )
+                self._idle.remove(chosen)
+                return chosen
+        nbytes = max(MIN_SEGMENT_NBYTES, nbytes + nbytes // 4 if must_fit else nbytes)
+        nbytes = -(-nbytes // SEGMENT_ALIGN_NBYTES) * SEGMENT_ALIGN_NBYTES
+        try:
+            segment = shm.create_segment(nbytes, self._dir)
+        except OSError as exc:
+            log.info("no shared-memory segment of %d bytes (%s): inline data", nbytes, exc)
+            self._calls_inline = CALLS_INLINE_AFTER_DECLINE
+            return None
+        with self._lock:
+            self._segments[segment.name] = segment
+            self._paths.add(segment.path)
+        if self.on_new_segment is not None:
+            try:
+                self.on_new_segment(segment.address, segment.capacity)
+            except Exception:  # an unpinned segment still works, only slower to copy from
+                log.warning("on_new_segment failed for %s", segment.name, exc_info=True)
+        return segment
+
+    def _discard(self, segment: Segment) -> None:
+        with self._lock:
+            self._segments.pop(segment.name, None)
+        self._close_segment(segment)
+
+    def _close_segment(self, segment: Segment) -> None:
+        if self.on_release_segment is not None:
+            try:
+                self.on_release_segment(segment.address, segment.capacity)
+            except Exception:
+                log.warning("on_release_segment failed for %s", segment.name, exc_info=True)
+        segment.close()
+        self._paths.discard(segment.path)
+
+
+def pages_by_key(is_found: Sequence[bool], found: Sequence[memoryview]) -> list[memoryview | None]:
+    """One entry per key: the next found page, or None."""
+    pages = iter(found)
+    return [next(pages) if flag else None for flag in is_found]
+
+
+def fits_segment(header: Any, capacity: int) -> bool:
+    """Every page of a shared-memory reply lies inside the segment."""
+    if header.segment_nbytes_needed:
+        return not header.is_shared_memory
+    return len(header.page_offsets) == len(header.page_nbytes) and all(
+        offset + nbytes <= capacity
+        for offset, nbytes in zip(header.page_offsets, header.page_nbytes, strict=True)
+    )
