@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import xxhash
@@ -108,15 +109,15 @@ def decode_header(blob: bytes | memoryview) -> PageHeader:
                       payload_nbytes, checksum, token_ids)
 
 
-def decode_page(
+def check_page_header(
     blob: bytes | memoryview,
     ns: Namespace,
     key: bytes,
     token_ids: bytes,
-) -> memoryview:
-    """Verify an encoded page against what the caller asked for and return its payload (a view
-    into `blob`, no copy). Raises PageCorrupt on any mismatch: magic, version, namespace, key,
-    shape, dtype, token ids (hash collision safety) or payload checksum."""
+) -> tuple[memoryview, int]:
+    """Everything `decode_page` verifies except the payload checksum: returns (payload view into
+    `blob`, the checksum its header records), so a caller that copies the payload can hash the
+    copy instead (one pass over the source). Raises PageCorrupt."""
     header = decode_header(blob)
     if header.key != key:
         raise PageCorrupt("page key mismatch")
@@ -128,17 +129,46 @@ def decode_page(
         raise PageCorrupt("page shape or dtype mismatch")
     if header.token_ids.tobytes() != token_ids:
         raise PageCorrupt("page token ids differ (hash collision)")
-    payload = memoryview(blob).cast("B")[header.nbytes :]
-    if xxhash.xxh3_64_intdigest(payload) != header.checksum:
+    return memoryview(blob).cast("B")[header.nbytes :], header.checksum
+
+
+def decode_page(
+    blob: bytes | memoryview,
+    ns: Namespace,
+    key: bytes,
+    token_ids: bytes,
+) -> memoryview:
+    """Verify an encoded page against what the caller asked for and return its payload (a view
+    into `blob`, no copy). Raises PageCorrupt on any mismatch: magic, version, namespace, key,
+    shape, dtype, token ids (hash collision safety) or payload checksum."""
+    payload, checksum = check_page_header(blob, ns, key, token_ids)
+    if xxhash.xxh3_64_intdigest(payload) != checksum:
         raise PageCorrupt("page checksum mismatch")
     return payload
 
 
 # xxh3 releases the GIL, so a batch of several MB verifies on a few threads at once (a host-tier
 # or store hit of an 8K-token prefix is ~1 GB of pages for Llama-3-8B).
-_VERIFY_THREADS = min(8, os.cpu_count() or 1)
+_VERIFY_THREADS = min(16, os.cpu_count() or 1)
 _VERIFY_POOL = ThreadPoolExecutor(max_workers=_VERIFY_THREADS, thread_name_prefix="kvmesh-verify")
 _PARALLEL_VERIFY_MIN_BYTES = 8 << 20
+
+T = TypeVar("T")
+
+
+def map_chunked(fn: Callable[[range], list[T]], n: int, nbytes: int) -> list[T]:
+    """fn over contiguous index ranges covering range(n), concatenated in order: on a shared
+    thread pool when the work (`nbytes` in all) is large enough to pay for it. fn must release
+    the GIL for its heavy part (xxh3, memmove) to gain anything."""
+    num_chunks = min(_VERIFY_THREADS, n)
+    if num_chunks < 2 or nbytes < _PARALLEL_VERIFY_MIN_BYTES:
+        return fn(range(n))
+    bounds = [n * c // num_chunks for c in range(num_chunks + 1)]
+    chunks = [range(bounds[c], bounds[c + 1]) for c in range(num_chunks)]
+    results: list[T] = []
+    for part in _VERIFY_POOL.map(fn, chunks):
+        results.extend(part)
+    return results
 
 
 def decode_pages(
@@ -159,13 +189,4 @@ def decode_pages(
                 out.append(None)
         return out
 
-    n = len(blobs)
-    num_chunks = min(_VERIFY_THREADS, n)
-    if num_chunks < 2 or n * ns.page_nbytes < _PARALLEL_VERIFY_MIN_BYTES:
-        return verify(range(n))
-    bounds = [n * c // num_chunks for c in range(num_chunks + 1)]
-    chunks = [range(bounds[c], bounds[c + 1]) for c in range(num_chunks)]
-    results: list[memoryview | None] = []
-    for part in _VERIFY_POOL.map(verify, chunks):
-        results.extend(part)
-    return results
+    return map_chunked(verify, len(blobs), len(blobs) * ns.page_nbytes)

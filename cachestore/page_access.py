@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import xxhash
 
-from cachestore.codec import PageCorrupt, decode_header
+from cachestore.codec import PageCorrupt, decode_header, map_chunked
 from cachestore.errors import InvalidRequest
 from cachestore.keys import KEY_NBYTES
 from cachestore.store import TieredStore
@@ -65,15 +65,25 @@ class PageAccess:
                 blobs = tier.get_many([keys[i] for i in indices])
             except TierUnavailable:
                 continue
-            for i, blob in zip(indices, blobs, strict=True):
-                if blob is None:
-                    continue
-                try:
-                    check_page(keys[i], blob)
-                except PageCorrupt:
+            found = [(i, blob) for i, blob in zip(indices, blobs, strict=True) if blob is not None]
+
+            def check(part: range, found=found) -> list[bool]:
+                ok = []
+                for j in part:
+                    i, blob = found[j]
+                    try:
+                        check_page(keys[i], blob)
+                        ok.append(True)
+                    except PageCorrupt:
+                        ok.append(False)
+                return ok
+
+            nbytes = sum(len(blob) for _, blob in found)
+            for (i, blob), ok in zip(found, map_chunked(check, len(found), nbytes), strict=True):
+                if ok:
+                    out[i] = blob
+                else:
                     self._delete_in(t, [keys[i]])
-                    continue
-                out[i] = blob
         return out
 
     def put(self, pages: Sequence[Page]) -> int:

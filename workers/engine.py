@@ -38,7 +38,9 @@ class Engine:
         self.max_model_len = min(config.max_model_len or limit, limit)
         self.runner = ModelRunner(config, loaded, self.max_model_len)
         self.offload = KvOffload(self.runner.read_page, self.runner.snapshot_page,
-                                 config.host_tier_bytes, config.store, config.store_token)
+                                 config.host_tier_bytes, config.store, config.store_token,
+                                 self.runner.page_shape, self.runner.dtype,
+                                 pin=self.runner.device.type == "cuda")
         on_evict = self.offload.on_evict if self.offload.host is not None else None
         self.block_manager = BlockManager(self.runner.num_pages, self.page_size, on_evict)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,

@@ -1,95 +1,88 @@
-"""Host page payloads -> pages of the device KV pool, fast.
+"""Host tier / store pages -> pages of the device KV pool, fast.
 
 A prefix hit from the host tier or the store is hundreds of pages (an 8K-token Llama-3-8B prefix
-is 1 GB). Copying them one by one from pageable memory runs at a few GB/s. Here they go in
-chunks: copied into a pinned staging buffer by a thread pool (ctypes.memmove releases the GIL),
-sent in one host-to-device copy per chunk, and scattered into their pool slots on the device.
-Two staging buffers alternate, so the host fills one while the other is in flight.
+is 1 GB). Two steps:
+
+- `stage_pages` (on admission): each encoded page's header is checked (key, namespace, shape,
+  token ids), its payload copied into one pinned host tensor, and the checksum computed over
+  that copy, so the source is read once and what is verified is exactly what will be uploaded.
+  Pages are spread over a thread pool (ctypes.memmove and xxh3 release the GIL).
+- `upload_pages` (in the step that uses them): one asynchronous host-to-device copy per run of
+  consecutive page ids, straight from the pinned rows into the pool. PyTorch's pinned-memory
+  allocator keeps the rows alive until those copies finish.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+import xxhash
 
-_CHUNK_BYTES = 64 << 20
-_COPY_THREADS = min(8, os.cpu_count() or 1)
+from cachestore.codec import PageCorrupt, check_page_header, map_chunked
+from cachestore.keys import Namespace
 
 
-class PageUploader:
-    """Owns two staging buffers of up to _CHUNK_BYTES each (pinned on CUDA), allocated on first
-    use, and a device buffer of the same size per staging buffer. Called from one thread."""
+def stage_pages(blobs: Sequence[bytes | memoryview], ns: Namespace, keys: Sequence[bytes],
+                token_ids: Sequence[bytes], page_shape: tuple[int, ...], dtype: torch.dtype,
+                pin: bool) -> torch.Tensor:
+    """Verified payloads of the leading pages that pass every check, as rows of one host
+    tensor [num_ok, *page_shape] (pinned when `pin`); a page that fails ends the prefix.
+    Nothing references `blobs` afterwards."""
+    n = len(blobs)
+    host = torch.empty((n, *page_shape), dtype=dtype, pin_memory=pin)
+    if n == 0:
+        return host
+    base = host.data_ptr()
+    row = host[0].numel() * host.element_size()
+    # the whole tensor as bytes, for hashing each copied row
+    host_bytes = memoryview(host.view(-1).view(torch.uint8).numpy())
 
-    def __init__(self, kv_pool: torch.Tensor) -> None:
-        self.kv_pool = kv_pool
-        self.page_shape = tuple(kv_pool.shape[1:])
-        self.page_nbytes = kv_pool[0].numel() * kv_pool.element_size()
-        self.pages_per_chunk = max(1, _CHUNK_BYTES // self.page_nbytes)
-        self.is_cuda = kv_pool.device.type == "cuda"
-        self._staging: list[torch.Tensor] = []
-        self._device: list[torch.Tensor] = []
-        self._free: list[torch.cuda.Event | None] = [None, None]
-        self._threads = ThreadPoolExecutor(_COPY_THREADS, thread_name_prefix="kvmesh-upload")
+    def stage(indices: range) -> list[bool]:
+        ok = []
+        for i in indices:
+            try:
+                payload, checksum = check_page_header(blobs[i], ns, keys[i], token_ids[i])
+                if payload.nbytes != row:
+                    raise PageCorrupt("payload size differs from the pool's page size")
+                src = np.frombuffer(payload, dtype=np.uint8)
+                ctypes.memmove(base + i * row, src.ctypes.data, row)
+                dst = host_bytes[i * row : (i + 1) * row]
+                ok.append(xxhash.xxh3_64_intdigest(dst) == checksum)
+            except PageCorrupt:
+                ok.append(False)
+        return ok
 
-    def upload(self, page_ids: Sequence[int], payloads: Sequence[memoryview | bytes]) -> None:
-        """Copy payloads[i] (page_nbytes bytes each) into kv_pool[page_ids[i]]. Asynchronous on
-        CUDA: the pool writes are queued on the current stream; the payloads may be dropped as
-        soon as this returns."""
-        assert len(page_ids) == len(payloads)
-        if not page_ids:
-            return
-        if not self._staging:
-            self._allocate()
-        step = self.pages_per_chunk
-        for c, start in enumerate(range(0, len(page_ids), step)):
-            buf = c % 2
-            event = self._free[buf]
-            if event is not None:
-                event.synchronize()  # the staging buffer's last copy has left it
-            staging = self._staging[buf]
-            chunk = payloads[start : start + step]
-            self._fill(staging, chunk)
-            n = len(chunk)
-            dev = self._device[buf][:n]
-            dev.copy_(staging[:n], non_blocking=True)
-            ids = torch.tensor(page_ids[start : start + step], dtype=torch.int64)
-            self.kv_pool.index_copy_(0, ids.to(self.kv_pool.device, non_blocking=True), dev)
-            if self.is_cuda:
-                self._free[buf] = torch.cuda.Event()
-                self._free[buf].record()
+    results = map_chunked(stage, n, n * row)
+    num_ok = results.index(False) if False in results else n
+    return host[:num_ok]
 
-    def close(self) -> None:
-        self._threads.shutdown(wait=True)
 
-    def _allocate(self) -> None:
-        shape = (self.pages_per_chunk, *self.page_shape)
-        dtype = self.kv_pool.dtype
-        for _ in range(2):
-            self._staging.append(torch.empty(shape, dtype=dtype, pin_memory=self.is_cuda))
-            self._device.append(torch.empty(shape, dtype=dtype, device=self.kv_pool.device)
-                                if self.is_cuda else self._staging[-1])
+def upload_pages(kv_pool: torch.Tensor, page_ids: Sequence[int],
+                 rows: Sequence[torch.Tensor]) -> None:
+    """kv_pool[page_ids[i]] = rows[i] (host tensors of one page each); runs of consecutive page
+    ids whose rows are consecutive in one staged tensor go as one copy. Asynchronous on CUDA
+    (non_blocking from pinned rows)."""
+    i = 0
+    while i < len(page_ids):
+        j = i + 1
+        while (j < len(page_ids) and page_ids[j] == page_ids[j - 1] + 1
+               and _follows(rows[j - 1], rows[j])):
+            j += 1
+        src = rows[i] if j == i + 1 else _span(rows[i], j - i)
+        dst = kv_pool[page_ids[i]] if j == i + 1 else kv_pool[page_ids[i] : page_ids[j - 1] + 1]
+        dst.copy_(src, non_blocking=True)
+        i = j
 
-    def _fill(self, staging: torch.Tensor, payloads: Sequence[memoryview | bytes]) -> None:
-        """payloads -> staging[:len(payloads)], one memmove per page on the thread pool."""
-        base = staging.data_ptr()
-        nbytes = self.page_nbytes
-        sources = []
-        for payload in payloads:
-            src = np.frombuffer(payload, dtype=np.uint8)
-            if src.nbytes != nbytes:
-                raise ValueError(f"page payload is {src.nbytes} bytes, expected {nbytes}")
-            sources.append(src)
 
-        def copy(i: int) -> None:
-            ctypes.memmove(base + i * nbytes, sources[i].ctypes.data, nbytes)
+def _follows(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """b is the row right after a in the same contiguous storage."""
+    return (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and b.data_ptr() == a.data_ptr() + a.numel() * a.element_size())
 
-        if len(sources) < 4:
-            for i in range(len(sources)):
-                copy(i)
-        else:
-            list(self._threads.map(copy, range(len(sources))))
+
+def _span(first: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` consecutive rows starting at `first`, as one [count, *row shape] view."""
+    return first.as_strided((count, *first.shape), (first.numel(), *first.stride()))

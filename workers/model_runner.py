@@ -16,7 +16,7 @@ from kernels import reference
 from workers.config import WorkerConfig
 from workers.cuda_graphs import DecodeGraphs, advance_decode_inputs
 from workers.errors import InvalidConfig
-from workers.kv_upload import PageUploader
+from workers.kv_upload import upload_pages
 from workers.models.llama import AttentionMetadata, AttentionOps, FusedOps, LlamaForCausalLM
 from workers.models.loader import LoadedModel
 from workers.scheduler import ScheduledBatch
@@ -88,7 +88,6 @@ class ModelRunner:
         self.scratch_page = self.num_pages
         self.kv_pool = torch.zeros((self.num_pages + 1, *self.page_shape), dtype=self.dtype,
                                    device=self.device)
-        self.uploader = PageUploader(self.kv_pool)
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             try:
@@ -124,13 +123,13 @@ class ModelRunner:
         event.record()
         return host, event
 
-    def write_pages(self, loads: list[tuple[int, memoryview]]) -> None:
-        """Host payloads into pool pages (pinned staging, one H2D copy per chunk; see
-        kv_upload). Asynchronous on CUDA; the payloads may be dropped when this returns."""
-        self.uploader.upload([page_id for page_id, _ in loads], [p for _, p in loads])
+    def write_pages(self, loads: list[tuple[int, torch.Tensor]]) -> None:
+        """Staged host pages (kv_upload.stage_pages rows) into pool pages; asynchronous on
+        CUDA."""
+        upload_pages(self.kv_pool, [page_id for page_id, _ in loads], [row for _, row in loads])
 
     def close(self) -> None:
-        self.uploader.close()
+        pass
 
     def copy_pages(self, copies: list[tuple[int, int]]) -> None:
         for src, dst in copies:

@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 
-from cachestore.codec import decode_pages, encode_page
+from cachestore.codec import encode_page
 from cachestore.keys import Namespace, tokens_to_bytes
 from cachestore.tiers.cpu import CpuTier
 from workers.block_manager import EvictedPage
+from workers.kv_upload import stage_pages
 from workers.outputs import KvEventData
 from workers.sequence import PendingLoad, Sequence
 
@@ -38,6 +39,22 @@ class _PendingWrite:
     token_bytes: bytes
     host: torch.Tensor  # the page, being copied to host memory until `event` completes
     event: Any
+
+class _Fetched:
+    """Pages fetched from a tier (encoded, None where absent), and what to release once they
+    have been copied out (a shared-memory lease), as a context manager."""
+
+    def __init__(self, pages: list, release: Callable[[], None] | None = None) -> None:
+        self.pages = pages
+        self._release = release
+
+    def __enter__(self) -> list:
+        return self.pages
+
+    def __exit__(self, *exc: object) -> None:
+        if self._release is not None:
+            self._release()
+
 
 _STORE_QUEUE_BYTES = 2 << 30
 _WRITE_BATCH = 32
@@ -55,9 +72,14 @@ class KvOffload:
         host_tier_bytes: int,
         store_target: str | None,
         store_token: str | None,
+        page_shape: tuple[int, ...] = (),
+        dtype: torch.dtype = torch.float32,
+        pin: bool = False,
     ) -> None:
         self.read_page = read_page
         self.snapshot_page = snapshot_page
+        # staged pages: [*page_shape] rows of `dtype`, in pinned memory when `pin` (CUDA)
+        self.page_shape, self.dtype, self.pin = page_shape, dtype, pin
         self.host = CpuTier(host_tier_bytes) if host_tier_bytes else None
         self.store: Any = None
         self._events: list[KvEventData] = []
@@ -148,48 +170,54 @@ class KvOffload:
 
     # ------------------------------------------------------------------ host / store -> device
     def lookup(self, seq: Sequence, num_device_pages: int, max_pages: int) -> PendingLoad | None:
-        """Verified payloads of the pages after the device-cached prefix, host tier first."""
+        """Verified host copies (kv_upload.stage_pages) of the pages after the device-cached
+        prefix: host tier first, then the store; the first missing or bad page ends it."""
         ns = seq.namespace
         keys = seq.full_page_keys(max_pages)[num_device_pages:]
         ps = ns.page_size
         data = tokens_to_bytes(seq.token_ids[num_device_pages * ps : max_pages * ps])
         page_tokens = [data[i * 4 * ps : (i + 1) * 4 * ps] for i in range(len(keys))]
-        payloads: list[memoryview] = []
+        payloads: list[torch.Tensor] = []
         tiers: list[str] = []
         for name, fetch in (("cpu", self._host_get), ("store", self._store_get)):
             start = len(payloads)
             if start == len(keys):
                 break
-            blobs = fetch(keys[start:])
-            if None in blobs:
-                blobs = blobs[: blobs.index(None)]
-            end = start + len(blobs)
-            for payload in decode_pages(blobs, ns, keys[start:end], page_tokens[start:end]):
-                if payload is None:
-                    log.warning("dropping a bad page from the %s tier", name)
-                    break
-                payloads.append(payload)
-                tiers.append(name)
+            with fetch(keys[start:]) as blobs:
+                if None in blobs:
+                    blobs = blobs[: blobs.index(None)]
+                end = start + len(blobs)
+                staged = stage_pages(blobs, ns, keys[start:end], page_tokens[start:end],
+                                     self.page_shape, self.dtype, self.pin)
+            if len(staged) < len(blobs):
+                log.warning("dropping a bad page from the %s tier", name)
+            payloads.extend(staged)
+            tiers.extend([name] * len(staged))
         return PendingLoad(num_device_pages, payloads, tiers) if payloads else None
 
-    def _host_get(self, keys: list[bytes]) -> list[bytes | memoryview | None]:
+    def _host_get(self, keys: list[bytes]) -> _Fetched:
         if self.host is None:
-            return []
+            return _Fetched([])
         present = self.host.contains_many(keys)
         n = present.index(False) if False in present else len(keys)
-        return list(self.host.get_many(keys[:n])) if n else []
+        return _Fetched(list(self.host.get_many(keys[:n])) if n else [])
 
-    def _store_get(self, keys: list[bytes]) -> list[bytes | memoryview | None]:
+    def _store_get(self, keys: list[bytes]) -> _Fetched:
+        """The leading pages the store holds: one round trip through shared memory when the
+        client offers leases (a StoreClient on this host), else has_pages + get_pages."""
         if self.store is None:
-            return []
+            return _Fetched([])
         try:
+            if hasattr(self.store, "get_pages_leased"):
+                lease = self.store.get_pages_leased(keys, prefix_only=True)
+                return _Fetched(lease.pages, lease.release)
             present = self.store.has_pages(keys)
             n = present.index(False) if False in present else len(keys)
-            return list(self.store.get_pages(keys[:n])) if n else []
+            return _Fetched(list(self.store.get_pages(keys[:n])) if n else [])
         except Exception as exc:  # down, timed out, unauthenticated: a miss
             self.num_store_errors += 1
             log.warning("store lookup failed, treating as a miss: %s", exc)
-            return []
+            return _Fetched([])
 
     # ------------------------------------------------------------------ events
     def _emit(self, event: KvEventData | None) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from workers.block_manager import BlockManager
 from workers.sequence import PendingLoad, SeqStatus, Sequence
@@ -24,7 +25,7 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     page_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) before forward
-    page_loads: list[tuple[int, memoryview]] = field(default_factory=list)  # (page_id, payload)
+    page_loads: list[tuple[int, Any]] = field(default_factory=list)  # (page_id, staged row)
 
     @property
     def is_empty(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from cachestore.keys import Namespace, chain_keys, tokens_to_bytes
 from workers.sampling import SamplingParams
@@ -21,10 +22,11 @@ class SeqStatus(Enum):
 @dataclass
 class PendingLoad:
     """Pages found in the host tier or the store for a waiting sequence, not yet in the pool.
-    payloads[i] is page start_page + i; tiers[i] names where it was."""
+    payloads[i] (a verified host copy, kv_upload.stage_pages) is page start_page + i; tiers[i]
+    names where it was."""
 
     start_page: int
-    payloads: list[memoryview]
+    payloads: list[Any]  # torch.Tensor rows; typed loosely to keep this module torch-free
     tiers: list[str]
 
 

@@ -47,15 +47,18 @@ def test_cuda_graphs_and_eager_match_transformers(tiny_cuda, decode_steps):
 
 def test_cuda_graph_multistep_stops_inside_a_window(tiny_cuda):
     hf, loaded = tiny_cuda
-    full = hf_greedy(hf, PROMPTS[1], NEW)
-    stop_at = next(i for i in range(3, NEW) if full[i] not in full[:i])
+    # a prompt whose greedy output has a first occurrence past the first window's start
+    cases = [(p, full, i) for p in PROMPTS for full in [hf_greedy(hf, p, NEW)]
+             for i in range(2, NEW) if full[i] not in full[:i]]
+    assert cases, "no output token occurs first after position 1"
+    prompt, full, stop_at = cases[-1]
     config = WorkerConfig(model="tiny", device="cuda", dtype="float32", page_size=8,
                           kv_cache_bytes=8 << 20, max_num_seqs=8, max_model_len=256,
                           decode_steps=8)
     engine = Engine(config, loaded=loaded)
     params = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True,
                             stop_token_ids=[full[stop_at]])
-    assert engine.generate([PROMPTS[1]], params)[0] == full[: stop_at + 1]
+    assert engine.generate([prompt], params)[0] == full[: stop_at + 1]
     assert engine.stats().num_pages_free == engine.stats().num_pages_total
 
 

@@ -1,0 +1,60 @@
+"""Staging encoded pages into one host tensor (checked, copied, checksummed on the copy) and
+uploading staged rows into pool pages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cachestore.codec import encode_page
+from cachestore.keys import Namespace, tokens_to_bytes
+from workers.kv_upload import stage_pages, upload_pages
+
+NS = Namespace("m", num_layers=3, num_kv_heads=2, head_dim=8, dtype="float32", page_size=4)
+SHAPE = (3, 2, 4, 2, 8)
+
+
+def pages(num: int, seed: int = 0):
+    """(blobs, keys, token bytes, payload tensors) of `num` pages of one sequence."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 1000, (num * 4,), generator=g).tolist()
+    keys = NS.page_keys(tokens)
+    token_bytes = [tokens_to_bytes(tokens[i * 4 : (i + 1) * 4]) for i in range(num)]
+    payloads = [torch.randn(SHAPE, generator=g) for _ in range(num)]
+    blobs = [encode_page(NS, k, t, p.numpy().tobytes())
+             for k, t, p in zip(keys, token_bytes, payloads, strict=True)]
+    return blobs, keys, token_bytes, payloads
+
+
+@pytest.mark.parametrize("num", [1, 5, 6000])  # 6000 pages (9 MB) go to the thread pool
+def test_stage_copies_every_verified_page(num):
+    blobs, keys, tokens, payloads = pages(num)
+    staged = stage_pages(blobs, NS, keys, tokens, SHAPE, torch.float32, pin=False)
+    assert staged.shape == (num, *SHAPE)
+    assert torch.equal(staged, torch.stack(payloads))
+
+
+def test_a_bad_page_ends_the_staged_prefix():
+    blobs, keys, tokens, _ = pages(6)
+    corrupt = bytearray(blobs[3])
+    corrupt[-1] ^= 1  # payload byte: only the checksum of the copy can catch it
+    blobs[3] = bytes(corrupt)
+    assert len(stage_pages(blobs, NS, keys, tokens, SHAPE, torch.float32, pin=False)) == 3
+    blobs, keys, tokens, _ = pages(6)
+    tokens[2] = tokens_to_bytes([1, 2, 3, 4])  # a hash collision: same key, other tokens
+    assert len(stage_pages(blobs, NS, keys, tokens, SHAPE, torch.float32, pin=False)) == 2
+    other = Namespace("other", num_layers=3, num_kv_heads=2, head_dim=8, dtype="float32",
+                      page_size=4)
+    assert len(stage_pages(blobs, other, keys, tokens, SHAPE, torch.float32, pin=False)) == 0
+
+
+def test_upload_merges_consecutive_runs_and_keeps_order():
+    blobs, keys, tokens, payloads = pages(7)
+    staged = stage_pages(blobs, NS, keys, tokens, SHAPE, torch.float32, pin=False)
+    pool = torch.zeros((12, *SHAPE))
+    page_ids = [4, 5, 6, 1, 9, 10, 2]  # runs 4-6, 1, 9-10, 2
+    upload_pages(pool, page_ids, list(staged))
+    for page_id, payload in zip(page_ids, payloads, strict=True):
+        assert torch.equal(pool[page_id], payload)
+    untouched = set(range(12)) - set(page_ids)
+    assert all(not pool[i].any() for i in untouched)
