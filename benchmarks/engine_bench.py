@@ -111,6 +111,25 @@ def hf_run(hf, batch: list[list[int]], new_tokens: int, device: str):
     return ttft, time.perf_counter() - t0 - ttft, out[:, ids.shape[1]:].tolist()
 
 
+def graph_step_ms(engine: Engine, batch: int, repeats: int = 50) -> float | None:
+    """GPU time of one decode step alone: back-to-back replays of the captured graph for
+    `batch`, inputs frozen at the last step of the previous run (the longest context), no host
+    work between replays. None without graphs."""
+    graphs = engine.runner.graphs
+    if graphs is None or not graphs.fits(batch):
+        return None
+    size = next(s for s in graphs.sizes if s >= batch)
+    graphs.step.zero_()  # replays recompute the same step instead of advancing
+    graph = graphs.graphs[size]
+    graph.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        graph.replay()
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - t0) / repeats
+
+
 def copy_bandwidth(device: str) -> float:
     """Bytes/s of a large device-to-device copy (read + write counted)."""
     if not device.startswith("cuda"):
@@ -143,19 +162,24 @@ def bench_decode(name, hf, loaded, args, out: dict) -> None:
     rows = []
     for bs in args.batches:
         batch = prompts(bs, args.prompt_len, cfg.vocab_size, seed=bs)
-        e_ttft, e_dec, e_out = engine_run(engine, batch, args.new_tokens)
         h_ttft, h_dec, h_out = hf_run(hf, batch, args.new_tokens, args.device)
-        steps = args.new_tokens - 1
-        avg_ctx = args.prompt_len + args.new_tokens / 2
-        roof_s = (weight_bytes + bs * avg_ctx * kv_token_bytes) / bandwidth
-        agree = [next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), len(x))
-                 for x, y in zip(e_out, h_out, strict=True)]
-        rows.append(dict(batch=bs, engine_tok_s=bs * steps / e_dec, hf_tok_s=bs * steps / h_dec,
-                         speedup=h_dec / e_dec, engine_step_ms=1e3 * e_dec / steps,
-                         roofline_step_ms=1e3 * roof_s, roofline_frac=roof_s / (e_dec / steps),
-                         engine_ttft_s=e_ttft, hf_ttft_s=h_ttft,
-                         greedy_agree_min=min(agree), greedy_agree_mean=sum(agree) / len(agree)))
-        print(f"[{name}] decode bs={bs}: {rows[-1]}", flush=True)
+        for decode_steps in args.decode_steps:
+            engine.decode_steps = decode_steps  # steps per host round trip (multi-step decode)
+            e_ttft, e_dec, e_out = engine_run(engine, batch, args.new_tokens)
+            steps = args.new_tokens - 1
+            avg_ctx = args.prompt_len + args.new_tokens / 2
+            roof_s = (weight_bytes + bs * avg_ctx * kv_token_bytes) / bandwidth
+            agree = [next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b),
+                          len(x)) for x, y in zip(e_out, h_out, strict=True)]
+            rows.append(dict(batch=bs, decode_steps=decode_steps,
+                             engine_tok_s=bs * steps / e_dec, hf_tok_s=bs * steps / h_dec,
+                             speedup=h_dec / e_dec, engine_step_ms=1e3 * e_dec / steps,
+                             roofline_step_ms=1e3 * roof_s, roofline_frac=roof_s / (e_dec / steps),
+                             engine_ttft_s=e_ttft, hf_ttft_s=h_ttft,
+                             graph_step_ms=graph_step_ms(engine, bs),
+                             greedy_agree_min=min(agree),
+                             greedy_agree_mean=sum(agree) / len(agree)))
+            print(f"[{name}] decode bs={bs}: {rows[-1]}", flush=True)
     out["decode"] = dict(bandwidth_gb_s=bandwidth / 1e9, weight_gb=weight_bytes / 1e9,
                          graphs=engine.runner.graphs is not None, rows=rows)
     engine.close()
@@ -299,6 +323,7 @@ def bench_memory(name, loaded, args, out: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for flag, default in (("models", "1b,8b"), ("device", "cuda"), ("batches", "1,32,64"),
+                          ("decode-steps", "8"),
                           ("parts", "decode,ttft,memory"), ("out", None)):
         ap.add_argument(f"--{flag}", default=default)
     for flag, default in (("prompt-len", 1024), ("new-tokens", 256), ("ttft-prefix", 8192),
@@ -310,6 +335,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes for a CPU check")
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.decode_steps = [int(k) for k in args.decode_steps.split(",")]
     if args.smoke:
         args.batches, args.prompt_len, args.new_tokens, args.ttft_prefix = [1, 4], 64, 8, 256
         args.kv_gib, args.mem_kv_gib, args.host_gib, args.max_len, args.trials = 1, 1, 1, 512, 1

@@ -16,12 +16,15 @@ def print_tables(results: dict) -> None:
             print(f"\n{name}: decode, 1K prompts, 256 new tokens (copy bandwidth "
                   f"{d['bandwidth_gb_s']:.0f} GB/s, weights {d['weight_gb']:.2f} GB, "
                   f"graphs {d['graphs']})\n")
-            print("| batch | engine tok/s | transformers tok/s | speedup | step ms | roofline ms "
-                  "| of roofline | engine TTFT s | transformers TTFT s |")
-            print("|---|---|---|---|---|---|---|---|---|")
+            print("| batch | steps/round trip | engine tok/s | transformers tok/s | speedup "
+                  "| step ms | GPU-only step ms | roofline ms | of roofline | engine TTFT s "
+                  "| transformers TTFT s |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|")
             for x in d["rows"]:
-                print(f"| {x['batch']} | {x['engine_tok_s']:.0f} | {x['hf_tok_s']:.0f} | "
+                print(f"| {x['batch']} | {x.get('decode_steps', 1)} | {x['engine_tok_s']:.0f} | "
+                      f"{x['hf_tok_s']:.0f} | "
                       f"{x['speedup']:.1f}x | {x['engine_step_ms']:.2f} | "
+                      f"{x.get('graph_step_ms') or float('nan'):.2f} | "
                       f"{x['roofline_step_ms']:.2f} | {x['roofline_frac']:.0%} | "
                       f"{x['engine_ttft_s']:.3f} | {x['hf_ttft_s']:.3f} |")
         if "ttft" in r:

@@ -13,6 +13,7 @@ from workers.config import WorkerConfig
 from workers.detokenizer import IncrementalDetokenizer
 from workers.errors import InvalidRequest
 from workers.events import coalesce_block_events, snapshot_events
+from workers.kv_upload import PageStager
 from workers.model_runner import ModelRunner
 from workers.models.loader import LoadedModel, load_model
 from workers.offload import KvOffload
@@ -37,10 +38,12 @@ class Engine:
         limit = cfg.max_position_embeddings
         self.max_model_len = min(config.max_model_len or limit, limit)
         self.runner = ModelRunner(config, loaded, self.max_model_len)
+        stager = PageStager(self.runner.page_shape, self.runner.dtype, self.runner.device)
+        if self.runner.device.type == "cuda" and (config.host_tier_bytes or config.store):
+            stager.warm_up()  # the first pinned allocation of a size takes ~0.5 s
         self.offload = KvOffload(self.runner.read_page, self.runner.snapshot_page,
                                  config.host_tier_bytes, config.store, config.store_token,
-                                 self.runner.page_shape, self.runner.dtype,
-                                 pin=self.runner.device.type == "cuda")
+                                 stager)
         on_evict = self.offload.on_evict if self.offload.host is not None else None
         self.block_manager = BlockManager(self.runner.num_pages, self.page_size, on_evict)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,

@@ -124,8 +124,7 @@ class ModelRunner:
         return host, event
 
     def write_pages(self, loads: list[tuple[int, torch.Tensor]]) -> None:
-        """Staged host pages (kv_upload.stage_pages rows) into pool pages; asynchronous on
-        CUDA."""
+        """Staged pages (kv_upload.PageStager rows) into pool pages; asynchronous on CUDA."""
         upload_pages(self.kv_pool, [page_id for page_id, _ in loads], [row for _, row in loads])
 
     def close(self) -> None:

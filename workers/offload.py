@@ -25,7 +25,7 @@ from cachestore.codec import encode_page
 from cachestore.keys import Namespace, tokens_to_bytes
 from cachestore.tiers.cpu import CpuTier
 from workers.block_manager import EvictedPage
-from workers.kv_upload import stage_pages
+from workers.kv_upload import PageStager
 from workers.outputs import KvEventData
 from workers.sequence import PendingLoad, Sequence
 
@@ -72,14 +72,11 @@ class KvOffload:
         host_tier_bytes: int,
         store_target: str | None,
         store_token: str | None,
-        page_shape: tuple[int, ...] = (),
-        dtype: torch.dtype = torch.float32,
-        pin: bool = False,
+        stager: PageStager,
     ) -> None:
         self.read_page = read_page
         self.snapshot_page = snapshot_page
-        # staged pages: [*page_shape] rows of `dtype`, in pinned memory when `pin` (CUDA)
-        self.page_shape, self.dtype, self.pin = page_shape, dtype, pin
+        self.stager = stager
         self.host = CpuTier(host_tier_bytes) if host_tier_bytes else None
         self.store: Any = None
         self._events: list[KvEventData] = []
@@ -170,7 +167,7 @@ class KvOffload:
 
     # ------------------------------------------------------------------ host / store -> device
     def lookup(self, seq: Sequence, num_device_pages: int, max_pages: int) -> PendingLoad | None:
-        """Verified host copies (kv_upload.stage_pages) of the pages after the device-cached
+        """Verified device copies (kv_upload.PageStager) of the pages after the device-cached
         prefix: host tier first, then the store; the first missing or bad page ends it."""
         ns = seq.namespace
         keys = seq.full_page_keys(max_pages)[num_device_pages:]
@@ -187,8 +184,7 @@ class KvOffload:
                 if None in blobs:
                     blobs = blobs[: blobs.index(None)]
                 end = start + len(blobs)
-                staged = stage_pages(blobs, ns, keys[start:end], page_tokens[start:end],
-                                     self.page_shape, self.dtype, self.pin)
+                staged = self.stager.stage(blobs, ns, keys[start:end], page_tokens[start:end])
             if len(staged) < len(blobs):
                 log.warning("dropping a bad page from the %s tier", name)
             payloads.extend(staged)

@@ -22,8 +22,8 @@ class SeqStatus(Enum):
 @dataclass
 class PendingLoad:
     """Pages found in the host tier or the store for a waiting sequence, not yet in the pool.
-    payloads[i] (a verified host copy, kv_upload.stage_pages) is page start_page + i; tiers[i]
-    names where it was."""
+    payloads[i] (a verified copy on the device, kv_upload.PageStager) is page start_page + i;
+    tiers[i] names where it was."""
 
     start_page: int
     payloads: list[Any]  # torch.Tensor rows; typed loosely to keep this module torch-free

@@ -8,10 +8,17 @@ import torch
 
 from cachestore.codec import encode_page
 from cachestore.keys import Namespace, tokens_to_bytes
-from workers.kv_upload import stage_pages, upload_pages
+from workers.kv_upload import PageStager, upload_pages
 
 NS = Namespace("m", num_layers=3, num_kv_heads=2, head_dim=8, dtype="float32", page_size=4)
 SHAPE = (3, 2, 4, 2, 8)
+
+
+def stage_pages(blobs, ns, keys, tokens, pages_per_chunk=None):
+    stager = PageStager(SHAPE, torch.float32, torch.device("cpu"))
+    if pages_per_chunk is not None:
+        stager.pages_per_chunk = pages_per_chunk
+    return stager.stage(blobs, ns, keys, tokens)
 
 
 def pages(num: int, seed: int = 0):
@@ -26,10 +33,11 @@ def pages(num: int, seed: int = 0):
     return blobs, keys, token_bytes, payloads
 
 
-@pytest.mark.parametrize("num", [1, 5, 6000])  # 6000 pages (9 MB) go to the thread pool
-def test_stage_copies_every_verified_page(num):
+@pytest.mark.parametrize(("num", "per_chunk"), [(1, None), (5, 2), (6000, None)])
+def test_stage_copies_every_verified_page(num, per_chunk):
+    """6000 pages (9 MB) go to the thread pool; 2 pages per chunk alternate the buffers."""
     blobs, keys, tokens, payloads = pages(num)
-    staged = stage_pages(blobs, NS, keys, tokens, SHAPE, torch.float32, pin=False)
+    staged = stage_pages(blobs, NS, keys, tokens, per_chunk)
     assert staged.shape == (num, *SHAPE)
     assert torch.equal(staged, torch.stack(payloads))
 
@@ -39,18 +47,19 @@ def test_a_bad_page_ends_the_staged_prefix():
     corrupt = bytearray(blobs[3])
     corrupt[-1] ^= 1  # payload byte: only the checksum of the copy can catch it
     blobs[3] = bytes(corrupt)
-    assert len(stage_pages(blobs, NS, keys, tokens, SHAPE, torch.float32, pin=False)) == 3
+    assert len(stage_pages(blobs, NS, keys, tokens)) == 3
+    assert len(stage_pages(blobs, NS, keys, tokens, pages_per_chunk=2)) == 3
     blobs, keys, tokens, _ = pages(6)
     tokens[2] = tokens_to_bytes([1, 2, 3, 4])  # a hash collision: same key, other tokens
-    assert len(stage_pages(blobs, NS, keys, tokens, SHAPE, torch.float32, pin=False)) == 2
+    assert len(stage_pages(blobs, NS, keys, tokens)) == 2
     other = Namespace("other", num_layers=3, num_kv_heads=2, head_dim=8, dtype="float32",
                       page_size=4)
-    assert len(stage_pages(blobs, other, keys, tokens, SHAPE, torch.float32, pin=False)) == 0
+    assert len(stage_pages(blobs, other, keys, tokens)) == 0
 
 
 def test_upload_merges_consecutive_runs_and_keeps_order():
     blobs, keys, tokens, payloads = pages(7)
-    staged = stage_pages(blobs, NS, keys, tokens, SHAPE, torch.float32, pin=False)
+    staged = stage_pages(blobs, NS, keys, tokens)
     pool = torch.zeros((12, *SHAPE))
     page_ids = [4, 5, 6, 1, 9, 10, 2]  # runs 4-6, 1, 9-10, 2
     upload_pages(pool, page_ids, list(staged))
