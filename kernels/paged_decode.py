@@ -193,7 +193,8 @@ class DecodeConfig:
 
 
 def num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
-                  num_sms: int | None = None, total_tokens: int | None = None) -> int:
+                  num_sms: int | None = None, total_tokens: int | None = None,
+                  ctas_per_sm: int = _CTAS_PER_SM) -> int:
     """Splits per sequence so that one wave of programs fills the GPU.
 
     Programs of one launch do about equal work, so a partial last wave idles most SMs: with
@@ -201,7 +202,8 @@ def num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
     wave; otherwise one. Programs are counted in units of the longest sequence: with
     total_tokens (varlen batches) a batch weighs total_tokens / max_seq_len sequences, so short
     sequences leave room for more splits of the long ones. A split never gets fewer than
-    _MIN_TOKENS_PER_SPLIT tokens. Measured on the H100 in benchmarks/RESULTS.md.
+    _MIN_TOKENS_PER_SPLIT tokens. Measured on the H100 in benchmarks/RESULTS.md; a caller that
+    measured better slot counts for its shapes passes ctas_per_sm (the engine does).
     """
     if num_sms is None:
         num_sms = 8  # CPU (interpreter): any small grid will do
@@ -211,7 +213,7 @@ def num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
     max_seq_len = max(max_seq_len, 1)
     full_seqs = num_seqs if total_tokens is None else triton.cdiv(total_tokens, max_seq_len)
     programs = max(min(full_seqs, num_seqs) * num_kv_heads, 1)
-    slots = _CTAS_PER_SM * num_sms
+    slots = ctas_per_sm * num_sms
     cap = triton.cdiv(max_seq_len, _MIN_TOKENS_PER_SPLIT)
     return max(1, min(slots // programs, cap, MAX_SPLITS))
 

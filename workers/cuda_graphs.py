@@ -17,6 +17,14 @@ import torch
 from workers.models.llama import AttentionMetadata, AttentionOps, LlamaForCausalLM
 
 
+def decode_ctas_per_sm(head_dim: int) -> int:
+    """Resident decode programs per SM to size split-KV for (kernels.num_kv_splits). Measured
+    on the H200 at batch 32/64, contexts 1K-8K (benchmarks/RESULTS.md, Engine): head_dim 64
+    is fastest with 3 splits at batch 32 (26 us vs 35 us unsplit, 1K context), head_dim 128
+    with 2 (44 vs 50 us); both unsplit at batch 64."""
+    return 6 if head_dim <= 64 else 4
+
+
 def advance_decode_inputs(next_tokens: torch.Tensor, input_ids: torch.Tensor,
                           positions: torch.Tensor, seq_lens: torch.Tensor,
                           slot_mapping: torch.Tensor, page_table: torch.Tensor,
@@ -81,7 +89,8 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         num_kv_heads = kv_pool.shape[4]
         for bs in reversed(self.sizes):
-            splits = num_kv_splits(bs, num_kv_heads, max_model_len)
+            splits = num_kv_splits(bs, num_kv_heads, max_model_len,
+                                   ctas_per_sm=decode_ctas_per_sm(kv_pool.shape[5]))
 
             def decode(q, pool_, layer, table, lens, scale, _splits=splits):
                 return base_ops.paged_decode(q, pool_, layer, table, lens, scale,

@@ -14,7 +14,7 @@ import torch
 
 from kernels import reference
 from workers.config import WorkerConfig
-from workers.cuda_graphs import DecodeGraphs, advance_decode_inputs
+from workers.cuda_graphs import DecodeGraphs, advance_decode_inputs, decode_ctas_per_sm
 from workers.errors import InvalidConfig
 from workers.kv_upload import upload_pages
 from workers.models.llama import AttentionMetadata, AttentionOps, FusedOps, LlamaForCausalLM
@@ -215,7 +215,8 @@ class ModelRunner:
         if self._num_kv_splits is None:
             return None
         return self._num_kv_splits(len(seq_lens), self.kv_pool.shape[4], max(seq_lens),
-                                   total_tokens=sum(seq_lens))
+                                   total_tokens=sum(seq_lens),
+                                   ctas_per_sm=decode_ctas_per_sm(self.kv_pool.shape[5]))
 
     def _page_table(self, page_rows: list[list[int]]) -> torch.Tensor:
         """[num_rows, longest row] int32 on the device, zero-padded."""
