@@ -239,7 +239,7 @@ def attach_store(engine: Engine, nbytes: int) -> tuple[str, object]:
 
 def bench_ttft(name, loaded, args, out: dict) -> None:
     cfg = loaded.config
-    kv = WorkerConfig(model=name, device=args.device, dtype=args.dtype, enforce_eager=True,
+    kv = WorkerConfig(model=name, device=args.device, dtype=args.dtype,
                       kv_cache_bytes=args.kv_gib << 30, max_num_seqs=8,
                       max_num_batched_tokens=16384, max_model_len=args.max_len,
                       host_tier_bytes=args.host_gib << 30)

@@ -41,6 +41,8 @@ class PageStager:
         self.pages_per_chunk = max(1, _CHUNK_BYTES // self.page_nbytes)
         self._buffers: list[torch.Tensor] = []
         self._free: list[torch.cuda.Event | None] = [None, None]
+        # pinned source pages of the last direct send, referenced until its copies are done
+        self._keepalive: tuple[torch.cuda.Event | None, list] | None = None
 
     def warm_up(self) -> None:
         if not self._buffers:
@@ -49,11 +51,13 @@ class PageStager:
                              for _ in range(2)]
 
     def stage(self, blobs: Sequence[bytes | memoryview], ns: Namespace, keys: Sequence[bytes],
-              token_ids: Sequence[bytes]) -> torch.Tensor:
+              token_ids: Sequence[bytes], is_pinned: bool = False) -> torch.Tensor:
         """The verified payloads of the leading pages that pass every check, as rows of one
         tensor [num_ok, *page_shape] on the device (copies may still be in flight on the
-        current stream); a page that fails ends the prefix. Nothing references `blobs` after
-        this returns."""
+        current stream); a page that fails ends the prefix. `is_pinned`: the blobs already lie
+        in page-locked memory (the CpuTier pins on CUDA), so each payload is checksummed in
+        place and sent to the device straight from there, with no staging copy; the blobs are
+        then kept referenced until those copies are done."""
         sources: list[tuple[int, int]] = []  # (payload address, recorded checksum)
         arrays = []  # keep the payload arrays (and so their addresses) alive
         for i, blob in enumerate(blobs):
@@ -70,6 +74,8 @@ class PageStager:
             out = torch.empty(shape, dtype=self.dtype, device=self.device)
         except torch.cuda.OutOfMemoryError:  # no room beside the pool: stay in pinned memory
             out = torch.empty(shape, dtype=self.dtype, pin_memory=self.is_cuda)
+        if is_pinned:
+            return self._send_pinned(out, sources, blobs)
         self.warm_up()
         num_ok = 0
         for c, start in enumerate(range(0, len(sources), self.pages_per_chunk)):
@@ -88,6 +94,37 @@ class PageStager:
             num_ok += n
             if n < len(chunk):
                 break
+        return out[:num_ok]
+
+    def _send_pinned(self, out: torch.Tensor, sources: list[tuple[int, int]],
+                     blobs: Sequence[bytes | memoryview]) -> torch.Tensor:
+        """Checksum pinned payloads in place, chunk by chunk on the pool, and queue each verified
+        chunk's host-to-device copies (pinned, so truly asynchronous) before the next chunk."""
+        if self._keepalive is not None and self._keepalive[0] is not None:
+            self._keepalive[0].synchronize()  # the previous call's copies have read their pages
+        row = self.page_nbytes
+        num_ok = 0
+        for start in range(0, len(sources), self.pages_per_chunk):
+            chunk = sources[start : start + self.pages_per_chunk]
+            views = [(ctypes.c_char * row).from_address(address) for address, _ in chunk]
+
+            def verify(indices: range, chunk=chunk, views=views) -> list[bool]:
+                return [xxhash.xxh3_64_intdigest(views[i]) == chunk[i][1] for i in indices]
+
+            ok = map_chunked(verify, len(chunk), len(chunk) * row)
+            n = ok.index(False) if False in ok else len(chunk)
+            if n:
+                dst = list(out[start : start + n].view(n, -1).view(torch.uint8).unbind())
+                src = [torch.frombuffer(views[i], dtype=torch.uint8) for i in range(n)]
+                torch._foreach_copy_(dst, src, non_blocking=True)
+            num_ok += n
+            if n < len(chunk):
+                break
+        event = None
+        if self.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self._keepalive = (event, list(blobs))
         return out[:num_ok]
 
     def _copy_and_verify(self, staging: torch.Tensor, chunk: list[tuple[int, int]]) -> list[bool]:

@@ -160,12 +160,17 @@ class ModelRunner:
                 sampled.append(i)
         is_decode = all(n == 1 for n in batch.num_new_tokens)
         page_rows = [seq.page_ids for seq in batch.seqs]
-        if is_decode and self.graphs is not None and self.graphs.fits(len(batch.seqs)):
-            return self.graphs.run(input_ids, positions, slots, page_rows, seq_lens), sampled
+        last_rows = [cu[i + 1] - 1 for i in sampled]
+        is_short = max(batch.num_new_tokens) <= SHORT_CHUNK_TOKENS
+        if is_short and self.graphs is not None and self.graphs.fits(len(input_ids)):
+            # every token a decode row (a prefix hit's suffix too): one graph replay
+            if not is_decode:
+                page_rows, seq_lens = _one_row_per_token(page_rows, seq_lens, cu)
+            logits = self.graphs.run(input_ids, positions, slots, page_rows, seq_lens)
+            return (logits if is_decode else logits[last_rows]), sampled
         hidden = self._eager(input_ids, positions, slots, page_rows, seq_lens, cu, is_decode)
-        last_rows = torch.tensor([cu[i + 1] - 1 for i in sampled], dtype=torch.int64,
-                                 device=self.device)
-        return self.model.compute_logits(hidden[last_rows]), sampled
+        rows = torch.tensor(last_rows, dtype=torch.int64, device=self.device)
+        return self.model.compute_logits(hidden[rows]), sampled
 
     @torch.inference_mode()
     def execute_decode_steps(self, batch: ScheduledBatch, num_steps: int) -> list[list[int]]:

@@ -184,7 +184,9 @@ class KvOffload:
                 if None in blobs:
                     blobs = blobs[: blobs.index(None)]
                 end = start + len(blobs)
-                staged = self.stager.stage(blobs, ns, keys[start:end], page_tokens[start:end])
+                staged = self.stager.stage(blobs, ns, keys[start:end], page_tokens[start:end],
+                                           is_pinned=name == "cpu" and self.host is not None
+                                           and self.host.is_pinned)
             if len(staged) < len(blobs):
                 log.warning("dropping a bad page from the %s tier", name)
             payloads.extend(staged)

@@ -76,3 +76,23 @@ def test_cuda_host_tier_reload_matches(tiny_cuda):
     out = engine.generate([long + [9, 9]], params)[0]
     assert engine.stats().prefix_hits["cpu"] > 0
     assert out == hf_greedy(hf, long + [9, 9], NEW)
+
+
+def test_prefix_hit_suffix_runs_through_the_decode_graph(tiny_cuda):
+    """A device prefix hit leaves a 3-token suffix: it is replayed as 3 decode rows of one
+    captured graph (causal by per-row lengths) and still matches transformers."""
+    hf, loaded = tiny_cuda
+    config = WorkerConfig(model="tiny", device="cuda", dtype="float32", page_size=8,
+                          kv_cache_bytes=8 << 20, max_num_seqs=8, max_model_len=256)
+    engine = Engine(config, loaded=loaded)
+    params = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True)
+    prefix = PROMPTS[2][:64]
+    engine.generate([prefix], params)
+    graphs = engine.runner.graphs
+    calls = []
+    run_graph = graphs.run
+    graphs.run = lambda *a: calls.append(len(a[0])) or run_graph(*a)
+    prompt = prefix + [5, 6, 7]
+    assert engine.generate([prompt], params)[0] == hf_greedy(hf, prompt, NEW)
+    assert calls and calls[0] == 3  # the suffix's 3 tokens, one replay
+    assert engine.stats().prefix_hits["device"] >= 8

@@ -14,11 +14,12 @@ NS = Namespace("m", num_layers=3, num_kv_heads=2, head_dim=8, dtype="float32", p
 SHAPE = (3, 2, 4, 2, 8)
 
 
-def stage_pages(blobs, ns, keys, tokens, pages_per_chunk=None):
+def stage_pages(blobs, ns, keys, tokens, pages_per_chunk=None, is_pinned=False):
+    """is_pinned: the in-place path (checksum the source, copy straight to the output)."""
     stager = PageStager(SHAPE, torch.float32, torch.device("cpu"))
     if pages_per_chunk is not None:
         stager.pages_per_chunk = pages_per_chunk
-    return stager.stage(blobs, ns, keys, tokens)
+    return stager.stage(blobs, ns, keys, tokens, is_pinned=is_pinned)
 
 
 def pages(num: int, seed: int = 0):
@@ -33,22 +34,24 @@ def pages(num: int, seed: int = 0):
     return blobs, keys, token_bytes, payloads
 
 
+@pytest.mark.parametrize("is_pinned", [False, True])
 @pytest.mark.parametrize(("num", "per_chunk"), [(1, None), (5, 2), (6000, None)])
-def test_stage_copies_every_verified_page(num, per_chunk):
+def test_stage_copies_every_verified_page(num, per_chunk, is_pinned):
     """6000 pages (9 MB) go to the thread pool; 2 pages per chunk alternate the buffers."""
     blobs, keys, tokens, payloads = pages(num)
-    staged = stage_pages(blobs, NS, keys, tokens, per_chunk)
+    staged = stage_pages(blobs, NS, keys, tokens, per_chunk, is_pinned)
     assert staged.shape == (num, *SHAPE)
     assert torch.equal(staged, torch.stack(payloads))
 
 
-def test_a_bad_page_ends_the_staged_prefix():
+@pytest.mark.parametrize("is_pinned", [False, True])
+def test_a_bad_page_ends_the_staged_prefix(is_pinned):
     blobs, keys, tokens, _ = pages(6)
     corrupt = bytearray(blobs[3])
-    corrupt[-1] ^= 1  # payload byte: only the checksum of the copy can catch it
+    corrupt[-1] ^= 1  # payload byte: only the checksum can catch it
     blobs[3] = bytes(corrupt)
-    assert len(stage_pages(blobs, NS, keys, tokens)) == 3
-    assert len(stage_pages(blobs, NS, keys, tokens, pages_per_chunk=2)) == 3
+    assert len(stage_pages(blobs, NS, keys, tokens, is_pinned=is_pinned)) == 3
+    assert len(stage_pages(blobs, NS, keys, tokens, 2, is_pinned)) == 3
     blobs, keys, tokens, _ = pages(6)
     tokens[2] = tokens_to_bytes([1, 2, 3, 4])  # a hash collision: same key, other tokens
     assert len(stage_pages(blobs, NS, keys, tokens)) == 2
