@@ -7,13 +7,15 @@ drives step(); the only other thread is the offload's store writer.
 
 from __future__ import annotations
 
+import threading
+
 from cachestore.keys import Namespace
 from workers.block_manager import BlockManager
 from workers.config import WorkerConfig
 from workers.detokenizer import IncrementalDetokenizer
 from workers.errors import InvalidRequest
 from workers.events import coalesce_block_events, snapshot_events
-from workers.kv_upload import PageStager
+from workers.kv_upload import PageStager, prewarm_pinned_pages
 from workers.model_runner import ModelRunner
 from workers.models.loader import LoadedModel, load_model
 from workers.offload import KvOffload
@@ -24,6 +26,7 @@ from workers.scheduler import Scheduler
 from workers.sequence import Sequence
 
 _GRAPH_DECODE_STEPS = 8
+_PREWARM_BYTES = 1 << 30  # pinned page buffers for store write-through (an 8K 8B prefill)
 
 
 class Engine:
@@ -41,6 +44,10 @@ class Engine:
         stager = PageStager(self.runner.page_shape, self.runner.dtype, self.runner.device)
         if self.runner.device.type == "cuda" and (config.host_tier_bytes or config.store):
             stager.warm_up()  # the first pinned allocation of a size takes ~0.5 s
+        if self.runner.device.type == "cuda" and config.store:
+            threading.Thread(target=prewarm_pinned_pages, name="kvmesh-pin-prewarm",
+                             args=(self.runner.page_shape, self.runner.dtype, _PREWARM_BYTES),
+                             daemon=True).start()
         self.offload = KvOffload(self.runner.read_page, self.runner.snapshot_page,
                                  config.host_tier_bytes, config.store, config.store_token,
                                  stager)

@@ -96,3 +96,4 @@ def test_prefix_hit_suffix_runs_through_the_decode_graph(tiny_cuda):
     assert engine.generate([prompt], params)[0] == hf_greedy(hf, prompt, NEW)
     assert calls and calls[0] == 3  # the suffix's 3 tokens, one replay
     assert engine.stats().prefix_hits["device"] >= 8
+
