@@ -38,9 +38,10 @@ if HAS_TRITON:
         HAS_TRITON = False
 if HAS_TRITON:
     from kernels.cache_write import write_kv
-    from kernels.fused import rms_norm, rotary, silu_and_mul
+    from kernels.fused import rms_norm, silu_and_mul
     from kernels.paged_decode import DecodeConfig, DecodeWorkspace, num_kv_splits, paged_decode
     from kernels.paged_prefill import paged_prefill
+    from kernels.rotary import rotary
 
     __all__ += [
         "write_kv",

@@ -64,3 +64,33 @@ def check_pool(kv_pool: torch.Tensor, layer: int, q: torch.Tensor) -> tuple[int,
 def check_index_tensor(name: str, t: torch.Tensor, dim: int, device: torch.device) -> None:
     if t.dim() != dim or t.dtype != torch.int32 or t.device != device:
         raise ValueError(f"{name} must be a {dim}-d int32 tensor on {device}")
+
+
+# ---- checks shared by the fused elementwise kernels (fused.py, rotary.py) ----
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def num_warps_for(block: int) -> int:
+    return 16 if block >= 8192 else 8 if block >= 2048 else 4 if block >= 512 else 2
+
+
+def check_float(name: str, t: torch.Tensor, dim: int) -> None:
+    if t.dim() != dim or t.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{name} must be a {dim}-d float32/float16/bfloat16 tensor, got {t.dim()}-d {t.dtype}"
+        )
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension")
+
+
+def check_like(name: str, t: torch.Tensor, like: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.dtype != like.dtype or t.device != like.device:
+        raise ValueError(
+            f"{name} must match dtype {like.dtype} and device {like.device}, "
+            f"got {t.dtype} on {t.device}"
+        )
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension")

@@ -72,8 +72,9 @@ class ModelRunner:
         self.model.ops = attention_ops(self.device, config.attention_backend)
         self._num_kv_splits = None
         if self.model.ops.paged_decode is not reference.paged_decode_ref:
-            from kernels.fused import rms_norm, rotary, silu_and_mul
+            from kernels.fused import rms_norm, silu_and_mul
             from kernels.paged_decode import num_kv_splits
+            from kernels.rotary import rotary
 
             self._num_kv_splits = num_kv_splits
             self.model.set_fused(FusedOps(rms_norm, rotary, silu_and_mul))

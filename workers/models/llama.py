@@ -106,7 +106,7 @@ class AttentionOps:
 
 @dataclass(frozen=True)
 class FusedOps:
-    """One-kernel replacements for chains of small torch ops (kernels/fused.py, CUDA)."""
+    """One-kernel replacements for chains of small torch ops (kernels/fused.py, rotary.py)."""
 
     rms_norm: Callable[..., Any]  # (x, weight, eps, residual=None) -> out | (out, residual)
     rotary: Callable[..., None]  # (q, k, positions, cos_cache, sin_cache), in place
