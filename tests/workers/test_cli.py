@@ -60,6 +60,15 @@ def test_bad_environment_value_names_the_variable():
         serving_from_args(_args("--tls-cert", __file__), {})
     with pytest.raises(ValueError, match="port must be in"):
         serving_from_args(_args(), {"KVMESH_WORKER_PORT": "70000"})
+    with pytest.raises(InvalidConfig, match=r"decode_steps must be in \[1, 64\], got 0"):
+        config_from_args(_args("--decode-steps", "0"), {})
+
+
+def test_decode_steps_from_flag_or_environment_default_is_auto():
+    assert config_from_args(_args(), {}).decode_steps is None  # 8 with CUDA graphs, else 1
+    assert config_from_args(_args(), {"KVMESH_WORKER_DECODE_STEPS": "4"}).decode_steps == 4
+    assert config_from_args(_args("--decode-steps", "16"),
+                            {"KVMESH_WORKER_DECODE_STEPS": "4"}).decode_steps == 16
 
 
 def test_bad_flag_exits_2_with_a_clear_message_and_no_traceback():

@@ -82,6 +82,7 @@ def test_tiny_pool_falls_back_and_still_matches(make_engine, encode, hf_greedy):
 
 
 def test_sampled_requests_take_single_steps(make_engine, encode):
+    assert make_engine().decode_steps == 1  # the default without CUDA graphs
     engine = make_engine(decode_steps=STEPS)
     params = SamplingParams(temperature=0.8, seed=3, max_tokens=6, ignore_eos=True)
     outs = run(engine, {"s": encode(PROMPTS[0])}, params)["s"]
