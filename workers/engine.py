@@ -173,7 +173,6 @@ class Engine:
 
     def close(self) -> None:
         self.offload.close()
-        self.runner.close()
 
     # ------------------------------------------------------------------ internals
     def _track(self, seq: Sequence) -> None:

@@ -128,9 +128,6 @@ class ModelRunner:
         """Staged pages (kv_upload.PageStager rows) into pool pages; asynchronous on CUDA."""
         upload_pages(self.kv_pool, [page_id for page_id, _ in loads], [row for _, row in loads])
 
-    def close(self) -> None:
-        pass
-
     def copy_pages(self, copies: list[tuple[int, int]]) -> None:
         for src, dst in copies:
             self.kv_pool[dst].copy_(self.kv_pool[src])
