@@ -40,6 +40,7 @@ class _PendingWrite:
     host: torch.Tensor  # the page, being copied to host memory until `event` completes
     event: Any
 
+
 class _Fetched:
     """Pages fetched from a tier (encoded, None where absent), and what to release once they
     have been copied out (a shared-memory lease), as a context manager."""
