@@ -147,11 +147,12 @@ def decode_page(
     return payload
 
 
-# xxh3 releases the GIL, so a batch of several MB verifies on a few threads at once (a host-tier
-# or store hit of an 8K-token prefix is ~1 GB of pages for Llama-3-8B).
-_VERIFY_THREADS = min(16, os.cpu_count() or 1)
-_VERIFY_POOL = ThreadPoolExecutor(max_workers=_VERIFY_THREADS, thread_name_prefix="kvmesh-verify")
-_PARALLEL_VERIFY_MIN_BYTES = 8 << 20
+# xxh3 and ctypes.memmove release the GIL, so bulk page work (checksums, copies) of several MB
+# runs on a few threads at once (a host-tier or store hit of an 8K-token prefix is ~1 GB of
+# pages for Llama-3-8B). One pool for all of it.
+_BULK_THREADS = min(16, os.cpu_count() or 1)
+_BULK_POOL = ThreadPoolExecutor(max_workers=_BULK_THREADS, thread_name_prefix="kvmesh-bulk")
+_PARALLEL_MIN_BYTES = 8 << 20
 
 T = TypeVar("T")
 
@@ -160,13 +161,13 @@ def map_chunked(fn: Callable[[range], list[T]], n: int, nbytes: int) -> list[T]:
     """fn over contiguous index ranges covering range(n), concatenated in order: on a shared
     thread pool when the work (`nbytes` in all) is large enough to pay for it. fn must release
     the GIL for its heavy part (xxh3, memmove) to gain anything."""
-    num_chunks = min(_VERIFY_THREADS, n)
-    if num_chunks < 2 or nbytes < _PARALLEL_VERIFY_MIN_BYTES:
+    num_chunks = min(_BULK_THREADS, n)
+    if num_chunks < 2 or nbytes < _PARALLEL_MIN_BYTES:
         return fn(range(n))
     bounds = [n * c // num_chunks for c in range(num_chunks + 1)]
     chunks = [range(bounds[c], bounds[c + 1]) for c in range(num_chunks)]
     results: list[T] = []
-    for part in _VERIFY_POOL.map(fn, chunks):
+    for part in _BULK_POOL.map(fn, chunks):
         results.extend(part)
     return results
 

@@ -7,8 +7,9 @@ so a get moves its bytes with memcpy instead of through a gRPC stream. Client si
 cachestore/shm_client.py. gRPC stays the control plane: the request names the segment, the reply
 header says where each page landed.
 
-Copies go through `copy_many`: chunks of a few MiB spread over a small thread pool; ctypes'
-`memmove` is a plain foreign call, which releases the GIL, so the chunks really run in parallel.
+Copies go through `copy_many`: chunks of a few MiB spread over the shared bulk thread pool
+(cachestore.codec.map_chunked); ctypes' `memmove` is a plain foreign call, which releases the
+GIL, so the chunks really run in parallel.
 """
 
 from __future__ import annotations
@@ -18,25 +19,20 @@ import mmap
 import os
 import re
 import secrets
-import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from cachestore.codec import map_chunked
 
 SHM_DIR = "/dev/shm"
 NAME_PREFIX = "kvmesh-"
 SEGMENT_NAME = re.compile(r"kvmesh-[0-9a-f]{1,64}")  # fullmatch: no slash, no dots
 MAX_SEGMENT_NBYTES = 1 << 40
-COPY_THREADS = 8
 COPY_CHUNK_NBYTES = 4 << 20
-PARALLEL_MIN_NBYTES = 8 << 20  # smaller copies run on the calling thread
 MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # map every page up front
 
 Move = tuple[int, int, int]  # (destination address, source address, nbytes)
-
-_copy_pool: ThreadPoolExecutor | None = None
-_copy_pool_lock = threading.Lock()
 
 
 def is_segment_name(name: str) -> bool:
@@ -132,22 +128,21 @@ def buffer_address(buf: bytes | memoryview) -> tuple[int, np.ndarray]:
 
 
 def copy_many(moves: Sequence[Move]) -> None:
-    """memmove each (dst, src, nbytes); large totals are cut into COPY_CHUNK_NBYTES chunks run on
-    COPY_THREADS threads with the GIL released. The caller keeps both sides alive and mapped."""
-    total = sum(n for _, _, n in moves)
-    if total < PARALLEL_MIN_NBYTES:
-        _run(moves)
-        return
+    """memmove each (dst, src, nbytes), cut into COPY_CHUNK_NBYTES chunks that large totals run
+    on the shared bulk thread pool with the GIL released. The caller keeps both sides alive and
+    mapped."""
     pieces = [
         (dst + start, src + start, min(COPY_CHUNK_NBYTES, n - start))
         for dst, src, n in moves
         for start in range(0, n, COPY_CHUNK_NBYTES)
     ]
-    num_jobs = min(COPY_THREADS, len(pieces))
-    step = -(-len(pieces) // num_jobs)
-    jobs = [pieces[i : i + step] for i in range(0, len(pieces), step)]
-    for future in [_pool().submit(_run, job) for job in jobs]:
-        future.result()
+
+    def run(indices: range) -> list[None]:
+        for i in indices:
+            ctypes.memmove(*pieces[i])
+        return []
+
+    map_chunked(run, len(pieces), sum(n for _, _, n in moves))
 
 
 def copy_out(pages: Sequence[memoryview | None]) -> list[memoryview | None]:
@@ -166,15 +161,3 @@ def copy_out(pages: Sequence[memoryview | None]) -> list[memoryview | None]:
     copies = iter(view[dst - out.ctypes.data : dst - out.ctypes.data + n] for dst, _, n in moves)
     return [None if p is None else next(copies) for p in pages]
 
-
-def _run(moves: Sequence[Move]) -> None:
-    for dst, src, nbytes in moves:
-        ctypes.memmove(dst, src, nbytes)
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _copy_pool
-    with _copy_pool_lock:
-        if _copy_pool is None:
-            _copy_pool = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="kvmesh-copy")
-        return _copy_pool
