@@ -159,14 +159,15 @@ class ModelRunner:
         is_decode = all(n == 1 for n in batch.num_new_tokens)
         page_rows = [seq.page_ids for seq in batch.seqs]
         last_rows = [cu[i + 1] - 1 for i in sampled]
-        is_short = max(batch.num_new_tokens) <= SHORT_CHUNK_TOKENS
-        if is_short and self.graphs is not None and self.graphs.fits(len(input_ids)):
-            # every token a decode row (a prefix hit's suffix too): one graph replay
-            if not is_decode:
-                page_rows, seq_lens = _one_row_per_token(page_rows, seq_lens, cu)
+        # short chunks (a prefix hit's suffix, decodes): every token a decode row
+        rows_are_tokens = max(batch.num_new_tokens) <= SHORT_CHUNK_TOKENS
+        if rows_are_tokens and not is_decode:
+            page_rows, seq_lens = _one_row_per_token(page_rows, seq_lens, cu)
+        if rows_are_tokens and self.graphs is not None and self.graphs.fits(len(input_ids)):
             logits = self.graphs.run(input_ids, positions, slots, page_rows, seq_lens)
             return (logits if is_decode else logits[last_rows]), sampled
-        hidden = self._eager(input_ids, positions, slots, page_rows, seq_lens, cu, is_decode)
+        hidden = self._eager(input_ids, positions, slots, page_rows, seq_lens, cu,
+                             rows_are_tokens)
         rows = torch.tensor(last_rows, dtype=torch.int64, device=self.device)
         return self.model.compute_logits(hidden[rows]), sampled
 
@@ -231,11 +232,8 @@ class ModelRunner:
     def _eager(self, input_ids: list[int], positions: list[int], slots: list[int],
                page_rows: list[list[int]], seq_lens: list[int], cu: list[int],
                is_decode: bool) -> torch.Tensor:
+        """is_decode: one attention row per token (page_rows / seq_lens given per token)."""
         dev = self.device
-        longest = max(b - a for a, b in zip(cu[:-1], cu[1:], strict=True))
-        if not is_decode and longest <= SHORT_CHUNK_TOKENS:
-            page_rows, seq_lens = _one_row_per_token(page_rows, seq_lens, cu)
-            is_decode = True
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
             page_table=self._page_table(page_rows),

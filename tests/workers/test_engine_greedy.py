@@ -4,6 +4,7 @@ forks with copy-on-write."""
 
 from __future__ import annotations
 
+import pytest
 from engine_helpers import LONG, PROMPTS, final, run, tokens_of
 
 from workers.sampling import SamplingParams
@@ -66,10 +67,13 @@ def test_host_tier_hit_after_device_eviction(make_engine, encode, hf_greedy, smo
     assert engine.stats().prefix_hits["cpu"] == 2
 
 
-def test_preemption_under_a_tiny_pool_matches_unconstrained(make_engine, encode, hf_greedy):
+@pytest.mark.parametrize("decode_steps", [1, 4])  # 4: multi-step windows fall back when full
+def test_preemption_under_a_tiny_pool_matches_unconstrained(make_engine, encode, hf_greedy,
+                                                            decode_steps):
     page_nbytes = 30 * 2 * 16 * 3 * 64 * 4
     # 3 requests x 3 pages each at the end, 5 pages in the pool
-    engine = make_engine(kv_cache_bytes=5 * page_nbytes, host_tier_bytes=32 * page_nbytes)
+    engine = make_engine(kv_cache_bytes=5 * page_nbytes, host_tier_bytes=32 * page_nbytes,
+                         decode_steps=decode_steps)
     prompts = {f"p{i}": encode(p)[:20] for i, p in enumerate(PROMPTS[1:] + [LONG])}
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     outs = run(engine, prompts, params)
