@@ -216,7 +216,8 @@ def attach_store(engine: Engine, nbytes: int) -> tuple[str, object]:
         from cachestore.server import StoreServer
 
         server = StoreServer(StoreConfig(port=0, cpu_bytes=nbytes))
-        engine.offload.attach_store(StoreClient(server.target, timeout=60.0))
+        engine.offload.attach_store(StoreClient(server.target, timeout=60.0,
+                                                **engine.offload.segment_hooks()))
         return "grpc-loopback", server
     except Exception as exc:  # no kvmesh.v1 / grpc extras on this machine
         print(f"store over gRPC unavailable ({exc!r}); using the in-process page API", flush=True)

@@ -10,12 +10,13 @@ No pickle: every field is fixed-width and checked on decode.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import struct
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import numpy as np
 import xxhash
@@ -26,6 +27,31 @@ MAGIC = b"KVMP"
 _FIXED = struct.Struct("<4sHBB16s16sIIIIQQ")
 HEADER_FIXED_NBYTES = _FIXED.size
 _DTYPE_BY_CODE = {code: name for name, code in DTYPE_CODES.items()}
+
+# python-xxhash holds the GIL while it hashes, so threads would hash one at a time. Its extension
+# exports the C function, and a ctypes call releases the GIL: pages hashed on the bulk pool then
+# really run in parallel. Falls back to the Python binding if the symbol is ever missing.
+_GIL_FREE_MIN_BYTES = 64 << 10
+try:
+    _XXH3_64 = ctypes.CDLL(xxhash._xxhash.__file__).XXH3_64bits
+    _XXH3_64.argtypes, _XXH3_64.restype = [ctypes.c_void_p, ctypes.c_size_t], ctypes.c_uint64
+except (AttributeError, OSError):  # pragma: no cover - depends on the xxhash build
+    _XXH3_64 = None
+
+
+def checksum_at(address: int, nbytes: int) -> int:
+    """xxh3_64 of `nbytes` bytes at `address` (memory the caller keeps alive); GIL released."""
+    if _XXH3_64 is not None:
+        return _XXH3_64(address, nbytes)
+    return xxhash.xxh3_64_intdigest((ctypes.c_char * nbytes).from_address(address))
+
+
+def checksum(payload: bytes | memoryview) -> int:
+    """xxh3_64 of a buffer, the page checksum; a large one hashes with the GIL released."""
+    view = memoryview(payload).cast("B")
+    if view.nbytes < _GIL_FREE_MIN_BYTES or _XXH3_64 is None:
+        return xxhash.xxh3_64_intdigest(view)
+    return _XXH3_64(np.frombuffer(view, dtype=np.uint8).ctypes.data, view.nbytes)
 
 
 class PageCorrupt(ValueError):
@@ -77,7 +103,7 @@ def encode_page(ns: Namespace, key: bytes, token_ids: bytes, payload: bytes | me
         ns.num_kv_heads,
         ns.head_dim,
         payload.nbytes,
-        xxhash.xxh3_64_intdigest(payload),
+        checksum(payload),
     )
     return b"".join((fixed, token_ids, payload))
 
@@ -109,6 +135,23 @@ def decode_header(blob: bytes | memoryview) -> PageHeader:
                       payload_nbytes, checksum, token_ids)
 
 
+# byte offsets in the fixed header: key, then namespace digest .. payload size, then checksum
+_KEY_AT, _DIGEST_AT, _CHECKSUM_AT = 8, 24, 64
+_TEMPLATES: dict[bytes, tuple[bytes, int]] = {}
+
+
+def _header_template(ns: Namespace) -> tuple[bytes, int]:
+    """(the fixed header of a page of `ns` with zero key and checksum, its encoded size). Keyed by
+    the namespace digest, which covers the dtype, shape and layout version."""
+    template = _TEMPLATES.get(ns.digest)
+    if template is None:
+        fixed = _FIXED.pack(MAGIC, LAYOUT_VERSION, DTYPE_CODES[ns.dtype_name], 0, bytes(16),
+                            ns.digest, ns.num_layers, ns.page_size, ns.num_kv_heads, ns.head_dim,
+                            ns.page_nbytes, 0)
+        template = _TEMPLATES[ns.digest] = (fixed, header_nbytes(ns.page_size) + ns.page_nbytes)
+    return template
+
+
 def check_page_header(
     blob: bytes | memoryview,
     ns: Namespace,
@@ -117,7 +160,19 @@ def check_page_header(
 ) -> tuple[memoryview, int]:
     """Everything `decode_page` verifies except the payload checksum: returns (payload view into
     `blob`, the checksum its header records), so a caller that copies the payload can hash the
-    copy instead (one pass over the source). Raises PageCorrupt."""
+    copy instead (one pass over the source). Raises PageCorrupt.
+
+    A page whose header is byte for byte what `ns`, `key` and `token_ids` predict (every field
+    but the checksum) passes on a few slice compares; any other goes through `decode_header`,
+    which names what is wrong."""
+    view = memoryview(blob).cast("B")
+    expected, nbytes = _header_template(ns)
+    tokens_end = HEADER_FIXED_NBYTES + 4 * ns.page_size
+    if (view.nbytes == nbytes and view[:_KEY_AT] == expected[:_KEY_AT]
+            and view[_KEY_AT:_DIGEST_AT] == key
+            and view[_DIGEST_AT:_CHECKSUM_AT] == expected[_DIGEST_AT:_CHECKSUM_AT]
+            and view[HEADER_FIXED_NBYTES:tokens_end] == token_ids):
+        return view[tokens_end:], int.from_bytes(view[_CHECKSUM_AT:HEADER_FIXED_NBYTES], "little")
     header = decode_header(blob)
     if header.key != key:
         raise PageCorrupt("page key mismatch")
@@ -141,15 +196,15 @@ def decode_page(
     """Verify an encoded page against what the caller asked for and return its payload (a view
     into `blob`, no copy). Raises PageCorrupt on any mismatch: magic, version, namespace, key,
     shape, dtype, token ids (hash collision safety) or payload checksum."""
-    payload, checksum = check_page_header(blob, ns, key, token_ids)
-    if xxhash.xxh3_64_intdigest(payload) != checksum:
+    payload, recorded = check_page_header(blob, ns, key, token_ids)
+    if checksum(payload) != recorded:
         raise PageCorrupt("page checksum mismatch")
     return payload
 
 
-# xxh3 and ctypes.memmove release the GIL, so bulk page work (checksums, copies) of several MB
-# runs on a few threads at once (a host-tier or store hit of an 8K-token prefix is ~1 GB of
-# pages for Llama-3-8B). One pool for all of it.
+# checksum_at / checksum and ctypes.memmove release the GIL, so bulk page work (checksums,
+# copies) of several MB runs on a few threads at once (a host-tier or store hit of an 8K-token
+# prefix is ~1 GB of pages for Llama-3-8B). One pool for all of it.
 _BULK_THREADS = min(16, os.cpu_count() or 1)
 _BULK_POOL = ThreadPoolExecutor(max_workers=_BULK_THREADS, thread_name_prefix="kvmesh-bulk")
 _PARALLEL_MIN_BYTES = 8 << 20
@@ -160,7 +215,7 @@ T = TypeVar("T")
 def map_chunked(fn: Callable[[range], list[T]], n: int, nbytes: int) -> list[T]:
     """fn over contiguous index ranges covering range(n), concatenated in order: on a shared
     thread pool when the work (`nbytes` in all) is large enough to pay for it. fn must release
-    the GIL for its heavy part (xxh3, memmove) to gain anything."""
+    the GIL for its heavy part (checksum, memmove) to gain anything."""
     num_chunks = min(_BULK_THREADS, n)
     if num_chunks < 2 or nbytes < _PARALLEL_MIN_BYTES:
         return fn(range(n))
@@ -170,6 +225,45 @@ def map_chunked(fn: Callable[[range], list[T]], n: int, nbytes: int) -> list[T]:
     for part in _BULK_POOL.map(fn, chunks):
         results.extend(part)
     return results
+
+
+class ChunkedTasks(Generic[T]):
+    """fn over contiguous index ranges of about `chunk_nbytes` (of `nbytes` in all) covering
+    range(n), all queued on the shared pool when this is made (one inline call when the work is
+    small). Iterating yields (range, fn(range)) in order as each is done, so the caller can work
+    meanwhile and use the first ranges while the pool runs the rest. `close()` (or leaving the
+    `with` block) cancels the ranges not yet started and waits for the running ones: they may
+    read memory the caller frees next."""
+
+    def __init__(self, fn: Callable[[range], list[T]], n: int, nbytes: int,
+                 chunk_nbytes: int) -> None:
+        self._inline: list[tuple[range, list[T]]] = []
+        self._ranges: list[range] = []
+        self._futures: list[Future[list[T]]] = []
+        if n <= 0:
+            return
+        if nbytes < _PARALLEL_MIN_BYTES:
+            self._inline = [(range(n), fn(range(n)))]
+            return
+        step = max(1, n * chunk_nbytes // nbytes)
+        self._ranges = [range(start, min(start + step, n)) for start in range(0, n, step)]
+        self._futures = [_BULK_POOL.submit(fn, part) for part in self._ranges]
+
+    def __iter__(self) -> Iterator[tuple[range, list[T]]]:
+        yield from self._inline
+        for part, future in zip(self._ranges, self._futures, strict=True):
+            yield part, future.result()
+
+    def close(self) -> None:
+        for future in self._futures:
+            future.cancel()
+        wait(self._futures)
+
+    def __enter__(self) -> ChunkedTasks[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def decode_pages(

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import xxhash
-
-from cachestore.codec import PageCorrupt, decode_header, map_chunked
+from cachestore.codec import PageCorrupt, checksum, decode_header, map_chunked
 from cachestore.errors import InvalidRequest
 from cachestore.keys import KEY_NBYTES
 from cachestore.store import TieredStore
@@ -28,7 +26,7 @@ def check_page(key: bytes, blob: bytes | memoryview) -> None:
     if header.key != key:
         raise PageCorrupt("page header key differs from its key")
     payload = memoryview(blob).cast("B")[header.nbytes :]
-    if xxhash.xxh3_64_intdigest(payload) != header.checksum:
+    if checksum(payload) != header.checksum:
         raise PageCorrupt("page checksum mismatch")
 
 

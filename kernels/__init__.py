@@ -37,6 +37,7 @@ if HAS_TRITON:
         warnings.warn(str(exc), stacklevel=2)
         HAS_TRITON = False
 if HAS_TRITON:
+    from kernels.argmax import argmax_rows
     from kernels.cache_write import write_kv
     from kernels.fused import rms_norm, silu_and_mul
     from kernels.paged_decode import DecodeConfig, DecodeWorkspace, num_kv_splits, paged_decode
@@ -44,6 +45,7 @@ if HAS_TRITON:
     from kernels.rotary import rotary
 
     __all__ += [
+        "argmax_rows",
         "write_kv",
         "paged_decode",
         "paged_prefill",

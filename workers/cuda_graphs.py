@@ -4,9 +4,10 @@ Fixed buffers (gpt-fast style) make capture possible: input ids, positions, slot
 table as wide as max_model_len, and seq lens. A batch is padded up to the next captured size;
 padded rows write into the scratch page and attend over one token of it.
 
-One graph is a whole greedy step: forward, fp32 logits, argmax, and the inputs of the next step
-advanced on the device (`advance_decode_inputs`). A run of several steps is then back-to-back
-replays with no host work between them (multi-step decode); a single step reads the logits.
+One graph is a whole greedy step: forward, logits (model dtype), argmax (kernels/argmax.py), and
+the inputs of the next step advanced on the device (`advance_decode_inputs`). A run of several
+steps is then back-to-back replays with no host work between them (multi-step decode); a single
+step reads the logits.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 class DecodeGraphs:
     def __init__(self, model: LlamaForCausalLM, kv_pool: torch.Tensor, max_num_seqs: int,
                  max_pages_per_seq: int, scratch_page: int, max_model_len: int) -> None:
-        from kernels.paged_decode import num_kv_splits
+        from kernels.argmax import argmax_rows
+        from kernels.paged_decode import DecodeWorkspace, num_kv_splits
 
         self.model = model
         self.kv_pool = kv_pool
@@ -80,7 +82,8 @@ class DecodeGraphs:
         self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.sizes = graph_batch_sizes(max_num_seqs)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}  # [bs, vocab] fp32
+        self._argmax = argmax_rows
+        self.logits: dict[int, torch.Tensor] = {}  # [bs, vocab] in the model dtype
         self.next_tokens: dict[int, torch.Tensor] = {}  # [bs] int64, the argmax of logits
         self.max_steps = 64
         self._tokens = torch.zeros((self.max_steps, n), dtype=torch.int64, device=dev)
@@ -88,13 +91,22 @@ class DecodeGraphs:
         assert base_ops is not None
         pool = torch.cuda.graph_pool_handle()
         num_kv_heads = kv_pool.shape[4]
+        # split-KV merge counters, one set per layer, all zeroed by one memset at the start of
+        # each step instead of a fill kernel per layer (the partials are graph memory per call)
+        cfg = model.config
+        self._counters = counters = torch.zeros((cfg.num_layers, n, cfg.num_heads),
+                                                dtype=torch.int32, device=dev)
         for bs in reversed(self.sizes):
             splits = num_kv_splits(bs, num_kv_heads, max_model_len,
                                    ctas_per_sm=decode_ctas_per_sm(kv_pool.shape[5]))
 
             def decode(q, pool_, layer, table, lens, scale, _splits=splits):
+                rows, heads, dim = q.shape
+                workspace = DecodeWorkspace(
+                    q.new_empty((rows, heads, _splits, dim), dtype=torch.float32),
+                    q.new_empty((rows, heads, _splits), dtype=torch.float32), counters[layer])
                 return base_ops.paged_decode(q, pool_, layer, table, lens, scale,
-                                             num_splits=_splits)
+                                             num_splits=_splits, workspace=workspace)
 
             model.ops = AttentionOps(base_ops.write_kv, base_ops.paged_prefill, decode)
             try:
@@ -105,7 +117,9 @@ class DecodeGraphs:
                         self._step(bs, meta)
                     torch.cuda.synchronize()
                     graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
+                    # thread_local: the store writer and the pinned-memory prewarm may call CUDA
+                    # from their threads meanwhile
+                    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                         logits, next_tokens = self._step(bs, meta)
                 self.graphs[bs] = graph
                 self.logits[bs] = logits
@@ -115,9 +129,10 @@ class DecodeGraphs:
         torch.cuda.synchronize()
 
     def _step(self, bs: int, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        self._counters.zero_()
         hidden = self.model(self.input_ids[:bs], self.positions[:bs], meta, self.kv_pool)
-        logits = self.model.compute_logits(hidden)
-        next_tokens = logits.argmax(dim=-1)
+        logits = self.model.lm_head(hidden)
+        next_tokens = self._argmax(logits)
         advance_decode_inputs(next_tokens, self.input_ids[:bs], self.positions[:bs],
                               self.seq_lens[:bs], self.slot_mapping[:bs], self.page_table[:bs],
                               self.step[:bs], self.page_size)
@@ -128,11 +143,11 @@ class DecodeGraphs:
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int],
             page_rows: list[list[int]], seq_lens: list[int]) -> torch.Tensor:
-        """fp32 logits [num_seqs, vocab] of one decode step (a view of the graph's output
-        buffer, valid until the next replay)."""
+        """fp32 logits [num_seqs, vocab] of one decode step (for an fp32 model a view of the
+        graph's output buffer, valid until the next replay)."""
         bs = self._load(input_ids, positions, slots, page_rows, seq_lens)
         self.graphs[bs].replay()
-        return self.logits[bs][: len(input_ids)]
+        return self.logits[bs][: len(input_ids)].float()
 
     def run_steps(self, input_ids: list[int], positions: list[int], slots: list[int],
                   page_rows: list[list[int]], seq_lens: list[int],

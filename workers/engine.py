@@ -48,7 +48,7 @@ class Engine:
             threading.Thread(target=prewarm_pinned_pages, name="kvmesh-pin-prewarm",
                              args=(self.runner.page_shape, self.runner.dtype, _PREWARM_BYTES),
                              daemon=True).start()
-        self.offload = KvOffload(self.runner.read_page, self.runner.snapshot_page,
+        self.offload = KvOffload(self.runner.read_page, self.runner.snapshot_pages,
                                  config.host_tier_bytes, config.store, config.store_token,
                                  stager)
         on_evict = self.offload.on_evict if self.offload.host is not None else None
@@ -191,12 +191,14 @@ class Engine:
         if num_full <= seq.num_registered_pages:
             return
         keys = seq.full_page_keys(num_full)
+        new_pages = []
         for p in range(seq.num_registered_pages, num_full):
             parent = keys[p - 1] if p else None
             tokens = seq.page_tokens(p)
             if self.block_manager.register(seq.page_ids[p], keys[p], parent, tokens,
                                            seq.namespace):
-                self.offload.write_through(seq.namespace, keys[p], tokens, seq.page_ids[p])
+                new_pages.append((keys[p], tokens, seq.page_ids[p]))
+        self.offload.write_through(seq.namespace, new_pages)
         seq.num_registered_pages = num_full
 
     def _num_decode_steps(self, batch) -> int:

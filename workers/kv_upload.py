@@ -2,16 +2,20 @@
 
 A prefix hit from the host tier or the store is hundreds of pages (an 8K-token Llama-3-8B prefix
 is 1 GB). `PageStager.stage` (on admission) checks every encoded page's header (key, namespace,
-shape, token ids) on the calling thread, then, chunk by chunk on a thread pool (ctypes.memmove
-and xxh3 release the GIL), copies the payloads into a pinned staging buffer and checksums the
-copies, so the source is read once and what is verified is exactly what is uploaded. Each
-verified chunk is sent to the device at once (asynchronously, while the next chunk is copied and
-hashed) into one device tensor; two staging buffers alternate. `upload_pages` (in the step that
-uses the pages) then moves them into their pool slots with device-to-device copies.
+shape, token ids) on the calling thread, then moves the payloads to one device tensor:
 
-Measured on the H200 host (16 cores): memmove ~40 GB/s and xxh3 ~40-65 GB/s on the pool, pinned
-host-to-device ~55 GB/s, pageable host-to-device 6-8 GB/s; the first pinned allocation of a size
-costs ~0.5 s, hence staging buffers allocated once.
+- pages in page-locked memory (the CpuTier pins its pages on CUDA; the store client's
+  shared-memory segments are page-locked by the worker): every page's copy to the device is
+  queued at once (one cudaMemcpyAsync each, DMA straight from the source) while the bulk thread
+  pool checksums the sources in place; the rows from the first bad page on are dropped;
+- other pages: chunk by chunk on the pool, copied into a pinned staging buffer and checksummed
+  there (the source is read once, and what is verified is exactly what is uploaded); each chunk
+  goes to the device while the next one is copied, two staging buffers alternating.
+
+`upload_pages` (in the step that uses the pages) then moves rows into their pool slots with
+device-to-device copies. Checksums and memmove run through ctypes, which releases the GIL, so the
+pool's threads really work in parallel (python-xxhash itself holds the GIL). The first pinned
+allocation of a size costs ~0.5 s on the H200 host, hence staging buffers allocated once.
 """
 
 from __future__ import annotations
@@ -21,12 +25,19 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import xxhash
 
-from cachestore.codec import PageCorrupt, check_page_header, map_chunked
+from cachestore.codec import (
+    ChunkedTasks,
+    PageCorrupt,
+    check_page_header,
+    checksum_at,
+    map_chunked,
+)
 from cachestore.keys import Namespace
+from workers.cuda_host import copy_async, cudart
 
 _CHUNK_BYTES = 64 << 20
+_VERIFY_TASK_BYTES = 4 << 20  # per checksum task of an in-place send
 
 
 class PageStager:
@@ -98,28 +109,24 @@ class PageStager:
 
     def _send_pinned(self, out: torch.Tensor, sources: list[tuple[int, int]],
                      blobs: Sequence[bytes | memoryview]) -> torch.Tensor:
-        """Checksum pinned payloads in place, chunk by chunk on the pool, and queue each verified
-        chunk's host-to-device copies (pinned, so truly asynchronous) before the next chunk."""
-        if self._keepalive is not None and self._keepalive[0] is not None:
-            self._keepalive[0].synchronize()  # the previous call's copies have read their pages
+        """The pool checksums the pinned payloads in place (a few MB per task, all queued at
+        once) while this thread queues every page's copy to the device (asynchronous, the
+        source being pinned): `out` may receive a page that then fails its checksum, but rows
+        from the first bad page on are never returned, so nothing unverified is used."""
+        self.wait_sent()  # the previous direct send has read its pages
         row = self.page_nbytes
+
+        def verify(indices: range) -> list[bool]:
+            return [checksum_at(sources[i][0], row) == sources[i][1] for i in indices]
+
         num_ok = 0
-        for start in range(0, len(sources), self.pages_per_chunk):
-            chunk = sources[start : start + self.pages_per_chunk]
-            views = [(ctypes.c_char * row).from_address(address) for address, _ in chunk]
-
-            def verify(indices: range, chunk=chunk, views=views) -> list[bool]:
-                return [xxhash.xxh3_64_intdigest(views[i]) == chunk[i][1] for i in indices]
-
-            ok = map_chunked(verify, len(chunk), len(chunk) * row)
-            n = ok.index(False) if False in ok else len(chunk)
-            if n:
-                dst = list(out[start : start + n].view(n, -1).view(torch.uint8).unbind())
-                src = [torch.frombuffer(views[i], dtype=torch.uint8) for i in range(n)]
-                torch._foreach_copy_(dst, src, non_blocking=True)
-            num_ok += n
-            if n < len(chunk):
-                break
+        with ChunkedTasks(verify, len(sources), len(sources) * row, _VERIFY_TASK_BYTES) as tasks:
+            self._copy_rows(out, [address for address, _ in sources])
+            for _, ok in tasks:
+                n = ok.index(False) if False in ok else len(ok)
+                num_ok += n
+                if n < len(ok):
+                    break
         event = None
         if self.is_cuda:
             event = torch.cuda.Event()
@@ -127,17 +134,37 @@ class PageStager:
         self._keepalive = (event, list(blobs))
         return out[:num_ok]
 
+    def _copy_rows(self, out: torch.Tensor, addresses: list[int]) -> None:
+        """out[i] = the page at addresses[i], queued on the current stream."""
+        row = self.page_nbytes
+        lib = cudart() if self.is_cuda else None
+        if lib is not None:
+            base = out.data_ptr()
+            copy_async(lib, [(base + i * row, a) for i, a in enumerate(addresses)], row,
+                       torch.cuda.current_stream(self.device))
+        elif addresses:
+            dst = list(out[: len(addresses)].view(len(addresses), -1).view(torch.uint8).unbind())
+            src = [torch.frombuffer((ctypes.c_char * row).from_address(a), dtype=torch.uint8)
+                   for a in addresses]
+            torch._foreach_copy_(dst, src, non_blocking=True)
+
+    def wait_sent(self) -> None:
+        """Block until the last in-place send has read its source pages (then they may change)."""
+        if self._keepalive is not None:
+            event = self._keepalive[0]
+            if event is not None:
+                event.synchronize()
+            self._keepalive = None
+
     def _copy_and_verify(self, staging: torch.Tensor, chunk: list[tuple[int, int]]) -> list[bool]:
         base, row = staging.data_ptr(), self.page_nbytes
-        flat = memoryview(staging.view(-1).view(torch.uint8).numpy())
-        rows = [flat[i * row : (i + 1) * row] for i in range(len(chunk))]
 
         def work(indices: range) -> list[bool]:
             ok = []
             for i in indices:
-                address, checksum = chunk[i]
+                address, recorded = chunk[i]
                 ctypes.memmove(base + i * row, address, row)
-                ok.append(xxhash.xxh3_64_intdigest(rows[i]) == checksum)
+                ok.append(checksum_at(base + i * row, row) == recorded)
             return ok
 
         return map_chunked(work, len(chunk), len(chunk) * row)

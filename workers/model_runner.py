@@ -113,13 +113,20 @@ class ModelRunner:
         page = self.kv_pool[page_id].to("cpu", copy=True).contiguous()
         return memoryview(page.view(torch.uint8).numpy()).cast("B")
 
-    def snapshot_page(self, page_id: int) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        """Start copying one page to host memory without waiting: (host tensor, event that
-        completes with the copy; None when the copy already happened, on CPU)."""
+    def snapshot_pages(self, page_ids: list[int]) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Start copying pages to host memory without waiting: (host tensor [len(page_ids),
+        *page_shape], event that completes with the copies; None on CPU, where they are done).
+        One pinned allocation and one copy per run of consecutive page ids."""
         if self.device.type == "cpu":
-            return self.kv_pool[page_id].clone(), None
-        host = torch.empty(self.page_shape, dtype=self.dtype, pin_memory=True)
-        host.copy_(self.kv_pool[page_id], non_blocking=True)
+            return self.kv_pool[page_ids], None  # advanced indexing: a copy
+        host = torch.empty((len(page_ids), *self.page_shape), dtype=self.dtype, pin_memory=True)
+        start = 0
+        for end in range(1, len(page_ids) + 1):
+            if end == len(page_ids) or page_ids[end] != page_ids[end - 1] + 1:
+                first = page_ids[start]
+                host[start:end].copy_(self.kv_pool[first : first + end - start],
+                                      non_blocking=True)
+                start = end
         event = torch.cuda.Event()
         event.record()
         return host, event

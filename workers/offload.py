@@ -25,6 +25,7 @@ from cachestore.codec import encode_page
 from cachestore.keys import Namespace, tokens_to_bytes
 from cachestore.tiers.cpu import CpuTier
 from workers.block_manager import EvictedPage
+from workers.cuda_host import PinnedRanges
 from workers.kv_upload import PageStager
 from workers.outputs import KvEventData
 from workers.sequence import PendingLoad, Sequence
@@ -37,7 +38,7 @@ class _PendingWrite:
     ns: Namespace
     key: bytes
     token_bytes: bytes
-    host: torch.Tensor  # the page, being copied to host memory until `event` completes
+    host: torch.Tensor  # the page (a row of a snapshot), being copied until `event` completes
     event: Any
 
 
@@ -45,9 +46,12 @@ class _Fetched:
     """Pages fetched from a tier (encoded, None where absent), and what to release once they
     have been copied out (a shared-memory lease), as a context manager."""
 
-    def __init__(self, pages: list, release: Callable[[], None] | None = None) -> None:
+    def __init__(self, pages: list, release: Callable[[], None] | None = None,
+                 is_pinned: bool = False) -> None:
         self.pages = pages
         self._release = release
+        self.is_pinned = is_pinned  # the pages lie in page-locked memory
+        self.is_leased = release is not None  # their memory is reused once released
 
     def __enter__(self) -> list:
         return self.pages
@@ -63,21 +67,23 @@ _WRITE_BATCH = 32
 
 class KvOffload:
     """Called from the engine thread, except the store writer thread it owns. `read_page(id)`
-    returns a host copy of a device page's payload; `snapshot_page(id)` starts one and returns
+    returns a host copy of a device page's payload; `snapshot_pages(ids)` starts copies and returns
     (host tensor, CUDA event or None)."""
 
     def __init__(
         self,
         read_page: Callable[[int], memoryview],
-        snapshot_page: Callable[[int], tuple[Any, Any]],
+        snapshot_pages: Callable[[list[int]], tuple[Any, Any]],
         host_tier_bytes: int,
         store_target: str | None,
         store_token: str | None,
         stager: PageStager,
     ) -> None:
         self.read_page = read_page
-        self.snapshot_page = snapshot_page
+        self.snapshot_pages = snapshot_pages
         self.stager = stager
+        # the store client's shared-memory segments, page-locked so hits go to the GPU by DMA
+        self.pinned = PinnedRanges() if stager.is_cuda else None
         self.host = CpuTier(host_tier_bytes) if host_tier_bytes else None
         self.store: Any = None
         self._events: list[KvEventData] = []
@@ -90,7 +96,15 @@ class KvOffload:
         if store_target is not None:
             from cachestore.client import StoreClient  # needs the generated gRPC code
 
-            self.attach_store(StoreClient(store_target, store_token, timeout=10.0))
+            self.attach_store(StoreClient(store_target, store_token, timeout=10.0,
+                                          **self.segment_hooks()))
+
+    def segment_hooks(self) -> dict[str, Callable[[int, int], None]]:
+        """StoreClient arguments that page-lock its shared-memory segments (on CUDA)."""
+        if self.pinned is None:
+            return {}
+        return {"on_new_segment": self.pinned.register,
+                "on_release_segment": self.pinned.unregister}
 
     def attach_store(self, store: Any) -> None:
         """Use `store` (StoreClient-like: has_pages, get_pages, put_encoded_pages, close) as the
@@ -114,19 +128,22 @@ class KvOffload:
         gone = [k for k, _ in evicted if k != page.key]
         self._emit(KvEventData("removed", gone, None, "cpu") if gone else None)
 
-    def write_through(self, ns: Namespace, key: bytes, token_ids: list[int],
-                      page_id: int) -> None:
-        """Queue a copy of a newly cached device page for the store; drop it if the queue is
-        full (the store is slow or down) rather than stall the caller."""
-        if self.store is None:
+    def write_through(self, ns: Namespace, pages: list[tuple[bytes, list[int], int]]) -> None:
+        """Queue copies of newly cached device pages, (key, token ids, page id) each, for the
+        store: one batched device -> host snapshot, sent by the writer thread. Pages that would
+        overflow the queue (the store is slow or down) are dropped rather than stall the caller."""
+        if self.store is None or not pages:
             return
-        if self._queued_bytes + ns.page_nbytes > _STORE_QUEUE_BYTES:
-            self.num_store_writes_dropped += 1
-            return
-        host, event = self.snapshot_page(page_id)  # async device -> host copy
         with self._lock:
-            self._queued_bytes += ns.page_nbytes
-        self._queue.put(_PendingWrite(ns, key, tokens_to_bytes(token_ids), host, event))
+            room = max(0, (_STORE_QUEUE_BYTES - self._queued_bytes) // ns.page_nbytes)
+            self._queued_bytes += min(room, len(pages)) * ns.page_nbytes
+        self.num_store_writes_dropped += max(0, len(pages) - room)
+        pages = pages[:room]
+        if not pages:
+            return
+        host, event = self.snapshot_pages([page_id for _, _, page_id in pages])  # asynchronous
+        for row, (key, token_ids, _) in zip(host, pages, strict=True):
+            self._queue.put(_PendingWrite(ns, key, tokens_to_bytes(token_ids), row, event))
 
     def _write_loop(self) -> None:
         """Send queued pages, up to _WRITE_BATCH per call, until a None arrives."""
@@ -181,13 +198,15 @@ class KvOffload:
             start = len(payloads)
             if start == len(keys):
                 break
-            with fetch(keys[start:]) as blobs:
+            fetched = fetch(keys[start:])
+            with fetched as blobs:
                 if None in blobs:
                     blobs = blobs[: blobs.index(None)]
                 end = start + len(blobs)
                 staged = self.stager.stage(blobs, ns, keys[start:end], page_tokens[start:end],
-                                           is_pinned=name == "cpu" and self.host is not None
-                                           and self.host.is_pinned)
+                                           is_pinned=fetched.is_pinned)
+                if fetched.is_pinned and fetched.is_leased:
+                    self.stager.wait_sent()  # the segment is reused once released
             if len(staged) < len(blobs):
                 log.warning("dropping a bad page from the %s tier", name)
             payloads.extend(staged)
@@ -199,7 +218,8 @@ class KvOffload:
             return _Fetched([])
         present = self.host.contains_many(keys)
         n = present.index(False) if False in present else len(keys)
-        return _Fetched(list(self.host.get_many(keys[:n])) if n else [])
+        return _Fetched(list(self.host.get_many(keys[:n])) if n else [],
+                        is_pinned=self.host.is_pinned)
 
     def _store_get(self, keys: list[bytes]) -> _Fetched:
         """The leading pages the store holds: one round trip through shared memory when the
@@ -209,7 +229,9 @@ class KvOffload:
         try:
             if hasattr(self.store, "get_pages_leased"):
                 lease = self.store.get_pages_leased(keys, prefix_only=True)
-                return _Fetched(lease.pages, lease.release)
+                pinned = (lease.is_shared_memory and self.pinned is not None
+                          and self.pinned.covers_pages(lease.pages))
+                return _Fetched(lease.pages, lease.release, pinned)
             present = self.store.has_pages(keys)
             n = present.index(False) if False in present else len(keys)
             return _Fetched(list(self.store.get_pages(keys[:n])) if n else [])

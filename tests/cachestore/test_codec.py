@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 
 from cachestore.codec import (
+    HEADER_FIXED_NBYTES,
+    ChunkedTasks,
     PageCorrupt,
+    check_page_header,
     decode_header,
     decode_page,
     decode_pages,
@@ -50,6 +53,24 @@ def test_every_flipped_byte_is_detected(page):
             bad[offset] ^= bit
             with pytest.raises(PageCorrupt):
                 decode_page(bytes(bad), NS, key, tokens)
+
+
+def test_header_check_catches_every_header_flip_but_the_checksum(page):
+    """check_page_header (no payload hash) rejects a flip anywhere in the header and token ids,
+    except in the recorded checksum, which it returns for the caller to compare."""
+    key, payload, blob = page
+    tokens = tokens_to_bytes(TOKENS)
+    got, checksum = check_page_header(blob, NS, key, tokens)
+    assert bytes(got) == payload and checksum == decode_header(blob).checksum
+    checksum_bytes = range(HEADER_FIXED_NBYTES - 8, HEADER_FIXED_NBYTES)
+    for offset in range(header_nbytes(5)):
+        bad = bytearray(blob)
+        bad[offset] ^= 0x04
+        if offset in checksum_bytes:
+            assert check_page_header(bytes(bad), NS, key, tokens)[1] != checksum
+        else:
+            with pytest.raises(PageCorrupt):
+                check_page_header(bytes(bad), NS, key, tokens)
 
 
 def test_truncated_or_extended_is_detected(page):
@@ -99,3 +120,53 @@ def test_decode_pages_matches_decode_page(num_pages):
     out = decode_pages([bytes(b) for b in blobs], ns, keys, token_bytes)
     assert [o is None for o in out] == [i == bad for i in range(num_pages)]
     assert all(bytes(o) == p for o, p in zip(out, payloads, strict=True) if o is not None)
+
+
+def test_chunked_tasks_yield_every_range_in_order():
+    out = list(ChunkedTasks(lambda r: [2 * i for i in r], 100, 100 << 20, 3 << 20))
+    assert len(out) == 34  # 3 indices per ~3 MB task
+    assert [i for part, _ in out for i in part] == list(range(100))
+    assert [v for _, values in out for v in values] == [2 * i for i in range(100)]
+    # small work: one inline call
+    assert list(ChunkedTasks(lambda r: list(r), 5, 1000, 1)) == [(range(5), [0, 1, 2, 3, 4])]
+    assert list(ChunkedTasks(lambda r: list(r), 0, 1 << 30, 1)) == []
+
+
+def test_chunked_tasks_start_at_once_and_close_leaves_none_running():
+    """The caller may free what the tasks read right after closing: none may still run."""
+    import threading
+    import time
+
+    lock = threading.Lock()
+    running = [0]
+
+    def slow(part: range) -> list[int]:
+        with lock:
+            running[0] += 1
+        time.sleep(0.01)
+        with lock:
+            running[0] -= 1
+        return list(part)
+
+    started = threading.Event()
+    tasks = ChunkedTasks(lambda part: started.set() or slow(part), 64, 64 << 20, 1 << 20)
+    assert started.wait(5)  # running before anyone iterates
+    with tasks:
+        assert next(iter(tasks))[0] == range(1)
+    assert running[0] == 0
+
+
+def test_checksum_is_xxh3_64_and_can_run_without_the_gil():
+    import xxhash
+
+    from cachestore import codec
+
+    assert codec._XXH3_64 is not None  # this xxhash build exports the C function
+    rng = np.random.default_rng(3)
+    for size in (0, 1, 1000, 64 << 10, (1 << 20) + 7):
+        data = rng.integers(0, 256, size, dtype=np.uint8)
+        expected = xxhash.xxh3_64_intdigest(data.tobytes())
+        assert codec.checksum(data.tobytes()) == expected
+        assert codec.checksum(memoryview(data)) == expected
+        if size:
+            assert codec.checksum_at(data.ctypes.data, size) == expected

@@ -97,3 +97,47 @@ def test_prefix_hit_suffix_runs_through_the_decode_graph(tiny_cuda):
     assert calls and calls[0] == 3  # the suffix's 3 tokens, one replay
     assert engine.stats().prefix_hits["device"] >= 8
 
+
+
+def test_store_hit_through_a_page_locked_segment_matches(tiny_cuda):
+    """A store on this host answers through a shared-memory segment; the worker page-locks the
+    segment (cudaHostRegister, in the background), then checksums hits in place and copies them
+    straight to the GPU; the output still matches transformers."""
+    import time
+
+    from cachestore.config import StoreConfig
+    from cachestore.server import StoreServer
+
+    hf, loaded = tiny_cuda
+    server = StoreServer(StoreConfig(port=0, cpu_bytes=64 << 20))
+    try:
+        config = WorkerConfig(model="tiny", device="cuda", dtype="float32", page_size=8,
+                              kv_cache_bytes=8 << 20, max_num_seqs=8, max_model_len=256,
+                              store=server.target)
+        params = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True)
+        long = PROMPTS[2]
+        writer = Engine(config, loaded=loaded)
+        writer.generate([long], params)
+        writer.offload.flush()
+        writer.close()
+        reader = Engine(config, loaded=loaded)
+        staged = []
+        stage = reader.offload.stager.stage
+        reader.offload.stager.stage = (
+            lambda *a, **k: staged.append(k["is_pinned"]) or stage(*a, **k))
+        first = long[:48] + [3]
+        assert reader.generate([first], params)[0] == hf_greedy(hf, first, NEW)
+        assert reader.stats().prefix_hits["store"] == 6
+        deadline = time.monotonic() + 30
+        while not reader.offload.pinned._ranges and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert reader.offload.pinned._ranges, "the segment was never page-locked"
+        reader.block_manager.release(reader.block_manager.allocate(
+            reader.block_manager.num_free_pages))  # evict: the next hit comes from the store
+        second = long[:56] + [4, 4]
+        assert reader.generate([second], params)[0] == hf_greedy(hf, second, NEW)
+        assert staged[-1] is True  # checksummed in place, sent by DMA
+        assert reader.stats().prefix_hits["store"] == 6 + 7
+        reader.close()
+    finally:
+        server.stop(grace=0)

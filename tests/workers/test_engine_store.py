@@ -78,3 +78,22 @@ def test_a_store_that_is_down_is_a_miss(make_engine, encode, hf_greedy, store_se
     assert final(outs).usage.cached_tokens == 0
     engine.offload.flush()
     assert engine.offload.num_store_errors > 0
+
+
+def test_writes_past_the_queue_budget_are_dropped_not_waited_for(
+        make_engine, encode, store_server, monkeypatch):
+    """A prefill's new pages go to the writer in one batched snapshot; those that would take
+    the queue past its byte budget are dropped and counted, the rest still reach the store."""
+    import workers.offload as offload
+
+    engine = make_engine(store=store_server.target)
+    prompt = encode(LONG) * 3
+    num_full = len(prompt) // 16
+    assert num_full >= 4
+    monkeypatch.setattr(offload, "_STORE_QUEUE_BYTES", 2 * engine.namespace().page_nbytes)
+    run(engine, {"a": prompt}, SamplingParams(temperature=0.0, max_tokens=1))
+    engine.offload.flush()
+    assert engine.stats().num_store_writes_dropped == num_full - 2
+    keys = engine.namespace().page_keys(prompt)
+    assert engine.offload.store.has_pages(keys[:num_full]) == [True, True] + [False] * (
+        num_full - 2)

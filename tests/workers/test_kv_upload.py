@@ -60,6 +60,18 @@ def test_a_bad_page_ends_the_staged_prefix(is_pinned):
     assert len(stage_pages(blobs, other, keys, tokens)) == 0
 
 
+def test_in_place_send_stops_at_a_bad_page_in_a_later_task():
+    """6000 pages go out in ~4 MB hashing tasks; a corrupt page in the second task ends the
+    prefix there, after the pages before it were copied."""
+    blobs, keys, tokens, payloads = pages(6000)
+    corrupt = bytearray(blobs[4321])
+    corrupt[-5] ^= 0x10
+    blobs[4321] = bytes(corrupt)
+    staged = stage_pages(blobs, NS, keys, tokens, is_pinned=True)
+    assert staged.shape[0] == 4321
+    assert torch.equal(staged, torch.stack(payloads[:4321]))
+
+
 def test_upload_merges_consecutive_runs_and_keeps_order():
     blobs, keys, tokens, payloads = pages(7)
     staged = stage_pages(blobs, NS, keys, tokens)

@@ -1,0 +1,138 @@
+"""Host-memory helpers the CUDA runtime offers and torch does not expose: one
+`cudaMemcpyAsync` per page (no tensor objects per page), and page-locking memory we did not
+allocate (`cudaHostRegister`, for the store's shared-memory segments), so the GPU reads it by DMA.
+
+Both go through the CUDA runtime library torch itself loaded (found in /proc/self/maps), called
+with ctypes. Where it cannot be found (a CPU build, a statically linked runtime), `cudart()` is
+None and callers keep their torch paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+_COPY_DEFAULT = 4  # cudaMemcpyDefault: the direction follows from the (unified) addresses
+_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every context
+_lib: ctypes.CDLL | None = None
+_lib_searched = False
+_lib_lock = threading.Lock()
+
+
+def cudart() -> ctypes.CDLL | None:
+    """The process's CUDA runtime library, once CUDA is initialized; else None."""
+    global _lib, _lib_searched
+    with _lib_lock:
+        if _lib_searched:
+            return _lib
+        if not torch.cuda.is_available():
+            return None
+        torch.cuda.init()
+        _lib_searched = True
+        try:
+            with open("/proc/self/maps") as maps:
+                paths = sorted({line.split()[-1] for line in maps if "libcudart.so" in line})
+        except OSError:
+            paths = []
+        for path in paths:
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            lib.cudaMemcpyAsync.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                                            ctypes.c_int, ctypes.c_void_p]
+            lib.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+            lib.cudaHostUnregister.argtypes = [ctypes.c_void_p]
+            for fn in (lib.cudaMemcpyAsync, lib.cudaHostRegister, lib.cudaHostUnregister):
+                fn.restype = ctypes.c_int
+            _lib = lib
+            break
+        else:
+            log.info("CUDA runtime library not found in this process; torch copies only")
+        return _lib
+
+
+def copy_async(lib: ctypes.CDLL, copies: Sequence[tuple[int, int]], nbytes: int,
+               stream: torch.cuda.Stream) -> None:
+    """Queue copies of `nbytes` each, (destination, source) address pairs, on `stream`: host to
+    device in the main use. Asynchronous when the host side is page-locked; the caller keeps the
+    source alive and unchanged until the stream has passed the copies."""
+    memcpy, handle = lib.cudaMemcpyAsync, stream.cuda_stream
+    for dst, src in copies:
+        status = memcpy(dst, src, nbytes, _COPY_DEFAULT, handle)
+        if status:
+            raise RuntimeError(f"cudaMemcpyAsync failed with CUDA error {status}")
+
+
+class PinnedRanges:
+    """Host address ranges page-locked with cudaHostRegister. `register` returns at once and pins
+    on a background thread (hundreds of MB take a noticeable time); `covers` is true only once
+    that finished. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ranges: dict[int, int] = {}  # start -> end, registered
+        self._pending: dict[int, threading.Thread] = {}
+
+    def register(self, address: int, nbytes: int) -> None:
+        lib = cudart()
+        if lib is None:
+            return
+        thread = threading.Thread(target=self._pin, args=(lib, address, nbytes),
+                                  name="kvmesh-host-register", daemon=True)
+        with self._lock:
+            self._pending[address] = thread
+        thread.start()
+
+    def unregister(self, address: int, nbytes: int) -> None:
+        """Unpin a range (waits for its registration). The caller has no copy from it in flight."""
+        with self._lock:
+            thread = self._pending.pop(address, None)
+        if thread is not None:
+            thread.join()
+        with self._lock:
+            was_pinned = self._ranges.pop(address, None) is not None
+        lib = cudart()
+        if was_pinned and lib is not None:
+            status = lib.cudaHostUnregister(address)
+            if status:
+                log.warning("cudaHostUnregister failed with CUDA error %d", status)
+
+    def covers(self, address: int, nbytes: int) -> bool:
+        with self._lock:
+            return any(start <= address and address + nbytes <= end
+                       for start, end in self._ranges.items())
+
+    def covers_pages(self, pages: Sequence[bytes | memoryview | None]) -> bool:
+        """The found pages (buffers lying in one range, as a shared-memory reply's do) are all
+        page-locked."""
+        found = [page for page in pages if page is not None]
+        if not found:
+            return False
+        first = _address(found[0])
+        end = _address(found[-1]) + memoryview(found[-1]).nbytes
+        return first <= end and self.covers(first, end - first)
+
+    def _pin(self, lib: ctypes.CDLL, address: int, nbytes: int) -> None:
+        status = lib.cudaHostRegister(address, nbytes, _REGISTER_PORTABLE)
+        with self._lock:
+            if self._pending.pop(address, None) is None:  # unregistered meanwhile: undo
+                if not status:
+                    lib.cudaHostUnregister(address)
+                return
+            if status:
+                log.warning("cudaHostRegister of %d bytes failed with CUDA error %d; copies from "
+                            "it go through the staging buffers", nbytes, status)
+                return
+            self._ranges[address] = address + nbytes
+
+
+def _address(buf: bytes | memoryview) -> int:
+    return np.frombuffer(buf, dtype=np.uint8).ctypes.data
