@@ -216,8 +216,8 @@ def attach_store(engine: Engine, nbytes: int) -> tuple[str, object]:
         from cachestore.server import StoreServer
 
         server = StoreServer(StoreConfig(port=0, cpu_bytes=nbytes))
-        engine.offload.attach_store(StoreClient(server.target, timeout=60.0,
-                                                **engine.offload.segment_hooks()))
+        engine.attach_store(StoreClient(server.target, timeout=60.0,
+                                        **engine.offload.segment_hooks()))
         return "grpc-loopback", server
     except Exception as exc:  # no kvmesh.v1 / grpc extras on this machine
         print(f"store over gRPC unavailable ({exc!r}); using the in-process page API", flush=True)
@@ -234,7 +234,7 @@ def attach_store(engine: Engine, nbytes: int) -> tuple[str, object]:
         def put_encoded_pages(self, pages):
             return access.put(pages)
 
-    engine.offload.attach_store(InProcessStore())
+    engine.attach_store(InProcessStore())
     return "in-process", None
 
 
@@ -262,6 +262,8 @@ def bench_ttft(name, loaded, args, out: dict) -> None:
         measured["store_hit"] = first_token_s(engine, base + suffix[:2])
         for key, (secs, tiers) in measured.items():
             results.setdefault(key, []).append((secs, tiers))
+        print(f"[{name}] ttft trial {trial}: "
+              + ", ".join(f"{k} {1e3 * s:.1f} ms" for k, (s, _) in measured.items()), flush=True)
     summary = {k: dict(ttft_ms=1e3 * min(s for s, _ in v), tiers=v[-1][1])
                for k, v in results.items()}
     cold = summary["cold"]["ttft_ms"]

@@ -7,7 +7,7 @@ drives step(); the only other thread is the offload's store writer.
 
 from __future__ import annotations
 
-import threading
+from typing import Any
 
 from cachestore.keys import Namespace
 from workers.block_manager import BlockManager
@@ -15,7 +15,7 @@ from workers.config import WorkerConfig
 from workers.detokenizer import IncrementalDetokenizer
 from workers.errors import InvalidRequest
 from workers.events import coalesce_block_events, snapshot_events
-from workers.kv_upload import PageStager, prewarm_pinned_pages
+from workers.kv_upload import PageStager, SnapshotSlots
 from workers.model_runner import ModelRunner
 from workers.models.loader import LoadedModel, load_model
 from workers.offload import KvOffload
@@ -26,7 +26,7 @@ from workers.scheduler import Scheduler
 from workers.sequence import Sequence
 
 _GRAPH_DECODE_STEPS = 8
-_PREWARM_BYTES = 1 << 30  # pinned page buffers for store write-through (an 8K 8B prefill)
+_SNAPSHOT_BYTES = 2 << 30  # pinned rows for store write-through (two 8K-token 8B prefills)
 
 
 class Engine:
@@ -44,11 +44,10 @@ class Engine:
         stager = PageStager(self.runner.page_shape, self.runner.dtype, self.runner.device)
         if self.runner.device.type == "cuda" and (config.host_tier_bytes or config.store):
             stager.warm_up()  # the first pinned allocation of a size takes ~0.5 s
-        if self.runner.device.type == "cuda" and config.store:
-            threading.Thread(target=prewarm_pinned_pages, name="kvmesh-pin-prewarm",
-                             args=(self.runner.page_shape, self.runner.dtype, _PREWARM_BYTES),
-                             daemon=True).start()
+        if config.store:
+            self._start_snapshot_slots()
         self.offload = KvOffload(self.runner.read_page, self.runner.snapshot_pages,
+                                 self.runner.release_snapshots,
                                  config.host_tier_bytes, config.store, config.store_token,
                                  stager)
         on_evict = self.offload.on_evict if self.offload.host is not None else None
@@ -72,6 +71,21 @@ class Engine:
             _GRAPH_DECODE_STEPS if self.runner.graphs is not None else 1)
 
     # ------------------------------------------------------------------ requests
+    def _start_snapshot_slots(self) -> None:
+        """Pinned rows for store write-through snapshots (CUDA), at most the pool's size,
+        pinned on a background thread."""
+        runner = self.runner
+        if runner.device.type == "cuda" and runner.snapshots is None:
+            nbytes = min(_SNAPSHOT_BYTES, runner.num_pages * runner.page_nbytes)
+            runner.snapshots = SnapshotSlots(runner.page_shape, runner.dtype, nbytes)
+            runner.snapshots.start()
+
+    def attach_store(self, store: Any) -> None:
+        """Use an already connected store client (StoreClient-like) as the remote tier; a
+        StoreClient made for it should take `offload.segment_hooks()`."""
+        self._start_snapshot_slots()
+        self.offload.attach_store(store)
+
     def namespace(self, tenant_salt: str = "") -> Namespace:
         ns = self._namespaces.get(tenant_salt)
         if ns is None:

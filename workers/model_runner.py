@@ -16,7 +16,7 @@ from kernels import reference
 from workers.config import WorkerConfig
 from workers.cuda_graphs import DecodeGraphs, advance_decode_inputs, decode_ctas_per_sm
 from workers.errors import InvalidConfig
-from workers.kv_upload import upload_pages
+from workers.kv_upload import SnapshotSlots, upload_pages
 from workers.models.llama import AttentionMetadata, AttentionOps, FusedOps, LlamaForCausalLM
 from workers.models.loader import LoadedModel
 from workers.scheduler import ScheduledBatch
@@ -71,6 +71,8 @@ class ModelRunner:
         self.model.eval()
         self.model.ops = attention_ops(self.device, config.attention_backend)
         self._num_kv_splits = None
+        # pinned rows for store write-through snapshots (the engine sets them on CUDA)
+        self.snapshots: SnapshotSlots | None = None
         if self.model.ops.paged_decode is not reference.paged_decode_ref:
             from kernels.fused import rms_norm, silu_and_mul
             from kernels.paged_decode import num_kv_splits
@@ -113,23 +115,35 @@ class ModelRunner:
         page = self.kv_pool[page_id].to("cpu", copy=True).contiguous()
         return memoryview(page.view(torch.uint8).numpy()).cast("B")
 
-    def snapshot_pages(self, page_ids: list[int]) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        """Start copying pages to host memory without waiting: (host tensor [len(page_ids),
-        *page_shape], event that completes with the copies; None on CPU, where they are done).
-        One pinned allocation and one copy per run of consecutive page ids."""
-        if self.device.type == "cpu":
-            return self.kv_pool[page_ids], None  # advanced indexing: a copy
-        host = torch.empty((len(page_ids), *self.page_shape), dtype=self.dtype, pin_memory=True)
+    def snapshot_pages(self, page_ids: list[int]
+                       ) -> tuple[list[torch.Tensor], list[int] | None, torch.cuda.Event | None]:
+        """Start copying pages to host memory without waiting: (one host row per page, the
+        `snapshots` slots holding them, to give back once read, and an event that completes with
+        the copies, None on CPU). Rows go into the slots (pinned on CUDA), one copy per run of
+        consecutive pages and slots; fewer rows than pages when the slots run out. Without slots
+        (the CPU default) the copies are plain and done on return."""
+        if self.snapshots is None:
+            return list(self.kv_pool[page_ids].cpu().unbind()), None, None
+        slots = self.snapshots.take(len(page_ids))
+        rows = self.snapshots.rows
+        assert rows is not None
         start = 0
-        for end in range(1, len(page_ids) + 1):
-            if end == len(page_ids) or page_ids[end] != page_ids[end - 1] + 1:
-                first = page_ids[start]
-                host[start:end].copy_(self.kv_pool[first : first + end - start],
-                                      non_blocking=True)
+        for end in range(1, len(slots) + 1):
+            if (end == len(slots) or page_ids[end] != page_ids[end - 1] + 1
+                    or slots[end] != slots[end - 1] + 1):
+                first_page, first_slot, n = page_ids[start], slots[start], end - start
+                rows[first_slot : first_slot + n].copy_(
+                    self.kv_pool[first_page : first_page + n], non_blocking=True)
                 start = end
-        event = torch.cuda.Event()
-        event.record()
-        return host, event
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return [rows[slot] for slot in slots], slots, event
+
+    def release_snapshots(self, slots: list[int]) -> None:
+        if self.snapshots is not None:
+            self.snapshots.give_back(slots)
 
     def write_pages(self, loads: list[tuple[int, torch.Tensor]]) -> None:
         """Staged pages (kv_upload.PageStager rows) into pool pages; asynchronous on CUDA."""

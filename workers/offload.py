@@ -35,11 +35,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _PendingWrite:
+    """Pages of one write_through call: rows of a snapshot, being copied until `event`."""
+
     ns: Namespace
-    key: bytes
-    token_bytes: bytes
-    host: torch.Tensor  # the page (a row of a snapshot), being copied until `event` completes
+    keys: list[bytes]
+    token_ids: list[list[int]]
+    rows: list[torch.Tensor]
     event: Any
+    slots: list[int] | None  # the snapshot slots to give back once the pages are encoded
 
 
 class _Fetched:
@@ -73,14 +76,15 @@ class KvOffload:
     def __init__(
         self,
         read_page: Callable[[int], memoryview],
-        snapshot_pages: Callable[[list[int]], tuple[Any, Any]],
+        snapshot_pages: Callable[[list[int]], tuple[list[Any], list[int] | None, Any]],
+        release_snapshots: Callable[[list[int]], None],
         host_tier_bytes: int,
         store_target: str | None,
         store_token: str | None,
         stager: PageStager,
     ) -> None:
         self.read_page = read_page
-        self.snapshot_pages = snapshot_pages
+        self.snapshot_pages, self.release_snapshots = snapshot_pages, release_snapshots
         self.stager = stager
         # the store client's shared-memory segments, page-locked so hits go to the GPU by DMA
         self.pinned = PinnedRanges() if stager.is_cuda else None
@@ -130,53 +134,57 @@ class KvOffload:
 
     def write_through(self, ns: Namespace, pages: list[tuple[bytes, list[int], int]]) -> None:
         """Queue copies of newly cached device pages, (key, token ids, page id) each, for the
-        store: one batched device -> host snapshot, sent by the writer thread. Pages that would
-        overflow the queue (the store is slow or down) are dropped rather than stall the caller."""
+        store: one batched device -> host snapshot and one queue entry, sent by the writer
+        thread. Pages that would overflow the queue or find no snapshot slot (the store is slow
+        or down) are dropped and counted rather than stall the caller."""
         if self.store is None or not pages:
             return
         with self._lock:
             room = max(0, (_STORE_QUEUE_BYTES - self._queued_bytes) // ns.page_nbytes)
             self._queued_bytes += min(room, len(pages)) * ns.page_nbytes
-        self.num_store_writes_dropped += max(0, len(pages) - room)
-        pages = pages[:room]
-        if not pages:
-            return
-        host, event = self.snapshot_pages([page_id for _, _, page_id in pages])  # asynchronous
-        for row, (key, token_ids, _) in zip(host, pages, strict=True):
-            self._queue.put(_PendingWrite(ns, key, tokens_to_bytes(token_ids), row, event))
+        rows, slots, event = (self.snapshot_pages([page_id for _, _, page_id in pages[:room]])
+                              if room else ([], None, None))
+        if len(rows) < len(pages):
+            with self._lock:
+                self._queued_bytes -= (min(room, len(pages)) - len(rows)) * ns.page_nbytes
+            self.num_store_writes_dropped += len(pages) - len(rows)
+        if rows:
+            kept = pages[: len(rows)]
+            self._queue.put(_PendingWrite(ns, [key for key, _, _ in kept],
+                                          [tokens for _, tokens, _ in kept], rows, event, slots))
 
     def _write_loop(self) -> None:
-        """Send queued pages, up to _WRITE_BATCH per call, until a None arrives."""
+        """Send queued pages, _WRITE_BATCH per call, until a None arrives."""
         assert self.store is not None
         while True:
-            items = [self._queue.get()]
-            while len(items) < _WRITE_BATCH and items[-1] is not None:
-                try:
-                    items.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            writes = [item for item in items if item is not None]
-            try:
-                pages = []
-                for item in writes:
-                    if item.event is not None:
-                        item.event.synchronize()
-                    payload = memoryview(item.host.view(-1).view(torch.uint8).numpy()).cast("B")
-                    pages.append((item.key, encode_page(item.ns, item.key, item.token_bytes,
-                                                        payload)))
-                if pages:
-                    self.store.put_encoded_pages(pages)
-                    self._emit(KvEventData("stored", [k for k, _ in pages], None, "store"))
-            except Exception as exc:  # a store that is down is a dropped write, not a crash
-                self.num_store_errors += 1
-                log.warning("store write of %d pages failed: %s", len(writes), exc)
-            finally:
-                with self._lock:
-                    self._queued_bytes -= sum(item.ns.page_nbytes for item in writes)
-                for _ in items:
-                    self._queue.task_done()
-            if items[-1] is None:
+            item = self._queue.get()
+            if item is None:
+                self._queue.task_done()
                 return
+            try:
+                if item.event is not None:
+                    item.event.synchronize()
+                for start in range(0, len(item.keys), _WRITE_BATCH):
+                    self._send(item, range(start, min(start + _WRITE_BATCH, len(item.keys))))
+            finally:
+                if item.slots is not None:
+                    self.release_snapshots(item.slots)
+                with self._lock:
+                    self._queued_bytes -= len(item.keys) * item.ns.page_nbytes
+                self._queue.task_done()
+
+    def _send(self, item: _PendingWrite, indices: range) -> None:
+        try:
+            pages = []
+            for i in indices:
+                payload = memoryview(item.rows[i].view(-1).view(torch.uint8).numpy()).cast("B")
+                pages.append((item.keys[i], encode_page(
+                    item.ns, item.keys[i], tokens_to_bytes(item.token_ids[i]), payload)))
+            self.store.put_encoded_pages(pages)
+            self._emit(KvEventData("stored", [k for k, _ in pages], None, "store"))
+        except Exception as exc:  # a store that is down is a dropped write, not a crash
+            self.num_store_errors += 1
+            log.warning("store write of %d pages failed: %s", len(indices), exc)
 
     def flush(self) -> None:
         """Block until every queued store write has been sent or has failed."""

@@ -8,7 +8,7 @@ import torch
 
 from cachestore.codec import encode_page
 from cachestore.keys import Namespace, tokens_to_bytes
-from workers.kv_upload import PageStager, upload_pages
+from workers.kv_upload import PageStager, SnapshotSlots, upload_pages
 
 NS = Namespace("m", num_layers=3, num_kv_heads=2, head_dim=8, dtype="float32", page_size=4)
 SHAPE = (3, 2, 4, 2, 8)
@@ -82,3 +82,31 @@ def test_upload_merges_consecutive_runs_and_keeps_order():
         assert torch.equal(pool[page_id], payload)
     untouched = set(range(12)) - set(page_ids)
     assert all(not pool[i].any() for i in untouched)
+
+
+def test_snapshot_slots_hand_out_consecutive_rows_and_take_them_back():
+    slots = SnapshotSlots(SHAPE, torch.float32, 5 * 3 * 2 * 4 * 2 * 8 * 4, pin_memory=False)
+    assert slots.count == 5
+    assert slots.take(3) == [0, 1, 2]  # waits for the (background) allocation
+    assert slots.take(4) == [3, 4]  # only two left
+    assert slots.take(1) == []
+    slots.give_back([1, 4])
+    assert sorted(slots.take(5)) == [1, 4] and slots.num_free == 0
+
+
+def test_runner_snapshots_copy_runs_of_pages_into_slots():
+    """Pages 5-7 go to slots 0-2 in one copy, page 2 to slot 3; the fifth page finds no slot."""
+    from types import SimpleNamespace
+
+    from workers.model_runner import ModelRunner
+
+    pool = torch.randn(10, *SHAPE)
+    runner = SimpleNamespace(kv_pool=pool, device=torch.device("cpu"),
+                             snapshots=SnapshotSlots(SHAPE, torch.float32,
+                                                     4 * pool[0].numel() * 4, pin_memory=False))
+    rows, taken, event = ModelRunner.snapshot_pages(runner, [5, 6, 7, 2, 9])
+    assert taken == [0, 1, 2, 3] and event is None and len(rows) == 4
+    for row, page in zip(rows, [5, 6, 7, 2], strict=True):
+        assert torch.equal(row, pool[page])
+    pool.zero_()  # the snapshots are copies
+    assert all(row.abs().sum() > 0 for row in rows)
