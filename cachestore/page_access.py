@@ -46,10 +46,12 @@ class PageAccess:
         return [owner is not None for owner in self._locate(keys)]
 
     def get(
-        self, keys: Sequence[bytes], prefix_only: bool = False
+        self, keys: Sequence[bytes], prefix_only: bool = False, verify: bool = True
     ) -> list[bytes | memoryview | None]:
         """Encoded pages (None where absent or corrupt); hits refresh recency in their tier.
-        `prefix_only`: keys after the first absent one are not read (None)."""
+        `prefix_only`: keys after the first absent one are not read (None). `verify=False`
+        leaves the checks to the caller, which must run `verify` (or check_page each page and
+        `delete` the bad ones) before handing any page out."""
         owner = self._locate(keys)
         if prefix_only and None in owner:
             first = owner.index(None)
@@ -63,25 +65,36 @@ class PageAccess:
                 blobs = tier.get_many([keys[i] for i in indices])
             except TierUnavailable:
                 continue
-            found = [(i, blob) for i, blob in zip(indices, blobs, strict=True) if blob is not None]
+            for i, blob in zip(indices, blobs, strict=True):
+                out[i] = blob
+        return self.verify(keys, out) if verify else out
 
-            def check(part: range, found=found) -> list[bool]:
-                ok = []
-                for j in part:
-                    i, blob = found[j]
-                    try:
-                        check_page(keys[i], blob)
-                        ok.append(True)
-                    except PageCorrupt:
-                        ok.append(False)
-                return ok
+    def verify(
+        self, keys: Sequence[bytes], blobs: Sequence[bytes | memoryview | None]
+    ) -> list[bytes | memoryview | None]:
+        """The blobs with every page failing check_page replaced by None and deleted from the
+        tiers; large batches are checked on the bulk thread pool."""
+        found = [i for i, blob in enumerate(blobs) if blob is not None]
 
-            nbytes = sum(len(blob) for _, blob in found)
-            for (i, blob), ok in zip(found, map_chunked(check, len(found), nbytes), strict=True):
-                if ok:
-                    out[i] = blob
-                else:
-                    self._delete_in(t, [keys[i]])
+        def check(part: range) -> list[bool]:
+            ok = []
+            for j in part:
+                i = found[j]
+                try:
+                    check_page(keys[i], blobs[i])
+                    ok.append(True)
+                except PageCorrupt:
+                    ok.append(False)
+            return ok
+
+        nbytes = sum(len(blobs[i]) for i in found)
+        good = map_chunked(check, len(found), nbytes)
+        out = list(blobs)
+        bad = [found[j] for j, ok in enumerate(good) if not ok]
+        for i in bad:
+            out[i] = None
+        if bad:
+            self.delete([keys[i] for i in bad])
         return out
 
     def put(self, pages: Sequence[Page]) -> int:

@@ -115,12 +115,16 @@ class KVStoreServicer:
 
     @_mapped
     def GetPages(self, request, context: grpc.ServicerContext):
-        blobs = self.pages.get(messages.page_keys(request), prefix_only=request.prefix_only)
-        if self.segments is not None and request.HasField("segment"):
-            header = self.segments.write_pages(request.segment, blobs, context.peer())
-            if header is not None:
-                return iter((header,))
-        return messages.pages_reply(blobs)
+        keys = messages.page_keys(request)
+        if self.segments is None or not request.HasField("segment"):
+            return messages.pages_reply(self.pages.get(keys, prefix_only=request.prefix_only))
+        # checked on their copies in the segment (one read of each page), or before going inline
+        blobs = self.pages.get(keys, prefix_only=request.prefix_only, verify=False)
+        header = self.segments.write_pages(request.segment, blobs, context.peer(), keys,
+                                           on_bad=self.pages.delete)
+        if header is not None:
+            return iter((header,))
+        return messages.pages_reply(self.pages.verify(keys, blobs))
 
     @_mapped
     def PutPages(self, request_iterator: Iterator, context: grpc.ServicerContext):

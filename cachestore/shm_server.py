@@ -12,15 +12,18 @@ here; the size is re-checked right before every write, which leaves only that de
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import os
 import stat
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from cachestore import shm
+from cachestore.codec import PageCorrupt, map_chunked
+from cachestore.page_access import check_page
 from kvmesh.v1 import store_pb2
 
 log = logging.getLogger(__name__)
@@ -57,9 +60,14 @@ class SegmentWriter:
         segment: store_pb2.SharedMemorySegment,
         blobs: Sequence[bytes | memoryview | None],
         peer: str,
+        keys: Sequence[bytes] | None = None,
+        on_bad: Callable[[list[bytes]], object] | None = None,
     ) -> store_pb2.GetPagesHeader | None:
         """Write the found pages back to back into `segment` from offset 0 and return the reply
-        header; None when this segment cannot be used (the caller answers inline)."""
+        header; None when this segment cannot be used (the caller answers inline). With `keys`,
+        the pages are unchecked: each is checked (codec header, key, checksum) on its copy in the
+        segment, right after the copy while it is in cache, so the source is read once; a page
+        that fails reads as not found and its key goes to `on_bad`."""
         if not shm.is_local_peer(peer):
             return self._decline("peer is not on this host", peer)
         found = [memoryview(b).cast("B") for b in blobs if b is not None]
@@ -76,17 +84,30 @@ class SegmentWriter:
         for size in sizes:
             offsets.append(offset)
             offset += size
+        ok = [True] * len(found)
         if mapped is not None:
             try:
                 keep = [shm.buffer_address(page) for page in found]
-                shm.copy_many(
-                    [
-                        (mapped.address + offset, address, size)
-                        for offset, (address, _), size in zip(offsets, keep, sizes, strict=True)
-                    ]
-                )
+                moves = [
+                    (mapped.address + offset, address, size)
+                    for offset, (address, _), size in zip(offsets, keep, sizes, strict=True)
+                ]
+                if keys is None:
+                    shm.copy_many(moves)
+                else:
+                    found_keys = [key for key, b in zip(keys, blobs, strict=True) if b is not None]
+                    ok = _copy_and_check(mapped.mm, moves, offsets, found_keys)
             finally:
                 self._release(mapped)
+        if not all(ok):
+            found_at = [i for i, flag in enumerate(is_found) if flag]
+            bad = [found_at[j] for j, good in enumerate(ok) if not good]
+            for i in bad:
+                is_found[i] = False
+            sizes = [size for size, good in zip(sizes, ok, strict=True) if good]
+            offsets = [offset for offset, good in zip(offsets, ok, strict=True) if good]
+            if on_bad is not None and keys is not None:
+                on_bad([keys[i] for i in bad])
         return store_pb2.GetPagesHeader(
             is_found=is_found, page_nbytes=sizes, is_shared_memory=True, page_offsets=offsets
         )
@@ -163,6 +184,33 @@ class SegmentWriter:
             self._reasons_logged.add(reason)
             log.info("GetPages answers inline: %s (%s)", reason, detail)
         return None
+
+
+def _copy_and_check(mm: mmap.mmap, moves: Sequence[shm.Move], offsets: Sequence[int],
+                    keys: Sequence[bytes]) -> list[bool]:
+    """memmove each page into the segment, then check its copy there: on the bulk thread pool
+    (memmove and the checksum release the GIL)."""
+    segment = memoryview(mm)
+
+    def run(indices: range) -> list[bool]:
+        ok = []
+        for j in indices:
+            dst, src, size = moves[j]
+            ctypes.memmove(dst, src, size)
+            try:
+                check_page(keys[j], segment[offsets[j] : offsets[j] + size])
+                ok.append(True)
+            except PageCorrupt:
+                ok.append(False)
+        return ok
+
+    try:
+        return map_chunked(run, len(moves), sum(size for _, _, size in moves))
+    finally:
+        try:
+            segment.release()
+        except BufferError:  # a view of it still alive somewhere: the mapping outlives it
+            pass
 
 
 def _still_valid(mapped: _Mapped, path: str, capacity: int) -> bool:

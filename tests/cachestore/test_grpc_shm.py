@@ -267,3 +267,29 @@ def test_pool_retries_then_goes_inline_and_discards_failed_segments():
     assert not os.path.exists(os.path.join(shm.SHM_DIR, gone))
     pool.close()
     assert not any(os.path.exists(os.path.join(shm.SHM_DIR, n)) for n in names)
+
+
+@pytest.mark.parametrize("shared_memory", [True, False])
+def test_a_corrupt_stored_page_is_a_miss_and_dropped(shared_memory):
+    """Through the segment the server checks each page on its copy there; inline it checks the
+    stored bytes. Either way a flipped payload byte or a page under the wrong key reads as
+    missing, and the store drops it."""
+    from cachestore.store import TieredStore
+    from cachestore.tiers.cpu import CpuTier
+
+    tier = CpuTier(64 << 20)
+    srv = serve_store(StoreConfig(port=0, cpu_bytes=64 << 20), TieredStore([tier]))
+    try:
+        pages = make_pages(6, seed=7)
+        flipped = bytearray(pages[2][1])
+        flipped[-3] ^= 0x20  # a payload byte: only the checksum catches it
+        tier.put_many([pages[0], pages[1], (pages[2][0], bytes(flipped)), pages[3],
+                       (pages[4][0], pages[5][1])])  # page 5's bytes under page 4's key
+        keys = [key for key, _ in pages[:5]]
+        with StoreClient(srv.target, shared_memory=shared_memory) as client:
+            with client.get_pages_leased(keys) as lease:
+                assert lease.is_shared_memory == shared_memory
+                assert as_bytes(lease.pages) == [pages[0][1], pages[1][1], None, pages[3][1], None]
+        assert tier.contains_many(keys) == [True, True, False, True, False]
+    finally:
+        srv.stop(grace=0)
