@@ -15,7 +15,7 @@ from workers.config import WorkerConfig
 from workers.detokenizer import IncrementalDetokenizer
 from workers.errors import InvalidRequest
 from workers.events import coalesce_block_events, snapshot_events
-from workers.kv_upload import PageStager, SnapshotSlots
+from workers.kv_upload import PageStager
 from workers.model_runner import ModelRunner
 from workers.models.loader import LoadedModel, load_model
 from workers.offload import KvOffload
@@ -45,7 +45,7 @@ class Engine:
         if self.runner.device.type == "cuda" and (config.host_tier_bytes or config.store):
             stager.warm_up()  # the first pinned allocation of a size takes ~0.5 s
         if config.store:
-            self._start_snapshot_slots()
+            self.runner.enable_snapshot_slots(_SNAPSHOT_BYTES)
         self.offload = KvOffload(self.runner.read_page, self.runner.snapshot_pages,
                                  self.runner.release_snapshots,
                                  config.host_tier_bytes, config.store, config.store_token,
@@ -71,19 +71,10 @@ class Engine:
             _GRAPH_DECODE_STEPS if self.runner.graphs is not None else 1)
 
     # ------------------------------------------------------------------ requests
-    def _start_snapshot_slots(self) -> None:
-        """Pinned rows for store write-through snapshots (CUDA), at most the pool's size,
-        pinned on a background thread."""
-        runner = self.runner
-        if runner.device.type == "cuda" and runner.snapshots is None:
-            nbytes = min(_SNAPSHOT_BYTES, runner.num_pages * runner.page_nbytes)
-            runner.snapshots = SnapshotSlots(runner.page_shape, runner.dtype, nbytes)
-            runner.snapshots.start()
-
     def attach_store(self, store: Any) -> None:
         """Use an already connected store client (StoreClient-like) as the remote tier; a
         StoreClient made for it should take `offload.segment_hooks()`."""
-        self._start_snapshot_slots()
+        self.runner.enable_snapshot_slots(_SNAPSHOT_BYTES)
         self.offload.attach_store(store)
 
     def namespace(self, tenant_salt: str = "") -> Namespace:

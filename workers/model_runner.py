@@ -141,6 +141,14 @@ class ModelRunner:
             event.record()
         return [rows[slot] for slot in slots], slots, event
 
+    def enable_snapshot_slots(self, max_nbytes: int) -> None:
+        """Pinned rows for store write-through snapshots (CUDA only; CPU copies are plain), at
+        most the pool's size, pinned on a background thread."""
+        if self.device.type == "cuda" and self.snapshots is None:
+            nbytes = min(max_nbytes, self.num_pages * self.page_nbytes)
+            self.snapshots = SnapshotSlots(self.page_shape, self.dtype, nbytes)
+            self.snapshots.start()
+
     def release_snapshots(self, slots: list[int]) -> None:
         if self.snapshots is not None:
             self.snapshots.give_back(slots)
