@@ -138,6 +138,7 @@ def decode_header(blob: bytes | memoryview) -> PageHeader:
 # byte offsets in the fixed header: key, then namespace digest .. payload size, then checksum
 _KEY_AT, _DIGEST_AT, _CHECKSUM_AT = 8, 24, 64
 _TEMPLATES: dict[bytes, tuple[bytes, int]] = {}
+_MAX_TEMPLATES = 4096
 
 
 def _header_template(ns: Namespace) -> tuple[bytes, int]:
@@ -145,6 +146,8 @@ def _header_template(ns: Namespace) -> tuple[bytes, int]:
     the namespace digest, which covers the dtype, shape and layout version."""
     template = _TEMPLATES.get(ns.digest)
     if template is None:
+        if len(_TEMPLATES) >= _MAX_TEMPLATES:  # one per namespace (tenant): keep it bounded
+            _TEMPLATES.clear()
         fixed = _FIXED.pack(MAGIC, LAYOUT_VERSION, DTYPE_CODES[ns.dtype_name], 0, bytes(16),
                             ns.digest, ns.num_layers, ns.page_size, ns.num_kv_heads, ns.head_dim,
                             ns.page_nbytes, 0)

@@ -120,8 +120,13 @@ class KVStoreServicer:
             return messages.pages_reply(self.pages.get(keys, prefix_only=request.prefix_only))
         # checked on their copies in the segment (one read of each page), or before going inline
         blobs = self.pages.get(keys, prefix_only=request.prefix_only, verify=False)
+        by_key = dict(zip(keys, blobs, strict=True))
+
+        def drop_bad(bad: list[bytes]) -> None:  # a copy failed its check: is the source bad?
+            self.pages.verify(bad, [by_key[key] for key in bad])
+
         header = self.segments.write_pages(request.segment, blobs, context.peer(), keys,
-                                           on_bad=self.pages.delete)
+                                           on_bad=drop_bad)
         if header is not None:
             return iter((header,))
         return messages.pages_reply(self.pages.verify(keys, blobs))

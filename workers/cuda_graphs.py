@@ -117,7 +117,7 @@ class DecodeGraphs:
                         self._step(bs, meta)
                     torch.cuda.synchronize()
                     graph = torch.cuda.CUDAGraph()
-                    # thread_local: the store writer and the pinned-memory prewarm may call CUDA
+                    # thread_local: the store writer and the pinned-memory threads may call CUDA
                     # from their threads meanwhile
                     with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                         logits, next_tokens = self._step(bs, meta)

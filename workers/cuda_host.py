@@ -50,7 +50,8 @@ def cudart() -> ctypes.CDLL | None:
                                             ctypes.c_int, ctypes.c_void_p]
             lib.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
             lib.cudaHostUnregister.argtypes = [ctypes.c_void_p]
-            for fn in (lib.cudaMemcpyAsync, lib.cudaHostRegister, lib.cudaHostUnregister):
+            for fn in (lib.cudaMemcpyAsync, lib.cudaHostRegister, lib.cudaHostUnregister,
+                       lib.cudaGetLastError):
                 fn.restype = ctypes.c_int
             _lib = lib
             break
@@ -68,6 +69,7 @@ def copy_async(lib: ctypes.CDLL, copies: Sequence[tuple[int, int]], nbytes: int,
     for dst, src in copies:
         status = memcpy(dst, src, nbytes, _COPY_DEFAULT, handle)
         if status:
+            lib.cudaGetLastError()  # clear it: torch checks the same runtime's last error
             raise RuntimeError(f"cudaMemcpyAsync failed with CUDA error {status}")
 
 
@@ -103,6 +105,7 @@ class PinnedRanges:
         if was_pinned and lib is not None:
             status = lib.cudaHostUnregister(address)
             if status:
+                lib.cudaGetLastError()  # clear it: torch checks the same runtime's last error
                 log.warning("cudaHostUnregister failed with CUDA error %d", status)
 
     def covers(self, address: int, nbytes: int) -> bool:
@@ -128,6 +131,7 @@ class PinnedRanges:
                     lib.cudaHostUnregister(address)
                 return
             if status:
+                lib.cudaGetLastError()
                 log.warning("cudaHostRegister of %d bytes failed with CUDA error %d; copies from "
                             "it go through the staging buffers", nbytes, status)
                 return

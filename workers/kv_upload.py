@@ -21,6 +21,7 @@ allocation of a size costs ~0.5 s on the H200 host, hence staging buffers alloca
 from __future__ import annotations
 
 import ctypes
+import logging
 import threading
 from collections.abc import Sequence
 
@@ -37,6 +38,7 @@ from cachestore.codec import (
 from cachestore.keys import Namespace
 from workers.cuda_host import copy_async, cudart
 
+log = logging.getLogger(__name__)
 _CHUNK_BYTES = 64 << 20
 _VERIFY_TASK_BYTES = 4 << 20  # per checksum task of an in-place send
 
@@ -198,6 +200,8 @@ class SnapshotSlots:
                                     pin_memory=self.pin_memory)
             with self._lock:
                 self._free = list(range(self.count - 1, -1, -1))
+        except Exception:  # no slots: every write-through is dropped (and counted)
+            log.warning("no pinned memory for %d store snapshot slots", self.count, exc_info=True)
         finally:
             self._ready.set()
 

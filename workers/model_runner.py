@@ -126,7 +126,8 @@ class ModelRunner:
             return list(self.kv_pool[page_ids].cpu().unbind()), None, None
         slots = self.snapshots.take(len(page_ids))
         rows = self.snapshots.rows
-        assert rows is not None
+        if not slots or rows is None:  # none free, or the arena could not be allocated
+            return [], [], None
         start = 0
         for end in range(1, len(slots) + 1):
             if (end == len(slots) or page_ids[end] != page_ids[end - 1] + 1

@@ -142,8 +142,14 @@ class KvOffload:
         with self._lock:
             room = max(0, (_STORE_QUEUE_BYTES - self._queued_bytes) // ns.page_nbytes)
             self._queued_bytes += min(room, len(pages)) * ns.page_nbytes
-        rows, slots, event = (self.snapshot_pages([page_id for _, _, page_id in pages[:room]])
-                              if room else ([], None, None))
+        rows: list[Any] = []
+        slots, event = None, None
+        if room:
+            try:
+                rows, slots, event = self.snapshot_pages([page_id for _, _, page_id in
+                                                          pages[:room]])
+            except Exception:  # e.g. a device error: the pages are not written, the step goes on
+                log.warning("store write-through snapshot failed", exc_info=True)
         if len(rows) < len(pages):
             with self._lock:
                 self._queued_bytes -= (min(room, len(pages)) - len(rows)) * ns.page_nbytes
@@ -166,6 +172,9 @@ class KvOffload:
                     item.event.synchronize()
                 for start in range(0, len(item.keys), _WRITE_BATCH):
                     self._send(item, range(start, min(start + _WRITE_BATCH, len(item.keys))))
+            except Exception as exc:  # the snapshot's copies failed: drop it, keep the thread
+                self.num_store_errors += 1
+                log.warning("store write of %d pages failed: %s", len(item.keys), exc)
             finally:
                 if item.slots is not None:
                     self.release_snapshots(item.slots)

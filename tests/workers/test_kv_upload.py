@@ -110,3 +110,17 @@ def test_runner_snapshots_copy_runs_of_pages_into_slots():
         assert torch.equal(row, pool[page])
     pool.zero_()  # the snapshots are copies
     assert all(row.abs().sum() > 0 for row in rows)
+
+
+def test_without_an_arena_snapshots_come_back_empty():
+    """The slot arena could not be allocated: snapshot_pages hands out nothing (the offload
+    then counts the pages as dropped) instead of failing the engine step."""
+    from types import SimpleNamespace
+
+    from workers.model_runner import ModelRunner
+
+    slots = SnapshotSlots(SHAPE, torch.float32, 1 << 62, pin_memory=False)  # cannot allocate
+    runner = SimpleNamespace(kv_pool=torch.randn(4, *SHAPE), device=torch.device("cpu"),
+                             snapshots=slots)
+    assert ModelRunner.snapshot_pages(runner, [0, 1]) == ([], [], None)
+    assert slots.rows is None and slots.num_free == 0
