@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import rms_norm, rotary, silu_and_mul
+from kernels.reference import rotate_half
 
 
 @dataclass(frozen=True)
@@ -51,11 +52,6 @@ def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def rope_tables(head_dim: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -216,18 +216,11 @@ T = TypeVar("T")
 
 
 def map_chunked(fn: Callable[[range], list[T]], n: int, nbytes: int) -> list[T]:
-    """fn over contiguous index ranges covering range(n), concatenated in order: on a shared
-    thread pool when the work (`nbytes` in all) is large enough to pay for it. fn must release
-    the GIL for its heavy part (checksum, memmove) to gain anything."""
-    num_chunks = min(_BULK_THREADS, n)
-    if num_chunks < 2 or nbytes < _PARALLEL_MIN_BYTES:
-        return fn(range(n))
-    bounds = [n * c // num_chunks for c in range(num_chunks + 1)]
-    chunks = [range(bounds[c], bounds[c + 1]) for c in range(num_chunks)]
-    results: list[T] = []
-    for part in _BULK_POOL.map(fn, chunks):
-        results.extend(part)
-    return results
+    """fn over contiguous index ranges covering range(n), one per pool thread, concatenated in
+    order (one inline call when the work, `nbytes` in all, is small). fn must release the GIL
+    for its heavy part (checksum, memmove) to gain anything."""
+    with ChunkedTasks(fn, n, nbytes, -(-nbytes // _BULK_THREADS)) as tasks:
+        return [value for _, values in tasks for value in values]
 
 
 class ChunkedTasks(Generic[T]):

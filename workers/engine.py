@@ -42,8 +42,10 @@ class Engine:
         self.max_model_len = min(config.max_model_len or limit, limit)
         self.runner = ModelRunner(config, loaded, self.max_model_len)
         stager = PageStager(self.runner.page_shape, self.runner.dtype, self.runner.device)
-        if self.runner.device.type == "cuda" and (config.host_tier_bytes or config.store):
-            stager.warm_up()  # the first pinned allocation of a size takes ~0.5 s
+        if self.runner.device.type == "cuda" and config.store:
+            # staging for store pages not (yet) in page-locked memory; host-tier pages are
+            # pinned and go straight to the device. The first pinned allocation takes ~0.5 s.
+            stager.warm_up()
         if config.store:
             self.runner.enable_snapshot_slots(_SNAPSHOT_BYTES)
         self.offload = KvOffload(self.runner.read_page, self.runner.snapshot_pages,

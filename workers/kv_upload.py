@@ -23,7 +23,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -225,21 +225,27 @@ class SnapshotSlots:
             return len(self._free)
 
 
+def runs(n: int, continues: Callable[[int], bool]) -> list[range]:
+    """range(n) cut into maximal runs: index i joins the run before it when continues(i)."""
+    out: list[range] = []
+    start = 0
+    for i in range(1, n + 1):
+        if i == n or not continues(i):
+            out.append(range(start, i))
+            start = i
+    return out
+
+
 def upload_pages(kv_pool: torch.Tensor, page_ids: Sequence[int],
                  rows: Sequence[torch.Tensor]) -> None:
     """kv_pool[page_ids[i]] = rows[i] (host tensors of one page each); runs of consecutive page
     ids whose rows are consecutive in one staged tensor go as one copy. Asynchronous on CUDA
     (non_blocking from pinned rows)."""
-    i = 0
-    while i < len(page_ids):
-        j = i + 1
-        while (j < len(page_ids) and page_ids[j] == page_ids[j - 1] + 1
-               and _follows(rows[j - 1], rows[j])):
-            j += 1
-        src = rows[i] if j == i + 1 else _span(rows[i], j - i)
-        dst = kv_pool[page_ids[i]] if j == i + 1 else kv_pool[page_ids[i] : page_ids[j - 1] + 1]
-        dst.copy_(src, non_blocking=True)
-        i = j
+    for run in runs(len(page_ids), lambda i: page_ids[i] == page_ids[i - 1] + 1
+                    and _follows(rows[i - 1], rows[i])):
+        first = page_ids[run.start]
+        kv_pool[first : first + len(run)].copy_(_span(rows[run.start], len(run)),
+                                               non_blocking=True)
 
 
 def _follows(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -16,7 +16,7 @@ from kernels import reference
 from workers.config import WorkerConfig
 from workers.cuda_graphs import DecodeGraphs, advance_decode_inputs, decode_ctas_per_sm
 from workers.errors import InvalidConfig
-from workers.kv_upload import SnapshotSlots, upload_pages
+from workers.kv_upload import SnapshotSlots, runs, upload_pages
 from workers.models.llama import AttentionMetadata, AttentionOps, FusedOps, LlamaForCausalLM
 from workers.models.loader import LoadedModel
 from workers.scheduler import ScheduledBatch
@@ -128,14 +128,11 @@ class ModelRunner:
         rows = self.snapshots.rows
         if not slots or rows is None:  # none free, or the arena could not be allocated
             return [], [], None
-        start = 0
-        for end in range(1, len(slots) + 1):
-            if (end == len(slots) or page_ids[end] != page_ids[end - 1] + 1
-                    or slots[end] != slots[end - 1] + 1):
-                first_page, first_slot, n = page_ids[start], slots[start], end - start
-                rows[first_slot : first_slot + n].copy_(
-                    self.kv_pool[first_page : first_page + n], non_blocking=True)
-                start = end
+        for run in runs(len(slots), lambda i: page_ids[i] == page_ids[i - 1] + 1
+                        and slots[i] == slots[i - 1] + 1):
+            page, slot = page_ids[run.start], slots[run.start]
+            rows[slot : slot + len(run)].copy_(self.kv_pool[page : page + len(run)],
+                                               non_blocking=True)
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()

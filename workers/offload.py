@@ -139,9 +139,8 @@ class KvOffload:
         or down) are dropped and counted rather than stall the caller."""
         if self.store is None or not pages:
             return
-        with self._lock:
+        with self._lock:  # only the writer thread changes it meanwhile, and only downwards
             room = max(0, (_STORE_QUEUE_BYTES - self._queued_bytes) // ns.page_nbytes)
-            self._queued_bytes += min(room, len(pages)) * ns.page_nbytes
         rows: list[Any] = []
         slots, event = None, None
         if room:
@@ -150,12 +149,11 @@ class KvOffload:
                                                           pages[:room]])
             except Exception:  # e.g. a device error: the pages are not written, the step goes on
                 log.warning("store write-through snapshot failed", exc_info=True)
-        if len(rows) < len(pages):
-            with self._lock:
-                self._queued_bytes -= (min(room, len(pages)) - len(rows)) * ns.page_nbytes
-            self.num_store_writes_dropped += len(pages) - len(rows)
+        self.num_store_writes_dropped += len(pages) - len(rows)
         if rows:
             kept = pages[: len(rows)]
+            with self._lock:
+                self._queued_bytes += len(rows) * ns.page_nbytes
             self._queue.put(_PendingWrite(ns, [key for key, _, _ in kept],
                                           [tokens for _, tokens, _ in kept], rows, event, slots))
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.reference import rotate_half
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -134,11 +136,6 @@ class RMSNorm(nn.Module):
         return out if residual is None else (out, residual)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer: int) -> None:
         super().__init__()
@@ -209,7 +206,7 @@ class Rope:
             self.fused.rotary(q, k, self.positions, self.cos_cache, self.sin_cache)
             return q, k
         cos, sin = self.cos, self.sin
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 class LlamaDecoderLayer(nn.Module):
