@@ -4,8 +4,10 @@ transformers' `generate` on the very same weight tensors, in one run.
   decode   tokens/s at batch 1/32/64 (1K-token prompts, 256 new tokens), engine vs transformers,
            and the engine's decode step against the roofline (weight + KV bytes / copy bandwidth)
   ttft     first token of an 8K-token prompt: cold, device prefix hit, host-tier hit, and a hit
-           through the store path (an in-process TieredStore behind the same key-level page API
-           the gRPC StoreClient offers: the device image has no generated gRPC code)
+           from a KVStore gRPC server on loopback (shared memory; an in-process TieredStore
+           behind the same page API when the generated gRPC code is missing); with
+           `--checksums device,cpu` the host and store hits are measured once per side that
+           verifies the loaded pages (the GPU after the copy, the default on CUDA; or the CPU)
   memory   KV bytes used vs allocated under a mixed-length workload, next to a contiguous
            max-length allocation of the same requests
 
@@ -255,11 +257,16 @@ def bench_ttft(name, loaded, args, out: dict) -> None:
         measured["cold"] = first_token_s(engine, base + suffix)
         engine.offload.flush()
         measured["device_hit"] = first_token_s(engine, base + suffix[:8])
-        evict_all(engine)
-        measured["host_hit"] = first_token_s(engine, base + suffix[:4])
-        evict_all(engine)
-        engine.offload.host.delete_many(engine.namespace().page_keys(base + suffix))
-        measured["store_hit"] = first_token_s(engine, base + suffix[:2])
+        for where in args.checksums.split(","):
+            # which side verifies the loaded pages' checksums: the GPU after the copy (the
+            # default on CUDA) or the CPU pool in host memory
+            engine.offload.stager.device_checksums = where == "device"
+            label = "" if where == args.checksums.split(",")[0] else f"_{where}_checksums"
+            evict_all(engine)  # demotes the pages to the host tier
+            measured[f"host_hit{label}"] = first_token_s(engine, base + suffix[:4])
+            evict_all(engine)
+            engine.offload.host.delete_many(engine.namespace().page_keys(base + suffix))
+            measured[f"store_hit{label}"] = first_token_s(engine, base + suffix[:2])
         for key, (secs, tiers) in measured.items():
             results.setdefault(key, []).append((secs, tiers))
         print(f"[{name}] ttft trial {trial}: "
@@ -327,7 +334,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for flag, default in (("models", "1b,8b"), ("device", "cuda"), ("batches", "1,32,64"),
                           ("decode-steps", "8"),
-                          ("parts", "decode,ttft,memory"), ("out", None)):
+                          ("parts", "decode,ttft,memory"), ("out", None),
+                          ("checksums", "device")):
         ap.add_argument(f"--{flag}", default=default)
     for flag, default in (("prompt-len", 1024), ("new-tokens", 256), ("ttft-prefix", 8192),
                           ("trials", 2), ("kv-gib", 16), ("mem-kv-gib", 40), ("host-gib", 4),

@@ -2,15 +2,20 @@
 
 A prefix hit from the host tier or the store is hundreds of pages (an 8K-token Llama-3-8B prefix
 is 1 GB). `PageStager.stage` (on admission) checks every encoded page's header (key, namespace,
-shape, token ids) on the calling thread, then moves the payloads to one device tensor:
+shape, token ids) on the calling thread, then moves the payloads to one device tensor and checks
+their checksums:
 
 - pages in page-locked memory (the CpuTier pins its pages on CUDA; the store client's
   shared-memory segments are page-locked by the worker): every page's copy to the device is
-  queued at once (one cudaMemcpyAsync each, DMA straight from the source) while the bulk thread
-  pool checksums the sources in place; the rows from the first bad page on are dropped;
-- other pages: chunk by chunk on the pool, copied into a pinned staging buffer and checksummed
-  there (the source is read once, and what is verified is exactly what is uploaded); each chunk
+  queued at once (one cudaMemcpyAsync each, DMA straight from the source);
+- other pages: chunk by chunk on the bulk pool, copied into a pinned staging buffer; each chunk
   goes to the device while the next one is copied, two staging buffers alternating.
+
+On CUDA the checksums are computed on the device, over the rows that arrived
+(`kernels.xxh3`): host memory is read once, by the DMA, and what is verified is exactly what
+will be used. Elsewhere (CPU, or rows that found no room on the device) the bulk pool
+checksums in host memory: in place for pinned sources, on the staging copy for the others.
+Either way the rows from the first bad page on are never returned.
 
 `upload_pages` (in the step that uses the pages) then moves rows into their pool slots with
 device-to-device copies. Checksums and memmove run through ctypes, which releases the GIL, so the
@@ -48,9 +53,12 @@ class PageStager:
     `warm_up`. Called from one thread (the engine's)."""
 
     def __init__(self, page_shape: tuple[int, ...], dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, device_checksums: bool | None = None) -> None:
         self.page_shape, self.dtype, self.device = page_shape, dtype, device
         self.is_cuda = device.type == "cuda"
+        # checksums by kernels.xxh3 over the rows that arrived (default: on CUDA); else on the
+        # bulk pool in host memory
+        self.device_checksums = self.is_cuda if device_checksums is None else device_checksums
         self.page_nbytes = int(np.prod(page_shape)) * dtype.itemsize
         self.pages_per_chunk = max(1, _CHUNK_BYTES // self.page_nbytes)
         self._buffers: list[torch.Tensor] = []
@@ -88,8 +96,9 @@ class PageStager:
             out = torch.empty(shape, dtype=self.dtype, device=self.device)
         except torch.cuda.OutOfMemoryError:  # no room beside the pool: stay in pinned memory
             out = torch.empty(shape, dtype=self.dtype, pin_memory=self.is_cuda)
+        on_device = self._verifies_on_device(out)
         if is_pinned:
-            return self._send_pinned(out, sources, blobs)
+            return self._send_pinned(out, sources, blobs, on_device)
         self.warm_up()
         num_ok = 0
         for c, start in enumerate(range(0, len(sources), self.pages_per_chunk)):
@@ -99,7 +108,7 @@ class PageStager:
             if event is not None:
                 event.synchronize()  # this buffer's last upload has left it
             staging = self._buffers[buf]
-            ok = self._copy_and_verify(staging, chunk)
+            ok = self._copy_and_verify(staging, chunk, verify=not on_device)
             n = ok.index(False) if False in ok else len(chunk)
             out[start : start + n].copy_(staging[:n], non_blocking=True)
             if self.is_cuda:
@@ -108,16 +117,42 @@ class PageStager:
             num_ok += n
             if n < len(chunk):
                 break
+        if on_device:
+            num_ok = self._count_verified(out[:num_ok], [c for _, c in sources[:num_ok]])
         return out[:num_ok]
 
+    def _verifies_on_device(self, out: torch.Tensor) -> bool:
+        """Checksums computed on the device, over the rows of `out` once they have arrived."""
+        from kernels.xxh3 import MIN_NBYTES
+
+        return (self.device_checksums and out.device == self.device
+                and self.page_nbytes % 8 == 0 and self.page_nbytes >= MIN_NBYTES)
+
+    @staticmethod
+    def _count_verified(rows: torch.Tensor, recorded: list[int]) -> int:
+        """How many leading rows match their recorded checksums (waits for the rows)."""
+        if not recorded:
+            return 0
+        from kernels.xxh3 import as_int64, xxh3_64_rows
+
+        want = torch.tensor([as_int64(c) for c in recorded], dtype=torch.int64)
+        bad = xxh3_64_rows(rows) != want.to(rows.device)
+        index = torch.arange(len(recorded), device=rows.device)
+        return int(torch.where(bad, index, len(recorded)).min())
+
     def _send_pinned(self, out: torch.Tensor, sources: list[tuple[int, int]],
-                     blobs: Sequence[bytes | memoryview]) -> torch.Tensor:
-        """The pool checksums the pinned payloads in place (a few MB per task, all queued at
-        once) while this thread queues every page's copy to the device (asynchronous, the
-        source being pinned): `out` may receive a page that then fails its checksum, but rows
-        from the first bad page on are never returned, so nothing unverified is used."""
+                     blobs: Sequence[bytes | memoryview], on_device: bool) -> torch.Tensor:
+        """Queue every page's copy to the device (asynchronous, the source being pinned) and
+        verify the checksums: on the device over the rows that arrived (`on_device`), else on
+        the pool over the sources in place (a few MB per task, all queued at once), meanwhile.
+        `out` may receive a page that then fails its checksum, but rows from the first bad page
+        on are never returned, so nothing unverified is used."""
         self.wait_sent()  # the previous direct send has read its pages
         row = self.page_nbytes
+        if on_device:
+            self._copy_rows(out, [address for address, _ in sources])
+            # waits for the rows, so the copies have read their sources
+            return out[: self._count_verified(out, [c for _, c in sources])]
 
         def verify(indices: range) -> list[bool]:
             return [checksum_at(sources[i][0], row) == sources[i][1] for i in indices]
@@ -159,7 +194,10 @@ class PageStager:
                 event.synchronize()
             self._keepalive = None
 
-    def _copy_and_verify(self, staging: torch.Tensor, chunk: list[tuple[int, int]]) -> list[bool]:
+    def _copy_and_verify(self, staging: torch.Tensor, chunk: list[tuple[int, int]],
+                         verify: bool) -> list[bool]:
+        """Copy the chunk's payloads into `staging` on the pool, checksumming each copy if
+        `verify` (else every page counts as good here: it is verified on the device)."""
         base, row = staging.data_ptr(), self.page_nbytes
 
         def work(indices: range) -> list[bool]:
@@ -167,7 +205,7 @@ class PageStager:
             for i in indices:
                 address, recorded = chunk[i]
                 ctypes.memmove(base + i * row, address, row)
-                ok.append(checksum_at(base + i * row, row) == recorded)
+                ok.append(not verify or checksum_at(base + i * row, row) == recorded)
             return ok
 
         return map_chunked(work, len(chunk), len(chunk) * row)

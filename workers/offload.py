@@ -224,6 +224,10 @@ class KvOffload:
                     self.stager.wait_sent()  # the segment is reused once released
             if len(staged) < len(blobs):
                 log.warning("dropping a bad page from the %s tier", name)
+                if name == "cpu" and self.host is not None:  # (the store checks its own)
+                    bad = keys[start + len(staged)]
+                    if self.host.delete_many([bad]):
+                        self._emit(KvEventData("removed", [bad], None, "cpu"))
             payloads.extend(staged)
             tiers.extend([name] * len(staged))
         return PendingLoad(num_device_pages, payloads, tiers) if payloads else None

@@ -67,6 +67,31 @@ def test_host_tier_hit_after_device_eviction(make_engine, encode, hf_greedy, smo
     assert engine.stats().prefix_hits["cpu"] == 2
 
 
+def test_a_corrupt_host_tier_page_is_a_miss_and_is_dropped(make_engine, encode, hf_greedy):
+    page_nbytes = 30 * 2 * 16 * 3 * 64 * 4
+    engine = make_engine(kv_cache_bytes=8 * page_nbytes, host_tier_bytes=64 * page_nbytes)
+    prompt = encode(LONG)
+    run(engine, {"a": prompt}, GREEDY)
+    filler = encode("Bananas are yellow. " * 40)[:112]  # evicts every page of "a" to the host
+    run(engine, {"filler": filler}, GREEDY)
+    host = engine.offload.host
+    a_keys = engine.namespace().page_keys(prompt)[:2]
+    assert host.contains_many(a_keys) == [True, True]
+    corrupt = bytearray(host.get_many([a_keys[1]])[0])
+    corrupt[-3] ^= 0x40  # a payload byte: only the checksum can catch it
+    host.delete_many([a_keys[1]])
+    host.put_many([(a_keys[1], bytes(corrupt))])
+    engine.pop_kv_events()
+    second = prompt + encode(" and then")
+    outs = run(engine, {"b": second}, GREEDY)["b"]
+    assert tokens_of(outs) == hf_greedy(second, N)
+    assert final(outs).usage.cached_tokens_by_tier == {"cpu": 16}
+    assert host.contains_many(a_keys) == [True, False]
+    removed = {k for e in engine.pop_kv_events() if e.kind == "removed" and e.tier == "cpu"
+               for k in e.keys}
+    assert a_keys[1] in removed
+
+
 @pytest.mark.parametrize("decode_steps", [1, 4])  # 4: multi-step windows fall back when full
 def test_preemption_under_a_tiny_pool_matches_unconstrained(make_engine, encode, hf_greedy,
                                                             decode_steps):

@@ -14,9 +14,14 @@ NS = Namespace("m", num_layers=3, num_kv_heads=2, head_dim=8, dtype="float32", p
 SHAPE = (3, 2, 4, 2, 8)
 
 
-def stage_pages(blobs, ns, keys, tokens, pages_per_chunk=None, is_pinned=False):
-    """is_pinned: the in-place path (checksum the source, copy straight to the output)."""
-    stager = PageStager(SHAPE, torch.float32, torch.device("cpu"))
+def stage_pages(blobs, ns, keys, tokens, pages_per_chunk=None, is_pinned=False,
+                device_checksums=False):
+    """is_pinned: the in-place path (checksum the source, copy straight to the output).
+    device_checksums: verify the copied rows with the kernels.xxh3 kernel (Triton's interpreter
+    on this CPU, else on CUDA), as the CUDA engine does, instead of the pool's checksums in
+    host memory."""
+    device = torch.device("cuda" if device_checksums and torch.cuda.is_available() else "cpu")
+    stager = PageStager(SHAPE, torch.float32, device, device_checksums=device_checksums)
     if pages_per_chunk is not None:
         stager.pages_per_chunk = pages_per_chunk
     return stager.stage(blobs, ns, keys, tokens, is_pinned=is_pinned)
@@ -45,13 +50,23 @@ def test_stage_copies_every_verified_page(num, per_chunk, is_pinned):
 
 
 @pytest.mark.parametrize("is_pinned", [False, True])
-def test_a_bad_page_ends_the_staged_prefix(is_pinned):
-    blobs, keys, tokens, _ = pages(6)
+@pytest.mark.parametrize(("num", "per_chunk"), [(1, None), (5, 2)])
+def test_stage_with_device_checksums(num, per_chunk, is_pinned):
+    blobs, keys, tokens, payloads = pages(num)
+    staged = stage_pages(blobs, NS, keys, tokens, per_chunk, is_pinned, device_checksums=True)
+    assert torch.equal(staged.cpu(), torch.stack(payloads))
+
+
+@pytest.mark.parametrize("device_checksums", [False, True])
+@pytest.mark.parametrize("is_pinned", [False, True])
+def test_a_bad_page_ends_the_staged_prefix(is_pinned, device_checksums):
+    blobs, keys, tokens, payloads = pages(6)
     corrupt = bytearray(blobs[3])
     corrupt[-1] ^= 1  # payload byte: only the checksum can catch it
     blobs[3] = bytes(corrupt)
-    assert len(stage_pages(blobs, NS, keys, tokens, is_pinned=is_pinned)) == 3
-    assert len(stage_pages(blobs, NS, keys, tokens, 2, is_pinned)) == 3
+    for per_chunk in (None, 2):
+        staged = stage_pages(blobs, NS, keys, tokens, per_chunk, is_pinned, device_checksums)
+        assert torch.equal(staged.cpu(), torch.stack(payloads[:3]))
     blobs, keys, tokens, _ = pages(6)
     tokens[2] = tokens_to_bytes([1, 2, 3, 4])  # a hash collision: same key, other tokens
     assert len(stage_pages(blobs, NS, keys, tokens)) == 2
