@@ -48,10 +48,13 @@ def cudart() -> ctypes.CDLL | None:
                 continue
             lib.cudaMemcpyAsync.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
                                             ctypes.c_int, ctypes.c_void_p]
+            lib.cudaMemcpy2DAsync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
+                                              ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t,
+                                              ctypes.c_int, ctypes.c_void_p]
             lib.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
             lib.cudaHostUnregister.argtypes = [ctypes.c_void_p]
-            for fn in (lib.cudaMemcpyAsync, lib.cudaHostRegister, lib.cudaHostUnregister,
-                       lib.cudaGetLastError):
+            for fn in (lib.cudaMemcpyAsync, lib.cudaMemcpy2DAsync, lib.cudaHostRegister,
+                       lib.cudaHostUnregister, lib.cudaGetLastError):
                 fn.restype = ctypes.c_int
             _lib = lib
             break
@@ -61,16 +64,36 @@ def cudart() -> ctypes.CDLL | None:
 
 
 def copy_async(lib: ctypes.CDLL, copies: Sequence[tuple[int, int]], nbytes: int,
-               stream: torch.cuda.Stream) -> None:
+               stream: torch.cuda.Stream, one_source_buffer: bool = False) -> None:
     """Queue copies of `nbytes` each, (destination, source) address pairs, on `stream`: host to
     device in the main use. Asynchronous when the host side is page-locked; the caller keeps the
-    source alive and unchanged until the stream has passed the copies."""
-    memcpy, handle = lib.cudaMemcpyAsync, stream.cuda_stream
-    for dst, src in copies:
-        status = memcpy(dst, src, nbytes, _COPY_DEFAULT, handle)
-        if status:
-            lib.cudaGetLastError()  # clear it: torch checks the same runtime's last error
-            raise RuntimeError(f"cudaMemcpyAsync failed with CUDA error {status}")
+    source alive and unchanged until the stream has passed the copies. `one_source_buffer`: the
+    sources lie in one allocation (pages back to back in a store segment, each behind its
+    header), so a run of consecutive destinations whose sources are at one fixed stride goes as
+    one cudaMemcpy2DAsync (CUDA refuses a 2-D copy whose span crosses allocations)."""
+    handle = stream.cuda_stream
+    i = 0
+    while i < len(copies):
+        dst, src = copies[i]
+        end = i + 1
+        pitch = copies[end][1] - src if end < len(copies) else 0
+        if one_source_buffer and pitch >= nbytes:
+            while (end < len(copies) and copies[end][0] == dst + (end - i) * nbytes
+                   and copies[end][1] == src + (end - i) * pitch):
+                end += 1
+        if end - i > 1:
+            _check(lib, lib.cudaMemcpy2DAsync(dst, nbytes, src, pitch, nbytes, end - i,
+                                              _COPY_DEFAULT, handle), "cudaMemcpy2DAsync")
+        else:
+            _check(lib, lib.cudaMemcpyAsync(dst, src, nbytes, _COPY_DEFAULT, handle),
+                   "cudaMemcpyAsync")
+        i = end
+
+
+def _check(lib: ctypes.CDLL, status: int, what: str) -> None:
+    if status:
+        lib.cudaGetLastError()  # clear it: torch checks the same runtime's last error
+        raise RuntimeError(f"{what} failed with CUDA error {status}")
 
 
 class PinnedRanges:

@@ -96,7 +96,8 @@ class Engine:
         if not prompt_token_ids:
             raise InvalidRequest("prompt must not be empty")
         vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
+        if (not set(map(type, prompt_token_ids)) <= {int} or min(prompt_token_ids) < 0
+                or max(prompt_token_ids) >= vocab):
             raise InvalidRequest(f"prompt token ids must be ints in [0, {vocab})")
         if len(prompt_token_ids) >= self.max_model_len:
             raise InvalidRequest(f"prompt has {len(prompt_token_ids)} tokens; this model takes "

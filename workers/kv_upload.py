@@ -28,7 +28,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ from workers.cuda_host import copy_async, cudart
 log = logging.getLogger(__name__)
 _CHUNK_BYTES = 64 << 20
 _VERIFY_TASK_BYTES = 4 << 20  # per checksum task of an in-place send
+_SEND_BATCH = 32  # pages whose headers are checked before their copies are queued
 
 
 class PageStager:
@@ -73,32 +74,27 @@ class PageStager:
                              for _ in range(2)]
 
     def stage(self, blobs: Sequence[bytes | memoryview], ns: Namespace, keys: Sequence[bytes],
-              token_ids: Sequence[bytes], is_pinned: bool = False) -> torch.Tensor:
+              token_ids: Sequence[bytes], is_pinned: bool = False,
+              in_one_buffer: bool = False) -> torch.Tensor:
         """The verified payloads of the leading pages that pass every check, as rows of one
         tensor [num_ok, *page_shape] on the device (copies may still be in flight on the
         current stream); a page that fails ends the prefix. `is_pinned`: the blobs already lie
-        in page-locked memory (the CpuTier pins on CUDA), so each payload is checksummed in
-        place and sent to the device straight from there, with no staging copy; the blobs are
-        then kept referenced until those copies are done."""
-        sources: list[tuple[int, int]] = []  # (payload address, recorded checksum)
-        arrays = []  # keep the payload arrays (and so their addresses) alive
-        for i, blob in enumerate(blobs):
-            try:
-                payload, checksum = check_page_header(blob, ns, keys[i], token_ids[i])
-            except PageCorrupt:
-                break
-            if payload.nbytes != self.page_nbytes:
-                break
-            arrays.append(np.frombuffer(payload, dtype=np.uint8))
-            sources.append((arrays[-1].ctypes.data, checksum))
-        shape = (len(sources), *self.page_shape)
+        in page-locked memory (the CpuTier pins on CUDA), so each payload is sent to the device
+        straight from there, with no staging copy (the blobs are kept referenced until those
+        copies are done), and checksummed there or, without device checksums, in place.
+        `in_one_buffer`: the blobs lie in one allocation (a store segment), so pages at a fixed
+        stride go to the device in one 2-D copy."""
+        shape = (len(blobs), *self.page_shape)
         try:
             out = torch.empty(shape, dtype=self.dtype, device=self.device)
         except torch.cuda.OutOfMemoryError:  # no room beside the pool: stay in pinned memory
             out = torch.empty(shape, dtype=self.dtype, pin_memory=self.is_cuda)
         on_device = self._verifies_on_device(out)
+        if is_pinned and on_device:
+            return self._send_checked(out, blobs, ns, keys, token_ids, in_one_buffer)
+        sources = list(self._checked_sources(blobs, ns, keys, token_ids))
         if is_pinned:
-            return self._send_pinned(out, sources, blobs, on_device)
+            return self._send_pinned(out, sources, blobs)
         self.warm_up()
         num_ok = 0
         for c, start in enumerate(range(0, len(sources), self.pages_per_chunk)):
@@ -121,11 +117,43 @@ class PageStager:
             num_ok = self._count_verified(out[:num_ok], [c for _, c in sources[:num_ok]])
         return out[:num_ok]
 
+    def _checked_sources(self, blobs: Sequence[bytes | memoryview], ns: Namespace,
+                         keys: Sequence[bytes], token_ids: Sequence[bytes]
+                         ) -> Iterator[tuple[int, int]]:
+        """(payload address, recorded checksum) of the leading pages whose headers check out;
+        each address stays valid while its blob is referenced."""
+        for i, blob in enumerate(blobs):
+            try:
+                payload, checksum = check_page_header(blob, ns, keys[i], token_ids[i])
+            except PageCorrupt:
+                return
+            if payload.nbytes != self.page_nbytes:
+                return
+            yield np.frombuffer(payload, dtype=np.uint8).ctypes.data, checksum
+
+    def _send_checked(self, out: torch.Tensor, blobs: Sequence[bytes | memoryview],
+                      ns: Namespace, keys: Sequence[bytes], token_ids: Sequence[bytes],
+                      in_one_buffer: bool) -> torch.Tensor:
+        """Pinned sources, checksums on the device: each page's copy is queued as soon as its
+        header checks out (the DMA starts at once), then the rows that arrived are verified."""
+        self.wait_sent()  # the previous direct send has read its pages
+        recorded: list[int] = []
+        batch: list[int] = []
+        for address, checksum in self._checked_sources(blobs, ns, keys, token_ids):
+            recorded.append(checksum)
+            batch.append(address)
+            if len(batch) == _SEND_BATCH:
+                self._copy_rows(out[len(recorded) - len(batch):], batch, in_one_buffer)
+                batch = []
+        self._copy_rows(out[len(recorded) - len(batch):], batch, in_one_buffer)
+        # waits for the rows, so the copies have read their sources
+        return out[: self._count_verified(out[: len(recorded)], recorded)]
+
     def _verifies_on_device(self, out: torch.Tensor) -> bool:
         """Checksums computed on the device, over the rows of `out` once they have arrived."""
         from kernels.xxh3 import MIN_NBYTES
 
-        return (self.device_checksums and out.device == self.device
+        return (self.device_checksums and out.device.type == self.device.type
                 and self.page_nbytes % 8 == 0 and self.page_nbytes >= MIN_NBYTES)
 
     @staticmethod
@@ -141,18 +169,14 @@ class PageStager:
         return int(torch.where(bad, index, len(recorded)).min())
 
     def _send_pinned(self, out: torch.Tensor, sources: list[tuple[int, int]],
-                     blobs: Sequence[bytes | memoryview], on_device: bool) -> torch.Tensor:
-        """Queue every page's copy to the device (asynchronous, the source being pinned) and
-        verify the checksums: on the device over the rows that arrived (`on_device`), else on
-        the pool over the sources in place (a few MB per task, all queued at once), meanwhile.
-        `out` may receive a page that then fails its checksum, but rows from the first bad page
-        on are never returned, so nothing unverified is used."""
+                     blobs: Sequence[bytes | memoryview]) -> torch.Tensor:
+        """Checksums on the host: the pool checksums the pinned payloads in place (a few MB per
+        task, all queued at once) while this thread queues every page's copy to the device
+        (asynchronous, the source being pinned): `out` may receive a page that then fails its
+        checksum, but rows from the first bad page on are never returned, so nothing unverified
+        is used."""
         self.wait_sent()  # the previous direct send has read its pages
         row = self.page_nbytes
-        if on_device:
-            self._copy_rows(out, [address for address, _ in sources])
-            # waits for the rows, so the copies have read their sources
-            return out[: self._count_verified(out, [c for _, c in sources])]
 
         def verify(indices: range) -> list[bool]:
             return [checksum_at(sources[i][0], row) == sources[i][1] for i in indices]
@@ -172,14 +196,15 @@ class PageStager:
         self._keepalive = (event, list(blobs))
         return out[:num_ok]
 
-    def _copy_rows(self, out: torch.Tensor, addresses: list[int]) -> None:
+    def _copy_rows(self, out: torch.Tensor, addresses: list[int],
+                   in_one_buffer: bool = False) -> None:
         """out[i] = the page at addresses[i], queued on the current stream."""
         row = self.page_nbytes
         lib = cudart() if self.is_cuda else None
         if lib is not None:
             base = out.data_ptr()
             copy_async(lib, [(base + i * row, a) for i, a in enumerate(addresses)], row,
-                       torch.cuda.current_stream(self.device))
+                       torch.cuda.current_stream(self.device), in_one_buffer)
         elif addresses:
             dst = list(out[: len(addresses)].view(len(addresses), -1).view(torch.uint8).unbind())
             src = [torch.frombuffer((ctypes.c_char * row).from_address(a), dtype=torch.uint8)
@@ -274,24 +299,36 @@ def runs(n: int, continues: Callable[[int], bool]) -> list[range]:
     return out
 
 
+StagedRow = tuple[torch.Tensor, int]  # (staged tensor, row): one page, kept as a reference
+
+
 def upload_pages(kv_pool: torch.Tensor, page_ids: Sequence[int],
-                 rows: Sequence[torch.Tensor]) -> None:
-    """kv_pool[page_ids[i]] = rows[i] (host tensors of one page each); runs of consecutive page
-    ids whose rows are consecutive in one staged tensor go as one copy. Asynchronous on CUDA
-    (non_blocking from pinned rows)."""
-    for run in runs(len(page_ids), lambda i: page_ids[i] == page_ids[i - 1] + 1
-                    and _follows(rows[i - 1], rows[i])):
-        first = page_ids[run.start]
-        kv_pool[first : first + len(run)].copy_(_span(rows[run.start], len(run)),
-                                               non_blocking=True)
+                 rows: Sequence[StagedRow]) -> None:
+    """kv_pool[page_ids[i]] = source[row] for (source, row) = rows[i]. Runs of consecutive page
+    ids and consecutive rows of one source go as one copy; a source scattered over more than
+    _MAX_RUN_COPIES runs goes as one gather + one index_copy_ on the device. Asynchronous on
+    CUDA (non_blocking from pinned sources)."""
+    groups: dict[int, tuple[torch.Tensor, list[int], list[int]]] = {}
+    for page_id, (source, row) in zip(page_ids, rows, strict=True):
+        group = groups.setdefault(id(source), (source, [], []))
+        group[1].append(page_id)
+        group[2].append(row)
+    for source, ids, index in groups.values():
+        spans = _runs_of_both(ids, index)
+        if len(spans) > _MAX_RUN_COPIES and source.device == kv_pool.device:
+            device = kv_pool.device
+            kv_pool.index_copy_(0, torch.tensor(ids, device=device),
+                                source.index_select(0, torch.tensor(index, device=device)))
+            continue
+        for span in spans:
+            first, row = ids[span.start], index[span.start]
+            kv_pool[first : first + len(span)].copy_(source[row : row + len(span)],
+                                                     non_blocking=True)
 
 
-def _follows(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """b is the row right after a in the same contiguous storage."""
-    return (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-            and b.data_ptr() == a.data_ptr() + a.numel() * a.element_size())
+_MAX_RUN_COPIES = 4
 
 
-def _span(first: torch.Tensor, count: int) -> torch.Tensor:
-    """`count` consecutive rows starting at `first`, as one [count, *row shape] view."""
-    return first.as_strided((count, *first.shape), (first.numel(), *first.stride()))
+def _runs_of_both(a: list[int], b: list[int]) -> list[range]:
+    """Maximal runs over which both a and b count up by one."""
+    return runs(len(a), lambda i: a[i] == a[i - 1] + 1 and b[i] == b[i - 1] + 1)

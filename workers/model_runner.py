@@ -16,7 +16,7 @@ from kernels import reference
 from workers.config import WorkerConfig
 from workers.cuda_graphs import DecodeGraphs, advance_decode_inputs, decode_ctas_per_sm
 from workers.errors import InvalidConfig
-from workers.kv_upload import SnapshotSlots, runs, upload_pages
+from workers.kv_upload import SnapshotSlots, StagedRow, runs, upload_pages
 from workers.models.llama import AttentionMetadata, AttentionOps, FusedOps, LlamaForCausalLM
 from workers.models.loader import LoadedModel
 from workers.scheduler import ScheduledBatch
@@ -151,8 +151,9 @@ class ModelRunner:
         if self.snapshots is not None:
             self.snapshots.give_back(slots)
 
-    def write_pages(self, loads: list[tuple[int, torch.Tensor]]) -> None:
-        """Staged pages (kv_upload.PageStager rows) into pool pages; asynchronous on CUDA."""
+    def write_pages(self, loads: list[tuple[int, StagedRow]]) -> None:
+        """Staged pages (rows of kv_upload.PageStager tensors) into pool pages; asynchronous on
+        CUDA."""
         upload_pages(self.kv_pool, [page_id for page_id, _ in loads], [row for _, row in loads])
 
     def copy_pages(self, copies: list[tuple[int, int]]) -> None:

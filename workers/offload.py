@@ -26,7 +26,7 @@ from cachestore.keys import Namespace, tokens_to_bytes
 from cachestore.tiers.cpu import CpuTier
 from workers.block_manager import EvictedPage
 from workers.cuda_host import PinnedRanges
-from workers.kv_upload import PageStager
+from workers.kv_upload import PageStager, StagedRow
 from workers.outputs import KvEventData
 from workers.sequence import PendingLoad, Sequence
 
@@ -207,7 +207,7 @@ class KvOffload:
         ps = ns.page_size
         data = tokens_to_bytes(seq.token_ids[num_device_pages * ps : max_pages * ps])
         page_tokens = [data[i * 4 * ps : (i + 1) * 4 * ps] for i in range(len(keys))]
-        payloads: list[torch.Tensor] = []
+        payloads: list[StagedRow] = []
         tiers: list[str] = []
         for name, fetch in (("cpu", self._host_get), ("store", self._store_get)):
             start = len(payloads)
@@ -219,7 +219,8 @@ class KvOffload:
                     blobs = blobs[: blobs.index(None)]
                 end = start + len(blobs)
                 staged = self.stager.stage(blobs, ns, keys[start:end], page_tokens[start:end],
-                                           is_pinned=fetched.is_pinned)
+                                           is_pinned=fetched.is_pinned,
+                                           in_one_buffer=fetched.is_leased)
                 if fetched.is_pinned and fetched.is_leased:
                     self.stager.wait_sent()  # the segment is reused once released
             if len(staged) < len(blobs):
@@ -228,7 +229,7 @@ class KvOffload:
                     bad = keys[start + len(staged)]
                     if self.host.delete_many([bad]):
                         self._emit(KvEventData("removed", [bad], None, "cpu"))
-            payloads.extend(staged)
+            payloads.extend((staged, i) for i in range(len(staged)))
             tiers.extend([name] * len(staged))
         return PendingLoad(num_device_pages, payloads, tiers) if payloads else None
 

@@ -22,11 +22,11 @@ class SeqStatus(Enum):
 @dataclass
 class PendingLoad:
     """Pages found in the host tier or the store for a waiting sequence, not yet in the pool.
-    payloads[i] (a verified copy on the device, kv_upload.PageStager) is page start_page + i;
-    tiers[i] names where it was."""
+    payloads[i] (a verified copy on the device: a row of a kv_upload.PageStager tensor) is page
+    start_page + i; tiers[i] names where it was."""
 
     start_page: int
-    payloads: list[Any]  # torch.Tensor rows; typed loosely to keep this module torch-free
+    payloads: list[Any]  # kv_upload.StagedRow; typed loosely to keep this module torch-free
     tiers: list[str]
 
 

@@ -92,11 +92,25 @@ def test_upload_merges_consecutive_runs_and_keeps_order():
     staged = stage_pages(blobs, NS, keys, tokens)
     pool = torch.zeros((12, *SHAPE))
     page_ids = [4, 5, 6, 1, 9, 10, 2]  # runs 4-6, 1, 9-10, 2
-    upload_pages(pool, page_ids, list(staged))
+    upload_pages(pool, page_ids, [(staged, i) for i in range(len(staged))])
     for page_id, payload in zip(page_ids, payloads, strict=True):
         assert torch.equal(pool[page_id], payload)
     untouched = set(range(12)) - set(page_ids)
     assert all(not pool[i].any() for i in untouched)
+
+
+def test_upload_scatters_rows_of_two_sources():
+    """Six rows of `a` in reverse order go to scattered pages (one gather + index_copy_), the
+    three rows of `b` to pages 14-16 (one copy)."""
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(6, *SHAPE, generator=gen), torch.randn(3, *SHAPE, generator=gen)
+    pool = torch.zeros((20, *SHAPE))
+    page_ids = [3, 5, 7, 9, 11, 13, 14, 15, 16]
+    rows = [(a, i) for i in (5, 4, 3, 2, 1, 0)] + [(b, 0), (b, 1), (b, 2)]
+    upload_pages(pool, page_ids, rows)
+    for page_id, (source, row) in zip(page_ids, rows, strict=True):
+        assert torch.equal(pool[page_id], source[row])
+    assert all(not pool[i].any() for i in set(range(20)) - set(page_ids))
 
 
 def test_snapshot_slots_hand_out_consecutive_rows_and_take_them_back():
@@ -139,3 +153,31 @@ def test_without_an_arena_snapshots_come_back_empty():
                              snapshots=slots)
     assert ModelRunner.snapshot_pages(runner, [0, 1]) == ([], [], None)
     assert slots.rows is None and slots.num_free == 0
+
+
+@pytest.mark.gpu
+def test_copy_async_merges_strided_sources_into_one_2d_copy():
+    """Pages back to back behind 48-byte headers (a store segment) go as 2-D copies; a page out
+    of stride and one of a different run still land in their rows. Then pages of separate pinned
+    allocations (the host tier's) that happen to lie at one stride: per-page copies."""
+    from workers.cuda_host import copy_async, cudart
+
+    lib = cudart()
+    assert lib is not None
+    row, pitch, n = 1536, 1536 + 48, 7
+    segment = torch.randint(0, 256, (n + 2, pitch), dtype=torch.uint8).pin_memory()
+    sources = [segment[i, 48:].data_ptr() for i in range(5)]  # one strided run
+    sources += [segment[8, :row].data_ptr(), segment[6, 48:].data_ptr()]  # out of stride
+    out = torch.zeros(n, row, dtype=torch.uint8, device="cuda")
+    copy_async(lib, [(out[i].data_ptr(), a) for i, a in enumerate(sources)], row,
+               torch.cuda.current_stream(), one_source_buffer=True)
+    torch.cuda.synchronize()
+    expected = torch.stack([segment[i, 48:] for i in range(5)] + [segment[8, :row],
+                                                                   segment[6, 48:]])
+    assert torch.equal(out.cpu(), expected)
+    pages = [torch.randint(0, 256, (row,), dtype=torch.uint8).pin_memory() for _ in range(6)]
+    out.zero_()
+    copy_async(lib, [(out[i].data_ptr(), p.data_ptr()) for i, p in enumerate(pages)], row,
+               torch.cuda.current_stream())
+    torch.cuda.synchronize()
+    assert torch.equal(out[:6].cpu(), torch.stack(pages))
