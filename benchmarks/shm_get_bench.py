@@ -7,9 +7,9 @@ check them (codec header, key, xxh3 checksum) and write them into a client's seg
 
 Both paths take turns, best of --repeats; the first repeat (segment pages first touched) is
 dropped. Default pages: Llama-3.2-1B bf16 (16 layers x 2 x 16 tokens x 8 heads x 64 = 512 KiB),
-512 of them (an 8K-token prefix).
+512 of them (an 8K-token prefix); `--layers 32 --head-dim 128`: Llama-3-8B pages (2 MiB).
 
-    python3 benchmarks/shm_get_bench.py [--pages 512] [--repeats 6]
+    python3 benchmarks/shm_get_bench.py [--pages 512] [--repeats 6] [--layers 32 --head-dim 128]
 """
 
 from __future__ import annotations
@@ -33,9 +33,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pages", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=6)
+    ap.add_argument("--layers", type=int, default=16, help="32 with --head-dim 128: 8B pages")
+    ap.add_argument("--head-dim", type=int, default=64)
     args = ap.parse_args()
-    ns = Namespace("bench", num_layers=16, num_kv_heads=8, head_dim=64, dtype="bfloat16",
-                   page_size=16)
+    ns = Namespace("bench", num_layers=args.layers, num_kv_heads=8, head_dim=args.head_dim,
+                   dtype="bfloat16", page_size=16)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 50_000, args.pages * 16).tolist()
     keys = ns.page_keys(tokens)
@@ -64,7 +66,8 @@ def main() -> None:
         writer.close()
         segment.close()
         shm.unlink_quietly(segment.path)
-    print(f"{args.pages} pages, {nbytes / 1e6:.0f} MB, best of {args.repeats}\n")
+    print(f"{args.pages} pages of {ns.page_nbytes >> 10} KiB, {nbytes / 1e6:.0f} MB, best of "
+          f"{args.repeats}\n")
     print("| path | ms | GB/s |\n|---|---:|---:|")
     for name, values in times.items():
         best = min(values[1:])
