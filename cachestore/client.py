@@ -208,6 +208,12 @@ class StoreClient:
             lease.pages[first:] = [None] * (len(lease.pages) - first)
         return lease
 
+    def reserve_segment(self, nbytes: int) -> None:
+        """Make a shared-memory segment of `nbytes` for later gets now (a no-op without shared
+        memory): a worker reserves one for its longest prefix at start."""
+        if self._segments is not None:
+            self._segments.reserve(nbytes)
+
     def put_encoded_pages(self, pages: Sequence[tuple[bytes, bytes | memoryview]]) -> int:
         """Store (key, encoded page) pairs; the server checks each page before storing any."""
         stored = 0

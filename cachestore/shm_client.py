@@ -159,6 +159,14 @@ class SegmentPool:
             self._close_segment(segment)
         self._finalizer()
 
+    def reserve(self, nbytes: int) -> None:
+        """Make an idle segment of at least `nbytes` now (and run on_new_segment on it), so that
+        the first get of that size does not pay for creating (and page-locking) it; nothing
+        when an idle one already fits."""
+        segment = self._lease(nbytes, must_fit=True)
+        if segment is not None:
+            self.give_back(segment)
+
     def _lease(self, nbytes: int, must_fit: bool) -> Segment | None:
         """An idle segment (smallest that fits; else, unless must_fit, the largest) or a new one
         of about `nbytes`; None (inline) when segments cannot be made or the server declined."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cachestore.codec import header_nbytes
 from cachestore.keys import Namespace
 from workers.block_manager import BlockManager
 from workers.config import WorkerConfig
@@ -51,7 +52,7 @@ class Engine:
         self.offload = KvOffload(self.runner.read_page, self.runner.snapshot_pages,
                                  self.runner.release_snapshots,
                                  config.host_tier_bytes, config.store, config.store_token,
-                                 stager)
+                                 stager, self._max_prefix_nbytes())
         on_evict = self.offload.on_evict if self.offload.host is not None else None
         self.block_manager = BlockManager(self.runner.num_pages, self.page_size, on_evict)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
@@ -73,6 +74,12 @@ class Engine:
             _GRAPH_DECODE_STEPS if self.runner.graphs is not None else 1)
 
     # ------------------------------------------------------------------ requests
+    def _max_prefix_nbytes(self) -> int:
+        """Encoded bytes of the longest prefix a request can load (every full page but one
+        token's)."""
+        pages = (self.max_model_len - 1) // self.page_size
+        return pages * (header_nbytes(self.page_size) + self.runner.page_nbytes)
+
     def attach_store(self, store: Any) -> None:
         """Use an already connected store client (StoreClient-like) as the remote tier; a
         StoreClient made for it should take `offload.segment_hooks()`."""

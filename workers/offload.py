@@ -82,10 +82,15 @@ class KvOffload:
         store_target: str | None,
         store_token: str | None,
         stager: PageStager,
+        max_prefix_nbytes: int = 0,
     ) -> None:
         self.read_page = read_page
         self.snapshot_pages, self.release_snapshots = snapshot_pages, release_snapshots
         self.stager = stager
+        # encoded bytes of the longest prefix a request can load: a store segment of that size
+        # is made (and page-locked) when a store is attached, off the first hit's path
+        self.max_prefix_nbytes = max_prefix_nbytes
+        self.reserving: threading.Thread | None = None  # making that segment
         # the store client's shared-memory segments, page-locked so hits go to the GPU by DMA
         self.pinned = PinnedRanges() if stager.is_cuda else None
         self.host = CpuTier(host_tier_bytes) if host_tier_bytes else None
@@ -118,6 +123,18 @@ class KvOffload:
         self._writer = threading.Thread(target=self._write_loop, name="kv-store-writer",
                                         daemon=True)
         self._writer.start()
+        # on CUDA only: there page-locking a segment is the slow part of making it
+        if self.pinned is not None and self.max_prefix_nbytes and hasattr(store,
+                                                                         "reserve_segment"):
+            self.reserving = threading.Thread(target=self._reserve_segment,
+                                              name="kv-store-segment", daemon=True)
+            self.reserving.start()
+
+    def _reserve_segment(self) -> None:
+        try:
+            self.store.reserve_segment(self.max_prefix_nbytes)
+        except Exception:  # the first hit makes one instead
+            log.warning("could not reserve a store segment", exc_info=True)
 
     # ------------------------------------------------------------------ device -> host / store
     def on_evict(self, page: EvictedPage) -> None:

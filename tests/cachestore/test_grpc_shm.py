@@ -114,6 +114,24 @@ def test_live_leases_do_not_alias_and_release_reuses(client, stored):
     assert client._segments.segment_names == names  # reused: no new file
 
 
+def test_a_reserved_segment_serves_the_first_get(server, stored):
+    """A worker reserves a segment for its longest prefix at start (on_new_segment runs then,
+    e.g. page-locking it); the first get uses it instead of making one."""
+    keys, expected = stored
+    made = []
+    with StoreClient(server.target, on_new_segment=lambda a, n: made.append(n)) as c:
+        need = sum(len(p) for p in expected if p is not None)
+        c.reserve_segment(need)
+        c.reserve_segment(need)  # one fits already: nothing new
+        names = c._segments.segment_names
+        assert len(names) == 1 and len(made) == 1 and made[0] >= need
+        with c.get_pages_leased(keys) as lease:
+            assert lease.is_shared_memory and as_bytes(lease.pages) == expected
+        assert c._segments.segment_names == names and len(made) == 1
+    with StoreClient(server.target, shared_memory=False) as inline:
+        inline.reserve_segment(need)  # no shared memory: nothing to reserve
+
+
 def test_segment_grows_when_too_small(server, monkeypatch):
     monkeypatch.setattr(shm_client, "MIN_SEGMENT_NBYTES", 1 << 16)
     monkeypatch.setattr(shm_client, "SEGMENT_ALIGN_NBYTES", 1 << 12)

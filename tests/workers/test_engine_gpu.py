@@ -100,9 +100,10 @@ def test_prefix_hit_suffix_runs_through_the_decode_graph(tiny_cuda):
 
 
 def test_store_hit_through_a_page_locked_segment_matches(tiny_cuda):
-    """A store on this host answers through a shared-memory segment; the worker page-locks the
-    segment (cudaHostRegister, in the background), then checksums hits in place and copies them
-    straight to the GPU; the output still matches transformers."""
+    """A store on this host answers through a shared-memory segment. The worker makes one for
+    its longest prefix at start and page-locks it (cudaHostRegister, in the background), so the
+    first hit already goes straight to the GPU by DMA and is verified there; the output still
+    matches transformers, and later hits reuse that segment."""
     import time
 
     from cachestore.config import StoreConfig
@@ -121,6 +122,14 @@ def test_store_hit_through_a_page_locked_segment_matches(tiny_cuda):
         writer.offload.flush()
         writer.close()
         reader = Engine(config, loaded=loaded)
+        assert reader.offload.reserving is not None
+        reader.offload.reserving.join(timeout=30)
+        deadline = time.monotonic() + 30
+        while not reader.offload.pinned._ranges and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert reader.offload.pinned._ranges, "the reserved segment was never page-locked"
+        names = reader.offload.store._segments.segment_names
+        assert len(names) == 1
         staged = []
         stage = reader.offload.stager.stage
         reader.offload.stager.stage = (
@@ -128,15 +137,13 @@ def test_store_hit_through_a_page_locked_segment_matches(tiny_cuda):
         first = long[:48] + [3]
         assert reader.generate([first], params)[0] == hf_greedy(hf, first, NEW)
         assert reader.stats().prefix_hits["store"] == 6
-        deadline = time.monotonic() + 30
-        while not reader.offload.pinned._ranges and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert reader.offload.pinned._ranges, "the segment was never page-locked"
+        assert staged[-1] is True  # the first hit already went by DMA from the segment
         reader.block_manager.release(reader.block_manager.allocate(
             reader.block_manager.num_free_pages))  # evict: the next hit comes from the store
         second = long[:56] + [4, 4]
         assert reader.generate([second], params)[0] == hf_greedy(hf, second, NEW)
-        assert staged[-1] is True  # checksummed in place, sent by DMA
+        assert staged[-1] is True
+        assert reader.offload.store._segments.segment_names == names
         assert reader.stats().prefix_hits["store"] == 6 + 7
         reader.close()
     finally:
