@@ -49,6 +49,8 @@ class Engine:
             stager.warm_up()
         if config.store:
             self.runner.enable_snapshot_slots(_SNAPSHOT_BYTES)
+        if self.runner.device.type == "cuda" and (config.store or config.host_tier_bytes):
+            stager.warm_up_checksums()
         self.offload = KvOffload(self.runner.read_page, self.runner.snapshot_pages,
                                  self.runner.release_snapshots,
                                  config.host_tier_bytes, config.store, config.store_token,
@@ -84,6 +86,8 @@ class Engine:
         """Use an already connected store client (StoreClient-like) as the remote tier; a
         StoreClient made for it should take `offload.segment_hooks()`."""
         self.runner.enable_snapshot_slots(_SNAPSHOT_BYTES)
+        if self.runner.device.type == "cuda":
+            self.offload.stager.warm_up_checksums()
         self.offload.attach_store(store)
 
     def namespace(self, tenant_salt: str = "") -> Namespace:

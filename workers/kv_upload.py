@@ -73,6 +73,13 @@ class PageStager:
             self._buffers = [torch.empty(shape, dtype=self.dtype, pin_memory=self.is_cuda)
                              for _ in range(2)]
 
+    def warm_up_checksums(self) -> None:
+        """Compile the device checksum kernels for this page size now, not on the first hit
+        (a Triton compile takes a few hundred ms)."""
+        row = torch.zeros((1, *self.page_shape), dtype=self.dtype, device=self.device)
+        if self._verifies_on_device(row):
+            self._count_verified(row, [0])
+
     def stage(self, blobs: Sequence[bytes | memoryview], ns: Namespace, keys: Sequence[bytes],
               token_ids: Sequence[bytes], is_pinned: bool = False,
               in_one_buffer: bool = False) -> torch.Tensor:
