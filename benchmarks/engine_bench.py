@@ -230,8 +230,20 @@ def attach_store(engine: Engine, nbytes: int) -> tuple[str, object]:
     store = TieredStore([CpuTier(nbytes)])
     access = PageAccess(store)
 
+    class InProcessLease:  # a PageLease of inline pages (shm_client needs the gRPC code)
+        is_shared_memory = False
+
+        def __init__(self, pages):
+            self.pages = pages
+
+        def release(self):
+            pass
+
     class InProcessStore:  # StoreClient's key-level page API, minus the network
-        has_pages, get_pages, close = access.has, access.get, store.close
+        close = store.close
+
+        def get_pages_leased(self, keys, prefix_only=False):
+            return InProcessLease(access.get(keys, prefix_only=prefix_only))
 
         def put_encoded_pages(self, pages):
             return access.put(pages)

@@ -116,8 +116,8 @@ class KvOffload:
                 "on_release_segment": self.pinned.unregister}
 
     def attach_store(self, store: Any) -> None:
-        """Use `store` (StoreClient-like: has_pages, get_pages, put_encoded_pages, close) as the
-        remote tier and start the writer thread."""
+        """Use `store` (StoreClient-like: get_pages_leased, put_encoded_pages, close; optionally
+        reserve_segment) as the remote tier and start the writer thread."""
         assert self.store is None, "a store is already attached"
         self.store = store
         self._writer = threading.Thread(target=self._write_loop, name="kv-store-writer",
@@ -259,19 +259,15 @@ class KvOffload:
                         is_pinned=self.host.is_pinned)
 
     def _store_get(self, keys: list[bytes]) -> _Fetched:
-        """The leading pages the store holds: one round trip through shared memory when the
-        client offers leases (a StoreClient on this host), else has_pages + get_pages."""
+        """The leading pages the store holds, in one round trip (through shared memory when the
+        store is on this host)."""
         if self.store is None:
             return _Fetched([])
         try:
-            if hasattr(self.store, "get_pages_leased"):
-                lease = self.store.get_pages_leased(keys, prefix_only=True)
-                pinned = (lease.is_shared_memory and self.pinned is not None
-                          and self.pinned.covers_pages(lease.pages))
-                return _Fetched(lease.pages, lease.release, pinned)
-            present = self.store.has_pages(keys)
-            n = present.index(False) if False in present else len(keys)
-            return _Fetched(list(self.store.get_pages(keys[:n])) if n else [])
+            lease = self.store.get_pages_leased(keys, prefix_only=True)
+            pinned = (lease.is_shared_memory and self.pinned is not None
+                      and self.pinned.covers_pages(lease.pages))
+            return _Fetched(lease.pages, lease.release, pinned)
         except Exception as exc:  # down, timed out, unauthenticated: a miss
             self.num_store_errors += 1
             log.warning("store lookup failed, treating as a miss: %s", exc)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cachestore import ClosestKV, Namespace, StoreClient
+from cachestore import ClosestKV, Namespace
 from cachestore.codec import encode_page
 from cachestore.config import StoreConfig
 from cachestore.errors import InvalidRequest
@@ -20,16 +20,10 @@ SMALL = Namespace("test-model", num_layers=3, num_kv_heads=2, head_dim=8, dtype=
 
 
 @pytest.fixture
-def server():
+def server():  # `client` (conftest) connects to it
     srv = serve_store(StoreConfig(port=0, cpu_bytes=256 << 20))
     yield srv
     srv.stop(grace=0)
-
-
-@pytest.fixture
-def client(server):
-    with StoreClient(server.target) as c:
-        yield c
 
 
 def random_kv(ns: Namespace, num_tokens: int, seed: int = 0) -> torch.Tensor:

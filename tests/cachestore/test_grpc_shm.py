@@ -43,16 +43,10 @@ def make_pages(num_pages: int, seed: int, spaces=SPACES) -> list[tuple[bytes, by
 
 
 @pytest.fixture(scope="module")
-def server():
+def server():  # `client` (conftest) connects to it
     srv = serve_store(StoreConfig(port=0, cpu_bytes=256 << 20))
     yield srv
     srv.stop(grace=0)
-
-
-@pytest.fixture
-def client(server):
-    with StoreClient(server.target) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
