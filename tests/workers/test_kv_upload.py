@@ -123,36 +123,51 @@ def test_snapshot_slots_hand_out_consecutive_rows_and_take_them_back():
     assert sorted(slots.take(5)) == [1, 4] and slots.num_free == 0
 
 
-def test_runner_snapshots_copy_runs_of_pages_into_slots():
-    """Pages 5-7 go to slots 0-2 in one copy, page 2 to slot 3; the fifth page finds no slot."""
-    from types import SimpleNamespace
+@pytest.fixture(scope="module")
+def tiny_runner():
+    """A real ModelRunner of the tiny random Llama on CPU (8 KiB pages), its pool randomized."""
+    from tiny_llama import build
 
+    from workers.config import WorkerConfig
     from workers.model_runner import ModelRunner
 
-    pool = torch.randn(10, *SHAPE)
-    runner = SimpleNamespace(kv_pool=pool, device=torch.device("cpu"),
-                             snapshots=SnapshotSlots(SHAPE, torch.float32,
-                                                     4 * pool[0].numel() * 4, pin_memory=False))
-    rows, taken, event = ModelRunner.snapshot_pages(runner, [5, 6, 7, 2, 9])
-    assert taken == [0, 1, 2, 3] and event is None and len(rows) == 4
-    for row, page in zip(rows, [5, 6, 7, 2], strict=True):
-        assert torch.equal(row, pool[page])
-    pool.zero_()  # the snapshots are copies
-    assert all(row.abs().sum() > 0 for row in rows)
+    _, loaded = build()
+    runner = ModelRunner(WorkerConfig(model="tiny", device="cpu", dtype="float32",
+                                      kv_cache_bytes=10 * 8192), loaded, 256)
+    runner.kv_pool.copy_(torch.randn(runner.kv_pool.shape))
+    return runner
 
 
-def test_without_an_arena_snapshots_come_back_empty():
+def test_runner_snapshots_copy_runs_of_pages_into_slots(tiny_runner):
+    """Pages 5-7 go to slots 0-2 in one copy, page 2 to slot 3; the fifth page finds no slot."""
+    runner, pool = tiny_runner, tiny_runner.kv_pool
+    assert runner.num_pages == 10
+    runner.snapshots = SnapshotSlots(runner.page_shape, torch.float32, 4 * runner.page_nbytes,
+                                     pin_memory=False)
+    try:
+        rows, taken, event = runner.snapshot_pages([5, 6, 7, 2, 9])
+        assert taken == [0, 1, 2, 3] and event is None and len(rows) == 4
+        for row, page in zip(rows, [5, 6, 7, 2], strict=True):
+            assert torch.equal(row, pool[page])
+        before = [row.clone() for row in rows]
+        pool.add_(1.0)  # the snapshots are copies
+        assert all(torch.equal(row, old) for row, old in zip(rows, before, strict=True))
+        runner.release_snapshots(taken)
+        assert runner.snapshots.num_free == 4
+    finally:
+        runner.snapshots = None
+
+
+def test_without_an_arena_snapshots_come_back_empty(tiny_runner):
     """The slot arena could not be allocated: snapshot_pages hands out nothing (the offload
     then counts the pages as dropped) instead of failing the engine step."""
-    from types import SimpleNamespace
-
-    from workers.model_runner import ModelRunner
-
-    slots = SnapshotSlots(SHAPE, torch.float32, 1 << 62, pin_memory=False)  # cannot allocate
-    runner = SimpleNamespace(kv_pool=torch.randn(4, *SHAPE), device=torch.device("cpu"),
-                             snapshots=slots)
-    assert ModelRunner.snapshot_pages(runner, [0, 1]) == ([], [], None)
-    assert slots.rows is None and slots.num_free == 0
+    slots = SnapshotSlots(tiny_runner.page_shape, torch.float32, 1 << 62, pin_memory=False)
+    tiny_runner.snapshots = slots  # cannot allocate
+    try:
+        assert tiny_runner.snapshot_pages([0, 1]) == ([], [], None)
+        assert slots.rows is None and slots.num_free == 0
+    finally:
+        tiny_runner.snapshots = None
 
 
 @pytest.mark.gpu
