@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 MIN_SEGMENT_NBYTES = 8 << 20
 SEGMENT_ALIGN_NBYTES = 2 << 20
 MAX_IDLE_SEGMENTS = 2
+RESERVE_WAIT_S = 5.0  # a get waits this long at most for a segment being reserved
 CALLS_INLINE_AFTER_DECLINE = 64  # after a server answered inline, ask again this much later
 
 SegmentCallback = Callable[[int, int], None]  # (address, nbytes)
@@ -97,6 +98,8 @@ class SegmentPool:
         self._finalizer = weakref.finalize(self, shm.unlink_all, self._paths)
         self._is_closed = False
         self._page_nbytes_hint = 0  # largest page seen: len(keys) * this is a get's expected size
+        self._reserved = threading.Event()  # clear while reserve() makes a segment
+        self._reserved.set()
         self._calls_inline = 0
 
     @property
@@ -108,6 +111,7 @@ class SegmentPool:
         """One GetPages of `keys` through a leased segment, with inline fallback. `fetch(keys,
         segment)` does the call and returns (header, data frames); a call that fails discards
         its segment (the server may still be writing into it) and raises."""
+        self._reserved.wait(timeout=RESERVE_WAIT_S)
         segment = self._lease(len(keys) * self._page_nbytes_hint, must_fit=False)
         for attempt in range(3):  # own segment; a large enough one; inline
             try:
@@ -162,10 +166,20 @@ class SegmentPool:
     def reserve(self, nbytes: int) -> None:
         """Make an idle segment of at least `nbytes` now (and run on_new_segment on it), so that
         the first get of that size does not pay for creating (and page-locking) it; nothing
-        when an idle one already fits."""
-        segment = self._lease(nbytes, must_fit=True)
-        if segment is not None:
-            self.give_back(segment)
+        when an idle one already fits. A get meanwhile waits for it (a few seconds at most)
+        rather than make a segment of its own. A failure is logged and changes nothing else."""
+        with self._lock:
+            if self._is_closed or any(s.capacity >= nbytes for s in self._idle):
+                return
+            self._reserved.clear()
+        try:
+            segment = self._create(-(-nbytes // SEGMENT_ALIGN_NBYTES) * SEGMENT_ALIGN_NBYTES)
+            if segment is not None:
+                self.give_back(segment)
+        except OSError as exc:
+            log.info("no shared-memory segment of %d bytes reserved (%s)", nbytes, exc)
+        finally:
+            self._reserved.set()
 
     def _lease(self, nbytes: int, must_fit: bool) -> Segment | None:
         """An idle segment (smallest that fits; else, unless must_fit, the largest) or a new one
@@ -188,14 +202,24 @@ class SegmentPool:
         nbytes = max(MIN_SEGMENT_NBYTES, nbytes + nbytes // 4 if must_fit else nbytes)
         nbytes = -(-nbytes // SEGMENT_ALIGN_NBYTES) * SEGMENT_ALIGN_NBYTES
         try:
-            segment = shm.create_segment(nbytes, self._dir)
+            return self._create(nbytes)
         except OSError as exc:
             log.info("no shared-memory segment of %d bytes (%s): inline data", nbytes, exc)
             self._calls_inline = CALLS_INLINE_AFTER_DECLINE
             return None
+
+    def _create(self, nbytes: int) -> Segment | None:
+        """A new segment, registered and passed to on_new_segment; None if the pool closed
+        meanwhile (the segment is then removed at once). Raises OSError."""
+        segment = shm.create_segment(nbytes, self._dir)
         with self._lock:
-            self._segments[segment.name] = segment
-            self._paths.add(segment.path)
+            is_closed = self._is_closed
+            if not is_closed:
+                self._segments[segment.name] = segment
+                self._paths.add(segment.path)
+        if is_closed:  # close() ran while the file was made: it must not outlive the pool
+            segment.close()  # (unlinks it)
+            return None
         if self.on_new_segment is not None:
             try:
                 self.on_new_segment(segment.address, segment.capacity)

@@ -157,6 +157,9 @@ def xxh3_64_rows(rows: torch.Tensor) -> torch.Tensor:
     flat = rows.reshape(n, -1)
     if flat.stride(-1) != 1:
         raise ValueError("each row must be contiguous")
+    size = flat.element_size()
+    if (flat.storage_offset() * size) % 8 or (flat.stride(0) * size) % 8:
+        raise ValueError("rows must start at multiples of 8 bytes")
     words = flat.view(torch.uint8).view(torch.int64)
     num_words = nbytes // 8
     num_blocks = (nbytes - 1) // (8 * _BLOCK_WORDS)  # full blocks before the last (partial) one

@@ -28,6 +28,8 @@ from workers.sequence import Sequence
 
 _GRAPH_DECODE_STEPS = 8
 _SNAPSHOT_BYTES = 2 << 30  # pinned rows for store write-through (two 8K-token 8B prefills)
+# the store segment made at start on CUDA (an 8K-token Llama-3-8B prefix is 1.07 GB)
+_RESERVED_SEGMENT_BYTES = 5 << 28
 
 
 class Engine:
@@ -78,9 +80,11 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def _max_prefix_nbytes(self) -> int:
         """Encoded bytes of the longest prefix a request can load (every full page but one
-        token's)."""
+        token's), at most _RESERVED_SEGMENT_BYTES: a store segment this large is made and
+        page-locked at start (on CUDA); a longer hit makes a larger one then."""
         pages = (self.max_model_len - 1) // self.page_size
-        return pages * (header_nbytes(self.page_size) + self.runner.page_nbytes)
+        nbytes = pages * (header_nbytes(self.page_size) + self.runner.page_nbytes)
+        return min(nbytes, _RESERVED_SEGMENT_BYTES)
 
     def attach_store(self, store: Any) -> None:
         """Use an already connected store client (StoreClient-like) as the remote tier; a

@@ -90,16 +90,32 @@ class PageStager:
         straight from there, with no staging copy (the blobs are kept referenced until those
         copies are done), and checksummed there or, without device checksums, in place.
         `in_one_buffer`: the blobs lie in one allocation (a store segment), so pages at a fixed
-        stride go to the device in one 2-D copy."""
-        shape = (len(blobs), *self.page_shape)
+        stride go to the device in one 2-D copy.
+
+        If this raises, the current stream is synchronized first: no copy still reads the blobs
+        when the caller lets them go."""
         try:
-            out = torch.empty(shape, dtype=self.dtype, device=self.device)
-        except torch.cuda.OutOfMemoryError:  # no room beside the pool: stay in pinned memory
-            out = torch.empty(shape, dtype=self.dtype, pin_memory=self.is_cuda)
+            out = self._stage(blobs, ns, keys, token_ids, is_pinned, in_one_buffer)
+        except BaseException:
+            if self.is_cuda:
+                torch.cuda.current_stream(self.device).synchronize()
+            raise
+        if len(out) < out.untyped_storage().nbytes() // (2 * self.page_nbytes):
+            out = out.clone()  # most pages failed: do not hold the rows allocated for them
+        return out
+
+    def _stage(self, blobs: Sequence[bytes | memoryview], ns: Namespace, keys: Sequence[bytes],
+               token_ids: Sequence[bytes], is_pinned: bool, in_one_buffer: bool
+               ) -> torch.Tensor:
+        if is_pinned and self.device_checksums:
+            out = self._allocate(len(blobs))
+            if self._verifies_on_device(out):  # headers checked as the copies are queued
+                return self._send_checked(out, blobs, ns, keys, token_ids, in_one_buffer)
+            sources = list(self._checked_sources(blobs, ns, keys, token_ids))
+        else:
+            sources = list(self._checked_sources(blobs, ns, keys, token_ids))
+            out = self._allocate(len(sources))
         on_device = self._verifies_on_device(out)
-        if is_pinned and on_device:
-            return self._send_checked(out, blobs, ns, keys, token_ids, in_one_buffer)
-        sources = list(self._checked_sources(blobs, ns, keys, token_ids))
         if is_pinned:
             return self._send_pinned(out, sources, blobs)
         self.warm_up()
@@ -123,6 +139,13 @@ class PageStager:
         if on_device:
             num_ok = self._count_verified(out[:num_ok], [c for _, c in sources[:num_ok]])
         return out[:num_ok]
+
+    def _allocate(self, num_rows: int) -> torch.Tensor:
+        shape = (num_rows, *self.page_shape)
+        try:
+            return torch.empty(shape, dtype=self.dtype, device=self.device)
+        except torch.cuda.OutOfMemoryError:  # no room beside the pool: stay in pinned memory
+            return torch.empty(shape, dtype=self.dtype, pin_memory=self.is_cuda)
 
     def _checked_sources(self, blobs: Sequence[bytes | memoryview], ns: Namespace,
                          keys: Sequence[bytes], token_ids: Sequence[bytes]
@@ -158,10 +181,11 @@ class PageStager:
 
     def _verifies_on_device(self, out: torch.Tensor) -> bool:
         """Checksums computed on the device, over the rows of `out` once they have arrived."""
-        from kernels.xxh3 import MIN_NBYTES
+        if not self.device_checksums or out.device.type != self.device.type:
+            return False
+        from kernels.xxh3 import MIN_NBYTES  # needs Triton: only when device checksums are on
 
-        return (self.device_checksums and out.device.type == self.device.type
-                and self.page_nbytes % 8 == 0 and self.page_nbytes >= MIN_NBYTES)
+        return self.page_nbytes % 8 == 0 and self.page_nbytes >= MIN_NBYTES
 
     @staticmethod
     def _count_verified(rows: torch.Tensor, recorded: list[int]) -> int:
@@ -323,10 +347,8 @@ def upload_pages(kv_pool: torch.Tensor, page_ids: Sequence[int],
     for source, ids, index in groups.values():
         spans = _runs_of_both(ids, index)
         if len(spans) > _MAX_RUN_COPIES and source.device == kv_pool.device:
-            device = kv_pool.device
-            kv_pool.index_copy_(0, torch.tensor(ids, device=device),
-                                source.index_select(0, torch.tensor(index, device=device)))
-            continue
+            if _index_copy(kv_pool, ids, source, index):
+                continue
         for span in spans:
             first, row = ids[span.start], index[span.start]
             kv_pool[first : first + len(span)].copy_(source[row : row + len(span)],
@@ -334,6 +356,23 @@ def upload_pages(kv_pool: torch.Tensor, page_ids: Sequence[int],
 
 
 _MAX_RUN_COPIES = 4
+
+
+def _index_copy(kv_pool: torch.Tensor, ids: list[int], source: torch.Tensor,
+                index: list[int]) -> bool:
+    """kv_pool[ids] = source[index] in one index_copy_ (rows taken as a slice when `index` counts
+    up by one, else gathered first); False when the gather finds no device memory."""
+    device = kv_pool.device
+    first = index[0]
+    if index == list(range(first, first + len(index))):
+        rows = source[first : first + len(index)]
+    else:
+        try:
+            rows = source.index_select(0, torch.tensor(index, device=device))
+        except torch.cuda.OutOfMemoryError:  # copy run by run instead
+            return False
+    kv_pool.index_copy_(0, torch.tensor(ids, device=device), rows)
+    return True
 
 
 def _runs_of_both(a: list[int], b: list[int]) -> list[range]:

@@ -119,6 +119,10 @@ class KvOffload:
         """Use `store` (StoreClient-like: get_pages_leased, put_encoded_pages, close; optionally
         reserve_segment) as the remote tier and start the writer thread."""
         assert self.store is None, "a store is already attached"
+        missing = [name for name in ("get_pages_leased", "put_encoded_pages", "close")
+                   if not hasattr(store, name)]
+        if missing:
+            raise TypeError(f"a store needs {', '.join(missing)}")
         self.store = store
         self._writer = threading.Thread(target=self._write_loop, name="kv-store-writer",
                                         daemon=True)
@@ -235,9 +239,15 @@ class KvOffload:
                 if None in blobs:
                     blobs = blobs[: blobs.index(None)]
                 end = start + len(blobs)
-                staged = self.stager.stage(blobs, ns, keys[start:end], page_tokens[start:end],
-                                           is_pinned=fetched.is_pinned,
-                                           in_one_buffer=fetched.is_leased)
+                try:
+                    staged = self.stager.stage(blobs, ns, keys[start:end],
+                                               page_tokens[start:end],
+                                               is_pinned=fetched.is_pinned,
+                                               in_one_buffer=fetched.is_leased)
+                except Exception:  # e.g. no device memory: a miss, not a failed step
+                    log.warning("loading %d pages from the %s tier failed", len(blobs), name,
+                                exc_info=True)
+                    break
                 if fetched.is_pinned and fetched.is_leased:
                     self.stager.wait_sent()  # the segment is reused once released
             if len(staged) < len(blobs):
@@ -288,6 +298,8 @@ class KvOffload:
         return self.host.keys_lru_order() if self.host is not None else []
 
     def close(self) -> None:
+        if self.reserving is not None:
+            self.reserving.join(timeout=30)  # it may still be adding a segment to the client
         if self._writer is not None:
             self._queue.put(None)
             self._writer.join(timeout=10)

@@ -126,6 +126,33 @@ def test_a_reserved_segment_serves_the_first_get(server, stored):
         inline.reserve_segment(need)  # no shared memory: nothing to reserve
 
 
+def test_a_pool_closed_during_a_reservation_leaves_no_file(tmp_path, monkeypatch):
+    pool = shm_client.SegmentPool(shm_dir=str(tmp_path))
+    create = shm.create_segment
+
+    def create_then_close(nbytes, shm_dir):
+        segment = create(nbytes, shm_dir)
+        pool.close()  # as an engine closing while its reservation thread runs
+        return segment
+
+    monkeypatch.setattr(shm, "create_segment", create_then_close)
+    pool.reserve(1 << 20)
+    assert list(tmp_path.iterdir()) == [] and pool.segment_names == []
+
+
+def test_a_failed_reservation_changes_nothing(tmp_path, monkeypatch):
+    """No room in /dev/shm for the big segment: logged; later gets still try shared memory."""
+    pool = shm_client.SegmentPool(shm_dir=str(tmp_path))
+
+    def no_room(nbytes, shm_dir):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shm, "create_segment", no_room)
+    pool.reserve(1 << 30)
+    assert pool._calls_inline == 0 and pool._reserved.is_set() and pool.segment_names == []
+    pool.close()
+
+
 def test_segment_grows_when_too_small(server, monkeypatch):
     monkeypatch.setattr(shm_client, "MIN_SEGMENT_NBYTES", 1 << 16)
     monkeypatch.setattr(shm_client, "SEGMENT_ALIGN_NBYTES", 1 << 12)

@@ -68,6 +68,12 @@ def test_refuses_rows_that_are_not_contiguous():
         xxh3_64_rows(torch.zeros(2, 64, 2, dtype=torch.int64, device=DEVICE)[:, :, 0])
 
 
+def test_refuses_rows_at_unaligned_offsets():
+    rows = torch.zeros(2, 300, dtype=torch.uint8, device=DEVICE)
+    with pytest.raises(ValueError, match="multiples of 8 bytes"):
+        xxh3_64_rows(rows[:, 4:252])  # 248 bytes a row, but starting 4 bytes in
+
+
 def test_the_secret_is_xxhash_default():
     """xxhash derives the seed-0 secret as its default one (XXH3_generateSecret_fromSeed)."""
     lib = ctypes.CDLL(xxhash._xxhash.__file__)

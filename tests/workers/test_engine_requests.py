@@ -99,6 +99,8 @@ def test_abort_frees_pages_and_reports_usage(engine, encode):
         ([], "empty"),
         ([1, 2, -1], "token ids"),
         ([1, 49152], "token ids"),
+        ([1, 2.0], "token ids"),
+        ([1, True], "token ids"),  # a JSON true is not a token id
         ([7] * 512, "at most 511"),
     ],
 )

@@ -3,6 +3,11 @@ uploading staged rows into pool pages."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -73,6 +78,42 @@ def test_a_bad_page_ends_the_staged_prefix(is_pinned, device_checksums):
     other = Namespace("other", num_layers=3, num_kv_heads=2, head_dim=8, dtype="float32",
                       page_size=4)
     assert len(stage_pages(blobs, other, keys, tokens)) == 0
+
+
+@pytest.mark.parametrize("bad", ["header", "checksum"])
+def test_device_checksums_stop_at_a_bad_page_in_a_later_batch(monkeypatch, bad):
+    """Copies are queued in batches as headers check out (2 pages a batch here): a bad header in
+    the third batch stops the queueing there, a bad payload is caught by the checksums."""
+    import workers.kv_upload as kv_upload
+
+    monkeypatch.setattr(kv_upload, "_SEND_BATCH", 2)
+    blobs, keys, tokens, payloads = pages(7)
+    corrupt = bytearray(blobs[5])
+    corrupt[0 if bad == "header" else -1] ^= 1
+    blobs[5] = bytes(corrupt)
+    staged = stage_pages(blobs, NS, keys, tokens, is_pinned=True, device_checksums=True)
+    assert torch.equal(staged.cpu(), torch.stack(payloads[:5]))
+
+
+def test_host_checksums_need_no_triton():
+    """A CPU worker stages pages with Triton absent (it is a test extra): device checksums are
+    off there and nothing imports kernels.xxh3."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["triton"] = None  # import triton now fails
+        sys.path.insert(0, "tests/workers")
+        import torch
+        from test_kv_upload import NS, pages, stage_pages
+        blobs, keys, tokens, payloads = pages(3)
+        for pinned in (False, True):
+            staged = stage_pages(blobs, NS, keys, tokens, is_pinned=pinned)
+            assert torch.equal(staged, torch.stack(payloads))
+        assert "kernels.xxh3" not in sys.modules
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 def test_in_place_send_stops_at_a_bad_page_in_a_later_task():
@@ -196,3 +237,45 @@ def test_copy_async_merges_strided_sources_into_one_2d_copy():
                torch.cuda.current_stream())
     torch.cuda.synchronize()
     assert torch.equal(out[:6].cpu(), torch.stack(pages))
+
+
+class _RecordingCudart:
+    """Stands in for libcudart where no GPU is: records the copy calls copy_async makes (the
+    real calls run in the gpu test above)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
+        self.calls.append(("1d", dst, src, nbytes))
+        return 0
+
+    def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):
+        self.calls.append(("2d", dst, dpitch, src, spitch, width, height))
+        return 0
+
+
+@pytest.mark.parametrize(("copies", "one_buffer", "expected"), [
+    # back to back behind 16-byte headers: one 2-D copy
+    ([(0, 1016), (100, 1132), (200, 1248)], True, [("2d", 0, 100, 1016, 116, 100, 3)]),
+    # the same, but in separate allocations: never merged
+    ([(0, 1016), (100, 1132)], False, [("1d", 0, 1016, 100), ("1d", 100, 1132, 100)]),
+    # pitch == row size (no headers) still merges; a destination gap ends the run
+    ([(0, 500), (100, 600), (300, 700)], True,
+     [("2d", 0, 100, 500, 100, 100, 2), ("1d", 300, 700, 100)]),
+    # sources closer than a row (overlapping) or going backwards: one copy each
+    ([(0, 500), (100, 550)], True, [("1d", 0, 500, 100), ("1d", 100, 550, 100)]),
+    ([(0, 900), (100, 700)], True, [("1d", 0, 900, 100), ("1d", 100, 700, 100)]),
+    # a stride change starts a new run; the last page alone is a plain copy
+    ([(0, 0), (100, 200), (200, 400), (300, 500), (400, 600), (500, 900)], True,
+     [("2d", 0, 100, 0, 200, 100, 3), ("2d", 300, 100, 500, 100, 100, 2),
+      ("1d", 500, 900, 100)]),
+])
+def test_copy_async_merges_only_runs_at_one_stride(copies, one_buffer, expected):
+    from types import SimpleNamespace
+
+    from workers.cuda_host import copy_async
+
+    lib = _RecordingCudart()
+    copy_async(lib, copies, 100, SimpleNamespace(cuda_stream=0), one_source_buffer=one_buffer)
+    assert lib.calls == expected
