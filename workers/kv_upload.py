@@ -100,8 +100,11 @@ class PageStager:
             if self.is_cuda:
                 torch.cuda.current_stream(self.device).synchronize()
             raise
-        if len(out) < out.untyped_storage().nbytes() // (2 * self.page_nbytes):
-            out = out.clone()  # most pages failed: do not hold the rows allocated for them
+        # most pages failed: do not hold the rows allocated for them (a clone on the device is
+        # ordered after the copies; rows left in host memory may still be arriving: kept)
+        if (out.device.type == self.device.type
+                and len(out) < out.untyped_storage().nbytes() // (2 * self.page_nbytes)):
+            out = out.clone()
         return out
 
     def _stage(self, blobs: Sequence[bytes | memoryview], ns: Namespace, keys: Sequence[bytes],
