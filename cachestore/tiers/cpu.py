@@ -1,19 +1,24 @@
 """Host-memory tier: encoded pages held in process memory, LRU by bytes.
 
-Each page is its own immutable buffer, never reused: eviction only drops the tier's reference,
-so a reader that got a page keeps a valid buffer for as long as it holds it (no pin counts
-needed, nothing is overwritten under a reader).
+A page's memory is never overwritten while anyone holds it: eviction only drops the tier's
+reference, so a reader that got a page keeps a valid buffer for as long as it holds it (no pin
+counts to manage).
 
-With `pin_memory=True` (the default when CUDA is present) each page is copied once into its own
-page-locked torch uint8 tensor (`torch.empty(n, dtype=torch.uint8, pin_memory=True)`) so a
-host->GPU copy of the payload can run asynchronously at full PCIe speed; `get_many` returns a
-memoryview over that tensor's memory, which keeps the tensor alive. Without CUDA pages are
-plain `bytes`.
+With `pin_memory=True` (the default when CUDA is present) pages are copied once into page-locked
+memory, so a host->GPU copy of a payload runs asynchronously at full PCIe speed. Page-locked
+memory comes in arenas of equal-size slots (one arena holds pages of one size; a model's pages
+all have one size): one torch pinned allocation per arena instead of per page, which torch
+would round up to a power of two (a 512 KiB + header page took 1 MiB), and consecutive pages
+of a prefix often land in consecutive slots. `get_many` returns a read-only memoryview of the
+page's slot; the slot is reused only once the tier has dropped the page and the last view of
+it is gone (a weakref finalizer on the slot's array). An arena whose slots are all free is
+released. Without CUDA pages are plain `bytes`.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Sequence
 
 from cachestore.errors import InvalidConfig
@@ -29,15 +34,56 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def _to_pinned(blob: bytes | memoryview) -> memoryview:
-    import torch
+_ARENA_NBYTES = 256 << 20  # a power of two: torch's pinned allocator rounds sizes up to one
 
-    src = memoryview(blob).cast("B")
-    host = torch.empty(src.nbytes, dtype=torch.uint8, pin_memory=True)
-    host.numpy()[:] = src  # one copy into page-locked memory
-    # Read-only, like bytes pages: readers cannot scribble on a stored page. The view keeps
-    # the pinned tensor alive.
-    return host.numpy().data.toreadonly()
+
+class _Arena:
+    """One page-locked buffer cut into `count` slots of `slot_nbytes`."""
+
+    def __init__(self, slot_nbytes: int, count: int, pin_memory: bool) -> None:
+        import torch
+
+        self.slot_nbytes, self.count = slot_nbytes, count
+        self.tensor = torch.empty(slot_nbytes * count, dtype=torch.uint8, pin_memory=pin_memory)
+        self.array = self.tensor.numpy()
+        self.free = list(range(count - 1, -1, -1))  # pop() hands out slot 0 first
+
+
+class _PinnedSlots:
+    """Slots for pages, by page size; thread-safe. A slot comes back (and an empty arena goes)
+    when the array `take` returned is garbage: the tier dropped it and every view is gone."""
+
+    def __init__(self, capacity_bytes: int, pin_memory: bool) -> None:
+        self._pin_memory = pin_memory
+        self._arena_nbytes = min(_ARENA_NBYTES, 1 << max(0, capacity_bytes - 1).bit_length())
+        # reentrant: a garbage collection inside take() may run _give_back on this thread
+        self._lock = threading.RLock()
+        self._arenas: dict[int, list[_Arena]] = {}  # slot size -> arenas of that size
+
+    def take(self, nbytes: int):  # -> np.ndarray of nbytes, in a slot
+        with self._lock:
+            arenas = self._arenas.setdefault(nbytes, [])
+            arena = next((a for a in arenas if a.free), None)
+            if arena is None:
+                count = max(1, self._arena_nbytes // nbytes)
+                arena = _Arena(nbytes, count, self._pin_memory)
+                arenas.append(arena)
+            slot = arena.free.pop()
+        view = arena.array[slot * nbytes : (slot + 1) * nbytes]
+        weakref.finalize(view, self._give_back, arena, slot).atexit = False
+        return view
+
+    def _give_back(self, arena: _Arena, slot: int) -> None:
+        with self._lock:
+            arena.free.append(slot)
+            arenas = self._arenas.get(arena.slot_nbytes, [])
+            if len(arena.free) == arena.count and arena in arenas:
+                arenas.remove(arena)  # the last reference to its memory goes with it
+
+    @property
+    def num_arenas(self) -> int:
+        with self._lock:
+            return sum(len(arenas) for arenas in self._arenas.values())
 
 
 class CpuTier(Tier):
@@ -46,11 +92,16 @@ class CpuTier(Tier):
 
     name = "cpu"
 
-    def __init__(self, capacity_bytes: int, pin_memory: bool | None = None) -> None:
+    def __init__(self, capacity_bytes: int, pin_memory: bool | None = None,
+                 slots: bool | None = None) -> None:
+        """`slots`: keep pages in arena slots (default: when pinned); without pinning only to
+        test them where no CUDA is."""
         if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
             raise InvalidConfig(f"cpu tier capacity_bytes must be a positive int, "
                                 f"got {capacity_bytes!r}")
         self.is_pinned = _cuda_available() if pin_memory is None else pin_memory
+        use_slots = self.is_pinned if slots is None else slots
+        self._slots = _PinnedSlots(capacity_bytes, self.is_pinned) if use_slots else None
         self._lock = threading.Lock()
         self._lru = LruIndex(capacity_bytes)
         self._pages: dict[bytes, bytes | memoryview] = {}
@@ -84,7 +135,7 @@ class CpuTier(Tier):
                     evicted.append((key, blob))
                     continue
             # Copy outside the lock: pinning or materializing a view can take a while.
-            stored = _to_pinned(blob) if self.is_pinned else _owned_bytes(blob)
+            stored = self._copy_in(blob) if self._slots is not None else _owned_bytes(blob)
             with self._lock:
                 if self._lru.touch(key):  # another thread stored it meanwhile
                     continue
@@ -95,6 +146,15 @@ class CpuTier(Tier):
                 self._lru.add(key, nbytes)
                 self._pages[key] = stored
         return evicted  # type: ignore[return-value]  # pinned pages are memoryviews
+
+    def _copy_in(self, blob: bytes | memoryview) -> memoryview:
+        """The page copied into a slot, as a read-only view (like bytes pages: readers cannot
+        scribble on a stored page); the view keeps the slot taken."""
+        assert self._slots is not None
+        src = memoryview(blob).cast("B")
+        slot = self._slots.take(src.nbytes)
+        slot[:] = src
+        return slot.data.toreadonly()
 
     def delete_many(self, keys: Sequence[bytes]) -> int:
         num_deleted = 0

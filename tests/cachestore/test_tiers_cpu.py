@@ -74,6 +74,55 @@ def test_invalid_capacity():
         CpuTier(capacity_bytes=0)
 
 
+def slot_address(page) -> int:
+    import numpy as np
+
+    return np.frombuffer(page, dtype=np.uint8).ctypes.data
+
+
+def test_pages_of_one_size_share_an_arena_in_consecutive_slots():
+    """Slots as on CUDA (there page-locked): exact-size slots, not one allocation per page."""
+    tier = CpuTier(capacity_bytes=1000, pin_memory=False, slots=True)
+    pages = [(key(i), bytes([i]) * 96) for i in range(4)] + [(key(9), b"z" * 40)]
+    assert tier.put_many(pages) == []
+    got = tier.get_many([k for k, _ in pages])
+    assert [bytes(p) for p in got] == [data for _, data in pages]
+    assert all(isinstance(p, memoryview) and p.readonly for p in got)
+    addresses = [slot_address(p) for p in got[:4]]
+    assert addresses == [addresses[0] + 96 * i for i in range(4)]
+    assert tier._slots.num_arenas == 2  # one per page size
+
+
+def test_a_slot_is_reused_only_after_its_last_reader_lets_go():
+    import gc
+
+    tier = CpuTier(capacity_bytes=200, pin_memory=False, slots=True)
+    tier.put_many([(key(1), b"a" * 100), (key(2), b"b" * 100)])
+    held = tier.get_many([key(1)])[0]
+    address = slot_address(held)
+    for i in range(3, 12):  # every older page is evicted, key 1 among them
+        tier.put_many([(key(i), bytes([i]) * 100)])
+        assert bytes(held) == b"a" * 100  # never overwritten under its reader
+        assert slot_address(tier.get_many([key(i)])[0]) != address
+    assert tier.contains_many([key(1)]) == [False]
+    del held
+    gc.collect()
+    tier.put_many([(key(12), b"l" * 100)])
+    assert slot_address(tier.get_many([key(12)])[0]) == address  # free again: reused first
+
+
+def test_an_arena_whose_slots_are_all_free_is_released():
+    tier = CpuTier(capacity_bytes=1 << 20, pin_memory=False, slots=True)
+    tier.put_many([(key(i), bytes([i]) * 1000) for i in range(10)])
+    page = tier.get_many([key(3)])[0]
+    tier.delete_many([key(i) for i in range(10)])
+    assert tier._slots.num_arenas == 1  # a reader still holds one slot
+    del page
+    assert tier._slots.num_arenas == 0
+    tier.put_many([(key(1), b"x" * 1000)])
+    assert tier.get_many([key(1)]) == [b"x" * 1000] and tier._slots.num_arenas == 1
+
+
 @pytest.mark.gpu
 def test_pinned_pages_on_cuda():
     torch = pytest.importorskip("torch")
@@ -87,6 +136,7 @@ def test_pinned_pages_on_cuda():
     assert page.readonly  # like bytes pages: no reader can change a stored page
     host = torch.frombuffer(page, dtype=torch.uint8)  # warns: read-only buffer
     assert host.is_pinned()
+    assert tier._slots is not None  # in an arena slot, not a power-of-two allocation of its own
     on_gpu = host.to("cuda", non_blocking=True)
     torch.cuda.synchronize()
     assert torch.equal(on_gpu.cpu(), torch.frombuffer(bytearray(data), dtype=torch.uint8))
