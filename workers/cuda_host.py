@@ -64,28 +64,31 @@ def cudart() -> ctypes.CDLL | None:
 
 
 def copy_async(lib: ctypes.CDLL, copies: Sequence[tuple[int, int]], nbytes: int,
-               stream: torch.cuda.Stream, one_source_buffer: bool = False) -> None:
+               stream: torch.cuda.Stream) -> None:
     """Queue copies of `nbytes` each, (destination, source) address pairs, on `stream`: host to
     device in the main use. Asynchronous when the host side is page-locked; the caller keeps the
-    source alive and unchanged until the stream has passed the copies. `one_source_buffer`: the
-    sources lie in one allocation (pages back to back in a store segment, each behind its
-    header), so a run of consecutive destinations whose sources are at one fixed stride goes as
-    one cudaMemcpy2DAsync (CUDA refuses a 2-D copy whose span crosses allocations)."""
+    source alive and unchanged until the stream has passed the copies. A run of consecutive
+    destinations whose sources lie at one fixed stride (pages back to back in a store segment,
+    each behind its header; consecutive slots of a host-tier arena) goes as one
+    cudaMemcpy2DAsync; where CUDA refuses that (the span crosses allocations), page by page."""
     handle = stream.cuda_stream
     i = 0
     while i < len(copies):
         dst, src = copies[i]
         end = i + 1
         pitch = copies[end][1] - src if end < len(copies) else 0
-        if one_source_buffer and pitch >= nbytes:
+        if pitch >= nbytes:
             while (end < len(copies) and copies[end][0] == dst + (end - i) * nbytes
                    and copies[end][1] == src + (end - i) * pitch):
                 end += 1
+        if end - i > 1 and not lib.cudaMemcpy2DAsync(dst, nbytes, src, pitch, nbytes, end - i,
+                                                      _COPY_DEFAULT, handle):
+            i = end
+            continue
         if end - i > 1:
-            _check(lib, lib.cudaMemcpy2DAsync(dst, nbytes, src, pitch, nbytes, end - i,
-                                              _COPY_DEFAULT, handle), "cudaMemcpy2DAsync")
-        else:
-            _check(lib, lib.cudaMemcpyAsync(dst, src, nbytes, _COPY_DEFAULT, handle),
+            lib.cudaGetLastError()  # refused (not queued): clear it, copy page by page
+        for d, s in copies[i:end]:
+            _check(lib, lib.cudaMemcpyAsync(d, s, nbytes, _COPY_DEFAULT, handle),
                    "cudaMemcpyAsync")
         i = end
 

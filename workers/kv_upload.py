@@ -81,21 +81,18 @@ class PageStager:
             self._count_verified(row, [0])
 
     def stage(self, blobs: Sequence[bytes | memoryview], ns: Namespace, keys: Sequence[bytes],
-              token_ids: Sequence[bytes], is_pinned: bool = False,
-              in_one_buffer: bool = False) -> torch.Tensor:
+              token_ids: Sequence[bytes], is_pinned: bool = False) -> torch.Tensor:
         """The verified payloads of the leading pages that pass every check, as rows of one
         tensor [num_ok, *page_shape] on the device (copies may still be in flight on the
         current stream); a page that fails ends the prefix. `is_pinned`: the blobs already lie
         in page-locked memory (the CpuTier pins on CUDA), so each payload is sent to the device
         straight from there, with no staging copy (the blobs are kept referenced until those
         copies are done), and checksummed there or, without device checksums, in place.
-        `in_one_buffer`: the blobs lie in one allocation (a store segment), so pages at a fixed
-        stride go to the device in one 2-D copy.
 
         If this raises, the current stream is synchronized first: no copy still reads the blobs
         when the caller lets them go."""
         try:
-            out = self._stage(blobs, ns, keys, token_ids, is_pinned, in_one_buffer)
+            out = self._stage(blobs, ns, keys, token_ids, is_pinned)
         except BaseException:
             if self.is_cuda:
                 torch.cuda.current_stream(self.device).synchronize()
@@ -108,12 +105,11 @@ class PageStager:
         return out
 
     def _stage(self, blobs: Sequence[bytes | memoryview], ns: Namespace, keys: Sequence[bytes],
-               token_ids: Sequence[bytes], is_pinned: bool, in_one_buffer: bool
-               ) -> torch.Tensor:
+               token_ids: Sequence[bytes], is_pinned: bool) -> torch.Tensor:
         if is_pinned and self.device_checksums:
             out = self._allocate(len(blobs))
             if self._verifies_on_device(out):  # headers checked as the copies are queued
-                return self._send_checked(out, blobs, ns, keys, token_ids, in_one_buffer)
+                return self._send_checked(out, blobs, ns, keys, token_ids)
             sources = list(self._checked_sources(blobs, ns, keys, token_ids))
         else:
             sources = list(self._checked_sources(blobs, ns, keys, token_ids))
@@ -165,8 +161,8 @@ class PageStager:
             yield np.frombuffer(payload, dtype=np.uint8).ctypes.data, checksum
 
     def _send_checked(self, out: torch.Tensor, blobs: Sequence[bytes | memoryview],
-                      ns: Namespace, keys: Sequence[bytes], token_ids: Sequence[bytes],
-                      in_one_buffer: bool) -> torch.Tensor:
+                      ns: Namespace, keys: Sequence[bytes], token_ids: Sequence[bytes]
+                      ) -> torch.Tensor:
         """Pinned sources, checksums on the device: each page's copy is queued as soon as its
         header checks out (the DMA starts at once), then the rows that arrived are verified."""
         self.wait_sent()  # the previous direct send has read its pages
@@ -176,9 +172,9 @@ class PageStager:
             recorded.append(checksum)
             batch.append(address)
             if len(batch) == _SEND_BATCH:
-                self._copy_rows(out[len(recorded) - len(batch):], batch, in_one_buffer)
+                self._copy_rows(out[len(recorded) - len(batch):], batch)
                 batch = []
-        self._copy_rows(out[len(recorded) - len(batch):], batch, in_one_buffer)
+        self._copy_rows(out[len(recorded) - len(batch):], batch)
         # waits for the rows, so the copies have read their sources
         return out[: self._count_verified(out[: len(recorded)], recorded)]
 
@@ -230,15 +226,14 @@ class PageStager:
         self._keepalive = (event, list(blobs))
         return out[:num_ok]
 
-    def _copy_rows(self, out: torch.Tensor, addresses: list[int],
-                   in_one_buffer: bool = False) -> None:
+    def _copy_rows(self, out: torch.Tensor, addresses: list[int]) -> None:
         """out[i] = the page at addresses[i], queued on the current stream."""
         row = self.page_nbytes
         lib = cudart() if self.is_cuda else None
         if lib is not None:
             base = out.data_ptr()
             copy_async(lib, [(base + i * row, a) for i, a in enumerate(addresses)], row,
-                       torch.cuda.current_stream(self.device), in_one_buffer)
+                       torch.cuda.current_stream(self.device))
         elif addresses:
             dst = list(out[: len(addresses)].view(len(addresses), -1).view(torch.uint8).unbind())
             src = [torch.frombuffer((ctypes.c_char * row).from_address(a), dtype=torch.uint8)

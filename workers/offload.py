@@ -242,8 +242,7 @@ class KvOffload:
                 try:
                     staged = self.stager.stage(blobs, ns, keys[start:end],
                                                page_tokens[start:end],
-                                               is_pinned=fetched.is_pinned,
-                                               in_one_buffer=fetched.is_leased)
+                                               is_pinned=fetched.is_pinned)
                 except Exception:  # e.g. no device memory: a miss, not a failed step
                     log.warning("loading %d pages from the %s tier failed", len(blobs), name,
                                 exc_info=True)

@@ -215,7 +215,8 @@ def test_without_an_arena_snapshots_come_back_empty(tiny_runner):
 def test_copy_async_merges_strided_sources_into_one_2d_copy():
     """Pages back to back behind 48-byte headers (a store segment) go as 2-D copies; a page out
     of stride and one of a different run still land in their rows. Then pages of separate pinned
-    allocations (the host tier's) that happen to lie at one stride: per-page copies."""
+    allocations that may lie at one stride: CUDA refuses a 2-D copy across allocations, and
+    those go page by page."""
     from workers.cuda_host import copy_async, cudart
 
     lib = cudart()
@@ -226,7 +227,7 @@ def test_copy_async_merges_strided_sources_into_one_2d_copy():
     sources += [segment[8, :row].data_ptr(), segment[6, 48:].data_ptr()]  # out of stride
     out = torch.zeros(n, row, dtype=torch.uint8, device="cuda")
     copy_async(lib, [(out[i].data_ptr(), a) for i, a in enumerate(sources)], row,
-               torch.cuda.current_stream(), one_source_buffer=True)
+               torch.cuda.current_stream())
     torch.cuda.synchronize()
     expected = torch.stack([segment[i, 48:] for i in range(5)] + [segment[8, :row],
                                                                    segment[6, 48:]])
@@ -240,11 +241,13 @@ def test_copy_async_merges_strided_sources_into_one_2d_copy():
 
 
 class _RecordingCudart:
-    """Stands in for libcudart where no GPU is: records the copy calls copy_async makes (the
-    real calls run in the gpu test above)."""
+    """Stands in for libcudart where no GPU is: records the copy calls copy_async makes, and
+    refuses 2-D copies when told to, as CUDA does for a span across allocations (the real calls
+    run in the gpu test above)."""
 
-    def __init__(self):
+    def __init__(self, refuse_2d: bool = False):
         self.calls = []
+        self.refuse_2d = refuse_2d
 
     def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
         self.calls.append(("1d", dst, src, nbytes))
@@ -252,30 +255,43 @@ class _RecordingCudart:
 
     def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):
         self.calls.append(("2d", dst, dpitch, src, spitch, width, height))
+        return 1 if self.refuse_2d else 0
+
+    def cudaGetLastError(self):
+        self.calls.append(("clear",))
         return 0
 
 
-@pytest.mark.parametrize(("copies", "one_buffer", "expected"), [
+@pytest.mark.parametrize(("copies", "expected"), [
     # back to back behind 16-byte headers: one 2-D copy
-    ([(0, 1016), (100, 1132), (200, 1248)], True, [("2d", 0, 100, 1016, 116, 100, 3)]),
-    # the same, but in separate allocations: never merged
-    ([(0, 1016), (100, 1132)], False, [("1d", 0, 1016, 100), ("1d", 100, 1132, 100)]),
+    ([(0, 1016), (100, 1132), (200, 1248)], [("2d", 0, 100, 1016, 116, 100, 3)]),
     # pitch == row size (no headers) still merges; a destination gap ends the run
-    ([(0, 500), (100, 600), (300, 700)], True,
+    ([(0, 500), (100, 600), (300, 700)],
      [("2d", 0, 100, 500, 100, 100, 2), ("1d", 300, 700, 100)]),
     # sources closer than a row (overlapping) or going backwards: one copy each
-    ([(0, 500), (100, 550)], True, [("1d", 0, 500, 100), ("1d", 100, 550, 100)]),
-    ([(0, 900), (100, 700)], True, [("1d", 0, 900, 100), ("1d", 100, 700, 100)]),
+    ([(0, 500), (100, 550)], [("1d", 0, 500, 100), ("1d", 100, 550, 100)]),
+    ([(0, 900), (100, 700)], [("1d", 0, 900, 100), ("1d", 100, 700, 100)]),
     # a stride change starts a new run; the last page alone is a plain copy
-    ([(0, 0), (100, 200), (200, 400), (300, 500), (400, 600), (500, 900)], True,
+    ([(0, 0), (100, 200), (200, 400), (300, 500), (400, 600), (500, 900)],
      [("2d", 0, 100, 0, 200, 100, 3), ("2d", 300, 100, 500, 100, 100, 2),
       ("1d", 500, 900, 100)]),
 ])
-def test_copy_async_merges_only_runs_at_one_stride(copies, one_buffer, expected):
+def test_copy_async_merges_only_runs_at_one_stride(copies, expected):
     from types import SimpleNamespace
 
     from workers.cuda_host import copy_async
 
     lib = _RecordingCudart()
-    copy_async(lib, copies, 100, SimpleNamespace(cuda_stream=0), one_source_buffer=one_buffer)
+    copy_async(lib, copies, 100, SimpleNamespace(cuda_stream=0))
     assert lib.calls == expected
+
+
+def test_copy_async_goes_page_by_page_where_a_2d_copy_is_refused():
+    from types import SimpleNamespace
+
+    from workers.cuda_host import copy_async
+
+    lib = _RecordingCudart(refuse_2d=True)
+    copy_async(lib, [(0, 1000), (100, 2000), (200, 3000)], 100, SimpleNamespace(cuda_stream=0))
+    assert lib.calls == [("2d", 0, 100, 1000, 1000, 100, 3), ("clear",),
+                         ("1d", 0, 1000, 100), ("1d", 100, 2000, 100), ("1d", 200, 3000, 100)]
