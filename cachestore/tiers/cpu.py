@@ -9,7 +9,8 @@ memory, so a host->GPU copy of a payload runs asynchronously at full PCIe speed.
 memory comes in arenas of equal-size slots (one arena holds pages of one size; a model's pages
 all have one size): one torch pinned allocation per arena instead of per page, which torch
 would round up to a power of two (a 512 KiB + header page took 1 MiB), and consecutive pages
-of a prefix often land in consecutive slots. `get_many` returns a read-only memoryview of the
+of a prefix often land in consecutive slots. A page size's arenas start at 8 slots and double,
+up to 256 MiB. `get_many` returns a read-only memoryview of the
 page's slot; the slot is reused only once the tier has dropped the page and the last view of
 it is gone (a weakref finalizer on the slot's array). An arena whose slots are all free is
 released. Without CUDA pages are plain `bytes`.
@@ -35,6 +36,7 @@ def _cuda_available() -> bool:
 
 
 _ARENA_NBYTES = 256 << 20  # a power of two: torch's pinned allocator rounds sizes up to one
+_FIRST_SLOTS = 8  # slots in the first arena of a page size; each next one of it has twice as many
 
 
 class _Arena:
@@ -65,7 +67,9 @@ class _PinnedSlots:
             arenas = self._arenas.setdefault(nbytes, [])
             arena = next((a for a in arenas if a.free), None)
             if arena is None:
-                count = max(1, self._arena_nbytes // nbytes)
+                # arenas of a new page size start small and double: a size seen once (a client
+                # of the store may send any) holds a few slots, not 256 MiB
+                count = min(max(1, self._arena_nbytes // nbytes), _FIRST_SLOTS << len(arenas))
                 arena = _Arena(nbytes, count, self._pin_memory)
                 arenas.append(arena)
             slot = arena.free.pop()

@@ -93,6 +93,14 @@ def test_pages_of_one_size_share_an_arena_in_consecutive_slots():
     assert tier._slots.num_arenas == 2  # one per page size
 
 
+def test_arenas_of_a_page_size_start_small_and_double():
+    tier = CpuTier(capacity_bytes=1 << 20, pin_memory=False, slots=True)
+    tier.put_many([(key(i), bytes([i]) * 100) for i in range(8 + 16 + 1)])
+    assert [a.count for a in tier._slots._arenas[100]] == [8, 16, 32]
+    tier.put_many([(key(99), b"q" * 64)])  # a size seen once holds 8 slots, not megabytes
+    assert [a.count for a in tier._slots._arenas[64]] == [8]
+
+
 def test_a_slot_is_reused_only_after_its_last_reader_lets_go():
     import gc
 
