@@ -208,7 +208,9 @@ def build_tiers(config: StoreConfig) -> list[Tier]:
     """Tiers in chain order from a config: cpu, then disk, redis, remote when configured."""
     from cachestore.tiers.cpu import CpuTier
 
-    tiers: list[Tier] = [CpuTier(config.cpu_bytes)]
+    # unpinned: the store never copies from its pages to a GPU (it copies them into a client's
+    # segment or onto the wire), and pinning costs time and locked memory
+    tiers: list[Tier] = [CpuTier(config.cpu_bytes, pin_memory=False)]
     if config.disk_dir is not None:
         from cachestore.tiers.disk import DiskTier
 

@@ -10,10 +10,11 @@ memory comes in arenas of equal-size slots (one arena holds pages of one size; a
 all have one size): one torch pinned allocation per arena instead of per page, which torch
 would round up to a power of two (a 512 KiB + header page took 1 MiB), and consecutive pages
 of a prefix often land in consecutive slots. A page size's arenas start at 8 slots and double,
-up to 256 MiB. `get_many` returns a read-only memoryview of the
+up to 256 MiB; all arenas stay within the capacity plus one arena, and a page that finds no
+slot gets a pinned allocation of its own. `get_many` returns a read-only memoryview of the
 page's slot; the slot is reused only once the tier has dropped the page and the last view of
-it is gone (a weakref finalizer on the slot's array). An arena whose slots are all free is
-released. Without CUDA pages are plain `bytes`.
+it is gone (a weakref finalizer on the slot's array). An arena whose slots are all free goes
+back to torch's pinned-memory cache. Without CUDA pages are plain `bytes`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,21 @@ _ARENA_NBYTES = 256 << 20  # a power of two: torch's pinned allocator rounds siz
 _FIRST_SLOTS = 8  # slots in the first arena of a page size; each next one of it has twice as many
 
 
+def _to_pinned(blob: bytes | memoryview) -> memoryview:
+    """A page in a pinned allocation of its own (torch rounds it up to a power of two): for
+    pages that find no slot. Read-only, like bytes pages; the view keeps the tensor alive."""
+    import torch
+
+    src = memoryview(blob).cast("B")
+    host = torch.empty(src.nbytes, dtype=torch.uint8, pin_memory=True)
+    host.numpy()[:] = src
+    return host.numpy().data.toreadonly()
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 class _Arena:
     """One page-locked buffer cut into `count` slots of `slot_nbytes`."""
 
@@ -46,32 +62,47 @@ class _Arena:
         import torch
 
         self.slot_nbytes, self.count = slot_nbytes, count
-        self.tensor = torch.empty(slot_nbytes * count, dtype=torch.uint8, pin_memory=pin_memory)
+        self.nbytes = slot_nbytes * count
+        self.tensor = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
         self.array = self.tensor.numpy()
         self.free = list(range(count - 1, -1, -1))  # pop() hands out slot 0 first
 
 
 class _PinnedSlots:
-    """Slots for pages, by page size; thread-safe. A slot comes back (and an empty arena goes)
-    when the array `take` returned is garbage: the tier dropped it and every view is gone."""
+    """Slots for pages, by page size; thread-safe. A slot comes back (and an empty arena goes
+    back to torch's pinned-memory cache) when the array `take` returned is garbage: the tier
+    dropped it and every view is gone. Arenas of a page size start small and double, each
+    filled to the power of two torch allocates; all arenas together stay within the tier's
+    capacity plus one largest arena, past which `take` has no slot (None)."""
 
     def __init__(self, capacity_bytes: int, pin_memory: bool) -> None:
         self._pin_memory = pin_memory
-        self._arena_nbytes = min(_ARENA_NBYTES, 1 << max(0, capacity_bytes - 1).bit_length())
+        self._max_arena_nbytes = min(_ARENA_NBYTES, _pow2_at_least(capacity_bytes))
+        self._budget = capacity_bytes + self._max_arena_nbytes
+        self._nbytes = 0  # in all arenas
         # reentrant: a garbage collection inside take() may run _give_back on this thread
         self._lock = threading.RLock()
         self._arenas: dict[int, list[_Arena]] = {}  # slot size -> arenas of that size
 
-    def take(self, nbytes: int):  # -> np.ndarray of nbytes, in a slot
+    def take(self, nbytes: int):  # -> np.ndarray of nbytes in a slot, or None
         with self._lock:
             arenas = self._arenas.setdefault(nbytes, [])
             arena = next((a for a in arenas if a.free), None)
             if arena is None:
-                # arenas of a new page size start small and double: a size seen once (a client
-                # of the store may send any) holds a few slots, not 256 MiB
-                count = min(max(1, self._arena_nbytes // nbytes), _FIRST_SLOTS << len(arenas))
-                arena = _Arena(nbytes, count, self._pin_memory)
+                want = nbytes * (_FIRST_SLOTS << len(arenas))
+                count = max(1, min(self._max_arena_nbytes, _pow2_at_least(want)) // nbytes)
+                if self._nbytes + nbytes * count > self._budget:
+                    if not arenas:
+                        del self._arenas[nbytes]
+                    return None
+                try:
+                    arena = _Arena(nbytes, count, self._pin_memory)
+                except RuntimeError:  # no pinned memory left: the caller stores it otherwise
+                    if not arenas:
+                        del self._arenas[nbytes]
+                    return None
                 arenas.append(arena)
+                self._nbytes += arena.nbytes
             slot = arena.free.pop()
         view = arena.array[slot * nbytes : (slot + 1) * nbytes]
         weakref.finalize(view, self._give_back, arena, slot).atexit = False
@@ -80,14 +111,22 @@ class _PinnedSlots:
     def _give_back(self, arena: _Arena, slot: int) -> None:
         with self._lock:
             arena.free.append(slot)
-            arenas = self._arenas.get(arena.slot_nbytes, [])
-            if len(arena.free) == arena.count and arena in arenas:
+            arenas = self._arenas.get(arena.slot_nbytes)
+            if len(arena.free) == arena.count and arenas is not None and arena in arenas:
                 arenas.remove(arena)  # the last reference to its memory goes with it
+                self._nbytes -= arena.nbytes
+                if not arenas:
+                    del self._arenas[arena.slot_nbytes]
 
     @property
     def num_arenas(self) -> int:
         with self._lock:
             return sum(len(arenas) for arenas in self._arenas.values())
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return self._nbytes
 
 
 class CpuTier(Tier):
@@ -139,7 +178,7 @@ class CpuTier(Tier):
                     evicted.append((key, blob))
                     continue
             # Copy outside the lock: pinning or materializing a view can take a while.
-            stored = self._copy_in(blob) if self._slots is not None else _owned_bytes(blob)
+            stored = self._copy_in(blob)
             with self._lock:
                 if self._lru.touch(key):  # another thread stored it meanwhile
                     continue
@@ -151,14 +190,19 @@ class CpuTier(Tier):
                 self._pages[key] = stored
         return evicted  # type: ignore[return-value]  # pinned pages are memoryviews
 
-    def _copy_in(self, blob: bytes | memoryview) -> memoryview:
-        """The page copied into a slot, as a read-only view (like bytes pages: readers cannot
-        scribble on a stored page); the view keeps the slot taken."""
-        assert self._slots is not None
+    def _copy_in(self, blob: bytes | memoryview) -> bytes | memoryview:
+        """The page as the tier keeps it: copied into a slot, as a read-only view (like bytes
+        pages: readers cannot scribble on a stored page; the view keeps the slot taken), else
+        into a pinned allocation of its own when pinned, else as bytes. Callers must never
+        release() a page they got: the slot could be reused while the tier still lists it."""
         src = memoryview(blob).cast("B")
-        slot = self._slots.take(src.nbytes)
-        slot[:] = src
-        return slot.data.toreadonly()
+        slot = self._slots.take(src.nbytes) if self._slots is not None and src.nbytes else None
+        if slot is not None:
+            slot[:] = src
+            return slot.data.toreadonly()
+        if self.is_pinned and src.nbytes:
+            return _to_pinned(src)
+        return _owned_bytes(blob)
 
     def delete_many(self, keys: Sequence[bytes]) -> int:
         num_deleted = 0

@@ -94,11 +94,26 @@ def test_pages_of_one_size_share_an_arena_in_consecutive_slots():
 
 
 def test_arenas_of_a_page_size_start_small_and_double():
+    """Each arena fills the power of two that torch's pinned allocator would round it up to."""
     tier = CpuTier(capacity_bytes=1 << 20, pin_memory=False, slots=True)
-    tier.put_many([(key(i), bytes([i]) * 100) for i in range(8 + 16 + 1)])
-    assert [a.count for a in tier._slots._arenas[100]] == [8, 16, 32]
-    tier.put_many([(key(99), b"q" * 64)])  # a size seen once holds 8 slots, not megabytes
+    tier.put_many([(key(i), bytes([i % 256]) * 100) for i in range(10 + 20 + 1)])
+    assert [a.count for a in tier._slots._arenas[100]] == [10, 20, 40]  # 1, 2, 4 KiB
+    tier.put_many([(key(999), b"q" * 64)])  # a size seen once holds 512 bytes, not megabytes
     assert [a.count for a in tier._slots._arenas[64]] == [8]
+
+
+def test_arenas_stay_within_the_capacity_plus_one_arena():
+    """Pages of many sizes (a store's clients may send any): past the budget a page is kept
+    as its own buffer; every page still reads back."""
+    tier = CpuTier(capacity_bytes=1000, pin_memory=False, slots=True)
+    pages = [(key(i), bytes([i]) * (50 + i)) for i in range(12)]
+    for page in pages:  # one at a time: the LRU keeps what fits in 1000 bytes
+        tier.put_many([page])
+        assert tier._slots.nbytes <= 1000 + 1024
+    kept = [(k, data) for k, data in pages if tier.contains_many([k])[0]]
+    got = tier.get_many([k for k, _ in kept])
+    assert [bytes(p) for p in got] == [data for _, data in kept]
+    assert any(isinstance(p, bytes) for p in got)  # found no slot within the budget
 
 
 def test_a_slot_is_reused_only_after_its_last_reader_lets_go():
@@ -144,7 +159,9 @@ def test_pinned_pages_on_cuda():
     assert page.readonly  # like bytes pages: no reader can change a stored page
     host = torch.frombuffer(page, dtype=torch.uint8)  # warns: read-only buffer
     assert host.is_pinned()
-    assert tier._slots is not None  # in an arena slot, not a power-of-two allocation of its own
+    tier.put_many([(key(2), data), (key(3), data)])
+    first, second = tier.get_many([key(2), key(3)])
+    assert slot_address(second) == slot_address(first) + len(data)  # slots of one arena
     on_gpu = host.to("cuda", non_blocking=True)
     torch.cuda.synchronize()
     assert torch.equal(on_gpu.cpu(), torch.frombuffer(bytearray(data), dtype=torch.uint8))
