@@ -7,7 +7,9 @@ their checksums:
 
 - pages in page-locked memory (the CpuTier pins its pages on CUDA; the store client's
   shared-memory segments are page-locked by the worker): every page's copy to the device is
-  queued at once (one cudaMemcpyAsync each, DMA straight from the source);
+  queued as its header checks out, DMA straight from the source (`cuda_host.copy_async`: one
+  2-D copy per run of pages at one stride, e.g. back to back in a store segment or in
+  consecutive host-tier slots; else one cudaMemcpyAsync per page);
 - other pages: chunk by chunk on the bulk pool, copied into a pinned staging buffer; each chunk
   goes to the device while the next one is copied, two staging buffers alternating.
 
