@@ -30,6 +30,15 @@ def check_page(key: bytes, blob: bytes | memoryview) -> None:
         raise PageCorrupt("page checksum mismatch")
 
 
+def is_intact(key: bytes, blob: bytes | memoryview) -> bool:
+    """check_page as a flag."""
+    try:
+        check_page(key, blob)
+    except PageCorrupt:
+        return False
+    return True
+
+
 def check_keys(keys: Sequence[bytes]) -> None:
     bad = [i for i, key in enumerate(keys) if len(key) != KEY_NBYTES]
     if bad:
@@ -77,15 +86,7 @@ class PageAccess:
         found = [i for i, blob in enumerate(blobs) if blob is not None]
 
         def check(part: range) -> list[bool]:
-            ok = []
-            for j in part:
-                i = found[j]
-                try:
-                    check_page(keys[i], blobs[i])
-                    ok.append(True)
-                except PageCorrupt:
-                    ok.append(False)
-            return ok
+            return [is_intact(keys[found[j]], blobs[found[j]]) for j in part]
 
         nbytes = sum(len(blobs[i]) for i in found)
         good = map_chunked(check, len(found), nbytes)

@@ -22,8 +22,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from cachestore import shm
-from cachestore.codec import PageCorrupt, map_chunked
-from cachestore.page_access import check_page
+from cachestore.codec import map_chunked
+from cachestore.page_access import is_intact
 from kvmesh.v1 import store_pb2
 
 log = logging.getLogger(__name__)
@@ -197,11 +197,7 @@ def _copy_and_check(mm: mmap.mmap, moves: Sequence[shm.Move], offsets: Sequence[
         for j in indices:
             dst, src, size = moves[j]
             ctypes.memmove(dst, src, size)
-            try:
-                check_page(keys[j], segment[offsets[j] : offsets[j] + size])
-                ok.append(True)
-            except PageCorrupt:
-                ok.append(False)
+            ok.append(is_intact(keys[j], segment[offsets[j] : offsets[j] + size]))
         return ok
 
     try:

@@ -14,8 +14,9 @@ import logging
 import threading
 from collections.abc import Sequence
 
-import numpy as np
 import torch
+
+from cachestore.shm import buffer_address
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +146,8 @@ class PinnedRanges:
         found = [page for page in pages if page is not None]
         if not found:
             return False
-        first = _address(found[0])
-        end = _address(found[-1]) + memoryview(found[-1]).nbytes
+        first = buffer_address(found[0])[0]
+        end = buffer_address(found[-1])[0] + memoryview(found[-1]).nbytes
         return first <= end and self.covers(first, end - first)
 
     def _pin(self, lib: ctypes.CDLL, address: int, nbytes: int) -> None:
@@ -162,7 +163,3 @@ class PinnedRanges:
                             "it go through the staging buffers", nbytes, status)
                 return
             self._ranges[address] = address + nbytes
-
-
-def _address(buf: bytes | memoryview) -> int:
-    return np.frombuffer(buf, dtype=np.uint8).ctypes.data

@@ -45,18 +45,16 @@ class Engine:
         self.max_model_len = min(config.max_model_len or limit, limit)
         self.runner = ModelRunner(config, loaded, self.max_model_len)
         stager = PageStager(self.runner.page_shape, self.runner.dtype, self.runner.device)
-        if self.runner.device.type == "cuda" and config.store:
-            # staging for store pages not (yet) in page-locked memory; host-tier pages are
-            # pinned and go straight to the device. The first pinned allocation takes ~0.5 s.
-            stager.warm_up()
-        if config.store:
-            self.runner.enable_snapshot_slots(_SNAPSHOT_BYTES)
-        if self.runner.device.type == "cuda" and (config.store or config.host_tier_bytes):
+        if self.runner.device.type == "cuda" and config.host_tier_bytes:
             stager.warm_up_checksums()
         self.offload = KvOffload(self.runner.read_page, self.runner.snapshot_pages,
-                                 self.runner.release_snapshots,
-                                 config.host_tier_bytes, config.store, config.store_token,
-                                 stager, self._max_prefix_nbytes())
+                                 self.runner.release_snapshots, config.host_tier_bytes, stager,
+                                 self._max_prefix_nbytes())
+        if config.store:
+            from cachestore.client import StoreClient  # needs the generated gRPC code
+
+            self.attach_store(StoreClient(config.store, config.store_token, timeout=10.0,
+                                          **self.offload.segment_hooks()))
         on_evict = self.offload.on_evict if self.offload.host is not None else None
         self.block_manager = BlockManager(self.runner.num_pages, self.page_size, on_evict)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
@@ -87,10 +85,14 @@ class Engine:
         return min(nbytes, _RESERVED_SEGMENT_BYTES)
 
     def attach_store(self, store: Any) -> None:
-        """Use an already connected store client (StoreClient-like) as the remote tier; a
-        StoreClient made for it should take `offload.segment_hooks()`."""
+        """Use a connected store client (StoreClient-like) as the remote tier; a StoreClient
+        made for it should take `offload.segment_hooks()` (so its segments are page-locked).
+        `config.store` comes here too."""
         self.runner.enable_snapshot_slots(_SNAPSHOT_BYTES)
         if self.runner.device.type == "cuda":
+            # staging for store pages not (yet) in page-locked memory (the first pinned
+            # allocation takes ~0.5 s), and the checksum kernels compiled before the first hit
+            self.offload.stager.warm_up()
             self.offload.stager.warm_up_checksums()
         self.offload.attach_store(store)
 

@@ -43,6 +43,7 @@ from cachestore.codec import (
     map_chunked,
 )
 from cachestore.keys import Namespace
+from cachestore.shm import buffer_address
 from workers.cuda_host import copy_async, cudart
 
 log = logging.getLogger(__name__)
@@ -108,13 +109,13 @@ class PageStager:
 
     def _stage(self, blobs: Sequence[bytes | memoryview], ns: Namespace, keys: Sequence[bytes],
                token_ids: Sequence[bytes], is_pinned: bool) -> torch.Tensor:
-        if is_pinned and self.device_checksums:
+        out = None
+        if is_pinned and self.device_checksums:  # headers checked as the copies are queued
             out = self._allocate(len(blobs))
-            if self._verifies_on_device(out):  # headers checked as the copies are queued
+            if self._verifies_on_device(out):
                 return self._send_checked(out, blobs, ns, keys, token_ids)
-            sources = list(self._checked_sources(blobs, ns, keys, token_ids))
-        else:
-            sources = list(self._checked_sources(blobs, ns, keys, token_ids))
+        sources = list(self._checked_sources(blobs, ns, keys, token_ids))
+        if out is None:
             out = self._allocate(len(sources))
         on_device = self._verifies_on_device(out)
         if is_pinned:
@@ -129,7 +130,7 @@ class PageStager:
                 event.synchronize()  # this buffer's last upload has left it
             staging = self._buffers[buf]
             ok = self._copy_and_verify(staging, chunk, verify=not on_device)
-            n = ok.index(False) if False in ok else len(chunk)
+            n = num_leading(ok)
             out[start : start + n].copy_(staging[:n], non_blocking=True)
             if self.is_cuda:
                 self._free[buf] = torch.cuda.Event()
@@ -160,7 +161,7 @@ class PageStager:
                 return
             if payload.nbytes != self.page_nbytes:
                 return
-            yield np.frombuffer(payload, dtype=np.uint8).ctypes.data, checksum
+            yield buffer_address(payload)[0], checksum
 
     def _send_checked(self, out: torch.Tensor, blobs: Sequence[bytes | memoryview],
                       ns: Namespace, keys: Sequence[bytes], token_ids: Sequence[bytes]
@@ -217,7 +218,7 @@ class PageStager:
         with ChunkedTasks(verify, len(sources), len(sources) * row, _VERIFY_TASK_BYTES) as tasks:
             self._copy_rows(out, [address for address, _ in sources])
             for _, ok in tasks:
-                n = ok.index(False) if False in ok else len(ok)
+                n = num_leading(ok)
                 num_ok += n
                 if n < len(ok):
                     break
@@ -317,6 +318,11 @@ class SnapshotSlots:
     def num_free(self) -> int:
         with self._lock:
             return len(self._free)
+
+
+def num_leading(flags: Sequence[bool]) -> int:
+    """How many flags come before the first False (a bad page ends a prefix)."""
+    return flags.index(False) if False in flags else len(flags)
 
 
 def runs(n: int, continues: Callable[[int], bool]) -> list[range]:

@@ -26,7 +26,7 @@ from cachestore.keys import Namespace, tokens_to_bytes
 from cachestore.tiers.cpu import CpuTier
 from workers.block_manager import EvictedPage
 from workers.cuda_host import PinnedRanges
-from workers.kv_upload import PageStager, StagedRow
+from workers.kv_upload import PageStager, StagedRow, num_leading
 from workers.outputs import KvEventData
 from workers.sequence import PendingLoad, Sequence
 
@@ -71,7 +71,7 @@ _WRITE_BATCH = 32
 class KvOffload:
     """Called from the engine thread, except the store writer thread it owns. `read_page(id)`
     returns a host copy of a device page's payload; `snapshot_pages(ids)` starts copies and returns
-    (host tensor, CUDA event or None)."""
+    (host rows, snapshot slots to give back through `release_snapshots`, CUDA event or None)."""
 
     def __init__(
         self,
@@ -79,8 +79,6 @@ class KvOffload:
         snapshot_pages: Callable[[list[int]], tuple[list[Any], list[int] | None, Any]],
         release_snapshots: Callable[[list[int]], None],
         host_tier_bytes: int,
-        store_target: str | None,
-        store_token: str | None,
         stager: PageStager,
         max_prefix_nbytes: int = 0,
     ) -> None:
@@ -102,11 +100,6 @@ class KvOffload:
         self.num_store_writes_dropped = 0
         self.num_store_errors = 0
         self._writer: threading.Thread | None = None
-        if store_target is not None:
-            from cachestore.client import StoreClient  # needs the generated gRPC code
-
-            self.attach_store(StoreClient(store_target, store_token, timeout=10.0,
-                                          **self.segment_hooks()))
 
     def segment_hooks(self) -> dict[str, Callable[[int, int], None]]:
         """StoreClient arguments that page-lock its shared-memory segments (on CUDA)."""
@@ -263,7 +256,7 @@ class KvOffload:
         if self.host is None:
             return _Fetched([])
         present = self.host.contains_many(keys)
-        n = present.index(False) if False in present else len(keys)
+        n = num_leading(present)
         return _Fetched(list(self.host.get_many(keys[:n])) if n else [],
                         is_pinned=self.host.is_pinned)
 

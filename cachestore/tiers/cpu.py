@@ -9,11 +9,12 @@ memory, so a host->GPU copy of a payload runs asynchronously at full PCIe speed.
 memory comes in arenas of equal-size slots (one arena holds pages of one size; a model's pages
 all have one size): one torch pinned allocation per arena instead of per page, which torch
 would round up to a power of two (a 512 KiB + header page took 1 MiB), and consecutive pages
-of a prefix often land in consecutive slots. A page size's arenas start at 8 slots and double,
-up to 256 MiB; all arenas stay within the capacity plus one arena, and a page that finds no
-slot gets a pinned allocation of its own. `get_many` returns a read-only memoryview of the
-page's slot; the slot is reused only once the tier has dropped the page and the last view of
-it is gone (a weakref finalizer on the slot's array). An arena whose slots are all free goes
+of a prefix often land in consecutive slots. A page size's arenas start at about 8 slots and
+double, up to 256 MiB, each filling the power of two torch allocates; all arenas stay within
+the capacity plus one arena, and a page that finds no slot gets a pinned allocation of its
+own. `get_many` returns a read-only memoryview of the page's slot; the slot is reused only once
+the tier has dropped the page and the last view of it is gone (a weakref finalizer on the
+slot's array). An arena whose slots are all free goes
 back to torch's pinned-memory cache. Without CUDA pages are plain `bytes`.
 """
 
@@ -37,7 +38,7 @@ def _cuda_available() -> bool:
 
 
 _ARENA_NBYTES = 256 << 20  # a power of two: torch's pinned allocator rounds sizes up to one
-_FIRST_SLOTS = 8  # slots in the first arena of a page size; each next one of it has twice as many
+_FIRST_SLOTS = 8  # at least this many slots in a page size's first arena; then twice as many
 
 
 def _to_pinned(blob: bytes | memoryview) -> memoryview:
