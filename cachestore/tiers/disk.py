@@ -163,8 +163,8 @@ class DiskTier(Tier):
         try:
             try:
                 f = open(tmp, "wb")
-            except FileNotFoundError:  # first page of this subdirectory
-                os.mkdir(os.path.dirname(path))
+            except FileNotFoundError:  # first page of this subdirectory (another writer may be
+                os.makedirs(os.path.dirname(path), exist_ok=True)  # making it right now)
                 f = open(tmp, "wb")
             with f:
                 f.write(blob)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 
 from cachestore.codec import encode_page
@@ -17,6 +20,22 @@ def page(i: int) -> tuple[bytes, bytes]:
     tokens = [i, i + 1]
     key = NS.page_keys(tokens)[0]
     return key, encode_page(NS, key, tokens_to_bytes(tokens), bytes([i % 256]) * NS.page_nbytes)
+
+
+def test_a_subdirectory_made_by_another_writer_meanwhile_is_no_error(tmp_path, monkeypatch):
+    """Two threads writing the first pages of one subdirectory both find it missing; the one
+    that makes it second must still store its page (it used to fail the put: a lost page)."""
+    real_mkdir = os.mkdir
+
+    def another_writer_first(path, *args, **kwargs):
+        real_mkdir(path, *args, **kwargs)
+        raise FileExistsError(errno.EEXIST, "File exists", path)
+
+    monkeypatch.setattr(os, "mkdir", another_writer_first)
+    tier = DiskTier(tmp_path, capacity_bytes=10 * len(page(0)[1]))
+    key, blob = page(0)
+    assert tier.put_many([(key, blob)]) == []
+    assert tier.get_many([key]) == [blob]
 
 
 def test_files_lru_and_evictions_read_back(tmp_path):
