@@ -163,8 +163,11 @@ class DiskTier(Tier):
         try:
             try:
                 f = open(tmp, "wb")
-            except FileNotFoundError:  # first page of this subdirectory (another writer may be
-                os.makedirs(os.path.dirname(path), exist_ok=True)  # making it right now)
+            except FileNotFoundError:  # first page of this subdirectory
+                try:
+                    os.mkdir(os.path.dirname(path))  # (not the root: a root gone stays gone)
+                except FileExistsError:  # another writer made it just now
+                    pass
                 f = open(tmp, "wb")
             with f:
                 f.write(blob)
