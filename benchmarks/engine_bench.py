@@ -232,6 +232,7 @@ def attach_store(engine: Engine, nbytes: int) -> tuple[str, object]:
 
     class InProcessLease:  # a PageLease of inline pages (shm_client needs the gRPC code)
         is_shared_memory = False
+        regions = ()
 
         def __init__(self, pages):
             self.pages = pages
@@ -239,10 +240,13 @@ def attach_store(engine: Engine, nbytes: int) -> tuple[str, object]:
         def release(self):
             pass
 
+        def is_valid(self):
+            return True
+
     class InProcessStore:  # StoreClient's key-level page API, minus the network
         close = store.close
 
-        def get_pages_leased(self, keys, prefix_only=False):
+        def get_pages_leased(self, keys, prefix_only=False, mapped=False):
             return InProcessLease(access.get(keys, prefix_only=prefix_only))
 
         def put_encoded_pages(self, pages):
@@ -272,7 +276,7 @@ def bench_ttft(name, loaded, args, out: dict) -> None:
         for where in args.checksums.split(","):
             # which side verifies the loaded pages' checksums: the GPU after the copy (the
             # default on CUDA) or the CPU pool in host memory
-            engine.offload.stager.device_checksums = where == "device"
+            engine.offload.stager.device_checksums = where == "device" and args.device != "cpu"
             label = "" if where == args.checksums.split(",")[0] else f"_{where}_checksums"
             evict_all(engine)  # demotes the pages to the host tier
             measured[f"host_hit{label}"] = first_token_s(engine, base + suffix[:4])

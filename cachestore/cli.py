@@ -35,7 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--tls-key", help="PEM private key")
     add("--max-workers", type=int, help="server threads (default 32)")
     add("--shared-memory", action=argparse.BooleanOptionalAction, default=None,
-        help="let clients on this host receive pages through /dev/shm segments (default on)")
+        help="let clients on this host receive pages through /dev/shm segments, and map the "
+             "cpu tier's pages from /dev/shm arenas (default on)")
+    add("--lease-s", type=float, help="seconds a mapped read's pages stay unchanged unless "
+                                      "released first (default 30)")
     parser.set_defaults(func=run)
 
 

@@ -8,11 +8,13 @@ Two levels:
   `delete_pages`.
 Tensor <-> page payload conversion costs one permute-copy each way; frames are written and read
 by cachestore.wire without protobuf copies. Against a server on this host, key-level gets move
-their bytes through shared-memory segments the client owns (cachestore/shm_client.py).
+their bytes through shared-memory segments the client owns (cachestore/shm_client.py), or, for a
+caller that checks pages itself, not at all: it reads them in the server's arenas (`mapped`).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,7 @@ from cachestore.shm_client import (
     PageLease,
     SegmentCallback,
     SegmentPool,
+    fits_mapped,
     fits_segment,
     pages_by_key,
 )
@@ -100,6 +103,11 @@ class StoreClient:
                            ("DeletePages", pb.PageKeys, pb.DeleteResponse))}
         self._get_pages = ch.unary_stream(_SERVICE + "GetPages", pb.PageKeys.SerializeToString,
                                           wire.make_deserializer(pb.GetPagesResponse))
+        self._release_pages = ch.unary_unary(_SERVICE + "ReleasePages",
+                                             pb.ReleasePagesRequest.SerializeToString,
+                                             pb.ReleasePagesResponse.FromString)
+        self._lock = threading.Lock()
+        self._releasing: set[Any] = set()  # ReleasePages calls in flight
         self._put_pages = ch.stream_unary(_SERVICE + "PutPages",
                                           wire.make_serializer(pb.PutPagesHeader),
                                           pb.PutPagesResponse.FromString)
@@ -187,12 +195,20 @@ class StoreClient:
         with self.get_pages_leased(keys, prefix_only) as lease:
             return shm.copy_out(lease.pages) if lease.is_shared_memory else lease.pages
 
-    def get_pages_leased(self, keys: Sequence[bytes], prefix_only: bool = False) -> PageLease:
+    def get_pages_leased(self, keys: Sequence[bytes], prefix_only: bool = False,
+                         mapped: bool = False) -> PageLease:
         """Like get_pages, as a PageLease: views straight into a shared-memory segment when the
-        server is on this host (no copy), else into the received frames. Release it."""
+        server is on this host (no copy), else into the received frames. Release it.
+
+        `mapped`: the caller accepts views straight into the server's own page arenas (same
+        host; no copy at all). Those pages are NOT checked by the server: the caller checks
+        every page (cachestore.codec.check_page_header and the checksum) after reading it, and
+        then `lease.is_valid()`, before using anything it read."""
         if self._segments is not None and 0 < len(keys) <= MAX_KEYS_PER_CALL:
             lease = self._segments.read(
-                lambda chunk, segment: self._fetch_pages(chunk, prefix_only, segment), keys)
+                lambda chunk, segment, accept_mapped: self._fetch_pages(
+                    chunk, prefix_only, segment, accept_mapped),
+                keys, self._end_lease if mapped else None)
         else:
             pages: list[memoryview | None] = []
             for chunk in _chunks(keys):
@@ -207,6 +223,19 @@ class StoreClient:
             first = lease.pages.index(None)
             lease.pages[first:] = [None] * (len(lease.pages) - first)
         return lease
+
+    def _end_lease(self, lease_id: int) -> None:
+        """Tell the server a mapped get's pages are read, without waiting for the answer (a
+        lease that is never released ends by itself)."""
+        call = self._release_pages.future(store_pb2.ReleasePagesRequest(lease_ids=[lease_id]),
+                                          timeout=self.timeout, metadata=self._metadata)
+        with self._lock:
+            self._releasing.add(call)  # an unreferenced call would be cancelled
+        call.add_done_callback(self._released)
+
+    def _released(self, call: Any) -> None:
+        with self._lock:
+            self._releasing.discard(call)
 
     def reserve_segment(self, nbytes: int) -> None:
         """Make a shared-memory segment of `nbytes` for later gets now (a no-op without shared
@@ -285,10 +314,12 @@ class StoreClient:
         return header, frames
 
     def _fetch_pages(self, keys: Sequence[bytes], prefix_only: bool,
-                     segment: shm.Segment | None) -> tuple[Any, list[memoryview]]:
+                     segment: shm.Segment | None,
+                     accept_mapped: bool = False) -> tuple[Any, list[memoryview]]:
         """One GetPages call: (checked header, data frames; none when the pages went to
-        `segment` or it was too small)."""
-        request = store_pb2.PageKeys(keys=keys, prefix_only=prefix_only)
+        `segment`, it was too small, or they are mapped)."""
+        request = store_pb2.PageKeys(keys=keys, prefix_only=prefix_only,
+                                     accept_mapped=accept_mapped)
         if segment is not None:
             request.segment.name, request.segment.capacity = segment.name, segment.capacity
         try:
@@ -298,10 +329,14 @@ class StoreClient:
                     or len(header.is_found) != len(keys)
                     or sum(header.is_found) != len(header.page_nbytes)):
                 raise ProtocolError(f"GetPages reply starts with {header!r}")
+            if header.HasField("mapped"):
+                if not accept_mapped or not fits_mapped(header):
+                    raise ProtocolError(f"GetPages: unasked or malformed mapped reply {header!r}")
             is_shared = header.is_shared_memory or header.segment_nbytes_needed
             if is_shared and (segment is None or not fits_segment(header, segment.capacity)):
                 raise ProtocolError(f"GetPages: shared-memory reply {header!r} does not fit "
                                     f"the segment {segment and segment.name}")
+            is_shared = is_shared or header.HasField("mapped")
             frames = _receive(stream, 0 if is_shared else sum(header.page_nbytes), "GetPages")
         except grpc.RpcError as exc:
             raise typed_error(exc) from None

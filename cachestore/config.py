@@ -21,7 +21,9 @@ class StoreConfig:
 
     port 0 picks a free port. `token` enables bearer-token auth; `tls_cert` + `tls_key` (PEM
     paths) enable TLS. `disk_bytes` / `redis_ttl` / `cpu_bytes` are bytes / seconds.
-    `shared_memory` lets clients on this host receive GetPages through /dev/shm segments.
+    `shared_memory` lets clients on this host receive GetPages through /dev/shm segments, and
+    keeps the cpu tier's pages in /dev/shm arenas they may map (`lease_s`: how long a mapped
+    reply's pages stay unchanged unless released first).
     """
 
     host: str = "127.0.0.1"
@@ -39,6 +41,7 @@ class StoreConfig:
     tls_key: str | None = None
     max_workers: int = 32
     shared_memory: bool = True  # same-host GetPages may write into client /dev/shm segments
+    lease_s: float = 30.0  # mapped GetPages: pages stay unchanged this long unless released
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -47,6 +50,8 @@ class StoreConfig:
             raise InvalidConfig(f"port must be in [0, 65535], got {self.port}")
         if self.cpu_bytes <= 0:
             raise InvalidConfig(f"cpu_bytes must be positive, got {self.cpu_bytes}")
+        if not 0 < self.lease_s <= 3600:
+            raise InvalidConfig(f"lease_s must be in (0, 3600] seconds, got {self.lease_s}")
         if self.disk_bytes <= 0:
             raise InvalidConfig(f"disk_bytes must be positive, got {self.disk_bytes}")
         if self.redis_ttl is not None and self.redis_ttl <= 0:
@@ -106,6 +111,11 @@ def _parse_env(name: str, type_name: Any, raw: str) -> Any:
             return parse_bytes(raw)
         except ValueError:
             raise InvalidConfig(f"{ENV_PREFIX}{name.upper()}={raw!r} is not an integer") from None
+    if "float" in str(type_name):
+        try:
+            return float(raw)
+        except ValueError:
+            raise InvalidConfig(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a number") from None
     return raw
 
 

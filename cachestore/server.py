@@ -20,9 +20,11 @@ from cachestore.config import StoreConfig
 from cachestore.errors import InvalidRequest, StoreClosed
 from cachestore.keys import InvalidNamespace
 from cachestore.page_access import PageAccess
+from cachestore.shm_leases import MappedLeases
 from cachestore.shm_server import SegmentWriter
 from cachestore.store import TieredStore
 from cachestore.tiers.base import Tier, TierFull, TierUnavailable
+from cachestore.tiers.cpu import CpuTier
 from kvmesh.v1 import store_pb2
 
 log = logging.getLogger(__name__)
@@ -74,10 +76,12 @@ class KVStoreServicer:
     """Thin RPC methods over a TieredStore; streaming replies are computed before they start, so
     every error is known up front and mapped to its status."""
 
-    def __init__(self, store: TieredStore, segments: SegmentWriter | None = None) -> None:
+    def __init__(self, store: TieredStore, segments: SegmentWriter | None = None,
+                 leases: MappedLeases | None = None) -> None:
         self.store = store
         self.pages = PageAccess(store)
         self.segments = segments  # None: GetPages always answers inline
+        self.leases = leases  # None: GetPages never answers with mapped pages
 
     @_mapped
     def Put(self, request_iterator: Iterator, context: grpc.ServicerContext):
@@ -116,10 +120,19 @@ class KVStoreServicer:
     @_mapped
     def GetPages(self, request, context: grpc.ServicerContext):
         keys = messages.page_keys(request)
-        if self.segments is None or not request.HasField("segment"):
+        is_mapped = request.accept_mapped and self.leases is not None
+        if not is_mapped and (self.segments is None or not request.HasField("segment")):
             return messages.pages_reply(self.pages.get(keys, prefix_only=request.prefix_only))
-        # checked on their copies in the segment (one read of each page), or before going inline
+        # checked by the client (mapped), on their copies in the segment (one read of each
+        # page), or before going inline
         blobs = self.pages.get(keys, prefix_only=request.prefix_only, verify=False)
+        if is_mapped:
+            assert self.leases is not None
+            header = self.leases.mapped_header(blobs, context.peer())
+            if header is not None:
+                return iter((header,))
+        if self.segments is None or not request.HasField("segment"):
+            return messages.pages_reply(self.pages.verify(keys, blobs))
         by_key = dict(zip(keys, blobs, strict=True))
 
         def drop_bad(bad: list[bytes]) -> None:  # a copy failed its check: is the source bad?
@@ -130,6 +143,11 @@ class KVStoreServicer:
         if header is not None:
             return iter((header,))
         return messages.pages_reply(self.pages.verify(keys, blobs))
+
+    @_mapped
+    def ReleasePages(self, request, context: grpc.ServicerContext):
+        released = self.leases.release(request.lease_ids) if self.leases is not None else 0
+        return store_pb2.ReleasePagesResponse(num_released=released)
 
     @_mapped
     def PutPages(self, request_iterator: Iterator, context: grpc.ServicerContext):
@@ -169,6 +187,7 @@ def _handlers(servicer: KVStoreServicer) -> grpc.GenericRpcHandler:
             servicer.PutPages, request_deserializer=wire.make_deserializer(pb.PutPagesRequest),
             response_serializer=pb.PutPagesResponse.SerializeToString),
         "DeletePages": plain(servicer.DeletePages, pb.PageKeys),
+        "ReleasePages": plain(servicer.ReleasePages, pb.ReleasePagesRequest),
     })
 
 
@@ -206,11 +225,10 @@ def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandl
 
 def build_tiers(config: StoreConfig) -> list[Tier]:
     """Tiers in chain order from a config: cpu, then disk, redis, remote when configured."""
-    from cachestore.tiers.cpu import CpuTier
-
-    # unpinned: the store never copies from its pages to a GPU (it copies them into a client's
-    # segment or onto the wire), and pinning costs time and locked memory
-    tiers: list[Tier] = [CpuTier(config.cpu_bytes, pin_memory=False)]
+    # unpinned: the store never copies from its pages to a GPU itself (a same-host worker maps
+    # and page-locks the shared arenas), and pinning costs time and locked memory
+    tiers: list[Tier] = [CpuTier(config.cpu_bytes, pin_memory=False,
+                                 shared=config.shared_memory)]
     if config.disk_dir is not None:
         from cachestore.tiers.disk import DiskTier
 
@@ -241,7 +259,11 @@ class StoreServer:
             options=[*wire.GRPC_OPTIONS, ("grpc.so_reuseport", 0)],
         )
         self._segments = SegmentWriter() if config.shared_memory else None
-        servicer = KVStoreServicer(self.store, self._segments)
+        cpu = self.store.tiers[0] if self.store.tiers else None
+        # mapped GetPages: same-host clients read the cpu tier's pages in place
+        self.leases = (MappedLeases(cpu, config.lease_s)
+                       if isinstance(cpu, CpuTier) and cpu.is_shared else None)
+        servicer = KVStoreServicer(self.store, self._segments, self.leases)
         self._server.add_generic_rpc_handlers((_handlers(servicer),))
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -278,6 +300,8 @@ class StoreServer:
         self._server.stop(grace).wait()
         if self._segments is not None:
             self._segments.close()
+        if self.leases is not None:
+            self.leases.close()
         self.store.close()
 
     def __enter__(self) -> StoreServer:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -19,6 +20,7 @@ from typing import Any
 
 from cachestore import shm, wire
 from cachestore.shm import Segment
+from cachestore.shm_maps import MappedFile, SegmentMaps, SegmentUnusable
 
 log = logging.getLogger(__name__)
 MIN_SEGMENT_NBYTES = 8 << 20
@@ -28,17 +30,23 @@ RESERVE_WAIT_S = 5.0  # a get waits this long at most for a segment being reserv
 CALLS_INLINE_AFTER_DECLINE = 64  # after a server answered inline, ask again this much later
 
 SegmentCallback = Callable[[int, int], None]  # (address, nbytes)
-Fetch = Callable[[Sequence[bytes], "Segment | None"], tuple[Any, list[memoryview]]]
+MAX_MAPPED_ARENAS = 256  # the store's arenas kept mapped (at most 256 MiB each)
+Fetch = Callable[[Sequence[bytes], "Segment | None", bool], tuple[Any, list[memoryview]]]
 
 
 class PageLease:
     """Pages of one `StoreClient.get_pages_leased` call.
 
-    `pages`: one read-only memoryview per key, None where missing; views into a shared-memory
-    segment (`is_shared_memory`) or into received frames. `release()` hands the segment back to
-    the client's pool and invalidates the views it can (further use raises ValueError); using
-    any page after release is a bug. Idempotent; also a context manager. Until released, the
-    segment serves no other call."""
+    `pages`: one read-only memoryview per key, None where missing; views into shared memory
+    (`is_shared_memory`: this client's segment, or the server's own page arenas when the get
+    accepted mapped pages) or into received frames. `regions`: (address, nbytes) of the shared
+    memory the pages lie in. `release()` gives the memory back (the segment to the client's
+    pool; mapped pages to the server) and invalidates the views it can (further use raises
+    ValueError); using any page after release is a bug. Idempotent; also a context manager.
+
+    Mapped pages stay unchanged only until `valid_until` (time.monotonic()): whoever reads them
+    checks every page it read and then `is_valid()`; false means the server may have reused
+    their memory meanwhile, so what was read counts as a miss."""
 
     def __init__(
         self,
@@ -46,25 +54,38 @@ class PageLease:
         segment: Segment | None = None,
         views: Sequence[memoryview] = (),
         pool: SegmentPool | None = None,
+        regions: Sequence[tuple[int, int]] = (),
+        valid_until: float | None = None,
+        on_release: Callable[[], None] | None = None,
     ) -> None:
         self.pages = pages
-        self.is_shared_memory = segment is not None
+        self.is_shared_memory = segment is not None or on_release is not None
+        self.regions = list(regions)
+        if segment is not None:
+            self.regions.append((segment.address, segment.capacity))
+        self.valid_until = valid_until
         self._segment, self._views, self._pool = segment, list(views), pool
+        self._on_release = on_release
         self._lock = threading.Lock()
+
+    def is_valid(self) -> bool:
+        return self.valid_until is None or time.monotonic() < self.valid_until
 
     def release(self) -> None:
         with self._lock:
             segment, self._segment = self._segment, None
             views, self._views = self._views, []
-        if segment is None:
-            return
+            on_release, self._on_release = self._on_release, None
         for view in views:
             try:
                 view.release()
             except BufferError:  # the caller made an export of it (e.g. numpy): leave it
                 pass
-        assert self._pool is not None
-        self._pool.give_back(segment)
+        if segment is not None:
+            assert self._pool is not None
+            self._pool.give_back(segment)
+        if on_release is not None:
+            on_release()
 
     def __enter__(self) -> PageLease:
         return self
@@ -73,15 +94,17 @@ class PageLease:
         self.release()
 
     def __del__(self) -> None:
-        if getattr(self, "_segment", None) is not None:  # its segment stays out of the pool
+        if getattr(self, "_segment", None) is not None or getattr(self, "_on_release", None):
             warnings.warn("PageLease dropped without release()", ResourceWarning, stacklevel=2)
 
 
 class SegmentPool:
     """Segments this client created; thread-safe (one lock, never held across a call or a copy).
-    Owns the files: `close()` unmaps and unlinks them, and so does a finalizer at exit.
-    `on_new_segment(address, nbytes)` runs once per new segment (e.g. to cudaHostRegister it),
-    `on_release_segment(address, nbytes)` before it is unmapped."""
+    Owns the files: `close()` unmaps and unlinks them, and so does a finalizer at exit. Also
+    keeps the mappings of the server's page arenas that mapped gets read from (`arenas`; the
+    server owns those files). `on_new_segment(address, nbytes)` runs once per new segment or
+    arena mapping (e.g. to cudaHostRegister it), `on_release_segment(address, nbytes)` before
+    one is unmapped."""
 
     def __init__(
         self,
@@ -101,21 +124,29 @@ class SegmentPool:
         self._reserved = threading.Event()  # clear while reserve() makes a segment
         self._reserved.set()
         self._calls_inline = 0
+        self.arenas = SegmentMaps(shm_dir, MAX_MAPPED_ARENAS, on_new_segment, on_release_segment)
+        self._calls_unmapped = 0  # after arenas could not be mapped, ask again this much later
 
     @property
     def segment_names(self) -> list[str]:
         with self._lock:
             return sorted(self._segments)
 
-    def read(self, fetch: Fetch, keys: Sequence[bytes]) -> PageLease:
+    def read(self, fetch: Fetch, keys: Sequence[bytes],
+             end_lease: Callable[[int], None] | None = None) -> PageLease:
         """One GetPages of `keys` through a leased segment, with inline fallback. `fetch(keys,
-        segment)` does the call and returns (header, data frames); a call that fails discards
-        its segment (the server may still be writing into it) and raises."""
+        segment, accept_mapped)` does the call and returns (header, data frames); a call that
+        fails discards its segment (the server may still be writing into it) and raises. With
+        `end_lease` (which ends a server lease by id), mapped pages are accepted too."""
         self._reserved.wait(timeout=RESERVE_WAIT_S)
         segment = self._lease(len(keys) * self._page_nbytes_hint, must_fit=False)
+        with self._lock:
+            accept_mapped = end_lease is not None and not self._calls_unmapped
+            self._calls_unmapped = max(0, self._calls_unmapped - 1)
+        sent_at = time.monotonic()
         for attempt in range(3):  # own segment; a large enough one; inline
             try:
-                header, frames = fetch(keys, segment)
+                header, frames = fetch(keys, segment, accept_mapped)
             except BaseException:
                 if segment is not None:
                     self._discard(segment)
@@ -126,6 +157,17 @@ class SegmentPool:
             self.give_back(segment)  # too small (the pages grew since the first try: inline)
             segment = self._lease(header.segment_nbytes_needed, True) if not attempt else None
         self._page_nbytes_hint = max(self._page_nbytes_hint, *header.page_nbytes, 0)
+        if header.HasField("mapped"):
+            assert end_lease is not None  # fetch checks this
+            if segment is not None:
+                self.give_back(segment)
+            try:
+                return self._mapped_lease(header, sent_at, end_lease)
+            except SegmentUnusable as exc:  # e.g. another user's server: copies from now on
+                log.info("cannot map the store's page arenas (%s): segments instead", exc)
+                with self._lock:
+                    self._calls_unmapped = CALLS_INLINE_AFTER_DECLINE
+                return self.read(fetch, keys, end_lease)
         if not header.is_shared_memory:
             if segment is not None:
                 self.give_back(segment)
@@ -140,6 +182,36 @@ class SegmentPool:
             for offset, nbytes in zip(header.page_offsets, header.page_nbytes, strict=True)
         ]
         return PageLease(pages_by_key(header.is_found, views), segment, [*views, base], self)
+
+    def _mapped_lease(self, header: Any, sent_at: float,
+                      end_lease: Callable[[int], None]) -> PageLease:
+        """Views of the found pages in the server's arenas, valid until `sent_at` plus the
+        lease's time. Raises SegmentUnusable (the lease ended)."""
+        mapped = header.mapped
+        files: list[MappedFile] = []
+        try:
+            for name, nbytes in zip(mapped.arena_names, mapped.arena_nbytes, strict=True):
+                files.append(self.arenas.acquire(name, nbytes))
+        except BaseException:
+            for file in files:
+                self.arenas.release(file)
+            end_lease(mapped.lease_id)
+            raise
+        bases = [memoryview(file.mm).toreadonly() for file in files]
+        views = [
+            bases[arena][offset : offset + nbytes]
+            for arena, offset, nbytes in zip(mapped.page_arenas, header.page_offsets,
+                                             header.page_nbytes, strict=True)
+        ]
+
+        def on_release() -> None:
+            for file in files:
+                self.arenas.release(file)
+            end_lease(mapped.lease_id)
+
+        return PageLease(pages_by_key(header.is_found, views), views=[*views, *bases],
+                         regions=[(file.address, file.nbytes) for file in files],
+                         valid_until=sent_at + mapped.lease_ms / 1000, on_release=on_release)
 
     def give_back(self, segment: Segment) -> None:
         with self._lock:
@@ -162,6 +234,7 @@ class SegmentPool:
         for segment in segments:
             self._close_segment(segment)
         self._finalizer()
+        self.arenas.close()
 
     def reserve(self, nbytes: int) -> None:
         """Make an idle segment of at least `nbytes` now (and run on_new_segment on it), so that
@@ -246,6 +319,22 @@ def pages_by_key(is_found: Sequence[bool], found: Sequence[memoryview]) -> list[
     """One entry per key: the next found page, or None."""
     pages = iter(found)
     return [next(pages) if flag else None for flag in is_found]
+
+
+def fits_mapped(header: Any) -> bool:
+    """A mapped reply names an arena and an offset inside it for every found page, and a lease."""
+    mapped = header.mapped
+    num_arenas = len(mapped.arena_names)
+    return (
+        mapped.lease_id != 0
+        and len(mapped.arena_nbytes) == num_arenas
+        and len(mapped.page_arenas) == len(header.page_offsets) == len(header.page_nbytes)
+        and all(
+            arena < num_arenas and offset + nbytes <= mapped.arena_nbytes[arena]
+            for arena, offset, nbytes in zip(mapped.page_arenas, header.page_offsets,
+                                             header.page_nbytes, strict=True)
+        )
+    )
 
 
 def fits_segment(header: Any, capacity: int) -> bool:

@@ -16,8 +16,6 @@ from collections.abc import Sequence
 
 import torch
 
-from cachestore.shm import buffer_address
-
 log = logging.getLogger(__name__)
 
 _COPY_DEFAULT = 4  # cudaMemcpyDefault: the direction follows from the (unified) addresses
@@ -139,16 +137,6 @@ class PinnedRanges:
         with self._lock:
             return any(start <= address and address + nbytes <= end
                        for start, end in self._ranges.items())
-
-    def covers_pages(self, pages: Sequence[bytes | memoryview | None]) -> bool:
-        """The found pages (buffers lying in one range, as a shared-memory reply's do) are all
-        page-locked."""
-        found = [page for page in pages if page is not None]
-        if not found:
-            return False
-        first = buffer_address(found[0])[0]
-        end = buffer_address(found[-1])[0] + memoryview(found[-1]).nbytes
-        return first <= end and self.covers(first, end - first)
 
     def _pin(self, lib: ctypes.CDLL, address: int, nbytes: int) -> None:
         status = lib.cudaHostRegister(address, nbytes, _REGISTER_PORTABLE)

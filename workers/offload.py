@@ -50,11 +50,13 @@ class _Fetched:
     have been copied out (a shared-memory lease), as a context manager."""
 
     def __init__(self, pages: list, release: Callable[[], None] | None = None,
-                 is_pinned: bool = False) -> None:
+                 is_pinned: bool = False, is_valid: Callable[[], bool] | None = None) -> None:
         self.pages = pages
         self._release = release
         self.is_pinned = is_pinned  # the pages lie in page-locked memory
         self.is_leased = release is not None  # their memory is reused once released
+        # after reading the pages: false when their memory may have been reused meanwhile
+        self.is_valid = is_valid or (lambda: True)
 
     def __enter__(self) -> list:
         return self.pages
@@ -242,6 +244,10 @@ class KvOffload:
                     break
                 if fetched.is_pinned and fetched.is_leased:
                     self.stager.wait_sent()  # the segment is reused once released
+                if not fetched.is_valid():  # read too late: the store may have reused them
+                    log.warning("%d pages from the %s tier were read after their lease ended",
+                                len(staged), name)
+                    staged = staged[:0]
             if len(staged) < len(blobs):
                 log.warning("dropping a bad page from the %s tier", name)
                 if name == "cpu" and self.host is not None:  # (the store checks its own)
@@ -261,15 +267,16 @@ class KvOffload:
                         is_pinned=self.host.is_pinned)
 
     def _store_get(self, keys: list[bytes]) -> _Fetched:
-        """The leading pages the store holds, in one round trip (through shared memory when the
-        store is on this host)."""
+        """The leading pages the store holds, in one round trip (read where the store keeps
+        them, or through a shared-memory segment, when the store is on this host)."""
         if self.store is None:
             return _Fetched([])
         try:
-            lease = self.store.get_pages_leased(keys, prefix_only=True)
+            # mapped: read in place in the store's own memory; stage() checks every page
+            lease = self.store.get_pages_leased(keys, prefix_only=True, mapped=True)
             pinned = (lease.is_shared_memory and self.pinned is not None
-                      and self.pinned.covers_pages(lease.pages))
-            return _Fetched(lease.pages, lease.release, pinned)
+                      and all(self.pinned.covers(*region) for region in lease.regions))
+            return _Fetched(lease.pages, lease.release, pinned, lease.is_valid)
         except Exception as exc:  # down, timed out, unauthenticated: a miss
             self.num_store_errors += 1
             log.warning("store lookup failed, treating as a miss: %s", exc)

@@ -5,28 +5,27 @@ reference, so a reader that got a page keeps a valid buffer for as long as it ho
 counts to manage).
 
 With `pin_memory=True` (the default when CUDA is present) pages are copied once into page-locked
-memory, so a host->GPU copy of a payload runs asynchronously at full PCIe speed. Page-locked
-memory comes in arenas of equal-size slots (one arena holds pages of one size; a model's pages
-all have one size): one torch pinned allocation per arena instead of per page, which torch
-would round up to a power of two (a 512 KiB + header page took 1 MiB), and consecutive pages
-of a prefix often land in consecutive slots. A page size's arenas start at about 8 slots and
-double, up to 256 MiB, each filling the power of two torch allocates; all arenas stay within
-the capacity plus one arena, and a page that finds no slot gets a pinned allocation of its
-own. `get_many` returns a read-only memoryview of the page's slot; the slot is reused only once
-the tier has dropped the page and the last view of it is gone (a weakref finalizer on the
-slot's array). An arena whose slots are all free goes
-back to torch's pinned-memory cache. Without CUDA pages are plain `bytes`.
+memory, so a host->GPU copy of a payload runs asynchronously at full PCIe speed. Pinned pages
+(and, with `shared=True`, pages in /dev/shm files that same-host clients map: a store server's
+tier) lie in arenas of equal-size slots (cachestore/tiers/slots.py): one allocation per arena
+instead of per page, which torch would round up to a power of two (a 512 KiB + header page took
+1 MiB), and consecutive pages of a prefix often land in consecutive slots; a page that finds no
+slot gets a pinned allocation of its own (or bytes). `get_many` returns a read-only memoryview
+of the page's slot; the slot is reused only once the tier has dropped the page and the last
+view of it is gone. Otherwise pages are plain `bytes`.
 """
 
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Sequence
 
+from cachestore import shm
 from cachestore.errors import InvalidConfig
+from cachestore.shm import buffer_address
 from cachestore.tiers.base import Tier, TierStats
 from cachestore.tiers.lru import LruIndex
+from cachestore.tiers.slots import PageSlots
 
 
 def _cuda_available() -> bool:
@@ -35,10 +34,6 @@ def _cuda_available() -> bool:
     except ImportError:
         return False
     return bool(torch.cuda.is_available())
-
-
-_ARENA_NBYTES = 256 << 20  # a power of two: torch's pinned allocator rounds sizes up to one
-_FIRST_SLOTS = 8  # at least this many slots in a page size's first arena; then twice as many
 
 
 def _to_pinned(blob: bytes | memoryview) -> memoryview:
@@ -52,84 +47,6 @@ def _to_pinned(blob: bytes | memoryview) -> memoryview:
     return host.numpy().data.toreadonly()
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
-class _Arena:
-    """One page-locked buffer cut into `count` slots of `slot_nbytes`."""
-
-    def __init__(self, slot_nbytes: int, count: int, pin_memory: bool) -> None:
-        import torch
-
-        self.slot_nbytes, self.count = slot_nbytes, count
-        self.nbytes = slot_nbytes * count
-        self.tensor = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
-        self.array = self.tensor.numpy()
-        self.free = list(range(count - 1, -1, -1))  # pop() hands out slot 0 first
-
-
-class _PinnedSlots:
-    """Slots for pages, by page size; thread-safe. A slot comes back (and an empty arena goes
-    back to torch's pinned-memory cache) when the array `take` returned is garbage: the tier
-    dropped it and every view is gone. Arenas of a page size start small and double, each
-    filled to the power of two torch allocates; all arenas together stay within the tier's
-    capacity plus one largest arena, past which `take` has no slot (None)."""
-
-    def __init__(self, capacity_bytes: int, pin_memory: bool) -> None:
-        self._pin_memory = pin_memory
-        self._max_arena_nbytes = min(_ARENA_NBYTES, _pow2_at_least(capacity_bytes))
-        self._budget = capacity_bytes + self._max_arena_nbytes
-        self._nbytes = 0  # in all arenas
-        # reentrant: a garbage collection inside take() may run _give_back on this thread
-        self._lock = threading.RLock()
-        self._arenas: dict[int, list[_Arena]] = {}  # slot size -> arenas of that size
-
-    def take(self, nbytes: int):  # -> np.ndarray of nbytes in a slot, or None
-        with self._lock:
-            arenas = self._arenas.setdefault(nbytes, [])
-            arena = next((a for a in arenas if a.free), None)
-            if arena is None:
-                want = nbytes * (_FIRST_SLOTS << len(arenas))
-                count = max(1, min(self._max_arena_nbytes, _pow2_at_least(want)) // nbytes)
-                if self._nbytes + nbytes * count > self._budget:
-                    if not arenas:
-                        del self._arenas[nbytes]
-                    return None
-                try:
-                    arena = _Arena(nbytes, count, self._pin_memory)
-                except RuntimeError:  # no pinned memory left: the caller stores it otherwise
-                    if not arenas:
-                        del self._arenas[nbytes]
-                    return None
-                arenas.append(arena)
-                self._nbytes += arena.nbytes
-            slot = arena.free.pop()
-        view = arena.array[slot * nbytes : (slot + 1) * nbytes]
-        weakref.finalize(view, self._give_back, arena, slot).atexit = False
-        return view
-
-    def _give_back(self, arena: _Arena, slot: int) -> None:
-        with self._lock:
-            arena.free.append(slot)
-            arenas = self._arenas.get(arena.slot_nbytes)
-            if len(arena.free) == arena.count and arenas is not None and arena in arenas:
-                arenas.remove(arena)  # the last reference to its memory goes with it
-                self._nbytes -= arena.nbytes
-                if not arenas:
-                    del self._arenas[arena.slot_nbytes]
-
-    @property
-    def num_arenas(self) -> int:
-        with self._lock:
-            return sum(len(arenas) for arenas in self._arenas.values())
-
-    @property
-    def nbytes(self) -> int:
-        with self._lock:
-            return self._nbytes
-
-
 class CpuTier(Tier):
     """Thread-safe host-memory tier. `put_many` returns evicted pages for demotion; a page
     larger than the whole capacity is not stored and is returned as evicted right away."""
@@ -137,15 +54,20 @@ class CpuTier(Tier):
     name = "cpu"
 
     def __init__(self, capacity_bytes: int, pin_memory: bool | None = None,
-                 slots: bool | None = None) -> None:
-        """`slots`: keep pages in arena slots (default: when pinned); without pinning only to
-        test them where no CUDA is."""
+                 slots: bool | None = None, shared: bool = False,
+                 shm_dir: str = shm.SHM_DIR) -> None:
+        """`slots`: keep pages in arena slots (default: when pinned or shared; unpinned plain
+        slots are for tests where no CUDA is). `shared`: arenas are files in `shm_dir` that
+        same-host clients may map (`locate_many`); not with pinning."""
         if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
             raise InvalidConfig(f"cpu tier capacity_bytes must be a positive int, "
                                 f"got {capacity_bytes!r}")
-        self.is_pinned = _cuda_available() if pin_memory is None else pin_memory
-        use_slots = self.is_pinned if slots is None else slots
-        self._slots = _PinnedSlots(capacity_bytes, self.is_pinned) if use_slots else None
+        self.is_pinned = _cuda_available() and not shared if pin_memory is None else pin_memory
+        if shared and self.is_pinned:
+            raise InvalidConfig("a cpu tier is either pinned or shared, not both")
+        memory = "shared" if shared else "pinned" if self.is_pinned else "plain"
+        use_slots = shared or self.is_pinned if slots is None else slots
+        self._slots = PageSlots(capacity_bytes, memory, shm_dir) if use_slots else None
         self._lock = threading.Lock()
         self._lru = LruIndex(capacity_bytes)
         self._pages: dict[bytes, bytes | memoryview] = {}
@@ -205,6 +127,23 @@ class CpuTier(Tier):
             return _to_pinned(src)
         return _owned_bytes(blob)
 
+    @property
+    def is_shared(self) -> bool:
+        """Pages lie in /dev/shm arena files that same-host clients may map."""
+        return self._slots is not None and self._slots.memory == "shared"
+
+    def locate_many(self, pages: Sequence[bytes | memoryview]) -> list[tuple[str, int, int] | None]:
+        """Per page this tier handed out: (shared arena file name, offset, arena size) when it
+        lies in a shared arena, else None."""
+        if not self.is_shared:
+            return [None] * len(pages)
+        out = []
+        for page in pages:
+            view = memoryview(page)
+            out.append(self._slots.locate(buffer_address(view)[0], view.nbytes)
+                       if view.nbytes else None)
+        return out
+
     def delete_many(self, keys: Sequence[bytes]) -> int:
         num_deleted = 0
         with self._lock:
@@ -229,6 +168,8 @@ class CpuTier(Tier):
         with self._lock:
             self._pages.clear()
             self._lru = LruIndex(self._lru.capacity_bytes)
+        if self._slots is not None:
+            self._slots.close()
 
 
 def _owned_bytes(blob: bytes | memoryview) -> bytes:

@@ -283,7 +283,7 @@ def test_pool_retries_then_goes_inline_and_discards_failed_segments():
     pool = shm_client.SegmentPool()
     sent = []
 
-    def always_too_small(keys, segment):
+    def always_too_small(keys, segment, accept_mapped):
         sent.append(segment)
         if segment is not None:
             header = store_pb2.GetPagesHeader(
@@ -296,7 +296,7 @@ def test_pool_retries_then_goes_inline_and_discards_failed_segments():
     assert not lease.is_shared_memory and as_bytes(lease.pages) == [b"x" * 10]
     assert sent[0] is not None and sent[1].capacity > sent[0].capacity and sent[2] is None
 
-    def broken(keys, segment):
+    def broken(keys, segment, accept_mapped):
         raise ConnectionError("call failed")
 
     names = pool.segment_names

@@ -99,11 +99,11 @@ def test_prefix_hit_suffix_runs_through_the_decode_graph(tiny_cuda):
 
 
 
-def test_store_hit_through_a_page_locked_segment_matches(tiny_cuda):
-    """A store on this host answers through a shared-memory segment. The worker makes one for
-    its longest prefix at start and page-locks it (cudaHostRegister, in the background), so the
-    first hit already goes straight to the GPU by DMA and is verified there; the output still
-    matches transformers, and later hits reuse that segment."""
+def test_store_hit_read_in_place_from_page_locked_arenas_matches(tiny_cuda):
+    """A store on this host lets the worker read its pages where it keeps them (mapped arenas
+    in /dev/shm). The worker page-locks each arena it maps (cudaHostRegister, in the
+    background), so once that is done hits go straight to the GPU by DMA, verified there; the
+    output matches transformers either way."""
     import time
 
     from cachestore.config import StoreConfig
@@ -122,14 +122,6 @@ def test_store_hit_through_a_page_locked_segment_matches(tiny_cuda):
         writer.offload.flush()
         writer.close()
         reader = Engine(config, loaded=loaded)
-        assert reader.offload.reserving is not None
-        reader.offload.reserving.join(timeout=30)
-        deadline = time.monotonic() + 30
-        while not reader.offload.pinned._ranges and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert reader.offload.pinned._ranges, "the reserved segment was never page-locked"
-        names = reader.offload.store._segments.segment_names
-        assert len(names) == 1
         staged = []
         stage = reader.offload.stager.stage
         reader.offload.stager.stage = (
@@ -137,13 +129,21 @@ def test_store_hit_through_a_page_locked_segment_matches(tiny_cuda):
         first = long[:48] + [3]
         assert reader.generate([first], params)[0] == hf_greedy(hf, first, NEW)
         assert reader.stats().prefix_hits["store"] == 6
-        assert staged[-1] is True  # the first hit already went by DMA from the segment
+        assert server.leases.num_granted == 1
+        arenas = reader.offload.store._segments.arenas
+        mapped = [arenas._mapped[name] for name in arenas.names]
+        assert mapped
+        deadline = time.monotonic() + 30
+        while (not all(reader.offload.pinned.covers(m.address, m.nbytes) for m in mapped)
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        assert all(reader.offload.pinned.covers(m.address, m.nbytes) for m in mapped)
         reader.block_manager.release(reader.block_manager.allocate(
             reader.block_manager.num_free_pages))  # evict: the next hit comes from the store
         second = long[:56] + [4, 4]
         assert reader.generate([second], params)[0] == hf_greedy(hf, second, NEW)
-        assert staged[-1] is True
-        assert reader.offload.store._segments.segment_names == names
+        assert staged[-1] is True  # by DMA from the page-locked arena
+        assert server.leases.num_granted == 2
         assert reader.stats().prefix_hits["store"] == 6 + 7
         reader.close()
     finally:

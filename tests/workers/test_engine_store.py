@@ -61,6 +61,7 @@ def test_prefix_written_by_another_worker_process_is_loaded_from_the_store(
     assert tokens_of(outs) == hf_greedy(second, N)
     assert final(outs).usage.cached_tokens_by_tier == {"store": 32}
     assert engine.stats().prefix_hits["store"] == 2
+    assert store_server.leases.num_granted == 1  # read in place in the store's arenas
     # the loaded pages are now in this worker's own cache: a third request hits the device
     third = prompt + encode(" but later")
     outs = run(engine, {"c": third}, SamplingParams(temperature=0.0, max_tokens=2))["c"]
@@ -97,3 +98,22 @@ def test_writes_past_the_queue_budget_are_dropped_not_waited_for(
     keys = engine.namespace().page_keys(prompt)
     assert engine.offload.store.has_pages(keys[:num_full]) == [True, True] + [False] * (
         num_full - 2)
+
+
+def test_store_pages_read_after_their_lease_ended_are_a_miss(make_engine, encode, hf_greedy):
+    """The store may reuse a mapped page's memory once the lease is over, so a worker that read
+    it too late must not use it (here every lease is over before the reply arrives)."""
+    server = StoreServer(StoreConfig(port=0, cpu_bytes=64 << 20, lease_s=1e-6))
+    try:
+        writer = make_engine(store=server.target)
+        prompt = encode(LONG)
+        run(writer, {"a": prompt}, SamplingParams(temperature=0.0, max_tokens=1))
+        writer.offload.flush()
+        engine = make_engine(store=server.target)
+        outs = run(engine, {"b": prompt},
+                   SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True))["b"]
+        assert tokens_of(outs) == hf_greedy(prompt, N)
+        assert server.leases.num_granted == 1
+        assert final(outs).usage.cached_tokens == 0
+    finally:
+        server.stop(grace=0)
