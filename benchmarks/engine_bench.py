@@ -233,6 +233,7 @@ def attach_store(engine: Engine, nbytes: int) -> tuple[str, object]:
     class InProcessLease:  # a PageLease of inline pages (shm_client needs the gRPC code)
         is_shared_memory = False
         regions = ()
+        valid_until = None
 
         def __init__(self, pages):
             self.pages = pages

@@ -246,11 +246,18 @@ class StoreClient:
     def put_encoded_pages(self, pages: Sequence[tuple[bytes, bytes | memoryview]]) -> int:
         """Store (key, encoded page) pairs; the server checks each page before storing any."""
         stored = 0
+        arenas: dict[str, int] = {}
         for chunk in _chunks(pages):
             views = [memoryview(blob).cast("B") for _, blob in chunk]
             header = store_pb2.PutPagesHeader(keys=[key for key, _ in chunk],
                                               page_nbytes=[v.nbytes for v in views])
-            stored += self._stream_in(self._put_pages, header, views).num_pages_stored
+            reply = self._stream_in(self._put_pages, header, views)
+            stored += reply.num_pages_stored
+            arenas.update(zip(reply.arena_names, reply.arena_nbytes, strict=False))
+        # where the pages landed in a same-host server: mapped (and page-locked, by
+        # on_new_segment) now, off the path of the first get that reads them in place
+        if arenas and self._segments is not None and self._segments.on_new_segment is not None:
+            self._segments.arenas.prepare(arenas)
         return stored
 
     def delete_pages(self, keys: Sequence[bytes]) -> int:

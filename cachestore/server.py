@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cachestore import messages, wire
+from cachestore import messages, shm, wire
 from cachestore.config import StoreConfig
 from cachestore.errors import InvalidRequest, StoreClosed
 from cachestore.keys import InvalidNamespace
@@ -151,8 +151,13 @@ class KVStoreServicer:
 
     @_mapped
     def PutPages(self, request_iterator: Iterator, context: grpc.ServicerContext):
-        stored = self.pages.put(messages.receive_pages(request_iterator))
-        return store_pb2.PutPagesResponse(num_pages_stored=stored)
+        pages = messages.receive_pages(request_iterator)
+        reply = store_pb2.PutPagesResponse(num_pages_stored=self.pages.put(pages))
+        if self.leases is not None and shm.is_local_peer(context.peer()):
+            arenas = self.leases.tier.arenas_of([key for key, _ in pages])
+            reply.arena_names.extend(arenas)
+            reply.arena_nbytes.extend(arenas.values())
+        return reply
 
     @_mapped
     def DeletePages(self, request, context: grpc.ServicerContext):

@@ -124,7 +124,9 @@ class SegmentPool:
         self._reserved = threading.Event()  # clear while reserve() makes a segment
         self._reserved.set()
         self._calls_inline = 0
-        self.arenas = SegmentMaps(shm_dir, MAX_MAPPED_ARENAS, on_new_segment, on_release_segment)
+        # lazily mapped: page-locking (on_new_segment) or the first read faults them in
+        self.arenas = SegmentMaps(shm_dir, MAX_MAPPED_ARENAS, on_new_segment, on_release_segment,
+                                  populate=False)
         self._calls_unmapped = 0  # after arenas could not be mapped, ask again this much later
 
     @property

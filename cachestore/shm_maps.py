@@ -43,11 +43,14 @@ class MappedFile:
 
 class SegmentMaps:
     """Thread-safe. `on_map(address, nbytes)` runs once per new mapping (e.g. cudaHostRegister),
-    `on_unmap` right before one is unmapped."""
+    `on_unmap` right before one is unmapped. `populate`: map every page up front (else pages
+    fault in on first use, and mapping costs next to nothing)."""
 
     def __init__(self, shm_dir: str = shm.SHM_DIR, max_segments: int = 32,
-                 on_map: MapCallback | None = None, on_unmap: MapCallback | None = None) -> None:
+                 on_map: MapCallback | None = None, on_unmap: MapCallback | None = None,
+                 populate: bool = True) -> None:
         self._dir = shm_dir
+        self._flags = shm.MAP_FLAGS if populate else mmap.MAP_SHARED
         self._max_segments = max_segments
         self._on_map, self._on_unmap = on_map, on_unmap
         self._lock = threading.Lock()
@@ -71,7 +74,7 @@ class SegmentMaps:
                 self._drop(self._mapped.pop(name))
                 mapped = None
             if mapped is None:
-                mapped = _open(name, path, nbytes)
+                mapped = _open(name, path, nbytes, self._flags)
                 self._mapped[name] = mapped
                 while len(self._mapped) > self._max_segments:
                     self._drop(self._mapped.popitem(last=False)[1])
@@ -93,6 +96,18 @@ class SegmentMaps:
             self._is_closed = True
             while self._mapped:
                 self._drop(self._mapped.popitem()[1])
+
+    def prepare(self, arenas: dict[str, int]) -> None:
+        """Map these segments ({name: nbytes}) now if they are not yet (running on_map), so that
+        a later acquire finds them ready; one that cannot be mapped is skipped."""
+        for name, nbytes in arenas.items():
+            with self._lock:
+                if name in self._mapped:
+                    continue
+            try:
+                self.release(self.acquire(name, nbytes))
+            except SegmentUnusable:
+                pass
 
     @property
     def names(self) -> list[str]:
@@ -122,7 +137,7 @@ class SegmentMaps:
         os.close(mapped.fd)
 
 
-def _open(name: str, path: str, nbytes: int) -> MappedFile:
+def _open(name: str, path: str, nbytes: int, flags: int) -> MappedFile:
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
@@ -131,7 +146,7 @@ def _open(name: str, path: str, nbytes: int) -> MappedFile:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size < nbytes:
             raise SegmentUnusable("segment is not a regular file of its capacity", path)
-        return MappedFile(name, fd, mmap.mmap(fd, st.st_size, flags=shm.MAP_FLAGS), st)
+        return MappedFile(name, fd, mmap.mmap(fd, st.st_size, flags=flags), st)
     except (OSError, ValueError) as exc:
         os.close(fd)
         raise SegmentUnusable("cannot map segment", f"{path}: {exc}") from None

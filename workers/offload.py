@@ -274,13 +274,23 @@ class KvOffload:
         try:
             # mapped: read in place in the store's own memory; stage() checks every page
             lease = self.store.get_pages_leased(keys, prefix_only=True, mapped=True)
-            pinned = (lease.is_shared_memory and self.pinned is not None
-                      and all(self.pinned.covers(*region) for region in lease.regions))
+            pinned = self._is_pinned(lease)
+            if lease.valid_until is not None and self.pinned is not None and not pinned:
+                # store memory not page-locked yet (that goes on in the background): the
+                # store's copy into our page-locked segment is faster than staging from it
+                lease.release()
+                lease = self.store.get_pages_leased(keys, prefix_only=True)
+                pinned = self._is_pinned(lease)
             return _Fetched(lease.pages, lease.release, pinned, lease.is_valid)
         except Exception as exc:  # down, timed out, unauthenticated: a miss
             self.num_store_errors += 1
             log.warning("store lookup failed, treating as a miss: %s", exc)
             return _Fetched([])
+
+    def _is_pinned(self, lease: Any) -> bool:
+        """The lease's pages lie in memory page-locked by this process."""
+        return (lease.is_shared_memory and self.pinned is not None
+                and all(self.pinned.covers(*region) for region in lease.regions))
 
     # ------------------------------------------------------------------ events
     def _emit(self, event: KvEventData | None) -> None:

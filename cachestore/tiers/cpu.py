@@ -144,6 +144,14 @@ class CpuTier(Tier):
                        if view.nbytes else None)
         return out
 
+    def arenas_of(self, keys: Sequence[bytes]) -> dict[str, int]:
+        """{shared arena file name: its size} of the arenas holding these keys' pages (no
+        recency or hit counting)."""
+        with self._lock:
+            pages = [self._pages[key] for key in keys if key in self._pages]
+        return {name: nbytes for place in self.locate_many(pages) if place is not None
+                for name, _, nbytes in [place]}
+
     def delete_many(self, keys: Sequence[bytes]) -> int:
         num_deleted = 0
         with self._lock:

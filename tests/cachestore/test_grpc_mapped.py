@@ -203,3 +203,20 @@ def test_arenas_that_cannot_be_mapped_end_the_lease_and_fall_back():
         assert as_bytes(lease.pages) == [b"abc"]
     assert accepted == [True, False, False]
     pool.close()
+
+
+def test_a_put_names_the_arenas_its_pages_landed_in(server):
+    """A client that page-locks what it maps (on_new_segment) maps them at once, off the path
+    of its first mapped get; one without that hook maps nothing ahead."""
+    mapped = []
+    pages = make_pages(4, seed=13)
+    with StoreClient(server.target, on_new_segment=lambda a, n: mapped.append((a, n))) as c:
+        c.put_encoded_pages(pages)
+        names = c._segments.arenas.names
+        assert names and len(mapped) == len(names)
+        with c.get_pages_leased([key for key, _ in pages], mapped=True) as lease:
+            assert as_bytes(lease.pages) == [blob for _, blob in pages]
+            assert set(lease.regions) <= set(mapped)
+    with StoreClient(server.target) as c:
+        c.put_encoded_pages(make_pages(2, seed=14))
+        assert c._segments.arenas.names == []

@@ -99,13 +99,40 @@ def test_prefix_hit_suffix_runs_through_the_decode_graph(tiny_cuda):
 
 
 
+def recorded(engine):
+    """(per store read: whether it was read in place; per stage call: whether pinned), as the
+    engine goes on."""
+    reads, staged = [], []
+    stage = engine.offload.stager.stage
+    engine.offload.stager.stage = lambda *a, **k: staged.append(k["is_pinned"]) or stage(*a, **k)
+    get = engine.offload.store.get_pages_leased
+
+    def recording_get(*a, **k):
+        lease = get(*a, **k)
+        reads.append(lease.valid_until is not None)
+        return lease
+
+    engine.offload.store.get_pages_leased = recording_get
+    return reads, staged
+
+
+def wait_pinned(engine, mapped, timeout_s=30.0):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while (not all(engine.offload.pinned.covers(m.address, m.nbytes) for m in mapped)
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+    assert all(engine.offload.pinned.covers(m.address, m.nbytes) for m in mapped)
+
+
 def test_store_hit_read_in_place_from_page_locked_arenas_matches(tiny_cuda):
     """A store on this host lets the worker read its pages where it keeps them (mapped arenas
     in /dev/shm). The worker page-locks each arena it maps (cudaHostRegister, in the
-    background), so once that is done hits go straight to the GPU by DMA, verified there; the
-    output matches transformers either way."""
-    import time
-
+    background); until that is done it takes the store's copy into its own page-locked
+    segment, afterwards hits go straight from the arena to the GPU by DMA, verified there. The
+    output matches transformers either way. A worker that wrote the pages itself maps their
+    arenas as it writes, so even its first hit reads them in place."""
     from cachestore.config import StoreConfig
     from cachestore.server import StoreServer
 
@@ -120,30 +147,35 @@ def test_store_hit_read_in_place_from_page_locked_arenas_matches(tiny_cuda):
         writer = Engine(config, loaded=loaded)
         writer.generate([long], params)
         writer.offload.flush()
+        written = writer.offload.store._segments.arenas
+        assert written.names  # mapped as the pages were written
+        wait_pinned(writer, [written._mapped[name] for name in written.names])
+        writer.block_manager.release(writer.block_manager.allocate(
+            writer.block_manager.num_free_pages))
+        own_reads, own_staged = recorded(writer)
+        again = long[:40] + [5]
+        assert writer.generate([again], params)[0] == hf_greedy(hf, again, NEW)
+        assert own_reads == [True] and own_staged == [True]  # in place, by DMA
+        assert writer.stats().prefix_hits["store"] == 5
+        assert server.leases.num_granted == 1
         writer.close()
         reader = Engine(config, loaded=loaded)
-        staged = []
-        stage = reader.offload.stager.stage
-        reader.offload.stager.stage = (
-            lambda *a, **k: staged.append(k["is_pinned"]) or stage(*a, **k))
+        reads, staged = recorded(reader)
         first = long[:48] + [3]
         assert reader.generate([first], params)[0] == hf_greedy(hf, first, NEW)
         assert reader.stats().prefix_hits["store"] == 6
-        assert server.leases.num_granted == 1
+        # the arenas were new to this worker: not page-locked yet, so it let the store copy the
+        # pages into its (page-locked) segment instead
+        assert reads == [True, False] and server.leases.num_granted == 2
         arenas = reader.offload.store._segments.arenas
         mapped = [arenas._mapped[name] for name in arenas.names]
         assert mapped
-        deadline = time.monotonic() + 30
-        while (not all(reader.offload.pinned.covers(m.address, m.nbytes) for m in mapped)
-               and time.monotonic() < deadline):
-            time.sleep(0.05)
-        assert all(reader.offload.pinned.covers(m.address, m.nbytes) for m in mapped)
+        wait_pinned(reader, mapped)
         reader.block_manager.release(reader.block_manager.allocate(
             reader.block_manager.num_free_pages))  # evict: the next hit comes from the store
         second = long[:56] + [4, 4]
         assert reader.generate([second], params)[0] == hf_greedy(hf, second, NEW)
-        assert staged[-1] is True  # by DMA from the page-locked arena
-        assert server.leases.num_granted == 2
+        assert reads[2:] == [True] and staged[-1] is True  # by DMA from the arena
         assert reader.stats().prefix_hits["store"] == 6 + 7
         reader.close()
     finally:
