@@ -44,7 +44,10 @@ class BlockManager:
     """Not thread-safe: the engine's single thread owns it.
 
     `on_evict(page)` is called synchronously before an evicted page is handed out again, so the
-    caller can copy the page's bytes out (demotion to the host tier)."""
+    caller can copy the page's bytes out (demotion to the host tier). The pages one `allocate`
+    evicts are reported after its loop, shallowest first (the reverse of eviction order), so a
+    prefix evicted deepest first is demoted in prefix order: the host tier then holds it in
+    consecutive slots, and loading it back goes as few large copies."""
 
     def __init__(
         self,
@@ -107,14 +110,18 @@ class BlockManager:
         if not self.can_allocate(num_pages):
             raise RuntimeError(f"allocate({num_pages}) with {self.num_free_pages} free pages")
         page_ids: list[int] = []
+        evicted: list[EvictedPage] = []
         for _ in range(num_pages):
             if self._free_uncached:
                 page_id = self._free_uncached.popleft()
             else:
                 page_id, _ = self._free_cached.popitem(last=False)
-                self._evict(self.pages[page_id])
+                evicted.append(self._evict(self.pages[page_id]))
             self.pages[page_id].ref_count = 1
             page_ids.append(page_id)
+        if self._on_evict is not None:
+            for page in reversed(evicted):  # the bytes are intact until the caller writes
+                self._on_evict(page)
         return page_ids
 
     def register(
@@ -180,13 +187,12 @@ class BlockManager:
         return dropped
 
     # ------------------------------------------------------------------ internals
-    def _evict(self, page: Page) -> None:
+    def _evict(self, page: Page) -> EvictedPage:
         assert page.key is not None
-        if self._on_evict is not None:
-            self._on_evict(EvictedPage(page.page_id, page.key, page.parent, page.token_ids,
-                                       page.tag))
+        evicted = EvictedPage(page.page_id, page.key, page.parent, page.token_ids, page.tag)
         self.events.append(("removed", [page.key], None))
         self._forget(page)
+        return evicted
 
     def _forget(self, page: Page) -> None:
         assert page.key is not None

@@ -83,12 +83,15 @@ def test_eviction_is_lru_deepest_first_and_reports_pages():
     assert bm.num_free_pages == 6
     assert bm.allocate(1) == [5]  # the uncached page before any eviction
     assert bm.allocate(3) == [2, 1, 0]
-    assert [e.page_id for e in evicted] == [2, 1, 0]
+    # reported once the allocation is done, shallowest first: demoted in prefix order
+    assert [e.page_id for e in evicted] == [0, 1, 2]
     a_keys, a_tokens = pages_of(list(range(0, 12)))
-    assert evicted[0].key == a_keys[2] and evicted[0].parent == a_keys[1]
-    assert evicted[0].token_ids == tuple(a_tokens[2])
+    assert evicted[2].key == a_keys[2] and evicted[2].parent == a_keys[1]
+    assert evicted[2].token_ids == tuple(a_tokens[2])
+    assert evicted[0].parent is None
     assert bm.match_prefix(a_keys, a_tokens) == []
-    assert ("removed", [a_keys[2]], None) in bm.events
+    removed = [keys for kind, keys, _ in bm.events if kind == "removed"]
+    assert removed == [[a_keys[2]], [a_keys[1]], [a_keys[0]]]
 
 
 def test_touch_refreshes_recency_of_free_cached_pages():

@@ -100,11 +100,17 @@ def test_prefix_hit_suffix_runs_through_the_decode_graph(tiny_cuda):
 
 
 def recorded(engine):
-    """(per store read: whether it was read in place; per stage call: whether pinned), as the
-    engine goes on."""
+    """(per store read: whether it was read in place; per stage call with pages: whether they
+    lay in page-locked memory), as the engine goes on."""
     reads, staged = [], []
     stage = engine.offload.stager.stage
-    engine.offload.stager.stage = lambda *a, **k: staged.append(k["is_pinned"]) or stage(*a, **k)
+
+    def recording_stage(blobs, *a, **k):
+        if len(blobs):
+            staged.append(k["is_pinned"])
+        return stage(blobs, *a, **k)
+
+    engine.offload.stager.stage = recording_stage
     get = engine.offload.store.get_pages_leased
 
     def recording_get(*a, **k):
