@@ -234,6 +234,7 @@ def attach_store(engine: Engine, nbytes: int) -> tuple[str, object]:
         is_shared_memory = False
         regions = ()
         valid_until = None
+        addresses = None
 
         def __init__(self, pages):
             self.pages = pages

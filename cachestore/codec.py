@@ -81,6 +81,16 @@ def header_nbytes(page_size: int) -> int:
     return HEADER_FIXED_NBYTES + 4 * page_size
 
 
+def payload_offset(ns: Namespace) -> int:
+    """Where the payload starts in every encoded page of `ns` (the header's size)."""
+    return header_nbytes(ns.page_size)
+
+
+def page_nbytes(ns: Namespace) -> int:
+    """Size of every encoded page of `ns`, header included."""
+    return header_nbytes(ns.page_size) + ns.page_nbytes
+
+
 def encode_page(ns: Namespace, key: bytes, token_ids: bytes, payload: bytes | memoryview) -> bytes:
     """One encoded page. `token_ids` are the page's little-endian int32 bytes; `payload` is
     exactly `ns.page_nbytes` bytes. Returns a new bytes object (header + payload)."""

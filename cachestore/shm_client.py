@@ -16,7 +16,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from cachestore import shm, wire
 from cachestore.shm import Segment
@@ -30,6 +30,7 @@ RESERVE_WAIT_S = 5.0  # a get waits this long at most for a segment being reserv
 CALLS_INLINE_AFTER_DECLINE = 64  # after a server answered inline, ask again this much later
 
 SegmentCallback = Callable[[int, int], None]  # (address, nbytes)
+T = TypeVar("T")
 MAX_MAPPED_ARENAS = 256  # the store's arenas kept mapped (at most 256 MiB each)
 Fetch = Callable[[Sequence[bytes], "Segment | None", bool], tuple[Any, list[memoryview]]]
 
@@ -40,9 +41,10 @@ class PageLease:
     `pages`: one read-only memoryview per key, None where missing; views into shared memory
     (`is_shared_memory`: this client's segment, or the server's own page arenas when the get
     accepted mapped pages) or into received frames. `regions`: (address, nbytes) of the shared
-    memory the pages lie in. `release()` gives the memory back (the segment to the client's
-    pool; mapped pages to the server) and invalidates the views it can (further use raises
-    ValueError); using any page after release is a bug. Idempotent; also a context manager.
+    memory the pages lie in; `addresses`: each page's address there (None for frames).
+    `release()` gives the memory back (the segment to the client's pool; mapped pages to the
+    server) and invalidates the views it can (further use raises ValueError); using any page
+    after release is a bug. Idempotent; also a context manager.
 
     Mapped pages stay unchanged only until `valid_until` (time.monotonic()): whoever reads them
     checks every page it read and then `is_valid()`; false means the server may have reused
@@ -57,8 +59,10 @@ class PageLease:
         regions: Sequence[tuple[int, int]] = (),
         valid_until: float | None = None,
         on_release: Callable[[], None] | None = None,
+        addresses: list[int | None] | None = None,
     ) -> None:
         self.pages = pages
+        self.addresses = addresses  # per key, the page's address in shared memory (or None)
         self.is_shared_memory = segment is not None or on_release is not None
         self.regions = list(regions)
         if segment is not None:
@@ -183,7 +187,9 @@ class SegmentPool:
             base[offset : offset + nbytes]
             for offset, nbytes in zip(header.page_offsets, header.page_nbytes, strict=True)
         ]
-        return PageLease(pages_by_key(header.is_found, views), segment, [*views, base], self)
+        addresses = [segment.address + offset for offset in header.page_offsets]
+        return PageLease(pages_by_key(header.is_found, views), segment, [*views, base], self,
+                         addresses=pages_by_key(header.is_found, addresses))
 
     def _mapped_lease(self, header: Any, sent_at: float,
                       end_lease: Callable[[int], None]) -> PageLease:
@@ -211,7 +217,11 @@ class SegmentPool:
                 self.arenas.release(file)
             end_lease(mapped.lease_id)
 
+        addresses = [files[arena].address + offset
+                     for arena, offset in zip(mapped.page_arenas, header.page_offsets,
+                                              strict=True)]
         return PageLease(pages_by_key(header.is_found, views), views=[*views, *bases],
+                         addresses=pages_by_key(header.is_found, addresses),
                          regions=[(file.address, file.nbytes) for file in files],
                          valid_until=sent_at + mapped.lease_ms / 1000, on_release=on_release)
 
@@ -317,8 +327,8 @@ class SegmentPool:
         self._paths.discard(segment.path)
 
 
-def pages_by_key(is_found: Sequence[bool], found: Sequence[memoryview]) -> list[memoryview | None]:
-    """One entry per key: the next found page, or None."""
+def pages_by_key(is_found: Sequence[bool], found: Sequence[T]) -> list[T | None]:
+    """One entry per key: the next found page (or whatever stands for it), or None."""
     pages = iter(found)
     return [next(pages) if flag else None for flag in is_found]
 

@@ -41,6 +41,8 @@ from cachestore.codec import (
     check_page_header,
     checksum_at,
     map_chunked,
+    page_nbytes,
+    payload_offset,
 )
 from cachestore.keys import Namespace
 from cachestore.shm import buffer_address
@@ -49,7 +51,6 @@ from workers.cuda_host import copy_async, cudart
 log = logging.getLogger(__name__)
 _CHUNK_BYTES = 64 << 20
 _VERIFY_TASK_BYTES = 4 << 20  # per checksum task of an in-place send
-_SEND_BATCH = 32  # pages whose headers are checked before their copies are queued
 
 
 class PageStager:
@@ -84,18 +85,20 @@ class PageStager:
             self._count_verified(row, [0])
 
     def stage(self, blobs: Sequence[bytes | memoryview], ns: Namespace, keys: Sequence[bytes],
-              token_ids: Sequence[bytes], is_pinned: bool = False) -> torch.Tensor:
+              token_ids: Sequence[bytes], is_pinned: bool = False,
+              addresses: Sequence[int | None] | None = None) -> torch.Tensor:
         """The verified payloads of the leading pages that pass every check, as rows of one
         tensor [num_ok, *page_shape] on the device (copies may still be in flight on the
         current stream); a page that fails ends the prefix. `is_pinned`: the blobs already lie
         in page-locked memory (the CpuTier pins on CUDA), so each payload is sent to the device
         straight from there, with no staging copy (the blobs are kept referenced until those
         copies are done), and checksummed there or, without device checksums, in place.
+        `addresses`: where each blob lies, where the caller knows it (saves asking each buffer).
 
         If this raises, the current stream is synchronized first: no copy still reads the blobs
         when the caller lets them go."""
         try:
-            out = self._stage(blobs, ns, keys, token_ids, is_pinned)
+            out = self._stage(blobs, ns, keys, token_ids, is_pinned, addresses)
         except BaseException:
             if self.is_cuda:
                 torch.cuda.current_stream(self.device).synchronize()
@@ -108,12 +111,13 @@ class PageStager:
         return out
 
     def _stage(self, blobs: Sequence[bytes | memoryview], ns: Namespace, keys: Sequence[bytes],
-               token_ids: Sequence[bytes], is_pinned: bool) -> torch.Tensor:
+               token_ids: Sequence[bytes], is_pinned: bool,
+               addresses: Sequence[int | None] | None) -> torch.Tensor:
         out = None
-        if is_pinned and self.device_checksums:  # headers checked as the copies are queued
+        if is_pinned and self.device_checksums:  # copies queued first, headers checked meanwhile
             out = self._allocate(len(blobs))
             if self._verifies_on_device(out):
-                return self._send_checked(out, blobs, ns, keys, token_ids)
+                return self._send_checked(out, blobs, ns, keys, token_ids, addresses)
         sources = list(self._checked_sources(blobs, ns, keys, token_ids))
         if out is None:
             out = self._allocate(len(sources))
@@ -164,20 +168,28 @@ class PageStager:
             yield buffer_address(payload)[0], checksum
 
     def _send_checked(self, out: torch.Tensor, blobs: Sequence[bytes | memoryview],
-                      ns: Namespace, keys: Sequence[bytes], token_ids: Sequence[bytes]
-                      ) -> torch.Tensor:
-        """Pinned sources, checksums on the device: each page's copy is queued as soon as its
-        header checks out (the DMA starts at once), then the rows that arrived are verified."""
+                      ns: Namespace, keys: Sequence[bytes], token_ids: Sequence[bytes],
+                      addresses: Sequence[int | None] | None) -> torch.Tensor:
+        """Pinned sources, checksums on the device. Every page of the right size has its
+        payload's copy queued first (a page's payload lies at a fixed offset for its
+        namespace), so the DMA runs while the headers are checked here; the rows that arrived
+        are then verified against the checksums the good headers record, and the rows from the
+        first bad page on are dropped."""
         self.wait_sent()  # the previous direct send has read its pages
+        payload_at, nbytes = payload_offset(ns), page_nbytes(ns)
+        sized = num_leading([memoryview(blob).nbytes == nbytes for blob in blobs])
+        if payload_at + self.page_nbytes != nbytes:  # not this stager's page shape
+            sized = 0
+        starts = [a if a is not None else buffer_address(blobs[i])[0]
+                  for i, a in enumerate(addresses[:sized] if addresses is not None
+                                        else [None] * sized)]
+        self._copy_rows(out, [start + payload_at for start in starts])
         recorded: list[int] = []
-        batch: list[int] = []
-        for address, checksum in self._checked_sources(blobs, ns, keys, token_ids):
-            recorded.append(checksum)
-            batch.append(address)
-            if len(batch) == _SEND_BATCH:
-                self._copy_rows(out[len(recorded) - len(batch):], batch)
-                batch = []
-        self._copy_rows(out[len(recorded) - len(batch):], batch)
+        for i in range(sized):
+            try:
+                recorded.append(check_page_header(blobs[i], ns, keys[i], token_ids[i])[1])
+            except PageCorrupt:
+                break
         # waits for the rows, so the copies have read their sources
         return out[: self._count_verified(out[: len(recorded)], recorded)]
 

@@ -50,8 +50,10 @@ class _Fetched:
     have been copied out (a shared-memory lease), as a context manager."""
 
     def __init__(self, pages: list, release: Callable[[], None] | None = None,
-                 is_pinned: bool = False, is_valid: Callable[[], bool] | None = None) -> None:
+                 is_pinned: bool = False, is_valid: Callable[[], bool] | None = None,
+                 addresses: list[int | None] | None = None) -> None:
         self.pages = pages
+        self.addresses = addresses  # of each page, where the tier knows it
         self._release = release
         self.is_pinned = is_pinned  # the pages lie in page-locked memory
         self.is_leased = release is not None  # their memory is reused once released
@@ -235,9 +237,10 @@ class KvOffload:
                     blobs = blobs[: blobs.index(None)]
                 end = start + len(blobs)
                 try:
-                    staged = self.stager.stage(blobs, ns, keys[start:end],
-                                               page_tokens[start:end],
-                                               is_pinned=fetched.is_pinned)
+                    staged = self.stager.stage(
+                        blobs, ns, keys[start:end], page_tokens[start:end],
+                        is_pinned=fetched.is_pinned,
+                        addresses=fetched.addresses[: len(blobs)] if fetched.addresses else None)
                 except Exception:  # e.g. no device memory: a miss, not a failed step
                     log.warning("loading %d pages from the %s tier failed", len(blobs), name,
                                 exc_info=True)
@@ -261,10 +264,9 @@ class KvOffload:
     def _host_get(self, keys: list[bytes]) -> _Fetched:
         if self.host is None:
             return _Fetched([])
-        present = self.host.contains_many(keys)
-        n = num_leading(present)
-        return _Fetched(list(self.host.get_many(keys[:n])) if n else [],
-                        is_pinned=self.host.is_pinned)
+        n = num_leading(self.host.contains_many(keys))
+        pages, addresses = self.host.get_many_addressed(keys[:n]) if n else ([], [])
+        return _Fetched(pages, is_pinned=self.host.is_pinned, addresses=addresses)
 
     def _store_get(self, keys: list[bytes]) -> _Fetched:
         """The leading pages the store holds, in one round trip (read where the store keeps
@@ -281,7 +283,7 @@ class KvOffload:
                 lease.release()
                 lease = self.store.get_pages_leased(keys, prefix_only=True)
                 pinned = self._is_pinned(lease)
-            return _Fetched(lease.pages, lease.release, pinned, lease.is_valid)
+            return _Fetched(lease.pages, lease.release, pinned, lease.is_valid, lease.addresses)
         except Exception as exc:  # down, timed out, unauthenticated: a miss
             self.num_store_errors += 1
             log.warning("store lookup failed, treating as a miss: %s", exc)

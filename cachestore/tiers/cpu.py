@@ -71,6 +71,7 @@ class CpuTier(Tier):
         self._lock = threading.Lock()
         self._lru = LruIndex(capacity_bytes)
         self._pages: dict[bytes, bytes | memoryview] = {}
+        self._addresses: dict[bytes, int] = {}  # where a slot page lies (its slot's address)
         self._stats = TierStats(name=self.name, capacity_bytes=capacity_bytes)
 
     def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
@@ -101,31 +102,46 @@ class CpuTier(Tier):
                     evicted.append((key, blob))
                     continue
             # Copy outside the lock: pinning or materializing a view can take a while.
-            stored = self._copy_in(blob)
+            stored, address = self._copy_in(blob)
             with self._lock:
                 if self._lru.touch(key):  # another thread stored it meanwhile
                     continue
                 for victim in self._lru.victims_for(nbytes):
                     self._lru.remove(victim)
                     evicted.append((victim, self._pages.pop(victim)))
+                    self._addresses.pop(victim, None)
                     self._stats.evictions += 1
                 self._lru.add(key, nbytes)
                 self._pages[key] = stored
+                if address is not None:
+                    self._addresses[key] = address
         return evicted  # type: ignore[return-value]  # pinned pages are memoryviews
 
-    def _copy_in(self, blob: bytes | memoryview) -> bytes | memoryview:
-        """The page as the tier keeps it: copied into a slot, as a read-only view (like bytes
-        pages: readers cannot scribble on a stored page; the view keeps the slot taken), else
-        into a pinned allocation of its own when pinned, else as bytes. Callers must never
-        release() a page they got: the slot could be reused while the tier still lists it."""
+    def _copy_in(self, blob: bytes | memoryview) -> tuple[bytes | memoryview, int | None]:
+        """(the page as the tier keeps it, its slot's address or None): copied into a slot, as a
+        read-only view (like bytes pages: readers cannot scribble on a stored page; the view
+        keeps the slot taken), else into a pinned allocation of its own when pinned, else as
+        bytes. Callers must never release() a page they got: the slot could be reused while
+        the tier still lists it."""
         src = memoryview(blob).cast("B")
         slot = self._slots.take(src.nbytes) if self._slots is not None and src.nbytes else None
         if slot is not None:
             slot[:] = src
-            return slot.data.toreadonly()
+            return slot.data.toreadonly(), int(slot.ctypes.data)
         if self.is_pinned and src.nbytes:
-            return _to_pinned(src)
-        return _owned_bytes(blob)
+            return _to_pinned(src), None
+        return _owned_bytes(blob), None
+
+    def get_many_addressed(self, keys: Sequence[bytes]
+                           ) -> tuple[list[bytes | memoryview | None], list[int | None]]:
+        """get_many, plus each found page's address where the tier knows it (slot pages)
+        without asking the buffer (None elsewhere)."""
+        pages = self.get_many(keys)
+        with self._lock:
+            addresses = [self._addresses.get(key) if page is not None and page is
+                         self._pages.get(key) else None for key, page in zip(keys, pages,
+                                                                             strict=True)]
+        return pages, addresses
 
     @property
     def is_shared(self) -> bool:
@@ -158,6 +174,7 @@ class CpuTier(Tier):
             for key in keys:
                 if self._lru.remove(key) is not None:
                     del self._pages[key]
+                    self._addresses.pop(key, None)
                     num_deleted += 1
         return num_deleted
 
@@ -175,6 +192,7 @@ class CpuTier(Tier):
     def close(self) -> None:
         with self._lock:
             self._pages.clear()
+            self._addresses.clear()
             self._lru = LruIndex(self._lru.capacity_bytes)
         if self._slots is not None:
             self._slots.close()

@@ -80,19 +80,33 @@ def test_a_bad_page_ends_the_staged_prefix(is_pinned, device_checksums):
     assert len(stage_pages(blobs, other, keys, tokens)) == 0
 
 
-@pytest.mark.parametrize("bad", ["header", "checksum"])
-def test_device_checksums_stop_at_a_bad_page_in_a_later_batch(monkeypatch, bad):
-    """Copies are queued in batches as headers check out (2 pages a batch here): a bad header in
-    the third batch stops the queueing there, a bad payload is caught by the checksums."""
-    import workers.kv_upload as kv_upload
-
-    monkeypatch.setattr(kv_upload, "_SEND_BATCH", 2)
+@pytest.mark.parametrize("bad", ["header", "checksum", "tokens", "short", "none"])
+@pytest.mark.parametrize("given_addresses", [False, True])
+def test_device_checksums_stop_at_the_first_bad_page(bad, given_addresses):
+    """Pinned pages with device checksums: every copy is queued before any header is checked;
+    a bad header (or a hash collision, or a page of the wrong size) found afterwards still ends
+    the prefix there, and a bad payload is caught by the checksums. The caller may say where
+    each page lies instead of the stager asking the buffers."""
     blobs, keys, tokens, payloads = pages(7)
-    corrupt = bytearray(blobs[5])
-    corrupt[0 if bad == "header" else -1] ^= 1
-    blobs[5] = bytes(corrupt)
-    staged = stage_pages(blobs, NS, keys, tokens, is_pinned=True, device_checksums=True)
-    assert torch.equal(staged.cpu(), torch.stack(payloads[:5]))
+    if bad in ("header", "checksum"):
+        corrupt = bytearray(blobs[5])
+        corrupt[0 if bad == "header" else -1] ^= 1
+        blobs[5] = bytes(corrupt)
+    elif bad == "tokens":
+        tokens[5] = tokens_to_bytes([1, 2, 3, 4])
+    elif bad == "short":
+        blobs[5] = blobs[5][:-8]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    stager = PageStager(SHAPE, torch.float32, device, device_checksums=True)
+    arrays = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+    views = [memoryview(a.numpy()).toreadonly() for a in arrays]
+    addresses = [a.data_ptr() for a in arrays] if given_addresses else None
+    staged = stager.stage(views, NS, keys, tokens, is_pinned=True, addresses=addresses)
+    want = 7 if bad == "none" else 5
+    assert torch.equal(staged.cpu(), torch.stack(payloads[:want]))
+    other = Namespace("other", num_layers=3, num_kv_heads=2, head_dim=8, dtype="float32",
+                      page_size=4)
+    assert len(stager.stage(views, other, keys, tokens, is_pinned=True)) == 0
 
 
 def test_host_checksums_need_no_triton():
