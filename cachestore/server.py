@@ -128,7 +128,7 @@ class KVStoreServicer:
         blobs = self.pages.get(keys, prefix_only=request.prefix_only, verify=False)
         if is_mapped:
             assert self.leases is not None
-            header = self.leases.mapped_header(blobs, context.peer())
+            header = self.leases.mapped_header(keys, blobs, context.peer())
             if header is not None:
                 return iter((header,))
         if self.segments is None or not request.HasField("segment"):

@@ -45,14 +45,15 @@ class MappedLeases:
         self._ids = itertools.count(1)
         self.num_granted = 0
 
-    def mapped_header(self, blobs: Sequence[bytes | memoryview | None],
+    def mapped_header(self, keys: Sequence[bytes], blobs: Sequence[bytes | memoryview | None],
                       peer: str) -> store_pb2.GetPagesHeader | None:
-        """The reply header locating every found page in the tier's arenas, under a new lease;
-        None when a page lies elsewhere or the peer is not on this host."""
+        """The reply header locating every found page (`blobs`, by key) in the tier's arenas,
+        under a new lease; None when a page lies elsewhere or the peer is not on this host."""
         found = [blob for blob in blobs if blob is not None]
         if not found or not shm.is_local_peer(peer):
             return None
-        places = self.tier.locate_many(found)
+        found_keys = [key for key, blob in zip(keys, blobs, strict=True) if blob is not None]
+        places = self.tier.locate_many(found, found_keys)
         if None in places:
             return None
         arenas: dict[str, int] = {}

@@ -148,16 +148,29 @@ class CpuTier(Tier):
         """Pages lie in /dev/shm arena files that same-host clients may map."""
         return self._slots is not None and self._slots.memory == "shared"
 
-    def locate_many(self, pages: Sequence[bytes | memoryview]) -> list[tuple[str, int, int] | None]:
+    def locate_many(self, pages: Sequence[bytes | memoryview],
+                    keys: Sequence[bytes] | None = None) -> list[tuple[str, int, int] | None]:
         """Per page this tier handed out: (shared arena file name, offset, arena size) when it
-        lies in a shared arena, else None."""
+        lies in a shared arena, else None. With the pages' `keys`, a page the tier still holds
+        under its key is found by the address kept for it (no buffer asked)."""
         if not self.is_shared:
             return [None] * len(pages)
+        assert self._slots is not None
+        if keys is None:
+            known: list[int | None] = [None] * len(pages)
+        else:
+            with self._lock:
+                known = [self._addresses.get(key) if self._pages.get(key) is page else None
+                         for key, page in zip(keys, pages, strict=True)]
         out = []
-        for page in pages:
+        for page, address in zip(pages, known, strict=True):
             view = memoryview(page)
-            out.append(self._slots.locate(buffer_address(view)[0], view.nbytes)
-                       if view.nbytes else None)
+            if not view.nbytes:
+                out.append(None)
+                continue
+            if address is None:
+                address = buffer_address(view)[0]
+            out.append(self._slots.locate(address, view.nbytes))
         return out
 
     def arenas_of(self, keys: Sequence[bytes]) -> dict[str, int]:

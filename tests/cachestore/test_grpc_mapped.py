@@ -143,10 +143,13 @@ def test_only_local_peers_get_mapped_pages():
     tier = CpuTier(1 << 20, pin_memory=False, shared=True)
     leases = MappedLeases(tier)
     tier.put_many(make_pages(2, seed=11))
-    blobs = tier.get_many(tier.keys_lru_order())
-    assert leases.mapped_header(blobs, "ipv4:10.1.2.3:4567") is None
-    header = leases.mapped_header([None, *blobs], "ipv4:127.0.0.1:4567")
+    keys = tier.keys_lru_order()
+    blobs = tier.get_many(keys)
+    assert leases.mapped_header(keys, blobs, "ipv4:10.1.2.3:4567") is None
+    header = leases.mapped_header([b"x" * 16, *keys], [None, *blobs], "ipv4:127.0.0.1:4567")
     assert header is not None and list(header.is_found) == [False, True, True]
+    # found by the addresses the tier kept, or by asking the buffers: the same places
+    assert tier.locate_many(blobs, keys) == tier.locate_many(blobs)
     assert leases.num_leases == 1
     assert leases.release([header.mapped.lease_id, 12345]) == 1
     tier.close()
