@@ -209,9 +209,10 @@ class PageStager:
 
     def _queuer(self) -> ThreadPoolExecutor:
         if self._queue_thread is None:
+            index = self.device.index
             self._queue_thread = ThreadPoolExecutor(
-                1, thread_name_prefix="kvmesh-dma-queue",
-                initializer=torch.cuda.set_device, initargs=(self.device,))
+                1, thread_name_prefix="kvmesh-dma-queue", initializer=torch.cuda.set_device,
+                initargs=(torch.cuda.current_device() if index is None else index,))
         return self._queue_thread
 
     def _verifies_on_device(self, out: torch.Tensor) -> bool:
