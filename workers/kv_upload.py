@@ -190,9 +190,12 @@ class PageStager:
         # much of the DMA, and the header checks below would wait for it
         queued = None
         if self.is_cuda:
-            queued = self._queuer().submit(self._copy_rows, out, sources,
-                                           torch.cuda.current_stream(self.device))
-        else:
+            try:
+                queued = self._queuer().submit(self._copy_rows, out, sources,
+                                               torch.cuda.current_stream(self.device))
+            except RuntimeError:  # the thread could not start: queue them here
+                log.warning("copy-queueing thread unavailable", exc_info=True)
+        if queued is None:
             self._copy_rows(out, sources)
         recorded: list[int] = []
         try:
