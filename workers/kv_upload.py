@@ -31,7 +31,6 @@ import ctypes
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -71,7 +70,6 @@ class PageStager:
         self._free: list[torch.cuda.Event | None] = [None, None]
         # pinned source pages of the last direct send, referenced until its copies are done
         self._keepalive: tuple[torch.cuda.Event | None, list] | None = None
-        self._queue_thread: ThreadPoolExecutor | None = None  # queues a send's copies (CUDA)
 
     def warm_up(self) -> None:
         if not self._buffers:
@@ -185,38 +183,15 @@ class PageStager:
         starts = [a if a is not None else buffer_address(blobs[i])[0]
                   for i, a in enumerate(addresses[:sized] if addresses is not None
                                         else [None] * sized)]
-        sources = [start + payload_at for start in starts]
-        # queued by another thread: with hundreds of pages, CUDA blocks the queueing call for
-        # much of the DMA, and the header checks below would wait for it
-        queued = None
-        if self.is_cuda:
-            try:
-                queued = self._queuer().submit(self._copy_rows, out, sources,
-                                               torch.cuda.current_stream(self.device))
-            except RuntimeError:  # the thread could not start: queue them here
-                log.warning("copy-queueing thread unavailable", exc_info=True)
-        if queued is None:
-            self._copy_rows(out, sources)
+        self._copy_rows(out, [start + payload_at for start in starts])
         recorded: list[int] = []
-        try:
-            for i in range(sized):
-                try:
-                    recorded.append(check_page_header(blobs[i], ns, keys[i], token_ids[i])[1])
-                except PageCorrupt:
-                    break
-        finally:
-            if queued is not None:
-                queued.result()  # every copy is queued (or its error raised here)
+        for i in range(sized):
+            try:
+                recorded.append(check_page_header(blobs[i], ns, keys[i], token_ids[i])[1])
+            except PageCorrupt:
+                break
         # waits for the rows, so the copies have read their sources
         return out[: self._count_verified(out[: len(recorded)], recorded)]
-
-    def _queuer(self) -> ThreadPoolExecutor:
-        if self._queue_thread is None:
-            index = self.device.index
-            self._queue_thread = ThreadPoolExecutor(
-                1, thread_name_prefix="kvmesh-dma-queue", initializer=torch.cuda.set_device,
-                initargs=(torch.cuda.current_device() if index is None else index,))
-        return self._queue_thread
 
     def _verifies_on_device(self, out: torch.Tensor) -> bool:
         """Checksums computed on the device, over the rows of `out` once they have arrived."""
@@ -266,15 +241,14 @@ class PageStager:
         self._keepalive = (event, list(blobs))
         return out[:num_ok]
 
-    def _copy_rows(self, out: torch.Tensor, addresses: list[int],
-                   stream: torch.cuda.Stream | None = None) -> None:
-        """out[i] = the page at addresses[i], queued on `stream` (default: the current one)."""
+    def _copy_rows(self, out: torch.Tensor, addresses: list[int]) -> None:
+        """out[i] = the page at addresses[i], queued on the current stream."""
         row = self.page_nbytes
         lib = cudart() if self.is_cuda else None
         if lib is not None:
             base = out.data_ptr()
             copy_async(lib, [(base + i * row, a) for i, a in enumerate(addresses)], row,
-                       stream or torch.cuda.current_stream(self.device))
+                       torch.cuda.current_stream(self.device))
         elif addresses:
             dst = list(out[: len(addresses)].view(len(addresses), -1).view(torch.uint8).unbind())
             src = [torch.frombuffer((ctypes.c_char * row).from_address(a), dtype=torch.uint8)
