@@ -245,6 +245,9 @@ def attach_store(engine: Engine, nbytes: int) -> tuple[str, object]:
         def is_valid(self):
             return True
 
+        def report_bad(self, keys):
+            pass
+
     class InProcessStore:  # StoreClient's key-level page API, minus the network
         close = store.close
 

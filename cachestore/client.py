@@ -224,11 +224,12 @@ class StoreClient:
             lease.pages[first:] = [None] * (len(lease.pages) - first)
         return lease
 
-    def _end_lease(self, lease_id: int) -> None:
-        """Tell the server a mapped get's pages are read, without waiting for the answer (a
-        lease that is never released ends by itself)."""
-        call = self._release_pages.future(store_pb2.ReleasePagesRequest(lease_ids=[lease_id]),
-                                          timeout=self.timeout, metadata=self._metadata)
+    def _end_lease(self, lease_id: int, bad_keys: Sequence[bytes] = ()) -> None:
+        """Tell the server a mapped get's pages are read (and which failed the caller's check),
+        without waiting for the answer (a lease that is never released ends by itself)."""
+        request = store_pb2.ReleasePagesRequest(lease_ids=[lease_id], bad_keys=bad_keys)
+        call = self._release_pages.future(request, timeout=self.timeout,
+                                          metadata=self._metadata)
         with self._lock:
             self._releasing.add(call)  # an unreferenced call would be cancelled
         call.add_done_callback(self._released)

@@ -147,6 +147,8 @@ class KVStoreServicer:
     @_mapped
     def ReleasePages(self, request, context: grpc.ServicerContext):
         released = self.leases.release(request.lease_ids) if self.leases is not None else 0
+        if request.bad_keys:  # the client's word is not enough: check them, drop the bad ones
+            self.pages.get(messages.page_keys(store_pb2.PageKeys(keys=request.bad_keys)))
         return store_pb2.ReleasePagesResponse(num_released=released)
 
     @_mapped

@@ -32,6 +32,7 @@ CALLS_INLINE_AFTER_DECLINE = 64  # after a server answered inline, ask again thi
 SegmentCallback = Callable[[int, int], None]  # (address, nbytes)
 T = TypeVar("T")
 MAX_MAPPED_ARENAS = 256  # the store's arenas kept mapped (at most 256 MiB each)
+EndLease = Callable[[int, Sequence[bytes]], None]  # (lease id, keys of bad pages)
 Fetch = Callable[[Sequence[bytes], "Segment | None", bool], tuple[Any, list[memoryview]]]
 
 
@@ -58,7 +59,7 @@ class PageLease:
         pool: SegmentPool | None = None,
         regions: Sequence[tuple[int, int]] = (),
         valid_until: float | None = None,
-        on_release: Callable[[], None] | None = None,
+        on_release: Callable[[Sequence[bytes]], None] | None = None,
         addresses: list[int | None] | None = None,
     ) -> None:
         self.pages = pages
@@ -70,16 +71,25 @@ class PageLease:
         self.valid_until = valid_until
         self._segment, self._views, self._pool = segment, list(views), pool
         self._on_release = on_release
+        self._bad_keys: list[bytes] = []
         self._lock = threading.Lock()
 
     def is_valid(self) -> bool:
         return self.valid_until is None or time.monotonic() < self.valid_until
+
+    def report_bad(self, keys: Sequence[bytes]) -> None:
+        """Pages of a mapped lease that failed the caller's check while the lease held: sent
+        with the release, so the server checks and drops them (other leases: the server
+        checked them already)."""
+        with self._lock:
+            self._bad_keys.extend(keys)
 
     def release(self) -> None:
         with self._lock:
             segment, self._segment = self._segment, None
             views, self._views = self._views, []
             on_release, self._on_release = self._on_release, None
+            bad_keys = self._bad_keys
         for view in views:
             try:
                 view.release()
@@ -89,7 +99,7 @@ class PageLease:
             assert self._pool is not None
             self._pool.give_back(segment)
         if on_release is not None:
-            on_release()
+            on_release(bad_keys)
 
     def __enter__(self) -> PageLease:
         return self
@@ -139,7 +149,7 @@ class SegmentPool:
             return sorted(self._segments)
 
     def read(self, fetch: Fetch, keys: Sequence[bytes],
-             end_lease: Callable[[int], None] | None = None) -> PageLease:
+             end_lease: EndLease | None = None) -> PageLease:
         """One GetPages of `keys` through a leased segment, with inline fallback. `fetch(keys,
         segment, accept_mapped)` does the call and returns (header, data frames); a call that
         fails discards its segment (the server may still be writing into it) and raises. With
@@ -191,8 +201,7 @@ class SegmentPool:
         return PageLease(pages_by_key(header.is_found, views), segment, [*views, base], self,
                          addresses=pages_by_key(header.is_found, addresses))
 
-    def _mapped_lease(self, header: Any, sent_at: float,
-                      end_lease: Callable[[int], None]) -> PageLease:
+    def _mapped_lease(self, header: Any, sent_at: float, end_lease: EndLease) -> PageLease:
         """Views of the found pages in the server's arenas, valid until `sent_at` plus the
         lease's time. Raises SegmentUnusable (the lease ended)."""
         mapped = header.mapped
@@ -203,7 +212,7 @@ class SegmentPool:
         except BaseException:
             for file in files:
                 self.arenas.release(file)
-            end_lease(mapped.lease_id)
+            end_lease(mapped.lease_id, ())
             raise
         bases = [memoryview(file.mm).toreadonly() for file in files]
         views = [
@@ -212,10 +221,10 @@ class SegmentPool:
                                              header.page_nbytes, strict=True)
         ]
 
-        def on_release() -> None:
+        def on_release(bad_keys: Sequence[bytes]) -> None:
             for file in files:
                 self.arenas.release(file)
-            end_lease(mapped.lease_id)
+            end_lease(mapped.lease_id, bad_keys)
 
         addresses = [files[arena].address + offset
                      for arena, offset in zip(mapped.page_arenas, header.page_offsets,

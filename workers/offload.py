@@ -51,7 +51,8 @@ class _Fetched:
 
     def __init__(self, pages: list, release: Callable[[], None] | None = None,
                  is_pinned: bool = False, is_valid: Callable[[], bool] | None = None,
-                 addresses: list[int | None] | None = None) -> None:
+                 addresses: list[int | None] | None = None,
+                 report_bad: Callable[[list[bytes]], None] | None = None) -> None:
         self.pages = pages
         self.addresses = addresses  # of each page, where the tier knows it
         self._release = release
@@ -59,6 +60,7 @@ class _Fetched:
         self.is_leased = release is not None  # their memory is reused once released
         # after reading the pages: false when their memory may have been reused meanwhile
         self.is_valid = is_valid or (lambda: True)
+        self.report_bad = report_bad or (lambda keys: None)
 
     def __enter__(self) -> list:
         return self.pages
@@ -251,15 +253,22 @@ class KvOffload:
                     log.warning("%d pages from the %s tier were read after their lease ended",
                                 len(staged), name)
                     staged = staged[:0]
-            if len(staged) < len(blobs):
-                log.warning("dropping a bad page from the %s tier", name)
-                if name == "cpu" and self.host is not None:  # (the store checks its own)
-                    bad = keys[start + len(staged)]
-                    if self.host.delete_many([bad]):
-                        self._emit(KvEventData("removed", [bad], None, "cpu"))
+                elif len(staged) < len(blobs):
+                    self._drop_bad(name, keys[start + len(staged)], fetched)
             payloads.extend((staged, i) for i in range(len(staged)))
             tiers.extend([name] * len(staged))
         return PendingLoad(num_device_pages, payloads, tiers) if payloads else None
+
+    def _drop_bad(self, tier: str, key: bytes, fetched: _Fetched) -> None:
+        """A page that failed its check (while still leased, if it is): out of the host tier
+        here; the store is told, checks it itself and drops it (pages it copied for us it had
+        checked already)."""
+        log.warning("dropping a bad page from the %s tier", tier)
+        if tier == "cpu" and self.host is not None:
+            if self.host.delete_many([key]):
+                self._emit(KvEventData("removed", [key], None, "cpu"))
+        else:
+            fetched.report_bad([key])
 
     def _host_get(self, keys: list[bytes]) -> _Fetched:
         if self.host is None:
@@ -283,7 +292,8 @@ class KvOffload:
                 lease.release()
                 lease = self.store.get_pages_leased(keys, prefix_only=True)
                 pinned = self._is_pinned(lease)
-            return _Fetched(lease.pages, lease.release, pinned, lease.is_valid, lease.addresses)
+            return _Fetched(lease.pages, lease.release, pinned, lease.is_valid, lease.addresses,
+                            lease.report_bad)
         except Exception as exc:  # down, timed out, unauthenticated: a miss
             self.num_store_errors += 1
             log.warning("store lookup failed, treating as a miss: %s", exc)

@@ -199,10 +199,13 @@ def test_arenas_that_cannot_be_mapped_end_the_lease_and_fall_back():
             return mapped_header(["kvmesh-0123456789abcdef"], [0]), []
         return store_pb2.GetPagesHeader(is_found=[True], page_nbytes=[3]), [memoryview(b"abc")]
 
-    with pool.read(fetch, [b"k" * 16], ended.append) as lease:
+    def end_lease(lease_id, bad_keys):
+        ended.append(lease_id)
+
+    with pool.read(fetch, [b"k" * 16], end_lease) as lease:
         assert as_bytes(lease.pages) == [b"abc"]
     assert accepted == [True, False] and ended == [7]
-    with pool.read(fetch, [b"k" * 16], ended.append) as lease:  # not asked again for a while
+    with pool.read(fetch, [b"k" * 16], end_lease) as lease:  # not asked again for a while
         assert as_bytes(lease.pages) == [b"abc"]
     assert accepted == [True, False, False]
     pool.close()
@@ -223,3 +226,20 @@ def test_a_put_names_the_arenas_its_pages_landed_in(server):
     with StoreClient(server.target) as c:
         c.put_encoded_pages(make_pages(2, seed=14))
         assert c._segments.arenas.names == []
+
+
+def test_a_bad_page_reported_with_the_release_is_checked_and_dropped(server, client):
+    """The store does not check mapped pages itself; the reader does, and tells it. The store
+    then checks the page on its own and drops it only if it really is bad."""
+    pages = make_pages(3, seed=15)
+    client.put_encoded_pages(pages)
+    keys = [key for key, _ in pages]
+    with client.get_pages_leased(keys, mapped=True) as lease:
+        maps = client._segments.arenas._mapped.values()
+        (mapping,) = [m for m in maps if m.address <= lease.addresses[1] < m.address + m.nbytes]
+        view = lease.pages[1]
+        offset = lease.addresses[1] - mapping.address
+        mapping.mm[offset + len(view) - 1] ^= 1  # a flipped payload byte in the store's memory
+        assert bytes(lease.pages[1]) != pages[1][1]
+        lease.report_bad([keys[0], keys[1]])  # page 0 is fine: the store keeps it
+    assert wait_until(lambda: client.has_pages(keys) == [True, False, True])

@@ -117,3 +117,45 @@ def test_store_pages_read_after_their_lease_ended_are_a_miss(make_engine, encode
         assert final(outs).usage.cached_tokens == 0
     finally:
         server.stop(grace=0)
+
+
+def test_a_corrupt_page_read_in_place_ends_the_hit_and_the_store_drops_it(
+        make_engine, encode, hf_greedy):
+    """Pages read in the store's own memory are checked by the worker: a flipped payload byte
+    ends the loaded prefix there, the output still matches, and the store, told about the
+    page, checks it itself and drops it."""
+    from cachestore.page_access import is_intact
+
+    def intact(tier, key):
+        (blob,) = tier.get_many([key])
+        return blob is not None and is_intact(key, blob)
+
+    import ctypes
+    import time
+
+    server = StoreServer(StoreConfig(port=0, cpu_bytes=64 << 20))
+    try:
+        writer = make_engine(store=server.target)
+        prompt = encode(LONG)
+        run(writer, {"a": prompt}, SamplingParams(temperature=0.0, max_tokens=1))
+        writer.offload.flush()
+        keys = writer.namespace().page_keys(prompt)[:2]
+        tier = server.store.tiers[0]
+        page = tier._pages[keys[1]]
+        byte = ctypes.c_ubyte.from_address(tier._addresses[keys[1]] + len(page) - 1)
+        byte.value ^= 1
+        engine = make_engine(store=server.target)
+        outs = run(engine, {"b": prompt},
+                   SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True))["b"]
+        assert tokens_of(outs) == hf_greedy(prompt, N)
+        assert final(outs).usage.cached_tokens_by_tier == {"store": 16}  # page 0 only
+        assert server.leases.num_granted == 1
+        # dropped, then stored again from this worker's own (recomputed) copy: a present page
+        # is never overwritten by a put, so an intact page 1 means the bad one went
+        engine.offload.flush()
+        deadline = time.monotonic() + 5
+        while not intact(tier, keys[1]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert intact(tier, keys[1])
+    finally:
+        server.stop(grace=0)
