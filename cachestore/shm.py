@@ -7,6 +7,12 @@ so a get moves its bytes with memcpy instead of through a gRPC stream. Client si
 cachestore/shm_client.py. gRPC stays the control plane: the request names the segment, the reply
 header says where each page landed.
 
+Whoever creates a segment file holds a shared flock on it for as long as it keeps the file, and
+the lock dies with the process however it dies. So a file nobody holds a lock on was left by a
+process that is gone (killed, say, by SIGKILL): the first segment a process creates first sweeps
+such files out of the directory (`sweep_stale`; only its own user's files, and only ones at least
+STALE_AFTER_S old, so a file just being created is never taken).
+
 Copies go through `copy_many`: chunks of a few MiB spread over the shared bulk thread pool
 (cachestore.codec.map_chunked); ctypes' `memmove` is a plain foreign call, which releases the
 GIL, so the chunks really run in parallel.
@@ -15,10 +21,14 @@ GIL, so the chunks really run in parallel.
 from __future__ import annotations
 
 import ctypes
+import fcntl
+import logging
 import mmap
 import os
 import re
 import secrets
+import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,6 +41,11 @@ SEGMENT_NAME = re.compile(r"kvmesh-[0-9a-f]{1,64}")  # fullmatch: no slash, no d
 MAX_SEGMENT_NBYTES = 1 << 40
 COPY_CHUNK_NBYTES = 4 << 20
 MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # map every page up front
+STALE_AFTER_S = 10.0
+
+log = logging.getLogger(__name__)
+_swept: set[str] = set()  # directories this process has swept
+_sweep_lock = threading.Lock()
 
 Move = tuple[int, int, int]  # (destination address, source address, nbytes)
 
@@ -71,14 +86,23 @@ def mapping_address(mm: mmap.mmap) -> int:
 
 
 class Segment:
-    """One client-owned segment: the file's name and the client's mapping of it."""
+    """One segment this process created: the file's name, its mapping, and the locked fd that
+    marks the file as in use."""
 
-    def __init__(self, name: str, path: str, mm: mmap.mmap) -> None:
+    def __init__(self, name: str, path: str, mm: mmap.mmap, fd: int) -> None:
         self.name = name
         self.path = path
         self.mm = mm
         self.capacity = len(mm)
         self.address = mapping_address(mm)
+        self._fd: int | None = fd
+
+    def remove_file(self) -> None:
+        """Unlink the file and drop its lock; the mapping stays valid until unmapped."""
+        unlink_quietly(self.path)
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
     def close(self) -> None:
         """Unmap (when no view of it is alive any more; else when the last one dies) and unlink."""
@@ -86,25 +110,69 @@ class Segment:
             self.mm.close()
         except BufferError:  # a caller still holds a view: the mapping lives until it goes
             pass
-        unlink_quietly(self.path)
+        self.remove_file()
 
 
 def create_segment(capacity: int, shm_dir: str = SHM_DIR) -> Segment:
     """Create, reserve and map a fresh segment of `capacity` bytes. Raises OSError (no /dev/shm,
     ENOSPC, ...) with nothing left behind."""
+    sweep_once(shm_dir)
     name = NAME_PREFIX + secrets.token_hex(8)
     path = os.path.join(shm_dir, name)
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(path, flags, 0o600)
     try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # in use for as long as this fd is open
         os.posix_fallocate(fd, 0, capacity)
         mm = mmap.mmap(fd, capacity, flags=MAP_FLAGS)
     except BaseException:
         unlink_quietly(path)
-        raise
-    finally:
         os.close(fd)
-    return Segment(name, path, mm)
+        raise
+    return Segment(name, path, mm, fd)
+
+
+def sweep_once(shm_dir: str = SHM_DIR) -> None:
+    """sweep_stale(shm_dir), the first time this process asks for that directory."""
+    with _sweep_lock:
+        if shm_dir in _swept:
+            return
+        _swept.add(shm_dir)
+    try:
+        removed = sweep_stale(shm_dir)
+    except OSError as exc:
+        log.debug("could not sweep %s: %s", shm_dir, exc)
+        return
+    if removed:
+        log.info("removed %d shared-memory segments left by processes that are gone", removed)
+
+
+def sweep_stale(shm_dir: str = SHM_DIR, older_than_s: float = STALE_AFTER_S) -> int:
+    """Unlink segment files of this user that no process holds (no lock on them) and that are
+    at least `older_than_s` old. Returns how many went."""
+    removed = 0
+    now = time.time()
+    for name in os.listdir(shm_dir):
+        if not is_segment_name(name):
+            continue
+        path = os.path.join(shm_dir, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if (st.st_uid != os.getuid() or now - st.st_mtime < older_than_s
+                    or not os.path.samestat(st, os.stat(path, follow_symlinks=False))):
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by a live process (BlockingIOError), or gone meanwhile
+            continue
+        finally:
+            os.close(fd)  # (drops our lock too)
+        unlink_quietly(path)
+        removed += 1
+    return removed
 
 
 def unlink_quietly(path: str) -> None:

@@ -17,6 +17,17 @@ _MISSING_REDIS = ("redis-server/redis-cli not on PATH: run `make test`, which in
                   "(apt-get install redis-server redis-tools)")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_shared_memory_left_behind():
+    """Tests SIGKILL workers and Ray actors on purpose; their /dev/shm segments are left for
+    the next process to sweep (cachestore.shm). Sweep them at the end, so runs do not pile up."""
+    yield
+    from cachestore import shm
+
+    if Path(shm.SHM_DIR).is_dir():
+        shm.sweep_stale(older_than_s=0)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

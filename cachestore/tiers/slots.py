@@ -67,7 +67,7 @@ class _Arena:
     def unlink(self) -> None:
         """Remove the arena's file (mappings, ours and clients', live on until unmapped)."""
         if self.segment is not None:
-            shm.unlink_quietly(self.segment.path)
+            self.segment.remove_file()
 
 
 class PageSlots:
