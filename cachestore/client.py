@@ -34,14 +34,8 @@ from cachestore.client_errors import (  # noqa: F401 - re-exported: callers impo
 )
 from cachestore.errors import InvalidRequest
 from cachestore.keys import Namespace
-from cachestore.shm_client import (
-    PageLease,
-    SegmentCallback,
-    SegmentPool,
-    fits_mapped,
-    fits_segment,
-    pages_by_key,
-)
+from cachestore.page_lease import PageLease, fits_mapped, fits_segment, pages_by_key
+from cachestore.shm_client import SegmentCallback, SegmentPool
 from cachestore.store import ClosestPages, LookupResult
 from cachestore.tiers.base import TierStats
 from kvmesh.v1 import store_pb2

@@ -19,18 +19,18 @@ will be used. Elsewhere (CPU, or rows that found no room on the device) the bulk
 checksums in host memory: in place for pinned sources, on the staging copy for the others.
 Either way the rows from the first bad page on are never returned.
 
-`upload_pages` (in the step that uses the pages) then moves rows into their pool slots with
-device-to-device copies. Checksums and memmove run through ctypes, which releases the GIL, so the
-pool's threads really work in parallel (python-xxhash itself holds the GIL). The first pinned
-allocation of a size costs ~0.5 s on the H200 host, hence staging buffers allocated once.
+`pool_copies.upload_pages` (in the step that uses the pages) then moves rows into their pool
+slots with device-to-device copies. Checksums and memmove run through ctypes, which releases
+the GIL, so the pool's threads really work in parallel (python-xxhash itself holds the GIL). The
+first pinned allocation of a size costs ~0.5 s on the H200 host, hence staging buffers
+allocated once.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -280,119 +280,6 @@ class PageStager:
         return map_chunked(work, len(chunk), len(chunk) * row)
 
 
-class SnapshotSlots:
-    """Page-sized pinned host buffers for the store write-through, allocated once as one tensor
-    (on a background thread from `start()`: pinning a GB takes about a second) and handed out
-    in O(1): taking a page snapshot then costs no allocator call on the engine thread (torch's
-    pinned-memory cache made a step registering 513 pages wait ~0.1-0.3 s). Thread-safe."""
-
-    def __init__(self, page_shape: tuple[int, ...], dtype: torch.dtype, nbytes: int,
-                 pin_memory: bool = True) -> None:
-        self.page_shape, self.dtype, self.pin_memory = page_shape, dtype, pin_memory
-        self.count = max(1, nbytes // (int(np.prod(page_shape)) * dtype.itemsize))
-        self.rows: torch.Tensor | None = None  # [count, *page_shape], pinned
-        self._free: list[int] = []
-        self._lock = threading.Lock()
-        self._ready = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._allocate, name="kvmesh-pin-slots",
-                                        daemon=True)
-        self._thread.start()
-
-    def _allocate(self) -> None:
-        try:
-            self.rows = torch.empty((self.count, *self.page_shape), dtype=self.dtype,
-                                    pin_memory=self.pin_memory)
-            with self._lock:
-                self._free = list(range(self.count - 1, -1, -1))
-        except Exception:  # no slots: every write-through is dropped (and counted)
-            log.warning("no pinned memory for %d store snapshot slots", self.count, exc_info=True)
-        finally:
-            self._ready.set()
-
-    def take(self, n: int) -> list[int]:
-        """Up to n free slots (fewer when the writer is behind); waits for the allocation once."""
-        if self._thread is None:
-            self.start()
-        self._ready.wait()
-        with self._lock:
-            taken = self._free[-n:] if n else []
-            del self._free[len(self._free) - len(taken):]
-        return taken[::-1]
-
-    def give_back(self, slots: Sequence[int]) -> None:
-        with self._lock:
-            self._free.extend(slots)
-
-    @property
-    def num_free(self) -> int:
-        with self._lock:
-            return len(self._free)
-
-
 def num_leading(flags: Sequence[bool]) -> int:
     """How many flags come before the first False (a bad page ends a prefix)."""
     return flags.index(False) if False in flags else len(flags)
-
-
-def runs(n: int, continues: Callable[[int], bool]) -> list[range]:
-    """range(n) cut into maximal runs: index i joins the run before it when continues(i)."""
-    out: list[range] = []
-    start = 0
-    for i in range(1, n + 1):
-        if i == n or not continues(i):
-            out.append(range(start, i))
-            start = i
-    return out
-
-
-StagedRow = tuple[torch.Tensor, int]  # (staged tensor, row): one page, kept as a reference
-
-
-def upload_pages(kv_pool: torch.Tensor, page_ids: Sequence[int],
-                 rows: Sequence[StagedRow]) -> None:
-    """kv_pool[page_ids[i]] = source[row] for (source, row) = rows[i]. Runs of consecutive page
-    ids and consecutive rows of one source go as one copy; a source scattered over more than
-    _MAX_RUN_COPIES runs goes as one gather + one index_copy_ on the device. Asynchronous on
-    CUDA (non_blocking from pinned sources)."""
-    groups: dict[int, tuple[torch.Tensor, list[int], list[int]]] = {}
-    for page_id, (source, row) in zip(page_ids, rows, strict=True):
-        group = groups.setdefault(id(source), (source, [], []))
-        group[1].append(page_id)
-        group[2].append(row)
-    for source, ids, index in groups.values():
-        spans = _runs_of_both(ids, index)
-        if len(spans) > _MAX_RUN_COPIES and source.device == kv_pool.device:
-            if _index_copy(kv_pool, ids, source, index):
-                continue
-        for span in spans:
-            first, row = ids[span.start], index[span.start]
-            kv_pool[first : first + len(span)].copy_(source[row : row + len(span)],
-                                                     non_blocking=True)
-
-
-_MAX_RUN_COPIES = 4
-
-
-def _index_copy(kv_pool: torch.Tensor, ids: list[int], source: torch.Tensor,
-                index: list[int]) -> bool:
-    """kv_pool[ids] = source[index] in one index_copy_ (rows taken as a slice when `index` counts
-    up by one, else gathered first); False when the gather finds no device memory."""
-    device = kv_pool.device
-    first = index[0]
-    if index == list(range(first, first + len(index))):
-        rows = source[first : first + len(index)]
-    else:
-        try:
-            rows = source.index_select(0, torch.tensor(index, device=device))
-        except torch.cuda.OutOfMemoryError:  # copy run by run instead
-            return False
-    kv_pool.index_copy_(0, torch.tensor(ids, device=device), rows)
-    return True
-
-
-def _runs_of_both(a: list[int], b: list[int]) -> list[range]:
-    """Maximal runs over which both a and b count up by one."""
-    return runs(len(a), lambda i: a[i] == a[i - 1] + 1 and b[i] == b[i - 1] + 1)

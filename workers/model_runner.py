@@ -16,9 +16,9 @@ from kernels import reference
 from workers.config import WorkerConfig
 from workers.cuda_graphs import DecodeGraphs, advance_decode_inputs, decode_ctas_per_sm
 from workers.errors import InvalidConfig
-from workers.kv_upload import SnapshotSlots, StagedRow, runs, upload_pages
 from workers.models.llama import AttentionMetadata, AttentionOps, FusedOps, LlamaForCausalLM
 from workers.models.loader import LoadedModel
+from workers.pool_copies import SnapshotSlots, StagedRow, runs, upload_pages
 from workers.scheduler import ScheduledBatch
 
 log = logging.getLogger(__name__)

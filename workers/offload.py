@@ -26,8 +26,9 @@ from cachestore.keys import Namespace, tokens_to_bytes
 from cachestore.tiers.cpu import CpuTier
 from workers.block_manager import EvictedPage
 from workers.cuda_host import PinnedRanges
-from workers.kv_upload import PageStager, StagedRow, num_leading
+from workers.kv_upload import PageStager, num_leading
 from workers.outputs import KvEventData
+from workers.pool_copies import StagedRow
 from workers.sequence import PendingLoad, Sequence
 
 log = logging.getLogger(__name__)

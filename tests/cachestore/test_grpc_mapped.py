@@ -11,7 +11,7 @@ import time
 import pytest
 from test_grpc_shm import SPACES, make_pages
 
-from cachestore import StoreClient, shm, shm_client
+from cachestore import StoreClient, page_lease, shm, shm_client
 from cachestore.config import StoreConfig
 from cachestore.server import serve_store
 from cachestore.shm_leases import MappedLeases
@@ -182,11 +182,11 @@ def mapped_header(names, offsets, arenas=(0,), nbytes=(100,), lease_id=7):
 
 
 def test_malformed_mapped_replies_are_refused():
-    assert shm_client.fits_mapped(mapped_header(["kvmesh-ab"], [0]))
-    assert not shm_client.fits_mapped(mapped_header(["kvmesh-ab"], [901]))  # past the arena
-    assert not shm_client.fits_mapped(mapped_header(["kvmesh-ab"], [0], arenas=(1,)))
-    assert not shm_client.fits_mapped(mapped_header(["kvmesh-ab"], [0], lease_id=0))
-    assert not shm_client.fits_mapped(mapped_header(["kvmesh-ab"], [0, 100], arenas=(0,)))
+    assert page_lease.fits_mapped(mapped_header(["kvmesh-ab"], [0]))
+    assert not page_lease.fits_mapped(mapped_header(["kvmesh-ab"], [901]))  # past the arena
+    assert not page_lease.fits_mapped(mapped_header(["kvmesh-ab"], [0], arenas=(1,)))
+    assert not page_lease.fits_mapped(mapped_header(["kvmesh-ab"], [0], lease_id=0))
+    assert not page_lease.fits_mapped(mapped_header(["kvmesh-ab"], [0, 100], arenas=(0,)))
 
 
 def test_arenas_that_cannot_be_mapped_end_the_lease_and_fall_back():

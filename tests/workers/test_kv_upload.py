@@ -13,7 +13,8 @@ import torch
 
 from cachestore.codec import encode_page
 from cachestore.keys import Namespace, tokens_to_bytes
-from workers.kv_upload import PageStager, SnapshotSlots, upload_pages
+from workers.kv_upload import PageStager
+from workers.pool_copies import SnapshotSlots, upload_pages
 
 NS = Namespace("m", num_layers=3, num_kv_heads=2, head_dim=8, dtype="float32", page_size=4)
 SHAPE = (3, 2, 4, 2, 8)
