@@ -224,35 +224,18 @@ def attach_store(engine: Engine, nbytes: int) -> tuple[str, object]:
     except Exception as exc:  # no kvmesh.v1 / grpc extras on this machine
         print(f"store over gRPC unavailable ({exc!r}); using the in-process page API", flush=True)
     from cachestore.page_access import PageAccess
+    from cachestore.page_lease import PageLease  # (needs no generated gRPC code)
     from cachestore.store import TieredStore
     from cachestore.tiers.cpu import CpuTier
 
     store = TieredStore([CpuTier(nbytes)])
     access = PageAccess(store)
 
-    class InProcessLease:  # a PageLease of inline pages (shm_client needs the gRPC code)
-        is_shared_memory = False
-        regions = ()
-        valid_until = None
-        addresses = None
-
-        def __init__(self, pages):
-            self.pages = pages
-
-        def release(self):
-            pass
-
-        def is_valid(self):
-            return True
-
-        def report_bad(self, keys):
-            pass
-
     class InProcessStore:  # StoreClient's key-level page API, minus the network
         close = store.close
 
         def get_pages_leased(self, keys, prefix_only=False, mapped=False):
-            return InProcessLease(access.get(keys, prefix_only=prefix_only))
+            return PageLease(access.get(keys, prefix_only=prefix_only))  # inline pages
 
         def put_encoded_pages(self, pages):
             return access.put(pages)
