@@ -88,13 +88,13 @@ class Engine:
         """Use a connected store client (StoreClient-like) as the remote tier; a StoreClient
         made for it should take `offload.segment_hooks()` (so its segments are page-locked).
         `config.store` comes here too."""
+        self.offload.attach_store(store)  # (checks the store's interface first)
         self.runner.enable_snapshot_slots(_SNAPSHOT_BYTES)
         if self.runner.device.type == "cuda":
             # staging for store pages not (yet) in page-locked memory (the first pinned
             # allocation takes ~0.5 s), and the checksum kernels compiled before the first hit
             self.offload.stager.warm_up()
             self.offload.stager.warm_up_checksums()
-        self.offload.attach_store(store)
 
     def namespace(self, tenant_salt: str = "") -> Namespace:
         ns = self._namespaces.get(tenant_salt)

@@ -67,6 +67,7 @@ class PageStager:
         self.page_nbytes = int(np.prod(page_shape)) * dtype.itemsize
         self.pages_per_chunk = max(1, _CHUNK_BYTES // self.page_nbytes)
         self._buffers: list[torch.Tensor] = []
+        self._checksums_warm = False
         self._free: list[torch.cuda.Event | None] = [None, None]
         # pinned source pages of the last direct send, referenced until its copies are done
         self._keepalive: tuple[torch.cuda.Event | None, list] | None = None
@@ -80,9 +81,12 @@ class PageStager:
     def warm_up_checksums(self) -> None:
         """Compile the device checksum kernels for this page size now, not on the first hit
         (a Triton compile takes a few hundred ms)."""
+        if self._checksums_warm:
+            return
         row = torch.zeros((1, *self.page_shape), dtype=self.dtype, device=self.device)
         if self._verifies_on_device(row):
             self._count_verified(row, [0])
+        self._checksums_warm = True
 
     def stage(self, blobs: Sequence[bytes | memoryview], ns: Namespace, keys: Sequence[bytes],
               token_ids: Sequence[bytes], is_pinned: bool = False,
@@ -99,15 +103,15 @@ class PageStager:
         when the caller lets them go."""
         try:
             out = self._stage(blobs, ns, keys, token_ids, is_pinned, addresses)
+            # most pages failed: do not hold the rows allocated for them (a clone on the device
+            # is ordered after the copies; rows left in host memory may still be arriving: kept)
+            if (out.device.type == self.device.type
+                    and len(out) < out.untyped_storage().nbytes() // (2 * self.page_nbytes)):
+                out = out.clone()
         except BaseException:
             if self.is_cuda:
                 torch.cuda.current_stream(self.device).synchronize()
             raise
-        # most pages failed: do not hold the rows allocated for them (a clone on the device is
-        # ordered after the copies; rows left in host memory may still be arriving: kept)
-        if (out.device.type == self.device.type
-                and len(out) < out.untyped_storage().nbytes() // (2 * self.page_nbytes)):
-            out = out.clone()
         return out
 
     def _stage(self, blobs: Sequence[bytes | memoryview], ns: Namespace, keys: Sequence[bytes],
@@ -176,13 +180,13 @@ class PageStager:
         are then verified against the checksums the good headers record, and the rows from the
         first bad page on are dropped."""
         self.wait_sent()  # the previous direct send has read its pages
+        if ns.page_nbytes != self.page_nbytes:  # not this stager's page shape
+            return out[:0]
         payload_at, nbytes = payload_offset(ns), page_nbytes(ns)
         sized = num_leading([memoryview(blob).nbytes == nbytes for blob in blobs])
-        if payload_at + self.page_nbytes != nbytes:  # not this stager's page shape
-            sized = 0
-        starts = [a if a is not None else buffer_address(blobs[i])[0]
-                  for i, a in enumerate(addresses[:sized] if addresses is not None
-                                        else [None] * sized)]
+        known = addresses[:sized] if addresses is not None else [None] * sized
+        starts = [a if a is not None else buffer_address(blob)[0]
+                  for a, blob in zip(known, blobs, strict=False)]
         self._copy_rows(out, [start + payload_at for start in starts])
         recorded: list[int] = []
         for i in range(sized):
@@ -190,6 +194,8 @@ class PageStager:
                 recorded.append(check_page_header(blobs[i], ns, keys[i], token_ids[i])[1])
             except PageCorrupt:
                 break
+        if sized and not recorded and self.is_cuda:  # nothing to verify: still wait for the
+            torch.cuda.current_stream(self.device).synchronize()  # copies to leave the sources
         # waits for the rows, so the copies have read their sources
         return out[: self._count_verified(out[: len(recorded)], recorded)]
 
