@@ -43,17 +43,17 @@ class EvictedPage:
 class BlockManager:
     """Not thread-safe: the engine's single thread owns it.
 
-    `on_evict(page)` is called synchronously before an evicted page is handed out again, so the
-    caller can copy the page's bytes out (demotion to the host tier). The pages one `allocate`
-    evicts are reported after its loop, shallowest first (the reverse of eviction order), so a
-    prefix evicted deepest first is demoted in prefix order: the host tier then holds it in
-    consecutive slots, and loading it back goes as few large copies."""
+    `on_evict(pages)` is called synchronously before evicted pages are handed out again, so the
+    caller can copy their bytes out (demotion to the host tier): once per `allocate` that
+    evicts, with its pages shallowest first (the reverse of eviction order), so a prefix
+    evicted deepest first can be demoted in prefix order (consecutive host-tier slots: loading
+    it back goes as few large copies)."""
 
     def __init__(
         self,
         num_pages: int,
         page_size: int,
-        on_evict: Callable[[EvictedPage], None] | None = None,
+        on_evict: Callable[[list[EvictedPage]], None] | None = None,
     ) -> None:
         assert num_pages > 0 and page_size > 0
         self.num_pages = num_pages
@@ -119,9 +119,8 @@ class BlockManager:
                 evicted.append(self._evict(self.pages[page_id]))
             self.pages[page_id].ref_count = 1
             page_ids.append(page_id)
-        if self._on_evict is not None:
-            for page in reversed(evicted):  # the bytes are intact until the caller writes
-                self._on_evict(page)
+        if self._on_evict is not None and evicted:  # bytes intact until the caller writes
+            self._on_evict(evicted[::-1])
         return page_ids
 
     def register(

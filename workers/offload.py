@@ -141,17 +141,25 @@ class KvOffload:
             log.warning("could not reserve a store segment", exc_info=True)
 
     # ------------------------------------------------------------------ device -> host / store
-    def on_evict(self, page: EvictedPage) -> None:
-        """Demote an evicted device page to the host tier (block manager callback)."""
-        if self.host is None or not isinstance(page.tag, Namespace):
+    def on_evict(self, pages: list[EvictedPage]) -> None:
+        """Demote evicted device pages (shallowest first) to the host tier (block manager
+        callback). They are stored in that order, so a prefix takes consecutive slots, then
+        refreshed deepest first, so the host tier too evicts a prefix from its end."""
+        if self.host is None:
             return
-        blob = encode_page(page.tag, page.key, tokens_to_bytes(page.token_ids),
-                           self.read_page(page.page_id))
-        evicted = self.host.put_many([(page.key, blob)])
-        stored = [page.key] if page.key not in {k for k, _ in evicted} else []
-        self._emit(KvEventData("stored", stored, page.parent, "cpu") if stored else None)
-        gone = [k for k, _ in evicted if k != page.key]
-        self._emit(KvEventData("removed", gone, None, "cpu") if gone else None)
+        stored_keys = []
+        for page in pages:
+            if not isinstance(page.tag, Namespace):
+                continue
+            blob = encode_page(page.tag, page.key, tokens_to_bytes(page.token_ids),
+                               self.read_page(page.page_id))
+            evicted = self.host.put_many([(page.key, blob)])
+            stored = [page.key] if page.key not in {k for k, _ in evicted} else []
+            stored_keys += stored
+            self._emit(KvEventData("stored", stored, page.parent, "cpu") if stored else None)
+            gone = [k for k, _ in evicted if k != page.key]
+            self._emit(KvEventData("removed", gone, None, "cpu") if gone else None)
+        self.host.touch_many(stored_keys[::-1])
 
     def write_through(self, ns: Namespace, pages: list[tuple[bytes, list[int], int]]) -> None:
         """Queue copies of newly cached device pages, (key, token ids, page id) each, for the

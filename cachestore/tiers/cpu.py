@@ -132,6 +132,12 @@ class CpuTier(Tier):
             return _to_pinned(src), None
         return _owned_bytes(blob), None
 
+    def touch_many(self, keys: Sequence[bytes]) -> None:
+        """Make these pages the most recently used, the last key most (no hit counted)."""
+        with self._lock:
+            for key in keys:
+                self._lru.touch(key)
+
     def get_many_addressed(self, keys: Sequence[bytes]
                            ) -> tuple[list[bytes | memoryview | None], list[int | None]]:
         """get_many, plus each found page's address where the tier knows it (slot pages)

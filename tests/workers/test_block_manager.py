@@ -75,7 +75,7 @@ def test_shared_prefix_ref_counts_and_duplicate_register():
 
 def test_eviction_is_lru_deepest_first_and_reports_pages():
     evicted: list[EvictedPage] = []
-    bm = BlockManager(num_pages=6, page_size=PS, on_evict=evicted.append)
+    bm = BlockManager(num_pages=6, page_size=PS, on_evict=evicted.extend)
     a = fill(bm, list(range(0, 12)))  # pages 0, 1, 2
     b = fill(bm, list(range(50, 58)))  # pages 3, 4
     bm.release(a)  # released first: least recent; its deepest page (2) goes first
