@@ -222,8 +222,11 @@ class StoreClient:
         """Tell the server a mapped get's pages are read (and which failed the caller's check),
         without waiting for the answer (a lease that is never released ends by itself)."""
         request = store_pb2.ReleasePagesRequest(lease_ids=[lease_id], bad_keys=bad_keys)
-        call = self._release_pages.future(request, timeout=self.timeout,
-                                          metadata=self._metadata)
+        try:
+            call = self._release_pages.future(request, timeout=self.timeout,
+                                              metadata=self._metadata)
+        except ValueError:  # the channel is closed: the lease runs out on the server instead
+            return
         with self._lock:
             self._releasing.add(call)  # an unreferenced call would be cancelled
         call.add_done_callback(self._released)

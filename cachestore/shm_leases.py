@@ -28,15 +28,13 @@ from cachestore import shm
 from cachestore.tiers.cpu import CpuTier
 from kvmesh.v1 import store_pb2
 
-DEFAULT_LEASE_S = 30.0
-MAX_LEASES = 1024  # outstanding; past it the oldest lease ends early (its client sees a miss)
+MAX_LEASES = 1024  # outstanding; past it gets are answered through segments until some end
 
 
 class MappedLeases:
     """Grants and ends leases; thread-safe. Expired leases are dropped on every call."""
 
-    def __init__(self, tier: CpuTier, ttl_s: float = DEFAULT_LEASE_S,
-                 max_leases: int = MAX_LEASES) -> None:
+    def __init__(self, tier: CpuTier, ttl_s: float, max_leases: int = MAX_LEASES) -> None:
         self.tier = tier
         self.ttl_s = ttl_s
         self._max_leases = max_leases
@@ -48,7 +46,8 @@ class MappedLeases:
     def mapped_header(self, keys: Sequence[bytes], blobs: Sequence[bytes | memoryview | None],
                       peer: str) -> store_pb2.GetPagesHeader | None:
         """The reply header locating every found page (`blobs`, by key) in the tier's arenas,
-        under a new lease; None when a page lies elsewhere or the peer is not on this host."""
+        under a new lease; None when a page lies elsewhere, the peer is not on this host, or
+        MAX_LEASES leases are outstanding."""
         found = [blob for blob in blobs if blob is not None]
         if not found or not shm.is_local_peer(peer):
             return None
@@ -64,7 +63,10 @@ class MappedLeases:
                 mapped.arena_names.append(name)
                 mapped.arena_nbytes.append(arena_nbytes)
         mapped.page_arenas.extend(arenas[name] for name, _, _ in places)  # type: ignore[misc]
-        mapped.lease_id = self._grant(found)
+        lease_id = self._grant(found)
+        if lease_id is None:
+            return None
+        mapped.lease_id = lease_id
         mapped.lease_ms = int(self.ttl_s * 1000)
         return store_pb2.GetPagesHeader(
             is_found=[blob is not None for blob in blobs],
@@ -73,15 +75,17 @@ class MappedLeases:
             mapped=mapped,
         )
 
-    def _grant(self, pages: list) -> int:
-        lease_id = next(self._ids)
+    def _grant(self, pages: list) -> int | None:
+        """A new lease on `pages`, or None when the table is full (a live lease never ends
+        early: its client trusts it until its time is up)."""
         now = time.monotonic()
         with self._lock:
             self._expire(now)
+            if len(self._leases) >= self._max_leases:
+                return None
+            lease_id = next(self._ids)
             self.num_granted += 1
             self._leases[lease_id] = (now + self.ttl_s, pages)
-            while len(self._leases) > self._max_leases:
-                self._leases.popitem(last=False)
         return lease_id
 
     def release(self, lease_ids: Sequence[int]) -> int:

@@ -10,6 +10,7 @@ still in use is unmapped when its last user releases it. Nothing here ever unlin
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import stat
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from cachestore import shm
 
 MapCallback = Callable[[int, int], None]  # (address, nbytes)
+log = logging.getLogger(__name__)
 
 
 class SegmentUnusable(Exception):
@@ -33,8 +35,8 @@ class SegmentUnusable(Exception):
 class MappedFile:
     """One cached mapping. `num_users` > 0 while someone reads or writes it."""
 
-    def __init__(self, name: str, fd: int, mm: mmap.mmap, st: os.stat_result) -> None:
-        self.name, self.fd, self.mm, self.identity = name, fd, mm, (st.st_dev, st.st_ino)
+    def __init__(self, fd: int, mm: mmap.mmap, st: os.stat_result) -> None:
+        self.fd, self.mm, self.identity = fd, mm, (st.st_dev, st.st_ino)
         self.address = shm.mapping_address(mm)
         self.nbytes = len(mm)
         self.num_users = 0
@@ -74,12 +76,11 @@ class SegmentMaps:
                 self._drop(self._mapped.pop(name))
                 mapped = None
             if mapped is None:
-                mapped = _open(name, path, nbytes, self._flags)
+                mapped = _open(path, nbytes, self._flags)
                 self._mapped[name] = mapped
                 while len(self._mapped) > self._max_segments:
                     self._drop(self._mapped.popitem(last=False)[1])
-                if self._on_map is not None:
-                    self._on_map(mapped.address, mapped.nbytes)
+                self._call(self._on_map, mapped)
             self._mapped.move_to_end(name)
             mapped.num_users += 1
             return mapped
@@ -116,6 +117,15 @@ class SegmentMaps:
 
     # -- caller holds the lock ----------------------------------------------------------------
 
+    @staticmethod
+    def _call(callback: MapCallback | None, mapped: MappedFile) -> None:
+        """A failing hook (e.g. page-locking) leaves the mapping usable, only slower."""
+        if callback is not None:
+            try:
+                callback(mapped.address, mapped.nbytes)
+            except Exception:
+                log.warning("segment map hook failed", exc_info=True)
+
     def _drop_unlinked(self) -> None:
         """Forget segments whose file is gone: keeping them mapped would keep their memory."""
         for name, mapped in list(self._mapped.items()):
@@ -128,8 +138,7 @@ class SegmentMaps:
             self._close(mapped)
 
     def _close(self, mapped: MappedFile) -> None:
-        if self._on_unmap is not None:
-            self._on_unmap(mapped.address, mapped.nbytes)
+        self._call(self._on_unmap, mapped)
         try:
             mapped.mm.close()
         except BufferError:  # a view of it is still alive: unmapped when that goes
@@ -137,7 +146,7 @@ class SegmentMaps:
         os.close(mapped.fd)
 
 
-def _open(name: str, path: str, nbytes: int, flags: int) -> MappedFile:
+def _open(path: str, nbytes: int, flags: int) -> MappedFile:
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
@@ -146,7 +155,7 @@ def _open(name: str, path: str, nbytes: int, flags: int) -> MappedFile:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size < nbytes:
             raise SegmentUnusable("segment is not a regular file of its capacity", path)
-        return MappedFile(name, fd, mmap.mmap(fd, st.st_size, flags=flags), st)
+        return MappedFile(fd, mmap.mmap(fd, st.st_size, flags=flags), st)
     except (OSError, ValueError) as exc:
         os.close(fd)
         raise SegmentUnusable("cannot map segment", f"{path}: {exc}") from None

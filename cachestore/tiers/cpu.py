@@ -79,17 +79,7 @@ class CpuTier(Tier):
             return [key in self._pages for key in keys]
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | memoryview | None]:
-        out: list[bytes | memoryview | None] = []
-        with self._lock:
-            for key in keys:
-                blob = self._pages.get(key)
-                if blob is None:
-                    self._stats.misses += 1
-                else:
-                    self._lru.touch(key)
-                    self._stats.hits += 1
-                out.append(blob)
-        return out
+        return self.get_many_addressed(keys)[0]
 
     def put_many(self, pages: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         evicted: list[tuple[bytes, bytes | memoryview]] = []
@@ -142,11 +132,18 @@ class CpuTier(Tier):
                            ) -> tuple[list[bytes | memoryview | None], list[int | None]]:
         """get_many, plus each found page's address where the tier knows it (slot pages)
         without asking the buffer (None elsewhere)."""
-        pages = self.get_many(keys)
+        pages: list[bytes | memoryview | None] = []
+        addresses: list[int | None] = []
         with self._lock:
-            addresses = [self._addresses.get(key) if page is not None and page is
-                         self._pages.get(key) else None for key, page in zip(keys, pages,
-                                                                             strict=True)]
+            for key in keys:
+                blob = self._pages.get(key)
+                if blob is None:
+                    self._stats.misses += 1
+                else:
+                    self._lru.touch(key)
+                    self._stats.hits += 1
+                pages.append(blob)
+                addresses.append(self._addresses.get(key) if blob is not None else None)
         return pages, addresses
 
     @property

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from cachestore import shm
 
 KILLED = textwrap.dedent("""
@@ -42,7 +44,11 @@ def test_an_arena_file_goes_with_its_lock(tmp_path):
     """A removed arena file drops its lock and fd; its mapping stays usable until unmapped."""
     segment = shm.create_segment(1 << 20, str(tmp_path))
     segment.mm[:3] = b"abc"
+    fd = segment._fd
     segment.remove_file()
     assert not os.listdir(tmp_path)
+    assert segment._fd is None
+    with pytest.raises(OSError):  # closed
+        os.fstat(fd)
     assert segment.mm[:3] == b"abc"
     segment.close()  # idempotent about the file
