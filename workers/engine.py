@@ -1,7 +1,8 @@
 """The worker engine: requests in, tokens out, one `step()` at a time.
 
-schedule (scheduler) -> run (model runner) -> postprocess (register full pages in the prefix
-cache, write them through to the store, sample, detokenize, stop). Single-threaded: the caller
+schedule (scheduler) -> run (model runner) -> postprocess (commit pages loaded from the host
+tier or the store once their checks are in, register full pages in the prefix cache, write them
+through to the store, sample, detokenize, stop). Single-threaded: the caller
 drives step(); the only other thread is the offload's store writer.
 """
 
@@ -153,9 +154,18 @@ class Engine:
         if num_steps > 1:
             return outputs + self._decode_steps(batch, num_steps)
         logits, sampled = self.runner.execute(batch)
+        rewound = set()
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            # pages loaded for it were computed on before their checks finished: a bad one
+            # rewinds it (the next steps compute from there), and this step's token is dropped
+            if not self.scheduler.commit_load(seq):
+                rewound.add(seq.seq_id)
+                continue
             seq.num_computed_tokens += num_new
             self._register_full_pages(seq)
+        if rewound:
+            keep = [j for j, i in enumerate(sampled) if batch.seqs[i].seq_id not in rewound]
+            logits, sampled = logits[keep], [sampled[j] for j in keep]
         rows = [batch.seqs[i] for i in sampled]
         tokens = sample(logits, [s.sampling for s in rows],
                         [self._generators.get(s.seq_id) for s in rows])
@@ -232,7 +242,8 @@ class Engine:
         if self.decode_steps <= 1 or any(n != 1 for n in batch.num_new_tokens):
             return 1
         seqs = batch.seqs
-        if any(not s.sampling.is_greedy or s.fork_pending for s in seqs):
+        if any(not s.sampling.is_greedy or s.fork_pending
+               or s.loading is not None for s in seqs):
             return 1
         # no step past max_model_len; none beyond what the longest-running request still needs
         num_steps = min(self.decode_steps,

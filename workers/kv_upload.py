@@ -85,7 +85,7 @@ class PageStager:
             return
         row = torch.zeros((1, *self.page_shape), dtype=self.dtype, device=self.device)
         if self._verifies_on_device(row):
-            self._count_verified(row, [0])
+            int(self._count_verified(row, [0]))
         self._checksums_warm = True
 
     def stage(self, blobs: Sequence[bytes | memoryview], ns: Namespace, keys: Sequence[bytes],
@@ -101,22 +101,34 @@ class PageStager:
 
         If this raises, the current stream is synchronized first: no copy still reads the blobs
         when the caller lets them go."""
+        staged = self.stage_unverified(blobs, ns, keys, token_ids, is_pinned, addresses)
+        out = staged.rows[: staged.verify()]
+        # most pages failed: do not hold the rows allocated for them (a clone on the device
+        # is ordered after the copies; rows left in host memory may still be arriving: kept)
+        if (out.device.type == self.device.type
+                and len(out) < out.untyped_storage().nbytes() // (2 * self.page_nbytes)):
+            out = out.clone()
+        return out
+
+    def stage_unverified(self, blobs: Sequence[bytes | memoryview], ns: Namespace,
+                         keys: Sequence[bytes], token_ids: Sequence[bytes],
+                         is_pinned: bool = False,
+                         addresses: Sequence[int | None] | None = None) -> StagedPages:
+        """`stage`, without waiting for the checksums where they are computed on the device:
+        the rows of the pages whose headers checked out, and `verify()`, which waits and says
+        how many of them are good. Meanwhile the caller may queue work that uses the rows, as
+        long as it keeps nothing computed from rows past that count. The blobs must stay
+        unchanged until `verify()` returns (they are referenced until then)."""
         try:
-            out = self._stage(blobs, ns, keys, token_ids, is_pinned, addresses)
-            # most pages failed: do not hold the rows allocated for them (a clone on the device
-            # is ordered after the copies; rows left in host memory may still be arriving: kept)
-            if (out.device.type == self.device.type
-                    and len(out) < out.untyped_storage().nbytes() // (2 * self.page_nbytes)):
-                out = out.clone()
+            return self._stage(blobs, ns, keys, token_ids, is_pinned, addresses)
         except BaseException:
             if self.is_cuda:
                 torch.cuda.current_stream(self.device).synchronize()
             raise
-        return out
 
     def _stage(self, blobs: Sequence[bytes | memoryview], ns: Namespace, keys: Sequence[bytes],
                token_ids: Sequence[bytes], is_pinned: bool,
-               addresses: Sequence[int | None] | None) -> torch.Tensor:
+               addresses: Sequence[int | None] | None) -> StagedPages:
         out = None
         if is_pinned and self.device_checksums:  # copies queued first, headers checked meanwhile
             out = self._allocate(len(blobs))
@@ -127,7 +139,7 @@ class PageStager:
             out = self._allocate(len(sources))
         on_device = self._verifies_on_device(out)
         if is_pinned:
-            return self._send_pinned(out, sources, blobs)
+            return StagedPages.verified(self._send_pinned(out, sources, blobs))
         self.warm_up()
         num_ok = 0
         for c, start in enumerate(range(0, len(sources), self.pages_per_chunk)):
@@ -147,8 +159,9 @@ class PageStager:
             if n < len(chunk):
                 break
         if on_device:
-            num_ok = self._count_verified(out[:num_ok], [c for _, c in sources[:num_ok]])
-        return out[:num_ok]
+            return StagedPages(out[:num_ok], self._count_verified(
+                out[:num_ok], [c for _, c in sources[:num_ok]]), blobs)
+        return StagedPages.verified(out[:num_ok])
 
     def _allocate(self, num_rows: int) -> torch.Tensor:
         shape = (num_rows, *self.page_shape)
@@ -173,15 +186,16 @@ class PageStager:
 
     def _send_checked(self, out: torch.Tensor, blobs: Sequence[bytes | memoryview],
                       ns: Namespace, keys: Sequence[bytes], token_ids: Sequence[bytes],
-                      addresses: Sequence[int | None] | None) -> torch.Tensor:
+                      addresses: Sequence[int | None] | None) -> StagedPages:
         """Pinned sources, checksums on the device. Every page of the right size has its
         payload's copy queued first (a page's payload lies at a fixed offset for its
         namespace), so the DMA runs while the headers are checked here; the rows that arrived
         are then verified against the checksums the good headers record, and the rows from the
-        first bad page on are dropped."""
+        first bad page on are dropped. The count is left on the device (`StagedPages.verify`
+        waits for it)."""
         self.wait_sent()  # the previous direct send has read its pages
         if ns.page_nbytes != self.page_nbytes:  # not this stager's page shape
-            return out[:0]
+            return StagedPages.verified(out[:0])
         payload_at, nbytes = payload_offset(ns), page_nbytes(ns)
         sized = num_leading([memoryview(blob).nbytes == nbytes for blob in blobs])
         known = addresses[:sized] if addresses is not None else [None] * sized
@@ -196,8 +210,8 @@ class PageStager:
                 break
         if sized and not recorded and self.is_cuda:  # nothing to verify: still wait for the
             torch.cuda.current_stream(self.device).synchronize()  # copies to leave the sources
-        # waits for the rows, so the copies have read their sources
-        return out[: self._count_verified(out[: len(recorded)], recorded)]
+        rows = out[: len(recorded)]
+        return StagedPages(rows, self._count_verified(rows, recorded), blobs)
 
     def _verifies_on_device(self, out: torch.Tensor) -> bool:
         """Checksums computed on the device, over the rows of `out` once they have arrived."""
@@ -208,16 +222,17 @@ class PageStager:
         return self.page_nbytes % 8 == 0 and self.page_nbytes >= MIN_NBYTES
 
     @staticmethod
-    def _count_verified(rows: torch.Tensor, recorded: list[int]) -> int:
-        """How many leading rows match their recorded checksums (waits for the rows)."""
+    def _count_verified(rows: torch.Tensor, recorded: list[int]) -> torch.Tensor | int:
+        """How many leading rows match their recorded checksums, as a 0-d tensor on the rows'
+        device, computed once they have arrived (reading it waits for them)."""
         if not recorded:
             return 0
         from kernels.xxh3 import as_int64, xxh3_64_rows
 
         want = torch.tensor([as_int64(c) for c in recorded], dtype=torch.int64)
-        bad = xxh3_64_rows(rows) != want.to(rows.device)
+        bad = xxh3_64_rows(rows) != want.to(rows.device, non_blocking=True)
         index = torch.arange(len(recorded), device=rows.device)
-        return int(torch.where(bad, index, len(recorded)).min())
+        return torch.where(bad, index, len(recorded)).min()
 
     def _send_pinned(self, out: torch.Tensor, sources: list[tuple[int, int]],
                      blobs: Sequence[bytes | memoryview]) -> torch.Tensor:
@@ -284,6 +299,29 @@ class PageStager:
             return ok
 
         return map_chunked(work, len(chunk), len(chunk) * row)
+
+
+class StagedPages:
+    """Rows staged on the device for the pages whose headers checked out, and how many of them
+    (leading) also match their checksums: known at once, or a 0-d device tensor that `verify`
+    waits for. Keeps the source blobs referenced until then (copies may still read them)."""
+
+    def __init__(self, rows: torch.Tensor, num_ok: torch.Tensor | int,
+                 sources: object = None) -> None:
+        self.rows = rows
+        self._num_ok = num_ok
+        self._sources = sources
+
+    @classmethod
+    def verified(cls, rows: torch.Tensor) -> StagedPages:
+        return cls(rows, len(rows))
+
+    def verify(self) -> int:
+        """How many leading rows are good (waits for the copies and checksums once)."""
+        if not isinstance(self._num_ok, int):
+            self._num_ok = int(self._num_ok)  # synchronizes: every copy has read its source
+        self._sources = None
+        return self._num_ok
 
 
 def num_leading(flags: Sequence[bool]) -> int:

@@ -26,7 +26,7 @@ from cachestore.keys import Namespace, tokens_to_bytes
 from cachestore.tiers.cpu import CpuTier
 from workers.block_manager import EvictedPage
 from workers.cuda_host import PinnedRanges
-from workers.kv_upload import PageStager, num_leading
+from workers.kv_upload import PageStager, StagedPages, num_leading
 from workers.outputs import KvEventData
 from workers.pool_copies import StagedRow
 from workers.sequence import PendingLoad, Sequence
@@ -48,7 +48,7 @@ class _PendingWrite:
 
 class _Fetched:
     """Pages fetched from a tier (encoded, None where absent), and what to release once they
-    have been copied out (a shared-memory lease), as a context manager."""
+    have been copied out (a shared-memory lease)."""
 
     def __init__(self, pages: list, release: Callable[[], None] | None = None,
                  is_pinned: bool = False, is_valid: Callable[[], bool] | None = None,
@@ -58,17 +58,25 @@ class _Fetched:
         self.addresses = addresses  # of each page, where the tier knows it
         self._release = release
         self.is_pinned = is_pinned  # the pages lie in page-locked memory
-        self.is_leased = release is not None  # their memory is reused once released
         # after reading the pages: false when their memory may have been reused meanwhile
         self.is_valid = is_valid or (lambda: True)
         self.report_bad = report_bad or (lambda keys: None)
 
-    def __enter__(self) -> list:
-        return self.pages
+    def release(self) -> None:
+        """End the lease (once): the pages' memory may then be reused."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
-    def __exit__(self, *exc: object) -> None:
-        if self._release is not None:
-            self._release()
+
+@dataclass
+class _LoadPart:
+    """The pages one tier gave a lookup: what was fetched, staged, and under which keys."""
+
+    name: str
+    fetched: _Fetched
+    staged: StagedPages
+    keys: list[bytes]
 
 
 _STORE_QUEUE_BYTES = 2 << 30
@@ -229,8 +237,11 @@ class KvOffload:
 
     # ------------------------------------------------------------------ host / store -> device
     def lookup(self, seq: Sequence, num_device_pages: int, max_pages: int) -> PendingLoad | None:
-        """Verified device copies (kv_upload.PageStager) of the pages after the device-cached
-        prefix: host tier first, then the store; the first missing or bad page ends it."""
+        """Device copies (kv_upload.PageStager) of the pages after the device-cached prefix:
+        host tier first, then the store; the first missing or bad page ends it. The copies and
+        their checksums may still be running: the load's `settle()` (or `verify`) waits for
+        them, keeps the pages that passed, drops bad ones from their tier and ends store
+        leases."""
         ns = seq.namespace
         keys = seq.full_page_keys(max_pages)[num_device_pages:]
         ps = ns.page_size
@@ -238,35 +249,52 @@ class KvOffload:
         page_tokens = [data[i * 4 * ps : (i + 1) * 4 * ps] for i in range(len(keys))]
         payloads: list[StagedRow] = []
         tiers: list[str] = []
+        parts: list[_LoadPart] = []
         for name, fetch in (("cpu", self._host_get), ("store", self._store_get)):
             start = len(payloads)
             if start == len(keys):
                 break
             fetched = fetch(keys[start:])
-            with fetched as blobs:
-                if None in blobs:
-                    blobs = blobs[: blobs.index(None)]
-                end = start + len(blobs)
-                try:
-                    staged = self.stager.stage(
-                        blobs, ns, keys[start:end], page_tokens[start:end],
-                        is_pinned=fetched.is_pinned,
-                        addresses=fetched.addresses[: len(blobs)] if fetched.addresses else None)
-                except Exception:  # e.g. no device memory: a miss, not a failed step
-                    log.warning("loading %d pages from the %s tier failed", len(blobs), name,
-                                exc_info=True)
-                    break
-                if fetched.is_pinned and fetched.is_leased:
-                    self.stager.wait_sent()  # the segment is reused once released
-                if not fetched.is_valid():  # read too late: the store may have reused them
-                    log.warning("%d pages from the %s tier were read after their lease ended",
-                                len(staged), name)
-                    staged = staged[:0]
-                elif len(staged) < len(blobs):
-                    self._drop_bad(name, keys[start + len(staged)], fetched)
-            payloads.extend((staged, i) for i in range(len(staged)))
-            tiers.extend([name] * len(staged))
-        return PendingLoad(num_device_pages, payloads, tiers) if payloads else None
+            blobs = fetched.pages
+            if None in blobs:
+                blobs = blobs[: blobs.index(None)]
+            end = start + len(blobs)
+            try:
+                staged = self.stager.stage_unverified(
+                    blobs, ns, keys[start:end], page_tokens[start:end],
+                    is_pinned=fetched.is_pinned,
+                    addresses=fetched.addresses[: len(blobs)] if fetched.addresses else None)
+            except Exception:  # e.g. no device memory: a miss, not a failed step
+                log.warning("loading %d pages from the %s tier failed", len(blobs), name,
+                            exc_info=True)
+                fetched.release()
+                break
+            parts.append(_LoadPart(name, fetched, staged, keys[start:end]))
+            payloads.extend((staged.rows, i) for i in range(len(staged.rows)))
+            tiers.extend([name] * len(staged.rows))
+        if not payloads:
+            self._settle(parts)
+            return None
+        return PendingLoad(num_device_pages, payloads, tiers, lambda: self._settle(parts))
+
+    def _settle(self, parts: list[_LoadPart]) -> int:
+        """Wait for the parts' copies and checks; returns how many leading pages passed. Ends
+        leases (after every copy has read its pages) and drops a bad page from its tier."""
+        counts = [part.staged.verify() for part in parts]  # (waits for the device)
+        self.stager.wait_sent()  # a send checked on the host may still be reading its pages
+        num_ok, whole = 0, True  # whole: every page so far passed (the prefix goes on)
+        for part, n in zip(parts, counts, strict=True):
+            if not part.fetched.is_valid():  # read too late: the store may have reused them
+                log.warning("%d pages from the %s tier were read after their lease ended",
+                            n, part.name)
+                n = 0
+            elif n < len(part.keys):
+                self._drop_bad(part.name, part.keys[n], part.fetched)
+            part.fetched.release()
+            if whole:
+                num_ok += n
+            whole = whole and n == len(part.staged.rows)
+        return num_ok
 
     def _drop_bad(self, tier: str, key: bytes, fetched: _Fetched) -> None:
         """A page that failed its check (while still leased, if it is): out of the host tier

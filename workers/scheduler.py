@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workers.block_manager import BlockManager
-from workers.sequence import PendingLoad, SeqStatus, Sequence
+from workers.sequence import LoadInFlight, PendingLoad, SeqStatus, Sequence
 
 
 @dataclass
@@ -75,6 +75,7 @@ class Scheduler:
         self.bm.release(seq.page_ids)
         seq.page_ids = []
         seq.pending_load = None
+        seq.loading = None
         seq.status = SeqStatus.FINISHED
 
     def schedule(self) -> ScheduledBatch:
@@ -173,31 +174,53 @@ class Scheduler:
         num_fresh = num_loaded + -(-(num_computed + num_new) // ps) - num_matched
         num_free_hits = sum(1 for p in device_ids if self.bm.pages[p].ref_count == 0)
         if not self.bm.can_allocate(num_fresh + num_free_hits):
+            loads.settle()  # nothing stays in flight past this step
             return None
         self.bm.acquire(device_ids)
         self.bm.touch(device_ids)
         loaded_ids = self.bm.allocate(num_loaded)
         # loads.payloads may hold more pages than this sequence can use now (max_pages)
-        for p, (page_id, payload) in enumerate(zip(loaded_ids, loads.payloads, strict=False)):
-            batch.page_loads.append((page_id, payload))
-            index = len(device_ids) + p
-            parent = keys[index - 1] if index else None
-            self.bm.register(page_id, keys[index], parent, page_tokens[index], seq.namespace)
+        batch.page_loads.extend(zip(loaded_ids, loads.payloads, strict=False))
         seq.page_ids = device_ids + loaded_ids
         seq.num_computed_tokens = num_computed
-        seq.num_registered_pages = num_matched
+        seq.num_registered_pages = len(device_ids)
         seq.pending_load = None
         if seq.is_first_admission:
             self.prefix_queries += max_pages
             self.prefix_hits["device"] += len(device_ids)
-            by_tier = {"device": len(device_ids) * ps}
-            for tier in loads.tiers[:num_loaded]:
-                self.prefix_hits[tier] = self.prefix_hits.get(tier, 0) + 1
-                by_tier[tier] = by_tier.get(tier, 0) + ps
-            seq.cached_tokens_by_tier = {t: n for t, n in by_tier.items() if n}
-            seq.is_first_admission = False
+            seq.cached_tokens_by_tier = {"device": len(device_ids) * ps} if device_ids else {}
+        seq.loading = LoadInFlight(loads, len(device_ids), num_loaded, seq.is_first_admission)
+        seq.is_first_admission = False
+        if loads.is_settled:
+            self.commit_load(seq)  # (all good: nothing to undo)
         self._grow(seq, num_new, batch)
         return num_new
+
+    def commit_load(self, seq: Sequence) -> bool:
+        """After the step that computed on a sequence's loaded pages: wait for their checks,
+        enter the good ones in the prefix cache, and count their tiers. Returns False when a
+        page failed: the sequence is then rewound to just before it (the step's tokens for it
+        must be dropped; its later pages stay in its page table, uncached, and are computed
+        again). True when nothing was loading."""
+        loading, seq.loading = seq.loading, None
+        if loading is None:
+            return True
+        num_ok = min(loading.load.settle(), loading.num_pages)
+        first = loading.first_page
+        keys = seq.full_page_keys(first + num_ok)
+        for index in range(first, first + num_ok):
+            self.bm.register(seq.page_ids[index], keys[index], keys[index - 1] if index else None,
+                             seq.page_tokens(index), seq.namespace)
+        seq.num_registered_pages = first + num_ok
+        if loading.count_hits:
+            for tier in loading.load.tiers[:num_ok]:
+                self.prefix_hits[tier] = self.prefix_hits.get(tier, 0) + 1
+                by_tier = seq.cached_tokens_by_tier
+                by_tier[tier] = by_tier.get(tier, 0) + self.page_size
+        if num_ok == loading.num_pages:
+            return True
+        seq.num_computed_tokens = (first + num_ok) * self.page_size
+        return False
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -22,12 +23,38 @@ class SeqStatus(Enum):
 @dataclass
 class PendingLoad:
     """Pages found in the host tier or the store for a waiting sequence, not yet in the pool.
-    payloads[i] (a verified copy on the device: a row of a kv_upload.PageStager tensor) is page
-    start_page + i; tiers[i] names where it was."""
+    payloads[i] (a copy on the device: a row of a kv_upload.PageStager tensor) is page
+    start_page + i; tiers[i] names where it was. While `verify` is set, the copies and their
+    checks may still be running and only the pages it counts (leading) may be kept: `settle()`
+    waits for it."""
 
     start_page: int
     payloads: list[Any]  # kv_upload.StagedRow; typed loosely to keep this module torch-free
     tiers: list[str]
+    verify: Callable[[], int] | None = None  # waits; how many leading payloads passed
+
+    @property
+    def is_settled(self) -> bool:
+        return self.verify is None
+
+    def settle(self) -> int:
+        """Wait for the copies and checks, keep the pages that passed; returns how many."""
+        if self.verify is not None:
+            num_ok, self.verify = self.verify(), None
+            del self.payloads[num_ok:], self.tiers[num_ok:]
+        return len(self.payloads)
+
+
+@dataclass
+class LoadInFlight:
+    """A sequence's pages admitted from a load that was not settled yet: pages first_page ..
+    first_page + num_pages - 1 of the sequence. Until `Scheduler.commit_load` they are in its
+    page table and computed on, but not in the prefix cache."""
+
+    load: PendingLoad
+    first_page: int
+    num_pages: int
+    count_hits: bool  # the sequence's first admission: the load's tiers go into its usage
 
 
 @dataclass
@@ -48,6 +75,7 @@ class Sequence:
     cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)  # set on first admission
     is_first_admission: bool = True
     pending_load: PendingLoad | None = None
+    loading: LoadInFlight | None = None  # admitted pages still being checked (this step)
     fork_pending: bool = False  # n > 1: children are forked once the prompt is computed
     # detokenization / stopping
     text: str = ""

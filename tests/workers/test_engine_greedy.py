@@ -67,9 +67,18 @@ def test_host_tier_hit_after_device_eviction(make_engine, encode, hf_greedy, smo
     assert engine.stats().prefix_hits["cpu"] == 2
 
 
-def test_a_corrupt_host_tier_page_is_a_miss_and_is_dropped(make_engine, encode, hf_greedy):
+@pytest.mark.parametrize("device_checksums", [False, True])
+def test_a_corrupt_host_tier_page_is_a_miss_and_is_dropped(make_engine, encode, hf_greedy,
+                                                           device_checksums):
+    """device_checksums (the CUDA default; kernels.xxh3, here under the Triton interpreter):
+    the step computes on the loaded pages before their checksums are in, so the bad page is
+    found after the forward; the sequence is rewound to it and that step's token dropped."""
     page_nbytes = 30 * 2 * 16 * 3 * 64 * 4
     engine = make_engine(kv_cache_bytes=8 * page_nbytes, host_tier_bytes=64 * page_nbytes)
+    engine.offload.stager.device_checksums = device_checksums
+    commits = []
+    commit_load = engine.scheduler.commit_load
+    engine.scheduler.commit_load = lambda seq: commits.append(commit_load(seq)) or commits[-1]
     prompt = encode(LONG)
     run(engine, {"a": prompt}, GREEDY)
     filler = encode("Bananas are yellow. " * 40)[:112]  # evicts every page of "a" to the host
@@ -90,6 +99,7 @@ def test_a_corrupt_host_tier_page_is_a_miss_and_is_dropped(make_engine, encode, 
     removed = {k for e in engine.pop_kv_events() if e.kind == "removed" and e.tier == "cpu"
                for k in e.keys}
     assert a_keys[1] in removed
+    assert (False in commits) == device_checksums  # found after the forward, or before
 
 
 @pytest.mark.parametrize("decode_steps", [1, 4])  # 4: multi-step windows fall back when full
