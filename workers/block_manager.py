@@ -15,7 +15,7 @@ prefix never loses a middle page while keeping its tail.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 
@@ -79,7 +79,7 @@ class BlockManager:
         return num_pages <= self.num_free_pages
 
     def match_prefix(
-        self, keys: Sequence[bytes], page_tokens: Sequence[Sequence[int]]
+        self, keys: Sequence[bytes], page_tokens: Iterable[Sequence[int]]
     ) -> list[int]:
         """Page ids of the longest cached prefix of `keys` whose stored tokens equal
         `page_tokens`. Does not change ref counts or recency."""

@@ -69,7 +69,7 @@ def copy_async(lib: ctypes.CDLL, copies: Sequence[tuple[int, int]], nbytes: int,
     source alive and unchanged until the stream has passed the copies. A run of consecutive
     destinations whose sources lie at one fixed stride (pages back to back in a store segment,
     each behind its header; consecutive slots of a host-tier arena) goes as one
-    cudaMemcpy2DAsync; where CUDA refuses that (the span crosses allocations), page by page."""
+    cudaMemcpy2DAsync; where CUDA refuses that (the span crosses allocations), halves of it."""
     handle = stream.cuda_stream
     i = 0
     while i < len(copies):
@@ -80,16 +80,27 @@ def copy_async(lib: ctypes.CDLL, copies: Sequence[tuple[int, int]], nbytes: int,
             while (end < len(copies) and copies[end][0] == dst + (end - i) * nbytes
                    and copies[end][1] == src + (end - i) * pitch):
                 end += 1
-        if end - i > 1 and not lib.cudaMemcpy2DAsync(dst, nbytes, src, pitch, nbytes, end - i,
-                                                      _COPY_DEFAULT, handle):
-            i = end
-            continue
-        if end - i > 1:
-            lib.cudaGetLastError()  # refused (not queued): clear it, copy page by page
-        for d, s in copies[i:end]:
-            _check(lib, lib.cudaMemcpyAsync(d, s, nbytes, _COPY_DEFAULT, handle),
-                   "cudaMemcpyAsync")
+        _copy_run(lib, copies[i:end], nbytes, pitch, handle)
         i = end
+
+
+def _copy_run(lib: ctypes.CDLL, run: Sequence[tuple[int, int]], nbytes: int, pitch: int,
+              handle: int) -> None:
+    """Copies with consecutive destinations and sources `pitch` apart, as one 2-D copy. CUDA
+    refuses one whose sources cross allocations (two arenas that happen to lie back to back):
+    then each half is tried the same way, down to single pages."""
+    if len(run) == 1:
+        _check(lib, lib.cudaMemcpyAsync(run[0][0], run[0][1], nbytes, _COPY_DEFAULT, handle),
+               "cudaMemcpyAsync")
+        return
+    dst, src = run[0]
+    if not lib.cudaMemcpy2DAsync(dst, nbytes, src, pitch, nbytes, len(run), _COPY_DEFAULT,
+                                 handle):
+        return
+    lib.cudaGetLastError()  # refused (nothing queued): clear it, split the run
+    half = len(run) // 2
+    _copy_run(lib, run[:half], nbytes, pitch, handle)
+    _copy_run(lib, run[half:], nbytes, pitch, handle)
 
 
 def _check(lib: ctypes.CDLL, status: int, what: str) -> None:

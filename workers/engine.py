@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from cachestore.codec import header_nbytes
-from cachestore.keys import Namespace
+from cachestore.keys import Namespace, tokens_to_bytes
 from workers.block_manager import BlockManager
 from workers.config import WorkerConfig
 from workers.detokenizer import IncrementalDetokenizer
@@ -114,8 +116,13 @@ class Engine:
         if not prompt_token_ids:
             raise InvalidRequest("prompt must not be empty")
         vocab = self.model_config.vocab_size
-        if (not set(map(type, prompt_token_ids)) <= {int} or min(prompt_token_ids) < 0
-                or max(prompt_token_ids) >= vocab):
+        ids = None
+        if set(map(type, prompt_token_ids)) <= {int}:
+            try:
+                ids = np.asarray(prompt_token_ids, dtype=np.int64)
+            except OverflowError:
+                pass
+        if ids is None or ids.min() < 0 or ids.max() >= vocab:
             raise InvalidRequest(f"prompt token ids must be ints in [0, {vocab})")
         if len(prompt_token_ids) >= self.max_model_len:
             raise InvalidRequest(f"prompt has {len(prompt_token_ids)} tokens; this model takes "
@@ -127,7 +134,7 @@ class Engine:
                                  f"({self.runner.num_pages} pages of {self.page_size})")
         seq = Sequence(request_id, 0, list(prompt_token_ids), len(prompt_token_ids), sampling,
                        self.namespace(tenant_salt), arrival=self._arrivals,
-                       fork_pending=sampling.n > 1)
+                       fork_pending=sampling.n > 1, prompt_bytes=tokens_to_bytes(ids))
         self._arrivals += 1
         self._track(seq)
         self._requests[request_id] = [seq]

@@ -26,7 +26,7 @@ from cachestore.keys import Namespace, tokens_to_bytes
 from cachestore.tiers.cpu import CpuTier
 from workers.block_manager import EvictedPage
 from workers.cuda_host import PinnedRanges
-from workers.kv_upload import PageStager, StagedPages, num_leading
+from workers.kv_upload import PageStager, StagedPages
 from workers.outputs import KvEventData
 from workers.pool_copies import StagedRow
 from workers.sequence import PendingLoad, Sequence
@@ -245,7 +245,7 @@ class KvOffload:
         ns = seq.namespace
         keys = seq.full_page_keys(max_pages)[num_device_pages:]
         ps = ns.page_size
-        data = tokens_to_bytes(seq.token_ids[num_device_pages * ps : max_pages * ps])
+        data = seq.token_bytes(num_device_pages * ps, max_pages * ps)
         page_tokens = [data[i * 4 * ps : (i + 1) * 4 * ps] for i in range(len(keys))]
         payloads: list[StagedRow] = []
         tiers: list[str] = []
@@ -310,8 +310,7 @@ class KvOffload:
     def _host_get(self, keys: list[bytes]) -> _Fetched:
         if self.host is None:
             return _Fetched([])
-        n = num_leading(self.host.contains_many(keys))
-        pages, addresses = self.host.get_many_addressed(keys[:n]) if n else ([], [])
+        pages, addresses = self.host.get_leading_addressed(keys)
         return _Fetched(pages, is_pinned=self.host.is_pinned, addresses=addresses)
 
     def _store_get(self, keys: list[bytes]) -> _Fetched:

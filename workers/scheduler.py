@@ -156,8 +156,7 @@ class Scheduler:
         ps = self.page_size
         max_pages = (seq.num_tokens - 1) // ps  # leave at least one token to compute
         keys = seq.full_page_keys(max_pages)
-        page_tokens = [seq.page_tokens(p) for p in range(max_pages)]
-        device_ids = self.bm.match_prefix(keys, page_tokens)
+        device_ids = self.bm.match_prefix(keys, (seq.page_tokens(p) for p in range(max_pages)))
         pending = seq.pending_load
         if pending is not None and pending.start_page != len(device_ids):
             pending = None  # the device prefix changed since the lookup: look again

@@ -82,6 +82,8 @@ class Sequence:
     num_text_sent: int = 0
     num_tokens_sent: int = 0
     finish_reason: str | None = None
+    # the prompt's token ids as little-endian int32 (keys and page checks), made once
+    prompt_bytes: bytes | None = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -110,9 +112,17 @@ class Sequence:
         if len(self.keys) < num_pages:
             start = len(self.keys)
             parent = self.keys[-1] if self.keys else self.namespace.digest
-            data = tokens_to_bytes(self.token_ids[start * page_size : num_pages * page_size])
+            data = self.token_bytes(start * page_size, num_pages * page_size)
             self.keys.extend(chain_keys(parent, data, page_size))
         return self.keys[:num_pages]
+
+    def token_bytes(self, start: int, end: int) -> bytes:
+        """Token ids start..end-1 as little-endian int32 bytes."""
+        if end > self.num_prompt_tokens:
+            return tokens_to_bytes(self.token_ids[start:end])
+        if self.prompt_bytes is None:
+            self.prompt_bytes = tokens_to_bytes(self.token_ids[: self.num_prompt_tokens])
+        return self.prompt_bytes[4 * start : 4 * end]
 
     def page_tokens(self, page_index: int) -> list[int]:
         page_size = self.namespace.page_size

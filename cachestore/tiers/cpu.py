@@ -146,6 +146,23 @@ class CpuTier(Tier):
                 addresses.append(self._addresses.get(key) if blob is not None else None)
         return pages, addresses
 
+    def get_leading_addressed(self, keys: Sequence[bytes]
+                              ) -> tuple[list[bytes | memoryview], list[int | None]]:
+        """get_many_addressed of the leading keys this tier holds, in one locked pass that
+        stops at the first it does not (not counted as a miss: a prefix simply ends there)."""
+        pages: list[bytes | memoryview] = []
+        addresses: list[int | None] = []
+        with self._lock:
+            for key in keys:
+                blob = self._pages.get(key)
+                if blob is None:
+                    break
+                self._lru.touch(key)
+                pages.append(blob)
+                addresses.append(self._addresses.get(key))
+            self._stats.hits += len(pages)
+        return pages, addresses
+
     @property
     def is_shared(self) -> bool:
         """Pages lie in /dev/shm arena files that same-host clients may map."""

@@ -93,6 +93,17 @@ def test_pages_of_one_size_share_an_arena_in_consecutive_slots():
     assert tier._slots.num_arenas == 2  # one per page size
 
 
+def test_leading_pages_come_with_their_slot_addresses_up_to_the_first_missing():
+    tier = CpuTier(capacity_bytes=1000, pin_memory=False, slots=True)
+    tier.put_many([(key(i), bytes([i]) * 96) for i in (0, 1, 2, 4)])
+    pages, addresses = tier.get_leading_addressed([key(0), key(1), key(2), key(3), key(4)])
+    assert [bytes(p) for p in pages] == [bytes([i]) * 96 for i in range(3)]
+    assert addresses == [slot_address(p) for p in pages]
+    assert tier.keys_lru_order() == [key(4), key(0), key(1), key(2)]  # the found ones touched
+    assert (tier.stats().hits, tier.stats().misses) == (3, 0)  # a prefix ending is no miss
+    assert tier.get_leading_addressed([key(3), key(0)]) == ([], [])
+
+
 def test_arenas_of_a_page_size_start_small_and_double():
     """Each arena fills the power of two that torch's pinned allocator would round it up to."""
     tier = CpuTier(capacity_bytes=1 << 20, pin_memory=False, slots=True)

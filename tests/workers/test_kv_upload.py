@@ -257,12 +257,12 @@ def test_copy_async_merges_strided_sources_into_one_2d_copy():
 
 class _RecordingCudart:
     """Stands in for libcudart where no GPU is: records the copy calls copy_async makes, and
-    refuses 2-D copies when told to, as CUDA does for a span across allocations (the real calls
-    run in the gpu test above)."""
+    refuses a 2-D copy whose sources span one of `boundaries` (the end of one allocation), as
+    CUDA does (the real calls run in the gpu test above)."""
 
-    def __init__(self, refuse_2d: bool = False):
+    def __init__(self, boundaries: tuple[int, ...] = ()):
         self.calls = []
-        self.refuse_2d = refuse_2d
+        self.boundaries = boundaries
 
     def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
         self.calls.append(("1d", dst, src, nbytes))
@@ -270,7 +270,8 @@ class _RecordingCudart:
 
     def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):
         self.calls.append(("2d", dst, dpitch, src, spitch, width, height))
-        return 1 if self.refuse_2d else 0
+        end = src + spitch * (height - 1) + width
+        return 1 if any(src < b < end for b in self.boundaries) else 0
 
     def cudaGetLastError(self):
         self.calls.append(("clear",))
@@ -301,12 +302,21 @@ def test_copy_async_merges_only_runs_at_one_stride(copies, expected):
     assert lib.calls == expected
 
 
-def test_copy_async_goes_page_by_page_where_a_2d_copy_is_refused():
+def test_copy_async_splits_a_2d_copy_that_crosses_allocations():
+    """Eight pages at one stride whose sources cross from one allocation into the next (at
+    5000): the refused 2-D copy is halved until each part lies in one allocation."""
     from types import SimpleNamespace
 
     from workers.cuda_host import copy_async
 
-    lib = _RecordingCudart(refuse_2d=True)
-    copy_async(lib, [(0, 1000), (100, 2000), (200, 3000)], 100, SimpleNamespace(cuda_stream=0))
-    assert lib.calls == [("2d", 0, 100, 1000, 1000, 100, 3), ("clear",),
-                         ("1d", 0, 1000, 100), ("1d", 100, 2000, 100), ("1d", 200, 3000, 100)]
+    lib = _RecordingCudart(boundaries=(5000,))
+    copy_async(lib, [(100 * i, 1000 * i) for i in range(8)], 100,
+               SimpleNamespace(cuda_stream=0))
+    assert lib.calls == [
+        ("2d", 0, 100, 0, 1000, 100, 8), ("clear",),
+        ("2d", 0, 100, 0, 1000, 100, 4),  # pages 0-3: one allocation
+        ("2d", 400, 100, 4000, 1000, 100, 4), ("clear",),
+        ("2d", 400, 100, 4000, 1000, 100, 2), ("clear",),
+        ("1d", 400, 4000, 100), ("1d", 500, 5000, 100),  # the pages on either side
+        ("2d", 600, 100, 6000, 1000, 100, 2),
+    ]
