@@ -142,6 +142,14 @@ class BlockManager:
         self.events.append(("stored", [key], parent))
         return True
 
+    def unregister(self, page_id: int) -> None:
+        """Take a page its one user registered back out of the prefix cache (its contents
+        turned out bad); it stays that user's, as a private page."""
+        page = self.pages[page_id]
+        assert page.ref_count == 1 and page.key is not None
+        self.events.append(("removed", [page.key], None))
+        self._forget(page)
+
     def release(self, page_ids: Sequence[int]) -> None:
         """Drop one reference on each page, deepest (last) first. A page reaching zero becomes
         evictable (cached, most recently used end) or plainly free (uncached)."""

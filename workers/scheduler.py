@@ -204,12 +204,17 @@ class Scheduler:
         loading, seq.loading = seq.loading, None
         if loading is None:
             return True
+        first, end = loading.first_page, loading.first_page + loading.num_pages
+        keys = seq.full_page_keys(end)
+        # entered while the device still runs the step (nothing looks the prefix cache up
+        # before the next schedule), and taken back out below from the first bad page on
+        registered = [index for index in range(first, end) if self.bm.register(
+            seq.page_ids[index], keys[index], keys[index - 1] if index else None,
+            seq.page_tokens(index), seq.namespace)]
         num_ok = min(loading.load.settle(), loading.num_pages)
-        first = loading.first_page
-        keys = seq.full_page_keys(first + num_ok)
-        for index in range(first, first + num_ok):
-            self.bm.register(seq.page_ids[index], keys[index], keys[index - 1] if index else None,
-                             seq.page_tokens(index), seq.namespace)
+        for index in registered:
+            if index >= first + num_ok:
+                self.bm.unregister(seq.page_ids[index])
         seq.num_registered_pages = first + num_ok
         if loading.count_hits:
             for tier in loading.load.tiers[:num_ok]:

@@ -134,3 +134,20 @@ def test_clear_drops_only_unused_cached_pages():
     assert bm.clear() == 1
     assert bm.num_cached_pages == 1 and bm.pages[b[0]].key is not None
     assert bm.events[-1] == ("cleared", [], None)
+
+
+def test_unregister_takes_a_page_out_of_the_prefix_cache_and_keeps_it_private():
+    bm = BlockManager(num_pages=4, page_size=PS)
+    tokens = list(range(12))
+    keys, page_tokens = pages_of(tokens)
+    page_ids = fill(bm, tokens)
+    bm.events = []
+    bm.unregister(page_ids[1])
+    assert bm.events == [("removed", [keys[1]], None)]
+    assert bm.match_prefix(keys, page_tokens) == page_ids[:1]  # the chain ends there
+    assert bm.num_cached_pages == 2 and bm.pages[page_ids[1]].ref_count == 1
+    bm.release(page_ids)  # the unregistered page goes back uncached, the others stay cached
+    assert bm.match_prefix(keys, page_tokens) == page_ids[:1]
+    assert bm.num_free_pages == 4 and bm.num_cached_pages == 2
+    with pytest.raises(AssertionError):
+        bm.unregister(page_ids[0])  # no user left

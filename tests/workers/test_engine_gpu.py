@@ -103,14 +103,14 @@ def recorded(engine):
     """(per store read: whether it was read in place; per stage call with pages: whether they
     lay in page-locked memory), as the engine goes on."""
     reads, staged = [], []
-    stage = engine.offload.stager.stage
+    stage = engine.offload.stager.stage_unverified
 
     def recording_stage(blobs, *a, **k):
         if len(blobs):
             staged.append(k["is_pinned"])
         return stage(blobs, *a, **k)
 
-    engine.offload.stager.stage = recording_stage
+    engine.offload.stager.stage_unverified = recording_stage
     get = engine.offload.store.get_pages_leased
 
     def recording_get(*a, **k):
