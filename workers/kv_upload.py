@@ -28,6 +28,7 @@ allocated once.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 from collections.abc import Iterator, Sequence
@@ -68,6 +69,7 @@ class PageStager:
         self.pages_per_chunk = max(1, _CHUNK_BYTES // self.page_nbytes)
         self._buffers: list[torch.Tensor] = []
         self._checksums_warm = False
+        self._verify_stream: torch.cuda.Stream | None = None  # device checksums run there
         self._free: list[torch.cuda.Event | None] = [None, None]
         # pinned source pages of the last direct send, referenced until its copies are done
         self._keepalive: tuple[torch.cuda.Event | None, list] | None = None
@@ -85,7 +87,7 @@ class PageStager:
             return
         row = torch.zeros((1, *self.page_shape), dtype=self.dtype, device=self.device)
         if self._verifies_on_device(row):
-            int(self._count_verified(row, [0]))
+            self._verify_rows(row, [0]).verify()
         self._checksums_warm = True
 
     def stage(self, blobs: Sequence[bytes | memoryview], ns: Namespace, keys: Sequence[bytes],
@@ -159,8 +161,7 @@ class PageStager:
             if n < len(chunk):
                 break
         if on_device:
-            return StagedPages(out[:num_ok], self._count_verified(
-                out[:num_ok], [c for _, c in sources[:num_ok]]), blobs)
+            return self._verify_rows(out[:num_ok], [c for _, c in sources[:num_ok]], blobs)
         return StagedPages.verified(out[:num_ok])
 
     def _allocate(self, num_rows: int) -> torch.Tensor:
@@ -211,7 +212,7 @@ class PageStager:
         if sized and not recorded and self.is_cuda:  # nothing to verify: still wait for the
             torch.cuda.current_stream(self.device).synchronize()  # copies to leave the sources
         rows = out[: len(recorded)]
-        return StagedPages(rows, self._count_verified(rows, recorded), blobs)
+        return self._verify_rows(rows, recorded, blobs)
 
     def _verifies_on_device(self, out: torch.Tensor) -> bool:
         """Checksums computed on the device, over the rows of `out` once they have arrived."""
@@ -221,18 +222,32 @@ class PageStager:
 
         return self.page_nbytes % 8 == 0 and self.page_nbytes >= MIN_NBYTES
 
-    @staticmethod
-    def _count_verified(rows: torch.Tensor, recorded: list[int]) -> torch.Tensor | int:
-        """How many leading rows match their recorded checksums, as a 0-d tensor on the rows'
-        device, computed once they have arrived (reading it waits for them)."""
+    def _verify_rows(self, rows: torch.Tensor, recorded: list[int],
+                     sources: object = None) -> StagedPages:
+        """The rows, and how many leading ones match their recorded checksums: computed on the
+        device once they have arrived, on a stream of its own on CUDA, so work queued after the
+        copies (moving the rows into the pool, the forward) does not wait for the checksums."""
         if not recorded:
-            return 0
+            return StagedPages(rows, 0)
         from kernels.xxh3 import as_int64, xxh3_64_rows
 
-        want = torch.tensor([as_int64(c) for c in recorded], dtype=torch.int64)
-        bad = xxh3_64_rows(rows) != want.to(rows.device, non_blocking=True)
-        index = torch.arange(len(recorded), device=rows.device)
-        return torch.where(bad, index, len(recorded)).min()
+        want = torch.tensor([as_int64(c) for c in recorded], dtype=torch.int64,
+                            pin_memory=rows.is_cuda)
+        ready = None
+        if rows.is_cuda:
+            if self._verify_stream is None:
+                self._verify_stream = torch.cuda.Stream(rows.device)
+            stream = self._verify_stream
+            stream.wait_stream(torch.cuda.current_stream(rows.device))  # after the copies
+            rows.record_stream(stream)
+        with torch.cuda.stream(stream) if rows.is_cuda else contextlib.nullcontext():
+            bad = xxh3_64_rows(rows) != want.to(rows.device, non_blocking=True)
+            index = torch.arange(len(recorded), device=rows.device)
+            num_ok = torch.where(bad, index, len(recorded)).min()
+            if rows.is_cuda:
+                ready = torch.cuda.Event()
+                ready.record(stream)
+        return StagedPages(rows, num_ok, sources, ready)
 
     def _send_pinned(self, out: torch.Tensor, sources: list[tuple[int, int]],
                      blobs: Sequence[bytes | memoryview]) -> torch.Tensor:
@@ -304,13 +319,15 @@ class PageStager:
 class StagedPages:
     """Rows staged on the device for the pages whose headers checked out, and how many of them
     (leading) also match their checksums: known at once, or a 0-d device tensor that `verify`
-    waits for. Keeps the source blobs referenced until then (copies may still read them)."""
+    waits for (`ready`: the event of the stream computing it). Keeps the source blobs
+    referenced until then (copies may still read them)."""
 
     def __init__(self, rows: torch.Tensor, num_ok: torch.Tensor | int,
-                 sources: object = None) -> None:
+                 sources: object = None, ready: torch.cuda.Event | None = None) -> None:
         self.rows = rows
         self._num_ok = num_ok
         self._sources = sources
+        self._ready = ready
 
     @classmethod
     def verified(cls, rows: torch.Tensor) -> StagedPages:
@@ -319,7 +336,9 @@ class StagedPages:
     def verify(self) -> int:
         """How many leading rows are good (waits for the copies and checksums once)."""
         if not isinstance(self._num_ok, int):
-            self._num_ok = int(self._num_ok)  # synchronizes: every copy has read its source
+            if self._ready is not None:
+                self._ready.synchronize()  # (the copies came before, on the caller's stream)
+            self._num_ok = int(self._num_ok)
         self._sources = None
         return self._num_ok
 

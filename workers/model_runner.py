@@ -193,11 +193,10 @@ class ModelRunner:
             page_rows, seq_lens = _one_row_per_token(page_rows, seq_lens, cu)
         if rows_are_tokens and self.graphs is not None and self.graphs.fits(len(input_ids)):
             logits = self.graphs.run(input_ids, positions, slots, page_rows, seq_lens)
-            return (logits if is_decode else logits[last_rows]), sampled
+            return (logits if is_decode else logits[self._index(last_rows)]), sampled
         hidden = self._eager(input_ids, positions, slots, page_rows, seq_lens, cu,
                              rows_are_tokens)
-        rows = torch.tensor(last_rows, dtype=torch.int64, device=self.device)
-        return self.model.compute_logits(hidden[rows]), sampled
+        return self.model.compute_logits(hidden[self._index(last_rows)]), sampled
 
     @torch.inference_mode()
     def execute_decode_steps(self, batch: ScheduledBatch, num_steps: int) -> list[list[int]]:
@@ -249,6 +248,13 @@ class ModelRunner:
         return self._num_kv_splits(len(seq_lens), self.kv_pool.shape[4], max(seq_lens),
                                    total_tokens=sum(seq_lens),
                                    ctas_per_sm=decode_ctas_per_sm(self.kv_pool.shape[5]))
+
+    def _index(self, rows: list[int]) -> torch.Tensor:
+        """An int64 index on the device, copied from page-locked memory without waiting for the
+        step queued before it (a list index, or a blocking copy, would wait for the whole
+        step: the CPU then could not do its bookkeeping meanwhile)."""
+        index = torch.tensor(rows, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        return index.to(self.device, non_blocking=True)
 
     def _page_table(self, page_rows: list[list[int]]) -> torch.Tensor:
         """[num_rows, longest row] int32 on the device, zero-padded."""
