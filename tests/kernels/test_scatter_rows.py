@@ -55,3 +55,22 @@ def test_bad_arguments_are_refused():
         scatter_rows(dst, torch.tensor([0]), src)
     with pytest.raises(ValueError, match="index"):
         scatter_rows(dst, torch.tensor([0.0, 1.0]), src)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_layer_of_every_page(dtype):
+    """scatter_row_spans: one layer's span of each staged page into the same span of its pool
+    page (rows strided by a whole page), other layers untouched."""
+    from kernels.scatter_rows import scatter_row_spans
+
+    gen = torch.Generator().manual_seed(7)
+    layers, layer_elems = 3, 37
+    pool = random_rows((11, layers, layer_elems), dtype, gen)
+    staged = random_rows((4, layers, layer_elems), dtype, gen)
+    ids = torch.tensor([9, 2, 5, 0])
+    want = pool.clone()
+    want[ids, 1] = staged[:, 1]
+    pool, staged = pool.to(DEVICE), staged.to(DEVICE)
+    span = slice(layer_elems, 2 * layer_elems)
+    scatter_row_spans(pool.view(11, -1)[:, span], ids.to(DEVICE), staged.view(4, -1)[:, span])
+    assert torch.equal(pool.cpu(), want)
