@@ -86,40 +86,6 @@ def copy_async(lib: ctypes.CDLL, copies: Sequence[tuple[int, int]], nbytes: int,
         i = end
 
 
-def source_runs(sources: Sequence[int], nbytes: int) -> list[tuple[int, int, int]]:
-    """(first index, count, source pitch) of the runs of `sources` (copies of `nbytes` each)
-    that lie at one stride of at least nbytes, in order; a lone page is a run of one."""
-    runs = []
-    i, n = 0, len(sources)
-    while i < n:
-        end = i + 1
-        pitch = sources[end] - sources[i] if end < n else 0
-        if pitch >= nbytes:
-            while end < n and sources[end] == sources[i] + (end - i) * pitch:
-                end += 1
-        runs.append((i, end - i, pitch if end - i > 1 else nbytes))
-        i = end
-    return runs
-
-
-def copy_span_async(lib: ctypes.CDLL, dst_base: int, dst_pitch: int, sources: Sequence[int],
-                    runs: Sequence[tuple[int, int, int]], offset: int, width: int,
-                    stream: torch.cuda.Stream) -> None:
-    """Row i of the destination (at dst_base + i * dst_pitch), bytes offset..offset + width,
-    from sources[i] + offset: one 2-D copy per run (`source_runs`), e.g. one layer of every
-    page. Refused 2-D copies are split as in copy_async."""
-    handle = stream.cuda_stream
-    for first, count, pitch in runs:
-        dst, src = dst_base + first * dst_pitch + offset, sources[first] + offset
-        if count > 1 and not lib.cudaMemcpy2DAsync(dst, dst_pitch, src, pitch, width, count,
-                                                    _COPY_DEFAULT, handle):
-            continue
-        if count > 1:
-            lib.cudaGetLastError()  # refused: clear it, split the run
-        _copy_run(lib, [(dst + k * dst_pitch, sources[first + k] + offset) for k in range(count)],
-                  width, dst_pitch, pitch, handle)
-
-
 def _copy_run(lib: ctypes.CDLL, run: Sequence[tuple[int, int]], nbytes: int, dst_pitch: int,
               pitch: int, handle: int) -> None:
     """Copies with destinations `dst_pitch` and sources `pitch` apart, as one 2-D copy. CUDA

@@ -47,8 +47,7 @@ from cachestore.codec import (
 )
 from cachestore.keys import Namespace
 from cachestore.shm import buffer_address
-from workers.cuda_host import copy_async, copy_span_async, cudart, source_runs
-from workers.pool_copies import LayerwiseRows
+from workers.cuda_host import copy_async, cudart
 
 log = logging.getLogger(__name__)
 _CHUNK_BYTES = 64 << 20
@@ -71,10 +70,6 @@ class PageStager:
         self._buffers: list[torch.Tensor] = []
         self._checksums_warm = False
         self._verify_stream: torch.cuda.Stream | None = None  # device checksums run there
-        # pinned sends copy layer by layer on a stream of their own, so a step can compute
-        # layer L as soon as layer L of every page has arrived (pool_copies.LayerwiseRows)
-        self.layerwise = self.is_cuda and page_shape[0] > 1
-        self._copy_stream: torch.cuda.Stream | None = None
         self._free: list[torch.cuda.Event | None] = [None, None]
         # pinned source pages of the last direct send, referenced until its copies are done
         self._keepalive: tuple[torch.cuda.Event | None, list] | None = None
@@ -130,7 +125,7 @@ class PageStager:
             return self._stage(blobs, ns, keys, token_ids, is_pinned, addresses)
         except BaseException:
             if self.is_cuda:
-                torch.cuda.synchronize(self.device)  # (the copy stream too)
+                torch.cuda.current_stream(self.device).synchronize()
             raise
 
     def _stage(self, blobs: Sequence[bytes | memoryview], ns: Namespace, keys: Sequence[bytes],
@@ -207,10 +202,7 @@ class PageStager:
         known = addresses[:sized] if addresses is not None else [None] * sized
         starts = [a if a is not None else buffer_address(blob)[0]
                   for a, blob in zip(known, blobs, strict=False)]
-        sources = [start + payload_at for start in starts]
-        layer_ready = self._copy_layers(out, sources) if self.layerwise and sized else None
-        if layer_ready is None:
-            self._copy_rows(out, sources)
+        self._copy_rows(out, [start + payload_at for start in starts])
         recorded: list[int] = []
         for i in range(sized):
             try:
@@ -218,35 +210,9 @@ class PageStager:
             except PageCorrupt:
                 break
         if sized and not recorded and self.is_cuda:  # nothing to verify: still wait for the
-            torch.cuda.synchronize(self.device)  # copies to leave the sources
+            torch.cuda.current_stream(self.device).synchronize()  # copies to leave the sources
         rows = out[: len(recorded)]
-        after = layer_ready[-1] if layer_ready else None
-        staged = self._verify_rows(rows, recorded, blobs, after)
-        if layer_ready and len(rows):
-            staged.layerwise = LayerwiseRows(rows, layer_ready)
-        return staged
-
-    def _copy_layers(self, out: torch.Tensor, sources: list[int]) -> list[torch.cuda.Event]:
-        """out[i] = the payload at sources[i], queued layer by layer on the copy stream (one
-        2-D copy per run of sources per layer; as fast as whole pages on the H200); event L
-        completes once layer L of every row has arrived."""
-        lib = cudart()
-        assert lib is not None
-        if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream(self.device)
-        stream = self._copy_stream
-        stream.wait_stream(torch.cuda.current_stream(self.device))  # out is free from here
-        out.record_stream(stream)
-        row, num_layers = self.page_nbytes, self.page_shape[0]
-        width = row // num_layers
-        runs = source_runs(sources, row)
-        events = []
-        for layer in range(num_layers):
-            copy_span_async(lib, out.data_ptr(), row, sources, runs, layer * width, width, stream)
-            event = torch.cuda.Event()
-            event.record(stream)
-            events.append(event)
-        return events
+        return self._verify_rows(rows, recorded, blobs)
 
     def _verifies_on_device(self, out: torch.Tensor) -> bool:
         """Checksums computed on the device, over the rows of `out` once they have arrived."""
@@ -256,8 +222,8 @@ class PageStager:
 
         return self.page_nbytes % 8 == 0 and self.page_nbytes >= MIN_NBYTES
 
-    def _verify_rows(self, rows: torch.Tensor, recorded: list[int], sources: object = None,
-                     after: torch.cuda.Event | None = None) -> StagedPages:
+    def _verify_rows(self, rows: torch.Tensor, recorded: list[int],
+                     sources: object = None) -> StagedPages:
         """The rows, and how many leading ones match their recorded checksums: computed on the
         device once they have arrived, on a stream of its own on CUDA, so work queued after the
         copies (moving the rows into the pool, the forward) does not wait for the checksums."""
@@ -272,10 +238,7 @@ class PageStager:
             if self._verify_stream is None:
                 self._verify_stream = torch.cuda.Stream(rows.device)
             stream = self._verify_stream
-            if after is not None:  # the copies' last event (they ran on another stream)
-                stream.wait_event(after)
-            else:
-                stream.wait_stream(torch.cuda.current_stream(rows.device))  # after the copies
+            stream.wait_stream(torch.cuda.current_stream(rows.device))  # after the copies
             rows.record_stream(stream)
         with torch.cuda.stream(stream) if rows.is_cuda else contextlib.nullcontext():
             bad = xxh3_64_rows(rows) != want.to(rows.device, non_blocking=True)
@@ -362,9 +325,6 @@ class StagedPages:
     def __init__(self, rows: torch.Tensor, num_ok: torch.Tensor | int,
                  sources: object = None, ready: torch.cuda.Event | None = None) -> None:
         self.rows = rows
-        # set when the rows arrive layer by layer (on another stream): what a step that uses
-        # them waits on, layer by layer, instead of on the current stream
-        self.layerwise: LayerwiseRows | None = None
         self._num_ok = num_ok
         self._sources = sources
         self._ready = ready

@@ -9,7 +9,6 @@ block manager never hands it out.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import torch
 
@@ -152,12 +151,10 @@ class ModelRunner:
         if self.snapshots is not None:
             self.snapshots.give_back(slots)
 
-    def write_pages(self, loads: list[tuple[int, StagedRow]]) -> Callable[[int], None] | None:
+    def write_pages(self, loads: list[tuple[int, StagedRow]]) -> None:
         """Staged pages (rows of kv_upload.PageStager tensors) into pool pages; asynchronous on
-        CUDA. Returns the per-layer hook for pages still arriving layer by layer, if any
-        (pool_copies.upload_pages)."""
-        return upload_pages(self.kv_pool, [page_id for page_id, _ in loads],
-                            [row for _, row in loads])
+        CUDA."""
+        upload_pages(self.kv_pool, [page_id for page_id, _ in loads], [row for _, row in loads])
 
     def copy_pages(self, copies: list[tuple[int, int]]) -> None:
         for src, dst in copies:
@@ -169,8 +166,7 @@ class ModelRunner:
         """Run one forward over `batch` (its pages already allocated; loads and copies applied
         here first). Returns (fp32 logits [num_sampled, vocab], indices into batch.seqs of the
         sequences whose chunk reached their last token, i.e. that get a new token)."""
-        # pages still arriving layer by layer: an eager forward waits for each layer's
-        before_layer = self._apply_page_moves(batch)
+        self._apply_page_moves(batch)
         ps = self.page_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -195,12 +191,11 @@ class ModelRunner:
         rows_are_tokens = max(batch.num_new_tokens) <= SHORT_CHUNK_TOKENS
         if rows_are_tokens and not is_decode:
             page_rows, seq_lens = _one_row_per_token(page_rows, seq_lens, cu)
-        if (rows_are_tokens and self.graphs is not None and self.graphs.fits(len(input_ids))
-                and before_layer is None):
+        if rows_are_tokens and self.graphs is not None and self.graphs.fits(len(input_ids)):
             logits = self.graphs.run(input_ids, positions, slots, page_rows, seq_lens)
             return (logits if is_decode else logits[self._index(last_rows)]), sampled
         hidden = self._eager(input_ids, positions, slots, page_rows, seq_lens, cu,
-                             rows_are_tokens, before_layer)
+                             rows_are_tokens)
         return self.model.compute_logits(hidden[self._index(last_rows)]), sampled
 
     @torch.inference_mode()
@@ -209,9 +204,7 @@ class ModelRunner:
         step's argmax fed to the next on the device, one host sync at the end. Every sequence's
         pages must already cover num_computed_tokens + num_steps tokens. Returns the sampled
         tokens, [num_seqs][num_steps]; the caller decides how many of them to keep."""
-        before_layer = self._apply_page_moves(batch)
-        for layer in range(self.kv_pool.shape[1] if before_layer is not None else 0):
-            before_layer(layer)  # (loads are not decoded in windows: all layers, up front)
+        self._apply_page_moves(batch)
         ps = self.page_size
         seqs = batch.seqs
         positions = [seq.num_computed_tokens for seq in seqs]
@@ -243,10 +236,10 @@ class ModelRunner:
             advance_decode_inputs(tokens[k], ids, pos, lens, slot_mapping, table, step, ps)
         return tokens.T.tolist()
 
-    def _apply_page_moves(self, batch: ScheduledBatch) -> Callable[[int], None] | None:
+    def _apply_page_moves(self, batch: ScheduledBatch) -> None:
         # copies first: a copy's source may be freed (preemption) and reused as a load target
         self.copy_pages(batch.page_copies)
-        return self.write_pages(batch.page_loads)
+        self.write_pages(batch.page_loads)
 
     def _splits(self, seq_lens: list[int]) -> int | None:
         """Split-KV count for a decode-style launch, chosen on the host (no sync per layer)."""
@@ -272,8 +265,7 @@ class ModelRunner:
 
     def _eager(self, input_ids: list[int], positions: list[int], slots: list[int],
                page_rows: list[list[int]], seq_lens: list[int], cu: list[int],
-               is_decode: bool, before_layer: Callable[[int], None] | None = None
-               ) -> torch.Tensor:
+               is_decode: bool) -> torch.Tensor:
         """is_decode: one attention row per token (page_rows / seq_lens given per token)."""
         dev = self.device
         meta = AttentionMetadata(
@@ -283,7 +275,6 @@ class ModelRunner:
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(dev, non_blocking=True),
             is_decode=is_decode,
             num_splits=self._splits(seq_lens) if is_decode else None,
-            before_layer=before_layer,
         )
         ids = torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True)
         pos = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)

@@ -270,8 +270,7 @@ class KvOffload:
                 fetched.release()
                 break
             parts.append(_LoadPart(name, fetched, staged, keys[start:end]))
-            source = staged.layerwise or staged.rows  # (rows still arriving layer by layer)
-            payloads.extend((source, i) for i in range(len(staged.rows)))
+            payloads.extend((staged.rows, i) for i in range(len(staged.rows)))
             tiers.extend([name] * len(staged.rows))
         if not payloads:
             self._settle(parts)

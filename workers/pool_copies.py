@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -82,41 +81,22 @@ def runs(n: int, continues: Callable[[int], bool]) -> list[range]:
     return out
 
 
-@dataclass(eq=False)
-class LayerwiseRows:
-    """Staged rows [n, num_layers, ...] still arriving on another stream: layer L of every row
-    is there once layer_ready[L] has completed (kv_upload.PageStager's pinned sends)."""
-
-    rows: torch.Tensor
-    layer_ready: list[torch.cuda.Event]
+StagedRow = tuple[torch.Tensor, int]  # (staged tensor, row): one page, kept as a reference
 
 
-StagedRow = tuple["torch.Tensor | LayerwiseRows", int]  # (staged rows, row): one page
-
-
-def upload_pages(kv_pool: torch.Tensor, page_ids: Sequence[int], rows: Sequence[StagedRow]
-                 ) -> Callable[[int], None] | None:
+def upload_pages(kv_pool: torch.Tensor, page_ids: Sequence[int],
+                 rows: Sequence[StagedRow]) -> None:
     """kv_pool[page_ids[i]] = source[row] for (source, row) = rows[i]. Runs of consecutive page
     ids and consecutive rows of one source go as one copy; a source scattered over more than
     _MAX_RUN_COPIES runs goes as one scatter on the device (a gather first when its rows are
-    out of order). Asynchronous on CUDA (non_blocking from pinned sources).
-
-    Rows still arriving layer by layer (LayerwiseRows) are not copied here: the returned hook,
-    called before each layer L of the step's forward, makes the current stream wait for layer L
-    of them and moves it into the pool (None when there are none)."""
-    groups: dict[int, tuple[torch.Tensor | LayerwiseRows, list[int], list[int]]] = {}
+    out of order). Asynchronous on
+    CUDA (non_blocking from pinned sources)."""
+    groups: dict[int, tuple[torch.Tensor, list[int], list[int]]] = {}
     for page_id, (source, row) in zip(page_ids, rows, strict=True):
         group = groups.setdefault(id(source), (source, [], []))
         group[1].append(page_id)
         group[2].append(row)
-    layered = []
     for source, ids, index in groups.values():
-        if isinstance(source, LayerwiseRows):
-            if index == list(range(index[0], index[0] + len(index))):
-                layered.append((source, ids, index[0]))
-                continue
-            torch.cuda.current_stream(kv_pool.device).wait_event(source.layer_ready[-1])
-            source = source.rows
         spans = _runs_of_both(ids, index)
         if len(spans) > _MAX_RUN_COPIES and source.device == kv_pool.device:
             if _index_copy(kv_pool, ids, source, index):
@@ -125,28 +105,6 @@ def upload_pages(kv_pool: torch.Tensor, page_ids: Sequence[int], rows: Sequence[
             first, row = ids[span.start], index[span.start]
             kv_pool[first : first + len(span)].copy_(source[row : row + len(span)],
                                                      non_blocking=True)
-    return _layer_hook(kv_pool, layered) if layered else None
-
-
-def _layer_hook(kv_pool: torch.Tensor, layered: list[tuple[LayerwiseRows, list[int], int]]
-                ) -> Callable[[int], None]:
-    from kernels.scatter_rows import scatter_row_spans
-
-    num_layers = kv_pool.shape[1]
-    pool_words = kv_pool.view(len(kv_pool), -1).view(torch.int32)
-    width = pool_words.shape[1] // num_layers
-    plans = [(source, torch.tensor(ids, dtype=torch.int64).to(kv_pool.device, non_blocking=True),
-              source.rows[first : first + len(ids)].reshape(len(ids), -1).view(torch.int32))
-             for source, ids, first in layered]
-
-    def before_layer(layer: int) -> None:
-        stream = torch.cuda.current_stream(kv_pool.device)
-        span = slice(layer * width, (layer + 1) * width)
-        for source, targets, words in plans:
-            stream.wait_event(source.layer_ready[layer])
-            scatter_row_spans(pool_words[:, span], targets, words[:, span])
-
-    return before_layer
 
 
 _MAX_RUN_COPIES = 4
