@@ -116,7 +116,7 @@ def test_prefix_hit_suffix_runs_through_the_decode_graph(tiny_cuda):
     graphs = engine.runner.graphs
     calls = []
     run_graph = graphs.run
-    graphs.run = lambda *a: calls.append(len(a[0])) or run_graph(*a)
+    graphs.run = lambda *a, **k: calls.append(len(a[0])) or run_graph(*a, **k)
     prompt = prefix + [5, 6, 7]
     assert engine.generate([prompt], params)[0] == hf_greedy(hf, prompt, NEW)
     assert calls and calls[0] == 3  # the suffix's 3 tokens, one replay
