@@ -18,14 +18,11 @@ _BLOCK = 8192  # words per program: 32 KiB of a row
 
 
 @triton.jit
-def _scatter_rows_kernel(src_ptr, dst_ptr, index_ptr, count_ptr, row_words, src_stride,
-                         dst_stride, BLOCK: tl.constexpr, COUNTED: tl.constexpr):
+def _scatter_rows_kernel(src_ptr, dst_ptr, index_ptr, row_words, src_stride, dst_stride,
+                         BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    num_words = row_words
-    if COUNTED:  # only the first count rows (the launch covers the most there can be)
-        num_words = tl.where(row < tl.load(count_ptr), row_words, 0)
-    mask = cols < num_words
+    mask = cols < row_words
     dst_row = tl.load(index_ptr + row).to(tl.int64)
     words = tl.load(src_ptr + row.to(tl.int64) * src_stride + cols, mask=mask)
     tl.store(dst_ptr + dst_row * dst_stride + cols, words, mask=mask)
@@ -49,12 +46,9 @@ def scatter_rows(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> N
                       src.view(len(src), -1).view(word))
 
 
-def scatter_row_spans(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor,
-                      count: torch.Tensor | None = None) -> None:
+def scatter_row_spans(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
     """dst[index[i], :] = src[i, :] for 2-D dst and src whose rows are contiguous spans at any
-    row stride (e.g. one layer's slice of every page: pool.view(pages, -1)[:, a:b]). `count`: a
-    1-element int32 tensor on the device; only rows i < count[0] are moved (a launch whose size
-    is fixed, e.g. inside a CUDA graph, for a row count known on the device only)."""
+    row stride (e.g. one layer's slice of every page: pool.view(pages, -1)[:, a:b])."""
     if dst.dim() != 2 or src.dim() != 2 or dst.shape[1] != src.shape[1] \
             or dst.dtype != src.dtype or dst.device != src.device:
         raise ValueError(f"rows differ: dst {tuple(dst.shape)} {dst.dtype} on {dst.device}, "
@@ -62,17 +56,12 @@ def scatter_row_spans(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor,
     if (dst.shape[1] > 1 and dst.stride(1) != 1) or (src.shape[1] > 1 and src.stride(1) != 1):
         raise ValueError("dst and src must be contiguous")
     _check_index(index, len(src))
-    if count is not None and (count.numel() != 1 or count.dtype != torch.int32
-                              or count.device != src.device):
-        raise ValueError("count must be one int32 on the rows' device")
     if not len(src):
         return
     row_words = src.shape[1]
     grid = (len(src), triton.cdiv(row_words, _BLOCK))
-    _scatter_rows_kernel[grid](src, dst, index.to(src.device),
-                               count if count is not None else index, row_words,
-                               src.stride(0), dst.stride(0), BLOCK=_BLOCK,
-                               COUNTED=count is not None, num_warps=8)
+    _scatter_rows_kernel[grid](src, dst, index.to(src.device), row_words, src.stride(0),
+                               dst.stride(0), BLOCK=_BLOCK, num_warps=8)
 
 
 def _check_index(index: torch.Tensor, num_rows: int) -> None:

@@ -12,16 +12,10 @@ step reads the logits.
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-
 import numpy as np
 import torch
 
-from workers.layer_loads import LayerLoads
 from workers.models.llama import AttentionMetadata, AttentionOps, LlamaForCausalLM
-
-log = logging.getLogger(__name__)
 
 
 def decode_ctas_per_sm(head_dim: int) -> int:
@@ -57,8 +51,7 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: LlamaForCausalLM, kv_pool: torch.Tensor, max_num_seqs: int,
-                 max_pages_per_seq: int, scratch_page: int, max_model_len: int,
-                 loads: LayerLoads | None = None) -> None:
+                 max_pages_per_seq: int, scratch_page: int, max_model_len: int) -> None:
         from kernels.argmax import argmax_rows
         from kernels.paged_decode import DecodeWorkspace, num_kv_splits
 
@@ -92,10 +85,6 @@ class DecodeGraphs:
         self._argmax = argmax_rows
         self.logits: dict[int, torch.Tensor] = {}  # [bs, vocab] in the model dtype
         self.next_tokens: dict[int, torch.Tensor] = {}  # [bs] int64, the argmax of logits
-        # the same steps, each layer first waiting for that layer of a load (layer_loads.py)
-        self.loads = loads
-        self.load_graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.load_logits: dict[int, torch.Tensor] = {}
         self.max_steps = 64
         self._tokens = torch.zeros((self.max_steps, n), dtype=torch.int64, device=dev)
         base_ops = model.ops
@@ -135,29 +124,9 @@ class DecodeGraphs:
                 self.graphs[bs] = graph
                 self.logits[bs] = logits
                 self.next_tokens[bs] = next_tokens
-                if self.loads is not None:
-                    self._capture_load_graph(bs, meta, pool)
             finally:
                 model.ops = base_ops
         torch.cuda.synchronize()
-
-    def _capture_load_graph(self, bs: int, meta: AttentionMetadata, pool) -> None:
-        assert self.loads is not None
-        load_meta = dataclasses.replace(meta, before_layer=self.loads.before_layer)
-        try:
-            with torch.inference_mode():
-                for _ in range(2):  # (the load's count is 0: these move nothing)
-                    self._step(bs, load_meta)
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                    logits, _ = self._step(bs, load_meta)
-        except Exception as exc:  # loads then wait for every layer before the ordinary graph
-            log.warning("no layer-by-layer load graphs: %s", exc)
-            self.loads, self.load_graphs, self.load_logits = None, {}, {}
-            return
-        self.load_graphs[bs] = graph
-        self.load_logits[bs] = logits
 
     def _step(self, bs: int, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         self._counters.zero_()
@@ -173,15 +142,10 @@ class DecodeGraphs:
         return num_seqs <= self.sizes[-1]
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int],
-            page_rows: list[list[int]], seq_lens: list[int], layered: bool = False
-            ) -> torch.Tensor:
+            page_rows: list[list[int]], seq_lens: list[int]) -> torch.Tensor:
         """fp32 logits [num_seqs, vocab] of one decode step (for an fp32 model a view of the
-        graph's output buffer, valid until the next replay). `layered`: through the load graph,
-        which takes in the pages `loads` was given as they arrive."""
+        graph's output buffer, valid until the next replay)."""
         bs = self._load(input_ids, positions, slots, page_rows, seq_lens)
-        if layered:
-            self.load_graphs[bs].replay()
-            return self.load_logits[bs][: len(input_ids)].float()
         self.graphs[bs].replay()
         return self.logits[bs][: len(input_ids)].float()
 

@@ -52,14 +52,8 @@ def cudart() -> ctypes.CDLL | None:
                                               ctypes.c_int, ctypes.c_void_p]
             lib.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
             lib.cudaHostUnregister.argtypes = [ctypes.c_void_p]
-            lib.cudaEventCreateWithFlags.argtypes = [ctypes.POINTER(ctypes.c_void_p),
-                                                     ctypes.c_uint]
-            lib.cudaEventRecord.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-            lib.cudaStreamWaitEvent.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
-            lib.cudaEventDestroy.argtypes = [ctypes.c_void_p]
             for fn in (lib.cudaMemcpyAsync, lib.cudaMemcpy2DAsync, lib.cudaHostRegister,
-                       lib.cudaHostUnregister, lib.cudaGetLastError, lib.cudaEventCreateWithFlags,
-                       lib.cudaEventRecord, lib.cudaStreamWaitEvent, lib.cudaEventDestroy):
+                       lib.cudaHostUnregister, lib.cudaGetLastError):
                 fn.restype = ctypes.c_int
             _lib = lib
             break
@@ -92,40 +86,6 @@ def copy_async(lib: ctypes.CDLL, copies: Sequence[tuple[int, int]], nbytes: int,
         i = end
 
 
-def source_runs(sources: Sequence[int], nbytes: int) -> list[tuple[int, int, int]]:
-    """(first index, count, source pitch) of the runs of `sources` (copies of `nbytes` each)
-    that lie at one stride of at least nbytes, in order; a lone page is a run of one."""
-    runs = []
-    i, n = 0, len(sources)
-    while i < n:
-        end = i + 1
-        pitch = sources[end] - sources[i] if end < n else 0
-        if pitch >= nbytes:
-            while end < n and sources[end] == sources[i] + (end - i) * pitch:
-                end += 1
-        runs.append((i, end - i, pitch if end - i > 1 else nbytes))
-        i = end
-    return runs
-
-
-def copy_span_async(lib: ctypes.CDLL, dst_base: int, dst_pitch: int, sources: Sequence[int],
-                    runs: Sequence[tuple[int, int, int]], offset: int, width: int,
-                    stream: torch.cuda.Stream) -> None:
-    """Row i of the destination (at dst_base + i * dst_pitch), bytes offset..offset + width,
-    from sources[i] + offset: one 2-D copy per run (`source_runs`), e.g. one layer of every
-    page. Refused 2-D copies are split as in copy_async."""
-    handle = stream.cuda_stream
-    for first, count, pitch in runs:
-        dst, src = dst_base + first * dst_pitch + offset, sources[first] + offset
-        if count > 1 and not lib.cudaMemcpy2DAsync(dst, dst_pitch, src, pitch, width, count,
-                                                    _COPY_DEFAULT, handle):
-            continue
-        if count > 1:
-            lib.cudaGetLastError()  # refused: clear it, split the run
-        _copy_run(lib, [(dst + k * dst_pitch, sources[first + k] + offset) for k in range(count)],
-                  width, dst_pitch, pitch, handle)
-
-
 def _copy_run(lib: ctypes.CDLL, run: Sequence[tuple[int, int]], nbytes: int, dst_pitch: int,
               pitch: int, handle: int) -> None:
     """Copies with destinations `dst_pitch` and sources `pitch` apart, as one 2-D copy. CUDA
@@ -143,40 +103,6 @@ def _copy_run(lib: ctypes.CDLL, run: Sequence[tuple[int, int]], nbytes: int, dst
     half = len(run) // 2
     _copy_run(lib, run[:half], nbytes, dst_pitch, pitch, handle)
     _copy_run(lib, run[half:], nbytes, dst_pitch, pitch, handle)
-
-
-class RawEvents:
-    """CUDA events made through the runtime directly, so a stream being captured into a CUDA
-    graph can wait on them as external events: the graph then waits, each time it runs, for
-    whatever was last recorded on them (torch's events cannot be waited on that way)."""
-
-    _DISABLE_TIMING = 0x2
-    _WAIT_EXTERNAL = 0x1
-
-    def __init__(self, lib: ctypes.CDLL, count: int) -> None:
-        self.lib = lib
-        self.handles: list[int] = []
-        for _ in range(count):
-            handle = ctypes.c_void_p()
-            _check(lib, lib.cudaEventCreateWithFlags(ctypes.byref(handle), self._DISABLE_TIMING),
-                   "cudaEventCreateWithFlags")
-            self.handles.append(handle.value or 0)
-
-    def record(self, index: int, stream: torch.cuda.Stream) -> None:
-        _check(self.lib, self.lib.cudaEventRecord(self.handles[index], stream.cuda_stream),
-               "cudaEventRecord")
-
-    def wait(self, index: int, stream: torch.cuda.Stream) -> None:
-        """`stream` waits for event `index`; while it is being captured, as an external event
-        wait node of the graph."""
-        _check(self.lib, self.lib.cudaStreamWaitEvent(stream.cuda_stream, self.handles[index],
-                                                      self._WAIT_EXTERNAL),
-               "cudaStreamWaitEvent")
-
-    def close(self) -> None:
-        for handle in self.handles:
-            self.lib.cudaEventDestroy(handle)
-        self.handles = []
 
 
 def _check(lib: ctypes.CDLL, status: int, what: str) -> None:

@@ -48,7 +48,6 @@ class Engine:
         self.max_model_len = min(config.max_model_len or limit, limit)
         self.runner = ModelRunner(config, loaded, self.max_model_len)
         stager = PageStager(self.runner.page_shape, self.runner.dtype, self.runner.device)
-        stager.layer_loads = self.runner.layer_loads
         if self.runner.device.type == "cuda" and config.host_tier_bytes:
             stager.warm_up_checksums()
         self.offload = KvOffload(self.runner.read_page, self.runner.snapshot_pages,

@@ -48,7 +48,6 @@ from cachestore.codec import (
 from cachestore.keys import Namespace
 from cachestore.shm import buffer_address
 from workers.cuda_host import copy_async, cudart
-from workers.layer_loads import LayeredRows, LayerLoads
 
 log = logging.getLogger(__name__)
 _CHUNK_BYTES = 64 << 20
@@ -71,9 +70,6 @@ class PageStager:
         self._buffers: list[torch.Tensor] = []
         self._checksums_warm = False
         self._verify_stream: torch.cuda.Stream | None = None  # device checksums run there
-        # staging rows whose layers a step's graph takes in as they arrive (the engine sets it
-        # when the runner has them): pinned sends copy there when it is free
-        self.layer_loads: LayerLoads | None = None
         self._free: list[torch.cuda.Event | None] = [None, None]
         # pinned source pages of the last direct send, referenced until its copies are done
         self._keepalive: tuple[torch.cuda.Event | None, list] | None = None
@@ -109,9 +105,6 @@ class PageStager:
         when the caller lets them go."""
         staged = self.stage_unverified(blobs, ns, keys, token_ids, is_pinned, addresses)
         out = staged.rows[: staged.verify()]
-        if staged.layered is not None:  # out of the layer-by-layer staging rows
-            out = out.clone()
-            staged.layered.loads.release()
         # most pages failed: do not hold the rows allocated for them (a clone on the device
         # is ordered after the copies; rows left in host memory may still be arriving: kept)
         if (out.device.type == self.device.type
@@ -132,7 +125,7 @@ class PageStager:
             return self._stage(blobs, ns, keys, token_ids, is_pinned, addresses)
         except BaseException:
             if self.is_cuda:
-                torch.cuda.synchronize(self.device)  # (the copy stream too)
+                torch.cuda.current_stream(self.device).synchronize()
             raise
 
     def _stage(self, blobs: Sequence[bytes | memoryview], ns: Namespace, keys: Sequence[bytes],
@@ -209,15 +202,7 @@ class PageStager:
         known = addresses[:sized] if addresses is not None else [None] * sized
         starts = [a if a is not None else buffer_address(blob)[0]
                   for a, blob in zip(known, blobs, strict=False)]
-        sources = [start + payload_at for start in starts]
-        # into the layer-by-layer staging rows when they are free (layer_loads.py)
-        target = self.layer_loads.take(sized) if self.layer_loads is not None else None
-        copied = None
-        if target is not None:
-            out = target
-            copied = self.layer_loads.copy(sources, self.page_nbytes)
-        else:
-            self._copy_rows(out, sources)
+        self._copy_rows(out, [start + payload_at for start in starts])
         recorded: list[int] = []
         for i in range(sized):
             try:
@@ -225,16 +210,9 @@ class PageStager:
             except PageCorrupt:
                 break
         if sized and not recorded and self.is_cuda:  # nothing to verify: still wait for the
-            torch.cuda.synchronize(self.device)  # copies to leave the sources (either stream)
+            torch.cuda.current_stream(self.device).synchronize()  # copies to leave the sources
         rows = out[: len(recorded)]
-        staged = self._verify_rows(rows, recorded, blobs, after=copied)
-        if target is not None:
-            assert self.layer_loads is not None
-            if len(rows):
-                staged.layered = LayeredRows(rows, self.layer_loads)
-            else:
-                self.layer_loads.release()
-        return staged
+        return self._verify_rows(rows, recorded, blobs)
 
     def _verifies_on_device(self, out: torch.Tensor) -> bool:
         """Checksums computed on the device, over the rows of `out` once they have arrived."""
@@ -244,8 +222,8 @@ class PageStager:
 
         return self.page_nbytes % 8 == 0 and self.page_nbytes >= MIN_NBYTES
 
-    def _verify_rows(self, rows: torch.Tensor, recorded: list[int], sources: object = None,
-                     after: torch.cuda.Event | None = None) -> StagedPages:
+    def _verify_rows(self, rows: torch.Tensor, recorded: list[int],
+                     sources: object = None) -> StagedPages:
         """The rows, and how many leading ones match their recorded checksums: computed on the
         device once they have arrived, on a stream of its own on CUDA, so work queued after the
         copies (moving the rows into the pool, the forward) does not wait for the checksums."""
@@ -260,10 +238,7 @@ class PageStager:
             if self._verify_stream is None:
                 self._verify_stream = torch.cuda.Stream(rows.device)
             stream = self._verify_stream
-            if after is not None:  # the copies ran on another stream: after their last one
-                stream.wait_event(after)
-            else:
-                stream.wait_stream(torch.cuda.current_stream(rows.device))  # after the copies
+            stream.wait_stream(torch.cuda.current_stream(rows.device))  # after the copies
             rows.record_stream(stream)
         with torch.cuda.stream(stream) if rows.is_cuda else contextlib.nullcontext():
             bad = xxh3_64_rows(rows) != want.to(rows.device, non_blocking=True)
@@ -350,7 +325,6 @@ class StagedPages:
     def __init__(self, rows: torch.Tensor, num_ok: torch.Tensor | int,
                  sources: object = None, ready: torch.cuda.Event | None = None) -> None:
         self.rows = rows
-        self.layered: LayeredRows | None = None  # set when the rows arrive layer by layer
         self._num_ok = num_ok
         self._sources = sources
         self._ready = ready

@@ -16,7 +16,6 @@ from kernels import reference
 from workers.config import WorkerConfig
 from workers.cuda_graphs import DecodeGraphs, advance_decode_inputs, decode_ctas_per_sm
 from workers.errors import InvalidConfig
-from workers.layer_loads import LayeredRows, LayerLoads, split_layered
 from workers.models.llama import AttentionMetadata, AttentionOps, FusedOps, LlamaForCausalLM
 from workers.models.loader import LoadedModel
 from workers.pool_copies import SnapshotSlots, StagedRow, runs, upload_pages
@@ -30,8 +29,6 @@ _GPU_ACTIVATION_RESERVE = 2 << 30
 # split-KV decode kernel, one query row per token: the prefill kernel parallelizes over query
 # blocks, so a few tokens over a long context would run on a handful of SMs.
 SHORT_CHUNK_TOKENS = 16
-# staging for prefix hits loaded layer by layer (an 8K-token Llama-3-8B prefix is 1.07 GB)
-_LAYER_LOAD_BYTES = 5 << 28
 
 
 def _one_row_per_token(page_rows: list[list[int]], seq_lens: list[int],
@@ -96,31 +93,12 @@ class ModelRunner:
                                    device=self.device)
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
-            loads = None
-            if config.host_tier_bytes or config.store:
-                loads = self._layer_loads(max_model_len)
             try:
                 self.graphs = DecodeGraphs(self.model, self.kv_pool, config.max_num_seqs,
                                            self.max_pages_per_seq, self.scratch_page,
-                                           max_model_len, loads)
+                                           max_model_len)
             except Exception as exc:  # a backend that cannot be captured still runs eagerly
                 log.warning("CUDA graph capture failed, decoding eagerly: %s", exc)
-
-    def _layer_loads(self, max_model_len: int) -> LayerLoads | None:
-        """The staging buffer for prefix hits loaded layer by layer (a prefix as long as the
-        model takes, at most _LAYER_LOAD_BYTES), or None where it does not apply or fit."""
-        if not LayerLoads.fits(self.kv_pool):
-            return None
-        pages = min((max_model_len - 1) // self.page_size, _LAYER_LOAD_BYTES // self.page_nbytes)
-        try:
-            return LayerLoads(self.kv_pool, pages) if pages else None
-        except torch.cuda.OutOfMemoryError:
-            log.warning("no device memory to stage %d pages for layer-by-layer loads", pages)
-            return None
-
-    @property
-    def layer_loads(self) -> LayerLoads | None:
-        return self.graphs.loads if self.graphs is not None else None
 
     def _num_pages(self, config: WorkerConfig) -> int:
         if config.kv_cache_bytes is not None:
@@ -188,6 +166,7 @@ class ModelRunner:
         """Run one forward over `batch` (its pages already allocated; loads and copies applied
         here first). Returns (fp32 logits [num_sampled, vocab], indices into batch.seqs of the
         sequences whose chunk reached their last token, i.e. that get a new token)."""
+        self._apply_page_moves(batch)
         ps = self.page_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -212,42 +191,12 @@ class ModelRunner:
         rows_are_tokens = max(batch.num_new_tokens) <= SHORT_CHUNK_TOKENS
         if rows_are_tokens and not is_decode:
             page_rows, seq_lens = _one_row_per_token(page_rows, seq_lens, cu)
-        use_graph = (rows_are_tokens and self.graphs is not None
-                     and self.graphs.fits(len(input_ids)))
-        self.copy_pages(batch.page_copies)  # first: a copy's source may be a load's target
-        layered = self._write_loads(batch.page_loads, use_graph)
-        if use_graph:
-            assert self.graphs is not None
-            logits = self.graphs.run(input_ids, positions, slots, page_rows, seq_lens,
-                                     layered=layered is not None)
-            logits = logits if is_decode else logits[self._index(last_rows)]
-        else:
-            hidden = self._eager(input_ids, positions, slots, page_rows, seq_lens, cu,
-                                 rows_are_tokens)
-            logits = self.model.compute_logits(hidden[self._index(last_rows)])
-        if layered is not None:
-            layered.loads.release()  # (its next copies wait for this step's stream)
-        return logits, sampled
-
-    def _write_loads(self, loads: list[tuple[int, StagedRow]], use_graph: bool
-                     ) -> LayeredRows | None:
-        """Queue the page loads: through the load graph when the step runs as a graph and a
-        load arrives layer by layer (returns its rows; the graph moves them), else all of them
-        now, after waiting for every layer."""
-        layered, ids, rest = split_layered(loads)
-        if layered is not None and use_graph and self.layer_loads is not None:
-            self.write_pages(rest)
-            layered.loads.target(ids)
-            return layered
-        plain = []
-        for page_id, (source, row) in loads:
-            if isinstance(source, LayeredRows):
-                source.loads.wait_all()
-                source.loads.release()
-                source = source.rows
-            plain.append((page_id, (source, row)))
-        self.write_pages(plain)
-        return None
+        if rows_are_tokens and self.graphs is not None and self.graphs.fits(len(input_ids)):
+            logits = self.graphs.run(input_ids, positions, slots, page_rows, seq_lens)
+            return (logits if is_decode else logits[self._index(last_rows)]), sampled
+        hidden = self._eager(input_ids, positions, slots, page_rows, seq_lens, cu,
+                             rows_are_tokens)
+        return self.model.compute_logits(hidden[self._index(last_rows)]), sampled
 
     @torch.inference_mode()
     def execute_decode_steps(self, batch: ScheduledBatch, num_steps: int) -> list[list[int]]:
@@ -290,7 +239,7 @@ class ModelRunner:
     def _apply_page_moves(self, batch: ScheduledBatch) -> None:
         # copies first: a copy's source may be freed (preemption) and reused as a load target
         self.copy_pages(batch.page_copies)
-        self._write_loads(batch.page_loads, use_graph=False)
+        self.write_pages(batch.page_loads)
 
     def _splits(self, seq_lens: list[int]) -> int | None:
         """Split-KV count for a decode-style launch, chosen on the host (no sync per layer)."""

@@ -27,7 +27,6 @@ from cachestore.tiers.cpu import CpuTier
 from workers.block_manager import EvictedPage
 from workers.cuda_host import PinnedRanges
 from workers.kv_upload import PageStager, StagedPages
-from workers.layer_loads import LayeredRows
 from workers.outputs import KvEventData
 from workers.pool_copies import StagedRow
 from workers.sequence import PendingLoad, Sequence
@@ -82,19 +81,6 @@ class _LoadPart:
 
 _STORE_QUEUE_BYTES = 2 << 30
 _WRITE_BATCH = 32
-
-
-def _own_rows(payloads: list[StagedRow]) -> None:
-    """Payload rows in the layer-by-layer staging buffer copied out of it (their sequence waits
-    for pages, and the next hit will need the buffer), the buffer given back."""
-    copies: dict[int, Any] = {}
-    for i, (source, row) in enumerate(payloads):
-        if isinstance(source, LayeredRows):
-            if id(source) not in copies:
-                source.loads.wait_all()
-                copies[id(source)] = source.rows.clone()
-                source.loads.release()
-            payloads[i] = (copies[id(source)], row)
 
 
 class KvOffload:
@@ -284,14 +270,12 @@ class KvOffload:
                 fetched.release()
                 break
             parts.append(_LoadPart(name, fetched, staged, keys[start:end]))
-            source = staged.layered or staged.rows  # (layered: arriving layer by layer)
-            payloads.extend((source, i) for i in range(len(staged.rows)))
+            payloads.extend((staged.rows, i) for i in range(len(staged.rows)))
             tiers.extend([name] * len(staged.rows))
         if not payloads:
             self._settle(parts)
             return None
-        return PendingLoad(num_device_pages, payloads, tiers, lambda: self._settle(parts),
-                           lambda: _own_rows(payloads))
+        return PendingLoad(num_device_pages, payloads, tiers, lambda: self._settle(parts))
 
     def _settle(self, parts: list[_LoadPart]) -> int:
         """Wait for the parts' copies and checks; returns how many leading pages passed. Ends

@@ -174,8 +174,6 @@ class Scheduler:
         num_free_hits = sum(1 for p in device_ids if self.bm.pages[p].ref_count == 0)
         if not self.bm.can_allocate(num_fresh + num_free_hits):
             loads.settle()  # nothing stays in flight past this step
-            if loads.own is not None:
-                loads.own()
             return None
         self.bm.acquire(device_ids)
         self.bm.touch(device_ids)

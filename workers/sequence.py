@@ -32,8 +32,6 @@ class PendingLoad:
     payloads: list[Any]  # kv_upload.StagedRow; typed loosely to keep this module torch-free
     tiers: list[str]
     verify: Callable[[], int] | None = None  # waits; how many leading payloads passed
-    # copies payload rows out of buffers the next hit reuses (for a load kept across steps)
-    own: Callable[[], None] | None = None
 
     @property
     def is_settled(self) -> bool:

@@ -74,18 +74,3 @@ def test_one_layer_of_every_page(dtype):
     span = slice(layer_elems, 2 * layer_elems)
     scatter_row_spans(pool.view(11, -1)[:, span], ids.to(DEVICE), staged.view(4, -1)[:, span])
     assert torch.equal(pool.cpu(), want)
-
-
-def test_a_count_on_the_device_limits_the_rows():
-    from kernels.scatter_rows import scatter_row_spans
-
-    pool = torch.zeros(6, 8, dtype=torch.int32, device=DEVICE)
-    staged = torch.arange(32, dtype=torch.int32, device=DEVICE).view(4, 8)
-    ids = torch.tensor([5, 1, 3, 0], device=DEVICE)
-    count = torch.tensor([2], dtype=torch.int32, device=DEVICE)
-    scatter_row_spans(pool, ids, staged, count=count)
-    want = torch.zeros(6, 8, dtype=torch.int32)
-    want[5], want[1] = staged[0].cpu(), staged[1].cpu()
-    assert torch.equal(pool.cpu(), want)  # rows 2 and 3 not moved
-    with pytest.raises(ValueError, match="count"):
-        scatter_row_spans(pool, ids, staged, count=count.long())

@@ -332,18 +332,3 @@ def test_copy_async_merges_runs_into_strided_destinations():
     copy_async(lib, [(40 + 400 * i, 1040 + 1100 * i) for i in range(3)] + [(2000, 9000)], 100,
                SimpleNamespace(cuda_stream=0), dst_pitch=400)
     assert lib.calls == [("2d", 40, 400, 1040, 1100, 100, 3), ("1d", 2000, 9000, 100)]
-
-
-def test_one_layer_of_every_page_goes_as_one_2d_copy_per_run():
-    """copy_span_async (layer-by-layer loads): the runs are found once from the sources; each
-    layer then costs one 2-D copy per run (destination rows a page apart)."""
-    from types import SimpleNamespace
-
-    from workers.cuda_host import copy_span_async, source_runs
-
-    sources = [1000, 2100, 3200, 9000]  # slots 1100 apart, then a page elsewhere
-    runs = source_runs(sources, 1000)
-    assert runs == [(0, 3, 1100), (3, 1, 1000)]
-    lib = _RecordingCudart()
-    copy_span_async(lib, 0, 1000, sources, runs, 250, 250, SimpleNamespace(cuda_stream=0))
-    assert lib.calls == [("2d", 250, 1000, 1250, 1100, 250, 3), ("1d", 3250, 9250, 250)]

@@ -97,9 +97,6 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor  # [num_seqs + 1] int32
     is_decode: bool  # every row of q attends as one query (a decode, or a short chunk's token)
     num_splits: int | None = None  # split-KV count for paged_decode; None = kernel's choice
-    # called with each layer's index before it runs (also while a graph is captured): e.g.
-    # waits for that layer of pages still being loaded (workers/layer_loads.py)
-    before_layer: Callable[[int], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -293,9 +290,7 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         rope = Rope(positions, self.cos_cache, self.sin_cache, x.dtype, self.fused)
         residual = None
-        for index, layer in enumerate(self.model.layers):
-            if meta.before_layer is not None:
-                meta.before_layer(index)
+        for layer in self.model.layers:
             x, residual = layer(x, residual, rope, meta, kv_pool, self.ops)
         return self.model.norm(x, residual)[0]
 
