@@ -160,13 +160,17 @@ class Engine:
         num_steps = self._num_decode_steps(batch)
         if num_steps > 1:
             return outputs + self._decode_steps(batch, num_steps)
-        logits, sampled = self.runner.execute(batch)
-        rewound = set()
+        try:
+            logits, sampled = self.runner.execute(batch)
+            rewound = {seq.seq_id for seq in batch.seqs if not self.scheduler.commit_load(seq)}
+        except BaseException:  # the caller fails these requests; no load may stay in flight
+            for seq in batch.seqs:
+                self.scheduler.drop_load(seq)
+            raise
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
             # pages loaded for it were computed on before their checks finished: a bad one
             # rewinds it (the next steps compute from there), and this step's token is dropped
-            if not self.scheduler.commit_load(seq):
-                rewound.add(seq.seq_id)
+            if seq.seq_id in rewound:
                 continue
             seq.num_computed_tokens += num_new
             self._register_full_pages(seq)

@@ -244,7 +244,10 @@ class PageStager:
             bad = xxh3_64_rows(rows) != want.to(rows.device, non_blocking=True)
             index = torch.arange(len(recorded), device=rows.device)
             num_ok = torch.where(bad, index, len(recorded)).min()
-            if rows.is_cuda:
+            if rows.is_cuda:  # read back on this stream: verify() need not wait for the step
+                count = torch.empty(1, dtype=torch.int64, pin_memory=True)
+                count.copy_(num_ok.view(1), non_blocking=True)
+                num_ok = count
                 ready = torch.cuda.Event()
                 ready.record(stream)
         return StagedPages(rows, num_ok, sources, ready)
@@ -318,9 +321,9 @@ class PageStager:
 
 class StagedPages:
     """Rows staged on the device for the pages whose headers checked out, and how many of them
-    (leading) also match their checksums: known at once, or a 0-d device tensor that `verify`
-    waits for (`ready`: the event of the stream computing it). Keeps the source blobs
-    referenced until then (copies may still read them)."""
+    (leading) also match their checksums: known at once, or a tensor that `verify` waits for
+    (`ready`: the event of the stream computing it and copying it to page-locked memory). Keeps
+    the source blobs referenced until then (copies may still read them)."""
 
     def __init__(self, rows: torch.Tensor, num_ok: torch.Tensor | int,
                  sources: object = None, ready: torch.cuda.Event | None = None) -> None:
@@ -336,8 +339,8 @@ class StagedPages:
     def verify(self) -> int:
         """How many leading rows are good (waits for the copies and checksums once)."""
         if not isinstance(self._num_ok, int):
-            if self._ready is not None:
-                self._ready.synchronize()  # (the copies came before, on the caller's stream)
+            if self._ready is not None:  # the count's stream, after the copies and checksums:
+                self._ready.synchronize()  # not the work queued since on the caller's stream
             self._num_ok = int(self._num_ok)
         self._sources = None
         return self._num_ok

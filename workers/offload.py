@@ -279,22 +279,26 @@ class KvOffload:
 
     def _settle(self, parts: list[_LoadPart]) -> int:
         """Wait for the parts' copies and checks; returns how many leading pages passed. Ends
-        leases (after every copy has read its pages) and drops a bad page from its tier."""
-        counts = [part.staged.verify() for part in parts]  # (waits for the device)
-        self.stager.wait_sent()  # a send checked on the host may still be reading its pages
-        num_ok, whole = 0, True  # whole: every page so far passed (the prefix goes on)
-        for part, n in zip(parts, counts, strict=True):
-            if not part.fetched.is_valid():  # read too late: the store may have reused them
-                log.warning("%d pages from the %s tier were read after their lease ended",
-                            n, part.name)
-                n = 0
-            elif n < len(part.keys):
-                self._drop_bad(part.name, part.keys[n], part.fetched)
-            part.fetched.release()
-            if whole:
-                num_ok += n
-            whole = whole and n == len(part.staged.rows)
-        return num_ok
+        every lease (after every copy has read its pages, also when this raises) and drops a
+        bad page from its tier."""
+        try:
+            counts = [part.staged.verify() for part in parts]  # (waits for the device)
+            self.stager.wait_sent()  # a send checked on the host may still be reading its pages
+            num_ok, whole = 0, True  # whole: every page so far passed (the prefix goes on)
+            for part, n in zip(parts, counts, strict=True):
+                if not part.fetched.is_valid():  # read too late: the store may have reused them
+                    log.warning("%d pages from the %s tier were read after their lease ended",
+                                n, part.name)
+                    n = 0
+                elif n < len(part.keys):
+                    self._drop_bad(part.name, part.keys[n], part.fetched)
+                if whole:
+                    num_ok += n
+                whole = whole and n == len(part.staged.rows)
+            return num_ok
+        finally:
+            for part in parts:
+                part.fetched.release()
 
     def _drop_bad(self, tier: str, key: bytes, fetched: _Fetched) -> None:
         """A page that failed its check (while still leased, if it is): out of the host tier

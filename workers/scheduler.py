@@ -11,6 +11,7 @@ the queue, and on readmission it reloads what is still cached and recomputes the
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from typing import Any
 
 from workers.block_manager import BlockManager
 from workers.sequence import LoadInFlight, PendingLoad, SeqStatus, Sequence
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,6 +62,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_queries = 0
         self.prefix_hits: dict[str, int] = {"device": 0, "cpu": 0, "store": 0}
+        # keys of pages admitted this schedule from loads still being checked (not cached yet)
+        self._loading_keys: set[bytes] = set()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -72,14 +77,14 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self.drop_load(seq)
         self.bm.release(seq.page_ids)
         seq.page_ids = []
-        seq.pending_load = None
-        seq.loading = None
         seq.status = SeqStatus.FINISHED
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
+        self._loading_keys.clear()
         budget = self.max_num_batched_tokens
         preempted = False
         i = 0
@@ -157,6 +162,8 @@ class Scheduler:
         max_pages = (seq.num_tokens - 1) // ps  # leave at least one token to compute
         keys = seq.full_page_keys(max_pages)
         device_ids = self.bm.match_prefix(keys, (seq.page_tokens(p) for p in range(max_pages)))
+        if len(device_ids) < max_pages and keys[len(device_ids)] in self._loading_keys:
+            return None  # being loaded for another sequence: from the device cache next step
         pending = seq.pending_load
         if pending is not None and pending.start_page != len(device_ids):
             pending = None  # the device prefix changed since the lookup: look again
@@ -177,7 +184,13 @@ class Scheduler:
             return None
         self.bm.acquire(device_ids)
         self.bm.touch(device_ids)
-        loaded_ids = self.bm.allocate(num_loaded)
+        try:
+            loaded_ids = self.bm.allocate(num_loaded)  # (may demote evicted pages: may raise)
+        except BaseException:
+            self.bm.release(device_ids)
+            seq.pending_load = None
+            loads.settle()
+            raise
         # loads.payloads may hold more pages than this sequence can use now (max_pages)
         batch.page_loads.extend(zip(loaded_ids, loads.payloads, strict=False))
         seq.page_ids = device_ids + loaded_ids
@@ -188,8 +201,11 @@ class Scheduler:
             self.prefix_queries += max_pages
             self.prefix_hits["device"] += len(device_ids)
             seq.cached_tokens_by_tier = {"device": len(device_ids) * ps} if device_ids else {}
+        assert seq.loading is None
         seq.loading = LoadInFlight(loads, len(device_ids), num_loaded, seq.is_first_admission)
         seq.is_first_admission = False
+        if not loads.is_settled:
+            self._loading_keys.update(keys[len(device_ids) : num_matched])
         if loads.is_settled:
             self.commit_load(seq)  # (all good: nothing to undo)
         self._grow(seq, num_new, batch)
@@ -211,10 +227,13 @@ class Scheduler:
         registered = [index for index in range(first, end) if self.bm.register(
             seq.page_ids[index], keys[index], keys[index - 1] if index else None,
             seq.page_tokens(index), seq.namespace)]
-        num_ok = min(loading.load.settle(), loading.num_pages)
-        for index in registered:
-            if index >= first + num_ok:
-                self.bm.unregister(seq.page_ids[index])
+        num_ok = 0  # if the wait raises, none of them was checked: none stays cached
+        try:
+            num_ok = min(loading.load.settle(), loading.num_pages)
+        finally:
+            for index in registered:
+                if index >= first + num_ok:
+                    self.bm.unregister(seq.page_ids[index])
         seq.num_registered_pages = first + num_ok
         if loading.count_hits:
             for tier in loading.load.tiers[:num_ok]:
@@ -226,7 +245,20 @@ class Scheduler:
         seq.num_computed_tokens = (first + num_ok) * self.page_size
         return False
 
+    def drop_load(self, seq: Sequence) -> None:
+        """Forget a sequence's load without using it (finish, abort, preemption, a failed step),
+        after waiting for it: its copies may still read host memory that settling lets go, and
+        its store leases end then. A load whose wait fails is logged and dropped anyway."""
+        for load in (seq.pending_load, seq.loading.load if seq.loading is not None else None):
+            if load is not None and not load.is_settled:
+                try:
+                    load.settle()
+                except Exception:
+                    log.warning("dropping a load that could not be settled", exc_info=True)
+        seq.pending_load = seq.loading = None
+
     def _preempt(self, seq: Sequence) -> None:
+        self.drop_load(seq)
         self.running.remove(seq)
         self.bm.release(seq.page_ids)
         seq.page_ids = []

@@ -141,3 +141,69 @@ def test_seeded_sampling_is_reproducible_across_engines(make_engine, encode):
     b = run(make_engine(max_num_batched_tokens=3), {"s": prompt}, params)["s"]
     assert tokens_of(a, 0) == tokens_of(b, 0) and tokens_of(a, 1) == tokens_of(b, 1)
     assert tokens_of(a, 0) != tokens_of(a, 1)
+
+
+def demoted_engine(make_engine, encode):
+    """An engine whose host tier holds LONG's pages (evicted from the device), with device
+    checksums on (kernels.xxh3 under the interpreter): its loads are checked after the step."""
+    page_nbytes = 30 * 2 * 16 * 3 * 64 * 4
+    engine = make_engine(kv_cache_bytes=8 * page_nbytes, host_tier_bytes=64 * page_nbytes)
+    engine.offload.stager.device_checksums = True
+    prompt = encode(LONG)
+    run(engine, {"a": prompt}, GREEDY)
+    run(engine, {"filler": encode("Bananas are yellow. " * 40)[:112]}, GREEDY)
+    keys = engine.namespace().page_keys(prompt)[:2]
+    assert engine.offload.host.contains_many(keys) == [True, True]
+    return engine, prompt, keys
+
+
+def test_requests_sharing_a_loading_prefix_load_it_once(make_engine, encode, hf_greedy):
+    """The second request waits a step for the first one's load to be checked and cached,
+    then takes the pages from the device cache instead of loading them again."""
+    engine, prompt, _ = demoted_engine(make_engine, encode)
+    second = prompt + encode(" and then")
+    outs = run(engine, {"b": second, "c": second}, GREEDY)
+    assert tokens_of(outs["b"]) == tokens_of(outs["c"]) == hf_greedy(second, N)
+    assert final(outs["b"]).usage.cached_tokens_by_tier == {"cpu": 32}
+    assert final(outs["c"]).usage.cached_tokens_by_tier == {"device": 32}
+    assert engine.stats().prefix_hits["cpu"] == 2
+
+
+def test_a_step_that_fails_leaves_no_unchecked_page_cached(make_engine, encode):
+    """If waiting for a load's checks raises, or the step itself does, the loaded pages are
+    not left in the prefix cache and the load's host memory is let go."""
+    engine, prompt, keys = demoted_engine(make_engine, encode)
+    host = engine.offload.host
+    corrupt = bytearray(host.get_many([keys[1]])[0])
+    corrupt[-3] ^= 0x40
+    host.delete_many([keys[1]])
+    host.put_many([(keys[1], bytes(corrupt))])
+
+    def failing_drop(*args):
+        raise RuntimeError("tier gone")
+
+    engine.offload._drop_bad = failing_drop
+    engine.add_request("b", prompt + encode(" and then"), GREEDY)
+    with pytest.raises(RuntimeError, match="tier gone"):
+        engine.step()
+    engine.abort_request("b")
+    engine.step()
+    assert engine.block_manager.match_prefix(keys, [prompt[:16], prompt[16:32]]) == []
+    settled = []
+    settle = engine.offload._settle
+    engine.offload._settle = lambda parts: settled.append(len(parts)) or settle(parts)
+    execute = engine.runner.execute
+
+    def failing_execute(batch):
+        raise RuntimeError("device lost")
+
+    engine.runner.execute = failing_execute
+    engine.add_request("c", prompt + encode(" and so"), GREEDY)
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.step()
+    assert settled == [1]  # waited for, and let go, before the error went up
+    engine.runner.execute = execute
+    engine.abort_request("c")
+    engine.step()
+    assert engine.block_manager.match_prefix(keys, [prompt[:16], prompt[16:32]]) == []
+    assert engine.stats().num_pages_free == engine.stats().num_pages_total
