@@ -320,15 +320,3 @@ def test_copy_async_splits_a_2d_copy_that_crosses_allocations():
         ("1d", 400, 4000, 100), ("1d", 500, 5000, 100),  # the pages on either side
         ("2d", 600, 100, 6000, 1000, 100, 2),
     ]
-
-
-def test_copy_async_merges_runs_into_strided_destinations():
-    """One layer of each page: destinations a page apart (dst_pitch), sources a slot apart."""
-    from types import SimpleNamespace
-
-    from workers.cuda_host import copy_async
-
-    lib = _RecordingCudart()
-    copy_async(lib, [(40 + 400 * i, 1040 + 1100 * i) for i in range(3)] + [(2000, 9000)], 100,
-               SimpleNamespace(cuda_stream=0), dst_pitch=400)
-    assert lib.calls == [("2d", 40, 400, 1040, 1100, 100, 3), ("1d", 2000, 9000, 100)]
