@@ -89,8 +89,7 @@ def upload_pages(kv_pool: torch.Tensor, page_ids: Sequence[int],
     """kv_pool[page_ids[i]] = source[row] for (source, row) = rows[i]. Runs of consecutive page
     ids and consecutive rows of one source go as one copy; a source scattered over more than
     _MAX_RUN_COPIES runs goes as one scatter on the device (a gather first when its rows are
-    out of order). Asynchronous on
-    CUDA (non_blocking from pinned sources)."""
+    out of order). Asynchronous on CUDA (non_blocking from pinned sources)."""
     groups: dict[int, tuple[torch.Tensor, list[int], list[int]]] = {}
     for page_id, (source, row) in zip(page_ids, rows, strict=True):
         group = groups.setdefault(id(source), (source, [], []))

@@ -204,10 +204,10 @@ class Scheduler:
         assert seq.loading is None
         seq.loading = LoadInFlight(loads, len(device_ids), num_loaded, seq.is_first_admission)
         seq.is_first_admission = False
-        if not loads.is_settled:
-            self._loading_keys.update(keys[len(device_ids) : num_matched])
         if loads.is_settled:
             self.commit_load(seq)  # (all good: nothing to undo)
+        else:
+            self._loading_keys.update(keys[len(device_ids) : num_matched])
         self._grow(seq, num_new, batch)
         return num_new
 

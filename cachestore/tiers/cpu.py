@@ -79,7 +79,7 @@ class CpuTier(Tier):
             return [key in self._pages for key in keys]
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | memoryview | None]:
-        return self.get_many_addressed(keys)[0]
+        return self._get(keys, leading=False)[0]
 
     def put_many(self, pages: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         evicted: list[tuple[bytes, bytes | memoryview]] = []
@@ -128,39 +128,31 @@ class CpuTier(Tier):
             for key in keys:
                 self._lru.touch(key)
 
-    def get_many_addressed(self, keys: Sequence[bytes]
-                           ) -> tuple[list[bytes | memoryview | None], list[int | None]]:
-        """get_many, plus each found page's address where the tier knows it (slot pages)
-        without asking the buffer (None elsewhere)."""
+    def get_leading_addressed(self, keys: Sequence[bytes]
+                              ) -> tuple[list[bytes | memoryview], list[int | None]]:
+        """The pages of the leading keys this tier holds, up to the first it does not (not
+        counted as a miss: a prefix simply ends there), and each one's address where the tier
+        knows it (slot pages) without asking the buffer (None elsewhere)."""
+        return self._get(keys, leading=True)
+
+    def _get(self, keys: Sequence[bytes], leading: bool
+             ) -> tuple[list[bytes | memoryview | None], list[int | None]]:
+        """One locked pass: found pages are touched and counted as hits; a missing key is a
+        miss (None), or ends the pass when `leading`."""
         pages: list[bytes | memoryview | None] = []
         addresses: list[int | None] = []
         with self._lock:
             for key in keys:
                 blob = self._pages.get(key)
                 if blob is None:
+                    if leading:
+                        break
                     self._stats.misses += 1
                 else:
                     self._lru.touch(key)
                     self._stats.hits += 1
                 pages.append(blob)
                 addresses.append(self._addresses.get(key) if blob is not None else None)
-        return pages, addresses
-
-    def get_leading_addressed(self, keys: Sequence[bytes]
-                              ) -> tuple[list[bytes | memoryview], list[int | None]]:
-        """get_many_addressed of the leading keys this tier holds, in one locked pass that
-        stops at the first it does not (not counted as a miss: a prefix simply ends there)."""
-        pages: list[bytes | memoryview] = []
-        addresses: list[int | None] = []
-        with self._lock:
-            for key in keys:
-                blob = self._pages.get(key)
-                if blob is None:
-                    break
-                self._lru.touch(key)
-                pages.append(blob)
-                addresses.append(self._addresses.get(key))
-            self._stats.hits += len(pages)
         return pages, addresses
 
     @property
