@@ -214,9 +214,18 @@ class PageStager:
         rows = out[: len(recorded)]
         return self._verify_rows(rows, recorded, blobs)
 
+    @property
+    def sends_overlap(self) -> bool:
+        """Pinned pages staged by successive calls may be in flight together (checked on the
+        host instead, a send first waits for the one before it to have read its pages)."""
+        return not self.is_cuda or self._checks_on_device()
+
     def _verifies_on_device(self, out: torch.Tensor) -> bool:
         """Checksums computed on the device, over the rows of `out` once they have arrived."""
-        if not self.device_checksums or out.device.type != self.device.type:
+        return out.device.type == self.device.type and self._checks_on_device()
+
+    def _checks_on_device(self) -> bool:
+        if not self.device_checksums:
             return False
         from kernels.xxh3 import MIN_NBYTES  # needs Triton: only when device checksums are on
 

@@ -80,6 +80,7 @@ class _LoadPart:
 
 
 _STORE_QUEUE_BYTES = 2 << 30
+_FIRST_CHUNK_PAGES = 16  # host-tier lookups: the first chunk, then each as long as all before
 _WRITE_BATCH = 32
 
 
@@ -251,27 +252,40 @@ class KvOffload:
         tiers: list[str] = []
         parts: list[_LoadPart] = []
         for name, fetch in (("cpu", self._host_get), ("store", self._store_get)):
-            start = len(payloads)
-            if start == len(keys):
-                break
-            fetched = fetch(keys[start:])
-            blobs = fetched.pages
-            if None in blobs:
-                blobs = blobs[: blobs.index(None)]
-            end = start + len(blobs)
-            try:
-                staged = self.stager.stage_unverified(
-                    blobs, ns, keys[start:end], page_tokens[start:end],
-                    is_pinned=fetched.is_pinned,
-                    addresses=fetched.addresses[: len(blobs)] if fetched.addresses else None)
-            except Exception:  # e.g. no device memory: a miss, not a failed step
-                log.warning("loading %d pages from the %s tier failed", len(blobs), name,
-                            exc_info=True)
-                fetched.release()
-                break
-            parts.append(_LoadPart(name, fetched, staged, keys[start:end]))
-            payloads.extend((staged.rows, i) for i in range(len(staged.rows)))
-            tiers.extend([name] * len(staged.rows))
+            tier_start = len(payloads)
+            while len(payloads) < len(keys):
+                # the host tier in chunks growing from _FIRST_CHUNK_PAGES: the first pages'
+                # copies start while the next ones are looked up (the store: one round trip)
+                start = len(payloads)
+                end = len(keys)
+                if name == "cpu" and self.stager.sends_overlap:
+                    end = min(end, start + max(_FIRST_CHUNK_PAGES, start - tier_start))
+                fetched = fetch(keys[start:end])
+                blobs = fetched.pages
+                if None in blobs:
+                    blobs = blobs[: blobs.index(None)]
+                if not blobs:
+                    fetched.release()
+                    break
+                try:
+                    staged = self.stager.stage_unverified(
+                        blobs, ns, keys[start : start + len(blobs)],
+                        page_tokens[start : start + len(blobs)], is_pinned=fetched.is_pinned,
+                        addresses=fetched.addresses[: len(blobs)] if fetched.addresses else None)
+                except Exception:  # e.g. no device memory: a miss, not a failed step
+                    log.warning("loading %d pages from the %s tier failed", len(blobs), name,
+                                exc_info=True)
+                    fetched.release()
+                    return self._pending(num_device_pages, payloads, tiers, parts)
+                parts.append(_LoadPart(name, fetched, staged, keys[start : start + len(blobs)]))
+                payloads.extend((staged.rows, i) for i in range(len(staged.rows)))
+                tiers.extend([name] * len(staged.rows))
+                if len(staged.rows) < end - start:
+                    break  # a gap or a bad page: the next tier goes on from it
+        return self._pending(num_device_pages, payloads, tiers, parts)
+
+    def _pending(self, num_device_pages: int, payloads: list[StagedRow], tiers: list[str],
+                 parts: list[_LoadPart]) -> PendingLoad | None:
         if not payloads:
             self._settle(parts)
             return None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from engine_helpers import LONG, PROMPTS, final, run, tokens_of
 
+import workers.offload
 from workers.sampling import SamplingParams
 
 N = 16
@@ -67,12 +68,15 @@ def test_host_tier_hit_after_device_eviction(make_engine, encode, hf_greedy, smo
     assert engine.stats().prefix_hits["cpu"] == 2
 
 
+@pytest.mark.parametrize("first_chunk", [16, 1])  # 1: the bad page comes in a later chunk
 @pytest.mark.parametrize("device_checksums", [False, True])
 def test_a_corrupt_host_tier_page_is_a_miss_and_is_dropped(make_engine, encode, hf_greedy,
-                                                           device_checksums):
+                                                           device_checksums, first_chunk,
+                                                           monkeypatch):
     """device_checksums (the CUDA default; kernels.xxh3, here under the Triton interpreter):
     the step computes on the loaded pages before their checksums are in, so the bad page is
     found after the forward; the sequence is rewound to it and that step's token dropped."""
+    monkeypatch.setattr(workers.offload, "_FIRST_CHUNK_PAGES", first_chunk)
     page_nbytes = 30 * 2 * 16 * 3 * 64 * 4
     engine = make_engine(kv_cache_bytes=8 * page_nbytes, host_tier_bytes=64 * page_nbytes)
     engine.offload.stager.device_checksums = device_checksums

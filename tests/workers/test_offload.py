@@ -1,15 +1,24 @@
-"""KvOffload's demotion of evicted device pages into the host tier."""
+"""KvOffload's demotion of evicted device pages into the host tier, and its host-tier lookups
+(in chunks, so the first pages' copies start while the rest are looked up)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from cachestore.keys import Namespace
+import workers.offload
+from cachestore.codec import encode_page
+from cachestore.keys import Namespace, tokens_to_bytes
 from workers.block_manager import EvictedPage
 from workers.kv_upload import PageStager
 from workers.offload import KvOffload
+from workers.sampling import SamplingParams
+from workers.sequence import Sequence
 
 NS = Namespace("m", num_layers=1, num_kv_heads=1, head_dim=8, dtype="float32", page_size=2)
+# pages of 256 bytes: large enough for the device checksum kernel
+LOOKUP_NS = Namespace("m", num_layers=2, num_kv_heads=1, head_dim=8, dtype="float32", page_size=2)
+LOOKUP_SHAPE = (2, 2, 2, 1, 8)
 
 
 def test_a_demoted_prefix_is_stored_in_order_and_evicted_from_its_end():
@@ -29,3 +38,61 @@ def test_a_demoted_prefix_is_stored_in_order_and_evicted_from_its_end():
     offload.on_evict([EvictedPage(3, keys[3], keys[2], (6, 7), NS)])
     assert set(offload.host_keys()) == {keys[0], keys[1], keys[3]}  # the tail page went
     assert [e.kind for e in offload.pop_events()] == ["stored"] * 3 + ["stored", "removed"]
+
+
+def host_pages(num: int, missing: int | None = None, corrupt: int | None = None):
+    """A KvOffload whose host tier holds `num` pages of one sequence (but `missing`; `corrupt`
+    with a payload byte flipped), the sequence, and each page's payload."""
+    g = torch.Generator().manual_seed(num)
+    tokens = torch.randint(0, 1000, (2 * num + 1,), generator=g).tolist()
+    keys = LOOKUP_NS.page_keys(tokens)
+    payloads = [torch.randn(LOOKUP_SHAPE, generator=g) for _ in range(num)]
+    stager = PageStager(LOOKUP_SHAPE, torch.float32, torch.device("cpu"))
+    offload = KvOffload(lambda page_id: memoryview(b""), lambda ids: ([], None, None),
+                        lambda slots: None, 64 * (LOOKUP_NS.page_nbytes + 100), stager)
+    for i in range(num):
+        blob = bytearray(encode_page(LOOKUP_NS, keys[i], tokens_to_bytes(tokens[2 * i : 2 * i + 2]),
+                                     payloads[i].numpy().tobytes()))
+        if i == corrupt:
+            blob[-3] ^= 0x40  # a payload byte: only the checksum catches it
+        if i != missing:
+            offload.host.put_many([(keys[i], bytes(blob))])
+    seq = Sequence("r", 0, tokens, len(tokens), SamplingParams(), LOOKUP_NS)
+    return offload, seq, keys, payloads
+
+
+@pytest.mark.parametrize("device_checksums", [False, True])  # True: Triton's interpreter
+@pytest.mark.parametrize(("missing", "corrupt", "num_ok", "chunks", "host_chunks"), [
+    (None, None, 7, [2, 2, 3], [2, 2, 3]),  # chunks of 2, 2, then as many as came before
+    (5, None, 5, [2, 2, 1], [2, 2, 1]),  # a gap ends the lookup (no store here)
+    (None, 5, 5, [2, 2, 3], [2, 2, 3]),  # a bad page in the last chunk: those before it stay
+    # ... in the first chunk: checked on the host, it ends the lookup there; on the device
+    # (after the copies), the later chunks are dropped when the load settles
+    (None, 1, 1, [2, 2, 3], [2]),
+])
+def test_host_lookups_go_in_growing_chunks_and_stop_at_a_gap_or_a_bad_page(
+        monkeypatch, device_checksums, missing, corrupt, num_ok, chunks, host_chunks):
+    monkeypatch.setattr(workers.offload, "_FIRST_CHUNK_PAGES", 2)
+    offload, seq, keys, payloads = host_pages(7, missing, corrupt)
+    offload.stager.device_checksums = device_checksums
+    parts = []
+    settle = offload._settle
+    offload._settle = lambda p: parts.extend(p) or settle(p)
+    load = offload.lookup(seq, 0, 7)
+    assert load is not None and load.start_page == 0
+    assert load.settle() == num_ok
+    assert [len(part.keys) for part in parts] == (chunks if device_checksums else host_chunks)
+    for i, (rows, row) in enumerate(load.payloads):
+        assert torch.equal(rows[row], payloads[i])
+    assert load.tiers == ["cpu"] * num_ok
+    if corrupt is not None:  # dropped from the host tier; the others stay
+        assert offload.host.contains_many(keys[:7]) == [i != corrupt for i in range(7)]
+
+
+def test_a_lookup_past_the_device_prefix_starts_at_its_first_page(monkeypatch):
+    monkeypatch.setattr(workers.offload, "_FIRST_CHUNK_PAGES", 2)
+    offload, seq, _, payloads = host_pages(7)
+    load = offload.lookup(seq, 3, 7)
+    assert load is not None and load.start_page == 3 and load.settle() == 4
+    for i, (rows, row) in enumerate(load.payloads):
+        assert torch.equal(rows[row], payloads[3 + i])
