@@ -131,14 +131,13 @@ class PageStager:
     def _stage(self, blobs: Sequence[bytes | memoryview], ns: Namespace, keys: Sequence[bytes],
                token_ids: Sequence[bytes], is_pinned: bool,
                addresses: Sequence[int | None] | None) -> StagedPages:
-        out = None
-        if is_pinned and self.device_checksums:  # copies queued first, headers checked meanwhile
-            out = self._allocate(len(blobs))
-            if self._verifies_on_device(out):
-                return self._send_checked(out, blobs, ns, keys, token_ids, addresses)
+        if is_pinned:  # copies queued first, headers checked meanwhile
+            send = self.open_send(ns, len(blobs))
+            if send is not None:
+                send.add(blobs, keys, token_ids, addresses)
+                return send.close()
         sources = list(self._checked_sources(blobs, ns, keys, token_ids))
-        if out is None:
-            out = self._allocate(len(sources))
+        out = self._allocate(len(sources))
         on_device = self._verifies_on_device(out)
         if is_pinned:
             return StagedPages.verified(self._send_pinned(out, sources, blobs))
@@ -185,40 +184,19 @@ class PageStager:
                 return
             yield buffer_address(payload)[0], checksum
 
-    def _send_checked(self, out: torch.Tensor, blobs: Sequence[bytes | memoryview],
-                      ns: Namespace, keys: Sequence[bytes], token_ids: Sequence[bytes],
-                      addresses: Sequence[int | None] | None) -> StagedPages:
-        """Pinned sources, checksums on the device. Every page of the right size has its
-        payload's copy queued first (a page's payload lies at a fixed offset for its
-        namespace), so the DMA runs while the headers are checked here; the rows that arrived
-        are then verified against the checksums the good headers record, and the rows from the
-        first bad page on are dropped. The count is left on the device (`StagedPages.verify`
-        waits for it)."""
-        self.wait_sent()  # the previous direct send has read its pages
-        if ns.page_nbytes != self.page_nbytes:  # not this stager's page shape
-            return StagedPages.verified(out[:0])
-        payload_at, nbytes = payload_offset(ns), page_nbytes(ns)
-        sized = num_leading([memoryview(blob).nbytes == nbytes for blob in blobs])
-        known = addresses[:sized] if addresses is not None else [None] * sized
-        starts = [a if a is not None else buffer_address(blob)[0]
-                  for a, blob in zip(known, blobs, strict=False)]
-        self._copy_rows(out, [start + payload_at for start in starts])
-        recorded: list[int] = []
-        for i in range(sized):
-            try:
-                recorded.append(check_page_header(blobs[i], ns, keys[i], token_ids[i])[1])
-            except PageCorrupt:
-                break
-        if sized and not recorded and self.is_cuda:  # nothing to verify: still wait for the
-            torch.cuda.current_stream(self.device).synchronize()  # copies to leave the sources
-        rows = out[: len(recorded)]
-        return self._verify_rows(rows, recorded, blobs)
-
-    @property
-    def sends_overlap(self) -> bool:
-        """Pinned pages staged by successive calls may be in flight together (checked on the
-        host instead, a send first waits for the one before it to have read its pages)."""
-        return not self.is_cuda or self._checks_on_device()
+    def open_send(self, ns: Namespace, num_rows: int) -> CheckedSend | None:
+        """Up to `num_rows` pages sent straight from page-locked memory (or, without CUDA, any
+        memory) and checksummed on the device, added in as many batches as the caller likes
+        (`CheckedSend`), so the first pages' copies run while the next ones are fetched. None
+        where that does not apply: checksums on the host, another page size, or no room on
+        the device."""
+        if ns.page_nbytes != self.page_nbytes or not self._checks_on_device():
+            return None
+        out = self._allocate(num_rows)
+        if not self._verifies_on_device(out):
+            return None
+        self.wait_sent()  # the previous send checked on the host has read its pages
+        return CheckedSend(self, out, ns)
 
     def _verifies_on_device(self, out: torch.Tensor) -> bool:
         """Checksums computed on the device, over the rows of `out` once they have arrived."""
@@ -326,6 +304,55 @@ class PageStager:
             return ok
 
         return map_chunked(work, len(chunk), len(chunk) * row)
+
+
+class CheckedSend:
+    """Pages copied to the rows of one device tensor batch by batch, their headers checked on
+    the host while the copies run, their checksums computed on the device once, at `close`.
+    Every page of the right size has its payload's copy queued first (a page's payload lies at
+    a fixed offset for its namespace); the first page whose header fails ends the send (later
+    batches add nothing). The batches' blobs stay referenced until the checksums are in."""
+
+    def __init__(self, stager: PageStager, out: torch.Tensor, ns: Namespace) -> None:
+        self.stager, self.out, self.ns = stager, out, ns
+        self.recorded: list[int] = []  # checksums the good headers record, one per row
+        self.sources: list[Sequence[bytes | memoryview]] = []
+        self.is_open = True  # no page has failed yet
+        self._num_copied = 0  # pages whose copies were queued without a good header
+
+    def add(self, blobs: Sequence[bytes | memoryview], keys: Sequence[bytes],
+            token_ids: Sequence[bytes], addresses: Sequence[int | None] | None = None) -> int:
+        """Queue the copies of the next pages (on the current stream) and check their headers;
+        returns how many got rows (all of them, unless one failed or the rows ran out)."""
+        if not self.is_open:
+            return 0
+        row = len(self.recorded)
+        blobs = blobs[: len(self.out) - row]
+        nbytes = page_nbytes(self.ns)
+        sized = num_leading([memoryview(blob).nbytes == nbytes for blob in blobs])
+        known = addresses[:sized] if addresses is not None else [None] * sized
+        payload_at = payload_offset(self.ns)
+        self.stager._copy_rows(self.out[row:], [
+            (a if a is not None else buffer_address(blob)[0]) + payload_at
+            for a, blob in zip(known, blobs, strict=False)])
+        self.sources.append(blobs)
+        for i in range(sized):
+            try:
+                self.recorded.append(
+                    check_page_header(blobs[i], self.ns, keys[i], token_ids[i])[1])
+            except PageCorrupt:
+                break
+        added = len(self.recorded) - row
+        self._num_copied += sized - added
+        self.is_open = added == len(blobs)
+        return added
+
+    def close(self) -> StagedPages:
+        """The rows of the pages whose headers checked out, with their checksums under way."""
+        stager = self.stager
+        if self._num_copied and not self.recorded and stager.is_cuda:  # nothing to verify:
+            torch.cuda.current_stream(stager.device).synchronize()  # copies left the sources
+        return stager._verify_rows(self.out[: len(self.recorded)], self.recorded, self.sources)
 
 
 class StagedPages:

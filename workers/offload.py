@@ -62,11 +62,20 @@ class _Fetched:
         self.is_valid = is_valid or (lambda: True)
         self.report_bad = report_bad or (lambda keys: None)
 
+    def leading(self) -> list:
+        """The pages before the first absent one (the others are forgotten)."""
+        self.pages = _leading(self.pages)
+        return self.pages
+
     def release(self) -> None:
         """End the lease (once): the pages' memory may then be reused."""
         release, self._release = self._release, None
         if release is not None:
             release()
+
+
+def _leading(pages: list) -> list:
+    return pages[: pages.index(None)] if None in pages else pages
 
 
 @dataclass
@@ -251,45 +260,68 @@ class KvOffload:
         payloads: list[StagedRow] = []
         tiers: list[str] = []
         parts: list[_LoadPart] = []
-        for name, fetch in (("cpu", self._host_get), ("store", self._store_get)):
-            tier_start = len(payloads)
-            while len(payloads) < len(keys):
-                # the host tier in chunks growing from _FIRST_CHUNK_PAGES: the first pages'
-                # copies start while the next ones are looked up (the store: one round trip)
-                start = len(payloads)
-                end = len(keys)
-                if name == "cpu" and self.stager.sends_overlap:
-                    end = min(end, start + max(_FIRST_CHUNK_PAGES, start - tier_start))
-                fetched = fetch(keys[start:end])
-                blobs = fetched.pages
-                if None in blobs:
-                    blobs = blobs[: blobs.index(None)]
-                if not blobs:
-                    fetched.release()
-                    break
-                try:
-                    staged = self.stager.stage_unverified(
-                        blobs, ns, keys[start : start + len(blobs)],
-                        page_tokens[start : start + len(blobs)], is_pinned=fetched.is_pinned,
-                        addresses=fetched.addresses[: len(blobs)] if fetched.addresses else None)
-                except Exception:  # e.g. no device memory: a miss, not a failed step
-                    log.warning("loading %d pages from the %s tier failed", len(blobs), name,
-                                exc_info=True)
-                    fetched.release()
-                    return self._pending(num_device_pages, payloads, tiers, parts)
-                parts.append(_LoadPart(name, fetched, staged, keys[start : start + len(blobs)]))
-                payloads.extend((staged.rows, i) for i in range(len(staged.rows)))
-                tiers.extend([name] * len(staged.rows))
-                if len(staged.rows) < end - start:
-                    break  # a gap or a bad page: the next tier goes on from it
-        return self._pending(num_device_pages, payloads, tiers, parts)
-
-    def _pending(self, num_device_pages: int, payloads: list[StagedRow], tiers: list[str],
-                 parts: list[_LoadPart]) -> PendingLoad | None:
+        for name in ("cpu", "store"):
+            start = len(payloads)
+            if start == len(keys) or (self.host if name == "cpu" else self.store) is None:
+                continue
+            fetched = _Fetched([])
+            try:
+                if name == "cpu":
+                    fetched, staged = self._host_stage(ns, keys[start:], page_tokens[start:])
+                else:
+                    fetched = self._store_get(keys[start:])
+                    staged = self._stage(fetched, ns, keys[start:], page_tokens[start:])
+            except Exception:  # e.g. no device memory: a miss, not a failed step
+                log.warning("loading pages from the %s tier failed", name, exc_info=True)
+                fetched.release()
+                break
+            parts.append(_LoadPart(name, fetched, staged,
+                                   keys[start : start + len(fetched.pages)]))
+            payloads.extend((staged.rows, i) for i in range(len(staged.rows)))
+            tiers.extend([name] * len(staged.rows))
         if not payloads:
             self._settle(parts)
             return None
         return PendingLoad(num_device_pages, payloads, tiers, lambda: self._settle(parts))
+
+    def _host_stage(self, ns: Namespace, keys: list[bytes], page_tokens: list[bytes]
+                    ) -> tuple[_Fetched, StagedPages]:
+        """The host tier's leading pages of `keys`, staged. Where they go straight to the device
+        and are checksummed there, they are looked up in chunks growing from
+        _FIRST_CHUNK_PAGES, each chunk's copies queued before the next is looked up, so the
+        copies start early and run while the rest is looked up and checked."""
+        assert self.host is not None
+        send = self.stager.open_send(ns, len(keys)) if self.host.is_pinned or (
+            not self.stager.is_cuda) else None
+        if send is None:
+            fetched = self._host_get(keys)
+            return fetched, self._stage(fetched, ns, keys, page_tokens)
+        pages: list[Any] = []
+        try:
+            while len(pages) < len(keys):
+                start = len(pages)
+                end = min(len(keys), start + max(_FIRST_CHUNK_PAGES, start))
+                chunk, where = self.host.get_leading_addressed(keys[start:end])
+                chunk = _leading(chunk)
+                pages += chunk
+                if send.add(chunk, keys[start : start + len(chunk)],
+                            page_tokens[start : start + len(chunk)],
+                            where[: len(chunk)]) < end - start:
+                    break  # a gap, or a bad page: the store goes on from the first row lost
+            return _Fetched(pages, is_pinned=True), send.close()
+        except BaseException:
+            if self.stager.is_cuda:  # no copy still reads the pages once this has raised
+                torch.cuda.current_stream(self.stager.device).synchronize()
+            raise
+
+    def _stage(self, fetched: _Fetched, ns: Namespace, keys: list[bytes],
+               page_tokens: list[bytes]) -> StagedPages:
+        """The fetched pages before the first absent one, staged in one go."""
+        blobs = fetched.leading()
+        n = len(blobs)
+        return self.stager.stage_unverified(
+            blobs, ns, keys[:n], page_tokens[:n], is_pinned=fetched.is_pinned,
+            addresses=fetched.addresses[:n] if fetched.addresses else None)
 
     def _settle(self, parts: list[_LoadPart]) -> int:
         """Wait for the parts' copies and checks; returns how many leading pages passed. Ends

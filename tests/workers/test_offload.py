@@ -40,59 +40,82 @@ def test_a_demoted_prefix_is_stored_in_order_and_evicted_from_its_end():
     assert [e.kind for e in offload.pop_events()] == ["stored"] * 3 + ["stored", "removed"]
 
 
-def host_pages(num: int, missing: int | None = None, corrupt: int | None = None):
+def host_pages(num: int, missing: int | None = None, corrupt: int | None = None,
+               device_checksums: bool = False, bad_header: int | None = None):
     """A KvOffload whose host tier holds `num` pages of one sequence (but `missing`; `corrupt`
-    with a payload byte flipped), the sequence, and each page's payload."""
+    with a payload byte flipped, `bad_header` recording another page's token ids), the
+    sequence, and each page's payload. device_checksums: on
+    CUDA where there is one (the host tier then pins its pages), else on this CPU."""
     g = torch.Generator().manual_seed(num)
     tokens = torch.randint(0, 1000, (2 * num + 1,), generator=g).tolist()
     keys = LOOKUP_NS.page_keys(tokens)
     payloads = [torch.randn(LOOKUP_SHAPE, generator=g) for _ in range(num)]
-    stager = PageStager(LOOKUP_SHAPE, torch.float32, torch.device("cpu"))
+    on_cuda = device_checksums and torch.cuda.is_available()
+    stager = PageStager(LOOKUP_SHAPE, torch.float32, torch.device("cuda" if on_cuda else "cpu"),
+                        device_checksums=device_checksums)
     offload = KvOffload(lambda page_id: memoryview(b""), lambda ids: ([], None, None),
                         lambda slots: None, 64 * (LOOKUP_NS.page_nbytes + 100), stager)
     for i in range(num):
-        blob = bytearray(encode_page(LOOKUP_NS, keys[i], tokens_to_bytes(tokens[2 * i : 2 * i + 2]),
+        j = i + 1 if i == bad_header else i
+        blob = bytearray(encode_page(LOOKUP_NS, keys[i],
+                                     tokens_to_bytes(tokens[2 * j : 2 * j + 2]),
                                      payloads[i].numpy().tobytes()))
         if i == corrupt:
             blob[-3] ^= 0x40  # a payload byte: only the checksum catches it
         if i != missing:
-            offload.host.put_many([(keys[i], bytes(blob))])
+            assert not offload.host.put_many([(keys[i], bytes(blob))])
     seq = Sequence("r", 0, tokens, len(tokens), SamplingParams(), LOOKUP_NS)
     return offload, seq, keys, payloads
 
 
-@pytest.mark.parametrize("device_checksums", [False, True])  # True: Triton's interpreter
-@pytest.mark.parametrize(("missing", "corrupt", "num_ok", "chunks", "host_chunks"), [
-    (None, None, 7, [2, 2, 3], [2, 2, 3]),  # chunks of 2, 2, then as many as came before
-    (5, None, 5, [2, 2, 1], [2, 2, 1]),  # a gap ends the lookup (no store here)
-    (None, 5, 5, [2, 2, 3], [2, 2, 3]),  # a bad page in the last chunk: those before it stay
-    # ... in the first chunk: checked on the host, it ends the lookup there; on the device
-    # (after the copies), the later chunks are dropped when the load settles
-    (None, 1, 1, [2, 2, 3], [2]),
+@pytest.mark.parametrize(("missing", "corrupt", "bad_header", "num_ok", "chunks"), [
+    (None, None, None, 7, [2, 2, 3]),  # chunks of 2, 2, then as many as came before
+    (5, None, None, 5, [2, 2, 3]),  # a gap ends the lookup (no store here)
+    (None, 5, None, 5, [2, 2, 3]),  # a bad page in the last chunk: the pages before it stay
+    (None, 1, None, 1, [2, 2, 3]),  # ... in the first one: found after the copies, all go
+    (None, None, 3, 3, [2, 2]),  # a bad header: found before the next chunk is looked up
 ])
-def test_host_lookups_go_in_growing_chunks_and_stop_at_a_gap_or_a_bad_page(
-        monkeypatch, device_checksums, missing, corrupt, num_ok, chunks, host_chunks):
+def test_host_lookups_checked_on_the_device_go_in_growing_chunks(
+        monkeypatch, missing, corrupt, bad_header, num_ok, chunks):
+    """Checksums on the device (kernels.xxh3; Triton's interpreter on a CPU): the first
+    chunk's copies are queued before the next chunk is looked up; one checksum pass at the end.
+    """
     monkeypatch.setattr(workers.offload, "_FIRST_CHUNK_PAGES", 2)
-    offload, seq, keys, payloads = host_pages(7, missing, corrupt)
-    offload.stager.device_checksums = device_checksums
-    parts = []
-    settle = offload._settle
-    offload._settle = lambda p: parts.extend(p) or settle(p)
+    offload, seq, keys, payloads = host_pages(7, missing, corrupt, device_checksums=True,
+                                              bad_header=bad_header)
+    looked_up = []
+    get = offload.host.get_leading_addressed
+    offload.host.get_leading_addressed = lambda k: looked_up.append(len(k)) or get(k)
     load = offload.lookup(seq, 0, 7)
     assert load is not None and load.start_page == 0
     assert load.settle() == num_ok
-    assert [len(part.keys) for part in parts] == (chunks if device_checksums else host_chunks)
+    assert looked_up == chunks
     for i, (rows, row) in enumerate(load.payloads):
-        assert torch.equal(rows[row], payloads[i])
+        assert torch.equal(rows[row].cpu(), payloads[i])
     assert load.tiers == ["cpu"] * num_ok
-    if corrupt is not None:  # dropped from the host tier; the others stay
-        assert offload.host.contains_many(keys[:7]) == [i != corrupt for i in range(7)]
+    bad = corrupt if corrupt is not None else bad_header
+    if bad is not None:  # dropped from the host tier; the others stay
+        assert offload.host.contains_many(keys[:7]) == [i != bad for i in range(7)]
+
+
+@pytest.mark.parametrize(("corrupt", "num_ok"), [(None, 7), (5, 5)])
+def test_host_lookups_checked_on_the_host_go_in_one(monkeypatch, corrupt, num_ok):
+    """Checksums on the host: a send waits for the one before it, so chunks would not overlap."""
+    monkeypatch.setattr(workers.offload, "_FIRST_CHUNK_PAGES", 2)
+    offload, seq, keys, payloads = host_pages(7, corrupt=corrupt, device_checksums=False)
+    looked_up = []
+    get = offload.host.get_leading_addressed
+    offload.host.get_leading_addressed = lambda k: looked_up.append(len(k)) or get(k)
+    load = offload.lookup(seq, 0, 7)
+    assert load is not None and load.settle() == num_ok and looked_up == [7]
+    for i, (rows, row) in enumerate(load.payloads):
+        assert torch.equal(rows[row].cpu(), payloads[i])
 
 
 def test_a_lookup_past_the_device_prefix_starts_at_its_first_page(monkeypatch):
     monkeypatch.setattr(workers.offload, "_FIRST_CHUNK_PAGES", 2)
-    offload, seq, _, payloads = host_pages(7)
+    offload, seq, _, payloads = host_pages(7, device_checksums=True)
     load = offload.lookup(seq, 3, 7)
     assert load is not None and load.start_page == 3 and load.settle() == 4
     for i, (rows, row) in enumerate(load.payloads):
-        assert torch.equal(rows[row], payloads[3 + i])
+        assert torch.equal(rows[row].cpu(), payloads[3 + i])
