@@ -12,10 +12,16 @@ step reads the logits.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
-from workers.models.llama import AttentionMetadata, AttentionOps, LlamaForCausalLM
+from workers.models.llama import AttentionMetadata, AttentionOps, LayerState, LlamaForCausalLM
+from workers.pool_copies import layer_segments
+
+# padded batch sizes also captured as one graph per run of layers (pool_copies.layer_segments)
+SEGMENTED_MAX_ROWS = 16
 
 
 def decode_ctas_per_sm(head_dim: int) -> int:
@@ -85,6 +91,12 @@ class DecodeGraphs:
         self._argmax = argmax_rows
         self.logits: dict[int, torch.Tensor] = {}  # [bs, vocab] in the model dtype
         self.next_tokens: dict[int, torch.Tensor] = {}  # [bs] int64, the argmax of logits
+        # small batches (a prefix hit's suffix) are also captured as one graph per run of
+        # layers, so a step can start while the hit's last layers are still arriving
+        self.segments = layer_segments(model.config.num_layers)
+        self.segment_graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self.segment_logits: dict[int, torch.Tensor] = {}
+        self._segment_states: dict[int, LayerState] = {}  # their hidden states, kept alive
         self.max_steps = 64
         self._tokens = torch.zeros((self.max_steps, n), dtype=torch.int64, device=dev)
         base_ops = model.ops
@@ -124,13 +136,40 @@ class DecodeGraphs:
                 self.graphs[bs] = graph
                 self.logits[bs] = logits
                 self.next_tokens[bs] = next_tokens
+                if bs <= SEGMENTED_MAX_ROWS and len(self.segments) > 1:
+                    self._capture_segments(bs, meta, pool)
             finally:
                 model.ops = base_ops
         torch.cuda.synchronize()
 
+    def _capture_segments(self, bs: int, meta: AttentionMetadata, pool: tuple) -> None:
+        """The step of batch size bs as one graph per run of layers (the first also embeds the
+        tokens, the last also samples and advances the inputs), replayed in order."""
+        graphs = []
+        state = None
+        with torch.inference_mode():
+            for index, layers in enumerate(self.segments):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    if state is None:
+                        self._counters.zero_()
+                        state = self.model.start(self.input_ids[:bs], self.positions[:bs])
+                    self.model.run_layers(state, layers, meta, self.kv_pool)
+                    if index == len(self.segments) - 1:
+                        self.segment_logits[bs] = self._finish(bs, state)[0]
+                graphs.append(graph)
+        assert state is not None
+        self.segment_graphs[bs] = graphs
+        self._segment_states[bs] = state
+
     def _step(self, bs: int, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         self._counters.zero_()
-        hidden = self.model(self.input_ids[:bs], self.positions[:bs], meta, self.kv_pool)
+        state = self.model.start(self.input_ids[:bs], self.positions[:bs])
+        self.model.run_layers(state, range(self.model.config.num_layers), meta, self.kv_pool)
+        return self._finish(bs, state)
+
+    def _finish(self, bs: int, state: LayerState) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model.finish(state)
         logits = self.model.lm_head(hidden)
         next_tokens = self._argmax(logits)
         advance_decode_inputs(next_tokens, self.input_ids[:bs], self.positions[:bs],
@@ -149,6 +188,20 @@ class DecodeGraphs:
         self.graphs[bs].replay()
         return self.logits[bs][: len(input_ids)].float()
 
+    def has_segments(self, num_seqs: int) -> bool:
+        return self._size(num_seqs) in self.segment_graphs
+
+    def run_segments(self, input_ids: list[int], positions: list[int], slots: list[int],
+                     page_rows: list[list[int]], seq_lens: list[int],
+                     before: Callable[[int], None]) -> torch.Tensor:
+        """`run` through the graphs of runs of layers: `before(k)` is called ahead of run k
+        (layers segments[k]), e.g. to queue a wait for those layers of pages being loaded."""
+        bs = self._load(input_ids, positions, slots, page_rows, seq_lens)
+        for index, graph in enumerate(self.segment_graphs[bs]):
+            before(index)
+            graph.replay()
+        return self.segment_logits[bs][: len(input_ids)].float()
+
     def run_steps(self, input_ids: list[int], positions: list[int], slots: list[int],
                   page_rows: list[list[int]], seq_lens: list[int],
                   num_steps: int) -> torch.Tensor:
@@ -162,11 +215,15 @@ class DecodeGraphs:
             tokens[k].copy_(self.next_tokens[bs])
         return tokens[:, : len(input_ids)]
 
+    def _size(self, num_seqs: int) -> int:
+        """The captured batch size a batch of num_seqs is padded to."""
+        return next(s for s in self.sizes if s >= num_seqs)
+
     def _load(self, input_ids: list[int], positions: list[int], slots: list[int],
               page_rows: list[list[int]], seq_lens: list[int]) -> int:
         """Stage one step's inputs into the graph buffers; returns the padded batch size."""
         num_seqs = len(input_ids)
-        bs = next(s for s in self.sizes if s >= num_seqs)
+        bs = self._size(num_seqs)
         # one staging row per input, padded for the captured size, sent in one copy:
         # ids, positions, slots, seq_lens
         host = self._host_inputs

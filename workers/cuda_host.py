@@ -63,30 +63,32 @@ def cudart() -> ctypes.CDLL | None:
 
 
 def copy_async(lib: ctypes.CDLL, copies: Sequence[tuple[int, int]], nbytes: int,
-               stream: torch.cuda.Stream) -> None:
+               stream: torch.cuda.Stream, dst_pitch: int | None = None) -> None:
     """Queue copies of `nbytes` each, (destination, source) address pairs, on `stream`: host to
     device in the main use. Asynchronous when the host side is page-locked; the caller keeps the
-    source alive and unchanged until the stream has passed the copies. A run of consecutive
-    destinations whose sources lie at one fixed stride (pages back to back in a store segment,
-    each behind its header; consecutive slots of a host-tier arena) goes as one
-    cudaMemcpy2DAsync; where CUDA refuses that (the span crosses allocations), halves of it."""
+    source alive and unchanged until the stream has passed the copies. A run of destinations
+    `dst_pitch` apart (default: back to back) whose sources lie at one fixed stride (pages back
+    to back in a store segment, each behind its header; consecutive slots of a host-tier arena)
+    goes as one cudaMemcpy2DAsync; where CUDA refuses that (the span crosses allocations),
+    halves of it."""
     handle = stream.cuda_stream
+    step = nbytes if dst_pitch is None else dst_pitch
     i = 0
     while i < len(copies):
         dst, src = copies[i]
         end = i + 1
         pitch = copies[end][1] - src if end < len(copies) else 0
         if pitch >= nbytes:
-            while (end < len(copies) and copies[end][0] == dst + (end - i) * nbytes
+            while (end < len(copies) and copies[end][0] == dst + (end - i) * step
                    and copies[end][1] == src + (end - i) * pitch):
                 end += 1
-        _copy_run(lib, copies[i:end], nbytes, pitch, handle)
+        _copy_run(lib, copies[i:end], nbytes, step, pitch, handle)
         i = end
 
 
-def _copy_run(lib: ctypes.CDLL, run: Sequence[tuple[int, int]], nbytes: int, pitch: int,
-              handle: int) -> None:
-    """Copies with destinations back to back and sources `pitch` apart, as one 2-D copy. CUDA
+def _copy_run(lib: ctypes.CDLL, run: Sequence[tuple[int, int]], nbytes: int, dst_pitch: int,
+              pitch: int, handle: int) -> None:
+    """Copies with destinations `dst_pitch` and sources `pitch` apart, as one 2-D copy. CUDA
     refuses one whose sources cross allocations (two arenas that happen to lie back to back):
     then each half is tried the same way, down to single pages."""
     if len(run) == 1:
@@ -94,13 +96,13 @@ def _copy_run(lib: ctypes.CDLL, run: Sequence[tuple[int, int]], nbytes: int, pit
                "cudaMemcpyAsync")
         return
     dst, src = run[0]
-    if not lib.cudaMemcpy2DAsync(dst, nbytes, src, pitch, nbytes, len(run), _COPY_DEFAULT,
+    if not lib.cudaMemcpy2DAsync(dst, dst_pitch, src, pitch, nbytes, len(run), _COPY_DEFAULT,
                                  handle):
         return
     lib.cudaGetLastError()  # refused (nothing queued): clear it, split the run
     half = len(run) // 2
-    _copy_run(lib, run[:half], nbytes, pitch, handle)
-    _copy_run(lib, run[half:], nbytes, pitch, handle)
+    _copy_run(lib, run[:half], nbytes, dst_pitch, pitch, handle)
+    _copy_run(lib, run[half:], nbytes, dst_pitch, pitch, handle)
 
 
 def _check(lib: ctypes.CDLL, status: int, what: str) -> None:

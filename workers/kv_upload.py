@@ -48,6 +48,7 @@ from cachestore.codec import (
 from cachestore.keys import Namespace
 from cachestore.shm import buffer_address
 from workers.cuda_host import copy_async, cudart
+from workers.pool_copies import ArrivingRows, layer_segments
 
 log = logging.getLogger(__name__)
 _CHUNK_BYTES = 64 << 20
@@ -70,6 +71,8 @@ class PageStager:
         self._buffers: list[torch.Tensor] = []
         self._checksums_warm = False
         self._verify_stream: torch.cuda.Stream | None = None  # device checksums run there
+        self._copy_stream: torch.cuda.Stream | None = None  # sends checked on the device
+        self.segments = layer_segments(page_shape[0])  # runs of layers they arrive in
         self._free: list[torch.cuda.Event | None] = [None, None]
         # pinned source pages of the last direct send, referenced until its copies are done
         self._keepalive: tuple[torch.cuda.Event | None, list] | None = None
@@ -124,9 +127,15 @@ class PageStager:
         try:
             return self._stage(blobs, ns, keys, token_ids, is_pinned, addresses)
         except BaseException:
-            if self.is_cuda:
-                torch.cuda.current_stream(self.device).synchronize()
+            self.synchronize()
             raise
+
+    def synchronize(self) -> None:
+        """Wait for every copy queued so far (they no longer read their sources)."""
+        if self.is_cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+            if self._copy_stream is not None:
+                self._copy_stream.synchronize()
 
     def _stage(self, blobs: Sequence[bytes | memoryview], ns: Namespace, keys: Sequence[bytes],
                token_ids: Sequence[bytes], is_pinned: bool,
@@ -196,7 +205,14 @@ class PageStager:
         if not self._verifies_on_device(out):
             return None
         self.wait_sent()  # the previous send checked on the host has read its pages
-        return CheckedSend(self, out, ns)
+        stream = None
+        if self.is_cuda:  # copies on a stream of their own: the step may start on early layers
+            if self._copy_stream is None:
+                self._copy_stream = torch.cuda.Stream(self.device)
+            stream = self._copy_stream
+            stream.wait_stream(torch.cuda.current_stream(self.device))  # out's last users
+            out.record_stream(stream)
+        return CheckedSend(self, out, ns, stream)
 
     def _verifies_on_device(self, out: torch.Tensor) -> bool:
         """Checksums computed on the device, over the rows of `out` once they have arrived."""
@@ -209,8 +225,8 @@ class PageStager:
 
         return self.page_nbytes % 8 == 0 and self.page_nbytes >= MIN_NBYTES
 
-    def _verify_rows(self, rows: torch.Tensor, recorded: list[int],
-                     sources: object = None) -> StagedPages:
+    def _verify_rows(self, rows: torch.Tensor, recorded: list[int], sources: object = None,
+                     after: torch.cuda.Event | None = None) -> StagedPages:
         """The rows, and how many leading ones match their recorded checksums: computed on the
         device once they have arrived, on a stream of its own on CUDA, so work queued after the
         copies (moving the rows into the pool, the forward) does not wait for the checksums."""
@@ -225,7 +241,10 @@ class PageStager:
             if self._verify_stream is None:
                 self._verify_stream = torch.cuda.Stream(rows.device)
             stream = self._verify_stream
-            stream.wait_stream(torch.cuda.current_stream(rows.device))  # after the copies
+            if after is not None:  # the copies ran on another stream: after the last one
+                stream.wait_event(after)
+            else:
+                stream.wait_stream(torch.cuda.current_stream(rows.device))  # after the copies
             rows.record_stream(stream)
         with torch.cuda.stream(stream) if rows.is_cuda else contextlib.nullcontext():
             bad = xxh3_64_rows(rows) != want.to(rows.device, non_blocking=True)
@@ -311,19 +330,26 @@ class CheckedSend:
     the host while the copies run, their checksums computed on the device once, at `close`.
     Every page of the right size has its payload's copy queued first (a page's payload lies at
     a fixed offset for its namespace); the first page whose header fails ends the send (later
-    batches add nothing). The batches' blobs stay referenced until the checksums are in."""
+    batches add nothing). The batches' blobs stay referenced until the checksums are in.
 
-    def __init__(self, stager: PageStager, out: torch.Tensor, ns: Namespace) -> None:
-        self.stager, self.out, self.ns = stager, out, ns
+    On CUDA the copies run on `stream`, each batch a run of layers at a time
+    (`PageStager.segments`), an event recorded after each run: the rows come back as
+    `pool_copies.ArrivingRows`, so a step can compute its first layers while the last ones of
+    the last batch are still on their way."""
+
+    def __init__(self, stager: PageStager, out: torch.Tensor, ns: Namespace,
+                 stream: torch.cuda.Stream | None = None) -> None:
+        self.stager, self.out, self.ns, self.stream = stager, out, ns, stream
         self.recorded: list[int] = []  # checksums the good headers record, one per row
         self.sources: list[Sequence[bytes | memoryview]] = []
         self.is_open = True  # no page has failed yet
         self._num_copied = 0  # pages whose copies were queued without a good header
+        self.events = [torch.cuda.Event() for _ in stager.segments] if stream else []
 
     def add(self, blobs: Sequence[bytes | memoryview], keys: Sequence[bytes],
             token_ids: Sequence[bytes], addresses: Sequence[int | None] | None = None) -> int:
-        """Queue the copies of the next pages (on the current stream) and check their headers;
-        returns how many got rows (all of them, unless one failed or the rows ran out)."""
+        """Queue the copies of the next pages and check their headers; returns how many got
+        rows (all of them, unless one failed or the rows ran out)."""
         if not self.is_open:
             return 0
         row = len(self.recorded)
@@ -332,9 +358,8 @@ class CheckedSend:
         sized = num_leading([memoryview(blob).nbytes == nbytes for blob in blobs])
         known = addresses[:sized] if addresses is not None else [None] * sized
         payload_at = payload_offset(self.ns)
-        self.stager._copy_rows(self.out[row:], [
-            (a if a is not None else buffer_address(blob)[0]) + payload_at
-            for a, blob in zip(known, blobs, strict=False)])
+        self._copy(row, [(a if a is not None else buffer_address(blob)[0]) + payload_at
+                         for a, blob in zip(known, blobs, strict=False)])
         self.sources.append(blobs)
         for i in range(sized):
             try:
@@ -347,12 +372,37 @@ class CheckedSend:
         self.is_open = added == len(blobs)
         return added
 
+    def _copy(self, row: int, sources: list[int]) -> None:
+        """out[row + i] = the payload at sources[i]: on CUDA on the send's stream, one run of
+        layers of every page after another (one 2-D copy per run of pages at one stride)."""
+        stager = self.stager
+        lib = cudart() if self.stream is not None else None
+        if self.stream is None or lib is None:
+            with torch.cuda.stream(self.stream) if self.stream else contextlib.nullcontext():
+                stager._copy_rows(self.out[row:], sources)
+                for event in self.events:
+                    event.record()
+            return
+        page = stager.page_nbytes
+        base = self.out[row:].data_ptr()
+        layer = page // stager.page_shape[0]
+        for layers, event in zip(stager.segments, self.events, strict=True):
+            at, width = layers.start * layer, len(layers) * layer
+            copy_async(lib, [(base + i * page + at, a + at) for i, a in enumerate(sources)],
+                       width, self.stream, dst_pitch=page)
+            event.record(self.stream)
+
     def close(self) -> StagedPages:
         """The rows of the pages whose headers checked out, with their checksums under way."""
         stager = self.stager
-        if self._num_copied and not self.recorded and stager.is_cuda:  # nothing to verify:
-            torch.cuda.current_stream(stager.device).synchronize()  # copies left the sources
-        return stager._verify_rows(self.out[: len(self.recorded)], self.recorded, self.sources)
+        if self._num_copied and not self.recorded:  # nothing to verify: the copies must still
+            stager.synchronize()  # leave the sources before the caller lets them go
+        rows = self.out[: len(self.recorded)]
+        staged = stager._verify_rows(rows, self.recorded, self.sources,
+                                     after=self.events[-1] if self.events else None)
+        if self.events and len(rows):
+            staged.arriving = ArrivingRows(rows, self.events, stager.segments)
+        return staged
 
 
 class StagedPages:
@@ -364,6 +414,7 @@ class StagedPages:
     def __init__(self, rows: torch.Tensor, num_ok: torch.Tensor | int,
                  sources: object = None, ready: torch.cuda.Event | None = None) -> None:
         self.rows = rows
+        self.arriving: ArrivingRows | None = None  # set while the rows are still arriving
         self._num_ok = num_ok
         self._sources = sources
         self._ready = ready

@@ -18,7 +18,14 @@ from workers.cuda_graphs import DecodeGraphs, advance_decode_inputs, decode_ctas
 from workers.errors import InvalidConfig
 from workers.models.llama import AttentionMetadata, AttentionOps, FusedOps, LlamaForCausalLM
 from workers.models.loader import LoadedModel
-from workers.pool_copies import SnapshotSlots, StagedRow, runs, upload_pages
+from workers.pool_copies import (
+    ArrivingRows,
+    SnapshotSlots,
+    StagedRow,
+    runs,
+    upload_layers,
+    upload_pages,
+)
 from workers.scheduler import ScheduledBatch
 
 log = logging.getLogger(__name__)
@@ -166,7 +173,6 @@ class ModelRunner:
         """Run one forward over `batch` (its pages already allocated; loads and copies applied
         here first). Returns (fp32 logits [num_sampled, vocab], indices into batch.seqs of the
         sequences whose chunk reached their last token, i.e. that get a new token)."""
-        self._apply_page_moves(batch)
         ps = self.page_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -191,12 +197,39 @@ class ModelRunner:
         rows_are_tokens = max(batch.num_new_tokens) <= SHORT_CHUNK_TOKENS
         if rows_are_tokens and not is_decode:
             page_rows, seq_lens = _one_row_per_token(page_rows, seq_lens, cu)
-        if rows_are_tokens and self.graphs is not None and self.graphs.fits(len(input_ids)):
-            logits = self.graphs.run(input_ids, positions, slots, page_rows, seq_lens)
+        graphs = self.graphs
+        if rows_are_tokens and graphs is not None and graphs.fits(len(input_ids)):
+            arriving = self._arriving_loads(batch) if graphs.has_segments(len(input_ids)) \
+                else []
+            if arriving:  # each run of layers computes once those layers are in
+                self.copy_pages(batch.page_copies)
+                self.write_pages([load for load in batch.page_loads
+                                  if not isinstance(load[1][0], ArrivingRows)])
+                logits = graphs.run_segments(
+                    input_ids, positions, slots, page_rows, seq_lens,
+                    lambda segment: [upload_layers(self.kv_pool, ids, source, segment)
+                                     for source, ids in arriving])
+            else:
+                self._apply_page_moves(batch)
+                logits = graphs.run(input_ids, positions, slots, page_rows, seq_lens)
             return (logits if is_decode else logits[self._index(last_rows)]), sampled
+        self._apply_page_moves(batch)
         hidden = self._eager(input_ids, positions, slots, page_rows, seq_lens, cu,
                              rows_are_tokens)
         return self.model.compute_logits(hidden[self._index(last_rows)]), sampled
+
+    def _arriving_loads(self, batch: ScheduledBatch) -> list[tuple[ArrivingRows, torch.Tensor]]:
+        """The batch's loads whose rows still arrive a run of layers at a time, as (source, pool
+        ids of its rows 0..n-1); [] when a source's rows are used otherwise (then every load is
+        waited for whole)."""
+        targets: dict[int, tuple[ArrivingRows, list[int]]] = {}
+        for page_id, (source, row) in batch.page_loads:
+            if isinstance(source, ArrivingRows):
+                ids = targets.setdefault(id(source), (source, []))[1]
+                if row != len(ids):
+                    return []
+                ids.append(page_id)
+        return [(source, self._index(ids)) for source, ids in targets.values()]
 
     @torch.inference_mode()
     def execute_decode_steps(self, batch: ScheduledBatch, num_steps: int) -> list[list[int]]:

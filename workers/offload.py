@@ -277,7 +277,8 @@ class KvOffload:
                 break
             parts.append(_LoadPart(name, fetched, staged,
                                    keys[start : start + len(fetched.pages)]))
-            payloads.extend((staged.rows, i) for i in range(len(staged.rows)))
+            source = staged.arriving or staged.rows  # (arriving: a run of layers at a time)
+            payloads.extend((source, i) for i in range(len(staged.rows)))
             tiers.extend([name] * len(staged.rows))
         if not payloads:
             self._settle(parts)
@@ -310,8 +311,7 @@ class KvOffload:
                     break  # a gap, or a bad page: the store goes on from the first row lost
             return _Fetched(pages, is_pinned=True), send.close()
         except BaseException:
-            if self.stager.is_cuda:  # no copy still reads the pages once this has raised
-                torch.cuda.current_stream(self.stager.device).synchronize()
+            self.stager.synchronize()  # no copy still reads the pages once this has raised
             raise
 
     def _stage(self, fetched: _Fetched, ns: Namespace, keys: list[bytes],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -81,7 +82,50 @@ def runs(n: int, continues: Callable[[int], bool]) -> list[range]:
     return out
 
 
-StagedRow = tuple[torch.Tensor, int]  # (staged tensor, row): one page, kept as a reference
+# pages of a prefix hit arrive this many runs of layers apart: the step computes each run of
+# layers as soon as it is in (pinned sends on CUDA; see kv_upload.CheckedSend)
+LOAD_SEGMENTS = 4
+
+
+def layer_segments(num_layers: int, count: int = LOAD_SEGMENTS) -> list[range]:
+    """The layers cut into `count` (or fewer) consecutive runs as even as they go."""
+    count = max(1, min(count, num_layers))
+    bounds = [num_layers * k // count for k in range(count + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+@dataclass(eq=False)
+class ArrivingRows:
+    """Staged rows still being copied in on another stream, a run of layers of every row at a
+    time: `events[k]` completes once layers `segments[k]` of every row are in (the last event:
+    all of it). Work on the current stream must wait for them first (`wait`)."""
+
+    rows: torch.Tensor
+    events: list[torch.cuda.Event]
+    segments: list[range]
+
+    def wait(self, segment: int | None = None) -> None:
+        """The current stream waits for one run of layers (None: all of them)."""
+        event = self.events[-1 if segment is None else segment]
+        torch.cuda.current_stream(self.rows.device).wait_event(event)
+
+
+# (staged tensor, or rows still arriving, row): one page, kept as a reference
+StagedRow = tuple["torch.Tensor | ArrivingRows", int]
+
+
+def upload_layers(kv_pool: torch.Tensor, page_ids: torch.Tensor, source: ArrivingRows,
+                  segment: int) -> None:
+    """kv_pool[page_ids[i]] = source.rows[i] for layers source.segments[segment] only, once they
+    have arrived (rows 0..len(page_ids)-1; CUDA: kernels.scatter_rows)."""
+    from kernels.scatter_rows import scatter_row_spans
+
+    source.wait(segment)
+    layers = source.segments[segment]
+    words = kv_pool[0, 0].numel()
+    span = slice(layers.start * words, layers.stop * words)
+    scatter_row_spans(kv_pool.view(len(kv_pool), -1)[:, span], page_ids,
+                      source.rows.view(len(source.rows), -1)[: len(page_ids), span])
 
 
 def upload_pages(kv_pool: torch.Tensor, page_ids: Sequence[int],
@@ -91,7 +135,12 @@ def upload_pages(kv_pool: torch.Tensor, page_ids: Sequence[int],
     _MAX_RUN_COPIES runs goes as one scatter on the device (a gather first when its rows are
     out of order). Asynchronous on CUDA (non_blocking from pinned sources)."""
     groups: dict[int, tuple[torch.Tensor, list[int], list[int]]] = {}
-    for page_id, (source, row) in zip(page_ids, rows, strict=True):
+    for page_id, (staged, row) in zip(page_ids, rows, strict=True):
+        source = staged
+        if isinstance(staged, ArrivingRows):  # every layer in first
+            source = staged.rows
+            if id(source) not in groups:
+                staged.wait()
         group = groups.setdefault(id(source), (source, [], []))
         group[1].append(page_id)
         group[2].append(row)

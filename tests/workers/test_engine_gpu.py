@@ -89,9 +89,15 @@ def test_cuda_host_tier_reload_matches(tiny_cuda, corrupt):
     commits = []
     commit_load = engine.scheduler.commit_load
     engine.scheduler.commit_load = lambda seq: commits.append(commit_load(seq)) or commits[-1]
+    graphs = engine.runner.graphs
+    segmented = []  # replays through the graphs per run of layers
+    run_segments = graphs.run_segments
+    graphs.run_segments = lambda *a, **k: segmented.append(len(a[0])) or run_segments(*a, **k)
     out = engine.generate([long + [9, 9]], params)[0]
     assert engine.stats().prefix_hits["cpu"] >= len(held) - corrupt
     assert out == hf_greedy(hf, long + [9, 9], NEW)
+    # the hit's step ran a run of layers at a time as they came in
+    assert segmented and len(graphs.segments) == 2
     # the bad page is found after the step that computed on it: rewound, and dropped
     assert (False in commits) == corrupt
     assert host.contains_many(held[-1:]) == [not corrupt]

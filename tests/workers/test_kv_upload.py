@@ -14,7 +14,13 @@ import torch
 from cachestore.codec import encode_page
 from cachestore.keys import Namespace, tokens_to_bytes
 from workers.kv_upload import PageStager
-from workers.pool_copies import SnapshotSlots, upload_pages
+from workers.pool_copies import (
+    ArrivingRows,
+    SnapshotSlots,
+    layer_segments,
+    upload_layers,
+    upload_pages,
+)
 
 NS = Namespace("m", num_layers=3, num_kv_heads=2, head_dim=8, dtype="float32", page_size=4)
 SHAPE = (3, 2, 4, 2, 8)
@@ -320,3 +326,53 @@ def test_copy_async_splits_a_2d_copy_that_crosses_allocations():
         ("1d", 400, 4000, 100), ("1d", 500, 5000, 100),  # the pages on either side
         ("2d", 600, 100, 6000, 1000, 100, 2),
     ]
+
+
+def test_copy_async_sends_one_span_of_each_page_as_a_2d_copy():
+    """One run of layers of every page (bytes 40..100 of 250-byte rows): destinations a row
+    apart, sources a stored page apart (headers between them); a gap in the destinations
+    starts a new copy."""
+    from types import SimpleNamespace
+
+    from workers.cuda_host import copy_async
+
+    lib = _RecordingCudart()
+    copies = [(250 * i + 40, 1000 + 300 * i + 40) for i in range(3)] + [(1000 + 40, 2000 + 40)]
+    copy_async(lib, copies, 60, SimpleNamespace(cuda_stream=0), dst_pitch=250)
+    assert lib.calls == [("2d", 40, 250, 1040, 300, 60, 3), ("1d", 1040, 2040, 60)]
+
+
+@pytest.mark.parametrize(("num_layers", "count", "expected"), [
+    (16, 4, [range(0, 4), range(4, 8), range(8, 12), range(12, 16)]),
+    (3, 4, [range(0, 1), range(1, 2), range(2, 3)]),
+    (7, 3, [range(0, 2), range(2, 4), range(4, 7)]),
+    (1, 4, [range(0, 1)]),
+])
+def test_layer_segments_cover_every_layer_once_in_order(num_layers, count, expected):
+    assert layer_segments(num_layers, count) == expected
+
+
+@pytest.mark.gpu
+def test_pinned_pages_arrive_a_run_of_layers_at_a_time():
+    """A send checked on the device copies on a stream of its own, one run of layers of every
+    page at a time, with an event per run: each run can be moved into the pool as soon as it is
+    in, and the pool ends up as if the pages had been copied whole."""
+    blobs, keys, tokens, payloads = pages(9)
+    pinned = [torch.frombuffer(bytearray(b), dtype=torch.uint8).pin_memory() for b in blobs]
+    views = [memoryview(t.numpy()) for t in pinned]
+    stager = PageStager(SHAPE, torch.float32, torch.device("cuda"), device_checksums=True)
+    assert len(stager.segments) == 3  # one per layer of SHAPE
+    staged = stager.stage_unverified(views, NS, keys, tokens, is_pinned=True)
+    source = staged.arriving
+    assert isinstance(source, ArrivingRows) and source.rows is staged.rows
+    pool = torch.zeros((12, *SHAPE), device="cuda")
+    ids = [11, 2, 5, 7, 0, 3, 9, 1, 4]
+    index = torch.tensor(ids, device="cuda")
+    for segment in range(len(source.segments)):
+        upload_layers(pool, index, source, segment)
+    assert staged.verify() == 9
+    for page_id, payload in zip(ids, payloads, strict=True):
+        assert torch.equal(pool[page_id].cpu(), payload)
+    again = torch.zeros_like(pool)
+    upload_pages(again, ids, [(source, i) for i in range(9)])  # waits for every run first
+    assert torch.equal(again, pool)

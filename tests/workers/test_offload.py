@@ -12,6 +12,7 @@ from cachestore.keys import Namespace, tokens_to_bytes
 from workers.block_manager import EvictedPage
 from workers.kv_upload import PageStager
 from workers.offload import KvOffload
+from workers.pool_copies import ArrivingRows
 from workers.sampling import SamplingParams
 from workers.sequence import Sequence
 
@@ -38,6 +39,11 @@ def test_a_demoted_prefix_is_stored_in_order_and_evicted_from_its_end():
     offload.on_evict([EvictedPage(3, keys[3], keys[2], (6, 7), NS)])
     assert set(offload.host_keys()) == {keys[0], keys[1], keys[3]}  # the tail page went
     assert [e.kind for e in offload.pop_events()] == ["stored"] * 3 + ["stored", "removed"]
+
+
+def staged_rows(source) -> torch.Tensor:
+    """A payload's tensor (on CUDA rows arrive a run of layers at a time: settled, they are in)."""
+    return source.rows if isinstance(source, ArrivingRows) else source
 
 
 def host_pages(num: int, missing: int | None = None, corrupt: int | None = None,
@@ -91,7 +97,7 @@ def test_host_lookups_checked_on_the_device_go_in_growing_chunks(
     assert load.settle() == num_ok
     assert looked_up == chunks
     for i, (rows, row) in enumerate(load.payloads):
-        assert torch.equal(rows[row].cpu(), payloads[i])
+        assert torch.equal(staged_rows(rows)[row].cpu(), payloads[i])
     assert load.tiers == ["cpu"] * num_ok
     bad = corrupt if corrupt is not None else bad_header
     if bad is not None:  # dropped from the host tier; the others stay
@@ -109,7 +115,7 @@ def test_host_lookups_checked_on_the_host_go_in_one(monkeypatch, corrupt, num_ok
     load = offload.lookup(seq, 0, 7)
     assert load is not None and load.settle() == num_ok and looked_up == [7]
     for i, (rows, row) in enumerate(load.payloads):
-        assert torch.equal(rows[row].cpu(), payloads[i])
+        assert torch.equal(staged_rows(rows)[row].cpu(), payloads[i])
 
 
 def test_a_lookup_past_the_device_prefix_starts_at_its_first_page(monkeypatch):
@@ -118,4 +124,4 @@ def test_a_lookup_past_the_device_prefix_starts_at_its_first_page(monkeypatch):
     load = offload.lookup(seq, 3, 7)
     assert load is not None and load.start_page == 3 and load.settle() == 4
     for i, (rows, row) in enumerate(load.payloads):
-        assert torch.equal(rows[row].cpu(), payloads[3 + i])
+        assert torch.equal(staged_rows(rows)[row].cpu(), payloads[3 + i])

@@ -240,6 +240,16 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+@dataclass
+class LayerState:
+    """The hidden state between layers: the last layer's output, the residual stream before it
+    (None before the first layer), and the step's rotary tables."""
+
+    x: torch.Tensor
+    residual: torch.Tensor | None
+    rope: Rope
+
+
 class LlamaForCausalLM(nn.Module):
     """forward(input_ids, positions, meta, kv_pool) -> hidden [num_tokens, hidden];
     compute_logits(hidden rows) -> fp32 logits. Mutates kv_pool (writes the new tokens' K/V)."""
@@ -286,13 +296,26 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata, kv_pool: torch.Tensor) -> torch.Tensor:
-        assert self.ops is not None, "attention ops not set"
+        state = self.start(input_ids, positions)
+        self.run_layers(state, range(len(self.model.layers)), meta, kv_pool)
+        return self.finish(state)
+
+    # forward in parts (e.g. one CUDA graph per run of layers): start, run_layers over
+    # consecutive ranges covering every layer in order, finish
+    def start(self, input_ids: torch.Tensor, positions: torch.Tensor) -> LayerState:
         x = self.model.embed_tokens(input_ids)
-        rope = Rope(positions, self.cos_cache, self.sin_cache, x.dtype, self.fused)
-        residual = None
-        for layer in self.model.layers:
-            x, residual = layer(x, residual, rope, meta, kv_pool, self.ops)
-        return self.model.norm(x, residual)[0]
+        return LayerState(x, None, Rope(positions, self.cos_cache, self.sin_cache, x.dtype,
+                                        self.fused))
+
+    def run_layers(self, state: LayerState, layers: range, meta: AttentionMetadata,
+                   kv_pool: torch.Tensor) -> None:
+        assert self.ops is not None, "attention ops not set"
+        for index in layers:
+            state.x, state.residual = self.model.layers[index](
+                state.x, state.residual, state.rope, meta, kv_pool, self.ops)
+
+    def finish(self, state: LayerState) -> torch.Tensor:
+        return self.model.norm(state.x, state.residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
