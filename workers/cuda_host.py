@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -63,46 +63,60 @@ def cudart() -> ctypes.CDLL | None:
 
 
 def copy_async(lib: ctypes.CDLL, copies: Sequence[tuple[int, int]], nbytes: int,
-               stream: torch.cuda.Stream, dst_pitch: int | None = None) -> None:
+               stream: torch.cuda.Stream) -> None:
     """Queue copies of `nbytes` each, (destination, source) address pairs, on `stream`: host to
     device in the main use. Asynchronous when the host side is page-locked; the caller keeps the
-    source alive and unchanged until the stream has passed the copies. A run of destinations
-    `dst_pitch` apart (default: back to back) whose sources lie at one fixed stride (pages back
-    to back in a store segment, each behind its header; consecutive slots of a host-tier arena)
-    goes as one cudaMemcpy2DAsync; where CUDA refuses that (the span crosses allocations),
-    halves of it."""
+    source alive and unchanged until the stream has passed the copies. A run of consecutive
+    destinations whose sources lie at one fixed stride (pages back to back in a store segment,
+    each behind its header; consecutive slots of a host-tier arena) goes as one
+    cudaMemcpy2DAsync; where CUDA refuses that (the span crosses allocations), halves of it."""
+    copy_spans_async(lib, copies, nbytes, [(0, nbytes)], stream)
+
+
+def copy_spans_async(lib: ctypes.CDLL, copies: Sequence[tuple[int, int]], nbytes: int,
+                     spans: Sequence[tuple[int, int]], stream: torch.cuda.Stream,
+                     after_span: Callable[[int], None] | None = None) -> None:
+    """`copy_async` of rows of `nbytes`, one span (offset, width) of every row after another:
+    spans[0] of each copy, then spans[1], ... (e.g. runs of layers of every page). The runs of
+    copies are found once; `after_span(k)` is called once span k is queued (e.g. to record an
+    event on `stream`)."""
     handle = stream.cuda_stream
-    step = nbytes if dst_pitch is None else dst_pitch
+    runs = []  # (first destination, first source, count, source pitch)
     i = 0
     while i < len(copies):
         dst, src = copies[i]
         end = i + 1
         pitch = copies[end][1] - src if end < len(copies) else 0
         if pitch >= nbytes:
-            while (end < len(copies) and copies[end][0] == dst + (end - i) * step
+            while (end < len(copies) and copies[end][0] == dst + (end - i) * nbytes
                    and copies[end][1] == src + (end - i) * pitch):
                 end += 1
-        _copy_run(lib, copies[i:end], nbytes, step, pitch, handle)
+        runs.append((dst, src, end - i, pitch))
         i = end
+    for k, (offset, width) in enumerate(spans):
+        for dst, src, count, pitch in runs:
+            _copy_run(lib, dst + offset, src + offset, count, width, nbytes, pitch, handle)
+        if after_span is not None:
+            after_span(k)
 
 
-def _copy_run(lib: ctypes.CDLL, run: Sequence[tuple[int, int]], nbytes: int, dst_pitch: int,
+def _copy_run(lib: ctypes.CDLL, dst: int, src: int, count: int, width: int, dst_pitch: int,
               pitch: int, handle: int) -> None:
-    """Copies with destinations `dst_pitch` and sources `pitch` apart, as one 2-D copy. CUDA
-    refuses one whose sources cross allocations (two arenas that happen to lie back to back):
-    then each half is tried the same way, down to single pages."""
-    if len(run) == 1:
-        _check(lib, lib.cudaMemcpyAsync(run[0][0], run[0][1], nbytes, _COPY_DEFAULT, handle),
+    """`count` copies of `width` bytes, destinations `dst_pitch` and sources `pitch` apart, as
+    one 2-D copy. CUDA refuses one whose sources cross allocations (two arenas that happen to
+    lie back to back): then each half is tried the same way, down to single pages."""
+    if count == 1:
+        _check(lib, lib.cudaMemcpyAsync(dst, src, width, _COPY_DEFAULT, handle),
                "cudaMemcpyAsync")
         return
-    dst, src = run[0]
-    if not lib.cudaMemcpy2DAsync(dst, dst_pitch, src, pitch, nbytes, len(run), _COPY_DEFAULT,
+    if not lib.cudaMemcpy2DAsync(dst, dst_pitch, src, pitch, width, count, _COPY_DEFAULT,
                                  handle):
         return
     lib.cudaGetLastError()  # refused (nothing queued): clear it, split the run
-    half = len(run) // 2
-    _copy_run(lib, run[:half], nbytes, dst_pitch, pitch, handle)
-    _copy_run(lib, run[half:], nbytes, dst_pitch, pitch, handle)
+    half = count // 2
+    _copy_run(lib, dst, src, half, width, dst_pitch, pitch, handle)
+    _copy_run(lib, dst + half * dst_pitch, src + half * pitch, count - half, width, dst_pitch,
+              pitch, handle)
 
 
 def _check(lib: ctypes.CDLL, status: int, what: str) -> None:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ from cachestore.codec import (
 )
 from cachestore.keys import Namespace
 from cachestore.shm import buffer_address
-from workers.cuda_host import copy_async, cudart
+from workers.cuda_host import copy_async, copy_spans_async, cudart
 from workers.pool_copies import ArrivingRows, layer_segments
 
 log = logging.getLogger(__name__)
@@ -386,11 +386,10 @@ class CheckedSend:
         page = stager.page_nbytes
         base = self.out[row:].data_ptr()
         layer = page // stager.page_shape[0]
-        for layers, event in zip(stager.segments, self.events, strict=True):
-            at, width = layers.start * layer, len(layers) * layer
-            copy_async(lib, [(base + i * page + at, a + at) for i, a in enumerate(sources)],
-                       width, self.stream, dst_pitch=page)
-            event.record(self.stream)
+        copy_spans_async(lib, [(base + i * page, a) for i, a in enumerate(sources)], page,
+                         [(layers.start * layer, len(layers) * layer)
+                          for layers in stager.segments],
+                         self.stream, lambda k: self.events[k].record(self.stream))
 
     def close(self) -> StagedPages:
         """The rows of the pages whose headers checked out, with their checksums under way."""
@@ -398,10 +397,14 @@ class CheckedSend:
         if self._num_copied and not self.recorded:  # nothing to verify: the copies must still
             stager.synchronize()  # leave the sources before the caller lets them go
         rows = self.out[: len(self.recorded)]
-        staged = stager._verify_rows(rows, self.recorded, self.sources,
-                                     after=self.events[-1] if self.events else None)
-        if self.events and len(rows):
-            staged.arriving = ArrivingRows(rows, self.events, stager.segments)
+        if not self.events or not len(rows):
+            return stager._verify_rows(rows, self.recorded, self.sources)
+        # CUDA: the checksums are queued when first needed (settling the load, after the step
+        # that uses the rows is queued), on their own stream after the last copy
+        recorded, sources, last = self.recorded, self.sources, self.events[-1]
+        staged = StagedPages(rows, 0, sources, checks=lambda: stager._verify_rows(
+            rows, recorded, sources, after=last))
+        staged.arriving = ArrivingRows(rows, self.events, stager.segments)
         return staged
 
 
@@ -412,19 +415,29 @@ class StagedPages:
     the source blobs referenced until then (copies may still read them)."""
 
     def __init__(self, rows: torch.Tensor, num_ok: torch.Tensor | int,
-                 sources: object = None, ready: torch.cuda.Event | None = None) -> None:
+                 sources: object = None, ready: torch.cuda.Event | None = None,
+                 checks: Callable[[], StagedPages] | None = None) -> None:
         self.rows = rows
         self.arriving: ArrivingRows | None = None  # set while the rows are still arriving
         self._num_ok = num_ok
         self._sources = sources
         self._ready = ready
+        self._checks = checks  # queues the checksums (then num_ok and ready come from it)
 
     @classmethod
     def verified(cls, rows: torch.Tensor) -> StagedPages:
         return cls(rows, len(rows))
 
+    def start_checks(self) -> None:
+        """Queue the checksums, if that waited until now."""
+        if self._checks is not None:
+            checks, self._checks = self._checks, None
+            started = checks()
+            self._num_ok, self._ready = started._num_ok, started._ready
+
     def verify(self) -> int:
         """How many leading rows are good (waits for the copies and checksums once)."""
+        self.start_checks()
         if not isinstance(self._num_ok, int):
             if self._ready is not None:  # the count's stream, after the copies and checksums:
                 self._ready.synchronize()  # not the work queued since on the caller's stream

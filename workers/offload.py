@@ -328,6 +328,8 @@ class KvOffload:
         every lease (after every copy has read its pages, also when this raises) and drops a
         bad page from its tier."""
         try:
+            for part in parts:
+                part.staged.start_checks()
             counts = [part.staged.verify() for part in parts]  # (waits for the device)
             self.stager.wait_sent()  # a send checked on the host may still be reading its pages
             num_ok, whole = 0, True  # whole: every page so far passed (the prefix goes on)

@@ -328,18 +328,22 @@ def test_copy_async_splits_a_2d_copy_that_crosses_allocations():
     ]
 
 
-def test_copy_async_sends_one_span_of_each_page_as_a_2d_copy():
-    """One run of layers of every page (bytes 40..100 of 250-byte rows): destinations a row
-    apart, sources a stored page apart (headers between them); a gap in the destinations
-    starts a new copy."""
+def test_copy_spans_async_sends_each_span_of_every_row_in_turn():
+    """Two spans (bytes 0..40 and 40..100 of 100-byte rows) of three rows stored 130 bytes
+    apart and one row elsewhere: the runs are found once, then each span goes as one 2-D copy
+    per run, and the caller hears after each span."""
     from types import SimpleNamespace
 
-    from workers.cuda_host import copy_async
+    from workers.cuda_host import copy_spans_async
 
     lib = _RecordingCudart()
-    copies = [(250 * i + 40, 1000 + 300 * i + 40) for i in range(3)] + [(1000 + 40, 2000 + 40)]
-    copy_async(lib, copies, 60, SimpleNamespace(cuda_stream=0), dst_pitch=250)
-    assert lib.calls == [("2d", 40, 250, 1040, 300, 60, 3), ("1d", 1040, 2040, 60)]
+    copies = [(100 * i, 1000 + 130 * i) for i in range(3)] + [(300, 5000)]
+    copy_spans_async(lib, copies, 100, [(0, 40), (40, 60)], SimpleNamespace(cuda_stream=0),
+                     lambda k: lib.calls.append(("span", k)))
+    assert lib.calls == [
+        ("2d", 0, 100, 1000, 130, 40, 3), ("1d", 300, 5000, 40), ("span", 0),
+        ("2d", 40, 100, 1040, 130, 60, 3), ("1d", 340, 5040, 60), ("span", 1),
+    ]
 
 
 @pytest.mark.parametrize(("num_layers", "count", "expected"), [
