@@ -253,6 +253,8 @@ def bench_ttft(name, loaded, args, out: dict) -> None:
     engine = Engine(kv, loaded=loaded)
     store_path, server = attach_store(engine, args.host_gib << 30)
     first_token_s(engine, prompts(1, 256, cfg.vocab_size, 7)[0])  # compile
+    gc.collect()
+    gc.freeze()  # as `kvmesh worker` does once serving (unfrozen before this engine goes)
     results = {}
     for trial in range(args.trials):
         base = prompts(1, args.ttft_prefix, cfg.vocab_size, seed=1000 + trial)[0]
@@ -283,6 +285,7 @@ def bench_ttft(name, loaded, args, out: dict) -> None:
     print(f"[{name}] ttft {args.ttft_prefix} tokens: {summary}", flush=True)
     out["ttft"] = summary
     out["ttft_store_path"] = store_path
+    gc.unfreeze()
     engine.close()
     if server is not None:
         server.stop(grace=0)

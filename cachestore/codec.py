@@ -200,6 +200,34 @@ def check_page_header(
     return memoryview(blob).cast("B")[header.nbytes :], header.checksum
 
 
+def check_page_headers_at(address: int, pitch: int, count: int, ns: Namespace,
+                          keys: Sequence[bytes], token_ids: bytes) -> list[int]:
+    """`check_page_header` for `count` encoded pages of `ns` that lie `pitch` bytes apart from
+    `address` (consecutive slots of one arena, say), every field compared for all of them at
+    once: the checksums their headers record, for the leading pages whose headers are byte for
+    byte what `keys` and `token_ids` (the pages' token bytes back to back) predict. The first
+    page that differs ends the list. The memory must stay valid for the call."""
+    expected, _ = _header_template(ns)
+    tokens_end = HEADER_FIXED_NBYTES + 4 * ns.page_size
+    if count <= 0:
+        return []
+    if pitch < tokens_end or len(keys) != count or len(token_ids) != count * 4 * ns.page_size:
+        raise ValueError("pages overlap, or keys / token ids do not match the count")
+    raw = (ctypes.c_uint8 * (pitch * (count - 1) + tokens_end)).from_address(address)
+    headers = np.lib.stride_tricks.as_strided(np.frombuffer(raw, dtype=np.uint8),
+                                              shape=(count, tokens_end), strides=(pitch, 1))
+    template = np.frombuffer(expected, dtype=np.uint8)
+    ok = (headers[:, :_KEY_AT] == template[:_KEY_AT]).all(axis=1)
+    ok &= (headers[:, _KEY_AT:_DIGEST_AT]
+           == np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(count, -1)).all(axis=1)
+    ok &= (headers[:, _DIGEST_AT:_CHECKSUM_AT] == template[_DIGEST_AT:_CHECKSUM_AT]).all(axis=1)
+    ok &= (headers[:, HEADER_FIXED_NBYTES:tokens_end]
+           == np.frombuffer(token_ids, dtype=np.uint8).reshape(count, -1)).all(axis=1)
+    num_ok = count if ok.all() else int(np.argmin(ok))
+    checksums = np.ascontiguousarray(headers[:num_ok, _CHECKSUM_AT:HEADER_FIXED_NBYTES])
+    return checksums.view("<u8").ravel().tolist()
+
+
 def decode_page(
     blob: bytes | memoryview,
     ns: Namespace,

@@ -133,14 +133,33 @@ class BlockManager:
     ) -> bool:
         """Enter a full, computed page in the prefix cache. Returns False when the key is already
         cached by another page (the page then stays a private, uncached page)."""
-        page = self.pages[page_id]
-        assert page.ref_count > 0 and page.key is None and len(token_ids) == self.page_size
-        if key in self._by_key:
-            return False
-        page.key, page.parent, page.token_ids, page.tag = key, parent, tuple(token_ids), tag
-        self._by_key[key] = page_id
-        self.events.append(("stored", [key], parent))
-        return True
+        assert len(token_ids) == self.page_size
+        return bool(self.register_run([page_id], [key], parent, token_ids, tag))
+
+    def register_run(self, page_ids: Sequence[int], keys: Sequence[bytes],
+                     parent: bytes | None, token_ids: Sequence[int], tag: object = None
+                     ) -> list[int]:
+        """`register` for consecutive pages of one sequence in one pass: page_ids[i] holds
+        keys[i], whose parent is keys[i - 1] (`parent` for the first) and whose tokens are
+        token_ids[i * page_size : (i + 1) * page_size]. Returns the indices of the pages
+        registered (one whose key another page caches already is skipped)."""
+        ps = self.page_size
+        assert len(page_ids) == len(keys) and len(token_ids) == ps * len(keys)
+        pages, by_key = self.pages, self._by_key
+        done: list[int] = []
+        events = self.events
+        for i, page_id in enumerate(page_ids):
+            key = keys[i]
+            if key not in by_key:
+                page = pages[page_id]
+                assert page.ref_count > 0 and page.key is None
+                page.key, page.parent, page.tag = key, parent, tag
+                page.token_ids = tuple(token_ids[i * ps : (i + 1) * ps])
+                by_key[key] = page_id
+                events.append(("stored", [key], parent))
+                done.append(i)
+            parent = key
+        return done
 
     def unregister(self, page_id: int) -> None:
         """Take a page its one user registered back out of the prefix cache (its contents

@@ -9,6 +9,7 @@ wins over the environment, which wins over the dataclass default. That mapping l
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -153,6 +154,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvmesh worker: failed to start: {exc}", file=sys.stderr)
         return 1
     print(f"kvmesh worker listening on {handle.address}", flush=True)
+    # the loaded model, pool bookkeeping and server live as long as the process: out of the
+    # cyclic GC's scans, whose full passes over them would stall the engine thread for ms
+    gc.collect()
+    gc.freeze()
     if stop_requested.is_set():
         handle.stop()
         return 0

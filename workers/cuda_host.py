@@ -70,18 +70,7 @@ def copy_async(lib: ctypes.CDLL, copies: Sequence[tuple[int, int]], nbytes: int,
     destinations whose sources lie at one fixed stride (pages back to back in a store segment,
     each behind its header; consecutive slots of a host-tier arena) goes as one
     cudaMemcpy2DAsync; where CUDA refuses that (the span crosses allocations), halves of it."""
-    copy_spans_async(lib, copies, nbytes, [(0, nbytes)], stream)
-
-
-def copy_spans_async(lib: ctypes.CDLL, copies: Sequence[tuple[int, int]], nbytes: int,
-                     spans: Sequence[tuple[int, int]], stream: torch.cuda.Stream,
-                     after_span: Callable[[int], None] | None = None) -> None:
-    """`copy_async` of rows of `nbytes`, one span (offset, width) of every row after another:
-    spans[0] of each copy, then spans[1], ... (e.g. runs of layers of every page). The runs of
-    copies are found once; `after_span(k)` is called once span k is queued (e.g. to record an
-    event on `stream`)."""
     handle = stream.cuda_stream
-    runs = []  # (first destination, first source, count, source pitch)
     i = 0
     while i < len(copies):
         dst, src = copies[i]
@@ -91,11 +80,41 @@ def copy_spans_async(lib: ctypes.CDLL, copies: Sequence[tuple[int, int]], nbytes
             while (end < len(copies) and copies[end][0] == dst + (end - i) * nbytes
                    and copies[end][1] == src + (end - i) * pitch):
                 end += 1
-        runs.append((dst, src, end - i, pitch))
+        _copy_run(lib, dst, src, end - i, nbytes, nbytes, pitch, handle)
         i = end
+
+
+def address_runs(addresses: Sequence[int], nbytes: int) -> list[tuple[int, int, int]]:
+    """(first index, count, pitch) of the maximal runs of `addresses` at one stride of at least
+    nbytes (objects of nbytes back to back, or behind headers of one size), in order."""
+    runs = []
+    i, n = 0, len(addresses)
+    while i < n:
+        end = i + 1
+        pitch = addresses[end] - addresses[i] if end < n else 0
+        if pitch >= nbytes:
+            while end < n and addresses[end] == addresses[i] + (end - i) * pitch:
+                end += 1
+        runs.append((i, end - i, pitch if end - i > 1 else nbytes))
+        i = end
+    return runs
+
+
+def copy_rows_async(lib: ctypes.CDLL, dst: int, sources: Sequence[int], nbytes: int,
+                    spans: Sequence[tuple[int, int]], stream: torch.cuda.Stream,
+                    runs: Sequence[tuple[int, int, int]] | None = None,
+                    after_span: Callable[[int], None] | None = None) -> None:
+    """Rows of nbytes back to back at `dst` from `sources`, one span (offset, width) of every
+    row after another: spans[0] of each row, then spans[1], ... (e.g. runs of layers of every
+    page), each run of sources at one stride (`address_runs`, given or found) as one 2-D copy
+    per span. `after_span(k)` is called once span k is queued (e.g. to record an event on
+    `stream`). As `copy_async`: asynchronous from page-locked memory, refused copies halved."""
+    handle = stream.cuda_stream
+    runs = address_runs(sources, nbytes) if runs is None else runs
     for k, (offset, width) in enumerate(spans):
-        for dst, src, count, pitch in runs:
-            _copy_run(lib, dst + offset, src + offset, count, width, nbytes, pitch, handle)
+        for first, count, pitch in runs:
+            _copy_run(lib, dst + first * nbytes + offset, sources[first] + offset, count, width,
+                      nbytes, pitch, handle)
         if after_span is not None:
             after_span(k)
 

@@ -237,14 +237,14 @@ class Engine:
         if num_full <= seq.num_registered_pages:
             return
         keys = seq.full_page_keys(num_full)
-        new_pages = []
-        for p in range(seq.num_registered_pages, num_full):
-            parent = keys[p - 1] if p else None
-            tokens = seq.page_tokens(p)
-            if self.block_manager.register(seq.page_ids[p], keys[p], parent, tokens,
-                                           seq.namespace):
-                new_pages.append((keys[p], tokens, seq.page_ids[p]))
-        self.offload.write_through(seq.namespace, new_pages)
+        first = seq.num_registered_pages
+        ps = self.page_size
+        registered = self.block_manager.register_run(
+            seq.page_ids[first:num_full], keys[first:num_full], keys[first - 1] if first else None,
+            seq.token_ids[first * ps : num_full * ps], seq.namespace)
+        self.offload.write_through(seq.namespace, [
+            (keys[first + i], seq.page_tokens(first + i), seq.page_ids[first + i])
+            for i in registered])
         seq.num_registered_pages = num_full
 
     def _num_decode_steps(self, batch) -> int:

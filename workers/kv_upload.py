@@ -40,6 +40,7 @@ from cachestore.codec import (
     ChunkedTasks,
     PageCorrupt,
     check_page_header,
+    check_page_headers_at,
     checksum_at,
     map_chunked,
     page_nbytes,
@@ -47,7 +48,7 @@ from cachestore.codec import (
 )
 from cachestore.keys import Namespace
 from cachestore.shm import buffer_address
-from workers.cuda_host import copy_async, copy_spans_async, cudart
+from workers.cuda_host import address_runs, copy_async, copy_rows_async, cudart
 from workers.pool_copies import ArrivingRows, layer_segments
 
 log = logging.getLogger(__name__)
@@ -349,7 +350,9 @@ class CheckedSend:
     def add(self, blobs: Sequence[bytes | memoryview], keys: Sequence[bytes],
             token_ids: Sequence[bytes], addresses: Sequence[int | None] | None = None) -> int:
         """Queue the copies of the next pages and check their headers; returns how many got
-        rows (all of them, unless one failed or the rows ran out)."""
+        rows (all of them, unless one failed or the rows ran out). Pages that lie at one
+        stride (consecutive host-tier slots, a store segment) go as one copy per run of layers
+        and have their headers checked together (`codec.check_page_headers_at`)."""
         if not self.is_open:
             return 0
         row = len(self.recorded)
@@ -357,22 +360,33 @@ class CheckedSend:
         nbytes = page_nbytes(self.ns)
         sized = num_leading([memoryview(blob).nbytes == nbytes for blob in blobs])
         known = addresses[:sized] if addresses is not None else [None] * sized
-        payload_at = payload_offset(self.ns)
-        self._copy(row, [(a if a is not None else buffer_address(blob)[0]) + payload_at
-                         for a, blob in zip(known, blobs, strict=False)])
+        starts = [a if a is not None else buffer_address(blob)[0]
+                  for a, blob in zip(known, blobs, strict=False)]
+        runs = address_runs(starts, nbytes)
+        self._copy(row, [start + payload_offset(self.ns) for start in starts], runs)
         self.sources.append(blobs)
-        for i in range(sized):
-            try:
-                self.recorded.append(
-                    check_page_header(blobs[i], self.ns, keys[i], token_ids[i])[1])
-            except PageCorrupt:
+        tokens = b"".join(token_ids[:sized])
+        step = len(tokens) // sized if sized else 0
+        for first, count, pitch in runs:
+            end = first + count
+            if count > 1:
+                sums = check_page_headers_at(starts[first], pitch, count, self.ns,
+                                             keys[first:end], tokens[first * step : end * step])
+            else:
+                try:
+                    sums = [check_page_header(blobs[first], self.ns, keys[first],
+                                              token_ids[first])[1]]
+                except PageCorrupt:
+                    sums = []
+            self.recorded += sums
+            if len(sums) < count:
                 break
         added = len(self.recorded) - row
         self._num_copied += sized - added
         self.is_open = added == len(blobs)
         return added
 
-    def _copy(self, row: int, sources: list[int]) -> None:
+    def _copy(self, row: int, sources: list[int], runs: list[tuple[int, int, int]]) -> None:
         """out[row + i] = the payload at sources[i]: on CUDA on the send's stream, one run of
         layers of every page after another (one 2-D copy per run of pages at one stride)."""
         stager = self.stager
@@ -384,12 +398,11 @@ class CheckedSend:
                     event.record()
             return
         page = stager.page_nbytes
-        base = self.out[row:].data_ptr()
         layer = page // stager.page_shape[0]
-        copy_spans_async(lib, [(base + i * page, a) for i, a in enumerate(sources)], page,
-                         [(layers.start * layer, len(layers) * layer)
-                          for layers in stager.segments],
-                         self.stream, lambda k: self.events[k].record(self.stream))
+        copy_rows_async(lib, self.out[row:].data_ptr(), sources, page,
+                        [(layers.start * layer, len(layers) * layer)
+                         for layers in stager.segments],
+                        self.stream, runs, lambda k: self.events[k].record(self.stream))
 
     def close(self) -> StagedPages:
         """The rows of the pages whose headers checked out, with their checksums under way."""

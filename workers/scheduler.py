@@ -224,9 +224,10 @@ class Scheduler:
         keys = seq.full_page_keys(end)
         # entered while the device still runs the step (nothing looks the prefix cache up
         # before the next schedule), and taken back out below from the first bad page on
-        registered = [index for index in range(first, end) if self.bm.register(
-            seq.page_ids[index], keys[index], keys[index - 1] if index else None,
-            seq.page_tokens(index), seq.namespace)]
+        ps = self.page_size
+        registered = [first + i for i in self.bm.register_run(
+            seq.page_ids[first:end], keys[first:end], keys[first - 1] if first else None,
+            seq.token_ids[first * ps : end * ps], seq.namespace)]
         num_ok = 0  # if the wait raises, none of them was checked: none stays cached
         try:
             num_ok = min(loading.load.settle(), loading.num_pages)

@@ -10,6 +10,7 @@ from cachestore.codec import (
     ChunkedTasks,
     PageCorrupt,
     check_page_header,
+    check_page_headers_at,
     decode_header,
     decode_page,
     decode_pages,
@@ -71,6 +72,41 @@ def test_header_check_catches_every_header_flip_but_the_checksum(page):
         else:
             with pytest.raises(PageCorrupt):
                 check_page_header(bytes(bad), NS, key, tokens)
+
+
+def test_bulk_header_check_stops_at_the_first_header_that_differs():
+    """check_page_headers_at over pages at one stride (with a gap between slots) agrees with
+    check_page_header page by page: every header byte but the checksum's, flipped in page 3 of
+    6, ends the list there; the checksums of the pages before it come back."""
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 1000, 6 * 5).tolist()
+    keys = NS.page_keys(tokens)
+    token_bytes = [tokens_to_bytes(tokens[5 * i : 5 * i + 5]) for i in range(6)]
+    blobs = [encode_page(NS, keys[i], token_bytes[i],
+                         rng.integers(0, 256, NS.page_nbytes, dtype=np.uint8).tobytes())
+             for i in range(6)]
+    pitch = len(blobs[0]) + 24
+    arena = np.zeros(pitch * 6, dtype=np.uint8)
+    for i, blob in enumerate(blobs):
+        arena[i * pitch : i * pitch + len(blob)] = np.frombuffer(blob, dtype=np.uint8)
+    address = arena.ctypes.data
+    checksums = [check_page_header(b, NS, k, t)[1]
+                 for b, k, t in zip(blobs, keys, token_bytes, strict=True)]
+    everything = b"".join(token_bytes)
+    assert check_page_headers_at(address, pitch, 6, NS, keys, everything) == checksums
+    assert check_page_headers_at(address + pitch, pitch, 2, NS, keys[1:3],
+                                 everything[20:60]) == checksums[1:3]
+    checksum_bytes = range(HEADER_FIXED_NBYTES - 8, HEADER_FIXED_NBYTES)
+    for offset in range(header_nbytes(5)):
+        arena[3 * pitch + offset] ^= 0x04
+        got = check_page_headers_at(address, pitch, 6, NS, keys, everything)
+        if offset in checksum_bytes:
+            assert len(got) == 6 and got[3] != checksums[3]
+        else:
+            assert got == checksums[:3]
+        arena[3 * pitch + offset] ^= 0x04
+    with pytest.raises(ValueError, match="overlap"):
+        check_page_headers_at(address, 40, 2, NS, keys[:2], everything[:40])
 
 
 def test_truncated_or_extended_is_detected(page):

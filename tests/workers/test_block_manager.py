@@ -73,6 +73,23 @@ def test_shared_prefix_ref_counts_and_duplicate_register():
     assert bm.num_cached_pages == 2
 
 
+def test_register_run_chains_parents_and_skips_keys_cached_already():
+    bm = BlockManager(num_pages=8, page_size=PS)
+    tokens = list(range(100, 100 + 4 * PS))
+    keys, page_tokens = pages_of(tokens)
+    (other,) = bm.allocate(1)
+    assert bm.register(other, keys[2], keys[1], page_tokens[2])  # cached by another page
+    bm.events = []
+    ids = bm.allocate(4)
+    assert bm.register_run(ids, keys, None, tokens, tag="t") == [0, 1, 3]
+    assert [bm.pages[i].key for i in ids] == [keys[0], keys[1], None, keys[3]]
+    assert [bm.pages[i].parent for i in (ids[0], ids[1], ids[3])] == [None, keys[0], keys[2]]
+    assert bm.pages[ids[3]].token_ids == tuple(page_tokens[3]) and bm.pages[ids[3]].tag == "t"
+    assert bm.events == [("stored", [keys[0]], None), ("stored", [keys[1]], keys[0]),
+                         ("stored", [keys[3]], keys[2])]
+    assert bm.match_prefix(keys, page_tokens) == [ids[0], ids[1], other, ids[3]]
+
+
 def test_eviction_is_lru_deepest_first_and_reports_pages():
     evicted: list[EvictedPage] = []
     bm = BlockManager(num_pages=6, page_size=PS, on_evict=evicted.extend)

@@ -328,22 +328,35 @@ def test_copy_async_splits_a_2d_copy_that_crosses_allocations():
     ]
 
 
-def test_copy_spans_async_sends_each_span_of_every_row_in_turn():
+def test_copy_rows_async_sends_each_span_of_every_row_in_turn():
     """Two spans (bytes 0..40 and 40..100 of 100-byte rows) of three rows stored 130 bytes
     apart and one row elsewhere: the runs are found once, then each span goes as one 2-D copy
     per run, and the caller hears after each span."""
     from types import SimpleNamespace
 
-    from workers.cuda_host import copy_spans_async
+    from workers.cuda_host import address_runs, copy_rows_async
 
     lib = _RecordingCudart()
-    copies = [(100 * i, 1000 + 130 * i) for i in range(3)] + [(300, 5000)]
-    copy_spans_async(lib, copies, 100, [(0, 40), (40, 60)], SimpleNamespace(cuda_stream=0),
-                     lambda k: lib.calls.append(("span", k)))
+    sources = [1000, 1130, 1260, 5000]
+    assert address_runs(sources, 100) == [(0, 3, 130), (3, 1, 100)]
+    copy_rows_async(lib, 0, sources, 100, [(0, 40), (40, 60)], SimpleNamespace(cuda_stream=0),
+                    after_span=lambda k: lib.calls.append(("span", k)))
     assert lib.calls == [
         ("2d", 0, 100, 1000, 130, 40, 3), ("1d", 300, 5000, 40), ("span", 0),
         ("2d", 40, 100, 1040, 130, 60, 3), ("1d", 340, 5040, 60), ("span", 1),
     ]
+
+
+@pytest.mark.parametrize(("addresses", "runs"), [
+    ([], []),
+    ([0, 100, 250, 400, 550], [(0, 2, 100), (2, 3, 150)]),
+    ([0, 50, 100], [(0, 1, 100), (1, 1, 100), (2, 1, 100)]),  # closer than an object
+    ([900, 100], [(0, 1, 100), (1, 1, 100)]),
+])
+def test_address_runs_split_at_every_change_of_stride(addresses, runs):
+    from workers.cuda_host import address_runs
+
+    assert address_runs(addresses, 100) == runs
 
 
 @pytest.mark.parametrize(("num_layers", "count", "expected"), [
