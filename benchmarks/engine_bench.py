@@ -191,6 +191,12 @@ def bench_decode(name, hf, loaded, args, out: dict) -> None:
 
 
 def first_token_s(engine: Engine, prompt: list[int]) -> tuple[float, dict]:
+    """Seconds to the first token of `prompt`, and its cached tokens by tier. Starts from a
+    settled worker: the device idle, and the store segments that earlier writes made already
+    page-locked (done once per segment, in the background; a driver call that pins hundreds of
+    MB holds up this process's other CUDA calls meanwhile)."""
+    if engine.offload.pinned is not None:
+        engine.offload.pinned.wait_idle(30.0)
     sync(engine.config.device)
     t0 = time.perf_counter()
     engine.add_request(f"t{t0}", prompt, SamplingParams(temperature=0.0, max_tokens=1))

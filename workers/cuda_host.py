@@ -179,6 +179,17 @@ class PinnedRanges:
                 lib.cudaGetLastError()  # clear it: torch checks the same runtime's last error
                 log.warning("cudaHostUnregister failed with CUDA error %d", status)
 
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait for the registrations under way (page-locking a new store segment takes the
+        driver a while, and other CUDA calls of this process may wait behind it); True when
+        none is left."""
+        with self._lock:
+            threads = list(self._pending.values())
+        for thread in threads:
+            thread.join(timeout)
+        with self._lock:
+            return not self._pending
+
     def covers(self, address: int, nbytes: int) -> bool:
         with self._lock:
             return any(start <= address and address + nbytes <= end

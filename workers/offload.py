@@ -74,6 +74,11 @@ class _Fetched:
             release()
 
 
+def _start_checks(parts: list[_LoadPart]) -> None:
+    for part in parts:
+        part.staged.start_checks()
+
+
 def _leading(pages: list) -> list:
     return pages[: pages.index(None)] if None in pages else pages
 
@@ -283,7 +288,8 @@ class KvOffload:
         if not payloads:
             self._settle(parts)
             return None
-        return PendingLoad(num_device_pages, payloads, tiers, lambda: self._settle(parts))
+        return PendingLoad(num_device_pages, payloads, tiers, lambda: self._settle(parts),
+                           lambda: _start_checks(parts))
 
     def _host_stage(self, ns: Namespace, keys: list[bytes], page_tokens: list[bytes]
                     ) -> tuple[_Fetched, StagedPages]:
@@ -328,8 +334,7 @@ class KvOffload:
         every lease (after every copy has read its pages, also when this raises) and drops a
         bad page from its tier."""
         try:
-            for part in parts:
-                part.staged.start_checks()
+            _start_checks(parts)
             counts = [part.staged.verify() for part in parts]  # (waits for the device)
             self.stager.wait_sent()  # a send checked on the host may still be reading its pages
             num_ok, whole = 0, True  # whole: every page so far passed (the prefix goes on)

@@ -12,7 +12,7 @@ the queue, and on readmission it reloads what is still cached and recomputes the
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -221,6 +221,7 @@ class Scheduler:
         if loading is None:
             return True
         first, end = loading.first_page, loading.first_page + loading.num_pages
+        loading.load.start_checks()  # (they run on the device while the pages are entered)
         keys = seq.full_page_keys(end)
         # entered while the device still runs the step (nothing looks the prefix cache up
         # before the next schedule), and taken back out below from the first bad page on
@@ -237,10 +238,10 @@ class Scheduler:
                     self.bm.unregister(seq.page_ids[index])
         seq.num_registered_pages = first + num_ok
         if loading.count_hits:
-            for tier in loading.load.tiers[:num_ok]:
-                self.prefix_hits[tier] = self.prefix_hits.get(tier, 0) + 1
-                by_tier = seq.cached_tokens_by_tier
-                by_tier[tier] = by_tier.get(tier, 0) + self.page_size
+            by_tier = seq.cached_tokens_by_tier
+            for tier, count in Counter(loading.load.tiers[:num_ok]).items():
+                self.prefix_hits[tier] = self.prefix_hits.get(tier, 0) + count
+                by_tier[tier] = by_tier.get(tier, 0) + count * self.page_size
         if num_ok == loading.num_pages:
             return True
         seq.num_computed_tokens = (first + num_ok) * self.page_size

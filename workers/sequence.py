@@ -32,10 +32,16 @@ class PendingLoad:
     payloads: list[Any]  # kv_upload.StagedRow; typed loosely to keep this module torch-free
     tiers: list[str]
     verify: Callable[[], int] | None = None  # waits; how many leading payloads passed
+    start: Callable[[], None] | None = None  # queues the checks `verify` waits for, if it waits
 
     @property
     def is_settled(self) -> bool:
         return self.verify is None
+
+    def start_checks(self) -> None:
+        """Queue the checks now (settling would, but the caller has other work meanwhile)."""
+        if self.verify is not None and self.start is not None:
+            self.start()
 
     def settle(self) -> int:
         """Wait for the copies and checks, keep the pages that passed; returns how many."""
