@@ -19,6 +19,7 @@ Arena memory is one of:
 from __future__ import annotations
 
 import bisect
+import heapq
 import logging
 import threading
 import weakref
@@ -62,7 +63,10 @@ class _Arena:
                                  pin_memory=memory == "pinned")
             self.array = tensor.numpy()
         self.address = int(self.array.ctypes.data)
-        self.free = list(range(count - 1, -1, -1))  # pop() hands out slot 0 first
+        # a heap: the lowest free slot goes first, so pages stored together after others were
+        # deleted (in any order) still take consecutive, ascending slots (loaded back as one
+        # copy per run)
+        self.free = list(range(count))
 
     def unlink(self) -> None:
         """Remove the arena's file (mappings, ours and clients', live on until unmapped)."""
@@ -99,7 +103,7 @@ class PageSlots:
                         del self._arenas[nbytes]
                     return None
                 arenas.append(arena)
-            slot = arena.free.pop()
+            slot = heapq.heappop(arena.free)
         view = arena.array[slot * nbytes : (slot + 1) * nbytes]
         weakref.finalize(view, self._give_back, arena, slot).atexit = False
         return view
@@ -121,7 +125,7 @@ class PageSlots:
 
     def _give_back(self, arena: _Arena, slot: int) -> None:
         with self._lock:
-            arena.free.append(slot)
+            heapq.heappush(arena.free, slot)
             arenas = self._arenas.get(arena.slot_nbytes)
             if len(arena.free) == arena.count and arenas is not None and arena in arenas:
                 arenas.remove(arena)  # the last reference to its memory goes with it

@@ -93,6 +93,20 @@ def test_pages_of_one_size_share_an_arena_in_consecutive_slots():
     assert tier._slots.num_arenas == 2  # one per page size
 
 
+def test_pages_stored_after_a_delete_take_the_freed_slots_in_ascending_order():
+    """Deleted in order, the slots come back lowest first: a prefix stored again lies in
+    consecutive ascending slots (one 2-D copy to the device), not reversed."""
+    tier = CpuTier(capacity_bytes=1000, pin_memory=False, slots=True)
+    first = [(key(i), bytes([i]) * 96) for i in range(6)]
+    tier.put_many([(key(99), b"k" * 96), *first])  # key 99 keeps the arena from going
+    start = slot_address(tier.get_many([key(0)])[0])
+    tier.delete_many([k for k, _ in first])
+    again = [(key(10 + i), bytes([i]) * 96) for i in range(6)]
+    tier.put_many(again)
+    pages, addresses = tier.get_leading_addressed([k for k, _ in again])
+    assert addresses == [start + 96 * i for i in range(6)]
+
+
 def test_leading_pages_come_with_their_slot_addresses_up_to_the_first_missing():
     tier = CpuTier(capacity_bytes=1000, pin_memory=False, slots=True)
     tier.put_many([(key(i), bytes([i]) * 96) for i in (0, 1, 2, 4)])
