@@ -8,6 +8,11 @@ One graph is a whole greedy step: forward, logits (model dtype), argmax (kernels
 the inputs of the next step advanced on the device (`advance_decode_inputs`). A run of several
 steps is then back-to-back replays with no host work between them (multi-step decode); a single
 step reads the logits.
+
+Batches of up to SEGMENTED_MAX_ROWS rows (a prefix hit's suffix, with the decodes beside it) are
+also captured as one graph per run of layers (`pool_copies.layer_segments`), replayed in order
+with the caller's work between them (`run_segments`): a step whose prefix pages are still
+arriving waits for each run of layers just before the graph that reads them.
 """
 
 from __future__ import annotations

@@ -6,18 +6,26 @@ shape, token ids) on the calling thread, then moves the payloads to one device t
 their checksums:
 
 - pages in page-locked memory (the CpuTier pins its pages on CUDA; the store client's
-  shared-memory segments are page-locked by the worker): every page's copy to the device is
-  queued as its header checks out, DMA straight from the source (`cuda_host.copy_async`: one
-  2-D copy per run of pages at one stride, e.g. back to back in a store segment or in
-  consecutive host-tier slots; else one cudaMemcpyAsync per page);
+  shared-memory segments are page-locked by the worker), checksummed on the device: a
+  `CheckedSend`. The caller may add the pages in batches (the host tier looks them up in
+  chunks), each batch's copies queued before its headers are checked, so the DMA starts with
+  the first pages. Pages at one stride (consecutive host-tier slots, a store segment) go as one
+  2-D copy per run and have their headers compared together (`codec.check_page_headers_at`).
+  On CUDA the copies run on a stream of their own, a run of layers of every page at a time
+  with an event per run (`pool_copies.ArrivingRows`): the step that uses the pages computes
+  its first layers while the last ones are still arriving (`ModelRunner.execute`);
+- other pinned pages (checksums on the host): DMA straight from the source while the bulk pool
+  checksums them in place;
 - other pages: chunk by chunk on the bulk pool, copied into a pinned staging buffer; each chunk
   goes to the device while the next one is copied, two staging buffers alternating.
 
 On CUDA the checksums are computed on the device, over the rows that arrived
 (`kernels.xxh3`): host memory is read once, by the DMA, and what is verified is exactly what
-will be used. Elsewhere (CPU, or rows that found no room on the device) the bulk pool
+will be used; a load's are queued once the step using it is (`StagedPages.start_checks`), on a
+stream of their own. Elsewhere (CPU, or rows that found no room on the device) the bulk pool
 checksums in host memory: in place for pinned sources, on the staging copy for the others.
-Either way the rows from the first bad page on are never returned.
+Either way the rows from the first bad page on are never kept: `Scheduler.commit_load` rewinds a
+sequence that computed on one.
 
 `pool_copies.upload_pages` (in the step that uses the pages) then moves rows into their pool
 slots with device-to-device copies. Checksums and memmove run through ctypes, which releases

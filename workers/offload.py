@@ -365,8 +365,7 @@ class KvOffload:
             fetched.report_bad([key])
 
     def _host_get(self, keys: list[bytes]) -> _Fetched:
-        if self.host is None:
-            return _Fetched([])
+        assert self.host is not None
         pages, addresses = self.host.get_leading_addressed(keys)
         return _Fetched(pages, is_pinned=self.host.is_pinned, addresses=addresses)
 

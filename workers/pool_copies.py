@@ -1,7 +1,8 @@
 """Copies between the device KV pool and host memory, page by page in bulk.
 
 - `upload_pages`: staged rows (kv_upload.PageStager) -> their pool slots, by runs or one
-  scatter on the device;
+  scatter on the device; `upload_layers`: one run of layers of rows still arriving
+  (`ArrivingRows`), once it is in;
 - `SnapshotSlots`: page-sized pinned host buffers, allocated once, that the store write-through
   snapshots pool pages into.
 """
