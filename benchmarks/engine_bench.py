@@ -262,27 +262,30 @@ def bench_ttft(name, loaded, args, out: dict) -> None:
     gc.collect()
     gc.freeze()  # as `kvmesh worker` does once serving (unfrozen before this engine goes)
     results = {}
-    for trial in range(args.trials):
-        base = prompts(1, args.ttft_prefix, cfg.vocab_size, seed=1000 + trial)[0]
-        suffix = prompts(1, 16, cfg.vocab_size, seed=2000 + trial)[0]
-        measured = {}
-        measured["cold"] = first_token_s(engine, base + suffix)
-        engine.offload.flush()
-        measured["device_hit"] = first_token_s(engine, base + suffix[:8])
-        for where in args.checksums.split(","):
-            # which side verifies the loaded pages' checksums: the GPU after the copy (the
-            # default on CUDA) or the CPU pool in host memory
-            engine.offload.stager.device_checksums = where == "device" and args.device != "cpu"
-            label = "" if where == args.checksums.split(",")[0] else f"_{where}_checksums"
-            evict_all(engine)  # demotes the pages to the host tier
-            measured[f"host_hit{label}"] = first_token_s(engine, base + suffix[:4])
-            evict_all(engine)
-            engine.offload.host.delete_many(engine.namespace().page_keys(base + suffix))
-            measured[f"store_hit{label}"] = first_token_s(engine, base + suffix[:2])
-        for key, (secs, tiers) in measured.items():
-            results.setdefault(key, []).append((secs, tiers))
-        print(f"[{name}] ttft trial {trial}: "
-              + ", ".join(f"{k} {1e3 * s:.1f} ms" for k, (s, _) in measured.items()), flush=True)
+    try:
+        for trial in range(args.trials):
+            base = prompts(1, args.ttft_prefix, cfg.vocab_size, seed=1000 + trial)[0]
+            suffix = prompts(1, 16, cfg.vocab_size, seed=2000 + trial)[0]
+            measured = {}
+            measured["cold"] = first_token_s(engine, base + suffix)
+            engine.offload.flush()
+            measured["device_hit"] = first_token_s(engine, base + suffix[:8])
+            for where in args.checksums.split(","):
+                # which side verifies the loaded pages' checksums: the GPU after the copy (the
+                # default on CUDA) or the CPU pool in host memory
+                engine.offload.stager.device_checksums = where == "device" and args.device != "cpu"
+                label = "" if where == args.checksums.split(",")[0] else f"_{where}_checksums"
+                evict_all(engine)  # demotes the pages to the host tier
+                measured[f"host_hit{label}"] = first_token_s(engine, base + suffix[:4])
+                evict_all(engine)
+                engine.offload.host.delete_many(engine.namespace().page_keys(base + suffix))
+                measured[f"store_hit{label}"] = first_token_s(engine, base + suffix[:2])
+            for key, (secs, tiers) in measured.items():
+                results.setdefault(key, []).append((secs, tiers))
+            times = ", ".join(f"{k} {1e3 * s:.1f} ms" for k, (s, _) in measured.items())
+            print(f"[{name}] ttft trial {trial}: {times}", flush=True)
+    finally:
+        gc.unfreeze()
     summary = {k: dict(ttft_ms=1e3 * min(s for s, _ in v), tiers=v[-1][1])
                for k, v in results.items()}
     cold = summary["cold"]["ttft_ms"]
@@ -291,7 +294,6 @@ def bench_ttft(name, loaded, args, out: dict) -> None:
     print(f"[{name}] ttft {args.ttft_prefix} tokens: {summary}", flush=True)
     out["ttft"] = summary
     out["ttft_store_path"] = store_path
-    gc.unfreeze()
     engine.close()
     if server is not None:
         server.stop(grace=0)

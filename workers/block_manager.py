@@ -150,9 +150,9 @@ class BlockManager:
         events = self.events
         for i, page_id in enumerate(page_ids):
             key = keys[i]
+            page = pages[page_id]
+            assert page.ref_count > 0 and page.key is None
             if key not in by_key:
-                page = pages[page_id]
-                assert page.ref_count > 0 and page.key is None
                 page.key, page.parent, page.tag = key, parent, tag
                 page.token_ids = tuple(token_ids[i * ps : (i + 1) * ps])
                 by_key[key] = page_id

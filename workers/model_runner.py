@@ -22,6 +22,7 @@ from workers.pool_copies import (
     ArrivingRows,
     SnapshotSlots,
     StagedRow,
+    arriving_loads,
     runs,
     upload_layers,
     upload_pages,
@@ -159,8 +160,8 @@ class ModelRunner:
             self.snapshots.give_back(slots)
 
     def write_pages(self, loads: list[tuple[int, StagedRow]]) -> None:
-        """Staged pages (rows of kv_upload.PageStager tensors) into pool pages; asynchronous on
-        CUDA."""
+        """Staged pages (rows of kv_upload.PageStager tensors, or of ArrivingRows: waited for
+        whole) into pool pages; asynchronous on CUDA."""
         upload_pages(self.kv_pool, [page_id for page_id, _ in loads], [row for _, row in loads])
 
     def copy_pages(self, copies: list[tuple[int, int]]) -> None:
@@ -199,16 +200,17 @@ class ModelRunner:
             page_rows, seq_lens = _one_row_per_token(page_rows, seq_lens, cu)
         graphs = self.graphs
         if rows_are_tokens and graphs is not None and graphs.fits(len(input_ids)):
-            arriving = self._arriving_loads(batch) if graphs.has_segments(len(input_ids)) \
-                else []
+            arriving = arriving_loads(batch.page_loads, graphs.segments) \
+                if graphs.has_segments(len(input_ids)) else []
             if arriving:  # each run of layers computes once those layers are in
                 self.copy_pages(batch.page_copies)
                 self.write_pages([load for load in batch.page_loads
                                   if not isinstance(load[1][0], ArrivingRows)])
+                targets = [(source, self._index(ids)) for source, ids in arriving]
                 logits = graphs.run_segments(
                     input_ids, positions, slots, page_rows, seq_lens,
                     lambda segment: [upload_layers(self.kv_pool, ids, source, segment)
-                                     for source, ids in arriving])
+                                     for source, ids in targets])
             else:
                 self._apply_page_moves(batch)
                 logits = graphs.run(input_ids, positions, slots, page_rows, seq_lens)
@@ -217,19 +219,6 @@ class ModelRunner:
         hidden = self._eager(input_ids, positions, slots, page_rows, seq_lens, cu,
                              rows_are_tokens)
         return self.model.compute_logits(hidden[self._index(last_rows)]), sampled
-
-    def _arriving_loads(self, batch: ScheduledBatch) -> list[tuple[ArrivingRows, torch.Tensor]]:
-        """The batch's loads whose rows still arrive a run of layers at a time, as (source, pool
-        ids of its rows 0..n-1); [] when a source's rows are used otherwise (then every load is
-        waited for whole)."""
-        targets: dict[int, tuple[ArrivingRows, list[int]]] = {}
-        for page_id, (source, row) in batch.page_loads:
-            if isinstance(source, ArrivingRows):
-                ids = targets.setdefault(id(source), (source, []))[1]
-                if row != len(ids):
-                    return []
-                ids.append(page_id)
-        return [(source, self._index(ids)) for source, ids in targets.values()]
 
     @torch.inference_mode()
     def execute_decode_steps(self, batch: ScheduledBatch, num_steps: int) -> list[list[int]]:

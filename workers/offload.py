@@ -26,8 +26,9 @@ from cachestore.keys import Namespace, tokens_to_bytes
 from cachestore.tiers.cpu import CpuTier
 from workers.block_manager import EvictedPage
 from workers.cuda_host import PinnedRanges
-from workers.kv_upload import PageStager, StagedPages
+from workers.kv_upload import PageStager
 from workers.outputs import KvEventData
+from workers.page_sends import StagedPages
 from workers.pool_copies import StagedRow
 from workers.sequence import PendingLoad, Sequence
 
@@ -298,8 +299,15 @@ class KvOffload:
         _FIRST_CHUNK_PAGES, each chunk's copies queued before the next is looked up, so the
         copies start early and run while the rest is looked up and checked."""
         assert self.host is not None
-        send = self.stager.open_send(ns, len(keys)) if self.host.is_pinned or (
-            not self.stager.is_cuda) else None
+        send = None
+        if self.host.is_pinned or not self.stager.is_cuda:
+            # rows for the pages the tier holds now: only this thread stores into it, so none
+            # of them goes before they are fetched (one that changes fails its checks)
+            num_held = self.host.count_leading(keys)
+            if not num_held:
+                return _Fetched([]), StagedPages.verified(torch.empty(0))
+            keys, page_tokens = keys[:num_held], page_tokens[:num_held]
+            send = self.stager.open_send(ns, num_held)
         if send is None:
             fetched = self._host_get(keys)
             return fetched, self._stage(fetched, ns, keys, page_tokens)
@@ -372,8 +380,7 @@ class KvOffload:
     def _store_get(self, keys: list[bytes]) -> _Fetched:
         """The leading pages the store holds, in one round trip (read where the store keeps
         them, or through a shared-memory segment, when the store is on this host)."""
-        if self.store is None:
-            return _Fetched([])
+        assert self.store is not None
         try:
             # mapped: read in place in the store's own memory; stage() checks every page
             lease = self.store.get_pages_leased(keys, prefix_only=True, mapped=True)

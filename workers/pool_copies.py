@@ -123,10 +123,32 @@ def upload_layers(kv_pool: torch.Tensor, page_ids: torch.Tensor, source: Arrivin
 
     source.wait(segment)
     layers = source.segments[segment]
-    words = kv_pool[0, 0].numel()
+    layer_nbytes = kv_pool[0, 0].numel() * kv_pool.element_size()
+    word = torch.int32 if layer_nbytes % 4 == 0 else torch.uint8  # moved as words if it can
+    words = layer_nbytes // word.itemsize
     span = slice(layers.start * words, layers.stop * words)
-    scatter_row_spans(kv_pool.view(len(kv_pool), -1)[:, span], page_ids,
-                      source.rows.view(len(source.rows), -1)[: len(page_ids), span])
+    scatter_row_spans(as_words(kv_pool, word)[:, span], page_ids,
+                      as_words(source.rows, word)[: len(page_ids), span])
+
+
+def as_words(rows: torch.Tensor, word: torch.dtype) -> torch.Tensor:
+    """A contiguous [n, ...] tensor as [n, words] of `word`, same memory."""
+    return rows.view(len(rows), -1).view(torch.uint8).view(word)
+
+
+def arriving_loads(loads: Sequence[tuple[int, StagedRow]], segments: list[range]
+                   ) -> list[tuple[ArrivingRows, list[int]]]:
+    """The loads whose rows still arrive a run of layers at a time (in `segments`), as (source,
+    pool page ids of its rows 0..n-1); [] unless every such source's rows go in that order
+    from row 0, in runs of layers that are `segments` (then the caller waits for all of it)."""
+    targets: dict[int, tuple[ArrivingRows, list[int]]] = {}
+    for page_id, (source, row) in loads:
+        if isinstance(source, ArrivingRows):
+            ids = targets.setdefault(id(source), (source, []))[1]
+            if row != len(ids) or source.segments != segments:
+                return []
+            ids.append(page_id)
+    return list(targets.values())
 
 
 def upload_pages(kv_pool: torch.Tensor, page_ids: Sequence[int],

@@ -23,10 +23,10 @@ class SeqStatus(Enum):
 @dataclass
 class PendingLoad:
     """Pages found in the host tier or the store for a waiting sequence, not yet in the pool.
-    payloads[i] (a copy on the device: a row of a kv_upload.PageStager tensor) is page
-    start_page + i; tiers[i] names where it was. While `verify` is set, the copies and their
-    checks may still be running and only the pages it counts (leading) may be kept: `settle()`
-    waits for it."""
+    payloads[i] (a copy on the device: a row of a kv_upload.PageStager tensor, or of
+    pool_copies.ArrivingRows while it arrives) is page start_page + i; tiers[i] names where it
+    was. While `verify` is set, the copies and their checks may still be running and only the
+    pages it counts (leading) may be kept: `settle()` waits for it."""
 
     start_page: int
     payloads: list[Any]  # kv_upload.StagedRow; typed loosely to keep this module torch-free

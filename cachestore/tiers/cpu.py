@@ -78,6 +78,15 @@ class CpuTier(Tier):
         with self._lock:
             return [key in self._pages for key in keys]
 
+    def count_leading(self, keys: Sequence[bytes]) -> int:
+        """How many of the leading keys this tier holds, up to the first it does not (no hit or
+        miss counted, nothing touched)."""
+        with self._lock:
+            for i, key in enumerate(keys):
+                if key not in self._pages:
+                    return i
+            return len(keys)
+
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | memoryview | None]:
         return self._get(keys, leading=False)[0]
 

@@ -107,6 +107,10 @@ def test_bulk_header_check_stops_at_the_first_header_that_differs():
         arena[3 * pitch + offset] ^= 0x04
     with pytest.raises(ValueError, match="overlap"):
         check_page_headers_at(address, 40, 2, NS, keys[:2], everything[:40])
+    with pytest.raises(ValueError, match="count"):
+        check_page_headers_at(address, pitch, 2, NS, keys[:3], everything[:40])
+    with pytest.raises(ValueError, match="count"):
+        check_page_headers_at(address, pitch, 2, NS, keys[:2], everything[:44])
 
 
 def test_truncated_or_extended_is_detected(page):

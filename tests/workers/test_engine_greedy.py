@@ -68,8 +68,9 @@ def test_host_tier_hit_after_device_eviction(make_engine, encode, hf_greedy, smo
     assert engine.stats().prefix_hits["cpu"] == 2
 
 
-@pytest.mark.parametrize("first_chunk", [16, 1])  # 1: the bad page comes in a later chunk
-@pytest.mark.parametrize("device_checksums", [False, True])
+# first_chunk 1: the bad page comes in a later chunk (host checksums do not go in chunks)
+@pytest.mark.parametrize(("device_checksums", "first_chunk"), [(False, 16), (True, 16),
+                                                               (True, 1)])
 def test_a_corrupt_host_tier_page_is_a_miss_and_is_dropped(make_engine, encode, hf_greedy,
                                                            device_checksums, first_chunk,
                                                            monkeypatch):

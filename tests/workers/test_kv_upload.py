@@ -14,9 +14,11 @@ import torch
 from cachestore.codec import encode_page
 from cachestore.keys import Namespace, tokens_to_bytes
 from workers.kv_upload import PageStager
+from workers.page_sends import StagedPages
 from workers.pool_copies import (
     ArrivingRows,
     SnapshotSlots,
+    arriving_loads,
     layer_segments,
     upload_layers,
     upload_pages,
@@ -369,6 +371,36 @@ def test_layer_segments_cover_every_layer_once_in_order(num_layers, count, expec
     assert layer_segments(num_layers, count) == expected
 
 
+def test_checks_queued_late_run_once_and_a_failure_to_queue_them_drops_every_row(caplog):
+    rows = torch.zeros((3, *SHAPE))
+    calls = []
+    staged = StagedPages(rows, 0, checks=lambda: calls.append(1) or StagedPages(rows, 2))
+    staged.start_checks()
+    assert staged.verify() == 2 and calls == [1]  # verify() does not queue them again
+    stager = PageStager(SHAPE, torch.float32, torch.device("cpu"), device_checksums=True)
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("no device memory")
+
+    stager._verify_rows = failing
+    staged = StagedPages(rows, 0, checks=lambda: stager._checks_or_none(rows, [1, 2, 3], None,
+                                                                         None))
+    assert staged.verify() == 0  # none kept, and settling goes on (leases end)
+    assert "they are dropped" in caplog.text
+
+
+def test_arriving_loads_are_used_in_runs_of_layers_only_in_row_order():
+    segments = [range(0, 1), range(1, 3)]
+    a = ArrivingRows(torch.zeros((3, 4)), [], segments)
+    b = ArrivingRows(torch.zeros((2, 4)), [], segments)
+    plain = torch.zeros((2, 4))
+    loads = [(7, (a, 0)), (3, (a, 1)), (9, (plain, 0)), (4, (b, 0)), (5, (b, 1)), (1, (a, 2))]
+    assert arriving_loads(loads, segments) == [(a, [7, 3, 1]), (b, [4, 5])]
+    assert arriving_loads([(7, (a, 1)), (3, (a, 0))], segments) == []  # out of order
+    assert arriving_loads([(7, (a, 0))], [range(0, 3)]) == []  # other runs of layers
+    assert arriving_loads([(9, (plain, 0))], segments) == []
+
+
 @pytest.mark.gpu
 def test_pinned_pages_arrive_a_run_of_layers_at_a_time():
     """A send checked on the device copies on a stream of its own, one run of layers of every
@@ -379,17 +411,30 @@ def test_pinned_pages_arrive_a_run_of_layers_at_a_time():
     views = [memoryview(t.numpy()) for t in pinned]
     stager = PageStager(SHAPE, torch.float32, torch.device("cuda"), device_checksums=True)
     assert len(stager.segments) == 3  # one per layer of SHAPE
-    staged = stager.stage_unverified(views, NS, keys, tokens, is_pinned=True)
+    stager._copy_stream = torch.cuda.Stream()
+
+    def stage_late():
+        """Staged behind ~0.1 s of sleep on the copy stream: reading too early gets garbage."""
+        with torch.cuda.stream(stager._copy_stream):
+            torch.cuda._sleep(200_000_000)
+        staged = stager.stage_unverified(views, NS, keys, tokens, is_pinned=True)
+        assert isinstance(staged.arriving, ArrivingRows) and staged.arriving.rows is staged.rows
+        return staged
+
+    staged = stage_late()
     source = staged.arriving
-    assert isinstance(source, ArrivingRows) and source.rows is staged.rows
     pool = torch.zeros((12, *SHAPE), device="cuda")
     ids = [11, 2, 5, 7, 0, 3, 9, 1, 4]
     index = torch.tensor(ids, device="cuda")
     for segment in range(len(source.segments)):
         upload_layers(pool, index, source, segment)
-    assert staged.verify() == 9
+    torch.cuda.current_stream().synchronize()
     for page_id, payload in zip(ids, payloads, strict=True):
         assert torch.equal(pool[page_id].cpu(), payload)
+    assert staged.verify() == 9
     again = torch.zeros_like(pool)
-    upload_pages(again, ids, [(source, i) for i in range(9)])  # waits for every run first
+    late = stage_late()
+    upload_pages(again, ids, [(late.arriving, i) for i in range(9)])  # waits for all of it
+    torch.cuda.current_stream().synchronize()
     assert torch.equal(again, pool)
+    assert late.verify() == 9

@@ -76,7 +76,7 @@ def host_pages(num: int, missing: int | None = None, corrupt: int | None = None,
 
 @pytest.mark.parametrize(("missing", "corrupt", "bad_header", "num_ok", "chunks"), [
     (None, None, None, 7, [2, 2, 3]),  # chunks of 2, 2, then as many as came before
-    (5, None, None, 5, [2, 2, 3]),  # a gap ends the lookup (no store here)
+    (5, None, None, 5, [2, 2, 1]),  # a gap ends the lookup (no store here)
     (None, 5, None, 5, [2, 2, 3]),  # a bad page in the last chunk: the pages before it stay
     (None, 1, None, 1, [2, 2, 3]),  # ... in the first one: found after the copies, all go
     (None, None, 3, 3, [2, 2]),  # a bad header: found before the next chunk is looked up
@@ -94,12 +94,17 @@ def test_host_lookups_checked_on_the_device_go_in_growing_chunks(
     offload.host.get_leading_addressed = lambda k: looked_up.append(len(k)) or get(k)
     load = offload.lookup(seq, 0, 7)
     assert load is not None and load.start_page == 0
+    rows = staged_rows(load.payloads[0][0])
+    held = 7 if missing is None else missing  # device rows for the pages held, no more
+    assert rows.untyped_storage().nbytes() == held * rows[0].numel() * rows.element_size()
     assert load.settle() == num_ok
     assert looked_up == chunks
     for i, (rows, row) in enumerate(load.payloads):
         assert torch.equal(staged_rows(rows)[row].cpu(), payloads[i])
     assert load.tiers == ["cpu"] * num_ok
     bad = corrupt if corrupt is not None else bad_header
+    if missing is not None:  # the count of held pages ends the chunks at the gap
+        assert looked_up[-1] == missing - sum(looked_up[:-1])
     if bad is not None:  # dropped from the host tier; the others stay
         assert offload.host.contains_many(keys[:7]) == [i != bad for i in range(7)]
 
@@ -125,3 +130,9 @@ def test_a_lookup_past_the_device_prefix_starts_at_its_first_page(monkeypatch):
     assert load is not None and load.start_page == 3 and load.settle() == 4
     for i, (rows, row) in enumerate(load.payloads):
         assert torch.equal(staged_rows(rows)[row].cpu(), payloads[3 + i])
+
+
+def test_a_host_tier_miss_stages_nothing():
+    offload, seq, keys, _ = host_pages(7, device_checksums=True)
+    offload.host.delete_many(keys[:1])
+    assert offload.lookup(seq, 0, 7) is None
