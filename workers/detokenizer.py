@@ -2,9 +2,11 @@
 
 Text is decoded over a short window of recent tokens (a token can change how the previous ones
 render, and an unfinished UTF-8 sequence renders as U+FFFD until its last byte arrives), so each
-step costs O(window), not O(output). When stop strings are set, the last len(longest stop) - 1
-characters are held back until it is clear they do not start a stop string; the stop string
-itself is never sent.
+step costs O(window), not O(output). A fast tokenizer whose decode does no clean-up of spaces
+does that in one native call per token (`tokenizers.decoders.DecodeStream`: 0.6 us a token
+against 4.2 us for the two window decodes, SmolLM2 on the CI machine); others decode the two
+windows here. When stop strings are set, the last len(longest stop) - 1 characters are held back
+until it is clear they do not start a stop string; the stop string itself is never sent.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class IncrementalDetokenizer:
         self.text = ""
         self.num_sent = 0
         self.hit_stop = False
+        self._stream = decode_stream(tokenizer)
 
     def _decode(self, ids: list[int]) -> str:
         if self.tokenizer is None:  # benchmarks on random weights: tokens only
@@ -35,13 +38,10 @@ class IncrementalDetokenizer:
         if self.hit_stop or self.tokenizer is None:
             return ""
         if not skip:
-            self.ids.append(token_id)
-            prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
-            full = self._decode(self.ids[self.prefix_offset :])
-            if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            piece = self._next_piece(token_id)
+            if piece:
                 old_len = len(self.text)
-                self.text += full[len(prefix) :]
-                self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+                self.text += piece
                 self._check_stop(old_len)
         if self.hit_stop:
             return self.flush()
@@ -51,6 +51,19 @@ class IncrementalDetokenizer:
         delta = self.text[self.num_sent : safe_end]
         self.num_sent = safe_end
         return delta
+
+    def _next_piece(self, token_id: int) -> str:
+        """The text this token completes ("" while it is unfinished)."""
+        if self._stream is not None:
+            stream, backend = self._stream
+            return stream.step(backend, token_id) or ""
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return full[len(prefix) :]
 
     def _check_stop(self, old_len: int) -> None:
         if not self.stop:
@@ -66,3 +79,17 @@ class IncrementalDetokenizer:
         delta = self.text[self.num_sent :]
         self.num_sent = len(self.text)
         return delta
+
+
+def decode_stream(tokenizer: Any) -> tuple[Any, Any] | None:
+    """(a DecodeStream skipping special tokens, the native tokenizer it steps on) for a fast
+    tokenizer whose `decode` does no clean-up of spaces (so the two give the same text); None
+    otherwise, or where tokenizers is too old to have it (< 0.21)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return None
+    try:
+        from tokenizers.decoders import DecodeStream
+    except ImportError:
+        return None
+    return DecodeStream(skip_special_tokens=True), backend
