@@ -3,8 +3,8 @@
 - A cached page evicted from the device pool is copied into the host tier (a CpuTier) before its
   slot is reused.
 - Every page that becomes full and cached on the device is written through to the remote store
-  (when configured) by a background thread, so decode steps never wait on the network; when the
-  queue is full the write is dropped and counted.
+  (when configured) by a background thread (`store_writer.StoreWriter`), so decode steps never
+  wait on the network; when the queue is full the write is dropped and counted.
 - On admission, the pages after the device-cached prefix are looked up by key in the host tier,
   then in the store; every page is verified (namespace, key, token ids, checksum) before use, and
   a gap ends the prefix. A store that is down or answers badly is a miss, never a failed request.
@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,20 +30,9 @@ from workers.outputs import KvEventData
 from workers.page_sends import StagedPages
 from workers.pool_copies import StagedRow
 from workers.sequence import PendingLoad, Sequence
+from workers.store_writer import StoreWriter
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _PendingWrite:
-    """Pages of one write_through call: rows of a snapshot, being copied until `event`."""
-
-    ns: Namespace
-    keys: list[bytes]
-    token_ids: list[list[int]]
-    rows: list[torch.Tensor]
-    event: Any
-    slots: list[int] | None  # the snapshot slots to give back once the pages are encoded
 
 
 class _Fetched:
@@ -94,9 +82,7 @@ class _LoadPart:
     keys: list[bytes]
 
 
-_STORE_QUEUE_BYTES = 2 << 30
 _FIRST_CHUNK_PAGES = 16  # host-tier lookups: the first chunk, then each as long as all before
-_WRITE_BATCH = 32
 
 
 class KvOffload:
@@ -125,12 +111,9 @@ class KvOffload:
         self.host = CpuTier(host_tier_bytes) if host_tier_bytes else None
         self.store: Any = None
         self._events: list[KvEventData] = []
-        self._lock = threading.Lock()
-        self._queue: queue.Queue[_PendingWrite | None] = queue.Queue()
-        self._queued_bytes = 0
-        self.num_store_writes_dropped = 0
-        self.num_store_errors = 0
-        self._writer: threading.Thread | None = None
+        self._lock = threading.Lock()  # the events, which the writer thread adds to
+        self.writer: StoreWriter | None = None  # sends newly cached pages to the store
+        self._lookup_errors = 0
 
     def segment_hooks(self) -> dict[str, Callable[[int, int], None]]:
         """StoreClient arguments that page-lock its shared-memory segments (on CUDA)."""
@@ -148,9 +131,7 @@ class KvOffload:
         if missing:
             raise TypeError(f"a store needs {', '.join(missing)}")
         self.store = store
-        self._writer = threading.Thread(target=self._write_loop, name="kv-store-writer",
-                                        daemon=True)
-        self._writer.start()
+        self.writer = StoreWriter(store, self.snapshot_pages, self.release_snapshots, self._emit)
         # on CUDA only: there page-locking a segment is the slow part of making it
         if self.pinned is not None and self.max_prefix_nbytes and hasattr(store,
                                                                          "reserve_segment"):
@@ -187,69 +168,23 @@ class KvOffload:
 
     def write_through(self, ns: Namespace, pages: list[tuple[bytes, list[int], int]]) -> None:
         """Queue copies of newly cached device pages, (key, token ids, page id) each, for the
-        store: one batched device -> host snapshot and one queue entry, sent by the writer
-        thread. Pages that would overflow the queue or find no snapshot slot (the store is slow
-        or down) are dropped and counted rather than stall the caller."""
-        if self.store is None or not pages:
-            return
-        with self._lock:  # only the writer thread changes it meanwhile, and only downwards
-            room = max(0, (_STORE_QUEUE_BYTES - self._queued_bytes) // ns.page_nbytes)
-        rows: list[Any] = []
-        slots, event = None, None
-        if room:
-            try:
-                rows, slots, event = self.snapshot_pages([page_id for _, _, page_id in
-                                                          pages[:room]])
-            except Exception:  # e.g. a device error: the pages are not written, the step goes on
-                log.warning("store write-through snapshot failed", exc_info=True)
-        self.num_store_writes_dropped += len(pages) - len(rows)
-        if rows:
-            kept = pages[: len(rows)]
-            with self._lock:
-                self._queued_bytes += len(rows) * ns.page_nbytes
-            self._queue.put(_PendingWrite(ns, [key for key, _, _ in kept],
-                                          [tokens for _, tokens, _ in kept], rows, event, slots))
-
-    def _write_loop(self) -> None:
-        """Send queued pages, _WRITE_BATCH per call, until a None arrives."""
-        assert self.store is not None
-        while True:
-            item = self._queue.get()
-            if item is None:
-                self._queue.task_done()
-                return
-            try:
-                if item.event is not None:
-                    item.event.synchronize()
-                for start in range(0, len(item.keys), _WRITE_BATCH):
-                    self._send(item, range(start, min(start + _WRITE_BATCH, len(item.keys))))
-            except Exception as exc:  # the snapshot's copies failed: drop it, keep the thread
-                self.num_store_errors += 1
-                log.warning("store write of %d pages failed: %s", len(item.keys), exc)
-            finally:
-                if item.slots is not None:
-                    self.release_snapshots(item.slots)
-                with self._lock:
-                    self._queued_bytes -= len(item.keys) * item.ns.page_nbytes
-                self._queue.task_done()
-
-    def _send(self, item: _PendingWrite, indices: range) -> None:
-        try:
-            pages = []
-            for i in indices:
-                payload = memoryview(item.rows[i].view(-1).view(torch.uint8).numpy()).cast("B")
-                pages.append((item.keys[i], encode_page(
-                    item.ns, item.keys[i], tokens_to_bytes(item.token_ids[i]), payload)))
-            self.store.put_encoded_pages(pages)
-            self._emit(KvEventData("stored", [k for k, _ in pages], None, "store"))
-        except Exception as exc:  # a store that is down is a dropped write, not a crash
-            self.num_store_errors += 1
-            log.warning("store write of %d pages failed: %s", len(indices), exc)
+        store (`StoreWriter.write_through`); nothing without one."""
+        if self.writer is not None:
+            self.writer.write_through(ns, pages)
 
     def flush(self) -> None:
         """Block until every queued store write has been sent or has failed."""
-        if self._writer is not None:
-            self._queue.join()
+        if self.writer is not None:
+            self.writer.flush()
+
+    @property
+    def num_store_writes_dropped(self) -> int:
+        return self.writer.num_dropped if self.writer is not None else 0
+
+    @property
+    def num_store_errors(self) -> int:
+        """Failed store lookups and writes."""
+        return self._lookup_errors + (self.writer.num_errors if self.writer is not None else 0)
 
     # ------------------------------------------------------------------ host / store -> device
     def lookup(self, seq: Sequence, num_device_pages: int, max_pages: int) -> PendingLoad | None:
@@ -394,7 +329,7 @@ class KvOffload:
             return _Fetched(lease.pages, lease.release, pinned, lease.is_valid, lease.addresses,
                             lease.report_bad)
         except Exception as exc:  # down, timed out, unauthenticated: a miss
-            self.num_store_errors += 1
+            self._lookup_errors += 1
             log.warning("store lookup failed, treating as a miss: %s", exc)
             return _Fetched([])
 
@@ -420,10 +355,8 @@ class KvOffload:
     def close(self) -> None:
         if self.reserving is not None:
             self.reserving.join(timeout=30)  # it may still be adding a segment to the client
-        if self._writer is not None:
-            self._queue.put(None)
-            self._writer.join(timeout=10)
-            self._writer = None
+        if self.writer is not None:
+            self.writer.close()
         if self.store is not None:
             self.store.close()
         if self.host is not None:

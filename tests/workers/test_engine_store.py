@@ -85,13 +85,13 @@ def test_writes_past_the_queue_budget_are_dropped_not_waited_for(
         make_engine, encode, store_server, monkeypatch):
     """A prefill's new pages go to the writer in one batched snapshot; those that would take
     the queue past its byte budget are dropped and counted, the rest still reach the store."""
-    import workers.offload as offload
+    import workers.store_writer as store_writer
 
     engine = make_engine(store=store_server.target)
     prompt = encode(LONG) * 3
     num_full = len(prompt) // 16
     assert num_full >= 4
-    monkeypatch.setattr(offload, "_STORE_QUEUE_BYTES", 2 * engine.namespace().page_nbytes)
+    monkeypatch.setattr(store_writer, "_STORE_QUEUE_BYTES", 2 * engine.namespace().page_nbytes)
     run(engine, {"a": prompt}, SamplingParams(temperature=0.0, max_tokens=1))
     engine.offload.flush()
     assert engine.stats().num_store_writes_dropped == num_full - 2
