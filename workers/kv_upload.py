@@ -1,9 +1,9 @@
 """Host tier / store pages -> pages of the device KV pool, fast.
 
 A prefix hit from the host tier or the store is hundreds of pages (an 8K-token Llama-3-8B prefix
-is 1 GB). `PageStager.stage` (on admission) checks every encoded page's header (key, namespace,
-shape, token ids) on the calling thread, then moves the payloads to one device tensor and checks
-their checksums:
+is 1 GB). `PageStager.stage_unverified` (on admission) checks every encoded page's header (key,
+namespace, shape, token ids) on the calling thread, then moves the payloads to one device tensor
+and checks their checksums:
 
 - pages in page-locked memory (the CpuTier pins its pages on CUDA; the store client's
   shared-memory segments are page-locked by the worker), checksummed on the device: a
@@ -100,37 +100,20 @@ class PageStager:
             self._verify_rows(row, [0]).verify()
         self._checksums_warm = True
 
-    def stage(self, blobs: Sequence[bytes | memoryview], ns: Namespace, keys: Sequence[bytes],
-              token_ids: Sequence[bytes], is_pinned: bool = False,
-              addresses: Sequence[int | None] | None = None) -> torch.Tensor:
-        """The verified payloads of the leading pages that pass every check, as rows of one
-        tensor [num_ok, *page_shape] on the device (copies may still be in flight on the
-        current stream); a page that fails ends the prefix. `is_pinned`: the blobs already lie
-        in page-locked memory (the CpuTier pins on CUDA), so each payload is sent to the device
-        straight from there, with no staging copy (the blobs are kept referenced until those
-        copies are done), and checksummed there or, without device checksums, in place.
-        `addresses`: where each blob lies, where the caller knows it (saves asking each buffer).
-
-        If this raises, the current stream is synchronized first: no copy still reads the blobs
-        when the caller lets them go."""
-        staged = self.stage_unverified(blobs, ns, keys, token_ids, is_pinned, addresses)
-        out = staged.rows[: staged.verify()]
-        # most pages failed: do not hold the rows allocated for them (a clone on the device
-        # is ordered after the copies; rows left in host memory may still be arriving: kept)
-        if (out.device.type == self.device.type
-                and len(out) < out.untyped_storage().nbytes() // (2 * self.page_nbytes)):
-            out = out.clone()
-        return out
-
     def stage_unverified(self, blobs: Sequence[bytes | memoryview], ns: Namespace,
                          keys: Sequence[bytes], token_ids: Sequence[bytes],
                          is_pinned: bool = False,
                          addresses: Sequence[int | None] | None = None) -> StagedPages:
-        """`stage`, without waiting for the checksums where they are computed on the device:
-        the rows of the pages whose headers checked out, and `verify()`, which waits and says
-        how many of them are good. Meanwhile the caller may queue work that uses the rows, as
-        long as it keeps nothing computed from rows past that count. The blobs must stay
-        unchanged until `verify()` returns (they are referenced until then)."""
+        """The payloads of the leading pages whose headers check out, as rows of one tensor
+        [n, *page_shape] on the device, and `verify()`, which waits for their checksums and
+        says how many leading rows are good (a page that fails ends the prefix). Meanwhile the
+        caller may queue work that uses the rows, as long as it keeps nothing computed from rows
+        past that count. `is_pinned`: the blobs lie in page-locked memory (the CpuTier pins on
+        CUDA), so each payload goes to the device straight from there, with no staging copy,
+        and is checksummed there or, without device checksums, in place. `addresses`: where
+        each blob lies, where the caller knows it (saves asking each buffer). The blobs must
+        stay unchanged until `verify()` returns (they are referenced until then); if this
+        raises, the copies are waited for first."""
         try:
             return self._stage(blobs, ns, keys, token_ids, is_pinned, addresses)
         except BaseException:

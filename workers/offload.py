@@ -317,7 +317,7 @@ class KvOffload:
         them, or through a shared-memory segment, when the store is on this host)."""
         assert self.store is not None
         try:
-            # mapped: read in place in the store's own memory; stage() checks every page
+            # mapped: read in place in the store's own memory; the stager checks every page
             lease = self.store.get_pages_leased(keys, prefix_only=True, mapped=True)
             pinned = self._is_pinned(lease)
             if lease.valid_until is not None and self.pinned is not None and not pinned:

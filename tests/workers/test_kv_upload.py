@@ -38,7 +38,13 @@ def stage_pages(blobs, ns, keys, tokens, pages_per_chunk=None, is_pinned=False,
     stager = PageStager(SHAPE, torch.float32, device, device_checksums=device_checksums)
     if pages_per_chunk is not None:
         stager.pages_per_chunk = pages_per_chunk
-    return stager.stage(blobs, ns, keys, tokens, is_pinned=is_pinned)
+    return verified_rows(stager, blobs, ns, keys, tokens, is_pinned=is_pinned)
+
+
+def verified_rows(stager, blobs, ns, keys, tokens, **kwargs):
+    """The staged rows that passed their checksums (waited for)."""
+    staged = stager.stage_unverified(blobs, ns, keys, tokens, **kwargs)
+    return staged.rows[: staged.verify()]
 
 
 def pages(num: int, seed: int = 0):
@@ -110,12 +116,13 @@ def test_device_checksums_stop_at_the_first_bad_page(bad, given_addresses):
     arrays = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
     views = [memoryview(a.numpy()).toreadonly() for a in arrays]
     addresses = [a.data_ptr() for a in arrays] if given_addresses else None
-    staged = stager.stage(views, NS, keys, tokens, is_pinned=True, addresses=addresses)
+    staged = verified_rows(stager, views, NS, keys, tokens, is_pinned=True,
+                           addresses=addresses)
     want = 7 if bad == "none" else 5
     assert torch.equal(staged.cpu(), torch.stack(payloads[:want]))
     other = Namespace("other", num_layers=3, num_kv_heads=2, head_dim=8, dtype="float32",
                       page_size=4)
-    assert len(stager.stage(views, other, keys, tokens, is_pinned=True)) == 0
+    assert len(verified_rows(stager, views, other, keys, tokens, is_pinned=True)) == 0
 
 
 def test_host_checksums_need_no_triton():
