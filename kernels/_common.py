@@ -6,6 +6,7 @@ wrap in int32 (page ids come from an int32 page table).
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -26,6 +27,45 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from kernels.reference import check_gqa  # noqa: E402
+
+
+@functools.cache
+def _pdl_on(device_index: int) -> bool:
+    if os.environ.get("KVMESH_PDL", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether kernels on `device` launch with programmatic dependent launch (Hopper and newer;
+    KVMESH_PDL=0 turns it off). Such a kernel may start while the one before it in the stream
+    finishes: it must call `pdl_wait` before touching global memory (see there)."""
+    return device.type == "cuda" and _pdl_on(device.index if device.index is not None
+                                             else torch.cuda.current_device())
+
+
+def pdl_args(device: torch.device) -> dict:
+    """Launch arguments of a kernel that starts with `pdl_wait(USE_PDL)`."""
+    return {"USE_PDL": True, "launch_pdl": True} if use_pdl(device) else {"USE_PDL": False}
+
+
+@triton.jit
+def pdl_wait(USE_PDL: tl.constexpr):
+    """First thing in a kernel launched with programmatic dependent launch: wait until the
+    kernel before it is done and its writes are visible (as an ordinary launch would), then
+    let the next kernel launch. Only launch latency overlaps, never memory traffic, so every
+    read-after-write and write-after-read order of the stream holds."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Ask L2 for the 128-byte lines at ptrs (CUDA only; nothing comes back, nothing faults).
+    Only for memory no earlier kernel is writing: a kernel may issue it before `pdl_wait`."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

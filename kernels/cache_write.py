@@ -1,4 +1,6 @@
-"""Cache write: scatter new K/V rows into their pages through a slot mapping."""
+"""Cache write: scatter new K/V rows into their pages through a slot mapping (`write_kv`), or
+finish a fused q/k/v projection in one launch: RoPE, then k and v into their pages
+(`rope_write_kv`)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import kv_token_offset
+from kernels._common import kv_token_offset, num_warps_for, pdl_args, pdl_wait
 
 
 @triton.jit
@@ -61,3 +63,125 @@ def write_kv(kv_pool: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
         BLOCK_HD=block_hd, num_warps=4 if block_hd >= 1024 else 2,
     )
+
+
+# ---- RoPE and cache write of a fused q/k/v projection -----------------------------------------
+
+
+@triton.jit
+def _rope_write_kv_kernel(
+    qkv_ptr, positions_ptr, cos_ptr, sin_ptr, pool_ptr, slot_ptr, q_ptr,
+    stride_split, stride_qkv_tok, stride_cos, stride_sin, stride_q_tok, stride_q_head,
+    stride_page, stride_token, stride_head, layer_kv_offset, v_offset,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, NUM_PARTIALS: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    pdl_wait(USE_PDL)
+    # Grid: (num_tokens, 3): the q heads, the k heads or the v heads of one token.
+    half: tl.constexpr = HEAD_DIM // 2
+    tok = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    heads = tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_HALF)
+    num_heads = tl.where(part == 0, NUM_HEADS, NUM_KV_HEADS)
+    first_col = tl.where(part == 0, 0, NUM_HEADS + (part - 1) * NUM_KV_HEADS) * HEAD_DIM
+    mask = (heads[:, None] < num_heads) & (dims[None, :] < half)
+    src = qkv_ptr + tok * stride_qkv_tok + first_col + heads[:, None] * HEAD_DIM + dims[None, :]
+    dtype = q_ptr.dtype.element_ty
+    # lo, hi: [BLOCK_H, BLOCK_HALF], the two halves of each head, rounded to dtype as the
+    # projection's output (the sum of its split-K partials, if it came in partials)
+    if NUM_PARTIALS > 0:
+        lo = tl.zeros([BLOCK_H, BLOCK_HALF], dtype=tl.float32)
+        hi = tl.zeros([BLOCK_H, BLOCK_HALF], dtype=tl.float32)
+        for split in tl.static_range(NUM_PARTIALS):
+            lo += tl.load(src + split * stride_split, mask=mask, other=0.0)
+            hi += tl.load(src + split * stride_split + half, mask=mask, other=0.0)
+        lo = lo.to(dtype).to(tl.float32)
+        hi = hi.to(dtype).to(tl.float32)
+    else:
+        lo = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        hi = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
+    if part < 2:  # q and k rotate: x * cos + rotate_half(x) * sin (as kernels/rotary.py)
+        pos = tl.load(positions_ptr + tok).to(tl.int64)
+        dim_mask = dims < half
+        cos_lo = tl.load(cos_ptr + pos * stride_cos + dims, mask=dim_mask, other=0.0)
+        cos_hi = tl.load(cos_ptr + pos * stride_cos + half + dims, mask=dim_mask, other=0.0)
+        sin_lo = tl.load(sin_ptr + pos * stride_sin + dims, mask=dim_mask, other=0.0)
+        sin_hi = tl.load(sin_ptr + pos * stride_sin + half + dims, mask=dim_mask, other=0.0)
+        lo, hi = (lo * cos_lo[None, :] - hi * sin_lo[None, :],
+                  hi * cos_hi[None, :] + lo * sin_hi[None, :])
+    if part == 0:
+        dst = q_ptr + tok * stride_q_tok + heads[:, None].to(tl.int64) * stride_q_head
+    else:
+        slot = tl.load(slot_ptr + tok).to(tl.int64)
+        dst = (pool_ptr + layer_kv_offset + (part - 1) * v_offset
+               + kv_token_offset(slot // PAGE_SIZE, slot % PAGE_SIZE, stride_page, stride_token)
+               + heads[:, None].to(tl.int64) * stride_head)
+    tl.store(dst + dims[None, :], lo.to(dtype), mask=mask)
+    tl.store(dst + half + dims[None, :], hi.to(dtype), mask=mask)
+
+
+def rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
+                  sin_cache: torch.Tensor, kv_pool: torch.Tensor, layer: int,
+                  slot_mapping: torch.Tensor, num_heads: int,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """The rest of a fused q/k/v projection in one launch: RoPE on q and k, k and v written into
+    kv_pool[:, layer] at slot_mapping (mutates kv_pool); returns q [num_tokens, num_heads,
+    head_dim] in the pool's dtype (into out, if given).
+
+    qkv: [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim] in the pool's dtype, q then k
+    then v; or its fp32 split-K partials [splits, num_tokens, width] (kernels/skinny_gemm.py),
+    summed and rounded to the pool's dtype first. positions: [num_tokens] int64;
+    cos_cache, sin_cache: [max_positions, head_dim] fp32. As `write_kv` and `rotary`, slots and
+    positions are not checked on the device.
+    """
+    num_pages, num_layers, _, page_size, num_kv_heads, head_dim = kv_pool.shape
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    num_partials = qkv.shape[0] if qkv.dim() == 3 else 0
+    expected_dtype = torch.float32 if num_partials else kv_pool.dtype
+    if qkv.dim() not in (2, 3) or qkv.shape[-1] != width or qkv.dtype != expected_dtype:
+        raise ValueError(f"qkv must be [num_tokens, {width}] {kv_pool.dtype} or "
+                         f"[splits, num_tokens, {width}] float32, got {tuple(qkv.shape)} "
+                         f"{qkv.dtype}")
+    if qkv.stride(-1) != 1 or qkv.device != kv_pool.device or head_dim % 2:
+        raise ValueError("qkv must be contiguous in its rows, on the pool's device, with an "
+                         "even head_dim")
+    num_tokens = qkv.shape[-2]
+    if num_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} must be a multiple of {num_kv_heads} KV heads")
+    if slot_mapping.shape != (num_tokens,) or slot_mapping.dtype != torch.int64:
+        raise ValueError("slot_mapping must be a [num_tokens] int64 tensor")
+    if positions.shape != (num_tokens,) or positions.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"positions must be a [{num_tokens}] int64 or int32 tensor")
+    for name, cache in (("cos_cache", cos_cache), ("sin_cache", sin_cache)):
+        if cache.dim() != 2 or cache.shape[1] != head_dim or cache.dtype != torch.float32 \
+                or cache.stride(1) != 1:
+            raise ValueError(f"{name} must be a [max_positions, {head_dim}] float32 tensor")
+    if any(t.device != kv_pool.device for t in (positions, slot_mapping, cos_cache, sin_cache)):
+        raise ValueError(f"positions, slot_mapping and the rotary tables must be on "
+                         f"{kv_pool.device}")
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"layer {layer} out of range for {num_layers} layers")
+    if out is None:
+        out = torch.empty((num_tokens, num_heads, head_dim), dtype=kv_pool.dtype,
+                          device=kv_pool.device)
+    elif out.shape != (num_tokens, num_heads, head_dim) or out.dtype != kv_pool.dtype \
+            or out.stride(2) != 1:
+        raise ValueError(f"out must be [{num_tokens}, {num_heads}, {head_dim}] {kv_pool.dtype}")
+    if num_tokens == 0:
+        return out
+    block_h = triton.next_power_of_2(max(num_heads, num_kv_heads))
+    block_half = triton.next_power_of_2(head_dim // 2)
+    _rope_write_kv_kernel[(num_tokens, 3)](
+        qkv, positions, cos_cache, sin_cache, kv_pool, slot_mapping, out,
+        qkv.stride(0) if num_partials else 0, qkv.stride(-2), cos_cache.stride(0),
+        sin_cache.stride(0), out.stride(0), out.stride(1),
+        kv_pool.stride(0), kv_pool.stride(3), kv_pool.stride(4),
+        layer * kv_pool.stride(1), kv_pool.stride(2),
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        PAGE_SIZE=page_size, NUM_PARTIALS=num_partials, BLOCK_H=block_h,
+        BLOCK_HALF=block_half, num_warps=num_warps_for(block_h * block_half),
+        **pdl_args(kv_pool.device),
+    )
+    return out

@@ -15,7 +15,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_index_tensor, check_pool, dot_precision, kv_token_offset
+from kernels._common import (
+    check_index_tensor,
+    check_pool,
+    dot_precision,
+    kv_token_offset,
+    pdl_args,
+    pdl_wait,
+)
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
@@ -76,9 +83,15 @@ def _paged_decode_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, IS_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_G: tl.constexpr, MERGE_CHUNK: tl.constexpr,
+    HEADS_FIRST: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    seq = tl.program_id(0).to(tl.int64)
-    kv_head = tl.program_id(1)
+    pdl_wait(USE_PDL)
+    if HEADS_FIRST:  # programs launched together read one token's heads, adjacent in the pool
+        kv_head = tl.program_id(0)
+        seq = tl.program_id(1).to(tl.int64)
+    else:
+        seq = tl.program_id(0).to(tl.int64)
+        kv_head = tl.program_id(1)
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -186,6 +199,9 @@ class DecodeConfig:
     block_n: int = 64  # tokens per KV tile
     num_warps: int = 2
     num_stages: int = 3
+    # grid (kv heads, seqs, splits): programs launched together read the KV heads of the same
+    # tokens, adjacent in the pool (4-5% faster at batch 32/64 on the H200 than seqs first)
+    heads_first: bool = True
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -258,7 +274,9 @@ def paged_decode(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, page_table:
         part_out = part_lse = counters = out  # unused: IS_SPLIT is False
     block_h = max(16, triton.next_power_of_2(group))
     config = config or DecodeConfig()
-    _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+    grid = (num_kv_heads, num_seqs, num_splits) if config.heads_first else \
+        (num_seqs, num_kv_heads, num_splits)
+    _paged_decode_kernel[grid](
         q, kv_pool, page_table, seq_lens, out, part_out, part_lse, counters, scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_pool.stride(0), kv_pool.stride(3), kv_pool.stride(4),
@@ -267,7 +285,7 @@ def paged_decode(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, page_table:
         part_lse.stride(0), part_lse.stride(1), counters.stride(0),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_H=block_h,
         BLOCK_N=config.block_n, IS_SPLIT=is_split, DOT_PRECISION=dot_precision(q.dtype),
-        BLOCK_G=triton.next_power_of_2(group), MERGE_CHUNK=8,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        BLOCK_G=triton.next_power_of_2(group), MERGE_CHUNK=8, HEADS_FIRST=config.heads_first,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_args(q.device),
     )
     return out

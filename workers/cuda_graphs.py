@@ -55,6 +55,22 @@ def advance_decode_inputs(next_tokens: torch.Tensor, input_ids: torch.Tensor,
     slot_mapping.copy_(page.to(torch.int64) * page_size + positions % page_size)
 
 
+class StepTokens:
+    """The tokens of a multi-step decode, [num_steps, num_seqs], readable a step at a time: a
+    step's row waits only for its own event (none for tokens already on the host)."""
+
+    def __init__(self, tokens: torch.Tensor, events: list[torch.cuda.Event] | None = None
+                 ) -> None:
+        self.tokens = tokens
+        self.events = events
+        self.num_steps = tokens.shape[0]
+
+    def step(self, k: int) -> list[int]:
+        if self.events is not None:
+            self.events[k].synchronize()
+        return self.tokens[k].tolist()
+
+
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, 257, 16))
     return [s for s in sizes if s < max_num_seqs] + [max_num_seqs]
@@ -103,7 +119,10 @@ class DecodeGraphs:
         self.segment_logits: dict[int, torch.Tensor] = {}
         self._segment_states: dict[int, LayerState] = {}  # their hidden states, kept alive
         self.max_steps = 64
-        self._tokens = torch.zeros((self.max_steps, n), dtype=torch.int64, device=dev)
+        # each step's tokens land in page-locked memory with an event, so the host reads a
+        # step's tokens while the device runs the next steps
+        self._host_tokens = torch.zeros((self.max_steps, n), dtype=torch.int64, pin_memory=True)
+        self._step_events = [torch.cuda.Event() for _ in range(self.max_steps)]
         base_ops = model.ops
         assert base_ops is not None
         pool = torch.cuda.graph_pool_handle()
@@ -175,7 +194,7 @@ class DecodeGraphs:
 
     def _finish(self, bs: int, state: LayerState) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.model.finish(state)
-        logits = self.model.lm_head(hidden)
+        logits = self.model.logits(hidden)
         next_tokens = self._argmax(logits)
         advance_decode_inputs(next_tokens, self.input_ids[:bs], self.positions[:bs],
                               self.seq_lens[:bs], self.slot_mapping[:bs], self.page_table[:bs],
@@ -209,16 +228,19 @@ class DecodeGraphs:
 
     def run_steps(self, input_ids: list[int], positions: list[int], slots: list[int],
                   page_rows: list[list[int]], seq_lens: list[int],
-                  num_steps: int) -> torch.Tensor:
-        """Greedy tokens of `num_steps` decode steps, each fed to the next on the device:
-        [num_steps, num_seqs] int64 on the device. The rows' pages must cover every step."""
+                  num_steps: int) -> StepTokens:
+        """Greedy tokens of `num_steps` decode steps, each fed to the next on the device, all
+        queued at once and read a step at a time. The rows' pages must cover every step; the
+        returned tokens are valid until the next call."""
         assert 1 <= num_steps <= self.max_steps
         bs = self._load(input_ids, positions, slots, page_rows, seq_lens)
-        graph, tokens = self.graphs[bs], self._tokens[:num_steps, :bs]
+        graph = self.graphs[bs]
         for k in range(num_steps):
             graph.replay()
-            tokens[k].copy_(self.next_tokens[bs])
-        return tokens[:, : len(input_ids)]
+            self._host_tokens[k, :bs].copy_(self.next_tokens[bs], non_blocking=True)
+            self._step_events[k].record()
+        return StepTokens(self._host_tokens[:num_steps, : len(input_ids)],
+                          self._step_events[:num_steps])
 
     def _size(self, num_seqs: int) -> int:
         """The captured batch size a batch of num_seqs is padded to."""

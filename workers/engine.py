@@ -268,22 +268,32 @@ class Engine:
         """Multi-step decode; a sequence keeps its tokens up to its stop, the rest (computed
         past a stop or max_tokens) are dropped with the pages they were written to."""
         tokens = self.runner.execute_decode_steps(batch, num_steps)
-        outputs = []
-        for seq, row in zip(batch.seqs, tokens, strict=True):
-            new_tokens: list[int] = []
-            text = ""
-            last = None
-            for token in row:
+        seqs = batch.seqs
+        new_tokens: list[list[int]] = [[] for _ in seqs]
+        texts = [""] * len(seqs)
+        last: list[RequestOutput | None] = [None] * len(seqs)
+        live = range(len(seqs))
+        # a step at a time, as the device finishes it: the host's work on step k overlaps
+        # steps k + 1... on the device. A finished sequence's pages are released at once; the
+        # later steps only write past its end, into pages nothing reads.
+        for k in range(tokens.num_steps):
+            row = tokens.step(k)
+            still = []
+            for i in live:
+                seq = seqs[i]
                 seq.num_computed_tokens += 1  # the token fed to this step
                 self._register_full_pages(seq)
-                last = self._append(seq, token)
-                new_tokens += last.new_token_ids
-                text += last.text_delta
-                if last.finish_reason is not None:
-                    break
-            assert last is not None
-            outputs.append(RequestOutput(seq.request_id, seq.index, new_tokens, text,
-                                         last.finish_reason, last.usage))
+                out = last[i] = self._append(seq, row[i])
+                new_tokens[i] += out.new_token_ids
+                texts[i] += out.text_delta
+                if out.finish_reason is None:
+                    still.append(i)
+            live = still
+        outputs = []
+        for seq, tokens_i, text, out in zip(seqs, new_tokens, texts, last, strict=True):
+            assert out is not None
+            outputs.append(RequestOutput(seq.request_id, seq.index, tokens_i, text,
+                                         out.finish_reason, out.usage))
         return outputs
 
     def _fork(self, parent: Sequence, logits) -> list[RequestOutput]:

@@ -14,9 +14,20 @@ import torch
 
 from kernels import reference
 from workers.config import WorkerConfig
-from workers.cuda_graphs import DecodeGraphs, advance_decode_inputs, decode_ctas_per_sm
+from workers.cuda_graphs import (
+    DecodeGraphs,
+    StepTokens,
+    advance_decode_inputs,
+    decode_ctas_per_sm,
+)
 from workers.errors import InvalidConfig
-from workers.models.llama import AttentionMetadata, AttentionOps, FusedOps, LlamaForCausalLM
+from workers.models.llama import (
+    AttentionMetadata,
+    AttentionOps,
+    FewRowOps,
+    FusedOps,
+    LlamaForCausalLM,
+)
 from workers.models.loader import LoadedModel
 from workers.pool_copies import (
     ArrivingRows,
@@ -65,6 +76,21 @@ def attention_ops(device: torch.device, backend: str = "auto") -> AttentionOps:
     return AttentionOps(write_kv, paged_prefill, paged_decode)
 
 
+def few_row_ops(device: torch.device) -> FewRowOps:
+    """Skinny matmuls for forwards of up to 64 tokens (decode steps, short chunks). In fp32 they
+    multiply exactly ("ieee" dots, slower than cuBLAS' fp32 but an fp32 model is for testing);
+    on CPU they run under Triton's interpreter."""
+    from kernels.cache_write import rope_write_kv
+    from kernels.skinny_gemm import SkinnyLinears
+
+    num_sms = 8
+    if device.type == "cuda":
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    linears = SkinnyLinears(num_sms)
+    return FewRowOps(linears.max_rows, linears.linear, linears.linear_partials, linears.gated,
+                     rope_write_kv)
+
+
 class ModelRunner:
     def __init__(self, config: WorkerConfig, loaded: LoadedModel, max_model_len: int) -> None:
         self.device = torch.device(config.device)
@@ -87,7 +113,8 @@ class ModelRunner:
             from kernels.rotary import rotary
 
             self._num_kv_splits = num_kv_splits
-            self.model.set_fused(FusedOps(rms_norm, rotary, silu_and_mul))
+            self.model.set_fused(FusedOps(rms_norm, rotary, silu_and_mul,
+                                          few_row_ops(self.device)))
         self.page_shape = (cfg.num_layers, 2, self.page_size, cfg.num_kv_heads, cfg.head_dim)
         self.page_nbytes = self.dtype.itemsize
         for dim in self.page_shape:
@@ -221,11 +248,12 @@ class ModelRunner:
         return self.model.compute_logits(hidden[self._index(last_rows)]), sampled
 
     @torch.inference_mode()
-    def execute_decode_steps(self, batch: ScheduledBatch, num_steps: int) -> list[list[int]]:
+    def execute_decode_steps(self, batch: ScheduledBatch, num_steps: int) -> StepTokens:
         """Greedy multi-step decode: `num_steps` steps over a batch of decoding sequences, each
-        step's argmax fed to the next on the device, one host sync at the end. Every sequence's
-        pages must already cover num_computed_tokens + num_steps tokens. Returns the sampled
-        tokens, [num_seqs][num_steps]; the caller decides how many of them to keep."""
+        step's argmax fed to the next on the device; under graphs a step's tokens can be read
+        while the later steps run. Every sequence's pages must already cover
+        num_computed_tokens + num_steps tokens. Returns the sampled tokens, [num_steps,
+        num_seqs]; the caller decides how many of them to keep."""
         self._apply_page_moves(batch)
         ps = self.page_size
         seqs = batch.seqs
@@ -237,9 +265,8 @@ class ModelRunner:
         page_rows = [seq.page_ids for seq in seqs]
         if self.graphs is not None and self.graphs.fits(len(seqs)) and \
                 num_steps <= self.graphs.max_steps:
-            tokens = self.graphs.run_steps(input_ids, positions, slots, page_rows, seq_lens,
-                                           num_steps)
-            return tokens.T.tolist()
+            return self.graphs.run_steps(input_ids, positions, slots, page_rows, seq_lens,
+                                         num_steps)
         dev = self.device
         n = len(seqs)
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
@@ -256,7 +283,7 @@ class ModelRunner:
             hidden = self.model(ids, pos, meta, self.kv_pool)
             tokens[k] = self.model.compute_logits(hidden).argmax(dim=-1)
             advance_decode_inputs(tokens[k], ids, pos, lens, slot_mapping, table, step, ps)
-        return tokens.T.tolist()
+        return StepTokens(tokens.cpu())
 
     def _apply_page_moves(self, batch: ScheduledBatch) -> None:
         # copies first: a copy's source may be freed (preemption) and reused as a load target

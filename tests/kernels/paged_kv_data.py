@@ -82,6 +82,22 @@ def sdpa_fp64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
     return out.transpose(0, 1)
 
 
+def round_like_kernel(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 x rounded to dtype as a kernel's `.to(dtype)` rounds it: to nearest even on the GPU,
+    but towards zero for bf16 in Triton's interpreter (it drops the low 16 bits)."""
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        x = (x.float().contiguous().view(torch.int32) & -(2**16)).view(torch.float32)
+    return x.to(dtype)
+
+
+def sum_partials(partials: torch.Tensor) -> torch.Tensor:
+    """fp32 split-K partials [splits, ...] added in split order, as the consuming kernels do."""
+    total = partials[0].clone()
+    for partial in partials[1:]:
+        total += partial
+    return total
+
+
 def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
     assert not out.isnan().any(), "output holds NaN: a poisoned slot or page was read"
     atol, rtol = TOLERANCE[dtype]

@@ -1,4 +1,5 @@
-"""Cache write kernel: exact scatter through a slot mapping, int64 index math."""
+"""Cache write kernels: exact scatter through a slot mapping, int64 index math; RoPE and the
+cache write of a fused q/k/v projection (`rope_write_kv`) vs its unfused torch and Triton chains."""
 
 from __future__ import annotations
 
@@ -6,10 +7,18 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from paged_kv_data import DEVICE
+from paged_kv_data import DEVICE, round_like_kernel, sum_partials
 
-from kernels import paged_decode, paged_decode_ref, write_kv, write_kv_ref
+from kernels import (
+    paged_decode,
+    paged_decode_ref,
+    rotary,
+    rotary_ref,
+    write_kv,
+    write_kv_ref,
+)
 from kernels._common import kv_token_offset
+from kernels.cache_write import rope_write_kv
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -93,3 +102,167 @@ def test_pool_over_2_pow_31_elements():
     out = paged_decode(q, pool, 0, page_table, seq_lens, 0.088)
     ref = paged_decode_ref(q, pool, 0, page_table, seq_lens, 0.088)
     torch.testing.assert_close(out.float(), ref.float(), atol=1.6e-2, rtol=5e-2)
+
+
+# ---- rope_write_kv ----------------------------------------------------------------------------
+
+# (num_heads, num_kv_heads, head_dim): GQA groups of 3 and 1; head_dim 48 has a half of 24, no
+# power of two
+ROPE_HEADS = [(6, 2, 16), (5, 5, 32), (3, 1, 48)]
+ROPE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+PAGE_SIZE = 16
+MAX_POSITIONS = 64
+
+
+def assert_rope_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Same math, so exact in the interpreter but for its bf16 rounding (towards zero: one ulp);
+    on the GPU fp32 products may be contracted into FMAs, which can move a result by an ulp."""
+    rtol = {torch.float32: 0.0, torch.float16: 0.0, torch.bfloat16: 2**-7}[actual.dtype]
+    atol = 0.0
+    if DEVICE != "cpu":
+        atol = 1e-5
+        rtol = max(rtol, {torch.float32: 1e-5, torch.float16: 2**-10}.get(actual.dtype, 0.0))
+    # NaN where the pool was poisoned and must stay so
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, equal_nan=True)
+
+
+def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, atol=0.0, rtol=0.0, equal_nan=True)
+
+
+def rope_inputs(num_tokens, num_heads, num_kv_heads, head_dim, dtype, splits, seed):
+    """qkv ([num_tokens, width] in dtype, or fp32 [splits, num_tokens, width] partials of about
+    unit sum), positions, random cos/sin tables (halves differ, so both are read), a two-layer
+    pool poisoned with NaN and distinct random slots in it."""
+    gen = torch.Generator().manual_seed(seed)
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    if splits:
+        qkv = torch.randn(splits, num_tokens, width, generator=gen) / splits**0.5
+    else:
+        qkv = torch.randn(num_tokens, width, generator=gen).to(dtype)
+    positions = torch.randint(0, MAX_POSITIONS, (num_tokens,), generator=gen)
+    cos_cache = torch.randn(MAX_POSITIONS, head_dim, generator=gen)
+    sin_cache = torch.randn(MAX_POSITIONS, head_dim, generator=gen)
+    num_pages = num_tokens // PAGE_SIZE + 3
+    pool = torch.full((num_pages, 2, 2, PAGE_SIZE, num_kv_heads, head_dim), float("nan"),
+                      dtype=dtype)
+    slots = torch.randperm(num_pages * PAGE_SIZE, generator=gen)[:num_tokens]
+    return [t.to(DEVICE) for t in (qkv, positions, cos_cache, sin_cache, pool, slots)]
+
+
+def split_qkv(qkv, num_heads, num_kv_heads, head_dim, dtype):
+    """q, k, v [num_tokens, heads, head_dim] (copies) of the projection the kernel sees: qkv, or
+    the sum of its partials rounded to dtype."""
+    if qkv.dim() == 3:
+        qkv = round_like_kernel(sum_partials(qkv), dtype)
+    heads = qkv.view(qkv.shape[0], -1, head_dim).split([num_heads, num_kv_heads, num_kv_heads], 1)
+    return [t.clone() for t in heads]
+
+
+@pytest.mark.parametrize("dtype", ROPE_DTYPES)
+@pytest.mark.parametrize("splits", [None, 1, 3], ids=["plain", "partials1", "partials3"])
+@pytest.mark.parametrize("heads", ROPE_HEADS, ids=lambda h: "h{}kv{}d{}".format(*h))
+@pytest.mark.parametrize("num_tokens", [1, 19])
+def test_rope_write_kv_matches_unfused_chain(num_tokens, heads, splits, dtype):
+    num_heads, num_kv_heads, head_dim = heads
+    qkv, positions, cos_cache, sin_cache, pool, slots = rope_inputs(
+        num_tokens, *heads, dtype, splits, seed=num_tokens)
+    torch_pool, triton_pool = pool.clone(), pool.clone()
+    q = rope_write_kv(qkv, positions, cos_cache, sin_cache, pool, 1, slots, num_heads)
+    assert q.shape == (num_tokens, num_heads, head_dim) and q.dtype == dtype
+
+    # torch: rotary_ref on q and k, then write_kv_ref
+    ref_q, ref_k, ref_v = split_qkv(qkv, *heads, dtype)
+    rotary_ref(ref_q, ref_k, positions, cos_cache, sin_cache)
+    write_kv_ref(torch_pool, 1, ref_k, ref_v, slots)
+    assert_rope_close(q, ref_q)
+    assert_rope_close(pool, torch_pool)  # written slots, and NaN everywhere else
+
+    # the Triton kernels it fuses: the same fp32 math, so the same bits here
+    tri_q, tri_k, tri_v = split_qkv(qkv, *heads, dtype)
+    rotary(tri_q, tri_k, positions, cos_cache, sin_cache)
+    write_kv(triton_pool, 1, tri_k, tri_v, slots)
+    if DEVICE == "cpu":
+        assert_bitwise_equal(q, tri_q)
+        assert_bitwise_equal(pool, triton_pool)
+    else:
+        assert_rope_close(q, tri_q)
+        assert_rope_close(pool, triton_pool)
+    # v is copied, not rotated: bit-exact, and layer 0 is never touched
+    assert_bitwise_equal(pool[:, 1, 1], torch_pool[:, 1, 1])
+    assert pool[:, 0].isnan().all()
+
+
+def test_rope_write_kv_strided_qkv_into_out():
+    # qkv and partials rows spaced apart (slices of wider buffers); q written into a slice of a
+    # wider buffer; int32 positions
+    num_heads, num_kv_heads, head_dim = 6, 2, 16
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    for splits in (None, 3):
+        wide, positions, cos_cache, sin_cache, pool, slots = rope_inputs(
+            9, num_heads, num_kv_heads, head_dim, torch.bfloat16, splits, seed=21)
+        wide = torch.cat((wide, wide[..., :24]), -1)
+        qkv = wide[..., 24:24 + width]
+        buffer = torch.full((9, num_heads + 1, head_dim), float("nan"), dtype=torch.bfloat16,
+                            device=DEVICE)
+        out = buffer[:, 1:]
+        ref_pool = pool.clone()
+        q = rope_write_kv(qkv, positions.int(), cos_cache, sin_cache, pool, 1, slots, num_heads,
+                          out=out)
+        assert q is out
+        assert buffer[:, 0].isnan().all()
+        ref_q, ref_k, ref_v = split_qkv(qkv, num_heads, num_kv_heads, head_dim, torch.bfloat16)
+        rotary_ref(ref_q, ref_k, positions, cos_cache, sin_cache)
+        write_kv_ref(ref_pool, 1, ref_k, ref_v, slots)
+        assert_rope_close(q, ref_q)
+        assert_rope_close(pool, ref_pool)
+
+
+def test_rope_write_kv_zero_tokens():
+    qkv, positions, cos_cache, sin_cache, pool, slots = rope_inputs(
+        0, 6, 2, 16, torch.float32, None, seed=0)
+    q = rope_write_kv(qkv, positions, cos_cache, sin_cache, pool, 1, slots, 6)
+    assert q.shape == (0, 6, 16)
+    assert pool.isnan().all()
+
+
+def test_rope_write_kv_rejects_bad_input():
+    num_heads = 6
+    qkv, positions, cos_cache, sin_cache, pool, slots = rope_inputs(
+        5, num_heads, 2, 16, torch.bfloat16, None, seed=0)
+    partials = torch.zeros(3, *qkv.shape, device=DEVICE)
+
+    def call(qkv=qkv, positions=positions, cos_cache=cos_cache, layer=1, slots=slots, out=None):
+        rope_write_kv(qkv, positions, cos_cache, sin_cache, pool, layer, slots, num_heads, out)
+
+    with pytest.raises(ValueError, match="qkv must be"):
+        call(qkv=qkv[:, :-16])  # one head short
+    with pytest.raises(ValueError, match="qkv must be"):
+        call(qkv=partials[..., :-16])
+    with pytest.raises(ValueError, match="qkv must be"):
+        call(qkv=partials.bfloat16())  # partials are fp32
+    with pytest.raises(ValueError, match="qkv must be"):
+        call(qkv=qkv.float())  # a plain projection is in the pool's dtype
+    with pytest.raises(ValueError, match="qkv must be"):
+        call(qkv=qkv[None, None])
+    with pytest.raises(ValueError, match="contiguous"):
+        call(qkv=qkv.t().contiguous().t())
+    with pytest.raises(ValueError, match="slot_mapping"):
+        call(slots=slots.int())
+    with pytest.raises(ValueError, match="slot_mapping"):
+        call(slots=slots[:4])
+    with pytest.raises(ValueError, match="positions"):
+        call(positions=positions.float())
+    with pytest.raises(ValueError, match="positions"):
+        call(positions=positions[:4])
+    with pytest.raises(ValueError, match="cos_cache"):
+        call(cos_cache=cos_cache.half())
+    with pytest.raises(ValueError, match="cos_cache"):
+        call(cos_cache=cos_cache[:, :8])
+    with pytest.raises(ValueError, match="layer"):
+        call(layer=2)
+    with pytest.raises(ValueError, match="out must be"):
+        call(out=torch.empty(5, num_heads, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="out must be"):
+        call(out=torch.empty(5, num_heads - 1, 16, dtype=torch.bfloat16, device=DEVICE))
+    assert pool.isnan().all()  # no rejected call wrote

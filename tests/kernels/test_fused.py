@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from paged_kv_data import DEVICE
+from paged_kv_data import DEVICE, round_like_kernel, sum_partials
 
 from kernels import (
     rms_norm,
@@ -93,6 +93,55 @@ def test_rms_norm_strided_rows_and_out():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_rms_norm_sums_split_k_partials(splits, dtype):
+    # partials: fp32 [splits, num_tokens, hidden] of a matmul whose product is about unit scale
+    num_tokens, hidden = 9, 200
+    partials = randn(splits, num_tokens, hidden, dtype=torch.float32, seed=splits) / splits**0.5
+    weight = 1 + 0.1 * randn(hidden, dtype=dtype, seed=12)
+    out = rms_norm(partials, weight, EPS)
+    assert out.shape == (num_tokens, hidden) and out.dtype == dtype
+    # the row normalized is the partials' sum rounded to dtype
+    x = round_like_kernel(sum_partials(partials), dtype)
+    assert torch.equal(out, rms_norm(x, weight, EPS))
+    assert_close(out, rms_norm_ref(partials.sum(0).to(dtype), weight, EPS), dtype)
+    assert_close(out, rms_norm_fp64(partials.sum(0), weight), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_rms_norm_partials_add_residual_in_place(splits, dtype):
+    num_tokens, hidden = 9, 200
+    partials = randn(splits, num_tokens, hidden, dtype=torch.float32, seed=splits) / splits**0.5
+    weight = 1 + 0.1 * randn(hidden, dtype=dtype, seed=12)
+    residual = randn(num_tokens, hidden, dtype=dtype, seed=13)
+    plain_residual, ref_residual = residual.clone(), residual.clone()
+    x = round_like_kernel(sum_partials(partials), dtype)
+    expected_sum = x + residual  # the model's round(x @ w^T) + residual, rounded in dtype
+    out = torch.full_like(residual, float("nan"))
+    result_out, result_residual = rms_norm(partials, weight, EPS, residual=residual, out=out)
+    assert result_out is out and result_residual is residual
+    assert_exact(residual, expected_sum)
+    plain_out, _ = rms_norm(x, weight, EPS, residual=plain_residual)
+    assert torch.equal(residual, plain_residual)
+    assert torch.equal(out, plain_out)
+    ref_out, _ = rms_norm_ref(partials.sum(0).to(dtype), weight, EPS, residual=ref_residual)
+    assert_close(residual, ref_residual, dtype)
+    assert_close(out, ref_out, dtype)
+    assert_close(out, rms_norm_fp64(expected_sum, weight), dtype)
+
+
+def test_rms_norm_partials_with_strided_rows():
+    # partials a slice of a wider buffer: each split's rows spaced apart
+    wide = randn(2, 5, 300, dtype=torch.float32, seed=14)
+    partials = wide[:, :, 50:250]
+    weight = randn(200, dtype=torch.bfloat16, seed=15)
+    out = rms_norm(partials, weight, EPS)
+    x = round_like_kernel(sum_partials(partials), torch.bfloat16)
+    assert torch.equal(out, rms_norm(x, weight, EPS))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norm_ref_matches_llama_module(dtype):
     hidden = 200
     module = RMSNorm(hidden, EPS)
@@ -106,6 +155,27 @@ def test_rms_norm_ref_matches_llama_module(dtype):
         out = rms_norm(x.to(DEVICE), module.weight.to(DEVICE), EPS)
     if dtype == torch.float32:
         assert_close(out, expected, dtype)
+
+
+def test_rms_norm_partials_reject_bad_input():
+    partials = torch.randn(3, 4, 64, device=DEVICE)
+    weight = torch.ones(64, dtype=torch.bfloat16, device=DEVICE)
+    for dtype in (torch.bfloat16, torch.float16):
+        with pytest.raises(ValueError, match="partials must be float32"):
+            rms_norm(partials.to(dtype), weight, EPS)
+    with pytest.raises(ValueError, match="at least one split"):
+        rms_norm(partials[:0], weight, EPS)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        rms_norm(partials, weight[:32], EPS)
+    # residual and out take weight's dtype, not the partials' fp32
+    with pytest.raises(ValueError, match="residual must match dtype"):
+        rms_norm(partials, weight, EPS, residual=torch.zeros(4, 64, device=DEVICE))
+    with pytest.raises(ValueError, match="residual must have shape"):
+        rms_norm(partials, weight, EPS, residual=weight.expand(3, 64).contiguous())
+    with pytest.raises(ValueError, match="out must match dtype"):
+        rms_norm(partials, weight, EPS, out=torch.zeros(4, 64, device=DEVICE))
+    with pytest.raises(ValueError, match="contiguous"):
+        rms_norm(partials.transpose(1, 2), weight[:4], EPS)
 
 
 def llama_rope_cache(max_positions: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,7 +287,7 @@ def test_bad_input_raises_value_error():
         rms_norm(x, weight[:32], EPS)
     with pytest.raises(ValueError, match="dtype"):
         rms_norm(x, weight.half(), EPS)
-    with pytest.raises(ValueError, match="device"):
+    with pytest.raises(ValueError, match="weight must be on"):
         rms_norm(x, torch.ones(64, device="meta"), EPS)
     with pytest.raises(ValueError, match="residual must have shape"):
         rms_norm(x, weight, EPS, residual=x[:2])

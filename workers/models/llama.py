@@ -107,12 +107,36 @@ class AttentionOps:
 
 
 @dataclass(frozen=True)
+class FewRowOps:
+    """A forward over at most max_rows tokens (a decode step) reads every weight once at memory
+    speed (kernels/skinny_gemm.py). The q/k/v, o and down projections hand fp32 split-K partials
+    to their consumer, which sums them as it reads: q/k/v to `rope_write_kv` (kernels/
+    cache_write.py: RoPE and the cache write in one launch), o and down to the next residual
+    RMSNorm; gate/up applies SiLU-and-mul in its epilogue."""
+
+    max_rows: int
+    linear: Callable[..., torch.Tensor]  # (x, w) -> x @ w^T
+    linear_partials: Callable[..., torch.Tensor]  # (x, w) -> [splits, rows, N] fp32
+    gated: Callable[..., torch.Tensor]  # (x, [gate; up]) -> silu(x @ gate^T) * (x @ up^T)
+    # (qkv or its partials, positions, cos_cache, sin_cache, kv_pool, layer, slot_mapping,
+    #  num_heads) -> q [rows, num_heads, head_dim]; writes k and v into kv_pool
+    rope_write_kv: Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
 class FusedOps:
     """One-kernel replacements for chains of small torch ops (kernels/fused.py, rotary.py)."""
 
-    rms_norm: Callable[..., Any]  # (x, weight, eps, residual=None) -> out | (out, residual)
+    # (x, weight, eps, residual=None) -> out | (out, residual); x may be split-K partials
+    rms_norm: Callable[..., Any]
     rotary: Callable[..., None]  # (q, k, positions, cos_cache, sin_cache), in place
     silu_and_mul: Callable[..., torch.Tensor]  # [T, 2I] -> [T, I]
+    few_rows: FewRowOps | None = None
+
+    def few_rows_for(self, x: torch.Tensor) -> FewRowOps | None:
+        """The few-row ops if x's rows are few enough for them."""
+        few = self.few_rows
+        return few if few is not None and x.shape[0] <= few.max_rows else None
 
 
 class RMSNorm(nn.Module):
@@ -148,10 +172,20 @@ class LlamaAttention(nn.Module):
         # q, k and v in one matmul (weights concatenated at load time)
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.fused: FusedOps | None = None
 
     def forward(self, x: torch.Tensor, rope: Rope, meta: AttentionMetadata,
                 kv_pool: torch.Tensor, ops: AttentionOps) -> torch.Tensor:
+        """This layer's attention output: [num_tokens, hidden], or with few-row ops its o
+        projection's split-K partials [splits, num_tokens, hidden]."""
         num_tokens = x.shape[0]
+        few = self.fused.few_rows_for(x) if self.fused is not None else None
+        if few is not None:
+            q = few.rope_write_kv(few.linear_partials(x, self.qkv_proj.weight), rope.positions,
+                                  rope.cos_cache, rope.sin_cache, kv_pool, self.layer,
+                                  meta.slot_mapping, self.num_heads)
+            out = self._attend(q, meta, kv_pool, ops)
+            return few.linear_partials(out.reshape(num_tokens, self.q_size), self.o_proj.weight)
         qkv = self.qkv_proj(x)
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
         # (strided views of qkv)
@@ -161,14 +195,17 @@ class LlamaAttention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = rope.apply(q, k)
         ops.write_kv(kv_pool, self.layer, k, v, meta.slot_mapping)
+        out = self._attend(q, meta, kv_pool, ops)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+    def _attend(self, q: torch.Tensor, meta: AttentionMetadata, kv_pool: torch.Tensor,
+                ops: AttentionOps) -> torch.Tensor:
         if meta.is_decode:
             splits = {} if meta.num_splits is None else {"num_splits": meta.num_splits}
-            out = ops.paged_decode(q, kv_pool, self.layer, meta.page_table, meta.seq_lens,
-                                   self.scale, **splits)
-        else:
-            out = ops.paged_prefill(q, kv_pool, self.layer, meta.page_table, meta.cu_seqlens_q,
-                                    meta.seq_lens, self.scale)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+            return ops.paged_decode(q, kv_pool, self.layer, meta.page_table, meta.seq_lens,
+                                    self.scale, **splits)
+        return ops.paged_prefill(q, kv_pool, self.layer, meta.page_table, meta.cu_seqlens_q,
+                                 meta.seq_lens, self.scale)
 
 
 class LlamaMLP(nn.Module):
@@ -181,6 +218,11 @@ class LlamaMLP(nn.Module):
         self.fused: FusedOps | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[num_tokens, hidden], or with few-row ops the down projection's split-K partials."""
+        few = self.fused.few_rows_for(x) if self.fused is not None else None
+        if few is not None:
+            return few.linear_partials(few.gated(x, self.gate_up_proj.weight),
+                                       self.down_proj.weight)
         gate_up = self.gate_up_proj(x)
         if self.fused is not None:
             return self.down_proj(self.fused.silu_and_mul(gate_up))
@@ -221,7 +263,8 @@ class LlamaDecoderLayer(nn.Module):
                 meta: AttentionMetadata, kv_pool: torch.Tensor,
                 ops: AttentionOps) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's output, the residual stream before it): the caller adds the two in
-        the next norm, which a fused kernel does in one pass."""
+        the next norm, which a fused kernel does in one pass (taking the output as the down
+        projection's split-K partials under few-row ops)."""
         if residual is None:
             residual = x
             h = self.input_layernorm(x)
@@ -242,8 +285,8 @@ class LlamaModel(nn.Module):
 
 @dataclass
 class LayerState:
-    """The hidden state between layers: the last layer's output, the residual stream before it
-    (None before the first layer), and the step's rotary tables."""
+    """The hidden state between layers: the last layer's output (or its split-K partials), the
+    residual stream before it (None before the first layer), and the step's rotary tables."""
 
     x: torch.Tensor
     residual: torch.Tensor | None
@@ -270,7 +313,7 @@ class LlamaForCausalLM(nn.Module):
         """Use (or with None, stop using) the fused norm / rotary / activation kernels."""
         self.fused = fused
         for module in self.modules():
-            if isinstance(module, RMSNorm | LlamaMLP):
+            if isinstance(module, RMSNorm | LlamaMLP | LlamaAttention):
                 module.fused = fused
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], device: torch.device,
@@ -317,8 +360,15 @@ class LlamaForCausalLM(nn.Module):
     def finish(self, state: LayerState) -> torch.Tensor:
         return self.model.norm(state.x, state.residual)[0]
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of hidden rows in the model's dtype."""
+        few = self.fused.few_rows_for(hidden) if self.fused is not None else None
+        if few is not None:
+            return few.linear(hidden, self.lm_head.weight)
+        return self.lm_head(hidden)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return self.logits(hidden).float()
 
 
 def _fuse_projections(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:

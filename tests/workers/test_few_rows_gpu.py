@@ -1,0 +1,65 @@
+"""A decode step through the few-row ops (skinny matmuls, split-K partials summed by their
+consumers, RoPE fused into the cache write) against the same step through cuBLAS and the
+separate kernels, on a tiny random Llama in bf16 and fp16. Run on the device (the fp32 engine
+tests in test_engine_gpu.py also take this path, token for token against transformers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_llama import build
+
+from kernels.fused import rms_norm, silu_and_mul
+from kernels.rotary import rotary
+from workers.model_runner import attention_ops, few_row_ops
+from workers.models.llama import AttentionMetadata, FusedOps, LlamaForCausalLM
+
+pytestmark = pytest.mark.gpu
+PAGE_SIZE = 8
+
+
+def decode_step(model, few, pool, batch):
+    model.set_fused(FusedOps(rms_norm, rotary, silu_and_mul, few))
+    ids, positions, meta = batch
+    with torch.inference_mode():
+        return model.compute_logits(model(ids, positions, meta, pool))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_seqs", [1, 7, 64])
+def test_few_row_decode_step_matches_the_cublas_step(dtype, num_seqs):
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tests need CUDA (run them on the device with -m gpu)")
+    dev = torch.device("cuda")
+    _, loaded = build()
+    cfg = loaded.config
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, max_positions=256)
+    model.load_weights(loaded.state_dict, dev, dtype)
+    model.ops = attention_ops(dev, "triton")
+    gen = torch.Generator().manual_seed(num_seqs)
+    ctx = torch.randint(0, 120, (num_seqs,), generator=gen)  # tokens already in the pool
+    pages_per_seq = 16
+    num_pages = num_seqs * pages_per_seq
+    pool = torch.randn(num_pages + 1, cfg.num_layers, 2, PAGE_SIZE, cfg.num_kv_heads,
+                       cfg.head_dim, generator=gen).to(dtype).to(dev)
+    table = torch.randperm(num_pages, generator=gen).view(num_seqs, pages_per_seq)
+    slots = table.gather(1, (ctx // PAGE_SIZE)[:, None])[:, 0] * PAGE_SIZE + ctx % PAGE_SIZE
+    meta = AttentionMetadata(slots.to(dev), table.to(torch.int32).to(dev),
+                             (ctx + 1).to(torch.int32).to(dev),
+                             torch.arange(num_seqs + 1, dtype=torch.int32, device=dev), True)
+    ids = torch.randint(0, cfg.vocab_size, (num_seqs,), generator=gen).to(dev)
+    batch = (ids, ctx.to(dev), meta)
+    few = few_row_ops(dev)
+    assert num_seqs <= few.max_rows
+    plain_pool, few_pool = pool.clone(), pool.clone()
+    expected = decode_step(model, None, plain_pool, batch)
+    got = decode_step(model, few, few_pool, batch)
+    scale = expected.abs().max().item()
+    tol = 3e-2 if dtype == torch.bfloat16 else 4e-3
+    torch.testing.assert_close(got, expected, atol=tol * scale, rtol=0)
+    # the new tokens' K/V land in the same slots, and nothing else moves
+    changed = (few_pool != pool).flatten(1).any(1)
+    assert set(changed.nonzero().flatten().tolist()) <= set((slots // PAGE_SIZE).tolist())
+    kv_scale = plain_pool.abs().max().item()
+    torch.testing.assert_close(few_pool.float(), plain_pool.float(), atol=tol * kv_scale, rtol=0)
