@@ -143,6 +143,16 @@ def _check(x: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int]:
     return m, w.shape[0], k
 
 
+def _output(out: torch.Tensor | None, x: torch.Tensor, n: int) -> torch.Tensor:
+    """out, checked to be [M, n] in x's dtype, or a new one."""
+    m = x.shape[0]
+    if out is None:
+        return torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if out.shape != (m, n) or out.dtype != x.dtype or out.stride(1) != 1:
+        raise ValueError(f"out must be [{m}, {n}] {x.dtype}, contiguous in its rows")
+    return out
+
+
 def _launch(x, w, out, n, splits, gated, config: SkinnyConfig) -> None:
     m, k = x.shape
     if m == 0 or n == 0:
@@ -182,10 +192,7 @@ def skinny_matmul(x: torch.Tensor, w: torch.Tensor, config: SkinnyConfig | None 
     if partials is None:
         if config.splits != 1:
             raise ValueError("a split-K matmul needs partials to write into")
-        if out is None:
-            out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-        elif out.shape != (m, n) or out.dtype != x.dtype or out.stride(1) != 1:
-            raise ValueError(f"out must be [{m}, {n}] {x.dtype}, contiguous in its rows")
+        out = _output(out, x, n)
         _launch(x, w, out, n, 1, False, config)
         return out
     if (partials.shape != (config.splits, m, n) or partials.dtype != torch.float32
@@ -206,10 +213,7 @@ def skinny_gated(x: torch.Tensor, w: torch.Tensor, config: SkinnyConfig | None =
     if config.splits != 1:
         raise ValueError("a gated matmul cannot split K")
     inter = two_i // 2
-    if out is None:
-        out = torch.empty((m, inter), dtype=x.dtype, device=x.device)
-    elif out.shape != (m, inter) or out.dtype != x.dtype or out.stride(1) != 1:
-        raise ValueError(f"out must be [{m}, {inter}] {x.dtype}, contiguous in its rows")
+    out = _output(out, x, inter)
     _launch(x, w, out, inter, 1, True, config)
     return out
 
