@@ -29,16 +29,28 @@ import triton.language as tl  # noqa: E402
 from kernels.reference import check_gqa  # noqa: E402
 
 
+def _version(text: str | None) -> tuple[int, ...]:
+    parts = []
+    for part in (text or "0").split(".")[:2]:
+        digits = "".join(c for c in part if c.isdigit()) or "0"
+        parts.append(int(digits))
+    return tuple(parts)
+
+
 @functools.cache
 def _pdl_on(device_index: int) -> bool:
-    if os.environ.get("KVMESH_PDL", "1") == "0":
+    # Triton has the grid-dependency ops from 3.4; CUDA graphs capture dependent launches from
+    # CUDA 12.3
+    if os.environ.get("KVMESH_PDL", "1") == "0" or _version(triton.__version__) < (3, 4) \
+            or _version(torch.version.cuda) < (12, 3):
         return False
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def use_pdl(device: torch.device) -> bool:
-    """Whether kernels on `device` launch with programmatic dependent launch (Hopper and newer;
-    KVMESH_PDL=0 turns it off). Such a kernel may start while the one before it in the stream
+    """Whether kernels on `device` launch with programmatic dependent launch (Hopper and newer,
+    Triton >= 3.4, CUDA >= 12.3; the environment variable KVMESH_PDL=0, read once, turns it
+    off). Such a kernel may start while the one before it in the stream
     finishes: it must call `pdl_wait` before touching global memory (see there)."""
     return device.type == "cuda" and _pdl_on(device.index if device.index is not None
                                              else torch.cuda.current_device())

@@ -53,24 +53,41 @@ class SkinnyConfig:
             raise ValueError(f"splits must be in [1, {MAX_SPLITS}], got {self.splits}")
 
 
-def skinny_config(n: int, k: int, num_sms: int, *, split: bool = True,
-                  itemsize: int = 2) -> SkinnyConfig:
-    """Tiles for an [M <= 64, k] x [n, k]^T product: 64-column, 128-deep tiles, 4 stages (2 for
-    4-byte elements, to fit shared memory); with split, K splits in powers of two (up to 8,
-    each at least 256 deep) while the programs stay within 1.5 per SM. Measured on the H200
-    at the Llama-3.2-1B / Llama-3-8B shapes, M = 1, 32, 64, bf16 (benchmarks/RESULTS.md): the
-    tile is within a few percent of each shape's best in the sweep, and the split count is the
-    fastest for the matmul and the RMSNorm that sums its partials together (more splits are
-    faster alone, but cost the norm more than they save)."""
-    blocks = triton.cdiv(n, SkinnyConfig.block_n)
+H200_SHARED_MEMORY = 227 << 10  # bytes of shared memory one program may use on Hopper
+_SHARED_MEMORY_MARGIN = 16 << 10  # for what the compiler adds beyond the pipeline's tiles
+
+
+def skinny_config(n: int, k: int, num_sms: int, *, split: bool = True, itemsize: int = 2,
+                  gated: bool = False, shared_memory: int = H200_SHARED_MEMORY) -> SkinnyConfig:
+    """Tiles for an [M <= 64, k] x [n, k]^T product (n: the gate half's width when gated):
+    64-column, 128-deep tiles; 4 stages for 2-byte elements, 2 for 4-byte ones or two weight
+    tiles (gated), fewer where a program's shared memory (`shared_memory` bytes) holds fewer;
+    with split, K splits in powers of two (up to 8, each at least 256 deep) while the programs
+    stay within 1.5 per SM. Measured on the H200 at the Llama-3.2-1B / Llama-3-8B shapes,
+    M = 1, 32, 64, bf16 (benchmarks/RESULTS.md): the tile is within a few percent of each
+    shape's best in the sweep, and the split count is the fastest for the matmul and the
+    RMSNorm that sums its partials together (more splits are faster alone, but cost the norm
+    more than they save)."""
+    block_n, block_k = SkinnyConfig.block_n, SkinnyConfig.block_k
+    blocks = triton.cdiv(n, block_n)
     splits = 1
     while split and splits < 8 and 4 * blocks * splits <= 3 * num_sms \
             and k // (splits * 2) >= 256:
         splits *= 2
-    return SkinnyConfig(splits=splits, num_stages=4 if itemsize <= 2 else 2)
+    # a stage holds the weight tile(s) and a [block_k, MAX_ROWS] activation tile
+    weight_tiles = 2 if gated else 1
+    stage_bytes = (block_n * block_k * weight_tiles + block_k * MAX_ROWS) * itemsize
+    fit = (shared_memory - _SHARED_MEMORY_MARGIN) // stage_bytes
+    # the stage counts the engine was measured with: 4 where a stage streams 2-byte weights
+    # through one tile, else 2 (the R2 sweep ran a 16-bit gated matmul fastest at 4 stages
+    # alone; not yet measured in the engine)
+    stages = max(1, min(4 if itemsize * weight_tiles <= 2 else 2, fit))
+    return SkinnyConfig(splits=splits, num_stages=stages)
 
 
-@triton.jit
+# M is not specialized: a decode batch of any size up to 64 reuses the kernels compiled when the
+# graphs were captured instead of compiling while serving
+@triton.jit(do_not_specialize=["M"])
 def _skinny_kernel(
     x_ptr, w_ptr, out_ptr, M, N, K, k_per_split,
     stride_xm, stride_wn, stride_os, stride_om,
@@ -117,7 +134,8 @@ def _skinny_kernel(
                            other=0.0)
             acc_up = tl.dot(w_up, xt, acc_up, input_precision=DOT_PRECISION)
     # out[m, n] = acc[n, m]
-    out = out_ptr + split * stride_os + offs_m[None, :] * stride_om + offs_n[:, None]
+    out = (out_ptr + split.to(tl.int64) * stride_os + offs_m[None, :].to(tl.int64) * stride_om
+           + offs_n[:, None])
     mask = mask_n[:, None] & mask_m[None, :]
     dtype = out_ptr.dtype.element_ty
     if GATED:
@@ -148,8 +166,10 @@ def _output(out: torch.Tensor | None, x: torch.Tensor, n: int) -> torch.Tensor:
     m = x.shape[0]
     if out is None:
         return torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if out.shape != (m, n) or out.dtype != x.dtype or out.stride(1) != 1:
-        raise ValueError(f"out must be [{m}, {n}] {x.dtype}, contiguous in its rows")
+    if out.shape != (m, n) or out.dtype != x.dtype or out.device != x.device \
+            or out.stride(1) != 1:
+        raise ValueError(f"out must be [{m}, {n}] {x.dtype} on {x.device}, contiguous in its "
+                         "rows")
     return out
 
 
@@ -222,22 +242,22 @@ class SkinnyLinears:
     """The projections of a forward over at most max_rows tokens, each weight's tiles picked
     once per shape (`skinny_config`) for a GPU of num_sms SMs."""
 
-    def __init__(self, num_sms: int, max_rows: int = MAX_ROWS) -> None:
+    def __init__(self, num_sms: int, max_rows: int = MAX_ROWS,
+                 shared_memory: int = H200_SHARED_MEMORY) -> None:
         if not 1 <= max_rows <= MAX_ROWS:
             raise ValueError(f"max_rows must be in [1, {MAX_ROWS}], got {max_rows}")
         self.num_sms = num_sms
         self.max_rows = max_rows
-        self._configs: dict[tuple[int, int, bool], SkinnyConfig] = {}
+        self.shared_memory = shared_memory
+        self._configs: dict[tuple[int, int, int, bool, bool], SkinnyConfig] = {}
 
     def _config(self, w: torch.Tensor, split: bool, gated: bool = False) -> SkinnyConfig:
         n, k = w.shape
         key = (n, k, w.element_size(), split, gated)
         if key not in self._configs:
-            # a gated program streams two weight tiles per step: as much shared memory as
-            # doubling the element size
-            itemsize = w.element_size() * (2 if gated else 1)
-            self._configs[key] = skinny_config(n // 2 if gated else n, k, self.num_sms,
-                                               split=split, itemsize=itemsize)
+            self._configs[key] = skinny_config(
+                n // 2 if gated else n, k, self.num_sms, split=split, itemsize=w.element_size(),
+                gated=gated, shared_memory=self.shared_memory)
         return self._configs[key]
 
     def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

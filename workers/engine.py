@@ -274,8 +274,10 @@ class Engine:
         last: list[RequestOutput | None] = [None] * len(seqs)
         live = range(len(seqs))
         # a step at a time, as the device finishes it: the host's work on step k overlaps
-        # steps k + 1... on the device. A finished sequence's pages are released at once; the
-        # later steps only write past its end, into pages nothing reads.
+        # steps k + 1... on the device. A finished sequence's pages are released at once while
+        # the later steps still write into them. That is safe because nothing in this loop
+        # allocates pages, the loop returns only after the last step's event, and every later
+        # user of the pool is queued behind the steps; keep it so.
         for k in range(tokens.num_steps):
             row = tokens.step(k)
             still = []

@@ -83,10 +83,11 @@ def few_row_ops(device: torch.device) -> FewRowOps:
     from kernels.cache_write import rope_write_kv
     from kernels.skinny_gemm import SkinnyLinears
 
-    num_sms = 8
+    linears = SkinnyLinears(8)  # CPU: the interpreter; any small grid will do
     if device.type == "cuda":
-        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-    linears = SkinnyLinears(num_sms)
+        props = torch.cuda.get_device_properties(device)
+        linears = SkinnyLinears(props.multi_processor_count,
+                                shared_memory=props.shared_memory_per_block_optin)
     return FewRowOps(linears.max_rows, linears.linear, linears.linear_partials, linears.gated,
                      rope_write_kv)
 

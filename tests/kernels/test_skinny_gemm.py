@@ -225,6 +225,27 @@ def test_skinny_config_picks_splits(n, k, splits):
     assert skinny_config(n, k, 132, split=False) == SkinnyConfig(splits=1)
     # 4-byte elements (or a gated matmul's two weight tiles) get 2 stages to fit shared memory
     assert skinny_config(n, k, 132, itemsize=4) == SkinnyConfig(splits=splits, num_stages=2)
+    assert skinny_config(n, k, 132, gated=True) == SkinnyConfig(splits=splits, num_stages=2)
+
+
+@pytest.mark.parametrize(
+    "shared_kib, itemsize, gated, stages",
+    [
+        (227, 2, False, 4),  # H200 / H100
+        (227, 4, True, 2),
+        (163, 2, True, 2),  # A100
+        (163, 4, True, 1),
+        (99, 2, False, 2),  # sm_86 / sm_89
+        (99, 2, True, 1),
+    ],
+)
+def test_skinny_config_stages_fit_shared_memory(shared_kib, itemsize, gated, stages):
+    config = skinny_config(2048, 2048, 132, itemsize=itemsize, gated=gated,
+                           shared_memory=shared_kib << 10)
+    assert config.num_stages == stages
+    # each stage: the weight tile(s) and a [block_k, 64] activation tile
+    stage = (64 * 128 * (2 if gated else 1) + 128 * 64) * itemsize
+    assert stages == 1 or stages * stage <= (shared_kib << 10) - (16 << 10)
 
 
 @pytest.mark.parametrize("num_sms", [1, 16, 132])

@@ -63,3 +63,45 @@ def test_few_row_decode_step_matches_the_cublas_step(dtype, num_seqs):
     assert set(changed.nonzero().flatten().tolist()) <= set((slots // PAGE_SIZE).tolist())
     kv_scale = plain_pool.abs().max().item()
     torch.testing.assert_close(few_pool.float(), plain_pool.float(), atol=tol * kv_scale, rtol=0)
+
+
+def test_dependent_launch_changes_no_bit(monkeypatch):
+    """The same bf16 decode step (CUDA graph capture aside) with programmatic dependent launch
+    on and off: every kernel waits for the one before it, so nothing may differ."""
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tests need CUDA (run them on the device with -m gpu)")
+    import kernels._common as common
+
+    dev = torch.device("cuda")
+    if torch.cuda.get_device_capability(dev)[0] < 9:
+        pytest.skip("programmatic dependent launch needs Hopper or newer")
+    _, loaded = build()
+    cfg = loaded.config
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, max_positions=256)
+    model.load_weights(loaded.state_dict, dev, torch.bfloat16)
+    model.ops = attention_ops(dev, "triton")
+    gen = torch.Generator().manual_seed(5)
+    num_seqs, pages_per_seq = 9, 16
+    ctx = torch.randint(0, 120, (num_seqs,), generator=gen)
+    pool = torch.randn(num_seqs * pages_per_seq + 1, cfg.num_layers, 2, PAGE_SIZE,
+                       cfg.num_kv_heads, cfg.head_dim, generator=gen).to(torch.bfloat16).to(dev)
+    table = torch.randperm(num_seqs * pages_per_seq, generator=gen).view(num_seqs, -1)
+    slots = table.gather(1, (ctx // PAGE_SIZE)[:, None])[:, 0] * PAGE_SIZE + ctx % PAGE_SIZE
+    meta = AttentionMetadata(slots.to(dev), table.to(torch.int32).to(dev),
+                             (ctx + 1).to(torch.int32).to(dev),
+                             torch.arange(num_seqs + 1, dtype=torch.int32, device=dev), True)
+    batch = (torch.randint(0, cfg.vocab_size, (num_seqs,), generator=gen).to(dev),
+             ctx.to(dev), meta)
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("KVMESH_PDL", flag)
+        common._pdl_on.cache_clear()
+        assert common.use_pdl(dev) == (flag == "1" and common._version(torch.version.cuda)
+                                       >= (12, 3))
+        step_pool = pool.clone()
+        results.append((decode_step(model, few_row_ops(dev), step_pool, batch), step_pool))
+    common._pdl_on.cache_clear()
+    (logits_on, pool_on), (logits_off, pool_off) = results
+    assert torch.equal(logits_on, logits_off)
+    assert torch.equal(pool_on, pool_off)
