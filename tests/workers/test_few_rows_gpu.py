@@ -25,19 +25,16 @@ def decode_step(model, few, pool, batch):
         return model.compute_logits(model(ids, positions, meta, pool))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("num_seqs", [1, 7, 64])
-def test_few_row_decode_step_matches_the_cublas_step(dtype, num_seqs):
-    if not torch.cuda.is_available():
-        pytest.fail("the gpu tests need CUDA (run them on the device with -m gpu)")
-    dev = torch.device("cuda")
+def tiny_decode(dev: torch.device, dtype: torch.dtype, num_seqs: int, seed: int):
+    """(the tiny Llama on dev in dtype, a random pool, one decode step's batch over it: each
+    sequence has 0-119 tokens in 16 random pages of the pool, plus the one it decodes)."""
     _, loaded = build()
     cfg = loaded.config
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions=256)
     model.load_weights(loaded.state_dict, dev, dtype)
     model.ops = attention_ops(dev, "triton")
-    gen = torch.Generator().manual_seed(num_seqs)
+    gen = torch.Generator().manual_seed(seed)
     ctx = torch.randint(0, 120, (num_seqs,), generator=gen)  # tokens already in the pool
     pages_per_seq = 16
     num_pages = num_seqs * pages_per_seq
@@ -49,7 +46,20 @@ def test_few_row_decode_step_matches_the_cublas_step(dtype, num_seqs):
                              (ctx + 1).to(torch.int32).to(dev),
                              torch.arange(num_seqs + 1, dtype=torch.int32, device=dev), True)
     ids = torch.randint(0, cfg.vocab_size, (num_seqs,), generator=gen).to(dev)
-    batch = (ids, ctx.to(dev), meta)
+    return model, pool, (ids, ctx.to(dev), meta), slots
+
+
+def cuda_device() -> torch.device:
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tests need CUDA (run them on the device with -m gpu)")
+    return torch.device("cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_seqs", [1, 7, 64])
+def test_few_row_decode_step_matches_the_cublas_step(dtype, num_seqs):
+    dev = cuda_device()
+    model, pool, batch, slots = tiny_decode(dev, dtype, num_seqs, seed=num_seqs)
     few = few_row_ops(dev)
     assert num_seqs <= few.max_rows
     plain_pool, few_pool = pool.clone(), pool.clone()
@@ -66,33 +76,14 @@ def test_few_row_decode_step_matches_the_cublas_step(dtype, num_seqs):
 
 
 def test_dependent_launch_changes_no_bit(monkeypatch):
-    """The same bf16 decode step (CUDA graph capture aside) with programmatic dependent launch
-    on and off: every kernel waits for the one before it, so nothing may differ."""
-    if not torch.cuda.is_available():
-        pytest.fail("the gpu tests need CUDA (run them on the device with -m gpu)")
+    """The same bf16 decode step with programmatic dependent launch on and off: every kernel
+    waits for the one before it, so nothing may differ."""
     import kernels._common as common
 
-    dev = torch.device("cuda")
+    dev = cuda_device()
     if torch.cuda.get_device_capability(dev)[0] < 9:
         pytest.skip("programmatic dependent launch needs Hopper or newer")
-    _, loaded = build()
-    cfg = loaded.config
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_positions=256)
-    model.load_weights(loaded.state_dict, dev, torch.bfloat16)
-    model.ops = attention_ops(dev, "triton")
-    gen = torch.Generator().manual_seed(5)
-    num_seqs, pages_per_seq = 9, 16
-    ctx = torch.randint(0, 120, (num_seqs,), generator=gen)
-    pool = torch.randn(num_seqs * pages_per_seq + 1, cfg.num_layers, 2, PAGE_SIZE,
-                       cfg.num_kv_heads, cfg.head_dim, generator=gen).to(torch.bfloat16).to(dev)
-    table = torch.randperm(num_seqs * pages_per_seq, generator=gen).view(num_seqs, -1)
-    slots = table.gather(1, (ctx // PAGE_SIZE)[:, None])[:, 0] * PAGE_SIZE + ctx % PAGE_SIZE
-    meta = AttentionMetadata(slots.to(dev), table.to(torch.int32).to(dev),
-                             (ctx + 1).to(torch.int32).to(dev),
-                             torch.arange(num_seqs + 1, dtype=torch.int32, device=dev), True)
-    batch = (torch.randint(0, cfg.vocab_size, (num_seqs,), generator=gen).to(dev),
-             ctx.to(dev), meta)
+    model, pool, batch, _ = tiny_decode(dev, torch.bfloat16, 9, seed=5)
     results = []
     for flag in ("1", "0"):
         monkeypatch.setenv("KVMESH_PDL", flag)
