@@ -92,13 +92,18 @@ def test_rms_norm_strided_rows_and_out():
     assert torch.equal(wide[:, 200:], randn(9, 300, dtype=torch.float32, seed=5)[:, 200:])
 
 
+def partials_and_weight(splits, num_tokens, hidden, dtype):
+    """fp32 split-K partials [splits, num_tokens, hidden] of a matmul whose product is about
+    unit scale, and an RMSNorm weight in dtype."""
+    partials = randn(splits, num_tokens, hidden, dtype=torch.float32, seed=splits) / splits**0.5
+    return partials, 1 + 0.1 * randn(hidden, dtype=dtype, seed=12)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("splits", [1, 3])
 def test_rms_norm_sums_split_k_partials(splits, dtype):
-    # partials: fp32 [splits, num_tokens, hidden] of a matmul whose product is about unit scale
     num_tokens, hidden = 9, 200
-    partials = randn(splits, num_tokens, hidden, dtype=torch.float32, seed=splits) / splits**0.5
-    weight = 1 + 0.1 * randn(hidden, dtype=dtype, seed=12)
+    partials, weight = partials_and_weight(splits, num_tokens, hidden, dtype)
     out = rms_norm(partials, weight, EPS)
     assert out.shape == (num_tokens, hidden) and out.dtype == dtype
     # the row normalized is the partials' sum rounded to dtype
@@ -112,8 +117,7 @@ def test_rms_norm_sums_split_k_partials(splits, dtype):
 @pytest.mark.parametrize("splits", [1, 3])
 def test_rms_norm_partials_add_residual_in_place(splits, dtype):
     num_tokens, hidden = 9, 200
-    partials = randn(splits, num_tokens, hidden, dtype=torch.float32, seed=splits) / splits**0.5
-    weight = 1 + 0.1 * randn(hidden, dtype=dtype, seed=12)
+    partials, weight = partials_and_weight(splits, num_tokens, hidden, dtype)
     residual = randn(num_tokens, hidden, dtype=dtype, seed=13)
     plain_residual, ref_residual = residual.clone(), residual.clone()
     x = round_like_kernel(sum_partials(partials), dtype)
