@@ -1,14 +1,19 @@
 """Paged decode attention: one query token per sequence, split-KV (flash-decoding).
 
-Grid (num_kv_heads, num_seqs, num_splits): each program packs the query heads of one KV group
-into one [BLOCK_H, HEAD_DIM] tile, so QK^T and PV are tensor-core dots, and reads its split's
-share of the sequence's KV once. With one split the kernel writes the output directly; otherwise
-each program writes fp32 partials and their log-sum-exp, and the last program of a (sequence,
-KV group) to finish, counted by an atomic, merges them: one launch either way.
+Grid (num_kv_heads / HEADS, num_seqs, num_splits): each program takes HEADS adjacent KV heads
+and packs their query heads into one [BLOCK_H, HEAD_DIM] tile, so QK^T and PV are tensor-core
+dots, and reads its split's share of the sequence's KV once. A KV tile holds BLOCK_N tokens x
+HEADS heads, each token's heads adjacent in the pool, so HEADS > 1 reads longer contiguous runs;
+a query row's scores against another head's columns are masked out (the dots do HEADS times the
+work a single head would, which tensor cores have to spare). With one split the kernel writes
+the output directly; otherwise each program writes fp32 partials and their log-sum-exp, and the
+last program of a (sequence, KV heads) to finish, counted by an atomic, merges them: one launch
+either way.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,17 +38,18 @@ _CTAS_PER_SM = 3
 
 
 @triton.jit
-def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, seq, kv_head, num_splits,
+def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, seq, block, num_splits,
                   stride_po_seq, stride_po_head, stride_po_split, stride_pl_seq, stride_pl_head,
                   stride_o_seq, stride_o_head,
                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr,
                   CHUNK: tl.constexpr):
-    """Merge one KV group's split partials by their log-sum-exp, CHUNK splits per step."""
+    """Merge the split partials of query heads block * GROUP ... + GROUP - 1 (one program's)
+    by their log-sum-exp, CHUNK splits per step."""
     offs_g = tl.arange(0, BLOCK_G)
     offs_c = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, HEAD_DIM)
     mask_g = offs_g < GROUP
-    head = (kv_head * GROUP + offs_g).to(tl.int64)
+    head = (block * GROUP + offs_g).to(tl.int64)
     pl = part_lse_ptr + seq * stride_pl_seq + head * stride_pl_head  # [BLOCK_G]
     po = part_out_ptr + seq * stride_po_seq + head * stride_po_head  # [BLOCK_G]
     m_all = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
@@ -80,7 +86,7 @@ def _paged_decode_kernel(
     stride_page, stride_token, stride_head, layer_k_offset, v_offset, stride_pt_seq,
     stride_po_seq, stride_po_head, stride_po_split, stride_pl_seq, stride_pl_head,
     stride_cnt_seq,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, IS_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_G: tl.constexpr, MERGE_CHUNK: tl.constexpr,
     USE_PDL: tl.constexpr,
@@ -88,7 +94,7 @@ def _paged_decode_kernel(
     pdl_wait(USE_PDL)
     # KV heads first: programs launched together read the heads of the same tokens, adjacent in
     # the pool (4-5% faster at batch 32/64 on the H200 than sequences first)
-    kv_head = tl.program_id(0)
+    kv_block = tl.program_id(0)  # KV heads kv_block * HEADS ... + HEADS - 1
     seq = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
@@ -101,29 +107,35 @@ def _paged_decode_kernel(
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HEAD_DIM)
-    head = kv_head * GROUP + offs_h  # query heads of this KV group
-    mask_h = offs_h < GROUP
+    head = kv_block * (HEADS * GROUP) + offs_h  # query heads of this program's KV heads
+    mask_h = offs_h < HEADS * GROUP
     # q: [BLOCK_H, HEAD_DIM]
     q = tl.load(q_ptr + seq * stride_q_seq + head[:, None] * stride_q_head + offs_d[None, :],
                 mask=mask_h[:, None], other=0.0)
-    kv_base = pool_ptr + layer_k_offset + kv_head.to(tl.int64) * stride_head
+    # KV tile columns: token c // HEADS, KV head c % HEADS (a token's heads are adjacent);
+    # query row r scores only its own KV head's columns (padding rows none)
+    offs_c = tl.arange(0, BLOCK_N * HEADS)
+    col_head = offs_c % HEADS
+    own_head = (offs_h // GROUP)[:, None] == col_head[None, :]
+    kv_base = pool_ptr + layer_k_offset + (kv_block * HEADS).to(tl.int64) * stride_head
     pt_row = page_table_ptr + seq * stride_pt_seq
 
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
     for block_start in range(start, end, BLOCK_N):
-        pos = block_start + tl.arange(0, BLOCK_N)
+        pos = block_start + offs_c // HEADS
         mask_n = pos < end
         page_id = tl.load(pt_row + pos // PAGE_SIZE, mask=mask_n, other=0)
-        row = kv_token_offset(page_id, pos % PAGE_SIZE, stride_page, stride_token)
-        # k, v: [BLOCK_N, HEAD_DIM]
+        row = kv_token_offset(page_id, pos % PAGE_SIZE, stride_page, stride_token) \
+            + col_head.to(tl.int64) * stride_head
+        # k, v: [BLOCK_N * HEADS, HEAD_DIM]
         k = tl.load(kv_base + row[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
         v = tl.load(kv_base + v_offset + row[:, None] + offs_d[None, :], mask=mask_n[:, None],
                     other=0.0)
-        # s: [BLOCK_H, BLOCK_N], already in log2 units
+        # s: [BLOCK_H, BLOCK_N * HEADS], already in log2 units
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
-        s = tl.where(mask_n[None, :], s, float("-inf"))
+        s = tl.where(mask_n[None, :] & own_head, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -142,13 +154,13 @@ def _paged_decode_kernel(
         # The last split of this (sequence, KV group) to finish merges all of them, so decode is
         # one launch. The barrier orders every thread's partial stores before the release.
         tl.debug_barrier()
-        counter = counter_ptr + seq * stride_cnt_seq + kv_head
+        counter = counter_ptr + seq * stride_cnt_seq + kv_block
         num_done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         if num_done == num_splits - 1:
-            _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, seq, kv_head, num_splits,
+            _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, seq, kv_block, num_splits,
                           stride_po_seq, stride_po_head, stride_po_split, stride_pl_seq,
                           stride_pl_head, stride_o_seq, stride_o_head,
-                          GROUP, HEAD_DIM, BLOCK_G, MERGE_CHUNK)
+                          HEADS * GROUP, HEAD_DIM, BLOCK_G, MERGE_CHUNK)
             tl.store(counter, 0)  # ready for the next call or graph replay
     else:
         o = out_ptr + seq * stride_o_seq + head[:, None] * stride_o_head + offs_d[None, :]
@@ -197,18 +209,35 @@ class DecodeConfig:
     block_n: int = 64  # tokens per KV tile
     num_warps: int = 2
     num_stages: int = 3
+    # KV heads per program (a power of two; the launch takes its gcd with the pool's KV heads)
+    kv_heads: int = 1
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
             raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
         if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
             raise ValueError("num_warps must be a power of two <= 16 and num_stages >= 1")
+        if self.kv_heads < 1 or self.kv_heads & (self.kv_heads - 1):
+            raise ValueError(f"kv_heads must be a power of two >= 1, got {self.kv_heads}")
+
+    @classmethod
+    def for_head_dim(cls, head_dim: int) -> DecodeConfig:
+        """The default for a head size. Measured on the H200 at batch 32, 1,152-token contexts
+        (RESULTS.md, issue 4 ninth pass): at head_dim 64, two KV heads of 32-token tiles per
+        program (23.7 us a layer against 24.9 for one head of 64 tokens; the 1B step 1.261 ->
+        1.241 ms); at head_dim 128 one head (two were no faster)."""
+        return cls(block_n=32, kv_heads=2) if head_dim <= 64 else cls()
+
+    def kv_blocks(self, num_kv_heads: int) -> int:
+        """Programs per sequence and split over a pool of num_kv_heads KV heads."""
+        return num_kv_heads // math.gcd(self.kv_heads, num_kv_heads)
 
 
-def num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
+def num_kv_splits(num_seqs: int, kv_blocks: int, max_seq_len: int,
                   num_sms: int | None = None, total_tokens: int | None = None,
                   ctas_per_sm: int = _CTAS_PER_SM) -> int:
-    """Splits per sequence so that one wave of programs fills the GPU.
+    """Splits per sequence so that one wave of programs fills the GPU; kv_blocks: programs per
+    sequence and split (`DecodeConfig.kv_blocks`: the KV heads, over the heads per program).
 
     Programs of one launch do about equal work, so a partial last wave idles most SMs: with
     fewer programs than resident slots (_CTAS_PER_SM per SM) take as many splits as fit in one
@@ -225,7 +254,7 @@ def num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
             num_sms = props.multi_processor_count
     max_seq_len = max(max_seq_len, 1)
     full_seqs = num_seqs if total_tokens is None else triton.cdiv(total_tokens, max_seq_len)
-    programs = max(min(full_seqs, num_seqs) * num_kv_heads, 1)
+    programs = max(min(full_seqs, num_seqs) * kv_blocks, 1)
     slots = ctas_per_sm * num_sms
     cap = triton.cdiv(max_seq_len, _MIN_TOKENS_PER_SPLIT)
     return max(1, min(slots // programs, cap, MAX_SPLITS))
@@ -252,9 +281,11 @@ def paged_decode(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, page_table:
         out = torch.empty_like(q)
     if num_seqs == 0:
         return out
+    config = config or DecodeConfig.for_head_dim(head_dim)
     if num_splits is None:
         max_len, total = torch.stack([seq_lens.max(), seq_lens.sum()]).tolist()
-        num_splits = num_kv_splits(num_seqs, num_kv_heads, max_len, total_tokens=total)
+        num_splits = num_kv_splits(num_seqs, config.kv_blocks(num_kv_heads), max_len,
+                                   total_tokens=total)
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     is_split = num_splits > 1
@@ -267,18 +298,19 @@ def paged_decode(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, page_table:
         part_out, part_lse, counters = workspace.part_out, workspace.part_lse, workspace.counters
     else:
         part_out = part_lse = counters = out  # unused: IS_SPLIT is False
-    block_h = max(16, triton.next_power_of_2(group))
-    config = config or DecodeConfig()
-    _paged_decode_kernel[(num_kv_heads, num_seqs, num_splits)](
+    heads = num_kv_heads // config.kv_blocks(num_kv_heads)
+    rows = heads * group  # query heads per program
+    _paged_decode_kernel[(num_kv_heads // heads, num_seqs, num_splits)](
         q, kv_pool, page_table, seq_lens, out, part_out, part_lse, counters, scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_pool.stride(0), kv_pool.stride(3), kv_pool.stride(4),
         layer * kv_pool.stride(1), kv_pool.stride(2), page_table.stride(0),
         part_out.stride(0), part_out.stride(1), part_out.stride(2) if is_split else 0,
         part_lse.stride(0), part_lse.stride(1), counters.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_H=block_h,
-        BLOCK_N=config.block_n, IS_SPLIT=is_split, DOT_PRECISION=dot_precision(q.dtype),
-        BLOCK_G=triton.next_power_of_2(group), MERGE_CHUNK=8,
+        GROUP=group, HEADS=heads, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
+        BLOCK_H=max(16, triton.next_power_of_2(rows)), BLOCK_N=config.block_n,
+        IS_SPLIT=is_split, DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_G=triton.next_power_of_2(rows), MERGE_CHUNK=8,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_args(q.device),
     )
     return out

@@ -59,30 +59,30 @@ _SHARED_MEMORY_MARGIN = 16 << 10  # for what the compiler adds beyond the pipeli
 
 def skinny_config(n: int, k: int, num_sms: int, *, split: bool = True, itemsize: int = 2,
                   gated: bool = False, shared_memory: int = H200_SHARED_MEMORY) -> SkinnyConfig:
-    """Tiles for an [M <= 64, k] x [n, k]^T product (n: the gate half's width when gated):
-    64-column, 128-deep tiles; 4 stages for 2-byte elements, 2 for 4-byte ones or two weight
-    tiles (gated), fewer where a program's shared memory (`shared_memory` bytes) holds fewer;
-    with split, K splits in powers of two (up to 8, each at least 256 deep) while the programs
-    stay within 1.5 per SM. Measured on the H200 at the Llama-3.2-1B / Llama-3-8B shapes,
-    M = 1, 32, 64, bf16 (benchmarks/RESULTS.md): the tile is within a few percent of each
-    shape's best in the sweep, and the split count is the fastest for the matmul and the
-    RMSNorm that sums its partials together (more splits are faster alone, but cost the norm
-    more than they save)."""
-    block_n, block_k = SkinnyConfig.block_n, SkinnyConfig.block_k
+    """Tiles for an [M <= 64, k] x [n, k]^T product (n: the gate half's width when gated).
+
+    A program streams its weight tiles through a deep pipeline, so that each SM keeps enough
+    bytes in flight: 64-column tiles, 128 deep with 5 stages for 2-byte elements, 64 deep with 6
+    stages when gated (two weight tiles a stage), 2 stages for 4-byte elements, fewer where a
+    program's shared memory (`shared_memory` bytes) holds fewer. With split, K splits in powers
+    of two (up to 8, each at least 256 deep) while the programs stay within one per SM: a
+    second, partial wave would run on a few SMs alone. Measured on the H200 in the Llama-3.2-1B
+    decode step at batch 32 (benchmarks/RESULTS.md, issue 4 ninth pass): 1.423 ms with the
+    former 4 stages (2 and 128 deep when gated) and up to 1.5 programs per SM; gated 64 deep x 6
+    stages, down and o 5 stages, q/k/v 2 splits instead of 4 took 1.261 ms together."""
+    block_n = SkinnyConfig.block_n
+    block_k = 64 if gated else SkinnyConfig.block_k
     blocks = triton.cdiv(n, block_n)
     splits = 1
-    while split and splits < 8 and 4 * blocks * splits <= 3 * num_sms \
+    while split and splits < 8 and blocks * splits * 2 <= num_sms \
             and k // (splits * 2) >= 256:
         splits *= 2
     # a stage holds the weight tile(s) and a [block_k, MAX_ROWS] activation tile
     weight_tiles = 2 if gated else 1
     stage_bytes = (block_n * block_k * weight_tiles + block_k * MAX_ROWS) * itemsize
     fit = (shared_memory - _SHARED_MEMORY_MARGIN) // stage_bytes
-    # the stage counts the engine was measured with: 4 where a stage streams 2-byte weights
-    # through one tile, else 2 (the R2 sweep ran a 16-bit gated matmul fastest at 4 stages
-    # alone; not yet measured in the engine)
-    stages = max(1, min(4 if itemsize * weight_tiles <= 2 else 2, fit))
-    return SkinnyConfig(splits=splits, num_stages=stages)
+    stages = max(1, min((6 if gated else 5) if itemsize <= 2 else 2, fit))
+    return SkinnyConfig(block_k=block_k, splits=splits, num_stages=stages)
 
 
 # M is not specialized: a decode batch of any size up to 64 reuses the kernels compiled when the

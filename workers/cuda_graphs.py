@@ -31,10 +31,18 @@ SEGMENTED_MAX_ROWS = 16
 
 def decode_ctas_per_sm(head_dim: int) -> int:
     """Resident decode programs per SM to size split-KV for (kernels.num_kv_splits). Measured
-    on the H200 at batch 32/64, contexts 1K-8K (benchmarks/RESULTS.md, Engine): head_dim 64
-    is fastest with 3 splits at batch 32 (26 us vs 35 us unsplit, 1K context), head_dim 128
-    with 2 (44 vs 50 us); both unsplit at batch 64."""
+    on the H200 at batch 32/64, contexts 1K-8K (benchmarks/RESULTS.md, Engine): head_dim 128
+    is fastest with 2 splits at batch 32 (44 vs 50 us), unsplit at batch 64; head_dim 64 (two
+    KV heads a program) with 6 splits at batch 32 (23.7 us a layer against 26.1 at 4, 1,152-token
+    context; the whole step took 1.241 ms at 6, 1.293 at 4, 1.359 at 8)."""
     return 6 if head_dim <= 64 else 4
+
+
+def decode_kv_blocks(kv_pool: torch.Tensor) -> int:
+    """Decode programs per sequence and split over kv_pool (its default decode config's)."""
+    from kernels.paged_decode import DecodeConfig
+
+    return DecodeConfig.for_head_dim(kv_pool.shape[5]).kv_blocks(kv_pool.shape[4])
 
 
 def advance_decode_inputs(next_tokens: torch.Tensor, input_ids: torch.Tensor,
@@ -50,9 +58,16 @@ def advance_decode_inputs(next_tokens: torch.Tensor, input_ids: torch.Tensor,
     input_ids.copy_(next_tokens)
     positions.add_(step)
     seq_lens.add_(step.to(torch.int32))
+    slots_from_table(positions, page_table, page_size, out=slot_mapping)
+
+
+def slots_from_table(positions: torch.Tensor, page_table: torch.Tensor, page_size: int, *,
+                     out: torch.Tensor) -> None:
+    """out[i] = the pool slot of token positions[i] of row i of page_table (a position past
+    the table's last column reads that column)."""
     column = (positions // page_size).clamp_(max=page_table.shape[1] - 1)
     page = page_table.gather(1, column.unsqueeze(1)).squeeze(1)
-    slot_mapping.copy_(page.to(torch.int64) * page_size + positions % page_size)
+    out.copy_(page.to(torch.int64) * page_size + positions % page_size)
 
 
 class StepTokens:
@@ -121,19 +136,25 @@ class DecodeGraphs:
         self.max_steps = 64
         # each step's tokens land in page-locked memory with an event, so the host reads a
         # step's tokens while the device runs the next steps
-        self._host_tokens = torch.zeros((self.max_steps, n), dtype=torch.int64, pin_memory=True)
-        self._step_events = [torch.cuda.Event() for _ in range(self.max_steps)]
+        # two banks: a continuation's steps are queued while the host still reads the last
+        # steps of the run before it
+        self._host_tokens = torch.zeros((2, self.max_steps, n), dtype=torch.int64,
+                                        pin_memory=True)
+        self._step_events = [[torch.cuda.Event() for _ in range(self.max_steps)]
+                             for _ in range(2)]
+        self._bank = 0
+        self._loaded = 0  # batch size of the inputs on the device (0: none to continue from)
+        self._row_lens: list[int] = []  # pages of each row written to the device table
         base_ops = model.ops
         assert base_ops is not None
         pool = torch.cuda.graph_pool_handle()
-        num_kv_heads = kv_pool.shape[4]
         # split-KV merge counters, one set per layer, all zeroed by one memset at the start of
         # each step instead of a fill kernel per layer (the partials are graph memory per call)
         cfg = model.config
         self._counters = counters = torch.zeros((cfg.num_layers, n, cfg.num_heads),
                                                 dtype=torch.int32, device=dev)
         for bs in reversed(self.sizes):
-            splits = num_kv_splits(bs, num_kv_heads, max_model_len,
+            splits = num_kv_splits(bs, decode_kv_blocks(kv_pool), max_model_len,
                                    ctas_per_sm=decode_ctas_per_sm(kv_pool.shape[5]))
 
             def decode(q, pool_, layer, table, lens, scale, _splits=splits):
@@ -231,16 +252,38 @@ class DecodeGraphs:
                   num_steps: int) -> StepTokens:
         """Greedy tokens of `num_steps` decode steps, each fed to the next on the device, all
         queued at once and read a step at a time. The rows' pages must cover every step; the
-        returned tokens are valid until the next call."""
-        assert 1 <= num_steps <= self.max_steps
+        returned tokens are valid until the call after next (run_steps or continue_steps)."""
         bs = self._load(input_ids, positions, slots, page_rows, seq_lens)
+        return self._queue_steps(bs, len(input_ids), num_steps)
+
+    def continue_steps(self, page_rows: list[list[int]], num_steps: int) -> StepTokens:
+        """`num_steps` more steps of the batch the last run_steps loaded, from where its queued
+        steps leave the inputs (they may still be running). The rows are that batch's page
+        lists, grown in place to cover the new steps; only the new pages are sent, ahead of
+        the steps that use them."""
+        bs = self._loaded
+        assert bs and len(page_rows) <= bs and len(page_rows) == len(self._row_lens)
+        table = self._host_table
+        for i, row in enumerate(page_rows):
+            table[i, self._row_lens[i] : len(row)] = row[self._row_lens[i] :]
+            self._row_lens[i] = len(row)
+        # the staging table's earlier copy ran before the steps whose tokens were read
+        self.page_table[:bs].copy_(self._host_table_t[:bs], non_blocking=True)
+        # the last queued step computed the next slots from the table as it was then
+        slots_from_table(self.positions[:bs], self.page_table[:bs], self.page_size,
+                         out=self.slot_mapping[:bs])
+        return self._queue_steps(bs, len(page_rows), num_steps)
+
+    def _queue_steps(self, bs: int, num_seqs: int, num_steps: int) -> StepTokens:
+        assert 1 <= num_steps <= self.max_steps
+        self._bank ^= 1
+        tokens, events = self._host_tokens[self._bank], self._step_events[self._bank]
         graph = self.graphs[bs]
         for k in range(num_steps):
             graph.replay()
-            self._host_tokens[k, :bs].copy_(self.next_tokens[bs], non_blocking=True)
-            self._step_events[k].record()
-        return StepTokens(self._host_tokens[:num_steps, : len(input_ids)],
-                          self._step_events[:num_steps])
+            tokens[k, :bs].copy_(self.next_tokens[bs], non_blocking=True)
+            events[k].record()
+        return StepTokens(tokens[:num_steps, :num_seqs], events[:num_steps])
 
     def _size(self, num_seqs: int) -> int:
         """The captured batch size a batch of num_seqs is padded to."""
@@ -266,6 +309,11 @@ class DecodeGraphs:
         table[:bs, :width] = self.scratch_page
         for i, row in enumerate(page_rows):
             table[i, : len(row)] = row
-        self.page_table[:bs, :width].copy_(self._host_table_t[:bs, :width], non_blocking=True)
+        # whole rows: one contiguous copy from page-locked memory (a column slice would go
+        # through a pageable temporary, which waits for the device). Columns past a row's pages
+        # are never read: attention stops at seq_len, and padding rows stay in column 0.
+        self.page_table[:bs].copy_(self._host_table_t[:bs], non_blocking=True)
         self.seq_lens[:bs].copy_(self._seq_lens64[:bs])  # int64 staging row -> int32 input
+        self._loaded = bs
+        self._row_lens = [len(row) for row in page_rows]
         return bs

@@ -8,6 +8,7 @@ block manager never hands it out.
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import torch
@@ -19,6 +20,8 @@ from workers.cuda_graphs import (
     StepTokens,
     advance_decode_inputs,
     decode_ctas_per_sm,
+    decode_kv_blocks,
+    slots_from_table,
 )
 from workers.errors import InvalidConfig
 from workers.models.llama import (
@@ -106,6 +109,10 @@ class ModelRunner:
         self.model.eval()
         self.model.ops = attention_ops(self.device, config.attention_backend)
         self._num_kv_splits = None
+        # the batch of the last execute_decode_steps and, without graphs, its device inputs:
+        # what continue_decode_steps goes on from (None after any other forward)
+        self._decode_batch: ScheduledBatch | None = None
+        self._eager_inputs: tuple | None = None
         # pinned rows for store write-through snapshots (the engine sets them on CUDA)
         self.snapshots: SnapshotSlots | None = None
         if self.model.ops.paged_decode is not reference.paged_decode_ref:
@@ -129,12 +136,28 @@ class ModelRunner:
                                    device=self.device)
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
+            self.graphs = self._capture(config.max_num_seqs, max_model_len)
+
+    def _capture(self, max_num_seqs: int, max_model_len: int) -> DecodeGraphs | None:
+        """The decode graphs; None where capture fails twice (a backend that cannot be
+        captured still runs eagerly). Garbage is collected before, not during, capture: an
+        earlier engine's CUDA objects freed mid-capture could invalidate it."""
+        for attempt in (1, 2):
+            gc.collect()
+            gc.disable()
             try:
-                self.graphs = DecodeGraphs(self.model, self.kv_pool, config.max_num_seqs,
-                                           self.max_pages_per_seq, self.scratch_page,
-                                           max_model_len)
-            except Exception as exc:  # a backend that cannot be captured still runs eagerly
-                log.warning("CUDA graph capture failed, decoding eagerly: %s", exc)
+                return DecodeGraphs(self.model, self.kv_pool, max_num_seqs,
+                                    self.max_pages_per_seq, self.scratch_page, max_model_len)
+            except Exception as exc:
+                log.warning("CUDA graph capture failed (attempt %d of 2)%s: %s", attempt,
+                            ", decoding eagerly" if attempt == 2 else "", exc)
+                try:  # settle before the retry; one that cannot settle fails again
+                    torch.cuda.synchronize(self.device)
+                except RuntimeError:
+                    pass
+            finally:
+                gc.enable()
+        return None
 
     def _num_pages(self, config: WorkerConfig) -> int:
         if config.kv_cache_bytes is not None:
@@ -202,6 +225,7 @@ class ModelRunner:
         """Run one forward over `batch` (its pages already allocated; loads and copies applied
         here first). Returns (fp32 logits [num_sampled, vocab], indices into batch.seqs of the
         sequences whose chunk reached their last token, i.e. that get a new token)."""
+        self._decode_batch = None  # a forward here overwrites the decode inputs
         ps = self.page_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -255,6 +279,7 @@ class ModelRunner:
         while the later steps run. Every sequence's pages must already cover
         num_computed_tokens + num_steps tokens. Returns the sampled tokens, [num_steps,
         num_seqs]; the caller decides how many of them to keep."""
+        self._decode_batch = None
         self._apply_page_moves(batch)
         ps = self.page_size
         seqs = batch.seqs
@@ -266,24 +291,53 @@ class ModelRunner:
         page_rows = [seq.page_ids for seq in seqs]
         if self.graphs is not None and self.graphs.fits(len(seqs)) and \
                 num_steps <= self.graphs.max_steps:
-            return self.graphs.run_steps(input_ids, positions, slots, page_rows, seq_lens,
-                                         num_steps)
+            tokens = self.graphs.run_steps(input_ids, positions, slots, page_rows, seq_lens,
+                                           num_steps)
+            self._decode_batch, self._eager_inputs = batch, None
+            return tokens
         dev = self.device
         n = len(seqs)
-        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
-        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
-        slot_mapping = torch.tensor(slots, dtype=torch.int64, device=dev)
-        lens = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
+        inputs = (torch.tensor(input_ids, dtype=torch.int64, device=dev),
+                  torch.tensor(positions, dtype=torch.int64, device=dev),
+                  torch.tensor(slots, dtype=torch.int64, device=dev),
+                  torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+                  torch.ones(n, dtype=torch.int64, device=dev), seq_lens)
+        tokens = self._eager_steps(inputs, self._page_table(page_rows), num_steps)
+        self._decode_batch, self._eager_inputs = batch, inputs
+        return tokens
+
+    @torch.inference_mode()
+    def continue_decode_steps(self, batch: ScheduledBatch, num_steps: int) -> StepTokens | None:
+        """`num_steps` more greedy steps of the batch of the last execute_decode_steps, from
+        where its steps (maybe still running) leave it: no host round trip between them. Each
+        sequence's pages must cover num_computed_tokens + all queued steps + num_steps. None if
+        anything ran in between (then start over with execute_decode_steps)."""
+        if self._decode_batch is not batch:
+            return None
+        page_rows = [seq.page_ids for seq in batch.seqs]
+        if self._eager_inputs is None:
+            assert self.graphs is not None
+            return self.graphs.continue_steps(page_rows, num_steps)
+        ids, pos, slot_mapping, *_ = self._eager_inputs
         table = self._page_table(page_rows)
-        step = torch.ones(n, dtype=torch.int64, device=dev)
-        cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
-        tokens = torch.empty((num_steps, n), dtype=torch.int64, device=dev)
+        slots_from_table(pos, table, self.page_size, out=slot_mapping)
+        return self._eager_steps(self._eager_inputs, table, num_steps)
+
+    def _eager_steps(self, inputs: tuple, table: torch.Tensor, num_steps: int) -> StepTokens:
+        """Decode steps without graphs; inputs (ids, positions, slots, seq_lens, step, host
+        seq_lens) are advanced in place for the next call."""
+        ids, pos, slot_mapping, lens, step, host_lens = inputs
+        n = ids.shape[0]
+        cu = torch.arange(n + 1, dtype=torch.int32, device=self.device)
+        tokens = torch.empty((num_steps, n), dtype=torch.int64, device=self.device)
         for k in range(num_steps):
             meta = AttentionMetadata(slot_mapping, table, lens, cu, True,
-                                     self._splits([x + k for x in seq_lens]))
+                                     self._splits(host_lens))
             hidden = self.model(ids, pos, meta, self.kv_pool)
             tokens[k] = self.model.compute_logits(hidden).argmax(dim=-1)
-            advance_decode_inputs(tokens[k], ids, pos, lens, slot_mapping, table, step, ps)
+            advance_decode_inputs(tokens[k], ids, pos, lens, slot_mapping, table, step,
+                                  self.page_size)
+            host_lens[:] = [x + 1 for x in host_lens]
         return StepTokens(tokens.cpu())
 
     def _apply_page_moves(self, batch: ScheduledBatch) -> None:
@@ -295,8 +349,8 @@ class ModelRunner:
         """Split-KV count for a decode-style launch, chosen on the host (no sync per layer)."""
         if self._num_kv_splits is None:
             return None
-        return self._num_kv_splits(len(seq_lens), self.kv_pool.shape[4], max(seq_lens),
-                                   total_tokens=sum(seq_lens),
+        return self._num_kv_splits(len(seq_lens), decode_kv_blocks(self.kv_pool),
+                                   max(seq_lens), total_tokens=sum(seq_lens),
                                    ctas_per_sm=decode_ctas_per_sm(self.kv_pool.shape[5]))
 
     def _index(self, rows: list[int]) -> torch.Tensor:

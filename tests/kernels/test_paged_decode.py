@@ -7,6 +7,7 @@ import torch
 from paged_kv_data import DEVICE, assert_close, make_paged_batch, sdpa_fp64
 
 from kernels import (
+    DecodeConfig,
     DecodeWorkspace,
     num_kv_splits,
     paged_decode,
@@ -18,14 +19,15 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 GPU_DTYPES = [pytest.param(d, marks=[gpu, needs_cuda]) for d in (torch.bfloat16, torch.float16)]
 
 
-def _run(seq_lens, page_size, group, head_dim, dtype, num_kv_heads=2, num_splits=None, seed=0):
+def _run(seq_lens, page_size, group, head_dim, dtype, num_kv_heads=2, num_splits=None, seed=0,
+         config=None):
     batch = make_paged_batch(seq_lens, page_size, num_kv_heads, head_dim, dtype, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     q = torch.randn(len(seq_lens), num_kv_heads * group, head_dim, generator=gen).to(dtype)
     q = q.to(DEVICE)
     scale = head_dim**-0.5
     out = paged_decode(q, batch.kv_pool, batch.layer, batch.page_table, batch.seq_lens, scale,
-                       num_splits=num_splits)
+                       num_splits=num_splits, config=config)
     ref = paged_decode_ref(q, batch.kv_pool, batch.layer, batch.page_table, batch.seq_lens, scale)
     return batch, q, scale, out, ref
 
@@ -47,6 +49,28 @@ def test_decode_split_counts_agree(num_splits):
     # in several chunks
     _, _, _, out, ref = _run([9, 341, 130], 16, 4, 64, torch.float32, num_splits=num_splits)
     assert_close(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4, 8])
+@pytest.mark.parametrize("num_kv_heads, group", [(6, 3), (8, 1), (4, 4)])
+@pytest.mark.parametrize("num_splits", [1, 5])
+def test_decode_heads_per_program(kv_heads, num_kv_heads, group, num_splits):
+    # several KV heads a program: a query row must score only its own head's columns; with 6
+    # KV heads, 4 or 8 a program fall back to 2 (their gcd)
+    config = DecodeConfig(block_n=16, kv_heads=kv_heads)
+    _, _, _, out, ref = _run([1, 9, 41, 200], 16, group, 32, torch.float32,
+                             num_kv_heads=num_kv_heads, num_splits=num_splits, config=config)
+    assert_close(out, ref, torch.float32)
+
+
+def test_decode_config_per_head_dim():
+    assert DecodeConfig.for_head_dim(64) == DecodeConfig(block_n=32, kv_heads=2)
+    assert DecodeConfig.for_head_dim(128) == DecodeConfig()
+    assert DecodeConfig(kv_heads=2).kv_blocks(8) == 4
+    assert DecodeConfig(kv_heads=4).kv_blocks(6) == 3  # gcd(4, 6) = 2 heads a program
+    assert DecodeConfig(kv_heads=8).kv_blocks(1) == 1
+    with pytest.raises(ValueError):
+        DecodeConfig(kv_heads=3)
 
 
 def test_scattered_pages_equal_contiguous_pages():
@@ -102,9 +126,12 @@ def test_decode_rejects_bad_input(bad):
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("group", [1, 3, 4, 8])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_decode_gpu(dtype, group, head_dim):
+@pytest.mark.parametrize("kv_heads", [None, 1, 4])  # None: the head size's default
+def test_decode_gpu(dtype, group, head_dim, kv_heads):
     seq_lens = [1, 9, 41, 341, 4099, 1000, 16]
-    _, _, _, out, ref = _run(seq_lens, 16, group, head_dim, dtype, num_kv_heads=8)
+    config = None if kv_heads is None else DecodeConfig(block_n=32, kv_heads=kv_heads)
+    _, _, _, out, ref = _run(seq_lens, 16, group, head_dim, dtype, num_kv_heads=8,
+                             config=config)
     assert_close(out, ref, dtype)
 
 

@@ -77,3 +77,66 @@ def test_sampled_requests_take_single_steps(make_engine, encode):
     assert all(len(o.new_token_ids) == 1 for o in outs)
     assert tokens_of(outs) == tokens_of(run(make_engine(), {"s": encode(PROMPTS[0])},
                                             params)["s"])
+
+
+def _count_calls(obj, name: str) -> list[int]:
+    calls = [0]
+    method = getattr(obj, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return method(*args, **kwargs)
+
+    setattr(obj, name, counted)
+    return calls
+
+
+def test_windows_continue_without_scheduling(make_engine, encode, hf_greedy):
+    """The next window is queued before the host reads the last step of the one before: one
+    schedule for the whole decode, the same tokens."""
+    engine = make_engine(decode_steps=STEPS)
+    continued = _count_calls(engine.runner, "continue_decode_steps")
+    schedules = _count_calls(engine.scheduler, "schedule")
+    prompt = encode(PROMPTS[1])
+    outs = run(engine, {"a": prompt}, SamplingParams(temperature=0.0, max_tokens=14,
+                                                     ignore_eos=True))["a"]
+    assert tokens_of(outs) == hf_greedy(prompt, 14)
+    # prefill (token 1), then windows of 4, 4, 4 and 1 tokens: the last three continued
+    assert [len(o.new_token_ids) for o in outs] == [1, 4, 4, 4, 1]
+    assert continued[0] == 3 and schedules[0] == 2
+    assert engine.stats().num_pages_free == engine.stats().num_pages_total
+
+
+def test_arrival_and_abort_while_steps_are_queued(make_engine, encode, hf_greedy):
+    """A request that arrives, or an abort, while a continued window is queued: step() takes
+    that window's tokens first, then schedules; nothing is lost or freed early."""
+    engine = make_engine(decode_steps=STEPS)
+    params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
+    a, b, c = (encode(p) for p in PROMPTS)
+    engine.add_request("a", a, params)
+    long = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    engine.add_request("c", c, long)
+    outs: dict[str, list] = {"a": [], "b": [], "c": []}
+
+    def step():
+        for out in engine.step():
+            outs[out.request_id].append(out)
+
+    step()  # prefill
+    step()  # first window; the second is queued behind it
+    assert engine._inflight is not None
+    engine.add_request("b", b, params)
+    step()  # the queued window, then b's prefill
+    assert len(tokens_of(outs["b"])) == 1
+    while engine._inflight is None:
+        step()
+    assert not outs["c"][-1].finish_reason
+    engine.abort_request("c")
+    while engine.has_unfinished_requests():
+        step()
+    assert tokens_of(outs["a"]) == hf_greedy(a, 14)
+    assert tokens_of(outs["b"]) == hf_greedy(b, 14)
+    got_c = tokens_of(outs["c"])
+    assert 0 < len(got_c) < 40 and got_c == hf_greedy(c, 40)[: len(got_c)]
+    assert final(outs["c"]).finish_reason == "abort"
+    assert engine.stats().num_pages_free == engine.stats().num_pages_total
