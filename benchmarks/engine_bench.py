@@ -166,7 +166,7 @@ def bench_decode(name, hf, loaded, args, out: dict) -> None:
         batch = prompts(bs, args.prompt_len, cfg.vocab_size, seed=bs)
         h_ttft, h_dec, h_out = hf_run(hf, batch, args.new_tokens, args.device)
         for decode_steps in args.decode_steps:
-            engine.decode_steps = decode_steps  # steps per host round trip (multi-step decode)
+            engine.decode_steps = decode_steps  # steps queued at once (multi-step decode)
             e_ttft, e_dec, e_out = engine_run(engine, batch, args.new_tokens)
             steps = args.new_tokens - 1
             avg_ctx = args.prompt_len + args.new_tokens / 2

@@ -35,8 +35,8 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "store": (str, "gRPC address of a kvmesh store"),
     "store_token": (str, "bearer token of the store"),
     "enforce_eager": (None, "no CUDA graphs"),
-    "decode_steps": (int, "greedy decode steps per host round trip (default: 8 with CUDA "
-                     "graphs, else 1)"),
+    "decode_steps": (int, "greedy decode steps queued on the device at once (default: 8 "
+                     "with CUDA graphs, else 1)"),
     "gpu_memory_utilization": (float, "fraction of GPU memory the worker may use"),
     "seed": (int, "engine seed"),
 }

@@ -1,4 +1,4 @@
-"""Multi-step greedy decode (several steps per host round trip, tokens fed back on the device) on
+"""Multi-step greedy decode (windows of steps queued at once, tokens fed back on the device) on
 the real SmolLM2 in fp32 on CPU: token-identical to transformers, exact stops mid-window, no step
 past max_tokens in the output (the fallback under a tiny page pool is in test_engine_greedy's
 preemption test)."""
