@@ -194,8 +194,8 @@ def main() -> None:
     rows = []
     for name, lens, _ in cases:
         case = Case(lens, seed=len(rows))
-        ns = num_kv_splits(len(lens), NUM_KV_HEADS, max(lens), props.multi_processor_count,
-                           total_tokens=sum(lens))
+        ns = num_kv_splits(len(lens), DecodeConfig.for_head_dim(HEAD_DIM).kv_blocks(NUM_KV_HEADS),
+                           max(lens), props.multi_processor_count, total_tokens=sum(lens))
         if args.tune and len(lens) * NUM_KV_HEADS < 2 * props.multi_processor_count:
             tune_case(name, case, log)
         t_kernel = bench(case.kernel_fn(ns))
