@@ -174,7 +174,7 @@ class DecodeWorkspace:
     part_out: [max_num_seqs, num_heads, max_splits, head_dim] fp32
     part_lse: [max_num_seqs, num_heads, max_splits] fp32
     counters: [max_num_seqs, num_heads] int32, zero between calls (the kernel resets them);
-      only the first num_kv_heads columns are used
+      only the first num_kv_heads / (KV heads a program) columns are used
     One workspace serves one decode call at a time (one stream).
     """
 

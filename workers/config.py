@@ -18,9 +18,10 @@ class WorkerConfig:
     host_tier_bytes: host CPU tier that device-evicted pages demote to; 0 = off.
     store: gRPC target of a KVStore that pages are written through to and read back from.
     decode_steps: greedy decode steps queued on the device at once (a window) when every
-    running sequence decodes greedily (tokens past a stop are discarded); while the batch stays
-    the same, each window is queued before the host reads the last step of the one before, and
-    a new request waits up to two windows to be admitted; None = 8 with CUDA graphs, else 1."""
+    running sequence decodes greedily (tokens past a stop are discarded); under CUDA graphs,
+    while the batch stays the same, each window is queued before the host reads the last step
+    of the one before, and a new request waits up to two windows to be admitted; None = 8 with
+    CUDA graphs, else 1."""
 
     model: str = "smollm2"
     device: str = "cpu"

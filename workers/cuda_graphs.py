@@ -144,6 +144,9 @@ class DecodeGraphs:
                              for _ in range(2)]
         self._bank = 0
         self._loaded = 0  # batch size of the inputs on the device (0: none to continue from)
+        # recorded after the staging buffers' copies: the host waits on it before it writes
+        # them again, so a copy still queued behind earlier work never reads the next batch's
+        self._staged = torch.cuda.Event()
         self._row_lens: list[int] = []  # pages of each row written to the device table
         base_ops = model.ops
         assert base_ops is not None
@@ -264,11 +267,12 @@ class DecodeGraphs:
         bs = self._loaded
         assert bs and len(page_rows) <= bs and len(page_rows) == len(self._row_lens)
         table = self._host_table
+        self._staged.synchronize()
         for i, row in enumerate(page_rows):
             table[i, self._row_lens[i] : len(row)] = row[self._row_lens[i] :]
             self._row_lens[i] = len(row)
-        # the staging table's earlier copy ran before the steps whose tokens were read
         self.page_table[:bs].copy_(self._host_table_t[:bs], non_blocking=True)
+        self._staged.record()
         # the last queued step computed the next slots from the table as it was then
         slots_from_table(self.positions[:bs], self.page_table[:bs], self.page_size,
                          out=self.slot_mapping[:bs])
@@ -297,6 +301,7 @@ class DecodeGraphs:
         # one staging row per input, padded for the captured size, sent in one copy:
         # ids, positions, slots, seq_lens
         host = self._host_inputs
+        self._staged.synchronize()
         host[:, :bs] = self._pad_row
         host[0, :num_seqs] = input_ids
         host[1, :num_seqs] = positions
@@ -313,6 +318,7 @@ class DecodeGraphs:
         # through a pageable temporary, which waits for the device). Columns past a row's pages
         # are never read: attention stops at seq_len, and padding rows stay in column 0.
         self.page_table[:bs].copy_(self._host_table_t[:bs], non_blocking=True)
+        self._staged.record()
         self.seq_lens[:bs].copy_(self._seq_lens64[:bs])  # int64 staging row -> int32 input
         self._loaded = bs
         self._row_lens = [len(row) for row in page_rows]

@@ -16,6 +16,7 @@ from cachestore.codec import header_nbytes
 from cachestore.keys import Namespace, tokens_to_bytes
 from workers.block_manager import BlockManager
 from workers.config import WorkerConfig
+from workers.decode_windows import DecodeWindows
 from workers.detokenizer import IncrementalDetokenizer
 from workers.errors import InvalidRequest
 from workers.events import coalesce_block_events, snapshot_events
@@ -72,13 +73,14 @@ class Engine:
         self._generators: dict[int, object] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._pending: list[RequestOutput] = []
-        # a multi-step batch and the steps queued for it past those the last step() read
-        self._inflight: tuple[Any, Any] | None = None
         self._arrivals = 0
         self.eos_token_ids = set(cfg.eos_token_ids)
         steps = config.decode_steps
-        self.decode_steps = steps if steps is not None else (
-            _GRAPH_DECODE_STEPS if self.runner.graphs is not None else 1)
+        has_graphs = self.runner.graphs is not None
+        self.windows = DecodeWindows(
+            self.scheduler, self.runner, self.max_model_len,
+            steps if steps is not None else (_GRAPH_DECODE_STEPS if has_graphs else 1),
+            continue_windows=has_graphs, read_token=self._read_decoded)
 
     # ------------------------------------------------------------------ requests
     def _max_prefix_nbytes(self) -> int:
@@ -156,20 +158,16 @@ class Engine:
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []
-        if self._inflight is not None:
-            batch, tokens = self._inflight
-            self._inflight = None
-            if self._can_continue(batch):
-                return outputs + self._decode_steps(batch, tokens)
-            # something changed since they were queued: take their tokens, then schedule
-            outputs += self._decode_steps(batch, tokens, may_continue=False)
+        window_outputs, went_on = self.windows.resume()  # before anything schedules
+        outputs += window_outputs
+        if went_on:
+            return outputs
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return outputs
-        num_steps = self._num_decode_steps(batch)
+        num_steps = self.windows.num_steps(batch)
         if num_steps > 1:
-            tokens = self.runner.execute_decode_steps(batch, num_steps)
-            return outputs + self._decode_steps(batch, tokens)
+            return outputs + self.windows.run(batch, num_steps)
         try:
             logits, sampled = self.runner.execute(batch)
             rewound = {seq.seq_id for seq in batch.seqs if not self.scheduler.commit_load(seq)}
@@ -228,10 +226,7 @@ class Engine:
         return snapshot_events(self.block_manager.cached_entries(), self.offload.host_keys())
 
     def close(self) -> None:
-        if self._inflight is not None:  # the device may still write into pages
-            tokens = self._inflight[1]
-            tokens.step(tokens.num_steps - 1)
-            self._inflight = None
+        self.windows.settle()  # the device may still write into pages
         self.offload.close()
 
     # ------------------------------------------------------------------ internals
@@ -261,86 +256,20 @@ class Engine:
             for i in registered])
         seq.num_registered_pages = num_full
 
-    def _num_decode_steps(self, batch) -> int:
-        """Steps to run back to back on the device: >1 only when every sequence decodes
-        greedily, and pages for every step could be reserved (else 1: an ordinary step)."""
-        if self.decode_steps <= 1 or any(n != 1 for n in batch.num_new_tokens):
-            return 1
-        seqs = batch.seqs
-        if any(not s.sampling.is_greedy or s.fork_pending
-               or s.loading is not None for s in seqs):
-            return 1
-        num_steps = self._steps_left(seqs, 0)
-        if num_steps <= 1 or not self.scheduler.reserve(seqs, num_steps):
-            return 1
-        return num_steps
+    @property
+    def decode_steps(self) -> int:
+        """Greedy decode steps queued on the device at once (1: one step per step())."""
+        return self.windows.decode_steps
 
-    def _steps_left(self, seqs: list[Sequence], ahead: int) -> int:
-        """Steps to queue for seqs when `ahead` steps are queued past their tokens: none past
-        max_model_len, none beyond what the longest-running request still needs."""
-        return min(self.decode_steps,
-                   min(self.max_model_len - s.num_tokens - ahead for s in seqs),
-                   max(s.sampling.max_tokens - s.num_output_tokens - ahead for s in seqs))
+    @decode_steps.setter
+    def decode_steps(self, steps: int) -> None:
+        self.windows.decode_steps = steps
 
-    def _can_continue(self, batch) -> bool:
-        """Whether the next decode steps may go on from `batch` without scheduling: nobody
-        waits, it holds every running sequence and none has finished (or been aborted), so
-        no page was freed while steps of it may still write."""
-        running = self.scheduler.running
-        return (not self.scheduler.waiting and len(running) == len(batch.seqs)
-                and all(not s.is_finished for s in batch.seqs)
-                and set(map(id, running)) == set(map(id, batch.seqs)))
-
-    def _continue(self, batch) -> None:
-        """Queue the batch's next decode steps behind the one still running (its last queued),
-        so the device does not wait for the host between multi-step runs."""
-        num_steps = self._steps_left(batch.seqs, 1)
-        if num_steps >= 1 and self.scheduler.reserve(batch.seqs, 1 + num_steps):
-            tokens = self.runner.continue_decode_steps(batch, num_steps)
-            if tokens is not None:
-                self._inflight = (batch, tokens)
-
-    def _decode_steps(self, batch, tokens, may_continue: bool = True) -> list[RequestOutput]:
-        """Multi-step decode: the tokens of steps queued for `batch`. A sequence keeps its
-        tokens up to its stop; the rest (computed past a stop or max_tokens) are dropped with
-        the pages they were written to. Sequences finished before (aborted) are skipped. With
-        may_continue, the batch's next steps are queued before the host reads the last step,
-        if nothing changed by then (`_can_continue`); the next step() takes them."""
-        seqs = batch.seqs
-        new_tokens: list[list[int]] = [[] for _ in seqs]
-        texts = [""] * len(seqs)
-        last: list[RequestOutput | None] = [None] * len(seqs)
-        live = [i for i, seq in enumerate(seqs) if not seq.is_finished]
-        started = list(live)
-        # a step at a time, as the device finishes it: the host's work on step k overlaps
-        # steps k + 1... on the device. A finished sequence's pages are released at once while
-        # the later steps (and any queued continuation) still write into them. That is safe
-        # because pages are allocated in here only while no sequence of the batch has finished
-        # (`_continue`), and the next allocation elsewhere comes after every queued step was
-        # read: step() reads a continuation before it schedules anything; keep it so.
-        for k in range(tokens.num_steps):
-            if (may_continue and k == tokens.num_steps - 1 and len(live) == len(seqs)
-                    and self._can_continue(batch)):
-                self._continue(batch)
-            row = tokens.step(k)
-            still = []
-            for i in live:
-                seq = seqs[i]
-                seq.num_computed_tokens += 1  # the token fed to this step
-                self._register_full_pages(seq)
-                out = last[i] = self._append(seq, row[i])
-                new_tokens[i] += out.new_token_ids
-                texts[i] += out.text_delta
-                if out.finish_reason is None:
-                    still.append(i)
-            live = still
-        outputs = []
-        for i in started:
-            out = last[i]
-            assert out is not None
-            outputs.append(RequestOutput(seqs[i].request_id, seqs[i].index, new_tokens[i],
-                                         texts[i], out.finish_reason, out.usage))
-        return outputs
+    def _read_decoded(self, seq: Sequence, token: int) -> RequestOutput:
+        """A token a multi-step window computed for seq (fed the one before it)."""
+        seq.num_computed_tokens += 1
+        self._register_full_pages(seq)
+        return self._append(seq, token)
 
     def _fork(self, parent: Sequence, logits) -> list[RequestOutput]:
         """n > 1: the prompt is computed once; completions 1..n-1 share its pages (the partial

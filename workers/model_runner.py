@@ -142,6 +142,7 @@ class ModelRunner:
         """The decode graphs; None where capture fails twice (a backend that cannot be
         captured still runs eagerly). Garbage is collected before, not during, capture: an
         earlier engine's CUDA objects freed mid-capture could invalidate it."""
+        was_enabled = gc.isenabled()
         for attempt in (1, 2):
             gc.collect()
             gc.disable()
@@ -156,7 +157,8 @@ class ModelRunner:
                 except RuntimeError:
                     pass
             finally:
-                gc.enable()
+                if was_enabled:
+                    gc.enable()
         return None
 
     def _num_pages(self, config: WorkerConfig) -> int:

@@ -7,7 +7,15 @@ import ctypes
 
 import pytest
 import torch
-from tiny_llama import NEW, PROMPTS, build, hf_greedy
+from tiny_llama import (
+    NEW,
+    PROMPTS,
+    WINDOW_NEW,
+    WINDOW_PROMPTS,
+    build,
+    hf_greedy,
+    windowed_greedy,
+)
 
 from cachestore.shm import buffer_address
 from workers.config import WorkerConfig
@@ -46,6 +54,17 @@ def test_cuda_graphs_and_eager_match_transformers(tiny_cuda, decode_steps):
     expected = [hf_greedy(hf, p, NEW) for p in PROMPTS]
     assert run(loaded, enforce_eager=True, decode_steps=decode_steps) == expected
     assert run(loaded, enforce_eager=False, decode_steps=decode_steps) == expected
+
+
+@pytest.mark.parametrize("decode_steps", [3, 5])
+def test_cuda_graph_windows_continue_at_every_page_offset(tiny_cuda, decode_steps):
+    """Continued windows through the graphs: the new pages reach the device table and the
+    first slot is recomputed before the window's first replay (test_engine_tiny has the CPU
+    twin)."""
+    hf, loaded = tiny_cuda
+    tokens, continued, early_schedules, graphs = windowed_greedy(loaded, decode_steps, "cuda")
+    assert graphs and continued >= WINDOW_NEW // decode_steps - 2 and early_schedules == 0
+    assert tokens == [hf_greedy(hf, p, WINDOW_NEW) for p in WINDOW_PROMPTS]
 
 
 def test_cuda_graph_multistep_stops_inside_a_window(tiny_cuda):

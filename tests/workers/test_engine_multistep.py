@@ -5,6 +5,7 @@ preemption test)."""
 
 from __future__ import annotations
 
+import pytest
 from engine_helpers import LONG, PROMPTS, final, run, tokens_of
 
 from workers.sampling import SamplingParams
@@ -38,18 +39,22 @@ def test_batched_multistep_matches_transformers_with_uneven_lengths(make_engine,
     assert stats.num_pages_free == stats.num_pages_total
 
 
-def test_stop_token_inside_a_window_ends_exactly_there(make_engine, encode):
+@pytest.mark.parametrize("continue_windows", [False, True])
+@pytest.mark.parametrize("stop_at", [6, 8])  # inside the second window; its last step
+def test_stop_token_inside_a_window_ends_exactly_there(make_engine, encode, continue_windows,
+                                                       stop_at):
     prompt = encode(LONG)
     full = tokens_of(run(make_engine(decode_steps=1), {"a": prompt},
                          SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))["a"])
-    stop_at = 6  # a token in the middle of the second window
     stop_id = full[stop_at]
     assert stop_id not in full[:stop_at]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
                             stop_token_ids=[stop_id])
     engine = make_engine(decode_steps=STEPS)
+    engine.windows.continue_windows = continue_windows
     outs = run(engine, {"a": prompt}, params)["a"]
     assert tokens_of(outs) == full[: stop_at + 1]
+    assert engine.windows.queued is None  # the window queued past the stop was settled
     assert final(outs).finish_reason == "stop"
     assert final(outs).usage.completion_tokens == stop_at + 1
     assert engine.stats().num_pages_free == engine.stats().num_pages_total
@@ -95,6 +100,7 @@ def test_windows_continue_without_scheduling(make_engine, encode, hf_greedy):
     """The next window is queued before the host reads the last step of the one before: one
     schedule for the whole decode, the same tokens."""
     engine = make_engine(decode_steps=STEPS)
+    engine.windows.continue_windows = True  # on by default only with CUDA graphs
     continued = _count_calls(engine.runner, "continue_decode_steps")
     schedules = _count_calls(engine.scheduler, "schedule")
     prompt = encode(PROMPTS[1])
@@ -111,6 +117,7 @@ def test_arrival_and_abort_while_steps_are_queued(make_engine, encode, hf_greedy
     """A request that arrives, or an abort, while a continued window is queued: step() takes
     that window's tokens first, then schedules; nothing is lost or freed early."""
     engine = make_engine(decode_steps=STEPS)
+    engine.windows.continue_windows = True
     params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
     a, b, c = (encode(p) for p in PROMPTS)
     engine.add_request("a", a, params)
@@ -124,11 +131,11 @@ def test_arrival_and_abort_while_steps_are_queued(make_engine, encode, hf_greedy
 
     step()  # prefill
     step()  # first window; the second is queued behind it
-    assert engine._inflight is not None
+    assert engine.windows.queued is not None
     engine.add_request("b", b, params)
     step()  # the queued window, then b's prefill
     assert len(tokens_of(outs["b"])) == 1
-    while engine._inflight is None:
+    while engine.windows.queued is None:
         step()
     assert not outs["c"][-1].finish_reason
     engine.abort_request("c")

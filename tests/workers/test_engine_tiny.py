@@ -10,7 +10,17 @@ import subprocess
 import sys
 
 import torch
-from tiny_llama import HF_CONFIG, NEW, PROMPTS, build, engine_greedy, hf_greedy
+from tiny_llama import (
+    HF_CONFIG,
+    NEW,
+    PROMPTS,
+    WINDOW_NEW,
+    WINDOW_PROMPTS,
+    build,
+    engine_greedy,
+    hf_greedy,
+    windowed_greedy,
+)
 
 from workers.models.llama import LlamaConfig, rope_inv_freq
 
@@ -28,6 +38,18 @@ def test_llama3_rope_frequencies_match_transformers():
 def test_torch_backend_matches_transformers():
     hf, loaded = build()
     assert engine_greedy(loaded, "torch") == [hf_greedy(hf, p, NEW) for p in PROMPTS]
+
+
+def test_continued_windows_match_transformers_at_every_page_offset():
+    """Windows of 3-5 steps over 4-token pages, each queued before the last step of the one
+    before is read: a page reserved one token short, or a first slot not recomputed from the
+    grown table, changes tokens here; nothing schedules while a window is queued."""
+    hf, loaded = build()
+    expected = [hf_greedy(hf, p, WINDOW_NEW) for p in WINDOW_PROMPTS]
+    for decode_steps in (3, 4, 5):
+        tokens, continued, early_schedules, _ = windowed_greedy(loaded, decode_steps)
+        assert tokens == expected, decode_steps
+        assert continued >= WINDOW_NEW // decode_steps - 2 and early_schedules == 0
 
 
 def test_triton_kernels_match_transformers_under_the_interpreter():

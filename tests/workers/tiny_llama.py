@@ -57,6 +57,41 @@ def engine_greedy(loaded: LoadedModel, backend: str) -> list[list[int]]:
                                                    ignore_eos=True))
 
 
+# five prompts of 5-9 tokens over 4-token pages: windows of 3, 4 or 5 steps end at every offset
+# within a page, some of them on a page's last slot
+WINDOW_PROMPTS = [[(7 * i + 3 + j) % 211 for i in range(n)] for j, n in enumerate(range(5, 10))]
+WINDOW_NEW = 25
+
+
+def windowed_greedy(loaded: LoadedModel, decode_steps: int, device: str = "cpu",
+                    ) -> tuple[list[list[int]], int, int, bool]:
+    """Greedy tokens of WINDOW_PROMPTS decoded in continued windows of decode_steps (4-token
+    pages), the number of windows continued, of schedules while a window was queued, and
+    whether the steps ran as CUDA graphs."""
+    config = WorkerConfig(model="tiny", device=device, dtype="float32", page_size=4,
+                          kv_cache_bytes=8 << 20, max_model_len=128, decode_steps=decode_steps)
+    engine = Engine(config, loaded=loaded)
+    engine.windows.continue_windows = True
+    counts = {"continued": 0, "early_schedules": 0}
+    continue_steps, schedule = engine.runner.continue_decode_steps, engine.scheduler.schedule
+
+    def counted_continue(*args):
+        counts["continued"] += 1
+        return continue_steps(*args)
+
+    def checked_schedule():
+        counts["early_schedules"] += engine.windows.queued is not None
+        return schedule()
+
+    engine.runner.continue_decode_steps = counted_continue
+    engine.scheduler.schedule = checked_schedule
+    tokens = engine.generate(WINDOW_PROMPTS, SamplingParams(temperature=0.0, max_tokens=WINDOW_NEW,
+                                                            ignore_eos=True))
+    assert engine.stats().num_pages_free == engine.stats().num_pages_total
+    engine.close()
+    return tokens, counts["continued"], counts["early_schedules"], engine.runner.graphs is not None
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     hf_model, tiny = build()
