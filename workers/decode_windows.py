@@ -15,10 +15,15 @@ schedule) comes after each queued step was read: the engine calls `resume` befor
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from workers.outputs import RequestOutput
 from workers.sequence import Sequence
+
+if TYPE_CHECKING:
+    from workers.cuda_graphs import StepTokens
+    from workers.model_runner import ModelRunner
+    from workers.scheduler import ScheduledBatch, Scheduler
 
 # reads one token of a decoding sequence: its bookkeeping, stop checks and output
 TokenReader = Callable[[Sequence, int], RequestOutput]
@@ -30,17 +35,17 @@ class DecodeWindows:
     eager window computes before the call returns, so there it would only hold every window's
     tokens back by one; tests turn it on to cover the logic)."""
 
-    def __init__(self, scheduler: Any, runner: Any, max_model_len: int, decode_steps: int,
-                 continue_windows: bool, read_token: TokenReader) -> None:
+    def __init__(self, scheduler: Scheduler, runner: ModelRunner, max_model_len: int,
+                 decode_steps: int, continue_windows: bool, read_token: TokenReader) -> None:
         self.scheduler = scheduler
         self.runner = runner
         self.max_model_len = max_model_len
         self.decode_steps = decode_steps
         self.continue_windows = continue_windows
         self._read_token = read_token
-        self.queued: tuple[Any, Any] | None = None  # (batch, StepTokens) not yet read
+        self.queued: tuple[ScheduledBatch, StepTokens] | None = None  # not yet read
 
-    def num_steps(self, batch) -> int:
+    def num_steps(self, batch: ScheduledBatch) -> int:
         """Steps to run back to back for a scheduled batch: >1 only when every sequence decodes
         greedily and pages for every step could be reserved (else 1: an ordinary step)."""
         if self.decode_steps <= 1 or any(n != 1 for n in batch.num_new_tokens):
@@ -54,7 +59,7 @@ class DecodeWindows:
             return 1
         return num_steps
 
-    def run(self, batch, num_steps: int) -> list[RequestOutput]:
+    def run(self, batch: ScheduledBatch, num_steps: int) -> list[RequestOutput]:
         """Queue num_steps steps of a scheduled batch (its pages reserved) and read them."""
         return self._read(batch, self.runner.execute_decode_steps(batch, num_steps))
 
@@ -86,7 +91,7 @@ class DecodeWindows:
                    min(self.max_model_len - s.num_tokens - ahead for s in seqs),
                    max(s.sampling.max_tokens - s.num_output_tokens - ahead for s in seqs))
 
-    def _can_continue(self, batch) -> bool:
+    def _can_continue(self, batch: ScheduledBatch) -> bool:
         """Whether the batch's next steps may go on without scheduling: nobody waits, it holds
         every running sequence and none has finished (or been aborted), so no page was freed
         while steps of it may still write."""
@@ -95,7 +100,7 @@ class DecodeWindows:
                 and all(not s.is_finished for s in batch.seqs)
                 and set(map(id, running)) == set(map(id, batch.seqs)))
 
-    def _continue(self, batch) -> None:
+    def _continue(self, batch: ScheduledBatch) -> None:
         """Queue the batch's next window behind its last queued step (still unread)."""
         if not self.continue_windows:
             return
@@ -105,7 +110,8 @@ class DecodeWindows:
             if tokens is not None:
                 self.queued = (batch, tokens)
 
-    def _read(self, batch, tokens, may_continue: bool = True) -> list[RequestOutput]:
+    def _read(self, batch: ScheduledBatch, tokens: StepTokens, may_continue: bool = True
+              ) -> list[RequestOutput]:
         """The tokens of steps queued for `batch`, a step at a time as the device finishes it
         (the host's work on step k overlaps steps k + 1...); sequences finished before
         (aborted) are skipped. With may_continue the next window is queued before the last
