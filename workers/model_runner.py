@@ -320,7 +320,7 @@ class ModelRunner:
         if self._eager_inputs is None:
             assert self.graphs is not None
             return self.graphs.continue_steps(page_rows, num_steps)
-        ids, pos, slot_mapping, *_ = self._eager_inputs
+        _, pos, slot_mapping, *_ = self._eager_inputs
         table = self._page_table(page_rows)
         slots_from_table(pos, table, self.page_size, out=slot_mapping)
         return self._eager_steps(self._eager_inputs, table, num_steps)
