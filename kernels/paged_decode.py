@@ -282,10 +282,10 @@ def paged_decode(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, page_table:
     if num_seqs == 0:
         return out
     config = config or DecodeConfig.for_head_dim(head_dim)
+    kv_blocks = config.kv_blocks(num_kv_heads)
     if num_splits is None:
         max_len, total = torch.stack([seq_lens.max(), seq_lens.sum()]).tolist()
-        num_splits = num_kv_splits(num_seqs, config.kv_blocks(num_kv_heads), max_len,
-                                   total_tokens=total)
+        num_splits = num_kv_splits(num_seqs, kv_blocks, max_len, total_tokens=total)
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     is_split = num_splits > 1
@@ -298,9 +298,9 @@ def paged_decode(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, page_table:
         part_out, part_lse, counters = workspace.part_out, workspace.part_lse, workspace.counters
     else:
         part_out = part_lse = counters = out  # unused: IS_SPLIT is False
-    heads = num_kv_heads // config.kv_blocks(num_kv_heads)
+    heads = num_kv_heads // kv_blocks
     rows = heads * group  # query heads per program
-    _paged_decode_kernel[(num_kv_heads // heads, num_seqs, num_splits)](
+    _paged_decode_kernel[(kv_blocks, num_seqs, num_splits)](
         q, kv_pool, page_table, seq_lens, out, part_out, part_lse, counters, scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_pool.stride(0), kv_pool.stride(3), kv_pool.stride(4),

@@ -92,12 +92,11 @@ class DecodeWindows:
                    max(s.sampling.max_tokens - s.num_output_tokens - ahead for s in seqs))
 
     def _can_continue(self, batch: ScheduledBatch) -> bool:
-        """Whether the batch's next steps may go on without scheduling: nobody waits, it holds
-        every running sequence and none has finished (or been aborted), so no page was freed
-        while steps of it may still write."""
+        """Whether the batch's next steps may go on without scheduling: nobody waits and the
+        running sequences are exactly the batch's, so none has finished or been aborted (they
+        leave `running`) and no page was freed while steps of it may still write."""
         running = self.scheduler.running
         return (not self.scheduler.waiting and len(running) == len(batch.seqs)
-                and all(not s.is_finished for s in batch.seqs)
                 and set(map(id, running)) == set(map(id, batch.seqs)))
 
     def _continue(self, batch: ScheduledBatch) -> None:
@@ -124,8 +123,7 @@ class DecodeWindows:
         started = list(live)
         try:
             for k in range(tokens.num_steps):
-                if (may_continue and k == tokens.num_steps - 1 and len(live) == len(seqs)
-                        and self._can_continue(batch)):
+                if may_continue and k == tokens.num_steps - 1 and self._can_continue(batch):
                     self._continue(batch)
                 row = tokens.step(k)
                 still = []
