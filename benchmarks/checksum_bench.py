@@ -16,7 +16,7 @@ host memory (an 8K-token prefix: 512 pages):
 
 Medians of --repeats; every GPU checksum is also compared with python-xxhash's.
 
-    PYTHONPATH=. python3 benchmarks/checksum_bench.py [--pages 512] [--repeats 7]
+    python3 benchmarks/checksum_bench.py [--pages 512] [--repeats 7]
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ import time
 
 import torch
 
-from cachestore import Namespace, shm
-from cachestore.codec import ChunkedTasks, checksum_at, encode_page
-from cachestore.keys import tokens_to_bytes
-from cachestore.tiers.cpu import CpuTier
-from kernels.xxh3 import as_int64, xxh3_64_rows
-from workers.cuda_host import copy_async, cudart
+from kvmesh.cachestore import Namespace, shm
+from kvmesh.cachestore.codec import ChunkedTasks, checksum_at, encode_page
+from kvmesh.cachestore.keys import tokens_to_bytes
+from kvmesh.cachestore.tiers.cpu import CpuTier
+from kvmesh.kernels.xxh3 import as_int64, xxh3_64_rows
+from kvmesh.workers.cuda_host import copy_async, cudart
 
 
 def timed(fn, repeats: int) -> float:

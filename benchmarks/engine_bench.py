@@ -11,8 +11,8 @@ transformers' `generate` on the very same weight tensors, in one run.
   memory   KV bytes used vs allocated under a mixed-length workload, next to a contiguous
            max-length allocation of the same requests
 
-  PYTHONPATH=. python benchmarks/engine_bench.py --models 1b,8b --out DIR
-  PYTHONPATH=. python benchmarks/engine_bench.py --device cpu --models tiny --smoke   # CPU check
+  python benchmarks/engine_bench.py --models 1b,8b --out DIR
+  python benchmarks/engine_bench.py --device cpu --models tiny --smoke   # CPU check
 
 Importable without kvmesh.v1 / grpc.
 """
@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from engine_bench_tables import print_tables
 
-from workers.config import WorkerConfig
-from workers.engine import Engine
-from workers.models.llama import LlamaConfig
-from workers.models.loader import LoadedModel
-from workers.sampling import SamplingParams
+from kvmesh.workers.config import WorkerConfig
+from kvmesh.workers.engine import Engine
+from kvmesh.workers.models.llama import LlamaConfig
+from kvmesh.workers.models.loader import LoadedModel
+from kvmesh.workers.sampling import SamplingParams
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -217,11 +217,11 @@ def attach_store(engine: Engine, nbytes: int) -> tuple[str, object]:
     """A real KVStore gRPC server on loopback when the generated gRPC code imports (carry the
     git-ignored kvmesh/ folder); else a TieredStore behind the same key-level page API.
     Returns (which one, the server or None)."""
-    from cachestore.config import StoreConfig
+    from kvmesh.cachestore.config import StoreConfig
 
     try:
-        from cachestore.client import StoreClient
-        from cachestore.server import StoreServer
+        from kvmesh.cachestore.client import StoreClient
+        from kvmesh.cachestore.server import StoreServer
 
         server = StoreServer(StoreConfig(port=0, cpu_bytes=nbytes))
         engine.attach_store(StoreClient(server.target, timeout=60.0,
@@ -229,10 +229,10 @@ def attach_store(engine: Engine, nbytes: int) -> tuple[str, object]:
         return "grpc-loopback", server
     except Exception as exc:  # no kvmesh.v1 / grpc extras on this machine
         print(f"store over gRPC unavailable ({exc!r}); using the in-process page API", flush=True)
-    from cachestore.page_access import PageAccess
-    from cachestore.page_lease import PageLease  # (needs no generated gRPC code)
-    from cachestore.store import TieredStore
-    from cachestore.tiers.cpu import CpuTier
+    from kvmesh.cachestore.page_access import PageAccess
+    from kvmesh.cachestore.page_lease import PageLease  # (needs no generated gRPC code)
+    from kvmesh.cachestore.store import TieredStore
+    from kvmesh.cachestore.tiers.cpu import CpuTier
 
     store = TieredStore([CpuTier(nbytes)])
     access = PageAccess(store)

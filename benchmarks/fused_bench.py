@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels import rms_norm, rotary, silu_and_mul
-from kernels.reference import rotate_half
+from kvmesh.kernels import rms_norm, rotary, silu_and_mul
+from kvmesh.kernels.reference import rotate_half
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench, do_bench_cudagraph
 
-from kernels import DecodeConfig, DecodeWorkspace, num_kv_splits, paged_decode, paged_prefill
+from kvmesh.kernels import DecodeConfig, DecodeWorkspace, num_kv_splits, paged_decode, paged_prefill
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16

@@ -7,7 +7,7 @@ a freshly released pool hands out) and in random order. CUDA-event medians of --
 GB/s counts the bytes of the rows moved (each is read once and written once). Every result is
 compared with index_copy_'s.
 
-    PYTHONPATH=. python3 benchmarks/pool_upload_bench.py [--pages 512] [--repeats 21]
+    python3 benchmarks/pool_upload_bench.py [--pages 512] [--repeats 21]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import statistics
 
 import torch
 
-from kernels.scatter_rows import scatter_rows
+from kvmesh.kernels.scatter_rows import scatter_rows
 
 
 def timed(fn, repeats: int) -> float:

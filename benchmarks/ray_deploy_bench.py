@@ -23,6 +23,8 @@ import time
 import httpx
 import psutil
 
+from kvmesh.deploy.cli import command
+
 WORKER_ARGS = "--kv-cache-bytes 33554432 --max-num-seqs 4 --max-model-len 512"
 PROMPT = [(7 * i + 300) % 4000 + 200 for i in range(99)]
 
@@ -62,7 +64,7 @@ def health(url: str) -> dict[str, bool]:
 def launch(argv: list[str]) -> tuple[subprocess.Popen, str, float]:
     """Start a kvmesh command; returns it, its router URL and seconds to `kvmesh serving on`."""
     start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", *argv], stdout=subprocess.PIPE,
+    proc = subprocess.Popen(command(*argv), stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -137,7 +139,7 @@ def bench_ray(address: str, num_workers: int) -> dict[str, float]:
     result["kill → router takes it back"] = time.monotonic() - start
     ray.shutdown()
     start = time.monotonic()
-    subprocess.run([sys.executable, "-m", "deploy.cli", "ray", "down", "--address", address],
+    subprocess.run([*command(), "ray", "down", "--address", address],
                    check=True, capture_output=True, timeout=120)
     result["down"] = time.monotonic() - start
     return result

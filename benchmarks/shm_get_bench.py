@@ -19,13 +19,13 @@ import time
 
 import numpy as np
 
-from cachestore import Namespace, shm
-from cachestore.codec import encode_page
-from cachestore.keys import tokens_to_bytes
-from cachestore.page_access import PageAccess
-from cachestore.shm_server import SegmentWriter
-from cachestore.store import TieredStore
-from cachestore.tiers.cpu import CpuTier
+from kvmesh.cachestore import Namespace, shm
+from kvmesh.cachestore.codec import encode_page
+from kvmesh.cachestore.keys import tokens_to_bytes
+from kvmesh.cachestore.page_access import PageAccess
+from kvmesh.cachestore.shm_server import SegmentWriter
+from kvmesh.cachestore.store import TieredStore
+from kvmesh.cachestore.tiers.cpu import CpuTier
 from kvmesh.v1 import store_pb2
 
 

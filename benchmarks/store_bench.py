@@ -35,9 +35,9 @@ import numpy as np
 import redis
 import torch
 
-from cachestore import Namespace, StoreClient
-from cachestore.codec import encode_page
-from cachestore.malloc import retain_freed_memory
+from kvmesh.cachestore import Namespace, StoreClient
+from kvmesh.cachestore.codec import encode_page
+from kvmesh.cachestore.malloc import retain_freed_memory
 
 SHAPES = {  # name -> (num_layers, num_kv_heads, head_dim)
     "SmolLM2-135M": (30, 3, 64),
@@ -239,8 +239,8 @@ def bench_lookup_in_process(num_pages: int, prompt_tokens: int,
                             num_calls: int) -> tuple[float, float]:
     """The same index and prompt as bench_lookup, in a TieredStore in this process (no gRPC):
     what the store itself costs. Returns (p50 ms, p99 ms)."""
-    from cachestore.store import TieredStore
-    from cachestore.tiers.cpu import CpuTier
+    from kvmesh.cachestore.store import TieredStore
+    from kvmesh.cachestore.tiers.cpu import CpuTier
 
     ns = Namespace("lookup-bench", 1, 1, 8, torch.float16)
     store = TieredStore([CpuTier(4 << 30, pin_memory=False)])

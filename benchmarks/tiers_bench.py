@@ -27,12 +27,12 @@ import time
 import numpy as np
 import redis
 
-from cachestore.keys import Namespace
-from cachestore.malloc_tuning import keep_freed_memory
-from cachestore.store import TieredStore
-from cachestore.tiers.cpu import CpuTier
-from cachestore.tiers.disk import DiskTier
-from cachestore.tiers.redis import RedisTier
+from kvmesh.cachestore.keys import Namespace
+from kvmesh.cachestore.malloc_tuning import keep_freed_memory
+from kvmesh.cachestore.store import TieredStore
+from kvmesh.cachestore.tiers.cpu import CpuTier
+from kvmesh.cachestore.tiers.disk import DiskTier
+from kvmesh.cachestore.tiers.redis import RedisTier
 
 SHAPES = {"SmolLM2-135M": (30, 3, 64), "Llama-3-8B": (32, 8, 128)}  # layers, kv heads, dim
 

@@ -10,8 +10,8 @@ import signal
 import sys
 import threading
 
-from cachestore.config import StoreConfig, parse_bytes
-from cachestore.errors import InvalidConfig
+from kvmesh.cachestore.config import StoreConfig, parse_bytes
+from kvmesh.cachestore.errors import InvalidConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,8 +50,8 @@ def _size(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cachestore.malloc import retain_freed_memory
-    from cachestore.server import serve_store  # grpc + tiers: only when actually serving
+    from kvmesh.cachestore.malloc import retain_freed_memory
+    from kvmesh.cachestore.server import serve_store  # grpc + tiers: only when actually serving
 
     flags = {name: getattr(args, name, None) for name in StoreConfig.__dataclass_fields__}
     try:

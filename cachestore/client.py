@@ -23,8 +23,8 @@ from typing import Any
 import grpc
 import torch
 
-from cachestore import kv_pages, shm, wire
-from cachestore.client_errors import (  # noqa: F401 - re-exported: callers import them from here
+from kvmesh.cachestore import kv_pages, shm, wire
+from kvmesh.cachestore.client_errors import (  # noqa: F401 - re-exported: callers import them from here
     ERROR_BY_STATUS,
     ProtocolError,
     StoreFull,
@@ -32,12 +32,12 @@ from cachestore.client_errors import (  # noqa: F401 - re-exported: callers impo
     Unauthenticated,
     typed_error,
 )
-from cachestore.errors import InvalidRequest
-from cachestore.keys import Namespace
-from cachestore.page_lease import PageLease, fits_mapped, fits_segment, pages_by_key
-from cachestore.shm_client import SegmentCallback, SegmentPool
-from cachestore.store import ClosestPages, LookupResult
-from cachestore.tiers.base import TierStats
+from kvmesh.cachestore.errors import InvalidRequest
+from kvmesh.cachestore.keys import Namespace
+from kvmesh.cachestore.page_lease import PageLease, fits_mapped, fits_segment, pages_by_key
+from kvmesh.cachestore.shm_client import SegmentCallback, SegmentPool
+from kvmesh.cachestore.store import ClosestPages, LookupResult
+from kvmesh.cachestore.tiers.base import TierStats
 from kvmesh.v1 import store_pb2
 
 _SERVICE = "/kvmesh.v1.KVStore/"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import grpc
 
-from cachestore.errors import InvalidRequest, StoreError
+from kvmesh.cachestore.errors import InvalidRequest, StoreError
 
 
 class StoreUnavailable(StoreError, ConnectionError):

@@ -21,7 +21,7 @@ from typing import Generic, TypeVar
 import numpy as np
 import xxhash
 
-from cachestore.keys import DTYPE_CODES, DTYPE_NBYTES, KEY_NBYTES, LAYOUT_VERSION, Namespace
+from kvmesh.cachestore.keys import DTYPE_CODES, DTYPE_NBYTES, KEY_NBYTES, LAYOUT_VERSION, Namespace
 
 MAGIC = b"KVMP"
 _FIXED = struct.Struct("<4sHBB16s16sIIIIQQ")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from cachestore.errors import InvalidConfig
+from kvmesh.cachestore.errors import InvalidConfig
 
 ENV_PREFIX = "KVMESH_STORE_"
 DEFAULT_CPU_BYTES = 4 << 30

@@ -6,9 +6,9 @@ into misses and metrics, so they never reach a store caller.
 
 from __future__ import annotations
 
-from cachestore.codec import PageCorrupt
-from cachestore.keys import InvalidNamespace
-from cachestore.tiers.base import TierFull, TierUnavailable
+from kvmesh.cachestore.codec import PageCorrupt
+from kvmesh.cachestore.keys import InvalidNamespace
+from kvmesh.cachestore.tiers.base import TierFull, TierUnavailable
 
 
 class StoreError(Exception):

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from cachestore import wire
-from cachestore.errors import InvalidRequest
-from cachestore.keys import Namespace, tokens_to_bytes
+from kvmesh.cachestore import wire
+from kvmesh.cachestore.errors import InvalidRequest
+from kvmesh.cachestore.keys import Namespace, tokens_to_bytes
 
 # element size -> numpy integer of that size: numpy has no bfloat16 / float8, and bits are bits
 _WORD: dict[int, np.dtype] = {1: np.dtype("<u1"), 2: np.dtype("<i2"), 4: np.dtype("<i4")}

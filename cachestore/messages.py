@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from cachestore import wire
-from cachestore.errors import InvalidRequest
-from cachestore.keys import Namespace, tokens_from_bytes
-from cachestore.store import ClosestPages
+from kvmesh.cachestore import wire
+from kvmesh.cachestore.errors import InvalidRequest
+from kvmesh.cachestore.keys import Namespace, tokens_from_bytes
+from kvmesh.cachestore.store import ClosestPages
 from kvmesh.v1 import store_pb2
 
 MAX_PAYLOAD_NBYTES = 8 << 30  # one Put's page data

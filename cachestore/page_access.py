@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cachestore.codec import PageCorrupt, checksum, decode_header, map_chunked
-from cachestore.errors import InvalidRequest
-from cachestore.keys import KEY_NBYTES
-from cachestore.store import TieredStore
-from cachestore.tiers.base import TierFull, TierUnavailable
+from kvmesh.cachestore.codec import PageCorrupt, checksum, decode_header, map_chunked
+from kvmesh.cachestore.errors import InvalidRequest
+from kvmesh.cachestore.keys import KEY_NBYTES
+from kvmesh.cachestore.store import TieredStore
+from kvmesh.cachestore.tiers.base import TierFull, TierUnavailable
 
 Page = tuple[bytes, bytes | memoryview]
 

@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from cachestore.shm import Segment
-    from cachestore.shm_client import SegmentPool
+    from kvmesh.cachestore.shm import Segment
+    from kvmesh.cachestore.shm_client import SegmentPool
 
 T = TypeVar("T")
 

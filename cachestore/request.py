@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cachestore.errors import InvalidRequest
-from cachestore.keys import Namespace, chain_keys
+from kvmesh.cachestore.errors import InvalidRequest
+from kvmesh.cachestore.keys import Namespace, chain_keys
 
 MAX_TOKEN_ID = 2**31 - 1
 

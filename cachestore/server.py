@@ -15,16 +15,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cachestore import messages, shm, wire
-from cachestore.config import StoreConfig
-from cachestore.errors import InvalidRequest, StoreClosed
-from cachestore.keys import InvalidNamespace
-from cachestore.page_access import PageAccess
-from cachestore.shm_leases import MappedLeases
-from cachestore.shm_server import SegmentWriter
-from cachestore.store import TieredStore
-from cachestore.tiers.base import Tier, TierFull, TierUnavailable
-from cachestore.tiers.cpu import CpuTier
+from kvmesh.cachestore import messages, shm, wire
+from kvmesh.cachestore.config import StoreConfig
+from kvmesh.cachestore.errors import InvalidRequest, StoreClosed
+from kvmesh.cachestore.keys import InvalidNamespace
+from kvmesh.cachestore.page_access import PageAccess
+from kvmesh.cachestore.shm_leases import MappedLeases
+from kvmesh.cachestore.shm_server import SegmentWriter
+from kvmesh.cachestore.store import TieredStore
+from kvmesh.cachestore.tiers.base import Tier, TierFull, TierUnavailable
+from kvmesh.cachestore.tiers.cpu import CpuTier
 from kvmesh.v1 import store_pb2
 
 log = logging.getLogger(__name__)
@@ -237,15 +237,15 @@ def build_tiers(config: StoreConfig) -> list[Tier]:
     tiers: list[Tier] = [CpuTier(config.cpu_bytes, pin_memory=False,
                                  shared=config.shared_memory)]
     if config.disk_dir is not None:
-        from cachestore.tiers.disk import DiskTier
+        from kvmesh.cachestore.tiers.disk import DiskTier
 
         tiers.append(DiskTier(config.disk_dir, config.disk_bytes))
     if config.redis_url is not None:
-        from cachestore.tiers.redis import RedisTier
+        from kvmesh.cachestore.tiers.redis import RedisTier
 
         tiers.append(RedisTier(config.redis_url, ttl_seconds=config.redis_ttl))
     if config.remote is not None:
-        from cachestore.tiers.remote import RemoteTier
+        from kvmesh.cachestore.tiers.remote import RemoteTier
 
         tiers.append(RemoteTier(config.remote, token=config.remote_token,
                                 tls=config.remote_tls_ca or False))

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cachestore.codec import map_chunked
+from kvmesh.cachestore.codec import map_chunked
 
 SHM_DIR = "/dev/shm"
 NAME_PREFIX = "kvmesh-"

@@ -19,10 +19,10 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from cachestore import shm, wire
-from cachestore.page_lease import PageLease, fits_mapped, fits_segment, pages_by_key
-from cachestore.shm import Segment
-from cachestore.shm_maps import MappedFile, SegmentMaps, SegmentUnusable
+from kvmesh.cachestore import shm, wire
+from kvmesh.cachestore.page_lease import PageLease, fits_mapped, fits_segment, pages_by_key
+from kvmesh.cachestore.shm import Segment
+from kvmesh.cachestore.shm_maps import MappedFile, SegmentMaps, SegmentUnusable
 
 __all__ = ["PageLease", "SegmentPool", "fits_mapped", "fits_segment", "pages_by_key"]
 

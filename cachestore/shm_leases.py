@@ -24,8 +24,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from cachestore import shm
-from cachestore.tiers.cpu import CpuTier
+from kvmesh.cachestore import shm
+from kvmesh.cachestore.tiers.cpu import CpuTier
 from kvmesh.v1 import store_pb2
 
 MAX_LEASES = 1024  # outstanding; past it gets are answered through segments until some end

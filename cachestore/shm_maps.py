@@ -18,7 +18,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
-from cachestore import shm
+from kvmesh.cachestore import shm
 
 MapCallback = Callable[[int, int], None]  # (address, nbytes)
 log = logging.getLogger(__name__)

@@ -17,10 +17,10 @@ import logging
 import mmap
 from collections.abc import Callable, Sequence
 
-from cachestore import shm
-from cachestore.codec import map_chunked
-from cachestore.page_access import is_intact
-from cachestore.shm_maps import SegmentMaps, SegmentUnusable
+from kvmesh.cachestore import shm
+from kvmesh.cachestore.codec import map_chunked
+from kvmesh.cachestore.page_access import is_intact
+from kvmesh.cachestore.shm_maps import SegmentMaps, SegmentUnusable
 from kvmesh.v1 import store_pb2
 
 log = logging.getLogger(__name__)

@@ -19,12 +19,12 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from cachestore.codec import decode_pages, encode_page
-from cachestore.errors import InvalidConfig, InvalidRequest, StoreClosed
-from cachestore.inflight import InFlightPages
-from cachestore.keys import Namespace
-from cachestore.request import PageRequest
-from cachestore.tiers.base import Tier, TierFull, TierStats, TierUnavailable
+from kvmesh.cachestore.codec import decode_pages, encode_page
+from kvmesh.cachestore.errors import InvalidConfig, InvalidRequest, StoreClosed
+from kvmesh.cachestore.inflight import InFlightPages
+from kvmesh.cachestore.keys import Namespace
+from kvmesh.cachestore.request import PageRequest
+from kvmesh.cachestore.tiers.base import Tier, TierFull, TierStats, TierUnavailable
 
 Page = tuple[bytes, bytes | memoryview]  # (key, encoded page)
 _Found = tuple[int, bytes | memoryview, bool]  # (tier index, encoded page, is_in_flight)

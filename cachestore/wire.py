@@ -20,8 +20,8 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from cachestore.keys import LAYOUT_VERSION, InvalidNamespace, Namespace
-from cachestore.tiers.base import TierStats
+from kvmesh.cachestore.keys import LAYOUT_VERSION, InvalidNamespace, Namespace
+from kvmesh.cachestore.tiers.base import TierStats
 from kvmesh.v1 import common_pb2, store_pb2
 
 FRAME_NBYTES = 1 << 20  # bulk data is cut into frames of about this size

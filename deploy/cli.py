@@ -13,13 +13,24 @@ import sys
 
 # subcommand -> module defining register(subparsers)
 COMMANDS: dict[str, str] = {
-    "store": "cachestore.cli",
-    "worker": "workers.cli",
-    "router": "router.cli",
-    "serve": "deploy.local",
-    "bench": "router.bench_serve",
-    "ray": "deploy.ray_cli",
+    "store": "kvmesh.cachestore.cli",
+    "worker": "kvmesh.workers.cli",
+    "router": "kvmesh.router.cli",
+    "serve": "kvmesh.deploy.local",
+    "bench": "kvmesh.router.bench_serve",
+    "ray": "kvmesh.deploy.ray_cli",
 }
+
+
+def command(*args: str) -> list[str]:
+    """argv that runs `kvmesh *args` in a new process with this interpreter.
+
+    `-P`: the new process must not put its working directory on sys.path. The repository's
+    folders (`kernels/`, `workers/`, ...) are importable by those names from its root, and
+    `kernels` is also Hugging Face's package, which transformers imports; kvmesh itself is only
+    ever imported as `kvmesh.*` from the installed package.
+    """
+    return [sys.executable, "-P", "-m", "kvmesh.deploy.cli", *args]
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:

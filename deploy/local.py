@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvmesh.deploy.cli import command
+
 _LISTENING = re.compile(r"^kvmesh (\w+) listening on (\S+)\s*$")
 _PR_SET_PDEATHSIG = 1
 DEFAULT_DATA_DIR = "~/.cache/kvmesh/serve"
@@ -92,7 +94,7 @@ def _start(name: str, argv: list[str]) -> Child:
     """Start `kvmesh ...` with stdout piped (its listening line), stderr inherited. A thread
     reads stdout: it records the address, then forwards every line to our stderr."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "deploy.cli", *argv],
+        command(*argv),
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, bufsize=1,
         preexec_fn=_die_with_parent,
     )

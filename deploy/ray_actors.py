@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass
 
 import ray
 
+from kvmesh.deploy.cli import command
+
 _PR_SET_PDEATHSIG = 1
 _LISTENING = re.compile(r"kvmesh (\w+) listening on (\S+)")
 _ANY_HOST = {"0.0.0.0", "::", "[::]", ""}
@@ -69,7 +71,7 @@ def advertised_address(listen_address: str, node_ip: str) -> str:
 
 def role_command(role: str, argv: list[str]) -> list[str]:
     # `python -m deploy.cli` rather than the `kvmesh` script: the actor's PATH may lack it
-    return [sys.executable, "-m", "deploy.cli", role, *argv]
+    return [*command(), role, *argv]
 
 
 class RoleActor:

@@ -12,10 +12,10 @@ import shlex
 import sys
 from typing import TYPE_CHECKING
 
-from deploy.ray_config import NAMESPACE, RayConfigError, RayDeployConfig
+from kvmesh.deploy.ray_config import NAMESPACE, RayConfigError, RayDeployConfig
 
 if TYPE_CHECKING:
-    from deploy.ray_stack import StackStatus
+    from kvmesh.deploy.ray_stack import StackStatus
 
 
 def _env(name: str, default: str | None) -> str | None:
@@ -107,7 +107,7 @@ def _deploy(args: argparse.Namespace) -> int:
     except RayConfigError as exc:
         print(f"kvmesh ray deploy: {exc}", file=sys.stderr)
         return 2
-    from deploy import ray_stack  # imports ray
+    from kvmesh.deploy import ray_stack  # imports ray
 
     try:
         stack = ray_stack.deploy(config)
@@ -120,7 +120,7 @@ def _deploy(args: argparse.Namespace) -> int:
 
 
 def _connect(args: argparse.Namespace, action: str) -> bool:
-    from deploy import ray_stack
+    from kvmesh.deploy import ray_stack
 
     try:
         ray_stack.connect(args.address, args.namespace)
@@ -131,7 +131,7 @@ def _connect(args: argparse.Namespace, action: str) -> bool:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from deploy import ray_stack
+    from kvmesh.deploy import ray_stack
 
     if not _connect(args, "status"):
         return 1
@@ -146,7 +146,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from deploy import ray_stack
+    from kvmesh.deploy import ray_stack
 
     if not _connect(args, "down"):
         return 1

@@ -30,8 +30,8 @@ from ray.util.scheduling_strategies import (
     PlacementGroupSchedulingStrategy,
 )
 
-from deploy.ray_actors import RemoteRoleActor, RoleInfo, start_error, wait_ready
-from deploy.ray_config import (
+from kvmesh.deploy.ray_actors import RemoteRoleActor, RoleInfo, start_error, wait_ready
+from kvmesh.deploy.ray_config import (
     ACTOR_PREFIX,
     ROUTER_ACTOR,
     STORE_ACTOR,

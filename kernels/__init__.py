@@ -6,7 +6,7 @@ when Triton is installed; without a CUDA device they run in Triton's interpreter
 
 import importlib.util
 
-from kernels.reference import (
+from kvmesh.kernels.reference import (
     gather_kv,
     paged_decode_ref,
     paged_prefill_ref,
@@ -30,19 +30,24 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON:
     # kernels._common must load first: it picks the interpreter before Triton is imported
     try:
-        import kernels._common  # noqa: F401
+        import kvmesh.kernels._common  # noqa: F401
     except RuntimeError as exc:  # Triton unusable here; the references still work
         import warnings
 
         warnings.warn(str(exc), stacklevel=2)
         HAS_TRITON = False
 if HAS_TRITON:
-    from kernels.argmax import argmax_rows
-    from kernels.cache_write import write_kv
-    from kernels.fused import rms_norm, silu_and_mul
-    from kernels.paged_decode import DecodeConfig, DecodeWorkspace, num_kv_splits, paged_decode
-    from kernels.paged_prefill import paged_prefill
-    from kernels.rotary import rotary
+    from kvmesh.kernels.argmax import argmax_rows
+    from kvmesh.kernels.cache_write import write_kv
+    from kvmesh.kernels.fused import rms_norm, silu_and_mul
+    from kvmesh.kernels.paged_decode import (
+        DecodeConfig,
+        DecodeWorkspace,
+        num_kv_splits,
+        paged_decode,
+    )
+    from kvmesh.kernels.paged_prefill import paged_prefill
+    from kvmesh.kernels.rotary import rotary
 
     __all__ += [
         "argmax_rows",

@@ -26,7 +26,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from kernels.reference import check_gqa  # noqa: E402
+from kvmesh.kernels.reference import check_gqa  # noqa: E402
 
 
 def _version(text: str | None) -> tuple[int, ...]:

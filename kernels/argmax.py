@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_float
+from kvmesh.kernels._common import check_float
 
 _CHUNK = 4096
 

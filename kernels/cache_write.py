@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import kv_token_offset, num_warps_for, pdl_args, pdl_wait
+from kvmesh.kernels._common import kv_token_offset, num_warps_for, pdl_args, pdl_wait
 
 
 @triton.jit

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_float, check_like, num_warps_for, pdl_args, pdl_wait
+from kvmesh.kernels._common import check_float, check_like, num_warps_for, pdl_args, pdl_wait
 
 MAX_HIDDEN = 16384  # rms_norm keeps a whole row in registers
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import (
+from kvmesh.kernels._common import (
     check_index_tensor,
     check_pool,
     dot_precision,

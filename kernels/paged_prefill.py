@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_index_tensor, check_pool, dot_precision, kv_token_offset
+from kvmesh.kernels._common import check_index_tensor, check_pool, dot_precision, kv_token_offset
 
 _LOG2E = 1.4426950408889634
 

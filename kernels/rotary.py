@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_float, num_warps_for
+from kvmesh.kernels._common import check_float, num_warps_for
 
 # ---- rotary embedding -------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_float, dot_precision, pdl_args, pdl_wait, prefetch_l2
+from kvmesh.kernels._common import check_float, dot_precision, pdl_args, pdl_wait, prefetch_l2
 
 MAX_ROWS = 64  # activations are one [BLOCK_M, BLOCK_K] tile per step: keep it small
 MAX_SPLITS = 16

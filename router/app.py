@@ -8,7 +8,7 @@ import time
 
 from aiohttp import web
 
-from router.errors import (
+from kvmesh.router.errors import (
     InvalidRequest,
     NotFound,
     RouterError,
@@ -16,9 +16,9 @@ from router.errors import (
     error_body,
     http_status,
 )
-from router.protocol import parse_request
-from router.responses import StreamFormatter, full_response
-from router.service import Router
+from kvmesh.router.protocol import parse_request
+from kvmesh.router.responses import StreamFormatter, full_response
+from kvmesh.router.service import Router
 
 log = logging.getLogger(__name__)
 ROUTER_KEY = web.AppKey("router", Router)

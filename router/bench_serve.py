@@ -81,7 +81,7 @@ async def _stream(session: aiohttp.ClientSession, url: str, body: dict, t0: floa
         result.ok = last is not None
         result.error = "" if result.ok else "no output"
         result.text = "".join(text)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         result.error = repr(exc)
     return result
 
@@ -217,10 +217,10 @@ def plot(results: list[Result], path: str, title: str) -> None:
 async def peer_run(args: argparse.Namespace) -> dict[str, list[Result]]:
     """The peer, same stack, same minute: fresh prompts one at a time, alternately straight to
     a worker over gRPC and through the server, so the router's own cost shows."""
-    from router.config import default_model_path
-    from router.tokenizer import PromptTokenizer
-    from workers.client import WorkerClient
-    from workers.sampling import SamplingParams
+    from kvmesh.router.config import default_model_path
+    from kvmesh.router.tokenizer import PromptTokenizer
+    from kvmesh.workers.client import WorkerClient
+    from kvmesh.workers.sampling import SamplingParams
 
     tokenizer = PromptTokenizer(args.tokenizer or default_model_path())
     rng = random.Random(args.seed + 1)

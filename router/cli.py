@@ -11,7 +11,7 @@ import sys
 
 from aiohttp import web
 
-from router.config import InvalidConfig, RouterConfig, add_arguments, config_from_args
+from kvmesh.router.config import InvalidConfig, RouterConfig, add_arguments, config_from_args
 
 READY_TIMEOUT_S = 120.0
 
@@ -40,13 +40,13 @@ def handler(args: argparse.Namespace) -> int:
 async def start_router(config: RouterConfig, ready_timeout: float = READY_TIMEOUT_S):
     """Build and start every part; returns (runner, router, (host, port)). Caller cleans up
     with `stop_router(runner, router)`."""
-    from router.app import build_app
-    from router.index import PrefixIndex
-    from router.metrics import RouterMetrics
-    from router.pool import WorkerPool
-    from router.service import Router
-    from router.store_probe import StoreProbe
-    from router.tokenizer import PromptTokenizer
+    from kvmesh.router.app import build_app
+    from kvmesh.router.index import PrefixIndex
+    from kvmesh.router.metrics import RouterMetrics
+    from kvmesh.router.pool import WorkerPool
+    from kvmesh.router.service import Router
+    from kvmesh.router.store_probe import StoreProbe
+    from kvmesh.router.tokenizer import PromptTokenizer
 
     tokenizer = await asyncio.to_thread(PromptTokenizer, config.model_path)
     index = PrefixIndex(config.predicted_ttl_s)

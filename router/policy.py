@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from router.index import PrefixMatch
+from kvmesh.router.index import PrefixMatch
 
 
 class NoCandidate(Exception):

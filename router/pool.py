@@ -12,12 +12,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from cachestore.keys import Namespace
-from cachestore.wire import namespace_from_spec
+from kvmesh.cachestore.keys import Namespace
+from kvmesh.cachestore.wire import namespace_from_spec
+from kvmesh.router.config import RouterConfig
+from kvmesh.router.index import Cleared, PrefixIndex, Removed, SequenceGap, Stored
+from kvmesh.router.metrics import RouterMetrics
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
-from router.config import RouterConfig
-from router.index import Cleared, PrefixIndex, Removed, SequenceGap, Stored
-from router.metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from router.errors import InvalidRequest
+from kvmesh.router.errors import InvalidRequest
 
 MAX_N = 16
 MAX_STOP_STRINGS = 16

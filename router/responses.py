@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from router.service import Chunk, Prepared
+from kvmesh.router.service import Chunk, Prepared
 
 
 @dataclass

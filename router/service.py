@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 import grpc
 import xxhash
 
-from cachestore.keys import Namespace
-from kvmesh.v1 import worker_pb2
-from router.config import RouterConfig
-from router.errors import (
+from kvmesh.cachestore.keys import Namespace
+from kvmesh.router.config import RouterConfig
+from kvmesh.router.errors import (
     InvalidRequest,
     ModelNotFound,
     NoWorkerAvailable,
@@ -24,13 +23,14 @@ from router.errors import (
     PromptTooLong,
     WorkerFailed,
 )
-from router.index import PrefixIndex
-from router.metrics import RouterMetrics
-from router.policy import BalanceThreshold, Decision, NoCandidate, choose
-from router.pool import RETRYABLE_CODES, WorkerHandle, WorkerPool
-from router.protocol import ParsedRequest
-from router.store_probe import StoreProbe
-from router.tokenizer import PromptTokenizer
+from kvmesh.router.index import PrefixIndex
+from kvmesh.router.metrics import RouterMetrics
+from kvmesh.router.policy import BalanceThreshold, Decision, NoCandidate, choose
+from kvmesh.router.pool import RETRYABLE_CODES, WorkerHandle, WorkerPool
+from kvmesh.router.protocol import ParsedRequest
+from kvmesh.router.store_probe import StoreProbe
+from kvmesh.router.tokenizer import PromptTokenizer
+from kvmesh.v1 import worker_pb2
 
 FINISH_REASONS = {
     worker_pb2.FINISH_REASON_STOP: "stop",

@@ -7,10 +7,10 @@ import logging
 
 import grpc
 
-from cachestore.keys import Namespace, tokens_to_bytes
-from cachestore.wire import namespace_to_spec
+from kvmesh.cachestore.keys import Namespace, tokens_to_bytes
+from kvmesh.cachestore.wire import namespace_to_spec
+from kvmesh.router.metrics import RouterMetrics
 from kvmesh.v1 import store_pb2, store_pb2_grpc
-from router.metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
 LOOKUP_TIMEOUT_S = 0.05  # routing must stay fast; a late answer is treated as a miss

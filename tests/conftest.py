@@ -3,15 +3,23 @@ loopback ports, and small KV pages for store tests. Nothing here touches the sys
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# The tests import kvmesh as installed (`kvmesh.*`), never the repository's folders. With the
+# repository root on sys.path (`python -m pytest` without -P), its `kernels/` folder would shadow
+# Hugging Face's `kernels` package, which transformers imports.
+_REPO_ROOT = str(Path(__file__).resolve().parents[1])
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _REPO_ROOT]
 
 _MISSING_REDIS = ("redis-server/redis-cli not on PATH: run `make test`, which installs them "
                   "(apt-get install redis-server redis-tools)")
@@ -22,7 +30,7 @@ def _no_shared_memory_left_behind():
     """Tests SIGKILL workers and Ray actors on purpose; their /dev/shm segments are left for
     the next process to sweep (cachestore.shm). Sweep them at the end, so runs do not pile up."""
     yield
-    from cachestore import shm
+    from kvmesh.cachestore import shm
 
     if Path(shm.SHM_DIR).is_dir():
         shm.sweep_stale(older_than_s=0)

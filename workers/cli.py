@@ -90,7 +90,7 @@ def _value(args: argparse.Namespace, environ: Mapping[str, str], name: str, kind
 
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Any:
     """WorkerConfig from flags and KVMESH_WORKER_* variables. Raises InvalidConfig/ValueError."""
-    from workers.config import WorkerConfig
+    from kvmesh.workers.config import WorkerConfig
 
     fields = {}
     for name, (kind, _) in _FIELDS.items():
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop_requested.set())
 
-    from workers.server import serve_worker
+    from kvmesh.workers.server import serve_worker
 
     try:
         handle = serve_worker(config, serving.host, serving.port, token=serving.token,

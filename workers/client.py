@@ -12,10 +12,10 @@ from typing import Any
 
 import grpc
 
-from cachestore.keys import Namespace
-from cachestore.wire import GRPC_OPTIONS, namespace_from_spec
+from kvmesh.cachestore.keys import Namespace
+from kvmesh.cachestore.wire import GRPC_OPTIONS, namespace_from_spec
 from kvmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from workers.sampling import SamplingParams
+from kvmesh.workers.sampling import SamplingParams
 
 _FINISH_REASONS = {
     worker_pb2.FINISH_REASON_STOP: "stop",

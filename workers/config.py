@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from workers.errors import InvalidConfig
+from kvmesh.workers.errors import InvalidConfig
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 MAX_DECODE_STEPS = 64

@@ -22,8 +22,13 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from workers.models.llama import AttentionMetadata, AttentionOps, LayerState, LlamaForCausalLM
-from workers.pool_copies import layer_segments
+from kvmesh.workers.models.llama import (
+    AttentionMetadata,
+    AttentionOps,
+    LayerState,
+    LlamaForCausalLM,
+)
+from kvmesh.workers.pool_copies import layer_segments
 
 # padded batch sizes also captured as one graph per run of layers (pool_copies.layer_segments)
 SEGMENTED_MAX_ROWS = 16
@@ -40,7 +45,7 @@ def decode_ctas_per_sm(head_dim: int) -> int:
 
 def decode_kv_blocks(kv_pool: torch.Tensor) -> int:
     """Decode programs per sequence and split over kv_pool (its default decode config's)."""
-    from kernels.paged_decode import DecodeConfig
+    from kvmesh.kernels.paged_decode import DecodeConfig
 
     return DecodeConfig.for_head_dim(kv_pool.shape[5]).kv_blocks(kv_pool.shape[4])
 
@@ -94,8 +99,8 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 class DecodeGraphs:
     def __init__(self, model: LlamaForCausalLM, kv_pool: torch.Tensor, max_num_seqs: int,
                  max_pages_per_seq: int, scratch_page: int, max_model_len: int) -> None:
-        from kernels.argmax import argmax_rows
-        from kernels.paged_decode import DecodeWorkspace, num_kv_splits
+        from kvmesh.kernels.argmax import argmax_rows
+        from kvmesh.kernels.paged_decode import DecodeWorkspace, num_kv_splits
 
         self.model = model
         self.kv_pool = kv_pool

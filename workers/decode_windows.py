@@ -17,13 +17,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from workers.outputs import RequestOutput
-from workers.sequence import Sequence
+from kvmesh.workers.outputs import RequestOutput
+from kvmesh.workers.sequence import Sequence
 
 if TYPE_CHECKING:
-    from workers.cuda_graphs import StepTokens
-    from workers.model_runner import ModelRunner
-    from workers.scheduler import ScheduledBatch, Scheduler
+    from kvmesh.workers.cuda_graphs import StepTokens
+    from kvmesh.workers.model_runner import ModelRunner
+    from kvmesh.workers.scheduler import ScheduledBatch, Scheduler
 
 # reads one token of a decoding sequence: its bookkeeping, stop checks and output
 TokenReader = Callable[[Sequence, int], RequestOutput]

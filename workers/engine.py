@@ -12,23 +12,23 @@ from typing import Any
 
 import numpy as np
 
-from cachestore.codec import header_nbytes
-from cachestore.keys import Namespace, tokens_to_bytes
-from workers.block_manager import BlockManager
-from workers.config import WorkerConfig
-from workers.decode_windows import DecodeWindows
-from workers.detokenizer import IncrementalDetokenizer
-from workers.errors import InvalidRequest
-from workers.events import coalesce_block_events, snapshot_events
-from workers.kv_upload import PageStager
-from workers.model_runner import ModelRunner
-from workers.models.loader import LoadedModel, load_model
-from workers.offload import KvOffload
-from workers.outputs import EngineStats, KvEventData, RequestOutput, Usage
-from workers.sampler import make_generator, sample
-from workers.sampling import SamplingParams
-from workers.scheduler import Scheduler
-from workers.sequence import Sequence
+from kvmesh.cachestore.codec import header_nbytes
+from kvmesh.cachestore.keys import Namespace, tokens_to_bytes
+from kvmesh.workers.block_manager import BlockManager
+from kvmesh.workers.config import WorkerConfig
+from kvmesh.workers.decode_windows import DecodeWindows
+from kvmesh.workers.detokenizer import IncrementalDetokenizer
+from kvmesh.workers.errors import InvalidRequest
+from kvmesh.workers.events import coalesce_block_events, snapshot_events
+from kvmesh.workers.kv_upload import PageStager
+from kvmesh.workers.model_runner import ModelRunner
+from kvmesh.workers.models.loader import LoadedModel, load_model
+from kvmesh.workers.offload import KvOffload
+from kvmesh.workers.outputs import EngineStats, KvEventData, RequestOutput, Usage
+from kvmesh.workers.sampler import make_generator, sample
+from kvmesh.workers.sampling import SamplingParams
+from kvmesh.workers.scheduler import Scheduler
+from kvmesh.workers.sequence import Sequence
 
 _GRAPH_DECODE_STEPS = 8
 _SNAPSHOT_BYTES = 2 << 30  # pinned rows for store write-through (two 8K-token 8B prefills)
@@ -55,7 +55,7 @@ class Engine:
                                  self.runner.release_snapshots, config.host_tier_bytes, stager,
                                  self._max_prefix_nbytes())
         if config.store:
-            from cachestore.client import StoreClient  # needs the generated gRPC code
+            from kvmesh.cachestore.client import StoreClient  # needs the generated gRPC code
 
             self.attach_store(StoreClient(config.store, config.store_token, timeout=10.0,
                                           **self.offload.segment_hooks()))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from workers.block_manager import Page
-from workers.outputs import KvEventData
+from kvmesh.workers.block_manager import Page
+from kvmesh.workers.outputs import KvEventData
 
 
 def coalesce_block_events(events: list[tuple[str, list[bytes], bytes | None]]) -> list[KvEventData]:

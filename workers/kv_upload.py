@@ -44,18 +44,18 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from cachestore.codec import (
+from kvmesh.cachestore.codec import (
     ChunkedTasks,
     PageCorrupt,
     check_page_header,
     checksum_at,
     map_chunked,
 )
-from cachestore.keys import Namespace
-from cachestore.shm import buffer_address
-from workers.cuda_host import copy_async, cudart
-from workers.page_sends import CheckedSend, StagedPages, num_leading
-from workers.pool_copies import layer_segments
+from kvmesh.cachestore.keys import Namespace
+from kvmesh.cachestore.shm import buffer_address
+from kvmesh.workers.cuda_host import copy_async, cudart
+from kvmesh.workers.page_sends import CheckedSend, StagedPages, num_leading
+from kvmesh.workers.pool_copies import layer_segments
 
 log = logging.getLogger(__name__)
 _CHUNK_BYTES = 64 << 20
@@ -212,7 +212,9 @@ class PageStager:
     def _checks_on_device(self) -> bool:
         if not self.device_checksums:
             return False
-        from kernels.xxh3 import MIN_NBYTES  # needs Triton: only when device checksums are on
+        from kvmesh.kernels.xxh3 import (
+            MIN_NBYTES,  # needs Triton: only when device checksums are on
+        )
 
         return self.page_nbytes % 8 == 0 and self.page_nbytes >= MIN_NBYTES
 
@@ -223,7 +225,7 @@ class PageStager:
         copies (moving the rows into the pool, the forward) does not wait for the checksums."""
         if not recorded:
             return StagedPages(rows, 0)
-        from kernels.xxh3 import as_int64, xxh3_64_rows
+        from kvmesh.kernels.xxh3 import as_int64, xxh3_64_rows
 
         want = torch.tensor([as_int64(c) for c in recorded], dtype=torch.int64,
                             pin_memory=rows.is_cuda)

@@ -13,9 +13,9 @@ import logging
 
 import torch
 
-from kernels import reference
-from workers.config import WorkerConfig
-from workers.cuda_graphs import (
+from kvmesh.kernels import reference
+from kvmesh.workers.config import WorkerConfig
+from kvmesh.workers.cuda_graphs import (
     DecodeGraphs,
     StepTokens,
     advance_decode_inputs,
@@ -23,16 +23,16 @@ from workers.cuda_graphs import (
     decode_kv_blocks,
     slots_from_table,
 )
-from workers.errors import InvalidConfig
-from workers.models.llama import (
+from kvmesh.workers.errors import InvalidConfig
+from kvmesh.workers.models.llama import (
     AttentionMetadata,
     AttentionOps,
     FewRowOps,
     FusedOps,
     LlamaForCausalLM,
 )
-from workers.models.loader import LoadedModel
-from workers.pool_copies import (
+from kvmesh.workers.models.loader import LoadedModel
+from kvmesh.workers.pool_copies import (
     ArrivingRows,
     SnapshotSlots,
     StagedRow,
@@ -41,7 +41,7 @@ from workers.pool_copies import (
     upload_layers,
     upload_pages,
 )
-from workers.scheduler import ScheduledBatch
+from kvmesh.workers.scheduler import ScheduledBatch
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,9 @@ def attention_ops(device: torch.device, backend: str = "auto") -> AttentionOps:
     if backend == "torch" or (backend == "auto" and device.type == "cpu"):
         return AttentionOps(reference.write_kv_ref, reference.paged_prefill_ref,
                             reference.paged_decode_ref)
-    from kernels.cache_write import write_kv
-    from kernels.paged_decode import paged_decode
-    from kernels.paged_prefill import paged_prefill
+    from kvmesh.kernels.cache_write import write_kv
+    from kvmesh.kernels.paged_decode import paged_decode
+    from kvmesh.kernels.paged_prefill import paged_prefill
 
     return AttentionOps(write_kv, paged_prefill, paged_decode)
 
@@ -83,8 +83,8 @@ def few_row_ops(device: torch.device) -> FewRowOps:
     """Skinny matmuls for forwards of up to 64 tokens (decode steps, short chunks). In fp32 they
     multiply exactly ("ieee" dots, slower than cuBLAS' fp32 but an fp32 model is for testing);
     on CPU they run under Triton's interpreter."""
-    from kernels.cache_write import rope_write_kv
-    from kernels.skinny_gemm import SkinnyLinears
+    from kvmesh.kernels.cache_write import rope_write_kv
+    from kvmesh.kernels.skinny_gemm import SkinnyLinears
 
     linears = SkinnyLinears(8)  # CPU: the interpreter; any small grid will do
     if device.type == "cuda":
@@ -116,9 +116,9 @@ class ModelRunner:
         # pinned rows for store write-through snapshots (the engine sets them on CUDA)
         self.snapshots: SnapshotSlots | None = None
         if self.model.ops.paged_decode is not reference.paged_decode_ref:
-            from kernels.fused import rms_norm, silu_and_mul
-            from kernels.paged_decode import num_kv_splits
-            from kernels.rotary import rotary
+            from kvmesh.kernels.fused import rms_norm, silu_and_mul
+            from kvmesh.kernels.paged_decode import num_kv_splits
+            from kvmesh.kernels.rotary import rotary
 
             self._num_kv_splits = num_kv_splits
             self.model.set_fused(FusedOps(rms_norm, rotary, silu_and_mul,

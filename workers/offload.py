@@ -20,17 +20,17 @@ from typing import Any
 
 import torch
 
-from cachestore.codec import encode_page
-from cachestore.keys import Namespace, tokens_to_bytes
-from cachestore.tiers.cpu import CpuTier
-from workers.block_manager import EvictedPage
-from workers.cuda_host import PinnedRanges
-from workers.kv_upload import PageStager
-from workers.outputs import KvEventData
-from workers.page_sends import StagedPages
-from workers.pool_copies import StagedRow
-from workers.sequence import PendingLoad, Sequence
-from workers.store_writer import StoreWriter
+from kvmesh.cachestore.codec import encode_page
+from kvmesh.cachestore.keys import Namespace, tokens_to_bytes
+from kvmesh.cachestore.tiers.cpu import CpuTier
+from kvmesh.workers.block_manager import EvictedPage
+from kvmesh.workers.cuda_host import PinnedRanges
+from kvmesh.workers.kv_upload import PageStager
+from kvmesh.workers.outputs import KvEventData
+from kvmesh.workers.page_sends import StagedPages
+from kvmesh.workers.pool_copies import StagedRow
+from kvmesh.workers.sequence import PendingLoad, Sequence
+from kvmesh.workers.store_writer import StoreWriter
 
 log = logging.getLogger(__name__)
 

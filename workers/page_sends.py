@@ -13,20 +13,20 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cachestore.codec import (
+from kvmesh.cachestore.codec import (
     PageCorrupt,
     check_page_header,
     check_page_headers_at,
     page_nbytes,
     payload_offset,
 )
-from cachestore.keys import Namespace
-from cachestore.shm import buffer_address
-from workers.cuda_host import address_runs, copy_rows_async, cudart
-from workers.pool_copies import ArrivingRows
+from kvmesh.cachestore.keys import Namespace
+from kvmesh.cachestore.shm import buffer_address
+from kvmesh.workers.cuda_host import address_runs, copy_rows_async, cudart
+from kvmesh.workers.pool_copies import ArrivingRows
 
 if TYPE_CHECKING:
-    from workers.kv_upload import PageStager
+    from kvmesh.workers.kv_upload import PageStager
 
 
 class CheckedSend:

@@ -119,7 +119,7 @@ def upload_layers(kv_pool: torch.Tensor, page_ids: torch.Tensor, source: Arrivin
                   segment: int) -> None:
     """kv_pool[page_ids[i]] = source.rows[i] for layers source.segments[segment] only, once they
     have arrived (rows 0..len(page_ids)-1; CUDA: kernels.scatter_rows)."""
-    from kernels.scatter_rows import scatter_row_spans
+    from kvmesh.kernels.scatter_rows import scatter_row_spans
 
     source.wait(segment)
     layers = source.segments[segment]
@@ -197,7 +197,7 @@ def _index_copy(kv_pool: torch.Tensor, ids: list[int], source: torch.Tensor,
             return False
     targets = torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True)
     if device.type == "cuda" and rows.is_contiguous() and kv_pool.is_contiguous():
-        from kernels.scatter_rows import scatter_rows
+        from kvmesh.kernels.scatter_rows import scatter_rows
 
         scatter_rows(kv_pool, targets, rows)
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.sampling import SamplingParams
+from kvmesh.workers.sampling import SamplingParams
 
 
 def make_generator(params: SamplingParams, index: int, device: str = "cpu") -> torch.Generator:

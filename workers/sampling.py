@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from workers.errors import InvalidRequest
+from kvmesh.workers.errors import InvalidRequest
 
 MAX_N = 16
 MAX_STOP_STRINGS = 16

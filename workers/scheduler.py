@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.block_manager import BlockManager
-from workers.sequence import LoadInFlight, PendingLoad, SeqStatus, Sequence
+from kvmesh.workers.block_manager import BlockManager
+from kvmesh.workers.sequence import LoadInFlight, PendingLoad, SeqStatus, Sequence
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from cachestore.keys import Namespace, chain_keys, tokens_to_bytes
-from workers.sampling import SamplingParams
+from kvmesh.cachestore.keys import Namespace, chain_keys, tokens_to_bytes
+from kvmesh.workers.sampling import SamplingParams
 
 _seq_ids = itertools.count()
 

@@ -18,11 +18,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cachestore.wire import GRPC_OPTIONS
+from kvmesh.cachestore.wire import GRPC_OPTIONS
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
-from workers.config import WorkerConfig
-from workers.service import BearerTokenInterceptor, WorkerServicer
-from workers.service_loop import EngineLoop
+from kvmesh.workers.config import WorkerConfig
+from kvmesh.workers.service import BearerTokenInterceptor, WorkerServicer
+from kvmesh.workers.service_loop import EngineLoop
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def serve_worker(
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("tls_cert and tls_key go together")
     if engine_factory is None:
-        from workers.engine import Engine  # heavy (torch, transformers): only when serving
+        from kvmesh.workers.engine import Engine  # heavy (torch, transformers): only when serving
 
         engine_factory = lambda: Engine(config)  # noqa: E731
     loop = EngineLoop(engine_factory)

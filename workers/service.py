@@ -11,10 +11,10 @@ from typing import Any
 import grpc
 
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
-from workers.errors import InvalidRequest, OutOfPages
-from workers.service_loop import EngineLoop
-from workers.service_streams import EngineFailure, SubscriberTooSlow, WorkerNotReady
-from workers.service_wire import (
+from kvmesh.workers.errors import InvalidRequest, OutOfPages
+from kvmesh.workers.service_loop import EngineLoop
+from kvmesh.workers.service_streams import EngineFailure, SubscriberTooSlow, WorkerNotReady
+from kvmesh.workers.service_wire import (
     RequestLimits,
     event_to_pb,
     output_to_pb,

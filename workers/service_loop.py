@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.errors import EngineError
-from workers.service_streams import (
+from kvmesh.workers.errors import EngineError
+from kvmesh.workers.service_streams import (
     EngineFailure,
     EventSubscription,
     RequestStream,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from workers.service_loop import EngineLoop
+    from kvmesh.workers.service_loop import EngineLoop
 
 _END = object()  # end of a request's or subscription's queue
 # A subscriber this far behind is dropped; it resubscribes and resyncs from a snapshot.

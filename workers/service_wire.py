@@ -10,10 +10,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from cachestore.wire import TIER_BY_NAME, namespace_to_spec
+from kvmesh.cachestore.wire import TIER_BY_NAME, namespace_to_spec
 from kvmesh.v1 import common_pb2, worker_pb2
-from workers.errors import InvalidRequest
-from workers.sampling import SamplingParams
+from kvmesh.workers.errors import InvalidRequest
+from kvmesh.workers.sampling import SamplingParams
 
 # Engine tier names -> wire tiers. "store" is the shared store reached over gRPC.
 ENGINE_TIERS: dict[str, Any] = {**TIER_BY_NAME, "store": common_pb2.TIER_REMOTE}

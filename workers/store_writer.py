@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from cachestore.codec import encode_page
-from cachestore.keys import Namespace, tokens_to_bytes
-from workers.outputs import KvEventData
+from kvmesh.cachestore.codec import encode_page
+from kvmesh.cachestore.keys import Namespace, tokens_to_bytes
+from kvmesh.workers.outputs import KvEventData
 
 log = logging.getLogger(__name__)
 

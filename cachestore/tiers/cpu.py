@@ -20,12 +20,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from cachestore import shm
-from cachestore.errors import InvalidConfig
-from cachestore.shm import buffer_address
-from cachestore.tiers.base import Tier, TierStats
-from cachestore.tiers.lru import LruIndex
-from cachestore.tiers.slots import PageSlots
+from kvmesh.cachestore import shm
+from kvmesh.cachestore.errors import InvalidConfig
+from kvmesh.cachestore.shm import buffer_address
+from kvmesh.cachestore.tiers.base import Tier, TierStats
+from kvmesh.cachestore.tiers.lru import LruIndex
+from kvmesh.cachestore.tiers.slots import PageSlots
 
 
 def _cuda_available() -> bool:

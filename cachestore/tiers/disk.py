@@ -26,11 +26,11 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from cachestore.codec import PageCorrupt, decode_header
-from cachestore.errors import InvalidConfig
-from cachestore.keys import KEY_NBYTES
-from cachestore.tiers.base import Tier, TierFull, TierStats, TierUnavailable
-from cachestore.tiers.lru import LruIndex
+from kvmesh.cachestore.codec import PageCorrupt, decode_header
+from kvmesh.cachestore.errors import InvalidConfig
+from kvmesh.cachestore.keys import KEY_NBYTES
+from kvmesh.cachestore.tiers.base import Tier, TierFull, TierStats, TierUnavailable
+from kvmesh.cachestore.tiers.lru import LruIndex
 
 _SUFFIX = ".page"
 _TMP_SUFFIX = ".tmp"

@@ -31,8 +31,8 @@ from redis.connection import Connection, Encoder, PythonRespSerializer
 from redis.exceptions import OutOfMemoryError, RedisClusterException
 from redis.retry import Retry
 
-from cachestore.errors import InvalidConfig
-from cachestore.tiers.base import Tier, TierFull, TierStats, TierUnavailable
+from kvmesh.cachestore.errors import InvalidConfig
+from kvmesh.cachestore.tiers.base import Tier, TierFull, TierStats, TierUnavailable
 
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 _SINGLE_SCHEMES = {"redis", "rediss", "unix"}

@@ -17,14 +17,14 @@ import threading
 import time
 from collections.abc import Sequence
 
-from cachestore.client import (
+from kvmesh.cachestore.client import (
     ProtocolError,
     StoreClient,
     StoreFull,
     StoreUnavailable,
     Unauthenticated,
 )
-from cachestore.tiers.base import Tier, TierFull, TierStats, TierUnavailable
+from kvmesh.cachestore.tiers.base import Tier, TierFull, TierStats, TierUnavailable
 
 
 class RemoteTier(Tier):

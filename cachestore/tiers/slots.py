@@ -27,7 +27,7 @@ from typing import Literal
 
 import numpy as np
 
-from cachestore import shm
+from kvmesh.cachestore import shm
 
 log = logging.getLogger(__name__)
 

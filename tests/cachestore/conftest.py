@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from cachestore import StoreClient
+from kvmesh.cachestore import StoreClient
 
 
 @pytest.fixture

@@ -8,15 +8,15 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from cachestore import Namespace, StoreClient
-from cachestore.client import Unauthenticated
-from cachestore.config import StoreConfig, parse_bytes
-from cachestore.errors import InvalidConfig
+from kvmesh.cachestore import Namespace, StoreClient
+from kvmesh.cachestore.client import Unauthenticated
+from kvmesh.cachestore.config import StoreConfig, parse_bytes
+from kvmesh.cachestore.errors import InvalidConfig
+from kvmesh.deploy.cli import command
 
 NS = Namespace("m", num_layers=1, num_kv_heads=1, head_dim=4, dtype=torch.float16, page_size=2)
 LISTENING = re.compile(r"^kvmesh store listening on (127\.0\.0\.1):(\d+)$")
@@ -24,7 +24,7 @@ LISTENING = re.compile(r"^kvmesh store listening on (127\.0\.0\.1):(\d+)$")
 
 def kvmesh(*args: str, env: dict | None = None) -> subprocess.Popen:
     exe = shutil.which("kvmesh")
-    cmd = [exe] if exe else [sys.executable, "-m", "deploy.cli"]
+    cmd = [exe] if exe else command()
     return subprocess.Popen([*cmd, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, **(env or {})})
 
@@ -73,7 +73,7 @@ def test_token_from_env_is_enforced():
 
 
 def test_port_in_use_exits_1():
-    from cachestore.server import serve_store
+    from kvmesh.cachestore.server import serve_store
 
     with serve_store(StoreConfig(port=0)) as taken:
         proc = kvmesh("store", "--port", str(taken.port))
@@ -90,7 +90,7 @@ def test_port_in_use_exits_1():
     (["--tls-cert", "/nonexistent.pem"], "tls_cert and tls_key go together"),
 ])
 def test_bad_flags_exit_2_with_a_clear_message(args, message, capsys, monkeypatch):
-    from deploy.cli import main
+    from kvmesh.deploy.cli import main
 
     for name in [k for k in os.environ if k.startswith("KVMESH_STORE_")]:
         monkeypatch.delenv(name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cachestore.codec import (
+from kvmesh.cachestore.codec import (
     HEADER_FIXED_NBYTES,
     ChunkedTasks,
     PageCorrupt,
@@ -17,7 +17,7 @@ from cachestore.codec import (
     encode_page,
     header_nbytes,
 )
-from cachestore.keys import Namespace, tokens_to_bytes
+from kvmesh.cachestore.keys import Namespace, tokens_to_bytes
 
 NS = Namespace("m", num_layers=3, num_kv_heads=2, head_dim=4, dtype="bfloat16", page_size=5)
 TOKENS = [7, 11, 13, 17, 19]
@@ -199,7 +199,7 @@ def test_chunked_tasks_start_at_once_and_close_leaves_none_running():
 def test_checksum_is_xxh3_64_and_can_run_without_the_gil():
     import xxhash
 
-    from cachestore import codec
+    from kvmesh.cachestore import codec
 
     assert codec._XXH3_64 is not None  # this xxhash build exports the C function
     rng = np.random.default_rng(3)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cachestore import Namespace, StoreClient
-from cachestore.client import StoreUnavailable, Unauthenticated
-from cachestore.config import StoreConfig
-from cachestore.server import serve_store
+from kvmesh.cachestore import Namespace, StoreClient
+from kvmesh.cachestore.client import StoreUnavailable, Unauthenticated
+from kvmesh.cachestore.config import StoreConfig
+from kvmesh.cachestore.server import serve_store
 
 NS = Namespace("m", num_layers=1, num_kv_heads=1, head_dim=4, dtype=torch.float32, page_size=2)
 KV = torch.arange(16, dtype=torch.float32).reshape(1, 2, 2, 1, 4)
@@ -57,7 +57,7 @@ def _self_signed(tmp_path):
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=1))

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from cachestore import Namespace, StoreClient
-from cachestore.config import StoreConfig
-from cachestore.errors import InvalidRequest
-from cachestore.server import serve_store
-from cachestore.wire import encode_frame, namespace_to_spec
+from kvmesh.cachestore import Namespace, StoreClient
+from kvmesh.cachestore.config import StoreConfig
+from kvmesh.cachestore.errors import InvalidRequest
+from kvmesh.cachestore.server import serve_store
+from kvmesh.cachestore.wire import encode_frame, namespace_to_spec
 from kvmesh.v1 import common_pb2, store_pb2
 
 NS = Namespace("m", num_layers=2, num_kv_heads=1, head_dim=4, dtype=torch.float16, page_size=4)

@@ -11,13 +11,13 @@ import time
 import pytest
 from test_grpc_shm import SPACES, make_pages
 
-from cachestore import StoreClient, page_lease, shm, shm_client
-from cachestore.config import StoreConfig
-from cachestore.server import serve_store
-from cachestore.shm_leases import MappedLeases
-from cachestore.store import TieredStore
-from cachestore.tiers.cpu import CpuTier
-from cachestore.tiers.disk import DiskTier
+from kvmesh.cachestore import StoreClient, page_lease, shm, shm_client
+from kvmesh.cachestore.config import StoreConfig
+from kvmesh.cachestore.server import serve_store
+from kvmesh.cachestore.shm_leases import MappedLeases
+from kvmesh.cachestore.store import TieredStore
+from kvmesh.cachestore.tiers.cpu import CpuTier
+from kvmesh.cachestore.tiers.disk import DiskTier
 from kvmesh.v1 import store_pb2
 
 

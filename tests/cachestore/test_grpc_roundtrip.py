@@ -9,11 +9,11 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cachestore import ClosestKV, Namespace
-from cachestore.codec import encode_page
-from cachestore.config import StoreConfig
-from cachestore.errors import InvalidRequest
-from cachestore.server import serve_store
+from kvmesh.cachestore import ClosestKV, Namespace
+from kvmesh.cachestore.codec import encode_page
+from kvmesh.cachestore.config import StoreConfig
+from kvmesh.cachestore.errors import InvalidRequest
+from kvmesh.cachestore.server import serve_store
 
 SMALL = Namespace("test-model", num_layers=3, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16,
                   page_size=4)

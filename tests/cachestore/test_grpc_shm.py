@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from cachestore import Namespace, StoreClient, shm, shm_client
-from cachestore.codec import encode_page
-from cachestore.config import StoreConfig
-from cachestore.server import serve_store
-from cachestore.shm_server import SegmentWriter
+from kvmesh.cachestore import Namespace, StoreClient, shm, shm_client
+from kvmesh.cachestore.codec import encode_page
+from kvmesh.cachestore.config import StoreConfig
+from kvmesh.cachestore.server import serve_store
+from kvmesh.cachestore.shm_server import SegmentWriter
 from kvmesh.v1 import store_pb2
 
 # Odd page sizes: encoded pages of 3 different lengths, none a multiple of 8.
@@ -273,7 +273,7 @@ def test_store_config_shared_memory_from_env_and_flags():
     assert StoreConfig().shared_memory is True
     assert StoreConfig.from_sources(env={"KVMESH_STORE_SHARED_MEMORY": "0"}).shared_memory is False
     assert StoreConfig.from_sources({"shared_memory": False}, env={}).shared_memory is False
-    from cachestore.errors import InvalidConfig
+    from kvmesh.cachestore.errors import InvalidConfig
 
     with pytest.raises(InvalidConfig):
         StoreConfig.from_sources(env={"KVMESH_STORE_SHARED_MEMORY": "maybe"})
@@ -313,8 +313,8 @@ def test_a_corrupt_stored_page_is_a_miss_and_dropped(shared_memory):
     """Through the segment the server checks each page on its copy there; inline it checks the
     stored bytes. Either way a flipped payload byte or a page under the wrong key reads as
     missing, and the store drops it."""
-    from cachestore.store import TieredStore
-    from cachestore.tiers.cpu import CpuTier
+    from kvmesh.cachestore.store import TieredStore
+    from kvmesh.cachestore.tiers.cpu import CpuTier
 
     tier = CpuTier(64 << 20)
     srv = serve_store(StoreConfig(port=0, cpu_bytes=64 << 20), TieredStore([tier]))

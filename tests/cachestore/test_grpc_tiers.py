@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from cachestore import Namespace, StoreClient
-from cachestore.codec import decode_page, encode_page
-from cachestore.config import StoreConfig
-from cachestore.server import serve_store
+from kvmesh.cachestore import Namespace, StoreClient
+from kvmesh.cachestore.codec import decode_page, encode_page
+from kvmesh.cachestore.config import StoreConfig
+from kvmesh.cachestore.server import serve_store
 
 NS = Namespace("m", num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16, page_size=4)
 PAGE = NS.page_nbytes  # 2 x 2 x 4 x 2 x 8 x 2 = 512 bytes
@@ -166,8 +166,8 @@ def test_a_bad_page_from_the_remote_is_a_miss_and_dropped(backend):
 
 
 def test_remote_tier_fails_fast_while_down_then_retries():
-    from cachestore.tiers.base import TierUnavailable
-    from cachestore.tiers.remote import RemoteTier
+    from kvmesh.cachestore.tiers.base import TierUnavailable
+    from kvmesh.cachestore.tiers.remote import RemoteTier
 
     backend = serve_store(StoreConfig(port=0, cpu_bytes=1 << 20))
     port = backend.port

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from cachestore import wire
-from cachestore.keys import Namespace
+from kvmesh.cachestore import wire
+from kvmesh.cachestore.keys import Namespace
 from kvmesh.v1 import store_pb2
 
 

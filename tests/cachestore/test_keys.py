@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import xxhash
 
-from cachestore.keys import InvalidNamespace, Namespace, chain_keys, tokens_to_bytes
+from kvmesh.cachestore.keys import InvalidNamespace, Namespace, chain_keys, tokens_to_bytes
 
 BASE = Namespace("HuggingFaceTB/SmolLM2-135M-Instruct", num_layers=30, num_kv_heads=3,
                  head_dim=64, dtype="bfloat16", page_size=16, weights_fingerprint="w1",
@@ -49,13 +49,13 @@ def test_key_definition_exact():
 
 def test_keys_identical_across_processes():
     code = (
-        "import json; from cachestore.keys import Namespace; "
+        "import json; from kvmesh.cachestore.keys import Namespace; "
         "ns = Namespace('HuggingFaceTB/SmolLM2-135M-Instruct', num_layers=30, num_kv_heads=3, "
         "head_dim=64, dtype='bfloat16', page_size=16, weights_fingerprint='w1', "
         "tokenizer_fingerprint='t1'); "
         f"print(json.dumps([k.hex() for k in ns.page_keys({TOKENS!r})]))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
                          check=True, env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin"})
     assert json.loads(out.stdout) == [k.hex() for k in BASE.page_keys(TOKENS)]
 

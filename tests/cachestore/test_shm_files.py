@@ -11,11 +11,11 @@ import textwrap
 
 import pytest
 
-from cachestore import shm
+from kvmesh.cachestore import shm
 
 KILLED = textwrap.dedent("""
     import os, signal, sys
-    from cachestore import shm
+    from kvmesh.cachestore import shm
     segment = shm.create_segment(1 << 20, sys.argv[1])
     print(segment.name, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind runs
@@ -23,9 +23,8 @@ KILLED = textwrap.dedent("""
 
 
 def test_segments_of_dead_processes_are_swept_and_live_ones_kept(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
-    proc = subprocess.run([sys.executable, "-c", KILLED, str(tmp_path)], capture_output=True,
-                          text=True, timeout=60, env=env)
+    proc = subprocess.run([sys.executable, "-P", "-c", KILLED, str(tmp_path)], capture_output=True,
+                          text=True, timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     dead = proc.stdout.split()[0]
     live = shm.create_segment(1 << 20, str(tmp_path))

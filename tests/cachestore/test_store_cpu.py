@@ -7,11 +7,11 @@ import threading
 import numpy as np
 import pytest
 
-from cachestore.codec import encode_page, header_nbytes
-from cachestore.errors import InvalidConfig, InvalidRequest, StoreClosed
-from cachestore.keys import Namespace, tokens_to_bytes
-from cachestore.store import TieredStore
-from cachestore.tiers.cpu import CpuTier
+from kvmesh.cachestore.codec import encode_page, header_nbytes
+from kvmesh.cachestore.errors import InvalidConfig, InvalidRequest, StoreClosed
+from kvmesh.cachestore.keys import Namespace, tokens_to_bytes
+from kvmesh.cachestore.store import TieredStore
+from kvmesh.cachestore.tiers.cpu import CpuTier
 
 NS = Namespace("test-model", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16",
                page_size=4)  # page payload: 2*2*4*2*8*2 = 512 bytes

@@ -8,11 +8,11 @@ import threading
 
 import pytest
 
-from cachestore.codec import encode_page, header_nbytes
-from cachestore.keys import Namespace, tokens_to_bytes
-from cachestore.store import TieredStore
-from cachestore.tiers.cpu import CpuTier
-from cachestore.tiers.disk import DiskTier
+from kvmesh.cachestore.codec import encode_page, header_nbytes
+from kvmesh.cachestore.keys import Namespace, tokens_to_bytes
+from kvmesh.cachestore.store import TieredStore
+from kvmesh.cachestore.tiers.cpu import CpuTier
+from kvmesh.cachestore.tiers.disk import DiskTier
 
 NS = Namespace("test-model", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16",
                page_size=4)

@@ -11,12 +11,12 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
-from cachestore.codec import encode_page, header_nbytes
-from cachestore.errors import InvalidConfig
-from cachestore.keys import Namespace, tokens_to_bytes
-from cachestore.store import TieredStore
-from cachestore.tiers.cpu import CpuTier
-from cachestore.tiers.redis import RedisTier, parse_url
+from kvmesh.cachestore.codec import encode_page, header_nbytes
+from kvmesh.cachestore.errors import InvalidConfig
+from kvmesh.cachestore.keys import Namespace, tokens_to_bytes
+from kvmesh.cachestore.store import TieredStore
+from kvmesh.cachestore.tiers.cpu import CpuTier
+from kvmesh.cachestore.tiers.redis import RedisTier, parse_url
 
 NS = Namespace("test-model", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16",
                page_size=4)

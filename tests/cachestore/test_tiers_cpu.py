@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from cachestore.errors import InvalidConfig
-from cachestore.tiers.cpu import CpuTier
+from kvmesh.cachestore.errors import InvalidConfig
+from kvmesh.cachestore.tiers.cpu import CpuTier
 
 
 def key(i: int) -> bytes:
@@ -193,9 +193,9 @@ def test_pinned_pages_on_cuda():
 
 
 def test_keep_freed_memory_takes_effect_on_glibc():
-    code = ("from cachestore.malloc_tuning import keep_freed_memory; "
+    code = ("from kvmesh.cachestore.malloc_tuning import keep_freed_memory; "
             "print(keep_freed_memory())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
                          check=True)
     expected = "True" if platform.libc_ver()[0] == "glibc" else "False"
     assert out.stdout.strip() == expected

@@ -7,10 +7,10 @@ import os
 
 import pytest
 
-from cachestore.codec import encode_page
-from cachestore.errors import InvalidConfig
-from cachestore.keys import Namespace, tokens_to_bytes
-from cachestore.tiers.disk import DiskTier
+from kvmesh.cachestore.codec import encode_page
+from kvmesh.cachestore.errors import InvalidConfig
+from kvmesh.cachestore.keys import Namespace, tokens_to_bytes
+from kvmesh.cachestore.tiers.disk import DiskTier
 
 NS = Namespace("m", num_layers=1, num_kv_heads=1, head_dim=4, dtype="float32", page_size=2)
 

@@ -7,10 +7,10 @@ import time
 import pytest
 import redis
 
-from cachestore.keys import Namespace
-from cachestore.store import TieredStore
-from cachestore.tiers.base import TierFull, TierUnavailable
-from cachestore.tiers.redis import RedisTier
+from kvmesh.cachestore.keys import Namespace
+from kvmesh.cachestore.store import TieredStore
+from kvmesh.cachestore.tiers.base import TierFull, TierUnavailable
+from kvmesh.cachestore.tiers.redis import RedisTier
 
 
 def key(i: int) -> bytes:

@@ -7,13 +7,14 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
 import psutil
+
+from kvmesh.deploy.cli import command
 
 PAGE_SIZE = 16
 # 6 full pages + 3 tokens; ids inside SmolLM2's vocabulary, no special tokens
@@ -73,7 +74,7 @@ def ray_stop(process: subprocess.Popen) -> None:
 
 
 def kvmesh(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deploy.cli", *args], capture_output=True,
+    return subprocess.run(command(*args), capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -16,8 +16,8 @@ import pytest
 import redis
 import yaml
 
-from deploy.cli import build_parser
-from router.metrics import RouterMetrics
+from kvmesh.deploy.cli import build_parser
+from kvmesh.router.metrics import RouterMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = ROOT / "deploy/ray/cluster.yaml"

@@ -32,7 +32,7 @@ from ray_testing import (
     wait_for,
 )
 
-from cachestore.codec import decode_header
+from kvmesh.cachestore.codec import decode_header
 
 pytestmark = pytest.mark.timeout(420)
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 
 import pytest
 
-from deploy.ray_actors import advertised_address
-from deploy.ray_config import RayConfigError, RayDeployConfig
+from kvmesh.deploy.cli import command
+from kvmesh.deploy.ray_actors import advertised_address
+from kvmesh.deploy.ray_config import RayConfigError, RayDeployConfig
 
 
 def test_role_command_lines():
@@ -63,7 +63,7 @@ def test_advertised_address_uses_node_ip_for_any_host():
 
 
 def test_cli_rejects_bad_flags_with_a_clear_message():
-    out = subprocess.run([sys.executable, "-m", "deploy.cli", "ray", "deploy", "--workers", "0"],
+    out = subprocess.run([*command(), "ray", "deploy", "--workers", "0"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert out.stderr.strip() == "kvmesh ray deploy: --workers must be at least 1, got 0"
@@ -75,7 +75,7 @@ def test_unreachable_cluster_fails_fast_with_a_clear_message():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens on it once closed
     for action in ("deploy", "status", "down"):
-        out = subprocess.run([sys.executable, "-m", "deploy.cli", "ray", action, "--address",
+        out = subprocess.run([*command(), "ray", action, "--address",
                               f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=60)
         assert out.returncode == 1
         assert out.stderr.startswith(
@@ -83,7 +83,7 @@ def test_unreachable_cluster_fails_fast_with_a_clear_message():
 
 
 def test_flag_defaults_come_from_the_environment(monkeypatch):
-    from deploy.cli import build_parser
+    from kvmesh.deploy.cli import build_parser
 
     monkeypatch.setenv("KVMESH_RAY_WORKERS", "3")
     monkeypatch.setenv("KVMESH_RAY_NUM_GPUS_PER_WORKER", "1")

@@ -7,29 +7,19 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from serve_stack import MAX_MODEL_LEN, Stack
 
 KEY_A, KEY_B = "key-tenant-a", "key-tenant-b"
-MAX_MODEL_LEN = 512
 LONG_PROMPT = " ".join(
     f"Item {i}: the {w} fox jumps over the lazy dog near the river bank."
     for i, w in enumerate(["quick", "brown", "red", "slow", "grey", "young", "old", "tired"])
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pids_mentioning(marker: str) -> list[int]:
@@ -46,50 +36,6 @@ def _pids_mentioning(marker: str) -> list[int]:
         if marker in cmdline and state != "Z":
             pids.append(int(entry.name))
     return pids
-
-
-class Stack:
-    def __init__(self, data_dir: Path, *extra: str) -> None:
-        self.data_dir = data_dir
-        self.port = _free_port()
-        self.stderr_path = data_dir.parent / f"{data_dir.name}.stderr"
-        self._stderr = open(self.stderr_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "deploy.cli", "serve", "--port", str(self.port),
-             "--data-dir", str(data_dir), "--store-cpu-bytes", str(256 << 20),
-             "--worker-arg=--max-model-len", f"--worker-arg={MAX_MODEL_LEN}",
-             "--worker-arg=--kv-cache-bytes", f"--worker-arg={128 << 20}", *extra],
-            stdout=subprocess.PIPE, stderr=self._stderr, text=True,
-        )
-        self.lines: list[str] = []
-        self._ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if line.startswith("kvmesh serving on "):
-                self._ready.set()
-        self._ready.set()
-
-    def wait_ready(self, timeout: float) -> str:
-        assert self._ready.wait(timeout), f"not ready in {timeout} s: {self.stderr()}"
-        assert self.lines, f"kvmesh serve exited {self.proc.poll()}: {self.stderr()}"
-        return self.lines[0]
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()[-4000:]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._stderr.close()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from paged_kv_data import DEVICE
 
-from kernels import argmax_rows
+from kvmesh.kernels import argmax_rows
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 from paged_kv_data import DEVICE, round_like_kernel, sum_partials
 
-from kernels import (
+from kvmesh.kernels import (
     paged_decode,
     paged_decode_ref,
     rotary,
@@ -17,8 +17,8 @@ from kernels import (
     write_kv,
     write_kv_ref,
 )
-from kernels._common import kv_token_offset
-from kernels.cache_write import rope_write_kv
+from kvmesh.kernels._common import kv_token_offset
+from kvmesh.kernels.cache_write import rope_write_kv
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

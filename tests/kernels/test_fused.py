@@ -6,7 +6,7 @@ import pytest
 import torch
 from paged_kv_data import DEVICE, round_like_kernel, sum_partials
 
-from kernels import (
+from kvmesh.kernels import (
     rms_norm,
     rms_norm_ref,
     rotary,
@@ -14,7 +14,7 @@ from kernels import (
     silu_and_mul,
     silu_and_mul_ref,
 )
-from workers.models.llama import RMSNorm
+from kvmesh.workers.models.llama import RMSNorm
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # per-dtype (atol, rtol): kernel vs reference and vs fp64; the outputs are rounded to dtype once

@@ -6,7 +6,7 @@ import pytest
 import torch
 from paged_kv_data import DEVICE, assert_close, make_paged_batch, sdpa_fp64
 
-from kernels import (
+from kvmesh.kernels import (
     DecodeConfig,
     DecodeWorkspace,
     num_kv_splits,

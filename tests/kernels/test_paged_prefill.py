@@ -6,7 +6,7 @@ import pytest
 import torch
 from paged_kv_data import DEVICE, assert_close, make_paged_batch, sdpa_fp64
 
-from kernels import paged_prefill, paged_prefill_ref
+from kvmesh.kernels import paged_prefill, paged_prefill_ref
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

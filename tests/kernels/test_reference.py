@@ -6,7 +6,7 @@ import pytest
 import torch
 from paged_kv_data import assert_close, make_paged_batch, sdpa_fp64
 
-from kernels import paged_decode_ref, paged_prefill_ref, write_kv_ref
+from kvmesh.kernels import paged_decode_ref, paged_prefill_ref, write_kv_ref
 
 
 @pytest.mark.parametrize("group", [1, 3, 4, 8])

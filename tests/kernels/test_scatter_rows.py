@@ -6,7 +6,7 @@ import pytest
 import torch
 from paged_kv_data import DEVICE
 
-from kernels.scatter_rows import scatter_rows
+from kvmesh.kernels.scatter_rows import scatter_rows
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.uint8]
 
@@ -61,7 +61,7 @@ def test_bad_arguments_are_refused():
 def test_one_layer_of_every_page(dtype):
     """scatter_row_spans: one layer's span of each staged page into the same span of its pool
     page (rows strided by a whole page), other layers untouched."""
-    from kernels.scatter_rows import scatter_row_spans
+    from kvmesh.kernels.scatter_rows import scatter_row_spans
 
     gen = torch.Generator().manual_seed(7)
     layers, layer_elems = 3, 37

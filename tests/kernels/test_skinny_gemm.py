@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from paged_kv_data import DEVICE
 
-from kernels.skinny_gemm import (
+from kvmesh.kernels.skinny_gemm import (
     MAX_ROWS,
     SkinnyConfig,
     SkinnyLinears,

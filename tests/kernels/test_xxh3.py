@@ -11,7 +11,7 @@ import torch
 import xxhash
 from paged_kv_data import DEVICE
 
-from kernels.xxh3 import _SECRET, MIN_NBYTES, as_int64, xxh3_64_rows
+from kvmesh.kernels.xxh3 import _SECRET, MIN_NBYTES, as_int64, xxh3_64_rows
 
 
 def expected(rows: torch.Tensor) -> list[int]:

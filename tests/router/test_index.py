@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cachestore.keys import Namespace
-from router.index import (
+from kvmesh.cachestore.keys import Namespace
+from kvmesh.router.index import (
     TIER_CPU,
     TIER_DEVICE,
     Cleared,

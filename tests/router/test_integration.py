@@ -9,8 +9,7 @@ import json
 import time
 
 import openai
-
-from tests.router.conftest import Stack
+from live_stack import Stack
 
 # ~330 tokens: 20 full pages shared by every prompt built on it
 PREFIX = ("You are a careful assistant for a library. Answer briefly. " + " ".join(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from router.index import PrefixMatch
-from router.policy import (
+from kvmesh.router.index import PrefixMatch
+from kvmesh.router.policy import (
     BalanceThreshold,
     CostModel,
     Decision,

@@ -8,11 +8,11 @@ import socket
 
 import grpc
 
-from cachestore.keys import Namespace
-from router.config import RouterConfig
-from router.index import TIER_DEVICE, Cleared, PrefixIndex, PrefixMatch, Stored
-from router.metrics import RouterMetrics
-from router.pool import WorkerPool
+from kvmesh.cachestore.keys import Namespace
+from kvmesh.router.config import RouterConfig
+from kvmesh.router.index import TIER_DEVICE, Cleared, PrefixIndex, PrefixMatch, Stored
+from kvmesh.router.metrics import RouterMetrics
+from kvmesh.router.pool import WorkerPool
 
 NS = Namespace(model="m", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", page_size=4)
 KEYS = NS.page_keys(list(range(16)))

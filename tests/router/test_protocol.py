@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 
-from router.config import InvalidConfig, RouterConfig, add_arguments, config_from_args
-from router.errors import (
+from kvmesh.router.config import InvalidConfig, RouterConfig, add_arguments, config_from_args
+from kvmesh.router.errors import (
     InvalidRequest,
     ModelNotFound,
     NoWorkerAvailable,
@@ -17,8 +17,8 @@ from router.errors import (
     error_body,
     http_status,
 )
-from router.protocol import Sampling, parse_request
-from router.service import tenant_salt
+from kvmesh.router.protocol import Sampling, parse_request
+from kvmesh.router.service import tenant_salt
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 

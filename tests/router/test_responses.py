@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from kvmesh.router.protocol import parse_request
+from kvmesh.router.responses import StreamFormatter, full_response
+from kvmesh.router.service import Chunk, Prepared
 from kvmesh.v1 import worker_pb2
-from router.protocol import parse_request
-from router.responses import StreamFormatter, full_response
-from router.service import Chunk, Prepared
 
 
 def usage(completion: int, cached: int = 32) -> worker_pb2.Usage:

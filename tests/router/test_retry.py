@@ -12,15 +12,15 @@ import json
 import grpc
 from aiohttp.test_utils import TestClient, TestServer
 
-from cachestore.keys import Namespace
-from cachestore.wire import namespace_to_spec
+from kvmesh.cachestore.keys import Namespace
+from kvmesh.cachestore.wire import namespace_to_spec
+from kvmesh.router.app import WORKER_HEADER, build_app
+from kvmesh.router.config import RouterConfig
+from kvmesh.router.index import PrefixIndex
+from kvmesh.router.metrics import RouterMetrics
+from kvmesh.router.pool import WorkerPool
+from kvmesh.router.service import Router
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
-from router.app import WORKER_HEADER, build_app
-from router.config import RouterConfig
-from router.index import PrefixIndex
-from router.metrics import RouterMetrics
-from router.pool import WorkerPool
-from router.service import Router
 
 NS = Namespace(model="m", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", page_size=4)
 PROMPT = list(range(1, 11))

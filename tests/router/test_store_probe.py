@@ -7,13 +7,13 @@ import asyncio
 import time
 
 import torch
+from live_stack import Proc
+from test_pool import closed_port
 
-from cachestore.client import StoreClient
-from cachestore.keys import Namespace
-from router.metrics import RouterMetrics
-from router.store_probe import StoreProbe
-from tests.router.conftest import Proc
-from tests.router.test_pool import closed_port
+from kvmesh.cachestore.client import StoreClient
+from kvmesh.cachestore.keys import Namespace
+from kvmesh.router.metrics import RouterMetrics
+from kvmesh.router.store_probe import StoreProbe
 
 NS = Namespace(model="m", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", page_size=4)
 

@@ -12,7 +12,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from workers.models.loader import load_model
+    from kvmesh.workers.models.loader import load_model
 
     return load_model("smollm2")
 
@@ -20,8 +20,8 @@ def smollm2():
 @pytest.fixture(scope="session")
 def make_engine(smollm2):
     """make_engine(**WorkerConfig fields) -> Engine sharing the session's weights."""
-    from workers.config import WorkerConfig
-    from workers.engine import Engine
+    from kvmesh.workers.config import WorkerConfig
+    from kvmesh.workers.engine import Engine
 
     engines = []
 

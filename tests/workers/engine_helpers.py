@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from workers.outputs import RequestOutput
-from workers.sampling import SamplingParams
+from kvmesh.workers.outputs import RequestOutput
+from kvmesh.workers.sampling import SamplingParams
 
 PROMPTS = [
     "The capital of France is",

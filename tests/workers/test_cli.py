@@ -9,17 +9,16 @@ import os
 import re
 import signal
 import subprocess
-import sys
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from deploy.cli import build_parser
-from workers.cli import Serving, config_from_args, serving_from_args
-from workers.client import WorkerClient, WorkerError
-from workers.errors import InvalidConfig
-from workers.sampling import SamplingParams
+from kvmesh.deploy.cli import build_parser, command
+from kvmesh.workers.cli import Serving, config_from_args, serving_from_args
+from kvmesh.workers.client import WorkerClient, WorkerError
+from kvmesh.workers.errors import InvalidConfig
+from kvmesh.workers.sampling import SamplingParams
 
 LISTENING = re.compile(r"^kvmesh worker listening on (127\.0\.0\.1:\d+)\n$")
 
@@ -73,7 +72,7 @@ def test_decode_steps_from_flag_or_environment_default_is_auto():
 
 def test_bad_flag_exits_2_with_a_clear_message_and_no_traceback():
     proc = subprocess.run(
-        [sys.executable, "-m", "deploy.cli", "worker", "--device", "tpu", "--port", "0"],
+        [*command(), "worker", "--device", "tpu", "--port", "0"],
         capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2
@@ -91,7 +90,7 @@ def _self_signed(tmp_path) -> tuple[str, str]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder().subject_name(name).issuer_name(name)
         .public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -116,7 +115,7 @@ def test_worker_process_serves_tls_with_token_and_stops_on_sigterm(tmp_path):
     env = {**os.environ, "KVMESH_WORKER_MAX_MODEL_LEN": "256", "KVMESH_WORKER_TLS_KEY": key}
     stderr = open(tmp_path / "stderr", "w+")  # a file, not a pipe: model loading logs a lot
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deploy.cli", "worker", "--port", "0", "--token", "s3cret",
+        [*command(), "worker", "--port", "0", "--token", "s3cret",
          "--tls-cert", cert, "--kv-cache-bytes", str(64 << 20), "--log-level", "WARNING"],
         stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from engine_helpers import LONG, PROMPTS, final, run, tokens_of
 
-from workers.sampling import SamplingParams
+from kvmesh.workers.sampling import SamplingParams
 
 STEPS = 4
 

@@ -5,7 +5,6 @@ output still matches transformers. A store that is down is a miss, not a failed 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -13,17 +12,17 @@ import textwrap
 import pytest
 from engine_helpers import LONG, final, run, tokens_of
 
-from cachestore.config import StoreConfig
-from cachestore.server import StoreServer
-from workers.sampling import SamplingParams
+from kvmesh.cachestore.config import StoreConfig
+from kvmesh.cachestore.server import StoreServer
+from kvmesh.workers.sampling import SamplingParams
 
 N = 16
 WRITER = textwrap.dedent("""
     import json, sys, torch
     torch.set_num_threads(1)
-    from workers.config import WorkerConfig
-    from workers.engine import Engine
-    from workers.sampling import SamplingParams
+    from kvmesh.workers.config import WorkerConfig
+    from kvmesh.workers.engine import Engine
+    from kvmesh.workers.sampling import SamplingParams
     target, prompt = sys.argv[1], json.loads(sys.argv[2])
     engine = Engine(WorkerConfig(store=target, max_model_len=512, kv_cache_bytes=64 << 20))
     out = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4,
@@ -45,9 +44,8 @@ def store_server():
 def test_prefix_written_by_another_worker_process_is_loaded_from_the_store(
         store_server, make_engine, encode, hf_greedy):
     prompt = encode(LONG)
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
-    proc = subprocess.run([sys.executable, "-c", WRITER, store_server.target, json.dumps(prompt)],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run([sys.executable, "-P", "-c", WRITER, store_server.target,
+                           json.dumps(prompt)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     written = json.loads(proc.stdout.strip().splitlines()[-1])
     engine = make_engine(store=store_server.target)
@@ -85,7 +83,7 @@ def test_writes_past_the_queue_budget_are_dropped_not_waited_for(
         make_engine, encode, store_server, monkeypatch):
     """A prefill's new pages go to the writer in one batched snapshot; those that would take
     the queue past its byte budget are dropped and counted, the rest still reach the store."""
-    import workers.store_writer as store_writer
+    import kvmesh.workers.store_writer as store_writer
 
     engine = make_engine(store=store_server.target)
     prompt = encode(LONG) * 3
@@ -124,7 +122,7 @@ def test_a_corrupt_page_read_in_place_ends_the_hit_and_the_store_drops_it(
     """Pages read in the store's own memory are checked by the worker: a flipped payload byte
     ends the loaded prefix there, the output still matches, and the store, told about the
     page, checks it itself and drops it."""
-    from cachestore.page_access import is_intact
+    from kvmesh.cachestore.page_access import is_intact
 
     def intact(tier, key):
         (blob,) = tier.get_many([key])

@@ -22,7 +22,7 @@ from tiny_llama import (
     windowed_greedy,
 )
 
-from workers.models.llama import LlamaConfig, rope_inv_freq
+from kvmesh.workers.models.llama import LlamaConfig, rope_inv_freq
 
 
 def test_llama3_rope_frequencies_match_transformers():
@@ -54,8 +54,8 @@ def test_continued_windows_match_transformers_at_every_page_offset():
 
 def test_triton_kernels_match_transformers_under_the_interpreter():
     script = os.path.join(os.path.dirname(__file__), "tiny_llama.py")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.getcwd())
-    proc = subprocess.run([sys.executable, script, "triton"], capture_output=True, text=True,
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-P", script, "triton"], capture_output=True, text=True,
                           timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -9,10 +9,10 @@ import pytest
 import torch
 from tiny_llama import build
 
-from kernels.fused import rms_norm, silu_and_mul
-from kernels.rotary import rotary
-from workers.model_runner import attention_ops, few_row_ops
-from workers.models.llama import AttentionMetadata, FusedOps, LlamaForCausalLM
+from kvmesh.kernels.fused import rms_norm, silu_and_mul
+from kvmesh.kernels.rotary import rotary
+from kvmesh.workers.model_runner import attention_ops, few_row_ops
+from kvmesh.workers.models.llama import AttentionMetadata, FusedOps, LlamaForCausalLM
 
 pytestmark = pytest.mark.gpu
 PAGE_SIZE = 8
@@ -78,7 +78,7 @@ def test_few_row_decode_step_matches_the_cublas_step(dtype, num_seqs):
 def test_dependent_launch_changes_no_bit(monkeypatch):
     """The same bf16 decode step with programmatic dependent launch on and off: every kernel
     waits for the one before it, so nothing may differ."""
-    import kernels._common as common
+    import kvmesh.kernels._common as common
 
     dev = cuda_device()
     if torch.cuda.get_device_capability(dev)[0] < 9:

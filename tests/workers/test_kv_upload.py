@@ -11,11 +11,11 @@ import textwrap
 import pytest
 import torch
 
-from cachestore.codec import encode_page
-from cachestore.keys import Namespace, tokens_to_bytes
-from workers.kv_upload import PageStager
-from workers.page_sends import StagedPages
-from workers.pool_copies import (
+from kvmesh.cachestore.codec import encode_page
+from kvmesh.cachestore.keys import Namespace, tokens_to_bytes
+from kvmesh.workers.kv_upload import PageStager
+from kvmesh.workers.page_sends import StagedPages
+from kvmesh.workers.pool_copies import (
     ArrivingRows,
     SnapshotSlots,
     arriving_loads,
@@ -138,10 +138,10 @@ def test_host_checksums_need_no_triton():
         for pinned in (False, True):
             staged = stage_pages(blobs, NS, keys, tokens, is_pinned=pinned)
             assert torch.equal(staged, torch.stack(payloads))
-        assert "kernels.xxh3" not in sys.modules
+        assert "kvmesh.kernels.xxh3" not in sys.modules
         print("ok")
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
                           timeout=120, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
@@ -199,8 +199,8 @@ def tiny_runner():
     """A real ModelRunner of the tiny random Llama on CPU (8 KiB pages), its pool randomized."""
     from tiny_llama import build
 
-    from workers.config import WorkerConfig
-    from workers.model_runner import ModelRunner
+    from kvmesh.workers.config import WorkerConfig
+    from kvmesh.workers.model_runner import ModelRunner
 
     _, loaded = build()
     runner = ModelRunner(WorkerConfig(model="tiny", device="cpu", dtype="float32",

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.errors import ModelLoadError
-from workers.models.loader import cache_root, hf_folder_for, load_model
+from kvmesh.workers.errors import ModelLoadError
+from kvmesh.workers.models.loader import cache_root, hf_folder_for, load_model
 
 
 def test_gguf_conversion_is_cached_and_reused(smollm2):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.errors import InvalidRequest
-from workers.sampler import filter_logits, make_generator, sample
-from workers.sampling import SamplingParams
+from kvmesh.workers.errors import InvalidRequest
+from kvmesh.workers.sampler import filter_logits, make_generator, sample
+from kvmesh.workers.sampling import SamplingParams
 
 
 def logits(num_rows: int = 3, vocab: int = 97, seed: int = 0) -> torch.Tensor:

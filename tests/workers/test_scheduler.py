@@ -3,11 +3,11 @@ preemption order. A step is simulated by advancing num_computed_tokens and appen
 
 from __future__ import annotations
 
-from cachestore.keys import Namespace
-from workers.block_manager import BlockManager
-from workers.sampling import SamplingParams
-from workers.scheduler import Scheduler
-from workers.sequence import SeqStatus, Sequence
+from kvmesh.cachestore.keys import Namespace
+from kvmesh.workers.block_manager import BlockManager
+from kvmesh.workers.sampling import SamplingParams
+from kvmesh.workers.scheduler import Scheduler
+from kvmesh.workers.sequence import SeqStatus, Sequence
 
 PS = 4
 NS = Namespace(model="tiny", num_layers=1, num_kv_heads=1, head_dim=2, dtype="float32",

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.reference import rotate_half
+from kvmesh.kernels.reference import rotate_half
 
 
 @dataclass(frozen=True)

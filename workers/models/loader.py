@@ -20,8 +20,8 @@ from typing import Any
 import torch
 import xxhash
 
-from workers.errors import ModelLoadError
-from workers.models.llama import LlamaConfig
+from kvmesh.workers.errors import ModelLoadError
+from kvmesh.workers.models.llama import LlamaConfig
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HASH_CHUNK = 1 << 24

@@ -1,0 +1,93 @@
+"""A kvmesh stack in subprocesses for the router tests: `Proc` runs one `kvmesh` role and
+reads its listening line; `Stack` is a store, two workers and a router."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from kvmesh.deploy.cli import command
+
+START_TIMEOUT_S = 300.0
+API_KEYS = {"key-alice": "alice", "key-bob": "bob"}
+
+
+class Proc:
+    """A `kvmesh` subprocess whose stdout is watched for `... listening on HOST:PORT`."""
+
+    def __init__(self, args: list[str], log_path: str) -> None:
+        self.args = args
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(
+            command(*args), stdout=subprocess.PIPE,
+            stderr=self._log, start_new_session=True)
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.address = ""
+
+    def _pump(self) -> None:
+        assert self.popen.stdout is not None
+        for raw in self.popen.stdout:
+            self._lines.put(raw.decode(errors="replace"))
+
+    def wait_listening(self, deadline: float) -> str:
+        while time.monotonic() < deadline:
+            try:
+                line = self._lines.get(timeout=0.5)
+            except queue.Empty:
+                if self.popen.poll() is not None:
+                    break
+                continue
+            match = re.search(r"listening on (\S+:\d+)", line)
+            if match:
+                self.address = match.group(1)
+                return self.address
+        self.stop()
+        log = open(self._log.name, errors="replace").read()[-3000:]
+        raise RuntimeError(f"{self.args[0]} did not start (rc={self.popen.returncode}):\n{log}")
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies without any goodbye, as a crashed worker would."""
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(10)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+
+
+@dataclass
+class Stack:
+    url: str
+    store: Proc
+    workers: list[Proc]
+    router: Proc
+
+    def client(self, key: str | None = "key-alice") -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=300.0)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a /metrics sample over every series whose labels include `labels`."""
+        text = httpx.get(self.url + "/metrics", timeout=30).text
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(name + "{") and not line.startswith(name + " "):
+                continue
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
