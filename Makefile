@@ -66,7 +66,7 @@ DEVICE_WHEELS = grpcio grpcio-health-checking grpcio-reflection protobuf xxhash 
   gguf pytest pytest-timeout iniconfig pluggy
 PLATFORMS = $(foreach n,17 27 28 34,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64
 device-wheels:
-	rm -rf $(ROOT)/.whl && mkdir -p $(ROOT)/.whl
+	rm -rf $(ROOT)/.whl $(ROOT)/build && mkdir -p $(ROOT)/.whl
 	$(PIP) wheel -q --no-deps --no-build-isolation -w $(ROOT)/.whl $(ROOT)
 	$(PIP) download -q --no-deps --only-binary=:all: --python-version $(DEVICE_PY) \
 	  --implementation cp $(PLATFORMS) -c $(LOCK) -d $(ROOT)/.whl $(DEVICE_WHEELS)

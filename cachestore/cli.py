@@ -30,7 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--remote", help="HOST:PORT of another store server, the last tier")
     add("--remote-token", help="bearer token for --remote")
     add("--remote-tls-ca", help="PEM CA certificate of --remote: connect to it over TLS")
-    add("--token", help="require `authorization: Bearer TOKEN` on every call")
+    add("--token", help="the deployment's internal bearer token, required on every call; "
+                        "prefer KVMESH_STORE_TOKEN (argv is visible to every local user)")
+    add("--token-file", help="JSON file of client tokens, each bound to one tenant, read or "
+                             "read-write; their salts derive from KVMESH_STORE_TENANT_SECRET")
     add("--tls-cert", help="PEM certificate chain; with --tls-key enables TLS")
     add("--tls-key", help="PEM private key")
     add("--max-workers", type=int, help="server threads (default 32)")

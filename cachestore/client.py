@@ -26,6 +26,7 @@ import torch
 from kvmesh.cachestore import kv_pages, shm, wire
 from kvmesh.cachestore.client_errors import (  # noqa: F401 - re-exported: callers import them from here
     ERROR_BY_STATUS,
+    PermissionDenied,
     ProtocolError,
     StoreFull,
     StoreUnavailable,

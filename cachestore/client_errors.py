@@ -16,6 +16,10 @@ class Unauthenticated(StoreError, PermissionError):
     """The server refused the bearer token (or none was given)."""
 
 
+class PermissionDenied(StoreError, PermissionError):
+    """The token is valid but does not allow this call (a read-only or tenant-scoped token)."""
+
+
 class StoreFull(StoreError):
     """The server answered RESOURCE_EXHAUSTED."""
 
@@ -28,6 +32,7 @@ class ProtocolError(StoreError):
 ERROR_BY_STATUS: dict[grpc.StatusCode, type[StoreError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.RESOURCE_EXHAUSTED: StoreFull,
     grpc.StatusCode.UNAVAILABLE: StoreUnavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: StoreUnavailable,

@@ -19,8 +19,11 @@ DEFAULT_CPU_BYTES = 4 << 30
 class StoreConfig:
     """One store server. Tiers in chain order: cpu (always), then disk, redis, remote if set.
 
-    port 0 picks a free port. `token` enables bearer-token auth; `tls_cert` + `tls_key` (PEM
-    paths) enable TLS. `disk_bytes` / `redis_ttl` / `cpu_bytes` are bytes / seconds.
+    port 0 picks a free port. `token` is the deployment's internal bearer token (every call,
+    every namespace); `token_file` lists client tokens, each bound to one tenant, read-only or
+    read-write (cachestore.access), whose salts derive from `tenant_secret` (the router's
+    secret). Secrets come from KVMESH_STORE_* env vars or files, not argv. `tls_cert` +
+    `tls_key` (PEM paths) enable TLS. `disk_bytes` / `redis_ttl` / `cpu_bytes` are bytes / seconds.
     `shared_memory` lets clients on this host receive GetPages through /dev/shm segments, and
     keeps the cpu tier's pages in /dev/shm arenas they may map (`lease_s`: how long a mapped
     reply's pages stay unchanged unless released first).
@@ -37,6 +40,8 @@ class StoreConfig:
     remote_token: str | None = None
     remote_tls_ca: str | None = None  # PEM CA of --remote's certificate: talk TLS to it
     token: str | None = None
+    token_file: str | None = None  # JSON client tokens (cachestore.access)
+    tenant_secret: str | None = None  # derives client tokens' tenant salts; env only
     tls_cert: str | None = None
     tls_key: str | None = None
     max_workers: int = 32
@@ -64,11 +69,14 @@ class StoreConfig:
             raise InvalidConfig(f"remote must be HOST:PORT, got {self.remote!r}")
         if self.token is not None and not self.token:
             raise InvalidConfig("token must not be empty (omit it to disable auth)")
+        if self.token_file is not None and not self.tenant_secret:
+            raise InvalidConfig("token_file needs the tenant secret: set "
+                                "KVMESH_STORE_TENANT_SECRET (the router's secret)")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise InvalidConfig("tls_cert and tls_key go together")
         if self.remote_tls_ca is not None and self.remote is None:
             raise InvalidConfig("remote_tls_ca needs remote")
-        for name in ("tls_cert", "tls_key", "remote_tls_ca"):
+        for name in ("tls_cert", "tls_key", "remote_tls_ca", "token_file"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise InvalidConfig(f"{name} {path!r} is not a file")

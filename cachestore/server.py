@@ -3,7 +3,6 @@ the error table, bearer-token auth, health and reflection, and `serve_store(conf
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -16,9 +15,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvmesh.cachestore import messages, shm, wire
+from kvmesh.cachestore.access import Forbidden, Scope, TokenTable
 from kvmesh.cachestore.config import StoreConfig
 from kvmesh.cachestore.errors import InvalidRequest, StoreClosed
-from kvmesh.cachestore.keys import InvalidNamespace
+from kvmesh.cachestore.keys import InvalidNamespace, Namespace
 from kvmesh.cachestore.page_access import PageAccess
 from kvmesh.cachestore.shm_leases import MappedLeases
 from kvmesh.cachestore.shm_server import SegmentWriter
@@ -43,6 +43,7 @@ STATUS_BY_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (TierUnavailable, grpc.StatusCode.UNAVAILABLE),
     (StoreClosed, grpc.StatusCode.UNAVAILABLE),
     (NotFound, grpc.StatusCode.NOT_FOUND),
+    (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
     (PermissionError, grpc.StatusCode.UNAUTHENTICATED),
 ]
 
@@ -77,27 +78,52 @@ class KVStoreServicer:
     every error is known up front and mapped to its status."""
 
     def __init__(self, store: TieredStore, segments: SegmentWriter | None = None,
-                 leases: MappedLeases | None = None) -> None:
+                 leases: MappedLeases | None = None, tokens: TokenTable | None = None) -> None:
         self.store = store
+        self.tokens = tokens or TokenTable()
         self.pages = PageAccess(store)
         self.segments = segments  # None: GetPages always answers inline
         self.leases = leases  # None: GetPages never answers with mapped pages
 
+    def _scope(self, context: grpc.ServicerContext) -> Scope:
+        metadata = dict(context.invocation_metadata() or ())
+        scope = self.tokens.scope_of(metadata.get("authorization"))
+        if scope is None:  # BearerAuth turned it away already; kept for servers without it
+            raise PermissionError("missing or wrong bearer token")
+        return scope
+
+    def _namespace(self, ns: Namespace, context: grpc.ServicerContext, *, write: bool) -> Namespace:
+        """The namespace a call may touch: a client token's own tenant's, whatever the body says."""
+        scope = self._scope(context)
+        if scope.is_internal:
+            return ns
+        if write and not scope.can_write:
+            raise Forbidden(f"this token may only read (tenant {scope.tenant!r})")
+        return ns.with_salt(scope.salt)
+
+    def _require_internal(self, context: grpc.ServicerContext) -> None:
+        if not self._scope(context).is_internal:
+            raise Forbidden("page-key calls need the deployment's internal token; client tokens "
+                            "may use Put, GetClosest, Lookup, Delete and Stats")
+
     @_mapped
     def Put(self, request_iterator: Iterator, context: grpc.ServicerContext):
         ns, token_ids, payloads = messages.receive_put(request_iterator)
+        ns = self._namespace(ns, context, write=True)
         stored = self.store.put(ns, token_ids, payloads)
         return store_pb2.PutResponse(num_pages_stored=stored, num_pages=len(payloads))
 
     @_mapped
     def GetClosest(self, request, context: grpc.ServicerContext):
         ns, token_ids = messages.parse_tokens_request(request)
+        ns = self._namespace(ns, context, write=False)
         closest = self.store.get_closest(ns, token_ids)
         return messages.closest_reply(ns, closest)
 
     @_mapped
     def Lookup(self, request, context: grpc.ServicerContext):
         ns, token_ids = messages.parse_tokens_request(request)
+        ns = self._namespace(ns, context, write=False)
         result = self.store.lookup(ns, token_ids)
         return store_pb2.LookupResponse(num_tokens=result.num_tokens,
                                         tiers=[wire.tier_enum(t) for t in result.tiers])
@@ -105,6 +131,7 @@ class KVStoreServicer:
     @_mapped
     def Delete(self, request, context: grpc.ServicerContext):
         ns, token_ids = messages.parse_tokens_request(request)
+        ns = self._namespace(ns, context, write=True)
         indices = list(request.page_indices) or None
         deleted = self.store.delete(ns, token_ids, indices)
         return store_pb2.DeleteResponse(num_pages_deleted=deleted)
@@ -115,10 +142,12 @@ class KVStoreServicer:
 
     @_mapped
     def HasPages(self, request, context: grpc.ServicerContext):
+        self._require_internal(context)
         return store_pb2.HasPagesResponse(is_present=self.pages.has(messages.page_keys(request)))
 
     @_mapped
     def GetPages(self, request, context: grpc.ServicerContext):
+        self._require_internal(context)
         keys = messages.page_keys(request)
         is_mapped = request.accept_mapped and self.leases is not None
         if not is_mapped and (self.segments is None or not request.HasField("segment")):
@@ -146,6 +175,7 @@ class KVStoreServicer:
 
     @_mapped
     def ReleasePages(self, request, context: grpc.ServicerContext):
+        self._require_internal(context)
         released = self.leases.release(request.lease_ids) if self.leases is not None else 0
         if request.bad_keys:  # the client's word is not enough: check them, drop the bad ones
             self.pages.get(messages.page_keys(store_pb2.PageKeys(keys=request.bad_keys)))
@@ -153,6 +183,7 @@ class KVStoreServicer:
 
     @_mapped
     def PutPages(self, request_iterator: Iterator, context: grpc.ServicerContext):
+        self._require_internal(context)
         pages = messages.receive_pages(request_iterator)
         reply = store_pb2.PutPagesResponse(num_pages_stored=self.pages.put(pages))
         if self.leases is not None and shm.is_local_peer(context.peer()):
@@ -163,6 +194,7 @@ class KVStoreServicer:
 
     @_mapped
     def DeletePages(self, request, context: grpc.ServicerContext):
+        self._require_internal(context)
         deleted = self.pages.delete(messages.page_keys(request))
         return store_pb2.DeleteResponse(num_pages_deleted=deleted)
 
@@ -199,19 +231,19 @@ def _handlers(servicer: KVStoreServicer) -> grpc.GenericRpcHandler:
 
 
 class BearerAuth(grpc.ServerInterceptor):
-    """Every call but health checks must carry `authorization: Bearer <token>`."""
+    """Every call but health checks must carry `authorization: Bearer <token>` with a token the
+    table accepts; what the token may do is checked by the servicer (`KVStoreServicer._scope`)."""
 
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+    def __init__(self, tokens: TokenTable) -> None:
+        self._tokens = tokens
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith("/grpc.health.v1.Health/"):
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
-        given = metadata.get("authorization", "")
-        given = given.encode() if isinstance(given, str) else given
-        if hmac.compare_digest(given, self._expected):
+        given = metadata.get("authorization")
+        if self._tokens.scope_of(given) is not None:
             return handler
         return _denied(handler, "missing authorization" if not given else "wrong bearer token")
 
@@ -257,8 +289,9 @@ class StoreServer:
 
     def __init__(self, config: StoreConfig, store: TieredStore | None = None) -> None:
         self.config = config
+        tokens = TokenTable.from_config(config.token, config.token_file, config.tenant_secret)
         self.store = store if store is not None else TieredStore(build_tiers(config))
-        interceptors = [BearerAuth(config.token)] if config.token else []
+        interceptors = [BearerAuth(tokens)] if tokens.is_enabled else []
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.max_workers,
                                        thread_name_prefix="kvstore"),
@@ -270,7 +303,7 @@ class StoreServer:
         # mapped GetPages: same-host clients read the cpu tier's pages in place
         self.leases = (MappedLeases(cpu, config.lease_s)
                        if isinstance(cpu, CpuTier) and cpu.is_shared else None)
-        servicer = KVStoreServicer(self.store, self._segments, self.leases)
+        servicer = KVStoreServicer(self.store, self._segments, self.leases, tokens)
         self._server.add_generic_rpc_handlers((_handlers(servicer),))
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)

@@ -11,8 +11,8 @@ from collections.abc import AsyncGenerator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
-import xxhash
 
+from kvmesh.cachestore.access import tenant_salt
 from kvmesh.cachestore.keys import Namespace
 from kvmesh.router.config import RouterConfig
 from kvmesh.router.errors import (
@@ -58,13 +58,6 @@ class Prepared:
     salt: str
     parsed: ParsedRequest
     created: int = field(default_factory=lambda: int(time.time()))
-
-
-def tenant_salt(secret: str, tenant: str) -> str:
-    """Per-tenant salt: xxh3_128 hex of the router secret and the tenant; '' without auth."""
-    if not tenant:
-        return ""
-    return xxhash.xxh3_128_hexdigest(f"{secret}\0{tenant}".encode())
 
 
 class Router:

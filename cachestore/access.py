@@ -1,0 +1,114 @@
+"""Who may call the store, and on what: bearer tokens and their scopes.
+
+Two kinds of token:
+- the internal token (`--token`): the deployment's own parts (workers, routers, other stores).
+  Every RPC, every namespace, read and write.
+- client tokens (`--token-file`): each bound to one tenant, read-only or read-write. A client
+  call's namespace gets that tenant's salt, derived here from the store's tenant secret (the same
+  derivation as the router's, so a tenant's pages are shared between its HTTP traffic and its
+  direct store calls); the salt in the request body is ignored. Client tokens may use only the
+  namespace RPCs (Put, GetClosest, Lookup, Delete, Stats): the page-key RPCs name pages by key,
+  and a key does not say whose page it is.
+
+The token file is JSON: `{"tokens": [{"token": "...", "tenant": "alice", "access": "read"}]}`
+(`access`: "read" or "read-write").
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from kvmesh.cachestore.errors import InvalidConfig
+
+MAX_TOKENS = 100_000
+
+
+class Forbidden(PermissionError):
+    """The caller's token does not allow this call (PERMISSION_DENIED)."""
+
+
+def tenant_salt(secret: str, tenant: str) -> str:
+    """A tenant's namespace salt: xxh3_128 hex of the deployment secret and the tenant name;
+    '' for no tenant (no auth). Routers and stores derive it the same way."""
+    if not tenant:
+        return ""
+    return xxhash.xxh3_128_hexdigest(f"{secret}\0{tenant}".encode())
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What one token allows. `tenant` None: every namespace (the internal token)."""
+
+    tenant: str | None
+    can_write: bool
+    salt: str = ""  # the tenant's salt (client tokens only)
+
+    @property
+    def is_internal(self) -> bool:
+        return self.tenant is None
+
+
+INTERNAL = Scope(tenant=None, can_write=True)
+
+
+class TokenTable:
+    """The tokens a store accepts. Empty: no auth, every caller is internal."""
+
+    def __init__(self, internal_token: str | None = None,
+                 clients: dict[str, Scope] | None = None) -> None:
+        self._internal = internal_token.encode() if internal_token else None
+        self._clients = {token.encode(): scope for token, scope in (clients or {}).items()}
+
+    @classmethod
+    def from_config(cls, internal_token: str | None, token_file: str | None,
+                    tenant_secret: str | None) -> TokenTable:
+        if token_file is None or not tenant_secret:  # StoreConfig requires both or neither
+            return cls(internal_token)
+        return cls(internal_token, _read_token_file(token_file, tenant_secret))
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._internal is not None or bool(self._clients)
+
+    def scope_of(self, authorization: str | bytes | None) -> Scope | None:
+        """The scope of an `authorization: Bearer <token>` value; None if it is not accepted."""
+        if not self.is_enabled:
+            return INTERNAL
+        if not authorization:
+            return None
+        given = authorization.encode() if isinstance(authorization, str) else authorization
+        if not given.startswith(b"Bearer "):
+            return None
+        token = given[len(b"Bearer "):]
+        if self._internal is not None and hmac.compare_digest(token, self._internal):
+            return INTERNAL
+        return self._clients.get(token)  # a dict probe: its timing reveals only a hash bucket
+
+
+def _read_token_file(path: str, tenant_secret: str) -> dict[str, Scope]:
+    try:
+        data = json.loads(Path(path).read_text())
+        entries = data["tokens"]
+        if not isinstance(entries, list) or len(entries) > MAX_TOKENS:
+            raise ValueError(f"'tokens' must be a list of at most {MAX_TOKENS}")
+        clients: dict[str, Scope] = {}
+        for entry in entries:
+            token, tenant, access = entry["token"], entry["tenant"], entry.get("access", "read")
+            if not isinstance(token, str) or len(token) < 16:
+                raise ValueError("every token must be a string of at least 16 characters")
+            if not isinstance(tenant, str) or not tenant:
+                raise ValueError("every token needs a non-empty tenant")
+            if access not in ("read", "read-write"):
+                raise ValueError(f"access must be 'read' or 'read-write', got {access!r}")
+            if token in clients:
+                raise ValueError("a token is listed twice")
+            salt = tenant_salt(tenant_secret, tenant)
+            clients[token] = Scope(tenant, access == "read-write", salt)
+        return clients
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InvalidConfig(f"token file {path!r}: {exc}") from None
