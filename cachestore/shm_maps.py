@@ -6,6 +6,10 @@ Used both ways round: the store server maps a client's segment to write pages in
 opened with O_NOFOLLOW, regular files at least as large as claimed. Mappings are cached (LRU) and
 dropped once their file is unlinked (its owner let it go) or replaced, or on `close`; a mapping
 still in use is unmapped when its last user releases it. Nothing here ever unlinks a file.
+
+`map_files=False` keeps only the open files (`mm` None): for a writer that must not map a file
+its owner can shrink under it (a store access past a file's end is SIGBUS), and writes with
+pwrite instead, which fails with an error.
 """
 
 from __future__ import annotations
@@ -35,10 +39,10 @@ class SegmentUnusable(Exception):
 class MappedFile:
     """One cached mapping. `num_users` > 0 while someone reads or writes it."""
 
-    def __init__(self, fd: int, mm: mmap.mmap, st: os.stat_result) -> None:
+    def __init__(self, fd: int, mm: mmap.mmap | None, st: os.stat_result) -> None:
         self.fd, self.mm, self.identity = fd, mm, (st.st_dev, st.st_ino)
-        self.address = shm.mapping_address(mm)
-        self.nbytes = len(mm)
+        self.address = shm.mapping_address(mm) if mm is not None else 0
+        self.nbytes = len(mm) if mm is not None else st.st_size
         self.num_users = 0
         self.is_dropped = False
 
@@ -50,9 +54,10 @@ class SegmentMaps:
 
     def __init__(self, shm_dir: str = shm.SHM_DIR, max_segments: int = 32,
                  on_map: MapCallback | None = None, on_unmap: MapCallback | None = None,
-                 populate: bool = True) -> None:
+                 populate: bool = True, map_files: bool = True) -> None:
         self._dir = shm_dir
-        self._flags = shm.MAP_FLAGS if populate else mmap.MAP_SHARED
+        self._flags: int | None = (shm.MAP_FLAGS if populate else mmap.MAP_SHARED) if map_files \
+            else None
         self._max_segments = max_segments
         self._on_map, self._on_unmap = on_map, on_unmap
         self._lock = threading.Lock()
@@ -140,13 +145,15 @@ class SegmentMaps:
     def _close(self, mapped: MappedFile) -> None:
         self._call(self._on_unmap, mapped)
         try:
-            mapped.mm.close()
+            if mapped.mm is not None:
+                mapped.mm.close()
         except BufferError:  # a view of it is still alive: unmapped when that goes
             pass
         os.close(mapped.fd)
 
 
-def _open(path: str, nbytes: int, flags: int) -> MappedFile:
+def _open(path: str, nbytes: int, flags: int | None) -> MappedFile:
+    """The file at `path`, mapped with `flags` (None: not mapped)."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
@@ -155,7 +162,8 @@ def _open(path: str, nbytes: int, flags: int) -> MappedFile:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size < nbytes:
             raise SegmentUnusable("segment is not a regular file of its capacity", path)
-        return MappedFile(fd, mmap.mmap(fd, st.st_size, flags=flags), st)
+        mm = mmap.mmap(fd, st.st_size, flags=flags) if flags is not None else None
+        return MappedFile(fd, mm, st)
     except (OSError, ValueError) as exc:
         os.close(fd)
         raise SegmentUnusable("cannot map segment", f"{path}: {exc}") from None
@@ -172,5 +180,5 @@ def _still_valid(mapped: MappedFile, path: str, nbytes: int) -> bool:
         return False
     st = os.fstat(mapped.fd)
     return (by_name.st_dev, by_name.st_ino) == mapped.identity and min(
-        st.st_size, len(mapped.mm)
+        st.st_size, mapped.nbytes
     ) >= nbytes

@@ -1,0 +1,112 @@
+"""A real `kvmesh store` subprocess against clients that misbehave (hardening issue 22): a client
+that shrinks its shared-memory segment during GetPages costs only its own call."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import numpy as np
+import torch
+
+from kvmesh.cachestore import Namespace, StoreClient, shm
+from kvmesh.cachestore.codec import encode_page
+from kvmesh.deploy.cli import command
+
+LISTENING = re.compile(r"^kvmesh store listening on (127\.0\.0\.1):(\d+)$")
+BIG = Namespace("big", num_layers=8, num_kv_heads=4, head_dim=64, dtype=torch.float16,
+                page_size=64)  # 512 KiB pages: a 64-page copy takes milliseconds
+
+
+def start_store(*args: str) -> tuple[subprocess.Popen, str]:
+    """A `kvmesh store` subprocess and its target; its tier lines are read off stdout."""
+    exe = shutil.which("kvmesh")
+    cmd = [exe] if exe else command()
+    proc = subprocess.Popen([*cmd, "store", "--port", "0", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    match = LISTENING.match(proc.stdout.readline().rstrip("\n"))
+    if not match:
+        proc.kill()
+        raise AssertionError(f"no listening line: {proc.communicate(timeout=30)}")
+    num_tiers = 1 + ("--disk-dir" in args)
+    for _ in range(num_tiers):
+        assert proc.stdout.readline().strip().startswith("tier ")
+    return proc, f"{match.group(1)}:{match.group(2)}"
+
+
+def stop_store(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> tuple[str, str]:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def big_pages(num_pages: int, seed: int) -> list[tuple[bytes, bytes]]:
+    rng = np.random.default_rng(seed)
+    pages = []
+    for _ in range(num_pages):
+        key = rng.bytes(16)
+        tokens = rng.integers(0, 50_000, BIG.page_size, dtype=np.int32).tobytes()
+        pages.append((key, encode_page(BIG, key, tokens, rng.bytes(BIG.page_nbytes))))
+    return pages
+
+
+def test_a_client_shrinking_its_segment_during_get_pages_costs_only_its_call():
+    proc, target = start_store("--cpu-bytes", "256M")
+    try:
+        pages = big_pages(64, seed=3)
+        keys = [key for key, _ in pages]
+        need = sum(len(page) for _, page in pages)
+        with StoreClient(target) as client:
+            assert client.put_encoded_pages(pages) == len(pages)
+            segment = shm.create_segment(need)
+            stop = threading.Event()
+
+            def shrink_and_regrow() -> None:  # the misbehaving client: cut short half the time
+                fd = os.open(segment.path, os.O_RDWR)
+                try:
+                    while not stop.is_set():
+                        os.ftruncate(fd, need)
+                        time.sleep(0.002)
+                        os.ftruncate(fd, 0)
+                        time.sleep(0.002)
+                finally:
+                    os.close(fd)
+
+            shrinker = threading.Thread(target=shrink_and_regrow)
+            shrinker.start()
+            num_calls, num_shared, deadline = 0, 0, time.monotonic() + 3.0
+            try:
+                while time.monotonic() < deadline and proc.poll() is None:
+                    num_calls += 1
+                    try:  # the test never reads the segment: its mapping may be cut short
+                        header, _ = client._fetch_pages(keys, False, segment)
+                    except Exception:  # its own call may fail; the store must not
+                        continue
+                    num_shared += header.is_shared_memory  # written while being cut short
+            finally:
+                stop.set()
+                shrinker.join()
+            assert proc.poll() is None, f"the store died: {stop_store(proc)[1][-2000:]}"
+            assert num_calls >= 20 and num_shared >= 1
+            segment.close()
+            # the store still serves, through a fresh segment and inline
+            with client.get_pages_leased(keys) as lease:
+                assert [bytes(p) for p in lease.pages] == [page for _, page in pages]
+            with StoreClient(target, shared_memory=False) as inline:
+                assert inline.get_pages(keys[:3]) == [page for _, page in pages[:3]]
+        out, err = stop_store(proc)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
