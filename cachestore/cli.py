@@ -1,7 +1,9 @@
 """`kvmesh store`: run a store server until SIGINT / SIGTERM.
 
 Prints `kvmesh store listening on HOST:PORT` once it accepts calls (port 0: the port picked),
-then one line per tier."""
+then one line per tier. On the signal it stops taking calls, copies the cpu tier's pages down to
+the tiers below for at most `flush_s` seconds (one line on stderr says how many), and prints
+`kvmesh store stopped`; a second signal meanwhile ends it at once (the default action)."""
 
 from __future__ import annotations
 
@@ -40,6 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--shared-memory", action=argparse.BooleanOptionalAction, default=None,
         help="let clients on this host receive pages through /dev/shm segments, and map the "
              "cpu tier's pages from /dev/shm arenas (default on)")
+    add("--flush-s", type=float, help="on SIGTERM / SIGINT, seconds at most spent copying the "
+                                      "cpu tier's pages down to disk / redis / remote, so a "
+                                      "restart finds them; pages not copied by then are lost "
+                                      "(default 20; 0: no flush). A second signal exits at once")
     add("--lease-s", type=float, help="seconds a mapped read's pages stay unchanged unless "
                                       "released first (default 30)")
     parser.set_defaults(func=run)
@@ -76,6 +82,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"  tier {tier.name}: capacity {tier.capacity_bytes} bytes, "
               f"{tier.num_pages} pages", flush=True)
     stop.wait()
-    server.stop(grace=2.0)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal: no flush, exit now
+        signal.signal(sig, signal.SIG_DFL)
+    flushed = server.stop(grace=2.0, flush_s=config.flush_s)
+    if flushed is not None and flushed.num_flushed + flushed.num_left:
+        print(f"kvmesh store: copied {flushed.num_flushed} cpu-tier pages down in "
+              f"{flushed.seconds:.1f} s; {flushed.num_left} not copied (lost), "
+              f"{flushed.num_already_below} were there already", file=sys.stderr, flush=True)
     print("kvmesh store stopped", flush=True)
     return 0

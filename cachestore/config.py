@@ -47,6 +47,9 @@ class StoreConfig:
     max_workers: int = 32
     shared_memory: bool = True  # same-host GetPages may write into client /dev/shm segments
     lease_s: float = 30.0  # mapped GetPages: pages stay unchanged this long unless released
+    # SIGTERM/SIGINT: seconds spent copying the cpu tier down (disk/redis/remote) before exit;
+    # 0: none. Kept under a typical kill timeout (Kubernetes waits 30 s, then SIGKILL)
+    flush_s: float = 20.0
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -55,6 +58,8 @@ class StoreConfig:
             raise InvalidConfig(f"port must be in [0, 65535], got {self.port}")
         if self.cpu_bytes <= 0:
             raise InvalidConfig(f"cpu_bytes must be positive, got {self.cpu_bytes}")
+        if not 0 <= self.flush_s <= 3600:
+            raise InvalidConfig(f"flush_s must be in [0, 3600] seconds, got {self.flush_s}")
         if not 0 < self.lease_s <= 3600:
             raise InvalidConfig(f"lease_s must be in (0, 3600] seconds, got {self.lease_s}")
         if self.disk_bytes <= 0:

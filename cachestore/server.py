@@ -22,7 +22,7 @@ from kvmesh.cachestore.keys import InvalidNamespace, Namespace
 from kvmesh.cachestore.page_access import PageAccess
 from kvmesh.cachestore.shm_leases import MappedLeases
 from kvmesh.cachestore.shm_server import SegmentWriter
-from kvmesh.cachestore.store import TieredStore
+from kvmesh.cachestore.store import FlushResult, TieredStore
 from kvmesh.cachestore.tiers.base import Tier, TierFull, TierUnavailable
 from kvmesh.cachestore.tiers.cpu import CpuTier
 from kvmesh.v1 import store_pb2
@@ -334,15 +334,20 @@ class StoreServer:
         """Block until the server stops; True if it did within `timeout`."""
         return self._server.wait_for_termination(timeout)
 
-    def stop(self, grace: float | None = 2.0) -> None:
-        """Stop accepting calls, let running ones finish for `grace` seconds, close the store."""
+    def stop(self, grace: float | None = 2.0, flush_s: float = 0.0) -> FlushResult | None:
+        """Stop accepting calls, let running ones finish for `grace` seconds, then (`flush_s` >
+        0) copy the cpu tier's pages down to the tiers below for at most about `flush_s`
+        seconds (TieredStore.flush_down: what is left then is lost), close the store. Returns
+        the flush's result, None when there was none."""
         self._health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
+        flushed = self.store.flush_down(flush_s) if flush_s > 0 else None
         if self._segments is not None:
             self._segments.close()
         if self.leases is not None:
             self.leases.close()
         self.store.close()
+        return flushed
 
     def __enter__(self) -> StoreServer:
         return self

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -41,6 +42,17 @@ class ClosestPages:
 class LookupResult:
     num_tokens: int
     tiers: list[str]
+
+
+@dataclass(frozen=True)
+class FlushResult:
+    num_flushed: int  # top-tier pages copied down now
+    num_already_below: int  # top-tier pages some lower tier held already
+    num_left: int  # top-tier pages not copied: time ran out, or no tier below took them
+    seconds: float
+
+
+FLUSH_BATCH_PAGES = 64
 
 
 class TieredStore:
@@ -150,6 +162,35 @@ class TieredStore:
                 out.append(replace(s, errors=s.errors + self._errors[t],
                                    is_available=s.is_available and self._is_available[t]))
         return out
+
+    def flush_down(self, timeout_s: float) -> FlushResult:
+        """Copy every page of the top tier that no lower tier holds into the tiers below (its
+        evictions cascading as usual), least recently used first, so a lower tier's LRU order
+        (the disk tier's is file mtimes, kept across restarts) follows the top tier's. For a
+        graceful stop: a memory tier's pages outlive the process. Leaves the top tier as it
+        is. Stops after `timeout_s` at the end of a batch: pages not copied by then are
+        `num_left`, only in the top tier (lost with it when it is memory)."""
+        start = time.monotonic()
+        keys_lru_order = getattr(self.tiers[0], "keys_lru_order", None)
+        if len(self.tiers) < 2 or keys_lru_order is None:
+            return FlushResult(0, 0, 0, 0.0)
+        keys: list[bytes] = keys_lru_order()
+        num_flushed = num_below = 0
+        for first in range(0, len(keys), FLUSH_BATCH_PAGES):
+            if time.monotonic() - start >= timeout_s:
+                break
+            batch = keys[first : first + FLUSH_BATCH_PAGES]
+            for t in range(1, len(self.tiers)):
+                found = self._call(t, "contains_many", batch) or [False] * len(batch)
+                num_below += sum(found)
+                batch = [key for key, is_found in zip(batch, found, strict=True) if not is_found]
+            blobs = self._call(0, "get_many", batch) or [None] * len(batch)
+            pages = [(key, blob) for key, blob in zip(batch, blobs, strict=True)
+                     if blob is not None]
+            dropped = {key for key, _ in self._put_from(1, pages)}
+            num_flushed += sum(1 for key, _ in pages if key not in dropped)
+        return FlushResult(num_flushed, num_below, len(keys) - num_flushed - num_below,
+                           time.monotonic() - start)
 
     def close(self) -> None:
         with self._lock:

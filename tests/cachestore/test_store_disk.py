@@ -219,3 +219,30 @@ def test_pinned_cpu_tier_over_disk_on_cuda(tmp_path, pages):
     assert all(torch.equal(g.cpu().view(torch.int16), t.view(torch.int16))
                for g, t in zip(on_gpu, kv, strict=True))
     assert store.get_closest(NS, tokens).tiers == ["cpu", "cpu", "disk", "disk"]
+
+
+def test_flush_down_copies_the_cpu_tier_to_disk_in_lru_order(tmp_path, pages):
+    """A graceful stop's flush: every cpu page the disk lacks is copied, oldest first, so a
+    restarted disk tier finds them in the same recency order; with no time left, none is."""
+    cpu = CpuTier(capacity_bytes=100 * BLOB, pin_memory=False)
+    disk = DiskTier(tmp_path, capacity_bytes=200 * BLOB)
+    store = TieredStore([cpu, disk])
+    tokens = pages.tokens(4 * 150)
+    payloads = pages.payloads(NS, 150)
+    assert store.put(NS, tokens[:40], payloads[:10]) == 10
+    assert cpu.stats().num_pages == 10 and disk.stats().num_pages == 0
+    timed_out = store.flush_down(timeout_s=0)
+    assert (timed_out.num_flushed, timed_out.num_left) == (0, 10) and page_files(tmp_path) == []
+    assert store.put(NS, tokens, payloads) == 140  # 150 pages in a 100-page cpu tier
+    assert cpu.stats().num_pages == 100 and disk.stats().num_pages == 50
+    order = cpu.keys_lru_order()
+    result = store.flush_down(timeout_s=60)
+    assert (result.num_flushed, result.num_already_below, result.num_left) == (100, 0, 0)
+    assert cpu.keys_lru_order() == order  # the cpu tier is left as it was
+    assert disk.keys_lru_order()[50:] == order
+    assert store.flush_down(timeout_s=60).num_already_below == 100
+    store.close()
+    restarted = TieredStore([CpuTier(capacity_bytes=100 * BLOB, pin_memory=False),
+                             DiskTier(tmp_path, capacity_bytes=200 * BLOB)])
+    got = restarted.get_closest(NS, tokens)
+    assert got.num_tokens == 4 * 150 and [bytes(p) for p in got.payloads] == payloads

@@ -110,3 +110,44 @@ def test_a_client_shrinking_its_segment_during_get_pages_costs_only_its_call():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+SMALL = Namespace("m", num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.float16,
+                  page_size=16)
+
+
+def test_sigterm_flushes_the_cpu_tier_to_disk_and_a_restart_serves_it(tmp_path):
+    tokens = list(range(1000, 1064))  # 64 tokens: 4 pages, all in the cpu tier
+    kv = torch.randn(2, 2, 64, 2, 8).to(torch.float16)
+    proc, target = start_store("--cpu-bytes", "16M", "--disk-dir", str(tmp_path))
+    with StoreClient(target) as client:
+        assert client.put(tokens, kv, SMALL) == 4
+        assert [s.num_pages for s in client.stats()] == [4, 0]  # nothing on disk yet
+    out, err = stop_store(proc, signal.SIGTERM)
+    assert proc.returncode == 0, err
+    assert out.strip() == "kvmesh store stopped"
+    assert "copied 4 cpu-tier pages down" in err and "0 not copied" in err
+    proc, target = start_store("--cpu-bytes", "16M", "--disk-dir", str(tmp_path))
+    try:
+        with StoreClient(target) as client:
+            got = client.get_closest(tokens, SMALL)
+            assert got is not None and got.num_tokens == 64 and torch.equal(got.kv, kv)
+            assert got.tiers == ["disk"] * 4
+    finally:
+        stop_store(proc, signal.SIGINT)
+
+
+def test_flush_can_be_turned_off(tmp_path):
+    tokens = list(range(32))
+    kv = torch.randn(2, 2, 32, 2, 8).to(torch.float16)
+    proc, target = start_store("--cpu-bytes", "16M", "--disk-dir", str(tmp_path), "--flush-s", "0")
+    with StoreClient(target) as client:
+        assert client.put(tokens, kv, SMALL) == 2
+    stop_store(proc, signal.SIGINT)
+    assert proc.returncode == 0
+    proc, target = start_store("--cpu-bytes", "16M", "--disk-dir", str(tmp_path))
+    try:
+        with StoreClient(target) as client:
+            assert client.get_closest(tokens, SMALL) is None
+    finally:
+        stop_store(proc)
