@@ -128,6 +128,8 @@ class DecodeWindows:
                 row = tokens.step(k)
                 still = []
                 for i in live:
+                    if seqs[i].is_finished:  # quarantined with a sibling completion
+                        continue
                     out = last[i] = self._read_token(seqs[i], row[i])
                     new_tokens[i] += out.new_token_ids
                     texts[i] += out.text_delta
@@ -145,7 +147,8 @@ class DecodeWindows:
         outputs = []
         for i in started:
             out = last[i]
-            assert out is not None
+            if out is None:  # quarantined with a sibling; its end goes out next step
+                continue
             outputs.append(RequestOutput(seqs[i].request_id, seqs[i].index, new_tokens[i],
-                                         texts[i], out.finish_reason, out.usage))
+                                         texts[i], out.finish_reason, out.usage, out.error))
         return outputs

@@ -8,6 +8,7 @@ drives step(); the only other thread is the offload's store writer.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -18,17 +19,19 @@ from kvmesh.workers.block_manager import BlockManager
 from kvmesh.workers.config import WorkerConfig
 from kvmesh.workers.decode_windows import DecodeWindows
 from kvmesh.workers.detokenizer import IncrementalDetokenizer
-from kvmesh.workers.errors import InvalidRequest
+from kvmesh.workers.errors import BatchFailed, InvalidRequest
 from kvmesh.workers.events import coalesce_block_events, snapshot_events
 from kvmesh.workers.kv_upload import PageStager
 from kvmesh.workers.model_runner import ModelRunner
 from kvmesh.workers.models.loader import LoadedModel, load_model
 from kvmesh.workers.offload import KvOffload
 from kvmesh.workers.outputs import EngineStats, KvEventData, RequestOutput, Usage
-from kvmesh.workers.sampler import make_generator, sample
+from kvmesh.workers.sampler import make_generator, sample, sample_each
 from kvmesh.workers.sampling import SamplingParams
 from kvmesh.workers.scheduler import Scheduler
 from kvmesh.workers.sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 _GRAPH_DECODE_STEPS = 8
 _SNAPSHOT_BYTES = 2 << 30  # pinned rows for store write-through (two 8K-token 8B prefills)
@@ -167,10 +170,15 @@ class Engine:
             return outputs
         num_steps = self.windows.num_steps(batch)
         if num_steps > 1:
-            return outputs + self.windows.run(batch, num_steps)
+            try:
+                return outputs + self.windows.run(batch, num_steps)
+            except Exception as exc:  # the window settled the device before it raised
+                raise self._fail_batch(batch.seqs, exc, outputs) from exc
         try:
             logits, sampled = self.runner.execute(batch)
             rewound = {seq.seq_id for seq in batch.seqs if not self.scheduler.commit_load(seq)}
+        except Exception as exc:  # no single request explains it: the batch fails, others go on
+            raise self._fail_batch(batch.seqs, exc, outputs) from exc
         except BaseException:  # the caller fails these requests; no load may stay in flight
             for seq in batch.seqs:
                 self.scheduler.drop_load(seq)
@@ -186,12 +194,19 @@ class Engine:
             keep = [j for j, i in enumerate(sampled) if batch.seqs[i].seq_id not in rewound]
             logits, sampled = logits[keep], [sampled[j] for j in keep]
         rows = [batch.seqs[i] for i in sampled]
-        tokens = sample(logits, [s.sampling for s in rows],
-                        [self._generators.get(s.seq_id) for s in rows])
+        tokens = sample_each(logits, [s.sampling for s in rows],
+                             [self._generators.get(s.seq_id) for s in rows])
         for row, (seq, token) in enumerate(zip(rows, tokens, strict=True)):
-            if seq.fork_pending:
-                outputs += self._fork(seq, logits[row : row + 1])
-            outputs.append(self._append(seq, token))
+            if seq.is_finished:  # a completion of a request quarantined earlier in this loop
+                continue
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                if seq.fork_pending:
+                    outputs += self._fork(seq, logits[row : row + 1])
+                outputs.append(self._append(seq, token))
+            except Exception as exc:  # noqa: BLE001 - this request alone fails
+                outputs += self._quarantine(seq.request_id, exc)
         return outputs
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[int]]:
@@ -269,7 +284,12 @@ class Engine:
         """A token a multi-step window computed for seq (fed the one before it)."""
         seq.num_computed_tokens += 1
         self._register_full_pages(seq)
-        return self._append(seq, token)
+        try:
+            return self._append(seq, token)
+        except Exception as exc:  # noqa: BLE001 - this request alone fails
+            own, *siblings = self._quarantine(seq.request_id, exc, first=seq)
+            self._pending += siblings  # the window skips them from now on (finished)
+            return own
 
     def _fork(self, parent: Sequence, logits) -> list[RequestOutput]:
         """n > 1: the prompt is computed once; completions 1..n-1 share its pages (the partial
@@ -279,9 +299,10 @@ class Engine:
         for index in range(1, parent.sampling.n):
             child = parent.fork(index, parent.sampling)
             self.block_manager.acquire(child.page_ids)
-            self._track(child)
+            # owned by the request before anything can raise: a quarantine frees its pages
             self._requests[parent.request_id].append(child)
             self.scheduler.running.append(child)
+            self._track(child)
             (token,) = sample(logits, [child.sampling], [self._generators.get(child.seq_id)])
             outputs.append(self._append(child, token))
         return outputs
@@ -311,10 +332,48 @@ class Engine:
             self._requests.pop(seq.request_id, None)
         return out
 
-    def _final(self, seq: Sequence, tokens: list[int], text: str, reason: str) -> RequestOutput:
+    def _quarantine(self, request_id: str, error: Exception,
+                    first: Sequence | None = None) -> list[RequestOutput]:
+        """Abort a request that raised inside the step: its unfinished completions end with
+        finish_reason "error" and its pages are freed; no other request changes. At least one
+        output is returned (`first`'s first, when given), so the caller always learns of it."""
+        log.warning("request %s failed in the engine step; quarantined: %r", request_id, error)
+        message = f"request failed in the engine and was aborted ({type(error).__name__}: {error})"
+        seqs = self._requests.pop(request_id, [])
+        if first is not None:
+            seqs = [first] + [s for s in seqs if s is not first]
+        outputs = []
+        for seq in seqs:
+            if seq is first or not seq.is_finished:
+                self.scheduler.remove(seq)
+                outputs.append(self._final(seq, [], "", "error", error=message))
+        if not outputs:  # every completion had finished before the failure
+            outputs.append(RequestOutput(request_id, 0, [], "", "error", error=message))
+        return outputs
+
+    def _fail_batch(self, seqs: list[Sequence], error: Exception,
+                    outputs: list[RequestOutput]) -> BatchFailed:
+        """Abort every request with a sequence in the failed batch (no load stays in flight);
+        returns the error naming them. `outputs`, made by this step before it failed, go out
+        with the next step so no other request loses its tokens or its end."""
+        self._pending = outputs + self._pending
+        request_ids = list(dict.fromkeys(seq.request_id for seq in seqs))
+        log.error("engine step failed; aborting its batch %s", request_ids, exc_info=error)
+        for seq in seqs:
+            self.scheduler.drop_load(seq)
+        for request_id in request_ids:
+            for seq in self._requests.pop(request_id, []):
+                if not seq.is_finished:
+                    self.scheduler.remove(seq)
+                self._detok.pop(seq.seq_id, None)
+                self._generators.pop(seq.seq_id, None)
+        return BatchFailed(f"engine step failed: {type(error).__name__}: {error}", request_ids)
+
+    def _final(self, seq: Sequence, tokens: list[int], text: str, reason: str,
+               error: str | None = None) -> RequestOutput:
         by_tier = dict(seq.cached_tokens_by_tier)
         usage = Usage(seq.num_prompt_tokens, seq.num_output_tokens,
                       sum(by_tier.values()), by_tier)
         self._detok.pop(seq.seq_id, None)
         self._generators.pop(seq.seq_id, None)
-        return RequestOutput(seq.request_id, seq.index, tokens, text, reason, usage)
+        return RequestOutput(seq.request_id, seq.index, tokens, text, reason, usage, error)

@@ -20,5 +20,20 @@ class ModelLoadError(EngineError):
     """The model could not be found or is not a supported (Llama-family) architecture."""
 
 
+class RequestFailed(EngineError):
+    """One request raised inside the engine step (sampling or its postprocessing). The engine
+    aborted it and freed its pages; the others go on. Maps to INTERNAL, marked as the request's
+    own failure so a router neither retries it elsewhere nor blames the worker."""
+
+
+class BatchFailed(EngineError):
+    """The step failed in a way no single request explains (the model run, say). The engine
+    aborted `request_ids`, the batch's requests; it keeps serving the rest. Maps to INTERNAL."""
+
+    def __init__(self, message: str, request_ids: list[str]) -> None:
+        super().__init__(message)
+        self.request_ids = request_ids
+
+
 class OutOfPages(EngineError):
     """The KV pool cannot hold even one request of the given length. Maps to RESOURCE_EXHAUSTED."""

@@ -18,14 +18,16 @@ class Usage:
 @dataclass
 class RequestOutput:
     """New tokens of one completion (`index` of n) since the last step. `finish_reason` and
-    `usage` are set on the completion's final output only."""
+    `usage` are set on the completion's final output only; "error" comes with `error`, the
+    message of a request the engine quarantined (aborted alone after it raised in the step)."""
 
     request_id: str
     index: int
     new_token_ids: list[int]
     text_delta: str
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     usage: Usage | None = None
+    error: str | None = None
 
 
 @dataclass

@@ -35,21 +35,50 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return scaled
 
 
+class SamplingError(ValueError):
+    """A row's distribution is unusable (NaN, inf or no mass left): only its request fails."""
+
+
+def sample_each(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> list[int | Exception]:
+    """One token per row, or the exception that row raised: a failing row never affects the
+    others. logits: [num_seqs, vocab] fp32. Greedy rows (see SamplingParams.is_greedy) take the
+    argmax; others draw from softmax(filtered / T) with their generator."""
+    assert logits.shape[0] == len(params) == len(generators)
+    tokens: list[int | Exception] = list(logits.argmax(dim=-1).tolist())
+    for i, p in enumerate(params):
+        if p.is_greedy:
+            continue
+        try:
+            tokens[i] = _draw(logits[i], p, generators[i])
+        except Exception as exc:  # noqa: BLE001 - handed back for this row only
+            tokens[i] = exc
+    return tokens
+
+
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
 ) -> list[int]:
-    """One token per row. logits: [num_seqs, vocab] fp32. Greedy rows (temperature 0 or
-    top_k 1) take the argmax; others draw from softmax(filtered / T) with their generator."""
-    assert logits.shape[0] == len(params) == len(generators)
-    tokens = logits.argmax(dim=-1).tolist()
-    for i, p in enumerate(params):
-        if p.is_greedy:
-            continue
-        probs = torch.softmax(filter_logits(logits[i].float(), p), dim=-1)
-        gen = generators[i]
-        if gen is not None and gen.device != probs.device:
-            probs = probs.to(gen.device)
-        tokens[i] = int(torch.multinomial(probs, 1, generator=gen).item())
-    return tokens
+    """sample_each, raising the first row's exception."""
+    tokens = sample_each(logits, params, generators)
+    for token in tokens:
+        if isinstance(token, Exception):
+            raise token
+    return tokens  # type: ignore[return-value]
+
+
+def _draw(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
+    """logits: [vocab]. Checked before multinomial: on CUDA a NaN there is a device-side
+    assert, which would end every request on the device, not just this one."""
+    probs = torch.softmax(filter_logits(logits.float(), params), dim=-1)
+    if bool(~torch.isfinite(probs).all() | ~(probs.sum() > 0)):  # one host sync
+        raise SamplingError(f"temperature {params.temperature}, top_p {params.top_p}, top_k "
+                            f"{params.top_k} leave no finite distribution to sample from")
+    if gen is not None and gen.device != probs.device:
+        probs = probs.to(gen.device)
+    return int(torch.multinomial(probs, 1, generator=gen).item())

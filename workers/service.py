@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
-from kvmesh.workers.errors import InvalidRequest, OutOfPages
+from kvmesh.workers.errors import InvalidRequest, OutOfPages, RequestFailed
 from kvmesh.workers.service_loop import EngineLoop
 from kvmesh.workers.service_streams import EngineFailure, SubscriberTooSlow, WorkerNotReady
 from kvmesh.workers.service_wire import (
@@ -31,7 +31,12 @@ STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
     WorkerNotReady: grpc.StatusCode.UNAVAILABLE,
     SubscriberTooSlow: grpc.StatusCode.RESOURCE_EXHAUSTED,
     EngineFailure: grpc.StatusCode.INTERNAL,
+    RequestFailed: grpc.StatusCode.INTERNAL,
 }
+# Trailing metadata on an error that is the request's own (worker.proto, Generate): the router
+# neither retries it elsewhere nor counts it against the worker.
+FAILURE_SCOPE_KEY = "kvmesh-failure-scope"
+FAILURE_SCOPE_BY_ERROR: dict[type[BaseException], str] = {RequestFailed: "request"}
 
 
 def status_of(error: BaseException) -> grpc.StatusCode:
@@ -44,7 +49,10 @@ def status_of(error: BaseException) -> grpc.StatusCode:
 def _abort(context: grpc.ServicerContext, error: BaseException) -> None:
     """End the RPC with the error's status; raises (grpc's abort never returns)."""
     code = status_of(error)
-    if code == grpc.StatusCode.INTERNAL:
+    scope = next((v for k, v in FAILURE_SCOPE_BY_ERROR.items() if isinstance(error, k)), None)
+    if scope is not None:
+        context.set_trailing_metadata(((FAILURE_SCOPE_KEY, scope),))
+    elif code == grpc.StatusCode.INTERNAL:
         log.error("internal error: %r", error)
     context.abort(code, str(error) or type(error).__name__)
 

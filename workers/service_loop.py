@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmesh.workers.errors import EngineError
+from kvmesh.workers.errors import BatchFailed, EngineError, RequestFailed
 from kvmesh.workers.service_streams import (
     EngineFailure,
     EventSubscription,
@@ -204,7 +204,14 @@ class EngineLoop:
         try:
             outputs = self._engine.step()
             self._refresh_stats()  # before the outputs go out: a caller reacting sees the step
-        except Exception as exc:  # noqa: BLE001 - fail the batch, keep the worker up
+        except BatchFailed as exc:  # the engine aborted the batch; the others go on
+            self._refresh_stats()
+            for request_id in exc.request_ids:
+                active = self._active.pop(request_id, None)
+                if active is not None:
+                    active.stream._finish(EngineFailure(str(exc)))
+            return
+        except Exception as exc:  # noqa: BLE001 - fail everything in flight, keep the worker up
             log.exception("engine step failed; aborting %d requests", len(self._active))
             for request_id, active in list(self._active.items()):
                 try:
@@ -218,6 +225,10 @@ class EngineLoop:
             owner = self._active.get(output.request_id)
             if owner is None:
                 continue  # aborted by the caller already
+            if output.error is not None:  # quarantined: this request alone failed
+                del self._active[output.request_id]
+                owner.stream._finish(RequestFailed(output.error))
+                continue
             owner.stream._put(output)
             if output.finish_reason is not None:
                 owner.finished_indices.add(output.index)

@@ -72,7 +72,7 @@ def parse_generate_request(
     sampling = SamplingParams(
         temperature=float(s.temperature),
         top_p=float(s.top_p) if s.top_p != 0 else 1.0,
-        top_k=int(s.top_k),
+        top_k=min(int(s.top_k), limits.vocab_size),  # past the vocabulary: every token stays
         seed=int(s.seed) if s.HasField("seed") else None,
         max_tokens=int(max_tokens),
         stop=list(s.stop),

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from kvmesh.workers.errors import InvalidRequest
-from kvmesh.workers.sampler import filter_logits, make_generator, sample
+from kvmesh.workers.sampler import (
+    SamplingError,
+    filter_logits,
+    make_generator,
+    sample,
+    sample_each,
+)
 from kvmesh.workers.sampling import SamplingParams
 
 
@@ -86,3 +92,49 @@ def test_stop_token_outside_vocab_is_rejected_on_validate():
     params.validate(vocab_size=100)
     with pytest.raises(InvalidRequest, match="stop token id 50"):
         params.validate(vocab_size=50)
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 9e-6])
+def test_temperature_below_the_floor_samples_greedily(temperature):
+    # logits / 1e-40 overflow fp32 to inf and softmax gives NaN; the floor makes these greedy
+    params = SamplingParams(temperature=temperature)
+    assert params.is_greedy
+    x = torch.randn(3, 50, generator=torch.Generator().manual_seed(1)) * 30
+    assert sample(x, [params] * 3, [None] * 3) == x.argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": float("nan")}, "temperature must be a finite number"),
+        ({"temperature": float("inf")}, "temperature must be a finite number"),
+        ({"top_p": float("nan")}, "top_p must be a finite number"),
+        ({"top_p": float("-inf")}, "top_p must be a finite number"),
+        ({"temperature": "1"}, "temperature must be a number"),
+        ({"stop_token_ids": [1] * 257}, "stop_token_ids holds 257 ids; at most 256"),
+    ],
+)
+def test_non_finite_and_oversized_params_are_rejected(kwargs, message):
+    with pytest.raises(InvalidRequest, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_top_k_past_the_vocabulary_keeps_every_token():
+    x = torch.randn(1, 20, generator=torch.Generator().manual_seed(2))
+    params = SamplingParams(temperature=1.0, top_k=2**31 - 1)
+    assert torch.equal(filter_logits(x[0], params), x[0])
+
+
+def test_a_row_without_a_finite_distribution_fails_alone():
+    x = torch.randn(3, 20, generator=torch.Generator().manual_seed(3))
+    x[1] = float("nan")  # what a broken row would give; only row 1 may fail
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7),
+              SamplingParams(temperature=0.7, seed=5)]
+    gens = [None, make_generator(params[1], 0), make_generator(params[2], 0)]
+    got = sample_each(x, params, gens)
+    assert got[0] == int(x[0].argmax())
+    assert isinstance(got[1], SamplingError) and "no finite distribution" in str(got[1])
+    (expected,) = sample(x[2:], params[2:], [make_generator(params[2], 0)])
+    assert got[2] == expected
+    with pytest.raises(SamplingError):
+        sample(x, params, [None, make_generator(params[1], 0), None])
