@@ -24,6 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmesh.deploy.cli import command
+from kvmesh.deploy.internal_auth import (
+    DeploymentSecrets,
+    InvalidSecrets,
+    new_token,
+    read_api_key_file,
+    tenant_secret,
+)
+from kvmesh.router.config import InvalidConfig, parse_api_keys
 
 _LISTENING = re.compile(r"^kvmesh (\w+) listening on (\S+)\s*$")
 _PR_SET_PDEATHSIG = 1
@@ -38,7 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "serve", help="run store + workers + router on this machine",
         description=__doc__.split("\n\n")[0] + " Environment: KVMESH_SERVE_{HOST, PORT, "
-        "WORKERS, DEVICE, MODEL, DATA_DIR, STORE_CPU_BYTES}.")
+        "WORKERS, DEVICE, MODEL, DATA_DIR, STORE_CPU_BYTES, API_KEYS, API_KEY_FILE}, "
+        "KVMESH_TENANT_SECRET. Every store and worker port requires a token made at start "
+        "and binds 127.0.0.1; the tenant-salt secret is kept in DATA_DIR/tenant_secret "
+        "unless KVMESH_TENANT_SECRET gives one.")
     parser.add_argument("--host", default=env("KVMESH_SERVE_HOST", "127.0.0.1"),
                         help="router HTTP host (children bind 127.0.0.1)")
     parser.add_argument("--port", type=int, default=_env_int("KVMESH_SERVE_PORT", 8000),
@@ -55,7 +66,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         default=_env_int("KVMESH_SERVE_STORE_CPU_BYTES", DEFAULT_STORE_CPU_BYTES),
                         help="capacity of the store's CPU tier in bytes (default 1 GiB)")
     parser.add_argument("--api-key", action="append", default=[], metavar="KEY[=TENANT]",
-                        help="router API key (repeat); none = no auth")
+                        help="router API key (repeat); none = no auth. Prefer "
+                             "KVMESH_SERVE_API_KEYS or --api-key-file: argv is visible to "
+                             "every local user")
+    parser.add_argument("--api-key-file", default=env("KVMESH_SERVE_API_KEY_FILE"),
+                        help="file of router API keys, one KEY[=TENANT] a line")
     parser.add_argument("--start-timeout", type=float, default=START_TIMEOUT_S,
                         help="seconds each part may take to start listening")
     for role in ("store", "worker", "router"):
@@ -90,13 +105,14 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _start(name: str, argv: list[str]) -> Child:
-    """Start `kvmesh ...` with stdout piped (its listening line), stderr inherited. A thread
-    reads stdout: it records the address, then forwards every line to our stderr."""
+def _start(name: str, argv: list[str], env: dict[str, str]) -> Child:
+    """Start `kvmesh ...` with stdout piped (its listening line), stderr inherited, and `env`
+    (its secrets) added to ours. A thread reads stdout: it records the address, then forwards
+    every line to our stderr."""
     process = subprocess.Popen(
         command(*argv),
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, bufsize=1,
-        preexec_fn=_die_with_parent,
+        preexec_fn=_die_with_parent, env={**os.environ, **env},
     )
     child = Child(name, process)
 
@@ -179,6 +195,13 @@ def _num_workers(args: argparse.Namespace) -> int:
     return 1
 
 
+def _secrets(args: argparse.Namespace, data_dir: Path) -> DeploymentSecrets:
+    items = [*args.api_key, os.environ.get("KVMESH_SERVE_API_KEYS", "")]
+    if args.api_key_file:
+        items += read_api_key_file(args.api_key_file)
+    return DeploymentSecrets(new_token(), tenant_secret(data_dir), parse_api_keys(items))
+
+
 def run(args: argparse.Namespace) -> int:
     num_workers = _num_workers(args)
     if num_workers < 1:
@@ -186,6 +209,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     data_dir = Path(args.data_dir).expanduser()
     (data_dir / "store").mkdir(parents=True, exist_ok=True)
+    try:
+        auth = _secrets(args, data_dir)
+    except (InvalidSecrets, InvalidConfig) as exc:
+        print(f"kvmesh serve: {exc}", file=sys.stderr)
+        return 2
     stop_requested = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop_requested.set())
@@ -194,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         store = _start("store", ["store", "--port", "0", "--cpu-bytes",
                                  str(args.store_cpu_bytes), "--disk-dir",
-                                 str(data_dir / "store"), *args.store_arg])
+                                 str(data_dir / "store"), *args.store_arg], auth.store_env())
         children.append(store)
         _wait_ready([store], args.start_timeout, stop_requested)
         workers = []
@@ -202,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
             device = f"cuda:{i}" if args.device == "cuda" else "cpu"
             workers.append(_start(f"worker {i}", [
                 "worker", "--port", "0", "--model", args.model, "--device", device,
-                "--store", str(store.address), *args.worker_arg]))
+                "--store", str(store.address), *args.worker_arg], auth.worker_env()))
         children.extend(workers)
         _wait_ready(workers, args.start_timeout, stop_requested)
         router_argv = ["router", "--host", args.host, "--port", str(args.port),
@@ -211,9 +239,7 @@ def run(args: argparse.Namespace) -> int:
             router_argv += ["--worker", str(worker.address)]
         if args.model != "smollm2":  # the router tokenizes with the bundled model by default
             router_argv += ["--model", args.model]
-        for key in args.api_key:
-            router_argv += ["--api-key", key]
-        router = _start("router", [*router_argv, *args.router_arg])
+        router = _start("router", [*router_argv, *args.router_arg], auth.router_env())
         children.append(router)
         _wait_ready([router], args.start_timeout, stop_requested)
         print(f"kvmesh serving on http://{router.address}", flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ def _free_port() -> int:
 
 class Stack:
     def __init__(self, data_dir: Path, *extra: str, cmd: list[str] | None = None,
-                 cwd: Path | None = None) -> None:
+                 cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.port = _free_port()
         self.stderr_path = data_dir.parent / f"{data_dir.name}.stderr"
@@ -32,6 +33,7 @@ class Stack:
              "--worker-arg=--max-model-len", f"--worker-arg={MAX_MODEL_LEN}",
              "--worker-arg=--kv-cache-bytes", f"--worker-arg={128 << 20}", *extra],
             stdout=subprocess.PIPE, stderr=self._stderr, text=True, cwd=cwd,
+            env={**os.environ, **(env or {})},
         )
         self.lines: list[str] = []
         self._ready = threading.Event()

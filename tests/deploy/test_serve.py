@@ -6,6 +6,7 @@ no part outlives it."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -13,7 +14,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 from serve_stack import MAX_MODEL_LEN, Stack
+
+from kvmesh.cachestore import Namespace, StoreClient
+from kvmesh.cachestore.client import Unauthenticated
+from kvmesh.workers.client import WorkerClient, WorkerError
+from kvmesh.workers.sampling import SamplingParams
 
 KEY_A, KEY_B = "key-tenant-a", "key-tenant-b"
 LONG_PROMPT = " ".join(
@@ -40,8 +47,10 @@ def _pids_mentioning(marker: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
+    key_file = tmp_path_factory.mktemp("keys") / "api_keys"
+    key_file.write_text(f"# one a line\n{KEY_A}\n")  # a bare key is its own tenant
     s = Stack(tmp_path_factory.mktemp("serve") / "data", "--workers", "2",
-              "--api-key", KEY_A, "--api-key", KEY_B)
+              "--api-key-file", str(key_file), env={"KVMESH_SERVE_API_KEYS": KEY_B})
     try:
         line = s.wait_ready(300)
         assert line == f"kvmesh serving on http://127.0.0.1:{s.port}\n"
@@ -192,6 +201,39 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except FileNotFoundError:
         return ""
+
+
+def _router_flag(stack, flag: str) -> list[str]:
+    """Addresses the router was started with (`--store A`, `--worker B ...`)."""
+    (router,) = [pid for pid in _children_of(stack.proc.pid) if " router " in _cmdline(pid)]
+    return re.findall(rf"{flag} (\S+)", _cmdline(router))
+
+
+def test_internal_ports_refuse_calls_without_the_internal_token(stack, model):
+    """What a local user could do with no token: ask the store what is cached (another
+    tenant's prefix included), or generate on a worker straight away."""
+    (store,) = _router_flag(stack, "--store")
+    workers = _router_flag(stack, "--worker")
+    assert len(workers) == 2
+    ns = Namespace("m", num_layers=1, num_kv_heads=1, head_dim=4, dtype=torch.float32)
+    with StoreClient(store) as anonymous, pytest.raises(Unauthenticated):
+        anonymous.lookup(list(range(32)), ns)
+    with StoreClient(store, token="guessed-token") as guesser, pytest.raises(Unauthenticated):
+        guesser.lookup(list(range(32)), ns)
+    for address in workers:
+        with WorkerClient(address) as anonymous, pytest.raises(WorkerError, match="UNAUTH"):
+            list(anonymous.generate([1, 2, 3], SamplingParams(max_tokens=1), timeout=30))
+
+
+def test_no_secret_is_on_any_command_line(stack):
+    children = _children_of(stack.proc.pid)
+    assert len(children) == 4  # store, two workers, router
+    for pid in [stack.proc.pid, *children]:
+        argv = _cmdline(pid)
+        for secret in (KEY_A, KEY_B, "--token", "--secret", "--worker-token", "--store-token"):
+            assert secret not in argv, (secret, argv)
+    secret_file = stack.data_dir / "tenant_secret"
+    assert secret_file.stat().st_mode & 0o077 == 0 and len(secret_file.read_text().strip()) >= 32
 
 
 def test_killed_worker_is_left_out_and_requests_still_succeed(stack, client, model):
