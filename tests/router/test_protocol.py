@@ -111,7 +111,8 @@ def test_config_flags_beat_env_and_are_checked(tmp_path):
     model = tmp_path / "m.gguf"
     model.write_bytes(b"")
     env = {"KVMESH_ROUTER_WORKERS": "h:1,h:2", "KVMESH_ROUTER_PORT": "9000",
-           "KVMESH_ROUTER_API_KEYS": "k1=alice,k2", "KVMESH_ROUTER_MODEL_PATH": str(model)}
+           "KVMESH_ROUTER_API_KEYS": "k1=alice,k2", "KVMESH_ROUTER_MODEL_PATH": str(model),
+           "KVMESH_ROUTER_SECRET": "s3cret"}
     config = config_from_args(_args(), env)
     assert config.workers == ("h:1", "h:2") and config.port == 9000
     assert dict(config.api_keys) == {"k1": "alice", "k2": "k2"}
@@ -119,6 +120,12 @@ def test_config_flags_beat_env_and_are_checked(tmp_path):
     assert config.workers == ("w:3",) and config.port == 0 and dict(config.api_keys) == {"z": "z"}
     with pytest.raises(InvalidConfig, match="KVMESH_ROUTER_PORT"):
         config_from_args(_args(), {**env, "KVMESH_ROUTER_PORT": "eighty"})
+    no_secret = {k: v for k, v in env.items() if k != "KVMESH_ROUTER_SECRET"}
+    with pytest.raises(InvalidConfig, match="tenant secret"):  # never a constant secret
+        config_from_args(_args(), no_secret)
+    for bad_keys in ("k 1=alice", "=alice", "k1="):
+        with pytest.raises(InvalidConfig, match="KEY=TENANT"):
+            config_from_args(_args(), {**env, "KVMESH_ROUTER_API_KEYS": bad_keys})
     for bad in ({"workers": ()}, {"workers": ("nohost",)}, {"workers": ("h:1", "h:1")},
                 {"port": 70000}, {"balance_rel": 0.5}, {"max_attempts": 0},
                 {"model_path": str(tmp_path / "missing")}):
