@@ -39,6 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--tls-cert", help="PEM certificate chain; with --tls-key enables TLS")
     add("--tls-key", help="PEM private key")
     add("--max-workers", type=int, help="server threads (default 32)")
+    add("--max-bulk-streams", type=int,
+        help="Put / PutPages / GetClosest / GetPages streams at once; more are refused with "
+             "RESOURCE_EXHAUSTED, so control calls keep threads (default 3/4 of --max-workers)")
+    add("--stream-idle-s", type=float,
+        help="cancel a bulk stream that waits this long on its client (default 10)")
     add("--shared-memory", action=argparse.BooleanOptionalAction, default=None,
         help="let clients on this host receive pages through /dev/shm segments, and map the "
              "cpu tier's pages from /dev/shm arenas (default on)")

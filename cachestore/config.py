@@ -45,6 +45,10 @@ class StoreConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     max_workers: int = 32
+    # bulk streams (Put, PutPages, GetClosest, GetPages) running at once; more are refused
+    # (RESOURCE_EXHAUSTED), so unary control calls keep threads. None: 3/4 of max_workers
+    max_bulk_streams: int | None = None
+    stream_idle_s: float = 10.0  # a bulk stream waiting this long on its client is cancelled
     shared_memory: bool = True  # same-host GetPages may write into client /dev/shm segments
     lease_s: float = 30.0  # mapped GetPages: pages stay unchanged this long unless released
     # SIGTERM/SIGINT: seconds spent copying the cpu tier down (disk/redis/remote) before exit;
@@ -85,8 +89,22 @@ class StoreConfig:
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise InvalidConfig(f"{name} {path!r} is not a file")
-        if self.max_workers <= 0:
-            raise InvalidConfig(f"max_workers must be positive, got {self.max_workers}")
+        if self.max_workers < 2:
+            raise InvalidConfig(f"max_workers must be at least 2 (bulk streams and control "
+                                f"calls need threads of their own), got {self.max_workers}")
+        if self.max_bulk_streams is not None and not 0 < self.max_bulk_streams < self.max_workers:
+            raise InvalidConfig(f"max_bulk_streams must be in [1, max_workers={self.max_workers})"
+                                f" (control calls need threads), got {self.max_bulk_streams}")
+        if not 0 < self.stream_idle_s <= 3600:
+            raise InvalidConfig(f"stream_idle_s must be in (0, 3600] seconds, "
+                                f"got {self.stream_idle_s}")
+
+    @property
+    def bulk_streams(self) -> int:
+        """Bulk streams that may run at once: max_bulk_streams, else 3/4 of max_workers."""
+        if self.max_bulk_streams is not None:
+            return self.max_bulk_streams
+        return max(1, self.max_workers * 3 // 4)
 
     @property
     def is_tls(self) -> bool:

@@ -23,6 +23,7 @@ from kvmesh.cachestore.page_access import PageAccess
 from kvmesh.cachestore.shm_leases import MappedLeases
 from kvmesh.cachestore.shm_server import SegmentWriter
 from kvmesh.cachestore.store import FlushResult, TieredStore
+from kvmesh.cachestore.streams import BulkStreams, StreamIdle, StreamsExhausted
 from kvmesh.cachestore.tiers.base import Tier, TierFull, TierUnavailable
 from kvmesh.cachestore.tiers.cpu import CpuTier
 from kvmesh.v1 import store_pb2
@@ -40,6 +41,8 @@ STATUS_BY_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (InvalidNamespace, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (TierFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StreamsExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StreamIdle, grpc.StatusCode.DEADLINE_EXCEEDED),
     (TierUnavailable, grpc.StatusCode.UNAVAILABLE),
     (StoreClosed, grpc.StatusCode.UNAVAILABLE),
     (NotFound, grpc.StatusCode.NOT_FOUND),
@@ -199,8 +202,44 @@ class KVStoreServicer:
         return store_pb2.DeleteResponse(num_pages_deleted=deleted)
 
 
-def _handlers(servicer: KVStoreServicer) -> grpc.GenericRpcHandler:
-    """Method handlers with the frame (de)serializers of cachestore.wire for the bulk streams."""
+def _admit(streams: BulkStreams, context: grpc.ServicerContext) -> Any:
+    try:
+        return streams.admit(context)
+    except StreamsExhausted as exc:
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+
+
+def _bulk_in(method: Callable, streams: BulkStreams) -> Callable:
+    """A client-streaming method under the bulk stream limit and idle watchdog."""
+
+    def call(request_iterator: Iterator, context: grpc.ServicerContext) -> Any:
+        stream = _admit(streams, context)
+        try:
+            return method(stream.requests(request_iterator), context)
+        finally:
+            stream.release()
+
+    return call
+
+
+def _bulk_out(method: Callable, streams: BulkStreams) -> Callable:
+    """A server-streaming method under the bulk stream limit and idle watchdog."""
+
+    def call(request: Any, context: grpc.ServicerContext) -> Any:
+        stream = _admit(streams, context)
+        try:
+            replies = method(request, context)
+        except BaseException:
+            stream.release()
+            raise
+        return stream.replies(replies)
+
+    return call
+
+
+def _handlers(servicer: KVStoreServicer, streams: BulkStreams) -> grpc.GenericRpcHandler:
+    """Method handlers with the frame (de)serializers of cachestore.wire for the bulk streams,
+    which run under `streams`' limit and idle watchdog."""
     pb = store_pb2
     unary = grpc.unary_unary_rpc_method_handler
 
@@ -210,20 +249,24 @@ def _handlers(servicer: KVStoreServicer) -> grpc.GenericRpcHandler:
 
     return grpc.method_handlers_generic_handler(SERVICE, {
         "Put": grpc.stream_unary_rpc_method_handler(
-            servicer.Put, request_deserializer=wire.make_deserializer(pb.PutRequest),
+            _bulk_in(servicer.Put, streams),
+            request_deserializer=wire.make_deserializer(pb.PutRequest),
             response_serializer=pb.PutResponse.SerializeToString),
         "GetClosest": grpc.unary_stream_rpc_method_handler(
-            servicer.GetClosest, request_deserializer=wire.make_parser(pb.GetClosestRequest),
+            _bulk_out(servicer.GetClosest, streams),
+            request_deserializer=wire.make_parser(pb.GetClosestRequest),
             response_serializer=wire.make_serializer(pb.GetClosestHeader)),
         "Lookup": plain(servicer.Lookup, pb.LookupRequest),
         "Delete": plain(servicer.Delete, pb.DeleteRequest),
         "Stats": plain(servicer.Stats, pb.StatsRequest),
         "HasPages": plain(servicer.HasPages, pb.PageKeys),
         "GetPages": grpc.unary_stream_rpc_method_handler(
-            servicer.GetPages, request_deserializer=wire.make_parser(pb.PageKeys),
+            _bulk_out(servicer.GetPages, streams),
+            request_deserializer=wire.make_parser(pb.PageKeys),
             response_serializer=wire.make_serializer(pb.GetPagesHeader)),
         "PutPages": grpc.stream_unary_rpc_method_handler(
-            servicer.PutPages, request_deserializer=wire.make_deserializer(pb.PutPagesRequest),
+            _bulk_in(servicer.PutPages, streams),
+            request_deserializer=wire.make_deserializer(pb.PutPagesRequest),
             response_serializer=pb.PutPagesResponse.SerializeToString),
         "DeletePages": plain(servicer.DeletePages, pb.PageKeys),
         "ReleasePages": plain(servicer.ReleasePages, pb.ReleasePagesRequest),
@@ -304,7 +347,8 @@ class StoreServer:
         self.leases = (MappedLeases(cpu, config.lease_s)
                        if isinstance(cpu, CpuTier) and cpu.is_shared else None)
         servicer = KVStoreServicer(self.store, self._segments, self.leases, tokens)
-        self._server.add_generic_rpc_handlers((_handlers(servicer),))
+        self.streams = BulkStreams(config.bulk_streams, config.stream_idle_s)
+        self._server.add_generic_rpc_handlers((_handlers(servicer, self.streams),))
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
@@ -341,6 +385,7 @@ class StoreServer:
         the flush's result, None when there was none."""
         self._health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
+        self.streams.close()
         flushed = self.store.flush_down(flush_s) if flush_s > 0 else None
         if self._segments is not None:
             self._segments.close()

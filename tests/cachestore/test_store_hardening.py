@@ -11,11 +11,15 @@ import subprocess
 import threading
 import time
 
+import grpc
 import numpy as np
+import pytest
 import torch
 
 from kvmesh.cachestore import Namespace, StoreClient, shm
 from kvmesh.cachestore.codec import encode_page
+from kvmesh.cachestore.config import StoreConfig
+from kvmesh.cachestore.errors import InvalidConfig
 from kvmesh.deploy.cli import command
 
 LISTENING = re.compile(r"^kvmesh store listening on (127\.0\.0\.1):(\d+)$")
@@ -151,3 +155,59 @@ def test_flush_can_be_turned_off(tmp_path):
             assert client.get_closest(tokens, SMALL) is None
     finally:
         stop_store(proc)
+
+
+def test_idle_put_streams_cannot_starve_control_calls():
+    """40 Put streams opened and left idle: past 24 (3/4 of 32 threads) they are refused at
+    once, Lookup still answers well within a second, and after --stream-idle-s the idle ones
+    are cancelled with DEADLINE_EXCEEDED, which frees their slots for real writers."""
+    proc, target = start_store("--cpu-bytes", "16M", "--stream-idle-s", "2")
+    release = threading.Event()
+
+    def nothing():  # a client that opens a Put stream and never sends a message
+        release.wait()
+        yield from ()
+
+    channel = grpc.insecure_channel(target)
+    try:
+        put = channel.stream_unary("/kvmesh.v1.KVStore/Put", request_serializer=bytes,
+                                   response_deserializer=bytes)
+        idle = [put.future(nothing(), timeout=60) for _ in range(40)]
+        time.sleep(0.5)  # every stream reached the server
+        tokens = list(range(32))
+        with StoreClient(target, timeout=5) as client:
+            for _ in range(5):
+                started = time.monotonic()
+                assert client.lookup(tokens, SMALL).num_tokens == 0
+                assert time.monotonic() - started < 1.0
+            refused = [f for f in idle if f.done()]
+            assert len(refused) == 40 - 24
+            assert {f.exception().code() for f in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+            waited = time.monotonic()
+            for future in idle:
+                assert future.exception(timeout=10).code() in (
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
+            assert 1.0 < time.monotonic() - waited < 5.0
+            cancelled = [f for f in idle if f not in refused]
+            assert {f.exception().code() for f in cancelled} == {grpc.StatusCode.DEADLINE_EXCEEDED}
+            kv = torch.randn(2, 2, 32, 2, 8).to(torch.float16)
+            assert client.put(tokens, kv, SMALL) == 2  # the slots are free again
+            assert torch.equal(client.get_closest(tokens, SMALL).kv, kv)
+    finally:
+        release.set()
+        channel.close()
+        out, err = stop_store(proc)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+
+
+def test_bulk_stream_limits_in_config():
+    assert StoreConfig().bulk_streams == 24 and StoreConfig(max_workers=2).bulk_streams == 1
+    assert StoreConfig(max_bulk_streams=5).bulk_streams == 5
+    assert StoreConfig.from_sources({}, env={"KVMESH_STORE_MAX_BULK_STREAMS": "7",
+                                             "KVMESH_STORE_STREAM_IDLE_S": "2.5"}).bulk_streams == 7
+    with pytest.raises(InvalidConfig, match="max_bulk_streams must be in"):
+        StoreConfig(max_bulk_streams=32)
+    with pytest.raises(InvalidConfig, match="stream_idle_s must be in"):
+        StoreConfig(stream_idle_s=0)
+    with pytest.raises(InvalidConfig, match="max_workers must be at least 2"):
+        StoreConfig(max_workers=1)
