@@ -81,9 +81,11 @@ class RoleActor:
     method call on a (re)started actor waits for the role to be ready.
     """
 
-    def __init__(self, role: str, argv: list[str], ready_timeout_s: float) -> None:
+    def __init__(self, role: str, argv: list[str], ready_timeout_s: float,
+                 env: dict[str, str] | None = None) -> None:
         self._role = role
         self._command = role_command(role, argv)
+        self._env = env or {}  # the role's secrets: environment, never argv
         self._is_stopping = False
         self._output_tail: deque[str] = deque(maxlen=40)
         context = ray.get_runtime_context()
@@ -122,7 +124,7 @@ class RoleActor:
         return self._listen_address
 
     def _supervise(self) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self._env)
         parent_pid = os.getpid()
         try:
             self._child = subprocess.Popen(

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kvmesh.deploy.internal_auth import DeploymentSecrets, new_token, tenant_secret
+from kvmesh.router.config import InvalidConfig, parse_api_keys
+
 NAMESPACE = "kvmesh"  # Ray namespace holding every kvmesh actor and the placement group
 ACTOR_PREFIX = "kvmesh-"
 STORE_ACTOR = "kvmesh-store"
@@ -52,7 +55,9 @@ class RayDeployConfig:
     store_disk_dir: str | None = None
     worker_host_tier_bytes: int | None = None  # each worker's host CPU tier, on its own node
     api_key: str | None = None  # router clients must send it (Authorization: Bearer ...)
-    token: str | None = None  # bearer token between router, workers and store
+    # bearer token between router, workers and store; None: a random one for this deployment
+    token: str | None = None
+    tenant_secret: str | None = None  # None: KVMESH_TENANT_SECRET, else random per deployment
     max_restarts: int = 5
     ready_timeout_s: float = 600.0
     store_args: tuple[str, ...] = field(default_factory=tuple)  # passed through to the role CLI
@@ -88,6 +93,22 @@ class RayDeployConfig:
             raise RayConfigError("--host-tier-bytes must be >= 0")
         if not self.namespace:
             raise RayConfigError("--namespace must not be empty")
+        try:
+            api_keys = parse_api_keys([self.api_key or ""])
+        except InvalidConfig as exc:
+            raise RayConfigError(f"--api-key: {exc}") from None
+        if self.token is None:
+            object.__setattr__(self, "token", new_token())
+        if self.tenant_secret is None:
+            object.__setattr__(self, "tenant_secret", tenant_secret(None))
+        object.__setattr__(self, "_secrets",
+                           DeploymentSecrets(self.token, self.tenant_secret, api_keys))
+
+    def role_env(self, role: str) -> dict[str, str]:
+        """The role's secrets, for its process environment (never its argv)."""
+        secrets: DeploymentSecrets = self._secrets  # type: ignore[attr-defined]
+        return {"store": secrets.store_env, "worker": secrets.worker_env,
+                "router": secrets.router_env}[role]()
 
     @property
     def device(self) -> str:
@@ -104,8 +125,6 @@ class RayDeployConfig:
             argv += ["--disk-dir", self.store_disk_dir]
         if self.redis_url:
             argv += ["--redis-url", self.redis_url]
-        if self.token:
-            argv += ["--token", self.token]
         return argv + list(self.store_args)
 
     def worker_argv(self, index: int, store_address: str) -> list[str]:
@@ -115,8 +134,6 @@ class RayDeployConfig:
             argv += ["--model", self.model]
         if self.worker_host_tier_bytes is not None:
             argv += ["--host-tier-bytes", str(self.worker_host_tier_bytes)]
-        if self.token:
-            argv += ["--token", self.token, "--store-token", self.token]
         return argv + list(self.worker_args)
 
     def router_argv(self, worker_addresses: list[str], store_address: str) -> list[str]:
@@ -127,8 +144,4 @@ class RayDeployConfig:
                  "--port", str(self.router_port)]
         if self.model and self.model != "smollm2":  # "smollm2" is the router's default too
             argv += ["--model", self.model]  # the router tokenizes with the workers' model
-        if self.api_key:
-            argv += ["--api-key", self.api_key]
-        if self.token:
-            argv += ["--worker-token", self.token]
         return argv + list(self.router_args)

@@ -97,7 +97,7 @@ def _start(name: str, role: str, argv: list[str], config: RayDeployConfig,
     return RemoteRoleActor.options(  # type: ignore[return-value]
         name=name, namespace=config.namespace, lifetime="detached",
         max_restarts=config.max_restarts, max_task_retries=-1, **options,
-    ).remote(role, argv, config.ready_timeout_s)
+    ).remote(role, argv, config.ready_timeout_s, config.role_env(role))
 
 
 def _ready(handles: list[ray.actor.ActorHandle], what: str, timeout_s: float) -> list[RoleInfo]:

@@ -19,14 +19,27 @@ def test_role_command_lines():
                              worker_host_tier_bytes=1 << 22,
                              worker_args=("--kv-cache-bytes", "1000"))
     assert config.store_argv() == ["--host", "0.0.0.0", "--port", "7001", "--cpu-bytes",
-                                   "1048576", "--redis-url", "redis://r:6379/0", "--token", "t"]
+                                   "1048576", "--redis-url", "redis://r:6379/0"]
     assert config.worker_argv(1, "10.0.0.1:7001") == [
         "--device", "cpu", "--store", "10.0.0.1:7001", "--host", "0.0.0.0", "--port", "7101",
-        "--host-tier-bytes", "4194304", "--token", "t", "--store-token", "t",
-        "--kv-cache-bytes", "1000"]
+        "--host-tier-bytes", "4194304", "--kv-cache-bytes", "1000"]
     assert config.router_argv(["a:1", "b:2"], "s:3") == [
         "--worker", "a:1", "--worker", "b:2", "--store", "s:3", "--host", "0.0.0.0",
-        "--port", "9000", "--api-key", "k", "--worker-token", "t"]
+        "--port", "9000"]
+    # secrets travel in each role's environment, never its argv
+    assert config.role_env("store")["KVMESH_STORE_TOKEN"] == "t"
+    assert config.role_env("worker") == {"KVMESH_WORKER_TOKEN": "t",
+                                         "KVMESH_WORKER_STORE_TOKEN": "t"}
+    router_env = config.role_env("router")
+    assert router_env["KVMESH_ROUTER_API_KEYS"] == "k=k"
+    assert router_env["KVMESH_ROUTER_WORKER_TOKEN"] == "t"
+    assert len(router_env["KVMESH_ROUTER_SECRET"]) >= 32  # random per deployment
+
+
+def test_a_deployment_without_a_token_gets_a_random_one():
+    first, second = RayDeployConfig(), RayDeployConfig()
+    assert first.token and second.token and first.token != second.token
+    assert first.role_env("worker")["KVMESH_WORKER_TOKEN"] == first.token
 
 
 def test_gpu_workers_run_on_cuda_and_model_reaches_router():
