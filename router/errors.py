@@ -50,6 +50,13 @@ class WorkerFailed(RouterError):
     code = "worker_failed"
 
 
+class RequestFailed(RouterError):
+    """The worker's engine failed on this request alone (and aborted it); the worker is fine,
+    and another would fail the same way, so it is not retried."""
+
+    code = "request_failed"
+
+
 # error class -> (HTTP status, OpenAI error type). The one place statuses are chosen.
 HTTP_STATUS: dict[type[RouterError], tuple[int, str]] = {
     InvalidRequest: (400, "invalid_request_error"),
@@ -60,6 +67,7 @@ HTTP_STATUS: dict[type[RouterError], tuple[int, str]] = {
     Overloaded: (429, "rate_limit_error"),
     NoWorkerAvailable: (503, "service_unavailable"),
     WorkerFailed: (503, "service_unavailable"),
+    RequestFailed: (500, "internal_error"),
     RouterError: (500, "internal_error"),
 }
 

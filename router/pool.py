@@ -34,6 +34,15 @@ RETRYABLE_CODES = frozenset({
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.ABORTED,
 })
+# Trailing metadata a worker sets when a request failed alone inside its engine (worker.proto,
+# Generate): the input is to blame, so no retry elsewhere and no strike against the worker.
+FAILURE_SCOPE_KEY = "kvmesh-failure-scope"
+
+
+def is_request_failure(error: grpc.aio.AioRpcError) -> bool:
+    """True when the worker says the request itself failed, not the worker."""
+    trailing = error.trailing_metadata() or ()
+    return any(key == FAILURE_SCOPE_KEY and value == "request" for key, value in trailing)
 
 
 class WorkerHandle:

@@ -21,12 +21,13 @@ from kvmesh.router.errors import (
     NoWorkerAvailable,
     Overloaded,
     PromptTooLong,
+    RequestFailed,
     WorkerFailed,
 )
 from kvmesh.router.index import PrefixIndex
 from kvmesh.router.metrics import RouterMetrics
 from kvmesh.router.policy import BalanceThreshold, Decision, NoCandidate, choose
-from kvmesh.router.pool import RETRYABLE_CODES, WorkerHandle, WorkerPool
+from kvmesh.router.pool import RETRYABLE_CODES, WorkerHandle, WorkerPool, is_request_failure
 from kvmesh.router.protocol import ParsedRequest
 from kvmesh.router.store_probe import StoreProbe
 from kvmesh.router.tokenizer import PromptTokenizer
@@ -187,8 +188,8 @@ class Router:
         """The request's chunks. Streamed (`buffered` False): retried on another worker while
         no output has been yielded; WorkerFailed if a worker fails after that. Buffered: each
         attempt's chunks are held until it finishes, so any worker failure is retried.
-        InvalidRequest if the worker rejects the input; NoWorkerAvailable when every attempt
-        failed."""
+        InvalidRequest if the worker rejects the input, RequestFailed if its engine failed on
+        this request alone (neither is retried); NoWorkerAvailable when every attempt failed."""
         tried: list[str] = []
         started = time.monotonic()
         last_token_time: float | None = None
@@ -231,9 +232,13 @@ class Router:
                     return
                 except grpc.aio.AioRpcError as exc:
                     code = exc.code()
+                    # the input is to blame: neither retried nor counted against the worker
                     if code == grpc.StatusCode.INVALID_ARGUMENT:
                         raise InvalidRequest(f"worker rejected the request: {exc.details()}"
                                              ) from None
+                    if is_request_failure(exc):
+                        raise RequestFailed(f"worker {handle.worker_id}: {exc.details()}"
+                                            ) from None
                     if code not in RETRYABLE_CODES:
                         raise WorkerFailed(f"worker {handle.worker_id}: {code.name} "
                                            f"{exc.details()}") from None

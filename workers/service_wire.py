@@ -6,7 +6,6 @@ message before it reaches the engine.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,9 +65,8 @@ def parse_generate_request(
     n = s.n or 1
     if n > limits.max_num_seqs:
         raise InvalidRequest(f"n must be at most {limits.max_num_seqs}, got {n}")
-    if not math.isfinite(s.temperature) or not math.isfinite(s.top_p):
-        raise InvalidRequest("temperature and top_p must be finite numbers")
-    # SamplingParams checks the ranges of every field and raises InvalidRequest naming it.
+    # SamplingParams checks every field (NaN and inf included) and raises InvalidRequest
+    # naming it; temperatures below MIN_TEMPERATURE sample greedily.
     sampling = SamplingParams(
         temperature=float(s.temperature),
         top_p=float(s.top_p) if s.top_p != 0 else 1.0,

@@ -28,7 +28,8 @@ PROMPT = list(range(1, 11))
 
 class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
     """Streams tokens 5, 6 ("a", "b") or fails as told: "refuse" (UNAVAILABLE before any token),
-    "crash_after_token" (INTERNAL after the first), "invalid" (INVALID_ARGUMENT)."""
+    "crash_after_token" (INTERNAL after the first), "invalid" (INVALID_ARGUMENT),
+    "request_failed" (INTERNAL marked as the request's own failure, as a quarantine is)."""
 
     def __init__(self, behavior: str = "ok") -> None:
         self.behavior = behavior
@@ -40,6 +41,9 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "going away")
         if self.behavior == "invalid":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "token 99999 out of vocabulary")
+        if self.behavior == "request_failed":
+            context.set_trailing_metadata((("kvmesh-failure-scope", "request"),))
+            await context.abort(grpc.StatusCode.INTERNAL, "request failed in the engine")
         yield worker_pb2.GenerateResponse(request_id=request.request_id, token_ids=[5], text="a")
         if self.behavior == "crash_after_token":
             await context.abort(grpc.StatusCode.INTERNAL, "engine crashed")
@@ -87,8 +91,9 @@ async def run_case(first: str, body: dict) -> tuple[int, dict, str, list[Scripte
         for server in servers:
             await server.stop(None)
     worker = {addresses[0]: "first", addresses[1]: "ok", "": ""}[headers.get(WORKER_HEADER, "")]
+    first_handle = pool.workers[addresses[0]]
     return status, {"worker": worker, "retries": metrics.retries.values}, text, servicers, {
-        "first_available": pool.workers[addresses[0]].is_healthy}
+        "first_available": first_handle.is_healthy, "first_failures": first_handle.num_failures}
 
 
 def sse_events(text: str) -> list:
@@ -134,3 +139,21 @@ def test_worker_rejecting_the_input_is_a_400_and_not_retried():
     error = json.loads(text)["error"]
     assert error["code"] == "invalid_request" and "out of vocabulary" in error["message"]
     assert (first.num_calls, ok.num_calls) == (1, 0) and info["retries"] == {}
+
+
+def test_worker_rejecting_the_input_is_not_held_against_it():
+    for body in ({"max_tokens": 2}, {"max_tokens": 2, "stream": True}):
+        status, _, text, _, state = asyncio.run(run_case("invalid", body))
+        assert status == 400 and json.loads(text)["error"]["type"] == "invalid_request_error"
+        assert state == {"first_available": True, "first_failures": 0}
+
+
+def test_request_that_failed_alone_in_the_engine_is_a_500_not_retried_nor_held_against_it():
+    for body in ({"max_tokens": 2}, {"max_tokens": 2, "stream": True}):
+        status, info, text, (first, ok), state = asyncio.run(run_case("request_failed", body))
+        assert status == 500
+        error = json.loads(text)["error"]
+        assert error["code"] == "request_failed" and error["type"] == "internal_error"
+        assert "request failed in the engine" in error["message"]
+        assert (first.num_calls, ok.num_calls) == (1, 0) and info["retries"] == {}
+        assert state == {"first_available": True, "first_failures": 0}
