@@ -48,7 +48,8 @@ async def start_router(config: RouterConfig, ready_timeout: float = READY_TIMEOU
     from kvmesh.router.store_probe import StoreProbe
     from kvmesh.router.tokenizer import PromptTokenizer
 
-    tokenizer = await asyncio.to_thread(PromptTokenizer, config.model_path)
+    tokenizer = await asyncio.to_thread(PromptTokenizer, config.model_path,
+                                        config.split_special_tokens)
     index = PrefixIndex(config.predicted_ttl_s)
     metrics = RouterMetrics()
     pool = WorkerPool(config, index, metrics)

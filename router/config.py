@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -49,6 +49,17 @@ class RouterConfig:
     circuit_cooldown_s: float = 5.0
     max_attempts: int = 3  # workers tried for a request that produced no token yet
     max_inflight: int = 1024  # router-wide; beyond it requests get 429
+    # HTTP inputs
+    # Prompt characters accepted, checked before tokenizing. 0 = max_model_len x the longest
+    # token in the vocabulary (in characters): a longer prompt cannot fit the context.
+    max_prompt_chars: int = 0
+    max_body_bytes: int = 16 << 20  # larger bodies get 413
+    read_timeout_s: float = 30.0  # for a request's headers, and then for its body (408)
+    num_tokenizer_threads: int = 2  # tokenizing and chat templating run off the event loop
+    # Special-token text inside chat message content is tokenized as plain text, so a user
+    # cannot open a system turn by typing `<|im_start|>system`. Completion prompts are always
+    # parsed: their caller writes the whole prompt.
+    split_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         if not self.workers:
@@ -70,13 +81,15 @@ class RouterConfig:
         for key, tenant in self.api_keys.items():
             if not key or not tenant:
                 raise InvalidConfig("API keys and tenant names must not be empty")
-        for name in ("max_model_len",):
+        for name in ("max_model_len", "max_prompt_chars"):
             if getattr(self, name) < 0:
                 raise InvalidConfig(f"{name} must be >= 0")
-        for name in ("balance_abs", "circuit_failures", "max_attempts", "max_inflight"):
+        for name in ("balance_abs", "circuit_failures", "max_attempts", "max_inflight",
+                     "max_body_bytes", "num_tokenizer_threads"):
             if getattr(self, name) < 1:
                 raise InvalidConfig(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("predicted_ttl_s", "health_interval_s", "circuit_cooldown_s"):
+        for name in ("predicted_ttl_s", "health_interval_s", "circuit_cooldown_s",
+                     "read_timeout_s"):
             if getattr(self, name) <= 0:
                 raise InvalidConfig(f"{name} must be > 0, got {getattr(self, name)}")
         if self.balance_rel < 1.0:
@@ -124,10 +137,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--balance-abs", type=int, default=None)
     parser.add_argument("--balance-rel", type=float, default=None)
     parser.add_argument("--max-attempts", type=int, default=None)
+    parser.add_argument("--max-prompt-chars", type=int, default=None,
+                        help="prompt characters accepted (default: max_model_len x longest token)")
+    parser.add_argument("--max-body-bytes", type=int, default=None)
+    parser.add_argument("--read-timeout", type=float, default=None, dest="read_timeout_s",
+                        help="seconds for a request's headers, then for its body (default 30)")
+    parser.add_argument("--split-special-tokens", action=argparse.BooleanOptionalAction,
+                        default=None, help="special-token text in chat messages is plain text "
+                        "(default); --no-split-special-tokens parses it as control tokens")
+
+
+def _env_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ValueError("expected true/false")
+    return value in ("1", "true", "yes", "on")
 
 
 # RouterConfig field -> (argparse dest, parser of the env string)
-_FIELDS: dict[str, tuple[str, type]] = {
+_FIELDS: dict[str, tuple[str, Callable[[str], object]]] = {
     "host": ("host", str),
     "port": ("port", int),
     "store": ("store", str),
@@ -140,6 +168,10 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "balance_abs": ("balance_abs", int),
     "balance_rel": ("balance_rel", float),
     "max_attempts": ("max_attempts", int),
+    "max_prompt_chars": ("max_prompt_chars", int),
+    "max_body_bytes": ("max_body_bytes", int),
+    "read_timeout_s": ("read_timeout_s", float),
+    "split_special_tokens": ("split_special_tokens", _env_bool),
 }
 
 

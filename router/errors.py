@@ -36,6 +36,18 @@ class PromptTooLong(RouterError):
     code = "context_length_exceeded"
 
 
+class RequestTooLarge(RouterError):
+    """The body is larger than any request this server accepts needs."""
+
+    code = "request_too_large"
+
+
+class RequestTimeout(RouterError):
+    """The client sent its body too slowly."""
+
+    code = "request_timeout"
+
+
 class Overloaded(RouterError):
     code = "rate_limit_exceeded"
 
@@ -64,6 +76,8 @@ HTTP_STATUS: dict[type[RouterError], tuple[int, str]] = {
     Unauthenticated: (401, "authentication_error"),
     ModelNotFound: (404, "invalid_request_error"),
     NotFound: (404, "invalid_request_error"),
+    RequestTimeout: (408, "invalid_request_error"),
+    RequestTooLarge: (413, "invalid_request_error"),
     Overloaded: (429, "rate_limit_error"),
     NoWorkerAvailable: (503, "service_unavailable"),
     WorkerFailed: (503, "service_unavailable"),

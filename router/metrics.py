@@ -115,6 +115,8 @@ class RouterMetrics:
         self.retries = Counter(p + "request_retries_total", "Requests moved to another worker")
         self.requests = Counter(p + "request_success_total", "Finished requests")
         self.errors = Counter(p + "http_errors_total", "Error responses, by HTTP status")
+        self.client_disconnects = Counter(p + "client_disconnects_total",
+                                          "Requests whose client left before the response ended")
         self.prompt_tokens = Counter(p + "prompt_tokens_total", "Prompt tokens")
         self.generation_tokens = Counter(p + "generation_tokens_total", "Generated tokens")
         self.worker_healthy = Gauge(p + "worker_healthy", "1 if the worker takes requests")

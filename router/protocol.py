@@ -7,13 +7,15 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from kvmesh.router.errors import InvalidRequest
+from kvmesh.router.errors import InvalidRequest, PromptTooLong
 
 MAX_N = 16
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_TEMPERATURE = 2.0
 MAX_SEED = (1 << 64) - 1
+MAX_INT32 = (1 << 31) - 1  # token ids travel as int32 (page keys); top_k as int32
+MAX_MAX_TOKENS = MAX_INT32  # the context length bounds it further, once known
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")
 
@@ -52,10 +54,18 @@ def _is_number(value: Any) -> bool:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """repr for an error message, cut: a client's 4,000-digit number is not echoed back."""
+    if _is_int(value) and value.bit_length() > 3 * limit:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _optional(body: dict, name: str, check: Any, what: str) -> Any:
     value = body.get(name)
     if value is not None and not check(value):
-        raise InvalidRequest(f"'{name}' must be {what}, got {value!r}", param=name)
+        raise InvalidRequest(f"'{name}' must be {what}, got {_short(value)}", param=name)
     return value
 
 
@@ -65,8 +75,9 @@ def _parse_sampling(body: dict, is_chat: bool) -> Sampling:
         max_tokens = _optional(body, "max_completion_tokens", _is_int, "an integer")
     has_mct = body.get("max_completion_tokens") is not None
     param = "max_completion_tokens" if has_mct else "max_tokens"
-    if max_tokens is not None and max_tokens < 1:
-        raise InvalidRequest(f"'{param}' must be at least 1, got {max_tokens}", param=param)
+    if max_tokens is not None and not 1 <= max_tokens <= MAX_MAX_TOKENS:
+        raise InvalidRequest(f"'{param}' must be in [1, {MAX_MAX_TOKENS}], "
+                             f"got {_short(max_tokens)}", param=param)
     if max_tokens is None and not is_chat:
         max_tokens = DEFAULT_COMPLETION_MAX_TOKENS
     temperature = _optional(body, "temperature", _is_number, "a number")
@@ -77,15 +88,15 @@ def _parse_sampling(body: dict, is_chat: bool) -> Sampling:
     if top_p is not None and not 0 < top_p <= 1:
         raise InvalidRequest(f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
     top_k = _optional(body, "top_k", _is_int, "an integer")
-    if top_k is not None and top_k < -1:
-        raise InvalidRequest(f"'top_k' must be -1 or 0 (off) or positive, got {top_k}",
-                             param="top_k")
+    if top_k is not None and not -1 <= top_k <= MAX_INT32:
+        raise InvalidRequest(f"'top_k' must be -1 or 0 (off) or in [1, {MAX_INT32}], "
+                             f"got {_short(top_k)}", param="top_k")
     n = _optional(body, "n", _is_int, "an integer")
     if n is not None and not 1 <= n <= MAX_N:
-        raise InvalidRequest(f"'n' must be in [1, {MAX_N}], got {n}", param="n")
+        raise InvalidRequest(f"'n' must be in [1, {MAX_N}], got {_short(n)}", param="n")
     seed = _optional(body, "seed", _is_int, "an integer")
     if seed is not None and not 0 <= seed <= MAX_SEED:
-        raise InvalidRequest(f"'seed' must be in [0, 2**64), got {seed}", param="seed")
+        raise InvalidRequest(f"'seed' must be in [0, 2**64), got {_short(seed)}", param="seed")
     ignore_eos = _optional(body, "ignore_eos", lambda v: isinstance(v, bool), "a boolean")
     return Sampling(
         max_tokens=max_tokens,
@@ -120,7 +131,9 @@ def _parse_prompt(prompt: Any) -> str | tuple[int, ...]:
         if not prompt:
             raise InvalidRequest("'prompt' must not be empty", param="prompt")
         return prompt
-    if isinstance(prompt, list) and prompt and all(_is_int(t) and t >= 0 for t in prompt):
+    if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        if not all(0 <= t <= MAX_INT32 for t in prompt):
+            raise InvalidRequest(f"prompt token ids must be in [0, {MAX_INT32}]", param="prompt")
         return tuple(prompt)
     if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
         raise InvalidRequest("batched prompts are not supported; send one prompt per request",
@@ -187,3 +200,20 @@ def parse_request(body: Any, *, is_chat: bool) -> ParsedRequest:
         include_usage=include_usage,
         user=user,
     )
+
+
+def check_prompt_size(parsed: ParsedRequest, max_chars: int | None) -> None:
+    """Raises PromptTooLong if the prompt text has more than `max_chars` characters; checked
+    before tokenizing, which takes seconds on megabytes. Token-id prompts are not text."""
+    if max_chars is None:
+        return
+    if parsed.messages is not None:
+        num_chars = sum(len(m["content"]) for m in parsed.messages)
+    elif isinstance(parsed.prompt, str):
+        num_chars = len(parsed.prompt)
+    else:
+        return
+    if num_chars > max_chars:
+        param = "messages" if parsed.is_chat else "prompt"
+        raise PromptTooLong(f"the prompt has {num_chars} characters; this server accepts at "
+                            f"most {max_chars}", param=param)

@@ -1,4 +1,7 @@
-"""The model's tokenizer and chat template, loaded from the same file the workers serve."""
+"""The model's tokenizer and chat template, loaded from the same file the workers serve.
+
+Calls are blocking and may take seconds on a large prompt: the HTTP layer runs them in a thread
+pool, never on the event loop."""
 
 from __future__ import annotations
 
@@ -7,9 +10,14 @@ from collections.abc import Sequence
 
 
 class PromptTokenizer:
-    """Wraps a transformers tokenizer loaded from a GGUF file or a HF folder (never a hub)."""
+    """Wraps a transformers tokenizer loaded from a GGUF file or a HF folder (never a hub).
 
-    def __init__(self, model_path: str) -> None:
+    `split_special_tokens`: special-token text inside chat message content (`<|im_start|>`) is
+    encoded as plain text, so only the template's own control tokens become control token ids.
+    Completion prompts are always parsed: their caller writes the whole prompt, template and all.
+    """
+
+    def __init__(self, model_path: str, split_special_tokens: bool = True) -> None:
         from transformers import AutoTokenizer  # heavy import: only when a router starts
 
         if os.path.isfile(model_path):
@@ -18,6 +26,11 @@ class PromptTokenizer:
         else:
             self._tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         self.model_path = model_path
+        self.split_special_tokens = split_special_tokens
+        # The most characters one token decodes to: a prompt longer than max_model_len times
+        # this cannot fit the context, whatever its tokens (checked before tokenizing).
+        self.max_token_chars = max(
+            len(self._tok.convert_tokens_to_string([token])) for token in self._tok.get_vocab())
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a completion prompt, with the tokenizer's usual special tokens."""
@@ -25,6 +38,11 @@ class PromptTokenizer:
 
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Token ids of a chat rendered by the model's template, ready for the assistant turn."""
+        if self.split_special_tokens:  # transformers marks the control tokens found in content
+            encoded = self._tok.apply_chat_template(
+                list(messages), add_generation_prompt=True, tokenize=True,
+                sanitize_control_tokens=True)
+            return list(encoded["input_ids"])
         text = self._tok.apply_chat_template(
             list(messages), add_generation_prompt=True, tokenize=False
         )
