@@ -55,7 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=int, default=_env_int("KVMESH_SERVE_PORT", 8000),
                         help="router HTTP port (0 = a free port)")
     parser.add_argument("--workers", type=int, default=_env_int("KVMESH_SERVE_WORKERS", None),
-                        help="number of workers (default 1 on CPU, one per GPU on cuda)")
+                        help="number of workers (default 1 on CPU, one per GPU on cuda); CPU "
+                             "workers split this machine's cores between them (torch threads "
+                             "= cores // workers)")
     parser.add_argument("--device", default=env("KVMESH_SERVE_DEVICE", "cpu"),
                         choices=("cpu", "cuda"))
     parser.add_argument("--model", default=env("KVMESH_SERVE_MODEL", "smollm2"),
@@ -226,11 +228,15 @@ def run(args: argparse.Namespace) -> int:
         children.append(store)
         _wait_ready([store], args.start_timeout, stop_requested)
         workers = []
+        # CPU workers split the cores: each with torch's default (one thread a core) would
+        # oversubscribe them, and two busy workers on 2 cores fell from 48 to 2.6 tok/s
+        share = ["--torch-threads", str(max(1, len(os.sched_getaffinity(0)) // num_workers))]
         for i in range(num_workers):
             device = f"cuda:{i}" if args.device == "cuda" else "cpu"
             workers.append(_start(f"worker {i}", [
                 "worker", "--port", "0", "--model", args.model, "--device", device,
-                "--store", str(store.address), *args.worker_arg], auth.worker_env()))
+                "--store", str(store.address), *(share if device == "cpu" else []),
+                *args.worker_arg], auth.worker_env()))
         children.extend(workers)
         _wait_ready(workers, args.start_timeout, stop_requested)
         router_argv = ["router", "--host", args.host, "--port", str(args.port),

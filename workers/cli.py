@@ -47,6 +47,8 @@ _SERVING: dict[str, tuple[Any, str]] = {
     "token": (str, "require this bearer token on every call but health"),
     "tls_cert": (str, "PEM certificate chain; with --tls-key serves TLS"),
     "tls_key": (str, "PEM private key"),
+    "torch_threads": (int, "CPU threads torch may use (default: torch's, one per core); "
+                           "workers sharing a machine's cores should split them"),
 }
 
 
@@ -109,8 +111,11 @@ class Serving:
     token: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    torch_threads: int | None = None
 
     def __post_init__(self) -> None:
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.token is not None and not self.token:
@@ -145,6 +150,11 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signum, lambda *_: stop_requested.set())
 
     from kvmesh.workers.server import serve_worker
+
+    if serving.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(serving.torch_threads)
 
     try:
         handle = serve_worker(config, serving.host, serving.port, token=serving.token,

@@ -236,6 +236,14 @@ def test_no_secret_is_on_any_command_line(stack):
     assert secret_file.stat().st_mode & 0o077 == 0 and len(secret_file.read_text().strip()) >= 32
 
 
+def test_cpu_workers_split_the_cores(stack):
+    share = max(1, len(os.sched_getaffinity(0)) // 2)  # two CPU workers
+    workers = [pid for pid in _children_of(stack.proc.pid) if " worker " in _cmdline(pid)]
+    assert len(workers) == 2
+    for pid in workers:
+        assert f"--torch-threads {share} " in _cmdline(pid) + " "
+
+
 def test_killed_worker_is_left_out_and_requests_still_succeed(stack, client, model):
     workers = [pid for pid in _children_of(stack.proc.pid) if " worker " in _cmdline(pid)]
     assert len(workers) == 2

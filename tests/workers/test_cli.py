@@ -59,6 +59,9 @@ def test_bad_environment_value_names_the_variable():
         serving_from_args(_args("--tls-cert", __file__), {})
     with pytest.raises(ValueError, match="port must be in"):
         serving_from_args(_args(), {"KVMESH_WORKER_PORT": "70000"})
+    with pytest.raises(ValueError, match="torch_threads"):
+        serving_from_args(_args(), {"KVMESH_WORKER_TORCH_THREADS": "0"})
+    assert serving_from_args(_args("--torch-threads", "3"), {}).torch_threads == 3
     with pytest.raises(InvalidConfig, match=r"decode_steps must be in \[1, 64\], got 0"):
         config_from_args(_args("--decode-steps", "0"), {})
 
