@@ -13,9 +13,12 @@ import logging
 import socket
 import time
 
+import grpc
 import pytest
 from aiohttp import ClientSession, web
 
+from kvmesh.cachestore.keys import Namespace
+from kvmesh.cachestore.wire import namespace_to_spec
 from kvmesh.router.app import build_app
 from kvmesh.router.config import RouterConfig
 from kvmesh.router.index import PrefixIndex
@@ -23,8 +26,10 @@ from kvmesh.router.metrics import RouterMetrics
 from kvmesh.router.pool import WorkerPool
 from kvmesh.router.service import Router
 from kvmesh.router.tokenizer import PromptTokenizer
+from kvmesh.v1 import worker_pb2, worker_pb2_grpc
 
 MAX_MODEL_LEN = 2048
+NS = Namespace(model="m", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", page_size=4)
 TEN_MB = 10_000_000
 
 
@@ -43,9 +48,9 @@ class App:
     """The real app served on a loopback port (no worker takes requests)."""
 
     def __init__(self, tokenizer: PromptTokenizer | None, handler_cancellation: bool = False,
-                 **config) -> None:
-        self.config = RouterConfig(workers=(_dead_address(),), max_model_len=MAX_MODEL_LEN,
-                                   **config)
+                 workers: tuple[str, ...] = (), **config) -> None:
+        self.config = RouterConfig(workers=workers or (_dead_address(),),
+                                   max_model_len=MAX_MODEL_LEN, **config)
         self.metrics = RouterMetrics()
         index = PrefixIndex()
         self.router = Router(self.config, tokenizer, WorkerPool(self.config, index, self.metrics),
@@ -249,4 +254,64 @@ def test_client_that_leaves_mid_body_is_a_disconnect_not_a_server_error(handler_
     assert metrics.errors.values == {}
     disconnects = [r for r in caplog.records if "client disconnected" in r.getMessage()]
     assert [r.levelno for r in disconnects] == [logging.INFO]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+class SlowWorker(worker_pb2_grpc.WorkerServicer):
+    """A real gRPC worker that streams one token every 50 ms until cancelled."""
+
+    def __init__(self) -> None:
+        self.cancelled = asyncio.Event()
+
+    async def Generate(self, request, context):
+        try:
+            for i in range(1000):
+                yield worker_pb2.GenerateResponse(request_id=request.request_id, token_ids=[i],
+                                                  text="a")
+                await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+    async def Stats(self, request, context):
+        return worker_pb2.WorkerStats(model="m", page_size=4, num_pages_total=8, num_pages_free=8,
+                                      max_model_len=MAX_MODEL_LEN, namespace=namespace_to_spec(NS))
+
+    async def KvEvents(self, request, context):
+        yield worker_pb2.KvEvent(seq=1, cleared=worker_pb2.AllCleared(epoch=1))
+        await asyncio.Event().wait()
+
+
+def test_client_that_leaves_mid_stream_is_a_disconnect_and_cancels_the_worker(caplog):
+    async def run():
+        worker = SlowWorker()
+        server = grpc.aio.server()
+        worker_pb2_grpc.add_WorkerServicer_to_server(worker, server)
+        address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        await server.start()
+        app = App(None, workers=(address,), health_interval_s=0.1)
+        pool = app.router.pool
+        await pool.start()
+        try:
+            while not pool.available():
+                await asyncio.sleep(0.02)
+            async with app:
+                response = await app.session.post(app.url("/v1/completions"),
+                                                  json={"prompt": [1, 2, 3], "stream": True,
+                                                        "max_tokens": 1000})
+                assert (await response.content.readline()).startswith(b"data: ")
+                response.connection.transport.abort()  # the client leaves mid-stream
+                response.release()
+                await asyncio.wait_for(worker.cancelled.wait(), 5)
+                deadline = time.monotonic() + 5
+                while not app.metrics.client_disconnects.get() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+        finally:
+            await pool.close()
+            await server.stop(None)
+        return app.metrics
+
+    with caplog.at_level(logging.INFO):
+        metrics = asyncio.run(run())
+    assert metrics.client_disconnects.get() == 1.0 and metrics.errors.values == {}
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
