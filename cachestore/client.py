@@ -18,12 +18,13 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 import torch
 
 from kvmesh.cachestore import kv_pages, shm, wire
+from kvmesh.cachestore.breaker import CircuitBreaker
 from kvmesh.cachestore.client_errors import (  # noqa: F401 - re-exported: callers import them from here
     ERROR_BY_STATUS,
     PermissionDenied,
@@ -68,12 +69,15 @@ class StoreClient:
     `shared_memory`: None = use /dev/shm segments for key-level gets when `target` is on this
     host (127.x, localhost, ::1, unix:), False = never, True = always ask (the server still
     answers inline unless the peer is local). `on_new_segment(address, nbytes)` runs once per
-    new segment (e.g. cudaHostRegister), `on_release_segment` before one is unmapped."""
+    new segment (e.g. cudaHostRegister), `on_release_segment` before one is unmapped.
+    `breaker`: skips a store that keeps timing out or cannot be reached, failing calls at once
+    with StoreUnavailable for a while (cachestore/breaker.py); None turns that off."""
 
     def __init__(self, target: str, token: str | None = None, tls: bool | str | bytes = False,
                  timeout: float | None = 60.0, shared_memory: bool | None = None,
                  on_new_segment: SegmentCallback | None = None,
-                 on_release_segment: SegmentCallback | None = None) -> None:
+                 on_release_segment: SegmentCallback | None = None,
+                 breaker: CircuitBreaker | None | Literal["default"] = "default") -> None:
         self.target = target
         self.timeout = timeout
         use_shm = shm.is_local_target(target) if shared_memory is None else shared_memory
@@ -82,8 +86,11 @@ class StoreClient:
         options = wire.CLIENT_OPTIONS
         self._channel = (grpc.insecure_channel(target, options=options) if credentials is None
                          else grpc.secure_channel(target, credentials, options=options))
+        self.breaker = CircuitBreaker() if breaker == "default" else breaker
+        channel = (self._channel if self.breaker is None
+                   else grpc.intercept_channel(self._channel, self.breaker))
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        pb, ch = store_pb2, self._channel
+        pb, ch = store_pb2, channel
         self._put = ch.stream_unary(_SERVICE + "Put", wire.make_serializer(pb.PutHeader),
                                     pb.PutResponse.FromString)
         self._get_closest = ch.unary_stream(_SERVICE + "GetClosest",

@@ -17,6 +17,8 @@ import pytest
 import torch
 
 from kvmesh.cachestore import Namespace, StoreClient, shm
+from kvmesh.cachestore.breaker import CircuitBreaker
+from kvmesh.cachestore.client import StoreUnavailable
 from kvmesh.cachestore.codec import encode_page
 from kvmesh.cachestore.config import StoreConfig
 from kvmesh.cachestore.errors import InvalidConfig
@@ -211,3 +213,37 @@ def test_bulk_stream_limits_in_config():
         StoreConfig(stream_idle_s=0)
     with pytest.raises(InvalidConfig, match="max_workers must be at least 2"):
         StoreConfig(max_workers=1)
+
+
+def test_a_stalled_store_is_skipped_by_the_client_breaker():
+    """A store that stops answering (SIGSTOP): the first calls time out at their deadline, then
+    the client's breaker fails calls at once for a while; once the store answers again, calls
+    go through again."""
+    proc, target = start_store("--cpu-bytes", "16M")
+    breaker = CircuitBreaker(num_failures=2, open_s=1.0)
+    tokens = list(range(32))
+    try:
+        with StoreClient(target, timeout=0.3, breaker=breaker) as client:
+            assert client.lookup(tokens, SMALL).num_tokens == 0
+            proc.send_signal(signal.SIGSTOP)
+            for _ in range(2):
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable):
+                    client.lookup(tokens, SMALL)
+                assert time.monotonic() - started >= 0.25  # waited for its deadline
+            assert breaker.is_open
+            started = time.monotonic()
+            for _ in range(20):
+                with pytest.raises(StoreUnavailable, match="store skipped"):
+                    client.stats()
+                with pytest.raises(StoreUnavailable, match="store skipped"):
+                    client.get_pages([bytes(16)])
+            assert time.monotonic() - started < 1.0 and breaker.num_skipped == 40
+            proc.send_signal(signal.SIGCONT)
+            time.sleep(1.1)
+            assert client.lookup(tokens, SMALL).num_tokens == 0
+            assert not breaker.is_open
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.2)  # running again before it is asked to stop
+        stop_store(proc)
