@@ -39,6 +39,8 @@ DEFAULT_DATA_DIR = "~/.cache/kvmesh/serve"
 DEFAULT_STORE_CPU_BYTES = 1 << 30
 START_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 15.0
+# the store copies its CPU tier to disk when stopped, for at most its --flush-s (default 20 s)
+STORE_STOP_TIMEOUT_S = 30.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -157,7 +159,7 @@ def _stop(children: list[Child]) -> None:
         if child.process.poll() is None:
             child.process.send_signal(signal.SIGTERM)
         try:
-            child.process.wait(STOP_TIMEOUT_S)
+            child.process.wait(STORE_STOP_TIMEOUT_S if child.name == "store" else STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             print(f"kvmesh serve: {child.name} ignored SIGTERM; killing it", file=sys.stderr)
             child.process.kill()

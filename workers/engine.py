@@ -33,6 +33,8 @@ from kvmesh.workers.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
+# every store call; a prefix of max_model_len pages moves well inside it on loopback
+STORE_TIMEOUT_S = 3.0
 _GRAPH_DECODE_STEPS = 8
 _SNAPSHOT_BYTES = 2 << 30  # pinned rows for store write-through (two 8K-token 8B prefills)
 # the store segment made at start on CUDA (an 8K-token Llama-3-8B prefix is 1.07 GB)
@@ -60,7 +62,9 @@ class Engine:
         if config.store:
             from kvmesh.cachestore.client import StoreClient  # needs the generated gRPC code
 
-            self.attach_store(StoreClient(config.store, config.store_token, timeout=10.0,
+            # a slow store must cost a miss, not a stall: short deadlines, and the client's
+            # circuit breaker skips the store for a while after a few calls in a row fail
+            self.attach_store(StoreClient(config.store, config.store_token, timeout=STORE_TIMEOUT_S,
                                           **self.offload.segment_hooks()))
         on_evict = self.offload.on_evict if self.offload.host is not None else None
         self.block_manager = BlockManager(self.runner.num_pages, self.page_size, on_evict)

@@ -5,9 +5,12 @@ output still matches transformers. A store that is down is a miss, not a failed 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from engine_helpers import LONG, final, run, tokens_of
@@ -77,6 +80,32 @@ def test_a_store_that_is_down_is_a_miss(make_engine, encode, hf_greedy, store_se
     assert final(outs).usage.cached_tokens == 0
     engine.offload.flush()
     assert engine.offload.num_store_errors > 0
+
+
+def test_a_stalled_store_is_a_miss_within_its_deadline(make_engine, encode, hf_greedy, tmp_path):
+    """A store that accepts connections but answers nothing (SIGSTOP): each request pays at
+    most one call deadline, then the client's breaker skips the store; output is unchanged."""
+    from kvmesh.deploy.cli import command
+    from kvmesh.workers.engine import STORE_TIMEOUT_S
+
+    store = subprocess.Popen([*command("store", "--port", "0", "--cpu-bytes", "64M")],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        target = store.stdout.readline().split()[-1]
+        engine = make_engine(store=target)
+        params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+        os.kill(store.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        for i in range(4):
+            prompt = encode(f"{LONG} Question {i}:")
+            outs = run(engine, {f"r{i}": prompt}, params)[f"r{i}"]
+            assert tokens_of(outs) == hf_greedy(prompt, 4)
+        # a few deadlines in all (then the breaker is open), not one or more per request
+        assert time.monotonic() - started < 3 * STORE_TIMEOUT_S + 8
+    finally:
+        os.kill(store.pid, signal.SIGCONT)
+        store.kill()
+        store.wait()
 
 
 def test_writes_past_the_queue_budget_are_dropped_not_waited_for(
