@@ -185,8 +185,12 @@ def test_tokenizing_a_big_prompt_runs_off_the_event_loop(tokenizer):
     (status, body), latencies, seconds = asyncio.run(run())
     assert status == 400 and body["error"]["code"] == "context_length_exceeded"
     assert "the prompt has 2000" in body["error"]["message"]  # tokens, counted after tokenizing
-    assert seconds > 0.2 and len(latencies) >= 5, (seconds, latencies)
-    assert max(latencies) < 0.1, latencies
+    assert seconds > 0.5 and len(latencies) >= 5, (seconds, latencies)
+    # Tokenizing on the loop would hold /health for the whole second. In a thread, the loop
+    # waits only while the tokenizer holds the GIL (turning 200k ids into a list: ~30 ms alone
+    # on the machine, more when other processes share its 2 cores).
+    assert sorted(latencies)[len(latencies) // 2] < 0.02, latencies
+    assert max(latencies) < 0.25, latencies
 
 
 async def _raw_exchange(port: int, parts: list[bytes], wait_s: float) -> bytes:
