@@ -32,7 +32,7 @@ class RouterConfig:
     port: int = 8000  # 0 picks a free port
     store: str = ""  # shared KV store address; empty = no store lookups
     api_keys: Mapping[str, str] = field(default_factory=dict)  # key -> tenant; empty = no auth
-    secret: str = "kvmesh-router"  # enters every tenant salt; set per deployment
+    secret: str = ""  # enters every tenant salt; per deployment, required with API keys
     model_path: str = field(default_factory=default_model_path)  # GGUF, HF folder or "smollm2"
     served_model_name: str = ""  # empty = the model name the workers report
     max_model_len: int = 0  # 0 = the smallest max_model_len the workers report
@@ -81,6 +81,9 @@ class RouterConfig:
         for key, tenant in self.api_keys.items():
             if not key or not tenant:
                 raise InvalidConfig("API keys and tenant names must not be empty")
+        if self.api_keys and not self.secret:
+            raise InvalidConfig("API keys need a tenant secret, random per deployment: set "
+                                "KVMESH_ROUTER_SECRET")
         for name in ("max_model_len", "max_prompt_chars"):
             if getattr(self, name) < 0:
                 raise InvalidConfig(f"{name} must be >= 0")
@@ -108,7 +111,8 @@ def _check_address(addr: str, role: str) -> None:
 
 
 def parse_api_keys(items: list[str]) -> dict[str, str]:
-    """`KEY` or `KEY=TENANT` items; a bare key is its own tenant."""
+    """`KEY` or `KEY=TENANT` items, each possibly a comma-separated list (as in
+    KVMESH_ROUTER_API_KEYS); a bare key is its own tenant."""
     keys: dict[str, str] = {}
     for item in items:
         for part in item.split(","):
@@ -116,7 +120,10 @@ def parse_api_keys(items: list[str]) -> dict[str, str]:
             if not part:
                 continue
             key, sep, tenant = part.partition("=")
-            keys[key] = tenant if sep else key
+            tenant = tenant if sep else key
+            if not key or not tenant or any(c.isspace() for c in part):
+                raise InvalidConfig(f"API keys are KEY or KEY=TENANT, got {part!r}")
+            keys[key] = tenant
     return keys
 
 
@@ -128,11 +135,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=None, help="listen port (default 8000, 0=any)")
     parser.add_argument("--api-key", action="append", default=[], metavar="KEY[=TENANT]",
                         help="accepted bearer key (repeat); none = no auth")
-    parser.add_argument("--secret", default=None, help="router secret mixed into tenant salts")
+    parser.add_argument("--secret", default=None,
+                        help="secret mixed into tenant salts; prefer KVMESH_ROUTER_SECRET "
+                             "(argv is visible to every local user)")
     parser.add_argument("--model", default=None, help="GGUF file or HF folder for the tokenizer")
     parser.add_argument("--served-model-name", default=None)
     parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--worker-token", default=None, help="bearer token for worker/store gRPC")
+    parser.add_argument("--worker-token", default=None,
+                        help="bearer token for worker/store gRPC; prefer "
+                             "KVMESH_ROUTER_WORKER_TOKEN")
     parser.add_argument("--predicted-ttl", type=float, default=None, dest="predicted_ttl_s")
     parser.add_argument("--balance-abs", type=int, default=None)
     parser.add_argument("--balance-rel", type=float, default=None)
