@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
@@ -22,7 +24,7 @@ from kvmesh.router.errors import (
 )
 from kvmesh.router.protocol import ParsedRequest, check_prompt_size, parse_request
 from kvmesh.router.responses import StreamFormatter, full_response
-from kvmesh.router.service import Router
+from kvmesh.router.service import Chunk, Prepared, Router
 
 log = logging.getLogger(__name__)
 ROUTER_KEY = web.AppKey("router", Router)
@@ -154,13 +156,22 @@ async def _completion(request: web.Request, *, is_chat: bool) -> web.StreamRespo
     parsed = parse_request(await _read_json(request), is_chat=is_chat)
     prep = await _prepare(request, parsed)
     model = router.model_name
+    # aclosing: however the handler ends (a client that left cancels it, a failed write), the
+    # generator closes now, and with it the worker's Generate call, not when the GC gets to it.
     if not parsed.stream:
-        collected = [chunk async for chunk in router.run(prep, buffered=True)]
+        async with contextlib.aclosing(router.run(prep, buffered=True)) as chunks:
+            collected = [chunk async for chunk in chunks]
         worker = collected[-1].worker_id if collected else ""
         return web.json_response(full_response(prep, model, collected),
                                  headers={WORKER_HEADER: worker})
+    async with contextlib.aclosing(router.run(prep)) as chunks:
+        return await _stream(request, prep, chunks)
+
+
+async def _stream(request: web.Request, prep: Prepared, chunks: AsyncGenerator[Chunk, None]
+                  ) -> web.StreamResponse:
+    router = request.app[ROUTER_KEY]
     # Wait for the first chunk before sending headers: until then, failures are plain errors.
-    chunks = router.run(prep)
     try:
         first = await chunks.__anext__()
     except StopAsyncIteration:
@@ -169,7 +180,7 @@ async def _completion(request: web.Request, *, is_chat: bool) -> web.StreamRespo
         "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
         WORKER_HEADER: first.worker_id if first else ""})
     await response.prepare(request)
-    formatter = StreamFormatter(prep, model)
+    formatter = StreamFormatter(prep, router.model_name)
 
     async def send(payload: dict) -> None:
         await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
@@ -187,8 +198,6 @@ async def _completion(request: web.Request, *, is_chat: bool) -> web.StreamRespo
         status, _ = http_status(exc)
         router.metrics.errors.inc(status=str(status))
         await send(error_body(exc))
-    finally:
-        await chunks.aclose()  # a client that left cancels the worker's generation
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response

@@ -58,7 +58,9 @@ async def start_router(config: RouterConfig, ready_timeout: float = READY_TIMEOU
     router = Router(config, tokenizer, pool, index, metrics, store)
     if not await pool.wait_ready(ready_timeout):
         logging.getLogger(__name__).warning("no worker ready after %.0fs", ready_timeout)
-    runner = web.AppRunner(build_app(router), access_log=None)
+    # handler_cancellation: a client that disconnects cancels its handler, which cancels the
+    # worker's Generate call, so a departed client's generation stops (streamed or not).
+    runner = web.AppRunner(build_app(router), access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()

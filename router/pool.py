@@ -8,7 +8,6 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator
 
 import grpc
 
@@ -137,15 +136,12 @@ class WorkerPool:
             handle.resync_requested = True
             handle.events_call.cancel()
 
-    async def generate(
-        self, handle: WorkerHandle, request: worker_pb2.GenerateRequest
-    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
-        call = handle.stub.Generate(request, metadata=handle.metadata)
-        try:
-            async for response in call:
-                yield response
-        finally:
-            call.cancel()  # no-op once finished; stops the worker's work if the client left
+    def generate(self, handle: WorkerHandle, request: worker_pb2.GenerateRequest
+                 ) -> grpc.aio.UnaryStreamCall:
+        """Start the worker's Generate call; iterate it for GenerateResponses. The caller owns
+        it: `cancel()` when it stops reading early, and the worker aborts the request (its
+        pages are freed) rather than generating for nobody."""
+        return handle.stub.Generate(request, metadata=handle.metadata)
 
     # ---- background loops ----------------------------------------------------------------
     async def _poll_stats(self, handle: WorkerHandle) -> None:

@@ -207,8 +207,10 @@ class Router:
                 queued = True
                 produced = False
                 held: list[Chunk] = []
+                # cancelled in `finally`: closing run() (a client that left) stops the worker
+                call = self.pool.generate(handle, self._generate_request(prep))
                 try:
-                    async for response in self.pool.generate(handle, self._generate_request(prep)):
+                    async for response in call:
                         if queued:
                             queued = False
                             handle.num_queued_tokens -= num_prompt
@@ -248,6 +250,7 @@ class Router:
                                            f"{code.name}") from None
                     self.metrics.retries.inc(code=code.name)
                 finally:
+                    call.cancel()  # a no-op once the call ended
                     handle.num_inflight -= 1
                     if queued:
                         handle.num_queued_tokens -= num_prompt
