@@ -247,3 +247,47 @@ def test_a_stalled_store_is_skipped_by_the_client_breaker():
         proc.send_signal(signal.SIGCONT)
         time.sleep(0.2)  # running again before it is asked to stop
         stop_store(proc)
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def _shm_bytes_of(pid: int) -> int:
+    """Bytes of /dev/shm files the process maps (its shared CPU-tier arenas count in RSS)."""
+    seen: dict[str, int] = {}
+    for line in open(f"/proc/{pid}/maps"):
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].startswith("/dev/shm/"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            seen[fields[5]] = seen.get(fields[5], 0) + end - start
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shm-arenas", "private"])
+def test_store_memory_stays_near_its_cpu_cap_under_churn(shared_memory):
+    """Ten times the CPU tier's capacity put through it (evicting all the while), then read:
+    the store's memory stays within its cap plus a fixed overhead, not growing with the bytes
+    that passed through (it once reached 8.55 GB with a 1.6 GB cap)."""
+    cap = 64 << 20
+    flag = "--shared-memory" if shared_memory else "--no-shared-memory"
+    proc, target = start_store("--cpu-bytes", str(cap), flag)
+    try:
+        baseline = _rss_bytes(proc.pid)
+        ns = Namespace("churn", num_layers=8, num_kv_heads=4, head_dim=64, dtype=torch.float16,
+                       page_size=16)  # 128 KiB pages
+        rng = np.random.default_rng(0)
+        kv = torch.from_numpy(rng.standard_normal((8, 2, 16 * 64, 4, 64)).astype(np.float16))
+        with StoreClient(target, timeout=60) as client:
+            for i in range(80):  # 80 x 8 MiB = 640 MiB through a 64 MiB tier
+                tokens = [i] + list(range(1, 16 * 64))
+                assert client.put(tokens, kv, ns) == 64
+                if i % 4 == 3:
+                    client.get_closest(tokens, ns)
+            peak = _rss_bytes(proc.pid) - baseline
+        assert peak < 2 * cap + (96 << 20), (peak >> 20, _shm_bytes_of(proc.pid) >> 20)
+    finally:
+        stop_store(proc)
