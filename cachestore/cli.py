@@ -29,6 +29,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--disk-bytes", type=_size, help="disk tier capacity, e.g. 64G")
     add("--redis-url", help="redis:// URL of the Redis tier (default: no Redis tier)")
     add("--redis-ttl", type=int, help="seconds a page lives in Redis (default: no TTL)")
+    add("--redis-mac-key-file", help="file holding the secret (>= 16 bytes) that seals Redis "
+                                     "pages with a MAC, so pages others write there are misses "
+                                     "(or KVMESH_STORE_REDIS_MAC_KEY); without one, pages in "
+                                     "Redis are forgeable by anyone who can write it")
+    add("--disk-mac-key-file", help="file holding the secret that seals disk-tier pages with a "
+                                    "MAC, for a disk others can write (or "
+                                    "KVMESH_STORE_DISK_MAC_KEY)")
     add("--remote", help="HOST:PORT of another store server, the last tier")
     add("--remote-token", help="bearer token for --remote")
     add("--remote-tls-ca", help="PEM CA certificate of --remote: connect to it over TLS")

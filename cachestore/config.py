@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,11 @@ class StoreConfig:
     `shared_memory` lets clients on this host receive GetPages through /dev/shm segments, and
     keeps the cpu tier's pages in /dev/shm arenas they may map (`lease_s`: how long a mapped
     reply's pages stay unchanged unless released first).
+    `redis_mac_key` / `disk_mac_key` (env only, KVMESH_STORE_REDIS_MAC_KEY / _DISK_MAC_KEY) or
+    the `*_mac_key_file` paths hold the deployment secret (>= 16 bytes) that seals that tier's
+    pages with a MAC (cachestore.page_mac), so pages written there by anyone else are misses.
+    Set it for a Redis shared between tenants or services (without it the store warns at start)
+    and for a disk others can write.
     """
 
     host: str = "127.0.0.1"
@@ -44,6 +49,10 @@ class StoreConfig:
     tenant_secret: str | None = None  # derives client tokens' tenant salts; env only
     tls_cert: str | None = None
     tls_key: str | None = None
+    redis_mac_key: str | None = field(default=None, repr=False)  # secret: env only
+    redis_mac_key_file: str | None = None
+    disk_mac_key: str | None = field(default=None, repr=False)  # secret: env only
+    disk_mac_key_file: str | None = None
     max_workers: int = 32
     # bulk streams (Put, PutPages, GetClosest, GetPages) running at once; more are refused
     # (RESOURCE_EXHAUSTED), so unary control calls keep threads. None: 3/4 of max_workers
@@ -85,7 +94,14 @@ class StoreConfig:
             raise InvalidConfig("tls_cert and tls_key go together")
         if self.remote_tls_ca is not None and self.remote is None:
             raise InvalidConfig("remote_tls_ca needs remote")
-        for name in ("tls_cert", "tls_key", "remote_tls_ca", "token_file"):
+        for tier in ("redis", "disk"):
+            key, key_file = getattr(self, f"{tier}_mac_key"), getattr(self, f"{tier}_mac_key_file")
+            if key is not None and key_file is not None:
+                raise InvalidConfig(f"give {tier}_mac_key or {tier}_mac_key_file, not both")
+            if key is not None and len(key.encode()) < 16:
+                raise InvalidConfig(f"{tier}_mac_key must be at least 16 bytes")
+        for name in ("tls_cert", "tls_key", "remote_tls_ca", "token_file", "redis_mac_key_file",
+                     "disk_mac_key_file"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise InvalidConfig(f"{name} {path!r} is not a file")

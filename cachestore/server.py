@@ -20,6 +20,7 @@ from kvmesh.cachestore.config import StoreConfig
 from kvmesh.cachestore.errors import InvalidRequest, StoreClosed
 from kvmesh.cachestore.keys import InvalidNamespace, Namespace
 from kvmesh.cachestore.page_access import PageAccess
+from kvmesh.cachestore.page_mac import read_secret
 from kvmesh.cachestore.shm_leases import MappedLeases
 from kvmesh.cachestore.shm_server import SegmentWriter
 from kvmesh.cachestore.store import FlushResult, TieredStore
@@ -314,11 +315,19 @@ def build_tiers(config: StoreConfig) -> list[Tier]:
     if config.disk_dir is not None:
         from kvmesh.cachestore.tiers.disk import DiskTier
 
-        tiers.append(DiskTier(config.disk_dir, config.disk_bytes))
+        tiers.append(DiskTier(config.disk_dir, config.disk_bytes, mac_key=read_secret(
+            config.disk_mac_key, config.disk_mac_key_file, "disk MAC key")))
     if config.redis_url is not None:
         from kvmesh.cachestore.tiers.redis import RedisTier
 
-        tiers.append(RedisTier(config.redis_url, ttl_seconds=config.redis_ttl))
+        redis_mac_key = read_secret(config.redis_mac_key, config.redis_mac_key_file,
+                                    "redis MAC key")
+        if redis_mac_key is None:
+            log.warning("redis tier without a MAC key: pages in Redis are forgeable by anyone "
+                        "who can write it; set KVMESH_STORE_REDIS_MAC_KEY or "
+                        "--redis-mac-key-file for a Redis shared with others")
+        tiers.append(RedisTier(config.redis_url, ttl_seconds=config.redis_ttl,
+                               mac_key=redis_mac_key))
     if config.remote is not None:
         from kvmesh.cachestore.tiers.remote import RemoteTier
 

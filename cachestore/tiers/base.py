@@ -31,6 +31,9 @@ class TierStats:
     evictions: int = 0
     errors: int = 0
     is_available: bool = True
+    # pages whose MAC failed (forged, altered, or sealed with another key): dropped as misses,
+    # also counted in `errors` (the wire's Stats carries errors only)
+    num_forged: int = 0
 
 
 class Tier(ABC):

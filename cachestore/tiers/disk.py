@@ -14,6 +14,14 @@ restart too.
 
 Readers open the file outside the lock; eviction unlinks it, and on POSIX an already opened file
 stays readable, so a page is never freed under a reader.
+
+With `mac_key` (a disk shared with others, or not trusted) every file holds the page sealed
+(cachestore.page_mac: a 32-byte nonce + Poly1305 trailer after the page), opened on every read,
+including the read of an evicted page for demotion (a forged page must not move on to the next
+tier under its MAC): a page whose MAC fails is a miss, is deleted and is counted in
+`num_forged` and `errors`. The restart rebuild reads only headers and checks the file size
+with the trailer; MACs are checked on read, so a restart with another key keeps the files
+until each is read, then drops it as a miss. Without a key, files are bare pages.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from pathlib import Path
 from kvmesh.cachestore.codec import PageCorrupt, decode_header
 from kvmesh.cachestore.errors import InvalidConfig
 from kvmesh.cachestore.keys import KEY_NBYTES
+from kvmesh.cachestore.page_mac import TRAILER_NBYTES, PageMac
 from kvmesh.cachestore.tiers.base import Tier, TierFull, TierStats, TierUnavailable
 from kvmesh.cachestore.tiers.lru import LruIndex
 
@@ -43,7 +52,7 @@ class DiskTier(Tier):
     name = "disk"
 
     def __init__(self, path: str | os.PathLike, capacity_bytes: int,
-                 read_evicted: bool = True) -> None:
+                 read_evicted: bool = True, mac_key: bytes | None = None) -> None:
         if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
             raise InvalidConfig(f"disk tier capacity_bytes must be a positive int, "
                                 f"got {capacity_bytes!r}")
@@ -54,6 +63,8 @@ class DiskTier(Tier):
         self._lru = LruIndex(capacity_bytes)
         self._stats = TierStats(name=self.name, capacity_bytes=capacity_bytes)
         self.num_dropped_at_start = 0
+        self._mac = PageMac(mac_key) if mac_key is not None else None
+        self._trailer_nbytes = TRAILER_NBYTES if self._mac is not None else 0
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -72,20 +83,21 @@ class DiskTier(Tier):
             with self._lock:
                 is_present = self._lru.touch(key)
             blob = self._read(key) if is_present else None
+            page = self._open(key, blob) if blob is not None else None
             with self._lock:
-                if blob is None:
+                if page is None:
                     self._stats.misses += 1
                     if is_present:  # file vanished under us (evicted, or removed by hand)
                         self._lru.remove(key)
                 else:
                     self._stats.hits += 1
-            out.append(blob)
+            out.append(page)
         return out
 
     def put_many(self, pages: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         evicted: list[tuple[bytes, bytes]] = []
         for key, blob in pages:
-            nbytes = memoryview(blob).nbytes
+            nbytes = memoryview(blob).nbytes + self._trailer_nbytes
             with self._lock:
                 if self._lru.touch(key):
                     continue
@@ -127,7 +139,7 @@ class DiskTier(Tier):
         with self._lock:
             s = self._stats
             return TierStats(self.name, self._lru.used_bytes, s.capacity_bytes, len(self._lru),
-                             s.hits, s.misses, s.evictions, s.errors, True)
+                             s.hits, s.misses, s.evictions, s.errors, True, s.num_forged)
 
     # -- files ---------------------------------------------------------------------------------
 
@@ -153,9 +165,10 @@ class DiskTier(Tier):
         """An evicted page for demotion; unreadable means it is simply not demoted."""
         try:
             with open(self._file_of(key), "rb") as f:
-                return f.read()
+                blob = f.read()
         except OSError:
             return None
+        return self._open(key, blob, is_evicted=True)
 
     def _write(self, key: bytes, blob: bytes | memoryview) -> None:
         path = self._file_of(key)
@@ -171,12 +184,28 @@ class DiskTier(Tier):
                 f = open(tmp, "wb")
             with f:
                 f.write(blob)
+                if self._mac is not None:
+                    f.write(self._mac.trailer(blob))
             os.replace(tmp, path)
         except OSError as e:
             _remove(tmp)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise TierFull(f"disk tier file system is full: {e}") from e
             raise TierUnavailable(f"disk tier write failed: {e}") from e
+
+    def _open(self, key: bytes, blob: bytes, is_evicted: bool = False) -> bytes | memoryview | None:
+        """The page in a file's bytes; None (the file deleted, counted) if its MAC fails."""
+        if self._mac is None:
+            return blob
+        page = self._mac.open(blob)
+        if page is None:
+            with self._lock:
+                self._stats.num_forged += 1
+                self._stats.errors += 1
+                is_ours = not is_evicted and self._lru.remove(key) is not None
+            if is_ours:  # an evicted page's file is unlinked by its evictor
+                self._unlink(key)
+        return page
 
     def _unlink(self, key: bytes) -> None:
         try:
@@ -196,7 +225,7 @@ class DiskTier(Tier):
             for path in sub.iterdir():
                 if not path.name.endswith((_SUFFIX, _TMP_SUFFIX)):
                     continue
-                key = _valid_page_key(path)
+                key = _valid_page_key(path, self._trailer_nbytes)
                 if key is None:
                     path.unlink(missing_ok=True)
                     self.num_dropped_at_start += 1
@@ -222,18 +251,20 @@ def _is_hex(name: str) -> bool:
     return all(c in "0123456789abcdef" for c in name)
 
 
-def _valid_page_key(path: Path) -> bytes | None:
-    """The key of a whole, well-formed page file named after its header key; else None."""
+def _valid_page_key(path: Path, trailer_nbytes: int) -> bytes | None:
+    """The key of a whole, well-formed page file (page, then `trailer_nbytes` of MAC) named after
+    its header key; else None. The MAC itself is checked when the page is read."""
     if not path.name.endswith(_SUFFIX):
         return None  # leftover .tmp of an interrupted write, or a stranger
     try:
         key = bytes.fromhex(path.name[: -len(_SUFFIX)])
-        if len(key) != KEY_NBYTES or not path.is_file() or path.stat().st_size == 0:
+        if len(key) != KEY_NBYTES or not path.is_file() or path.stat().st_size <= trailer_nbytes:
             return None
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             view = memoryview(mm)  # only the header's pages are read from disk
             try:
-                header_key = decode_header(view).key  # the header (and its views) dies here
+                # the header (and its views) dies here
+                header_key = decode_header(view[: view.nbytes - trailer_nbytes]).key
             finally:
                 view.release()
     except (ValueError, OSError, PageCorrupt, BufferError):

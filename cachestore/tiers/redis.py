@@ -15,6 +15,12 @@ summed over cluster primaries (they count everything in the database, not only k
 Failures are fast: 0.5 s socket timeouts, no client-side retries, and after a failure the tier
 answers TierUnavailable at once for `retry_after_s` (1.5 s) so a dead Redis adds no latency to
 every request; the next call after that reconnects. Uses redis-py with the hiredis parser.
+
+With `mac_key` every page is stored sealed (cachestore.page_mac: a 32-byte nonce + Poly1305
+trailer) and opened on every get before it is returned: a page whose MAC fails (forged by
+someone who can write Redis, or sealed with another key) is a miss, deleted from Redis and
+counted in `num_forged` and `errors`. Without a key, anyone who can write Redis can forge a
+page that passes its xxh3_64 checksum; the store server logs a warning at start.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from redis.exceptions import OutOfMemoryError, RedisClusterException
 from redis.retry import Retry
 
 from kvmesh.cachestore.errors import InvalidConfig
+from kvmesh.cachestore.page_mac import PageMac
 from kvmesh.cachestore.tiers.base import Tier, TierFull, TierStats, TierUnavailable
 
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
@@ -63,7 +70,7 @@ class RedisTier(Tier):
 
     def __init__(self, url: str, ttl_seconds: int | None = None, key_prefix: str = "kvmesh:",
                  cluster: bool | None = None, socket_timeout_s: float = 0.5,
-                 retry_after_s: float = 1.5) -> None:
+                 retry_after_s: float = 1.5, mac_key: bytes | None = None) -> None:
         if ttl_seconds is not None and (not isinstance(ttl_seconds, int) or ttl_seconds <= 0):
             raise InvalidConfig(f"redis ttl_seconds must be a positive int or None, "
                                 f"got {ttl_seconds!r}")
@@ -76,6 +83,7 @@ class RedisTier(Tier):
         self._client: redis.Redis | RedisCluster | None = None
         self._down_until = 0.0
         self._stats = TierStats(name=self.name)
+        self._mac = PageMac(mac_key) if mac_key is not None else None
 
     # -- Tier API ------------------------------------------------------------------------------
 
@@ -91,15 +99,28 @@ class RedisTier(Tier):
             blobs = self._pipeline(lambda p, k: p.get(k), keys)
         else:
             blobs = self._pipeline(lambda p, k: p.getex(k, ex=self.ttl_seconds), keys)
+        forged: list[bytes] = []
+        if self._mac is not None:
+            for i, blob in enumerate(blobs):
+                if blob is not None:
+                    blobs[i] = self._mac.open(blob)
+                    if blobs[i] is None:
+                        forged.append(keys[i])
         num_hits = sum(blob is not None for blob in blobs)
         with self._lock:
             self._stats.hits += num_hits
             self._stats.misses += len(keys) - num_hits
+            self._stats.num_forged += len(forged)
+            self._stats.errors += len(forged)
+        if forged:
+            self._drop_forged(forged)
         return blobs
 
     def put_many(self, pages: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         if not pages:
             return []
+        if self._mac is not None:  # one copy per page: a SET takes the value as one buffer
+            pages = [(key, b"".join((blob, self._mac.trailer(blob)))) for key, blob in pages]
         results = self._pipeline(
             lambda p, page: p.set(self.key_prefix + page[0], page[1], nx=True,
                                   ex=self.ttl_seconds),
@@ -122,7 +143,8 @@ class RedisTier(Tier):
     def stats(self) -> TierStats:
         with self._lock:
             s = TierStats(self.name, 0, 0, 0, self._stats.hits, self._stats.misses, 0,
-                          self._stats.errors, time.monotonic() >= self._down_until)
+                          self._stats.errors, time.monotonic() >= self._down_until,
+                          self._stats.num_forged)
         if not s.is_available:
             return s
         try:
@@ -152,6 +174,14 @@ class RedisTier(Tier):
             client.close()
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _drop_forged(self, keys: list[bytes]) -> None:
+        """Delete pages whose MAC failed; a Redis that fails now just keeps them until the next
+        read drops them (they are never returned)."""
+        try:
+            self._pipeline(lambda p, k: p.delete(k), keys)
+        except TierUnavailable:
+            pass
 
     def _get_client(self) -> redis.Redis | RedisCluster:
         with self._lock:
