@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_NBYTES = 64 << 20
 STATS_TIMEOUT_S = 5.0  # a busy CPU worker answers Stats slowly; that is not death
 RESUBSCRIBE_BACKOFF_S = (0.05, 0.2, 0.5, 1.0)
+INITIAL_RECONNECT_MS = 100
 # Worker failures that make a request worth retrying elsewhere (the worker, not the input, failed).
 RETRYABLE_CODES = frozenset({
     grpc.StatusCode.UNAVAILABLE,
@@ -48,10 +49,15 @@ class WorkerHandle:
     """One worker as the router sees it. `num_inflight` / `num_queued_tokens` are the router's
     own up-to-date counts of what it sent; `stats` is the worker's last report."""
 
-    def __init__(self, address: str, token: str) -> None:
+    def __init__(self, address: str, token: str, max_reconnect_s: float = 1.0) -> None:
         self.worker_id = address
+        # gRPC's reconnect backoff grows to 2 min by default: a worker back from a crash would
+        # wait that long for the channel to try again. Capped, it is seen on the next probe.
+        max_reconnect_ms = max(int(max_reconnect_s * 1000), INITIAL_RECONNECT_MS)
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_NBYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_NBYTES)]
+                   ("grpc.max_send_message_length", MAX_MESSAGE_NBYTES),
+                   ("grpc.initial_reconnect_backoff_ms", INITIAL_RECONNECT_MS),
+                   ("grpc.max_reconnect_backoff_ms", max_reconnect_ms)]
         self.channel = grpc.aio.insecure_channel(address, options=options)
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -77,7 +83,8 @@ class WorkerPool:
         self.config = config
         self.index = index
         self.metrics = metrics
-        self.workers = {addr: WorkerHandle(addr, config.worker_token) for addr in config.workers}
+        self.workers = {addr: WorkerHandle(addr, config.worker_token, config.health_interval_s)
+                        for addr in config.workers}
         self._tasks: list[asyncio.Task] = []
         self._ready = asyncio.Event()
 
@@ -170,6 +177,9 @@ class WorkerPool:
         if handle.namespace is None and stats.HasField("namespace"):
             handle.namespace = namespace_from_spec(stats.namespace)
         was_healthy, handle.is_healthy = handle.is_healthy, True
+        if not was_healthy:  # back (or restarted): its old request failures say nothing now
+            handle.num_failures = 0
+            handle.circuit_open_until = 0.0
         w = handle.worker_id
         self.metrics.worker_healthy.set(1, worker=w)
         self.metrics.requests_running.set(stats.num_running, worker=w)
