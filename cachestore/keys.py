@@ -6,6 +6,7 @@ Pure Python (xxhash only, no torch) so the block manager and the router can impo
 from __future__ import annotations
 
 import struct
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -111,6 +112,35 @@ class Namespace:
 
     def page_keys(self, token_ids: Sequence[int] | np.ndarray) -> list[bytes]:
         return page_keys(self.digest, token_ids, self.page_size)
+
+
+class SaltedNamespaces:
+    """Each base namespace's salted copy for recent tenant salts, built once (its digest is
+    hashed once). Holds at most `capacity`, dropping the least recently used: salts come from
+    callers, and a copy that is dropped is rebuilt equal. Not thread-safe."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._by_key: OrderedDict[tuple[bytes, str], Namespace] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def get(self, base: Namespace, salt: str) -> Namespace:
+        """`base.with_salt(salt)`, cached."""
+        if salt == base.salt:
+            return base
+        key = (base.digest, salt)
+        salted = self._by_key.get(key)
+        if salted is not None:
+            self._by_key.move_to_end(key)
+            return salted
+        salted = self._by_key[key] = base.with_salt(salt)
+        if len(self._by_key) > self.capacity:
+            self._by_key.popitem(last=False)
+        return salted
 
 
 def namespace_digest(ns: Namespace) -> bytes:

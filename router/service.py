@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from kvmesh.cachestore.access import tenant_salt
-from kvmesh.cachestore.keys import Namespace
+from kvmesh.cachestore.keys import Namespace, SaltedNamespaces
 from kvmesh.router.config import RouterConfig
 from kvmesh.router.errors import (
     InvalidRequest,
@@ -33,6 +33,7 @@ from kvmesh.router.store_probe import StoreProbe
 from kvmesh.router.tokenizer import PromptTokenizer
 from kvmesh.v1 import worker_pb2
 
+MAX_TENANT_NAMESPACES = 1024  # salted namespaces kept built (one per tenant and model)
 FINISH_REASONS = {
     worker_pb2.FINISH_REASON_STOP: "stop",
     worker_pb2.FINISH_REASON_LENGTH: "length",
@@ -73,7 +74,7 @@ class Router:
         self.store = store
         self.balance = BalanceThreshold(config.balance_abs, config.balance_rel)
         self.num_inflight = 0
-        self._salted: dict[tuple[bytes, str], Namespace] = {}
+        self._salted = SaltedNamespaces(MAX_TENANT_NAMESPACES)
         self._ids = itertools.count()
 
     # ---- model facts the workers report ---------------------------------------------------
@@ -167,10 +168,7 @@ class Router:
             yield self._salted_namespace(namespace, salt).page_keys(prompt_ids), group
 
     def _salted_namespace(self, base: Namespace, salt: str) -> Namespace:
-        salted = self._salted.get((base.digest, salt))
-        if salted is None:
-            salted = self._salted[(base.digest, salt)] = base.with_salt(salt)
-        return salted
+        return self._salted.get(base, salt)
 
     def _generate_request(self, prep: Prepared) -> worker_pb2.GenerateRequest:
         s = prep.parsed.sampling

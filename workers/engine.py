@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from kvmesh.cachestore.codec import header_nbytes
-from kvmesh.cachestore.keys import Namespace, tokens_to_bytes
+from kvmesh.cachestore.keys import Namespace, SaltedNamespaces, tokens_to_bytes
 from kvmesh.workers.block_manager import BlockManager
 from kvmesh.workers.config import WorkerConfig
 from kvmesh.workers.decode_windows import DecodeWindows
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 # every store call; a prefix of max_model_len pages moves well inside it on loopback
 STORE_TIMEOUT_S = 3.0
 _GRAPH_DECODE_STEPS = 8
+MAX_TENANT_NAMESPACES = 1024  # salted namespaces kept built; salts come from callers
 _SNAPSHOT_BYTES = 2 << 30  # pinned rows for store write-through (two 8K-token 8B prefills)
 # the store segment made at start on CUDA (an 8K-token Llama-3-8B prefix is 1.07 GB)
 _RESERVED_SEGMENT_BYTES = 5 << 28
@@ -75,7 +76,7 @@ class Engine:
             head_dim=cfg.head_dim, dtype=config.torch_dtype_name, page_size=self.page_size,
             weights_fingerprint=loaded.weights_fingerprint,
             tokenizer_fingerprint=loaded.tokenizer_fingerprint)
-        self._namespaces: dict[str, Namespace] = {"": self._base_namespace}
+        self.tenant_namespaces = SaltedNamespaces(MAX_TENANT_NAMESPACES)
         self._requests: dict[str, list[Sequence]] = {}
         self._generators: dict[int, object] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
@@ -111,10 +112,7 @@ class Engine:
             self.offload.stager.warm_up_checksums()
 
     def namespace(self, tenant_salt: str = "") -> Namespace:
-        ns = self._namespaces.get(tenant_salt)
-        if ns is None:
-            ns = self._namespaces[tenant_salt] = self._base_namespace.with_salt(tenant_salt)
-        return ns
+        return self.tenant_namespaces.get(self._base_namespace, tenant_salt)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     sampling: SamplingParams, tenant_salt: str = "") -> None:

@@ -24,6 +24,9 @@ FINISH_REASONS: dict[str | None, Any] = {  # values: worker_pb2.FinishReason
 }
 MAX_REQUEST_ID_CHARS = 256
 MAX_STOP_CHARS = 256
+# A salt is a hex digest (32 characters); anything far longer is a caller's mistake or an attack
+# on the worker's memory (each salt is kept with its namespace).
+MAX_TENANT_SALT_CHARS = 128
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ def parse_generate_request(
     that names the field. `max_tokens` 0 means "up to the context length"; `n` 0 means 1."""
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidRequest(f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters")
+    if len(request.tenant_salt) > MAX_TENANT_SALT_CHARS:
+        raise InvalidRequest(f"tenant_salt is longer than {MAX_TENANT_SALT_CHARS} characters")
     prompt = list(request.prompt_token_ids)
     if not prompt:
         raise InvalidRequest("prompt_token_ids must not be empty")

@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 import xxhash
 
-from kvmesh.cachestore.keys import InvalidNamespace, Namespace, chain_keys, tokens_to_bytes
+from kvmesh.cachestore.keys import (
+    InvalidNamespace,
+    Namespace,
+    SaltedNamespaces,
+    chain_keys,
+    tokens_to_bytes,
+)
 
 BASE = Namespace("HuggingFaceTB/SmolLM2-135M-Instruct", num_layers=30, num_kv_heads=3,
                  head_dim=64, dtype="bfloat16", page_size=16, weights_fingerprint="w1",
@@ -118,3 +124,21 @@ def test_invalid_namespace():
         dataclasses.replace(BASE, dtype="int8")
     with pytest.raises(InvalidNamespace, match="model"):
         dataclasses.replace(BASE, model="")
+
+
+def test_salted_namespaces_are_built_once_and_bounded_least_recently_used_first():
+    cache = SaltedNamespaces(capacity=2)
+    a = cache.get(BASE, "a")
+    assert a == BASE.with_salt("a") and cache.get(BASE, "a") is a
+    assert cache.get(BASE, "") is BASE and len(cache) == 1  # the base is never stored
+    b = cache.get(BASE, "b")
+    assert cache.get(BASE, "a") is a  # a is now the most recent
+    c = cache.get(BASE, "c")  # over capacity: b, the least recent, goes
+    assert len(cache) == 2
+    assert cache.get(BASE, "a") is a and cache.get(BASE, "c") is c
+    rebuilt = cache.get(BASE, "b")
+    assert rebuilt is not b and rebuilt == b and rebuilt.digest == b.digest
+    other = dataclasses.replace(BASE, model="other-model")
+    assert cache.get(other, "a").digest != a.digest  # keyed by base and salt
+    with pytest.raises(ValueError):
+        SaltedNamespaces(capacity=0)
