@@ -30,7 +30,7 @@ from pathlib import Path
 
 import httpx
 from chaos_load import REQUEST_TIMEOUT_S, Outcome, compute_reference, random_spec, send
-from chaos_stack import Stack, build_stack
+from chaos_stack import Stack, build_stack, redis_command
 
 # fault name -> fraction of the duration at which it starts; the last ~40% stays quiet so that
 # the last minute shows RSS after every restart has warmed up.
@@ -258,6 +258,7 @@ def main() -> None:
         parser.error(f"unknown faults {sorted(unknown)}; choose from {list(FAULTS)}")
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="kvmesh-chaos-"))
     stack = build_stack(log_dir, num_tenants=args.tenants, store_cpu_bytes=32 << 20,
+                        disk_bytes=32 << 20,
                         kv_cache_bytes=64 << 20, max_model_len=512)
     print(f"logs in {log_dir}", flush=True)
     try:
@@ -269,6 +270,8 @@ def main() -> None:
         print(table)
         print(f"| every process alive at the end | {all(alive.values())} {alive} |")
         print(f"| router counters | {router_metrics(stack.url)} |")
+        num_keys = redis_command(stack.parts["redis"].port, "DBSIZE").decode().lstrip(":")
+        print(f"| pages in Redis at the end (since its restart) | {num_keys} |")
         print(f"| log lines with ERROR / Traceback | {error_log_lines(stack)} |")
     finally:
         stack.stop()

@@ -123,12 +123,17 @@ class Part:
 
 
 def _redis_ping(port: int) -> bool:
+    return redis_command(port, "PING") == b"+PONG"
+
+
+def redis_command(port: int, name: str) -> bytes:
+    """The first reply line of a one-word Redis command (b"" if Redis is not answering)."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            s.sendall(name.encode() + b"\r\n")
+            return s.recv(64).split(b"\r\n")[0]
     except OSError:
-        return False
+        return b""
 
 
 @dataclass
@@ -167,9 +172,10 @@ class Stack:
             part.stop()
 
 
-def build_stack(log_dir: Path, *, num_tenants: int, store_cpu_bytes: int,
+def build_stack(log_dir: Path, *, num_tenants: int, store_cpu_bytes: int, disk_bytes: int,
                 kv_cache_bytes: int, max_model_len: int) -> Stack:
-    """Ports are picked free now and kept for every restart."""
+    """Ports are picked free now and kept for every restart. The store's tiers are chained
+    cpu -> disk -> redis: small cpu and disk tiers push pages down into Redis."""
     api_keys = {f"chaos-key-{i}": f"tenant{i}" for i in range(num_tenants)}
     secrets = DeploymentSecrets(new_token(), new_token(), api_keys)
     ports = {name: free_port() for name in ("redis", "store", "worker0", "worker1", "router")}
@@ -183,6 +189,7 @@ def build_stack(log_dir: Path, *, num_tenants: int, store_cpu_bytes: int,
              Part("store", command("store", "--port", str(ports["store"]),
                                    "--cpu-bytes", str(store_cpu_bytes),
                                    "--disk-dir", str(log_dir / "disk"),
+                                   "--disk-bytes", str(disk_bytes),
                                    "--redis-url", f"redis://127.0.0.1:{ports['redis']}/0"),
                   secrets.store_env(), log_dir, ports["store"])]
     for i in range(2):
