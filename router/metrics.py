@@ -113,6 +113,9 @@ class RouterMetrics:
         self.e2e = Histogram(p + "e2e_request_latency_seconds", "Request latency", TTFT_BUCKETS)
         self.decisions = Counter(p + "routing_decisions_total", "Routing decisions")
         self.retries = Counter(p + "request_retries_total", "Requests moved to another worker")
+        self.migrations = Counter(p + "request_migrations_total",
+                                  "Streams that went on on another worker after a worker failed "
+                                  "mid-stream")
         self.requests = Counter(p + "request_success_total", "Finished requests")
         self.errors = Counter(p + "http_errors_total", "Error responses, by HTTP status")
         self.client_disconnects = Counter(p + "client_disconnects_total",

@@ -170,16 +170,38 @@ class Router:
     def _salted_namespace(self, base: Namespace, salt: str) -> Namespace:
         return self._salted.get(base, salt)
 
-    def _generate_request(self, prep: Prepared) -> worker_pb2.GenerateRequest:
+    def _generate_request(self, prep: Prepared, sent: Sequence[int] = ()
+                          ) -> worker_pb2.GenerateRequest:
+        """The worker's request; `sent`: tokens a failed worker already streamed to the client,
+        which the next one takes as part of the prompt (their pages from the store) and which
+        count against max_tokens."""
         s = prep.parsed.sampling
         sampling = worker_pb2.SamplingParams(
-            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens or 0,
+            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+            max_tokens=s.max_tokens - len(sent) if s.max_tokens else 0,
             stop=list(s.stop), ignore_eos=s.ignore_eos, n=s.n)
         if s.seed is not None:
             sampling.seed = s.seed
         return worker_pb2.GenerateRequest(request_id=f"{prep.request_id}-{next(self._ids)}",
-                                          prompt_token_ids=prep.prompt_ids, sampling=sampling,
-                                          tenant_salt=prep.salt)
+                                          prompt_token_ids=[*prep.prompt_ids, *sent],
+                                          sampling=sampling, tenant_salt=prep.salt)
+
+    def _can_resume(self, prep: Prepared, sent: list[int]) -> bool:
+        """Whether a stream that failed after `sent` can go on on another worker: one completion
+        (n > 1 would need each one's tokens) without stop strings (the failed worker may have
+        held back text that starts one), and tokens left to generate."""
+        s = prep.parsed.sampling
+        return s.n == 1 and not s.stop and (not s.max_tokens or len(sent) < s.max_tokens)
+
+    def _unsent_text(self, sent: list[int], sent_text: str) -> str:
+        """Text of `sent` that the failed worker had not streamed yet (it holds back the bytes of
+        an unfinished character); '' if it cannot be told exactly."""
+        if self.tokenizer is None:  # ids-only routers (tests)
+            return ""
+        text = self.tokenizer.decode(sent)
+        if not text.startswith(sent_text) or "\ufffd" in text[len(sent_text):]:
+            return ""
+        return text[len(sent_text):]
 
     async def run(self, prep: Prepared, *, buffered: bool = False
                   ) -> AsyncGenerator[Chunk, None]:
@@ -189,6 +211,8 @@ class Router:
         InvalidRequest if the worker rejects the input, RequestFailed if its engine failed on
         this request alone (neither is retried); NoWorkerAvailable when every attempt failed."""
         tried: list[str] = []
+        sent: list[int] = []  # tokens streamed to the client (completion 0); resumed from
+        sent_text = ""
         started = time.monotonic()
         last_token_time: float | None = None
         num_prompt = len(prep.prompt_ids)
@@ -197,8 +221,9 @@ class Router:
         try:
             num_store_pages = await self.store_pages(prep.prompt_ids, prep.salt)
             for _attempt in range(self.config.max_attempts):
-                handle, decision = self.route(prep.prompt_ids, prep.salt, exclude=tried,
-                                              num_store_pages=num_store_pages)
+                resumed = len(sent)
+                handle, decision = self.route([*prep.prompt_ids, *sent], prep.salt,
+                                              exclude=tried, num_store_pages=num_store_pages)
                 tried.append(handle.worker_id)
                 handle.num_inflight += 1
                 handle.num_queued_tokens += num_prompt
@@ -206,7 +231,7 @@ class Router:
                 produced = False
                 held: list[Chunk] = []
                 # cancelled in `finally`: closing run() (a client that left) stops the worker
-                call = self.pool.generate(handle, self._generate_request(prep))
+                call = self.pool.generate(handle, self._generate_request(prep, sent))
                 try:
                     async for response in call:
                         if queued:
@@ -219,11 +244,14 @@ class Router:
                             else:
                                 self.metrics.itl.observe(now - last_token_time)
                             last_token_time = now
-                        chunk = self._chunk(response, handle.worker_id)
+                        chunk = self._chunk(response, handle.worker_id, num_prompt, resumed)
                         if buffered:
                             held.append(chunk)
                         else:
                             produced = produced or bool(chunk.token_ids or chunk.text)
+                            if chunk.index == 0:
+                                sent += chunk.token_ids
+                                sent_text += chunk.text
                             yield chunk
                     self.pool.record_success(handle)
                     self.metrics.e2e.observe(time.monotonic() - started)
@@ -243,9 +271,16 @@ class Router:
                         raise WorkerFailed(f"worker {handle.worker_id}: {code.name} "
                                            f"{exc.details()}") from None
                     self.pool.record_failure(handle, code)
-                    if produced:
-                        raise WorkerFailed(f"worker {handle.worker_id} failed mid-stream: "
-                                           f"{code.name}") from None
+                    if produced or resumed:
+                        if not self._can_resume(prep, sent):
+                            raise WorkerFailed(f"worker {handle.worker_id} failed mid-stream: "
+                                               f"{code.name}") from None
+                        # migration: the next worker goes on from the tokens sent so far
+                        unsent = self._unsent_text(sent, sent_text)
+                        if unsent:
+                            sent_text += unsent
+                            yield Chunk(0, unsent, [], handle.worker_id)
+                        self.metrics.migrations.inc()
                     self.metrics.retries.inc(code=code.name)
                 finally:
                     call.cancel()  # a no-op once the call ended
@@ -257,9 +292,17 @@ class Router:
             self.num_inflight -= 1
             self.metrics.router_inflight.set(self.num_inflight)
 
-    def _chunk(self, response: worker_pb2.GenerateResponse, worker_id: str) -> Chunk:
+    def _chunk(self, response: worker_pb2.GenerateResponse, worker_id: str, num_prompt: int,
+               resumed: int) -> Chunk:
+        """`resumed`: tokens of the completion that an earlier worker generated; the worker took
+        them as prompt, the client counts them as completion."""
         finish = FINISH_REASONS.get(response.finish_reason)
         usage = response.usage if response.HasField("usage") else None
+        if usage is not None and resumed:
+            usage = worker_pb2.Usage(
+                prompt_tokens=num_prompt, completion_tokens=usage.completion_tokens + resumed,
+                cached_tokens=min(usage.cached_tokens, num_prompt),
+                cached_tokens_by_tier=dict(usage.cached_tokens_by_tier))
         if response.token_ids:
             self.metrics.generation_tokens.inc(len(response.token_ids))
         if usage is not None and response.index == 0:

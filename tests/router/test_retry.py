@@ -34,9 +34,11 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
     def __init__(self, behavior: str = "ok") -> None:
         self.behavior = behavior
         self.num_calls = 0
+        self.requests: list[worker_pb2.GenerateRequest] = []
 
     async def Generate(self, request, context):
         self.num_calls += 1
+        self.requests.append(request)
         if self.behavior == "refuse":
             await context.abort(grpc.StatusCode.UNAVAILABLE, "going away")
         if self.behavior == "invalid":
@@ -113,9 +115,25 @@ def test_streamed_request_moves_to_another_worker_before_its_first_token():
     assert state["first_available"] is False  # UNAVAILABLE took it out at once
 
 
-def test_streamed_request_that_already_sent_tokens_reports_the_failure_in_band():
+def test_streamed_request_that_already_sent_tokens_goes_on_on_another_worker():
+    """Migration: the next worker gets the prompt plus the tokens sent, and what is left of
+    max_tokens (this scripted worker then streams its usual tokens regardless)."""
     status, info, text, (first, ok), _ = asyncio.run(
         run_case("crash_after_token", {"max_tokens": 2, "stream": True}))
+    assert status == 200 and info["worker"] == "first"
+    events = sse_events(text)
+    assert events[0]["choices"][0]["text"] == "a"
+    assert not any("error" in e for e in events[:-1]) and events[-1] == "[DONE]"
+    assert (first.num_calls, ok.num_calls) == (1, 1)
+    (resumed,) = ok.requests
+    assert list(resumed.prompt_token_ids) == [*PROMPT, 5]
+    assert resumed.sampling.max_tokens == 1
+
+
+def test_streamed_request_that_cannot_be_resumed_reports_the_failure_in_band():
+    """Stop strings: the failed worker may have held back text that starts one."""
+    status, info, text, (first, ok), _ = asyncio.run(
+        run_case("crash_after_token", {"max_tokens": 2, "stream": True, "stop": ["zz"]}))
     assert status == 200 and info["worker"] == "first"  # headers went out with the first token
     events = sse_events(text)
     assert events[0]["choices"][0]["text"] == "a"

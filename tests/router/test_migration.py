@@ -1,0 +1,106 @@
+"""Mid-stream migration: a worker SIGKILLed while it streams a completion; the router resends the
+prompt plus the tokens already sent to the other worker (which takes the prefix's pages from the
+store), and the client's stream goes on without an error, greedy text identical to an
+undisturbed run. Real store, two real SmolLM2 workers and a real router."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+
+import httpx
+import pytest
+from live_stack import API_KEYS, START_TIMEOUT_S, Proc
+
+from kvmesh.workers.client import WorkerClient
+
+NUM_TOKENS = 64
+PROMPT = "Write a long story about a lighthouse keeper and the sea. Once upon a time,"
+HEADERS = {"Authorization": "Bearer key-alice"}
+
+
+@pytest.fixture(scope="module")
+def pair():
+    tmp = tempfile.mkdtemp(prefix="kvmesh-migration-test-")
+    procs: list[Proc] = []
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        store = Proc(["store", "--port", "0", "--cpu-bytes", "128M"], f"{tmp}/store.log")
+        procs.append(store)
+        store_address = store.wait_listening(deadline)
+        workers = []
+        for i in range(2):
+            worker = Proc(["worker", "--port", "0", "--store", store_address, "--max-model-len",
+                           "512", "--kv-cache-bytes", str(32 << 20), "--torch-threads", "1"],
+                          f"{tmp}/worker{i}.log")
+            procs.append(worker)
+            workers.append(worker)
+        addresses = [w.wait_listening(deadline) for w in workers]
+        keys = [arg for key, tenant in API_KEYS.items() for arg in ("--api-key", f"{key}={tenant}")]
+        router = Proc(["router", "--port", "0", "--secret", "test-secret", "--store",
+                       store_address, *[a for addr in addresses for a in ("--worker", addr)],
+                       *keys], f"{tmp}/router.log")
+        procs.append(router)
+        url = "http://" + router.wait_listening(deadline)
+        while not all(httpx.get(url + "/health", timeout=10).json()["workers"].values()):
+            assert time.monotonic() < deadline, "workers not healthy"
+            time.sleep(0.2)
+        yield url, dict(zip(addresses, workers, strict=True))
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+def _stream(url: str, on_chunk=None) -> tuple[str, dict, list[str]]:
+    """Text, usage and finish reasons of a streamed greedy completion."""
+    body = {"prompt": PROMPT, "max_tokens": NUM_TOKENS, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    text, usage, finishes, num_chunks = "", {}, [], 0
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers=HEADERS,
+                      timeout=120) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: "):])
+            assert "error" not in event, event
+            for choice in event["choices"]:
+                text += choice["text"]
+                if choice.get("finish_reason"):
+                    finishes.append(choice["finish_reason"])
+            usage = event.get("usage") or usage
+            num_chunks += 1
+            if on_chunk is not None:
+                on_chunk(num_chunks)
+    return text, usage, finishes
+
+
+def _busy_worker(workers: dict[str, Proc]) -> str:
+    for address in workers:
+        with WorkerClient(address) as client:
+            if client.stats(timeout=5).num_running:
+                return address
+    raise AssertionError("no worker is running the request")
+
+
+def test_worker_killed_mid_stream_the_stream_goes_on_unchanged(pair):
+    url, workers = pair
+    reference, ref_usage, ref_finishes = _stream(url)
+    assert ref_usage["completion_tokens"] == NUM_TOKENS and ref_finishes == ["length"]
+    killed: list[str] = []
+
+    def kill_after_a_few_tokens(num_chunks: int) -> None:
+        if num_chunks == 6 and not killed:
+            address = _busy_worker(workers)
+            workers[address].kill()
+            killed.append(address)
+
+    text, usage, finishes = _stream(url, kill_after_a_few_tokens)
+    assert killed, "the stream ended before a worker could be killed"
+    assert text == reference
+    assert finishes == ["length"]
+    assert usage["completion_tokens"] == NUM_TOKENS
+    assert usage["prompt_tokens"] == ref_usage["prompt_tokens"]
+    metrics = httpx.get(url + "/metrics", timeout=10).text
+    assert "kvmesh:request_migrations_total 1.0" in metrics
