@@ -128,10 +128,10 @@ def test_device_checksums_stop_at_the_first_bad_page(bad, given_addresses):
 def test_host_checksums_need_no_triton():
     """A CPU worker stages pages with Triton absent (it is a test extra): device checksums are
     off there and nothing imports kernels.xxh3."""
-    code = textwrap.dedent("""
+    code = textwrap.dedent(f"""
         import sys
         sys.modules["triton"] = None  # import triton now fails
-        sys.path.insert(0, "tests/workers")
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
         import torch
         from test_kv_upload import NS, pages, stage_pages
         blobs, keys, tokens, payloads = pages(3)
