@@ -3,13 +3,16 @@ reads its listening line; `Stack` is a store, two workers and a router."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
 import signal
 import subprocess
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -91,3 +94,38 @@ class Stack:
             if all(f'{k}="{v}"' in line for k, v in labels.items()):
                 total += float(line.rsplit(" ", 1)[1])
         return total
+
+
+@contextlib.contextmanager
+def running_stack(prefix: str, worker_args: list[str]) -> Iterator[Stack]:
+    """`kvmesh store`, two `kvmesh worker` (SmolLM2 on CPU, writing through to the store, with
+    `worker_args`) and `kvmesh router` with API_KEYS, all on port 0; yields once both workers
+    are healthy, stops everything on exit."""
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    procs: list[Proc] = []
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        store = Proc(["store", "--port", "0", "--cpu-bytes", "256M"], f"{tmp}/store.log")
+        procs.append(store)
+        store_addr = store.wait_listening(deadline)
+        workers = [Proc(["worker", "--port", "0", "--store", store_addr, *worker_args],
+                        f"{tmp}/worker{i}.log") for i in range(2)]
+        procs += workers
+        worker_addrs = [w.wait_listening(deadline) for w in workers]
+        keys = [arg for key, tenant in API_KEYS.items() for arg in ("--api-key", f"{key}={tenant}")]
+        router = Proc(["router", "--port", "0", "--store", store_addr, "--secret", "test-secret",
+                       *[a for w in worker_addrs for a in ("--worker", w)], *keys],
+                      f"{tmp}/router.log")
+        procs.append(router)
+        url = "http://" + router.wait_listening(deadline)
+        while time.monotonic() < deadline:  # both workers healthy and indexed
+            health = httpx.get(url + "/health", timeout=30).json()
+            if all(health["workers"].values()) and len(health["workers"]) == 2:
+                break
+            time.sleep(0.5)
+        else:
+            raise RuntimeError(f"workers not healthy: {health}")
+        yield Stack(url, store, workers, router)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()

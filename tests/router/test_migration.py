@@ -6,12 +6,10 @@ undisturbed run. Real store, two real SmolLM2 workers and a real router."""
 from __future__ import annotations
 
 import json
-import tempfile
-import time
 
 import httpx
 import pytest
-from live_stack import API_KEYS, START_TIMEOUT_S, Proc
+from live_stack import Proc, running_stack
 
 from kvmesh.workers.client import WorkerClient
 
@@ -22,34 +20,10 @@ HEADERS = {"Authorization": "Bearer key-alice"}
 
 @pytest.fixture(scope="module")
 def pair():
-    tmp = tempfile.mkdtemp(prefix="kvmesh-migration-test-")
-    procs: list[Proc] = []
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        store = Proc(["store", "--port", "0", "--cpu-bytes", "128M"], f"{tmp}/store.log")
-        procs.append(store)
-        store_address = store.wait_listening(deadline)
-        workers = []
-        for i in range(2):
-            worker = Proc(["worker", "--port", "0", "--store", store_address, "--max-model-len",
-                           "512", "--kv-cache-bytes", str(32 << 20), "--torch-threads", "1"],
-                          f"{tmp}/worker{i}.log")
-            procs.append(worker)
-            workers.append(worker)
-        addresses = [w.wait_listening(deadline) for w in workers]
-        keys = [arg for key, tenant in API_KEYS.items() for arg in ("--api-key", f"{key}={tenant}")]
-        router = Proc(["router", "--port", "0", "--secret", "test-secret", "--store",
-                       store_address, *[a for addr in addresses for a in ("--worker", addr)],
-                       *keys], f"{tmp}/router.log")
-        procs.append(router)
-        url = "http://" + router.wait_listening(deadline)
-        while not all(httpx.get(url + "/health", timeout=10).json()["workers"].values()):
-            assert time.monotonic() < deadline, "workers not healthy"
-            time.sleep(0.2)
-        yield url, dict(zip(addresses, workers, strict=True))
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
+    with running_stack("kvmesh-migration-test-",
+                       ["--max-model-len", "512", "--kv-cache-bytes", str(32 << 20),
+                        "--torch-threads", "1"]) as stack:
+        yield stack.url, {w.address: w for w in stack.workers}
 
 
 def _stream(url: str, on_chunk=None) -> tuple[str, dict, list[str]]:
