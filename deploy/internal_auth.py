@@ -13,6 +13,7 @@ local user can read a process's argv (`ps`), only its owner its environment.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from collections.abc import Mapping
@@ -33,9 +34,15 @@ class DeploymentSecrets:
     tenant_secret: str
     api_keys: Mapping[str, str] = field(default_factory=dict)  # key -> tenant
 
-    def store_env(self) -> dict[str, str]:
-        return {"KVMESH_STORE_TOKEN": self.internal_token,
-                "KVMESH_STORE_TENANT_SECRET": self.tenant_secret}
+    def store_env(self, shared_tier: bool = False) -> dict[str, str]:
+        """`shared_tier`: the store has a Redis tier, whose pages get a MAC under a key derived
+        from the tenant secret (so a redeploy with the same secret still reads them)."""
+        env = {"KVMESH_STORE_TOKEN": self.internal_token,
+               "KVMESH_STORE_TENANT_SECRET": self.tenant_secret}
+        if shared_tier:
+            env["KVMESH_STORE_REDIS_MAC_KEY"] = hashlib.blake2b(
+                self.tenant_secret.encode(), digest_size=32, person=b"kvmesh-redis-mac").hexdigest()
+        return env
 
     def worker_env(self) -> dict[str, str]:
         return {"KVMESH_WORKER_TOKEN": self.internal_token,

@@ -107,8 +107,9 @@ class RayDeployConfig:
     def role_env(self, role: str) -> dict[str, str]:
         """The role's secrets, for its process environment (never its argv)."""
         secrets: DeploymentSecrets = self._secrets  # type: ignore[attr-defined]
-        return {"store": secrets.store_env, "worker": secrets.worker_env,
-                "router": secrets.router_env}[role]()
+        if role == "store":
+            return secrets.store_env(shared_tier=self.redis_url is not None)
+        return {"worker": secrets.worker_env, "router": secrets.router_env}[role]()
 
     @property
     def device(self) -> str:

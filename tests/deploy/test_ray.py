@@ -33,6 +33,7 @@ from ray_testing import (
 )
 
 from kvmesh.cachestore.codec import decode_header
+from kvmesh.cachestore.page_mac import TRAILER_NBYTES
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -223,7 +224,8 @@ def test_deploy_with_redis_shared_tier(ray_head, redis_server):
         wait_for("pages in redis", lambda: client.dbsize() >= 6, 60)
         pages = {}
         for redis_key in client.scan_iter(match=b"kvmesh:*"):
-            header = decode_header(client.get(redis_key))
+            # Redis is shared: ray deploy seals its pages with a MAC trailer
+            header = decode_header(client.get(redis_key)[:-TRAILER_NBYTES])
             assert redis_key == b"kvmesh:" + header.key
             pages[header.token_ids.tolist()[0]] = header.token_ids.tolist()
         # the prompt's 6 full pages (generated tokens may fill no further page)

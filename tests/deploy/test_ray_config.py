@@ -27,7 +27,14 @@ def test_role_command_lines():
         "--worker", "a:1", "--worker", "b:2", "--store", "s:3", "--host", "0.0.0.0",
         "--port", "9000"]
     # secrets travel in each role's environment, never its argv
-    assert config.role_env("store")["KVMESH_STORE_TOKEN"] == "t"
+    store_env = config.role_env("store")
+    assert store_env["KVMESH_STORE_TOKEN"] == "t"
+    # Redis is shared: its pages carry a MAC keyed from the tenant secret (stable across deploys)
+    again = RayDeployConfig(redis_url="redis://r:6379/0", tenant_secret=config.tenant_secret)
+    assert len(store_env["KVMESH_STORE_REDIS_MAC_KEY"]) == 64
+    assert again.role_env("store")["KVMESH_STORE_REDIS_MAC_KEY"] == (
+        store_env["KVMESH_STORE_REDIS_MAC_KEY"])
+    assert "KVMESH_STORE_REDIS_MAC_KEY" not in RayDeployConfig().role_env("store")
     assert config.role_env("worker") == {"KVMESH_WORKER_TOKEN": "t",
                                          "KVMESH_WORKER_STORE_TOKEN": "t"}
     router_env = config.role_env("router")
