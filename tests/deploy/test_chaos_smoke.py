@@ -1,7 +1,7 @@
 """benchmarks/chaos.py end to end, short: 10 s of load on a real stack (Redis, store, two
 SmolLM2 CPU workers, router) with worker0 SIGKILLed and restarted. No greedy answer may differ
-from the healthy stack's; the only failures allowed are streams cut after tokens were sent
-(the router cannot retry those); every process is alive at the end."""
+from the healthy stack's, no request may fail (streams cut after tokens were sent go on on the
+other worker); every process is alive at the end."""
 
 from __future__ import annotations
 
@@ -29,9 +29,8 @@ def test_chaos_smoke_worker_kill(tmp_path):
         rows = list(csv.DictReader(f))
     assert rows
     assert [r for r in rows if r["status"] == "wrong"] == []
-    failed = [r for r in rows if r["status"] == "failed"]
-    assert all(r["cause"] == "in-band worker_failed after tokens were sent"
-               and r["fault"] == "worker0-kill" for r in failed), failed
+    # streams cut after their first tokens go on on the other worker (mid-stream migration)
+    assert [r for r in rows if r["status"] == "failed"] == []
     assert sum(r["status"] == "ok" for r in rows) > 0
     assert "| every process alive at the end | True" in out.stdout
     with open(tmp_path / "csv" / "faults.csv") as f:
