@@ -20,7 +20,9 @@ import hmac
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import grpc
 import xxhash
 
 from kvmesh.cachestore.errors import InvalidConfig
@@ -112,3 +114,35 @@ def _read_token_file(path: str, tenant_secret: str) -> dict[str, Scope]:
         return clients
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InvalidConfig(f"token file {path!r}: {exc}") from None
+
+
+class BearerAuth(grpc.ServerInterceptor):
+    """Every call but health checks must carry `authorization: Bearer <token>` with a token the
+    table accepts; what the token may do is checked by the servicer (`KVStoreServicer._scope`)."""
+
+    def __init__(self, tokens: TokenTable) -> None:
+        self._tokens = tokens
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith("/grpc.health.v1.Health/"):
+            return handler
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        given = metadata.get("authorization")
+        if self._tokens.scope_of(given) is not None:
+            return handler
+        return _denied(handler, "missing authorization" if not given else "wrong bearer token")
+
+
+def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    def deny(request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    kind = (handler.request_streaming, handler.response_streaming)
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[kind]
+    return make(deny)

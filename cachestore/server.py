@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvmesh.cachestore import messages, shm, wire
-from kvmesh.cachestore.access import Forbidden, Scope, TokenTable
+from kvmesh.cachestore.access import BearerAuth, Forbidden, Scope, TokenTable
 from kvmesh.cachestore.config import StoreConfig
 from kvmesh.cachestore.errors import InvalidRequest, StoreClosed
 from kvmesh.cachestore.keys import InvalidNamespace, Namespace
@@ -272,38 +272,6 @@ def _handlers(servicer: KVStoreServicer, streams: BulkStreams) -> grpc.GenericRp
         "DeletePages": plain(servicer.DeletePages, pb.PageKeys),
         "ReleasePages": plain(servicer.ReleasePages, pb.ReleasePagesRequest),
     })
-
-
-class BearerAuth(grpc.ServerInterceptor):
-    """Every call but health checks must carry `authorization: Bearer <token>` with a token the
-    table accepts; what the token may do is checked by the servicer (`KVStoreServicer._scope`)."""
-
-    def __init__(self, tokens: TokenTable) -> None:
-        self._tokens = tokens
-
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith("/grpc.health.v1.Health/"):
-            return handler
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        given = metadata.get("authorization")
-        if self._tokens.scope_of(given) is not None:
-            return handler
-        return _denied(handler, "missing authorization" if not given else "wrong bearer token")
-
-
-def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    def deny(request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    kind = (handler.request_streaming, handler.response_streaming)
-    make = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[kind]
-    return make(deny)
 
 
 def build_tiers(config: StoreConfig) -> list[Tier]:
