@@ -8,6 +8,7 @@ import pytest
 from engine_helpers import LONG, PROMPTS, final, run, tokens_of
 
 import kvmesh.workers.offload
+from kvmesh.workers.errors import BatchFailed
 from kvmesh.workers.sampling import SamplingParams
 
 N = 16
@@ -175,8 +176,9 @@ def test_requests_sharing_a_loading_prefix_load_it_once(make_engine, encode, hf_
 
 
 def test_a_step_that_fails_leaves_no_unchecked_page_cached(make_engine, encode):
-    """If waiting for a load's checks raises, or the step itself does, the loaded pages are
-    not left in the prefix cache and the load's host memory is let go."""
+    """If waiting for a load's checks raises, or the step itself does, the batch fails alone
+    (BatchFailed, its requests aborted), the loaded pages are not left in the prefix cache and
+    the load's host memory is let go."""
     engine, prompt, keys = demoted_engine(make_engine, encode)
     host = engine.offload.host
     corrupt = bytearray(host.get_many([keys[1]])[0])
@@ -189,9 +191,9 @@ def test_a_step_that_fails_leaves_no_unchecked_page_cached(make_engine, encode):
 
     engine.offload._drop_bad = failing_drop
     engine.add_request("b", prompt + encode(" and then"), GREEDY)
-    with pytest.raises(RuntimeError, match="tier gone"):
+    with pytest.raises(BatchFailed, match="tier gone") as failed:  # only its batch fails
         engine.step()
-    engine.abort_request("b")
+    assert failed.value.request_ids == ["b"] and not engine.has_unfinished_requests()
     engine.step()
     assert engine.block_manager.match_prefix(keys, [prompt[:16], prompt[16:32]]) == []
     settled = []
@@ -204,11 +206,11 @@ def test_a_step_that_fails_leaves_no_unchecked_page_cached(make_engine, encode):
 
     engine.runner.execute = failing_execute
     engine.add_request("c", prompt + encode(" and so"), GREEDY)
-    with pytest.raises(RuntimeError, match="device lost"):
+    with pytest.raises(BatchFailed, match="device lost"):
         engine.step()
     assert settled == [1]  # waited for, and let go, before the error went up
     engine.runner.execute = execute
-    engine.abort_request("c")
+    assert not engine.has_unfinished_requests()  # the engine aborted the failed batch
     engine.step()
     assert engine.block_manager.match_prefix(keys, [prompt[:16], prompt[16:32]]) == []
     assert engine.stats().num_pages_free == engine.stats().num_pages_total
