@@ -33,3 +33,19 @@ def tokens_of(outs: list[RequestOutput], index: int = 0) -> list[int]:
 def final(outs: list[RequestOutput], index: int = 0) -> RequestOutput:
     (last,) = [o for o in outs if o.index == index and o.finish_reason is not None]
     return last
+
+
+def serve_loaded(config, loaded):
+    """A real worker on a random loopback port whose engine shares the session's loaded weights:
+    (handle, engine). The caller stops the handle."""
+    from kvmesh.workers.engine import Engine
+    from kvmesh.workers.server import serve_worker
+
+    engines: list[Engine] = []
+
+    def factory() -> Engine:
+        engines.append(Engine(config, loaded=loaded))
+        return engines[-1]
+
+    handle = serve_worker(config, "127.0.0.1", 0, load_timeout=300, engine_factory=factory)
+    return handle, engines[0]

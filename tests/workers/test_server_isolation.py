@@ -9,13 +9,13 @@ import time
 
 import grpc
 import pytest
+from engine_helpers import serve_loaded
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
 from kvmesh.workers.client import WorkerClient
 from kvmesh.workers.config import WorkerConfig
 from kvmesh.workers.sampling import SamplingParams
-from kvmesh.workers.server import serve_worker
 
 NORMAL_TEXT = "The history of the printing press begins with Johannes Gutenberg, who"
 POISON_TEXT = "Write a haiku about the sea:"
@@ -25,18 +25,10 @@ NUM_NORMAL_TOKENS = 24
 @pytest.fixture(scope="module")
 def worker(smollm2):
     """(handle, engine): a real worker on a random port and the Engine its loop owns."""
-    from kvmesh.workers.engine import Engine
-
     config = WorkerConfig(model="smollm2", device="cpu", max_model_len=512,
                           kv_cache_bytes=128 << 20, max_num_seqs=8)
-    engines: list[Engine] = []
-
-    def factory() -> Engine:
-        engines.append(Engine(config, loaded=smollm2))
-        return engines[-1]
-
-    handle = serve_worker(config, "127.0.0.1", 0, load_timeout=300, engine_factory=factory)
-    yield handle, engines[0]
+    handle, engine = serve_loaded(config, smollm2)
+    yield handle, engine
     handle.stop()
 
 

@@ -4,11 +4,11 @@ and many distinct salts keep its salted-namespace cache at its cap. Real SmolLM2
 from __future__ import annotations
 
 import pytest
+from engine_helpers import serve_loaded
 
 from kvmesh.workers.client import WorkerClient, WorkerError
 from kvmesh.workers.config import WorkerConfig
 from kvmesh.workers.sampling import SamplingParams
-from kvmesh.workers.server import serve_worker
 from kvmesh.workers.service_wire import MAX_TENANT_SALT_CHARS
 
 PROMPT = [504, 3458, 282, 4649, 314, 253, 1345]
@@ -18,20 +18,12 @@ ONE_TOKEN = SamplingParams(max_tokens=1, temperature=0.0)
 @pytest.fixture(scope="module")
 def served(smollm2):
     """(client, engine) of a real worker on a random port."""
-    from kvmesh.workers.engine import Engine
-
     config = WorkerConfig(model="smollm2", device="cpu", max_model_len=256,
                           kv_cache_bytes=32 << 20, max_num_seqs=4)
-    engines: list[Engine] = []
-
-    def factory() -> Engine:
-        engines.append(Engine(config, loaded=smollm2))
-        return engines[0]
-
-    handle = serve_worker(config, "127.0.0.1", 0, load_timeout=300, engine_factory=factory)
+    handle, engine = serve_loaded(config, smollm2)
     try:
         with WorkerClient(handle.address) as client:
-            yield client, engines[0]
+            yield client, engine
     finally:
         handle.stop()
 
