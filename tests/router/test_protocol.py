@@ -131,3 +131,24 @@ def test_config_flags_beat_env_and_are_checked(tmp_path):
                 {"model_path": str(tmp_path / "missing")}):
         with pytest.raises(InvalidConfig):
             RouterConfig(**{"workers": ("h:1",), "model_path": str(model), **bad})
+
+
+def test_http_settings_from_flags_and_env(tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"")
+    env = {"KVMESH_ROUTER_WORKERS": "h:1", "KVMESH_ROUTER_MODEL_PATH": str(model)}
+    config = config_from_args(_args(), env)
+    assert config.split_special_tokens and config.max_prompt_chars == 0
+    config = config_from_args(_args("--no-split-special-tokens", "--max-prompt-chars", "500",
+                                    "--read-timeout", "2.5"), env)
+    assert not config.split_special_tokens and config.max_prompt_chars == 500
+    assert config.read_timeout_s == 2.5
+    config = config_from_args(_args(), {**env, "KVMESH_ROUTER_SPLIT_SPECIAL_TOKENS": "false",
+                                        "KVMESH_ROUTER_MAX_BODY_BYTES": "1024"})
+    assert not config.split_special_tokens and config.max_body_bytes == 1024
+    with pytest.raises(InvalidConfig, match="SPLIT_SPECIAL_TOKENS"):
+        config_from_args(_args(), {**env, "KVMESH_ROUTER_SPLIT_SPECIAL_TOKENS": "maybe"})
+    for bad in ({"max_prompt_chars": -1}, {"max_body_bytes": 0}, {"read_timeout_s": 0},
+                {"num_tokenizer_threads": 0}):
+        with pytest.raises(InvalidConfig):
+            RouterConfig(**{"workers": ("h:1",), "model_path": str(model), **bad})
