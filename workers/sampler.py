@@ -49,8 +49,19 @@ def sample_each(
     argmax; others draw from softmax(filtered / T) with their generator."""
     assert logits.shape[0] == len(params) == len(generators)
     tokens: list[int | Exception] = list(logits.argmax(dim=-1).tolist())
-    for i, p in enumerate(params):
-        if p.is_greedy:
+    drawn = [i for i, p in enumerate(params) if not p.is_greedy]
+    if not drawn:
+        return tokens
+    # Checked before multinomial, for every drawn row at once (one host sync): on CUDA a NaN
+    # there is a device-side assert, which would end every request on the device. Filtering
+    # always keeps a token, so only the logits themselves can leave no distribution.
+    rows = logits[drawn]
+    unusable = (rows.isnan().any(-1) | rows.isposinf().any(-1) | rows.isneginf().all(-1)).tolist()
+    for i, is_unusable in zip(drawn, unusable, strict=True):
+        p = params[i]
+        if is_unusable:
+            tokens[i] = SamplingError(f"temperature {p.temperature}, top_p {p.top_p}, top_k "
+                                      f"{p.top_k} leave no finite distribution to sample from")
             continue
         try:
             tokens[i] = _draw(logits[i], p, generators[i])
@@ -73,12 +84,8 @@ def sample(
 
 
 def _draw(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
-    """logits: [vocab]. Checked before multinomial: on CUDA a NaN there is a device-side
-    assert, which would end every request on the device, not just this one."""
+    """logits: [vocab], checked usable by sample_each."""
     probs = torch.softmax(filter_logits(logits.float(), params), dim=-1)
-    if bool(~torch.isfinite(probs).all() | ~(probs.sum() > 0)):  # one host sync
-        raise SamplingError(f"temperature {params.temperature}, top_p {params.top_p}, top_k "
-                            f"{params.top_k} leave no finite distribution to sample from")
     if gen is not None and gen.device != probs.device:
         probs = probs.to(gen.device)
     return int(torch.multinomial(probs, 1, generator=gen).item())
