@@ -183,24 +183,24 @@ class Router:
         if s.seed is not None:
             sampling.seed = s.seed
         return worker_pb2.GenerateRequest(request_id=f"{prep.request_id}-{next(self._ids)}",
-                                          prompt_token_ids=[*prep.prompt_ids, *sent],
+                                          prompt_token_ids=prep.prompt_ids + list(sent),
                                           sampling=sampling, tenant_salt=prep.salt)
 
-    def _can_resume(self, prep: Prepared, sent: list[int]) -> bool:
-        """Whether a stream that failed after `sent` can go on on another worker: one completion
-        (n > 1 would need each one's tokens) without stop strings (the failed worker may have
-        held back text that starts one), and tokens left to generate."""
-        s = prep.parsed.sampling
-        return s.n == 1 and not s.stop and (not s.max_tokens or len(sent) < s.max_tokens)
+    @staticmethod
+    def _can_migrate(prep: Prepared) -> bool:
+        """Whether a stream cut after its first tokens can go on on another worker: one
+        completion (n > 1 would need each one's tokens), no stop strings (the failed worker may
+        have held back text that starts one)."""
+        return prep.parsed.sampling.n == 1 and not prep.parsed.sampling.stop
 
-    def _unsent_text(self, sent: list[int], sent_text: str) -> str:
-        """Text of `sent` that the failed worker had not streamed yet (it holds back the bytes of
-        an unfinished character); '' if it cannot be told exactly."""
-        if self.tokenizer is None:  # ids-only routers (tests)
+    def _unsent_text(self, sent: list[int], sent_text: str) -> str | None:
+        """Text of `sent` that the failed worker had not streamed yet; None if it cannot be told
+        exactly (an unfinished character: the next worker would not see its first bytes)."""
+        if self.tokenizer is None:  # ids-only routers (tests): no text to keep consistent
             return ""
         text = self.tokenizer.decode(sent)
         if not text.startswith(sent_text) or "\ufffd" in text[len(sent_text):]:
-            return ""
+            return None
         return text[len(sent_text):]
 
     async def run(self, prep: Prepared, *, buffered: bool = False
@@ -211,8 +211,11 @@ class Router:
         InvalidRequest if the worker rejects the input, RequestFailed if its engine failed on
         this request alone (neither is retried); NoWorkerAvailable when every attempt failed."""
         tried: list[str] = []
-        sent: list[int] = []  # tokens streamed to the client (completion 0); resumed from
+        can_migrate = not buffered and self._can_migrate(prep)
+        max_tokens = prep.parsed.sampling.max_tokens
+        sent: list[int] = []  # tokens streamed to the client (if it can migrate); resumed from
         sent_text = ""
+        finished = False  # the client got the finish chunk: a later error is no failure
         started = time.monotonic()
         last_token_time: float | None = None
         num_prompt = len(prep.prompt_ids)
@@ -222,8 +225,9 @@ class Router:
             num_store_pages = await self.store_pages(prep.prompt_ids, prep.salt)
             for _attempt in range(self.config.max_attempts):
                 resumed = len(sent)
-                handle, decision = self.route([*prep.prompt_ids, *sent], prep.salt,
-                                              exclude=tried, num_store_pages=num_store_pages)
+                handle, decision = self.route(prep.prompt_ids + sent if sent else prep.prompt_ids,
+                                              prep.salt, exclude=tried,
+                                              num_store_pages=num_store_pages)
                 tried.append(handle.worker_id)
                 handle.num_inflight += 1
                 handle.num_queued_tokens += num_prompt
@@ -249,9 +253,10 @@ class Router:
                             held.append(chunk)
                         else:
                             produced = produced or bool(chunk.token_ids or chunk.text)
-                            if chunk.index == 0:
+                            if can_migrate:
                                 sent += chunk.token_ids
                                 sent_text += chunk.text
+                                finished = chunk.finish_reason is not None
                             yield chunk
                     self.pool.record_success(handle)
                     self.metrics.e2e.observe(time.monotonic() - started)
@@ -271,12 +276,14 @@ class Router:
                         raise WorkerFailed(f"worker {handle.worker_id}: {code.name} "
                                            f"{exc.details()}") from None
                     self.pool.record_failure(handle, code)
+                    if finished:  # the call broke after its last chunk: nothing is missing
+                        return
                     if produced or resumed:
-                        if not self._can_resume(prep, sent):
+                        unsent = self._unsent_text(sent, sent_text) if can_migrate else None
+                        if unsent is None or (max_tokens and len(sent) >= max_tokens):
                             raise WorkerFailed(f"worker {handle.worker_id} failed mid-stream: "
                                                f"{code.name}") from None
                         # migration: the next worker goes on from the tokens sent so far
-                        unsent = self._unsent_text(sent, sent_text)
                         if unsent:
                             sent_text += unsent
                             yield Chunk(0, unsent, [], handle.worker_id)
@@ -299,10 +306,13 @@ class Router:
         finish = FINISH_REASONS.get(response.finish_reason)
         usage = response.usage if response.HasField("usage") else None
         if usage is not None and resumed:
+            cached = min(usage.cached_tokens, num_prompt)
+            by_tier, left = {}, cached  # the tiers' counts capped to the client's prompt
+            for tier, num in usage.cached_tokens_by_tier.items():
+                by_tier[tier], left = min(num, left), left - min(num, left)
             usage = worker_pb2.Usage(
                 prompt_tokens=num_prompt, completion_tokens=usage.completion_tokens + resumed,
-                cached_tokens=min(usage.cached_tokens, num_prompt),
-                cached_tokens_by_tier=dict(usage.cached_tokens_by_tier))
+                cached_tokens=cached, cached_tokens_by_tier=by_tier)
         if response.token_ids:
             self.metrics.generation_tokens.inc(len(response.token_ids))
         if usage is not None and response.index == 0:
