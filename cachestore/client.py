@@ -233,8 +233,8 @@ class StoreClient:
         try:
             call = self._release_pages.future(request, timeout=self.timeout,
                                               metadata=self._metadata)
-        except ValueError:  # the channel is closed: the lease runs out on the server instead
-            return
+        except (ValueError, StoreUnavailable):  # channel closed, or the breaker is open: the
+            return  # lease runs out on the server instead
         with self._lock:
             self._releasing.add(call)  # an unreferenced call would be cancelled
         call.add_done_callback(self._released)

@@ -37,7 +37,8 @@ class RemoteTier(Tier):
                  timeout: float = 5.0, retry_after_s: float = 2.0) -> None:
         self.target = target
         self.retry_after_s = retry_after_s
-        self._client = StoreClient(target, token=token, tls=tls, timeout=timeout)
+        # fail-fast is this tier's own (_down_until), so the client's breaker stays off
+        self._client = StoreClient(target, token=token, tls=tls, timeout=timeout, breaker=None)
         self._stats = TierStats(self.name)
         self._lock = threading.Lock()
         self._down_until = 0.0  # time.monotonic() before which calls fail fast
