@@ -94,19 +94,19 @@ class RayDeployConfig:
         if not self.namespace:
             raise RayConfigError("--namespace must not be empty")
         try:
-            api_keys = parse_api_keys([self.api_key or ""])
+            parse_api_keys([self.api_key or ""])
         except InvalidConfig as exc:
             raise RayConfigError(f"--api-key: {exc}") from None
         if self.token is None:
             object.__setattr__(self, "token", new_token())
         if self.tenant_secret is None:
             object.__setattr__(self, "tenant_secret", tenant_secret(None))
-        object.__setattr__(self, "_secrets",
-                           DeploymentSecrets(self.token, self.tenant_secret, api_keys))
 
     def role_env(self, role: str) -> dict[str, str]:
         """The role's secrets, for its process environment (never its argv)."""
-        secrets: DeploymentSecrets = self._secrets  # type: ignore[attr-defined]
+        assert self.token is not None and self.tenant_secret is not None  # __post_init__
+        secrets = DeploymentSecrets(self.token, self.tenant_secret,
+                                    parse_api_keys([self.api_key or ""]))
         if role == "store":
             return secrets.store_env(shared_tier=self.redis_url is not None)
         return {"worker": secrets.worker_env, "router": secrets.router_env}[role]()
