@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # would shadow Hugging Face's `kernels` (whose setuptools plugin loads during this build).
 build_proto = runpy.run_path(os.path.join(ROOT, "build_proto.py"))["build_proto"]
 
-PARTS = ("cachestore", "workers", "router", "kernels", "deploy")
+PARTS = ("cachestore", "workers", "router", "kernels", "deploy", "loadgen")
 
 
 def _packages() -> tuple[list[str], dict[str, str]]:

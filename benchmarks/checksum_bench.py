@@ -27,12 +27,13 @@ import time
 
 import torch
 
-from kvmesh.cachestore import Namespace, shm
+from kvmesh.cachestore import Namespace
 from kvmesh.cachestore.codec import ChunkedTasks, checksum_at, encode_page
 from kvmesh.cachestore.keys import tokens_to_bytes
+from kvmesh.cachestore.shm import segments
 from kvmesh.cachestore.tiers.cpu import CpuTier
 from kvmesh.kernels.xxh3 import as_int64, xxh3_64_rows
-from kvmesh.workers.cuda_host import copy_async, cudart
+from kvmesh.workers.runner.cuda_host import copy_async, cudart
 
 
 def timed(fn, repeats: int) -> float:
@@ -110,7 +111,7 @@ def _tier_payloads(src: torch.Tensor, rows: torch.Tensor) -> list[tuple[int, int
     pages = tier.get_many(keys)
     _tier_payloads.keep = (tier, pages)
     offset = len(pages[0]) - src[0].numel() * 8
-    return [(rows[i].data_ptr(), shm.buffer_address(page)[0] + offset)
+    return [(rows[i].data_ptr(), segments.buffer_address(page)[0] + offset)
             for i, page in enumerate(pages)]
 
 

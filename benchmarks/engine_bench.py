@@ -29,10 +29,10 @@ import torch
 from engine_bench_tables import print_tables
 
 from kvmesh.workers.config import WorkerConfig
-from kvmesh.workers.engine import Engine
+from kvmesh.workers.engine.engine import Engine
+from kvmesh.workers.engine.sampling_params import SamplingParams
 from kvmesh.workers.models.llama import LlamaConfig
 from kvmesh.workers.models.loader import LoadedModel
-from kvmesh.workers.sampling import SamplingParams
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -220,8 +220,8 @@ def attach_store(engine: Engine, nbytes: int) -> tuple[str, object]:
     from kvmesh.cachestore.config import StoreConfig
 
     try:
-        from kvmesh.cachestore.client import StoreClient
-        from kvmesh.cachestore.server import StoreServer
+        from kvmesh.cachestore.rpc.client import StoreClient
+        from kvmesh.cachestore.rpc.server import StoreServer
 
         server = StoreServer(StoreConfig(port=0, cpu_bytes=nbytes))
         engine.attach_store(StoreClient(server.target, timeout=60.0,
@@ -229,9 +229,9 @@ def attach_store(engine: Engine, nbytes: int) -> tuple[str, object]:
         return "grpc-loopback", server
     except Exception as exc:  # no kvmesh.v1 / grpc extras on this machine
         print(f"store over gRPC unavailable ({exc!r}); using the in-process page API", flush=True)
-    from kvmesh.cachestore.page_access import PageAccess
-    from kvmesh.cachestore.page_lease import PageLease  # (needs no generated gRPC code)
-    from kvmesh.cachestore.store import TieredStore
+    from kvmesh.cachestore.shm.page_lease import PageLease  # (needs no generated gRPC code)
+    from kvmesh.cachestore.store.page_access import PageAccess
+    from kvmesh.cachestore.store.tiered import TieredStore
     from kvmesh.cachestore.tiers.cpu import CpuTier
 
     store = TieredStore([CpuTier(nbytes)])

@@ -24,8 +24,8 @@ from collections import OrderedDict
 import numpy as np
 
 from kvmesh.cachestore.keys import Namespace
-from kvmesh.router.index import TIER_DEVICE, Cleared, PrefixIndex, Removed, Stored
-from kvmesh.router.policy import BalanceThreshold, CostModel, WorkerLoad, choose
+from kvmesh.router.routing.index import TIER_DEVICE, Cleared, PrefixIndex, Removed, Stored
+from kvmesh.router.routing.policy import BalanceThreshold, CostModel, WorkerLoad, choose
 
 PAGE = 16
 NS = Namespace(model="sim", num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16",

@@ -19,12 +19,13 @@ import time
 
 import numpy as np
 
-from kvmesh.cachestore import Namespace, shm
+from kvmesh.cachestore import Namespace
 from kvmesh.cachestore.codec import encode_page
 from kvmesh.cachestore.keys import tokens_to_bytes
-from kvmesh.cachestore.page_access import PageAccess
-from kvmesh.cachestore.shm_server import SegmentWriter
-from kvmesh.cachestore.store import TieredStore
+from kvmesh.cachestore.shm import segments
+from kvmesh.cachestore.shm.server import SegmentWriter
+from kvmesh.cachestore.store.page_access import PageAccess
+from kvmesh.cachestore.store.tiered import TieredStore
 from kvmesh.cachestore.tiers.cpu import CpuTier
 from kvmesh.v1 import store_pb2
 
@@ -47,7 +48,7 @@ def main() -> None:
                    for i, key in enumerate(keys)])
     access = PageAccess(TieredStore([tier]))
     nbytes = sum(len(blob) for blob in tier.get_many(keys))
-    segment = shm.create_segment(nbytes + (2 << 20))
+    segment = segments.create_segment(nbytes + (2 << 20))
     target = store_pb2.SharedMemorySegment(name=segment.name, capacity=segment.capacity)
     writer, peer = SegmentWriter(), "ipv4:127.0.0.1:1"
     times: dict[str, list[float]] = {"check, then copy": [], "copy, then check": []}
@@ -65,7 +66,7 @@ def main() -> None:
     finally:
         writer.close()
         segment.close()
-        shm.unlink_quietly(segment.path)
+        segments.unlink_quietly(segment.path)
     print(f"{args.pages} pages of {ns.page_nbytes >> 10} KiB, {nbytes / 1e6:.0f} MB, best of "
           f"{args.repeats}\n")
     print("| path | ms | GB/s |\n|---|---:|---:|")

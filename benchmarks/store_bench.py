@@ -239,7 +239,7 @@ def bench_lookup_in_process(num_pages: int, prompt_tokens: int,
                             num_calls: int) -> tuple[float, float]:
     """The same index and prompt as bench_lookup, in a TieredStore in this process (no gRPC):
     what the store itself costs. Returns (p50 ms, p99 ms)."""
-    from kvmesh.cachestore.store import TieredStore
+    from kvmesh.cachestore.store.tiered import TieredStore
     from kvmesh.cachestore.tiers.cpu import CpuTier
 
     ns = Namespace("lookup-bench", 1, 1, 8, torch.float16)

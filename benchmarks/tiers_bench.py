@@ -29,7 +29,7 @@ import redis
 
 from kvmesh.cachestore.keys import Namespace
 from kvmesh.cachestore.malloc_tuning import keep_freed_memory
-from kvmesh.cachestore.store import TieredStore
+from kvmesh.cachestore.store.tiered import TieredStore
 from kvmesh.cachestore.tiers.cpu import CpuTier
 from kvmesh.cachestore.tiers.disk import DiskTier
 from kvmesh.cachestore.tiers.redis import RedisTier

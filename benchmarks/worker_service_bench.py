@@ -17,12 +17,12 @@ import statistics
 import threading
 import time
 
-from kvmesh.workers.client import WorkerClient
 from kvmesh.workers.config import WorkerConfig
-from kvmesh.workers.engine import Engine
+from kvmesh.workers.engine.engine import Engine
+from kvmesh.workers.engine.sampling_params import SamplingParams
 from kvmesh.workers.models.loader import load_model
-from kvmesh.workers.sampling import SamplingParams
-from kvmesh.workers.server import serve_worker
+from kvmesh.workers.service.client import WorkerClient
+from kvmesh.workers.service.server import serve_worker
 
 
 def _prompts(rng: random.Random, num: int, length: int, vocab: int) -> list[list[int]]:

@@ -72,7 +72,7 @@ def _size(text: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from kvmesh.cachestore.malloc import retain_freed_memory
-    from kvmesh.cachestore.server import serve_store  # grpc + tiers: only when actually serving
+    from kvmesh.cachestore.rpc.server import serve_store  # grpc + tiers: only when actually serving
 
     flags = {name: getattr(args, name, None) for name in StoreConfig.__dataclass_fields__}
     try:

@@ -17,7 +17,7 @@ COMMANDS: dict[str, str] = {
     "worker": "kvmesh.workers.cli",
     "router": "kvmesh.router.cli",
     "serve": "kvmesh.deploy.local",
-    "bench": "kvmesh.router.bench_serve",
+    "bench": "kvmesh.loadgen.serve",
     "ray": "kvmesh.deploy.ray_cli",
 }
 

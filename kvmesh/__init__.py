@@ -1,8 +1,8 @@
 """kvmesh: a distributed, disaggregated KV-cache service for LLM inference.
 
 Everything kvmesh ships imports under this one root. The repository keeps one folder per part
-(`cachestore/`, `workers/`, `router/`, `kernels/`, `deploy/`); the install maps each into this
-package (`kvmesh.cachestore`, ...), and the generated gRPC code lands in `kvmesh.v1`.
+(`cachestore/`, `workers/`, `router/`, `kernels/`, `deploy/`, `loadgen/`); the install maps each
+into this package (`kvmesh.cachestore`, ...), and the generated gRPC code lands in `kvmesh.v1`.
 
 The public store API: `from kvmesh import StoreClient, Namespace` (also `kvmesh.cachestore`).
 The client (and with it grpc and torch) is imported on first use.
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from kvmesh.cachestore.keys import Namespace
 
 if TYPE_CHECKING:
-    from kvmesh.cachestore.client import ClosestKV, StoreClient
+    from kvmesh.cachestore.rpc.client import ClosestKV, StoreClient
 
 __all__ = ["ClosestKV", "Namespace", "StoreClient"]
 

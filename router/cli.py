@@ -40,12 +40,12 @@ def handler(args: argparse.Namespace) -> int:
 async def start_router(config: RouterConfig, ready_timeout: float = READY_TIMEOUT_S):
     """Build and start every part; returns (runner, router, (host, port)). Caller cleans up
     with `stop_router(runner, router)`."""
-    from kvmesh.router.app import build_app
-    from kvmesh.router.index import PrefixIndex
+    from kvmesh.router.http.app import build_app
     from kvmesh.router.metrics import RouterMetrics
-    from kvmesh.router.pool import WorkerPool
+    from kvmesh.router.routing.index import PrefixIndex
+    from kvmesh.router.routing.pool import WorkerPool
+    from kvmesh.router.routing.store_probe import StoreProbe
     from kvmesh.router.service import Router
-    from kvmesh.router.store_probe import StoreProbe
     from kvmesh.router.tokenizer import PromptTokenizer
 
     tokenizer = await asyncio.to_thread(PromptTokenizer, config.model_path,

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from kvmesh.cachestore.access import tenant_salt
 from kvmesh.cachestore.keys import Namespace, SaltedNamespaces
+from kvmesh.cachestore.rpc.auth import tenant_salt
 from kvmesh.router.config import RouterConfig
 from kvmesh.router.errors import (
     InvalidRequest,
@@ -24,12 +24,12 @@ from kvmesh.router.errors import (
     RequestFailed,
     WorkerFailed,
 )
-from kvmesh.router.index import PrefixIndex
+from kvmesh.router.http.protocol import ParsedRequest
 from kvmesh.router.metrics import RouterMetrics
-from kvmesh.router.policy import BalanceThreshold, Decision, NoCandidate, choose
-from kvmesh.router.pool import RETRYABLE_CODES, WorkerHandle, WorkerPool, is_request_failure
-from kvmesh.router.protocol import ParsedRequest
-from kvmesh.router.store_probe import StoreProbe
+from kvmesh.router.routing.index import PrefixIndex
+from kvmesh.router.routing.policy import BalanceThreshold, Decision, NoCandidate, choose
+from kvmesh.router.routing.pool import RETRYABLE_CODES, WorkerHandle, WorkerPool, is_request_failure
+from kvmesh.router.routing.store_probe import StoreProbe
 from kvmesh.router.tokenizer import PromptTokenizer
 from kvmesh.v1 import worker_pb2
 

@@ -30,10 +30,10 @@ def _no_shared_memory_left_behind():
     """Tests SIGKILL workers and Ray actors on purpose; their /dev/shm segments are left for
     the next process to sweep (cachestore.shm). Sweep them at the end, so runs do not pile up."""
     yield
-    from kvmesh.cachestore import shm
+    from kvmesh.cachestore.shm import segments
 
-    if Path(shm.SHM_DIR).is_dir():
-        shm.sweep_stale(older_than_s=0)
+    if Path(segments.SHM_DIR).is_dir():
+        segments.sweep_stale(older_than_s=0)
 
 
 def free_port() -> int:

@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop_requested.set())
 
-    from kvmesh.workers.server import serve_worker
+    from kvmesh.workers.service.server import serve_worker
 
     if serving.torch_threads is not None:
         import torch

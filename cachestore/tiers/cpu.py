@@ -20,9 +20,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from kvmesh.cachestore import shm
 from kvmesh.cachestore.errors import InvalidConfig
-from kvmesh.cachestore.shm import buffer_address
+from kvmesh.cachestore.shm import segments
+from kvmesh.cachestore.shm.segments import buffer_address
 from kvmesh.cachestore.tiers.base import Tier, TierStats
 from kvmesh.cachestore.tiers.lru import LruIndex
 from kvmesh.cachestore.tiers.slots import PageSlots
@@ -55,7 +55,7 @@ class CpuTier(Tier):
 
     def __init__(self, capacity_bytes: int, pin_memory: bool | None = None,
                  slots: bool | None = None, shared: bool = False,
-                 shm_dir: str = shm.SHM_DIR) -> None:
+                 shm_dir: str = segments.SHM_DIR) -> None:
         """`slots`: keep pages in arena slots (default: when pinned or shared; unpinned plain
         slots are for tests where no CUDA is). `shared`: arenas are files in `shm_dir` that
         same-host clients may map (`locate_many`); not with pinning."""

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from kvmesh.cachestore.client import (
+from kvmesh.cachestore.rpc.client import (
     ProtocolError,
     StoreClient,
     StoreFull,

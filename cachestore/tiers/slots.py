@@ -10,8 +10,8 @@ free is let go.
 Arena memory is one of:
 - "pinned": page-locked (torch), so a host -> GPU copy of a page runs by DMA (a worker's tier);
 - "plain": ordinary process memory;
-- "shared": a file in /dev/shm (cachestore/shm.py), which a same-host client maps to read pages
-  with no copy (a store server's tier; see cachestore/shm_leases.py). `locate` says which
+- "shared": a file in /dev/shm (cachestore/shm/segments.py), which a same-host client maps to
+  read pages with no copy (a store server's tier; see cachestore/shm/leases.py). `locate` says which
   arena file and offset hold a page. The files are unlinked when their arena goes, at `close`,
   and at exit. Where /dev/shm has no room an arena falls back to plain memory.
 """
@@ -27,7 +27,7 @@ from typing import Literal
 
 import numpy as np
 
-from kvmesh.cachestore import shm
+from kvmesh.cachestore.shm import segments
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,10 @@ class _Arena:
     def __init__(self, slot_nbytes: int, count: int, memory: Memory, shm_dir: str) -> None:
         self.slot_nbytes, self.count = slot_nbytes, count
         self.nbytes = slot_nbytes * count
-        self.segment: shm.Segment | None = None
+        self.segment: segments.Segment | None = None
         if memory == "shared":
             try:
-                self.segment = shm.create_segment(self.nbytes, shm_dir)
+                self.segment = segments.create_segment(self.nbytes, shm_dir)
             except OSError as exc:  # e.g. /dev/shm full: unmappable, still a working arena
                 log.warning("no shared-memory arena of %d bytes (%s): plain memory", self.nbytes,
                             exc)
@@ -78,7 +78,9 @@ class PageSlots:
     """Slots for pages, by page size; thread-safe. `take` has no slot (None) once all arenas
     would pass the budget (capacity plus one largest arena) or the memory cannot be had."""
 
-    def __init__(self, capacity_bytes: int, memory: Memory, shm_dir: str = shm.SHM_DIR) -> None:
+    def __init__(
+        self, capacity_bytes: int, memory: Memory, shm_dir: str = segments.SHM_DIR
+    ) -> None:
         self.memory = memory
         self._shm_dir = shm_dir
         self._max_arena_nbytes = min(ARENA_NBYTES, pow2_at_least(capacity_bytes))
@@ -89,7 +91,7 @@ class PageSlots:
         self._arenas: dict[int, list[_Arena]] = {}  # slot size -> arenas of that size
         self._shared: list[tuple[int, _Arena]] = []  # (address, arena) of shared arenas, sorted
         self._paths: set[str] = set()  # shared arena files to unlink at close or exit
-        self._finalizer = weakref.finalize(self, shm.unlink_all, self._paths)
+        self._finalizer = weakref.finalize(self, segments.unlink_all, self._paths)
 
     def take(self, nbytes: int) -> np.ndarray | None:
         """A writable array of `nbytes` in a free slot, or None."""

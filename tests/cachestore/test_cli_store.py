@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from kvmesh.cachestore import Namespace, StoreClient
-from kvmesh.cachestore.client import Unauthenticated
 from kvmesh.cachestore.config import StoreConfig, parse_bytes
 from kvmesh.cachestore.errors import InvalidConfig
+from kvmesh.cachestore.rpc.client import Unauthenticated
 from kvmesh.deploy.cli import command
 
 NS = Namespace("m", num_layers=1, num_kv_heads=1, head_dim=4, dtype=torch.float16, page_size=2)
@@ -73,7 +73,7 @@ def test_token_from_env_is_enforced():
 
 
 def test_port_in_use_exits_1():
-    from kvmesh.cachestore.server import serve_store
+    from kvmesh.cachestore.rpc.server import serve_store
 
     with serve_store(StoreConfig(port=0)) as taken:
         proc = kvmesh("store", "--port", str(taken.port))

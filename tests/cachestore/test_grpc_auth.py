@@ -11,9 +11,9 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvmesh.cachestore import Namespace, StoreClient
-from kvmesh.cachestore.client import StoreUnavailable, Unauthenticated
 from kvmesh.cachestore.config import StoreConfig
-from kvmesh.cachestore.server import serve_store
+from kvmesh.cachestore.rpc.client import StoreUnavailable, Unauthenticated
+from kvmesh.cachestore.rpc.server import serve_store
 
 NS = Namespace("m", num_layers=1, num_kv_heads=1, head_dim=4, dtype=torch.float32, page_size=2)
 KV = torch.arange(16, dtype=torch.float32).reshape(1, 2, 2, 1, 4)

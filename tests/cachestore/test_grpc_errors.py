@@ -14,8 +14,8 @@ import torch
 from kvmesh.cachestore import Namespace, StoreClient
 from kvmesh.cachestore.config import StoreConfig
 from kvmesh.cachestore.errors import InvalidRequest
-from kvmesh.cachestore.server import serve_store
-from kvmesh.cachestore.wire import encode_frame, namespace_to_spec
+from kvmesh.cachestore.rpc.server import serve_store
+from kvmesh.cachestore.rpc.wire import encode_frame, namespace_to_spec
 from kvmesh.v1 import common_pb2, store_pb2
 
 NS = Namespace("m", num_layers=2, num_kv_heads=1, head_dim=4, dtype=torch.float16, page_size=4)

@@ -11,11 +11,13 @@ import time
 import pytest
 from test_grpc_shm import SPACES, make_pages
 
-from kvmesh.cachestore import StoreClient, page_lease, shm, shm_client
+from kvmesh.cachestore import StoreClient
 from kvmesh.cachestore.config import StoreConfig
-from kvmesh.cachestore.server import serve_store
-from kvmesh.cachestore.shm_leases import MappedLeases
-from kvmesh.cachestore.store import TieredStore
+from kvmesh.cachestore.rpc.server import serve_store
+from kvmesh.cachestore.shm import client as shm_client
+from kvmesh.cachestore.shm import page_lease, segments
+from kvmesh.cachestore.shm.leases import MappedLeases
+from kvmesh.cachestore.store.tiered import TieredStore
 from kvmesh.cachestore.tiers.cpu import CpuTier
 from kvmesh.cachestore.tiers.disk import DiskTier
 from kvmesh.v1 import store_pb2
@@ -53,7 +55,7 @@ def test_mapped_get_reads_pages_where_the_server_keeps_them(server, client):
         # the views lie in the server's arena files, not in a segment of this client
         arenas = set(client._segments.arenas.names)
         assert arenas and not arenas & set(client._segments.segment_names)
-        assert all(os.path.exists(os.path.join(shm.SHM_DIR, name)) for name in arenas)
+        assert all(os.path.exists(os.path.join(segments.SHM_DIR, name)) for name in arenas)
         assert len(lease.regions) == len(arenas)
         assert server.leases.num_leases == 1
     assert wait_until(lambda: server.leases.num_leases == 0)  # released by ReleasePages
@@ -167,7 +169,7 @@ def test_arena_files_go_with_their_arena_and_at_stop():
     pages = make_pages(2, seed=12, spaces=[SPACES[0]])
     tier.put_many(pages)
     (name, _, _), _ = tier.locate_many(tier.get_many([pages[0][0]]) * 2)
-    path = os.path.join(shm.SHM_DIR, name)
+    path = os.path.join(segments.SHM_DIR, name)
     assert os.path.exists(path)
     tier.delete_many([key for key, _ in pages])  # every slot free: the arena goes
     assert wait_until(lambda: not os.path.exists(path))
@@ -178,7 +180,7 @@ def test_arena_files_go_with_their_arena_and_at_stop():
             assert lease.pages[0] is not None
             names = c._segments.arenas.names
     srv.stop(grace=0)
-    assert names and not any(os.path.exists(os.path.join(shm.SHM_DIR, n)) for n in names)
+    assert names and not any(os.path.exists(os.path.join(segments.SHM_DIR, n)) for n in names)
 
 
 def mapped_header(names, offsets, arenas=(0,), nbytes=(100,), lease_id=7):

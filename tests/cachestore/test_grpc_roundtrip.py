@@ -13,7 +13,7 @@ from kvmesh.cachestore import ClosestKV, Namespace
 from kvmesh.cachestore.codec import encode_page
 from kvmesh.cachestore.config import StoreConfig
 from kvmesh.cachestore.errors import InvalidRequest
-from kvmesh.cachestore.server import serve_store
+from kvmesh.cachestore.rpc.server import serve_store
 
 SMALL = Namespace("test-model", num_layers=3, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16,
                   page_size=4)

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from kvmesh.cachestore import Namespace, StoreClient
-from kvmesh.cachestore.access import tenant_salt
-from kvmesh.cachestore.client import PermissionDenied, Unauthenticated
 from kvmesh.cachestore.config import StoreConfig
 from kvmesh.cachestore.errors import InvalidConfig
-from kvmesh.cachestore.server import serve_store
+from kvmesh.cachestore.rpc.auth import tenant_salt
+from kvmesh.cachestore.rpc.client import PermissionDenied, Unauthenticated
+from kvmesh.cachestore.rpc.server import serve_store
 
 SECRET = "deployment-secret"
 INTERNAL = "internal-token-0123456789"

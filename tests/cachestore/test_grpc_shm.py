@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from kvmesh.cachestore import Namespace, StoreClient, shm, shm_client
+from kvmesh.cachestore import Namespace, StoreClient
 from kvmesh.cachestore.codec import encode_page
 from kvmesh.cachestore.config import StoreConfig
-from kvmesh.cachestore.server import serve_store
-from kvmesh.cachestore.shm_server import SegmentWriter
+from kvmesh.cachestore.rpc.server import serve_store
+from kvmesh.cachestore.shm import client as shm_client
+from kvmesh.cachestore.shm import segments
+from kvmesh.cachestore.shm.server import SegmentWriter
 from kvmesh.v1 import store_pb2
 
 # Odd page sizes: encoded pages of 3 different lengths, none a multiple of 8.
@@ -128,14 +130,14 @@ def test_a_reserved_segment_serves_the_first_get(server, stored):
 
 def test_a_pool_closed_during_a_reservation_leaves_no_file(tmp_path, monkeypatch):
     pool = shm_client.SegmentPool(shm_dir=str(tmp_path))
-    create = shm.create_segment
+    create = segments.create_segment
 
     def create_then_close(nbytes, shm_dir):
         segment = create(nbytes, shm_dir)
         pool.close()  # as an engine closing while its reservation thread runs
         return segment
 
-    monkeypatch.setattr(shm, "create_segment", create_then_close)
+    monkeypatch.setattr(segments, "create_segment", create_then_close)
     pool.reserve(1 << 20)
     assert list(tmp_path.iterdir()) == [] and pool.segment_names == []
 
@@ -147,7 +149,7 @@ def test_a_failed_reservation_changes_nothing(tmp_path, monkeypatch):
     def no_room(nbytes, shm_dir):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(shm, "create_segment", no_room)
+    monkeypatch.setattr(segments, "create_segment", no_room)
     pool.reserve(1 << 30)
     assert pool._calls_inline == 0 and pool._reserved.is_set() and pool.segment_names == []
     pool.close()
@@ -167,7 +169,7 @@ def test_segment_grows_when_too_small(server, monkeypatch):
             assert lease.is_shared_memory
             assert as_bytes(lease.pages) == [blob for _, blob in pages]
         (grown,) = set(client._segments.segment_names) - before
-        size = os.stat(os.path.join(shm.SHM_DIR, grown)).st_size
+        size = os.stat(os.path.join(segments.SHM_DIR, grown)).st_size
         assert size >= sum(len(blob) for _, blob in pages)
         with client.get_pages_leased(keys) as lease:  # fits now: no new segment
             assert as_bytes(lease.pages) == [blob for _, blob in pages]
@@ -205,12 +207,12 @@ def test_forged_segment_falls_back_to_inline(client, stored, tmp_path, name):
     victim.write_bytes(b"untouched" * 1000)
     made = []
     if name == "kvmesh-link":  # a symlink with a valid name: O_NOFOLLOW refuses it
-        name = shm.NAME_PREFIX + os.urandom(6).hex()
-        os.symlink(victim, os.path.join(shm.SHM_DIR, name))
+        name = segments.NAME_PREFIX + os.urandom(6).hex()
+        os.symlink(victim, os.path.join(segments.SHM_DIR, name))
         made.append(name)
     elif name == "small":  # a real segment smaller than the capacity claimed
-        name = shm.NAME_PREFIX + os.urandom(6).hex()
-        with open(os.path.join(shm.SHM_DIR, name), "wb") as f:
+        name = segments.NAME_PREFIX + os.urandom(6).hex()
+        with open(os.path.join(segments.SHM_DIR, name), "wb") as f:
             f.write(b"x" * 100)
         made.append(name)
     try:
@@ -221,12 +223,12 @@ def test_forged_segment_falls_back_to_inline(client, stored, tmp_path, name):
         assert not header.is_shared_memory and not header.segment_nbytes_needed
         assert b"".join(frames) == b"".join(p for p in expected if p is not None)
         assert victim.read_bytes() == b"untouched" * 1000
-        if made and not os.path.islink(os.path.join(shm.SHM_DIR, made[0])):
-            with open(os.path.join(shm.SHM_DIR, made[0]), "rb") as f:
+        if made and not os.path.islink(os.path.join(segments.SHM_DIR, made[0])):
+            with open(os.path.join(segments.SHM_DIR, made[0]), "rb") as f:
                 assert f.read() == b"x" * 100  # too small: nothing written
     finally:
         for made_name in made:
-            os.unlink(os.path.join(shm.SHM_DIR, made_name))
+            os.unlink(os.path.join(segments.SHM_DIR, made_name))
     with client.get_pages_leased(keys) as lease:  # the server is fine afterwards
         assert as_bytes(lease.pages) == expected
 
@@ -238,7 +240,7 @@ def test_remote_peer_is_declined():
         assert writer.write_pages(segment, [b"x" * 10], peer) is None
     writer.close()
     for peer in ("ipv4:127.0.0.1:5", "ipv6:[::1]:5", "unix:/tmp/s", "ipv6:%5B::1%5D:5"):
-        assert shm.is_local_peer(peer)
+        assert segments.is_local_peer(peer)
     for target in (
         "127.0.0.1:50051",
         "localhost:1",
@@ -246,9 +248,9 @@ def test_remote_peer_is_declined():
         "unix:/tmp/sock",
         "dns:///localhost:3",
     ):
-        assert shm.is_local_target(target), target
+        assert segments.is_local_target(target), target
     for target in ("10.0.0.1:50051", "store.example.com:1", "[2001:db8::1]:2"):
-        assert not shm.is_local_target(target), target
+        assert not segments.is_local_target(target), target
 
 
 def test_opt_out_and_close_remove_files(server, stored):
@@ -263,7 +265,7 @@ def test_opt_out_and_close_remove_files(server, stored):
         assert nbytes >= shm_client.MIN_SEGMENT_NBYTES and address % mmap.PAGESIZE == 0
         first = next(p for p in lease.pages if p is not None)
         assert ctypes.string_at(address, first.nbytes) == bytes(first)  # page 0 at offset 0
-    paths = [os.path.join(shm.SHM_DIR, name) for name in client._segments.segment_names]
+    paths = [os.path.join(segments.SHM_DIR, name) for name in client._segments.segment_names]
     assert paths and all(os.stat(p).st_mode & 0o777 == 0o600 for p in paths)
     client.close()
     assert not any(os.path.exists(p) for p in paths)
@@ -303,9 +305,9 @@ def test_pool_retries_then_goes_inline_and_discards_failed_segments():
     with pytest.raises(ConnectionError):
         pool.read(broken, [b"k" * 16])  # the server may still write into that segment: dropped
     (gone,) = set(names) - set(pool.segment_names)
-    assert not os.path.exists(os.path.join(shm.SHM_DIR, gone))
+    assert not os.path.exists(os.path.join(segments.SHM_DIR, gone))
     pool.close()
-    assert not any(os.path.exists(os.path.join(shm.SHM_DIR, n)) for n in names)
+    assert not any(os.path.exists(os.path.join(segments.SHM_DIR, n)) for n in names)
 
 
 @pytest.mark.parametrize("shared_memory", [True, False])
@@ -313,7 +315,7 @@ def test_a_corrupt_stored_page_is_a_miss_and_dropped(shared_memory):
     """Through the segment the server checks each page on its copy there; inline it checks the
     stored bytes. Either way a flipped payload byte or a page under the wrong key reads as
     missing, and the store drops it."""
-    from kvmesh.cachestore.store import TieredStore
+    from kvmesh.cachestore.store.tiered import TieredStore
     from kvmesh.cachestore.tiers.cpu import CpuTier
 
     tier = CpuTier(64 << 20)

@@ -13,7 +13,7 @@ import torch
 from kvmesh.cachestore import Namespace, StoreClient
 from kvmesh.cachestore.codec import decode_page, encode_page
 from kvmesh.cachestore.config import StoreConfig
-from kvmesh.cachestore.server import serve_store
+from kvmesh.cachestore.rpc.server import serve_store
 
 NS = Namespace("m", num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16, page_size=4)
 PAGE = NS.page_nbytes  # 2 x 2 x 4 x 2 x 8 x 2 = 512 bytes

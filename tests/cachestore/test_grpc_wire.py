@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from kvmesh.cachestore import wire
 from kvmesh.cachestore.keys import Namespace
+from kvmesh.cachestore.rpc import wire
 from kvmesh.v1 import store_pb2
 
 

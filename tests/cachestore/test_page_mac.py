@@ -17,8 +17,8 @@ from kvmesh.cachestore.config import StoreConfig
 from kvmesh.cachestore.errors import InvalidConfig
 from kvmesh.cachestore.keys import Namespace, tokens_to_bytes
 from kvmesh.cachestore.page_mac import TRAILER_NBYTES, PageMac
-from kvmesh.cachestore.server import build_tiers, serve_store
-from kvmesh.cachestore.store import TieredStore
+from kvmesh.cachestore.rpc.server import build_tiers, serve_store
+from kvmesh.cachestore.store.tiered import TieredStore
 from kvmesh.cachestore.tiers.disk import DiskTier
 from kvmesh.cachestore.tiers.redis import RedisTier
 
@@ -167,7 +167,7 @@ def test_config_and_warning(tmp_path, redis_server, caplog):
         StoreConfig.from_sources(env={"KVMESH_STORE_REDIS_MAC_KEY": "short"})
     with pytest.raises(InvalidConfig, match="not a file"):
         StoreConfig(disk_mac_key_file=str(tmp_path / "missing"))
-    with caplog.at_level(logging.WARNING, logger="kvmesh.cachestore.server"):
+    with caplog.at_level(logging.WARNING, logger="kvmesh.cachestore.rpc.server"):
         tiers = build_tiers(StoreConfig(redis_url=redis_server.url,
                                         redis_mac_key_file=str(key_file)))
         assert "forgeable" not in caplog.text

@@ -11,12 +11,12 @@ import textwrap
 
 import pytest
 
-from kvmesh.cachestore import shm
+from kvmesh.cachestore.shm import segments
 
 KILLED = textwrap.dedent("""
     import os, signal, sys
-    from kvmesh.cachestore import shm
-    segment = shm.create_segment(1 << 20, sys.argv[1])
+    from kvmesh.cachestore.shm import segments
+    segment = segments.create_segment(1 << 20, sys.argv[1])
     print(segment.name, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind runs
 """)
@@ -27,21 +27,21 @@ def test_segments_of_dead_processes_are_swept_and_live_ones_kept(tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     dead = proc.stdout.split()[0]
-    live = shm.create_segment(1 << 20, str(tmp_path))
+    live = segments.create_segment(1 << 20, str(tmp_path))
     names = set(os.listdir(tmp_path))
     assert {dead, live.name} <= names
-    assert shm.sweep_stale(str(tmp_path), older_than_s=3600) == 0  # too young to be judged
-    assert shm.sweep_stale(str(tmp_path), older_than_s=0) == 1
+    assert segments.sweep_stale(str(tmp_path), older_than_s=3600) == 0  # too young to be judged
+    assert segments.sweep_stale(str(tmp_path), older_than_s=0) == 1
     assert set(os.listdir(tmp_path)) == names - {dead}
     (tmp_path / "not-a-segment").write_bytes(b"x")
-    assert shm.sweep_stale(str(tmp_path), older_than_s=0) == 0
+    assert segments.sweep_stale(str(tmp_path), older_than_s=0) == 0
     live.close()
     assert live.name not in os.listdir(tmp_path)
 
 
 def test_an_arena_file_goes_with_its_lock(tmp_path):
     """A removed arena file drops its lock and fd; its mapping stays usable until unmapped."""
-    segment = shm.create_segment(1 << 20, str(tmp_path))
+    segment = segments.create_segment(1 << 20, str(tmp_path))
     segment.mm[:3] = b"abc"
     fd = segment._fd
     segment.remove_file()

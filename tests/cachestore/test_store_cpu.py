@@ -10,7 +10,7 @@ import pytest
 from kvmesh.cachestore.codec import encode_page, header_nbytes
 from kvmesh.cachestore.errors import InvalidConfig, InvalidRequest, StoreClosed
 from kvmesh.cachestore.keys import Namespace, tokens_to_bytes
-from kvmesh.cachestore.store import TieredStore
+from kvmesh.cachestore.store.tiered import TieredStore
 from kvmesh.cachestore.tiers.cpu import CpuTier
 
 NS = Namespace("test-model", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16",

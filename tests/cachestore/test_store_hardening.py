@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from kvmesh.cachestore import Namespace, StoreClient, shm
-from kvmesh.cachestore.breaker import CircuitBreaker
-from kvmesh.cachestore.client import StoreUnavailable
+from kvmesh.cachestore import Namespace, StoreClient
 from kvmesh.cachestore.codec import encode_page
 from kvmesh.cachestore.config import StoreConfig
 from kvmesh.cachestore.errors import InvalidConfig
+from kvmesh.cachestore.rpc.breaker import CircuitBreaker
+from kvmesh.cachestore.rpc.client import StoreUnavailable
+from kvmesh.cachestore.shm import segments
 from kvmesh.deploy.cli import command
 
 LISTENING = re.compile(r"^kvmesh store listening on (127\.0\.0\.1):(\d+)$")
@@ -74,7 +75,7 @@ def test_a_client_shrinking_its_segment_during_get_pages_costs_only_its_call():
         need = sum(len(page) for _, page in pages)
         with StoreClient(target) as client:
             assert client.put_encoded_pages(pages) == len(pages)
-            segment = shm.create_segment(need)
+            segment = segments.create_segment(need)
             stop = threading.Event()
 
             def shrink_and_regrow() -> None:  # the misbehaving client: cut short half the time

@@ -14,7 +14,7 @@ from redis.cluster import RedisCluster
 from kvmesh.cachestore.codec import encode_page, header_nbytes
 from kvmesh.cachestore.errors import InvalidConfig
 from kvmesh.cachestore.keys import Namespace, tokens_to_bytes
-from kvmesh.cachestore.store import TieredStore
+from kvmesh.cachestore.store.tiered import TieredStore
 from kvmesh.cachestore.tiers.cpu import CpuTier
 from kvmesh.cachestore.tiers.redis import RedisTier, parse_url
 

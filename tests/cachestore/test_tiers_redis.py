@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from kvmesh.cachestore.keys import Namespace
-from kvmesh.cachestore.store import TieredStore
+from kvmesh.cachestore.store.tiered import TieredStore
 from kvmesh.cachestore.tiers.base import TierFull, TierUnavailable
 from kvmesh.cachestore.tiers.redis import RedisTier
 

@@ -98,12 +98,13 @@ def venv(wheel, tmp_path_factory) -> Path:
 
 
 def test_wheel_imports_beside_transformers_from_another_folder(venv, tmp_path):
-    code = ("import json, kvmesh, kvmesh.kernels, kvmesh.workers.engine, transformers.activations;"
+    code = ("import json, kvmesh, kvmesh.kernels, kvmesh.workers.engine.engine;"
+            "import transformers.activations;"
             "from kvmesh import Namespace, StoreClient;"
             "from kvmesh.cachestore import StoreClient as S2;"
             "assert S2 is StoreClient and Namespace.__module__ == 'kvmesh.cachestore.keys';"
             "print(json.dumps([kvmesh.__file__, kvmesh.kernels.__file__,"
-            " kvmesh.workers.engine.__file__]))")
+            " kvmesh.workers.engine.engine.__file__]))")
     out = _run([str(venv / "bin" / "python"), "-c", code], cwd=tmp_path)
     for path in json.loads(out.strip().splitlines()[-1]):
         assert Path(path).resolve().is_relative_to(venv.resolve()), path

@@ -18,9 +18,9 @@ import torch
 from serve_stack import MAX_MODEL_LEN, Stack
 
 from kvmesh.cachestore import Namespace, StoreClient
-from kvmesh.cachestore.client import Unauthenticated
-from kvmesh.workers.client import WorkerClient, WorkerError
-from kvmesh.workers.sampling import SamplingParams
+from kvmesh.cachestore.rpc.client import Unauthenticated
+from kvmesh.workers.engine.sampling_params import SamplingParams
+from kvmesh.workers.service.client import WorkerClient, WorkerError
 
 KEY_A, KEY_B = "key-tenant-a", "key-tenant-b"
 LONG_PROMPT = " ".join(

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 from live_stack import Stack
 
-from kvmesh.workers.client import WorkerClient, WorkerStats
+from kvmesh.workers.service.client import WorkerClient, WorkerStats
 
 LONG_BODY = {"prompt": "Once upon a time", "max_tokens": 1800, "ignore_eos": True,
              "temperature": 0}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvmesh.cachestore.keys import Namespace
-from kvmesh.router.index import (
+from kvmesh.router.routing.index import (
     TIER_CPU,
     TIER_DEVICE,
     Cleared,

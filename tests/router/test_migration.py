@@ -11,7 +11,7 @@ import httpx
 import pytest
 from live_stack import Proc, running_stack
 
-from kvmesh.workers.client import WorkerClient
+from kvmesh.workers.service.client import WorkerClient
 
 NUM_TOKENS = 64
 PROMPT = "Write a long story about a lighthouse keeper and the sea. Once upon a time,"

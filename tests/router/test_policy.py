@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvmesh.router.index import PrefixMatch
-from kvmesh.router.policy import (
+from kvmesh.router.routing.index import PrefixMatch
+from kvmesh.router.routing.policy import (
     BalanceThreshold,
     CostModel,
     Decision,

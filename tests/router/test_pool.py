@@ -10,11 +10,11 @@ import time
 import grpc
 
 from kvmesh.cachestore.keys import Namespace
-from kvmesh.cachestore.wire import namespace_to_spec
+from kvmesh.cachestore.rpc.wire import namespace_to_spec
 from kvmesh.router.config import RouterConfig
-from kvmesh.router.index import TIER_DEVICE, Cleared, PrefixIndex, PrefixMatch, Stored
 from kvmesh.router.metrics import RouterMetrics
-from kvmesh.router.pool import WorkerPool
+from kvmesh.router.routing.index import TIER_DEVICE, Cleared, PrefixIndex, PrefixMatch, Stored
+from kvmesh.router.routing.pool import WorkerPool
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
 
 NS = Namespace(model="m", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", page_size=4)

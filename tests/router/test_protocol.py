@@ -17,7 +17,7 @@ from kvmesh.router.errors import (
     error_body,
     http_status,
 )
-from kvmesh.router.protocol import Sampling, parse_request
+from kvmesh.router.http.protocol import Sampling, parse_request
 from kvmesh.router.service import tenant_salt
 
 MESSAGES = [{"role": "user", "content": "hi"}]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from kvmesh.router.protocol import parse_request
-from kvmesh.router.responses import StreamFormatter, full_response
+from kvmesh.router.http.protocol import parse_request
+from kvmesh.router.http.responses import StreamFormatter, full_response
 from kvmesh.router.service import Chunk, Prepared
 from kvmesh.v1 import worker_pb2
 

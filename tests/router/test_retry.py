@@ -13,12 +13,12 @@ import grpc
 from aiohttp.test_utils import TestClient, TestServer
 
 from kvmesh.cachestore.keys import Namespace
-from kvmesh.cachestore.wire import namespace_to_spec
-from kvmesh.router.app import WORKER_HEADER, build_app
+from kvmesh.cachestore.rpc.wire import namespace_to_spec
 from kvmesh.router.config import RouterConfig
-from kvmesh.router.index import PrefixIndex
+from kvmesh.router.http.app import WORKER_HEADER, build_app
 from kvmesh.router.metrics import RouterMetrics
-from kvmesh.router.pool import WorkerPool
+from kvmesh.router.routing.index import PrefixIndex
+from kvmesh.router.routing.pool import WorkerPool
 from kvmesh.router.service import Router
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
 

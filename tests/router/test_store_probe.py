@@ -10,10 +10,10 @@ import torch
 from live_stack import Proc
 from test_pool import closed_port
 
-from kvmesh.cachestore.client import StoreClient
 from kvmesh.cachestore.keys import Namespace
+from kvmesh.cachestore.rpc.client import StoreClient
 from kvmesh.router.metrics import RouterMetrics
-from kvmesh.router.store_probe import StoreProbe
+from kvmesh.router.routing.store_probe import StoreProbe
 
 NS = Namespace(model="m", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", page_size=4)
 

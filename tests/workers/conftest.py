@@ -21,7 +21,7 @@ def smollm2():
 def make_engine(smollm2):
     """make_engine(**WorkerConfig fields) -> Engine sharing the session's weights."""
     from kvmesh.workers.config import WorkerConfig
-    from kvmesh.workers.engine import Engine
+    from kvmesh.workers.engine.engine import Engine
 
     engines = []
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from kvmesh.workers.outputs import RequestOutput
-from kvmesh.workers.sampling import SamplingParams
+from kvmesh.workers.engine.outputs import RequestOutput
+from kvmesh.workers.engine.sampling_params import SamplingParams
 
 PROMPTS = [
     "The capital of France is",
@@ -38,8 +38,8 @@ def final(outs: list[RequestOutput], index: int = 0) -> RequestOutput:
 def serve_loaded(config, loaded):
     """A real worker on a random loopback port whose engine shares the session's loaded weights:
     (handle, engine). The caller stops the handle."""
-    from kvmesh.workers.engine import Engine
-    from kvmesh.workers.server import serve_worker
+    from kvmesh.workers.engine.engine import Engine
+    from kvmesh.workers.service.server import serve_worker
 
     engines: list[Engine] = []
 

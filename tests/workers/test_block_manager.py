@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvmesh.cachestore.keys import Namespace
-from kvmesh.workers.block_manager import BlockManager, EvictedPage
+from kvmesh.workers.engine.block_manager import BlockManager, EvictedPage
 
 PS = 4
 NS = Namespace(model="tiny", num_layers=1, num_kv_heads=1, head_dim=2, dtype="float32",

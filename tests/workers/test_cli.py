@@ -16,9 +16,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvmesh.deploy.cli import build_parser, command
 from kvmesh.workers.cli import Serving, config_from_args, serving_from_args
-from kvmesh.workers.client import WorkerClient, WorkerError
+from kvmesh.workers.engine.sampling_params import SamplingParams
 from kvmesh.workers.errors import InvalidConfig
-from kvmesh.workers.sampling import SamplingParams
+from kvmesh.workers.service.client import WorkerClient, WorkerError
 
 LISTENING = re.compile(r"^kvmesh worker listening on (127\.0\.0\.1:\d+)\n$")
 

@@ -14,7 +14,7 @@ def test_copy_async_merges_strided_sources_into_one_2d_copy():
     of stride and one of a different run still land in their rows. Then pages of separate pinned
     allocations that may lie at one stride: CUDA refuses a 2-D copy across allocations, and
     those go page by page."""
-    from kvmesh.workers.cuda_host import copy_async, cudart
+    from kvmesh.workers.runner.cuda_host import copy_async, cudart
 
     lib = cudart()
     assert lib is not None
@@ -77,7 +77,7 @@ class _RecordingCudart:
 def test_copy_async_merges_only_runs_at_one_stride(copies, expected):
     from types import SimpleNamespace
 
-    from kvmesh.workers.cuda_host import copy_async
+    from kvmesh.workers.runner.cuda_host import copy_async
 
     lib = _RecordingCudart()
     copy_async(lib, copies, 100, SimpleNamespace(cuda_stream=0))
@@ -89,7 +89,7 @@ def test_copy_async_splits_a_2d_copy_that_crosses_allocations():
     5000): the refused 2-D copy is halved until each part lies in one allocation."""
     from types import SimpleNamespace
 
-    from kvmesh.workers.cuda_host import copy_async
+    from kvmesh.workers.runner.cuda_host import copy_async
 
     lib = _RecordingCudart(boundaries=(5000,))
     copy_async(lib, [(100 * i, 1000 * i) for i in range(8)], 100,
@@ -110,7 +110,7 @@ def test_copy_rows_async_sends_each_span_of_every_row_in_turn():
     per run, and the caller hears after each span."""
     from types import SimpleNamespace
 
-    from kvmesh.workers.cuda_host import address_runs, copy_rows_async
+    from kvmesh.workers.runner.cuda_host import address_runs, copy_rows_async
 
     lib = _RecordingCudart()
     sources = [1000, 1130, 1260, 5000]
@@ -130,6 +130,6 @@ def test_copy_rows_async_sends_each_span_of_every_row_in_turn():
     ([900, 100], [(0, 1, 100), (1, 1, 100)]),
 ])
 def test_address_runs_split_at_every_change_of_stride(addresses, runs):
-    from kvmesh.workers.cuda_host import address_runs
+    from kvmesh.workers.runner.cuda_host import address_runs
 
     assert address_runs(addresses, 100) == runs

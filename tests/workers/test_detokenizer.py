@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-import kvmesh.workers.detokenizer
-from kvmesh.workers.detokenizer import IncrementalDetokenizer
+import kvmesh.workers.engine.detokenizer
+from kvmesh.workers.engine.detokenizer import IncrementalDetokenizer
 
 TEXT = ("Snow falls on the quiet hills, é à ü — 雪が降る 😀🎉, and then: 'done'.\n"
         "  Two  spaces,\ttabs, and ... punctuation?! ")
@@ -22,9 +22,10 @@ def deltas(tokenizer, ids, stop):
 def test_the_native_stream_sends_what_the_window_decodes_send(smollm2, monkeypatch, stop):
     tokenizer = smollm2.tokenizer
     ids = tokenizer.encode(TEXT, add_special_tokens=False)
-    assert kvmesh.workers.detokenizer.decode_stream(tokenizer) is not None  # the fast path is on
+    # the fast path is on
+    assert kvmesh.workers.engine.detokenizer.decode_stream(tokenizer) is not None
     streamed, stream_stopped = deltas(tokenizer, ids, stop)
-    monkeypatch.setattr(kvmesh.workers.detokenizer, "decode_stream", lambda tokenizer: None)
+    monkeypatch.setattr(kvmesh.workers.engine.detokenizer, "decode_stream", lambda tokenizer: None)
     windowed, window_stopped = deltas(tokenizer, ids, stop)
     assert streamed == windowed and stream_stopped == window_stopped == bool(stop)
     text = tokenizer.decode(ids, skip_special_tokens=True)
@@ -34,4 +35,4 @@ def test_the_native_stream_sends_what_the_window_decodes_send(smollm2, monkeypat
 
 def test_a_tokenizer_that_cleans_up_spaces_decodes_windows(smollm2, monkeypatch):
     monkeypatch.setattr(smollm2.tokenizer, "clean_up_tokenization_spaces", True)
-    assert kvmesh.workers.detokenizer.decode_stream(smollm2.tokenizer) is None
+    assert kvmesh.workers.engine.detokenizer.decode_stream(smollm2.tokenizer) is None

@@ -17,11 +17,11 @@ from tiny_llama import (
     windowed_greedy,
 )
 
-from kvmesh.cachestore.shm import buffer_address
+from kvmesh.cachestore.shm.segments import buffer_address
 from kvmesh.workers.config import WorkerConfig
-from kvmesh.workers.engine import Engine
+from kvmesh.workers.engine.engine import Engine
+from kvmesh.workers.engine.sampling_params import SamplingParams
 from kvmesh.workers.models.loader import LoadedModel
-from kvmesh.workers.sampling import SamplingParams
 
 pytestmark = pytest.mark.gpu
 
@@ -184,7 +184,7 @@ def test_store_hit_read_in_place_from_page_locked_arenas_matches(tiny_cuda):
     output matches transformers either way. A worker that wrote the pages itself maps their
     arenas as it writes, so even its first hit reads them in place."""
     from kvmesh.cachestore.config import StoreConfig
-    from kvmesh.cachestore.server import StoreServer
+    from kvmesh.cachestore.rpc.server import StoreServer
 
     hf, loaded = tiny_cuda
     server = StoreServer(StoreConfig(port=0, cpu_bytes=64 << 20))

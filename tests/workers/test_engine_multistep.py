@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from engine_helpers import LONG, PROMPTS, final, run, tokens_of
 
-from kvmesh.workers.sampling import SamplingParams
+from kvmesh.workers.engine.sampling_params import SamplingParams
 
 STEPS = 4
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 from engine_helpers import PROMPTS, final, run, tokens_of
 
-from kvmesh.workers import sampler
+from kvmesh.workers.engine.sampling_params import SamplingParams
 from kvmesh.workers.errors import BatchFailed
-from kvmesh.workers.sampling import SamplingParams
+from kvmesh.workers.runner import sampler
 
 N = 6
 

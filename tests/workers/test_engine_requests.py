@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from engine_helpers import LONG, final, run, tokens_of
 
+from kvmesh.workers.engine.sampling_params import SamplingParams
 from kvmesh.workers.errors import InvalidRequest
-from kvmesh.workers.sampling import SamplingParams
 
 N = 16
 PROMPT = "The three primary colors are"

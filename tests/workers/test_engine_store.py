@@ -16,16 +16,16 @@ import pytest
 from engine_helpers import LONG, final, run, tokens_of
 
 from kvmesh.cachestore.config import StoreConfig
-from kvmesh.cachestore.server import StoreServer
-from kvmesh.workers.sampling import SamplingParams
+from kvmesh.cachestore.rpc.server import StoreServer
+from kvmesh.workers.engine.sampling_params import SamplingParams
 
 N = 16
 WRITER = textwrap.dedent("""
     import json, sys, torch
     torch.set_num_threads(1)
     from kvmesh.workers.config import WorkerConfig
-    from kvmesh.workers.engine import Engine
-    from kvmesh.workers.sampling import SamplingParams
+    from kvmesh.workers.engine.engine import Engine
+    from kvmesh.workers.engine.sampling_params import SamplingParams
     target, prompt = sys.argv[1], json.loads(sys.argv[2])
     engine = Engine(WorkerConfig(store=target, max_model_len=512, kv_cache_bytes=64 << 20))
     out = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4,
@@ -86,7 +86,7 @@ def test_a_stalled_store_is_a_miss_within_its_deadline(make_engine, encode, hf_g
     """A store that accepts connections but answers nothing (SIGSTOP): each request pays at
     most one call deadline, then the client's breaker skips the store; output is unchanged."""
     from kvmesh.deploy.cli import command
-    from kvmesh.workers.engine import STORE_TIMEOUT_S
+    from kvmesh.workers.engine.engine import STORE_TIMEOUT_S
 
     store = subprocess.Popen([*command("store", "--port", "0", "--cpu-bytes", "64M")],
                              stdout=subprocess.PIPE, text=True)
@@ -112,7 +112,7 @@ def test_writes_past_the_queue_budget_are_dropped_not_waited_for(
         make_engine, encode, store_server, monkeypatch):
     """A prefill's new pages go to the writer in one batched snapshot; those that would take
     the queue past its byte budget are dropped and counted, the rest still reach the store."""
-    import kvmesh.workers.store_writer as store_writer
+    import kvmesh.workers.offload.store_writer as store_writer
 
     engine = make_engine(store=store_server.target)
     prompt = encode(LONG) * 3
@@ -151,7 +151,7 @@ def test_a_corrupt_page_read_in_place_ends_the_hit_and_the_store_drops_it(
     """Pages read in the store's own memory are checked by the worker: a flipped payload byte
     ends the loaded prefix there, the output still matches, and the store, told about the
     page, checks it itself and drops it."""
-    from kvmesh.cachestore.page_access import is_intact
+    from kvmesh.cachestore.store.page_access import is_intact
 
     def intact(tier, key):
         (blob,) = tier.get_many([key])

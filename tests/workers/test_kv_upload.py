@@ -13,9 +13,9 @@ import torch
 
 from kvmesh.cachestore.codec import encode_page
 from kvmesh.cachestore.keys import Namespace, tokens_to_bytes
-from kvmesh.workers.kv_upload import PageStager
-from kvmesh.workers.page_sends import StagedPages
-from kvmesh.workers.pool_copies import (
+from kvmesh.workers.offload.kv_upload import PageStager
+from kvmesh.workers.offload.page_sends import StagedPages
+from kvmesh.workers.runner.pool_copies import (
     ArrivingRows,
     SnapshotSlots,
     arriving_loads,
@@ -200,7 +200,7 @@ def tiny_runner():
     from tiny_llama import build
 
     from kvmesh.workers.config import WorkerConfig
-    from kvmesh.workers.model_runner import ModelRunner
+    from kvmesh.workers.runner.model_runner import ModelRunner
 
     _, loaded = build()
     runner = ModelRunner(WorkerConfig(model="tiny", device="cpu", dtype="float32",

@@ -6,15 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kvmesh.workers.offload
+import kvmesh.workers.offload.host_offload
 from kvmesh.cachestore.codec import encode_page
 from kvmesh.cachestore.keys import Namespace, tokens_to_bytes
-from kvmesh.workers.block_manager import EvictedPage
-from kvmesh.workers.kv_upload import PageStager
-from kvmesh.workers.offload import KvOffload
-from kvmesh.workers.pool_copies import ArrivingRows
-from kvmesh.workers.sampling import SamplingParams
-from kvmesh.workers.sequence import Sequence
+from kvmesh.workers.engine.block_manager import EvictedPage
+from kvmesh.workers.engine.sampling_params import SamplingParams
+from kvmesh.workers.engine.sequence import Sequence
+from kvmesh.workers.offload.host_offload import KvOffload
+from kvmesh.workers.offload.kv_upload import PageStager
+from kvmesh.workers.runner.pool_copies import ArrivingRows
 
 NS = Namespace("m", num_layers=1, num_kv_heads=1, head_dim=8, dtype="float32", page_size=2)
 # pages of 256 bytes: large enough for the device checksum kernel
@@ -86,7 +86,7 @@ def test_host_lookups_checked_on_the_device_go_in_growing_chunks(
     """Checksums on the device (kernels.xxh3; Triton's interpreter on a CPU): the first
     chunk's copies are queued before the next chunk is looked up; one checksum pass at the end.
     """
-    monkeypatch.setattr(kvmesh.workers.offload, "_FIRST_CHUNK_PAGES", 2)
+    monkeypatch.setattr(kvmesh.workers.offload.host_offload, "_FIRST_CHUNK_PAGES", 2)
     offload, seq, keys, payloads = host_pages(7, missing, corrupt, device_checksums=True,
                                               bad_header=bad_header)
     looked_up = []
@@ -112,7 +112,7 @@ def test_host_lookups_checked_on_the_device_go_in_growing_chunks(
 @pytest.mark.parametrize(("corrupt", "num_ok"), [(None, 7), (5, 5)])
 def test_host_lookups_checked_on_the_host_go_in_one(monkeypatch, corrupt, num_ok):
     """Checksums on the host: a send waits for the one before it, so chunks would not overlap."""
-    monkeypatch.setattr(kvmesh.workers.offload, "_FIRST_CHUNK_PAGES", 2)
+    monkeypatch.setattr(kvmesh.workers.offload.host_offload, "_FIRST_CHUNK_PAGES", 2)
     offload, seq, keys, payloads = host_pages(7, corrupt=corrupt, device_checksums=False)
     looked_up = []
     get = offload.host.get_leading_addressed
@@ -124,7 +124,7 @@ def test_host_lookups_checked_on_the_host_go_in_one(monkeypatch, corrupt, num_ok
 
 
 def test_a_lookup_past_the_device_prefix_starts_at_its_first_page(monkeypatch):
-    monkeypatch.setattr(kvmesh.workers.offload, "_FIRST_CHUNK_PAGES", 2)
+    monkeypatch.setattr(kvmesh.workers.offload.host_offload, "_FIRST_CHUNK_PAGES", 2)
     offload, seq, _, payloads = host_pages(7, device_checksums=True)
     load = offload.lookup(seq, 3, 7)
     assert load is not None and load.start_page == 3 and load.settle() == 4

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvmesh.workers.engine.sampling_params import SamplingParams
 from kvmesh.workers.errors import InvalidRequest
-from kvmesh.workers.sampler import (
+from kvmesh.workers.runner.sampler import (
     SamplingError,
     filter_logits,
     make_generator,
     sample,
     sample_each,
 )
-from kvmesh.workers.sampling import SamplingParams
 
 
 def logits(num_rows: int = 3, vocab: int = 97, seed: int = 0) -> torch.Tensor:

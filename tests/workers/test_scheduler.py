@@ -4,10 +4,10 @@ preemption order. A step is simulated by advancing num_computed_tokens and appen
 from __future__ import annotations
 
 from kvmesh.cachestore.keys import Namespace
-from kvmesh.workers.block_manager import BlockManager
-from kvmesh.workers.sampling import SamplingParams
-from kvmesh.workers.scheduler import Scheduler
-from kvmesh.workers.sequence import SeqStatus, Sequence
+from kvmesh.workers.engine.block_manager import BlockManager
+from kvmesh.workers.engine.sampling_params import SamplingParams
+from kvmesh.workers.engine.scheduler import Scheduler
+from kvmesh.workers.engine.sequence import SeqStatus, Sequence
 
 PS = 4
 NS = Namespace(model="tiny", num_layers=1, num_kv_heads=1, head_dim=2, dtype="float32",

@@ -19,11 +19,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
-from kvmesh.workers.client import WorkerClient, WorkerError
 from kvmesh.workers.config import WorkerConfig
-from kvmesh.workers.sampling import SamplingParams
-from kvmesh.workers.server import serve_worker
-from kvmesh.workers.service_streams import WorkerNotReady
+from kvmesh.workers.engine.sampling_params import SamplingParams
+from kvmesh.workers.service.client import WorkerClient, WorkerError
+from kvmesh.workers.service.server import serve_worker
+from kvmesh.workers.service.streams import WorkerNotReady
 
 MAX_MODEL_LEN = 512
 NUM_NEW_TOKENS = 12
@@ -36,7 +36,7 @@ PROMPT_TEXT = (
 @pytest.fixture(scope="module")
 def worker(smollm2):
     """A real worker on a random port; its Engine shares the session's loaded SmolLM2."""
-    from kvmesh.workers.engine import Engine
+    from kvmesh.workers.engine.engine import Engine
 
     config = WorkerConfig(model="smollm2", device="cpu", max_model_len=MAX_MODEL_LEN,
                           kv_cache_bytes=256 << 20, max_num_seqs=8)

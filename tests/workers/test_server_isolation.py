@@ -13,9 +13,9 @@ from engine_helpers import serve_loaded
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
-from kvmesh.workers.client import WorkerClient
 from kvmesh.workers.config import WorkerConfig
-from kvmesh.workers.sampling import SamplingParams
+from kvmesh.workers.engine.sampling_params import SamplingParams
+from kvmesh.workers.service.client import WorkerClient
 
 NORMAL_TEXT = "The history of the printing press begins with Johannes Gutenberg, who"
 POISON_TEXT = "Write a haiku about the sea:"

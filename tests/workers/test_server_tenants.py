@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 from engine_helpers import serve_loaded
 
-from kvmesh.workers.client import WorkerClient, WorkerError
 from kvmesh.workers.config import WorkerConfig
-from kvmesh.workers.sampling import SamplingParams
-from kvmesh.workers.service_wire import MAX_TENANT_SALT_CHARS
+from kvmesh.workers.engine.sampling_params import SamplingParams
+from kvmesh.workers.service.client import WorkerClient, WorkerError
+from kvmesh.workers.service.wire import MAX_TENANT_SALT_CHARS
 
 PROMPT = [504, 3458, 282, 4649, 314, 253, 1345]
 ONE_TOKEN = SamplingParams(max_tokens=1, temperature=0.0)

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 from kvmesh.workers.config import WorkerConfig
-from kvmesh.workers.engine import Engine
+from kvmesh.workers.engine.engine import Engine
+from kvmesh.workers.engine.sampling_params import SamplingParams
 from kvmesh.workers.models.llama import LlamaConfig
 from kvmesh.workers.models.loader import LoadedModel
-from kvmesh.workers.sampling import SamplingParams
 
 HF_CONFIG = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,

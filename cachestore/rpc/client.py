@@ -1,0 +1,383 @@
+"""StoreClient: the typed Python client of a KVStore server. Callers never see pb2 objects.
+
+Two levels:
+- tensors: `put(tokens, kv, namespace)` / `get_closest(tokens, namespace)` with kv shaped
+  [num_layers, 2, num_tokens, num_kv_heads, head_dim] in the namespace's dtype;
+- raw pages (what workers and RemoteTier move): `put_pages`, `get_closest_pages`, and the
+  key-level `has_pages` / `get_pages` / `get_pages_leased` / `put_encoded_pages` /
+  `delete_pages`.
+Tensor <-> page payload conversion costs one permute-copy each way; frames are written and read
+by cachestore.wire without protobuf copies. Against a server on this host, key-level gets move
+their bytes through shared-memory segments the client owns (cachestore/shm/client.py), or, for a
+caller that checks pages itself, not at all: it reads them in the server's arenas (`mapped`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import grpc
+import torch
+
+from kvmesh.cachestore.errors import InvalidRequest
+from kvmesh.cachestore.keys import Namespace
+from kvmesh.cachestore.rpc import kv_pages, wire
+from kvmesh.cachestore.rpc.breaker import CircuitBreaker
+from kvmesh.cachestore.rpc.client_errors import (  # noqa: F401 - re-exported: callers import them from here
+    ERROR_BY_STATUS,
+    PermissionDenied,
+    ProtocolError,
+    StoreFull,
+    StoreUnavailable,
+    Unauthenticated,
+    typed_error,
+)
+from kvmesh.cachestore.shm import segments
+from kvmesh.cachestore.shm.client import SegmentCallback, SegmentPool
+from kvmesh.cachestore.shm.page_lease import PageLease, fits_mapped, fits_segment, pages_by_key
+from kvmesh.cachestore.store.tiered import ClosestPages, LookupResult
+from kvmesh.cachestore.tiers.base import TierStats
+from kvmesh.v1 import store_pb2
+
+_SERVICE = "/kvmesh.v1.KVStore/"
+MAX_KEYS_PER_CALL = 1 << 16
+
+
+@dataclass(frozen=True)
+class ClosestKV:
+    num_tokens: int  # matched tokens, a multiple of page_size
+    kv: torch.Tensor  # [num_layers, 2, num_tokens, num_kv_heads, head_dim], namespace dtype, CPU
+    tiers: list[str]  # tier each page came from
+
+
+def _credentials(tls: bool | str | bytes) -> grpc.ChannelCredentials | None:
+    """tls: False (plain), True (system roots), or the CA certificate (PEM bytes or a path)."""
+    if tls is False:
+        return None
+    if tls is True:
+        return grpc.ssl_channel_credentials()
+    root = tls if isinstance(tls, bytes) else Path(tls).read_bytes()
+    return grpc.ssl_channel_credentials(root_certificates=root)
+
+
+class StoreClient:
+    """Thread-safe (one gRPC channel shared by all calls). `timeout` bounds every call.
+
+    `shared_memory`: None = use /dev/shm segments for key-level gets when `target` is on this
+    host (127.x, localhost, ::1, unix:), False = never, True = always ask (the server still
+    answers inline unless the peer is local). `on_new_segment(address, nbytes)` runs once per
+    new segment (e.g. cudaHostRegister), `on_release_segment` before one is unmapped.
+    `breaker`: skips a store that keeps timing out or cannot be reached, failing calls at once
+    with StoreUnavailable for a while (cachestore/rpc/breaker.py); None turns that off."""
+
+    def __init__(self, target: str, token: str | None = None, tls: bool | str | bytes = False,
+                 timeout: float | None = 60.0, shared_memory: bool | None = None,
+                 on_new_segment: SegmentCallback | None = None,
+                 on_release_segment: SegmentCallback | None = None,
+                 breaker: CircuitBreaker | None | Literal["default"] = "default") -> None:
+        self.target = target
+        self.timeout = timeout
+        use_shm = segments.is_local_target(target) if shared_memory is None else shared_memory
+        self._segments = SegmentPool(on_new_segment, on_release_segment) if use_shm else None
+        credentials = _credentials(tls)
+        options = wire.CLIENT_OPTIONS
+        self._channel = (grpc.insecure_channel(target, options=options) if credentials is None
+                         else grpc.secure_channel(target, credentials, options=options))
+        self.breaker = CircuitBreaker() if breaker == "default" else breaker
+        channel = (self._channel if self.breaker is None
+                   else grpc.intercept_channel(self._channel, self.breaker))
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        pb, ch = store_pb2, channel
+        self._put = ch.stream_unary(_SERVICE + "Put", wire.make_serializer(pb.PutHeader),
+                                    pb.PutResponse.FromString)
+        self._get_closest = ch.unary_stream(_SERVICE + "GetClosest",
+                                            pb.GetClosestRequest.SerializeToString,
+                                            wire.make_deserializer(pb.GetClosestResponse))
+        self._unary = {name: ch.unary_unary(_SERVICE + name, req.SerializeToString, resp.FromString)
+                       for name, req, resp in (
+                           ("Lookup", pb.LookupRequest, pb.LookupResponse),
+                           ("Delete", pb.DeleteRequest, pb.DeleteResponse),
+                           ("Stats", pb.StatsRequest, pb.StatsResponse),
+                           ("HasPages", pb.PageKeys, pb.HasPagesResponse),
+                           ("DeletePages", pb.PageKeys, pb.DeleteResponse))}
+        self._get_pages = ch.unary_stream(_SERVICE + "GetPages", pb.PageKeys.SerializeToString,
+                                          wire.make_deserializer(pb.GetPagesResponse))
+        self._release_pages = ch.unary_unary(_SERVICE + "ReleasePages",
+                                             pb.ReleasePagesRequest.SerializeToString,
+                                             pb.ReleasePagesResponse.FromString)
+        self._lock = threading.Lock()
+        self._releasing: set[Any] = set()  # ReleasePages calls in flight
+        self._put_pages = ch.stream_unary(_SERVICE + "PutPages",
+                                          wire.make_serializer(pb.PutPagesHeader),
+                                          pb.PutPagesResponse.FromString)
+
+    # -- tensors ------------------------------------------------------------------------------
+
+    def put(self, tokens: Any, kv: torch.Tensor, namespace: Namespace) -> int:
+        """Store every full page of `tokens`; kv: [num_layers, 2, len(tokens), num_kv_heads,
+        head_dim] in namespace.dtype (any device). Returns pages newly stored."""
+        token_bytes = kv_pages.token_bytes(tokens, namespace)
+        payloads = kv_pages.kv_to_pages(kv, namespace, len(token_bytes) // 4)
+        return self._put_payloads(namespace, token_bytes, payloads) if payloads else 0
+
+    def get_closest(self, tokens: Any, namespace: Namespace) -> ClosestKV | None:
+        """Longest stored contiguous prefix of `tokens` as a tensor, or None if page 0 is not
+        stored."""
+        got = self._fetch_closest(namespace, kv_pages.token_bytes(tokens, namespace))
+        if got is None:
+            return None
+        header, frames = got
+        pages = wire.split_pages(frames, [namespace.page_nbytes] * header.num_pages)
+        return ClosestKV(header.num_tokens, kv_pages.pages_to_kv(pages, namespace),
+                         [wire.tier_name(t) for t in header.tiers])
+
+    # -- raw pages ----------------------------------------------------------------------------
+
+    def put_pages(self, namespace: Namespace, token_ids: Any,
+                  payloads: Sequence[bytes | memoryview]) -> int:
+        """Store full pages given as payloads (page i = payload i, namespace.page_nbytes each,
+        [L, 2, P, H, D] bytes). Returns pages newly stored."""
+        token_bytes = kv_pages.token_bytes(token_ids, namespace)
+        num_pages = len(token_bytes) // 4 // namespace.page_size
+        if len(payloads) != num_pages:
+            raise InvalidRequest(f"{num_pages} full pages need {num_pages} payloads, "
+                                 f"got {len(payloads)}")
+        views = [memoryview(p).cast("B") for p in payloads]
+        bad = [i for i, v in enumerate(views) if v.nbytes != namespace.page_nbytes]
+        if bad:
+            raise InvalidRequest(f"payloads {bad[:8]} are not {namespace.page_nbytes} bytes")
+        return self._put_payloads(namespace, token_bytes, views) if views else 0
+
+    def get_closest_pages(self, namespace: Namespace, token_ids: Any) -> ClosestPages | None:
+        """Like get_closest, as one payload view per page ([L, 2, P, H, D] bytes): read-only
+        views into the received frames, no copy."""
+        got = self._fetch_closest(namespace, kv_pages.token_bytes(token_ids, namespace))
+        if got is None:
+            return None
+        header, frames = got
+        pages = wire.split_pages(frames, [namespace.page_nbytes] * header.num_pages)
+        return ClosestPages(header.num_tokens, pages, [wire.tier_name(t) for t in header.tiers])
+
+    def lookup(self, tokens: Any, namespace: Namespace) -> LookupResult:
+        reply = self._call("Lookup", store_pb2.LookupRequest(
+            namespace=_spec(namespace),
+            token_ids=kv_pages.token_bytes(tokens, namespace)))
+        return LookupResult(reply.num_tokens, [wire.tier_name(t) for t in reply.tiers])
+
+    def delete(self, tokens: Any, namespace: Namespace,
+               page_indices: Sequence[int] | None = None) -> int:
+        """Delete the given pages of `tokens` (default: every full page); returns how many
+        were stored."""
+        if page_indices is not None and not page_indices:
+            return 0
+        reply = self._call("Delete", store_pb2.DeleteRequest(
+            namespace=_spec(namespace),
+            token_ids=kv_pages.token_bytes(tokens, namespace), page_indices=page_indices or []))
+        return reply.num_pages_deleted
+
+    def stats(self) -> list[TierStats]:
+        reply = self._call("Stats", store_pb2.StatsRequest())
+        return [wire.stats_from_proto(s) for s in reply.tiers]
+
+    # -- key-level pages (RemoteTier) ---------------------------------------------------------
+
+    def has_pages(self, keys: Sequence[bytes]) -> list[bool]:
+        out: list[bool] = []
+        for chunk in _chunks(keys):
+            out += self._call("HasPages", store_pb2.PageKeys(keys=chunk)).is_present
+        return out
+
+    def get_pages(self, keys: Sequence[bytes],
+                  prefix_only: bool = False) -> list[memoryview | None]:
+        """Encoded pages by key (None where absent), in buffers of their own. `prefix_only`:
+        pages after the first missing one are not read and come back None."""
+        with self.get_pages_leased(keys, prefix_only) as lease:
+            return segments.copy_out(lease.pages) if lease.is_shared_memory else lease.pages
+
+    def get_pages_leased(self, keys: Sequence[bytes], prefix_only: bool = False,
+                         mapped: bool = False) -> PageLease:
+        """Like get_pages, as a PageLease: views straight into a shared-memory segment when the
+        server is on this host (no copy), else into the received frames. Release it.
+
+        `mapped`: the caller accepts views straight into the server's own page arenas (same
+        host; no copy at all). Those pages are NOT checked by the server: the caller checks
+        every page (cachestore.codec.check_page_header and the checksum) after reading it, and
+        then `lease.is_valid()`, before using anything it read."""
+        if self._segments is not None and 0 < len(keys) <= MAX_KEYS_PER_CALL:
+            lease = self._segments.read(
+                lambda chunk, segment, accept_mapped: self._fetch_pages(
+                    chunk, prefix_only, segment, accept_mapped),
+                keys, self._end_lease if mapped else None)
+        else:
+            pages: list[memoryview | None] = []
+            for chunk in _chunks(keys):
+                if prefix_only and None in pages:
+                    pages += [None] * len(chunk)
+                    continue
+                header, frames = self._fetch_pages(chunk, prefix_only, None)
+                pages += pages_by_key(header.is_found, wire.split_pages(frames,
+                                                                        header.page_nbytes))
+            lease = PageLease(pages)
+        if prefix_only and None in lease.pages:  # an older server reads every key
+            first = lease.pages.index(None)
+            lease.pages[first:] = [None] * (len(lease.pages) - first)
+        return lease
+
+    def _end_lease(self, lease_id: int, bad_keys: Sequence[bytes] = ()) -> None:
+        """Tell the server a mapped get's pages are read (and which failed the caller's check),
+        without waiting for the answer (a lease that is never released ends by itself)."""
+        request = store_pb2.ReleasePagesRequest(lease_ids=[lease_id], bad_keys=bad_keys)
+        try:
+            call = self._release_pages.future(request, timeout=self.timeout,
+                                              metadata=self._metadata)
+        except (ValueError, StoreUnavailable):  # channel closed, or the breaker is open: the
+            return  # lease runs out on the server instead
+        with self._lock:
+            self._releasing.add(call)  # an unreferenced call would be cancelled
+        call.add_done_callback(self._released)
+
+    def _released(self, call: Any) -> None:
+        with self._lock:
+            self._releasing.discard(call)
+
+    def reserve_segment(self, nbytes: int) -> None:
+        """Make a shared-memory segment of `nbytes` for later gets now (a no-op without shared
+        memory): a worker reserves one for its longest prefix at start."""
+        if self._segments is not None:
+            self._segments.reserve(nbytes)
+
+    def put_encoded_pages(self, pages: Sequence[tuple[bytes, bytes | memoryview]]) -> int:
+        """Store (key, encoded page) pairs; the server checks each page before storing any."""
+        stored = 0
+        arenas: dict[str, int] = {}
+        for chunk in _chunks(pages):
+            views = [memoryview(blob).cast("B") for _, blob in chunk]
+            header = store_pb2.PutPagesHeader(keys=[key for key, _ in chunk],
+                                              page_nbytes=[v.nbytes for v in views])
+            reply = self._stream_in(self._put_pages, header, views)
+            stored += reply.num_pages_stored
+            arenas.update(zip(reply.arena_names, reply.arena_nbytes, strict=False))
+        # where the pages landed in a same-host server: mapped (and page-locked, by
+        # on_new_segment) now, off the path of the first get that reads them in place
+        if arenas and self._segments is not None and self._segments.on_new_segment is not None:
+            self._segments.arenas.prepare(arenas)
+        return stored
+
+    def delete_pages(self, keys: Sequence[bytes]) -> int:
+        return sum(self._call("DeletePages", store_pb2.PageKeys(keys=chunk)).num_pages_deleted
+                   for chunk in _chunks(keys))
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the channel; unmap and unlink this client's shared-memory segments."""
+        self._channel.close()
+        if self._segments is not None:
+            self._segments.close()
+
+    def __enter__(self) -> StoreClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, name: str, request: Any) -> Any:
+        try:
+            return self._unary[name](request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise typed_error(exc) from None
+
+    def _stream_in(self, method: Any, header: Any, views: Sequence[memoryview]) -> Any:
+        def items() -> Iterator:
+            yield header
+            yield from wire.cut_frames(views)
+
+        try:
+            return method(items(), timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise typed_error(exc) from None
+
+    def _put_payloads(self, ns: Namespace, token_bytes: bytes,
+                      views: Sequence[memoryview]) -> int:
+        header = store_pb2.PutHeader(namespace=_spec(ns), token_ids=token_bytes,
+                                     payload_nbytes=sum(v.nbytes for v in views))
+        return self._stream_in(self._put, header, views).num_pages_stored
+
+    def _fetch_closest(self, ns: Namespace, token_bytes: bytes
+                       ) -> tuple[Any, list[memoryview]] | None:
+        """(header, data frames of the matched pages' payloads) or None when nothing matched."""
+        request = store_pb2.GetClosestRequest(namespace=_spec(ns),
+                                              token_ids=token_bytes)
+        try:
+            stream = self._get_closest(request, timeout=self.timeout, metadata=self._metadata)
+            header = next(stream, None)
+            if not isinstance(header, store_pb2.GetClosestHeader):
+                raise ProtocolError(f"GetClosest reply starts with {header!r}, not a header")
+            if header.num_pages == 0:
+                return None
+            if (header.page_nbytes != ns.page_nbytes
+                    or header.num_tokens != header.num_pages * ns.page_size):
+                raise ProtocolError(f"GetClosest header does not fit the namespace: {header}")
+            frames = _receive(stream, header.num_pages * ns.page_nbytes, "GetClosest")
+        except grpc.RpcError as exc:
+            raise typed_error(exc) from None
+        return header, frames
+
+    def _fetch_pages(self, keys: Sequence[bytes], prefix_only: bool,
+                     segment: segments.Segment | None,
+                     accept_mapped: bool = False) -> tuple[Any, list[memoryview]]:
+        """One GetPages call: (checked header, data frames; none when the pages went to
+        `segment`, it was too small, or they are mapped)."""
+        request = store_pb2.PageKeys(keys=keys, prefix_only=prefix_only,
+                                     accept_mapped=accept_mapped)
+        if segment is not None:
+            request.segment.name, request.segment.capacity = segment.name, segment.capacity
+        try:
+            stream = self._get_pages(request, timeout=self.timeout, metadata=self._metadata)
+            header = next(stream, None)
+            if (not isinstance(header, store_pb2.GetPagesHeader)
+                    or len(header.is_found) != len(keys)
+                    or sum(header.is_found) != len(header.page_nbytes)):
+                raise ProtocolError(f"GetPages reply starts with {header!r}")
+            if header.HasField("mapped"):
+                if not accept_mapped or not fits_mapped(header):
+                    raise ProtocolError(f"GetPages: unasked or malformed mapped reply {header!r}")
+            is_shared = header.is_shared_memory or header.segment_nbytes_needed
+            if is_shared and (segment is None or not fits_segment(header, segment.capacity)):
+                raise ProtocolError(f"GetPages: shared-memory reply {header!r} does not fit "
+                                    f"the segment {segment and segment.name}")
+            is_shared = is_shared or header.HasField("mapped")
+            frames = _receive(stream, 0 if is_shared else sum(header.page_nbytes), "GetPages")
+        except grpc.RpcError as exc:
+            raise typed_error(exc) from None
+        return header, frames
+
+
+def _receive(stream: Iterator, nbytes: int, rpc: str) -> list[memoryview]:
+    """The data frames of `stream`, which must add up to exactly `nbytes`."""
+    frames: list[memoryview] = []
+    filled = 0
+    for frame in stream:
+        if not isinstance(frame, memoryview):
+            raise ProtocolError(f"{rpc}: expected a data frame, got {frame!r}")
+        filled += len(frame)
+        if filled > nbytes:
+            raise ProtocolError(f"{rpc}: more data than the header announced")
+        frames.append(frame)
+    if filled != nbytes:
+        raise ProtocolError(f"{rpc}: {filled} data bytes, the header announced {nbytes}")
+    return frames
+
+
+def _chunks(items: Sequence) -> Iterator[list]:
+    for start in range(0, len(items), MAX_KEYS_PER_CALL):
+        yield list(items[start : start + MAX_KEYS_PER_CALL])
+
+
+def _spec(ns: Namespace) -> Any:
+    kv_pages.check_namespace(ns)
+    return wire.namespace_to_spec(ns)

@@ -1,0 +1,381 @@
+"""The worker engine: requests in, tokens out, one `step()` at a time.
+
+schedule (scheduler) -> run (model runner) -> postprocess (commit pages loaded from the host
+tier or the store once their checks are in, register full pages in the prefix cache, write them
+through to the store, sample, detokenize, stop). Single-threaded: the caller
+drives step(); the only other thread is the offload's store writer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from kvmesh.cachestore.codec import header_nbytes
+from kvmesh.cachestore.keys import Namespace, SaltedNamespaces, tokens_to_bytes
+from kvmesh.workers.config import WorkerConfig
+from kvmesh.workers.engine.block_manager import BlockManager
+from kvmesh.workers.engine.detokenizer import IncrementalDetokenizer
+from kvmesh.workers.engine.kv_events import coalesce_block_events, snapshot_events
+from kvmesh.workers.engine.outputs import EngineStats, KvEventData, RequestOutput, Usage
+from kvmesh.workers.engine.sampling_params import SamplingParams
+from kvmesh.workers.engine.scheduler import Scheduler
+from kvmesh.workers.engine.sequence import Sequence
+from kvmesh.workers.errors import BatchFailed, InvalidRequest
+from kvmesh.workers.models.loader import LoadedModel, load_model
+from kvmesh.workers.offload.host_offload import KvOffload
+from kvmesh.workers.offload.kv_upload import PageStager
+from kvmesh.workers.runner.decode_windows import DecodeWindows
+from kvmesh.workers.runner.model_runner import ModelRunner
+from kvmesh.workers.runner.sampler import make_generator, sample, sample_each
+
+log = logging.getLogger(__name__)
+
+# every store call; a prefix of max_model_len pages moves well inside it on loopback
+STORE_TIMEOUT_S = 3.0
+_GRAPH_DECODE_STEPS = 8
+MAX_TENANT_NAMESPACES = 1024  # salted namespaces kept built; salts come from callers
+_SNAPSHOT_BYTES = 2 << 30  # pinned rows for store write-through (two 8K-token 8B prefills)
+# the store segment made at start on CUDA (an 8K-token Llama-3-8B prefix is 1.07 GB)
+_RESERVED_SEGMENT_BYTES = 5 << 28
+
+
+class Engine:
+    def __init__(self, config: WorkerConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        loaded = loaded if loaded is not None else load_model(config.model)
+        cfg = loaded.config
+        self.model_config = cfg
+        self.tokenizer = loaded.tokenizer
+        self.model_name = loaded.model_id
+        self.page_size = config.page_size
+        limit = cfg.max_position_embeddings
+        self.max_model_len = min(config.max_model_len or limit, limit)
+        self.runner = ModelRunner(config, loaded, self.max_model_len)
+        stager = PageStager(self.runner.page_shape, self.runner.dtype, self.runner.device)
+        if self.runner.device.type == "cuda" and config.host_tier_bytes:
+            stager.warm_up_checksums()
+        self.offload = KvOffload(self.runner.read_page, self.runner.snapshot_pages,
+                                 self.runner.release_snapshots, config.host_tier_bytes, stager,
+                                 self._max_prefix_nbytes())
+        if config.store:
+            from kvmesh.cachestore.rpc.client import StoreClient  # needs the generated gRPC code
+
+            # a slow store must cost a miss, not a stall: short deadlines, and the client's
+            # circuit breaker skips the store for a while after a few calls in a row fail
+            self.attach_store(StoreClient(config.store, config.store_token, timeout=STORE_TIMEOUT_S,
+                                          **self.offload.segment_hooks()))
+        on_evict = self.offload.on_evict if self.offload.host is not None else None
+        self.block_manager = BlockManager(self.runner.num_pages, self.page_size, on_evict)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens, self._lookup)
+        self._base_namespace = Namespace(
+            model=self.model_name, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim, dtype=config.torch_dtype_name, page_size=self.page_size,
+            weights_fingerprint=loaded.weights_fingerprint,
+            tokenizer_fingerprint=loaded.tokenizer_fingerprint)
+        self.tenant_namespaces = SaltedNamespaces(MAX_TENANT_NAMESPACES)
+        self._requests: dict[str, list[Sequence]] = {}
+        self._generators: dict[int, object] = {}
+        self._detok: dict[int, IncrementalDetokenizer] = {}
+        self._pending: list[RequestOutput] = []
+        self._arrivals = 0
+        self.eos_token_ids = set(cfg.eos_token_ids)
+        steps = config.decode_steps
+        has_graphs = self.runner.graphs is not None
+        self.windows = DecodeWindows(
+            self.scheduler, self.runner, self.max_model_len,
+            steps if steps is not None else (_GRAPH_DECODE_STEPS if has_graphs else 1),
+            continue_windows=has_graphs, read_token=self._read_decoded)
+
+    # ------------------------------------------------------------------ requests
+    def _max_prefix_nbytes(self) -> int:
+        """Encoded bytes of the longest prefix a request can load (every full page but one
+        token's), at most _RESERVED_SEGMENT_BYTES: a store segment this large is made and
+        page-locked at start (on CUDA); a longer hit makes a larger one then."""
+        pages = (self.max_model_len - 1) // self.page_size
+        nbytes = pages * (header_nbytes(self.page_size) + self.runner.page_nbytes)
+        return min(nbytes, _RESERVED_SEGMENT_BYTES)
+
+    def attach_store(self, store: Any) -> None:
+        """Use a connected store client (StoreClient-like) as the remote tier; a StoreClient
+        made for it should take `offload.segment_hooks()` (so its segments are page-locked).
+        `config.store` comes here too."""
+        self.offload.attach_store(store)  # (checks the store's interface first)
+        self.runner.enable_snapshot_slots(_SNAPSHOT_BYTES)
+        if self.runner.device.type == "cuda":
+            # staging for store pages not (yet) in page-locked memory (the first pinned
+            # allocation takes ~0.5 s), and the checksum kernels compiled before the first hit
+            self.offload.stager.warm_up()
+            self.offload.stager.warm_up_checksums()
+
+    def namespace(self, tenant_salt: str = "") -> Namespace:
+        return self.tenant_namespaces.get(self._base_namespace, tenant_salt)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    sampling: SamplingParams, tenant_salt: str = "") -> None:
+        """Queue a request; raises InvalidRequest for an empty or too long prompt, bad params
+        or a duplicate id. Nothing is queued when it raises."""
+        if not request_id:
+            raise InvalidRequest("request_id must not be empty")
+        if request_id in self._requests:
+            raise InvalidRequest(f"duplicate request id {request_id!r}")
+        if not prompt_token_ids:
+            raise InvalidRequest("prompt must not be empty")
+        vocab = self.model_config.vocab_size
+        ids = None
+        if set(map(type, prompt_token_ids)) <= {int}:
+            try:
+                ids = np.asarray(prompt_token_ids, dtype=np.int64)
+            except OverflowError:
+                pass
+        if ids is None or ids.min() < 0 or ids.max() >= vocab:
+            raise InvalidRequest(f"prompt token ids must be ints in [0, {vocab})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise InvalidRequest(f"prompt has {len(prompt_token_ids)} tokens; this model takes "
+                                 f"at most {self.max_model_len - 1}")
+        sampling.validate(vocab)
+        needed = min(len(prompt_token_ids) + sampling.max_tokens, self.max_model_len)
+        if -(-needed // self.page_size) > self.runner.num_pages:
+            raise InvalidRequest(f"{needed} tokens do not fit the KV cache "
+                                 f"({self.runner.num_pages} pages of {self.page_size})")
+        seq = Sequence(request_id, 0, list(prompt_token_ids), len(prompt_token_ids), sampling,
+                       self.namespace(tenant_salt), arrival=self._arrivals,
+                       fork_pending=sampling.n > 1, prompt_bytes=tokens_to_bytes(ids))
+        self._arrivals += 1
+        self._track(seq)
+        self._requests[request_id] = [seq]
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        """Free the request's pages; its unfinished completions end with "abort" (emitted by
+        the next step()). Unknown or finished ids are ignored."""
+        for seq in self._requests.pop(request_id, []):
+            if not seq.is_finished:
+                self.scheduler.remove(seq)
+                self._pending.append(self._final(seq, [], "", "abort"))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests) or bool(self._pending)
+
+    # ------------------------------------------------------------------ stepping
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        window_outputs, went_on = self.windows.resume()  # before anything schedules
+        outputs += window_outputs
+        if went_on:
+            return outputs
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return outputs
+        num_steps = self.windows.num_steps(batch)
+        if num_steps > 1:
+            try:
+                return outputs + self.windows.run(batch, num_steps)
+            except Exception as exc:  # the window settled the device before it raised
+                raise self._fail_batch(batch.seqs, exc, outputs) from exc
+        try:
+            logits, sampled = self.runner.execute(batch)
+            rewound = {seq.seq_id for seq in batch.seqs if not self.scheduler.commit_load(seq)}
+        except Exception as exc:  # no single request explains it: the batch fails, others go on
+            raise self._fail_batch(batch.seqs, exc, outputs) from exc
+        except BaseException:  # the caller fails these requests; no load may stay in flight
+            for seq in batch.seqs:
+                self.scheduler.drop_load(seq)
+            raise
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            # pages loaded for it were computed on before their checks finished: a bad one
+            # rewinds it (the next steps compute from there), and this step's token is dropped
+            if seq.seq_id in rewound:
+                continue
+            seq.num_computed_tokens += num_new
+            self._register_full_pages(seq)
+        if rewound:
+            keep = [j for j, i in enumerate(sampled) if batch.seqs[i].seq_id not in rewound]
+            logits, sampled = logits[keep], [sampled[j] for j in keep]
+        rows = [batch.seqs[i] for i in sampled]
+        tokens = sample_each(logits, [s.sampling for s in rows],
+                             [self._generators.get(s.seq_id) for s in rows])
+        for row, (seq, token) in enumerate(zip(rows, tokens, strict=True)):
+            if seq.is_finished:  # a completion of a request quarantined earlier in this loop
+                continue
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                if seq.fork_pending:
+                    outputs += self._fork(seq, logits[row : row + 1])
+                outputs.append(self._append(seq, token))
+            except Exception as exc:  # noqa: BLE001 - this request alone fails
+                outputs += self._quarantine(seq.request_id, exc)
+        return outputs
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[int]]:
+        """Run the prompts to completion; returns completion 0's token ids of each prompt."""
+        ids = [f"generate-{self._arrivals}-{i}" for i in range(len(prompts))]
+        for request_id, prompt in zip(ids, prompts, strict=True):
+            self.add_request(request_id, prompt, sampling)
+        results: dict[str, list[int]] = {request_id: [] for request_id in ids}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                if out.request_id in results and out.index == 0:
+                    results[out.request_id].extend(out.new_token_ids)
+        return [results[request_id] for request_id in ids]
+
+    # ------------------------------------------------------------------ introspection
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            num_pages_total=self.block_manager.num_pages,
+            num_pages_free=self.block_manager.num_free_pages,
+            num_running=len(s.running), num_waiting=len(s.waiting),
+            prefix_queries=s.prefix_queries, prefix_hits=dict(s.prefix_hits),
+            num_preemptions=s.num_preemptions,
+            num_store_writes_dropped=self.offload.num_store_writes_dropped)
+
+    def pop_kv_events(self) -> list[KvEventData]:
+        events = coalesce_block_events(self.block_manager.events)
+        self.block_manager.events = []
+        return events + self.offload.pop_events()
+
+    def cached_pages(self) -> list[KvEventData]:
+        return snapshot_events(self.block_manager.cached_entries(), self.offload.host_keys())
+
+    def close(self) -> None:
+        self.windows.settle()  # the device may still write into pages
+        self.offload.close()
+
+    # ------------------------------------------------------------------ internals
+    def _track(self, seq: Sequence) -> None:
+        self._detok[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, seq.sampling.stop)
+        if not seq.sampling.is_greedy:
+            self._generators[seq.seq_id] = make_generator(seq.sampling, seq.index,
+                                                          self.config.device)
+
+    def _lookup(self, seq: Sequence, num_device_pages: int, max_pages: int):
+        if self.offload.host is None and self.offload.store is None:
+            return None
+        return self.offload.lookup(seq, num_device_pages, max_pages)
+
+    def _register_full_pages(self, seq: Sequence) -> None:
+        num_full = seq.num_computed_tokens // self.page_size
+        if num_full <= seq.num_registered_pages:
+            return
+        keys = seq.full_page_keys(num_full)
+        first = seq.num_registered_pages
+        ps = self.page_size
+        registered = self.block_manager.register_run(
+            seq.page_ids[first:num_full], keys[first:num_full], keys[first - 1] if first else None,
+            seq.token_ids[first * ps : num_full * ps], seq.namespace)
+        self.offload.write_through(seq.namespace, [
+            (keys[first + i], seq.page_tokens(first + i), seq.page_ids[first + i])
+            for i in registered])
+        seq.num_registered_pages = num_full
+
+    @property
+    def decode_steps(self) -> int:
+        """Greedy decode steps queued on the device at once (1: one step per step())."""
+        return self.windows.decode_steps
+
+    @decode_steps.setter
+    def decode_steps(self, steps: int) -> None:
+        self.windows.decode_steps = steps
+
+    def _read_decoded(self, seq: Sequence, token: int) -> RequestOutput:
+        """A token a multi-step window computed for seq (fed the one before it)."""
+        seq.num_computed_tokens += 1
+        self._register_full_pages(seq)
+        try:
+            return self._append(seq, token)
+        except Exception as exc:  # noqa: BLE001 - this request alone fails
+            own, *siblings = self._quarantine(seq.request_id, exc, first=seq)
+            self._pending += siblings  # the window skips them from now on (finished)
+            return own
+
+    def _fork(self, parent: Sequence, logits) -> list[RequestOutput]:
+        """n > 1: the prompt is computed once; completions 1..n-1 share its pages (the partial
+        last page is copied on their first write) and sample their own first token."""
+        parent.fork_pending = False
+        outputs = []
+        for index in range(1, parent.sampling.n):
+            child = parent.fork(index, parent.sampling)
+            self.block_manager.acquire(child.page_ids)
+            # owned by the request before anything can raise: a quarantine frees its pages
+            self._requests[parent.request_id].append(child)
+            self.scheduler.running.append(child)
+            self._track(child)
+            (token,) = sample(logits, [child.sampling], [self._generators.get(child.seq_id)])
+            outputs.append(self._append(child, token))
+        return outputs
+
+    def _append(self, seq: Sequence, token: int) -> RequestOutput:
+        seq.token_ids.append(token)
+        params = seq.sampling
+        detok = self._detok[seq.seq_id]
+        finish = None
+        if token in params.stop_token_ids or (not params.ignore_eos
+                                              and token in self.eos_token_ids):
+            finish = "stop"
+        is_special = token in self.eos_token_ids
+        text = detok.add(token, skip=is_special)
+        if finish is None and detok.hit_stop:
+            finish = "stop"
+        if finish is None and (seq.num_output_tokens >= params.max_tokens
+                               or seq.num_tokens >= self.max_model_len):
+            finish = "length"
+        if finish is None:
+            return RequestOutput(seq.request_id, seq.index, [token], text)
+        text += detok.flush()
+        self.scheduler.remove(seq)
+        out = self._final(seq, [token], text, finish)
+        remaining = self._requests.get(seq.request_id, [])
+        if all(s.is_finished for s in remaining) and not seq.fork_pending:
+            self._requests.pop(seq.request_id, None)
+        return out
+
+    def _quarantine(self, request_id: str, error: Exception,
+                    first: Sequence | None = None) -> list[RequestOutput]:
+        """Abort a request that raised inside the step: its unfinished completions end with
+        finish_reason "error" and its pages are freed; no other request changes. At least one
+        output is returned (`first`'s first, when given), so the caller always learns of it."""
+        log.warning("request %s failed in the engine step; quarantined: %r", request_id, error)
+        message = f"request failed in the engine and was aborted ({type(error).__name__}: {error})"
+        seqs = self._requests.pop(request_id, [])
+        if first is not None:
+            seqs = [first] + [s for s in seqs if s is not first]
+        outputs = []
+        for seq in seqs:
+            if seq is first or not seq.is_finished:
+                self.scheduler.remove(seq)
+                outputs.append(self._final(seq, [], "", "error", error=message))
+        if not outputs:  # every completion had finished before the failure
+            outputs.append(RequestOutput(request_id, 0, [], "", "error", error=message))
+        return outputs
+
+    def _fail_batch(self, seqs: list[Sequence], error: Exception,
+                    outputs: list[RequestOutput]) -> BatchFailed:
+        """Abort every request with a sequence in the failed batch (no load stays in flight);
+        returns the error naming them. `outputs`, made by this step before it failed, go out
+        with the next step so no other request loses its tokens or its end."""
+        self._pending = outputs + self._pending
+        request_ids = list(dict.fromkeys(seq.request_id for seq in seqs))
+        log.error("engine step failed; aborting its batch %s", request_ids, exc_info=error)
+        for seq in seqs:
+            self.scheduler.drop_load(seq)
+        for request_id in request_ids:
+            for seq in self._requests.pop(request_id, []):
+                if not seq.is_finished:
+                    self.scheduler.remove(seq)
+                self._detok.pop(seq.seq_id, None)
+                self._generators.pop(seq.seq_id, None)
+        return BatchFailed(f"engine step failed: {type(error).__name__}: {error}", request_ids)
+
+    def _final(self, seq: Sequence, tokens: list[int], text: str, reason: str,
+               error: str | None = None) -> RequestOutput:
+        by_tier = dict(seq.cached_tokens_by_tier)
+        usage = Usage(seq.num_prompt_tokens, seq.num_output_tokens,
+                      sum(by_tier.values()), by_tier)
+        self._detok.pop(seq.seq_id, None)
+        self._generators.pop(seq.seq_id, None)
+        return RequestOutput(seq.request_id, seq.index, tokens, text, reason, usage, error)

@@ -1,0 +1,363 @@
+"""KV offload: device pool <-> host tier <-> remote store.
+
+- A cached page evicted from the device pool is copied into the host tier (a CpuTier) before its
+  slot is reused.
+- Every page that becomes full and cached on the device is written through to the remote store
+  (when configured) by a background thread (`store_writer.StoreWriter`), so decode steps never
+  wait on the network; when the queue is full the write is dropped and counted.
+- On admission, the pages after the device-cached prefix are looked up by key in the host tier,
+  then in the store; every page is verified (namespace, key, token ids, checksum) before use, and
+  a gap ends the prefix. A store that is down or answers badly is a miss, never a failed request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvmesh.cachestore.codec import encode_page
+from kvmesh.cachestore.keys import Namespace, tokens_to_bytes
+from kvmesh.cachestore.tiers.cpu import CpuTier
+from kvmesh.workers.engine.block_manager import EvictedPage
+from kvmesh.workers.engine.outputs import KvEventData
+from kvmesh.workers.engine.sequence import PendingLoad, Sequence
+from kvmesh.workers.offload.kv_upload import PageStager
+from kvmesh.workers.offload.page_sends import StagedPages
+from kvmesh.workers.offload.store_writer import StoreWriter
+from kvmesh.workers.runner.cuda_host import PinnedRanges
+from kvmesh.workers.runner.pool_copies import StagedRow
+
+log = logging.getLogger(__name__)
+
+
+class _Fetched:
+    """Pages fetched from a tier (encoded, None where absent), and what to release once they
+    have been copied out (a shared-memory lease)."""
+
+    def __init__(self, pages: list, release: Callable[[], None] | None = None,
+                 is_pinned: bool = False, is_valid: Callable[[], bool] | None = None,
+                 addresses: list[int | None] | None = None,
+                 report_bad: Callable[[list[bytes]], None] | None = None) -> None:
+        self.pages = pages
+        self.addresses = addresses  # of each page, where the tier knows it
+        self._release = release
+        self.is_pinned = is_pinned  # the pages lie in page-locked memory
+        # after reading the pages: false when their memory may have been reused meanwhile
+        self.is_valid = is_valid or (lambda: True)
+        self.report_bad = report_bad or (lambda keys: None)
+
+    def leading(self) -> list:
+        """The pages before the first absent one (the others are forgotten)."""
+        self.pages = _leading(self.pages)
+        return self.pages
+
+    def release(self) -> None:
+        """End the lease (once): the pages' memory may then be reused."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
+def _start_checks(parts: list[_LoadPart]) -> None:
+    for part in parts:
+        part.staged.start_checks()
+
+
+def _leading(pages: list) -> list:
+    return pages[: pages.index(None)] if None in pages else pages
+
+
+@dataclass
+class _LoadPart:
+    """The pages one tier gave a lookup: what was fetched, staged, and under which keys."""
+
+    name: str
+    fetched: _Fetched
+    staged: StagedPages
+    keys: list[bytes]
+
+
+_FIRST_CHUNK_PAGES = 16  # host-tier lookups: the first chunk, then each as long as all before
+
+
+class KvOffload:
+    """Called from the engine thread, except the store writer thread it owns. `read_page(id)`
+    returns a host copy of a device page's payload; `snapshot_pages(ids)` starts copies and returns
+    (host rows, snapshot slots to give back through `release_snapshots`, CUDA event or None)."""
+
+    def __init__(
+        self,
+        read_page: Callable[[int], memoryview],
+        snapshot_pages: Callable[[list[int]], tuple[list[Any], list[int] | None, Any]],
+        release_snapshots: Callable[[list[int]], None],
+        host_tier_bytes: int,
+        stager: PageStager,
+        max_prefix_nbytes: int = 0,
+    ) -> None:
+        self.read_page = read_page
+        self.snapshot_pages, self.release_snapshots = snapshot_pages, release_snapshots
+        self.stager = stager
+        # encoded bytes of the longest prefix a request can load: a store segment of that size
+        # is made (and page-locked) when a store is attached, off the first hit's path
+        self.max_prefix_nbytes = max_prefix_nbytes
+        self.reserving: threading.Thread | None = None  # making that segment
+        # the store client's shared-memory segments, page-locked so hits go to the GPU by DMA
+        self.pinned = PinnedRanges() if stager.is_cuda else None
+        self.host = CpuTier(host_tier_bytes) if host_tier_bytes else None
+        self.store: Any = None
+        self._events: list[KvEventData] = []
+        self._lock = threading.Lock()  # the events, which the writer thread adds to
+        self.writer: StoreWriter | None = None  # sends newly cached pages to the store
+        self._lookup_errors = 0
+
+    def segment_hooks(self) -> dict[str, Callable[[int, int], None]]:
+        """StoreClient arguments that page-lock its shared-memory segments (on CUDA)."""
+        if self.pinned is None:
+            return {}
+        return {"on_new_segment": self.pinned.register,
+                "on_release_segment": self.pinned.unregister}
+
+    def attach_store(self, store: Any) -> None:
+        """Use `store` (StoreClient-like: get_pages_leased, put_encoded_pages, close; optionally
+        reserve_segment) as the remote tier and start the writer thread."""
+        assert self.store is None, "a store is already attached"
+        missing = [name for name in ("get_pages_leased", "put_encoded_pages", "close")
+                   if not hasattr(store, name)]
+        if missing:
+            raise TypeError(f"a store needs {', '.join(missing)}")
+        self.store = store
+        self.writer = StoreWriter(store, self.snapshot_pages, self.release_snapshots, self._emit)
+        # on CUDA only: there page-locking a segment is the slow part of making it
+        if self.pinned is not None and self.max_prefix_nbytes and hasattr(store,
+                                                                         "reserve_segment"):
+            self.reserving = threading.Thread(target=self._reserve_segment,
+                                              name="kv-store-segment", daemon=True)
+            self.reserving.start()
+
+    def _reserve_segment(self) -> None:
+        try:
+            self.store.reserve_segment(self.max_prefix_nbytes)
+        except Exception:  # the first hit makes one instead
+            log.warning("could not reserve a store segment", exc_info=True)
+
+    # ------------------------------------------------------------------ device -> host / store
+    def on_evict(self, pages: list[EvictedPage]) -> None:
+        """Demote evicted device pages (shallowest first) to the host tier (block manager
+        callback). They are stored in that order, so a prefix takes consecutive slots, then
+        refreshed deepest first, so the host tier too evicts a prefix from its end."""
+        if self.host is None:
+            return
+        stored_keys = []
+        for page in pages:
+            if not isinstance(page.tag, Namespace):
+                continue
+            blob = encode_page(page.tag, page.key, tokens_to_bytes(page.token_ids),
+                               self.read_page(page.page_id))
+            evicted = self.host.put_many([(page.key, blob)])
+            stored = [page.key] if page.key not in {k for k, _ in evicted} else []
+            stored_keys += stored
+            self._emit(KvEventData("stored", stored, page.parent, "cpu") if stored else None)
+            gone = [k for k, _ in evicted if k != page.key]
+            self._emit(KvEventData("removed", gone, None, "cpu") if gone else None)
+        self.host.touch_many(stored_keys[::-1])
+
+    def write_through(self, ns: Namespace, pages: list[tuple[bytes, list[int], int]]) -> None:
+        """Queue copies of newly cached device pages, (key, token ids, page id) each, for the
+        store (`StoreWriter.write_through`); nothing without one."""
+        if self.writer is not None:
+            self.writer.write_through(ns, pages)
+
+    def flush(self) -> None:
+        """Block until every queued store write has been sent or has failed."""
+        if self.writer is not None:
+            self.writer.flush()
+
+    @property
+    def num_store_writes_dropped(self) -> int:
+        return self.writer.num_dropped if self.writer is not None else 0
+
+    @property
+    def num_store_errors(self) -> int:
+        """Failed store lookups and writes."""
+        return self._lookup_errors + (self.writer.num_errors if self.writer is not None else 0)
+
+    # ------------------------------------------------------------------ host / store -> device
+    def lookup(self, seq: Sequence, num_device_pages: int, max_pages: int) -> PendingLoad | None:
+        """Device copies (kv_upload.PageStager) of the pages after the device-cached prefix:
+        host tier first, then the store; the first missing or bad page ends it. The copies and
+        their checksums may still be running: the load's `settle()` (or `verify`) waits for
+        them, keeps the pages that passed, drops bad ones from their tier and ends store
+        leases."""
+        ns = seq.namespace
+        keys = seq.full_page_keys(max_pages)[num_device_pages:]
+        ps = ns.page_size
+        data = seq.token_bytes(num_device_pages * ps, max_pages * ps)
+        page_tokens = [data[i * 4 * ps : (i + 1) * 4 * ps] for i in range(len(keys))]
+        payloads: list[StagedRow] = []
+        tiers: list[str] = []
+        parts: list[_LoadPart] = []
+        for name in ("cpu", "store"):
+            start = len(payloads)
+            if start == len(keys) or (self.host if name == "cpu" else self.store) is None:
+                continue
+            fetched = _Fetched([])
+            try:
+                if name == "cpu":
+                    fetched, staged = self._host_stage(ns, keys[start:], page_tokens[start:])
+                else:
+                    fetched = self._store_get(keys[start:])
+                    staged = self._stage(fetched, ns, keys[start:], page_tokens[start:])
+            except Exception:  # e.g. no device memory: a miss, not a failed step
+                log.warning("loading pages from the %s tier failed", name, exc_info=True)
+                fetched.release()
+                break
+            parts.append(_LoadPart(name, fetched, staged,
+                                   keys[start : start + len(fetched.pages)]))
+            source = staged.arriving or staged.rows  # (arriving: a run of layers at a time)
+            payloads.extend((source, i) for i in range(len(staged.rows)))
+            tiers.extend([name] * len(staged.rows))
+        if not payloads:
+            self._settle(parts)
+            return None
+        return PendingLoad(num_device_pages, payloads, tiers, lambda: self._settle(parts),
+                           lambda: _start_checks(parts))
+
+    def _host_stage(self, ns: Namespace, keys: list[bytes], page_tokens: list[bytes]
+                    ) -> tuple[_Fetched, StagedPages]:
+        """The host tier's leading pages of `keys`, staged. Where they go straight to the device
+        and are checksummed there, they are looked up in chunks growing from
+        _FIRST_CHUNK_PAGES, each chunk's copies queued before the next is looked up, so the
+        copies start early and run while the rest is looked up and checked."""
+        assert self.host is not None
+        send = None
+        if self.host.is_pinned or not self.stager.is_cuda:
+            # rows for the pages the tier holds now: only this thread stores into it, so none
+            # of them goes before they are fetched (one that changes fails its checks)
+            num_held = self.host.count_leading(keys)
+            if not num_held:
+                return _Fetched([]), StagedPages.verified(torch.empty(0))
+            keys, page_tokens = keys[:num_held], page_tokens[:num_held]
+            send = self.stager.open_send(ns, num_held)
+        if send is None:
+            fetched = self._host_get(keys)
+            return fetched, self._stage(fetched, ns, keys, page_tokens)
+        pages: list[Any] = []
+        try:
+            while len(pages) < len(keys):
+                start = len(pages)
+                end = min(len(keys), start + max(_FIRST_CHUNK_PAGES, start))
+                chunk, where = self.host.get_leading_addressed(keys[start:end])
+                chunk = _leading(chunk)
+                pages += chunk
+                if send.add(chunk, keys[start : start + len(chunk)],
+                            page_tokens[start : start + len(chunk)],
+                            where[: len(chunk)]) < end - start:
+                    break  # a gap, or a bad page: the store goes on from the first row lost
+            return _Fetched(pages, is_pinned=True), send.close()
+        except BaseException:
+            self.stager.synchronize()  # no copy still reads the pages once this has raised
+            raise
+
+    def _stage(self, fetched: _Fetched, ns: Namespace, keys: list[bytes],
+               page_tokens: list[bytes]) -> StagedPages:
+        """The fetched pages before the first absent one, staged in one go."""
+        blobs = fetched.leading()
+        n = len(blobs)
+        return self.stager.stage_unverified(
+            blobs, ns, keys[:n], page_tokens[:n], is_pinned=fetched.is_pinned,
+            addresses=fetched.addresses[:n] if fetched.addresses else None)
+
+    def _settle(self, parts: list[_LoadPart]) -> int:
+        """Wait for the parts' copies and checks; returns how many leading pages passed. Ends
+        every lease (after every copy has read its pages, also when this raises) and drops a
+        bad page from its tier."""
+        try:
+            _start_checks(parts)
+            counts = [part.staged.verify() for part in parts]  # (waits for the device)
+            self.stager.wait_sent()  # a send checked on the host may still be reading its pages
+            num_ok, whole = 0, True  # whole: every page so far passed (the prefix goes on)
+            for part, n in zip(parts, counts, strict=True):
+                if not part.fetched.is_valid():  # read too late: the store may have reused them
+                    log.warning("%d pages from the %s tier were read after their lease ended",
+                                n, part.name)
+                    n = 0
+                elif n < len(part.keys):
+                    self._drop_bad(part.name, part.keys[n], part.fetched)
+                if whole:
+                    num_ok += n
+                whole = whole and n == len(part.staged.rows)
+            return num_ok
+        finally:
+            for part in parts:
+                part.fetched.release()
+
+    def _drop_bad(self, tier: str, key: bytes, fetched: _Fetched) -> None:
+        """A page that failed its check (while still leased, if it is): out of the host tier
+        here; the store is told, checks it itself and drops it (pages it copied for us it had
+        checked already)."""
+        log.warning("dropping a bad page from the %s tier", tier)
+        if tier == "cpu" and self.host is not None:
+            if self.host.delete_many([key]):
+                self._emit(KvEventData("removed", [key], None, "cpu"))
+        else:
+            fetched.report_bad([key])
+
+    def _host_get(self, keys: list[bytes]) -> _Fetched:
+        assert self.host is not None
+        pages, addresses = self.host.get_leading_addressed(keys)
+        return _Fetched(pages, is_pinned=self.host.is_pinned, addresses=addresses)
+
+    def _store_get(self, keys: list[bytes]) -> _Fetched:
+        """The leading pages the store holds, in one round trip (read where the store keeps
+        them, or through a shared-memory segment, when the store is on this host)."""
+        assert self.store is not None
+        try:
+            # mapped: read in place in the store's own memory; the stager checks every page
+            lease = self.store.get_pages_leased(keys, prefix_only=True, mapped=True)
+            pinned = self._is_pinned(lease)
+            if lease.valid_until is not None and self.pinned is not None and not pinned:
+                # store memory not page-locked yet (that goes on in the background): the
+                # store's copy into our page-locked segment is faster than staging from it
+                lease.release()
+                lease = self.store.get_pages_leased(keys, prefix_only=True)
+                pinned = self._is_pinned(lease)
+            return _Fetched(lease.pages, lease.release, pinned, lease.is_valid, lease.addresses,
+                            lease.report_bad)
+        except Exception as exc:  # down, timed out, unauthenticated: a miss
+            self._lookup_errors += 1
+            log.warning("store lookup failed, treating as a miss: %s", exc)
+            return _Fetched([])
+
+    def _is_pinned(self, lease: Any) -> bool:
+        """The lease's pages lie in memory page-locked by this process."""
+        return (lease.is_shared_memory and self.pinned is not None
+                and all(self.pinned.covers(*region) for region in lease.regions))
+
+    # ------------------------------------------------------------------ events
+    def _emit(self, event: KvEventData | None) -> None:
+        if event is not None:
+            with self._lock:
+                self._events.append(event)
+
+    def pop_events(self) -> list[KvEventData]:
+        with self._lock:
+            events, self._events = self._events, []
+        return events
+
+    def host_keys(self) -> list[bytes]:
+        return self.host.keys_lru_order() if self.host is not None else []
+
+    def close(self) -> None:
+        if self.reserving is not None:
+            self.reserving.join(timeout=30)  # it may still be adding a segment to the client
+        if self.writer is not None:
+            self.writer.close()
+        if self.store is not None:
+            self.store.close()
+        if self.host is not None:
+            self.host.close()

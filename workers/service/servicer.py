@@ -1,0 +1,157 @@
+"""The `Worker` gRPC servicer: thin handlers over the EngineLoop, errors mapped in one table."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from kvmesh.v1 import worker_pb2, worker_pb2_grpc
+from kvmesh.workers.errors import InvalidRequest, OutOfPages, RequestFailed
+from kvmesh.workers.service.engine_loop import EngineLoop
+from kvmesh.workers.service.streams import EngineFailure, SubscriberTooSlow, WorkerNotReady
+from kvmesh.workers.service.wire import (
+    RequestLimits,
+    event_to_pb,
+    output_to_pb,
+    parse_generate_request,
+    stats_to_pb,
+)
+
+log = logging.getLogger(__name__)
+
+# The one table: typed error -> gRPC status. Anything else is INTERNAL (and logged).
+STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    OutOfPages: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    WorkerNotReady: grpc.StatusCode.UNAVAILABLE,
+    SubscriberTooSlow: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    EngineFailure: grpc.StatusCode.INTERNAL,
+    RequestFailed: grpc.StatusCode.INTERNAL,
+}
+# Trailing metadata on an error that is the request's own (worker.proto, Generate): the router
+# neither retries it elsewhere nor counts it against the worker.
+FAILURE_SCOPE_KEY = "kvmesh-failure-scope"
+FAILURE_SCOPE_BY_ERROR: dict[type[BaseException], str] = {RequestFailed: "request"}
+
+
+def status_of(error: BaseException) -> grpc.StatusCode:
+    for error_type, code in STATUS_BY_ERROR.items():
+        if isinstance(error, error_type):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _abort(context: grpc.ServicerContext, error: BaseException) -> None:
+    """End the RPC with the error's status; raises (grpc's abort never returns)."""
+    code = status_of(error)
+    scope = next((v for k, v in FAILURE_SCOPE_BY_ERROR.items() if isinstance(error, k)), None)
+    if scope is not None:
+        context.set_trailing_metadata(((FAILURE_SCOPE_KEY, scope),))
+    elif code == grpc.StatusCode.INTERNAL:
+        log.error("internal error: %r", error)
+    context.abort(code, str(error) or type(error).__name__)
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    """Serves one EngineLoop. Handlers run on gRPC's thread pool and never touch the engine."""
+
+    def __init__(self, loop: EngineLoop, max_num_seqs: int) -> None:
+        self._loop = loop
+        self._max_num_seqs = max_num_seqs
+        self._limits: RequestLimits | None = None
+
+    def _request_limits(self) -> RequestLimits:
+        """Limits read once from the loaded engine's fixed attributes (safe from any thread)."""
+        if self._limits is None:
+            engine = self._loop.wait_ready(timeout=0)  # raises WorkerNotReady while loading
+            self._limits = RequestLimits(
+                max_model_len=engine.max_model_len,
+                vocab_size=int(engine.model_config.vocab_size),
+                max_num_seqs=self._max_num_seqs,
+            )
+        return self._limits
+
+    def Generate(
+        self, request: worker_pb2.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[worker_pb2.GenerateResponse]:
+        request_id = request.request_id or uuid.uuid4().hex
+        try:
+            prompt, sampling = parse_generate_request(request, self._request_limits())
+            stream = self._loop.submit(request_id, prompt, sampling, request.tenant_salt)
+        except Exception as exc:  # noqa: BLE001 - mapped by the table
+            _abort(context, exc)
+            return
+        # Runs when the RPC ends for any reason: a client that cancels or disconnects aborts
+        # the request so its pages are freed (a no-op once the request finished).
+        if not context.add_callback(stream.cancel):
+            stream.cancel()  # the RPC had already ended
+            return
+        try:
+            for output in stream:
+                yield output_to_pb(request_id, output)
+        except Exception as exc:  # noqa: BLE001
+            _abort(context, exc)
+
+    def KvEvents(
+        self, request: worker_pb2.KvEventsRequest, context: grpc.ServicerContext
+    ) -> Iterator[worker_pb2.KvEvent]:
+        try:
+            subscription = self._loop.subscribe()
+        except Exception as exc:  # noqa: BLE001
+            _abort(context, exc)
+            return
+        if not context.add_callback(subscription.close):
+            subscription.close()
+            return
+        epoch = self._loop.epoch
+        try:
+            for item in subscription:
+                yield event_to_pb(item.seq, item.event, epoch)
+        except Exception as exc:  # noqa: BLE001
+            _abort(context, exc)
+
+    def Stats(
+        self, request: worker_pb2.WorkerStatsRequest, context: grpc.ServicerContext
+    ) -> worker_pb2.WorkerStats:
+        try:
+            engine = self._loop.wait_ready(timeout=0)
+        except WorkerNotReady as exc:
+            _abort(context, exc)
+            raise  # unreachable: abort raises
+        # Snapshots kept by the loop thread: Stats answers at once even during a long step.
+        return stats_to_pb(engine, self._loop.engine_stats, self._loop.base_namespace,
+                           self._loop.epoch, self._loop.kv_events_seq)
+
+
+class BearerTokenInterceptor(grpc.ServerInterceptor):
+    """Rejects calls without `authorization: Bearer <token>` as UNAUTHENTICATED. Health checks
+    stay open so orchestrators can probe a worker without its token."""
+
+    _OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}"
+
+        def deny(request: Any, context: grpc.ServicerContext) -> Any:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        method = handler_call_details.method
+        if method.startswith(self._OPEN_PREFIXES):
+            return continuation(handler_call_details)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        given = metadata.get("authorization", "")
+        if isinstance(given, str) and hmac.compare_digest(given.encode(), self._expected.encode()):
+            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        if handler is not None and handler.response_streaming:
+            return self._deny_stream
+        return self._deny_unary

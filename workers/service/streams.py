@@ -1,0 +1,119 @@
+"""What gRPC handler threads hold while the engine loop works: a request's output stream, a KV
+event subscription, and the typed errors the loop hands back through them.
+
+Both are fed only by the engine-loop thread (workers/service/engine_loop.py) and read by one handler
+thread each; their queues are the only shared state.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kvmesh.workers.service.engine_loop import EngineLoop
+
+_END = object()  # end of a request's or subscription's queue
+# A subscriber this far behind is dropped; it resubscribes and resyncs from a snapshot.
+MAX_PENDING_EVENTS = 100_000
+
+
+class WorkerNotReady(Exception):
+    """The engine is still loading, failed to load, or the worker is shutting down."""
+
+
+class EngineFailure(Exception):
+    """The engine raised while running a step; the requests in flight were aborted."""
+
+
+class SubscriberTooSlow(Exception):
+    """A KvEvents subscriber fell more than MAX_PENDING_EVENTS behind and was dropped."""
+
+
+@dataclass(frozen=True)
+class SequencedEvent:
+    """One KvEvents message of a subscription: `event` is a KvEventData, or None for the
+    AllCleared{epoch} that opens every subscription (and follows an engine "cleared" event)."""
+
+    seq: int
+    event: Any  # workers.engine.KvEventData | None
+
+
+class RequestStream:
+    """Outputs of one Generate call, in order; iterate to receive RequestOutput objects.
+
+    Iteration ends once all `n` completions finished; it raises the typed error the loop put
+    (InvalidRequest, EngineFailure, WorkerNotReady). `cancel()` aborts the request in the engine
+    (idempotent; a no-op once finished)."""
+
+    def __init__(self, loop: EngineLoop, engine_request_id: str) -> None:
+        self.engine_request_id = engine_request_id
+        self._loop = loop
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._is_done = threading.Event()
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def cancel(self) -> None:
+        if not self._is_done.is_set():
+            self._loop.abort(self.engine_request_id)
+
+    def _put(self, item: Any) -> None:
+        self._queue.put(item)
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        if self._is_done.is_set():
+            return
+        self._is_done.set()
+        if error is not None:
+            self._queue.put(error)
+        self._queue.put(_END)
+
+
+class EventSubscription:
+    """KV events for one KvEvents call: AllCleared, the snapshot, then live events.
+
+    Sequence numbers start at 1 and increase by one per message. `close()` unsubscribes."""
+
+    def __init__(self, loop: EngineLoop) -> None:
+        self._loop = loop
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._num_pending = 0  # approximate; only the loop thread increments it
+        self.last_seq = 0
+
+    def __iter__(self) -> Iterator[SequencedEvent]:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            self._num_pending -= 1
+            yield item
+
+    def close(self) -> None:
+        self._loop.unsubscribe(self)
+
+    def _emit(self, event: Any) -> bool:
+        """Queue one event; False when the subscriber is too far behind (caller drops it)."""
+        if self._num_pending >= MAX_PENDING_EVENTS:
+            return False
+        self.last_seq += 1
+        self._num_pending += 1
+        self._queue.put(SequencedEvent(self.last_seq, event))
+        return True
+
+    def _end(self, error: BaseException | None = None) -> None:
+        if error is not None:
+            self._queue.put(error)
+        self._queue.put(_END)
