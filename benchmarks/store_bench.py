@@ -37,7 +37,7 @@ import torch
 
 from kvmesh.cachestore import Namespace, StoreClient
 from kvmesh.cachestore.codec import encode_page
-from kvmesh.cachestore.malloc import retain_freed_memory
+from kvmesh.cachestore.malloc import keep_freed_memory
 
 SHAPES = {  # name -> (num_layers, num_kv_heads, head_dim)
     "SmolLM2-135M": (30, 3, 64),
@@ -278,7 +278,7 @@ def main() -> None:
                              "always tunes its own (cachestore/malloc.py)")
     args = parser.parse_args()
     # Applies to every path measured in this process alike: gRPC client, redis-py, memcpy.
-    malloc_tuned = not args.default_malloc and retain_freed_memory()
+    malloc_tuned = not args.default_malloc and keep_freed_memory()
 
     store, target = start_store(cpu_bytes=args.cpu_bytes)
     redis_proc, redis_port = start_redis()

@@ -28,7 +28,7 @@ import numpy as np
 import redis
 
 from kvmesh.cachestore.keys import Namespace
-from kvmesh.cachestore.malloc_tuning import keep_freed_memory
+from kvmesh.cachestore.malloc import keep_freed_memory
 from kvmesh.cachestore.store.tiered import TieredStore
 from kvmesh.cachestore.tiers.cpu import CpuTier
 from kvmesh.cachestore.tiers.disk import DiskTier
@@ -140,7 +140,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--disk-dir", default=None)
     parser.add_argument("--tune-malloc", action="store_true",
-                        help="cachestore.malloc_tuning.keep_freed_memory() first")
+                        help="cachestore.malloc.keep_freed_memory() first")
     args = parser.parse_args()
     if args.tune_malloc and not keep_freed_memory():
         sys.exit("--tune-malloc: glibc mallopt not available")

@@ -71,7 +71,7 @@ def _size(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvmesh.cachestore.malloc import retain_freed_memory
+    from kvmesh.cachestore.malloc import keep_freed_memory
     from kvmesh.cachestore.rpc.server import serve_store  # grpc + tiers: only when actually serving
 
     flags = {name: getattr(args, name, None) for name in StoreConfig.__dataclass_fields__}
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     except InvalidConfig as exc:
         print(f"kvmesh store: {exc}", file=sys.stderr)
         return 2
-    retain_freed_memory()  # this process moves GBs through short-lived buffers
+    keep_freed_memory()  # this process moves GBs through short-lived buffers
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -1,11 +1,16 @@
 """Keep freed memory in the process (glibc malloc tuning) for bulk page traffic.
 
 Every request moves megabytes through short-lived buffers (received frames, encoded pages, KV
-tensors). With glibc's defaults the freed top of the heap is trimmed back to the OS and large
-blocks are mmapped afresh, so the next request page-faults the same memory in again; on the 2-core
-VM of benchmarks/RESULTS.md that fault path cost more CPU than the copies themselves (client
-get_closest: ~1.7 -> ~0.9 CPU-s per GB). The process owner opts in: `kvmesh store` does, a
-library import never does.
+tensors; a page a tier reads or encodes is a fresh 0.4-2 MB buffer). With glibc's defaults such
+buffers are mmapped afresh or trimmed off the heap when freed, so the next request page-faults
+the same memory in again. On the 2-core VM of benchmarks/RESULTS.md that fault path cost more
+CPU than the copies themselves: client get_closest ~1.7 -> ~0.9 CPU-s per GB
+(benchmarks/store_bench.py), reading 32 disk pages 0.5-0.7 -> 2.5-3 GB/s
+(benchmarks/tiers_bench.py --tune-malloc).
+
+`keep_freed_memory()` sets glibc's M_MMAP_THRESHOLD (32 MiB: pages come from the heap),
+M_TRIM_THRESHOLD (1 GiB: the heap is not trimmed) and M_TOP_PAD (64 MiB). It is process-wide,
+so the process owner opts in once at start: `kvmesh store` does, a library import never does.
 """
 
 from __future__ import annotations
@@ -19,11 +24,11 @@ _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
 
 
-def retain_freed_memory(trim_threshold: int = 1 << 30, top_pad: int = 64 << 20,
-                        mmap_threshold: int = 32 << 20) -> bool:
-    """Ask glibc to keep up to `trim_threshold` bytes of freed heap, grow the heap by `top_pad`
-    at a time, and serve blocks below `mmap_threshold` from the heap. Returns False (and
-    changes nothing) where malloc is not glibc's."""
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30,
+                      top_pad: int = 64 << 20) -> bool:
+    """Ask glibc to serve blocks below `mmap_threshold` from the heap, keep up to
+    `trim_threshold` bytes of freed heap, and grow the heap by `top_pad` at a time. Returns
+    whether it took effect; changes nothing where malloc is not glibc's (musl, macOS)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -32,6 +37,7 @@ def retain_freed_memory(trim_threshold: int = 1 << 30, top_pad: int = 64 << 20,
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
     return all(mallopt(param, value) == 1 for param, value in (
         (_M_MMAP_THRESHOLD, mmap_threshold), (_M_TRIM_THRESHOLD, trim_threshold),
         (_M_TOP_PAD, top_pad)))

@@ -193,7 +193,7 @@ def test_pinned_pages_on_cuda():
 
 
 def test_keep_freed_memory_takes_effect_on_glibc():
-    code = ("from kvmesh.cachestore.malloc_tuning import keep_freed_memory; "
+    code = ("from kvmesh.cachestore.malloc import keep_freed_memory; "
             "print(keep_freed_memory())")
     out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
                          check=True)
