@@ -1,4 +1,7 @@
-"""Typed errors of the worker engine. The worker's gRPC service maps each to one status code."""
+"""Typed errors of a worker: the engine's and its gRPC service's, in one place.
+
+The service maps each to one gRPC status in one table (`workers/service/servicer.py`,
+`STATUS_BY_ERROR`). Imports nothing, so every layer of `kvmesh.workers` may import it."""
 
 from __future__ import annotations
 
@@ -35,5 +38,16 @@ class BatchFailed(EngineError):
         self.request_ids = request_ids
 
 
-class OutOfPages(EngineError):
-    """The KV pool cannot hold even one request of the given length. Maps to RESOURCE_EXHAUSTED."""
+class WorkerNotReady(Exception):
+    """The engine is still loading, failed to load, or the worker is shutting down.
+    Maps to UNAVAILABLE."""
+
+
+class EngineFailure(Exception):
+    """The engine raised while running a step; the requests in flight were aborted.
+    Maps to INTERNAL."""
+
+
+class SubscriberTooSlow(Exception):
+    """A KvEvents subscriber fell more than `streams.MAX_PENDING_EVENTS` behind and was dropped;
+    it resubscribes and resyncs from a snapshot. Maps to RESOURCE_EXHAUSTED."""

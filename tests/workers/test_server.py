@@ -21,9 +21,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
 from kvmesh.workers.config import WorkerConfig
 from kvmesh.workers.engine.sampling_params import SamplingParams
+from kvmesh.workers.errors import WorkerNotReady
 from kvmesh.workers.service.client import WorkerClient, WorkerError
 from kvmesh.workers.service.server import serve_worker
-from kvmesh.workers.service.streams import WorkerNotReady
 
 MAX_MODEL_LEN = 512
 NUM_NEW_TOKENS = 12

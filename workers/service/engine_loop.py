@@ -17,14 +17,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmesh.workers.errors import BatchFailed, EngineError, RequestFailed
-from kvmesh.workers.service.streams import (
+from kvmesh.workers.errors import (
+    BatchFailed,
+    EngineError,
     EngineFailure,
-    EventSubscription,
-    RequestStream,
+    RequestFailed,
     SubscriberTooSlow,
     WorkerNotReady,
 )
+from kvmesh.workers.service.streams import EventSubscription, RequestStream
 
 log = logging.getLogger(__name__)
 

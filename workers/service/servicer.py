@@ -11,9 +11,14 @@ from typing import Any
 import grpc
 
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
-from kvmesh.workers.errors import InvalidRequest, OutOfPages, RequestFailed
+from kvmesh.workers.errors import (
+    EngineFailure,
+    InvalidRequest,
+    RequestFailed,
+    SubscriberTooSlow,
+    WorkerNotReady,
+)
 from kvmesh.workers.service.engine_loop import EngineLoop
-from kvmesh.workers.service.streams import EngineFailure, SubscriberTooSlow, WorkerNotReady
 from kvmesh.workers.service.wire import (
     RequestLimits,
     event_to_pb,
@@ -27,7 +32,6 @@ log = logging.getLogger(__name__)
 # The one table: typed error -> gRPC status. Anything else is INTERNAL (and logged).
 STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    OutOfPages: grpc.StatusCode.RESOURCE_EXHAUSTED,
     WorkerNotReady: grpc.StatusCode.UNAVAILABLE,
     SubscriberTooSlow: grpc.StatusCode.RESOURCE_EXHAUSTED,
     EngineFailure: grpc.StatusCode.INTERNAL,

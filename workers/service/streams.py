@@ -1,8 +1,10 @@
-"""What gRPC handler threads hold while the engine loop works: a request's output stream, a KV
-event subscription, and the typed errors the loop hands back through them.
+"""What gRPC handler threads hold while the engine loop works: a request's output stream and a KV
+event subscription.
 
-Both are fed only by the engine-loop thread (workers/service/engine_loop.py) and read by one handler
-thread each; their queues are the only shared state.
+Both are fed only by the engine-loop thread (`engine_loop.py`) and read by one handler thread
+each; their queues are the only shared state. The loop hands typed errors (`workers/errors.py`)
+back through them. This module does not import the loop: a handler reaches it only through
+`LoopCommands`, which `EngineLoop` implements.
 """
 
 from __future__ import annotations
@@ -11,26 +13,19 @@ import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from kvmesh.workers.service.engine_loop import EngineLoop
+from typing import Any, Protocol
 
 _END = object()  # end of a request's or subscription's queue
 # A subscriber this far behind is dropped; it resubscribes and resyncs from a snapshot.
 MAX_PENDING_EVENTS = 100_000
 
 
-class WorkerNotReady(Exception):
-    """The engine is still loading, failed to load, or the worker is shutting down."""
+class LoopCommands(Protocol):
+    """The commands a handler thread sends to the engine loop; both only queue the command."""
 
+    def abort(self, engine_request_id: str) -> None: ...
 
-class EngineFailure(Exception):
-    """The engine raised while running a step; the requests in flight were aborted."""
-
-
-class SubscriberTooSlow(Exception):
-    """A KvEvents subscriber fell more than MAX_PENDING_EVENTS behind and was dropped."""
+    def unsubscribe(self, subscription: EventSubscription) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -49,7 +44,7 @@ class RequestStream:
     (InvalidRequest, EngineFailure, WorkerNotReady). `cancel()` aborts the request in the engine
     (idempotent; a no-op once finished)."""
 
-    def __init__(self, loop: EngineLoop, engine_request_id: str) -> None:
+    def __init__(self, loop: LoopCommands, engine_request_id: str) -> None:
         self.engine_request_id = engine_request_id
         self._loop = loop
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -85,7 +80,7 @@ class EventSubscription:
 
     Sequence numbers start at 1 and increase by one per message. `close()` unsubscribes."""
 
-    def __init__(self, loop: EngineLoop) -> None:
+    def __init__(self, loop: LoopCommands) -> None:
         self._loop = loop
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._num_pending = 0  # approximate; only the loop thread increments it
