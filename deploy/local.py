@@ -31,7 +31,8 @@ from kvmesh.deploy.internal_auth import (
     read_api_key_file,
     tenant_secret,
 )
-from kvmesh.router.config import InvalidConfig, parse_api_keys
+from kvmesh.router.config import parse_api_keys
+from kvmesh.router.errors import InvalidConfig
 
 _LISTENING = re.compile(r"^kvmesh (\w+) listening on (\S+)\s*$")
 _PR_SET_PDEATHSIG = 1

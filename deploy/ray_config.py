@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kvmesh.deploy.internal_auth import DeploymentSecrets, new_token, tenant_secret
-from kvmesh.router.config import InvalidConfig, parse_api_keys
+from kvmesh.router.config import parse_api_keys
+from kvmesh.router.errors import InvalidConfig
 
 NAMESPACE = "kvmesh"  # Ray namespace holding every kvmesh actor and the placement group
 ACTOR_PREFIX = "kvmesh-"

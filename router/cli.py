@@ -11,7 +11,8 @@ import sys
 
 from aiohttp import web
 
-from kvmesh.router.config import InvalidConfig, RouterConfig, add_arguments, config_from_args
+from kvmesh.router.config import RouterConfig, add_arguments, config_from_args
+from kvmesh.router.errors import InvalidConfig
 
 READY_TIMEOUT_S = 120.0
 

@@ -9,12 +9,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from kvmesh.router.errors import InvalidConfig
+
 ENV_PREFIX = "KVMESH_ROUTER_"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class InvalidConfig(ValueError):
-    """A router setting is missing or out of range."""
 
 
 def default_model_path() -> str:
@@ -98,10 +96,6 @@ class RouterConfig:
         if self.balance_rel < 1.0:
             raise InvalidConfig(f"balance_rel must be >= 1, got {self.balance_rel}")
         object.__setattr__(self, "api_keys", MappingProxyType(dict(self.api_keys)))
-
-    @property
-    def auth_enabled(self) -> bool:
-        return bool(self.api_keys)
 
 
 def _check_address(addr: str, role: str) -> None:

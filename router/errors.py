@@ -1,8 +1,24 @@
-"""Typed router errors and the one table mapping them to HTTP status and OpenAI error types."""
+"""Every typed router error, and the one table mapping client-facing ones to HTTP statuses.
+
+`RouterError` and its subclasses reach a client (status and OpenAI error type in `HTTP_STATUS`).
+`InvalidConfig` stops a router (or a launcher) from starting; `NoCandidate` and `SequenceGap`
+are raised by the pure routing layer (`router/routing/`) and handled inside the router. Imports
+nothing, so every router module may import it."""
 
 from __future__ import annotations
 
-import json
+
+class InvalidConfig(ValueError):
+    """A router setting is missing or out of range."""
+
+
+class NoCandidate(Exception):
+    """No worker can take the request."""
+
+
+class SequenceGap(Exception):
+    """A worker's event stream skipped a sequence number; its entries were dropped and it must
+    be resubscribed (the new subscription starts with AllCleared and a snapshot)."""
 
 
 class RouterError(Exception):
@@ -105,6 +121,3 @@ def error_body(error: RouterError) -> dict:
         }
     }
 
-
-def error_json(error: RouterError) -> str:
-    return json.dumps(error_body(error))

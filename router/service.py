@@ -18,6 +18,7 @@ from kvmesh.router.config import RouterConfig
 from kvmesh.router.errors import (
     InvalidRequest,
     ModelNotFound,
+    NoCandidate,
     NoWorkerAvailable,
     Overloaded,
     PromptTooLong,
@@ -27,7 +28,7 @@ from kvmesh.router.errors import (
 from kvmesh.router.http.protocol import ParsedRequest
 from kvmesh.router.metrics import RouterMetrics
 from kvmesh.router.routing.index import PrefixIndex
-from kvmesh.router.routing.policy import BalanceThreshold, Decision, NoCandidate, choose
+from kvmesh.router.routing.policy import BalanceThreshold, Decision, choose
 from kvmesh.router.routing.pool import RETRYABLE_CODES, WorkerHandle, WorkerPool, is_request_failure
 from kvmesh.router.routing.store_probe import StoreProbe
 from kvmesh.router.tokenizer import PromptTokenizer

@@ -19,6 +19,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from kvmesh.router.errors import SequenceGap
+
 # Tier numbers as in proto kvmesh.v1.Tier.
 TIER_DEVICE = 1
 TIER_CPU = 2
@@ -27,11 +29,6 @@ TIER_REDIS = 4
 TIER_REMOTE = 5
 _DEVICE_BIT = 1 << TIER_DEVICE
 _ALL_TIER_BITS = sum(1 << t for t in range(1, 6))
-
-
-class SequenceGap(Exception):
-    """A worker's event stream skipped a sequence number; its entries were dropped and it must
-    be resubscribed (the new subscription starts with AllCleared and a snapshot)."""
 
 
 @dataclass(frozen=True)

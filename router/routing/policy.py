@@ -7,11 +7,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from kvmesh.router.errors import NoCandidate
 from kvmesh.router.routing.index import PrefixMatch
-
-
-class NoCandidate(Exception):
-    """No worker can take the request."""
 
 
 @dataclass(frozen=True)

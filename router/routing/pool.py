@@ -14,8 +14,9 @@ import grpc
 from kvmesh.cachestore.keys import Namespace
 from kvmesh.cachestore.rpc.wire import namespace_from_spec
 from kvmesh.router.config import RouterConfig
+from kvmesh.router.errors import SequenceGap
 from kvmesh.router.metrics import RouterMetrics
-from kvmesh.router.routing.index import Cleared, PrefixIndex, Removed, SequenceGap, Stored
+from kvmesh.router.routing.index import Cleared, PrefixIndex, Removed, Stored
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvmesh.cachestore.keys import Namespace
+from kvmesh.router.errors import SequenceGap
 from kvmesh.router.routing.index import (
     TIER_CPU,
     TIER_DEVICE,
@@ -12,7 +13,6 @@ from kvmesh.router.routing.index import (
     PrefixIndex,
     PrefixMatch,
     Removed,
-    SequenceGap,
     Stored,
 )
 

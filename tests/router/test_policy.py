@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from kvmesh.router.errors import NoCandidate
 from kvmesh.router.routing.index import PrefixMatch
 from kvmesh.router.routing.policy import (
     BalanceThreshold,
     CostModel,
     Decision,
-    NoCandidate,
     WorkerLoad,
     choose,
     eligible,

@@ -6,8 +6,9 @@ import argparse
 
 import pytest
 
-from kvmesh.router.config import InvalidConfig, RouterConfig, add_arguments, config_from_args
+from kvmesh.router.config import RouterConfig, add_arguments, config_from_args
 from kvmesh.router.errors import (
+    InvalidConfig,
     InvalidRequest,
     ModelNotFound,
     NoWorkerAvailable,
