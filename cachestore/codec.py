@@ -21,6 +21,7 @@ from typing import Generic, TypeVar
 import numpy as np
 import xxhash
 
+from kvmesh.cachestore.errors import PageCorrupt
 from kvmesh.cachestore.keys import DTYPE_CODES, DTYPE_NBYTES, KEY_NBYTES, LAYOUT_VERSION, Namespace
 
 MAGIC = b"KVMP"
@@ -52,10 +53,6 @@ def checksum(payload: bytes | memoryview) -> int:
     if view.nbytes < _GIL_FREE_MIN_BYTES or _XXH3_64 is None:
         return xxhash.xxh3_64_intdigest(view)
     return _XXH3_64(np.frombuffer(view, dtype=np.uint8).ctypes.data, view.nbytes)
-
-
-class PageCorrupt(ValueError):
-    """The bytes are not a valid page (bad magic, version, sizes or checksum)."""
 
 
 @dataclass(frozen=True)

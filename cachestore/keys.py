@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from kvmesh.cachestore.errors import InvalidNamespace
+
 KEY_NBYTES = 16
 LAYOUT_VERSION = 1
 _SEED = 0  # fixed: keys must agree across processes and machines
@@ -34,10 +36,6 @@ DTYPE_NBYTES: dict[str, int] = {
     "float8_e4m3fn": 1,
     "float8_e5m2": 1,
 }
-
-
-class InvalidNamespace(ValueError):
-    """A namespace field is missing or out of range."""
 
 
 def dtype_name(dtype: Any) -> str:

@@ -30,10 +30,6 @@ from kvmesh.cachestore.errors import InvalidConfig
 MAX_TOKENS = 100_000
 
 
-class Forbidden(PermissionError):
-    """The caller's token does not allow this call (PERMISSION_DENIED)."""
-
-
 def tenant_salt(secret: str, tenant: str) -> str:
     """A tenant's namespace salt: xxh3_128 hex of the deployment secret and the tenant name;
     '' for no tenant (no auth). Routers and stores derive it the same way."""

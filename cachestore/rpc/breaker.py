@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from kvmesh.cachestore.rpc.client_errors import StoreUnavailable
+from kvmesh.cachestore.errors import StoreUnavailable
 
 FAILURES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 

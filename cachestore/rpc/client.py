@@ -23,19 +23,18 @@ from typing import Any, Literal
 import grpc
 import torch
 
-from kvmesh.cachestore.errors import InvalidRequest
-from kvmesh.cachestore.keys import Namespace
-from kvmesh.cachestore.rpc import kv_pages, wire
-from kvmesh.cachestore.rpc.breaker import CircuitBreaker
-from kvmesh.cachestore.rpc.client_errors import (  # noqa: F401 - re-exported: callers import them from here
-    ERROR_BY_STATUS,
+from kvmesh.cachestore.errors import (  # noqa: F401 - re-exported: callers import them from here
+    InvalidRequest,
     PermissionDenied,
     ProtocolError,
     StoreFull,
     StoreUnavailable,
     Unauthenticated,
-    typed_error,
 )
+from kvmesh.cachestore.keys import Namespace
+from kvmesh.cachestore.rpc import kv_pages, wire
+from kvmesh.cachestore.rpc.breaker import CircuitBreaker
+from kvmesh.cachestore.rpc.status import typed_error
 from kvmesh.cachestore.shm import segments
 from kvmesh.cachestore.shm.client import SegmentCallback, SegmentPool
 from kvmesh.cachestore.shm.page_lease import PageLease, fits_mapped, fits_segment, pages_by_key

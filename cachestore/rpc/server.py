@@ -1,5 +1,6 @@
-"""gRPC KVStore server: the servicer (thin methods; request checks live in cachestore.messages),
-the error table, bearer-token auth, health and reflection, and `serve_store(config)`."""
+"""gRPC KVStore server: the servicer (thin methods; request checks live in server_messages.py,
+the error table in status.py, bearer-token auth in auth.py), health and reflection, and
+`serve_store(config)`."""
 
 from __future__ import annotations
 
@@ -15,49 +16,24 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvmesh.cachestore.config import StoreConfig
-from kvmesh.cachestore.errors import InvalidRequest, StoreClosed
-from kvmesh.cachestore.keys import InvalidNamespace, Namespace
+from kvmesh.cachestore.errors import Forbidden, StreamsExhausted
+from kvmesh.cachestore.keys import Namespace
 from kvmesh.cachestore.page_mac import read_secret
 from kvmesh.cachestore.rpc import server_messages, wire
-from kvmesh.cachestore.rpc.auth import BearerAuth, Forbidden, Scope, TokenTable
-from kvmesh.cachestore.rpc.streams import BulkStreams, StreamIdle, StreamsExhausted
+from kvmesh.cachestore.rpc.auth import BearerAuth, Scope, TokenTable
+from kvmesh.cachestore.rpc.status import status_of
+from kvmesh.cachestore.rpc.streams import BulkStreams
 from kvmesh.cachestore.shm import segments
 from kvmesh.cachestore.shm.leases import MappedLeases
 from kvmesh.cachestore.shm.server import SegmentWriter
 from kvmesh.cachestore.store.page_access import PageAccess
 from kvmesh.cachestore.store.tiered import FlushResult, TieredStore
-from kvmesh.cachestore.tiers.base import Tier, TierFull, TierUnavailable
+from kvmesh.cachestore.tiers.base import Tier
 from kvmesh.cachestore.tiers.cpu import CpuTier
 from kvmesh.v1 import store_pb2
 
 log = logging.getLogger(__name__)
 SERVICE = store_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name  # "kvmesh.v1.KVStore"
-
-
-class NotFound(LookupError):
-    """The named thing does not exist."""
-
-
-# The one table from typed errors to status codes (first match wins).
-STATUS_BY_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
-    (InvalidNamespace, grpc.StatusCode.INVALID_ARGUMENT),
-    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
-    (TierFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (StreamsExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (StreamIdle, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (TierUnavailable, grpc.StatusCode.UNAVAILABLE),
-    (StoreClosed, grpc.StatusCode.UNAVAILABLE),
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
-    (PermissionError, grpc.StatusCode.UNAUTHENTICATED),
-]
-
-
-def status_of(exc: BaseException) -> grpc.StatusCode | None:
-    for error_type, code in STATUS_BY_ERROR:
-        if isinstance(exc, error_type):
-            return code
-    return None
 
 
 def _mapped(method: Callable) -> Callable:
@@ -386,5 +362,4 @@ def serve_store(config: StoreConfig, store: TieredStore | None = None) -> StoreS
     return StoreServer(config, store)
 
 
-__all__ = ["KVStoreServicer", "NotFound", "STATUS_BY_ERROR", "StoreServer", "serve_store",
-           "status_of"]
+__all__ = ["KVStoreServicer", "StoreServer", "serve_store"]

@@ -22,17 +22,9 @@ from typing import Any
 
 import grpc
 
-from kvmesh.cachestore.errors import StoreError
+from kvmesh.cachestore.errors import StreamIdle, StreamsExhausted
 
 log = logging.getLogger(__name__)
-
-
-class StreamsExhausted(StoreError):
-    """Too many bulk streams are running; maps to RESOURCE_EXHAUSTED (try again later)."""
-
-
-class StreamIdle(StoreError):
-    """The stream waited on its client too long and was cancelled; maps to DEADLINE_EXCEEDED."""
 
 
 class BulkStreams:

@@ -22,18 +22,11 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
+from kvmesh.cachestore.errors import SegmentUnusable
 from kvmesh.cachestore.shm import segments
 
 MapCallback = Callable[[int, int], None]  # (address, nbytes)
 log = logging.getLogger(__name__)
-
-
-class SegmentUnusable(Exception):
-    """A segment name or file that cannot be mapped; `reason` is short and fixed, `detail` not."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason} ({detail})")
-        self.reason, self.detail = reason, detail
 
 
 class MappedFile:

@@ -5,19 +5,20 @@ Pages here are encoded pages (cachestore.codec) addressed by key. The caller's T
 verifies them fully (namespace, token ids) when it reads them; this side checks what it can
 without a namespace: the header parses, its key is the one asked for, and the checksum holds. A
 page failing that is never stored, and a stored one failing it is dropped and reads as a miss.
+
+Locating, putting and deleting are the store's own (TierChain, chain.py): a page between two
+tiers is found here too, and a tier's failures are counted in its stats.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvmesh.cachestore.codec import PageCorrupt, checksum, decode_header, map_chunked
-from kvmesh.cachestore.errors import InvalidRequest
+from kvmesh.cachestore.codec import checksum, decode_header, map_chunked
+from kvmesh.cachestore.errors import InvalidRequest, PageCorrupt
 from kvmesh.cachestore.keys import KEY_NBYTES
+from kvmesh.cachestore.store.chain import Page
 from kvmesh.cachestore.store.tiered import TieredStore
-from kvmesh.cachestore.tiers.base import TierFull, TierUnavailable
-
-Page = tuple[bytes, bytes | memoryview]
 
 
 def check_page(key: bytes, blob: bytes | memoryview) -> None:
@@ -46,13 +47,16 @@ def check_keys(keys: Sequence[bytes]) -> None:
 
 
 class PageAccess:
-    """Thread-safe (tiers lock themselves). A tier that is down reads as a miss."""
+    """The key-level face of a TieredStore: the same TierChain (so the same in-flight registry
+    and error counters) as its namespace calls. Thread-safe. A tier that is down reads as a
+    miss. Unlike GetClosest, a get does not promote hits from lower tiers."""
 
     def __init__(self, store: TieredStore) -> None:
-        self._tiers = store.tiers
+        self._chain = store.chain
 
     def has(self, keys: Sequence[bytes]) -> list[bool]:
-        return [owner is not None for owner in self._locate(keys)]
+        check_keys(keys)
+        return [owner is not None for owner in self._chain.locate(keys)]
 
     def get(
         self, keys: Sequence[bytes], prefix_only: bool = False, verify: bool = True
@@ -61,41 +65,33 @@ class PageAccess:
         `prefix_only`: keys after the first absent one are not read (None). `verify=False`
         leaves the checks to the caller, which must run `verify` (or check_page each page and
         `delete` the bad ones) before handing any page out."""
-        owner = self._locate(keys)
+        check_keys(keys)
+        owner = self._chain.locate(keys)
         if prefix_only and None in owner:
             first = owner.index(None)
             owner[first:] = [None] * (len(owner) - first)
-        out: list[bytes | memoryview | None] = [None] * len(keys)
-        for t, tier in enumerate(self._tiers):
-            indices = [i for i, o in enumerate(owner) if o == t]
-            if not indices:
-                continue
-            try:
-                blobs = tier.get_many([keys[i] for i in indices])
-            except TierUnavailable:
-                continue
-            for i, blob in zip(indices, blobs, strict=True):
-                out[i] = blob
+        out = [None if page is None else page[1] for page in self._chain.fetch(keys, owner)]
         return self.verify(keys, out) if verify else out
 
     def verify(
         self, keys: Sequence[bytes], blobs: Sequence[bytes | memoryview | None]
     ) -> list[bytes | memoryview | None]:
         """The blobs with every page failing check_page replaced by None and deleted from the
-        tiers; large batches are checked on the bulk thread pool."""
-        found = [i for i, blob in enumerate(blobs) if blob is not None]
+        tiers (counted as an error of the first tier holding it); large batches are checked on
+        the bulk thread pool."""
+        found = [(i, blob) for i, blob in enumerate(blobs) if blob is not None]
 
         def check(part: range) -> list[bool]:
-            return [is_intact(keys[found[j]], blobs[found[j]]) for j in part]
+            return [is_intact(keys[found[j][0]], found[j][1]) for j in part]
 
-        nbytes = sum(len(blobs[i]) for i in found)
+        nbytes = sum(len(blob) for _, blob in found)
         good = map_chunked(check, len(found), nbytes)
         out = list(blobs)
-        bad = [found[j] for j, ok in enumerate(good) if not ok]
+        bad = [found[j][0] for j, ok in enumerate(good) if not ok]
         for i in bad:
             out[i] = None
         if bad:
-            self.delete([keys[i] for i in bad])
+            self._drop([keys[i] for i in bad])
         return out
 
     def put(self, pages: Sequence[Page]) -> int:
@@ -107,56 +103,22 @@ class PageAccess:
                 check_page(key, blob)
             except PageCorrupt as exc:
                 raise InvalidRequest(f"page {i}: {exc}") from None
-        owner = self._locate([key for key, _ in pages])
-        new = [(key, bytes(blob)) for (key, blob), o in zip(pages, owner, strict=True) if o is None]
-        pending = new
-        for tier in self._tiers:
-            if not pending:
-                break
-            try:
-                pending = tier.put_many(pending)
-            except (TierUnavailable, TierFull):
-                continue
-        dropped = {key for key, _ in pending}
+        owner = self._chain.locate([key for key, _ in pages])
+        # copied: the blobs are views of received frames, the tiers keep what they are given
+        new: list[Page] = [(key, bytes(blob))
+                           for (key, blob), o in zip(pages, owner, strict=True) if o is None]
+        if not new:
+            return 0
+        dropped = {key for key, _ in self._chain.put(0, new)}
         return sum(1 for key, _ in new if key not in dropped)
 
     def delete(self, keys: Sequence[bytes]) -> int:
         """Remove keys from every tier; returns how many some tier held."""
-        was_present = [False] * len(keys)
-        for t in range(len(self._tiers)):
-            found = self._contains_in(t, keys)
-            if found is None:
-                continue
-            was_present = [a or b for a, b in zip(was_present, found, strict=True)]
-            self._delete_in(t, [k for k, f in zip(keys, found, strict=True) if f])
-        return sum(was_present)
+        return sum(self._chain.delete(keys))
 
-    def _locate(self, keys: Sequence[bytes]) -> list[int | None]:
-        check_keys(keys)
-        owner: list[int | None] = [None] * len(keys)
-        pending = list(range(len(keys)))
-        for t in range(len(self._tiers)):
-            if not pending:
-                break
-            found = self._contains_in(t, [keys[i] for i in pending])
-            if found is None:
-                continue
-            for i, is_found in zip(pending, found, strict=True):
-                if is_found:
-                    owner[i] = t
-            pending = [i for i in pending if owner[i] is None]
-        return owner
-
-    def _contains_in(self, t: int, keys: Sequence[bytes]) -> list[bool] | None:
-        try:
-            return self._tiers[t].contains_many(keys)
-        except TierUnavailable:
-            return None
-
-    def _delete_in(self, t: int, keys: Sequence[bytes]) -> None:
-        if not keys:
-            return
-        try:
-            self._tiers[t].delete_many(keys)
-        except TierUnavailable:
-            pass
+    def _drop(self, keys: Sequence[bytes]) -> None:
+        """Delete corrupt pages from every tier, counting each against the tier that held it."""
+        owner = self._chain.locate(keys)
+        for t in sorted({o for o in owner if o is not None}):
+            self._chain.drop_corrupt(t, [key for key, o in zip(keys, owner, strict=True) if o == t])
+        self._chain.delete(keys)

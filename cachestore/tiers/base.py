@@ -10,14 +10,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from kvmesh.cachestore.errors import TierFull, TierUnavailable
 
-class TierUnavailable(Exception):
-    """The tier's backend cannot be reached (Redis down, remote store gone). TieredStore turns it
-    into a miss and counts it; it never reaches a caller of the store."""
-
-
-class TierFull(Exception):
-    """The page cannot be stored: larger than the tier, or everything is pinned."""
+__all__ = ["Tier", "TierFull", "TierStats", "TierUnavailable"]
 
 
 @dataclass
