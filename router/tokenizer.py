@@ -38,14 +38,18 @@ class PromptTokenizer:
 
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Token ids of a chat rendered by the model's template, ready for the assistant turn."""
+        from transformers import BatchEncoding  # loaded already by __init__
+
         if self.split_special_tokens:  # transformers marks the control tokens found in content
             encoded = self._tok.apply_chat_template(
-                list(messages), add_generation_prompt=True, tokenize=True,
+                list(messages), add_generation_prompt=True, tokenize=True, return_dict=True,
                 sanitize_control_tokens=True)
+            assert isinstance(encoded, BatchEncoding)  # tokenize and return_dict
             return list(encoded["input_ids"])
         text = self._tok.apply_chat_template(
             list(messages), add_generation_prompt=True, tokenize=False
         )
+        assert isinstance(text, str)  # not tokenized
         return list(self._tok(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, token_ids: Sequence[int]) -> str:
