@@ -1,4 +1,5 @@
-"""Who may call the store, and on what: bearer tokens and their scopes.
+"""Who may call the store, and on what: bearer tokens and their scopes; and BearerAuth, the
+bearer-token interceptor that the store's server and the worker's gRPC service both use.
 
 Two kinds of token:
 - the internal token (`--token`): the deployment's own parts (workers, routers, other stores).
@@ -112,16 +113,29 @@ def _read_token_file(path: str, tenant_secret: str) -> dict[str, Scope]:
         raise InvalidConfig(f"token file {path!r}: {exc}") from None
 
 
+# Calls that need no token: orchestrators probe health without one.
+OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
 class BearerAuth(grpc.ServerInterceptor):
-    """Every call but health checks must carry `authorization: Bearer <token>` with a token the
-    table accepts; what the token may do is checked by the servicer (`KVStoreServicer._scope`)."""
+    """The one bearer-token check of kvmesh's gRPC servers (the store's and the worker's). Every
+    call but health checks must carry `authorization: Bearer <token>` with a token `tokens`
+    accepts, else it ends UNAUTHENTICATED before its handler runs (a call to a method the server
+    does not have, too: a caller without a token learns nothing about what is served). What an
+    accepted token may do is the servicer's to check (the store's scopes:
+    `KVStoreServicer._scope`; a worker accepts only the internal token: `BearerAuth.internal`)."""
 
     def __init__(self, tokens: TokenTable) -> None:
         self._tokens = tokens
 
+    @classmethod
+    def internal(cls, token: str) -> BearerAuth:
+        """Accept only the deployment's internal token (a worker's service)."""
+        return cls(TokenTable(token))
+
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith("/grpc.health.v1.Health/"):
+        if handler_call_details.method.startswith(OPEN_METHOD_PREFIXES):
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
         given = metadata.get("authorization")
@@ -130,11 +144,14 @@ class BearerAuth(grpc.ServerInterceptor):
         return _denied(handler, "missing authorization" if not given else "wrong bearer token")
 
 
-def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+def _denied(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` (unary when there is none) that only aborts."""
+
     def deny(request: Any, context: grpc.ServicerContext) -> Any:
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    kind = (handler.request_streaming, handler.response_streaming)
+    kind = (False, False) if handler is None else (handler.request_streaming,
+                                                   handler.response_streaming)
     make = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler,

@@ -94,3 +94,69 @@ def test_tls_with_token(tmp_path):
             assert torch.equal(client.get_closest([5, 6, 7], NS).kv, torch.ones(1, 2, 2, 1, 4))
     finally:
         srv.stop(grace=0)
+
+
+def _echo_server(interceptor):
+    """A bare gRPC server with one method of each kind (echoing), health and reflection."""
+    from concurrent import futures
+
+    from grpc_health.v1 import health
+    from grpc_reflection.v1alpha import reflection
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[interceptor])
+    unary = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
+    out = grpc.unary_stream_rpc_method_handler(lambda request, context: iter((request,)))
+    into = grpc.stream_unary_rpc_method_handler(lambda requests, context: b"".join(requests))
+    both = grpc.stream_stream_rpc_method_handler(lambda requests, context: requests)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "t.Echo", {"Unary": unary, "Out": out, "In": into, "Both": both}),))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    reflection.enable_server_reflection(("t.Echo", reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+def test_one_interceptor_for_store_and_worker_every_call_kind():
+    from kvmesh.cachestore.rpc.auth import BearerAuth
+
+    server, target = _echo_server(BearerAuth.internal("s3cret"))
+    try:
+        with grpc.insecure_channel(target) as channel:
+            calls = {
+                "Unary": lambda md: channel.unary_unary("/t.Echo/Unary")(b"x", metadata=md),
+                "Out": lambda md: b"".join(channel.unary_stream("/t.Echo/Out")(b"x",
+                                                                               metadata=md)),
+                "In": lambda md: channel.stream_unary("/t.Echo/In")(iter([b"x"]), metadata=md),
+                "Both": lambda md: b"".join(channel.stream_stream("/t.Echo/Both")(
+                    iter([b"x"]), metadata=md)),
+            }
+            for name, call in calls.items():
+                assert call((("authorization", "Bearer s3cret"),)) == b"x", name
+                for metadata, message in [((), "missing authorization"),
+                                          ((("authorization", "Bearer wrong"),),
+                                           "wrong bearer token"),
+                                          ((("authorization", "s3cret"),), "wrong bearer token")]:
+                    with pytest.raises(grpc.RpcError) as info:
+                        call(metadata)
+                    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
+                    assert info.value.details() == message
+            # a method the server lacks: UNAUTHENTICATED without a token, UNIMPLEMENTED with it
+            missing = channel.unary_unary("/t.Echo/Missing")
+            with pytest.raises(grpc.RpcError) as info:
+                missing(b"x")
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as info:
+                missing(b"x", metadata=(("authorization", "Bearer s3cret"),))
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            # health is open; reflection is not
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                              timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            reflect = channel.stream_stream(
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+            with pytest.raises(grpc.RpcError) as info:
+                list(reflect(iter([b""])))
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        server.stop(0)

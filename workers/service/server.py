@@ -18,11 +18,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kvmesh.cachestore.rpc.auth import BearerAuth
 from kvmesh.cachestore.rpc.wire import GRPC_OPTIONS
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
 from kvmesh.workers.config import WorkerConfig
 from kvmesh.workers.service.engine_loop import EngineLoop
-from kvmesh.workers.service.servicer import BearerTokenInterceptor, WorkerServicer
+from kvmesh.workers.service.servicer import WorkerServicer
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def serve_worker(
 
         engine_factory = lambda: Engine(config)  # noqa: E731
     loop = EngineLoop(engine_factory)
-    interceptors = [BearerTokenInterceptor(token)] if token else []
+    interceptors = [BearerAuth.internal(token)] if token else []
     num_threads = max(MIN_HANDLER_THREADS, 2 * config.max_num_seqs + 8)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="kvmesh-worker"),

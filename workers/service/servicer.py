@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import grpc
 
@@ -130,32 +128,3 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         # Snapshots kept by the loop thread: Stats answers at once even during a long step.
         return stats_to_pb(engine, self._loop.engine_stats, self._loop.base_namespace,
                            self._loop.epoch, self._loop.kv_events_seq)
-
-
-class BearerTokenInterceptor(grpc.ServerInterceptor):
-    """Rejects calls without `authorization: Bearer <token>` as UNAUTHENTICATED. Health checks
-    stay open so orchestrators can probe a worker without its token."""
-
-    _OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
-
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}"
-
-        def deny(request: Any, context: grpc.ServicerContext) -> Any:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-
-        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
-        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
-
-    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
-        method = handler_call_details.method
-        if method.startswith(self._OPEN_PREFIXES):
-            return continuation(handler_call_details)
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        given = metadata.get("authorization", "")
-        if isinstance(given, str) and hmac.compare_digest(given.encode(), self._expected.encode()):
-            return continuation(handler_call_details)
-        handler = continuation(handler_call_details)
-        if handler is not None and handler.response_streaming:
-            return self._deny_stream
-        return self._deny_unary
