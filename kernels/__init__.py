@@ -1,7 +1,13 @@
-"""Paged-attention kernels (Triton) and their torch references.
+"""Triton kernels and a torch reference of each: paged decode and prefill attention, the KV
+cache write, fused RMSNorm / RoPE / SiLU-and-mul, skinny matmuls, argmax, row scatter, and XXH3
+page checksums.
 
-The references need only torch (the CPU engine runs on them). The Triton launchers are exported
-when Triton is installed; without a CUDA device they run in Triton's interpreter (see _common).
+A kernel file holds its Triton kernels and their launcher; `reference.py` holds the torch
+references the tests compare them against (the checksum kernel is compared with `xxhash`). The
+references need only torch (the CPU engine runs on them). The Triton
+launchers are exported when Triton is installed; without a CUDA device they run in Triton's
+interpreter (see `_common`). May import torch and triton only: nothing else in kvmesh, so
+`workers/runner/`, `workers/models/` and `workers/offload/` can all use it.
 """
 
 import importlib.util
