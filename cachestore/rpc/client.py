@@ -217,9 +217,8 @@ class StoreClient:
                 if prefix_only and None in pages:
                     pages += [None] * len(chunk)
                     continue
-                header, frames = self._fetch_pages(chunk, prefix_only, None)
-                pages += pages_by_key(header.is_found, wire.split_pages(frames,
-                                                                        header.page_nbytes))
+                header, inline = self._fetch_pages(chunk, prefix_only, None)
+                pages += pages_by_key(header.is_found, inline)
             lease = PageLease(pages)
         if prefix_only and None in lease.pages:  # an older server reads every key
             first = lease.pages.index(None)
@@ -329,8 +328,8 @@ class StoreClient:
     def _fetch_pages(self, keys: Sequence[bytes], prefix_only: bool,
                      segment: segments.Segment | None,
                      accept_mapped: bool = False) -> tuple[Any, list[memoryview]]:
-        """One GetPages call: (checked header, data frames; none when the pages went to
-        `segment`, it was too small, or they are mapped)."""
+        """One GetPages call: (checked header, the found pages sent inline; none when they
+        went to `segment`, it was too small, or they are mapped)."""
         request = store_pb2.PageKeys(keys=keys, prefix_only=prefix_only,
                                      accept_mapped=accept_mapped)
         if segment is not None:
@@ -353,7 +352,7 @@ class StoreClient:
             frames = _receive(stream, 0 if is_shared else sum(header.page_nbytes), "GetPages")
         except grpc.RpcError as exc:
             raise typed_error(exc) from None
-        return header, frames
+        return header, [] if is_shared else wire.split_pages(frames, header.page_nbytes)
 
 
 def _receive(stream: Iterator, nbytes: int, rpc: str) -> list[memoryview]:

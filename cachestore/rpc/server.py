@@ -276,10 +276,13 @@ def build_tiers(config: StoreConfig) -> list[Tier]:
         tiers.append(RedisTier(config.redis_url, ttl_seconds=config.redis_ttl,
                                mac_key=redis_mac_key))
     if config.remote is not None:
+        from kvmesh.cachestore.rpc.client import StoreClient
         from kvmesh.cachestore.tiers.remote import RemoteTier
 
-        tiers.append(RemoteTier(config.remote, token=config.remote_token,
-                                tls=config.remote_tls_ca or False))
+        # fail-fast is the tier's own, so the client's breaker stays off
+        client = StoreClient(config.remote, token=config.remote_token,
+                             tls=config.remote_tls_ca or False, timeout=5.0, breaker=None)
+        tiers.append(RemoteTier(client))
     return tiers
 
 

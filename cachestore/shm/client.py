@@ -18,7 +18,6 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kvmesh.cachestore.rpc import wire
 from kvmesh.cachestore.shm import segments
 from kvmesh.cachestore.shm.maps import MappedFile, SegmentMaps, SegmentUnusable
 from kvmesh.cachestore.shm.page_lease import PageLease, fits_mapped, fits_segment, pages_by_key
@@ -78,7 +77,7 @@ class SegmentPool:
     def read(self, fetch: Fetch, keys: Sequence[bytes],
              end_lease: EndLease | None = None) -> PageLease:
         """One GetPages of `keys` through a leased segment, with inline fallback. `fetch(keys,
-        segment, accept_mapped)` does the call and returns (header, data frames); a call that
+        segment, accept_mapped)` does the call and returns (header, inline pages); a call that
         fails discards its segment (the server may still be writing into it) and raises. With
         `end_lease` (which ends a server lease by id), mapped pages are accepted too."""
         self._reserved.wait(timeout=RESERVE_WAIT_S)
@@ -89,7 +88,7 @@ class SegmentPool:
         sent_at = time.monotonic()
         for attempt in range(3):  # own segment; a large enough one; inline
             try:
-                header, frames = fetch(keys, segment, accept_mapped)
+                header, inline = fetch(keys, segment, accept_mapped)
             except BaseException:
                 if segment is not None:
                     self._discard(segment)
@@ -115,9 +114,7 @@ class SegmentPool:
             if segment is not None:
                 self.give_back(segment)
                 self._calls_inline = CALLS_INLINE_AFTER_DECLINE
-            return PageLease(
-                pages_by_key(header.is_found, wire.split_pages(frames, header.page_nbytes))
-            )
+            return PageLease(pages_by_key(header.is_found, inline))
         assert segment is not None
         base = memoryview(segment.mm).toreadonly()
         views = [

@@ -7,13 +7,17 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-if TYPE_CHECKING:
-    from kvmesh.cachestore.shm.client import SegmentPool
-    from kvmesh.cachestore.shm.segments import Segment
+from kvmesh.cachestore.shm.segments import Segment
 
 T = TypeVar("T")
+
+
+class SegmentOwner(Protocol):
+    """Where a released lease's segment goes back to (shm.client.SegmentPool)."""
+
+    def give_back(self, segment: Segment) -> None: ...
 
 
 class PageLease:
@@ -36,7 +40,7 @@ class PageLease:
         pages: list[memoryview | None],
         segment: Segment | None = None,
         views: Sequence[memoryview] = (),
-        pool: SegmentPool | None = None,
+        pool: SegmentOwner | None = None,
         regions: Sequence[tuple[int, int]] = (),
         valid_until: float | None = None,
         on_release: Callable[[Sequence[bytes]], None] | None = None,

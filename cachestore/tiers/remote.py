@@ -9,6 +9,9 @@ The remote store's capacity and evictions are its own: `put_many` returns no evi
 A server that cannot be reached, or answers UNAVAILABLE, raises TierUnavailable (a miss); for
 `retry_after_s` after that every call fails at once instead of waiting on a dead or hung server
 again, then the next call tries it.
+
+The tier sits below cachestore.rpc, so it is handed its client (`PageClient`: what it calls of
+rpc.client.StoreClient) instead of building one; rpc.server.build_tiers does.
 """
 
 from __future__ import annotations
@@ -16,29 +19,49 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from typing import Protocol
 
-from kvmesh.cachestore.rpc.client import (
+from kvmesh.cachestore.errors import (
     ProtocolError,
-    StoreClient,
     StoreFull,
     StoreUnavailable,
+    TierFull,
+    TierUnavailable,
     Unauthenticated,
 )
-from kvmesh.cachestore.tiers.base import Tier, TierFull, TierStats, TierUnavailable
+from kvmesh.cachestore.tiers.base import Tier, TierStats
+
+
+class PageClient(Protocol):
+    """The key-level calls of a store client (rpc.client.StoreClient), raising the client
+    errors of cachestore.errors."""
+
+    target: str
+
+    def has_pages(self, keys: Sequence[bytes]) -> list[bool]: ...
+
+    def get_pages(self, keys: Sequence[bytes]) -> list[memoryview | None]: ...
+
+    def put_encoded_pages(self, pages: Sequence[tuple[bytes, bytes | memoryview]]) -> int: ...
+
+    def delete_pages(self, keys: Sequence[bytes]) -> int: ...
+
+    def stats(self) -> list[TierStats]: ...
+
+    def close(self) -> None: ...
 
 
 class RemoteTier(Tier):
-    """Thread-safe (one gRPC channel). `timeout` bounds each call in seconds, so a hung remote
-    costs at most that much before it reads as down."""
+    """Thread-safe (one gRPC channel). Owns `client` (closed by `close`), whose timeout bounds
+    each call, so a hung remote costs at most that much before it reads as down. Fail-fast is
+    this tier's own (`retry_after_s`): give it a client without a circuit breaker."""
 
     name = "remote"
 
-    def __init__(self, target: str, token: str | None = None, tls: bool | str | bytes = False,
-                 timeout: float = 5.0, retry_after_s: float = 2.0) -> None:
-        self.target = target
+    def __init__(self, client: PageClient, retry_after_s: float = 2.0) -> None:
+        self.target = client.target
         self.retry_after_s = retry_after_s
-        # fail-fast is this tier's own (_down_until), so the client's breaker stays off
-        self._client = StoreClient(target, token=token, tls=tls, timeout=timeout, breaker=None)
+        self._client = client
         self._stats = TierStats(self.name)
         self._lock = threading.Lock()
         self._down_until = 0.0  # time.monotonic() before which calls fail fast

@@ -166,12 +166,13 @@ def test_a_bad_page_from_the_remote_is_a_miss_and_dropped(backend):
 
 
 def test_remote_tier_fails_fast_while_down_then_retries():
+    from kvmesh.cachestore.rpc.client import StoreClient
     from kvmesh.cachestore.tiers.base import TierUnavailable
     from kvmesh.cachestore.tiers.remote import RemoteTier
 
     backend = serve_store(StoreConfig(port=0, cpu_bytes=1 << 20))
     port = backend.port
-    tier = RemoteTier(backend.target, retry_after_s=1.0)
+    tier = RemoteTier(StoreClient(backend.target, timeout=5.0, breaker=None), retry_after_s=1.0)
     key = NS.page_keys(list(range(4)))[0]
     try:
         assert tier.contains_many([key]) == [False]

@@ -1,0 +1,62 @@
+"""cachestore's imports follow its layers (the subpackages' docstrings), with no cycle: every
+import counts, at top level, under TYPE_CHECKING or inside a function."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import kvmesh.cachestore
+
+ROOT = pathlib.Path(kvmesh.cachestore.__file__).parent
+PKG = "kvmesh.cachestore"
+BOTTOM = {"keys", "codec", "errors", "page_mac", "malloc", "config", "shm.segments"}
+LAYERS = {"tiers": 1, "store": 2, "shm": 3, "rpc": 4}  # cli.py and the package root: on top
+
+
+def _imports() -> dict[str, set[str]]:
+    """module -> the cachestore modules it imports."""
+    paths = {}
+    for path in ROOT.rglob("*.py"):
+        parts = [p for p in path.relative_to(ROOT).with_suffix("").parts if p != "__init__"]
+        paths[".".join([PKG, *parts])] = path
+    graph: dict[str, set[str]] = {module: set() for module in paths}
+    for module, path in paths.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                subs = [f"{node.module}.{alias.name}" for alias in node.names]
+                names = [name for name in subs if name in paths] or [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            graph[module] |= {name for name in names if name in paths and name != module}
+    return graph
+
+
+def _layer(module: str) -> int:
+    name = module[len(PKG) + 1 :]
+    if name in BOTTOM:
+        return 0
+    return LAYERS.get(name.split(".")[0], 5)
+
+
+def test_imports_go_down_the_layers_only():
+    upward = sorted(f"{m} -> {d}" for m, deps in _imports().items() for d in deps
+                    if _layer(d) > _layer(m))
+    assert upward == []
+
+
+def test_no_import_cycle():
+    graph = _imports()
+    done: set[str] = set()
+
+    def walk(module: str, path: list[str]) -> None:
+        for dep in graph[module]:
+            assert dep not in path, f"import cycle: {' -> '.join([*path, dep])}"
+            if dep not in done:
+                walk(dep, [*path, dep])
+        done.add(module)
+
+    for module in graph:
+        walk(module, [module])
