@@ -33,11 +33,19 @@ _DTYPE_BY_CODE = {code: name for name, code in DTYPE_CODES.items()}
 # exports the C function, and a ctypes call releases the GIL: pages hashed on the bulk pool then
 # really run in parallel. Falls back to the Python binding if the symbol is ever missing.
 _GIL_FREE_MIN_BYTES = 64 << 10
-try:
-    _XXH3_64 = ctypes.CDLL(xxhash._xxhash.__file__).XXH3_64bits
-    _XXH3_64.argtypes, _XXH3_64.restype = [ctypes.c_void_p, ctypes.c_size_t], ctypes.c_uint64
-except (AttributeError, OSError):  # pragma: no cover - depends on the xxhash build
-    _XXH3_64 = None
+
+
+def _gil_free_xxh3_64() -> Callable[[int, int], int] | None:
+    try:
+        # the stubs leave out the C extension module: it is there in every xxhash wheel
+        fn = ctypes.CDLL(xxhash._xxhash.__file__).XXH3_64bits  # type: ignore[attr-defined]
+    except (AttributeError, OSError):  # pragma: no cover - depends on the xxhash build
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t], ctypes.c_uint64
+    return fn
+
+
+_XXH3_64 = _gil_free_xxh3_64()
 
 
 def checksum_at(address: int, nbytes: int) -> int:
@@ -211,7 +219,7 @@ def check_page_headers_at(address: int, pitch: int, count: int, ns: Namespace,
     if pitch < tokens_end or len(keys) != count or len(token_ids) != count * 4 * ns.page_size:
         raise ValueError("pages overlap, or keys / token ids do not match the count")
     raw = (ctypes.c_uint8 * (pitch * (count - 1) + tokens_end)).from_address(address)
-    headers = np.lib.stride_tricks.as_strided(np.frombuffer(raw, dtype=np.uint8),
+    headers = np.lib.stride_tricks.as_strided(np.ctypeslib.as_array(raw),
                                               shape=(count, tokens_end), strides=(pitch, 1))
     template = np.frombuffer(expected, dtype=np.uint8)
     ok = (headers[:, :_KEY_AT] == template[:_KEY_AT]).all(axis=1)

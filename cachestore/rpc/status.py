@@ -53,6 +53,6 @@ def status_of(exc: BaseException) -> grpc.StatusCode | None:
 
 def typed_error(exc: grpc.RpcError) -> StoreError:
     """The error a client raises for a failed call."""
-    code, details = exc.code(), exc.details()  # type: ignore[attr-defined]  # a grpc.Call too
+    code, details = exc.code(), exc.details()  # a failed call is also a grpc.Call
     error_type = ERROR_BY_STATUS.get(code, StoreError)
     return error_type(f"{details} ({code.name})" if error_type is StoreError else details)

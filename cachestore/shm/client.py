@@ -138,7 +138,10 @@ class SegmentPool:
                 self.arenas.release(file)
             end_lease(mapped.lease_id, ())
             raise
-        bases = [memoryview(file.mm).toreadonly() for file in files]
+        bases = []
+        for file in files:
+            assert file.mm is not None  # `arenas` maps its files (map_files)
+            bases.append(memoryview(file.mm).toreadonly())
         views = [
             bases[arena][offset : offset + nbytes]
             for arena, offset, nbytes in zip(mapped.page_arenas, header.page_offsets,

@@ -218,7 +218,7 @@ def copy_out(pages: Sequence[memoryview | None]) -> list[memoryview | None]:
     caller may hold after the segment they came from is reused."""
     found = [p for p in pages if p is not None]
     out = np.empty(sum(p.nbytes for p in found), dtype=np.uint8)
-    view = memoryview(out).toreadonly()
+    view = out.data.toreadonly()
     moves, keep, offset = [], [], 0
     for page in found:
         address, array = buffer_address(page)

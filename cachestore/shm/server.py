@@ -99,7 +99,8 @@ class SegmentWriter:
         """Unmap every cached segment (those being written to when their copy ends)."""
         self._maps.close()
 
-    def _decline(self, reason: str, detail: str) -> None:
+    def _decline(self, reason: str, detail: str) -> store_pb2.GetPagesHeader | None:
+        """None (answer inline), logging why once per reason."""
         if reason not in self._reasons_logged:  # once per reason: a bad client must not flood
             self._reasons_logged.add(reason)
             log.info("GetPages answers inline: %s (%s)", reason, detail)

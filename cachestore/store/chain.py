@@ -18,10 +18,9 @@ from typing import Any
 
 from kvmesh.cachestore.errors import InvalidConfig, TierFull, TierUnavailable
 from kvmesh.cachestore.store.inflight import InFlightPages
-from kvmesh.cachestore.tiers.base import Tier, TierStats
+from kvmesh.cachestore.tiers.base import Page, Tier, TierStats
 
 Blob = bytes | memoryview  # an encoded page (cachestore.codec)
-Page = tuple[bytes, Blob]  # (key, encoded page)
 Found = tuple[int, Blob, bool]  # (tier index, encoded page, is_in_flight)
 
 

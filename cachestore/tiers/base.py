@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from kvmesh.cachestore.errors import TierFull, TierUnavailable
 
-__all__ = ["Tier", "TierFull", "TierStats", "TierUnavailable"]
+__all__ = ["Page", "Tier", "TierFull", "TierStats", "TierUnavailable"]
+
+Page = tuple[bytes, bytes | memoryview]  # (key, encoded page)
 
 
 @dataclass
@@ -53,7 +55,7 @@ class Tier(ABC):
         """Encoded pages for `keys` (None where absent); refreshes recency of hits."""
 
     @abstractmethod
-    def put_many(self, pages: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    def put_many(self, pages: Sequence[Page]) -> list[Page]:
         """Store (key, encoded page) pairs; returns evicted (key, encoded page) pairs."""
 
     @abstractmethod

@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from kvmesh.cachestore.errors import InvalidConfig
 from kvmesh.cachestore.shm import segments
 from kvmesh.cachestore.shm.segments import buffer_address
-from kvmesh.cachestore.tiers.base import Tier, TierStats
+from kvmesh.cachestore.tiers.base import Page, Tier, TierStats
 from kvmesh.cachestore.tiers.lru import LruIndex
-from kvmesh.cachestore.tiers.slots import PageSlots
+from kvmesh.cachestore.tiers.slots import Memory, PageSlots
 
 
 def _cuda_available() -> bool:
@@ -65,7 +65,7 @@ class CpuTier(Tier):
         self.is_pinned = _cuda_available() and not shared if pin_memory is None else pin_memory
         if shared and self.is_pinned:
             raise InvalidConfig("a cpu tier is either pinned or shared, not both")
-        memory = "shared" if shared else "pinned" if self.is_pinned else "plain"
+        memory: Memory = "shared" if shared else "pinned" if self.is_pinned else "plain"
         use_slots = shared or self.is_pinned if slots is None else slots
         self._slots = PageSlots(capacity_bytes, memory, shm_dir) if use_slots else None
         self._lock = threading.Lock()
@@ -90,7 +90,7 @@ class CpuTier(Tier):
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | memoryview | None]:
         return self._get(keys, leading=False)[0]
 
-    def put_many(self, pages: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    def put_many(self, pages: Sequence[Page]) -> list[Page]:
         evicted: list[tuple[bytes, bytes | memoryview]] = []
         for key, blob in pages:
             nbytes = memoryview(blob).nbytes
@@ -114,7 +114,7 @@ class CpuTier(Tier):
                 self._pages[key] = stored
                 if address is not None:
                     self._addresses[key] = address
-        return evicted  # type: ignore[return-value]  # pinned pages are memoryviews
+        return evicted
 
     def _copy_in(self, blob: bytes | memoryview) -> tuple[bytes | memoryview, int | None]:
         """(the page as the tier keeps it, its slot's address or None): copied into a slot, as a
@@ -142,7 +142,8 @@ class CpuTier(Tier):
         """The pages of the leading keys this tier holds, up to the first it does not (not
         counted as a miss: a prefix simply ends there), and each one's address where the tier
         knows it (slot pages) without asking the buffer (None elsewhere)."""
-        return self._get(keys, leading=True)
+        pages, addresses = self._get(keys, leading=True)
+        return [page for page in pages if page is not None], addresses  # (none is: leading)
 
     def _get(self, keys: Sequence[bytes], leading: bool
              ) -> tuple[list[bytes | memoryview | None], list[int | None]]:
@@ -183,7 +184,7 @@ class CpuTier(Tier):
             with self._lock:
                 known = [self._addresses.get(key) if self._pages.get(key) is page else None
                          for key, page in zip(keys, pages, strict=True)]
-        out = []
+        out: list[tuple[str, int, int] | None] = []
         for page, address in zip(pages, known, strict=True):
             view = memoryview(page)
             if not view.nbytes:

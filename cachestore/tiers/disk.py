@@ -38,7 +38,7 @@ from kvmesh.cachestore.codec import PageCorrupt, decode_header
 from kvmesh.cachestore.errors import InvalidConfig
 from kvmesh.cachestore.keys import KEY_NBYTES
 from kvmesh.cachestore.page_mac import TRAILER_NBYTES, PageMac
-from kvmesh.cachestore.tiers.base import Tier, TierFull, TierStats, TierUnavailable
+from kvmesh.cachestore.tiers.base import Page, Tier, TierFull, TierStats, TierUnavailable
 from kvmesh.cachestore.tiers.lru import LruIndex
 
 _SUFFIX = ".page"
@@ -94,8 +94,8 @@ class DiskTier(Tier):
             out.append(page)
         return out
 
-    def put_many(self, pages: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        evicted: list[tuple[bytes, bytes]] = []
+    def put_many(self, pages: Sequence[Page]) -> list[Page]:
+        evicted: list[Page] = []
         for key, blob in pages:
             nbytes = memoryview(blob).nbytes + self._trailer_nbytes
             with self._lock:
@@ -161,7 +161,7 @@ class DiskTier(Tier):
             raise TierUnavailable(f"disk tier read failed: {e}") from e
         return blob
 
-    def _read_evicted(self, key: bytes) -> bytes | None:
+    def _read_evicted(self, key: bytes) -> bytes | memoryview | None:
         """An evicted page for demotion; unreadable means it is simply not demoted."""
         try:
             with open(self._file_of(key), "rb") as f:

@@ -39,7 +39,7 @@ from redis.retry import Retry
 
 from kvmesh.cachestore.errors import InvalidConfig
 from kvmesh.cachestore.page_mac import PageMac
-from kvmesh.cachestore.tiers.base import Tier, TierFull, TierStats, TierUnavailable
+from kvmesh.cachestore.tiers.base import Page, Tier, TierFull, TierStats, TierUnavailable
 
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 _SINGLE_SCHEMES = {"redis", "rediss", "unix"}
@@ -116,7 +116,7 @@ class RedisTier(Tier):
             self._drop_forged(forged)
         return blobs
 
-    def put_many(self, pages: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    def put_many(self, pages: Sequence[Page]) -> list[Page]:
         if not pages:
             return []
         if self._mac is not None:  # one copy per page: a SET takes the value as one buffer

@@ -29,7 +29,7 @@ from kvmesh.cachestore.errors import (
     TierUnavailable,
     Unauthenticated,
 )
-from kvmesh.cachestore.tiers.base import Tier, TierStats
+from kvmesh.cachestore.tiers.base import Page, Tier, TierStats
 
 
 class PageClient(Protocol):
@@ -81,7 +81,7 @@ class RemoteTier(Tier):
             self._stats.misses += len(pages) - hits
         return list(pages)
 
-    def put_many(self, pages: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    def put_many(self, pages: Sequence[Page]) -> list[Page]:
         if pages:
             self._guard(self._client.put_encoded_pages, pages)
         return []
