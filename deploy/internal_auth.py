@@ -20,12 +20,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvmesh.deploy.errors import InvalidSecrets
+
 TENANT_SECRET_ENV = "KVMESH_TENANT_SECRET"
 TENANT_SECRET_FILE = "tenant_secret"
-
-
-class InvalidSecrets(ValueError):
-    """An API key or a secret file is unusable."""
 
 
 @dataclass(frozen=True)

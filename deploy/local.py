@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmesh.deploy.cli import command
+from kvmesh.deploy.errors import InvalidSecrets, StartFailed
 from kvmesh.deploy.internal_auth import (
     DeploymentSecrets,
-    InvalidSecrets,
     new_token,
     read_api_key_file,
     tenant_secret,
@@ -134,10 +134,6 @@ def _start(name: str, argv: list[str], env: dict[str, str]) -> Child:
 
     threading.Thread(target=pump, name=f"pump-{name}", daemon=True).start()
     return child
-
-
-class StartFailed(Exception):
-    """A part exited or timed out before it was listening."""
 
 
 def _wait_ready(children: list[Child], timeout: float, interrupted: threading.Event) -> None:

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 import ray
 
 from kvmesh.deploy.cli import command
+from kvmesh.deploy.errors import RoleStartError
 
 _PR_SET_PDEATHSIG = 1
 _LISTENING = re.compile(r"kvmesh (\w+) listening on (\S+)")
@@ -34,10 +35,6 @@ _ANY_HOST = {"0.0.0.0", "::", "[::]", ""}
 _STOP_GRACE_S = 10.0
 _RESTART_ATTEMPTS = 3
 _RESTART_BACKOFF_S = 2.0
-
-
-class RoleStartError(RuntimeError):
-    """The role's child process exited before it was listening."""
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ import shlex
 import sys
 from typing import TYPE_CHECKING
 
-from kvmesh.deploy.ray_config import NAMESPACE, RayConfigError, RayDeployConfig
+from kvmesh.deploy.errors import DeployError, RayConfigError
+from kvmesh.deploy.ray_config import NAMESPACE, RayDeployConfig
 
 if TYPE_CHECKING:
     from kvmesh.deploy.ray_stack import StackStatus
@@ -111,7 +112,7 @@ def _deploy(args: argparse.Namespace) -> int:
 
     try:
         stack = ray_stack.deploy(config)
-    except ray_stack.DeployError as exc:
+    except DeployError as exc:
         print(f"kvmesh ray deploy: {exc}", file=sys.stderr)
         return 1
     _print_status(stack)
@@ -124,7 +125,7 @@ def _connect(args: argparse.Namespace, action: str) -> bool:
 
     try:
         ray_stack.connect(args.address, args.namespace)
-    except ray_stack.DeployError as exc:
+    except DeployError as exc:
         print(f"kvmesh ray {action}: {exc}", file=sys.stderr)
         return False
     return True

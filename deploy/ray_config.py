@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kvmesh.deploy.errors import RayConfigError
 from kvmesh.deploy.internal_auth import DeploymentSecrets, new_token, tenant_secret
 from kvmesh.router.config import parse_api_keys
 from kvmesh.router.errors import InvalidConfig
@@ -21,10 +22,6 @@ WORKER_GROUP = "kvmesh-workers"  # detached placement group, one bundle per work
 
 def worker_actor_name(index: int) -> str:
     return f"kvmesh-worker-{index}"
-
-
-class RayConfigError(ValueError):
-    """A deploy setting is out of range; the CLI prints the message and exits 2."""
 
 
 def _check_port(name: str, port: int) -> None:

@@ -30,6 +30,7 @@ from ray.util.scheduling_strategies import (
     PlacementGroupSchedulingStrategy,
 )
 
+from kvmesh.deploy.errors import DeployError
 from kvmesh.deploy.ray_actors import RemoteRoleActor, RoleInfo, start_error, wait_ready
 from kvmesh.deploy.ray_config import (
     ACTOR_PREFIX,
@@ -41,10 +42,6 @@ from kvmesh.deploy.ray_config import (
 )
 
 _HEAD_RESOURCE = "node:__internal_head__"
-
-
-class DeployError(RuntimeError):
-    """The stack cannot be deployed as asked (already up, cluster too small, a role failed)."""
 
 
 @dataclass(frozen=True)

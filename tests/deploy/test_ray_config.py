@@ -8,8 +8,9 @@ import subprocess
 import pytest
 
 from kvmesh.deploy.cli import command
+from kvmesh.deploy.errors import RayConfigError
 from kvmesh.deploy.ray_actors import advertised_address
-from kvmesh.deploy.ray_config import RayConfigError, RayDeployConfig
+from kvmesh.deploy.ray_config import RayDeployConfig
 
 
 def test_role_command_lines():
