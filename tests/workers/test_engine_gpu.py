@@ -105,20 +105,21 @@ def test_cuda_host_tier_reload_matches(tiny_cuda, corrupt):
     if corrupt:  # a payload byte of the deepest one: only the checksum can tell
         (blob,) = host.get_many(held[-1:])
         ctypes.c_ubyte.from_address(buffer_address(blob)[0] + len(blob) - 1).value ^= 0x40
-    commits = []
-    commit_load = engine.scheduler.commit_load
-    engine.scheduler.commit_load = lambda seq: commits.append(commit_load(seq)) or commits[-1]
+    rewinds = []
+    finish_loads = engine.scheduler.finish_loads
+    engine.scheduler.finish_loads = lambda: rewinds.append(finish_loads()) or rewinds[-1]
     graphs = engine.runner.graphs
-    segmented = []  # replays through the graphs per run of layers
-    run_segments = graphs.run_segments
-    graphs.run_segments = lambda *a, **k: segmented.append(len(a[0])) or run_segments(*a, **k)
+    by_layer_runs = []  # replays through the graphs a layer run at a time
+    run_by_layer_runs = graphs.run_by_layer_runs
+    graphs.run_by_layer_runs = lambda *a, **k: (by_layer_runs.append(len(a[0]))
+                                                or run_by_layer_runs(*a, **k))
     out = engine.generate([long + [9, 9]], params)[0]
     assert engine.stats().prefix_hits["cpu"] >= len(held) - corrupt
     assert out == hf_greedy(hf, long + [9, 9], NEW)
-    # the hit's step ran a run of layers at a time as they came in
-    assert segmented and len(graphs.segments) == 2
+    # the hit's step ran a layer run at a time as they came in
+    assert by_layer_runs and len(graphs.layer_runs) == 2
     # the bad page is found after the step that computed on it: rewound, and dropped
-    assert (False in commits) == corrupt
+    assert any(rewinds) == corrupt
     assert host.contains_many(held[-1:]) == [not corrupt]
 
 

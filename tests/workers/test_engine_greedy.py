@@ -82,9 +82,9 @@ def test_a_corrupt_host_tier_page_is_a_miss_and_is_dropped(make_engine, encode, 
     page_nbytes = 30 * 2 * 16 * 3 * 64 * 4
     engine = make_engine(kv_cache_bytes=8 * page_nbytes, host_tier_bytes=64 * page_nbytes)
     engine.offload.stager.device_checksums = device_checksums
-    commits = []
-    commit_load = engine.scheduler.commit_load
-    engine.scheduler.commit_load = lambda seq: commits.append(commit_load(seq)) or commits[-1]
+    rewinds = []
+    finish_loads = engine.scheduler.finish_loads
+    engine.scheduler.finish_loads = lambda: rewinds.append(finish_loads()) or rewinds[-1]
     prompt = encode(LONG)
     run(engine, {"a": prompt}, GREEDY)
     filler = encode("Bananas are yellow. " * 40)[:112]  # evicts every page of "a" to the host
@@ -105,7 +105,7 @@ def test_a_corrupt_host_tier_page_is_a_miss_and_is_dropped(make_engine, encode, 
     removed = {k for e in engine.pop_kv_events() if e.kind == "removed" and e.tier == "cpu"
                for k in e.keys}
     assert a_keys[1] in removed
-    assert (False in commits) == device_checksums  # found after the forward, or before
+    assert any(rewinds) == device_checksums  # found after the forward, or before
 
 
 @pytest.mark.parametrize("decode_steps", [1, 4])  # 4: multi-step windows fall back when full
@@ -196,9 +196,9 @@ def test_a_step_that_fails_leaves_no_unchecked_page_cached(make_engine, encode):
     assert failed.value.request_ids == ["b"] and not engine.has_unfinished_requests()
     engine.step()
     assert engine.block_manager.match_prefix(keys, [prompt[:16], prompt[16:32]]) == []
-    settled = []
-    settle = engine.offload._settle
-    engine.offload._settle = lambda parts: settled.append(len(parts)) or settle(parts)
+    waited = []
+    wait_parts = engine.offload._wait_parts
+    engine.offload._wait_parts = lambda parts: waited.append(len(parts)) or wait_parts(parts)
     execute = engine.runner.execute
 
     def failing_execute(batch):
@@ -208,7 +208,7 @@ def test_a_step_that_fails_leaves_no_unchecked_page_cached(make_engine, encode):
     engine.add_request("c", prompt + encode(" and so"), GREEDY)
     with pytest.raises(BatchFailed, match="device lost"):
         engine.step()
-    assert settled == [1]  # waited for, and let go, before the error went up
+    assert waited == [1]  # waited for, and let go, before the error went up
     engine.runner.execute = execute
     assert not engine.has_unfinished_requests()  # the engine aborted the failed batch
     engine.step()

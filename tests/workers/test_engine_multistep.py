@@ -51,10 +51,10 @@ def test_stop_token_inside_a_window_ends_exactly_there(make_engine, encode, cont
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
                             stop_token_ids=[stop_id])
     engine = make_engine(decode_steps=STEPS)
-    engine.windows.continue_windows = continue_windows
+    engine.scheduler.continue_windows = continue_windows
     outs = run(engine, {"a": prompt}, params)["a"]
     assert tokens_of(outs) == full[: stop_at + 1]
-    assert engine.windows.queued is None  # the window queued past the stop was settled
+    assert engine.queued_window is None  # the window queued past the stop was drained
     assert final(outs).finish_reason == "stop"
     assert final(outs).usage.completion_tokens == stop_at + 1
     assert engine.stats().num_pages_free == engine.stats().num_pages_total
@@ -100,7 +100,7 @@ def test_windows_continue_without_scheduling(make_engine, encode, hf_greedy):
     """The next window is queued before the host reads the last step of the one before: one
     schedule for the whole decode, the same tokens."""
     engine = make_engine(decode_steps=STEPS)
-    engine.windows.continue_windows = True  # on by default only with CUDA graphs
+    engine.scheduler.continue_windows = True  # on by default only with CUDA graphs
     continued = _count_calls(engine.runner, "continue_decode_steps")
     schedules = _count_calls(engine.scheduler, "schedule")
     prompt = encode(PROMPTS[1])
@@ -117,7 +117,7 @@ def test_arrival_and_abort_while_steps_are_queued(make_engine, encode, hf_greedy
     """A request that arrives, or an abort, while a continued window is queued: step() takes
     that window's tokens first, then schedules; nothing is lost or freed early."""
     engine = make_engine(decode_steps=STEPS)
-    engine.windows.continue_windows = True
+    engine.scheduler.continue_windows = True
     params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
     a, b, c = (encode(p) for p in PROMPTS)
     engine.add_request("a", a, params)
@@ -131,11 +131,11 @@ def test_arrival_and_abort_while_steps_are_queued(make_engine, encode, hf_greedy
 
     step()  # prefill
     step()  # first window; the second is queued behind it
-    assert engine.windows.queued is not None
+    assert engine.queued_window is not None
     engine.add_request("b", b, params)
     step()  # the queued window, then b's prefill
     assert len(tokens_of(outs["b"])) == 1
-    while engine.windows.queued is None:
+    while engine.queued_window is None:
         step()
     assert not outs["c"][-1].finish_reason
     engine.abort_request("c")

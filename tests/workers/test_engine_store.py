@@ -110,7 +110,7 @@ def test_a_stalled_store_is_a_miss_within_its_deadline(make_engine, encode, hf_g
 
 def test_writes_past_the_queue_budget_are_dropped_not_waited_for(
         make_engine, encode, store_server, monkeypatch):
-    """A prefill's new pages go to the writer in one batched snapshot; those that would take
+    """A prefill's new pages go to the writer in one batched host copy; those that would take
     the queue past its byte budget are dropped and counted, the rest still reach the store."""
     import kvmesh.workers.offload.store_writer as store_writer
 

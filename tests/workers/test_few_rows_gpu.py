@@ -12,7 +12,7 @@ from tiny_llama import build
 from kvmesh.kernels.fused import rms_norm, silu_and_mul
 from kvmesh.kernels.rotary import rotary
 from kvmesh.workers.models.llama import AttentionMetadata, FusedOps, LlamaForCausalLM
-from kvmesh.workers.runner.model_runner import attention_ops, few_row_ops
+from kvmesh.workers.runner.kernel_ops import attention_ops, few_row_ops
 
 pytestmark = pytest.mark.gpu
 PAGE_SIZE = 8

@@ -14,12 +14,13 @@ import torch
 from kvmesh.cachestore.codec import encode_page
 from kvmesh.cachestore.keys import Namespace, tokens_to_bytes
 from kvmesh.workers.offload.kv_upload import PageStager
-from kvmesh.workers.offload.page_sends import StagedPages
+from kvmesh.workers.offload.staged_rows import RowChecks, StagedPages
+from kvmesh.workers.runner.kv_pool import PoolPages
 from kvmesh.workers.runner.pool_copies import (
     ArrivingRows,
-    SnapshotSlots,
+    HostCopySlots,
     arriving_loads,
-    layer_segments,
+    layer_runs,
     upload_layers,
     upload_pages,
 )
@@ -184,8 +185,8 @@ def test_upload_scatters_rows_of_two_sources():
     assert all(not pool[i].any() for i in set(range(20)) - set(page_ids))
 
 
-def test_snapshot_slots_hand_out_consecutive_rows_and_take_them_back():
-    slots = SnapshotSlots(SHAPE, torch.float32, 5 * 3 * 2 * 4 * 2 * 8 * 4, pin_memory=False)
+def test_host_copy_slots_hand_out_consecutive_rows_and_take_them_back():
+    slots = HostCopySlots(SHAPE, torch.float32, 5 * 3 * 2 * 4 * 2 * 8 * 4, pin_memory=False)
     assert slots.count == 5
     assert slots.take(3) == [0, 1, 2]  # waits for the (background) allocation
     assert slots.take(4) == [3, 4]  # only two left
@@ -209,36 +210,37 @@ def tiny_runner():
     return runner
 
 
-def test_runner_snapshots_copy_runs_of_pages_into_slots(tiny_runner):
+def test_host_copies_copy_runs_of_pages_into_slots(tiny_runner):
     """Pages 5-7 go to slots 0-2 in one copy, page 2 to slot 3; the fifth page finds no slot."""
     runner, pool = tiny_runner, tiny_runner.kv_pool
-    assert runner.num_pages == 10
-    runner.snapshots = SnapshotSlots(runner.page_shape, torch.float32, 4 * runner.page_nbytes,
+    pages: PoolPages = runner.pages
+    assert runner.num_pages == 10 and pages.kv_pool is pool
+    pages.host_slots = HostCopySlots(runner.page_shape, torch.float32, 4 * runner.page_nbytes,
                                      pin_memory=False)
     try:
-        rows, taken, event = runner.snapshot_pages([5, 6, 7, 2, 9])
+        rows, taken, event = pages.copy_to_host([5, 6, 7, 2, 9])
         assert taken == [0, 1, 2, 3] and event is None and len(rows) == 4
         for row, page in zip(rows, [5, 6, 7, 2], strict=True):
             assert torch.equal(row, pool[page])
         before = [row.clone() for row in rows]
-        pool.add_(1.0)  # the snapshots are copies
+        pool.add_(1.0)  # the host rows are copies
         assert all(torch.equal(row, old) for row, old in zip(rows, before, strict=True))
-        runner.release_snapshots(taken)
-        assert runner.snapshots.num_free == 4
+        pages.release_host_copies(taken)
+        assert pages.host_slots.num_free == 4
     finally:
-        runner.snapshots = None
+        pages.host_slots = None
 
 
-def test_without_an_arena_snapshots_come_back_empty(tiny_runner):
-    """The slot arena could not be allocated: snapshot_pages hands out nothing (the offload
+def test_without_an_arena_host_copies_come_back_empty(tiny_runner):
+    """The slot arena could not be allocated: copy_to_host hands out nothing (the offload
     then counts the pages as dropped) instead of failing the engine step."""
-    slots = SnapshotSlots(tiny_runner.page_shape, torch.float32, 1 << 62, pin_memory=False)
-    tiny_runner.snapshots = slots  # cannot allocate
+    slots = HostCopySlots(tiny_runner.page_shape, torch.float32, 1 << 62, pin_memory=False)
+    tiny_runner.pages.host_slots = slots  # cannot allocate
     try:
-        assert tiny_runner.snapshot_pages([0, 1]) == ([], [], None)
+        assert tiny_runner.pages.copy_to_host([0, 1]) == ([], [], None)
         assert slots.rows is None and slots.num_free == 0
     finally:
-        tiny_runner.snapshots = None
+        tiny_runner.pages.host_slots = None
 
 
 @pytest.mark.parametrize(("num_layers", "count", "expected"), [
@@ -247,55 +249,61 @@ def test_without_an_arena_snapshots_come_back_empty(tiny_runner):
     (7, 3, [range(0, 2), range(2, 4), range(4, 7)]),
     (1, 4, [range(0, 1)]),
 ])
-def test_layer_segments_cover_every_layer_once_in_order(num_layers, count, expected):
-    assert layer_segments(num_layers, count) == expected
+def test_layer_runs_cover_every_layer_once_in_order(num_layers, count, expected):
+    assert layer_runs(num_layers, count) == expected
 
 
 def test_checks_queued_late_run_once_and_a_failure_to_queue_them_drops_every_row(caplog):
     rows = torch.zeros((3, *SHAPE))
     calls = []
-    staged = StagedPages(rows, 0, checks=lambda: calls.append(1) or StagedPages(rows, 2))
+
+    class CountingChecks(RowChecks):
+        def verify(self, rows, recorded, sources=None, after=None):
+            calls.append(recorded)
+            return StagedPages(rows, 2)
+
+    staged = StagedPages.deferred(rows, CountingChecks(torch.device("cpu")), [1, 2, 3], None,
+                                  None)
     staged.start_checks()
-    assert staged.verify() == 2 and calls == [1]  # verify() does not queue them again
+    assert staged.verify() == 2 and calls == [[1, 2, 3]]  # verify() does not queue them again
     stager = PageStager(SHAPE, torch.float32, torch.device("cpu"), device_checksums=True)
 
     def failing(*args, **kwargs):
         raise RuntimeError("no device memory")
 
-    stager._verify_rows = failing
-    staged = StagedPages(rows, 0, checks=lambda: stager._checks_or_none(rows, [1, 2, 3], None,
-                                                                         None))
-    assert staged.verify() == 0  # none kept, and settling goes on (leases end)
+    stager.checks.verify = failing
+    staged = StagedPages.deferred(rows, stager.checks, [1, 2, 3], None, None)
+    assert staged.verify() == 0  # none kept, and waiting goes on (leases end)
     assert "they are dropped" in caplog.text
 
 
-def test_arriving_loads_are_used_in_runs_of_layers_only_in_row_order():
-    segments = [range(0, 1), range(1, 3)]
-    a = ArrivingRows(torch.zeros((3, 4)), [], segments)
-    b = ArrivingRows(torch.zeros((2, 4)), [], segments)
+def test_arriving_loads_are_used_in_layer_runs_only_in_row_order():
+    runs = [range(0, 1), range(1, 3)]
+    a = ArrivingRows(torch.zeros((3, 4)), [], runs)
+    b = ArrivingRows(torch.zeros((2, 4)), [], runs)
     plain = torch.zeros((2, 4))
     loads = [(7, (a, 0)), (3, (a, 1)), (9, (plain, 0)), (4, (b, 0)), (5, (b, 1)), (1, (a, 2))]
-    assert arriving_loads(loads, segments) == [(a, [7, 3, 1]), (b, [4, 5])]
-    assert arriving_loads([(7, (a, 1)), (3, (a, 0))], segments) == []  # out of order
-    assert arriving_loads([(7, (a, 0))], [range(0, 3)]) == []  # other runs of layers
-    assert arriving_loads([(9, (plain, 0))], segments) == []
+    assert arriving_loads(loads, runs) == [(a, [7, 3, 1]), (b, [4, 5])]
+    assert arriving_loads([(7, (a, 1)), (3, (a, 0))], runs) == []  # out of order
+    assert arriving_loads([(7, (a, 0))], [range(0, 3)]) == []  # other layer runs
+    assert arriving_loads([(9, (plain, 0))], runs) == []
 
 
 @pytest.mark.gpu
-def test_pinned_pages_arrive_a_run_of_layers_at_a_time():
-    """A send checked on the device copies on a stream of its own, one run of layers of every
-    page at a time, with an event per run: each run can be moved into the pool as soon as it is
-    in, and the pool ends up as if the pages had been copied whole."""
+def test_pinned_pages_arrive_a_layer_run_at_a_time():
+    """A send checked on the device copies on a stream of its own, one layer run of every page
+    at a time, with an event per run: each run can be moved into the pool as soon as it is in,
+    and the pool ends up as if the pages had been copied whole."""
     blobs, keys, tokens, payloads = pages(9)
     pinned = [torch.frombuffer(bytearray(b), dtype=torch.uint8).pin_memory() for b in blobs]
     views = [memoryview(t.numpy()) for t in pinned]
     stager = PageStager(SHAPE, torch.float32, torch.device("cuda"), device_checksums=True)
-    assert len(stager.segments) == 3  # one per layer of SHAPE
-    stager._copy_stream = torch.cuda.Stream()
+    assert len(stager.layer_runs) == 3  # one per layer of SHAPE
+    stager.checks.copy_stream = torch.cuda.Stream()
 
     def stage_late():
         """Staged behind ~0.1 s of sleep on the copy stream: reading too early gets garbage."""
-        with torch.cuda.stream(stager._copy_stream):
+        with torch.cuda.stream(stager.checks.copy_stream):
             torch.cuda._sleep(200_000_000)
         staged = stager.stage_unverified(views, NS, keys, tokens, is_pinned=True)
         assert isinstance(staged.arriving, ArrivingRows) and staged.arriving.rows is staged.rows
@@ -306,8 +314,8 @@ def test_pinned_pages_arrive_a_run_of_layers_at_a_time():
     pool = torch.zeros((12, *SHAPE), device="cuda")
     ids = [11, 2, 5, 7, 0, 3, 9, 1, 4]
     index = torch.tensor(ids, device="cuda")
-    for segment in range(len(source.segments)):
-        upload_layers(pool, index, source, segment)
+    for run in range(len(source.layer_runs)):
+        upload_layers(pool, index, source, run)
     torch.cuda.current_stream().synchronize()
     for page_id, payload in zip(ids, payloads, strict=True):
         assert torch.equal(pool[page_id].cpu(), payload)

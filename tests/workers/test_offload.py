@@ -1,4 +1,4 @@
-"""KvOffload's demotion of evicted device pages into the host tier, and its host-tier lookups
+"""KvOffload's demotion of evicted device pages into the host tier, and its host-tier matches
 (in chunks, so the first pages' copies start while the rest are looked up)."""
 
 from __future__ import annotations
@@ -22,6 +22,22 @@ LOOKUP_NS = Namespace("m", num_layers=2, num_kv_heads=1, head_dim=8, dtype="floa
 LOOKUP_SHAPE = (2, 2, 2, 1, 8)
 
 
+class FakePool:
+    """The device pool as a connector reads it: every page holds `payload`; no host copies."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+    def read_page(self, page_id: int) -> memoryview:
+        return memoryview(self.payload)
+
+    def copy_to_host(self, page_ids):
+        return [], None, None
+
+    def release_host_copies(self, slots) -> None:
+        pass
+
+
 def test_a_demoted_prefix_is_stored_in_order_and_evicted_from_its_end():
     """Pages come shallowest first: stored in that order (consecutive slots), but the deepest
     page is the least recently used, so the host tier drops a prefix's tail before its head."""
@@ -30,19 +46,18 @@ def test_a_demoted_prefix_is_stored_in_order_and_evicted_from_its_end():
     payload = bytes(NS.page_nbytes)
     page_nbytes = len(payload) + 100  # room for 3 encoded pages, not 4
     stager = PageStager((1, 2, 2, 1, 8), torch.float32, torch.device("cpu"))
-    offload = KvOffload(lambda page_id: memoryview(payload), lambda ids: ([], None, None),
-                        lambda slots: None, 3 * page_nbytes, stager)
+    offload = KvOffload(FakePool(payload), 3 * page_nbytes, stager)
     pages = [EvictedPage(i, keys[i], keys[i - 1] if i else None, tuple(tokens[2 * i:2 * i + 2]),
                          NS) for i in range(3)]
     offload.on_evict(pages)
-    assert offload.host_keys() == [keys[2], keys[1], keys[0]]  # least recently used first
+    assert offload.cached_keys() == [keys[2], keys[1], keys[0]]  # least recently used first
     offload.on_evict([EvictedPage(3, keys[3], keys[2], (6, 7), NS)])
-    assert set(offload.host_keys()) == {keys[0], keys[1], keys[3]}  # the tail page went
+    assert set(offload.cached_keys()) == {keys[0], keys[1], keys[3]}  # the tail page went
     assert [e.kind for e in offload.pop_events()] == ["stored"] * 3 + ["stored", "removed"]
 
 
 def staged_rows(source) -> torch.Tensor:
-    """A payload's tensor (on CUDA rows arrive a run of layers at a time: settled, they are in)."""
+    """A payload's tensor (on CUDA rows arrive a layer run at a time: waited for, they are in)."""
     return source.rows if isinstance(source, ArrivingRows) else source
 
 
@@ -59,8 +74,7 @@ def host_pages(num: int, missing: int | None = None, corrupt: int | None = None,
     on_cuda = device_checksums and torch.cuda.is_available()
     stager = PageStager(LOOKUP_SHAPE, torch.float32, torch.device("cuda" if on_cuda else "cpu"),
                         device_checksums=device_checksums)
-    offload = KvOffload(lambda page_id: memoryview(b""), lambda ids: ([], None, None),
-                        lambda slots: None, 64 * (LOOKUP_NS.page_nbytes + 100), stager)
+    offload = KvOffload(FakePool(b""), 64 * (LOOKUP_NS.page_nbytes + 100), stager)
     for i in range(num):
         j = i + 1 if i == bad_header else i
         blob = bytearray(encode_page(LOOKUP_NS, keys[i],
@@ -92,14 +106,14 @@ def test_host_lookups_checked_on_the_device_go_in_growing_chunks(
     looked_up = []
     get = offload.host.get_leading_addressed
     offload.host.get_leading_addressed = lambda k: looked_up.append(len(k)) or get(k)
-    load = offload.lookup(seq, 0, 7)
+    load = offload.match(seq, 0, 7)
     assert load is not None and load.start_page == 0
-    rows = staged_rows(load.payloads[0][0])
+    rows = staged_rows(load.rows[0][0])
     held = 7 if missing is None else missing  # device rows for the pages held, no more
     assert rows.untyped_storage().nbytes() == held * rows[0].numel() * rows.element_size()
-    assert load.settle() == num_ok
+    assert load.wait() == num_ok
     assert looked_up == chunks
-    for i, (rows, row) in enumerate(load.payloads):
+    for i, (rows, row) in enumerate(load.rows):
         assert torch.equal(staged_rows(rows)[row].cpu(), payloads[i])
     assert load.tiers == ["cpu"] * num_ok
     bad = corrupt if corrupt is not None else bad_header
@@ -117,22 +131,22 @@ def test_host_lookups_checked_on_the_host_go_in_one(monkeypatch, corrupt, num_ok
     looked_up = []
     get = offload.host.get_leading_addressed
     offload.host.get_leading_addressed = lambda k: looked_up.append(len(k)) or get(k)
-    load = offload.lookup(seq, 0, 7)
-    assert load is not None and load.settle() == num_ok and looked_up == [7]
-    for i, (rows, row) in enumerate(load.payloads):
+    load = offload.match(seq, 0, 7)
+    assert load is not None and load.wait() == num_ok and looked_up == [7]
+    for i, (rows, row) in enumerate(load.rows):
         assert torch.equal(staged_rows(rows)[row].cpu(), payloads[i])
 
 
 def test_a_lookup_past_the_device_prefix_starts_at_its_first_page(monkeypatch):
     monkeypatch.setattr(kvmesh.workers.offload.host_offload, "_FIRST_CHUNK_PAGES", 2)
     offload, seq, _, payloads = host_pages(7, device_checksums=True)
-    load = offload.lookup(seq, 3, 7)
-    assert load is not None and load.start_page == 3 and load.settle() == 4
-    for i, (rows, row) in enumerate(load.payloads):
+    load = offload.match(seq, 3, 7)
+    assert load is not None and load.start_page == 3 and load.wait() == 4
+    for i, (rows, row) in enumerate(load.rows):
         assert torch.equal(staged_rows(rows)[row].cpu(), payloads[3 + i])
 
 
 def test_a_host_tier_miss_stages_nothing():
     offload, seq, keys, _ = host_pages(7, device_checksums=True)
     offload.host.delete_many(keys[:1])
-    assert offload.lookup(seq, 0, 7) is None
+    assert offload.match(seq, 0, 7) is None

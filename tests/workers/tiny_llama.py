@@ -71,7 +71,7 @@ def windowed_greedy(loaded: LoadedModel, decode_steps: int, device: str = "cpu",
     config = WorkerConfig(model="tiny", device=device, dtype="float32", page_size=4,
                           kv_cache_bytes=8 << 20, max_model_len=128, decode_steps=decode_steps)
     engine = Engine(config, loaded=loaded)
-    engine.windows.continue_windows = True
+    engine.scheduler.continue_windows = True
     counts = {"continued": 0, "early_schedules": 0}
     continue_steps, schedule = engine.runner.continue_decode_steps, engine.scheduler.schedule
 
@@ -80,7 +80,7 @@ def windowed_greedy(loaded: LoadedModel, decode_steps: int, device: str = "cpu",
         return continue_steps(*args)
 
     def checked_schedule():
-        counts["early_schedules"] += engine.windows.queued is not None
+        counts["early_schedules"] += engine.queued_window is not None
         return schedule()
 
     engine.runner.continue_decode_steps = counted_continue

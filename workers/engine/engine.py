@@ -1,19 +1,19 @@
 """The worker engine: requests in, tokens out, one `step()` at a time.
 
-schedule (scheduler) -> run (model runner) -> postprocess (commit pages loaded from the host
-tier or the store once their checks are in, register full pages in the prefix cache, write them
-through to the store, sample, detokenize, stop). Single-threaded: the caller
-drives step(); the only other thread is the offload's store writer.
+A step is schedule (scheduler: which sequences, which pages, one step or a window of greedy
+decode steps) -> execute (model runner: page moves, the forward or the queued window) ->
+postprocess (finish the prefix loads the step computed on, register full pages in the prefix
+cache and save them through the KV connector, sample, detokenize, stop). Single-threaded: the
+caller drives step(); the connector runs a thread of its own (the store writer).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import numpy as np
+import torch
 
-from kvmesh.cachestore.codec import header_nbytes
 from kvmesh.cachestore.keys import Namespace, SaltedNamespaces, tokens_to_bytes
 from kvmesh.workers.config import WorkerConfig
 from kvmesh.workers.engine.block_manager import BlockManager
@@ -21,14 +21,15 @@ from kvmesh.workers.engine.detokenizer import IncrementalDetokenizer
 from kvmesh.workers.engine.kv_events import coalesce_block_events, snapshot_events
 from kvmesh.workers.engine.outputs import EngineStats, KvEventData, RequestOutput, Usage
 from kvmesh.workers.engine.sampling_params import SamplingParams
-from kvmesh.workers.engine.scheduler import Scheduler
+from kvmesh.workers.engine.scheduler import ScheduledBatch, Scheduler
 from kvmesh.workers.engine.sequence import Sequence
 from kvmesh.workers.errors import BatchFailed, InvalidRequest
 from kvmesh.workers.models.loader import LoadedModel, load_model
-from kvmesh.workers.offload.host_offload import KvOffload
+from kvmesh.workers.offload.connector import PageStore
+from kvmesh.workers.offload.host_offload import KvOffload, max_prefix_nbytes
 from kvmesh.workers.offload.kv_upload import PageStager
-from kvmesh.workers.runner.decode_windows import DecodeWindows
-from kvmesh.workers.runner.model_runner import ModelRunner
+from kvmesh.workers.runner.cuda_graphs import StepTokens
+from kvmesh.workers.runner.model_runner import ModelRunner, StepLogits
 from kvmesh.workers.runner.sampler import make_generator, sample, sample_each
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,7 @@ log = logging.getLogger(__name__)
 STORE_TIMEOUT_S = 3.0
 _GRAPH_DECODE_STEPS = 8
 MAX_TENANT_NAMESPACES = 1024  # salted namespaces kept built; salts come from callers
-_SNAPSHOT_BYTES = 2 << 30  # pinned rows for store write-through (two 8K-token 8B prefills)
-# the store segment made at start on CUDA (an 8K-token Llama-3-8B prefix is 1.07 GB)
-_RESERVED_SEGMENT_BYTES = 5 << 28
+_HOST_COPY_BYTES = 2 << 30  # pinned rows for store write-through (two 8K-token 8B prefills)
 
 
 class Engine:
@@ -54,12 +53,12 @@ class Engine:
         limit = cfg.max_position_embeddings
         self.max_model_len = min(config.max_model_len or limit, limit)
         self.runner = ModelRunner(config, loaded, self.max_model_len)
-        stager = PageStager(self.runner.page_shape, self.runner.dtype, self.runner.device)
-        if self.runner.device.type == "cuda" and config.host_tier_bytes:
+        pool = self.runner.pages
+        stager = PageStager(pool.page_shape, pool.dtype, pool.device)
+        if pool.device.type == "cuda" and config.host_tier_bytes:
             stager.warm_up_checksums()
-        self.offload = KvOffload(self.runner.read_page, self.runner.snapshot_pages,
-                                 self.runner.release_snapshots, config.host_tier_bytes, stager,
-                                 self._max_prefix_nbytes())
+        self.offload = KvOffload(pool, config.host_tier_bytes, stager, max_prefix_nbytes(
+            self.max_model_len, self.page_size, pool.page_nbytes))
         if config.store:
             from kvmesh.cachestore.rpc.client import StoreClient  # needs the generated gRPC code
 
@@ -69,8 +68,15 @@ class Engine:
                                           **self.offload.segment_hooks()))
         on_evict = self.offload.on_evict if self.offload.host is not None else None
         self.block_manager = BlockManager(self.runner.num_pages, self.page_size, on_evict)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens, self._lookup)
+        has_graphs = self.runner.graphs is not None
+        steps = config.decode_steps
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.offload,
+            steps if steps is not None else (_GRAPH_DECODE_STEPS if has_graphs else 1),
+            self.max_model_len)
+        self.scheduler.continue_windows = has_graphs
+        # a window of decode steps queued on the device by the last step, not read yet
+        self.queued_window: tuple[ScheduledBatch, StepTokens] | None = None
         self._base_namespace = Namespace(
             model=self.model_name, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
             head_dim=cfg.head_dim, dtype=config.torch_dtype_name, page_size=self.page_size,
@@ -78,33 +84,19 @@ class Engine:
             tokenizer_fingerprint=loaded.tokenizer_fingerprint)
         self.tenant_namespaces = SaltedNamespaces(MAX_TENANT_NAMESPACES)
         self._requests: dict[str, list[Sequence]] = {}
-        self._generators: dict[int, object] = {}
+        self._generators: dict[int, torch.Generator] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._pending: list[RequestOutput] = []
         self._arrivals = 0
         self.eos_token_ids = set(cfg.eos_token_ids)
-        steps = config.decode_steps
-        has_graphs = self.runner.graphs is not None
-        self.windows = DecodeWindows(
-            self.scheduler, self.runner, self.max_model_len,
-            steps if steps is not None else (_GRAPH_DECODE_STEPS if has_graphs else 1),
-            continue_windows=has_graphs, read_token=self._read_decoded)
 
     # ------------------------------------------------------------------ requests
-    def _max_prefix_nbytes(self) -> int:
-        """Encoded bytes of the longest prefix a request can load (every full page but one
-        token's), at most _RESERVED_SEGMENT_BYTES: a store segment this large is made and
-        page-locked at start (on CUDA); a longer hit makes a larger one then."""
-        pages = (self.max_model_len - 1) // self.page_size
-        nbytes = pages * (header_nbytes(self.page_size) + self.runner.page_nbytes)
-        return min(nbytes, _RESERVED_SEGMENT_BYTES)
-
-    def attach_store(self, store: Any) -> None:
-        """Use a connected store client (StoreClient-like) as the remote tier; a StoreClient
-        made for it should take `offload.segment_hooks()` (so its segments are page-locked).
-        `config.store` comes here too."""
-        self.offload.attach_store(store)  # (checks the store's interface first)
-        self.runner.enable_snapshot_slots(_SNAPSHOT_BYTES)
+    def attach_store(self, store: PageStore) -> None:
+        """Use a connected store client as the remote tier; a StoreClient made for it should
+        take `offload.segment_hooks()` (so its segments are page-locked). `config.store` comes
+        here too."""
+        self.offload.attach_store(store)
+        self.runner.pages.enable_host_copies(_HOST_COPY_BYTES)
         if self.runner.device.type == "cuda":
             # staging for store pages not (yet) in page-locked memory (the first pinned
             # allocation takes ~0.5 s), and the checksum kernels compiled before the first hit
@@ -152,10 +144,7 @@ class Engine:
     def abort_request(self, request_id: str) -> None:
         """Free the request's pages; its unfinished completions end with "abort" (emitted by
         the next step()). Unknown or finished ids are ignored."""
-        for seq in self._requests.pop(request_id, []):
-            if not seq.is_finished:
-                self.scheduler.remove(seq)
-                self._pending.append(self._final(seq, [], "", "abort"))
+        self._pending += self._end_request(request_id, "abort")
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests) or bool(self._pending)
@@ -163,28 +152,54 @@ class Engine:
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []
-        window_outputs, went_on = self.windows.resume()  # before anything schedules
-        outputs += window_outputs
-        if went_on:
-            return outputs
+        if self.queued_window is not None:  # read before anything is scheduled (Scheduler)
+            batch, tokens = self.queued_window
+            self.queued_window = None
+            went_on = self.scheduler.window_goes_on(batch)
+            outputs = self._postprocess(batch, tokens, outputs)
+            if went_on:  # reading it was this step (it may have queued the next window)
+                return outputs
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return outputs
-        num_steps = self.windows.num_steps(batch)
-        if num_steps > 1:
-            try:
-                return outputs + self.windows.run(batch, num_steps)
-            except Exception as exc:  # the window settled the device before it raised
-                raise self._fail_batch(batch.seqs, exc, outputs) from exc
+        output, rewound = self._execute(batch, outputs)
+        return self._postprocess(batch, output, outputs, rewound)
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[int]]:
+        """Run the prompts to completion; returns completion 0's token ids of each prompt."""
+        ids = [f"generate-{self._arrivals}-{i}" for i in range(len(prompts))]
+        for request_id, prompt in zip(ids, prompts, strict=True):
+            self.add_request(request_id, prompt, sampling)
+        results: dict[str, list[int]] = {request_id: [] for request_id in ids}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                if out.request_id in results and out.index == 0:
+                    results[out.request_id].extend(out.new_token_ids)
+        return [results[request_id] for request_id in ids]
+
+    def _execute(self, batch: ScheduledBatch, outputs: list[RequestOutput]
+                 ) -> tuple[StepLogits | StepTokens, set[int] | frozenset[int]]:
+        """Run the batch on the device, then finish the prefix loads it computed on: (what the
+        runner gave, the seq_ids rewound to before a bad loaded page)."""
         try:
-            logits, sampled = self.runner.execute(batch)
-            rewound = {seq.seq_id for seq in batch.seqs if not self.scheduler.commit_load(seq)}
+            output = self.runner.run(batch)
+            return output, self.scheduler.finish_loads()
         except Exception as exc:  # no single request explains it: the batch fails, others go on
             raise self._fail_batch(batch.seqs, exc, outputs) from exc
         except BaseException:  # the caller fails these requests; no load may stay in flight
-            for seq in batch.seqs:
-                self.scheduler.drop_load(seq)
+            self.scheduler.drop_loads(batch.seqs)
             raise
+
+    def _postprocess(self, batch: ScheduledBatch, output: StepLogits | StepTokens,
+                     outputs: list[RequestOutput], rewound: set[int] | frozenset[int] = frozenset()
+                     ) -> list[RequestOutput]:
+        """The step's tokens into their sequences (appended to `outputs`, returned)."""
+        if isinstance(output, StepTokens):
+            try:
+                return outputs + self._read_window(batch, output)
+            except Exception as exc:  # the window drained the device before it raised
+                raise self._fail_batch(batch.seqs, exc, outputs) from exc
+        logits, sampled = output.logits, output.sampled
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
             # pages loaded for it were computed on before their checks finished: a bad one
             # rewinds it (the next steps compute from there), and this step's token is dropped
@@ -211,17 +226,63 @@ class Engine:
                 outputs += self._quarantine(seq.request_id, exc)
         return outputs
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[int]]:
-        """Run the prompts to completion; returns completion 0's token ids of each prompt."""
-        ids = [f"generate-{self._arrivals}-{i}" for i in range(len(prompts))]
-        for request_id, prompt in zip(ids, prompts, strict=True):
-            self.add_request(request_id, prompt, sampling)
-        results: dict[str, list[int]] = {request_id: [] for request_id in ids}
-        while self.has_unfinished_requests():
-            for out in self.step():
-                if out.request_id in results and out.index == 0:
-                    results[out.request_id].extend(out.new_token_ids)
-        return [results[request_id] for request_id in ids]
+    def _read_window(self, batch: ScheduledBatch, tokens: StepTokens) -> list[RequestOutput]:
+        """The tokens of a window of steps queued for `batch`, a step at a time as the device
+        finishes it (the host's work on step k overlaps steps k + 1...), one output per
+        sequence; sequences finished before (aborted) are skipped. Before the last step is
+        read, the next window is queued behind it if the batch is unchanged by then."""
+        seqs = batch.seqs
+        new_tokens: list[list[int]] = [[] for _ in seqs]
+        texts = [""] * len(seqs)
+        last: list[RequestOutput | None] = [None] * len(seqs)
+        live = [i for i, seq in enumerate(seqs) if not seq.is_finished]
+        started = list(live)
+        try:
+            for k in range(tokens.num_steps):
+                if k == tokens.num_steps - 1:
+                    self._queue_next_window(batch)
+                row = tokens.step(k)
+                still = []
+                for i in live:
+                    if seqs[i].is_finished:  # quarantined with a sibling completion
+                        continue
+                    out = last[i] = self._read_decoded(seqs[i], row[i])
+                    new_tokens[i] += out.new_token_ids
+                    texts[i] += out.text_delta
+                    if out.finish_reason is None:
+                        still.append(i)
+                live = still
+        except BaseException:
+            # the caller fails these requests and frees their pages: nothing queued may still
+            # write into them by the time anything allocates
+            tokens.step(tokens.num_steps - 1)
+            self._drain_window()
+            raise
+        if not live:  # a queued window of sequences that all finished: nothing to read
+            self._drain_window()
+        outputs = []
+        for i in started:
+            out = last[i]
+            if out is None:  # quarantined with a sibling; its end goes out next step
+                continue
+            outputs.append(RequestOutput(seqs[i].request_id, seqs[i].index, new_tokens[i],
+                                         texts[i], out.finish_reason, out.usage, out.error))
+        return outputs
+
+    def _queue_next_window(self, batch: ScheduledBatch) -> None:
+        num_steps = self.scheduler.continue_window(batch)  # (reserves their pages)
+        if num_steps:
+            tokens = self.runner.continue_decode_steps(batch, num_steps)
+            if tokens is not None:
+                self.queued_window = (batch, tokens)
+
+    def _drain_window(self) -> None:
+        """Wait for the queued window's steps and forget them (their tokens unread: only for
+        sequences that all finished, or on the way out)."""
+        if self.queued_window is not None:
+            tokens = self.queued_window[1]
+            self.queued_window = None
+            tokens.step(tokens.num_steps - 1)
 
     # ------------------------------------------------------------------ introspection
     def stats(self) -> EngineStats:
@@ -240,10 +301,10 @@ class Engine:
         return events + self.offload.pop_events()
 
     def cached_pages(self) -> list[KvEventData]:
-        return snapshot_events(self.block_manager.cached_entries(), self.offload.host_keys())
+        return snapshot_events(self.block_manager.cached_entries(), self.offload.cached_keys())
 
     def close(self) -> None:
-        self.windows.settle()  # the device may still write into pages
+        self._drain_window()  # the device may still write into pages
         self.offload.close()
 
     # ------------------------------------------------------------------ internals
@@ -252,11 +313,6 @@ class Engine:
         if not seq.sampling.is_greedy:
             self._generators[seq.seq_id] = make_generator(seq.sampling, seq.index,
                                                           self.config.device)
-
-    def _lookup(self, seq: Sequence, num_device_pages: int, max_pages: int):
-        if self.offload.host is None and self.offload.store is None:
-            return None
-        return self.offload.lookup(seq, num_device_pages, max_pages)
 
     def _register_full_pages(self, seq: Sequence) -> None:
         num_full = seq.num_computed_tokens // self.page_size
@@ -268,7 +324,7 @@ class Engine:
         registered = self.block_manager.register_run(
             seq.page_ids[first:num_full], keys[first:num_full], keys[first - 1] if first else None,
             seq.token_ids[first * ps : num_full * ps], seq.namespace)
-        self.offload.write_through(seq.namespace, [
+        self.offload.save(seq.namespace, [
             (keys[first + i], seq.page_tokens(first + i), seq.page_ids[first + i])
             for i in registered])
         seq.num_registered_pages = num_full
@@ -276,11 +332,11 @@ class Engine:
     @property
     def decode_steps(self) -> int:
         """Greedy decode steps queued on the device at once (1: one step per step())."""
-        return self.windows.decode_steps
+        return self.scheduler.decode_steps
 
     @decode_steps.setter
     def decode_steps(self, steps: int) -> None:
-        self.windows.decode_steps = steps
+        self.scheduler.decode_steps = steps
 
     def _read_decoded(self, seq: Sequence, token: int) -> RequestOutput:
         """A token a multi-step window computed for seq (fed the one before it)."""
@@ -290,7 +346,7 @@ class Engine:
             return self._append(seq, token)
         except Exception as exc:  # noqa: BLE001 - this request alone fails
             own, *siblings = self._quarantine(seq.request_id, exc, first=seq)
-            self._pending += siblings  # the window skips them from now on (finished)
+            self._pending += siblings  # the window's reading skips them (finished)
             return own
 
     def _fork(self, parent: Sequence, logits) -> list[RequestOutput]:
@@ -341,14 +397,7 @@ class Engine:
         output is returned (`first`'s first, when given), so the caller always learns of it."""
         log.warning("request %s failed in the engine step; quarantined: %r", request_id, error)
         message = f"request failed in the engine and was aborted ({type(error).__name__}: {error})"
-        seqs = self._requests.pop(request_id, [])
-        if first is not None:
-            seqs = [first] + [s for s in seqs if s is not first]
-        outputs = []
-        for seq in seqs:
-            if seq is first or not seq.is_finished:
-                self.scheduler.remove(seq)
-                outputs.append(self._final(seq, [], "", "error", error=message))
+        outputs = self._end_request(request_id, "error", message, first)
         if not outputs:  # every completion had finished before the failure
             outputs.append(RequestOutput(request_id, 0, [], "", "error", error=message))
         return outputs
@@ -361,15 +410,24 @@ class Engine:
         self._pending = outputs + self._pending
         request_ids = list(dict.fromkeys(seq.request_id for seq in seqs))
         log.error("engine step failed; aborting its batch %s", request_ids, exc_info=error)
-        for seq in seqs:
-            self.scheduler.drop_load(seq)
+        self.scheduler.drop_loads(seqs)
         for request_id in request_ids:
-            for seq in self._requests.pop(request_id, []):
-                if not seq.is_finished:
-                    self.scheduler.remove(seq)
-                self._detok.pop(seq.seq_id, None)
-                self._generators.pop(seq.seq_id, None)
+            self._end_request(request_id, "error")  # (the error reaches them as BatchFailed)
         return BatchFailed(f"engine step failed: {type(error).__name__}: {error}", request_ids)
+
+    def _end_request(self, request_id: str, reason: str, error: str | None = None,
+                     first: Sequence | None = None) -> list[RequestOutput]:
+        """Forget a request: its unfinished completions (and `first`, given first) leave the
+        scheduler, their pages freed, each with a final output of `reason`."""
+        seqs = self._requests.pop(request_id, [])
+        if first is not None:
+            seqs = [first] + [s for s in seqs if s is not first]
+        outputs = []
+        for seq in seqs:
+            if seq is first or not seq.is_finished:
+                self.scheduler.remove(seq)
+                outputs.append(self._final(seq, [], "", reason, error=error))
+        return outputs
 
     def _final(self, seq: Sequence, tokens: list[int], text: str, reason: str,
                error: str | None = None) -> RequestOutput:

@@ -7,20 +7,27 @@ queue is never skipped (FCFS, no starvation). When a running sequence needs a pa
 free, the most recently arrived running sequence is preempted: its pages are released (full pages
 stay in the prefix cache, and demote to the host tier if evicted), it goes back to the front of
 the queue, and on readmission it reloads what is still cached and recomputes the rest.
+
+Prefix loads from the host tier or the store are matched and tracked by `kv_load.KvLoads`.
+
+Multi-step decode: a batch of greedy decodes may run as a window of several steps queued on
+the device at once (`ScheduledBatch.num_steps`, pages reserved for every step), and the next
+window may be queued behind it before its last step is read (`continue_window`). Page safety,
+the whole rule: a sequence that finishes inside a window has its pages released at once, while
+steps queued for its batch may still write into them. So pages are reserved for more steps only
+while the batch is unchanged (`window_goes_on`: nobody waits, nobody in it finished or was
+aborted), and `schedule` never runs while steps of a window are queued unread (the engine reads
+them first).
 """
 
 from __future__ import annotations
 
-import logging
-from collections import Counter, deque
-from collections.abc import Callable
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 from kvmesh.workers.engine.block_manager import BlockManager
-from kvmesh.workers.engine.sequence import LoadInFlight, PendingLoad, SeqStatus, Sequence
-
-log = logging.getLogger(__name__)
+from kvmesh.workers.engine.kv_load import KvLoads, SchedulerConnector
+from kvmesh.workers.engine.sequence import SeqStatus, Sequence
 
 
 @dataclass
@@ -28,7 +35,9 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     page_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) before forward
-    page_loads: list[tuple[int, Any]] = field(default_factory=list)  # (page_id, staged row)
+    # (page_id, staged row: a runner.pool_copies.StagedRow a connector made) before forward
+    page_loads: list[tuple[int, object]] = field(default_factory=list)
+    num_steps: int = 1  # >1: a window of greedy decode steps, pages reserved for every one
 
     @property
     def is_empty(self) -> bool:
@@ -39,37 +48,40 @@ class ScheduledBatch:
         return sum(self.num_new_tokens)
 
 
-# Looks a waiting sequence up in the host tier / store past its device-cached pages:
-# (seq, num_device_pages, max_pages) -> PendingLoad | None
-LookupFn = Callable[[Sequence, int, int], "PendingLoad | None"]
-
-
 class Scheduler:
     def __init__(
         self,
         block_manager: BlockManager,
         max_num_seqs: int,
         max_num_batched_tokens: int,
-        lookup: LookupFn | None = None,
+        connector: SchedulerConnector | None = None,
+        decode_steps: int = 1,
+        max_model_len: int = 1 << 31,
     ) -> None:
         self.bm = block_manager
         self.page_size = block_manager.page_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.lookup = lookup
+        self.loads = KvLoads(connector, block_manager, self.page_size)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.prefix_queries = 0
-        self.prefix_hits: dict[str, int] = {"device": 0, "cpu": 0, "store": 0}
-        # keys of pages admitted this schedule from loads still being checked (not cached yet)
-        self._loading_keys: set[bytes] = set()
+        self._device_hits = 0
+        self.decode_steps = decode_steps  # steps per window (1: multi-step decode off)
+        # queue the next window before the last step of one is read (on with CUDA graphs,
+        # where it overlaps; an eager window computes before its call returns, so there it
+        # would only hold every window's tokens back by one; tests turn it on for the logic)
+        self.continue_windows = False
+        self.max_model_len = max_model_len
+
+    @property
+    def prefix_hits(self) -> dict[str, int]:
+        """Pages found cached on admission, per tier (loaded ones once they passed)."""
+        return {"device": self._device_hits, **self.loads.hits}
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
-
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
 
     def remove(self, seq: Sequence) -> None:
         """Drop a sequence wherever it is and release its pages (finish or abort)."""
@@ -77,14 +89,22 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.drop_load(seq)
+        self.loads.drop(seq)
         self.bm.release(seq.page_ids)
         seq.page_ids = []
         seq.status = SeqStatus.FINISHED
 
+    def finish_loads(self) -> set[int] | frozenset[int]:
+        """After the step computed on them: `KvLoads.finish` (the seq_ids rewound)."""
+        return self.loads.finish()
+
+    def drop_loads(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            self.loads.drop(seq)
+
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        self._loading_keys.clear()
+        self.loads.begin_schedule()
         budget = self.max_num_batched_tokens
         preempted = False
         i = 0
@@ -116,6 +136,7 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(admitted)
             budget -= admitted
+        batch.num_steps = self._window_steps(batch)
         return batch
 
     def reserve(self, seqs: list[Sequence], num_steps: int) -> bool:
@@ -162,25 +183,17 @@ class Scheduler:
         max_pages = (seq.num_tokens - 1) // ps  # leave at least one token to compute
         keys = seq.full_page_keys(max_pages)
         device_ids = self.bm.match_prefix(keys, (seq.page_tokens(p) for p in range(max_pages)))
-        if len(device_ids) < max_pages and keys[len(device_ids)] in self._loading_keys:
+        if len(device_ids) < max_pages and self.loads.is_loading(keys[len(device_ids)]):
             return None  # being loaded for another sequence: from the device cache next step
-        pending = seq.pending_load
-        if pending is not None and pending.start_page != len(device_ids):
-            pending = None  # the device prefix changed since the lookup: look again
-        if pending is None:
-            if self.lookup is not None and len(device_ids) < max_pages:
-                pending = self.lookup(seq, len(device_ids), max_pages)
-            # a miss is remembered too, so a head that waits for pages is not looked up again
-            pending = pending or PendingLoad(len(device_ids), [], [])
-        seq.pending_load = loads = pending
-        num_loaded = min(len(loads.payloads), max_pages - len(device_ids))
+        load = self.loads.match(seq, len(device_ids), max_pages)
+        num_loaded = min(len(load.rows), max_pages - len(device_ids))
         num_matched = len(device_ids) + num_loaded
         num_computed = num_matched * ps
         num_new = min(seq.num_tokens - num_computed, budget)
         num_fresh = num_loaded + -(-(num_computed + num_new) // ps) - num_matched
         num_free_hits = sum(1 for p in device_ids if self.bm.pages[p].ref_count == 0)
         if not self.bm.can_allocate(num_fresh + num_free_hits):
-            loads.settle()  # nothing stays in flight past this step
+            load.wait()  # nothing stays in flight past this step
             return None
         self.bm.acquire(device_ids)
         self.bm.touch(device_ids)
@@ -188,79 +201,24 @@ class Scheduler:
             loaded_ids = self.bm.allocate(num_loaded)  # (may demote evicted pages: may raise)
         except BaseException:
             self.bm.release(device_ids)
-            seq.pending_load = None
-            loads.settle()
+            self.loads.drop(seq)
             raise
-        # loads.payloads may hold more pages than this sequence can use now (max_pages)
-        batch.page_loads.extend(zip(loaded_ids, loads.payloads, strict=False))
+        # load.rows may hold more pages than this sequence can use now (max_pages)
+        batch.page_loads.extend(zip(loaded_ids, load.rows, strict=False))
         seq.page_ids = device_ids + loaded_ids
         seq.num_computed_tokens = num_computed
         seq.num_registered_pages = len(device_ids)
-        seq.pending_load = None
         if seq.is_first_admission:
             self.prefix_queries += max_pages
-            self.prefix_hits["device"] += len(device_ids)
+            self._device_hits += len(device_ids)
             seq.cached_tokens_by_tier = {"device": len(device_ids) * ps} if device_ids else {}
-        assert seq.loading is None
-        seq.loading = LoadInFlight(loads, len(device_ids), num_loaded, seq.is_first_admission)
+        self.loads.admit(seq, load, num_loaded, seq.is_first_admission)
         seq.is_first_admission = False
-        if loads.is_settled:
-            self.commit_load(seq)  # (all good: nothing to undo)
-        else:
-            self._loading_keys.update(keys[len(device_ids) : num_matched])
         self._grow(seq, num_new, batch)
         return num_new
 
-    def commit_load(self, seq: Sequence) -> bool:
-        """After the step that computed on a sequence's loaded pages: wait for their checks,
-        enter the good ones in the prefix cache, and count their tiers. Returns False when a
-        page failed: the sequence is then rewound to just before it (the step's tokens for it
-        must be dropped; its later pages stay in its page table, uncached, and are computed
-        again). True when nothing was loading."""
-        loading, seq.loading = seq.loading, None
-        if loading is None:
-            return True
-        first, end = loading.first_page, loading.first_page + loading.num_pages
-        loading.load.start_checks()  # (they run on the device while the pages are entered)
-        keys = seq.full_page_keys(end)
-        # entered while the device still runs the step (nothing looks the prefix cache up
-        # before the next schedule), and taken back out below from the first bad page on
-        ps = self.page_size
-        registered = [first + i for i in self.bm.register_run(
-            seq.page_ids[first:end], keys[first:end], keys[first - 1] if first else None,
-            seq.token_ids[first * ps : end * ps], seq.namespace)]
-        num_ok = 0  # if the wait raises, none of them was checked: none stays cached
-        try:
-            num_ok = min(loading.load.settle(), loading.num_pages)
-        finally:
-            for index in registered:
-                if index >= first + num_ok:
-                    self.bm.unregister(seq.page_ids[index])
-        seq.num_registered_pages = first + num_ok
-        if loading.count_hits:
-            by_tier = seq.cached_tokens_by_tier
-            for tier, count in Counter(loading.load.tiers[:num_ok]).items():
-                self.prefix_hits[tier] = self.prefix_hits.get(tier, 0) + count
-                by_tier[tier] = by_tier.get(tier, 0) + count * self.page_size
-        if num_ok == loading.num_pages:
-            return True
-        seq.num_computed_tokens = (first + num_ok) * self.page_size
-        return False
-
-    def drop_load(self, seq: Sequence) -> None:
-        """Forget a sequence's load without using it (finish, abort, preemption, a failed step),
-        after waiting for it: its copies may still read host memory that settling lets go, and
-        its store leases end then. A load whose wait fails is logged and dropped anyway."""
-        for load in (seq.pending_load, seq.loading.load if seq.loading is not None else None):
-            if load is not None and not load.is_settled:
-                try:
-                    load.settle()
-                except Exception:
-                    log.warning("dropping a load that could not be settled", exc_info=True)
-        seq.pending_load = seq.loading = None
-
     def _preempt(self, seq: Sequence) -> None:
-        self.drop_load(seq)
+        self.loads.drop(seq)
         self.running.remove(seq)
         self.bm.release(seq.page_ids)
         seq.page_ids = []
@@ -269,3 +227,44 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    # ------------------------------------------------------------------ multi-step decode
+    def _window_steps(self, batch: ScheduledBatch) -> int:
+        """Steps to run back to back for a scheduled batch: >1 only when every sequence decodes
+        greedily, no load is still being checked, and pages for every step could be reserved
+        (else 1: an ordinary step)."""
+        if self.decode_steps <= 1 or any(n != 1 for n in batch.num_new_tokens):
+            return 1
+        seqs = batch.seqs
+        if self.loads.has_admitted or any(not s.sampling.is_greedy or s.fork_pending
+                                          for s in seqs):
+            return 1
+        num_steps = self._steps_left(seqs, 0)
+        if num_steps <= 1 or not self.reserve(seqs, num_steps):
+            return 1
+        return num_steps
+
+    def window_goes_on(self, batch: ScheduledBatch) -> bool:
+        """Whether a window's batch may take more steps without scheduling: nobody waits and the
+        running sequences are exactly the batch's, so none has finished or been aborted (they
+        leave `running`) and no page was freed while steps of it may still write."""
+        running = self.running
+        return (not self.waiting and len(running) == len(batch.seqs)
+                and set(map(id, running)) == set(map(id, batch.seqs)))
+
+    def continue_window(self, batch: ScheduledBatch) -> int:
+        """Steps to queue behind a window of `batch` whose last step is still unread, their
+        pages reserved; 0 for none (continuing is off, the batch changed, or no room)."""
+        if not self.continue_windows or not self.window_goes_on(batch):
+            return 0
+        num_steps = self._steps_left(batch.seqs, 1)
+        if num_steps >= 1 and self.reserve(batch.seqs, 1 + num_steps):
+            return num_steps
+        return 0
+
+    def _steps_left(self, seqs: list[Sequence], ahead: int) -> int:
+        """Steps to queue for seqs when `ahead` steps are queued past their tokens: none past
+        max_model_len, none beyond what the longest-running request still needs."""
+        return min(self.decode_steps,
+                   min(self.max_model_len - s.num_tokens - ahead for s in seqs),
+                   max(s.sampling.max_tokens - s.num_output_tokens - ahead for s in seqs))

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
 
 from kvmesh.cachestore.keys import Namespace, chain_keys, tokens_to_bytes
 from kvmesh.workers.engine.sampling_params import SamplingParams
@@ -18,49 +16,6 @@ class SeqStatus(Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-@dataclass
-class PendingLoad:
-    """Pages found in the host tier or the store for a waiting sequence, not yet in the pool.
-    payloads[i] (a copy on the device: a row of a kv_upload.PageStager tensor, or of
-    pool_copies.ArrivingRows while it arrives) is page start_page + i; tiers[i] names where it
-    was. While `verify` is set, the copies and their checks may still be running and only the
-    pages it counts (leading) may be kept: `settle()` waits for it."""
-
-    start_page: int
-    payloads: list[Any]  # kv_upload.StagedRow; typed loosely to keep this module torch-free
-    tiers: list[str]
-    verify: Callable[[], int] | None = None  # waits; how many leading payloads passed
-    start: Callable[[], None] | None = None  # queues the checks `verify` waits for, if it waits
-
-    @property
-    def is_settled(self) -> bool:
-        return self.verify is None
-
-    def start_checks(self) -> None:
-        """Queue the checks now (settling would, but the caller has other work meanwhile)."""
-        if self.verify is not None and self.start is not None:
-            self.start()
-
-    def settle(self) -> int:
-        """Wait for the copies and checks, keep the pages that passed; returns how many."""
-        if self.verify is not None:
-            num_ok, self.verify = self.verify(), None
-            del self.payloads[num_ok:], self.tiers[num_ok:]
-        return len(self.payloads)
-
-
-@dataclass
-class LoadInFlight:
-    """A sequence's pages admitted from a load that was not settled yet: pages first_page ..
-    first_page + num_pages - 1 of the sequence. Until `Scheduler.commit_load` they are in its
-    page table and computed on, but not in the prefix cache."""
-
-    load: PendingLoad
-    first_page: int
-    num_pages: int
-    count_hits: bool  # the sequence's first admission: the load's tiers go into its usage
 
 
 @dataclass
@@ -80,8 +35,6 @@ class Sequence:
     keys: list[bytes] = field(default_factory=list)  # chained keys of full pages of token_ids
     cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)  # set on first admission
     is_first_admission: bool = True
-    pending_load: PendingLoad | None = None
-    loading: LoadInFlight | None = None  # admitted pages still being checked (this step)
     fork_pending: bool = False  # n > 1: children are forked once the prompt is computed
     # detokenization / stopping
     text: str = ""
@@ -98,10 +51,6 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def num_uncomputed_tokens(self) -> int:

@@ -1,13 +1,15 @@
-"""KV offload: device pool <-> host tier <-> remote store.
+"""KV offload: device pool <-> host tier <-> remote store; the `connector.KvConnector` the engine
+uses.
 
 - A cached page evicted from the device pool is copied into the host tier (a CpuTier) before its
   slot is reused.
 - Every page that becomes full and cached on the device is written through to the remote store
   (when configured) by a background thread (`store_writer.StoreWriter`), so decode steps never
   wait on the network; when the queue is full the write is dropped and counted.
-- On admission, the pages after the device-cached prefix are looked up by key in the host tier,
-  then in the store; every page is verified (namespace, key, token ids, checksum) before use, and
-  a gap ends the prefix. A store that is down or answers badly is a miss, never a failed request.
+- On admission (`match`), the pages after the device-cached prefix are looked up by key in the
+  host tier, then in the store; every page is verified (namespace, key, token ids, checksum)
+  before use, and a gap ends the prefix. A store that is down or answers badly is a miss, never a
+  failed request.
 """
 
 from __future__ import annotations
@@ -16,56 +18,76 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TypedDict
 
 import torch
 
-from kvmesh.cachestore.codec import encode_page
+from kvmesh.cachestore.codec import encode_page, header_nbytes
 from kvmesh.cachestore.keys import Namespace, tokens_to_bytes
+from kvmesh.cachestore.shm.page_lease import PageLease
 from kvmesh.cachestore.tiers.cpu import CpuTier
 from kvmesh.workers.engine.block_manager import EvictedPage
+from kvmesh.workers.engine.kv_load import KvLoad, PageTransfer
 from kvmesh.workers.engine.outputs import KvEventData
-from kvmesh.workers.engine.sequence import PendingLoad, Sequence
+from kvmesh.workers.engine.sequence import Sequence
+from kvmesh.workers.offload.connector import DevicePages, KvConnector, PageStore
 from kvmesh.workers.offload.kv_upload import PageStager
-from kvmesh.workers.offload.page_sends import StagedPages
+from kvmesh.workers.offload.staged_rows import StagedPages
 from kvmesh.workers.offload.store_writer import StoreWriter
 from kvmesh.workers.runner.cuda_host import PinnedRanges
-from kvmesh.workers.runner.pool_copies import StagedRow
 
 log = logging.getLogger(__name__)
 
 
-class _Fetched:
-    """Pages fetched from a tier (encoded, None where absent), and what to release once they
-    have been copied out (a shared-memory lease)."""
+# the store segment made at start on CUDA (an 8K-token Llama-3-8B prefix is 1.07 GB)
+_RESERVED_SEGMENT_BYTES = 5 << 28
 
-    def __init__(self, pages: list, release: Callable[[], None] | None = None,
-                 is_pinned: bool = False, is_valid: Callable[[], bool] | None = None,
+
+def max_prefix_nbytes(max_model_len: int, page_size: int, page_nbytes: int) -> int:
+    """Encoded bytes of the longest prefix a request can load (every full page but one
+    token's), at most _RESERVED_SEGMENT_BYTES: a store segment this large is made and
+    page-locked at start (on CUDA); a longer hit makes a larger one then."""
+    pages = (max_model_len - 1) // page_size
+    return min(pages * (header_nbytes(page_size) + page_nbytes), _RESERVED_SEGMENT_BYTES)
+
+
+class SegmentHooks(TypedDict, total=False):
+    """StoreClient arguments that page-lock its shared-memory segments."""
+
+    on_new_segment: Callable[[int, int], None]
+    on_release_segment: Callable[[int, int], None]
+
+
+class _Fetched:
+    """Pages fetched from a tier (encoded, None where absent), and the store lease they lie in,
+    if any, to release once they have been copied out."""
+
+    def __init__(self, pages: list, is_pinned: bool = False,
                  addresses: list[int | None] | None = None,
-                 report_bad: Callable[[list[bytes]], None] | None = None) -> None:
+                 lease: PageLease | None = None) -> None:
         self.pages = pages
         self.addresses = addresses  # of each page, where the tier knows it
-        self._release = release
         self.is_pinned = is_pinned  # the pages lie in page-locked memory
-        # after reading the pages: false when their memory may have been reused meanwhile
-        self.is_valid = is_valid or (lambda: True)
-        self.report_bad = report_bad or (lambda keys: None)
+        self._lease = lease
 
     def leading(self) -> list:
         """The pages before the first absent one (the others are forgotten)."""
         self.pages = _leading(self.pages)
         return self.pages
 
+    def is_valid(self) -> bool:
+        """After reading the pages: false when their memory may have been reused meanwhile."""
+        return self._lease is None or self._lease.is_valid()
+
+    def report_bad(self, keys: list[bytes]) -> None:
+        if self._lease is not None:
+            self._lease.report_bad(keys)
+
     def release(self) -> None:
         """End the lease (once): the pages' memory may then be reused."""
-        release, self._release = self._release, None
-        if release is not None:
-            release()
-
-
-def _start_checks(parts: list[_LoadPart]) -> None:
-    for part in parts:
-        part.staged.start_checks()
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.release()
 
 
 def _leading(pages: list) -> list:
@@ -82,25 +104,35 @@ class _LoadPart:
     keys: list[bytes]
 
 
+class _TierTransfer(PageTransfer):
+    """The copies and checks of the parts one `match` staged, from one or two tiers."""
+
+    def __init__(self, offload: KvOffload, parts: list[_LoadPart]) -> None:
+        self.offload, self.parts = offload, parts
+
+    def start_checks(self) -> None:
+        for part in self.parts:
+            part.staged.start_checks()
+
+    def wait(self) -> int:
+        return self.offload._wait_parts(self.parts)
+
+
 _FIRST_CHUNK_PAGES = 16  # host-tier lookups: the first chunk, then each as long as all before
 
 
-class KvOffload:
-    """Called from the engine thread, except the store writer thread it owns. `read_page(id)`
-    returns a host copy of a device page's payload; `snapshot_pages(ids)` starts copies and returns
-    (host rows, snapshot slots to give back through `release_snapshots`, CUDA event or None)."""
+class KvOffload(KvConnector):
+    """Called from the engine thread, except the store writer thread it owns. Reads device
+    pages through `pool` (demotion, write-through); stages loads with `stager`."""
 
     def __init__(
         self,
-        read_page: Callable[[int], memoryview],
-        snapshot_pages: Callable[[list[int]], tuple[list[Any], list[int] | None, Any]],
-        release_snapshots: Callable[[list[int]], None],
+        pool: DevicePages,
         host_tier_bytes: int,
         stager: PageStager,
         max_prefix_nbytes: int = 0,
     ) -> None:
-        self.read_page = read_page
-        self.snapshot_pages, self.release_snapshots = snapshot_pages, release_snapshots
+        self.pool = pool
         self.stager = stager
         # encoded bytes of the longest prefix a request can load: a store segment of that size
         # is made (and page-locked) when a store is attached, off the first hit's path
@@ -109,37 +141,32 @@ class KvOffload:
         # the store client's shared-memory segments, page-locked so hits go to the GPU by DMA
         self.pinned = PinnedRanges() if stager.is_cuda else None
         self.host = CpuTier(host_tier_bytes) if host_tier_bytes else None
-        self.store: Any = None
+        self.store: PageStore | None = None
         self._events: list[KvEventData] = []
         self._lock = threading.Lock()  # the events, which the writer thread adds to
         self.writer: StoreWriter | None = None  # sends newly cached pages to the store
         self._lookup_errors = 0
 
-    def segment_hooks(self) -> dict[str, Callable[[int, int], None]]:
+    def segment_hooks(self) -> SegmentHooks:
         """StoreClient arguments that page-lock its shared-memory segments (on CUDA)."""
         if self.pinned is None:
             return {}
         return {"on_new_segment": self.pinned.register,
                 "on_release_segment": self.pinned.unregister}
 
-    def attach_store(self, store: Any) -> None:
-        """Use `store` (StoreClient-like: get_pages_leased, put_encoded_pages, close; optionally
-        reserve_segment) as the remote tier and start the writer thread."""
+    def attach_store(self, store: PageStore) -> None:
+        """Use `store` as the remote tier and start the writer thread."""
         assert self.store is None, "a store is already attached"
-        missing = [name for name in ("get_pages_leased", "put_encoded_pages", "close")
-                   if not hasattr(store, name)]
-        if missing:
-            raise TypeError(f"a store needs {', '.join(missing)}")
         self.store = store
-        self.writer = StoreWriter(store, self.snapshot_pages, self.release_snapshots, self._emit)
+        self.writer = StoreWriter(store, self.pool, self._emit)
         # on CUDA only: there page-locking a segment is the slow part of making it
-        if self.pinned is not None and self.max_prefix_nbytes and hasattr(store,
-                                                                         "reserve_segment"):
+        if self.pinned is not None and self.max_prefix_nbytes:
             self.reserving = threading.Thread(target=self._reserve_segment,
                                               name="kv-store-segment", daemon=True)
             self.reserving.start()
 
     def _reserve_segment(self) -> None:
+        assert self.store is not None
         try:
             self.store.reserve_segment(self.max_prefix_nbytes)
         except Exception:  # the first hit makes one instead
@@ -157,7 +184,7 @@ class KvOffload:
             if not isinstance(page.tag, Namespace):
                 continue
             blob = encode_page(page.tag, page.key, tokens_to_bytes(page.token_ids),
-                               self.read_page(page.page_id))
+                               self.pool.read_page(page.page_id))
             evicted = self.host.put_many([(page.key, blob)])
             stored = [page.key] if page.key not in {k for k, _ in evicted} else []
             stored_keys += stored
@@ -166,9 +193,9 @@ class KvOffload:
             self._emit(KvEventData("removed", gone, None, "cpu") if gone else None)
         self.host.touch_many(stored_keys[::-1])
 
-    def write_through(self, ns: Namespace, pages: list[tuple[bytes, list[int], int]]) -> None:
-        """Queue copies of newly cached device pages, (key, token ids, page id) each, for the
-        store (`StoreWriter.write_through`); nothing without one."""
+    def save(self, ns: Namespace, pages: list[tuple[bytes, list[int], int]]) -> None:
+        """Queue host copies of newly cached device pages, (key, token ids, page id) each, for
+        the store (`StoreWriter.write_through`); nothing without one."""
         if self.writer is not None:
             self.writer.write_through(ns, pages)
 
@@ -187,18 +214,19 @@ class KvOffload:
         return self._lookup_errors + (self.writer.num_errors if self.writer is not None else 0)
 
     # ------------------------------------------------------------------ host / store -> device
-    def lookup(self, seq: Sequence, num_device_pages: int, max_pages: int) -> PendingLoad | None:
+    def match(self, seq: Sequence, num_device_pages: int, max_pages: int) -> KvLoad | None:
         """Device copies (kv_upload.PageStager) of the pages after the device-cached prefix:
         host tier first, then the store; the first missing or bad page ends it. The copies and
-        their checksums may still be running: the load's `settle()` (or `verify`) waits for
-        them, keeps the pages that passed, drops bad ones from their tier and ends store
-        leases."""
+        their checksums may still be running: the load's `wait()` waits for them, keeps the
+        pages that passed, drops bad ones from their tier and ends store leases."""
+        if self.host is None and self.store is None:
+            return None
         ns = seq.namespace
         keys = seq.full_page_keys(max_pages)[num_device_pages:]
         ps = ns.page_size
         data = seq.token_bytes(num_device_pages * ps, max_pages * ps)
         page_tokens = [data[i * 4 * ps : (i + 1) * 4 * ps] for i in range(len(keys))]
-        payloads: list[StagedRow] = []
+        payloads: list[object] = []  # a runner.pool_copies.StagedRow each
         tiers: list[str] = []
         parts: list[_LoadPart] = []
         for name in ("cpu", "store"):
@@ -222,10 +250,9 @@ class KvOffload:
             payloads.extend((source, i) for i in range(len(staged.rows)))
             tiers.extend([name] * len(staged.rows))
         if not payloads:
-            self._settle(parts)
+            self._wait_parts(parts)
             return None
-        return PendingLoad(num_device_pages, payloads, tiers, lambda: self._settle(parts),
-                           lambda: _start_checks(parts))
+        return KvLoad(num_device_pages, payloads, tiers, _TierTransfer(self, parts))
 
     def _host_stage(self, ns: Namespace, keys: list[bytes], page_tokens: list[bytes]
                     ) -> tuple[_Fetched, StagedPages]:
@@ -246,7 +273,7 @@ class KvOffload:
         if send is None:
             fetched = self._host_get(keys)
             return fetched, self._stage(fetched, ns, keys, page_tokens)
-        pages: list[Any] = []
+        pages: list[bytes | memoryview] = []
         try:
             while len(pages) < len(keys):
                 start = len(pages)
@@ -272,12 +299,13 @@ class KvOffload:
             blobs, ns, keys[:n], page_tokens[:n], is_pinned=fetched.is_pinned,
             addresses=fetched.addresses[:n] if fetched.addresses else None)
 
-    def _settle(self, parts: list[_LoadPart]) -> int:
+    def _wait_parts(self, parts: list[_LoadPart]) -> int:
         """Wait for the parts' copies and checks; returns how many leading pages passed. Ends
         every lease (after every copy has read its pages, also when this raises) and drops a
         bad page from its tier."""
         try:
-            _start_checks(parts)
+            for part in parts:
+                part.staged.start_checks()
             counts = [part.staged.verify() for part in parts]  # (waits for the device)
             self.stager.wait_sent()  # a send checked on the host may still be reading its pages
             num_ok, whole = 0, True  # whole: every page so far passed (the prefix goes on)
@@ -326,14 +354,13 @@ class KvOffload:
                 lease.release()
                 lease = self.store.get_pages_leased(keys, prefix_only=True)
                 pinned = self._is_pinned(lease)
-            return _Fetched(lease.pages, lease.release, pinned, lease.is_valid, lease.addresses,
-                            lease.report_bad)
+            return _Fetched(lease.pages, pinned, lease.addresses, lease)
         except Exception as exc:  # down, timed out, unauthenticated: a miss
             self._lookup_errors += 1
             log.warning("store lookup failed, treating as a miss: %s", exc)
             return _Fetched([])
 
-    def _is_pinned(self, lease: Any) -> bool:
+    def _is_pinned(self, lease: PageLease) -> bool:
         """The lease's pages lie in memory page-locked by this process."""
         return (lease.is_shared_memory and self.pinned is not None
                 and all(self.pinned.covers(*region) for region in lease.regions))
@@ -349,7 +376,8 @@ class KvOffload:
             events, self._events = self._events, []
         return events
 
-    def host_keys(self) -> list[bytes]:
+    def cached_keys(self) -> list[bytes]:
+        """The host tier's keys, least recently used first."""
         return self.host.keys_lru_order() if self.host is not None else []
 
     def close(self) -> None:

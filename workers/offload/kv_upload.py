@@ -11,9 +11,9 @@ and checks their checksums:
   chunks), each batch's copies queued before its headers are checked, so the DMA starts with
   the first pages. Pages at one stride (consecutive host-tier slots, a store segment) go as one
   2-D copy per run and have their headers compared together (`codec.check_page_headers_at`).
-  On CUDA the copies run on a stream of their own, a run of layers of every page at a time
-  with an event per run (`pool_copies.ArrivingRows`): the step that uses the pages computes
-  its first layers while the last ones are still arriving (`ModelRunner.execute`);
+  On CUDA the copies run on a stream of their own, a layer run of every page at a time with an
+  event per run (`pool_copies.ArrivingRows`): the step that uses the pages computes its first
+  layers while the last ones are still arriving (`kv_pool.LayerRunLoads`);
 - other pinned pages (checksums on the host): DMA straight from the source while the bulk pool
   checksums them in place;
 - other pages: chunk by chunk on the bulk pool, copied into a pinned staging buffer; each chunk
@@ -24,7 +24,7 @@ On CUDA the checksums are computed on the device, over the rows that arrived
 will be used; a load's are queued once the step using it is (`StagedPages.start_checks`), on a
 stream of their own. Elsewhere (CPU, or rows that found no room on the device) the bulk pool
 checksums in host memory: in place for pinned sources, on the staging copy for the others.
-Either way the rows from the first bad page on are never kept: `Scheduler.commit_load` rewinds a
+Either way the rows from the first bad page on are never kept: `engine.kv_load` rewinds a
 sequence that computed on one.
 
 `pool_copies.upload_pages` (in the step that uses the pages) then moves rows into their pool
@@ -36,7 +36,6 @@ allocated once.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 from collections.abc import Iterator, Sequence
@@ -53,9 +52,9 @@ from kvmesh.cachestore.codec import (
 )
 from kvmesh.cachestore.keys import Namespace
 from kvmesh.cachestore.shm.segments import buffer_address
-from kvmesh.workers.offload.page_sends import CheckedSend, StagedPages, num_leading
-from kvmesh.workers.runner.cuda_host import copy_async, cudart
-from kvmesh.workers.runner.pool_copies import layer_segments
+from kvmesh.workers.offload.page_sends import CheckedSend
+from kvmesh.workers.offload.staged_rows import RowChecks, StagedPages, copy_rows, num_leading
+from kvmesh.workers.runner.pool_copies import layer_runs
 
 log = logging.getLogger(__name__)
 _CHUNK_BYTES = 64 << 20
@@ -77,9 +76,8 @@ class PageStager:
         self.pages_per_chunk = max(1, _CHUNK_BYTES // self.page_nbytes)
         self._buffers: list[torch.Tensor] = []
         self._checksums_warm = False
-        self._verify_stream: torch.cuda.Stream | None = None  # device checksums run there
-        self._copy_stream: torch.cuda.Stream | None = None  # sends checked on the device
-        self.segments = layer_segments(page_shape[0])  # runs of layers they arrive in
+        self.checks = RowChecks(device)  # device checksums, their stream and the sends' stream
+        self.layer_runs = layer_runs(page_shape[0])  # the layer runs sent pages arrive in
         self._free: list[torch.cuda.Event | None] = [None, None]
         # pinned source pages of the last direct send, referenced until its copies are done
         self._keepalive: tuple[torch.cuda.Event | None, list] | None = None
@@ -97,7 +95,7 @@ class PageStager:
             return
         row = torch.zeros((1, *self.page_shape), dtype=self.dtype, device=self.device)
         if self._verifies_on_device(row):
-            self._verify_rows(row, [0]).verify()
+            self.checks.verify(row, [0]).verify()
         self._checksums_warm = True
 
     def stage_unverified(self, blobs: Sequence[bytes | memoryview], ns: Namespace,
@@ -122,10 +120,7 @@ class PageStager:
 
     def synchronize(self) -> None:
         """Wait for every copy queued so far (they no longer read their sources)."""
-        if self.is_cuda:
-            torch.cuda.current_stream(self.device).synchronize()
-            if self._copy_stream is not None:
-                self._copy_stream.synchronize()
+        self.checks.synchronize()
 
     def _stage(self, blobs: Sequence[bytes | memoryview], ns: Namespace, keys: Sequence[bytes],
                token_ids: Sequence[bytes], is_pinned: bool,
@@ -159,7 +154,7 @@ class PageStager:
             if n < len(chunk):
                 break
         if on_device:
-            return self._verify_rows(out[:num_ok], [c for _, c in sources[:num_ok]], blobs)
+            return self.checks.verify(out[:num_ok], [c for _, c in sources[:num_ok]], blobs)
         return StagedPages.verified(out[:num_ok])
 
     def _allocate(self, num_rows: int) -> torch.Tensor:
@@ -198,12 +193,12 @@ class PageStager:
         self.wait_sent()  # the previous send checked on the host has read its pages
         stream = None
         if self.is_cuda:  # copies on a stream of their own: the step may start on early layers
-            if self._copy_stream is None:
-                self._copy_stream = torch.cuda.Stream(self.device)
-            stream = self._copy_stream
+            if self.checks.copy_stream is None:
+                self.checks.copy_stream = torch.cuda.Stream(self.device)
+            stream = self.checks.copy_stream
             stream.wait_stream(torch.cuda.current_stream(self.device))  # out's last users
             out.record_stream(stream)
-        return CheckedSend(self, out, ns, stream)
+        return CheckedSend(out, ns, self.checks, self.layer_runs, stream)
 
     def _verifies_on_device(self, out: torch.Tensor) -> bool:
         """Checksums computed on the device, over the rows of `out` once they have arrived."""
@@ -217,52 +212,6 @@ class PageStager:
         )
 
         return self.page_nbytes % 8 == 0 and self.page_nbytes >= MIN_NBYTES
-
-    def _verify_rows(self, rows: torch.Tensor, recorded: list[int], sources: object = None,
-                     after: torch.cuda.Event | None = None) -> StagedPages:
-        """The rows, and how many leading ones match their recorded checksums: computed on the
-        device once they have arrived, on a stream of its own on CUDA, so work queued after the
-        copies (moving the rows into the pool, the forward) does not wait for the checksums."""
-        if not recorded:
-            return StagedPages(rows, 0)
-        from kvmesh.kernels.xxh3 import as_int64, xxh3_64_rows
-
-        want = torch.tensor([as_int64(c) for c in recorded], dtype=torch.int64,
-                            pin_memory=rows.is_cuda)
-        ready = None
-        if rows.is_cuda:
-            if self._verify_stream is None:
-                self._verify_stream = torch.cuda.Stream(rows.device)
-            stream = self._verify_stream
-            if after is not None:  # the copies ran on another stream: after the last one
-                stream.wait_event(after)
-            else:
-                stream.wait_stream(torch.cuda.current_stream(rows.device))  # after the copies
-            rows.record_stream(stream)
-        with torch.cuda.stream(stream) if rows.is_cuda else contextlib.nullcontext():
-            bad = xxh3_64_rows(rows) != want.to(rows.device, non_blocking=True)
-            index = torch.arange(len(recorded), device=rows.device)
-            num_ok = torch.where(bad, index, len(recorded)).min()
-            if rows.is_cuda:  # read back on this stream: verify() need not wait for the step
-                count = torch.empty(1, dtype=torch.int64, pin_memory=True)
-                count.copy_(num_ok.view(1), non_blocking=True)
-                num_ok = count
-                ready = torch.cuda.Event()
-                ready.record(stream)
-        return StagedPages(rows, num_ok, sources, ready)
-
-    def _checks_or_none(self, rows: torch.Tensor, recorded: list[int], sources: object,
-                        after: torch.cuda.Event) -> StagedPages:
-        """`_verify_rows` for checks queued late, where raising would leave a load unsettled:
-        if queueing them fails (e.g. no device memory), every row counts as bad, once the
-        copies are done (they no longer read the sources)."""
-        try:
-            return self._verify_rows(rows, recorded, sources, after)
-        except Exception:
-            log.warning("checking %d staged pages failed; they are dropped", len(rows),
-                        exc_info=True)
-            self.synchronize()
-            return StagedPages(rows, 0)
 
     def _send_pinned(self, out: torch.Tensor, sources: list[tuple[int, int]],
                      blobs: Sequence[bytes | memoryview]) -> torch.Tensor:
@@ -279,7 +228,7 @@ class PageStager:
 
         num_ok = 0
         with ChunkedTasks(verify, len(sources), len(sources) * row, _VERIFY_TASK_BYTES) as tasks:
-            self._copy_rows(out, [address for address, _ in sources])
+            copy_rows(out, [address for address, _ in sources], row, self.is_cuda)
             for _, ok in tasks:
                 n = num_leading(ok)
                 num_ok += n
@@ -291,20 +240,6 @@ class PageStager:
             event.record()
         self._keepalive = (event, list(blobs))
         return out[:num_ok]
-
-    def _copy_rows(self, out: torch.Tensor, addresses: list[int]) -> None:
-        """out[i] = the page at addresses[i], queued on the current stream."""
-        row = self.page_nbytes
-        lib = cudart() if self.is_cuda else None
-        if lib is not None:
-            base = out.data_ptr()
-            copy_async(lib, [(base + i * row, a) for i, a in enumerate(addresses)], row,
-                       torch.cuda.current_stream(self.device))
-        elif addresses:
-            dst = list(out[: len(addresses)].view(len(addresses), -1).view(torch.uint8).unbind())
-            src = [torch.frombuffer((ctypes.c_char * row).from_address(a), dtype=torch.uint8)
-                   for a in addresses]
-            torch._foreach_copy_(dst, src, non_blocking=True)
 
     def wait_sent(self) -> None:
         """Block until the last in-place send has read its source pages (then they may change)."""

@@ -1,9 +1,9 @@
 """Write-through of newly cached device pages to the remote store, off the engine thread.
 
-`StoreWriter.write_through` (engine thread) takes one batched device -> host snapshot of the
+`StoreWriter.write_through` (engine thread) takes one batched device -> host copy of the
 pages and queues it; a thread of its own encodes and sends them, _WRITE_BATCH pages per call, so
 decode steps never wait on the network. Pages that would overflow the queue (_STORE_QUEUE_BYTES)
-or find no snapshot slot (the store is slow or down) are dropped and counted, not waited for.
+or find no host-copy slot (the store is slow or down) are dropped and counted, not waited for.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from kvmesh.cachestore.codec import encode_page
 from kvmesh.cachestore.keys import Namespace, tokens_to_bytes
 from kvmesh.workers.engine.outputs import KvEventData
+from kvmesh.workers.offload.connector import DevicePages, PageStore
 
 log = logging.getLogger(__name__)
 
@@ -29,28 +29,25 @@ _WRITE_BATCH = 32
 
 @dataclass
 class _PendingWrite:
-    """Pages of one write_through call: rows of a snapshot, being copied until `event`."""
+    """Pages of one write_through call: host copies, still being copied until `event`."""
 
     ns: Namespace
     keys: list[bytes]
     token_ids: list[list[int]]
     rows: list[torch.Tensor]
-    event: Any
-    slots: list[int] | None  # the snapshot slots to give back once the pages are encoded
+    event: torch.cuda.Event | None
+    slots: list[int] | None  # the host-copy slots to give back once the pages are encoded
 
 
 class StoreWriter:
-    """`store`: put_encoded_pages(pages); `snapshot_pages(ids)` starts copies of device pages
-    and returns (host rows, snapshot slots to give back through `release_snapshots`, CUDA event
-    or None); `emit(event)` reports the pages stored. Counts the pages it dropped
-    (`num_dropped`) and the sends that failed (`num_errors`)."""
+    """Sends to `store` host copies of device pages taken through `pool`; `emit(event)` reports
+    the pages stored. Counts the pages it dropped (`num_dropped`) and the sends that failed
+    (`num_errors`)."""
 
-    def __init__(self, store: Any,
-                 snapshot_pages: Callable[[list[int]], tuple[list[Any], list[int] | None, Any]],
-                 release_snapshots: Callable[[list[int]], None],
+    def __init__(self, store: PageStore, pool: DevicePages,
                  emit: Callable[[KvEventData], None]) -> None:
         self.store = store
-        self.snapshot_pages, self.release_snapshots = snapshot_pages, release_snapshots
+        self.pool = pool
         self._emit = emit
         self._lock = threading.Lock()
         self._queue: queue.Queue[_PendingWrite | None] = queue.Queue()
@@ -63,21 +60,22 @@ class StoreWriter:
 
     def write_through(self, ns: Namespace, pages: list[tuple[bytes, list[int], int]]) -> None:
         """Queue copies of newly cached device pages, (key, token ids, page id) each, for the
-        store: one batched device -> host snapshot and one queue entry, sent by the writer
-        thread. Pages that would overflow the queue or find no snapshot slot (the store is slow
-        or down) are dropped and counted rather than stall the caller."""
+        store: one batched device -> host copy and one queue entry, sent by the writer thread.
+        Pages that would overflow the queue or find no host-copy slot (the store is slow or
+        down) are dropped and counted rather than stall the caller."""
         if not pages:
             return
         with self._lock:  # only the writer thread changes it meanwhile, and only downwards
             room = max(0, (_STORE_QUEUE_BYTES - self._queued_bytes) // ns.page_nbytes)
-        rows: list[Any] = []
-        slots, event = None, None
+        rows: list[torch.Tensor] = []
+        slots: list[int] | None = None
+        event: torch.cuda.Event | None = None
         if room:
             try:
-                rows, slots, event = self.snapshot_pages([page_id for _, _, page_id in
-                                                          pages[:room]])
+                rows, slots, event = self.pool.copy_to_host([page_id for _, _, page_id in
+                                                             pages[:room]])
             except Exception:  # e.g. a device error: the pages are not written, the step goes on
-                log.warning("store write-through snapshot failed", exc_info=True)
+                log.warning("store write-through host copy failed", exc_info=True)
         self.num_dropped += len(pages) - len(rows)
         if rows:
             kept = pages[: len(rows)]
@@ -98,12 +96,12 @@ class StoreWriter:
                     item.event.synchronize()
                 for start in range(0, len(item.keys), _WRITE_BATCH):
                     self._send(item, range(start, min(start + _WRITE_BATCH, len(item.keys))))
-            except Exception as exc:  # the snapshot's copies failed: drop it, keep the thread
+            except Exception as exc:  # the host copies failed: drop them, keep the thread
                 self.num_errors += 1
                 log.warning("store write of %d pages failed: %s", len(item.keys), exc)
             finally:
                 if item.slots is not None:
-                    self.release_snapshots(item.slots)
+                    self.pool.release_host_copies(item.slots)
                 with self._lock:
                     self._queued_bytes -= len(item.keys) * item.ns.page_nbytes
                 self._queue.task_done()

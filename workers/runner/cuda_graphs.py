@@ -9,15 +9,13 @@ the inputs of the next step advanced on the device (`advance_decode_inputs`). A 
 steps is then back-to-back replays with no host work between them (multi-step decode); a single
 step reads the logits.
 
-Batches of up to SEGMENTED_MAX_ROWS rows (a prefix hit's suffix, with the decodes beside it) are
-also captured as one graph per run of layers (`pool_copies.layer_segments`), replayed in order
-with the caller's work between them (`run_segments`): a step whose prefix pages are still
-arriving waits for each run of layers just before the graph that reads them.
+Batches of up to LAYER_RUN_MAX_ROWS rows (a prefix hit's suffix, with the decodes beside it) are
+also captured as one graph per layer run (`pool_copies.layer_runs`), replayed in order with the
+pool's moves between them (`run_by_layer_runs`): a step whose prefix pages are still arriving
+waits for each layer run just before the graph that reads them.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -28,10 +26,11 @@ from kvmesh.workers.models.llama import (
     LayerState,
     LlamaForCausalLM,
 )
-from kvmesh.workers.runner.pool_copies import layer_segments
+from kvmesh.workers.runner.kv_pool import LayerRunLoads
+from kvmesh.workers.runner.pool_copies import layer_runs
 
-# padded batch sizes also captured as one graph per run of layers (pool_copies.layer_segments)
-SEGMENTED_MAX_ROWS = 16
+# padded batch sizes also captured as one graph per layer run (pool_copies.layer_runs)
+LAYER_RUN_MAX_ROWS = 16
 
 
 def decode_ctas_per_sm(head_dim: int) -> int:
@@ -132,12 +131,12 @@ class DecodeGraphs:
         self._argmax = argmax_rows
         self.logits: dict[int, torch.Tensor] = {}  # [bs, vocab] in the model dtype
         self.next_tokens: dict[int, torch.Tensor] = {}  # [bs] int64, the argmax of logits
-        # small batches (a prefix hit's suffix) are also captured as one graph per run of
-        # layers, so a step can start while the hit's last layers are still arriving
-        self.segments = layer_segments(model.config.num_layers)
-        self.segment_graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
-        self.segment_logits: dict[int, torch.Tensor] = {}
-        self._segment_states: dict[int, LayerState] = {}  # their hidden states, kept alive
+        # small batches (a prefix hit's suffix) are also captured as one graph per layer run,
+        # so a step can start while the hit's last layers are still arriving
+        self.layer_runs = layer_runs(model.config.num_layers)
+        self.layer_run_graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self.layer_run_logits: dict[int, torch.Tensor] = {}
+        self._layer_run_states: dict[int, LayerState] = {}  # their hidden states, kept alive
         self.max_steps = 64
         # each step's tokens land in page-locked memory with an event, so the host reads a
         # step's tokens while the device runs the next steps
@@ -178,7 +177,7 @@ class DecodeGraphs:
                 meta = AttentionMetadata(self.slot_mapping[:bs], self.page_table[:bs],
                                          self.seq_lens[:bs], self.cu[: bs + 1], True)
                 with torch.inference_mode():
-                    for _ in range(2):  # compile the kernels and settle the allocator
+                    for _ in range(2):  # compile the kernels and warm the allocator
                         self._step(bs, meta)
                     torch.cuda.synchronize()
                     graph = torch.cuda.CUDAGraph()
@@ -189,31 +188,31 @@ class DecodeGraphs:
                 self.graphs[bs] = graph
                 self.logits[bs] = logits
                 self.next_tokens[bs] = next_tokens
-                if bs <= SEGMENTED_MAX_ROWS and len(self.segments) > 1:
-                    self._capture_segments(bs, meta, pool)
+                if bs <= LAYER_RUN_MAX_ROWS and len(self.layer_runs) > 1:
+                    self._capture_layer_runs(bs, meta, pool)
             finally:
                 model.ops = base_ops
         torch.cuda.synchronize()
 
-    def _capture_segments(self, bs: int, meta: AttentionMetadata, pool: tuple) -> None:
-        """The step of batch size bs as one graph per run of layers (the first also embeds the
+    def _capture_layer_runs(self, bs: int, meta: AttentionMetadata, pool: tuple) -> None:
+        """The step of batch size bs as one graph per layer run (the first also embeds the
         tokens, the last also samples and advances the inputs), replayed in order."""
         graphs = []
         state = None
         with torch.inference_mode():
-            for index, layers in enumerate(self.segments):
+            for index, layers in enumerate(self.layer_runs):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                     if state is None:
                         self._counters.zero_()
                         state = self.model.start(self.input_ids[:bs], self.positions[:bs])
                     self.model.run_layers(state, layers, meta, self.kv_pool)
-                    if index == len(self.segments) - 1:
-                        self.segment_logits[bs] = self._finish(bs, state)[0]
+                    if index == len(self.layer_runs) - 1:
+                        self.layer_run_logits[bs] = self._finish(bs, state)[0]
                 graphs.append(graph)
         assert state is not None
-        self.segment_graphs[bs] = graphs
-        self._segment_states[bs] = state
+        self.layer_run_graphs[bs] = graphs
+        self._layer_run_states[bs] = state
 
     def _step(self, bs: int, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         self._counters.zero_()
@@ -241,19 +240,19 @@ class DecodeGraphs:
         self.graphs[bs].replay()
         return self.logits[bs][: len(input_ids)].float()
 
-    def has_segments(self, num_seqs: int) -> bool:
-        return self._size(num_seqs) in self.segment_graphs
+    def has_layer_runs(self, num_seqs: int) -> bool:
+        return self._size(num_seqs) in self.layer_run_graphs
 
-    def run_segments(self, input_ids: list[int], positions: list[int], slots: list[int],
-                     page_rows: list[list[int]], seq_lens: list[int],
-                     before: Callable[[int], None]) -> torch.Tensor:
-        """`run` through the graphs of runs of layers: `before(k)` is called ahead of run k
-        (layers segments[k]), e.g. to queue a wait for those layers of pages being loaded."""
+    def run_by_layer_runs(self, input_ids: list[int], positions: list[int], slots: list[int],
+                          page_rows: list[list[int]], seq_lens: list[int],
+                          loads: LayerRunLoads) -> torch.Tensor:
+        """`run` through the graphs of layer runs, each replayed once `loads` has queued the
+        move of its layers (layers layer_runs[k]) of the pages still arriving."""
         bs = self._load(input_ids, positions, slots, page_rows, seq_lens)
-        for index, graph in enumerate(self.segment_graphs[bs]):
-            before(index)
+        for index, graph in enumerate(self.layer_run_graphs[bs]):
+            loads.wait(index)
             graph.replay()
-        return self.segment_logits[bs][: len(input_ids)].float()
+        return self.layer_run_logits[bs][: len(input_ids)].float()
 
     def run_steps(self, input_ids: list[int], positions: list[int], slots: list[int],
                   page_rows: list[list[int]], seq_lens: list[int],

@@ -1,15 +1,14 @@
-"""Runs the model over a scheduled batch: builds the paged-attention inputs, owns the KV pool,
-moves pages in and out of it, and (on CUDA) replays captured graphs for decode batches.
-
-KV pool: [num_pages + 1, num_layers, 2, page_size, num_kv_heads, head_dim] in the model dtype.
-The last page is a scratch page that padded rows of a captured decode batch write into; the
-block manager never hands it out.
+"""Runs the model over a scheduled batch: one forward (`execute`) or a window of greedy decode
+steps queued at once (`execute_decode_steps`, `continue_decode_steps`); `run` picks by the
+batch. Builds the paged-attention inputs, sizes the KV pool (`kv_pool.PoolPages`, which does
+every page move), and on CUDA replays captured graphs (`cuda_graphs`) for decode-shaped batches.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -17,13 +16,7 @@ from kvmesh.kernels import reference
 from kvmesh.workers.config import WorkerConfig
 from kvmesh.workers.engine.scheduler import ScheduledBatch
 from kvmesh.workers.errors import InvalidConfig
-from kvmesh.workers.models.llama import (
-    AttentionMetadata,
-    AttentionOps,
-    FewRowOps,
-    FusedOps,
-    LlamaForCausalLM,
-)
+from kvmesh.workers.models.llama import AttentionMetadata, FusedOps, LlamaForCausalLM
 from kvmesh.workers.models.loader import LoadedModel
 from kvmesh.workers.runner.cuda_graphs import (
     DecodeGraphs,
@@ -33,66 +26,22 @@ from kvmesh.workers.runner.cuda_graphs import (
     decode_kv_blocks,
     slots_from_table,
 )
-from kvmesh.workers.runner.pool_copies import (
-    ArrivingRows,
-    SnapshotSlots,
-    StagedRow,
-    arriving_loads,
-    runs,
-    upload_layers,
-    upload_pages,
-)
+from kvmesh.workers.runner.kernel_ops import attention_ops, few_row_ops
+from kvmesh.workers.runner.kv_pool import PoolPages
+from kvmesh.workers.runner.step_inputs import StepInputs
 
 log = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 512 << 20
 _GPU_ACTIVATION_RESERVE = 2 << 30
-# A batch whose chunks are all this short (e.g. the suffix after a prefix hit) attends with the
-# split-KV decode kernel, one query row per token: the prefill kernel parallelizes over query
-# blocks, so a few tokens over a long context would run on a handful of SMs.
-SHORT_CHUNK_TOKENS = 16
 
 
-def _one_row_per_token(page_rows: list[list[int]], seq_lens: list[int],
-                       cu: list[int]) -> tuple[list[list[int]], list[int]]:
-    """Token j of sequence i's chunk becomes a row that sees the sequence's first
-    seq_lens[i] - chunk_len + j + 1 positions: causal attention as a batch of decodes."""
-    rows: list[list[int]] = []
-    lens: list[int] = []
-    for row, seq_len, start, end in zip(page_rows, seq_lens, cu[:-1], cu[1:], strict=True):
-        first = seq_len - (end - start)
-        rows.extend([row] * (end - start))
-        lens.extend(range(first + 1, seq_len + 1))
-    return rows, lens
+@dataclass(slots=True)
+class StepLogits:
+    """What one forward gives back to sample from."""
 
-
-def attention_ops(device: torch.device, backend: str = "auto") -> AttentionOps:
-    """torch reference ops (CPU default) or the Triton kernels (CUDA default; on CPU they run
-    under TRITON_INTERPRET=1)."""
-    if backend == "torch" or (backend == "auto" and device.type == "cpu"):
-        return AttentionOps(reference.write_kv_ref, reference.paged_prefill_ref,
-                            reference.paged_decode_ref)
-    from kvmesh.kernels.cache_write import write_kv
-    from kvmesh.kernels.paged_decode import paged_decode
-    from kvmesh.kernels.paged_prefill import paged_prefill
-
-    return AttentionOps(write_kv, paged_prefill, paged_decode)
-
-
-def few_row_ops(device: torch.device) -> FewRowOps:
-    """Skinny matmuls for forwards of up to 64 tokens (decode steps, short chunks). In fp32 they
-    multiply exactly ("ieee" dots, slower than cuBLAS' fp32 but an fp32 model is for testing);
-    on CPU they run under Triton's interpreter."""
-    from kvmesh.kernels.cache_write import rope_write_kv
-    from kvmesh.kernels.skinny_gemm import SkinnyLinears
-
-    linears = SkinnyLinears(8)  # CPU: the interpreter; any small grid will do
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        linears = SkinnyLinears(props.multi_processor_count,
-                                shared_memory=props.shared_memory_per_block_optin)
-    return FewRowOps(linears.max_rows, linears.linear, linears.linear_partials, linears.gated,
-                     rope_write_kv)
+    logits: torch.Tensor  # fp32 [len(sampled), vocab]
+    sampled: list[int]  # indices into batch.seqs of the sequences whose chunk reached their end
 
 
 class ModelRunner:
@@ -113,8 +62,6 @@ class ModelRunner:
         # what continue_decode_steps goes on from (None after any other forward)
         self._decode_batch: ScheduledBatch | None = None
         self._eager_inputs: tuple | None = None
-        # pinned rows for store write-through snapshots (the engine sets them on CUDA)
-        self.snapshots: SnapshotSlots | None = None
         if self.model.ops.paged_decode is not reference.paged_decode_ref:
             from kvmesh.kernels.fused import rms_norm, silu_and_mul
             from kvmesh.kernels.paged_decode import num_kv_splits
@@ -131,13 +78,12 @@ class ModelRunner:
         if self.num_pages < 2:
             raise InvalidConfig(f"KV budget holds {self.num_pages} pages of {self.page_nbytes} "
                                 "bytes; need at least 2")
-        self.scratch_page = self.num_pages
-        self.kv_pool = torch.zeros((self.num_pages + 1, *self.page_shape), dtype=self.dtype,
-                                   device=self.device)
+        self.pages = PoolPages(self.num_pages, self.page_shape, self.dtype, self.device)
+        self.kv_pool = self.pages.kv_pool
+        self.scratch_page = self.pages.scratch_page
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = self._capture(config.max_num_seqs, max_model_len)
-
     def _capture(self, max_num_seqs: int, max_model_len: int) -> DecodeGraphs | None:
         """The decode graphs; None where capture fails twice (a backend that cannot be
         captured still runs eagerly). Garbage is collected before, not during, capture: an
@@ -170,109 +116,41 @@ class ModelRunner:
         budget = free - (1 - config.gpu_memory_utilization) * total - _GPU_ACTIVATION_RESERVE
         return max(int(budget) // self.page_nbytes, 0)
 
-    # ------------------------------------------------------------------ pages
-    def read_page(self, page_id: int) -> memoryview:
-        """A host copy of one page's payload ([num_layers, 2, page_size, kv_heads, head_dim])."""
-        page = self.kv_pool[page_id].to("cpu", copy=True).contiguous()
-        return memoryview(page.view(torch.uint8).numpy()).cast("B")
-
-    def snapshot_pages(self, page_ids: list[int]
-                       ) -> tuple[list[torch.Tensor], list[int] | None, torch.cuda.Event | None]:
-        """Start copying pages to host memory without waiting: (one host row per page, the
-        `snapshots` slots holding them, to give back once read, and an event that completes with
-        the copies, None on CPU). Rows go into the slots (pinned on CUDA), one copy per run of
-        consecutive pages and slots; fewer rows than pages when the slots run out. Without slots
-        (the CPU default) the copies are plain and done on return."""
-        if self.snapshots is None:
-            return list(self.kv_pool[page_ids].cpu().unbind()), None, None
-        slots = self.snapshots.take(len(page_ids))
-        rows = self.snapshots.rows
-        if not slots or rows is None:  # none free, or the arena could not be allocated
-            return [], [], None
-        for run in runs(len(slots), lambda i: page_ids[i] == page_ids[i - 1] + 1
-                        and slots[i] == slots[i - 1] + 1):
-            page, slot = page_ids[run.start], slots[run.start]
-            rows[slot : slot + len(run)].copy_(self.kv_pool[page : page + len(run)],
-                                               non_blocking=True)
-        event = None
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-        return [rows[slot] for slot in slots], slots, event
-
-    def enable_snapshot_slots(self, max_nbytes: int) -> None:
-        """Pinned rows for store write-through snapshots (CUDA only; CPU copies are plain), at
-        most the pool's size, pinned on a background thread."""
-        if self.device.type == "cuda" and self.snapshots is None:
-            nbytes = min(max_nbytes, self.num_pages * self.page_nbytes)
-            self.snapshots = SnapshotSlots(self.page_shape, self.dtype, nbytes)
-            self.snapshots.start()
-
-    def release_snapshots(self, slots: list[int]) -> None:
-        if self.snapshots is not None:
-            self.snapshots.give_back(slots)
-
-    def write_pages(self, loads: list[tuple[int, StagedRow]]) -> None:
-        """Staged pages (rows of kv_upload.PageStager tensors, or of ArrivingRows: waited for
-        whole) into pool pages; asynchronous on CUDA."""
-        upload_pages(self.kv_pool, [page_id for page_id, _ in loads], [row for _, row in loads])
-
-    def copy_pages(self, copies: list[tuple[int, int]]) -> None:
-        for src, dst in copies:
-            self.kv_pool[dst].copy_(self.kv_pool[src])
-
     # ------------------------------------------------------------------ forward
+    def run(self, batch: ScheduledBatch) -> StepLogits | StepTokens:
+        """The scheduled batch on the device: a window of batch.num_steps greedy decode steps
+        (their tokens, read a step at a time) when it has more than one, else one forward."""
+        if batch.num_steps > 1:
+            return self.execute_decode_steps(batch, batch.num_steps)
+        return self.execute(batch)
+
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
-        """Run one forward over `batch` (its pages already allocated; loads and copies applied
-        here first). Returns (fp32 logits [num_sampled, vocab], indices into batch.seqs of the
-        sequences whose chunk reached their last token, i.e. that get a new token)."""
+    def execute(self, batch: ScheduledBatch) -> StepLogits:
+        """Run one forward over `batch` (its pages already allocated; its page moves applied
+        here first): fp32 logits of the sequences whose chunk reached their last token."""
         self._decode_batch = None  # a forward here overwrites the decode inputs
-        ps = self.page_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        seq_lens: list[int] = []
-        cu = [0]
-        sampled: list[int] = []
-        for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
-            start = seq.num_computed_tokens
-            end = start + num_new
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(seq.page_ids[p // ps] * ps + p % ps for p in range(start, end))
-            seq_lens.append(end)
-            cu.append(cu[-1] + num_new)
-            if end == seq.num_tokens:
-                sampled.append(i)
-        is_decode = all(n == 1 for n in batch.num_new_tokens)
-        page_rows = [seq.page_ids for seq in batch.seqs]
-        last_rows = [cu[i + 1] - 1 for i in sampled]
-        # short chunks (a prefix hit's suffix, decodes): every token a decode row
-        rows_are_tokens = max(batch.num_new_tokens) <= SHORT_CHUNK_TOKENS
-        if rows_are_tokens and not is_decode:
-            page_rows, seq_lens = _one_row_per_token(page_rows, seq_lens, cu)
+        x = StepInputs.of(batch, self.page_size)
         graphs = self.graphs
-        if rows_are_tokens and graphs is not None and graphs.fits(len(input_ids)):
-            arriving = arriving_loads(batch.page_loads, graphs.segments) \
-                if graphs.has_segments(len(input_ids)) else []
-            if arriving:  # each run of layers computes once those layers are in
-                self.copy_pages(batch.page_copies)
-                self.write_pages([load for load in batch.page_loads
-                                  if not isinstance(load[1][0], ArrivingRows)])
-                targets = [(source, self._index(ids)) for source, ids in arriving]
-                logits = graphs.run_segments(
-                    input_ids, positions, slots, page_rows, seq_lens,
-                    lambda segment: [upload_layers(self.kv_pool, ids, source, segment)
-                                     for source, ids in targets])
-            else:
-                self._apply_page_moves(batch)
-                logits = graphs.run(input_ids, positions, slots, page_rows, seq_lens)
-            return (logits if is_decode else logits[self._index(last_rows)]), sampled
-        self._apply_page_moves(batch)
-        hidden = self._eager(input_ids, positions, slots, page_rows, seq_lens, cu,
-                             rows_are_tokens)
-        return self.model.compute_logits(hidden[self._index(last_rows)]), sampled
+        if x.rows_are_tokens and graphs is not None and graphs.fits(len(x.input_ids)):
+            logits = self._graph_forward(batch, x, graphs)
+            if not x.is_decode:
+                logits = logits[self.pages.device_index(x.last_rows)]
+            return StepLogits(logits, x.sampled)
+        self.pages.move_in(batch.page_copies, batch.page_loads)
+        hidden = self._eager(x)
+        return StepLogits(self.model.compute_logits(hidden[self.pages.device_index(x.last_rows)]),
+                          x.sampled)
+
+    def _graph_forward(self, batch: ScheduledBatch, x: StepInputs,
+                       graphs: DecodeGraphs) -> torch.Tensor:
+        """Logits of every row through the decode graph; a layer run at a time while loaded
+        pages are still arriving (each run replayed once its layers are in)."""
+        runs = graphs.layer_runs if graphs.has_layer_runs(len(x.input_ids)) else None
+        arriving = self.pages.move_in(batch.page_copies, batch.page_loads, runs)
+        if arriving is not None:
+            return graphs.run_by_layer_runs(x.input_ids, x.positions, x.slots, x.page_rows,
+                                            x.seq_lens, arriving)
+        return graphs.run(x.input_ids, x.positions, x.slots, x.page_rows, x.seq_lens)
 
     @torch.inference_mode()
     def execute_decode_steps(self, batch: ScheduledBatch, num_steps: int) -> StepTokens:
@@ -282,7 +160,7 @@ class ModelRunner:
         num_computed_tokens + num_steps tokens. Returns the sampled tokens, [num_steps,
         num_seqs]; the caller decides how many of them to keep."""
         self._decode_batch = None
-        self._apply_page_moves(batch)
+        self.pages.move_in(batch.page_copies, batch.page_loads)
         ps = self.page_size
         seqs = batch.seqs
         positions = [seq.num_computed_tokens for seq in seqs]
@@ -342,11 +220,6 @@ class ModelRunner:
             host_lens[:] = [x + 1 for x in host_lens]
         return StepTokens(tokens.cpu())
 
-    def _apply_page_moves(self, batch: ScheduledBatch) -> None:
-        # copies first: a copy's source may be freed (preemption) and reused as a load target
-        self.copy_pages(batch.page_copies)
-        self.write_pages(batch.page_loads)
-
     def _splits(self, seq_lens: list[int]) -> int | None:
         """Split-KV count for a decode-style launch, chosen on the host (no sync per layer)."""
         if self._num_kv_splits is None:
@@ -355,13 +228,6 @@ class ModelRunner:
                                    max(seq_lens), total_tokens=sum(seq_lens),
                                    ctas_per_sm=decode_ctas_per_sm(self.kv_pool.shape[5]))
 
-    def _index(self, rows: list[int]) -> torch.Tensor:
-        """An int64 index on the device, copied from page-locked memory without waiting for the
-        step queued before it (a list index, or a blocking copy, would wait for the whole
-        step: the CPU then could not do its bookkeeping meanwhile)."""
-        index = torch.tensor(rows, dtype=torch.int64, pin_memory=self.device.type == "cuda")
-        return index.to(self.device, non_blocking=True)
-
     def _page_table(self, page_rows: list[list[int]]) -> torch.Tensor:
         """[num_rows, longest row] int32 on the device, zero-padded."""
         table = torch.zeros((len(page_rows), max(len(r) for r in page_rows)), dtype=torch.int32)
@@ -369,19 +235,17 @@ class ModelRunner:
             table[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
         return table.to(self.device, non_blocking=True)
 
-    def _eager(self, input_ids: list[int], positions: list[int], slots: list[int],
-               page_rows: list[list[int]], seq_lens: list[int], cu: list[int],
-               is_decode: bool) -> torch.Tensor:
-        """is_decode: one attention row per token (page_rows / seq_lens given per token)."""
+    def _eager(self, x: StepInputs) -> torch.Tensor:
+        """Hidden states [num_tokens, hidden] of one forward without graphs."""
         dev = self.device
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
-            page_table=self._page_table(page_rows),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(dev, non_blocking=True),
-            is_decode=is_decode,
-            num_splits=self._splits(seq_lens) if is_decode else None,
+            slot_mapping=torch.tensor(x.slots, dtype=torch.int64).to(dev, non_blocking=True),
+            page_table=self._page_table(x.page_rows),
+            seq_lens=torch.tensor(x.seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            cu_seqlens_q=torch.tensor(x.cu, dtype=torch.int32).to(dev, non_blocking=True),
+            is_decode=x.rows_are_tokens,
+            num_splits=self._splits(x.seq_lens) if x.rows_are_tokens else None,
         )
-        ids = torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True)
-        pos = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
+        ids = torch.tensor(x.input_ids, dtype=torch.int64).to(dev, non_blocking=True)
+        pos = torch.tensor(x.positions, dtype=torch.int64).to(dev, non_blocking=True)
         return self.model(ids, pos, meta, self.kv_pool)

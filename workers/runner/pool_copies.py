@@ -1,10 +1,10 @@
 """Copies between the device KV pool and host memory, page by page in bulk.
 
 - `upload_pages`: staged rows (kv_upload.PageStager) -> their pool slots, by runs or one
-  scatter on the device; `upload_layers`: one run of layers of rows still arriving
+  scatter on the device; `upload_layers`: one layer run of rows still arriving
   (`ArrivingRows`), once it is in;
-- `SnapshotSlots`: page-sized pinned host buffers, allocated once, that the store write-through
-  snapshots pool pages into.
+- `HostCopySlots`: page-sized pinned host buffers, allocated once, that the store write-through
+  copies pool pages into (device -> host).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import torch
 log = logging.getLogger(__name__)
 
 
-class SnapshotSlots:
+class HostCopySlots:
     """Page-sized pinned host buffers for the store write-through, allocated once as one tensor
     (on a background thread from `start()`: pinning a GB takes about a second) and handed out
-    in O(1): taking a page snapshot then costs no allocator call on the engine thread (torch's
+    in O(1): copying a page out then costs no allocator call on the engine thread (torch's
     pinned-memory cache made a step registering 513 pages wait ~0.1-0.3 s). Thread-safe."""
 
     def __init__(self, page_shape: tuple[int, ...], dtype: torch.dtype, nbytes: int,
@@ -48,7 +48,7 @@ class SnapshotSlots:
             with self._lock:
                 self._free = list(range(self.count - 1, -1, -1))
         except Exception:  # no slots: every write-through is dropped (and counted)
-            log.warning("no pinned memory for %d store snapshot slots", self.count, exc_info=True)
+            log.warning("no pinned memory for %d store host-copy slots", self.count, exc_info=True)
         finally:
             self._ready.set()
 
@@ -83,12 +83,12 @@ def runs(n: int, continues: Callable[[int], bool]) -> list[range]:
     return out
 
 
-# pages of a prefix hit arrive this many runs of layers apart: the step computes each run of
-# layers as soon as it is in (pinned sends on CUDA; see kv_upload.CheckedSend)
-LOAD_SEGMENTS = 4
+# pages of a prefix hit arrive in this many layer runs (consecutive layers of every page): the
+# step computes each layer run as soon as it is in (pinned sends on CUDA; page_sends.CheckedSend)
+LOAD_LAYER_RUNS = 4
 
 
-def layer_segments(num_layers: int, count: int = LOAD_SEGMENTS) -> list[range]:
+def layer_runs(num_layers: int, count: int = LOAD_LAYER_RUNS) -> list[range]:
     """The layers cut into `count` (or fewer) consecutive runs as even as they go."""
     count = max(1, min(count, num_layers))
     bounds = [num_layers * k // count for k in range(count + 1)]
@@ -97,17 +97,17 @@ def layer_segments(num_layers: int, count: int = LOAD_SEGMENTS) -> list[range]:
 
 @dataclass(eq=False)
 class ArrivingRows:
-    """Staged rows still being copied in on another stream, a run of layers of every row at a
-    time: `events[k]` completes once layers `segments[k]` of every row are in (the last event:
+    """Staged rows still being copied in on another stream, one layer run of every row at a
+    time: `events[k]` completes once layers `layer_runs[k]` of every row are in (the last event:
     all of it). Work on the current stream must wait for them first (`wait`)."""
 
     rows: torch.Tensor
     events: list[torch.cuda.Event]
-    segments: list[range]
+    layer_runs: list[range]
 
-    def wait(self, segment: int | None = None) -> None:
-        """The current stream waits for one run of layers (None: all of them)."""
-        event = self.events[-1 if segment is None else segment]
+    def wait(self, run: int | None = None) -> None:
+        """The current stream waits for one layer run (None: all of them)."""
+        event = self.events[-1 if run is None else run]
         torch.cuda.current_stream(self.rows.device).wait_event(event)
 
 
@@ -116,13 +116,13 @@ StagedRow = tuple["torch.Tensor | ArrivingRows", int]
 
 
 def upload_layers(kv_pool: torch.Tensor, page_ids: torch.Tensor, source: ArrivingRows,
-                  segment: int) -> None:
-    """kv_pool[page_ids[i]] = source.rows[i] for layers source.segments[segment] only, once they
+                  run: int) -> None:
+    """kv_pool[page_ids[i]] = source.rows[i] for layers source.layer_runs[run] only, once they
     have arrived (rows 0..len(page_ids)-1; CUDA: kernels.scatter_rows)."""
     from kvmesh.kernels.scatter_rows import scatter_row_spans
 
-    source.wait(segment)
-    layers = source.segments[segment]
+    source.wait(run)
+    layers = source.layer_runs[run]
     layer_nbytes = kv_pool[0, 0].numel() * kv_pool.element_size()
     word = torch.int32 if layer_nbytes % 4 == 0 else torch.uint8  # moved as words if it can
     words = layer_nbytes // word.itemsize
@@ -136,16 +136,16 @@ def as_words(rows: torch.Tensor, word: torch.dtype) -> torch.Tensor:
     return rows.view(len(rows), -1).view(torch.uint8).view(word)
 
 
-def arriving_loads(loads: Sequence[tuple[int, StagedRow]], segments: list[range]
+def arriving_loads(loads: Sequence[tuple[int, StagedRow]], runs_of_layers: list[range]
                    ) -> list[tuple[ArrivingRows, list[int]]]:
-    """The loads whose rows still arrive a run of layers at a time (in `segments`), as (source,
-    pool page ids of its rows 0..n-1); [] unless every such source's rows go in that order
-    from row 0, in runs of layers that are `segments` (then the caller waits for all of it)."""
+    """The loads whose rows still arrive a layer run at a time (in `runs_of_layers`), as
+    (source, pool page ids of its rows 0..n-1); [] unless every such source's rows go in that
+    order from row 0, in those layer runs (then the caller waits for all of it)."""
     targets: dict[int, tuple[ArrivingRows, list[int]]] = {}
     for page_id, (source, row) in loads:
         if isinstance(source, ArrivingRows):
             ids = targets.setdefault(id(source), (source, []))[1]
-            if row != len(ids) or source.segments != segments:
+            if row != len(ids) or source.layer_runs != runs_of_layers:
                 return []
             ids.append(page_id)
     return list(targets.values())
