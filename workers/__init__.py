@@ -8,7 +8,8 @@ Subpackages, from the bottom up:
 - `models/`: model definitions (Llama family) and the loader.
 - `runner/`: everything that touches the device: the forward, the KV pool's page I/O, CUDA
   graphs, multi-step decode windows, sampling.
-- `offload/`: moving KV pages between the GPU pool, the host tier and the store.
+- `offload/`: moving KV pages between the GPU pool, the host tier and the store, behind the
+  KV connector (`offload/connector.py`), the one interface the engine sees.
 - `service/`: the `Worker` gRPC service around the engine, and its typed client.
 
 At this root: `config.py` (`WorkerConfig`), `errors.py` (every typed worker error), `cli.py`
