@@ -7,7 +7,8 @@ will serve it cheapest (`kvmesh router`).
 - `routing/`: the routing policy and the prefix index (pure), the worker pool (gRPC channels,
   health, KvEvents feeding the index) and the store probe.
 
-At this root: `config.py` (`RouterConfig`), `errors.py` (every typed router error and the one
+At this root: `config.py` (`RouterConfig`), `requests.py` (a checked request, the one type the
+front hands the core), `errors.py` (every typed router error and the one
 HTTP status table), `metrics.py`, `tokenizer.py`, `cli.py`. May import `kvmesh.cachestore.keys`,
 `kvmesh.cachestore.rpc` (wire, auth) and `kvmesh.v1`; never `kvmesh.workers` (it talks to
 workers over gRPC only).

@@ -25,8 +25,8 @@ from kvmesh.router.errors import (
     RequestFailed,
     WorkerFailed,
 )
-from kvmesh.router.http.protocol import ParsedRequest
 from kvmesh.router.metrics import RouterMetrics
+from kvmesh.router.requests import ParsedRequest
 from kvmesh.router.routing.index import PrefixIndex
 from kvmesh.router.routing.policy import BalanceThreshold, Decision, choose
 from kvmesh.router.routing.pool import RETRYABLE_CODES, WorkerHandle, WorkerPool, is_request_failure

@@ -22,8 +22,9 @@ from kvmesh.router.errors import (
     error_body,
     http_status,
 )
-from kvmesh.router.http.protocol import ParsedRequest, check_prompt_size, parse_request
+from kvmesh.router.http.protocol import check_prompt_size, parse_request
 from kvmesh.router.http.responses import StreamFormatter, full_response
+from kvmesh.router.requests import ParsedRequest
 from kvmesh.router.service import Chunk, Prepared, Router
 
 log = logging.getLogger(__name__)

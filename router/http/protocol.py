@@ -4,10 +4,10 @@ each bad request gets one clear 4xx message naming the field."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 from kvmesh.router.errors import InvalidRequest, PromptTooLong
+from kvmesh.router.requests import ParsedRequest, Sampling
 
 MAX_N = 16
 MAX_STOP_STRINGS = 16
@@ -18,32 +18,6 @@ MAX_INT32 = (1 << 31) - 1  # token ids travel as int32 (page keys); top_k as int
 MAX_MAX_TOKENS = MAX_INT32  # the context length bounds it further, once known
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")
-
-
-@dataclass(frozen=True)
-class Sampling:
-    max_tokens: int | None  # None = up to the context length
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    n: int = 1
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    ignore_eos: bool = False
-
-
-@dataclass(frozen=True)
-class ParsedRequest:
-    """A checked completion or chat request; exactly one of prompt / messages is set."""
-
-    is_chat: bool
-    model: str | None
-    prompt: str | tuple[int, ...] | None
-    messages: tuple[dict[str, str], ...] | None
-    sampling: Sampling
-    stream: bool
-    include_usage: bool
-    user: str | None
 
 
 def _is_int(value: Any) -> bool:

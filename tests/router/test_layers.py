@@ -47,6 +47,11 @@ def test_routing_never_imports_the_front_or_the_service():
     assert _offending(_imports(), f"{PKG}.routing", forbidden) == []
 
 
+def test_the_core_never_imports_the_http_front():
+    """router.service gets checked requests as router.requests types, never from router.http."""
+    assert _offending(_imports(), f"{PKG}.service", (f"{PKG}.http", "aiohttp")) == []
+
+
 def test_policy_and_index_are_pure():
     """No I/O, no threads, nothing of kvmesh but the router's errors (and policy: the index)."""
     graph = _imports()

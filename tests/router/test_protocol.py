@@ -18,7 +18,8 @@ from kvmesh.router.errors import (
     error_body,
     http_status,
 )
-from kvmesh.router.http.protocol import Sampling, parse_request
+from kvmesh.router.http.protocol import parse_request
+from kvmesh.router.requests import Sampling
 from kvmesh.router.service import tenant_salt
 
 MESSAGES = [{"role": "user", "content": "hi"}]
