@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-import torch
-
 from kvmesh.cachestore.keys import Namespace, SaltedNamespaces, tokens_to_bytes
 from kvmesh.workers.config import WorkerConfig
 from kvmesh.workers.engine.block_manager import BlockManager
+from kvmesh.workers.engine.completions import Completions
 from kvmesh.workers.engine.detokenizer import IncrementalDetokenizer
 from kvmesh.workers.engine.kv_events import coalesce_block_events, snapshot_events
-from kvmesh.workers.engine.outputs import EngineStats, KvEventData, RequestOutput, Usage
+from kvmesh.workers.engine.outputs import EngineStats, KvEventData, RequestOutput
 from kvmesh.workers.engine.sampling_params import SamplingParams
 from kvmesh.workers.engine.scheduler import ScheduledBatch, Scheduler
 from kvmesh.workers.engine.sequence import Sequence
-from kvmesh.workers.errors import BatchFailed, InvalidRequest
 from kvmesh.workers.models.loader import LoadedModel, load_model
 from kvmesh.workers.offload.connector import PageStore
 from kvmesh.workers.offload.host_offload import KvOffload, max_prefix_nbytes
@@ -41,7 +38,7 @@ MAX_TENANT_NAMESPACES = 1024  # salted namespaces kept built; salts come from ca
 _HOST_COPY_BYTES = 2 << 30  # pinned rows for store write-through (two 8K-token 8B prefills)
 
 
-class Engine:
+class Engine(Completions):
     def __init__(self, config: WorkerConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
         loaded = loaded if loaded is not None else load_model(config.model)
@@ -83,10 +80,7 @@ class Engine:
             weights_fingerprint=loaded.weights_fingerprint,
             tokenizer_fingerprint=loaded.tokenizer_fingerprint)
         self.tenant_namespaces = SaltedNamespaces(MAX_TENANT_NAMESPACES)
-        self._requests: dict[str, list[Sequence]] = {}
-        self._generators: dict[int, torch.Generator] = {}
-        self._detok: dict[int, IncrementalDetokenizer] = {}
-        self._pending: list[RequestOutput] = []
+        super().__init__()
         self._arrivals = 0
         self.eos_token_ids = set(cfg.eos_token_ids)
 
@@ -110,29 +104,9 @@ class Engine:
                     sampling: SamplingParams, tenant_salt: str = "") -> None:
         """Queue a request; raises InvalidRequest for an empty or too long prompt, bad params
         or a duplicate id. Nothing is queued when it raises."""
-        if not request_id:
-            raise InvalidRequest("request_id must not be empty")
-        if request_id in self._requests:
-            raise InvalidRequest(f"duplicate request id {request_id!r}")
-        if not prompt_token_ids:
-            raise InvalidRequest("prompt must not be empty")
-        vocab = self.model_config.vocab_size
-        ids = None
-        if set(map(type, prompt_token_ids)) <= {int}:
-            try:
-                ids = np.asarray(prompt_token_ids, dtype=np.int64)
-            except OverflowError:
-                pass
-        if ids is None or ids.min() < 0 or ids.max() >= vocab:
-            raise InvalidRequest(f"prompt token ids must be ints in [0, {vocab})")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise InvalidRequest(f"prompt has {len(prompt_token_ids)} tokens; this model takes "
-                                 f"at most {self.max_model_len - 1}")
-        sampling.validate(vocab)
-        needed = min(len(prompt_token_ids) + sampling.max_tokens, self.max_model_len)
-        if -(-needed // self.page_size) > self.runner.num_pages:
-            raise InvalidRequest(f"{needed} tokens do not fit the KV cache "
-                                 f"({self.runner.num_pages} pages of {self.page_size})")
+        ids = self._check_request(request_id, prompt_token_ids, sampling,
+                                  self.model_config.vocab_size, self.page_size,
+                                  self.runner.num_pages)
         seq = Sequence(request_id, 0, list(prompt_token_ids), len(prompt_token_ids), sampling,
                        self.namespace(tenant_salt), arrival=self._arrivals,
                        fork_pending=sampling.n > 1, prompt_bytes=tokens_to_bytes(ids))
@@ -262,11 +236,11 @@ class Engine:
             self._drain_window()
         outputs = []
         for i in started:
-            out = last[i]
-            if out is None:  # quarantined with a sibling; its end goes out next step
+            end = last[i]
+            if end is None:  # quarantined with a sibling; its end goes out next step
                 continue
             outputs.append(RequestOutput(seqs[i].request_id, seqs[i].index, new_tokens[i],
-                                         texts[i], out.finish_reason, out.usage, out.error))
+                                         texts[i], end.finish_reason, end.usage, end.error))
         return outputs
 
     def _queue_next_window(self, batch: ScheduledBatch) -> None:
@@ -314,6 +288,22 @@ class Engine:
             self._generators[seq.seq_id] = make_generator(seq.sampling, seq.index,
                                                           self.config.device)
 
+    def _fork(self, parent: Sequence, logits) -> list[RequestOutput]:
+        """n > 1: the prompt is computed once; completions 1..n-1 share its pages (the partial
+        last page is copied on their first write) and sample their own first token."""
+        parent.fork_pending = False
+        outputs = []
+        for index in range(1, parent.sampling.n):
+            child = parent.fork(index, parent.sampling)
+            self.block_manager.acquire(child.page_ids)
+            # owned by the request before anything can raise: a quarantine frees its pages
+            self._requests[parent.request_id].append(child)
+            self.scheduler.running.append(child)
+            self._track(child)
+            (token,) = sample(logits, [child.sampling], [self._generators.get(child.seq_id)])
+            outputs.append(self._append(child, token))
+        return outputs
+
     def _register_full_pages(self, seq: Sequence) -> None:
         num_full = seq.num_computed_tokens // self.page_size
         if num_full <= seq.num_registered_pages:
@@ -348,92 +338,3 @@ class Engine:
             own, *siblings = self._quarantine(seq.request_id, exc, first=seq)
             self._pending += siblings  # the window's reading skips them (finished)
             return own
-
-    def _fork(self, parent: Sequence, logits) -> list[RequestOutput]:
-        """n > 1: the prompt is computed once; completions 1..n-1 share its pages (the partial
-        last page is copied on their first write) and sample their own first token."""
-        parent.fork_pending = False
-        outputs = []
-        for index in range(1, parent.sampling.n):
-            child = parent.fork(index, parent.sampling)
-            self.block_manager.acquire(child.page_ids)
-            # owned by the request before anything can raise: a quarantine frees its pages
-            self._requests[parent.request_id].append(child)
-            self.scheduler.running.append(child)
-            self._track(child)
-            (token,) = sample(logits, [child.sampling], [self._generators.get(child.seq_id)])
-            outputs.append(self._append(child, token))
-        return outputs
-
-    def _append(self, seq: Sequence, token: int) -> RequestOutput:
-        seq.token_ids.append(token)
-        params = seq.sampling
-        detok = self._detok[seq.seq_id]
-        finish = None
-        if token in params.stop_token_ids or (not params.ignore_eos
-                                              and token in self.eos_token_ids):
-            finish = "stop"
-        is_special = token in self.eos_token_ids
-        text = detok.add(token, skip=is_special)
-        if finish is None and detok.hit_stop:
-            finish = "stop"
-        if finish is None and (seq.num_output_tokens >= params.max_tokens
-                               or seq.num_tokens >= self.max_model_len):
-            finish = "length"
-        if finish is None:
-            return RequestOutput(seq.request_id, seq.index, [token], text)
-        text += detok.flush()
-        self.scheduler.remove(seq)
-        out = self._final(seq, [token], text, finish)
-        remaining = self._requests.get(seq.request_id, [])
-        if all(s.is_finished for s in remaining) and not seq.fork_pending:
-            self._requests.pop(seq.request_id, None)
-        return out
-
-    def _quarantine(self, request_id: str, error: Exception,
-                    first: Sequence | None = None) -> list[RequestOutput]:
-        """Abort a request that raised inside the step: its unfinished completions end with
-        finish_reason "error" and its pages are freed; no other request changes. At least one
-        output is returned (`first`'s first, when given), so the caller always learns of it."""
-        log.warning("request %s failed in the engine step; quarantined: %r", request_id, error)
-        message = f"request failed in the engine and was aborted ({type(error).__name__}: {error})"
-        outputs = self._end_request(request_id, "error", message, first)
-        if not outputs:  # every completion had finished before the failure
-            outputs.append(RequestOutput(request_id, 0, [], "", "error", error=message))
-        return outputs
-
-    def _fail_batch(self, seqs: list[Sequence], error: Exception,
-                    outputs: list[RequestOutput]) -> BatchFailed:
-        """Abort every request with a sequence in the failed batch (no load stays in flight);
-        returns the error naming them. `outputs`, made by this step before it failed, go out
-        with the next step so no other request loses its tokens or its end."""
-        self._pending = outputs + self._pending
-        request_ids = list(dict.fromkeys(seq.request_id for seq in seqs))
-        log.error("engine step failed; aborting its batch %s", request_ids, exc_info=error)
-        self.scheduler.drop_loads(seqs)
-        for request_id in request_ids:
-            self._end_request(request_id, "error")  # (the error reaches them as BatchFailed)
-        return BatchFailed(f"engine step failed: {type(error).__name__}: {error}", request_ids)
-
-    def _end_request(self, request_id: str, reason: str, error: str | None = None,
-                     first: Sequence | None = None) -> list[RequestOutput]:
-        """Forget a request: its unfinished completions (and `first`, given first) leave the
-        scheduler, their pages freed, each with a final output of `reason`."""
-        seqs = self._requests.pop(request_id, [])
-        if first is not None:
-            seqs = [first] + [s for s in seqs if s is not first]
-        outputs = []
-        for seq in seqs:
-            if seq is first or not seq.is_finished:
-                self.scheduler.remove(seq)
-                outputs.append(self._final(seq, [], "", reason, error=error))
-        return outputs
-
-    def _final(self, seq: Sequence, tokens: list[int], text: str, reason: str,
-               error: str | None = None) -> RequestOutput:
-        by_tier = dict(seq.cached_tokens_by_tier)
-        usage = Usage(seq.num_prompt_tokens, seq.num_output_tokens,
-                      sum(by_tier.values()), by_tier)
-        self._detok.pop(seq.seq_id, None)
-        self._generators.pop(seq.seq_id, None)
-        return RequestOutput(seq.request_id, seq.index, tokens, text, reason, usage, error)

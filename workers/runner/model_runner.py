@@ -98,7 +98,7 @@ class ModelRunner:
             except Exception as exc:
                 log.warning("CUDA graph capture failed (attempt %d of 2)%s: %s", attempt,
                             ", decoding eagerly" if attempt == 2 else "", exc)
-                try:  # settle before the retry; one that cannot settle fails again
+                try:  # a clean device before the retry; one that cannot sync fails again
                     torch.cuda.synchronize(self.device)
                 except RuntimeError:
                     pass
