@@ -28,7 +28,8 @@ import time
 import torch
 
 from kvmesh.cachestore import Namespace
-from kvmesh.cachestore.codec import ChunkedTasks, checksum_at, encode_page
+from kvmesh.cachestore.bulk_pool import ChunkedTasks
+from kvmesh.cachestore.codec import checksum_at, encode_page
 from kvmesh.cachestore.keys import tokens_to_bytes
 from kvmesh.cachestore.shm import segments
 from kvmesh.cachestore.tiers.cpu import CpuTier

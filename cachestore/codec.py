@@ -6,17 +6,17 @@ Layout (little-endian):
     | xxh3_64(payload) u64 | token ids page_size x int32 | payload
 payload = [num_layers, 2, page_size, num_kv_heads, head_dim] contiguous in the KV dtype.
 No pickle: every field is fixed-width and checked on decode.
+
+One page at a time here; many pages at once (headers compared in place, decode on the bulk
+pool) in codec_batch.py.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 import struct
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
 
 import numpy as np
 import xxhash
@@ -151,12 +151,12 @@ def decode_header(blob: bytes | memoryview) -> PageHeader:
 
 
 # byte offsets in the fixed header: key, then namespace digest .. payload size, then checksum
-_KEY_AT, _DIGEST_AT, _CHECKSUM_AT = 8, 24, 64
+KEY_AT, DIGEST_AT, CHECKSUM_AT = 8, 24, 64
 _TEMPLATES: dict[bytes, tuple[bytes, int]] = {}
 _MAX_TEMPLATES = 4096
 
 
-def _header_template(ns: Namespace) -> tuple[bytes, int]:
+def header_template(ns: Namespace) -> tuple[bytes, int]:
     """(the fixed header of a page of `ns` with zero key and checksum, its encoded size). Keyed by
     the namespace digest, which covers the dtype, shape and layout version."""
     template = _TEMPLATES.get(ns.digest)
@@ -184,13 +184,13 @@ def check_page_header(
     but the checksum) passes on a few slice compares; any other goes through `decode_header`,
     which names what is wrong."""
     view = memoryview(blob).cast("B")
-    expected, nbytes = _header_template(ns)
+    expected, nbytes = header_template(ns)
     tokens_end = HEADER_FIXED_NBYTES + 4 * ns.page_size
-    if (view.nbytes == nbytes and view[:_KEY_AT] == expected[:_KEY_AT]
-            and view[_KEY_AT:_DIGEST_AT] == key
-            and view[_DIGEST_AT:_CHECKSUM_AT] == expected[_DIGEST_AT:_CHECKSUM_AT]
+    if (view.nbytes == nbytes and view[:KEY_AT] == expected[:KEY_AT]
+            and view[KEY_AT:DIGEST_AT] == key
+            and view[DIGEST_AT:CHECKSUM_AT] == expected[DIGEST_AT:CHECKSUM_AT]
             and view[HEADER_FIXED_NBYTES:tokens_end] == token_ids):
-        return view[tokens_end:], int.from_bytes(view[_CHECKSUM_AT:HEADER_FIXED_NBYTES], "little")
+        return view[tokens_end:], int.from_bytes(view[CHECKSUM_AT:HEADER_FIXED_NBYTES], "little")
     header = decode_header(blob)
     if header.key != key:
         raise PageCorrupt("page key mismatch")
@@ -203,34 +203,6 @@ def check_page_header(
     if header.token_ids.tobytes() != token_ids:
         raise PageCorrupt("page token ids differ (hash collision)")
     return memoryview(blob).cast("B")[header.nbytes :], header.checksum
-
-
-def check_page_headers_at(address: int, pitch: int, count: int, ns: Namespace,
-                          keys: Sequence[bytes], token_ids: bytes) -> list[int]:
-    """`check_page_header` for `count` encoded pages of `ns` that lie `pitch` bytes apart from
-    `address` (consecutive slots of one arena, say), every field compared for all of them at
-    once: the checksums their headers record, for the leading pages whose headers are byte for
-    byte what `keys` and `token_ids` (the pages' token bytes back to back) predict. The first
-    page that differs ends the list. The memory must stay valid for the call."""
-    expected, _ = _header_template(ns)
-    tokens_end = HEADER_FIXED_NBYTES + 4 * ns.page_size
-    if count <= 0:
-        return []
-    if pitch < tokens_end or len(keys) != count or len(token_ids) != count * 4 * ns.page_size:
-        raise ValueError("pages overlap, or keys / token ids do not match the count")
-    raw = (ctypes.c_uint8 * (pitch * (count - 1) + tokens_end)).from_address(address)
-    headers = np.lib.stride_tricks.as_strided(np.ctypeslib.as_array(raw),
-                                              shape=(count, tokens_end), strides=(pitch, 1))
-    template = np.frombuffer(expected, dtype=np.uint8)
-    ok = (headers[:, :_KEY_AT] == template[:_KEY_AT]).all(axis=1)
-    ok &= (headers[:, _KEY_AT:_DIGEST_AT]
-           == np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(count, -1)).all(axis=1)
-    ok &= (headers[:, _DIGEST_AT:_CHECKSUM_AT] == template[_DIGEST_AT:_CHECKSUM_AT]).all(axis=1)
-    ok &= (headers[:, HEADER_FIXED_NBYTES:tokens_end]
-           == np.frombuffer(token_ids, dtype=np.uint8).reshape(count, -1)).all(axis=1)
-    num_ok = count if ok.all() else int(np.argmin(ok))
-    checksums = np.ascontiguousarray(headers[:num_ok, _CHECKSUM_AT:HEADER_FIXED_NBYTES])
-    return checksums.view("<u8").ravel().tolist()
 
 
 def decode_page(
@@ -246,81 +218,3 @@ def decode_page(
     if checksum(payload) != recorded:
         raise PageCorrupt("page checksum mismatch")
     return payload
-
-
-# checksum_at / checksum and ctypes.memmove release the GIL, so bulk page work (checksums,
-# copies) of several MB runs on a few threads at once (a host-tier or store hit of an 8K-token
-# prefix is ~1 GB of pages for Llama-3-8B). One pool for all of it.
-_BULK_THREADS = min(16, os.cpu_count() or 1)
-_BULK_POOL = ThreadPoolExecutor(max_workers=_BULK_THREADS, thread_name_prefix="kvmesh-bulk")
-_PARALLEL_MIN_BYTES = 8 << 20
-
-T = TypeVar("T")
-
-
-def map_chunked(fn: Callable[[range], list[T]], n: int, nbytes: int) -> list[T]:
-    """fn over contiguous index ranges covering range(n), one per pool thread, concatenated in
-    order (one inline call when the work, `nbytes` in all, is small). fn must release the GIL
-    for its heavy part (checksum, memmove) to gain anything."""
-    with ChunkedTasks(fn, n, nbytes, -(-nbytes // _BULK_THREADS)) as tasks:
-        return [value for _, values in tasks for value in values]
-
-
-class ChunkedTasks(Generic[T]):
-    """fn over contiguous index ranges of about `chunk_nbytes` (of `nbytes` in all) covering
-    range(n), all queued on the shared pool when this is made (one inline call when the work is
-    small). Iterating yields (range, fn(range)) in order as each is done, so the caller can work
-    meanwhile and use the first ranges while the pool runs the rest. `close()` (or leaving the
-    `with` block) cancels the ranges not yet started and waits for the running ones: they may
-    read memory the caller frees next."""
-
-    def __init__(self, fn: Callable[[range], list[T]], n: int, nbytes: int,
-                 chunk_nbytes: int) -> None:
-        self._inline: list[tuple[range, list[T]]] = []
-        self._ranges: list[range] = []
-        self._futures: list[Future[list[T]]] = []
-        if n <= 0:
-            return
-        if nbytes < _PARALLEL_MIN_BYTES:
-            self._inline = [(range(n), fn(range(n)))]
-            return
-        step = max(1, n * chunk_nbytes // nbytes)
-        self._ranges = [range(start, min(start + step, n)) for start in range(0, n, step)]
-        self._futures = [_BULK_POOL.submit(fn, part) for part in self._ranges]
-
-    def __iter__(self) -> Iterator[tuple[range, list[T]]]:
-        yield from self._inline
-        for part, future in zip(self._ranges, self._futures, strict=True):
-            yield part, future.result()
-
-    def close(self) -> None:
-        for future in self._futures:
-            future.cancel()
-        wait(self._futures)
-
-    def __enter__(self) -> ChunkedTasks[T]:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def decode_pages(
-    blobs: Sequence[bytes | memoryview],
-    ns: Namespace,
-    keys: Sequence[bytes],
-    token_ids: Sequence[bytes],
-) -> list[memoryview | None]:
-    """`decode_page` over many pages: each page's payload, or None where it fails verification.
-    Large batches are verified in contiguous chunks on a shared thread pool."""
-
-    def verify(indices: range) -> list[memoryview | None]:
-        out: list[memoryview | None] = []
-        for i in indices:
-            try:
-                out.append(decode_page(blobs[i], ns, keys[i], token_ids[i]))
-            except PageCorrupt:
-                out.append(None)
-        return out
-
-    return map_chunked(verify, len(blobs), len(blobs) * ns.page_nbytes)

@@ -9,12 +9,12 @@ Two levels:
 Tensor <-> page payload conversion costs one permute-copy each way; frames are written and read
 by cachestore.wire without protobuf copies. Against a server on this host, key-level gets move
 their bytes through shared-memory segments the client owns (cachestore/shm/client.py), or, for a
-caller that checks pages itself, not at all: it reads them in the server's arenas (`mapped`).
+caller that checks pages itself, not at all: it reads them in the server's arenas (`mapped`);
+those gets are page_gets.py's.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,16 +34,16 @@ from kvmesh.cachestore.errors import (  # noqa: F401 - re-exported: callers impo
 from kvmesh.cachestore.keys import Namespace
 from kvmesh.cachestore.rpc import kv_pages, wire
 from kvmesh.cachestore.rpc.breaker import CircuitBreaker
+from kvmesh.cachestore.rpc.page_gets import PageGets, chunks
 from kvmesh.cachestore.rpc.status import typed_error
 from kvmesh.cachestore.shm import segments
 from kvmesh.cachestore.shm.client import SegmentCallback, SegmentPool
-from kvmesh.cachestore.shm.page_lease import PageLease, fits_mapped, fits_segment, pages_by_key
+from kvmesh.cachestore.shm.page_lease import PageLease
 from kvmesh.cachestore.store.tiered import ClosestPages, LookupResult
 from kvmesh.cachestore.tiers.base import TierStats
 from kvmesh.v1 import store_pb2
 
-_SERVICE = "/kvmesh.v1.KVStore/"
-MAX_KEYS_PER_CALL = 1 << 16
+_SERVICE = f"/{wire.SERVICE}/"
 
 
 @dataclass(frozen=True)
@@ -103,13 +103,7 @@ class StoreClient:
                            ("Stats", pb.StatsRequest, pb.StatsResponse),
                            ("HasPages", pb.PageKeys, pb.HasPagesResponse),
                            ("DeletePages", pb.PageKeys, pb.DeleteResponse))}
-        self._get_pages = ch.unary_stream(_SERVICE + "GetPages", pb.PageKeys.SerializeToString,
-                                          wire.make_deserializer(pb.GetPagesResponse))
-        self._release_pages = ch.unary_unary(_SERVICE + "ReleasePages",
-                                             pb.ReleasePagesRequest.SerializeToString,
-                                             pb.ReleasePagesResponse.FromString)
-        self._lock = threading.Lock()
-        self._releasing: set[Any] = set()  # ReleasePages calls in flight
+        self._page_gets = PageGets(ch, self._segments, timeout, self._metadata)
         self._put_pages = ch.stream_unary(_SERVICE + "PutPages",
                                           wire.make_serializer(pb.PutPagesHeader),
                                           pb.PutPagesResponse.FromString)
@@ -186,7 +180,7 @@ class StoreClient:
 
     def has_pages(self, keys: Sequence[bytes]) -> list[bool]:
         out: list[bool] = []
-        for chunk in _chunks(keys):
+        for chunk in chunks(keys):
             out += self._call("HasPages", store_pb2.PageKeys(keys=chunk)).is_present
         return out
 
@@ -206,41 +200,7 @@ class StoreClient:
         host; no copy at all). Those pages are NOT checked by the server: the caller checks
         every page (cachestore.codec.check_page_header and the checksum) after reading it, and
         then `lease.is_valid()`, before using anything it read."""
-        if self._segments is not None and 0 < len(keys) <= MAX_KEYS_PER_CALL:
-            lease = self._segments.read(
-                lambda chunk, segment, accept_mapped: self._fetch_pages(
-                    chunk, prefix_only, segment, accept_mapped),
-                keys, self._end_lease if mapped else None)
-        else:
-            pages: list[memoryview | None] = []
-            for chunk in _chunks(keys):
-                if prefix_only and None in pages:
-                    pages += [None] * len(chunk)
-                    continue
-                header, inline = self._fetch_pages(chunk, prefix_only, None)
-                pages += pages_by_key(header.is_found, inline)
-            lease = PageLease(pages)
-        if prefix_only and None in lease.pages:  # an older server reads every key
-            first = lease.pages.index(None)
-            lease.pages[first:] = [None] * (len(lease.pages) - first)
-        return lease
-
-    def _end_lease(self, lease_id: int, bad_keys: Sequence[bytes] = ()) -> None:
-        """Tell the server a mapped get's pages are read (and which failed the caller's check),
-        without waiting for the answer (a lease that is never released ends by itself)."""
-        request = store_pb2.ReleasePagesRequest(lease_ids=[lease_id], bad_keys=bad_keys)
-        try:
-            call = self._release_pages.future(request, timeout=self.timeout,
-                                              metadata=self._metadata)
-        except (ValueError, StoreUnavailable):  # channel closed, or the breaker is open: the
-            return  # lease runs out on the server instead
-        with self._lock:
-            self._releasing.add(call)  # an unreferenced call would be cancelled
-        call.add_done_callback(self._released)
-
-    def _released(self, call: Any) -> None:
-        with self._lock:
-            self._releasing.discard(call)
+        return self._page_gets.get_leased(keys, prefix_only, mapped)
 
     def reserve_segment(self, nbytes: int) -> None:
         """Make a shared-memory segment of `nbytes` for later gets now (a no-op without shared
@@ -252,7 +212,7 @@ class StoreClient:
         """Store (key, encoded page) pairs; the server checks each page before storing any."""
         stored = 0
         arenas: dict[str, int] = {}
-        for chunk in _chunks(pages):
+        for chunk in chunks(pages):
             views = [memoryview(blob).cast("B") for _, blob in chunk]
             header = store_pb2.PutPagesHeader(keys=[key for key, _ in chunk],
                                               page_nbytes=[v.nbytes for v in views])
@@ -267,7 +227,7 @@ class StoreClient:
 
     def delete_pages(self, keys: Sequence[bytes]) -> int:
         return sum(self._call("DeletePages", store_pb2.PageKeys(keys=chunk)).num_pages_deleted
-                   for chunk in _chunks(keys))
+                   for chunk in chunks(keys))
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -320,60 +280,11 @@ class StoreClient:
             if (header.page_nbytes != ns.page_nbytes
                     or header.num_tokens != header.num_pages * ns.page_size):
                 raise ProtocolError(f"GetClosest header does not fit the namespace: {header}")
-            frames = _receive(stream, header.num_pages * ns.page_nbytes, "GetClosest")
+            frames = wire.receive_frames(stream, header.num_pages * ns.page_nbytes,
+                                         "GetClosest")
         except grpc.RpcError as exc:
             raise typed_error(exc) from None
         return header, frames
-
-    def _fetch_pages(self, keys: Sequence[bytes], prefix_only: bool,
-                     segment: segments.Segment | None,
-                     accept_mapped: bool = False) -> tuple[Any, list[memoryview]]:
-        """One GetPages call: (checked header, the found pages sent inline; none when they
-        went to `segment`, it was too small, or they are mapped)."""
-        request = store_pb2.PageKeys(keys=keys, prefix_only=prefix_only,
-                                     accept_mapped=accept_mapped)
-        if segment is not None:
-            request.segment.name, request.segment.capacity = segment.name, segment.capacity
-        try:
-            stream = self._get_pages(request, timeout=self.timeout, metadata=self._metadata)
-            header = next(stream, None)
-            if (not isinstance(header, store_pb2.GetPagesHeader)
-                    or len(header.is_found) != len(keys)
-                    or sum(header.is_found) != len(header.page_nbytes)):
-                raise ProtocolError(f"GetPages reply starts with {header!r}")
-            if header.HasField("mapped"):
-                if not accept_mapped or not fits_mapped(header):
-                    raise ProtocolError(f"GetPages: unasked or malformed mapped reply {header!r}")
-            is_shared = header.is_shared_memory or header.segment_nbytes_needed
-            if is_shared and (segment is None or not fits_segment(header, segment.capacity)):
-                raise ProtocolError(f"GetPages: shared-memory reply {header!r} does not fit "
-                                    f"the segment {segment and segment.name}")
-            is_shared = is_shared or header.HasField("mapped")
-            frames = _receive(stream, 0 if is_shared else sum(header.page_nbytes), "GetPages")
-        except grpc.RpcError as exc:
-            raise typed_error(exc) from None
-        return header, [] if is_shared else wire.split_pages(frames, header.page_nbytes)
-
-
-def _receive(stream: Iterator, nbytes: int, rpc: str) -> list[memoryview]:
-    """The data frames of `stream`, which must add up to exactly `nbytes`."""
-    frames: list[memoryview] = []
-    filled = 0
-    for frame in stream:
-        if not isinstance(frame, memoryview):
-            raise ProtocolError(f"{rpc}: expected a data frame, got {frame!r}")
-        filled += len(frame)
-        if filled > nbytes:
-            raise ProtocolError(f"{rpc}: more data than the header announced")
-        frames.append(frame)
-    if filled != nbytes:
-        raise ProtocolError(f"{rpc}: {filled} data bytes, the header announced {nbytes}")
-    return frames
-
-
-def _chunks(items: Sequence) -> Iterator[list]:
-    for start in range(0, len(items), MAX_KEYS_PER_CALL):
-        yield list(items[start : start + MAX_KEYS_PER_CALL])
 
 
 def _spec(ns: Namespace) -> Any:

@@ -20,10 +20,12 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
+from kvmesh.cachestore.errors import ProtocolError
 from kvmesh.cachestore.keys import LAYOUT_VERSION, InvalidNamespace, Namespace
 from kvmesh.cachestore.tiers.base import TierStats
 from kvmesh.v1 import common_pb2, store_pb2
 
+SERVICE = store_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name  # "kvmesh.v1.KVStore"
 FRAME_NBYTES = 1 << 20  # bulk data is cut into frames of about this size
 MAX_PAGE_IN_FRAME = 8 << 20  # pages up to this size travel whole in one frame
 DATA_TAG = 0x12  # field 2, wire type 2 (length-delimited)
@@ -172,6 +174,22 @@ def cut_frames(pages: Sequence[memoryview | bytes], frame_nbytes: int = FRAME_NB
         size += len(view)
     if frame:
         yield frame
+
+
+def receive_frames(stream: Iterator, nbytes: int, rpc: str) -> list[memoryview]:
+    """The data frames of `stream`, which must add up to exactly `nbytes`."""
+    frames: list[memoryview] = []
+    filled = 0
+    for frame in stream:
+        if not isinstance(frame, memoryview):
+            raise ProtocolError(f"{rpc}: expected a data frame, got {frame!r}")
+        filled += len(frame)
+        if filled > nbytes:
+            raise ProtocolError(f"{rpc}: more data than the header announced")
+        frames.append(frame)
+    if filled != nbytes:
+        raise ProtocolError(f"{rpc}: {filled} data bytes, the header announced {nbytes}")
+    return frames
 
 
 def split_pages(frames: Sequence[memoryview], sizes: Sequence[int]) -> list[memoryview]:

@@ -5,6 +5,7 @@ mappings of them (maps.py), the server side (server.py: writing pages into a cli
 leases.py: mapped reads of the CPU tier's arenas) and the client side (client.py: the segment
 pool; page_lease.py: what a key-level get hands back).
 
-May import: the bottom of cachestore (keys, codec, errors), tiers and store. Never rpc: the gRPC
-calls are passed in (client.py's `fetch`), so shared memory knows nothing of the wire.
+May import: the bottom of cachestore (keys, codec, bulk_pool, errors), tiers and store. Never
+rpc: the gRPC calls are passed in (client.py's `fetch`), so shared memory knows nothing of the
+wire.
 """

@@ -14,7 +14,7 @@ such files out of the directory (`sweep_stale`; only its own user's files, and o
 STALE_AFTER_S old, so a file just being created is never taken).
 
 Copies go through `copy_many`: chunks of a few MiB spread over the shared bulk thread pool
-(cachestore.codec.map_chunked); ctypes' `memmove` is a plain foreign call, which releases the
+(cachestore.bulk_pool.map_chunked); ctypes' `memmove` is a plain foreign call, which releases the
 GIL, so the chunks really run in parallel.
 """
 
@@ -33,7 +33,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from kvmesh.cachestore.codec import map_chunked
+from kvmesh.cachestore.bulk_pool import map_chunked
 
 SHM_DIR = "/dev/shm"
 NAME_PREFIX = "kvmesh-"

@@ -21,7 +21,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 
-from kvmesh.cachestore.codec import map_chunked
+from kvmesh.cachestore.bulk_pool import map_chunked
 from kvmesh.cachestore.shm import segments
 from kvmesh.cachestore.shm.maps import SegmentMaps, SegmentUnusable
 from kvmesh.cachestore.store.page_access import is_intact

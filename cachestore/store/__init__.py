@@ -5,5 +5,6 @@ of inflight.py and the per-tier error counters, once for every caller); TieredSt
 the namespace calls, which encode and verify pages); PageAccess (page_access.py: the key-level
 calls the page RPCs serve); the validated tokens of one call (request.py).
 
-May import: the bottom of cachestore (keys, codec, errors) and tiers. Never shm or rpc.
+May import: the bottom of cachestore (keys, codec, codec_batch, bulk_pool, errors) and tiers.
+Never shm or rpc.
 """

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvmesh.cachestore.codec import checksum, decode_header, map_chunked
+from kvmesh.cachestore.bulk_pool import map_chunked
+from kvmesh.cachestore.codec import checksum, decode_header
 from kvmesh.cachestore.errors import InvalidRequest, PageCorrupt
 from kvmesh.cachestore.keys import KEY_NBYTES
 from kvmesh.cachestore.store.chain import Page

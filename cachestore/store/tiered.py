@@ -21,7 +21,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvmesh.cachestore.codec import decode_pages, encode_page
+from kvmesh.cachestore.codec import encode_page
+from kvmesh.cachestore.codec_batch import decode_pages
 from kvmesh.cachestore.errors import InvalidRequest, StoreClosed
 from kvmesh.cachestore.keys import Namespace
 from kvmesh.cachestore.store.chain import Found, Page, TierChain

@@ -5,18 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from kvmesh.cachestore.bulk_pool import ChunkedTasks
 from kvmesh.cachestore.codec import (
     HEADER_FIXED_NBYTES,
-    ChunkedTasks,
     PageCorrupt,
     check_page_header,
-    check_page_headers_at,
     decode_header,
     decode_page,
-    decode_pages,
     encode_page,
     header_nbytes,
 )
+from kvmesh.cachestore.codec_batch import check_page_headers_at, decode_pages
 from kvmesh.cachestore.keys import Namespace, tokens_to_bytes
 
 NS = Namespace("m", num_layers=3, num_kv_heads=2, head_dim=4, dtype="bfloat16", page_size=5)

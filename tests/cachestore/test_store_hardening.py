@@ -96,7 +96,7 @@ def test_a_client_shrinking_its_segment_during_get_pages_costs_only_its_call():
                 while time.monotonic() < deadline and proc.poll() is None:
                     num_calls += 1
                     try:  # the test never reads the segment: its mapping may be cut short
-                        header, _ = client._fetch_pages(keys, False, segment)
+                        header, _ = client._page_gets.fetch(keys, False, segment)
                     except Exception:  # its own call may fail; the store must not
                         continue
                     num_shared += header.is_shared_memory  # written while being cut short

@@ -43,13 +43,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from kvmesh.cachestore.codec import (
-    ChunkedTasks,
-    PageCorrupt,
-    check_page_header,
-    checksum_at,
-    map_chunked,
-)
+from kvmesh.cachestore.bulk_pool import ChunkedTasks, map_chunked
+from kvmesh.cachestore.codec import PageCorrupt, check_page_header, checksum_at
 from kvmesh.cachestore.keys import Namespace
 from kvmesh.cachestore.shm.segments import buffer_address
 from kvmesh.workers.offload.page_sends import CheckedSend

@@ -10,13 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
-from kvmesh.cachestore.codec import (
-    PageCorrupt,
-    check_page_header,
-    check_page_headers_at,
-    page_nbytes,
-    payload_offset,
-)
+from kvmesh.cachestore.codec import PageCorrupt, check_page_header, page_nbytes, payload_offset
+from kvmesh.cachestore.codec_batch import check_page_headers_at
 from kvmesh.cachestore.keys import Namespace
 from kvmesh.cachestore.shm.segments import buffer_address
 from kvmesh.workers.offload.staged_rows import RowChecks, StagedPages, copy_rows, num_leading
