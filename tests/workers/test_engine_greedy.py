@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from engine_helpers import LONG, PROMPTS, final, run, tokens_of
 
-import kvmesh.workers.offload.host_offload
+import kvmesh.workers.offload.tier_lookup
 from kvmesh.workers.engine.sampling_params import SamplingParams
 from kvmesh.workers.errors import BatchFailed
 
@@ -78,7 +78,7 @@ def test_a_corrupt_host_tier_page_is_a_miss_and_is_dropped(make_engine, encode, 
     """device_checksums (the CUDA default; kernels.xxh3, here under the Triton interpreter):
     the step computes on the loaded pages before their checksums are in, so the bad page is
     found after the forward; the sequence is rewound to it and that step's token dropped."""
-    monkeypatch.setattr(kvmesh.workers.offload.host_offload, "_FIRST_CHUNK_PAGES", first_chunk)
+    monkeypatch.setattr(kvmesh.workers.offload.tier_lookup, "_FIRST_CHUNK_PAGES", first_chunk)
     page_nbytes = 30 * 2 * 16 * 3 * 64 * 4
     engine = make_engine(kv_cache_bytes=8 * page_nbytes, host_tier_bytes=64 * page_nbytes)
     engine.offload.stager.device_checksums = device_checksums

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kvmesh.workers.offload.host_offload
+import kvmesh.workers.offload.tier_lookup
 from kvmesh.cachestore.codec import encode_page
 from kvmesh.cachestore.keys import Namespace, tokens_to_bytes
 from kvmesh.workers.engine.block_manager import EvictedPage
@@ -100,7 +100,7 @@ def test_host_lookups_checked_on_the_device_go_in_growing_chunks(
     """Checksums on the device (kernels.xxh3; Triton's interpreter on a CPU): the first
     chunk's copies are queued before the next chunk is looked up; one checksum pass at the end.
     """
-    monkeypatch.setattr(kvmesh.workers.offload.host_offload, "_FIRST_CHUNK_PAGES", 2)
+    monkeypatch.setattr(kvmesh.workers.offload.tier_lookup, "_FIRST_CHUNK_PAGES", 2)
     offload, seq, keys, payloads = host_pages(7, missing, corrupt, device_checksums=True,
                                               bad_header=bad_header)
     looked_up = []
@@ -126,7 +126,7 @@ def test_host_lookups_checked_on_the_device_go_in_growing_chunks(
 @pytest.mark.parametrize(("corrupt", "num_ok"), [(None, 7), (5, 5)])
 def test_host_lookups_checked_on_the_host_go_in_one(monkeypatch, corrupt, num_ok):
     """Checksums on the host: a send waits for the one before it, so chunks would not overlap."""
-    monkeypatch.setattr(kvmesh.workers.offload.host_offload, "_FIRST_CHUNK_PAGES", 2)
+    monkeypatch.setattr(kvmesh.workers.offload.tier_lookup, "_FIRST_CHUNK_PAGES", 2)
     offload, seq, keys, payloads = host_pages(7, corrupt=corrupt, device_checksums=False)
     looked_up = []
     get = offload.host.get_leading_addressed
@@ -138,7 +138,7 @@ def test_host_lookups_checked_on_the_host_go_in_one(monkeypatch, corrupt, num_ok
 
 
 def test_a_lookup_past_the_device_prefix_starts_at_its_first_page(monkeypatch):
-    monkeypatch.setattr(kvmesh.workers.offload.host_offload, "_FIRST_CHUNK_PAGES", 2)
+    monkeypatch.setattr(kvmesh.workers.offload.tier_lookup, "_FIRST_CHUNK_PAGES", 2)
     offload, seq, _, payloads = host_pages(7, device_checksums=True)
     load = offload.match(seq, 3, 7)
     assert load is not None and load.start_page == 3 and load.wait() == 4

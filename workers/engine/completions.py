@@ -1,6 +1,6 @@
 """A request's completions from their first token to their end: checking a new request,
-detokenizing, stop checks, and ending them (finish, abort, a request that fails alone, a failed
-batch).
+detokenizing, stop checks, entering their full pages in the prefix cache (saved through the KV
+connector), and ending them (finish, abort, a request that fails alone, a failed batch).
 
 `Completions` is the engine's base: it owns the per-request state named below; `Engine.step`
 calls these for every token it reads.
@@ -9,10 +9,12 @@ calls these for every token it reads.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from kvmesh.cachestore.keys import Namespace
+from kvmesh.workers.engine.block_manager import BlockManager
 from kvmesh.workers.engine.detokenizer import IncrementalDetokenizer
 from kvmesh.workers.engine.outputs import RequestOutput, Usage
 from kvmesh.workers.engine.sampling_params import SamplingParams
@@ -26,18 +28,35 @@ if TYPE_CHECKING:  # (the generators' type only; this module runs without torch)
 log = logging.getLogger(__name__)
 
 
+class PageSaver(Protocol):
+    """What completions use of the KV connector (`offload.connector.KvConnector`)."""
+
+    def save(self, ns: Namespace, pages: list[tuple[bytes, list[int], int]]) -> None: ...
+
+
 class Completions:
     """Engine thread only."""
 
     scheduler: Scheduler
+    block_manager: BlockManager
+    offload: PageSaver
     eos_token_ids: set[int]
     max_model_len: int
+    page_size: int
 
     def __init__(self) -> None:
         self._requests: dict[str, list[Sequence]] = {}  # request id -> its completions
         self._generators: dict[int, torch.Generator] = {}  # seq_id -> its sampling generator
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._pending: list[RequestOutput] = []  # outputs made between steps, sent next step
+
+    def abort_request(self, request_id: str) -> None:
+        """Free the request's pages; its unfinished completions end with "abort" (emitted by
+        the next step()). Unknown or finished ids are ignored."""
+        self._pending += self._end_request(request_id, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests) or bool(self._pending)
 
     def _check_request(self, request_id: str, prompt_token_ids: list[int],
                        sampling: SamplingParams, vocab: int, page_size: int, num_pages: int
@@ -92,6 +111,23 @@ class Completions:
         if all(s.is_finished for s in remaining) and not seq.fork_pending:
             self._requests.pop(seq.request_id, None)
         return out
+
+    def _register_full_pages(self, seq: Sequence) -> None:
+        """Enter seq's newly full computed pages in the prefix cache, and save those it took
+        (a page cached already under its key is not) through the KV connector."""
+        num_full = seq.num_computed_tokens // self.page_size
+        if num_full <= seq.num_registered_pages:
+            return
+        keys = seq.full_page_keys(num_full)
+        first = seq.num_registered_pages
+        ps = self.page_size
+        registered = self.block_manager.register_run(
+            seq.page_ids[first:num_full], keys[first:num_full], keys[first - 1] if first else None,
+            seq.token_ids[first * ps : num_full * ps], seq.namespace)
+        self.offload.save(seq.namespace, [
+            (keys[first + i], seq.page_tokens(first + i), seq.page_ids[first + i])
+            for i in registered])
+        seq.num_registered_pages = num_full
 
     def _quarantine(self, request_id: str, error: Exception,
                     first: Sequence | None = None) -> list[RequestOutput]:

@@ -16,15 +16,14 @@ from kvmesh.workers.config import WorkerConfig
 from kvmesh.workers.engine.block_manager import BlockManager
 from kvmesh.workers.engine.completions import Completions
 from kvmesh.workers.engine.detokenizer import IncrementalDetokenizer
-from kvmesh.workers.engine.kv_events import coalesce_block_events, snapshot_events
-from kvmesh.workers.engine.outputs import EngineStats, KvEventData, RequestOutput
+from kvmesh.workers.engine.outputs import RequestOutput
+from kvmesh.workers.engine.reports import EngineReports
 from kvmesh.workers.engine.sampling_params import SamplingParams
 from kvmesh.workers.engine.scheduler import ScheduledBatch, Scheduler
 from kvmesh.workers.engine.sequence import Sequence
 from kvmesh.workers.models.loader import LoadedModel, load_model
 from kvmesh.workers.offload.connector import PageStore
-from kvmesh.workers.offload.host_offload import KvOffload, max_prefix_nbytes
-from kvmesh.workers.offload.kv_upload import PageStager
+from kvmesh.workers.offload.host_offload import KvOffload
 from kvmesh.workers.runner.cuda_graphs import StepTokens
 from kvmesh.workers.runner.model_runner import ModelRunner, StepLogits
 from kvmesh.workers.runner.sampler import make_generator, sample, sample_each
@@ -38,7 +37,9 @@ MAX_TENANT_NAMESPACES = 1024  # salted namespaces kept built; salts come from ca
 _HOST_COPY_BYTES = 2 << 30  # pinned rows for store write-through (two 8K-token 8B prefills)
 
 
-class Engine(Completions):
+class Engine(Completions, EngineReports):
+    offload: KvOffload
+
     def __init__(self, config: WorkerConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
         loaded = loaded if loaded is not None else load_model(config.model)
@@ -50,12 +51,8 @@ class Engine(Completions):
         limit = cfg.max_position_embeddings
         self.max_model_len = min(config.max_model_len or limit, limit)
         self.runner = ModelRunner(config, loaded, self.max_model_len)
-        pool = self.runner.pages
-        stager = PageStager(pool.page_shape, pool.dtype, pool.device)
-        if pool.device.type == "cuda" and config.host_tier_bytes:
-            stager.warm_up_checksums()
-        self.offload = KvOffload(pool, config.host_tier_bytes, stager, max_prefix_nbytes(
-            self.max_model_len, self.page_size, pool.page_nbytes))
+        self.offload = KvOffload.for_pool(self.runner.pages, config.host_tier_bytes,
+                                          self.max_model_len, self.page_size)
         if config.store:
             from kvmesh.cachestore.rpc.client import StoreClient  # needs the generated gRPC code
 
@@ -91,11 +88,7 @@ class Engine(Completions):
         here too."""
         self.offload.attach_store(store)
         self.runner.pages.enable_host_copies(_HOST_COPY_BYTES)
-        if self.runner.device.type == "cuda":
-            # staging for store pages not (yet) in page-locked memory (the first pinned
-            # allocation takes ~0.5 s), and the checksum kernels compiled before the first hit
-            self.offload.stager.warm_up()
-            self.offload.stager.warm_up_checksums()
+        self.offload.warm_up_store_loads()
 
     def namespace(self, tenant_salt: str = "") -> Namespace:
         return self.tenant_namespaces.get(self._base_namespace, tenant_salt)
@@ -114,14 +107,6 @@ class Engine(Completions):
         self._track(seq)
         self._requests[request_id] = [seq]
         self.scheduler.add(seq)
-
-    def abort_request(self, request_id: str) -> None:
-        """Free the request's pages; its unfinished completions end with "abort" (emitted by
-        the next step()). Unknown or finished ids are ignored."""
-        self._pending += self._end_request(request_id, "abort")
-
-    def has_unfinished_requests(self) -> bool:
-        return bool(self._requests) or bool(self._pending)
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[RequestOutput]:
@@ -258,25 +243,7 @@ class Engine(Completions):
             self.queued_window = None
             tokens.step(tokens.num_steps - 1)
 
-    # ------------------------------------------------------------------ introspection
-    def stats(self) -> EngineStats:
-        s = self.scheduler
-        return EngineStats(
-            num_pages_total=self.block_manager.num_pages,
-            num_pages_free=self.block_manager.num_free_pages,
-            num_running=len(s.running), num_waiting=len(s.waiting),
-            prefix_queries=s.prefix_queries, prefix_hits=dict(s.prefix_hits),
-            num_preemptions=s.num_preemptions,
-            num_store_writes_dropped=self.offload.num_store_writes_dropped)
-
-    def pop_kv_events(self) -> list[KvEventData]:
-        events = coalesce_block_events(self.block_manager.events)
-        self.block_manager.events = []
-        return events + self.offload.pop_events()
-
-    def cached_pages(self) -> list[KvEventData]:
-        return snapshot_events(self.block_manager.cached_entries(), self.offload.cached_keys())
-
+    # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
         self._drain_window()  # the device may still write into pages
         self.offload.close()
@@ -303,21 +270,6 @@ class Engine(Completions):
             (token,) = sample(logits, [child.sampling], [self._generators.get(child.seq_id)])
             outputs.append(self._append(child, token))
         return outputs
-
-    def _register_full_pages(self, seq: Sequence) -> None:
-        num_full = seq.num_computed_tokens // self.page_size
-        if num_full <= seq.num_registered_pages:
-            return
-        keys = seq.full_page_keys(num_full)
-        first = seq.num_registered_pages
-        ps = self.page_size
-        registered = self.block_manager.register_run(
-            seq.page_ids[first:num_full], keys[first:num_full], keys[first - 1] if first else None,
-            seq.token_ids[first * ps : num_full * ps], seq.namespace)
-        self.offload.save(seq.namespace, [
-            (keys[first + i], seq.page_tokens(first + i), seq.page_ids[first + i])
-            for i in registered])
-        seq.num_registered_pages = num_full
 
     @property
     def decode_steps(self) -> int:
