@@ -12,7 +12,8 @@ ROOT = pathlib.Path(kvmesh.cachestore.__file__).parent
 PKG = "kvmesh.cachestore"
 BOTTOM = {"keys", "codec", "codec_batch", "bulk_pool", "errors", "page_mac", "malloc", "config",
           "shm.segments"}
-LAYERS = {"tiers": 1, "store": 2, "shm": 3, "rpc": 4}  # cli.py and the package root: on top
+# cli.py and the package root: on top
+LAYERS = {"tiers": 1, "store": 2, "shm": 3, "dataplane": 3, "rpc": 4}
 
 
 def _imports() -> dict[str, set[str]]:
