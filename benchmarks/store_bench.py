@@ -1,59 +1,76 @@
-"""Store throughput and lookup latency over loopback gRPC, against raw redis-py and memcpy.
+"""The store's data plane against its peers on this host, in one run (issue 24).
 
-Starts `kvmesh store` (CPU tier) and a `redis-server` on free ports as subprocesses, then, for
-SmolLM2-135M pages (30 layers x 2 x 16 tokens x 3 kv heads x 64 x bf16 = 368,640 B) and
-Llama-3-8B pages (32 x 2 x 16 x 8 x 128 x bf16 = 2 MiB), moves the same bytes with
-- gRPC put_pages / get_closest_pages (raw page bytes) and get_closest (into a [L,2,T,H,D] tensor),
-- redis-py (hiredis) pipelined SET / GET of one value per page,
-- an in-process numpy copy of the same bytes (memcpy, the ceiling),
-taking turns repeat by repeat (best of --repeats each) so every path sees the same machine load.
-Then the key-level get a worker does on a store hit (--get-pages-nbytes of encoded pages, ~1 GB:
-an 8K-token Llama-8B prefix) from a second store: get_pages inline (gRPC data frames) vs through
-a same-host shared-memory segment (get_pages_leased: zero copy; get_pages: copied out), against
-redis-py GET of the same encoded pages and memcpy.
-Puts run with the store's CPU tier full (steady state: every put evicts). Then indexes
---lookup-pages tiny pages through the real Put path and times Lookup of a fully cached
---lookup-tokens prompt, interleaved with a no-op Stats RPC (the gRPC latency floor).
+Every peer moves the same page bytes over loopback: NUM_PAGES (128) pages per call, of
+SmolLM2-135M size (0.37 MB) and Llama-3-8B size (2 MiB). Peers:
+- kvmesh (a `kvmesh store` started here): tensor API, raw pages without shared memory,
+  same-host shared memory (segment, and mapped + client-side checks), and the NIXL data plane
+  where StoreClient has one (benchmarks/peers/kvmesh_peers.py);
+- Mooncake Store over TCP (mooncake_master + a segment holder + a client; peers venv);
+- Redis: redis-py + hiredis, pipelines of 128, a `redis-server` started on a free port;
+- NIXL raw two-agent loopback transfers (peers venv), UCX tcp on `lo` with 256 KiB segments,
+  and UCX cma,tcp (same host only): the transfer engine's ceiling;
+- memcpy in this process: the ceiling of any same-host path.
+Each repeat runs every peer in turn, the order rotating repeat by repeat, after one warm-up
+repeat that is not counted; each peer's turn is put then get of each size, then cleanup
+(what the puts stored is deleted, so every put stores new pages). Reported: median GB/s
+(1e9 B/s of page payload) over --repeats, and the server's CPU seconds per GB (psutil, all
+threads of the server processes, summed over the repeats). Then lookup latency of a
+2,048-token prompt (128 pages): kvmesh Lookup (and Stats, the gRPC floor), Mooncake
+batch_is_exist of 128 keys, Redis EXISTS x128 pipelined, in interleaved rounds.
 
-    python3 benchmarks/store_bench.py [--pages-per-request 32] [--repeats 10]
+Peers in the peers' venv (`bash benchmarks/peers/setup.sh`) are skipped with a note when it is
+missing, as is Redis without redis-server; kvmesh alone always runs.
+
+    python -P benchmarks/store_bench.py [--repeats 7] [--quick] [--out DIR] [--peers-venv DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
 
-import numpy as np
-import redis
-import torch
+import psutil
 
-from kvmesh.cachestore import Namespace, StoreClient
-from kvmesh.cachestore.codec import encode_page
-from kvmesh.cachestore.malloc import keep_freed_memory
+PEERS_DIR = Path(__file__).resolve().parent / "peers"
+sys.path.insert(0, str(PEERS_DIR))  # under `python -P` the script's folder is not on sys.path
 
-SHAPES = {  # name -> (num_layers, num_kv_heads, head_dim)
-    "SmolLM2-135M": (30, 3, 64),
-    "Llama-3-8B": (32, 8, 128),
+from kvmesh_peers import KvmeshPeer, kvmesh_peers  # noqa: E402
+from local_peers import DriverPeer, MemcpyPeer, RedisPeer, peers_python, print_note  # noqa: E402
+from peer_protocol import NUM_PAGES, SIZES, Peer  # noqa: E402
+
+UCX_LOOPBACK = {"UCX_NET_DEVICES": "lo"}  # else UCX stripes over lo and eth0
+NIXL_TRANSPORTS = {
+    "NIXL raw, UCX tcp (256k segments)": {
+        **UCX_LOOPBACK,
+        "UCX_TLS": "tcp",
+        "UCX_TCP_TX_SEG_SIZE": "256k",
+        "UCX_TCP_RX_SEG_SIZE": "256k",
+        "UCX_TCP_SNDBUF": "8m",
+        "UCX_TCP_RCVBUF": "8m",
+    },
+    "NIXL raw, UCX cma,tcp (same host)": {**UCX_LOOPBACK, "UCX_TLS": "cma,tcp"},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+COLUMNS = [(op, size) for size in SIZES for op in ("put", "get")]
 
 
 def start_store(cpu_bytes: int) -> tuple[subprocess.Popen, str]:
-    cmd = [shutil.which("kvmesh") or "kvmesh", "store", "--port", "0", "--cpu-bytes",
-           str(cpu_bytes)]
+    cmd = [
+        shutil.which("kvmesh") or "kvmesh",
+        "store",
+        "--port",
+        "0",
+        "--cpu-bytes",
+        str(cpu_bytes),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     match = re.match(r"kvmesh store listening on (\S+)", line)
@@ -63,267 +80,217 @@ def start_store(cpu_bytes: int) -> tuple[subprocess.Popen, str]:
     return proc, match.group(1)
 
 
-def start_redis() -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly",
-                             "no", "--bind", "127.0.0.1"], stdout=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    for _ in range(100):
+def start_peers(
+    args: argparse.Namespace, target: str, store_pid: int
+) -> tuple[list[Peer], list[str]]:
+    peers, notes = kvmesh_peers(target, store_pid)
+    python = peers_python(args.peers_venv)
+    drivers = [("Mooncake Store over TCP", PEERS_DIR / "mooncake_peer.py", {})]
+    drivers += [(name, PEERS_DIR / "nixl_peer.py", env) for name, env in NIXL_TRANSPORTS.items()]
+    for name, script, env in drivers:
+        if python is None:
+            notes.append(
+                f"{name}: no peers venv at {args.peers_venv} (bash benchmarks/peers/setup.sh)"
+            )
+            continue
+        log = os.path.join(args.out, re.sub(r"\W+", "_", name).strip("_") + ".log")
         try:
-            client.ping()
-            return proc, port
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    sys.exit("redis-server did not start")
+            peers.append(DriverPeer(name, python, str(script), log, env))
+        except RuntimeError as exc:
+            notes.append(f"{name}: did not start ({exc})")
+    for make in (RedisPeer, MemcpyPeer):
+        try:
+            peers.append(make())
+        except (ImportError, RuntimeError) as exc:
+            notes.append(f"{make.name}: {exc}")
+    return peers, notes
 
 
-def interleaved_best(fns: dict[str, Callable[[int], None]], repeats: int) -> dict[str, float]:
-    """Best-of-`repeats` seconds of each fn(i), taking turns (fn A, fn B, ..., A, B, ...) so
-    every path sees the same machine load, which on a shared 2-core VM swings a lot."""
-    best = dict.fromkeys(fns, float("inf"))
-    for i in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn(i)
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
+def server_cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()  # every thread of the process
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
-def bench_shape(name: str, client: StoreClient, rds: redis.Redis, num_pages: int,
-                repeats: int, cpu_bytes: int) -> list[tuple[str, str, float]]:
-    num_layers, num_kv_heads, head_dim = SHAPES[name]
-    ns = Namespace(name, num_layers, num_kv_heads, head_dim, torch.bfloat16)
-    num_tokens = num_pages * ns.page_size
-    nbytes = num_pages * ns.page_nbytes
-    rng = np.random.default_rng(0)
-    payload = rng.integers(0, 256, nbytes, dtype=np.uint8)
-    views = [memoryview(payload)[i * ns.page_nbytes : (i + 1) * ns.page_nbytes]
-             for i in range(num_pages)]
-    # Each put repeat stores new pages (distinct first token) so nothing is a no-op.
-    prompts = [np.arange(num_tokens, dtype=np.int32) + 1_000_000 * (i + 1)
-               for i in range(repeats)]
-    warmup_requests = 2 * cpu_bytes // nbytes + 1
-
-    def put(i: int) -> None:
-        assert client.put_pages(ns, prompts[i], views) == num_pages
-
-    def get_pages(i: int) -> None:
-        got = client.get_closest_pages(ns, prompts[0])
-        assert got is not None and got.num_tokens == num_tokens
-
-    def get_tensor(i: int) -> None:
-        got = client.get_closest(prompts[0], ns)
-        assert got is not None and got.num_tokens == num_tokens
-
-    # Steady state, as in a serving store: the CPU tier is full and every put evicts (freed
-    # memory is reused). Without this the put figures measure this VM's first touch of fresh
-    # guest memory (~0.6 GB/s here), not the store.
-    for i in range(warmup_requests):
-        filler = np.arange(num_tokens, dtype=np.int64) + 1_000_000_000 + num_tokens * i
-        client.put_pages(ns, filler, views)
-    keys = [f"{name}:{i}".encode() for i in range(num_pages)]
-
-    def redis_set(i: int) -> None:
-        pipe = rds.pipeline(transaction=False)
-        for key, view in zip(keys, views, strict=True):
-            pipe.set(key, view)
-        pipe.execute()
-
-    def redis_get(i: int) -> None:
-        pipe = rds.pipeline(transaction=False)
-        for key in keys:
-            pipe.get(key)
-        values = pipe.execute()
-        assert len(values[-1]) == ns.page_nbytes
-
-    out = np.empty_like(payload)
-    writes = interleaved_best({"gRPC put_pages": put, "redis-py SET (pipelined)": redis_set},
-                              repeats)
-    client.delete(prompts[0], ns)
-    client.put_pages(ns, prompts[0], views)  # whole and most recent: in the CPU tier
-    got = client.get_closest_pages(ns, prompts[0])
-    assert got is not None and b"".join(got.payloads) == payload.tobytes()
-    reads = interleaved_best({"gRPC get_closest_pages": get_pages,
-                              "gRPC get_closest -> tensor": get_tensor,
-                              "redis-py GET (pipelined)": redis_get,
-                              "memcpy (numpy, in-process)": lambda i: np.copyto(out, payload)},
-                             repeats)
-    rds.delete(*keys)
-    size = f"{ns.page_nbytes / 1e6:.3f} MB x {num_pages}"
-    return [(path, size, nbytes / seconds / 1e9) for path, seconds in {**writes, **reads}.items()]
+def measure(peers: list[Peer], repeats: int) -> dict[tuple[str, str, str], dict]:
+    """{(peer, op, size): {"seconds": [per repeat], "server_cpu_s": summed}}; repeat -1 warms
+    up (first touch of buffers, connections) and is dropped."""
+    results: dict[tuple[str, str, str], dict] = {}
+    for rep in range(-1, repeats):
+        shift = max(rep, 0) % len(peers)
+        for peer in peers[shift:] + peers[:shift]:
+            for op, size in COLUMNS:
+                cpu0 = server_cpu_seconds(peer.server_pids)
+                seconds = getattr(peer, op)(size)
+                cpu = server_cpu_seconds(peer.server_pids) - cpu0
+                if rep >= 0:
+                    row = results.setdefault(
+                        (peer.name, op, size), {"seconds": [], "server_cpu_s": 0.0}
+                    )
+                    row["seconds"].append(seconds)
+                    row["server_cpu_s"] += cpu
+            peer.cleanup()
+        print(
+            f"repeat {rep + 1}/{repeats} done, load {os.getloadavg()[0]:.1f}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return results
 
 
-def bench_key_pages(name: str, target: str, rds: redis.Redis, total_nbytes: int,
-                    repeats: int) -> list[tuple[str, str, float]]:
-    """Key-level get of ~total_nbytes of encoded pages of model `name`: inline gRPC frames vs a
-    shared-memory segment, vs redis-py GET and memcpy of the same bytes."""
-    num_layers, num_kv_heads, head_dim = SHAPES[name]
-    ns = Namespace(name, num_layers, num_kv_heads, head_dim, torch.bfloat16)
-    rng = np.random.default_rng(1)
-    payload = rng.integers(0, 256, ns.page_nbytes, dtype=np.uint8).tobytes()
-    num_pages = max(1, total_nbytes // ns.page_nbytes)
-    keys = [rng.bytes(16) for _ in range(num_pages)]
-    tokens = np.arange(ns.page_size, dtype=np.int32).tobytes()
-    pages = [encode_page(ns, key, tokens, payload) for key in keys]
-    nbytes = sum(len(page) for page in pages)
-    inline = StoreClient(target, shared_memory=False)
-    shared = StoreClient(target)
-    for start in range(0, num_pages, 64):
-        inline.put_encoded_pages(list(zip(keys[start : start + 64], pages[start : start + 64],
-                                          strict=True)))
-    redis_keys = [b"pages:" + key for key in keys]
-    for start in range(0, num_pages, 64):
-        rds.mset(dict(zip(redis_keys[start : start + 64], pages[start : start + 64],
-                          strict=True)))
-    with shared.get_pages_leased(keys) as lease:  # creates the segment, checks the bytes
-        assert lease.is_shared_memory and all(bytes(p) == q for p, q in zip(lease.pages, pages,
-                                                                            strict=True))
-    flat = np.frombuffer(b"".join(pages), dtype=np.uint8)
-    out = np.empty_like(flat)
-
-    def get_leased(i: int) -> None:
-        with shared.get_pages_leased(keys) as lease:
-            assert lease.is_shared_memory and lease.pages[-1] is not None
-
-    def redis_get(i: int) -> None:
-        pipe = rds.pipeline(transaction=False)
-        for key in redis_keys:
-            pipe.get(key)
-        assert len(pipe.execute()[-1]) == len(pages[-1])
-
-    best = interleaved_best({
-        "gRPC get_pages (inline)": lambda i: inline.get_pages(keys),
-        "gRPC get_pages_leased (shm)": get_leased,
-        "gRPC get_pages (shm, copy-out)": lambda i: shared.get_pages(keys),
-        "redis-py GET (pipelined)": redis_get,
-        "memcpy (numpy, in-process)": lambda i: np.copyto(out, flat),
-    }, repeats)
-    rds.delete(*redis_keys)
-    inline.close()
-    shared.close()
-    size = f"{len(pages[0]) / 1e6:.3f} MB x {num_pages}"
-    return [(path, size, nbytes / seconds / 1e9) for path, seconds in best.items()]
+def measure_lookups(peers: list[Peer], num_calls: int) -> dict[str, list[float]]:
+    """Latency lists per call kind, in rounds of 100 calls taking turns (rotating)."""
+    calls = {}
+    for peer in peers:
+        if isinstance(peer, KvmeshPeer) and peer.name == "kvmesh raw pages, no shm":
+            calls["kvmesh Lookup RPC"] = peer.lookup
+            calls["kvmesh Stats RPC (the gRPC floor)"] = peer.stats_floor
+        elif peer.name.startswith(("Mooncake", "Redis")):
+            label = "batch_is_exist" if peer.name.startswith("Mooncake") else "EXISTS x128"
+            calls[f"{peer.name.split(' (')[0]} {label}"] = peer.lookup
+    latencies: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
+    for i in range(max(1, num_calls // 100)):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            latencies[name] += calls[name](min(100, num_calls))
+    return latencies
 
 
-def bench_lookup(client: StoreClient, num_pages: int, prompt_tokens: int,
-                 num_calls: int) -> tuple[dict[str, tuple[float, float]], int]:
-    """Index `num_pages` tiny pages (1 layer x 1 head x dim 8, fp16: 512 B payload) through Put,
-    then time Lookup of a fully cached prompt. Returns ({name: (p50 ms, p99 ms)}, pages indexed)."""
-    ns = Namespace("lookup-bench", 1, 1, 8, torch.float16)
-    tokens_per_put = 4096 * ns.page_size
-    payload = bytes(ns.page_nbytes)
-    num_puts = num_pages * ns.page_size // tokens_per_put
-    for i in range(num_puts):
-        tokens = np.arange(tokens_per_put, dtype=np.int32) + i * tokens_per_put
-        client.put_pages(ns, tokens, [payload] * (tokens_per_put // ns.page_size))
-    indexed = sum(s.num_pages for s in client.stats())
-    # a prefix of the last sequence put: the most recent pages, never evicted
-    prompt = np.arange(prompt_tokens, dtype=np.int32) + (num_puts - 1) * tokens_per_put
-    assert client.lookup(prompt, ns).num_tokens == prompt_tokens
-    # Peer: Stats, an RPC that does no store work, interleaved call by call with Lookup, shows
-    # how much of the latency is gRPC + scheduling on this machine.
-    latencies: dict[str, list[float]] = {"lookup": [], "stats": []}
-    for _ in range(num_calls):
-        for name, call in (("lookup", lambda: client.lookup(prompt, ns)), ("stats", client.stats)):
-            t0 = time.perf_counter()
-            call()
-            latencies[name].append(time.perf_counter() - t0)
-    out = {}
-    for name, values in latencies.items():
-        q = statistics.quantiles(values, n=100)
-        out[name] = (q[49] * 1e3, q[98] * 1e3)
-    return out, indexed
+def rows_of(peers: list[Peer], results: dict) -> list[dict]:
+    rows = []
+    for peer in peers:
+        for op, size in COLUMNS:
+            row = results.get((peer.name, op, size))
+            if row is None:
+                continue
+            nbytes = NUM_PAGES * SIZES[size]
+            gbps = [nbytes / s / 1e9 for s in row["seconds"]]
+            rows.append(
+                {
+                    "path": peer.name,
+                    "op": op,
+                    "size": size,
+                    "is_own_path": op == "get" or peer.put_is_own_path,
+                    "gbps_median": statistics.median(gbps),
+                    "gbps_best": max(gbps),
+                    "server_cpu_s_per_gb": row["server_cpu_s"] / (nbytes * len(gbps) / 1e9)
+                    if peer.server_pids
+                    else None,
+                    "repeats": len(gbps),
+                }
+            )
+    return rows
 
 
-def bench_lookup_in_process(num_pages: int, prompt_tokens: int,
-                            num_calls: int) -> tuple[float, float]:
-    """The same index and prompt as bench_lookup, in a TieredStore in this process (no gRPC):
-    what the store itself costs. Returns (p50 ms, p99 ms)."""
-    from kvmesh.cachestore.store.tiered import TieredStore
-    from kvmesh.cachestore.tiers.cpu import CpuTier
+def print_tables(rows: list[dict], lookups: dict[str, list[float]], header: str) -> None:
+    cell = {(r["path"], r["op"], r["size"]): r for r in rows if r["is_own_path"]}
+    paths = list(dict.fromkeys(r["path"] for r in rows))
+    titles = " | ".join(f"{op} {size}" for op, size in COLUMNS)
+    for title, key, fmt in (
+        ("median GB/s", "gbps_median", "{:.2f}"),
+        ("server CPU s per GB", "server_cpu_s_per_gb", "{:.2f}"),
+    ):
+        print(f"\n{header}: {title}\n\n| path | {titles} |\n|---|{'---:|' * len(COLUMNS)}")
+        for path in paths:
+            values = []
+            for op, size in COLUMNS:
+                row = cell.get((path, op, size))
+                values.append("—" if row is None or row[key] is None else fmt.format(row[key]))
+            print(f"| {path} | {' | '.join(values)} |")
+    if lookups:
+        print(
+            "\nlookup of a 2,048-token prompt (128 pages), ms\n\n| call | p50 | p99 | calls |\n"
+            "|---|---:|---:|---:|"
+        )
+        for name, values in lookups.items():
+            q = statistics.quantiles(values, n=100)
+            print(f"| {name} | {q[49] * 1e3:.3f} | {q[98] * 1e3:.3f} | {len(values)} |")
 
-    ns = Namespace("lookup-bench", 1, 1, 8, torch.float16)
-    store = TieredStore([CpuTier(4 << 30, pin_memory=False)])
-    tokens_per_put = 4096 * ns.page_size
-    payload = bytes(ns.page_nbytes)
-    num_puts = num_pages * ns.page_size // tokens_per_put
-    for i in range(num_puts):
-        tokens = np.arange(tokens_per_put, dtype=np.int32) + i * tokens_per_put
-        store.put(ns, tokens, [payload] * (tokens_per_put // ns.page_size))
-    prompt = np.arange(prompt_tokens, dtype=np.int32) + (num_puts - 1) * tokens_per_put
-    assert store.lookup(ns, prompt).num_tokens == prompt_tokens
-    latencies = []
-    for _ in range(num_calls):
-        t0 = time.perf_counter()
-        store.lookup(ns, prompt)
-        latencies.append(time.perf_counter() - t0)
-    store.close()
-    q = statistics.quantiles(latencies, n=100)
-    return q[49] * 1e3, q[98] * 1e3
+
+def write_outputs(out: str, meta: dict, rows: list[dict], lookups: dict[str, list[float]]) -> None:
+    with open(os.path.join(out, "store_bench.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = {
+        name: {
+            "p50_ms": statistics.quantiles(v, n=100)[49] * 1e3,
+            "p99_ms": statistics.quantiles(v, n=100)[98] * 1e3,
+            "calls": len(v),
+        }
+        for name, v in lookups.items()
+    }
+    with open(os.path.join(out, "store_bench.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows, "lookup": summary}, f, indent=1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pages-per-request", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--cpu-bytes", type=int, default=1 << 30,
-                        help="CPU tier of the benchmarked store (put runs with it full)")
-    parser.add_argument("--get-pages-nbytes", type=int, default=1 << 30,
-                        help="encoded pages per key-level get (0 skips that part)")
-    parser.add_argument("--lookup-pages", type=int, default=1 << 20)
-    parser.add_argument("--lookup-tokens", type=int, default=1024)
-    parser.add_argument("--lookup-calls", type=int, default=2000)
-    parser.add_argument("--default-malloc", action="store_true",
-                        help="leave this (client) process's glibc malloc untuned; `kvmesh store` "
-                             "always tunes its own (cachestore/malloc.py)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--lookup-calls", type=int, default=1000, help="per call kind")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run, about a minute: 2 repeats, 200 lookups each",
+    )
+    parser.add_argument(
+        "--cpu-bytes",
+        type=int,
+        default=1_600_000_000,
+        help="the kvmesh store's CPU tier (issue 24 capped it at 1.6 GB)",
+    )
+    parser.add_argument(
+        "--peers-venv", default=os.environ.get("KVMESH_PEERS_VENV", "/tmp/kvmesh-peers")
+    )
+    parser.add_argument("--out", default="/tmp/store_bench", help="folder for CSV, JSON, logs")
     args = parser.parse_args()
-    # Applies to every path measured in this process alike: gRPC client, redis-py, memcpy.
-    malloc_tuned = not args.default_malloc and keep_freed_memory()
-
-    store, target = start_store(cpu_bytes=args.cpu_bytes)
-    redis_proc, redis_port = start_redis()
+    if args.quick:
+        args.repeats, args.lookup_calls = 2, 200
+    os.makedirs(args.out, exist_ok=True)
+    store, target = start_store(args.cpu_bytes)
+    peers: list[Peer] = []
     try:
-        client = StoreClient(target)
-        rds = redis.Redis(port=redis_port)
-        rows = []
-        load = os.getloadavg()
-        for name in SHAPES:
-            rows += bench_shape(name, client, rds, args.pages_per_request, args.repeats,
-                                args.cpu_bytes)
-        if args.get_pages_nbytes:
-            # its own store: all the pages fit in its CPU tier
-            pages_store, pages_target = start_store(cpu_bytes=args.get_pages_nbytes * 3 // 2)
-            try:
-                for name in SHAPES:
-                    rows += bench_key_pages(name, pages_target, rds, args.get_pages_nbytes,
-                                            args.repeats)
-            finally:
-                pages_store.terminate()
-                pages_store.wait(timeout=30)
-        print(f"\nthroughput, best of {args.repeats}, {os.cpu_count()} CPUs, GB/s = 1e9 B/s, "
-              f"load average before {load[0]:.1f}, client malloc tuned: {malloc_tuned}")
-        print(f"{'path':<30} {'request':<22} {'GB/s':>7}")
-        for path, size, gbps in rows:
-            print(f"{path:<30} {size:<22} {gbps:>7.2f}")
-        if args.lookup_pages:
-            quantiles, indexed = bench_lookup(client, args.lookup_pages, args.lookup_tokens,
-                                              args.lookup_calls)
-            print(f"\nlatency over gRPC, {indexed:,} pages indexed, "
-                  f"{args.lookup_calls} calls each, interleaved")
-            print(f"{'call':<52} {'p50 ms':>7} {'p99 ms':>7}")
-            for name, label in (("lookup", f"Lookup of a cached {args.lookup_tokens}-token prompt"),
-                                ("stats", "Stats (no store work: the gRPC floor)")):
-                p50, p99 = quantiles[name]
-                print(f"{label:<52} {p50:>7.3f} {p99:>7.3f}")
-            p50, p99 = bench_lookup_in_process(args.lookup_pages, args.lookup_tokens,
-                                               args.lookup_calls)
-            label = "the same Lookup in-process (TieredStore, no gRPC)"
-            print(f"{label:<52} {p50:>7.3f} {p99:>7.3f}")
-        client.close()
+        peers, notes = start_peers(args, target, store.pid)
+        for note in notes:
+            print_note(note)
+        load_before = os.getloadavg()
+        started = datetime.now(UTC)
+        results = measure(peers, args.repeats)
+        lookups = measure_lookups(peers, args.lookup_calls)
+        load_after = os.getloadavg()
     finally:
-        for proc in (store, redis_proc):
-            proc.terminate()
-            proc.wait(timeout=30)
+        for peer in peers:
+            peer.close()
+        store.terminate()
+        store.wait(timeout=30)
+    rows = rows_of(peers, results)
+    meta = {
+        "date_utc": started.isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "load_before": load_before,
+        "load_after": load_after,
+        "repeats": args.repeats,
+        "num_pages": NUM_PAGES,
+        "cpu_bytes": args.cpu_bytes,
+        "notes": notes,
+        "argv": sys.argv,
+    }
+    header = (
+        f"{args.repeats} repeats, {os.cpu_count()} CPUs, load average "
+        f"{load_before[0]:.1f} before / {load_after[0]:.1f} after"
+    )
+    print_tables(rows, lookups, header)
+    for note in notes:
+        print(f"\n- {note}", end="")
+    print()
+    write_outputs(args.out, meta, rows, lookups)
+    print(f"\nwrote {args.out}/store_bench.csv and store_bench.json", file=sys.stderr)
 
 
 if __name__ == "__main__":
