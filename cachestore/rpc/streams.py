@@ -9,7 +9,13 @@ thread, and a Lookup then waited past its deadline. So:
   calls (Lookup, HasPages, Stats, ...);
 - a bulk stream that waits on its client for `idle_s` (no request message arrives, or a reply
   frame cannot be sent because the client reads nothing) is cancelled with DEADLINE_EXCEEDED.
-  Time the server itself spends (reading tiers, checking pages) does not count.
+  Time the server itself spends (reading tiers, checking pages) does not count;
+- the request data of the put streams (Put, PutPages) held at once stays within `receive_nbytes`:
+  a put is received whole before anything is stored, so 32 clients each sending a 256 MB put
+  would otherwise hold 8 GB. A put stream reserves the bytes its header announces before its
+  first data frame is read (and keeps them until the call ends), waiting while other puts hold
+  the budget; one put larger than the whole budget runs alone. While it waits, grpc's flow
+  control holds its client back; the wait is the server's, not counted as idle.
 """
 
 from __future__ import annotations
@@ -23,18 +29,35 @@ from typing import Any
 import grpc
 
 from kvmesh.cachestore.errors import StreamIdle, StreamsExhausted
+from kvmesh.v1 import store_pb2
 
 log = logging.getLogger(__name__)
+
+RECEIVE_NBYTES = 128 << 20  # put request data held at once, all streams together
+
+
+def announced_nbytes(header: Any) -> int:
+    """The data bytes a put stream's header announces (0 for any other first message)."""
+    if isinstance(header, store_pb2.PutHeader):
+        return int(header.payload_nbytes)
+    if isinstance(header, store_pb2.PutPagesHeader):
+        return sum(header.page_nbytes)
+    return 0
 
 
 class BulkStreams:
     """Thread-safe. Owns one watchdog thread (stopped by `close`)."""
 
-    def __init__(self, max_streams: int, idle_s: float) -> None:
-        assert max_streams > 0 and idle_s > 0
+    def __init__(self, max_streams: int, idle_s: float,
+                 receive_nbytes: int = RECEIVE_NBYTES) -> None:
+        assert max_streams > 0 and idle_s > 0 and receive_nbytes > 0
         self.max_streams, self.idle_s = max_streams, idle_s
+        self.receive_nbytes = receive_nbytes
         self._lock = threading.Lock()
+        self._has_room = threading.Condition(self._lock)
         self._running: set[Stream] = set()
+        self.num_receiving_nbytes = 0  # reserved by put streams now
+        self.max_receiving_nbytes = 0  # the most ever reserved at once
         self.num_refused = self.num_cancelled = 0
         self._stop = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name="kvstore-streams",
@@ -62,6 +85,22 @@ class BulkStreams:
         self._stop.set()
         self._watchdog.join()
 
+    def reserve(self, nbytes: int) -> int:
+        """Wait until `nbytes` of request data fit in the budget (or nothing else is reserved),
+        reserve them and return how many (at most the whole budget)."""
+        nbytes = min(nbytes, self.receive_nbytes)
+        with self._has_room:
+            self._has_room.wait_for(lambda: not self.num_receiving_nbytes or
+                                    self.num_receiving_nbytes + nbytes <= self.receive_nbytes)
+            self.num_receiving_nbytes += nbytes
+            self.max_receiving_nbytes = max(self.max_receiving_nbytes, self.num_receiving_nbytes)
+        return nbytes
+
+    def unreserve(self, nbytes: int) -> None:
+        with self._has_room:
+            self.num_receiving_nbytes -= nbytes
+            self._has_room.notify_all()
+
     def count_cancelled(self) -> None:
         with self._lock:
             self.num_cancelled += 1
@@ -87,9 +126,14 @@ class Stream:
         self._streams, self._context = streams, context
         self._waiting_since: float | None = None
         self.is_cancelled = False
+        self._reserved_nbytes = 0
+        self._reserve_lock = threading.Lock()
 
     def requests(self, items: Iterator) -> Iterator:
-        """The client's request messages; raises StreamIdle once the watchdog cancelled."""
+        """The client's request messages; raises StreamIdle once the watchdog cancelled. The
+        data a put header announces is reserved (`BulkStreams.reserve`) before the next message
+        is read, until `release`."""
+        is_header = True
         while True:
             self._waiting_since = time.monotonic()
             try:
@@ -103,6 +147,12 @@ class Stream:
             finally:
                 self._waiting_since = None
             yield item
+            if is_header and (nbytes := announced_nbytes(item)):
+                # released by the thread that ends the call (_bulk_in's release), after this
+                reserved = self._streams.reserve(nbytes)
+                with self._reserve_lock:
+                    self._reserved_nbytes += reserved
+            is_header = False
 
     def replies(self, items: Iterator) -> Iterator:
         """The reply messages; the slot is released once they are sent (or the call ends)."""
@@ -125,7 +175,12 @@ class Stream:
         _cancel_with_status(self._context, grpc.StatusCode.DEADLINE_EXCEEDED, reason)
 
     def release(self) -> None:
+        """Give back the stream's slot and reserved request bytes (idempotent)."""
         self._streams._release(self)
+        with self._reserve_lock:
+            nbytes, self._reserved_nbytes = self._reserved_nbytes, 0
+        if nbytes:
+            self._streams.unreserve(nbytes)
 
     def _raise_if_cancelled(self) -> None:
         if self.is_cancelled:

@@ -12,9 +12,9 @@ A tier raising TierUnavailable is a miss for that call, counted in its errors an
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from kvmesh.cachestore.errors import InvalidConfig, TierFull, TierUnavailable
 from kvmesh.cachestore.store.inflight import InFlightPages
@@ -22,6 +22,25 @@ from kvmesh.cachestore.tiers.base import Page, Tier, TierStats
 
 Blob = bytes | memoryview  # an encoded page (cachestore.codec)
 Found = tuple[int, Blob, bool]  # (tier index, encoded page, is_in_flight)
+T = TypeVar("T")
+
+# Pages put at a time: a put holds its batch's new copies and the pages they evict (whose slots
+# come back only once nothing holds them), not the whole call's.
+PUT_BATCH_NBYTES = 16 << 20
+
+
+def batches(items: Sequence[T], sizes: Sequence[int],
+            batch_nbytes: int = PUT_BATCH_NBYTES) -> Iterator[Sequence[T]]:
+    """`items` in consecutive runs whose `sizes` add up to about `batch_nbytes` (one item at
+    least)."""
+    start = total = 0
+    for i, nbytes in enumerate(sizes):
+        if total and total + nbytes > batch_nbytes:
+            yield items[start:i]
+            start, total = i, 0
+        total += nbytes
+    if start < len(items):
+        yield items[start:]
 
 
 class TierChain:
@@ -82,10 +101,11 @@ class TierChain:
                 found[i] = (entry[0], entry[1], True)
         return found
 
-    def put(self, start: int, pages: Sequence[Page]) -> Sequence[Page]:
+    def put(self, start: int, pages: Sequence[Page]) -> list[bytes]:
         """Put `pages` into the first available tier at or below `start`, cascading each tier's
-        evictions into the tiers below it. Returns the pages no tier kept (evicted from the
-        last tier, or not stored because every tier below was down or full).
+        evictions into the tiers below it. Returns the keys of the pages no tier kept (evicted
+        from the last tier, or not stored because every tier below was down or full); their
+        blobs are let go. Callers batch large puts (`batches`).
 
         Evicted pages are in the in-flight registry until the next tier has them, so a reader
         looking for them meanwhile still finds them (`locate`, `fetch`)."""
@@ -100,7 +120,7 @@ class TierChain:
                 self._in_flight.add(t, evicted)
                 self._in_flight.remove(in_flight)
                 in_flight = pages = evicted
-            return pages
+            return [key for key, _ in pages]
         finally:
             self._in_flight.remove(in_flight)
 

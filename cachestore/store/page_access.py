@@ -18,7 +18,7 @@ from kvmesh.cachestore.bulk_pool import map_chunked
 from kvmesh.cachestore.codec import checksum, decode_header
 from kvmesh.cachestore.errors import InvalidRequest, PageCorrupt
 from kvmesh.cachestore.keys import KEY_NBYTES
-from kvmesh.cachestore.store.chain import Page
+from kvmesh.cachestore.store.chain import Page, batches
 from kvmesh.cachestore.store.tiered import TieredStore
 
 
@@ -105,13 +105,14 @@ class PageAccess:
             except PageCorrupt as exc:
                 raise InvalidRequest(f"page {i}: {exc}") from None
         owner = self._chain.locate([key for key, _ in pages])
-        # copied: the blobs are views of received frames, the tiers keep what they are given
-        new: list[Page] = [(key, bytes(blob))
-                           for (key, blob), o in zip(pages, owner, strict=True) if o is None]
-        if not new:
-            return 0
-        dropped = {key for key, _ in self._chain.put(0, new)}
-        return sum(1 for key, _ in new if key not in dropped)
+        new = [page for page, o in zip(pages, owner, strict=True) if o is None]
+        num_stored = 0
+        for part in batches(new, [memoryview(blob).nbytes for _, blob in new]):
+            # copied: the blobs are views of received frames, the tiers keep what they are given
+            copies: list[Page] = [(key, bytes(blob)) for key, blob in part]
+            dropped = set(self._chain.put(0, copies))
+            num_stored += sum(1 for key, _ in copies if key not in dropped)
+        return num_stored
 
     def delete(self, keys: Sequence[bytes]) -> int:
         """Remove keys from every tier; returns how many some tier held."""

@@ -25,7 +25,7 @@ from kvmesh.cachestore.codec import encode_page
 from kvmesh.cachestore.codec_batch import decode_pages
 from kvmesh.cachestore.errors import InvalidRequest, StoreClosed
 from kvmesh.cachestore.keys import Namespace
-from kvmesh.cachestore.store.chain import Found, Page, TierChain
+from kvmesh.cachestore.store.chain import Found, Page, TierChain, batches
 from kvmesh.cachestore.store.request import PageRequest
 from kvmesh.cachestore.tiers.base import Tier, TierStats
 
@@ -80,12 +80,14 @@ class TieredStore:
                 raise InvalidRequest(f"payload {i} is {nbytes} bytes, a page of {ns.page_shape} "
                                      f"{ns.dtype_name} is {ns.page_nbytes}")
         owner = self.chain.locate(req.keys)
-        pages = [(req.keys[i], encode_page(ns, req.keys[i], req.page_tokens(i), payloads[i]))
-                 for i in range(len(req.keys)) if owner[i] is None]
-        if not pages:
-            return 0
-        dropped = {key for key, _ in self.chain.put(0, pages)}
-        return sum(1 for key, _ in pages if key not in dropped)
+        new = [i for i in range(len(req.keys)) if owner[i] is None]
+        num_stored = 0
+        for part in batches(new, [ns.page_nbytes] * len(new)):  # encoded copies: a batch's
+            pages = [(req.keys[i], encode_page(ns, req.keys[i], req.page_tokens(i), payloads[i]))
+                     for i in part]
+            dropped = set(self.chain.put(0, pages))
+            num_stored += sum(1 for key, _ in pages if key not in dropped)
+        return num_stored
 
     def get_closest(self, ns: Namespace, token_ids) -> ClosestPages | None:
         """Longest contiguous prefix of verified pages, or None when page 0 is not stored.
@@ -163,7 +165,7 @@ class TieredStore:
             blobs = self.chain.call(0, "get_many", batch) or [None] * len(batch)
             pages = [(key, blob) for key, blob in zip(batch, blobs, strict=True)
                      if blob is not None]
-            dropped = {key for key, _ in self.chain.put(1, pages)}
+            dropped = set(self.chain.put(1, pages))
             num_flushed += sum(1 for key, _ in pages if key not in dropped)
         return FlushResult(num_flushed, num_below, len(keys) - num_flushed - num_below,
                            time.monotonic() - start)

@@ -25,7 +25,7 @@ from kvmesh.cachestore.shm import segments
 from kvmesh.cachestore.shm.segments import buffer_address
 from kvmesh.cachestore.tiers.base import Page, Tier, TierStats
 from kvmesh.cachestore.tiers.lru import LruIndex
-from kvmesh.cachestore.tiers.slots import Memory, PageSlots
+from kvmesh.cachestore.tiers.slots import ArenaCallback, Memory, PageSlots
 
 
 def _cuda_available() -> bool:
@@ -55,10 +55,13 @@ class CpuTier(Tier):
 
     def __init__(self, capacity_bytes: int, pin_memory: bool | None = None,
                  slots: bool | None = None, shared: bool = False,
-                 shm_dir: str = segments.SHM_DIR) -> None:
+                 shm_dir: str = segments.SHM_DIR,
+                 on_new_arena: ArenaCallback | None = None) -> None:
         """`slots`: keep pages in arena slots (default: when pinned or shared; unpinned plain
         slots are for tests where no CUDA is). `shared`: arenas are files in `shm_dir` that
-        same-host clients may map (`locate_many`); not with pinning."""
+        same-host clients may map (`locate_many`); not with pinning. `on_new_arena(arena_id,
+        address, nbytes)`: runs once per slot arena made (e.g. to register it with a transfer
+        engine), before any page lies in it; also settable later (`on_new_arena`)."""
         if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
             raise InvalidConfig(f"cpu tier capacity_bytes must be a positive int, "
                                 f"got {capacity_bytes!r}")
@@ -67,7 +70,8 @@ class CpuTier(Tier):
             raise InvalidConfig("a cpu tier is either pinned or shared, not both")
         memory: Memory = "shared" if shared else "pinned" if self.is_pinned else "plain"
         use_slots = shared or self.is_pinned if slots is None else slots
-        self._slots = PageSlots(capacity_bytes, memory, shm_dir) if use_slots else None
+        self._slots = (PageSlots(capacity_bytes, memory, shm_dir, on_new_arena) if use_slots
+                       else None)
         self._lock = threading.Lock()
         self._lru = LruIndex(capacity_bytes)
         self._pages: dict[bytes, bytes | memoryview] = {}
@@ -164,6 +168,21 @@ class CpuTier(Tier):
                 pages.append(blob)
                 addresses.append(self._addresses.get(key) if blob is not None else None)
         return pages, addresses
+
+    def arenas(self) -> list[tuple[int, int, int]]:
+        """(arena_id, address, nbytes) of every slot arena, oldest first; none without slots.
+        An arena lives (same address, never freed) until `close`; read-only."""
+        return self._slots.arenas() if self._slots is not None else []
+
+    @property
+    def on_new_arena(self) -> ArenaCallback | None:
+        """Runs once per slot arena made from now on (`arenas()` lists the earlier ones)."""
+        return self._slots.on_new_arena if self._slots is not None else None
+
+    @on_new_arena.setter
+    def on_new_arena(self, callback: ArenaCallback | None) -> None:
+        if self._slots is not None:
+            self._slots.on_new_arena = callback
 
     @property
     def is_shared(self) -> bool:

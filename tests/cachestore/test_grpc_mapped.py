@@ -81,8 +81,7 @@ def test_leased_pages_are_not_overwritten_until_the_lease_ends(server, client):
     assert as_bytes(lease.pages) == [blob for _, blob in pages]
 
     def num_free_slots():
-        return sum(len(arena.free) for arenas in tier._slots._arenas.values()
-                   for arena in arenas)
+        return tier._slots.num_free_slots
 
     held = num_free_slots()
     lease.release()
@@ -164,15 +163,18 @@ def test_only_local_peers_get_mapped_pages():
     tier.close()
 
 
-def test_arena_files_go_with_their_arena_and_at_stop():
+def test_arena_files_stay_while_empty_and_go_at_close_and_stop():
     tier = CpuTier(1 << 20, pin_memory=False, shared=True)
     pages = make_pages(2, seed=12, spaces=[SPACES[0]])
     tier.put_many(pages)
     (name, _, _), _ = tier.locate_many(tier.get_many([pages[0][0]]) * 2)
     path = os.path.join(segments.SHM_DIR, name)
     assert os.path.exists(path)
-    tier.delete_many([key for key, _ in pages])  # every slot free: the arena goes
-    assert wait_until(lambda: not os.path.exists(path))
+    tier.delete_many([key for key, _ in pages])  # every slot free: the arena stays for reuse
+    tier.put_many(pages[:1])
+    assert tier.locate_many(tier.get_many([pages[0][0]]))[0][0] == name
+    tier.close()
+    assert not os.path.exists(path)
     srv = serve_store(StoreConfig(port=0, cpu_bytes=16 << 20))
     with StoreClient(srv.target) as c:
         c.put_encoded_pages(pages)

@@ -122,9 +122,9 @@ def test_arenas_of_a_page_size_start_small_and_double():
     """Each arena fills the power of two that torch's pinned allocator would round it up to."""
     tier = CpuTier(capacity_bytes=1 << 20, pin_memory=False, slots=True)
     tier.put_many([(key(i), bytes([i % 256]) * 100) for i in range(10 + 20 + 1)])
-    assert [a.count for a in tier._slots._arenas[100]] == [10, 20, 40]  # 1, 2, 4 KiB
+    assert [a.count for a in tier._slots._by_size[100]] == [10, 20, 40]  # 1, 2, 4 KiB
     tier.put_many([(key(999), b"q" * 64)])  # a size seen once holds 512 bytes, not megabytes
-    assert [a.count for a in tier._slots._arenas[64]] == [8]
+    assert [a.count for a in tier._slots._by_size[64]] == [8]
 
 
 def test_arenas_stay_within_the_capacity_plus_one_arena():
@@ -159,17 +159,34 @@ def test_a_slot_is_reused_only_after_its_last_reader_lets_go():
     assert slot_address(tier.get_many([key(12)])[0]) == address  # free again: reused first
 
 
-def test_an_arena_whose_slots_are_all_free_is_released():
-    tier = CpuTier(capacity_bytes=1 << 20, pin_memory=False, slots=True)
-    tier.put_many([(key(i), bytes([i]) * 1000) for i in range(10)])
+def test_an_arena_whose_slots_are_all_free_is_kept_and_reused():
+    """Arenas live until close (registered memory stays put): freed slots are handed out again,
+    and an idle arena is cut again for another page size once the budget allows no new one."""
+    tier = CpuTier(capacity_bytes=10_000, pin_memory=False, slots=True)
+    made = []
+    tier.on_new_arena = lambda *arena: made.append(arena)
+    tier.put_many([(key(i), bytes([i]) * 1000) for i in range(8)])
+    assert tier.arenas() == made and len(made) == 1
+    (arena_id, address, nbytes), = made
+    assert nbytes == 8 * 1000  # a plain arena is exactly its slots
     page = tier.get_many([key(3)])[0]
-    tier.delete_many([key(i) for i in range(10)])
-    assert tier._slots.num_arenas == 1  # a reader still holds one slot
+    tier.delete_many([key(i) for i in range(8)])
     del page
-    assert tier._slots.num_arenas == 0
-    tier.put_many([(key(1), b"x" * 1000)])
-    assert tier.get_many([key(1)]) == [b"x" * 1000] and tier._slots.num_arenas == 1
-
+    assert tier._slots.num_free_slots == 8 and tier.arenas() == made  # empty, not freed
+    tier.put_many([(key(10), b"x" * 1000)])
+    assert slot_address(tier.get_many([key(10)])[0]) == address  # the same memory again
+    tier.delete_many([key(10)])
+    # 1,250-byte pages: their own arenas until the budget (capacity + one 16 KiB arena) is
+    # spent, then the idle 1,000-byte arena is cut into 1,250-byte slots
+    tier.put_many([(key(20 + i), bytes([i]) * 1250) for i in range(6)])
+    assert [bytes(p) for p in tier.get_many([key(20 + i) for i in range(6)])] == [
+        bytes([i]) * 1250 for i in range(6)]
+    assert tier._slots.nbytes <= tier._slots.budget and len(made) == len(tier.arenas())
+    tier.put_many([(key(40 + i), bytes([i]) * 1250) for i in range(8)])  # evicts: LRU of 10 kB
+    assert tier._slots.nbytes <= tier._slots.budget
+    assert all(isinstance(p, memoryview) for p in tier.get_many(tier.keys_lru_order()))
+    assert any(a.slot_nbytes == 1250 and a.arena_id == arena_id
+               for a in tier._slots._arenas)  # recut, not freed and made again
 
 @pytest.mark.gpu
 def test_pinned_pages_on_cuda():
