@@ -54,6 +54,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--shared-memory", action=argparse.BooleanOptionalAction, default=None,
         help="let clients on this host receive pages through /dev/shm segments, and map the "
              "cpu tier's pages from /dev/shm arenas (default on)")
+    add("--data-plane", choices=("auto", "nixl", "grpc"),
+        help="how bulk page bytes move: NIXL/UCX one-sided READ/WRITE into the cpu tier's "
+             "registered arenas (nixl: the `dataplane` extra; UCX_* env vars tune it), gRPC "
+             "frames for clients without it; auto: NIXL when nixl loads (default auto)")
     add("--flush-s", type=float, help="on SIGTERM / SIGINT, seconds at most spent copying the "
                                       "cpu tier's pages down to disk / redis / remote, so a "
                                       "restart finds them; pages not copied by then are lost "
@@ -90,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvmesh store: {exc}", file=sys.stderr)
         return 1
     print(f"kvmesh store listening on {config.host}:{server.port}", flush=True)
+    print(f"kvmesh store: data plane {server.data_plane_note}", file=sys.stderr, flush=True)
     for tier in server.store.stats():
         print(f"  tier {tier.name}: capacity {tier.capacity_bytes} bytes, "
               f"{tier.num_pages} pages", flush=True)

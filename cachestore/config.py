@@ -13,6 +13,7 @@ from kvmesh.cachestore.errors import InvalidConfig
 
 ENV_PREFIX = "KVMESH_STORE_"
 DEFAULT_CPU_BYTES = 4 << 30
+DATA_PLANES = ("auto", "nixl", "grpc")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class StoreConfig:
     `shared_memory` lets clients on this host receive GetPages through /dev/shm segments, and
     keeps the cpu tier's pages in /dev/shm arenas they may map (`lease_s`: how long a mapped
     reply's pages stay unchanged unless released first).
+    `data_plane` ("auto", "nixl", "grpc"; env KVMESH_STORE_DATA_PLANE, which StoreClient reads
+    too): NIXL one-sided transfers into the cpu tier's registered arenas (cachestore/dataplane/)
+    besides the gRPC frames; its leases and reservations last `lease_s`.
     `redis_mac_key` / `disk_mac_key` (env only, KVMESH_STORE_REDIS_MAC_KEY / _DISK_MAC_KEY) or
     the `*_mac_key_file` paths hold the deployment secret (>= 16 bytes) that seals that tier's
     pages with a MAC (cachestore.page_mac), so pages written there by anyone else are misses.
@@ -60,6 +64,10 @@ class StoreConfig:
     stream_idle_s: float = 10.0  # a bulk stream waiting this long on its client is cancelled
     shared_memory: bool = True  # same-host GetPages may write into client /dev/shm segments
     lease_s: float = 30.0  # mapped GetPages: pages stay unchanged this long unless released
+    # bulk page bytes: "auto" = NIXL (cachestore/dataplane/) when nixl imports, else gRPC
+    # frames only; "nixl" = NIXL or fail to start; "grpc" = frames only. Leases and
+    # reservations of the data plane last lease_s.
+    data_plane: str = "auto"
     # SIGTERM/SIGINT: seconds spent copying the cpu tier down (disk/redis/remote) before exit;
     # 0: none. Kept under a typical kill timeout (Kubernetes waits 30 s, then SIGKILL)
     flush_s: float = 20.0
@@ -75,6 +83,9 @@ class StoreConfig:
             raise InvalidConfig(f"flush_s must be in [0, 3600] seconds, got {self.flush_s}")
         if not 0 < self.lease_s <= 3600:
             raise InvalidConfig(f"lease_s must be in (0, 3600] seconds, got {self.lease_s}")
+        if self.data_plane not in DATA_PLANES:
+            raise InvalidConfig(f"data_plane must be one of {DATA_PLANES}, "
+                                f"got {self.data_plane!r}")
         if self.disk_bytes <= 0:
             raise InvalidConfig(f"disk_bytes must be positive, got {self.disk_bytes}")
         if self.redis_ttl is not None and self.redis_ttl <= 0:

@@ -10,14 +10,15 @@ Tensor <-> page payload conversion costs one permute-copy each way; frames are w
 by cachestore.wire without protobuf copies. Against a server on this host, key-level gets move
 their bytes through shared-memory segments the client owns (cachestore/shm/client.py), or, for a
 caller that checks pages itself, not at all: it reads them in the server's arenas (`mapped`);
-those gets are page_gets.py's.
+those gets are page_gets.py's. When the server offers it and nixl loads here, key-level gets
+and puts move their bytes by NIXL instead (dataplane_client.py; `data_plane`).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import grpc
@@ -34,6 +35,8 @@ from kvmesh.cachestore.errors import (  # noqa: F401 - re-exported: callers impo
 from kvmesh.cachestore.keys import Namespace
 from kvmesh.cachestore.rpc import kv_pages, wire
 from kvmesh.cachestore.rpc.breaker import CircuitBreaker
+from kvmesh.cachestore.rpc.channel import open_channel
+from kvmesh.cachestore.rpc.dataplane_client import DataPlaneCalls
 from kvmesh.cachestore.rpc.page_gets import PageGets, chunks
 from kvmesh.cachestore.rpc.status import typed_error
 from kvmesh.cachestore.shm import segments
@@ -44,6 +47,8 @@ from kvmesh.cachestore.tiers.base import TierStats
 from kvmesh.v1 import store_pb2
 
 _SERVICE = f"/{wire.SERVICE}/"
+DATA_PLANE_ENV = "KVMESH_STORE_DATA_PLANE"
+DataPlane = Literal["auto", "nixl", "grpc"]
 
 
 @dataclass(frozen=True)
@@ -51,16 +56,6 @@ class ClosestKV:
     num_tokens: int  # matched tokens, a multiple of page_size
     kv: torch.Tensor  # [num_layers, 2, num_tokens, num_kv_heads, head_dim], namespace dtype, CPU
     tiers: list[str]  # tier each page came from
-
-
-def _credentials(tls: bool | str | bytes) -> grpc.ChannelCredentials | None:
-    """tls: False (plain), True (system roots), or the CA certificate (PEM bytes or a path)."""
-    if tls is False:
-        return None
-    if tls is True:
-        return grpc.ssl_channel_credentials()
-    root = tls if isinstance(tls, bytes) else Path(tls).read_bytes()
-    return grpc.ssl_channel_credentials(root_certificates=root)
 
 
 class StoreClient:
@@ -71,21 +66,25 @@ class StoreClient:
     answers inline unless the peer is local). `on_new_segment(address, nbytes)` runs once per
     new segment (e.g. cudaHostRegister), `on_release_segment` before one is unmapped.
     `breaker`: skips a store that keeps timing out or cannot be reached, failing calls at once
-    with StoreUnavailable for a while (cachestore/rpc/breaker.py); None turns that off."""
+    with StoreUnavailable for a while (cachestore/rpc/breaker.py); None turns that off.
+    `data_plane` (default: env KVMESH_STORE_DATA_PLANE, else "auto"): how key-level gets (not
+    `mapped` ones) and puts move bytes: "auto" = NIXL when the server offers it and nixl loads
+    here, else gRPC frames; "nixl" = NIXL or StoreUnavailable; "grpc" = frames only."""
 
     def __init__(self, target: str, token: str | None = None, tls: bool | str | bytes = False,
                  timeout: float | None = 60.0, shared_memory: bool | None = None,
                  on_new_segment: SegmentCallback | None = None,
                  on_release_segment: SegmentCallback | None = None,
-                 breaker: CircuitBreaker | None | Literal["default"] = "default") -> None:
+                 breaker: CircuitBreaker | None | Literal["default"] = "default",
+                 data_plane: DataPlane | None = None) -> None:
         self.target = target
+        plane = data_plane or os.environ.get(DATA_PLANE_ENV) or "auto"
+        if plane not in ("auto", "nixl", "grpc"):
+            raise InvalidRequest(f"data_plane must be auto, nixl or grpc, not {plane!r}")
         self.timeout = timeout
         use_shm = segments.is_local_target(target) if shared_memory is None else shared_memory
         self._segments = SegmentPool(on_new_segment, on_release_segment) if use_shm else None
-        credentials = _credentials(tls)
-        options = wire.CLIENT_OPTIONS
-        self._channel = (grpc.insecure_channel(target, options=options) if credentials is None
-                         else grpc.secure_channel(target, credentials, options=options))
+        self._channel = open_channel(target, tls)
         self.breaker = CircuitBreaker() if breaker == "default" else breaker
         channel = (self._channel if self.breaker is None
                    else grpc.intercept_channel(self._channel, self.breaker))
@@ -104,6 +103,8 @@ class StoreClient:
                            ("HasPages", pb.PageKeys, pb.HasPagesResponse),
                            ("DeletePages", pb.PageKeys, pb.DeleteResponse))}
         self._page_gets = PageGets(ch, self._segments, timeout, self._metadata)
+        self._plane = (DataPlaneCalls(target, ch, self._page_gets, timeout, self._metadata,
+                                      required=plane == "nixl") if plane != "grpc" else None)
         self._put_pages = ch.stream_unary(_SERVICE + "PutPages",
                                           wire.make_serializer(pb.PutPagesHeader),
                                           pb.PutPagesResponse.FromString)
@@ -189,7 +190,9 @@ class StoreClient:
         """Encoded pages by key (None where absent), in buffers of their own. `prefix_only`:
         pages after the first missing one are not read and come back None."""
         with self.get_pages_leased(keys, prefix_only) as lease:
-            return segments.copy_out(lease.pages) if lease.is_shared_memory else lease.pages
+            # pages in memory the lease gives back (a segment, arenas, a registered buffer)
+            borrowed = lease.is_shared_memory or lease.regions
+            return segments.copy_out(lease.pages) if borrowed else lease.pages
 
     def get_pages_leased(self, keys: Sequence[bytes], prefix_only: bool = False,
                          mapped: bool = False) -> PageLease:
@@ -200,7 +203,17 @@ class StoreClient:
         host; no copy at all). Those pages are NOT checked by the server: the caller checks
         every page (cachestore.codec.check_page_header and the checksum) after reading it, and
         then `lease.is_valid()`, before using anything it read."""
+        if not mapped and keys and self._plane is not None and self._plane.is_on():
+            lease = self._plane.try_get_leased(keys, prefix_only)
+            if lease is not None:
+                return lease
         return self._page_gets.get_leased(keys, prefix_only, mapped)
+
+    @property
+    def data_plane(self) -> str:
+        """"nixl" when key-level bytes move by NIXL, else "grpc" (asks the server first)."""
+        return "nixl" if self._plane is not None and self._plane.is_on() else "grpc"
+
 
     def reserve_segment(self, nbytes: int) -> None:
         """Make a shared-memory segment of `nbytes` for later gets now (a no-op without shared
@@ -212,6 +225,8 @@ class StoreClient:
         """Store (key, encoded page) pairs; the server checks each page before storing any."""
         stored = 0
         arenas: dict[str, int] = {}
+        if pages and self._plane is not None and self._plane.is_on():
+            stored, pages = self._plane.try_put(pages, arenas)  # the rest go as frames
         for chunk in chunks(pages):
             views = [memoryview(blob).cast("B") for _, blob in chunk]
             header = store_pb2.PutPagesHeader(keys=[key for key, _ in chunk],
@@ -233,6 +248,8 @@ class StoreClient:
 
     def close(self) -> None:
         """Close the channel; unmap and unlink this client's shared-memory segments."""
+        if self._plane is not None:
+            self._plane.close()
         self._channel.close()
         if self._segments is not None:
             self._segments.close()

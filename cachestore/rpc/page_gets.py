@@ -50,7 +50,7 @@ class PageGets:
             lease = self.segment_pool.read(
                 lambda chunk, segment, accept_mapped: self.fetch(
                     chunk, prefix_only, segment, accept_mapped),
-                keys, self._end_lease if mapped else None)
+                keys, self.end_lease if mapped else None)
         else:
             pages: list[memoryview | None] = []
             for chunk in chunks(keys):
@@ -94,7 +94,7 @@ class PageGets:
             raise typed_error(exc) from None
         return header, [] if is_shared else wire.split_pages(frames, header.page_nbytes)
 
-    def _end_lease(self, lease_id: int, bad_keys: Sequence[bytes] = ()) -> None:
+    def end_lease(self, lease_id: int, bad_keys: Sequence[bytes] = ()) -> None:
         """Tell the server a mapped get's pages are read (and which failed the caller's check),
         without waiting for the answer (a lease that is never released ends by itself)."""
         request = store_pb2.ReleasePagesRequest(lease_ids=[lease_id], bad_keys=bad_keys)

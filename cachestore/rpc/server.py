@@ -4,7 +4,10 @@ and reflection, and owns the store until `stop`."""
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+import uuid
 from concurrent import futures
 from pathlib import Path
 
@@ -13,6 +16,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvmesh.cachestore.config import StoreConfig
+from kvmesh.cachestore.dataplane import agent
+from kvmesh.cachestore.dataplane.store_side import StoreDataPlane
+from kvmesh.cachestore.errors import InvalidConfig
 from kvmesh.cachestore.page_mac import read_secret
 from kvmesh.cachestore.rpc import wire
 from kvmesh.cachestore.rpc.auth import BearerAuth, TokenTable
@@ -20,6 +26,7 @@ from kvmesh.cachestore.rpc.servicer import KVStoreServicer, method_handlers
 from kvmesh.cachestore.rpc.streams import BulkStreams
 from kvmesh.cachestore.shm.leases import MappedLeases
 from kvmesh.cachestore.shm.server import SegmentWriter
+from kvmesh.cachestore.store.page_access import PageAccess
 from kvmesh.cachestore.store.tiered import FlushResult, TieredStore
 from kvmesh.cachestore.tiers.base import Tier
 from kvmesh.cachestore.tiers.cpu import CpuTier
@@ -31,6 +38,8 @@ def build_tiers(config: StoreConfig) -> list[Tier]:
     """Tiers in chain order from a config: cpu, then disk, redis, remote when configured."""
     # unpinned: the store never copies from its pages to a GPU itself (a same-host worker maps
     # and page-locks the shared arenas), and pinning costs time and locked memory
+    # (the data plane registers the shared tier's slot arenas; a private tier keeps plain
+    # pages: its plain arenas would import torch, ~190 MB of RSS, in a store without it)
     tiers: list[Tier] = [CpuTier(config.cpu_bytes, pin_memory=False,
                                  shared=config.shared_memory)]
     if config.disk_dir is not None:
@@ -76,10 +85,19 @@ class StoreServer:
         )
         self._segments = SegmentWriter() if config.shared_memory else None
         cpu = self.store.tiers[0] if self.store.tiers else None
+        lease_ids = itertools.count(1)  # one id space: ReleasePages ends leases of both kinds
         # mapped GetPages: same-host clients read the cpu tier's pages in place
-        self.leases = (MappedLeases(cpu, config.lease_s)
+        self.leases = (MappedLeases(cpu, config.lease_s, lease_ids=lease_ids)
                        if isinstance(cpu, CpuTier) and cpu.is_shared else None)
-        servicer = KVStoreServicer(self.store, self._segments, self.leases, tokens)
+        try:
+            # data_plane_note: which plane carries bulk bytes, for logs and `kvmesh store`
+            self.data_plane, self.data_plane_note = _start_data_plane(config, self.store, cpu,
+                                                                      lease_ids)
+        except InvalidConfig:
+            self.store.close()
+            raise
+        servicer = KVStoreServicer(self.store, self._segments, self.leases, tokens,
+                                   self.data_plane)
         self.streams = BulkStreams(config.bulk_streams, config.stream_idle_s)
         self._server.add_generic_rpc_handlers((method_handlers(servicer, self.streams),))
         self._health = health.HealthServicer()
@@ -90,6 +108,8 @@ class StoreServer:
         try:
             self.port = self._bind(address)
         except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+            if self.data_plane is not None:
+                self.data_plane.close()
             self.store.close()
             raise OSError(f"cannot listen on {address}: {exc}") from None
         self._server.start()
@@ -124,6 +144,8 @@ class StoreServer:
             self._segments.close()
         if self.leases is not None:
             self.leases.close()
+        if self.data_plane is not None:
+            self.data_plane.close()
         self.store.close()
         return flushed
 
@@ -132,6 +154,37 @@ class StoreServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _start_data_plane(config: StoreConfig, store: TieredStore, cpu: Tier | None,
+                      lease_ids: itertools.count) -> tuple[StoreDataPlane | None, str]:
+    """(The NIXL data plane over the cpu tier's arenas, or None: gRPC frames carry the bytes;
+    a line saying which), logged. Raises InvalidConfig when config.data_plane is "nixl" and
+    it cannot start."""
+    why = ""
+    if config.data_plane == "grpc":
+        why = "data_plane=grpc"
+    elif not isinstance(cpu, CpuTier) or cpu.slots is None:
+        why = "the cpu tier keeps no slot arenas"
+    elif agent.nixl_api() is None:
+        why = f"nixl unavailable ({agent.why_unavailable()})"
+    if not why:
+        assert isinstance(cpu, CpuTier)
+        name = f"kvmesh-store-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            plane = StoreDataPlane(cpu, PageAccess(store), config.lease_s, name, lease_ids)
+        except Exception as exc:  # a UCX that does not start here
+            why = f"NIXL agent failed to start: {exc}"
+        else:
+            note = (f"NIXL/UCX (agent {name}, UCX_TLS={os.environ.get('UCX_TLS', 'default')});"
+                    f" gRPC frames for clients without it")
+            log.info("store data plane: %s", note)
+            return plane, note
+    if config.data_plane == "nixl":
+        raise InvalidConfig(f"data_plane=nixl, but {why}")
+    note = f"gRPC frames only ({why})"
+    log.info("store data plane: %s", note)
+    return None, note
 
 
 def serve_store(config: StoreConfig, store: TieredStore | None = None) -> StoreServer:

@@ -5,15 +5,16 @@ under streams.py's limit and idle watchdog. Assembled into a running server by s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import wraps
 from typing import Any
 
 import grpc
 
-from kvmesh.cachestore.errors import Forbidden, StreamsExhausted
+from kvmesh.cachestore.dataplane.store_side import StoreDataPlane
+from kvmesh.cachestore.errors import Forbidden, InvalidRequest, StreamsExhausted
 from kvmesh.cachestore.keys import Namespace
-from kvmesh.cachestore.rpc import server_messages, wire
+from kvmesh.cachestore.rpc import dataplane_server, server_messages, wire
 from kvmesh.cachestore.rpc.auth import Scope, TokenTable
 from kvmesh.cachestore.rpc.status import status_of
 from kvmesh.cachestore.rpc.streams import BulkStreams
@@ -48,8 +49,10 @@ class KVStoreServicer:
     every error is known up front and mapped to its status."""
 
     def __init__(self, store: TieredStore, segments: SegmentWriter | None = None,
-                 leases: MappedLeases | None = None, tokens: TokenTable | None = None) -> None:
+                 leases: MappedLeases | None = None, tokens: TokenTable | None = None,
+                 data_plane: StoreDataPlane | None = None) -> None:
         self.store = store
+        self.data_plane = data_plane  # None: DataPlaneHello says it is not offered
         self.tokens = tokens or TokenTable()
         self.pages = PageAccess(store)
         self.segments = segments  # None: GetPages always answers inline
@@ -149,6 +152,8 @@ class KVStoreServicer:
     def ReleasePages(self, request, context: grpc.ServicerContext):
         self._require_internal(context)
         released = self.leases.release(request.lease_ids) if self.leases is not None else 0
+        if self.data_plane is not None:  # (one id space: the server hands both tables ids)
+            released += self.data_plane.release(request.lease_ids)
         if request.bad_keys:  # the client's word is not enough: check them, drop the bad ones
             self.pages.get(server_messages.page_keys(store_pb2.PageKeys(keys=request.bad_keys)))
         return store_pb2.ReleasePagesResponse(num_released=released)
@@ -158,17 +163,49 @@ class KVStoreServicer:
         self._require_internal(context)
         pages = server_messages.receive_pages(request_iterator)
         reply = store_pb2.PutPagesResponse(num_pages_stored=self.pages.put(pages))
+        self._name_arenas(reply, [key for key, _ in pages], context)
+        return reply
+
+    def _name_arenas(self, reply: Any, keys: Sequence[bytes],
+                     context: grpc.ServicerContext) -> None:
+        """Same-host peers of a shared cpu tier: the arenas holding `keys`' pages, in `reply`."""
         if self.leases is not None and segments.is_local_peer(context.peer()):
-            arenas = self.leases.tier.arenas_of([key for key, _ in pages])
+            arenas = self.leases.tier.arenas_of(keys)
             reply.arena_names.extend(arenas)
             reply.arena_nbytes.extend(arenas.values())
-        return reply
 
     @_mapped
     def DeletePages(self, request, context: grpc.ServicerContext):
         self._require_internal(context)
         deleted = self.pages.delete(server_messages.page_keys(request))
         return store_pb2.DeleteResponse(num_pages_deleted=deleted)
+
+    @_mapped
+    def DataPlaneHello(self, request, context: grpc.ServicerContext):
+        self._require_internal(context)
+        return dataplane_server.hello_reply(self.data_plane)
+
+    @_mapped
+    def LeasePages(self, request, context: grpc.ServicerContext):
+        self._require_internal(context)
+        return dataplane_server.lease_reply(self._plane(), request)
+
+    @_mapped
+    def ReservePages(self, request, context: grpc.ServicerContext):
+        self._require_internal(context)
+        return dataplane_server.reserve_reply(self._plane(), request)
+
+    @_mapped
+    def CommitPages(self, request, context: grpc.ServicerContext):
+        self._require_internal(context)
+        reply = dataplane_server.commit_reply(self._plane(), request)
+        self._name_arenas(reply, request.keys, context)
+        return reply
+
+    def _plane(self) -> StoreDataPlane:
+        if self.data_plane is None:
+            raise InvalidRequest("this server offers no data plane (DataPlaneHello)")
+        return self.data_plane
 
 
 def _admit(streams: BulkStreams, context: grpc.ServicerContext) -> Any:
@@ -206,7 +243,6 @@ def _bulk_out(method: Callable, streams: BulkStreams) -> Callable:
     return call
 
 
-
 def method_handlers(servicer: KVStoreServicer, streams: BulkStreams) -> grpc.GenericRpcHandler:
     """Method handlers with the frame (de)serializers of cachestore.wire for the bulk streams,
     which run under `streams`' limit and idle watchdog."""
@@ -240,6 +276,10 @@ def method_handlers(servicer: KVStoreServicer, streams: BulkStreams) -> grpc.Gen
             response_serializer=pb.PutPagesResponse.SerializeToString),
         "DeletePages": plain(servicer.DeletePages, pb.PageKeys),
         "ReleasePages": plain(servicer.ReleasePages, pb.ReleasePagesRequest),
+        "DataPlaneHello": plain(servicer.DataPlaneHello, pb.DataPlaneHelloRequest),
+        "LeasePages": plain(servicer.LeasePages, pb.PageKeys),
+        "ReservePages": plain(servicer.ReservePages, pb.ReservePagesRequest),
+        "CommitPages": plain(servicer.CommitPages, pb.CommitPagesRequest),
     })
 
 

@@ -22,7 +22,7 @@ import itertools
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from kvmesh.cachestore.shm import segments
 from kvmesh.cachestore.tiers.cpu import CpuTier
@@ -34,13 +34,15 @@ MAX_LEASES = 1024  # outstanding; past it gets are answered through segments unt
 class MappedLeases:
     """Grants and ends leases; thread-safe. Expired leases are dropped on every call."""
 
-    def __init__(self, tier: CpuTier, ttl_s: float, max_leases: int = MAX_LEASES) -> None:
+    def __init__(self, tier: CpuTier, ttl_s: float, max_leases: int = MAX_LEASES,
+                 lease_ids: Iterator[int] | None = None) -> None:
+        """`lease_ids`: where ids come from, when another lease table shares ReleasePages."""
         self.tier = tier
         self.ttl_s = ttl_s
         self._max_leases = max_leases
         self._lock = threading.Lock()
         self._leases: OrderedDict[int, tuple[float, list]] = OrderedDict()  # id -> (end, pages)
-        self._ids = itertools.count(1)
+        self._ids = lease_ids if lease_ids is not None else itertools.count(1)
         self.num_granted = 0
 
     def mapped_header(self, keys: Sequence[bytes], blobs: Sequence[bytes | memoryview | None],

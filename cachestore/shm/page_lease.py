@@ -25,8 +25,10 @@ class PageLease:
 
     `pages`: one read-only memoryview per key, None where missing; views into shared memory
     (`is_shared_memory`: this client's segment, or the server's own page arenas when the get
-    accepted mapped pages) or into received frames. `regions`: (address, nbytes) of the shared
-    memory the pages lie in; `addresses`: each page's address there (None for frames).
+    accepted mapped pages), into received frames, or into one of the client's registered
+    buffers (the NIXL data plane; not shared memory). `regions`: (address, nbytes) of the
+    memory the pages lie in, when it is not frames; `addresses`: each page's address there
+    (None for frames).
     `release()` gives the memory back (the segment to the client's pool; mapped pages to the
     server) and invalidates the views it can (further use raises ValueError); using any page
     after release is a bug. Idempotent; also a context manager.
@@ -45,10 +47,14 @@ class PageLease:
         valid_until: float | None = None,
         on_release: Callable[[Sequence[bytes]], None] | None = None,
         addresses: list[int | None] | None = None,
+        is_shared_memory: bool | None = None,
     ) -> None:
+        """`is_shared_memory` None: whether a segment or mapped pages (`on_release`) it is."""
         self.pages = pages
         self.addresses = addresses  # per key, the page's address in shared memory (or None)
-        self.is_shared_memory = segment is not None or on_release is not None
+        if is_shared_memory is None:
+            is_shared_memory = segment is not None or on_release is not None
+        self.is_shared_memory = is_shared_memory
         self.regions = list(regions)
         if segment is not None:
             self.regions.append((segment.address, segment.capacity))

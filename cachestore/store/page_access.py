@@ -95,9 +95,11 @@ class PageAccess:
             self._drop([keys[i] for i in bad])
         return out
 
-    def put(self, pages: Sequence[Page]) -> int:
+    def put(self, pages: Sequence[Page], copy: bool = True) -> int:
         """Store pages no tier holds into the top tier, cascading evictions down. Every page is
-        checked first; one bad page rejects the whole call (InvalidRequest), storing nothing."""
+        checked first; one bad page rejects the whole call (InvalidRequest), storing nothing.
+        `copy=False`: the blobs are the caller's to give away (e.g. slots reserved in the cpu
+        tier, which then keeps them in place)."""
         check_keys([key for key, _ in pages])
         for i, (key, blob) in enumerate(pages):
             try:
@@ -109,7 +111,7 @@ class PageAccess:
         num_stored = 0
         for part in batches(new, [memoryview(blob).nbytes for _, blob in new]):
             # copied: the blobs are views of received frames, the tiers keep what they are given
-            copies: list[Page] = [(key, bytes(blob)) for key, blob in part]
+            copies: list[Page] = [(key, bytes(blob) if copy else blob) for key, blob in part]
             dropped = set(self._chain.put(0, copies))
             num_stored += sum(1 for key, _ in copies if key not in dropped)
         return num_stored

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from kvmesh.cachestore.errors import InvalidConfig
 from kvmesh.cachestore.shm import segments
@@ -26,6 +27,9 @@ from kvmesh.cachestore.shm.segments import buffer_address
 from kvmesh.cachestore.tiers.base import Page, Tier, TierStats
 from kvmesh.cachestore.tiers.lru import LruIndex
 from kvmesh.cachestore.tiers.slots import ArenaCallback, Memory, PageSlots
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def _cuda_available() -> bool:
@@ -76,6 +80,8 @@ class CpuTier(Tier):
         self._lru = LruIndex(capacity_bytes)
         self._pages: dict[bytes, bytes | memoryview] = {}
         self._addresses: dict[bytes, int] = {}  # where a slot page lies (its slot's address)
+        # slots handed out by reserve_slots, by address: a page put from one is kept in place
+        self._reserved: dict[int, np.ndarray] = {}
         self._stats = TierStats(name=self.name, capacity_bytes=capacity_bytes)
 
     def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
@@ -127,6 +133,12 @@ class CpuTier(Tier):
         bytes. Callers must never release() a page they got: the slot could be reused while
         the tier still lists it."""
         src = memoryview(blob).cast("B")
+        if self._reserved and src.nbytes:
+            with self._lock:
+                slot = self._reserved.get(buffer_address(src)[0])
+                if slot is not None and slot.nbytes == src.nbytes:
+                    del self._reserved[int(slot.ctypes.data)]
+                    return slot.data.toreadonly(), int(slot.ctypes.data)  # written in place
         slot = self._slots.take(src.nbytes) if self._slots is not None and src.nbytes else None
         if slot is not None:
             slot[:] = src
@@ -134,6 +146,31 @@ class CpuTier(Tier):
         if self.is_pinned and src.nbytes:
             return _to_pinned(src), None
         return _owned_bytes(blob), None
+
+    @property
+    def slots(self) -> PageSlots | None:
+        """The arenas pages lie in (None: pages are objects of their own)."""
+        return self._slots
+
+    def reserve_slots(self, num_slots: int, nbytes: int) -> list[np.ndarray]:
+        """Up to `num_slots` free slots of `nbytes` (fewer when memory runs out), for a writer
+        to fill in place: a page later put through put_many from a whole reserved slot is kept
+        there, not copied. The caller ends each reservation with `unreserve`."""
+        out: list[np.ndarray] = []
+        while self._slots is not None and nbytes and len(out) < num_slots:
+            slot = self._slots.take(nbytes)
+            if slot is None:
+                break
+            out.append(slot)
+        with self._lock:
+            self._reserved.update((int(slot.ctypes.data), slot) for slot in out)
+        return out
+
+    def unreserve(self, slots: Sequence[np.ndarray]) -> None:
+        """End reservations: a slot not kept by a page goes back once the caller drops it."""
+        with self._lock:
+            for slot in slots:
+                self._reserved.pop(int(slot.ctypes.data), None)
 
     def touch_many(self, keys: Sequence[bytes]) -> None:
         """Make these pages the most recently used, the last key most (no hit counted)."""

@@ -1,14 +1,28 @@
 """Fixtures shared by the gRPC store tests: a client of the module's `server` fixture (each module
-picks its server's scope and configuration)."""
+picks its server's scope and configuration), once per data plane: key-level bytes over gRPC
+frames, and over NIXL (UCX over TCP on loopback, as between hosts)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from kvmesh.cachestore import StoreClient
+# before the first NIXL agent of this process: UCX reads its settings once
+os.environ.setdefault("UCX_TLS", "tcp")
+os.environ.setdefault("UCX_NET_DEVICES", "lo")
+
+from kvmesh.cachestore import StoreClient  # noqa: E402
+from kvmesh.cachestore.dataplane.agent import nixl_api  # noqa: E402
+
+DATA_PLANES = ["grpc", pytest.param("nixl", marks=pytest.mark.skipif(
+    nixl_api() is None, reason="nixl is not installed (the `dataplane` extra)"))]
 
 
-@pytest.fixture
-def client(server):
-    with StoreClient(server.target) as c:
+@pytest.fixture(params=DATA_PLANES)
+def client(server, request):
+    if request.param == "nixl" and getattr(server, "data_plane", None) is None:
+        pytest.skip("this module's server offers no data plane")
+    with StoreClient(server.target, data_plane=request.param) as c:
+        assert c.data_plane == request.param
         yield c

@@ -46,7 +46,8 @@ def make_pages(num_pages: int, seed: int, spaces=SPACES) -> list[tuple[bytes, by
 
 @pytest.fixture(scope="module")
 def server():  # `client` (conftest) connects to it
-    srv = serve_store(StoreConfig(port=0, cpu_bytes=256 << 20))
+    # the shared-memory segments are the gRPC plane's same-host path: no NIXL here
+    srv = serve_store(StoreConfig(port=0, cpu_bytes=256 << 20, data_plane="grpc"))
     yield srv
     srv.stop(grace=0)
 

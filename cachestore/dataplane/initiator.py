@@ -1,0 +1,133 @@
+"""The client's side of the NIXL data plane: one agent (no progress thread: the caller polls its
+own transfers), a pool of registered buffers reused across calls, and READs/WRITEs between them
+and a store's arenas. Knows nothing of gRPC: StoreClient (cachestore/rpc/) asks the store where
+pages lie and hands the locations here.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from kvmesh.cachestore.dataplane.agent import ArenaInfo, make_agent, wait_done
+
+MIN_BUFFER_NBYTES = 4 << 20
+Location = tuple[int, int, int]  # (arena_id, offset, nbytes) in the store
+
+
+class RegisteredBuffer:
+    """One registered host buffer; `array` is its memory ([nbytes] uint8)."""
+
+    def __init__(self, array: np.ndarray, registration: Any) -> None:
+        self.array, self.registration = array, registration
+        self.address, self.nbytes = int(array.ctypes.data), array.nbytes
+
+    def view(self) -> memoryview:
+        """The whole buffer, read-only."""
+        return self.array.data.toreadonly()
+
+
+class Initiator:
+    """Thread-safe: transfers run one at a time (the agent is driven from one thread at once).
+    `connect` loads (or reloads, after the store registered new arenas) the store's metadata."""
+
+    def __init__(self) -> None:
+        self.agent: Any = make_agent(f"kvmesh-client-{os.getpid()}-{uuid.uuid4().hex[:8]}",
+                                progress_thread=False)
+        self._lock = threading.Lock()  # the agent and the remote table
+        self._pool_lock = threading.Lock()
+        self._free: list[RegisteredBuffer] = []
+        self._all: list[RegisteredBuffer] = []
+        self._remote: bytes | None = None
+        self._arenas: dict[int, ArenaInfo] = {}
+        self.arena_epoch = -1
+
+    def connect(self, agent_metadata: bytes, arenas: Sequence[ArenaInfo], epoch: int) -> None:
+        with self._lock:
+            self._remote = self.agent.add_remote_agent(agent_metadata)
+            self._arenas = {arena.arena_id: arena for arena in arenas}
+            self.arena_epoch = epoch
+
+    def knows(self, places: Sequence[Location]) -> bool:
+        """Every location lies in an arena this client has the metadata of."""
+        with self._lock:
+            return all(arena_id in self._arenas
+                       and offset + nbytes <= self._arenas[arena_id].nbytes
+                       for arena_id, offset, nbytes in places)
+
+    # -- buffers ------------------------------------------------------------------------------
+
+    def acquire(self, nbytes: int) -> RegisteredBuffer:
+        """A registered buffer of at least `nbytes`, the caller's until `give_back`."""
+        with self._pool_lock:
+            fits = [b for b in self._free if b.nbytes >= nbytes]
+            if fits:
+                buffer = min(fits, key=lambda b: b.nbytes)
+                self._free.remove(buffer)
+                return buffer
+        size = max(MIN_BUFFER_NBYTES, 1 << max(0, nbytes - 1).bit_length())
+        array = np.empty(size, dtype=np.uint8)
+        with self._lock:
+            registration = self.agent.register_memory([(int(array.ctypes.data), size, 0, "")],
+                                                      "DRAM")
+        buffer = RegisteredBuffer(array, registration)
+        with self._pool_lock:
+            self._all.append(buffer)
+        return buffer
+
+    def give_back(self, buffer: RegisteredBuffer) -> None:
+        with self._pool_lock:
+            self._free.append(buffer)
+
+    # -- transfers ----------------------------------------------------------------------------
+
+    def read(self, places: Sequence[Location], buffer: RegisteredBuffer) -> list[int]:
+        """READ each location into `buffer`, back to back; returns each one's offset there."""
+        offsets = _packed(places)
+        self._transfer("READ", places, buffer, offsets)
+        return offsets
+
+    def write(self, places: Sequence[Location], buffer: RegisteredBuffer) -> None:
+        """WRITE `buffer`'s bytes, laid out back to back, to the locations (flushed into the
+        store's memory once this returns)."""
+        self._transfer("WRITE", places, buffer, _packed(places))
+
+    def _transfer(self, op: str, places: Sequence[Location], buffer: RegisteredBuffer,
+                  offsets: list[int]) -> None:
+        assert offsets[-1] + places[-1][2] <= buffer.nbytes if places else True
+        if not places:
+            return
+        with self._lock:
+            if self._remote is None:
+                raise OSError("the data plane is not connected")
+            local = [(buffer.address + off, nbytes, 0)
+                     for off, (_, _, nbytes) in zip(offsets, places, strict=True)]
+            remote = [(self._arenas[arena_id].address + offset, nbytes, 0)
+                      for arena_id, offset, nbytes in places]
+            handle = self.agent.initialize_xfer(op, self.agent.get_xfer_descs(local, "DRAM"),
+                                                self.agent.get_xfer_descs(remote, "DRAM"),
+                                                self._remote)
+            wait_done(self.agent, handle, op)
+
+    def close(self) -> None:
+        with self._lock, self._pool_lock:
+            for buffer in self._all:
+                self.agent.deregister_memory(buffer.registration)
+            self._all, self._free = [], []
+            if self._remote is not None:
+                self.agent.remove_remote_agent(self._remote.decode())
+                self._remote = None
+            self.agent = None  # its UCX worker ends here, not at exit
+
+
+def _packed(places: Sequence[Location]) -> list[int]:
+    offsets, at = [], 0
+    for _, _, nbytes in places:
+        offsets.append(at)
+        at += nbytes
+    return offsets

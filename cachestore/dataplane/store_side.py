@@ -1,0 +1,227 @@
+"""The store server's side of the NIXL data plane: one agent, the cpu tier's slot arenas
+registered with it for the tier's life, leases (what a client may READ) and reservations (slots
+a client may WRITE, committed only after the store checked every page).
+
+A lease keeps its pages' views referenced, so their slots are not reused until the lease is
+released or expires (the tier may drop the pages meanwhile; the bytes stay). Clients check every
+page they READ (header, key, checksum) and report bad ones with the release.
+
+A reservation holds free slots of the tier (CpuTier.reserve_slots). CommitPages checks each
+slot's bytes as an encoded page under its key (decode + xxh3, the GIL released while hashing)
+and only then puts it into the tier, in place; a failed or surplus slot goes back. An expired
+reservation cannot be committed, and its slots stay out of use for one more TTL so that a late
+WRITE from a slow client lands in no page.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kvmesh.cachestore.dataplane.agent import ArenaInfo, make_agent
+from kvmesh.cachestore.errors import InvalidRequest
+from kvmesh.cachestore.shm.segments import buffer_address
+from kvmesh.cachestore.store.page_access import PageAccess
+from kvmesh.cachestore.tiers.cpu import CpuTier
+
+log = logging.getLogger(__name__)
+
+MAX_LEASES = 1024
+MAX_RESERVATIONS = 256
+MAX_SLOTS_PER_RESERVATION = 1 << 14
+
+Location = tuple[int, int, int]  # (arena_id, offset, nbytes)
+
+
+@dataclass(frozen=True)
+class Hello:
+    agent_name: str
+    agent_metadata: bytes
+    arenas: list[ArenaInfo]
+    arena_epoch: int
+
+
+class StoreDataPlane:
+    """Thread-safe. Owns its NIXL agent; `close` deregisters and drops it."""
+
+    def __init__(self, tier: CpuTier, pages: PageAccess, ttl_s: float, name: str,
+                 lease_ids: Any = None) -> None:
+        if tier.slots is None:
+            raise ValueError("the data plane needs a cpu tier with slot arenas")
+        self.tier, self.pages, self.ttl_s, self.name = tier, pages, ttl_s, name
+        self.agent: Any = make_agent(name, progress_thread=True)
+        self._lock = threading.Lock()
+        self._ids = lease_ids if lease_ids is not None else itertools.count(1)
+        self._arenas: list[tuple[int, ArenaInfo, Any]] = []  # (address, info, registration)
+        self.arena_epoch = 0
+        self._leases: OrderedDict[int, tuple[float, list]] = OrderedDict()
+        self._reservations: OrderedDict[int, tuple[float, list]] = OrderedDict()
+        self._cooling: list[tuple[float, list]] = []  # expired reservations' slots, held a TTL
+        # arenas live (same address) until the tier closes: each is registered once
+        tier.on_new_arena = self._register
+        for arena_id, address, nbytes in tier.arenas():
+            self._register(arena_id, address, nbytes)
+
+    def _register(self, arena_id: int, address: int, nbytes: int) -> None:
+        """(CpuTier.on_new_arena) Register an arena, once."""
+        with self._lock:
+            if any(entry[1].arena_id == arena_id for entry in self._arenas):
+                return
+            registration = self.agent.register_memory([(address, nbytes, 0, "")], "DRAM")
+            bisect.insort(self._arenas, (address, ArenaInfo(arena_id, address, nbytes),
+                                         registration), key=lambda entry: entry[0])
+            self.arena_epoch += 1
+
+    def hello(self) -> Hello:
+        with self._lock:
+            return Hello(self.name, self.agent.get_agent_metadata(),
+                         [info for _, info, _ in self._arenas], self.arena_epoch)
+
+    def _locate(self, address: int, nbytes: int) -> Location | None:
+        i = bisect.bisect_right(self._arenas, address, key=lambda entry: entry[0]) - 1
+        if i < 0:
+            return None
+        start, info, _ = self._arenas[i]
+        if address + nbytes > start + info.nbytes:
+            return None
+        return info.arena_id, address - start, nbytes
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def lease(self, keys: Sequence[bytes], prefix_only: bool
+              ) -> tuple[int, list[Location | None], list[bool], int]:
+        """(lease id or 0 when nothing was leased, per key its location or None, per key
+        whether it is stored outside the arenas (read it over gRPC), arena epoch)."""
+        blobs = self.pages.get(keys, prefix_only=prefix_only, verify=False)
+        places: list[Location | None] = []
+        held = []
+        with self._lock:
+            for blob in blobs:
+                view = None if blob is None else memoryview(blob)
+                place = None
+                if view is not None and view.nbytes:
+                    place = self._locate(buffer_address(view)[0], view.nbytes)
+                places.append(place)
+                if place is not None:
+                    held.append(blob)
+            epoch = self.arena_epoch
+        elsewhere = [blob is not None and place is None
+                     for blob, place in zip(blobs, places, strict=True)]
+        if not held:
+            return 0, places, elsewhere, epoch
+        lease_id = self._hold(self._leases, held, MAX_LEASES)
+        if lease_id == 0:  # too many leases: every found page reads over gRPC
+            return 0, [None] * len(keys), [blob is not None for blob in blobs], epoch
+        return lease_id, places, elsewhere, epoch
+
+    def release(self, lease_ids: Sequence[int]) -> int:
+        with self._lock:
+            garbage = self._expire(time.monotonic())
+            released = [self._leases.pop(i) for i in lease_ids if i in self._leases]
+        del garbage  # slots go back outside the lock (their hooks take it)
+        return len(released)
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def reserve(self, num_slots: int, nbytes: int) -> tuple[int, list[Location], int]:
+        """(reservation id, the slots' locations, arena epoch); fewer slots (maybe none, id 0)
+        when the tier has no memory for more."""
+        if not 0 < num_slots <= MAX_SLOTS_PER_RESERVATION or nbytes <= 0:
+            raise InvalidRequest(f"reserve 1..{MAX_SLOTS_PER_RESERVATION} slots of a positive "
+                                 f"size, not {num_slots} of {nbytes} bytes")
+        slots = self.tier.reserve_slots(num_slots, nbytes)
+        with self._lock:
+            places = [self._locate(int(slot.ctypes.data), nbytes) for slot in slots]
+            epoch = self.arena_epoch
+        if not slots or None in places:  # (an arena not registered: cannot happen) give back
+            self.tier.unreserve(slots)
+            return 0, [], epoch
+        reservation_id = self._hold(self._reservations, slots, MAX_RESERVATIONS)
+        if reservation_id == 0:
+            self.tier.unreserve(slots)
+            return 0, [], epoch
+        return reservation_id, places, epoch  # type: ignore[return-value]  # no None left
+
+    def commit(self, reservation_id: int, keys: Sequence[bytes]) -> int:
+        """Check slot i as the encoded page of keys[i]; when every page passes, store them in
+        place (PageAccess.put). Returns pages newly stored. Unused slots go back. Raises
+        InvalidRequest for an unknown or expired reservation, or naming the first bad page
+        (nothing stored)."""
+        with self._lock:
+            garbage = self._expire(time.monotonic())
+            held = self._reservations.pop(reservation_id, None)
+        del garbage
+        if held is None:
+            raise InvalidRequest(f"reservation {reservation_id} is unknown or expired")
+        slots = held[1]
+        try:
+            if len(keys) > len(slots):
+                raise InvalidRequest(f"{len(keys)} keys for {len(slots)} reserved slots")
+            views = [slot.data.toreadonly() for slot in slots[: len(keys)]]
+            return self.pages.put(list(zip(keys, views, strict=True)), copy=False)
+        finally:
+            self.tier.unreserve(slots)
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _hold(self, table: OrderedDict, items: list, limit: int) -> int:
+        now = time.monotonic()
+        with self._lock:
+            garbage = self._expire(now)
+            if len(table) >= limit:
+                return 0
+            entry_id = next(self._ids)
+            table[entry_id] = (now + self.ttl_s, items)
+        del garbage
+        return entry_id
+
+    def _expire(self, now: float) -> list:
+        """(lock held) End expired leases; move expired reservations' slots to cooling. Returns
+        what was let go, for the caller to drop once the lock is released (a slot going back
+        takes the slots' lock; the arena hook, under which this lock is taken, may hold it)."""
+        garbage: list = []
+        while self._leases and next(iter(self._leases.values()))[0] <= now:
+            garbage.append(self._leases.popitem(last=False))
+        while self._reservations and next(iter(self._reservations.values()))[0] <= now:
+            _, (_, slots) = self._reservations.popitem(last=False)
+            self.tier.unreserve(slots)
+            self._cooling.append((now + self.ttl_s, slots))
+        garbage += [entry for entry in self._cooling if entry[0] <= now]
+        self._cooling = [entry for entry in self._cooling if entry[0] > now]
+        return garbage
+
+    @property
+    def num_leases(self) -> int:
+        with self._lock:
+            garbage = self._expire(time.monotonic())
+            count = len(self._leases)
+        del garbage
+        return count
+
+    @property
+    def num_reservations(self) -> int:
+        with self._lock:
+            garbage = self._expire(time.monotonic())
+            count = len(self._reservations)
+        del garbage
+        return count
+
+    def close(self) -> None:
+        with self._lock:
+            garbage = [*self._leases.values(), *self._reservations.values(), *self._cooling]
+            self._leases.clear()
+            self._reservations.clear()
+            self._cooling.clear()
+            arenas, self._arenas = self._arenas, []
+        del garbage
+        self.tier.on_new_arena = None
+        for _, _, registration in arenas:
+            self.agent.deregister_memory(registration)
+        self.agent = None  # the agent (and its progress thread) ends here, not at exit

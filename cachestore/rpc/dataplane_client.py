@@ -1,0 +1,237 @@
+"""A StoreClient's NIXL data plane: key-level gets and puts whose bytes move by NIXL READ/WRITE
+between this client's registered buffers and the server's page arenas
+(cachestore/dataplane/initiator.py), with LeasePages / ReservePages / CommitPages / ReleasePages
+over gRPC as the control path. Used when the server offers it (DataPlaneHello) and nixl loads
+here; StoreClient falls back to the gRPC frames otherwise (and for a call whose transfer fails).
+
+Checks are the same as the frames': the client checks every page it READ (header, key,
+checksum) before handing it out, reporting bad ones to the server; the server checks every page
+written before it becomes visible.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from kvmesh.cachestore.dataplane import agent
+from kvmesh.cachestore.dataplane.agent import ArenaInfo
+from kvmesh.cachestore.dataplane.initiator import Initiator
+from kvmesh.cachestore.errors import InvalidRequest, ProtocolError, StoreUnavailable
+from kvmesh.cachestore.rpc import wire
+from kvmesh.cachestore.rpc.page_gets import MAX_KEYS_PER_CALL, PageGets
+from kvmesh.cachestore.rpc.status import typed_error
+from kvmesh.cachestore.shm.page_lease import PageLease, pages_by_key
+from kvmesh.cachestore.store.page_access import is_intact
+from kvmesh.v1 import store_pb2
+
+log = logging.getLogger(__name__)
+Metadata = tuple[tuple[str, str], ...] | None
+
+
+class DataPlaneCalls:
+    """Thread-safe. `required`: a server or client without the plane raises StoreUnavailable
+    instead of reporting itself off (`is_on`)."""
+
+    def __init__(self, target: str, channel: grpc.Channel, page_gets: PageGets,
+                 timeout: float | None, metadata: Metadata, required: bool) -> None:
+        self.target = target
+        self._page_gets, self.timeout, self._metadata = page_gets, timeout, metadata
+        self.required = required
+        pb, method = store_pb2, f"/{wire.SERVICE}/"
+        self._rpc = {name: channel.unary_unary(method + name, req.SerializeToString,
+                                               resp.FromString)
+                     for name, req, resp in (
+                         ("DataPlaneHello", pb.DataPlaneHelloRequest, pb.DataPlaneHelloResponse),
+                         ("LeasePages", pb.PageKeys, pb.LeasePagesResponse),
+                         ("ReservePages", pb.ReservePagesRequest, pb.ReservePagesResponse),
+                         ("CommitPages", pb.CommitPagesRequest, pb.CommitPagesResponse))}
+        self._lock = threading.Lock()
+        self._initiator: Initiator | None = None
+        self._why_off: str | None = None  # None: not asked yet
+
+    def is_on(self) -> bool:
+        """Whether calls go over NIXL (the first call says hello and connects)."""
+        with self._lock:
+            if self._why_off is None:
+                self._why_off = self._start()
+                if self._why_off:
+                    log.info("store %s data plane: gRPC frames (%s)", self.target,
+                             self._why_off)
+                else:
+                    log.info("store %s data plane: NIXL/UCX", self.target)
+            if self._why_off and self.required:
+                raise StoreUnavailable(f"data_plane=nixl, but {self._why_off}")
+            return not self._why_off
+
+    def _start(self) -> str:
+        """'' once connected, else why not."""
+        if agent.nixl_api() is None:
+            return f"nixl unavailable here ({agent.why_unavailable()})"
+        hello = self._call("DataPlaneHello", store_pb2.DataPlaneHelloRequest())
+        if not hello.is_offered:
+            return "the server offers no data plane"
+        try:
+            self._initiator = Initiator()
+            self._connect(hello)
+        except Exception as exc:  # UCX that does not start, metadata it cannot load
+            return f"NIXL failed to connect: {exc}"
+        return ""
+
+    def _connect(self, hello: Any = None) -> None:
+        hello = hello or self._call("DataPlaneHello", store_pb2.DataPlaneHelloRequest())
+        assert self._initiator is not None
+        self._initiator.connect(hello.agent_metadata,
+                                [ArenaInfo(a.arena_id, a.address, a.nbytes) for a in hello.arenas],
+                                hello.arena_epoch)
+
+    def _ready(self, epoch: int, places: Sequence[tuple[int, int, int]]) -> Initiator:
+        """The initiator, reconnected first when the server registered arenas since."""
+        assert self._initiator is not None
+        if epoch != self._initiator.arena_epoch or not self._initiator.knows(places):
+            self._connect()
+            if not self._initiator.knows(places):
+                raise ProtocolError("the server named arenas its hello does not list")
+        return self._initiator
+
+    def try_get_leased(self, keys: Sequence[bytes], prefix_only: bool) -> PageLease | None:
+        """get_leased, or None when its transfer failed (the caller uses the frames)."""
+        try:
+            return self.get_leased(keys, prefix_only)
+        except (OSError, RuntimeError) as exc:  # nixl's errors are RuntimeErrors
+            self._failed(exc)
+            return None
+
+    def try_put(self, pages: Sequence[tuple[bytes, bytes | memoryview]], arenas: dict[str, int]
+                ) -> tuple[int, list[tuple[bytes, bytes | memoryview]]]:
+        """put, one reservation per page size: (pages newly stored, the pages left for the
+        caller to send by PutPages: no slot for them, or their transfer failed). Adds the
+        shared arenas the pages landed in (same-host server) to `arenas`."""
+        by_size: dict[int, list[tuple[bytes, memoryview]]] = {}
+        for key, blob in pages:
+            view = memoryview(blob).cast("B")
+            by_size.setdefault(view.nbytes, []).append((key, view))
+        stored, rest = 0, list[tuple[bytes, bytes | memoryview]]()
+        for group in by_size.values():
+            try:
+                num_stored, num_sent = self.put(group, arenas)
+            except (OSError, RuntimeError) as exc:  # nixl's errors are RuntimeErrors
+                self._failed(exc)
+                num_stored, num_sent = 0, 0
+            stored += num_stored
+            rest += group[num_sent:]
+        return stored, rest
+
+    def _failed(self, exc: BaseException) -> None:
+        if self.required:
+            raise StoreUnavailable(f"NIXL transfer failed: {exc}") from exc
+        log.warning("store %s: NIXL transfer failed (%s); this call uses gRPC frames",
+                    self.target, exc)
+
+    # -- gets ---------------------------------------------------------------------------------
+
+    def get_leased(self, keys: Sequence[bytes], prefix_only: bool) -> PageLease:
+        """StoreClient.get_pages_leased over NIXL: pages are read-only views into one of this
+        client's registered buffers, checked; release the lease to reuse the buffer."""
+        if len(keys) > MAX_KEYS_PER_CALL:
+            raise InvalidRequest(f"at most {MAX_KEYS_PER_CALL} keys per data-plane get")
+        reply = self._call("LeasePages", store_pb2.PageKeys(keys=keys, prefix_only=prefix_only))
+        if (len(reply.is_found) != len(keys) or len(reply.is_elsewhere) != len(keys)
+                or sum(reply.is_found) != len(reply.pages)):
+            raise ProtocolError(f"LeasePages reply does not fit {len(keys)} keys")
+        places = [(p.arena_id, p.offset, p.nbytes) for p in reply.pages]
+        pages: list[memoryview | None] = [None] * len(keys)
+        views, bad_keys, buffer = [], [], None
+        initiator = self._initiator
+        try:
+            if places:
+                initiator = self._ready(reply.arena_epoch, places)
+                buffer = initiator.acquire(sum(nbytes for _, _, nbytes in places))
+                offsets = initiator.read(places, buffer)
+                found = [i for i, flag in enumerate(reply.is_found) if flag]
+                whole = buffer.view()
+                for i, offset, (_, _, nbytes) in zip(found, offsets, places, strict=True):
+                    view = whole[offset : offset + nbytes]
+                    views.append(view)
+                    if is_intact(keys[i], view):
+                        pages[i] = view
+                    else:
+                        bad_keys.append(keys[i])
+                views.append(whole)
+        except BaseException:
+            if buffer is not None:
+                assert initiator is not None
+                initiator.give_back(buffer)
+            raise
+        finally:
+            if reply.lease_id:  # the bytes are here (or the READ failed): end it now
+                self._page_gets.end_lease(reply.lease_id, bad_keys)
+        elsewhere = [key for key, flag in zip(keys, reply.is_elsewhere, strict=True) if flag]
+        if elsewhere:  # stored outside the arenas (disk, redis): the frames, checked there
+            header, inline = self._page_gets.fetch(elsewhere, False, None)
+            got = iter(pages_by_key(header.is_found, inline))
+            pages = [next(got) if flag else page
+                     for page, flag in zip(pages, reply.is_elsewhere, strict=True)]
+        if prefix_only and None in pages:
+            first = pages.index(None)
+            pages[first:] = [None] * (len(pages) - first)
+        if buffer is None:
+            return PageLease(pages)
+        assert initiator is not None
+        give_back = initiator.give_back
+
+        def on_release(_bad_keys: Sequence[bytes]) -> None:  # (checked here, reported above)
+            give_back(buffer)
+
+        return PageLease(pages, views=views, regions=[(buffer.address, buffer.nbytes)],
+                         on_release=on_release, is_shared_memory=False)
+
+    # -- puts ---------------------------------------------------------------------------------
+
+    def put(self, pages: Sequence[tuple[bytes, memoryview]],
+            arenas: dict[str, int] | None = None) -> tuple[int, int]:
+        """Write pages (all of one size) into reserved slots and commit them: (pages newly
+        stored, how many leading pages went this way; the caller sends the rest by PutPages).
+        Raises InvalidRequest, storing nothing of this call, when the server finds a bad page
+        (named as PutPages names it)."""
+        if not pages:
+            return 0, 0
+        nbytes = pages[0][1].nbytes
+        reply = self._call("ReservePages", store_pb2.ReservePagesRequest(
+            num_pages=len(pages), page_nbytes=nbytes))
+        if not reply.reservation_id or not reply.slots:
+            return 0, 0
+        places = [(s.arena_id, s.offset, s.nbytes) for s in reply.slots]
+        if len(places) > len(pages) or any(n != nbytes for _, _, n in places):
+            raise ProtocolError("ReservePages answered slots that do not fit the request")
+        initiator = self._ready(reply.arena_epoch, places)
+        buffer = initiator.acquire(nbytes * len(places))
+        try:
+            for i, (_, blob) in enumerate(pages[: len(places)]):
+                buffer.array[i * nbytes : (i + 1) * nbytes] = blob  # the client's one copy
+            initiator.write(places, buffer)
+        finally:
+            initiator.give_back(buffer)
+        keys = [key for key, _ in pages[: len(places)]]
+        commit = self._call("CommitPages", store_pb2.CommitPagesRequest(
+            reservation_id=reply.reservation_id, keys=keys))
+        if arenas is not None:
+            arenas.update(zip(commit.arena_names, commit.arena_nbytes, strict=False))
+        return commit.num_pages_stored, len(places)
+
+    def _call(self, name: str, request: Any) -> Any:
+        try:
+            return self._rpc[name](request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise typed_error(exc) from None
+
+    def close(self) -> None:
+        with self._lock:
+            initiator, self._initiator = self._initiator, None
+            self._why_off = self._why_off or "closed"
+        if initiator is not None:
+            initiator.close()

@@ -1,0 +1,56 @@
+"""The data-plane control RPCs of the servicer (DataPlaneHello, LeasePages, ReservePages,
+CommitPages) as functions from a StoreDataPlane (cachestore/dataplane/store_side.py) to their
+replies; the servicer checks scopes and calls these."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from kvmesh.cachestore.dataplane.store_side import StoreDataPlane
+from kvmesh.cachestore.errors import InvalidRequest
+from kvmesh.cachestore.rpc import server_messages
+from kvmesh.v1 import store_pb2
+
+
+def _location(place: tuple[int, int, int]) -> store_pb2.PageLocation:
+    arena_id, offset, nbytes = place
+    return store_pb2.PageLocation(arena_id=arena_id, offset=offset, nbytes=nbytes)
+
+
+def hello_reply(plane: StoreDataPlane | None) -> store_pb2.DataPlaneHelloResponse:
+    if plane is None:
+        return store_pb2.DataPlaneHelloResponse(is_offered=False)
+    hello = plane.hello()
+    return store_pb2.DataPlaneHelloResponse(
+        is_offered=True, agent_name=hello.agent_name, agent_metadata=hello.agent_metadata,
+        arenas=[store_pb2.DataPlaneArena(arena_id=a.arena_id, address=a.address, nbytes=a.nbytes)
+                for a in hello.arenas],
+        arena_epoch=hello.arena_epoch)
+
+
+def lease_reply(plane: StoreDataPlane, request: store_pb2.PageKeys
+                ) -> store_pb2.LeasePagesResponse:
+    keys = server_messages.page_keys(request)
+    lease_id, places, elsewhere, epoch = plane.lease(keys, request.prefix_only)
+    return store_pb2.LeasePagesResponse(
+        is_found=[place is not None for place in places],
+        pages=[_location(place) for place in places if place is not None],
+        is_elsewhere=elsewhere, lease_id=lease_id, lease_ms=int(plane.ttl_s * 1000),
+        arena_epoch=epoch)
+
+
+def reserve_reply(plane: StoreDataPlane, request: store_pb2.ReservePagesRequest
+                  ) -> store_pb2.ReservePagesResponse:
+    reservation_id, places, epoch = plane.reserve(request.num_pages, request.page_nbytes)
+    return store_pb2.ReservePagesResponse(
+        reservation_id=reservation_id, slots=[_location(place) for place in places],
+        reservation_ms=int(plane.ttl_s * 1000), arena_epoch=epoch)
+
+
+def commit_reply(plane: StoreDataPlane, request: store_pb2.CommitPagesRequest
+                 ) -> store_pb2.CommitPagesResponse:
+    keys: Sequence[bytes] = server_messages.page_keys(store_pb2.PageKeys(keys=request.keys))
+    if len(set(keys)) != len(keys):
+        raise InvalidRequest("CommitPages: a key appears twice")
+    return store_pb2.CommitPagesResponse(
+        num_pages_stored=plane.commit(request.reservation_id, keys))

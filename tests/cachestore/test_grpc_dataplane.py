@@ -1,0 +1,169 @@
+"""The NIXL data plane on a real store server (UCX over TCP on loopback, conftest.py): a page
+is checked before it becomes visible and after it is read; reservations and leases expire and
+give their slots back; the page-key scopes hold for the new RPCs; a store and a client without
+nixl fall back to the gRPC frames. (Every key-level test of the gRPC modules also runs over
+this plane: conftest's `client`.)"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from test_grpc_mapped import wait_until
+from test_grpc_scopes import ALICE_RW, INTERNAL, SECRET, _token_file
+from test_grpc_shm import SPACES
+from test_grpc_shm import make_pages as mixed_pages
+
+from kvmesh.cachestore import StoreClient
+from kvmesh.cachestore.config import StoreConfig
+from kvmesh.cachestore.dataplane import agent
+from kvmesh.cachestore.errors import InvalidRequest, PermissionDenied
+from kvmesh.cachestore.rpc.server import serve_store
+from kvmesh.v1 import store_pb2
+
+pytestmark = pytest.mark.skipif(agent.nixl_api() is None, reason="nixl is not installed")
+TTL_S = 0.3
+
+
+def make_pages(num_pages: int, seed: int):
+    """Encoded pages of one size (one namespace)."""
+    return mixed_pages(num_pages, seed, SPACES[:1])
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = serve_store(StoreConfig(port=0, cpu_bytes=32 << 20, lease_s=TTL_S, data_plane="nixl"))
+    yield srv
+    srv.stop(grace=0)
+
+
+@pytest.fixture
+def nixl(server):
+    with StoreClient(server.target, data_plane="nixl") as c:
+        yield c
+
+
+def reserve_and_write(client, pages):
+    """ReservePages + NIXL WRITE of `pages`, uncommitted: the reservation id."""
+    plane = client._plane
+    assert plane.is_on()
+    nbytes = len(pages[0][1])
+    reply = plane._call("ReservePages", store_pb2.ReservePagesRequest(
+        num_pages=len(pages), page_nbytes=nbytes))
+    places = [(s.arena_id, s.offset, s.nbytes) for s in reply.slots]
+    assert len(places) == len(pages)
+    initiator = plane._ready(reply.arena_epoch, places)
+    buffer = initiator.acquire(nbytes * len(pages))
+    for i, (_, blob) in enumerate(pages):
+        buffer.array[i * nbytes : (i + 1) * nbytes] = np.frombuffer(blob, np.uint8)
+    initiator.write(places, buffer)
+    initiator.give_back(buffer)
+    return reply.reservation_id
+
+
+def commit(client, reservation_id, keys):
+    return client._plane._call("CommitPages", store_pb2.CommitPagesRequest(
+        reservation_id=reservation_id, keys=keys))
+
+
+def test_pages_round_trip_through_the_plane_unchanged(server, nixl):
+    pages = mixed_pages(9, seed=40)  # three sizes: a reservation per size
+    assert nixl.put_encoded_pages(pages) == 9
+    assert nixl.put_encoded_pages(pages) == 0  # present: a no-op
+    assert server.data_plane.num_reservations == 0
+    with nixl.get_pages_leased([key for key, _ in pages]) as lease:
+        assert not lease.is_shared_memory and lease.regions
+        assert [bytes(p) for p in lease.pages] == [blob for _, blob in pages]
+    assert wait_until(lambda: server.data_plane.num_leases == 0)  # ended right after the READ
+
+
+def test_a_corrupt_page_written_through_the_plane_is_never_visible(nixl):
+    pages = make_pages(3, seed=41)
+    bad = bytearray(pages[1][1])
+    bad[-1] ^= 0xFF
+    with pytest.raises(InvalidRequest, match="page 1: page checksum mismatch"):
+        nixl.put_encoded_pages([pages[0], (pages[1][0], bytes(bad)), pages[2]])
+    assert nixl.has_pages([key for key, _ in pages]) == [False] * 3  # none of the call
+    # intact bytes committed under another key: the header names its own key
+    reservation = reserve_and_write(nixl, pages[:1])
+    with pytest.raises(InvalidRequest, match="key"):
+        commit(nixl, reservation, [pages[2][0]])
+    assert nixl.get_pages([pages[0][0], pages[2][0]]) == [None, None]
+
+
+def test_an_expired_reservation_cannot_be_committed(server, nixl):
+    pages = make_pages(2, seed=42)
+    reservation = reserve_and_write(nixl, pages)
+    time.sleep(TTL_S * 1.5)
+    with pytest.raises(InvalidRequest, match="unknown or expired"):
+        commit(nixl, reservation, [key for key, _ in pages])
+    assert nixl.has_pages([key for key, _ in pages]) == [False, False]
+    reservation = reserve_and_write(nixl, pages)  # in time: committed
+    assert commit(nixl, reservation, [key for key, _ in pages]).num_pages_stored == 2
+    with pytest.raises(InvalidRequest, match="unknown or expired"):  # only once
+        commit(nixl, reservation, [key for key, _ in pages])
+
+
+def test_a_lease_pins_its_slot_until_released_or_expired():
+    srv = serve_store(StoreConfig(port=0, cpu_bytes=1 << 20, lease_s=TTL_S))
+    with srv, StoreClient(srv.target, data_plane="nixl") as nixl:
+        _check_slot_pinned_until_lease_ends(srv, nixl)
+
+
+def _check_slot_pinned_until_lease_ends(server, nixl):
+    slots = server.store.tiers[0].slots
+    pages = make_pages(1, seed=43)
+    nixl.put_encoded_pages(pages)
+    nixl.delete_pages([pages[0][0]])
+    time.sleep(TTL_S * 2.5)  # (no reservation is cooling)
+    free = slots.num_free_slots
+    keys = [pages[0][0]]
+    for end in ("release", "expiry"):
+        assert nixl.put_encoded_pages(pages) == 1
+        lease = nixl._plane._call("LeasePages", store_pb2.PageKeys(keys=keys))
+        assert lease.lease_id and list(lease.is_found) == [True]
+        assert nixl.delete_pages(keys) == 1  # dropped by the tier, still leased
+        assert slots.num_free_slots == free - 1
+        if end == "release":
+            nixl._page_gets.end_lease(lease.lease_id)
+            assert wait_until(lambda: server.data_plane.num_leases == 0)
+        else:
+            time.sleep(TTL_S * 1.5)
+        assert server.data_plane.num_leases == 0
+        assert slots.num_free_slots == free
+
+
+def test_page_key_scopes_hold_for_the_plane(tmp_path):
+    token_file = _token_file(tmp_path, [{"token": ALICE_RW, "tenant": "alice",
+                                         "access": "read-write"}])
+    with serve_store(StoreConfig(port=0, cpu_bytes=1 << 20, token=INTERNAL,
+                                 token_file=token_file, tenant_secret=SECRET)) as srv:
+        pages = make_pages(1, seed=44)
+        with StoreClient(srv.target, token=INTERNAL, data_plane="nixl") as internal:
+            assert internal.put_encoded_pages(pages) == 1
+        with StoreClient(srv.target, token=ALICE_RW, data_plane="grpc") as alice:
+            for name, request in (("DataPlaneHello", store_pb2.DataPlaneHelloRequest()),
+                                  ("LeasePages", store_pb2.PageKeys(keys=[pages[0][0]])),
+                                  ("ReservePages", store_pb2.ReservePagesRequest(
+                                      num_pages=1, page_nbytes=len(pages[0][1])))):
+                stub = alice._channel.unary_unary(
+                    f"/kvmesh.v1.KVStore/{name}", type(request).SerializeToString,
+                    store_pb2.LeasePagesResponse.FromString)
+                with pytest.raises(Exception, match="internal token"):
+                    stub(request, metadata=alice._metadata)
+        with StoreClient(srv.target, token=ALICE_RW) as alice, pytest.raises(PermissionDenied):
+            alice.get_pages_leased([pages[0][0]])
+
+
+def test_without_nixl_both_ends_use_the_frames(monkeypatch, caplog):
+    monkeypatch.setattr(agent, "nixl_api", lambda: None)
+    caplog.set_level("INFO")
+    with serve_store(StoreConfig(port=0, cpu_bytes=1 << 20)) as srv:
+        assert srv.data_plane is None
+        assert "store data plane: gRPC frames only" in caplog.text
+        with StoreClient(srv.target) as c:
+            pages = make_pages(2, seed=45)
+            assert c.put_encoded_pages(pages) == 2
+            assert c.data_plane == "grpc"
+            assert c.get_pages([key for key, _ in pages]) == [blob for _, blob in pages]
