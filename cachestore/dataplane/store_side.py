@@ -149,17 +149,17 @@ class StoreDataPlane:
             return 0, [], epoch
         return reservation_id, places, epoch  # type: ignore[return-value]  # no None left
 
-    def commit(self, reservation_id: int, keys: Sequence[bytes]) -> int:
+    def commit(self, reservation_id: int, keys: Sequence[bytes]) -> int | None:
         """Check slot i as the encoded page of keys[i]; when every page passes, store them in
-        place (PageAccess.put). Returns pages newly stored. Unused slots go back. Raises
-        InvalidRequest for an unknown or expired reservation, or naming the first bad page
-        (nothing stored)."""
+        place (PageAccess.put). Returns pages newly stored, None (nothing stored) for an
+        unknown or expired reservation. Unused slots go back. Raises InvalidRequest naming
+        the first bad page (nothing stored)."""
         with self._lock:
             garbage = self._expire(time.monotonic())
             held = self._reservations.pop(reservation_id, None)
         del garbage
         if held is None:
-            raise InvalidRequest(f"reservation {reservation_id} is unknown or expired")
+            return None
         slots = held[1]
         try:
             if len(keys) > len(slots):

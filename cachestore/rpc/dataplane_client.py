@@ -219,6 +219,10 @@ class DataPlaneCalls:
         keys = [key for key, _ in pages[: len(places)]]
         commit = self._call("CommitPages", store_pb2.CommitPagesRequest(
             reservation_id=reply.reservation_id, keys=keys))
+        if commit.is_expired:  # (a slow transfer, or a very short lease_s): the frames instead
+            log.warning("store %s: reservation expired before its commit; %d pages go by "
+                        "PutPages", self.target, len(keys))
+            return 0, 0
         if arenas is not None:
             arenas.update(zip(commit.arena_names, commit.arena_nbytes, strict=False))
         return commit.num_pages_stored, len(places)

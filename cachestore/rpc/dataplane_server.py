@@ -52,5 +52,6 @@ def commit_reply(plane: StoreDataPlane, request: store_pb2.CommitPagesRequest
     keys: Sequence[bytes] = server_messages.page_keys(store_pb2.PageKeys(keys=request.keys))
     if len(set(keys)) != len(keys):
         raise InvalidRequest("CommitPages: a key appears twice")
-    return store_pb2.CommitPagesResponse(
-        num_pages_stored=plane.commit(request.reservation_id, keys))
+    num_stored = plane.commit(request.reservation_id, keys)
+    return store_pb2.CommitPagesResponse(num_pages_stored=num_stored or 0,
+                                         is_expired=num_stored is None)

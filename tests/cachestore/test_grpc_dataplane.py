@@ -96,13 +96,20 @@ def test_an_expired_reservation_cannot_be_committed(server, nixl):
     pages = make_pages(2, seed=42)
     reservation = reserve_and_write(nixl, pages)
     time.sleep(TTL_S * 1.5)
-    with pytest.raises(InvalidRequest, match="unknown or expired"):
-        commit(nixl, reservation, [key for key, _ in pages])
+    assert commit(nixl, reservation, [key for key, _ in pages]).is_expired
     assert nixl.has_pages([key for key, _ in pages]) == [False, False]
     reservation = reserve_and_write(nixl, pages)  # in time: committed
-    assert commit(nixl, reservation, [key for key, _ in pages]).num_pages_stored == 2
-    with pytest.raises(InvalidRequest, match="unknown or expired"):  # only once
-        commit(nixl, reservation, [key for key, _ in pages])
+    reply = commit(nixl, reservation, [key for key, _ in pages])
+    assert reply.num_pages_stored == 2 and not reply.is_expired
+    assert commit(nixl, reservation, [key for key, _ in pages]).is_expired  # only once
+
+
+def test_pages_whose_reservation_expired_go_by_the_frames():
+    with serve_store(StoreConfig(port=0, cpu_bytes=1 << 20, lease_s=1e-6)) as srv, \
+            StoreClient(srv.target, data_plane="nixl") as nixl:
+        pages = make_pages(3, seed=46)
+        assert nixl.put_encoded_pages(pages) == 3
+        assert nixl.get_pages([key for key, _ in pages]) == [blob for _, blob in pages]
 
 
 def test_a_lease_pins_its_slot_until_released_or_expired():
