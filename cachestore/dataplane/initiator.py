@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -32,9 +33,22 @@ class RegisteredBuffer:
         return self.array.data.toreadonly()
 
 
+@contextmanager
+def _as_os_error(what: str) -> Iterator[None]:
+    """nixl's errors (plain Exceptions: nixlNotFoundError, ...) as OSError, the one error this
+    module raises for a transfer that could not be done."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as exc:
+        raise OSError(f"NIXL {what}: {type(exc).__name__}: {exc}") from exc
+
+
 class Initiator:
     """Thread-safe: transfers run one at a time (the agent is driven from one thread at once).
-    `connect` loads (or reloads, after the store registered new arenas) the store's metadata."""
+    `connect` loads (or reloads, after the store registered new arenas) the store's metadata.
+    Every NIXL failure raises OSError."""
 
     def __init__(self) -> None:
         self.agent: Any = make_agent(f"kvmesh-client-{os.getpid()}-{uuid.uuid4().hex[:8]}",
@@ -48,7 +62,7 @@ class Initiator:
         self.arena_epoch = -1
 
     def connect(self, agent_metadata: bytes, arenas: Sequence[ArenaInfo], epoch: int) -> None:
-        with self._lock:
+        with self._lock, _as_os_error("loading the store's metadata"):
             self._remote = self.agent.add_remote_agent(agent_metadata)
             self._arenas = {arena.arena_id: arena for arena in arenas}
             self.arena_epoch = epoch
@@ -72,7 +86,7 @@ class Initiator:
                 return buffer
         size = max(MIN_BUFFER_NBYTES, 1 << max(0, nbytes - 1).bit_length())
         array = np.empty(size, dtype=np.uint8)
-        with self._lock:
+        with self._lock, _as_os_error("registering a buffer"):
             registration = self.agent.register_memory([(int(array.ctypes.data), size, 0, "")],
                                                       "DRAM")
         buffer = RegisteredBuffer(array, registration)
@@ -102,7 +116,7 @@ class Initiator:
         assert offsets[-1] + places[-1][2] <= buffer.nbytes if places else True
         if not places:
             return
-        with self._lock:
+        with self._lock, _as_os_error(op):
             if self._remote is None:
                 raise OSError("the data plane is not connected")
             local = [(buffer.address + off, nbytes, 0)

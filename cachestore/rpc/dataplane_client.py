@@ -21,7 +21,7 @@ import grpc
 from kvmesh.cachestore.dataplane import agent
 from kvmesh.cachestore.dataplane.agent import ArenaInfo
 from kvmesh.cachestore.dataplane.initiator import Initiator
-from kvmesh.cachestore.errors import InvalidRequest, ProtocolError, StoreUnavailable
+from kvmesh.cachestore.errors import InvalidRequest, ProtocolError, StoreError, StoreUnavailable
 from kvmesh.cachestore.rpc import wire
 from kvmesh.cachestore.rpc.page_gets import MAX_KEYS_PER_CALL, PageGets
 from kvmesh.cachestore.rpc.status import typed_error
@@ -72,13 +72,19 @@ class DataPlaneCalls:
         """'' once connected, else why not."""
         if agent.nixl_api() is None:
             return f"nixl unavailable here ({agent.why_unavailable()})"
-        hello = self._call("DataPlaneHello", store_pb2.DataPlaneHelloRequest())
+        try:
+            hello = self._rpc["DataPlaneHello"](store_pb2.DataPlaneHelloRequest(),
+                                                timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # a server older than the plane
+                return "the server has no DataPlaneHello"
+            raise typed_error(exc) from None
         if not hello.is_offered:
             return "the server offers no data plane"
         try:
             self._initiator = Initiator()
             self._connect(hello)
-        except Exception as exc:  # UCX that does not start, metadata it cannot load
+        except Exception as exc:  # a UCX that does not start, metadata it cannot load
             return f"NIXL failed to connect: {exc}"
         return ""
 
@@ -102,7 +108,9 @@ class DataPlaneCalls:
         """get_leased, or None when its transfer failed (the caller uses the frames)."""
         try:
             return self.get_leased(keys, prefix_only)
-        except (OSError, RuntimeError) as exc:  # nixl's errors are RuntimeErrors
+        except StoreError:  # the store's answer (UNAVAILABLE, PERMISSION_DENIED, ...): as is
+            raise
+        except OSError as exc:  # the transfer (initiator.py raises OSError for all of NIXL)
             self._failed(exc)
             return None
 
@@ -119,7 +127,9 @@ class DataPlaneCalls:
         for group in by_size.values():
             try:
                 num_stored, num_sent = self.put(group, arenas)
-            except (OSError, RuntimeError) as exc:  # nixl's errors are RuntimeErrors
+            except StoreError:
+                raise
+            except OSError as exc:
                 self._failed(exc)
                 num_stored, num_sent = 0, 0
             stored += num_stored
@@ -214,6 +224,10 @@ class DataPlaneCalls:
             for i, (_, blob) in enumerate(pages[: len(places)]):
                 buffer.array[i * nbytes : (i + 1) * nbytes] = blob  # the client's one copy
             initiator.write(places, buffer)
+        except BaseException:  # give the slots back now (a commit of no keys), not at expiry
+            self._call("CommitPages", store_pb2.CommitPagesRequest(
+                reservation_id=reply.reservation_id))
+            raise
         finally:
             initiator.give_back(buffer)
         keys = [key for key, _ in pages[: len(places)]]

@@ -174,3 +174,25 @@ def test_without_nixl_both_ends_use_the_frames(monkeypatch, caplog):
             assert c.put_encoded_pages(pages) == 2
             assert c.data_plane == "grpc"
             assert c.get_pages([key for key, _ in pages]) == [blob for _, blob in pages]
+
+
+def test_a_failed_transfer_falls_back_to_the_frames_unless_nixl_is_required(server, monkeypatch):
+    from kvmesh.cachestore.dataplane.initiator import Initiator
+    from kvmesh.cachestore.errors import StoreUnavailable
+
+    def broken(*args, **kwargs):
+        raise OSError("NIXL READ: nixlBackendError")
+
+    pages = make_pages(4, seed=47)
+    keys = [key for key, _ in pages]
+    with StoreClient(server.target) as auto, StoreClient(server.target,
+                                                        data_plane="nixl") as required:
+        assert auto.data_plane == "nixl" and required.data_plane == "nixl"
+        monkeypatch.setattr(Initiator, "write", broken)
+        monkeypatch.setattr(Initiator, "read", broken)
+        assert auto.put_encoded_pages(pages) == 4  # by PutPages
+        assert auto.get_pages(keys) == [blob for _, blob in pages]  # by GetPages
+        with pytest.raises(StoreUnavailable, match="nixlBackendError"):
+            required.get_pages(keys)
+    assert wait_until(lambda: server.data_plane.num_leases == 0)  # ended though it failed
+    assert server.data_plane.num_reservations == 0  # the failed put gave its slots back
