@@ -185,7 +185,7 @@ def test_a_failed_transfer_falls_back_to_the_frames_unless_nixl_is_required(serv
 
     pages = make_pages(4, seed=47)
     keys = [key for key, _ in pages]
-    with StoreClient(server.target) as auto, StoreClient(server.target,
+    with StoreClient(server.target, data_plane="auto") as auto, StoreClient(server.target,
                                                         data_plane="nixl") as required:
         assert auto.data_plane == "nixl" and required.data_plane == "nixl"
         monkeypatch.setattr(Initiator, "write", broken)
