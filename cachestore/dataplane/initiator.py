@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -19,6 +19,7 @@ from kvmesh.cachestore.dataplane.agent import ArenaInfo, make_agent, wait_done
 
 MIN_BUFFER_NBYTES = 4 << 20
 Location = tuple[int, int, int]  # (arena_id, offset, nbytes) in the store
+BufferHook = Callable[[int, int], None]  # (address, nbytes)
 
 
 class RegisteredBuffer:
@@ -48,9 +49,12 @@ def _as_os_error(what: str) -> Iterator[None]:
 class Initiator:
     """Thread-safe: transfers run one at a time (the agent is driven from one thread at once).
     `connect` loads (or reloads, after the store registered new arenas) the store's metadata.
-    Every NIXL failure raises OSError."""
+    Every NIXL failure raises OSError. `on_new_buffer(address, nbytes)` runs once per new
+    registered buffer (a worker page-locks it: pages READ into it go to the GPU by DMA, with no
+    staging copy), `on_release_buffer` before one is freed."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_new_buffer: BufferHook | None = None,
+                 on_release_buffer: BufferHook | None = None) -> None:
         self.agent: Any = make_agent(f"kvmesh-client-{os.getpid()}-{uuid.uuid4().hex[:8]}",
                                 progress_thread=False)
         self._lock = threading.Lock()  # the agent and the remote table
@@ -60,6 +64,7 @@ class Initiator:
         self._remote: bytes | None = None
         self._arenas: dict[int, ArenaInfo] = {}
         self.arena_epoch = -1
+        self._on_new_buffer, self._on_release_buffer = on_new_buffer, on_release_buffer
 
     def connect(self, agent_metadata: bytes, arenas: Sequence[ArenaInfo], epoch: int) -> None:
         with self._lock, _as_os_error("loading the store's metadata"):
@@ -92,7 +97,19 @@ class Initiator:
         buffer = RegisteredBuffer(array, registration)
         with self._pool_lock:
             self._all.append(buffer)
+        if self._on_new_buffer is not None:
+            self._on_new_buffer(buffer.address, buffer.nbytes)
         return buffer
+
+    def reserve(self, nbytes: int) -> None:
+        """Make (and register) a buffer of `nbytes` now, off the path of the first get."""
+        self.give_back(self.acquire(nbytes))
+
+    def owns(self, address: int, nbytes: int) -> bool:
+        """[address, address + nbytes) lies in one of this initiator's registered buffers."""
+        with self._pool_lock:
+            return any(b.address <= address and address + nbytes <= b.address + b.nbytes
+                       for b in self._all)
 
     def give_back(self, buffer: RegisteredBuffer) -> None:
         with self._pool_lock:
@@ -131,6 +148,8 @@ class Initiator:
     def close(self) -> None:
         with self._lock, self._pool_lock:
             for buffer in self._all:
+                if self._on_release_buffer is not None:
+                    self._on_release_buffer(buffer.address, buffer.nbytes)
                 self.agent.deregister_memory(buffer.registration)
             self._all, self._free = [], []
             if self._remote is not None:

@@ -68,7 +68,8 @@ class StoreClient:
     `breaker`: skips a store that keeps timing out or cannot be reached, failing calls at once
     with StoreUnavailable for a while (cachestore/rpc/breaker.py); None turns that off.
     `data_plane` (default: env KVMESH_STORE_DATA_PLANE, else "auto"): how key-level gets (not
-    `mapped` ones) and puts move bytes: "auto" = NIXL when the server offers it and nixl loads
+    `mapped` ones from a same-host server) and puts move bytes (the segment hooks also run for
+    its registered receive buffers): "auto" = NIXL when the server offers it and nixl loads
     here, else gRPC frames; "nixl" = NIXL or StoreUnavailable; "grpc" = frames only."""
 
     def __init__(self, target: str, token: str | None = None, tls: bool | str | bytes = False,
@@ -104,7 +105,9 @@ class StoreClient:
                            ("DeletePages", pb.PageKeys, pb.DeleteResponse))}
         self._page_gets = PageGets(ch, self._segments, timeout, self._metadata)
         self._plane = (DataPlaneCalls(target, ch, self._page_gets, timeout, self._metadata,
-                                      required=plane == "nixl") if plane != "grpc" else None)
+                                      required=plane == "nixl", on_new_buffer=on_new_segment,
+                                      on_release_buffer=on_release_segment)
+                       if plane != "grpc" else None)
         self._put_pages = ch.stream_unary(_SERVICE + "PutPages",
                                           wire.make_serializer(pb.PutPagesHeader),
                                           pb.PutPagesResponse.FromString)
@@ -202,9 +205,11 @@ class StoreClient:
         `mapped`: the caller accepts views straight into the server's own page arenas (same
         host; no copy at all). Those pages are NOT checked by the server: the caller checks
         every page (cachestore.codec.check_page_header and the checksum) after reading it, and
-        then `lease.is_valid()`, before using anything it read."""
-        if not mapped and keys and self._plane is not None and self._plane.is_on():
-            lease = self._plane.try_get_leased(keys, prefix_only)
+        then `lease.is_valid()`, before using anything it read. Without shared memory (a
+        remote server) that means NIXL pages the client does not check either."""
+        in_place = mapped and self._segments is not None  # read in the server's own arenas
+        if not in_place and keys and self._plane is not None and self._plane.is_on():
+            lease = self._plane.try_get_leased(keys, prefix_only, is_checked_by_caller=mapped)
             if lease is not None:
                 return lease
         return self._page_gets.get_leased(keys, prefix_only, mapped)
@@ -217,9 +222,12 @@ class StoreClient:
 
     def reserve_segment(self, nbytes: int) -> None:
         """Make a shared-memory segment of `nbytes` for later gets now (a no-op without shared
-        memory): a worker reserves one for its longest prefix at start."""
+        memory; without it, a NIXL receive buffer): a worker reserves one for its longest
+        prefix at start."""
         if self._segments is not None:
             self._segments.reserve(nbytes)
+        elif self._plane is not None:
+            self._plane.reserve(nbytes)
 
     def put_encoded_pages(self, pages: Sequence[tuple[bytes, bytes | memoryview]]) -> int:
         """Store (key, encoded page) pairs; the server checks each page before storing any."""

@@ -5,8 +5,11 @@ over gRPC as the control path. Used when the server offers it (DataPlaneHello) a
 here; StoreClient falls back to the gRPC frames otherwise (and for a call whose transfer fails).
 
 Checks are the same as the frames': the client checks every page it READ (header, key,
-checksum) before handing it out, reporting bad ones to the server; the server checks every page
-written before it becomes visible.
+checksum) before handing it out, reporting bad ones to the server, unless the caller checks
+them itself (`is_checked_by_caller`: a worker's stager checksums on the device; bad pages are
+reported with the lease's release); the server checks every page written before it becomes
+visible. Counters (`num_pages_read`, `num_pages_checked`, `num_pages_written`,
+`num_bytes_copied`) say what moved and what this side copied or checked.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import grpc
 
 from kvmesh.cachestore.dataplane import agent
 from kvmesh.cachestore.dataplane.agent import ArenaInfo
-from kvmesh.cachestore.dataplane.initiator import Initiator
+from kvmesh.cachestore.dataplane.initiator import BufferHook, Initiator
 from kvmesh.cachestore.errors import InvalidRequest, ProtocolError, StoreError, StoreUnavailable
 from kvmesh.cachestore.rpc import wire
 from kvmesh.cachestore.rpc.page_gets import MAX_KEYS_PER_CALL, PageGets
@@ -35,10 +38,13 @@ Metadata = tuple[tuple[str, str], ...] | None
 
 class DataPlaneCalls:
     """Thread-safe. `required`: a server or client without the plane raises StoreUnavailable
-    instead of reporting itself off (`is_on`)."""
+    instead of reporting itself off (`is_on`). `on_new_buffer` / `on_release_buffer`: run for
+    each registered receive buffer (Initiator), e.g. to page-lock it."""
 
     def __init__(self, target: str, channel: grpc.Channel, page_gets: PageGets,
-                 timeout: float | None, metadata: Metadata, required: bool) -> None:
+                 timeout: float | None, metadata: Metadata, required: bool,
+                 on_new_buffer: BufferHook | None = None,
+                 on_release_buffer: BufferHook | None = None) -> None:
         self.target = target
         self._page_gets, self.timeout, self._metadata = page_gets, timeout, metadata
         self.required = required
@@ -53,6 +59,11 @@ class DataPlaneCalls:
         self._lock = threading.Lock()
         self._initiator: Initiator | None = None
         self._why_off: str | None = None  # None: not asked yet
+        self._buffer_hooks = (on_new_buffer, on_release_buffer)
+        self.num_pages_read = 0  # READ into registered buffers
+        self.num_pages_checked = 0  # of those, checked here (not by the caller)
+        self.num_pages_written = 0  # WRITTEN into reserved slots
+        self.num_bytes_copied = 0  # copied into a registered buffer to be written
 
     def is_on(self) -> bool:
         """Whether calls go over NIXL (the first call says hello and connects)."""
@@ -82,7 +93,7 @@ class DataPlaneCalls:
         if not hello.is_offered:
             return "the server offers no data plane"
         try:
-            self._initiator = Initiator()
+            self._initiator = Initiator(*self._buffer_hooks)
             self._connect(hello)
         except Exception as exc:  # a UCX that does not start, metadata it cannot load
             return f"NIXL failed to connect: {exc}"
@@ -104,10 +115,22 @@ class DataPlaneCalls:
                 raise ProtocolError("the server named arenas its hello does not list")
         return self._initiator
 
-    def try_get_leased(self, keys: Sequence[bytes], prefix_only: bool) -> PageLease | None:
+    def reserve(self, nbytes: int) -> None:
+        """A registered receive buffer of `nbytes` made (and page-locked, by the hooks) now."""
+        if self.is_on():
+            assert self._initiator is not None
+            self._initiator.reserve(nbytes)
+
+    def owns(self, address: int, nbytes: int) -> bool:
+        """The range lies in one of this client's registered buffers."""
+        initiator = self._initiator
+        return initiator is not None and initiator.owns(address, nbytes)
+
+    def try_get_leased(self, keys: Sequence[bytes], prefix_only: bool,
+                       is_checked_by_caller: bool = False) -> PageLease | None:
         """get_leased, or None when its transfer failed (the caller uses the frames)."""
         try:
-            return self.get_leased(keys, prefix_only)
+            return self.get_leased(keys, prefix_only, is_checked_by_caller)
         except StoreError:  # the store's answer (UNAVAILABLE, PERMISSION_DENIED, ...): as is
             raise
         except OSError as exc:  # the transfer (initiator.py raises OSError for all of NIXL)
@@ -144,9 +167,12 @@ class DataPlaneCalls:
 
     # -- gets ---------------------------------------------------------------------------------
 
-    def get_leased(self, keys: Sequence[bytes], prefix_only: bool) -> PageLease:
+    def get_leased(self, keys: Sequence[bytes], prefix_only: bool,
+                   is_checked_by_caller: bool = False) -> PageLease:
         """StoreClient.get_pages_leased over NIXL: pages are read-only views into one of this
-        client's registered buffers, checked; release the lease to reuse the buffer."""
+        client's registered buffers (`lease.regions`), checked here unless
+        `is_checked_by_caller` (then the caller checks each page before use and reports bad
+        ones with `lease.report_bad`); release the lease to reuse the buffer."""
         if len(keys) > MAX_KEYS_PER_CALL:
             raise InvalidRequest(f"at most {MAX_KEYS_PER_CALL} keys per data-plane get")
         reply = self._call("LeasePages", store_pb2.PageKeys(keys=keys, prefix_only=prefix_only))
@@ -167,11 +193,13 @@ class DataPlaneCalls:
                 for i, offset, (_, _, nbytes) in zip(found, offsets, places, strict=True):
                     view = whole[offset : offset + nbytes]
                     views.append(view)
-                    if is_intact(keys[i], view):
+                    if is_checked_by_caller or is_intact(keys[i], view):
                         pages[i] = view
                     else:
                         bad_keys.append(keys[i])
                 views.append(whole)
+                self.num_pages_read += len(places)
+                self.num_pages_checked += 0 if is_checked_by_caller else len(places)
         except BaseException:
             if buffer is not None:
                 assert initiator is not None
@@ -192,10 +220,12 @@ class DataPlaneCalls:
         if buffer is None:
             return PageLease(pages)
         assert initiator is not None
-        give_back = initiator.give_back
+        give_back, report_bad = initiator.give_back, self._page_gets.end_lease
 
-        def on_release(_bad_keys: Sequence[bytes]) -> None:  # (checked here, reported above)
+        def on_release(found_bad: Sequence[bytes]) -> None:
             give_back(buffer)
+            if found_bad:  # by the caller (the lease itself ended after the READ)
+                report_bad(None, found_bad)
 
         return PageLease(pages, views=views, regions=[(buffer.address, buffer.nbytes)],
                          on_release=on_release, is_shared_memory=False)
@@ -223,7 +253,9 @@ class DataPlaneCalls:
         try:
             for i, (_, blob) in enumerate(pages[: len(places)]):
                 buffer.array[i * nbytes : (i + 1) * nbytes] = blob  # the client's one copy
+            self.num_bytes_copied += nbytes * len(places)
             initiator.write(places, buffer)
+            self.num_pages_written += len(places)
         except BaseException:  # give the slots back now (a commit of no keys), not at expiry
             self._call("CommitPages", store_pb2.CommitPagesRequest(
                 reservation_id=reply.reservation_id))

@@ -94,10 +94,12 @@ class PageGets:
             raise typed_error(exc) from None
         return header, [] if is_shared else wire.split_pages(frames, header.page_nbytes)
 
-    def end_lease(self, lease_id: int, bad_keys: Sequence[bytes] = ()) -> None:
-        """Tell the server a mapped get's pages are read (and which failed the caller's check),
-        without waiting for the answer (a lease that is never released ends by itself)."""
-        request = store_pb2.ReleasePagesRequest(lease_ids=[lease_id], bad_keys=bad_keys)
+    def end_lease(self, lease_id: int | None, bad_keys: Sequence[bytes] = ()) -> None:
+        """Tell the server a mapped get's pages are read (and which failed the caller's check;
+        with no lease, just those), without waiting for the answer (a lease that is never
+        released ends by itself)."""
+        request = store_pb2.ReleasePagesRequest(lease_ids=[] if lease_id is None else [lease_id],
+                                                bad_keys=bad_keys)
         try:
             call = self._release_pages.future(request, timeout=self.timeout,
                                               metadata=self._metadata)

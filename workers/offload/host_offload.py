@@ -48,7 +48,7 @@ def max_prefix_nbytes(max_model_len: int, page_size: int, page_nbytes: int) -> i
 
 
 class SegmentHooks(TypedDict, total=False):
-    """StoreClient arguments that page-lock its shared-memory segments."""
+    """StoreClient arguments that page-lock its shared-memory segments (and NIXL buffers)."""
 
     on_new_segment: Callable[[int, int], None]
     on_release_segment: Callable[[int, int], None]
@@ -98,7 +98,8 @@ class KvOffload(TierLookup, KvConnector):
                    max_prefix_nbytes(max_model_len, page_size, pool.page_nbytes))
 
     def segment_hooks(self) -> SegmentHooks:
-        """StoreClient arguments that page-lock its shared-memory segments (on CUDA)."""
+        """StoreClient arguments that page-lock its shared-memory segments and NIXL receive
+        buffers (on CUDA)."""
         if self.pinned is None:
             return {}
         return {"on_new_segment": self.pinned.register,

@@ -99,7 +99,7 @@ class TierLookup(SchedulerConnector):
         self.stager = stager
         self.host = host
         self.store: PageStore | None = None  # set by `attach_store`
-        # the store client's shared-memory segments, page-locked so hits go to the GPU by DMA
+        # the store client's segments and NIXL receive buffers, page-locked: hits go by DMA
         self.pinned = pinned
         self._lookup_errors = 0
 
@@ -234,8 +234,10 @@ class TierLookup(SchedulerConnector):
         return _Fetched(pages, is_pinned=self.host.is_pinned, addresses=addresses)
 
     def _store_get(self, keys: list[bytes]) -> _Fetched:
-        """The leading pages the store holds, in one round trip (read where the store keeps
-        them, or through a shared-memory segment, when the store is on this host)."""
+        """The leading pages the store holds, in one round trip: read where the store keeps
+        them, or through a shared-memory segment, when the store is on this host; else READ by
+        NIXL into the client's registered (page-locked on CUDA) buffers. Either way unchecked:
+        the stager checks every page (header on the host, checksum on the device on CUDA)."""
         assert self.store is not None
         try:
             # mapped: read in place in the store's own memory; the stager checks every page
@@ -254,6 +256,8 @@ class TierLookup(SchedulerConnector):
             return _Fetched([])
 
     def _is_pinned(self, lease: PageLease) -> bool:
-        """The lease's pages lie in memory page-locked by this process."""
-        return (lease.is_shared_memory and self.pinned is not None
+        """The lease's pages lie in memory page-locked by this process: a store segment or
+        arena, or a NIXL receive buffer (both page-locked through `segment_hooks`); never
+        received frames (no regions)."""
+        return (bool(lease.regions) and self.pinned is not None
                 and all(self.pinned.covers(*region) for region in lease.regions))
