@@ -38,9 +38,9 @@ def build_tiers(config: StoreConfig) -> list[Tier]:
     """Tiers in chain order from a config: cpu, then disk, redis, remote when configured."""
     # unpinned: the store never copies from its pages to a GPU itself (a same-host worker maps
     # and page-locks the shared arenas), and pinning costs time and locked memory
-    # (the data plane registers the shared tier's slot arenas; a private tier keeps plain
-    # pages: its plain arenas would import torch, ~190 MB of RSS, in a store without it)
-    tiers: list[Tier] = [CpuTier(config.cpu_bytes, pin_memory=False,
+    # slots always: arenas made once and reused bound the memory, and the data plane registers
+    # them, shared (/dev/shm files) or plain (anonymous mappings) for a private store alike
+    tiers: list[Tier] = [CpuTier(config.cpu_bytes, pin_memory=False, slots=True,
                                  shared=config.shared_memory)]
     if config.disk_dir is not None:
         from kvmesh.cachestore.tiers.disk import DiskTier

@@ -13,7 +13,8 @@ registered with a transfer engine through `on_new_arena`) once per arena, not on
 
 Arena memory is one of:
 - "pinned": page-locked (torch), so a host -> GPU copy of a page runs by DMA (a worker's tier);
-- "plain": ordinary process memory;
+- "plain": an anonymous private mapping (numpy over mmap: page-aligned, no torch in the store
+  process, its pages back to the system when the arena goes, never fragmenting malloc's heap);
 - "shared": a file in /dev/shm (cachestore/shm/segments.py), which a same-host client maps to
   read pages with no copy (a store server's tier; see cachestore/shm/leases.py). `locate` says which
   arena file and offset hold a page. The files are unlinked at `close` and at exit. Where
@@ -25,6 +26,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import logging
+import mmap
 import threading
 import weakref
 from collections.abc import Callable
@@ -73,11 +75,13 @@ class _Arena:
                 log.warning("no shared-memory arena of %d bytes (%s): plain memory", nbytes, exc)
         if self.segment is not None:
             self.array = np.frombuffer(self.segment.mm, dtype=np.uint8)
-        else:
-            import torch
+        elif memory == "pinned":
+            import torch  # only a worker's tier pins: a store process never imports torch here
 
-            tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=memory == "pinned")
-            self.array = tensor.numpy()
+            self.array = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
+        else:  # (raises OSError when the system has no memory for it)
+            self.array = np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE),
+                                       dtype=np.uint8)
         self.address = int(self.array.ctypes.data)
         self.slot_nbytes = self.count = 0
         self.free: list[int] = []
@@ -152,7 +156,7 @@ class PageSlots:
             return None
         try:
             arena = _Arena(self._num_made, arena_nbytes, self.memory, self._shm_dir)
-        except RuntimeError:  # no pinned memory left: the caller stores the page otherwise
+        except (RuntimeError, OSError):  # no (pinned) memory left: the page goes elsewhere
             return None
         self._num_made += 1
         self._nbytes += arena.nbytes

@@ -112,6 +112,27 @@ def test_pages_whose_reservation_expired_go_by_the_frames():
         assert nixl.get_pages([key for key, _ in pages]) == [blob for _, blob in pages]
 
 
+def test_a_private_store_offers_the_plane_over_plain_arenas():
+    with serve_store(StoreConfig(port=0, cpu_bytes=1 << 20, shared_memory=False)) as srv, \
+            StoreClient(srv.target) as auto:
+        plane = srv.data_plane
+        assert plane is not None and not srv.store.tiers[0].is_shared
+        assert auto.data_plane == "nixl"
+        commits, real_commit = [], plane.commit
+
+        def commit(*args):
+            commits.append(real_commit(*args))
+            return commits[-1]
+
+        plane.commit = commit
+        pages = make_pages(3, seed=48)
+        assert auto.put_encoded_pages(pages) == 3
+        assert commits == [3]  # written and committed through the plane
+        with auto.get_pages_leased([key for key, _ in pages]) as lease:
+            assert not lease.is_shared_memory and lease.regions
+            assert [bytes(p) for p in lease.pages] == [blob for _, blob in pages]
+
+
 def test_a_lease_pins_its_slot_until_released_or_expired():
     srv = serve_store(StoreConfig(port=0, cpu_bytes=1 << 20, lease_s=TTL_S))
     with srv, StoreClient(srv.target, data_plane="nixl") as nixl:

@@ -151,6 +151,8 @@ def test_rss_stays_within_capacity_under_three_times_capacity_of_puts_and_gets(s
             thread.join()
         seconds = time.monotonic() - start
         time.sleep(0.2)  # a last sample after the work
+        with open(f"/proc/{pid}/maps") as maps:  # plain arenas are mmaps: torch stays out
+            has_torch = "libtorch" in maps.read()
         with StoreClient(target) as client:
             (cpu,) = client.stats()
         memory = peak.stop()
@@ -160,5 +162,6 @@ def test_rss_stays_within_capacity_under_three_times_capacity_of_puts_and_gets(s
     print(f"\nstore cap {CAPACITY >> 20} MB, shm={shared_memory}: pushed "
           f"{sum(pushed) >> 20} MB in {seconds:.1f} s, peak MB {mb}, bound {BOUND >> 20} MB")
     assert sum(pushed) >= 3 * CAPACITY
+    assert not has_torch, "the store process loaded torch"
     assert cpu.evictions > 0 and cpu.used_bytes <= CAPACITY
     assert memory["VmRSS"] <= BOUND, f"store peak RSS {mb} MB over the bound {BOUND >> 20} MB"
