@@ -7,8 +7,9 @@ released or expires (the tier may drop the pages meanwhile; the bytes stay). Cli
 page they READ (header, key, checksum) and report bad ones with the release.
 
 A reservation holds free slots of the tier (CpuTier.reserve_slots). CommitPages checks each
-slot's bytes as an encoded page under its key (decode + xxh3, the GIL released while hashing)
-and only then puts it into the tier, in place; a failed or surplus slot goes back. An expired
+slot's bytes as an encoded page under its key (header + xxh3, PageAccess.put: a large commit on
+the bulk pool's threads, the GIL released while hashing) and only when all pass puts them into
+the tier, in place; one bad page stores none, and a failed or surplus slot goes back. An expired
 reservation cannot be committed, and its slots stay out of use for one more TTL so that a late
 WRITE from a slow client lands in no page.
 """

@@ -41,6 +41,23 @@ def is_intact(key: bytes, blob: bytes | memoryview) -> bool:
     return True
 
 
+def check_pages(pages: Sequence[Page]) -> list[str | None]:
+    """check_page of every (key, blob): per page None, or what is wrong with it. A large batch
+    is checked on the bulk thread pool (the checksum releases the GIL)."""
+
+    def check(part: range) -> list[str | None]:
+        problems: list[str | None] = []
+        for i in part:
+            try:
+                check_page(*pages[i])
+                problems.append(None)
+            except PageCorrupt as exc:
+                problems.append(str(exc))
+        return problems
+
+    return map_chunked(check, len(pages), sum(memoryview(blob).nbytes for _, blob in pages))
+
+
 def check_keys(keys: Sequence[bytes]) -> None:
     bad = [i for i, key in enumerate(keys) if len(key) != KEY_NBYTES]
     if bad:
@@ -97,15 +114,15 @@ class PageAccess:
 
     def put(self, pages: Sequence[Page], copy: bool = True) -> int:
         """Store pages no tier holds into the top tier, cascading evictions down. Every page is
-        checked first; one bad page rejects the whole call (InvalidRequest), storing nothing.
+        checked first (check_pages, on the bulk pool); one bad page rejects the whole call
+        (InvalidRequest naming the first), storing nothing.
         `copy=False`: the blobs are the caller's to give away (e.g. slots reserved in the cpu
         tier, which then keeps them in place)."""
         check_keys([key for key, _ in pages])
-        for i, (key, blob) in enumerate(pages):
-            try:
-                check_page(key, blob)
-            except PageCorrupt as exc:
-                raise InvalidRequest(f"page {i}: {exc}") from None
+        problems = check_pages(pages)
+        bad = next((i for i, problem in enumerate(problems) if problem is not None), None)
+        if bad is not None:
+            raise InvalidRequest(f"page {bad}: {problems[bad]}")
         owner = self._chain.locate([key for key, _ in pages])
         new = [page for page, o in zip(pages, owner, strict=True) if o is None]
         num_stored = 0

@@ -92,6 +92,16 @@ def test_a_corrupt_page_written_through_the_plane_is_never_visible(nixl):
     assert nixl.get_pages([pages[0][0], pages[2][0]]) == [None, None]
 
 
+def test_one_bad_page_of_a_large_commit_stores_none(nixl):
+    pages = mixed_pages(80, seed=49, spaces=SPACES[2:])  # ~10.6 MB: checked on the bulk pool
+    bad = bytearray(pages[70][1])
+    bad[-1] ^= 0xFF
+    pages[70] = (pages[70][0], bytes(bad))
+    with pytest.raises(InvalidRequest, match="page 70: page checksum mismatch"):
+        nixl.put_encoded_pages(pages)
+    assert not any(nixl.has_pages([key for key, _ in pages]))
+
+
 def test_an_expired_reservation_cannot_be_committed(server, nixl):
     pages = make_pages(2, seed=42)
     reservation = reserve_and_write(nixl, pages)
