@@ -101,3 +101,41 @@ class _RegisteredCounts:
 
     def covers(self, address: int, nbytes: int) -> bool:
         return self.client._plane.owns(address, nbytes)
+
+
+def test_a_corrupt_page_read_over_the_plane_ends_the_hit_and_the_store_drops_it(
+        store_server, make_engine, encode, hf_greedy):
+    """Pages READ unchecked by the client are checked by the stager: a flipped payload byte ends
+    the loaded prefix there, and the store, told with the lease's release, drops the page."""
+    import ctypes
+    import time
+
+    from kvmesh.cachestore.store.page_access import is_intact
+
+    def attach(engine):
+        engine.attach_store(StoreClient(store_server.target, shared_memory=False,
+                                        **engine.offload.segment_hooks()))
+        return engine
+
+    writer = attach(make_engine())
+    prompt = encode(LONG)
+    run(writer, {"a": prompt}, SamplingParams(temperature=0.0, max_tokens=1))
+    writer.offload.flush()
+    key = writer.namespace().page_keys(prompt)[1]
+    tier = store_server.store.tiers[0]
+    byte = ctypes.c_ubyte.from_address(tier._addresses[key] + len(tier._pages[key]) - 1)
+    byte.value ^= 1
+    engine = attach(make_engine())
+    outs = run(engine, {"b": prompt},
+               SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True))["b"]
+    assert tokens_of(outs) == hf_greedy(prompt, N)
+    assert final(outs).usage.cached_tokens_by_tier == {"store": 16}  # page 0 only
+    engine.offload.flush()  # the recomputed page is stored again once the bad one is gone
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        (blob,) = tier.get_many([key])
+        if blob is not None and is_intact(key, blob):
+            break
+        time.sleep(0.02)
+    else:
+        raise AssertionError("the corrupt page is still in the store")
