@@ -26,7 +26,8 @@ from typing import Any
 import grpc
 import xxhash
 
-from kvmesh.cachestore.errors import InvalidConfig
+from kvmesh.cachestore.errors import Forbidden, InvalidConfig
+from kvmesh.cachestore.keys import Namespace
 
 MAX_TOKENS = 100_000
 
@@ -53,6 +54,16 @@ class Scope:
 
 
 INTERNAL = Scope(tenant=None, can_write=True)
+
+
+def scoped_namespace(ns: Namespace, scope: Scope, *, write: bool) -> Namespace:
+    """The namespace a call of `scope` may touch: a client token's own tenant's, whatever the
+    request says (its salt is replaced). Raises Forbidden for a write with a read-only token."""
+    if scope.is_internal:
+        return ns
+    if write and not scope.can_write:
+        raise Forbidden(f"this token may only read (tenant {scope.tenant!r})")
+    return ns.with_salt(scope.salt)
 
 
 class TokenTable:

@@ -37,6 +37,7 @@ from kvmesh.cachestore.rpc import kv_pages, wire
 from kvmesh.cachestore.rpc.breaker import CircuitBreaker
 from kvmesh.cachestore.rpc.channel import open_channel
 from kvmesh.cachestore.rpc.dataplane_client import DataPlaneCalls
+from kvmesh.cachestore.rpc.lookup_client import LookupCalls
 from kvmesh.cachestore.rpc.page_gets import PageGets, chunks
 from kvmesh.cachestore.rpc.status import typed_error
 from kvmesh.cachestore.shm import segments
@@ -70,14 +71,16 @@ class StoreClient:
     `data_plane` (default: env KVMESH_STORE_DATA_PLANE, else "auto"): how key-level gets (not
     `mapped` ones from a same-host server) and puts move bytes (the segment hooks also run for
     its registered receive buffers): "auto" = NIXL when the server offers it and nixl loads
-    here, else gRPC frames; "nixl" = NIXL or StoreUnavailable; "grpc" = frames only."""
+    here, else gRPC frames; "nixl" = NIXL or StoreUnavailable; "grpc" = frames only.
+    `lookup_socket`: `lookup` over the server's lookup socket when it offers one (plaintext
+    channels only; lookup_client.py), else gRPC Lookup; False: always gRPC Lookup."""
 
     def __init__(self, target: str, token: str | None = None, tls: bool | str | bytes = False,
                  timeout: float | None = 60.0, shared_memory: bool | None = None,
                  on_new_segment: SegmentCallback | None = None,
                  on_release_segment: SegmentCallback | None = None,
                  breaker: CircuitBreaker | None | Literal["default"] = "default",
-                 data_plane: DataPlane | None = None) -> None:
+                 data_plane: DataPlane | None = None, lookup_socket: bool = True) -> None:
         self.target = target
         plane = data_plane or os.environ.get(DATA_PLANE_ENV) or "auto"
         if plane not in ("auto", "nixl", "grpc"):
@@ -102,7 +105,11 @@ class StoreClient:
                            ("Delete", pb.DeleteRequest, pb.DeleteResponse),
                            ("Stats", pb.StatsRequest, pb.StatsResponse),
                            ("HasPages", pb.PageKeys, pb.HasPagesResponse),
-                           ("DeletePages", pb.PageKeys, pb.DeleteResponse))}
+                           ("DeletePages", pb.PageKeys, pb.DeleteResponse),
+                           ("LookupHello", pb.LookupHelloRequest, pb.LookupHelloResponse))}
+        # the lookup socket sends the token as it is: only where the channel does too
+        self._lookups = (LookupCalls(target, token, timeout, self._lookup_port)
+                         if tls is False and lookup_socket else None)
         self._page_gets = PageGets(ch, self._segments, timeout, self._metadata)
         self._plane = (DataPlaneCalls(target, ch, self._page_gets, timeout, self._metadata,
                                       required=plane == "nixl", on_new_buffer=on_new_segment,
@@ -160,9 +167,13 @@ class StoreClient:
         return ClosestPages(header.num_tokens, pages, [wire.tier_name(t) for t in header.tiers])
 
     def lookup(self, tokens: Any, namespace: Namespace) -> LookupResult:
-        reply = self._call("Lookup", store_pb2.LookupRequest(
-            namespace=_spec(namespace),
-            token_ids=kv_pages.token_bytes(tokens, namespace)))
+        """Matched tokens and each page's tier (metadata only), over the lookup socket when
+        the server offers one (lookup_client.py), else gRPC Lookup."""
+        request = store_pb2.LookupRequest(namespace=_spec(namespace),
+                                          token_ids=kv_pages.token_bytes(tokens, namespace))
+        raw = self._lookups.call(request.SerializeToString()) if self._lookups else None
+        reply = (store_pb2.LookupResponse.FromString(raw) if raw is not None
+                 else self._call("Lookup", request))
         return LookupResult(reply.num_tokens, [wire.tier_name(t) for t in reply.tiers])
 
     def delete(self, tokens: Any, namespace: Namespace,
@@ -258,6 +269,8 @@ class StoreClient:
         """Close the channel; unmap and unlink this client's shared-memory segments."""
         if self._plane is not None:
             self._plane.close()
+        if self._lookups is not None:
+            self._lookups.close()
         self._channel.close()
         if self._segments is not None:
             self._segments.close()
@@ -267,6 +280,9 @@ class StoreClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _lookup_port(self) -> int:
+        return self._call("LookupHello", store_pb2.LookupHelloRequest()).port
 
     def _call(self, name: str, request: Any) -> Any:
         try:

@@ -20,7 +20,7 @@ from kvmesh.cachestore.dataplane import agent
 from kvmesh.cachestore.dataplane.store_side import StoreDataPlane
 from kvmesh.cachestore.errors import InvalidConfig
 from kvmesh.cachestore.page_mac import read_secret
-from kvmesh.cachestore.rpc import wire
+from kvmesh.cachestore.rpc import lookup_server, wire
 from kvmesh.cachestore.rpc.auth import BearerAuth, TokenTable
 from kvmesh.cachestore.rpc.servicer import KVStoreServicer, method_handlers
 from kvmesh.cachestore.rpc.streams import BulkStreams
@@ -98,6 +98,10 @@ class StoreServer:
             raise
         servicer = KVStoreServicer(self.store, self._segments, self.leases, tokens,
                                    self.data_plane)
+        # the lookup socket sends the token as it is: only beside a plaintext gRPC port
+        self.lookups = None if config.is_tls else lookup_server.listen(self.store, tokens,
+                                                                       config.host)
+        servicer.lookup_port = self.lookups.port if self.lookups is not None else 0
         self.streams = BulkStreams(config.bulk_streams, config.stream_idle_s)
         self._server.add_generic_rpc_handlers((method_handlers(servicer, self.streams),))
         self._health = health.HealthServicer()
@@ -108,6 +112,8 @@ class StoreServer:
         try:
             self.port = self._bind(address)
         except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+            if self.lookups is not None:
+                self.lookups.close()
             if self.data_plane is not None:
                 self.data_plane.close()
             self.store.close()
@@ -139,6 +145,8 @@ class StoreServer:
         self._health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
         self.streams.close()
+        if self.lookups is not None:
+            self.lookups.close()
         flushed = self.store.flush_down(flush_s) if flush_s > 0 else None
         if self._segments is not None:
             self._segments.close()

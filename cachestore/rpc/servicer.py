@@ -14,8 +14,8 @@ import grpc
 from kvmesh.cachestore.dataplane.store_side import StoreDataPlane
 from kvmesh.cachestore.errors import Forbidden, InvalidRequest, StreamsExhausted
 from kvmesh.cachestore.keys import Namespace
-from kvmesh.cachestore.rpc import dataplane_server, server_messages, wire
-from kvmesh.cachestore.rpc.auth import Scope, TokenTable
+from kvmesh.cachestore.rpc import dataplane_server, lookup_server, server_messages, wire
+from kvmesh.cachestore.rpc.auth import Scope, TokenTable, scoped_namespace
 from kvmesh.cachestore.rpc.status import status_of
 from kvmesh.cachestore.rpc.streams import BulkStreams
 from kvmesh.cachestore.shm import segments
@@ -57,6 +57,7 @@ class KVStoreServicer:
         self.pages = PageAccess(store)
         self.segments = segments  # None: GetPages always answers inline
         self.leases = leases  # None: GetPages never answers with mapped pages
+        self.lookup_port = 0  # the lookup socket's (lookup_server.py), set by the server; 0: none
 
     def _scope(self, context: grpc.ServicerContext) -> Scope:
         metadata = dict(context.invocation_metadata() or ())
@@ -67,12 +68,7 @@ class KVStoreServicer:
 
     def _namespace(self, ns: Namespace, context: grpc.ServicerContext, *, write: bool) -> Namespace:
         """The namespace a call may touch: a client token's own tenant's, whatever the body says."""
-        scope = self._scope(context)
-        if scope.is_internal:
-            return ns
-        if write and not scope.can_write:
-            raise Forbidden(f"this token may only read (tenant {scope.tenant!r})")
-        return ns.with_salt(scope.salt)
+        return scoped_namespace(ns, self._scope(context), write=write)
 
     def _require_internal(self, context: grpc.ServicerContext) -> None:
         if not self._scope(context).is_internal:
@@ -95,11 +91,12 @@ class KVStoreServicer:
 
     @_mapped
     def Lookup(self, request, context: grpc.ServicerContext):
-        ns, token_ids = server_messages.parse_tokens_request(request)
-        ns = self._namespace(ns, context, write=False)
-        result = self.store.lookup(ns, token_ids)
-        return store_pb2.LookupResponse(num_tokens=result.num_tokens,
-                                        tiers=[wire.tier_enum(t) for t in result.tiers])
+        return lookup_server.answer(self.store, self._scope(context), request)
+
+    @_mapped
+    def LookupHello(self, request, context: grpc.ServicerContext):
+        self._scope(context)  # any accepted token: client tokens may Lookup too
+        return store_pb2.LookupHelloResponse(port=self.lookup_port)
 
     @_mapped
     def Delete(self, request, context: grpc.ServicerContext):
@@ -280,6 +277,7 @@ def method_handlers(servicer: KVStoreServicer, streams: BulkStreams) -> grpc.Gen
         "LeasePages": plain(servicer.LeasePages, pb.PageKeys),
         "ReservePages": plain(servicer.ReservePages, pb.ReservePagesRequest),
         "CommitPages": plain(servicer.CommitPages, pb.CommitPagesRequest),
+        "LookupHello": plain(servicer.LookupHello, pb.LookupHelloRequest),
     })
 
 
