@@ -2,7 +2,8 @@
 
 - tensors: `put(tokens, kv)` / `get_closest` with kv [num_layers, 2, 2048, num_kv_heads,
   head_dim] bf16 (the store encodes and checks pages; one permute-copy each way);
-- raw pages, no shared memory: `put_encoded_pages` / `get_pages_leased` over gRPC frames;
+- raw pages, no shared memory: `put_encoded_pages` / `get_pages_leased` over gRPC frames
+  (these four clients say data_plane="grpc": "auto" would take the NIXL plane);
 - same-host shared memory: the same put, then `get_pages_leased` into this client's segment
   (the server checks and copies), or `mapped=True` (views into the server's arenas; this
   client checks every page header and xxh3 checksum, as the contract asks, and then
@@ -151,20 +152,31 @@ def data_plane_client(target: str) -> StoreClient | str:
         return f"StoreClient(data_plane='nixl') failed: {type(exc).__name__}: {exc}"
 
 
+def frames_client(target: str, shared_memory: bool) -> StoreClient:
+    """A StoreClient whose bytes go by gRPC frames (and /dev/shm), never the data plane: with
+    data_plane "auto" (the default) the "raw" and "shm" rows would measure NIXL too."""
+    if "data_plane" in inspect.signature(StoreClient.__init__).parameters:
+        return StoreClient(target, shared_memory=shared_memory, data_plane="grpc")
+    return StoreClient(target, shared_memory=shared_memory)
+
+
 def kvmesh_peers(target: str, server_pid: int) -> tuple[list[KvmeshPeer], list[str]]:
     """Every kvmesh path against the store at `target`, and notes on those skipped."""
     pages = Pages()
     raw = KvmeshPeer(
-        "kvmesh raw pages, no shm", StoreClient(target, shared_memory=False), pages, server_pid
+        "kvmesh raw pages, no shm", frames_client(target, shared_memory=False), pages, server_pid
     )
-    shm = KvmeshPeer("kvmesh get_pages_leased, shm segment", StoreClient(target), pages, server_pid)
+    shm = KvmeshPeer(
+        "kvmesh get_pages_leased, shm segment", frames_client(target, True), pages, server_pid
+    )
     shm.put_is_own_path = False
     peers = [
-        TensorPeer(StoreClient(target, shared_memory=False), pages, server_pid),
+        TensorPeer(frames_client(target, shared_memory=False), pages, server_pid),
         raw,
         shm,
         MappedPeer(
-            "kvmesh get_pages_leased mapped + check", StoreClient(target), pages, server_pid
+            "kvmesh get_pages_leased mapped + check", frames_client(target, True), pages,
+            server_pid,
         ),
     ]
     plane = data_plane_client(target)
