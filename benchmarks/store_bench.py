@@ -15,7 +15,8 @@ repeat that is not counted; each peer's turn is put then get of each size, then 
 (what the puts stored is deleted, so every put stores new pages). Reported: median GB/s
 (1e9 B/s of page payload) over --repeats, and the server's CPU seconds per GB (psutil, all
 threads of the server processes, summed over the repeats). Then lookup latency of a
-2,048-token prompt (128 pages): kvmesh Lookup (and Stats, the gRPC floor), Mooncake
+2,048-token prompt (128 pages): kvmesh StoreClient.lookup (the lookup socket where the
+server offers it, else gRPC Lookup) and Stats (the gRPC floor), Mooncake
 batch_is_exist of 128 keys, Redis EXISTS x128 pipelined, in interleaved rounds.
 
 Peers in the peers' venv (`bash benchmarks/peers/setup.sh`) are skipped with a note when it is
@@ -148,7 +149,7 @@ def measure_lookups(peers: list[Peer], num_calls: int) -> dict[str, list[float]]
     calls = {}
     for peer in peers:
         if isinstance(peer, KvmeshPeer) and peer.name == "kvmesh raw pages, no shm":
-            calls["kvmesh Lookup RPC"] = peer.lookup
+            calls["kvmesh StoreClient.lookup (lookup socket, else gRPC)"] = peer.lookup
             calls["kvmesh Stats RPC (the gRPC floor)"] = peer.stats_floor
         elif peer.name.startswith(("Mooncake", "Redis")):
             label = "batch_is_exist" if peer.name.startswith("Mooncake") else "EXISTS x128"
