@@ -220,7 +220,7 @@ def attach_store(engine: Engine, nbytes: int) -> tuple[str, object]:
     from kvmesh.cachestore.config import StoreConfig
 
     try:
-        from kvmesh.cachestore.rpc.client import StoreClient
+        from kvmesh.cachestore.client.store_client import StoreClient
         from kvmesh.cachestore.rpc.server import StoreServer
 
         server = StoreServer(StoreConfig(port=0, cpu_bytes=nbytes))

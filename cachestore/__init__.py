@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING, Any
 from kvmesh.cachestore.keys import Namespace
 
 if TYPE_CHECKING:
-    from kvmesh.cachestore.rpc.client import ClosestKV, StoreClient
+    from kvmesh.cachestore.client.store_client import ClosestKV, StoreClient
 
 __all__ = ["ClosestKV", "Namespace", "StoreClient"]
 
 
 def __getattr__(name: str) -> Any:
     if name in ("StoreClient", "ClosestKV"):
-        from kvmesh.cachestore.rpc import client
+        from kvmesh.cachestore.client import store_client as client
 
         return getattr(client, name)
     raise AttributeError(f"module 'kvmesh.cachestore' has no attribute {name!r}")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from kvmesh.cachestore.keys import Namespace
 
 if TYPE_CHECKING:
-    from kvmesh.cachestore.rpc.client import ClosestKV, StoreClient
+    from kvmesh.cachestore.client.store_client import ClosestKV, StoreClient
 
 __all__ = ["ClosestKV", "Namespace", "StoreClient"]
 

@@ -59,7 +59,7 @@ def build_tiers(config: StoreConfig) -> list[Tier]:
         tiers.append(RedisTier(config.redis_url, ttl_seconds=config.redis_ttl,
                                mac_key=redis_mac_key))
     if config.remote is not None:
-        from kvmesh.cachestore.rpc.client import StoreClient
+        from kvmesh.cachestore.client.store_client import StoreClient
         from kvmesh.cachestore.tiers.remote import RemoteTier
 
         # fail-fast is the tier's own, so the client's breaker stays off

@@ -11,8 +11,8 @@ import time
 
 import grpc
 
+from kvmesh.cachestore.client.lookup import HELLO_RETRY_S, AsyncLookupSocket, socket_host
 from kvmesh.cachestore.keys import Namespace, tokens_to_bytes
-from kvmesh.cachestore.rpc.lookup_client import HELLO_RETRY_S, AsyncLookupSocket, socket_host
 from kvmesh.cachestore.rpc.wire import namespace_to_spec
 from kvmesh.router.metrics import RouterMetrics
 from kvmesh.v1 import store_pb2, store_pb2_grpc

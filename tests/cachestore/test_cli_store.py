@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from kvmesh.cachestore import Namespace, StoreClient
+from kvmesh.cachestore.client.store_client import Unauthenticated
 from kvmesh.cachestore.config import StoreConfig, parse_bytes
 from kvmesh.cachestore.errors import InvalidConfig
-from kvmesh.cachestore.rpc.client import Unauthenticated
 from kvmesh.deploy.cli import command
 
 NS = Namespace("m", num_layers=1, num_kv_heads=1, head_dim=4, dtype=torch.float16, page_size=2)

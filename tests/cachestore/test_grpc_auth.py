@@ -11,8 +11,8 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvmesh.cachestore import Namespace, StoreClient
+from kvmesh.cachestore.client.store_client import StoreUnavailable, Unauthenticated
 from kvmesh.cachestore.config import StoreConfig
-from kvmesh.cachestore.rpc.client import StoreUnavailable, Unauthenticated
 from kvmesh.cachestore.rpc.server import serve_store
 
 NS = Namespace("m", num_layers=1, num_kv_heads=1, head_dim=4, dtype=torch.float32, page_size=2)

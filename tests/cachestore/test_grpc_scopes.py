@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from kvmesh.cachestore import Namespace, StoreClient
+from kvmesh.cachestore.client.store_client import PermissionDenied, Unauthenticated
 from kvmesh.cachestore.config import StoreConfig
 from kvmesh.cachestore.errors import InvalidConfig
 from kvmesh.cachestore.rpc.auth import tenant_salt
-from kvmesh.cachestore.rpc.client import PermissionDenied, Unauthenticated
 from kvmesh.cachestore.rpc.server import serve_store
 
 SECRET = "deployment-secret"

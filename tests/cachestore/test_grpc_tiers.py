@@ -166,7 +166,7 @@ def test_a_bad_page_from_the_remote_is_a_miss_and_dropped(backend):
 
 
 def test_remote_tier_fails_fast_while_down_then_retries():
-    from kvmesh.cachestore.rpc.client import StoreClient
+    from kvmesh.cachestore.client.store_client import StoreClient
     from kvmesh.cachestore.tiers.base import TierUnavailable
     from kvmesh.cachestore.tiers.remote import RemoteTier
 

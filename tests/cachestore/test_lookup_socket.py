@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from kvmesh.cachestore import Namespace, StoreClient
+from kvmesh.cachestore.client.lookup import AsyncLookupSocket, LookupSocket, socket_host
+from kvmesh.cachestore.client.store_client import InvalidRequest, Unauthenticated
 from kvmesh.cachestore.config import StoreConfig
 from kvmesh.cachestore.keys import tokens_to_bytes
 from kvmesh.cachestore.rpc import lookup_wire, wire
 from kvmesh.cachestore.rpc.auth import tenant_salt
-from kvmesh.cachestore.rpc.client import InvalidRequest, Unauthenticated
-from kvmesh.cachestore.rpc.lookup_client import AsyncLookupSocket, LookupSocket, socket_host
 from kvmesh.cachestore.rpc.server import serve_store
 from kvmesh.v1 import store_pb2
 

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from kvmesh.cachestore import Namespace, StoreClient
+from kvmesh.cachestore.client.breaker import CircuitBreaker
+from kvmesh.cachestore.client.store_client import StoreUnavailable
 from kvmesh.cachestore.codec import encode_page
 from kvmesh.cachestore.config import StoreConfig
 from kvmesh.cachestore.errors import InvalidConfig
-from kvmesh.cachestore.rpc.breaker import CircuitBreaker
-from kvmesh.cachestore.rpc.client import StoreUnavailable
 from kvmesh.cachestore.shm import segments
 from kvmesh.deploy.cli import command
 

@@ -13,7 +13,7 @@ PKG = "kvmesh.cachestore"
 BOTTOM = {"keys", "codec", "codec_batch", "bulk_pool", "errors", "page_mac", "malloc", "config",
           "shm.segments"}
 # cli.py and the package root: on top
-LAYERS = {"tiers": 1, "store": 2, "shm": 3, "dataplane": 3, "rpc": 4}
+LAYERS = {"tiers": 1, "store": 2, "shm": 3, "dataplane": 3, "rpc": 4, "client": 4}
 
 
 def _imports() -> dict[str, set[str]]:
@@ -62,3 +62,11 @@ def test_no_import_cycle():
 
     for module in graph:
         walk(module, [module])
+
+
+def test_the_client_uses_only_the_shared_wire_forms_of_rpc():
+    shared = {f"{PKG}.rpc.{name}" for name in ("wire", "lookup_wire", "status")}
+    reached = sorted(f"{m} -> {d}" for m, deps in _imports().items()
+                     if m.startswith(f"{PKG}.client") for d in deps
+                     if d.startswith(f"{PKG}.rpc") and d not in shared)
+    assert reached == []

@@ -18,7 +18,7 @@ import torch
 from serve_stack import MAX_MODEL_LEN, Stack
 
 from kvmesh.cachestore import Namespace, StoreClient
-from kvmesh.cachestore.rpc.client import Unauthenticated
+from kvmesh.cachestore.client.store_client import Unauthenticated
 from kvmesh.workers.engine.sampling_params import SamplingParams
 from kvmesh.workers.service.client import WorkerClient, WorkerError
 

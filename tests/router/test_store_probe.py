@@ -10,8 +10,8 @@ import torch
 from live_stack import Proc
 from test_pool import closed_port
 
+from kvmesh.cachestore.client.store_client import StoreClient
 from kvmesh.cachestore.keys import Namespace
-from kvmesh.cachestore.rpc.client import StoreClient
 from kvmesh.router.metrics import RouterMetrics
 from kvmesh.router.routing.store_probe import StoreProbe
 

@@ -13,8 +13,8 @@ import textwrap
 import pytest
 from engine_helpers import LONG, final, run, tokens_of
 
+from kvmesh.cachestore.client.store_client import StoreClient
 from kvmesh.cachestore.config import StoreConfig
-from kvmesh.cachestore.rpc.client import StoreClient
 from kvmesh.cachestore.rpc.server import StoreServer
 from kvmesh.workers.engine.sampling_params import SamplingParams
 
@@ -22,7 +22,7 @@ N = 16
 WRITER = textwrap.dedent("""
     import json, sys, torch
     torch.set_num_threads(1)
-    from kvmesh.cachestore.rpc.client import StoreClient
+    from kvmesh.cachestore.client.store_client import StoreClient
     from kvmesh.workers.config import WorkerConfig
     from kvmesh.workers.engine.engine import Engine
     from kvmesh.workers.engine.sampling_params import SamplingParams

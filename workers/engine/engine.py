@@ -54,7 +54,9 @@ class Engine(Completions, EngineReports):
         self.offload = KvOffload.for_pool(self.runner.pages, config.host_tier_bytes,
                                           self.max_model_len, self.page_size)
         if config.store:
-            from kvmesh.cachestore.rpc.client import StoreClient  # needs the generated gRPC code
+            from kvmesh.cachestore.client.store_client import (
+                StoreClient,  # needs the generated gRPC code
+            )
 
             # a slow store must cost a miss, not a stall: short deadlines, and the client's
             # circuit breaker skips the store for a while after a few calls in a row fail

@@ -21,12 +21,12 @@ from typing import Any
 
 import grpc
 
+from kvmesh.cachestore.client.page_gets import MAX_KEYS_PER_CALL, PageGets
 from kvmesh.cachestore.dataplane import agent
 from kvmesh.cachestore.dataplane.agent import ArenaInfo
 from kvmesh.cachestore.dataplane.initiator import BufferHook, Initiator
 from kvmesh.cachestore.errors import InvalidRequest, ProtocolError, StoreError, StoreUnavailable
 from kvmesh.cachestore.rpc import wire
-from kvmesh.cachestore.rpc.page_gets import MAX_KEYS_PER_CALL, PageGets
 from kvmesh.cachestore.rpc.status import typed_error
 from kvmesh.cachestore.shm.page_lease import PageLease, pages_by_key
 from kvmesh.cachestore.store.page_access import is_intact

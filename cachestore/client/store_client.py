@@ -24,6 +24,12 @@ from typing import Any, Literal
 import grpc
 import torch
 
+from kvmesh.cachestore.client import kv_pages
+from kvmesh.cachestore.client.breaker import CircuitBreaker
+from kvmesh.cachestore.client.channel import open_channel
+from kvmesh.cachestore.client.dataplane import DataPlaneCalls
+from kvmesh.cachestore.client.lookup import LookupCalls
+from kvmesh.cachestore.client.page_gets import PageGets, chunks
 from kvmesh.cachestore.errors import (  # noqa: F401 - re-exported: callers import them from here
     InvalidRequest,
     PermissionDenied,
@@ -33,12 +39,7 @@ from kvmesh.cachestore.errors import (  # noqa: F401 - re-exported: callers impo
     Unauthenticated,
 )
 from kvmesh.cachestore.keys import Namespace
-from kvmesh.cachestore.rpc import kv_pages, wire
-from kvmesh.cachestore.rpc.breaker import CircuitBreaker
-from kvmesh.cachestore.rpc.channel import open_channel
-from kvmesh.cachestore.rpc.dataplane_client import DataPlaneCalls
-from kvmesh.cachestore.rpc.lookup_client import LookupCalls
-from kvmesh.cachestore.rpc.page_gets import PageGets, chunks
+from kvmesh.cachestore.rpc import wire
 from kvmesh.cachestore.rpc.status import typed_error
 from kvmesh.cachestore.shm import segments
 from kvmesh.cachestore.shm.client import SegmentCallback, SegmentPool
@@ -67,7 +68,7 @@ class StoreClient:
     answers inline unless the peer is local). `on_new_segment(address, nbytes)` runs once per
     new segment (e.g. cudaHostRegister), `on_release_segment` before one is unmapped.
     `breaker`: skips a store that keeps timing out or cannot be reached, failing calls at once
-    with StoreUnavailable for a while (cachestore/rpc/breaker.py); None turns that off.
+    with StoreUnavailable for a while (cachestore/client/breaker.py); None turns that off.
     `data_plane` (default: env KVMESH_STORE_DATA_PLANE, else "auto"): how key-level gets (not
     `mapped` ones from a same-host server) and puts move bytes (the segment hooks also run for
     its registered receive buffers): "auto" = NIXL when the server offers it and nixl loads
