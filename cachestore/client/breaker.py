@@ -67,8 +67,17 @@ class CircuitBreaker(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInt
         code = call.code()
         if code == grpc.StatusCode.CANCELLED:  # the caller's own doing: says nothing
             return
+        self.record(is_failure=code in FAILURES)
+
+    # calls that do not go through the channel (the lookup socket) use these two
+    def admit(self) -> None:
+        """Raises StoreUnavailable while the breaker is open."""
+        self._admit(None)
+
+    def record(self, is_failure: bool) -> None:
+        """A call ended: timed out or could not reach the store (is_failure), or answered."""
         with self._lock:
-            if code not in FAILURES:
+            if not is_failure:
                 self._failures_in_a_row = 0
                 return
             self._failures_in_a_row += 1

@@ -172,10 +172,24 @@ class StoreClient:
         the server offers one (lookup_client.py), else gRPC Lookup."""
         request = store_pb2.LookupRequest(namespace=_spec(namespace),
                                           token_ids=kv_pages.token_bytes(tokens, namespace))
-        raw = self._lookups.call(request.SerializeToString()) if self._lookups else None
+        raw = self._socket_lookup(request) if self._lookups else None
         reply = (store_pb2.LookupResponse.FromString(raw) if raw is not None
                  else self._call("Lookup", request))
         return LookupResult(reply.num_tokens, [wire.tier_name(t) for t in reply.tiers])
+
+    def _socket_lookup(self, request: store_pb2.LookupRequest) -> bytes | None:
+        """Over the lookup socket, under the breaker as gRPC calls are (None: ask gRPC)."""
+        if self.breaker is None:
+            return self._lookups.call(request.SerializeToString())
+        self.breaker.admit()
+        try:
+            raw = self._lookups.call(request.SerializeToString())
+        except StoreUnavailable:  # no reply in time
+            self.breaker.record(is_failure=True)
+            raise
+        if raw is not None:
+            self.breaker.record(is_failure=False)
+        return raw
 
     def delete(self, tokens: Any, namespace: Namespace,
                page_indices: Sequence[int] | None = None) -> int:

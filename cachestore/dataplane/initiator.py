@@ -6,6 +6,7 @@ pages lie and hands the locations here.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import uuid
@@ -16,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from kvmesh.cachestore.dataplane.agent import ArenaInfo, make_agent, wait_done
+
+log = logging.getLogger(__name__)
 
 MIN_BUFFER_NBYTES = 4 << 20
 Location = tuple[int, int, int]  # (arena_id, offset, nbytes) in the store
@@ -98,7 +101,10 @@ class Initiator:
         with self._pool_lock:
             self._all.append(buffer)
         if self._on_new_buffer is not None:
-            self._on_new_buffer(buffer.address, buffer.nbytes)
+            try:  # (page-locking it, on CUDA): failing only makes reads from it slower
+                self._on_new_buffer(buffer.address, buffer.nbytes)
+            except Exception:
+                log.warning("on_new_segment failed for a data-plane buffer", exc_info=True)
         return buffer
 
     def reserve(self, nbytes: int) -> None:

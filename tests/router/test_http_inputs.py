@@ -172,11 +172,11 @@ def test_big_prompt_is_refused_before_tokenizing_and_health_stays_fast(num_chars
 
 
 def test_tokenizing_a_big_prompt_runs_off_the_event_loop(tokenizer):
-    # 1 MB within the configured character limit: tokenized (about a second on CPU), then too
+    # 2 MB within the configured character limit: tokenized (about a second on CPU), then too
     # many tokens for the context. /health is polled all along.
     async def run():
-        async with App(tokenizer, max_prompt_chars=2_000_000) as app:
-            raw = json.dumps({"messages": [{"role": "user", "content": "word " * 200_000}]})
+        async with App(tokenizer, max_prompt_chars=4_000_000) as app:
+            raw = json.dumps({"messages": [{"role": "user", "content": "word " * 400_000}]})
             started = time.monotonic()
             request = asyncio.create_task(app.post("/v1/chat/completions", raw.encode()))
             latencies = await _health_latencies(app, request)
@@ -184,10 +184,10 @@ def test_tokenizing_a_big_prompt_runs_off_the_event_loop(tokenizer):
 
     (status, body), latencies, seconds = asyncio.run(run())
     assert status == 400 and body["error"]["code"] == "context_length_exceeded"
-    assert "the prompt has 2000" in body["error"]["message"]  # tokens, counted after tokenizing
+    assert "the prompt has 4000" in body["error"]["message"]  # tokens, counted after tokenizing
     assert seconds > 0.5 and len(latencies) >= 5, (seconds, latencies)
     # Tokenizing on the loop would hold /health for the whole second. In a thread, the loop
-    # waits only while the tokenizer holds the GIL (turning 200k ids into a list: ~30 ms alone
+    # waits only while the tokenizer holds the GIL (turning 400k ids into a list: ~30 ms alone
     # on the machine, more when other processes share its 2 cores).
     assert sorted(latencies)[len(latencies) // 2] < 0.02, latencies
     assert max(latencies) < 0.25, latencies
