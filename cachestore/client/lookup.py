@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import grpc
 
+from kvmesh.cachestore.client.breaker import CircuitBreaker
 from kvmesh.cachestore.errors import StoreError, StoreUnavailable
 from kvmesh.cachestore.rpc import lookup_wire
 
@@ -97,8 +98,9 @@ class LookupCalls:
     HELLO_RETRY_S; error replies and timeouts raise as gRPC Lookup's would."""
 
     def __init__(self, target: str, token: str | None, timeout: float | None,
-                 hello: Callable[[], int]) -> None:
+                 hello: Callable[[], int], breaker: CircuitBreaker | None = None) -> None:
         self.host = socket_host(target)
+        self.breaker = breaker  # the client's: socket lookups count as its gRPC calls do
         self.token = token
         self.timeout = timeout
         self._hello = hello
@@ -111,8 +113,14 @@ class LookupCalls:
         sock = self._socket or self._open()
         if sock is None:
             return None
+        if self.breaker is not None:
+            self.breaker.admit()
         try:
-            return sock.call(request)
+            reply = sock.call(request)
+        except StoreUnavailable:  # no reply in time
+            if self.breaker is not None:
+                self.breaker.record(is_failure=True)
+            raise
         except StoreError:
             raise
         except OSError:  # the server went away or moved: gRPC says which
@@ -121,6 +129,9 @@ class LookupCalls:
                     self._socket = None
             sock.close()
             return None
+        if self.breaker is not None:
+            self.breaker.record(is_failure=False)
+        return reply
 
     def _open(self) -> LookupSocket | None:
         if self.host is None or time.monotonic() < self._next_hello:

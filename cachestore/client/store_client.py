@@ -109,7 +109,7 @@ class StoreClient:
                            ("DeletePages", pb.PageKeys, pb.DeleteResponse),
                            ("LookupHello", pb.LookupHelloRequest, pb.LookupHelloResponse))}
         # the lookup socket sends the token as it is: only where the channel does too
-        self._lookups = (LookupCalls(target, token, timeout, self._lookup_port)
+        self._lookups = (LookupCalls(target, token, timeout, self._lookup_port, self.breaker)
                          if tls is False and lookup_socket else None)
         self._page_gets = PageGets(ch, self._segments, timeout, self._metadata)
         self._plane = (DataPlaneCalls(target, ch, self._page_gets, timeout, self._metadata,
@@ -172,24 +172,10 @@ class StoreClient:
         the server offers one (lookup_client.py), else gRPC Lookup."""
         request = store_pb2.LookupRequest(namespace=_spec(namespace),
                                           token_ids=kv_pages.token_bytes(tokens, namespace))
-        raw = self._socket_lookup(request) if self._lookups else None
+        raw = self._lookups.call(request.SerializeToString()) if self._lookups else None
         reply = (store_pb2.LookupResponse.FromString(raw) if raw is not None
                  else self._call("Lookup", request))
         return LookupResult(reply.num_tokens, [wire.tier_name(t) for t in reply.tiers])
-
-    def _socket_lookup(self, request: store_pb2.LookupRequest) -> bytes | None:
-        """Over the lookup socket, under the breaker as gRPC calls are (None: ask gRPC)."""
-        if self.breaker is None:
-            return self._lookups.call(request.SerializeToString())
-        self.breaker.admit()
-        try:
-            raw = self._lookups.call(request.SerializeToString())
-        except StoreUnavailable:  # no reply in time
-            self.breaker.record(is_failure=True)
-            raise
-        if raw is not None:
-            self.breaker.record(is_failure=False)
-        return raw
 
     def delete(self, tokens: Any, namespace: Namespace,
                page_indices: Sequence[int] | None = None) -> int:
