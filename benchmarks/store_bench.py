@@ -6,6 +6,9 @@ SmolLM2-135M size (0.37 MB) and Llama-3-8B size (2 MiB). Peers:
   same-host shared memory (segment, and mapped + client-side checks), and the NIXL data plane
   where StoreClient has one (benchmarks/peers/kvmesh_peers.py);
 - Mooncake Store over TCP (mooncake_master + a segment holder + a client; peers venv);
+- Mooncake Store over same-host shared memory (mooncake_master + `mooncake_client`, the real
+  client owning the segment, + a dummy client whose memfd buffer the real client maps and
+  memcpys into and out of; peers venv);
 - Redis: redis-py + hiredis, pipelines of 128, a `redis-server` started on a free port;
 - NIXL raw two-agent loopback transfers (peers venv), UCX tcp on `lo` with 256 KiB segments,
   and UCX cma,tcp (same host only): the transfer engine's ceiling;
@@ -86,9 +89,15 @@ def start_peers(
 ) -> tuple[list[Peer], list[str]]:
     peers, notes = kvmesh_peers(target, store_pid)
     python = peers_python(args.peers_venv)
-    drivers = [("Mooncake Store over TCP", PEERS_DIR / "mooncake_peer.py", {})]
-    drivers += [(name, PEERS_DIR / "nixl_peer.py", env) for name, env in NIXL_TRANSPORTS.items()]
-    for name, script, env in drivers:
+    mooncake = PEERS_DIR / "mooncake_peer.py"
+    drivers = [
+        ("Mooncake Store over TCP", mooncake, {}, ("--transport", "tcp")),
+        ("Mooncake Store over shared memory", mooncake, {}, ("--transport", "shm")),
+    ]
+    drivers += [
+        (name, PEERS_DIR / "nixl_peer.py", env, ()) for name, env in NIXL_TRANSPORTS.items()
+    ]
+    for name, script, env, driver_args in drivers:
         if python is None:
             notes.append(
                 f"{name}: no peers venv at {args.peers_venv} (bash benchmarks/peers/setup.sh)"
@@ -96,7 +105,7 @@ def start_peers(
             continue
         log = os.path.join(args.out, re.sub(r"\W+", "_", name).strip("_") + ".log")
         try:
-            peers.append(DriverPeer(name, python, str(script), log, env))
+            peers.append(DriverPeer(name, python, str(script), log, env, driver_args))
         except RuntimeError as exc:
             notes.append(f"{name}: did not start ({exc})")
     for make in (RedisPeer, MemcpyPeer):
