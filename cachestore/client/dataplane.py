@@ -8,8 +8,9 @@ Checks are the same as the frames': the client checks every page it READ (header
 checksum) before handing it out, reporting bad ones to the server, unless the caller checks
 them itself (`is_checked_by_caller`: a worker's stager checksums on the device; bad pages are
 reported with the lease's release); the server checks every page written before it becomes
-visible. Counters (`num_pages_read`, `num_pages_checked`, `num_pages_written`,
-`num_bytes_copied`) say what moved and what this side copied or checked.
+visible. Puts WRITE straight from the caller's bytes (registered for the call, not copied).
+Counters (`num_pages_read`, `num_pages_checked`, `num_pages_written`) say what moved and what
+this side checked.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from kvmesh.cachestore.errors import InvalidRequest, ProtocolError, StoreError, 
 from kvmesh.cachestore.rpc import wire
 from kvmesh.cachestore.rpc.status import typed_error
 from kvmesh.cachestore.shm.page_lease import PageLease, pages_by_key
+from kvmesh.cachestore.shm.segments import buffer_address
 from kvmesh.cachestore.store.page_access import is_intact
 from kvmesh.v1 import store_pb2
 
@@ -63,7 +65,6 @@ class DataPlaneCalls:
         self.num_pages_read = 0  # READ into registered buffers
         self.num_pages_checked = 0  # of those, checked here (not by the caller)
         self.num_pages_written = 0  # WRITTEN into reserved slots
-        self.num_bytes_copied = 0  # copied into a registered buffer to be written
 
     def is_on(self) -> bool:
         """Whether calls go over NIXL (the first call says hello and connects)."""
@@ -234,8 +235,9 @@ class DataPlaneCalls:
 
     def put(self, pages: Sequence[tuple[bytes, memoryview]],
             arenas: dict[str, int] | None = None) -> tuple[int, int]:
-        """Write pages (all of one size) into reserved slots and commit them: (pages newly
-        stored, how many leading pages went this way; the caller sends the rest by PutPages).
+        """Write pages (all of one size, each contiguous, read in place: the caller keeps
+        them alive and unchanged) into reserved slots and commit them: (pages newly stored,
+        how many leading pages went this way; the caller sends the rest by PutPages).
         Raises InvalidRequest, storing nothing of this call, when the server finds a bad page
         (named as PutPages names it)."""
         if not pages:
@@ -249,19 +251,14 @@ class DataPlaneCalls:
         if len(places) > len(pages) or any(n != nbytes for _, _, n in places):
             raise ProtocolError("ReservePages answered slots that do not fit the request")
         initiator = self._ready(reply.arena_epoch, places)
-        buffer = initiator.acquire(nbytes * len(places))
+        exports = [buffer_address(view) for _, view in pages[: len(places)]]  # no copy
         try:
-            for i, (_, blob) in enumerate(pages[: len(places)]):
-                buffer.array[i * nbytes : (i + 1) * nbytes] = blob  # the client's one copy
-            self.num_bytes_copied += nbytes * len(places)
-            initiator.write(places, buffer)
+            initiator.write_from(places, [address for address, _ in exports])
             self.num_pages_written += len(places)
         except BaseException:  # give the slots back now (a commit of no keys), not at expiry
             self._call("CommitPages", store_pb2.CommitPagesRequest(
                 reservation_id=reply.reservation_id))
             raise
-        finally:
-            initiator.give_back(buffer)
         keys = [key for key, _ in pages[: len(places)]]
         commit = self._call("CommitPages", store_pb2.CommitPagesRequest(
             reservation_id=reply.reservation_id, keys=keys))

@@ -1,11 +1,13 @@
 """The client's side of the NIXL data plane: one agent (no progress thread: the caller polls its
 own transfers), a pool of registered buffers reused across calls, and READs/WRITEs between them
-and a store's arenas. Knows nothing of gRPC: StoreClient (cachestore/rpc/) asks the store where
-pages lie and hands the locations here.
+(or, for a WRITE, the caller's own memory, registered for that call) and a store's arenas.
+Knows nothing of gRPC: StoreClient (cachestore/rpc/) asks the store where pages lie and hands
+the locations here.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
@@ -134,22 +136,60 @@ class Initiator:
         store's memory once this returns)."""
         self._transfer("WRITE", places, buffer, _packed(places))
 
+    def write_from(self, places: Sequence[Location], sources: Sequence[int]) -> None:
+        """WRITE the bytes at local address sources[i] (places[i]'s nbytes; the caller keeps
+        them alive until this returns) to places[i], with no copy: ranges outside this
+        initiator's buffers are registered for this call only (~0.3 ms per 128 over UCX tcp,
+        against a 5-25 ms copy into a buffer). Memory the backend will not register is copied
+        into a buffer first."""
+        local = [(address, nbytes) for address, (_, _, nbytes) in zip(sources, places,
+                                                                       strict=True)]
+        foreign = [(address, nbytes, 0, "") for address, nbytes in dict.fromkeys(local)
+                   if not self.owns(address, nbytes)]
+        with self._lock:
+            try:
+                registration = self.agent.register_memory(foreign, "DRAM") if foreign else None
+            except Exception as exc:  # nixl's errors are plain Exceptions
+                log.info("WRITE from unregistrable memory (%s): copied into a buffer", exc)
+            else:
+                with _as_os_error("WRITE"):
+                    try:
+                        self._post("WRITE", local, places)
+                    finally:
+                        if registration is not None:
+                            self.agent.deregister_memory(registration)
+                return
+        buffer = self.acquire(sum(nbytes for _, nbytes in local))
+        try:
+            for (address, nbytes), offset in zip(local, _packed(places), strict=True):
+                ctypes.memmove(buffer.address + offset, address, nbytes)
+            self.write(places, buffer)
+        finally:
+            self.give_back(buffer)
+
     def _transfer(self, op: str, places: Sequence[Location], buffer: RegisteredBuffer,
                   offsets: list[int]) -> None:
         assert offsets[-1] + places[-1][2] <= buffer.nbytes if places else True
+        local = [(buffer.address + off, nbytes)
+                 for off, (_, _, nbytes) in zip(offsets, places, strict=True)]
+        with self._lock, _as_os_error(op):
+            self._post(op, local, places)
+
+    def _post(self, op: str, local: Sequence[tuple[int, int]], places: Sequence[Location]
+              ) -> None:
+        """(lock held) Run one transfer between local (address, nbytes) ranges, registered,
+        and the store's locations, to its end."""
         if not places:
             return
-        with self._lock, _as_os_error(op):
-            if self._remote is None:
-                raise OSError("the data plane is not connected")
-            local = [(buffer.address + off, nbytes, 0)
-                     for off, (_, _, nbytes) in zip(offsets, places, strict=True)]
-            remote = [(self._arenas[arena_id].address + offset, nbytes, 0)
-                      for arena_id, offset, nbytes in places]
-            handle = self.agent.initialize_xfer(op, self.agent.get_xfer_descs(local, "DRAM"),
-                                                self.agent.get_xfer_descs(remote, "DRAM"),
-                                                self._remote)
-            wait_done(self.agent, handle, op)
+        if self._remote is None:
+            raise OSError("the data plane is not connected")
+        remote = [(self._arenas[arena_id].address + offset, nbytes, 0)
+                  for arena_id, offset, nbytes in places]
+        handle = self.agent.initialize_xfer(
+            op, self.agent.get_xfer_descs([(address, nbytes, 0) for address, nbytes in local],
+                                          "DRAM"),
+            self.agent.get_xfer_descs(remote, "DRAM"), self._remote)
+        wait_done(self.agent, handle, op)
 
     def close(self) -> None:
         with self._lock, self._pool_lock:

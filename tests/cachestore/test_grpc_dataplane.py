@@ -78,6 +78,50 @@ def test_pages_round_trip_through_the_plane_unchanged(server, nixl):
     assert wait_until(lambda: server.data_plane.num_leases == 0)  # ended right after the READ
 
 
+def test_a_put_writes_from_the_callers_memory_not_a_copy(nixl, monkeypatch):
+    from kvmesh.cachestore.dataplane.initiator import Initiator
+
+    pages = make_pages(6, seed=43)
+    nbytes = len(pages[0][1])
+    caller = np.frombuffer(b"".join(blob for _, blob in pages), np.uint8)  # one array, sliced
+    views = [(key, caller.data[i * nbytes : (i + 1) * nbytes]) for i, (key, _) in
+             enumerate(pages)]
+    assert nixl._plane.is_on()
+    registered = []
+    initiator = nixl._plane._initiator
+    register = initiator.agent.register_memory
+    monkeypatch.setattr(initiator.agent, "register_memory",
+                        lambda descs, mem: registered.append(len(descs)) or register(descs, mem))
+    monkeypatch.setattr(Initiator, "acquire", lambda *args: pytest.fail("a buffer was used"))
+    assert nixl.put_encoded_pages(views[:4]) == 4
+    assert registered == [4]  # one registration for the call, of the caller's pages
+    # pages already in one of the client's registered buffers: no registration at all
+    monkeypatch.undo()
+    buffer = initiator.acquire(2 * nbytes)
+    buffer.array[: 2 * nbytes] = caller[4 * nbytes :]
+    monkeypatch.setattr(initiator.agent, "register_memory", lambda *a: pytest.fail("registered"))
+    assert nixl.put_encoded_pages([(pages[4][0], buffer.array.data[:nbytes]),
+                                   (pages[5][0], buffer.array.data[nbytes : 2 * nbytes])]) == 2
+    initiator.give_back(buffer)
+    assert nixl._plane.num_pages_written == 6
+    assert nixl.get_pages([key for key, _ in pages]) == [blob for _, blob in pages]
+
+
+def test_memory_the_backend_will_not_register_is_copied_then_written(nixl, monkeypatch):
+    pages = make_pages(3, seed=44)
+    assert nixl._plane.is_on()
+    initiator = nixl._plane._initiator
+    initiator.reserve(4 << 20)  # the copy's buffer exists: only the caller's pages fail
+
+    def refuse(*args):
+        raise RuntimeError("nixlBackendError: cannot register")
+
+    monkeypatch.setattr(initiator.agent, "register_memory", refuse)
+    assert nixl.put_encoded_pages(pages) == 3
+    assert nixl._plane.num_pages_written == 3  # over the plane, not the frames
+    assert nixl.get_pages([key for key, _ in pages]) == [blob for _, blob in pages]
+
+
 def test_a_corrupt_page_written_through_the_plane_is_never_visible(nixl):
     pages = make_pages(3, seed=41)
     bad = bytearray(pages[1][1])
@@ -219,7 +263,7 @@ def test_a_failed_transfer_falls_back_to_the_frames_unless_nixl_is_required(serv
     with StoreClient(server.target, data_plane="auto") as auto, StoreClient(server.target,
                                                         data_plane="nixl") as required:
         assert auto.data_plane == "nixl" and required.data_plane == "nixl"
-        monkeypatch.setattr(Initiator, "write", broken)
+        monkeypatch.setattr(Initiator, "write_from", broken)
         monkeypatch.setattr(Initiator, "read", broken)
         assert auto.put_encoded_pages(pages) == 4  # by PutPages
         assert auto.get_pages(keys) == [blob for _, blob in pages]  # by GetPages
