@@ -45,11 +45,19 @@ def make_pages(num_pages: int, seed: int, spaces=SPACES) -> list[tuple[bytes, by
 
 
 @pytest.fixture(scope="module")
-def server():  # `client` (conftest) connects to it
+def server():  # `client` connects to it
     # the shared-memory segments are the gRPC plane's same-host path: no NIXL here
     srv = serve_store(StoreConfig(port=0, cpu_bytes=256 << 20, data_plane="grpc"))
     yield srv
     srv.stop(grace=0)
+
+
+@pytest.fixture
+def client(server):
+    """gRPC frames only (the conftest's `client` also runs each test over NIXL): the
+    shared-memory segments are that plane's same-host path."""
+    with StoreClient(server.target, data_plane="grpc") as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
