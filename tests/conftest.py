@@ -1,8 +1,11 @@
 """Shared fixtures: real redis-server processes (single node and a 3-master cluster) on free
-loopback ports, and small KV pages for store tests. Nothing here touches the system Redis."""
+loopback ports, small KV pages for store tests, and the import graph the layer tests read.
+Nothing here touches the system Redis."""
 
 from __future__ import annotations
 
+import ast
+import importlib
 import os
 import shutil
 import socket
@@ -34,6 +37,35 @@ def _no_shared_memory_left_behind():
 
     if Path(segments.SHM_DIR).is_dir():
         segments.sweep_stale(older_than_s=0)
+
+
+def _module_imports(package: str) -> dict[str, set[str]]:
+    """Every module of an installed kvmesh package -> what it imports: the package's own
+    modules by module (`from x import y` counts x.y when y is a module), others by name. Every
+    import counts: top level, under TYPE_CHECKING, inside a function."""
+    root = Path(importlib.import_module(package).__file__).parent
+    paths = {}
+    for path in root.rglob("*.py"):
+        parts = [p for p in path.relative_to(root).with_suffix("").parts if p != "__init__"]
+        paths[".".join([package, *parts])] = path
+    graph: dict[str, set[str]] = {module: set() for module in paths}
+    for module, path in paths.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                subs = [f"{node.module}.{alias.name}" for alias in node.names]
+                names = [name for name in subs if name in paths] or [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            graph[module] |= {name for name in names if name != module}
+    return graph
+
+
+@pytest.fixture(scope="session")
+def module_imports():
+    """`module_imports("kvmesh.router")`: the package's import graph (layer tests)."""
+    return _module_imports
 
 
 def free_port() -> int:

@@ -3,12 +3,6 @@ import counts, at top level, under TYPE_CHECKING or inside a function."""
 
 from __future__ import annotations
 
-import ast
-import pathlib
-
-import kvmesh.cachestore
-
-ROOT = pathlib.Path(kvmesh.cachestore.__file__).parent
 PKG = "kvmesh.cachestore"
 BOTTOM = {"keys", "codec", "codec_batch", "bulk_pool", "errors", "page_mac", "malloc", "config",
           "shm.segments"}
@@ -16,24 +10,10 @@ BOTTOM = {"keys", "codec", "codec_batch", "bulk_pool", "errors", "page_mac", "ma
 LAYERS = {"tiers": 1, "store": 2, "shm": 3, "dataplane": 3, "rpc": 4, "client": 4}
 
 
-def _imports() -> dict[str, set[str]]:
+def _own_imports(module_imports) -> dict[str, set[str]]:
     """module -> the cachestore modules it imports."""
-    paths = {}
-    for path in ROOT.rglob("*.py"):
-        parts = [p for p in path.relative_to(ROOT).with_suffix("").parts if p != "__init__"]
-        paths[".".join([PKG, *parts])] = path
-    graph: dict[str, set[str]] = {module: set() for module in paths}
-    for module, path in paths.items():
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                subs = [f"{node.module}.{alias.name}" for alias in node.names]
-                names = [name for name in subs if name in paths] or [node.module]
-            elif isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            else:
-                continue
-            graph[module] |= {name for name in names if name in paths and name != module}
-    return graph
+    graph = module_imports(PKG)
+    return {module: {dep for dep in deps if dep in graph} for module, deps in graph.items()}
 
 
 def _layer(module: str) -> int:
@@ -43,14 +23,14 @@ def _layer(module: str) -> int:
     return LAYERS.get(name.split(".")[0], 5)
 
 
-def test_imports_go_down_the_layers_only():
-    upward = sorted(f"{m} -> {d}" for m, deps in _imports().items() for d in deps
+def test_imports_go_down_the_layers_only(module_imports):
+    upward = sorted(f"{m} -> {d}" for m, deps in _own_imports(module_imports).items() for d in deps
                     if _layer(d) > _layer(m))
     assert upward == []
 
 
-def test_no_import_cycle():
-    graph = _imports()
+def test_no_import_cycle(module_imports):
+    graph = _own_imports(module_imports)
     done: set[str] = set()
 
     def walk(module: str, path: list[str]) -> None:
@@ -64,9 +44,9 @@ def test_no_import_cycle():
         walk(module, [module])
 
 
-def test_the_client_uses_only_the_shared_wire_forms_of_rpc():
+def test_the_client_uses_only_the_shared_wire_forms_of_rpc(module_imports):
     shared = {f"{PKG}.rpc.{name}" for name in ("wire", "lookup_wire", "status")}
-    reached = sorted(f"{m} -> {d}" for m, deps in _imports().items()
+    reached = sorted(f"{m} -> {d}" for m, deps in _own_imports(module_imports).items()
                      if m.startswith(f"{PKG}.client") for d in deps
                      if d.startswith(f"{PKG}.rpc") and d not in shared)
     assert reached == []
