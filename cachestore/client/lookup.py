@@ -68,7 +68,11 @@ class LookupSocket:
                 if not is_reused:
                     raise
                 sock, is_reused = None, False  # the server closed an idle one: once more
-        code, body = lookup_wire.split_reply(reply)
+        try:
+            code, body = lookup_wire.split_reply(reply)
+        except BaseException:  # a reply we cannot read: the connection's state is unknown
+            sock.close()
+            raise
         if code is grpc.StatusCode.UNAUTHENTICATED:  # the server closes it
             sock.close()
         else:

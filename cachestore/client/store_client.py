@@ -11,7 +11,7 @@ by cachestore.wire without protobuf copies. Against a server on this host, key-l
 their bytes through shared-memory segments the client owns (cachestore/shm/client.py), or, for a
 caller that checks pages itself, not at all: it reads them in the server's arenas (`mapped`);
 those gets are page_gets.py's. When the server offers it and nixl loads here, key-level gets
-and puts move their bytes by NIXL instead (dataplane_client.py; `data_plane`).
+and puts move their bytes by NIXL instead (cachestore/client/dataplane.py; `data_plane`).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class StoreClient:
     its registered receive buffers): "auto" = NIXL when the server offers it and nixl loads
     here, else gRPC frames; "nixl" = NIXL or StoreUnavailable; "grpc" = frames only.
     `lookup_socket`: `lookup` over the server's lookup socket when it offers one (plaintext
-    channels only; lookup_client.py), else gRPC Lookup; False: always gRPC Lookup."""
+    channels only; cachestore/client/lookup.py), else gRPC Lookup; False: always gRPC Lookup."""
 
     def __init__(self, target: str, token: str | None = None, tls: bool | str | bytes = False,
                  timeout: float | None = 60.0, shared_memory: bool | None = None,
@@ -169,7 +169,7 @@ class StoreClient:
 
     def lookup(self, tokens: Any, namespace: Namespace) -> LookupResult:
         """Matched tokens and each page's tier (metadata only), over the lookup socket when
-        the server offers one (lookup_client.py), else gRPC Lookup."""
+        the server offers one (cachestore/client/lookup.py), else gRPC Lookup."""
         request = store_pb2.LookupRequest(namespace=_spec(namespace),
                                           token_ids=kv_pages.token_bytes(tokens, namespace))
         raw = self._lookups.call(request.SerializeToString()) if self._lookups else None

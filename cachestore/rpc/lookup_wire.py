@@ -1,6 +1,6 @@
 """The lookup socket's wire format, both ends (server: lookup_server.py, clients:
-lookup_client.py). Lookup over gRPC costs ~0.6 ms of Python gRPC per call on loopback before the
-store does any work; this is the same call over a plain TCP connection.
+cachestore/client/lookup.py). Lookup over gRPC costs ~0.6 ms of Python gRPC per call on
+loopback before the store does any work; this is the same call over a plain TCP connection.
 
 - The client opens a connection and sends, once: MAGIC, u32 token length, the bearer token
   (empty: none). The server checks it exactly as BearerAuth checks `authorization: Bearer
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 
 import grpc
 
@@ -28,6 +29,7 @@ OK = 0
 MAX_TOKEN_NBYTES = 4096
 # the largest LookupRequest: MAX_TOKENS token ids and a namespace spec
 MAX_FRAME_NBYTES = 4 * wire.MAX_TOKENS + (64 << 10)
+_RECV_CHUNK = 64 << 10  # buffers grow by what arrives, at most this per recv
 _CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -47,24 +49,34 @@ def reply_frame(code: grpc.StatusCode | None, body: bytes) -> bytes:
     return LENGTH.pack(len(body) + 1) + bytes((status,)) + body
 
 
-def recv_exact(sock: socket.socket, nbytes: int) -> bytearray:
-    """Exactly `nbytes` from `sock`; ConnectionError when the peer closes first."""
-    buf = bytearray(nbytes)
-    view = memoryview(buf)
-    filled = 0
-    while filled < nbytes:
-        got = sock.recv_into(view[filled:])
-        if got == 0:
+def recv_exact(sock: socket.socket, nbytes: int, deadline: float | None = None) -> bytearray:
+    """Exactly `nbytes` from `sock`; ConnectionError when the peer closes first. The buffer
+    grows as bytes arrive (a declared length costs nothing until its bytes come). `deadline`
+    (time.monotonic()): all of them by then, else TimeoutError (it sets the socket's timeout);
+    None: only the socket's own timeout, per recv."""
+    buf = bytearray()
+    while len(buf) < nbytes:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the lookup socket's peer sent too slowly")
+            sock.settimeout(left)
+        got = sock.recv(min(nbytes - len(buf), _RECV_CHUNK))
+        if not got:
             raise ConnectionError("the lookup socket was closed")
-        filled += got
+        buf += got
     return buf
 
 
-def recv_frame(sock: socket.socket) -> bytearray:
-    (nbytes,) = LENGTH.unpack(recv_exact(sock, LENGTH.size))
+def recv_frame(sock: socket.socket, timeout: float | None = None) -> bytearray:
+    """One frame's body. The first byte waits as the socket's timeout says; with `timeout`, the
+    rest of the frame must then arrive within that many seconds in all (TimeoutError)."""
+    first = recv_exact(sock, 1)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    (nbytes,) = LENGTH.unpack(first + recv_exact(sock, LENGTH.size - 1, deadline))
     if nbytes > MAX_FRAME_NBYTES:
         raise ProtocolError(f"a lookup frame of {nbytes} bytes, at most {MAX_FRAME_NBYTES}")
-    return recv_exact(sock, nbytes)
+    return recv_exact(sock, nbytes, deadline)
 
 
 def split_reply(reply: bytes | bytearray) -> tuple[grpc.StatusCode | None, bytes]:

@@ -1,12 +1,15 @@
 """The lookup socket (cachestore/rpc/lookup_*.py) on a real store server: it answers exactly what
 gRPC Lookup answers, for the internal token and for tenant tokens (each its own tenant's
 salt, whatever the request says); a missing or wrong token is UNAUTHENTICATED; a client falls
-back to gRPC Lookup when no socket is offered or it stops answering."""
+back to gRPC Lookup when no socket is offered or it stops answering. Slow or silent peers are
+cut off by whole-exchange deadlines and cannot crowd authenticated clients out."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
 
 import pytest
 import torch
@@ -161,3 +164,89 @@ def test_router_probe_uses_the_socket_with_the_same_scopes(server):
     assert run(ALICE) == ([3, 3], {}, True)
     found, errors, is_socket = run("wrong-token-0123456789")
     assert (found, is_socket) == ([0, 0], False) and sum(errors.values()) == 2
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes `sock` within `seconds` (nothing else is sent to it)."""
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+
+
+def test_slow_drip_hello_and_frame_are_cut_off(server, monkeypatch):
+    monkeypatch.setattr(server.lookups, "hello_timeout", 0.5)
+    monkeypatch.setattr(server.lookups, "frame_timeout", 0.5)
+    hello = lookup_wire.hello(INTERNAL)
+    with socket.create_connection(("127.0.0.1", server.lookups.port)) as sock:
+        start = time.monotonic()
+        for i in range(len(hello) - 1):  # one byte every 0.05 s: each recv comes in time
+            try:
+                sock.sendall(hello[i:i + 1])
+            except ConnectionError:
+                break
+            if _closed_within(sock, 0.05):
+                break
+        elapsed = time.monotonic() - start
+        assert 0.4 < elapsed < 1.2  # the hello's deadline, not all of its 1.6 s of drip
+        assert _closed_within(sock, 1.0)
+    # after a good hello, a request frame that trickles in is cut off the same way
+    request = lookup_wire.frame(_request(NS, TOKENS))
+    with socket.create_connection(("127.0.0.1", server.lookups.port)) as sock:
+        sock.sendall(hello)
+        start = time.monotonic()
+        for i in range(len(request) - 1):
+            try:
+                sock.sendall(request[i:i + 1])
+            except ConnectionError:
+                break
+            if _closed_within(sock, 0.05):
+                break
+        assert 0.4 < time.monotonic() - start < 1.2
+
+
+def test_unauthenticated_flood_does_not_stop_authenticated_lookups(server, monkeypatch):
+    listener = server.lookups
+    monkeypatch.setattr(listener, "hello_timeout", 1.0)
+    sock = LookupSocket("127.0.0.1", listener.port, INTERNAL, timeout=5.0)
+    assert store_pb2.LookupResponse.FromString(sock.call(_request(NS, TOKENS))).num_tokens == 10
+    flood = [socket.create_connection(("127.0.0.1", listener.port)) for _ in range(40)]
+    try:
+        for peer in flood:
+            peer.sendall(b"KV")  # half a magic, then nothing
+        # only max_unauthenticated of them are kept; the rest are closed at once
+        closed = sum(_closed_within(peer, 0.2) for peer in flood)
+        assert closed >= 40 - listener.max_unauthenticated
+        assert listener._unauthenticated <= listener.max_unauthenticated
+        # the pooled, authenticated connection still answers
+        for _ in range(20):
+            reply = store_pb2.LookupResponse.FromString(sock.call(_request(NS, TOKENS)))
+            assert reply.num_tokens == 10
+        with StoreClient(server.target, token=INTERNAL) as client:  # socket or gRPC: answers
+            assert client.lookup(TOKENS, NS).num_tokens == 10
+        # once the hello deadline has passed, the flood is gone and new clients connect
+        assert all(_closed_within(peer, 2.0) for peer in flood)
+        fresh = LookupSocket("127.0.0.1", listener.port, ALICE, timeout=5.0)
+        assert store_pb2.LookupResponse.FromString(
+            fresh.call(_request(NS, TOKENS))).num_tokens == 6
+        fresh.close()
+    finally:
+        for peer in flood:
+            peer.close()
+        sock.close()
+
+
+def test_unreadable_reply_closes_the_connection(server, monkeypatch):
+    sock = LookupSocket("127.0.0.1", server.lookups.port, INTERNAL, timeout=5.0)
+
+    def broken(reply):
+        raise lookup_wire.ProtocolError("garbled")
+
+    monkeypatch.setattr(lookup_wire, "split_reply", broken)
+    with pytest.raises(lookup_wire.ProtocolError):
+        sock.call(_request(NS, TOKENS))
+    assert sock._idle == []  # not pooled
+    sock.close()
