@@ -94,7 +94,7 @@ class DataPlaneCalls:
         if not hello.is_offered:
             return "the server offers no data plane"
         try:
-            self._initiator = Initiator(*self._buffer_hooks)
+            self._initiator = Initiator(*self._buffer_hooks, timeout=self.timeout)
             self._connect(hello)
         except Exception as exc:  # a UCX that does not start, metadata it cannot load
             return f"NIXL failed to connect: {exc}"

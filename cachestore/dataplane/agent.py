@@ -7,8 +7,11 @@ process); the config's `pthrDelay` is overridden here so the thread waits in pol
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
+import time
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -23,8 +26,14 @@ UCX_DEFAULTS = {
     "UCX_TCP_RCVBUF": "8m",
 }
 PROGRESS_DELAY_US = 1000  # the progress thread's poll timeout when nothing is happening
+# wait_done: polls back to back for SPIN_S (most transfers end within it), then sleeps between
+# polls, FIRST_SLEEP_S doubling up to MAX_SLEEP_S, so a thread waiting on a slow or stalled
+# peer does not hold a core.
+SPIN_S = 200e-6
+FIRST_SLEEP_S = 50e-6
+MAX_SLEEP_S = 1e-3
 
-
+_config_lock = threading.Lock()  # make_agent's swap of nixlBind.nixlAgentConfig
 
 class ArenaInfo(NamedTuple):
     """A registered store arena (CpuTier.arenas()): NIXL remote addresses lie in one."""
@@ -88,28 +97,70 @@ def make_agent(name: str, progress_thread: bool) -> Any:
         # UCX's ib module, loaded with libibverbs installed but no RDMA device, crashed every
         # process at exit (SIGSEGV after main returned; nixl-cu13 1.5.1); it has nothing to do
         os.environ.setdefault("UCX_MODULES", "^ib")
-    real = api.nixlBind.nixlAgentConfig
+    # The swap is process-wide: under a lock, or two agents made at once could each keep the
+    # other's patched class as "real" and leave it in place.
+    with _config_lock:
+        real = api.nixlBind.nixlAgentConfig
 
-    class _SleepingProgress(real):  # type: ignore[misc, valid-type]
-        def __setattr__(self, key: str, value: Any) -> None:
-            super().__setattr__(key, PROGRESS_DELAY_US if key == "pthrDelay" else value)
+        class _SleepingProgress(real):  # type: ignore[misc, valid-type]
+            def __setattr__(self, key: str, value: Any) -> None:
+                super().__setattr__(key, PROGRESS_DELAY_US if key == "pthrDelay" else value)
 
-    api.nixlBind.nixlAgentConfig = _SleepingProgress
+        api.nixlBind.nixlAgentConfig = _SleepingProgress
+        try:
+            config = api.nixl_agent_config(enable_prog_thread=progress_thread, backends=["UCX"])
+            return api.nixl_agent(name, config)
+        finally:
+            api.nixlBind.nixlAgentConfig = real
+
+
+class TransferTimeout(OSError):
+    """A transfer still in progress at its deadline. `is_cancelled`: NIXL cancelled it and
+    freed its handle; when False it may still touch its local memory later (don't reuse it)."""
+
+    def __init__(self, message: str, is_cancelled: bool) -> None:
+        super().__init__(message)
+        self.is_cancelled = is_cancelled
+
+
+def wait_done(agent: Any, handle: Any, what: str, deadline: float | None = None,
+              lock: contextlib.AbstractContextManager[Any] | None = None) -> None:
+    """Post a transfer and poll it to the end; releases the handle. `deadline`
+    (time.monotonic(); None: none): past it the transfer is cancelled and TransferTimeout
+    raised. `lock` is held for each call into the agent, not across the wait (other threads
+    may use the agent between polls). Raises OSError unless it completed."""
+    guard = lock if lock is not None else contextlib.nullcontext()
     try:
-        config = api.nixl_agent_config(enable_prog_thread=progress_thread, backends=["UCX"])
-        return api.nixl_agent(name, config)
-    finally:
-        api.nixlBind.nixlAgentConfig = real
-
-
-def wait_done(agent: Any, handle: Any, what: str) -> None:
-    """Post a transfer and poll it to the end; releases the handle. Raises OSError unless it
-    completed."""
-    try:
-        state = agent.transfer(handle)
+        with guard:
+            state = agent.transfer(handle)
+        started = time.monotonic()
+        pause = 0.0
         while state == "PROC":
-            state = agent.check_xfer_state(handle)
-    finally:
-        agent.release_xfer_handle(handle)
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                break
+            if pause:
+                time.sleep(pause if deadline is None else min(pause, max(0.0, deadline - now)))
+                pause = min(2 * pause, MAX_SLEEP_S)
+            elif now - started >= SPIN_S:
+                pause = FIRST_SLEEP_S
+            with guard:
+                state = agent.check_xfer_state(handle)
+    except BaseException:
+        with guard, contextlib.suppress(Exception):
+            agent.release_xfer_handle(handle)
+        raise
+    with guard:
+        try:
+            agent.release_xfer_handle(handle)
+            released = True
+        except Exception as exc:  # an active transfer NIXL could not cancel
+            if state != "PROC":
+                raise OSError(f"NIXL {what}: releasing its handle: {exc}") from exc
+            log.warning("NIXL %s past its deadline could not be cancelled: %s", what, exc)
+            released = False
+    if state == "PROC":
+        raise TransferTimeout(f"NIXL {what} timed out (the peer did not answer in time)",
+                              is_cancelled=released)
     if state != "DONE":
         raise OSError(f"NIXL {what} ended {state}")

@@ -11,6 +11,7 @@ import ctypes
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from kvmesh.cachestore.dataplane.agent import ArenaInfo, make_agent, wait_done
+from kvmesh.cachestore.dataplane.agent import ArenaInfo, TransferTimeout, make_agent, wait_done
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class RegisteredBuffer:
     def __init__(self, array: np.ndarray, registration: Any) -> None:
         self.array, self.registration = array, registration
         self.address, self.nbytes = int(array.ctypes.data), array.nbytes
+        self.is_retired = False  # a transfer into it could not be cancelled: never reused
 
     def view(self) -> memoryview:
         """The whole buffer, read-only."""
@@ -56,10 +58,15 @@ class Initiator:
     `connect` loads (or reloads, after the store registered new arenas) the store's metadata.
     Every NIXL failure raises OSError. `on_new_buffer(address, nbytes)` runs once per new
     registered buffer (a worker page-locks it: pages READ into it go to the GPU by DMA, with no
-    staging copy), `on_release_buffer` before one is freed."""
+    staging copy), `on_release_buffer` before one is freed. `timeout` (seconds; None: none)
+    bounds each transfer: one still in progress then is cancelled and raises OSError
+    (TransferTimeout). The agent is used under `_lock`, held for each call into it but not
+    across a transfer's wait, so one stalled transfer does not block the others."""
 
     def __init__(self, on_new_buffer: BufferHook | None = None,
-                 on_release_buffer: BufferHook | None = None) -> None:
+                 on_release_buffer: BufferHook | None = None,
+                 timeout: float | None = None) -> None:
+        self.timeout = timeout
         self.agent: Any = make_agent(f"kvmesh-client-{os.getpid()}-{uuid.uuid4().hex[:8]}",
                                 progress_thread=False)
         self._lock = threading.Lock()  # the agent and the remote table
@@ -120,6 +127,8 @@ class Initiator:
                        for b in self._all)
 
     def give_back(self, buffer: RegisteredBuffer) -> None:
+        if buffer.is_retired:  # (still registered, freed at close)
+            return
         with self._pool_lock:
             self._free.append(buffer)
 
@@ -151,14 +160,25 @@ class Initiator:
                 registration = self.agent.register_memory(foreign, "DRAM") if foreign else None
             except Exception as exc:  # nixl's errors are plain Exceptions
                 log.info("WRITE from unregistrable memory (%s): copied into a buffer", exc)
+                registration, unregistrable = None, True
             else:
-                with _as_os_error("WRITE"):
-                    try:
-                        self._post("WRITE", local, places)
-                    finally:
-                        if registration is not None:
+                unregistrable = False
+        if not unregistrable:
+            with _as_os_error("WRITE"):
+                is_settled = False
+                try:
+                    self._post("WRITE", local, places)
+                    is_settled = True
+                except TransferTimeout as exc:
+                    is_settled = exc.is_cancelled
+                    raise
+                finally:
+                    if registration is not None and is_settled:
+                        with self._lock:
                             self.agent.deregister_memory(registration)
-                return
+                    elif registration is not None:  # NIXL may still read it: left registered
+                        log.warning("a WRITE's registration is kept: its transfer is stuck")
+            return
         buffer = self.acquire(sum(nbytes for _, nbytes in local))
         try:
             for (address, nbytes), offset in zip(local, _packed(places), strict=True):
@@ -172,24 +192,30 @@ class Initiator:
         assert offsets[-1] + places[-1][2] <= buffer.nbytes if places else True
         local = [(buffer.address + off, nbytes)
                  for off, (_, _, nbytes) in zip(offsets, places, strict=True)]
-        with self._lock, _as_os_error(op):
-            self._post(op, local, places)
+        with _as_os_error(op):
+            try:
+                self._post(op, local, places)
+            except TransferTimeout as exc:
+                buffer.is_retired = buffer.is_retired or not exc.is_cancelled
+                raise
 
     def _post(self, op: str, local: Sequence[tuple[int, int]], places: Sequence[Location]
               ) -> None:
-        """(lock held) Run one transfer between local (address, nbytes) ranges, registered,
-        and the store's locations, to its end."""
+        """(lock not held) Run one transfer between local (address, nbytes) ranges,
+        registered, and the store's locations, to its end or the timeout."""
         if not places:
             return
-        if self._remote is None:
-            raise OSError("the data plane is not connected")
-        remote = [(self._arenas[arena_id].address + offset, nbytes, 0)
-                  for arena_id, offset, nbytes in places]
-        handle = self.agent.initialize_xfer(
-            op, self.agent.get_xfer_descs([(address, nbytes, 0) for address, nbytes in local],
-                                          "DRAM"),
-            self.agent.get_xfer_descs(remote, "DRAM"), self._remote)
-        wait_done(self.agent, handle, op)
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        with self._lock:
+            if self._remote is None:
+                raise OSError("the data plane is not connected")
+            remote = [(self._arenas[arena_id].address + offset, nbytes, 0)
+                      for arena_id, offset, nbytes in places]
+            handle = self.agent.initialize_xfer(
+                op, self.agent.get_xfer_descs([(address, nbytes, 0) for address, nbytes in local],
+                                              "DRAM"),
+                self.agent.get_xfer_descs(remote, "DRAM"), self._remote)
+        wait_done(self.agent, handle, op, deadline, self._lock)
 
     def close(self) -> None:
         with self._lock, self._pool_lock:

@@ -6,6 +6,7 @@ this plane: conftest's `client`.)"""
 
 from __future__ import annotations
 
+import signal
 import time
 
 import numpy as np
@@ -14,11 +15,13 @@ from test_grpc_mapped import wait_until
 from test_grpc_scopes import ALICE_RW, INTERNAL, SECRET, _token_file
 from test_grpc_shm import SPACES
 from test_grpc_shm import make_pages as mixed_pages
+from test_store_hardening import start_store, stop_store
 
 from kvmesh.cachestore import StoreClient
 from kvmesh.cachestore.config import StoreConfig
 from kvmesh.cachestore.dataplane import agent
-from kvmesh.cachestore.errors import InvalidRequest, PermissionDenied
+from kvmesh.cachestore.dataplane.store_side import MIN_PAGE_NBYTES
+from kvmesh.cachestore.errors import InvalidRequest, PermissionDenied, StoreUnavailable
 from kvmesh.cachestore.rpc.server import serve_store
 from kvmesh.v1 import store_pb2
 
@@ -158,6 +161,51 @@ def test_an_expired_reservation_cannot_be_committed(server, nixl):
     assert commit(nixl, reservation, [key for key, _ in pages]).is_expired  # only once
 
 
+def test_an_aborted_reservation_holds_its_slots_one_ttl(server, nixl):
+    """A commit of no keys (the client's WRITE failed) ends the reservation but keeps its slots
+    out of use for one TTL, as expiry does: a cut-off WRITE may still land in them."""
+    plane, slots = server.data_plane, server.store.tiers[0].slots
+    time.sleep(TTL_S * 2.5)  # earlier tests' cooling slots end
+    assert wait_until(lambda: plane.num_reservations == 0 and plane.num_leases == 0)
+    nbytes = len(make_pages(1, seed=50)[0][1])
+    reply = nixl._plane._call("ReservePages", store_pb2.ReservePagesRequest(
+        num_pages=3, page_nbytes=nbytes))
+    assert reply.reservation_id and len(reply.slots) == 3
+    free = slots.num_free_slots
+    aborted = commit(nixl, reply.reservation_id, [])
+    assert aborted.num_pages_stored == 0 and not aborted.is_expired
+    assert plane.num_reservations == 0
+    assert slots.num_free_slots == free  # held
+    assert commit(nixl, reply.reservation_id, []).is_expired  # ended
+    assert wait_until(lambda: plane.num_reservations == 0 and slots.num_free_slots == free + 3)
+
+
+@pytest.mark.parametrize("page_nbytes", [1, MIN_PAGE_NBYTES - 1, (1 << 30) + 1, 1 << 40])
+def test_a_reservation_of_a_page_size_no_page_has_is_refused(nixl, page_nbytes):
+    with pytest.raises(InvalidRequest, match="page_nbytes|bytes"):
+        nixl._plane._call("ReservePages", store_pb2.ReservePagesRequest(
+            num_pages=1, page_nbytes=page_nbytes))
+
+
+def test_an_arena_the_agent_will_not_register_stays_off_the_plane(caplog):
+    with serve_store(StoreConfig(port=0, cpu_bytes=1 << 20, lease_s=TTL_S)) as srv, \
+            StoreClient(srv.target, data_plane="auto") as auto:
+        plane = srv.data_plane
+        hello = plane.hello()
+
+        def refuse(*args):
+            raise RuntimeError("nixlBackendError: cannot register")
+
+        plane.agent.register_memory = refuse  # the next arena made (for a new page size)
+        pages = make_pages(3, seed=51)
+        assert auto.put_encoded_pages(pages) == 3  # by the frames, not UNKNOWN
+        assert "not registered" in caplog.text
+        assert srv.store.tiers[0].slots.num_arenas > len(hello.arenas)
+        assert plane.hello().arenas == hello.arenas and plane.arena_epoch == hello.arena_epoch
+        assert plane.num_reservations == 0
+        assert auto.get_pages([key for key, _ in pages]) == [blob for _, blob in pages]
+
+
 def test_pages_whose_reservation_expired_go_by_the_frames():
     with serve_store(StoreConfig(port=0, cpu_bytes=1 << 20, lease_s=1e-6)) as srv, \
             StoreClient(srv.target, data_plane="nixl") as nixl:
@@ -271,3 +319,42 @@ def test_a_failed_transfer_falls_back_to_the_frames_unless_nixl_is_required(serv
             required.get_pages(keys)
     assert wait_until(lambda: server.data_plane.num_leases == 0)  # ended though it failed
     assert server.data_plane.num_reservations == 0  # the failed put gave its slots back
+
+
+def test_a_transfer_to_a_stalled_store_ends_at_the_clients_timeout(monkeypatch):
+    """A store stopped (SIGSTOP) between its gRPC answer and the NIXL transfer: the transfer
+    is cancelled at the client's timeout, without spinning a core; the call falls back to the
+    frames (which time out too: StoreUnavailable) rather than hang, and the client works again
+    once the store runs again."""
+    timeout = 0.5
+    proc, target = start_store("--cpu-bytes", "16M", "--data-plane", "nixl")
+    pages = make_pages(4, seed=48)
+    keys = [key for key, _ in pages]
+    try:
+        with StoreClient(target, timeout=timeout, shared_memory=False, breaker=None) as client:
+            assert client.put_encoded_pages(pages) == 4 and client.data_plane == "nixl"
+            plane = client._plane
+            ready = plane._ready
+
+            def stop_then_ready(*args):
+                initiator = ready(*args)
+                proc.send_signal(signal.SIGSTOP)  # answered the lease/reservation, now stalls
+                return initiator
+
+            monkeypatch.setattr(plane, "_ready", stop_then_ready)
+            for call in (lambda: client.get_pages(keys),
+                         lambda: client.put_encoded_pages(make_pages(4, seed=49))):
+                started, cpu = time.monotonic(), time.thread_time()
+                with pytest.raises(StoreUnavailable):
+                    call()  # the transfer's timeout, then one more call's (frames or abort)
+                waited = time.monotonic() - started
+                assert 2 * timeout - 0.1 < waited < 2 * timeout + 2.0, waited
+                assert time.thread_time() - cpu < 0.5 * waited  # slept, did not spin
+                proc.send_signal(signal.SIGCONT)
+            monkeypatch.undo()
+            assert wait_until(lambda: client.get_pages(keys) == [blob for _, blob in pages])
+            assert plane.is_on() and plane.num_pages_read >= 4
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.2)
+        stop_store(proc)
