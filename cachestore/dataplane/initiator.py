@@ -165,10 +165,9 @@ class Initiator:
                 unregistrable = False
         if not unregistrable:
             with _as_os_error("WRITE"):
-                is_settled = False
+                is_settled = True  # false only for a transfer NIXL could not cancel
                 try:
                     self._post("WRITE", local, places)
-                    is_settled = True
                 except TransferTimeout as exc:
                     is_settled = exc.is_cancelled
                     raise
