@@ -41,6 +41,9 @@ def lease_reply(plane: StoreDataPlane, request: store_pb2.PageKeys
 
 def reserve_reply(plane: StoreDataPlane, request: store_pb2.ReservePagesRequest
                   ) -> store_pb2.ReservePagesResponse:
+    if request.page_nbytes > server_messages.MAX_PAGE_NBYTES:  # (the plane checks the least)
+        raise InvalidRequest(f"ReservePages: page_nbytes {request.page_nbytes} is more than "
+                             f"{server_messages.MAX_PAGE_NBYTES} (one encoded page)")
     reservation_id, places, epoch = plane.reserve(request.num_pages, request.page_nbytes)
     return store_pb2.ReservePagesResponse(
         reservation_id=reservation_id, slots=[_location(place) for place in places],
