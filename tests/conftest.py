@@ -68,6 +68,31 @@ def module_imports():
     return _module_imports
 
 
+def _import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle in `graph` (module -> modules it imports), as a path; None if none."""
+    done: set[str] = set()
+
+    def walk(module: str, path: list[str]) -> list[str] | None:
+        for dep in graph.get(module, ()):
+            if dep in path:
+                return [*path, dep]
+            if dep not in done and (cycle := walk(dep, [*path, dep])) is not None:
+                return cycle
+        done.add(module)
+        return None
+
+    for module in graph:
+        if (cycle := walk(module, [module])) is not None:
+            return cycle
+    return None
+
+
+@pytest.fixture(scope="session")
+def import_cycle():
+    """`import_cycle(graph)`: one cycle of an import graph as a path, None if it has none."""
+    return _import_cycle
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

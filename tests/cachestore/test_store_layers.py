@@ -29,19 +29,9 @@ def test_imports_go_down_the_layers_only(module_imports):
     assert upward == []
 
 
-def test_no_import_cycle(module_imports):
+def test_no_import_cycle(module_imports, import_cycle):
     graph = _own_imports(module_imports)
-    done: set[str] = set()
-
-    def walk(module: str, path: list[str]) -> None:
-        for dep in graph[module]:
-            assert dep not in path, f"import cycle: {' -> '.join([*path, dep])}"
-            if dep not in done:
-                walk(dep, [*path, dep])
-        done.add(module)
-
-    for module in graph:
-        walk(module, [module])
+    assert import_cycle(graph) is None
 
 
 def test_the_client_uses_only_the_shared_wire_forms_of_rpc(module_imports):

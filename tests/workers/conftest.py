@@ -1,5 +1,5 @@
-"""Engine fixtures: the real SmolLM2 weights loaded once per session, engines built on them, and
-greedy references from transformers' own `generate` on the same fp32 weights."""
+"""Engine fixtures: the real SmolLM2 weights loaded once per session, engines built on them,
+greedy references from transformers' own `generate` on the same fp32 weights, and a store server."""
 
 from __future__ import annotations
 
@@ -63,3 +63,14 @@ def encode(smollm2):
         return smollm2.tokenizer(text)["input_ids"]
 
     return encode
+
+
+@pytest.fixture
+def store_server():
+    """A real store server (gRPC on a free loopback port, 256 MB CPU tier), in this process."""
+    from kvmesh.cachestore.config import StoreConfig
+    from kvmesh.cachestore.rpc.server import StoreServer
+
+    server = StoreServer(StoreConfig(port=0, cpu_bytes=256 << 20))
+    yield server
+    server.stop(grace=0)

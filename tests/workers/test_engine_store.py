@@ -12,7 +12,6 @@ import sys
 import textwrap
 import time
 
-import pytest
 from engine_helpers import LONG, final, run, tokens_of
 
 from kvmesh.cachestore.config import StoreConfig
@@ -35,13 +34,6 @@ WRITER = textwrap.dedent("""
     engine.close()
     print(json.dumps({"tokens": out, "stored": stored}))
 """)
-
-
-@pytest.fixture
-def store_server():
-    server = StoreServer(StoreConfig(port=0, cpu_bytes=256 << 20))
-    yield server
-    server.stop(grace=0)
 
 
 def test_prefix_written_by_another_worker_process_is_loaded_from_the_store(

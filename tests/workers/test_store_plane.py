@@ -10,12 +10,9 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 from engine_helpers import LONG, final, run, tokens_of
 
 from kvmesh.cachestore.client.store_client import StoreClient
-from kvmesh.cachestore.config import StoreConfig
-from kvmesh.cachestore.rpc.server import StoreServer
 from kvmesh.workers.engine.sampling_params import SamplingParams
 
 N = 16
@@ -39,13 +36,6 @@ WRITER = textwrap.dedent("""
     print(json.dumps({"stored": stored, "plane": client.data_plane, "written": written}))
     engine.close()
 """)
-
-
-@pytest.fixture
-def store_server():
-    server = StoreServer(StoreConfig(port=0, cpu_bytes=256 << 20))
-    yield server
-    server.stop(grace=0)
 
 
 def test_a_prefix_written_by_another_worker_is_loaded_over_the_data_plane(
