@@ -346,9 +346,9 @@ def test_a_transfer_to_a_stalled_store_ends_at_the_clients_timeout(monkeypatch):
                          lambda: client.put_encoded_pages(make_pages(4, seed=49))):
                 started, cpu = time.monotonic(), time.thread_time()
                 with pytest.raises(StoreUnavailable):
-                    call()  # the transfer's timeout, then one more call's (frames or abort)
+                    call()  # the transfer's timeout, then maybe one more (frames or abort)
                 waited = time.monotonic() - started
-                assert 2 * timeout - 0.1 < waited < 2 * timeout + 2.0, waited
+                assert timeout - 0.1 < waited < 2 * timeout + 2.0, waited
                 assert time.thread_time() - cpu < 0.5 * waited  # slept, did not spin
                 proc.send_signal(signal.SIGCONT)
             monkeypatch.undo()
