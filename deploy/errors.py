@@ -8,6 +8,10 @@ class InvalidSecrets(ValueError):
     """An API key or a secret file is unusable."""
 
 
+class InvalidWorkerCounts(ValueError):
+    """`--workers`, `--prefill-workers` and `--decode-workers` do not go together."""
+
+
 class StartFailed(Exception):
     """`kvmesh serve`: a part exited or timed out before it was listening."""
 

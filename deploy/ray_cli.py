@@ -38,7 +38,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     dep = actions.add_parser("deploy", help="start store, workers and router as Ray actors")
     _add_connection_flags(dep)
-    dep.add_argument("--workers", type=int, default=_env("WORKERS", "1"))
+    dep.add_argument("--workers", type=int, default=_env("WORKERS", None),
+                     help="colocated workers (default 1)")
+    for role in ("prefill", "decode"):
+        dep.add_argument(f"--{role}-workers", type=int,
+                         default=_env(f"{role.upper()}_WORKERS", "0"),
+                         help="prefill/decode disaggregation (give both, not --workers): "
+                              f"workers run with --role {role} (worker ports count the "
+                              "prefill workers first); --num-gpus-per-worker 0.5 lets a "
+                              "prefill and a decode worker share a GPU, half its memory each")
     dep.add_argument("--num-cpus-per-worker", type=float,
                      default=_env("NUM_CPUS_PER_WORKER", "1"))
     dep.add_argument("--num-gpus-per-worker", type=float,
@@ -81,6 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _config(args: argparse.Namespace) -> RayDeployConfig:
     return RayDeployConfig(
         address=args.address, namespace=args.namespace, num_workers=args.workers,
+        num_prefill_workers=args.prefill_workers, num_decode_workers=args.decode_workers,
         num_cpus_per_worker=args.num_cpus_per_worker,
         num_gpus_per_worker=args.num_gpus_per_worker, model=args.model,
         redis_url=args.redis_url, store_port=args.store_port, worker_base_port=args.worker_port,
@@ -96,10 +105,10 @@ def _config(args: argparse.Namespace) -> RayDeployConfig:
 def _print_status(stack: StackStatus) -> None:
     for name, info in sorted(stack.infos.items()):
         restarted = " (restarted)" if info.is_restarted else ""
-        print(f"{name:<20} {info.role:<7} {info.address:<22} node {info.node_ip} "
+        print(f"{name:<24} {info.role:<7} {info.address:<22} node {info.node_ip} "
               f"pid {info.child_pid}{restarted}")
     for name in stack.unavailable:
-        print(f"{name:<20} unavailable (restarting or dead)")
+        print(f"{name:<24} unavailable (restarting or dead)")
 
 
 def _deploy(args: argparse.Namespace) -> int:

@@ -8,8 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvmesh.deploy.errors import RayConfigError
+from kvmesh.deploy.errors import InvalidWorkerCounts, RayConfigError
 from kvmesh.deploy.internal_auth import DeploymentSecrets, new_token, tenant_secret
+from kvmesh.deploy.worker_plan import (
+    gpu_memory_share,
+    role_argv,
+    router_worker_argv,
+    worker_names,
+    worker_roles,
+)
 from kvmesh.router.config import parse_api_keys
 from kvmesh.router.errors import InvalidConfig
 
@@ -18,10 +25,6 @@ ACTOR_PREFIX = "kvmesh-"
 STORE_ACTOR = "kvmesh-store"
 ROUTER_ACTOR = "kvmesh-router"
 WORKER_GROUP = "kvmesh-workers"  # detached placement group, one bundle per worker
-
-
-def worker_actor_name(index: int) -> str:
-    return f"kvmesh-worker-{index}"
 
 
 def _check_port(name: str, port: int) -> None:
@@ -36,12 +39,18 @@ class RayDeployConfig:
     Ports are fixed per role so a restarted actor comes back at the same address: the store and
     the router are pinned to the head node, and worker i always runs in bundle i of a detached
     placement group (the bundle stays on its node), listening on `worker_base_port + i`.
+    Workers are `num_workers` colocated ones (None: 1), or `num_prefill_workers` prefill then
+    `num_decode_workers` decode workers (prefill/decode disaggregation; not with num_workers).
+    A worker given part of a GPU (`num_gpus_per_worker` < 1, e.g. 0.5: a prefill and a decode
+    worker on one GPU) gets that share of the worker's default GPU memory utilization.
     """
 
     address: str = "auto"
     bind_host: str = "0.0.0.0"  # roles listen on every interface; others dial the node's IP
     namespace: str = NAMESPACE
-    num_workers: int = 1
+    num_workers: int | None = None
+    num_prefill_workers: int = 0
+    num_decode_workers: int = 0
     num_cpus_per_worker: float = 1.0
     num_gpus_per_worker: float = 0.0
     model: str | None = None  # None: the worker's default model (SmolLM2-135M-Instruct)
@@ -63,8 +72,10 @@ class RayDeployConfig:
     router_args: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        if self.num_workers < 1:
-            raise RayConfigError(f"--workers must be at least 1, got {self.num_workers}")
+        try:
+            num_workers = len(self.worker_roles)
+        except InvalidWorkerCounts as exc:
+            raise RayConfigError(str(exc)) from None
         if self.num_cpus_per_worker < 0 or self.num_gpus_per_worker < 0:
             raise RayConfigError("--num-cpus-per-worker and --num-gpus-per-worker must be >= 0")
         if self.num_cpus_per_worker == 0 and self.num_gpus_per_worker == 0:
@@ -75,10 +86,10 @@ class RayDeployConfig:
         for name, port in (("--store-port", self.store_port), ("--port", self.router_port),
                            ("--worker-port", self.worker_base_port)):
             _check_port(name, port)
-        _check_port("--worker-port + workers - 1", self.worker_base_port + self.num_workers - 1)
+        _check_port("--worker-port + workers - 1", self.worker_base_port + num_workers - 1)
         if self.store_port == self.router_port:
             raise RayConfigError("the store and the router need different ports")
-        worker_ports = range(self.worker_base_port, self.worker_base_port + self.num_workers)
+        worker_ports = range(self.worker_base_port, self.worker_base_port + num_workers)
         if self.store_port in worker_ports or self.router_port in worker_ports:
             raise RayConfigError("worker ports overlap the store or router port")
         if self.max_restarts < 0:
@@ -110,6 +121,17 @@ class RayDeployConfig:
         return {"worker": secrets.worker_env, "router": secrets.router_env}[role]()
 
     @property
+    def worker_roles(self) -> list[str]:
+        """Each worker's role, by index (raises InvalidWorkerCounts for counts that clash)."""
+        return worker_roles(self.num_workers, self.num_prefill_workers, self.num_decode_workers)
+
+    @property
+    def worker_actor_names(self) -> list[str]:
+        """`kvmesh-worker-<i>`, or `kvmesh-prefill-worker-<i>` / `kvmesh-decode-worker-<i>`."""
+        return [ACTOR_PREFIX + name.replace(" ", "-")
+                for name in worker_names(self.worker_roles)]
+
+    @property
     def device(self) -> str:
         return "cuda" if self.num_gpus_per_worker > 0 else "cpu"
 
@@ -128,7 +150,11 @@ class RayDeployConfig:
 
     def worker_argv(self, index: int, store_address: str) -> list[str]:
         argv = ["--device", self.device, "--store", store_address,
-                "--host", self.bind_host, "--port", str(self.worker_port(index))]
+                "--host", self.bind_host, "--port", str(self.worker_port(index)),
+                *role_argv(self.worker_roles[index])]
+        if 0 < self.num_gpus_per_worker < 1:
+            argv += ["--gpu-memory-utilization",
+                     str(gpu_memory_share(self.num_gpus_per_worker))]
         if self.model:
             argv += ["--model", self.model]
         if self.worker_host_tier_bytes is not None:
@@ -136,9 +162,7 @@ class RayDeployConfig:
         return argv + list(self.worker_args)
 
     def router_argv(self, worker_addresses: list[str], store_address: str) -> list[str]:
-        argv: list[str] = []
-        for address in worker_addresses:
-            argv += ["--worker", address]
+        argv = router_worker_argv(self.worker_roles, worker_addresses)
         argv += ["--store", store_address, "--host", self.bind_host,
                  "--port", str(self.router_port)]
         if self.model and self.model != "smollm2":  # "smollm2" is the router's default too

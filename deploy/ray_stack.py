@@ -2,11 +2,14 @@
 
 Layout on the cluster:
 - `kvmesh-store`: pinned to the head node, fixed port, restarted by Ray on failure.
-- `kvmesh-worker-<i>`: bundle i of the detached SPREAD placement group `kvmesh-workers` (one
-  bundle per worker: its CPUs/GPU), port `worker_base_port + i`. A bundle stays on its node, so a
+- `kvmesh-worker-<i>` (or, disaggregated, `kvmesh-prefill-worker-<i>` then
+  `kvmesh-decode-worker-<i>`, each run with its `--role`): worker k is bundle k of the detached
+  SPREAD placement group `kvmesh-workers` (one bundle per worker: its CPUs/GPU), port
+  `worker_base_port + k`. A bundle stays on its node, so a
   worker restarted by Ray comes back at the same host:port and the router, which keeps dialing
   the address it was given, picks it up again when its KvEvents stream resumes.
-- `kvmesh-router`: pinned to the head node, fixed port; given every worker's address.
+- `kvmesh-router`: pinned to the head node, fixed port; given every worker's address (with
+  `--prefill-worker` / `--decode-worker` for disaggregated ones).
 All are detached actors in one Ray namespace, so they outlive the `kvmesh ray deploy` driver.
 """
 
@@ -38,7 +41,6 @@ from kvmesh.deploy.ray_config import (
     STORE_ACTOR,
     WORKER_GROUP,
     RayDeployConfig,
-    worker_actor_name,
 )
 
 _HEAD_RESOURCE = "node:__internal_head__"
@@ -133,21 +135,23 @@ def _deploy(config: RayDeployConfig) -> StackStatus:
     # head node, worker i on the node of bundle i), so all roles start at once: the workers'
     # store client and the router's worker pool connect when their peers come up.
     head = _head_node_id()
+    worker_names = config.worker_actor_names
+    num_workers = len(worker_names)
     bundle = {"CPU": config.num_cpus_per_worker, "GPU": config.num_gpus_per_worker}
     bundle = {k: v for k, v in bundle.items() if v > 0}
-    group = placement_group([bundle] * config.num_workers, strategy="SPREAD",
+    group = placement_group([bundle] * num_workers, strategy="SPREAD",
                             name=WORKER_GROUP, lifetime="detached")
     try:
         ray.get(group.ready(), timeout=config.ready_timeout_s)
     except ray.exceptions.GetTimeoutError as exc:
         free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
-        raise DeployError(f"the cluster cannot place {config.num_workers} workers of {bundle} "
+        raise DeployError(f"the cluster cannot place {num_workers} workers of {bundle} "
                           f"each within {config.ready_timeout_s:.0f}s; free now: {free}") from exc
     node_ips = _node_ips()
     bundle_nodes = placement_group_table(group)["bundles_to_node_id"]
     store_address = f"{node_ips[head]}:{config.store_port}"
     worker_addresses = [f"{node_ips[bundle_nodes[i]]}:{config.worker_port(i)}"
-                        for i in range(config.num_workers)]
+                        for i in range(num_workers)]
 
     store = _start(STORE_ACTOR, "store", config.store_argv(), config, num_cpus=0,
                    scheduling_strategy=_on_head(head))
@@ -155,16 +159,15 @@ def _deploy(config: RayDeployConfig) -> StackStatus:
     # them for good); that is what `kvmesh ray down` wants, so keep the warning off the console.
     logging.getLogger("ray.actor").setLevel(logging.ERROR)
     workers = [
-        _start(worker_actor_name(i), "worker", config.worker_argv(i, store_address), config,
+        _start(name, "worker", config.worker_argv(i, store_address), config,
                num_cpus=config.num_cpus_per_worker, num_gpus=config.num_gpus_per_worker,
                scheduling_strategy=PlacementGroupSchedulingStrategy(
                    placement_group=group, placement_group_bundle_index=i))
-        for i in range(config.num_workers)
+        for i, name in enumerate(worker_names)
     ]
     router = _start(ROUTER_ACTOR, "router", config.router_argv(worker_addresses, store_address),
                     config, num_cpus=0, scheduling_strategy=_on_head(head))
-    names = [STORE_ACTOR, *(worker_actor_name(i) for i in range(config.num_workers)),
-             ROUTER_ACTOR]
+    names = [STORE_ACTOR, *worker_names, ROUTER_ACTOR]
     infos = dict(zip(names, _ready([store, *workers, router], "the stack",
                                    config.ready_timeout_s), strict=True))
     expected = [store_address, *worker_addresses]

@@ -44,6 +44,31 @@ def test_role_command_lines():
     assert len(router_env["KVMESH_ROUTER_SECRET"]) >= 32  # random per deployment
 
 
+def test_disaggregated_workers_get_their_role_and_the_router_both_lists():
+    config = RayDeployConfig(num_prefill_workers=1, num_decode_workers=2, worker_base_port=7100,
+                             token="t")
+    assert config.worker_roles == ["prefill", "decode", "decode"]
+    assert config.worker_actor_names == ["kvmesh-prefill-worker-0", "kvmesh-decode-worker-0",
+                                         "kvmesh-decode-worker-1"]
+    assert config.worker_argv(0, "s:1") == ["--device", "cpu", "--store", "s:1", "--host",
+                                            "0.0.0.0", "--port", "7100", "--role", "prefill"]
+    assert config.worker_argv(2, "s:1")[6:] == ["--port", "7102", "--role", "decode"]
+    assert config.router_argv(["p:1", "d:1", "d:2"], "s:1")[:6] == [
+        "--prefill-worker", "p:1", "--decode-worker", "d:1", "--decode-worker", "d:2"]
+    # colocated workers keep the worker's default role and the router's plain --worker
+    assert RayDeployConfig().worker_actor_names == ["kvmesh-worker-0"]
+    assert "--role" not in RayDeployConfig().worker_argv(0, "s:1")
+
+
+def test_workers_sharing_a_gpu_split_its_memory():
+    half = RayDeployConfig(num_prefill_workers=1, num_decode_workers=1, num_gpus_per_worker=0.5)
+    argv = half.worker_argv(1, "s:1")
+    assert argv[:2] == ["--device", "cuda"]
+    assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.45"  # half of 0.9
+    whole = RayDeployConfig(num_gpus_per_worker=1).worker_argv(0, "s:1")
+    assert "--gpu-memory-utilization" not in whole
+
+
 def test_a_deployment_without_a_token_gets_a_random_one():
     first, second = RayDeployConfig(), RayDeployConfig()
     assert first.token and second.token and first.token != second.token
@@ -61,6 +86,11 @@ def test_gpu_workers_run_on_cuda_and_model_reaches_router():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"num_workers": 0}, "--workers"),
+    ({"num_workers": 1, "num_prefill_workers": 1, "num_decode_workers": 1}, "exclude"),
+    ({"num_prefill_workers": 1}, "go together"),
+    ({"num_decode_workers": -1}, ">= 0"),
+    ({"worker_base_port": 65534, "num_prefill_workers": 1, "num_decode_workers": 2},
+     "--worker-port"),
     ({"num_cpus_per_worker": 0, "num_gpus_per_worker": 0}, "reserve"),
     ({"num_gpus_per_worker": 2}, "one device"),
     ({"store_port": 0}, "--store-port"),
@@ -89,6 +119,12 @@ def test_cli_rejects_bad_flags_with_a_clear_message():
     assert out.returncode == 2
     assert out.stderr.strip() == "kvmesh ray deploy: --workers must be at least 1, got 0"
     assert out.stdout == ""
+    out = subprocess.run([*command(), "ray", "deploy", "--workers", "2", "--prefill-workers",
+                          "1", "--decode-workers", "1"], capture_output=True, text=True,
+                         timeout=60)
+    assert (out.returncode, out.stderr.strip()) == (
+        2, "kvmesh ray deploy: --workers and --prefill-workers/--decode-workers exclude each "
+           "other: give either colocated or disaggregated workers")
 
 
 def test_unreachable_cluster_fails_fast_with_a_clear_message():
@@ -113,6 +149,11 @@ def test_flag_defaults_come_from_the_environment(monkeypatch):
     assert (args.workers, args.num_gpus_per_worker, args.redis_url) == (3, 1.0, "redis://r:6379/0")
     args = build_parser(["ray", "deploy"]).parse_args(["ray", "deploy", "--workers", "4"])
     assert args.workers == 4  # a flag wins over the environment
+    monkeypatch.delenv("KVMESH_RAY_WORKERS")
+    monkeypatch.setenv("KVMESH_RAY_PREFILL_WORKERS", "1")
+    monkeypatch.setenv("KVMESH_RAY_DECODE_WORKERS", "2")
+    args = build_parser(["ray", "deploy"]).parse_args(["ray", "deploy"])
+    assert (args.workers, args.prefill_workers, args.decode_workers) == (None, 1, 2)
     monkeypatch.setenv("KVMESH_RAY_WORKERS", "many")
     with pytest.raises(SystemExit) as exit_info:
         build_parser(["ray", "deploy"]).parse_args(["ray", "deploy"])
