@@ -28,6 +28,7 @@ from kvmesh.kernels._common import (
     pdl_args,
     pdl_wait,
 )
+from kvmesh.kernels.reference import check_sliding_window
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
@@ -81,7 +82,7 @@ def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, seq, block, num_splits,
 @triton.jit
 def _paged_decode_kernel(
     q_ptr, pool_ptr, page_table_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    counter_ptr, sm_scale_log2,
+    counter_ptr, sm_scale_log2, sliding_window,
     stride_q_seq, stride_q_head, stride_o_seq, stride_o_head,
     stride_page, stride_token, stride_head, layer_k_offset, v_offset, stride_pt_seq,
     stride_po_seq, stride_po_head, stride_po_split, stride_pl_seq, stride_pl_head,
@@ -89,7 +90,7 @@ def _paged_decode_kernel(
     GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, IS_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_G: tl.constexpr, MERGE_CHUNK: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl_wait(USE_PDL)
     # KV heads first: programs launched together read the heads of the same tokens, adjacent in
@@ -99,10 +100,17 @@ def _paged_decode_kernel(
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
     seq_len = tl.load(seq_lens_ptr + seq)
+    # The splits share out the keys first_key ... seq_len - 1: with a window the query (at
+    # seq_len - 1) sees only the last sliding_window of them, and no tile starts before them,
+    # so pages wholly before the window are never read and none needs a mask
+    if HAS_WINDOW:
+        first_key = tl.maximum(seq_len - sliding_window, 0)
+    else:
+        first_key = 0
     # Each split takes a whole number of BLOCK_N blocks; trailing splits may be empty.
-    num_blocks = (seq_len + BLOCK_N - 1) // BLOCK_N
+    num_blocks = (seq_len - first_key + BLOCK_N - 1) // BLOCK_N
     blocks_per_split = (num_blocks + num_splits - 1) // num_splits
-    start = split * blocks_per_split * BLOCK_N
+    start = first_key + split * blocks_per_split * BLOCK_N
     end = tl.minimum(start + blocks_per_split * BLOCK_N, seq_len)
 
     offs_h = tl.arange(0, BLOCK_H)
@@ -264,13 +272,17 @@ def paged_decode(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, page_table:
                  seq_lens: torch.Tensor, scale: float, *, num_splits: int | None = None,
                  workspace: DecodeWorkspace | None = None,
                  out: torch.Tensor | None = None,
-                 config: DecodeConfig | None = None) -> torch.Tensor:
+                 config: DecodeConfig | None = None,
+                 sliding_window: int | None = None) -> torch.Tensor:
     """Decode attention; q: [num_seqs, num_heads, head_dim] -> out (same shape, q's dtype).
 
     Reads kv_pool; writes out and the workspace. Every seq_len must be >= 1 (not checked on
     device). For CUDA-graph capture pass num_splits, workspace and out: then nothing here syncs
-    or allocates. Without num_splits it is chosen from the max and sum of seq_lens (a host sync).
+    or allocates. Without num_splits it is chosen from the max and sum of seq_lens (a host sync),
+    each capped at the window. With sliding_window=w the query (position seq_len - 1) attends
+    only the last w keys, and only their pages are read; None: every key.
     """
+    check_sliding_window(sliding_window)
     page_size, num_kv_heads, group = check_pool(kv_pool, layer, q)
     num_seqs, num_heads, head_dim = q.shape
     check_index_tensor("page_table", page_table, 2, q.device)
@@ -284,7 +296,9 @@ def paged_decode(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, page_table:
     config = config or DecodeConfig.for_head_dim(head_dim)
     kv_blocks = config.kv_blocks(num_kv_heads)
     if num_splits is None:
-        max_len, total = torch.stack([seq_lens.max(), seq_lens.sum()]).tolist()
+        # keys each query attends: with a window, at most sliding_window of them
+        lens = seq_lens if sliding_window is None else seq_lens.clamp(max=sliding_window)
+        max_len, total = torch.stack([lens.max(), lens.sum()]).tolist()
         num_splits = num_kv_splits(num_seqs, kv_blocks, max_len, total_tokens=total)
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
@@ -302,7 +316,7 @@ def paged_decode(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, page_table:
     rows = heads * group  # query heads per program
     _paged_decode_kernel[(kv_blocks, num_seqs, num_splits)](
         q, kv_pool, page_table, seq_lens, out, part_out, part_lse, counters, scale * _LOG2E,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        sliding_window or 0, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_pool.stride(0), kv_pool.stride(3), kv_pool.stride(4),
         layer * kv_pool.stride(1), kv_pool.stride(2), page_table.stride(0),
         part_out.stride(0), part_out.stride(1), part_out.stride(2) if is_split else 0,
@@ -311,6 +325,7 @@ def paged_decode(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, page_table:
         BLOCK_H=max(16, triton.next_power_of_2(rows)), BLOCK_N=config.block_n,
         IS_SPLIT=is_split, DOT_PRECISION=dot_precision(q.dtype),
         BLOCK_G=triton.next_power_of_2(rows), MERGE_CHUNK=8,
+        HAS_WINDOW=sliding_window is not None,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_args(q.device),
     )
     return out

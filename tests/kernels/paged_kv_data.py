@@ -66,8 +66,30 @@ def make_paged_batch(seq_lens: list[int], page_size: int, num_kv_heads: int, hea
                       layer)
 
 
-def sdpa_fp64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention of the last q.shape[0] positions over contiguous k, v, in fp64.
+def poison_before(batch: PagedBatch, first_keys: list[int]) -> None:
+    """Set positions 0 ... first_keys[i] - 1 of sequence i to NaN in the pool (every layer), so
+    a kernel that reads a key it must skip turns its output into NaN."""
+    page_size = batch.kv_pool.shape[3]
+    for i, first_key in enumerate(first_keys):
+        for pos in range(first_key):
+            page = int(batch.page_table[i, pos // page_size])
+            batch.kv_pool[page, :, :, pos % page_size] = math.nan
+
+
+def window_mask(num_q: int, seq_len: int, sliding_window: int | None,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """[num_q, seq_len] bool: may the query at position seq_len - num_q + i see key j.
+    transformers' causal mask (j <= p) and sliding-window overlay (j > p - sliding_window)."""
+    q_pos = torch.arange(seq_len - num_q, seq_len, device=device)[:, None]
+    k_pos = torch.arange(seq_len, device=device)[None, :]
+    mask = k_pos <= q_pos
+    return mask if sliding_window is None else mask & (k_pos > q_pos - sliding_window)
+
+
+def sdpa_fp64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              sliding_window: int | None = None) -> torch.Tensor:
+    """Causal (optionally windowed) attention of the last q.shape[0] positions over contiguous
+    k, v, in fp64, by torch's SDPA with an explicit `window_mask`.
 
     q: [num_q, num_heads, head_dim]; k, v: [seq_len, num_kv_heads, head_dim] -> fp64 out.
     """
@@ -76,7 +98,7 @@ def sdpa_fp64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
     qd = q.double().transpose(0, 1)
     kd = k.double().repeat_interleave(group, dim=1).transpose(0, 1)
     vd = v.double().repeat_interleave(group, dim=1).transpose(0, 1)
-    mask = torch.ones(num_q, seq_len, dtype=torch.bool, device=q.device).tril(seq_len - num_q)
+    mask = window_mask(num_q, seq_len, sliding_window, q.device)
     out = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask,
                                                            scale=scale)
     return out.transpose(0, 1)
