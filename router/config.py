@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from kvmesh.router.errors import InvalidConfig
 
@@ -25,7 +26,14 @@ def default_model_path() -> str:
 
 @dataclass(frozen=True)
 class RouterConfig:
-    workers: tuple[str, ...]
+    workers: tuple[str, ...]  # role "both": whole requests
+    # prefill/decode disaggregation: prompts with at least `pd_min_tokens` tokens that the chosen
+    # decode worker would have to compute run their prefill on a prefill worker, which hands
+    # the pages over through the store; a decode worker (or a "both" one) goes on from there
+    prefill_workers: tuple[str, ...] = ()
+    decode_workers: tuple[str, ...] = ()
+    pd_min_tokens: int = 512
+    pd_prefill_timeout_s: float = 60.0  # then the request runs colocated
     host: str = "127.0.0.1"
     port: int = 8000  # 0 picks a free port
     store: str = ""  # shared KV store address; empty = no store lookups
@@ -60,12 +68,15 @@ class RouterConfig:
     split_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        if not self.workers:
-            raise InvalidConfig("at least one --worker address is required")
-        for addr in self.workers:
+        if not self.workers and not self.decode_workers:
+            raise InvalidConfig("at least one --worker or --decode-worker address is required"
+                                + (" (prefill workers only compute prompts)"
+                                   if self.prefill_workers else ""))
+        everyone = self.workers + self.prefill_workers + self.decode_workers
+        for addr in everyone:
             _check_address(addr, "worker")
-        if len(set(self.workers)) != len(self.workers):
-            raise InvalidConfig(f"duplicate worker addresses in {list(self.workers)}")
+        if len(set(everyone)) != len(everyone):
+            raise InvalidConfig(f"duplicate worker addresses in {list(everyone)}")
         if self.store:
             _check_address(self.store, "store")
         if not 0 <= self.port <= 65535:
@@ -89,13 +100,22 @@ class RouterConfig:
                      "max_body_bytes", "num_tokenizer_threads"):
             if getattr(self, name) < 1:
                 raise InvalidConfig(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.pd_min_tokens < 1:
+            raise InvalidConfig(f"pd_min_tokens must be >= 1, got {self.pd_min_tokens}")
         for name in ("predicted_ttl_s", "health_interval_s", "circuit_cooldown_s",
-                     "read_timeout_s"):
+                     "read_timeout_s", "pd_prefill_timeout_s"):
             if getattr(self, name) <= 0:
                 raise InvalidConfig(f"{name} must be > 0, got {getattr(self, name)}")
         if self.balance_rel < 1.0:
             raise InvalidConfig(f"balance_rel must be >= 1, got {self.balance_rel}")
         object.__setattr__(self, "api_keys", MappingProxyType(dict(self.api_keys)))
+
+    @property
+    def roles(self) -> dict[str, str]:
+        """Every worker address with its role: "both", "prefill" or "decode"."""
+        return {**dict.fromkeys(self.workers, "both"),
+                **dict.fromkeys(self.prefill_workers, "prefill"),
+                **dict.fromkeys(self.decode_workers, "decode")}
 
 
 def _check_address(addr: str, role: str) -> None:
@@ -124,6 +144,20 @@ def parse_api_keys(items: list[str]) -> dict[str, str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
                         help="worker gRPC address (repeat); env KVMESH_ROUTER_WORKERS (comma list)")
+    parser.add_argument("--prefill-worker", action="append", default=[], metavar="HOST:PORT",
+                        help="worker that computes long prompts and hands their KV to a decode "
+                             "worker through the store (repeat); env "
+                             "KVMESH_ROUTER_PREFILL_WORKERS")
+    parser.add_argument("--decode-worker", action="append", default=[], metavar="HOST:PORT",
+                        help="worker that generates, taking long prompts' KV from the store "
+                             "(repeat); env KVMESH_ROUTER_DECODE_WORKERS")
+    parser.add_argument("--pd-min-tokens", type=int, default=None,
+                        help="prompt tokens the decode worker would compute from which the "
+                             "prefill runs on a prefill worker (default 512)")
+    parser.add_argument("--pd-prefill-timeout", type=float, default=None,
+                        dest="pd_prefill_timeout_s",
+                        help="seconds a prefill worker may take before the request runs "
+                             "colocated (default 60)")
     parser.add_argument("--store", default=None, help="shared KV store address HOST:PORT")
     parser.add_argument("--host", default=None, help="listen host (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="listen port (default 8000, 0=any)")
@@ -173,6 +207,8 @@ _FIELDS: dict[str, tuple[str, Callable[[str], object]]] = {
     "balance_abs": ("balance_abs", int),
     "balance_rel": ("balance_rel", float),
     "max_attempts": ("max_attempts", int),
+    "pd_min_tokens": ("pd_min_tokens", int),
+    "pd_prefill_timeout_s": ("pd_prefill_timeout_s", float),
     "max_prompt_chars": ("max_prompt_chars", int),
     "max_body_bytes": ("max_body_bytes", int),
     "read_timeout_s": ("read_timeout_s", float),
@@ -185,7 +221,7 @@ def config_from_args(
 ) -> RouterConfig:
     """Flags win over `KVMESH_ROUTER_<FIELD>` env vars, which win over defaults."""
     env = os.environ if env is None else env
-    values: dict[str, object] = {}
+    values: dict[str, Any] = {}
     for name, (dest, kind) in _FIELDS.items():
         flag = getattr(args, dest, None)
         raw = env.get(ENV_PREFIX + name.upper())
@@ -196,8 +232,13 @@ def config_from_args(
                 values[name] = kind(raw)
         except ValueError as exc:
             raise InvalidConfig(f"{ENV_PREFIX + name.upper()}={raw!r}: {exc}") from None
-    workers = list(args.worker) or [
-        w.strip() for w in env.get(ENV_PREFIX + "WORKERS", "").split(",") if w.strip()
-    ]
+    def addresses(flag: str, name: str) -> tuple[str, ...]:
+        given = list(getattr(args, flag, None) or [])
+        return tuple(given or [w.strip() for w in env.get(ENV_PREFIX + name, "").split(",")
+                               if w.strip()])
+
     keys = list(args.api_key) or [env.get(ENV_PREFIX + "API_KEYS", "")]
-    return RouterConfig(workers=tuple(workers), api_keys=parse_api_keys(keys), **values)  # type: ignore[arg-type]
+    return RouterConfig(workers=addresses("worker", "WORKERS"),
+                        prefill_workers=addresses("prefill_worker", "PREFILL_WORKERS"),
+                        decode_workers=addresses("decode_worker", "DECODE_WORKERS"),
+                        api_keys=parse_api_keys(keys), **values)

@@ -131,6 +131,20 @@ class RouterMetrics:
         self.store_lookup_errors = Counter(p + "store_lookup_errors_total",
                                            "Store lookups that failed or came late (a miss)")
         self.index_resyncs = Counter(p + "index_resyncs_total", "Event stream resyncs")
+        self.pd_requests = Counter(p + "pd_requests_total",
+                                   "Requests whose prefill was sent to a prefill worker")
+        self.pd_fallbacks = Counter(p + "pd_fallbacks_total",
+                                    "Disaggregated requests that ran colocated, by reason")
+        self.pd_transfer_bytes = Counter(p + "pd_transfer_bytes_total",
+                                         "KV bytes decode workers loaded from the store for "
+                                         "disaggregated requests")
+        self.pd_transfer_seconds = Histogram(
+            p + "pd_transfer_seconds", "From a disaggregated request's first token (prefill "
+            "worker) to its second (decode worker): store writes, load, last page",
+            TTFT_BUCKETS)
+        self.pd_handoff_wait = Histogram(
+            p + "pd_handoff_wait_seconds", "Time prefill workers waited for a prompt's pages "
+            "to reach the store after its first token", TTFT_BUCKETS)
 
     def render(self) -> str:
         lines: list[str] = []

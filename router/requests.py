@@ -1,9 +1,12 @@
 """A checked OpenAI request as the router's core sees it (made by router.http.protocol), so the
-core never depends on the HTTP front."""
+core never depends on the HTTP front; the request once prepared, and the chunks of its answer."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+
+from kvmesh.v1 import worker_pb2
 
 
 @dataclass(frozen=True)
@@ -30,3 +33,24 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     user: str | None
+
+
+@dataclass
+class Chunk:
+    """One streamed piece of completion `index`; `finish_reason` and `usage` on its last."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    worker_id: str
+    finish_reason: str | None = None
+    usage: worker_pb2.Usage | None = None
+
+
+@dataclass
+class Prepared:
+    request_id: str
+    prompt_ids: list[int]
+    salt: str
+    parsed: ParsedRequest
+    created: int = field(default_factory=lambda: int(time.time()))

@@ -8,13 +8,13 @@ import itertools
 import time
 import uuid
 from collections.abc import AsyncGenerator, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 
 import grpc
 
 from kvmesh.cachestore.keys import Namespace, SaltedNamespaces
 from kvmesh.cachestore.rpc.auth import tenant_salt
 from kvmesh.router.config import RouterConfig
+from kvmesh.router.disagg import PrefillPhase, wants_prefill_worker
 from kvmesh.router.errors import (
     InvalidRequest,
     ModelNotFound,
@@ -26,7 +26,7 @@ from kvmesh.router.errors import (
     WorkerFailed,
 )
 from kvmesh.router.metrics import RouterMetrics
-from kvmesh.router.requests import ParsedRequest
+from kvmesh.router.requests import Chunk, ParsedRequest, Prepared
 from kvmesh.router.routing.index import PrefixIndex
 from kvmesh.router.routing.policy import BalanceThreshold, Decision, choose
 from kvmesh.router.routing.pool import RETRYABLE_CODES, WorkerHandle, WorkerPool, is_request_failure
@@ -40,27 +40,6 @@ FINISH_REASONS = {
     worker_pb2.FINISH_REASON_LENGTH: "length",
     worker_pb2.FINISH_REASON_ABORT: "abort",
 }
-
-
-@dataclass
-class Chunk:
-    """One streamed piece of completion `index`; `finish_reason` and `usage` on its last."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    worker_id: str
-    finish_reason: str | None = None
-    usage: worker_pb2.Usage | None = None
-
-
-@dataclass
-class Prepared:
-    request_id: str
-    prompt_ids: list[int]
-    salt: str
-    parsed: ParsedRequest
-    created: int = field(default_factory=lambda: int(time.time()))
 
 
 class Router:
@@ -133,9 +112,12 @@ class Router:
                                           prompt_ids)
 
     def route(self, prompt_ids: Sequence[int], salt: str, exclude: Sequence[str] = (),
-              num_store_pages: int = 0) -> tuple[WorkerHandle, Decision]:
-        """Pick the cheapest worker and record predicted entries for the prompt on it."""
-        handles = {h.worker_id: h for h in self.pool.available() if h.worker_id not in exclude}
+              num_store_pages: int = 0, part: str = "decode") -> tuple[WorkerHandle, Decision]:
+        """Pick the cheapest worker for `part` of a request ("decode": a whole request or its
+        rest after a prefill worker; "prefill") and record predicted entries for the prompt on
+        it."""
+        handles = {h.worker_id: h for h in self.pool.available(part)
+                   if h.worker_id not in exclude}
         if not handles:
             raise NoWorkerAvailable("no healthy worker can take the request")
         matches = {}
@@ -171,7 +153,7 @@ class Router:
     def _salted_namespace(self, base: Namespace, salt: str) -> Namespace:
         return self._salted.get(base, salt)
 
-    def _generate_request(self, prep: Prepared, sent: Sequence[int] = ()
+    def generate_request(self, prep: Prepared, sent: Sequence[int] = ()
                           ) -> worker_pb2.GenerateRequest:
         """The worker's request; `sent`: tokens a failed worker already streamed to the client,
         which the next one takes as part of the prompt (their pages from the store) and which
@@ -210,7 +192,8 @@ class Router:
         no output has been yielded; WorkerFailed if a worker fails after that. Buffered: each
         attempt's chunks are held until it finishes, so any worker failure is retried.
         InvalidRequest if the worker rejects the input, RequestFailed if its engine failed on
-        this request alone (neither is retried); NoWorkerAvailable when every attempt failed."""
+        this request alone (neither is retried); NoWorkerAvailable when every attempt failed.
+        A long prompt's prefill may run on a prefill worker first (router/disagg.py)."""
         tried: list[str] = []
         can_migrate = not buffered and self._can_migrate(prep)
         max_tokens = prep.parsed.sampling.max_tokens
@@ -224,11 +207,25 @@ class Router:
         self.metrics.router_inflight.set(self.num_inflight)
         try:
             num_store_pages = await self.store_pages(prep.prompt_ids, prep.salt)
-            for _attempt in range(self.config.max_attempts):
+            first_choice = self.route(prep.prompt_ids, prep.salt,
+                                      num_store_pages=num_store_pages)
+            prefill = None
+            if self._wants_prefill_worker(prep, first_choice, num_store_pages):
+                prefill = PrefillPhase(self, prep, num_store_pages,
+                                       lambda r, w: self._chunk(r, w, num_prompt, 0))
+                async for chunk in prefill.run(started):
+                    yield chunk
+                if prefill.is_done:
+                    return
+                sent, sent_text, held_back = self._handed_off(prefill)
+                last_token_time = prefill.first_token_at
+                if held_back:  # text the prefill worker held back
+                    yield Chunk(0, held_back, [], first_choice[0].worker_id)
+            for attempt in range(self.config.max_attempts):
                 resumed = len(sent)
-                handle, decision = self.route(prep.prompt_ids + sent if sent else prep.prompt_ids,
-                                              prep.salt, exclude=tried,
-                                              num_store_pages=num_store_pages)
+                handle, decision = first_choice if attempt == 0 else self.route(
+                    prep.prompt_ids + sent if sent else prep.prompt_ids, prep.salt,
+                    exclude=tried, num_store_pages=num_store_pages)
                 tried.append(handle.worker_id)
                 handle.num_inflight += 1
                 handle.num_queued_tokens += num_prompt
@@ -236,7 +233,7 @@ class Router:
                 produced = False
                 held: list[Chunk] = []
                 # cancelled in `finally`: closing run() (a client that left) stops the worker
-                call = self.pool.generate(handle, self._generate_request(prep, sent))
+                call = self.pool.generate(handle, self.generate_request(prep, sent))
                 try:
                     async for response in call:
                         if queued:
@@ -250,6 +247,8 @@ class Router:
                                 self.metrics.itl.observe(now - last_token_time)
                             last_token_time = now
                         chunk = self._chunk(response, handle.worker_id, num_prompt, resumed)
+                        if prefill is not None and prefill.fallback is None:
+                            prefill.observe_decode(chunk, handle, is_first=not produced)
                         if buffered:
                             held.append(chunk)
                         else:
@@ -280,7 +279,10 @@ class Router:
                     if finished:  # the call broke after its last chunk: nothing is missing
                         return
                     if produced or resumed:
-                        unsent = self._unsent_text(sent, sent_text) if can_migrate else None
+                        # a prefill worker's first token always carries over (what it
+                        # streamed is in `sent`, even when buffered)
+                        movable = can_migrate or prefill is not None
+                        unsent = self._unsent_text(sent, sent_text) if movable else None
                         if unsent is None or (max_tokens and len(sent) >= max_tokens):
                             raise WorkerFailed(f"worker {handle.worker_id} failed mid-stream: "
                                                f"{code.name}") from None
@@ -299,6 +301,25 @@ class Router:
         finally:
             self.num_inflight -= 1
             self.metrics.router_inflight.set(self.num_inflight)
+
+    def _wants_prefill_worker(self, prep: Prepared, choice: tuple[WorkerHandle, Decision],
+                              num_store_pages: int) -> bool:
+        namespace = choice[0].namespace
+        page_size = namespace.page_size if namespace is not None else 16
+        return wants_prefill_worker(self.config, prep, choice[1], num_store_pages, page_size)
+
+    def _handed_off(self, prefill: PrefillPhase) -> tuple[list[int], str, str]:
+        """(tokens, text, text not sent yet) the decode worker goes on from after `prefill`.
+        Its first token carries over unless it ends in an unfinished character (its text
+        cannot be told; the worker sent none of it): then the decode worker starts from the
+        prompt, whose pages are in the store all the same."""
+        if not prefill.sent:
+            return [], "", ""
+        unsent = self._unsent_text(prefill.sent, prefill.text)
+        if unsent is None:
+            self.metrics.pd_fallbacks.inc(reason="unfinished_character")
+            return [], "", ""
+        return prefill.sent, prefill.text + unsent, unsent
 
     def _chunk(self, response: worker_pb2.GenerateResponse, worker_id: str, num_prompt: int,
                resumed: int) -> Chunk:

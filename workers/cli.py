@@ -34,6 +34,8 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "host_tier_bytes": (int, "host tier that evicted pages demote to; 0 = off"),
     "store": (str, "gRPC address of a kvmesh store"),
     "store_token": (str, "bearer token of the store"),
+    "role": (str, "both (default), prefill or decode: the halves of a disaggregated request, "
+                  "handed over through the store (needs --store)"),
     "enforce_eager": (None, "no CUDA graphs"),
     "decode_steps": (int, "greedy decode steps queued on the device at once (default: 8 "
                      "with CUDA graphs, else 1)"),

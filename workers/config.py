@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from kvmesh.workers.errors import InvalidConfig
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
+ROLES = ("both", "prefill", "decode")
 MAX_DECODE_STEPS = 64
 
 
@@ -17,6 +18,9 @@ class WorkerConfig:
     max_num_batched_tokens: token budget of one step (chunked prefill).
     host_tier_bytes: host CPU tier that device-evicted pages demote to; 0 = off.
     store: gRPC target of a KVStore that pages are written through to and read back from.
+    role: "both" (serves whole requests), "prefill" or "decode" (the halves of a disaggregated
+    request, handed over through the store, so both need one); reported to the router in Stats,
+    which sends a prefill worker only prefill-only requests.
     decode_steps: greedy decode steps queued on the device at once (a window) when every
     running sequence decodes greedily (tokens past a stop are discarded); under CUDA graphs,
     while the batch stays the same, each window is queued before the host reads the last step
@@ -34,6 +38,7 @@ class WorkerConfig:
     host_tier_bytes: int = 0
     store: str | None = None
     store_token: str | None = None
+    role: str = "both"
     enforce_eager: bool = False
     decode_steps: int | None = None
     gpu_memory_utilization: float = 0.9
@@ -65,6 +70,11 @@ class WorkerConfig:
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise InvalidConfig(f"attention_backend must be auto, torch or triton, "
                                 f"got {self.attention_backend!r}")
+        if self.role not in ROLES:
+            raise InvalidConfig(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.role != "both" and self.store is None:
+            raise InvalidConfig(f"a {self.role} worker hands pages over through a store: "
+                                "give it --store")
         if self.store_token is not None and self.store is None:
             raise InvalidConfig("store_token given without a store")
 

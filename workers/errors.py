@@ -51,3 +51,8 @@ class EngineFailure(Exception):
 class SubscriberTooSlow(Exception):
     """A KvEvents subscriber fell more than `streams.MAX_PENDING_EVENTS` behind and was dropped;
     it resubscribes and resyncs from a snapshot. Maps to RESOURCE_EXHAUSTED."""
+
+
+class NoStore(Exception):
+    """A prefill-only request reached a worker without a store: it has nowhere to hand the
+    prompt's pages to. Maps to FAILED_PRECONDITION."""

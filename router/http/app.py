@@ -24,8 +24,8 @@ from kvmesh.router.errors import (
 )
 from kvmesh.router.http.protocol import check_prompt_size, parse_request
 from kvmesh.router.http.responses import StreamFormatter, full_response
-from kvmesh.router.requests import ParsedRequest
-from kvmesh.router.service import Chunk, Prepared, Router
+from kvmesh.router.requests import Chunk, ParsedRequest, Prepared
+from kvmesh.router.service import Router
 
 log = logging.getLogger(__name__)
 ROUTER_KEY = web.AppKey("router", Router)
@@ -221,10 +221,11 @@ async def models(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     router = request.app[ROUTER_KEY]
-    available = {h.worker_id for h in router.pool.available()}
+    serving = router.pool.available()  # whole requests (and the rest after a prefill)
+    available = {h.worker_id for h in serving + router.pool.available("prefill")}
     workers = {w: (w in available) for w in router.pool.workers}
-    status = 200 if available else 503
-    return web.json_response({"status": "ok" if available else "unavailable",
+    status = 200 if serving else 503
+    return web.json_response({"status": "ok" if serving else "unavailable",
                               "workers": workers}, status=status)
 
 

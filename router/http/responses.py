@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvmesh.router.service import Chunk, Prepared
+from kvmesh.router.requests import Chunk, Prepared
 
 
 @dataclass

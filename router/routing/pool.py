@@ -46,12 +46,19 @@ def is_request_failure(error: grpc.aio.AioRpcError) -> bool:
     return any(key == FAILURE_SCOPE_KEY and value == "request" for key, value in trailing)
 
 
+# which workers take which part of a request (RouterConfig.roles)
+ROLES_FOR = {"decode": ("both", "decode"), "prefill": ("prefill",)}
+
+
 class WorkerHandle:
     """One worker as the router sees it. `num_inflight` / `num_queued_tokens` are the router's
-    own up-to-date counts of what it sent; `stats` is the worker's last report."""
+    own up-to-date counts of what it sent; `stats` is the worker's last report. `role`: "both",
+    "prefill" or "decode", as the router was told (RouterConfig.roles)."""
 
-    def __init__(self, address: str, token: str, max_reconnect_s: float = 1.0) -> None:
+    def __init__(self, address: str, token: str, max_reconnect_s: float = 1.0,
+                 role: str = "both") -> None:
         self.worker_id = address
+        self.role = role
         # gRPC's reconnect backoff grows to 2 min by default: a worker back from a crash would
         # wait that long for the channel to try again. Capped, it is seen on the next probe.
         max_reconnect_ms = max(int(max_reconnect_s * 1000), INITIAL_RECONNECT_MS)
@@ -84,8 +91,9 @@ class WorkerPool:
         self.config = config
         self.index = index
         self.metrics = metrics
-        self.workers = {addr: WorkerHandle(addr, config.worker_token, config.health_interval_s)
-                        for addr in config.workers}
+        self.workers = {addr: WorkerHandle(addr, config.worker_token, config.health_interval_s,
+                                           role)
+                        for addr, role in config.roles.items()}
         self._tasks: list[asyncio.Task] = []
         self._ready = asyncio.Event()
 
@@ -108,14 +116,18 @@ class WorkerPool:
         for handle in self.workers.values():
             await handle.channel.close()
 
-    def available(self) -> list[WorkerHandle]:
-        """Healthy workers with a closed circuit. If there are none, degrade instead of failing:
-        workers that only answered health checks slowly (an overloaded CPU) still count."""
+    def available(self, part: str = "decode") -> list[WorkerHandle]:
+        """Healthy workers with a closed circuit that take `part` of a request: "decode" (whole
+        requests, or the rest after a prefill worker's first token) or "prefill". If there are
+        none, degrade instead of failing: workers that only answered health checks slowly (an
+        overloaded CPU) still count."""
         now = time.monotonic()
-        ready = [h for h in self.workers.values() if h.is_available(now)]
+        roles = ROLES_FOR[part]
+        candidates = [h for h in self.workers.values() if h.role in roles]
+        ready = [h for h in candidates if h.is_available(now)]
         if ready:
             return ready
-        return [h for h in self.workers.values() if h.namespace is not None and not h.is_gone
+        return [h for h in candidates if h.namespace is not None and not h.is_gone
                 and now >= h.circuit_open_until]
 
     # ---- request outcomes ----------------------------------------------------------------
@@ -193,6 +205,9 @@ class WorkerPool:
             self.metrics.index_lag.set(lag, worker=w)
         if not was_healthy:
             log.info("worker %s is up (%s)", w, stats.model)
+            if stats.role and stats.role != handle.role:
+                log.warning("worker %s runs as %s but the router was told %s; it gets %s work",
+                            w, stats.role, handle.role, handle.role)
         if handle.namespace is not None:
             self._ready.set()
 

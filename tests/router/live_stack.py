@@ -1,5 +1,5 @@
 """A kvmesh stack in subprocesses for the router tests: `Proc` runs one `kvmesh` role and
-reads its listening line; `Stack` is a store, two workers and a router."""
+reads its listening line; `Stack` is a store, workers (two by default) and a router."""
 
 from __future__ import annotations
 
@@ -97,10 +97,12 @@ class Stack:
 
 
 @contextlib.contextmanager
-def running_stack(prefix: str, worker_args: list[str]) -> Iterator[Stack]:
-    """`kvmesh store`, two `kvmesh worker` (SmolLM2 on CPU, writing through to the store, with
-    `worker_args`) and `kvmesh router` with API_KEYS, all on port 0; yields once both workers
-    are healthy, stops everything on exit."""
+def running_stack(prefix: str, worker_args: list[str], roles: tuple[str, ...] = ("both", "both"),
+                  router_args: tuple[str, ...] = ()) -> Iterator[Stack]:
+    """`kvmesh store`, a `kvmesh worker` per role in `roles` ("both", "prefill" or "decode";
+    SmolLM2 on CPU, writing through to the store, with `worker_args`) and `kvmesh router` with
+    API_KEYS and `router_args`, all on port 0; yields once every worker is healthy, stops
+    everything on exit."""
     tmp = tempfile.mkdtemp(prefix=prefix)
     procs: list[Proc] = []
     try:
@@ -108,19 +110,22 @@ def running_stack(prefix: str, worker_args: list[str]) -> Iterator[Stack]:
         store = Proc(["store", "--port", "0", "--cpu-bytes", "256M"], f"{tmp}/store.log")
         procs.append(store)
         store_addr = store.wait_listening(deadline)
-        workers = [Proc(["worker", "--port", "0", "--store", store_addr, *worker_args],
-                        f"{tmp}/worker{i}.log") for i in range(2)]
+        workers = [Proc(["worker", "--port", "0", "--store", store_addr, *worker_args,
+                         *(["--role", role] if role != "both" else [])],
+                        f"{tmp}/worker{i}.log") for i, role in enumerate(roles)]
         procs += workers
         worker_addrs = [w.wait_listening(deadline) for w in workers]
         keys = [arg for key, tenant in API_KEYS.items() for arg in ("--api-key", f"{key}={tenant}")]
+        flags = {"both": "--worker", "prefill": "--prefill-worker", "decode": "--decode-worker"}
         router = Proc(["router", "--port", "0", "--store", store_addr, "--secret", "test-secret",
-                       *[a for w in worker_addrs for a in ("--worker", w)], *keys],
+                       *[a for w, role in zip(worker_addrs, roles, strict=True)
+                         for a in (flags[role], w)], *keys, *router_args],
                       f"{tmp}/router.log")
         procs.append(router)
         url = "http://" + router.wait_listening(deadline)
-        while time.monotonic() < deadline:  # both workers healthy and indexed
+        while time.monotonic() < deadline:  # every worker healthy and indexed
             health = httpx.get(url + "/health", timeout=30).json()
-            if all(health["workers"].values()) and len(health["workers"]) == 2:
+            if all(health["workers"].values()) and len(health["workers"]) == len(roles):
                 break
             time.sleep(0.5)
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kvmesh.router.http.protocol import parse_request
 from kvmesh.router.http.responses import StreamFormatter, full_response
-from kvmesh.router.service import Chunk, Prepared
+from kvmesh.router.requests import Chunk, Prepared
 from kvmesh.v1 import worker_pb2
 
 

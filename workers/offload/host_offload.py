@@ -162,6 +162,13 @@ class KvOffload(TierLookup, KvConnector):
         if self.writer is not None:
             self.writer.flush()
 
+    def wait_store_writes(self, timeout: float) -> bool:
+        """Any thread: block until every store write queued so far was sent or failed; False
+        after `timeout` seconds (or without a store)."""
+        if self.writer is None:
+            return False
+        return self.writer.wait_for(self.writer.mark(), timeout)
+
     @property
     def num_store_writes_dropped(self) -> int:
         return self.writer.num_dropped if self.writer is not None else 0

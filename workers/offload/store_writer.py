@@ -52,6 +52,9 @@ class StoreWriter:
         self._lock = threading.Lock()
         self._queue: queue.Queue[_PendingWrite | None] = queue.Queue()
         self._queued_bytes = 0
+        # write_through calls queued / done, in queue order (`mark`, `wait_for`)
+        self._num_queued = self._num_done = 0
+        self._done = threading.Condition(self._lock)
         self.num_dropped = 0
         self.num_errors = 0
         self._thread: threading.Thread | None = threading.Thread(
@@ -81,6 +84,7 @@ class StoreWriter:
             kept = pages[: len(rows)]
             with self._lock:
                 self._queued_bytes += len(rows) * ns.page_nbytes
+                self._num_queued += 1
             self._queue.put(_PendingWrite(ns, [key for key, _, _ in kept],
                                           [tokens for _, tokens, _ in kept], rows, event, slots))
 
@@ -104,6 +108,8 @@ class StoreWriter:
                     self.pool.release_host_copies(item.slots)
                 with self._lock:
                     self._queued_bytes -= len(item.keys) * item.ns.page_nbytes
+                    self._num_done += 1
+                    self._done.notify_all()
                 self._queue.task_done()
 
     def _send(self, item: _PendingWrite, indices: range) -> None:
@@ -118,6 +124,17 @@ class StoreWriter:
         except Exception as exc:  # a store that is down is a dropped write, not a crash
             self.num_errors += 1
             log.warning("store write of %d pages failed: %s", len(indices), exc)
+
+    def mark(self) -> int:
+        """A mark of the writes queued so far (any thread), for `wait_for`."""
+        with self._lock:
+            return self._num_queued
+
+    def wait_for(self, mark: int, timeout: float) -> bool:
+        """Block (any thread) until every write queued before `mark` was sent or failed; False
+        if that took longer than `timeout` seconds."""
+        with self._done:
+            return self._done.wait_for(lambda: self._num_done >= mark, timeout)
 
     def flush(self) -> None:
         """Block until every queued store write has been sent or has failed."""

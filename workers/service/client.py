@@ -57,6 +57,8 @@ class Usage:
     completion_tokens: int
     cached_tokens: int
     cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)
+    pages_handed_off: int = 0  # prefill_only requests (worker.proto, Usage)
+    handoff_wait_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ class WorkerStats:
     max_model_len: int
     namespace: Namespace  # empty salt; use namespace.with_salt(tenant_salt)
     kv_events_seq: int
+    role: str = "both"  # "both", "prefill" or "decode"
 
 
 def _error(exc: grpc.RpcError) -> WorkerError:
@@ -141,8 +144,11 @@ class WorkerClient:
         request_id: str | None = None,
         tenant_salt: str = "",
         timeout: float | None = None,
+        prefill_only: bool = False,
     ) -> Iterator[GenerateOutput]:
-        """Stream the outputs of one request (all `sampling.n` completions interleaved)."""
+        """Stream the outputs of one request (all `sampling.n` completions interleaved).
+        `prefill_only`: the first token, then the finish once the prompt's pages are in the
+        store (worker.proto, GenerateRequest)."""
         sampling = sampling if sampling is not None else SamplingParams()
         pb_sampling = worker_pb2.SamplingParams(
             temperature=sampling.temperature,
@@ -161,6 +167,7 @@ class WorkerClient:
             prompt_token_ids=prompt_token_ids,
             sampling=pb_sampling,
             tenant_salt=tenant_salt,
+            prefill_only=prefill_only,
         )
         call = self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
         return _generate_outputs(call)
@@ -193,6 +200,7 @@ class WorkerClient:
             max_model_len=s.max_model_len,
             namespace=namespace_from_spec(s.namespace),
             kv_events_seq=s.kv_events_seq,
+            role=s.role,
         )
 
 
@@ -203,7 +211,8 @@ def _generate_outputs(call: Any) -> Iterator[GenerateOutput]:
             if m.HasField("usage"):
                 u = m.usage
                 usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens,
-                              dict(u.cached_tokens_by_tier))
+                              dict(u.cached_tokens_by_tier), u.pages_handed_off,
+                              u.handoff_wait_s)
             yield GenerateOutput(
                 request_id=m.request_id,
                 index=m.index,

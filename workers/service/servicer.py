@@ -12,14 +12,18 @@ from kvmesh.v1 import worker_pb2, worker_pb2_grpc
 from kvmesh.workers.errors import (
     EngineFailure,
     InvalidRequest,
+    NoStore,
     RequestFailed,
     SubscriberTooSlow,
     WorkerNotReady,
 )
 from kvmesh.workers.service.engine_loop import EngineLoop
+from kvmesh.workers.service.handoff import Handoff
+from kvmesh.workers.service.streams import RequestStream
 from kvmesh.workers.service.wire import (
     RequestLimits,
     event_to_pb,
+    finish_to_pb,
     output_to_pb,
     parse_generate_request,
     stats_to_pb,
@@ -30,6 +34,7 @@ log = logging.getLogger(__name__)
 # The one table: typed error -> gRPC status. Anything else is INTERNAL (and logged).
 STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    NoStore: grpc.StatusCode.FAILED_PRECONDITION,
     WorkerNotReady: grpc.StatusCode.UNAVAILABLE,
     SubscriberTooSlow: grpc.StatusCode.RESOURCE_EXHAUSTED,
     EngineFailure: grpc.StatusCode.INTERNAL,
@@ -62,10 +67,12 @@ def _abort(context: grpc.ServicerContext, error: BaseException) -> None:
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     """Serves one EngineLoop. Handlers run on gRPC's thread pool and never touch the engine."""
 
-    def __init__(self, loop: EngineLoop, max_num_seqs: int) -> None:
+    def __init__(self, loop: EngineLoop, max_num_seqs: int, role: str = "both") -> None:
         self._loop = loop
         self._max_num_seqs = max_num_seqs
+        self._role = role
         self._limits: RequestLimits | None = None
+        self._handoff: Handoff | None = None
 
     def _request_limits(self) -> RequestLimits:
         """Limits read once from the loaded engine's fixed attributes (safe from any thread)."""
@@ -78,12 +85,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             )
         return self._limits
 
+    def _prefill_handoff(self) -> Handoff:
+        """The handoff of prefill-only requests; NoStore on a worker without a store."""
+        if self._handoff is None:
+            engine = self._loop.wait_ready(timeout=0)
+            self._handoff = Handoff(engine.offload, self._loop.base_namespace)
+        if not self._handoff.has_store:
+            raise NoStore("prefill_only needs a worker with a store (kvmesh worker --store)")
+        return self._handoff
+
     def Generate(
         self, request: worker_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[worker_pb2.GenerateResponse]:
         request_id = request.request_id or uuid.uuid4().hex
         try:
             prompt, sampling = parse_generate_request(request, self._request_limits())
+            handoff = self._prefill_handoff() if request.prefill_only else None
             stream = self._loop.submit(request_id, prompt, sampling, request.tenant_salt)
         except Exception as exc:  # noqa: BLE001 - mapped by the table
             _abort(context, exc)
@@ -94,10 +111,28 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             stream.cancel()  # the RPC had already ended
             return
         try:
-            for output in stream:
-                yield output_to_pb(request_id, output)
+            if handoff is None:
+                for output in stream:
+                    yield output_to_pb(request_id, output)
+            else:
+                yield from self._prefill(request_id, request, stream, handoff)
         except Exception as exc:  # noqa: BLE001
             _abort(context, exc)
+
+    @staticmethod
+    def _prefill(request_id: str, request: worker_pb2.GenerateRequest, stream: RequestStream,
+                 handoff: Handoff) -> Iterator[worker_pb2.GenerateResponse]:
+        """A prefill-only request's answer: the first token at once, then its finish and usage
+        once the prompt's pages are in the store (`handoff.Handoff`)."""
+        for output in stream:
+            yield output_to_pb(request_id, output, with_finish=False)
+            if output.finish_reason is None:
+                continue
+            result = handoff.finish(list(request.prompt_token_ids), request.tenant_salt)
+            final = finish_to_pb(request_id, output)
+            final.usage.pages_handed_off = result.num_pages
+            final.usage.handoff_wait_s = result.wait_s
+            yield final
 
     def KvEvents(
         self, request: worker_pb2.KvEventsRequest, context: grpc.ServicerContext
@@ -127,4 +162,4 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             raise  # unreachable: abort raises
         # Snapshots kept by the loop thread: Stats answers at once even during a long step.
         return stats_to_pb(engine, self._loop.engine_stats, self._loop.base_namespace,
-                           self._loop.epoch, self._loop.kv_events_seq)
+                           self._loop.epoch, self._loop.kv_events_seq, self._role)

@@ -68,6 +68,10 @@ def parse_generate_request(
             f"length {limits.max_model_len}"
         )
     n = s.n or 1
+    if request.prefill_only:  # the first token only; a decode worker samples the rest
+        if n != 1:
+            raise InvalidRequest(f"prefill_only requests take n = 1, got {n}")
+        max_tokens = 1
     if n > limits.max_num_seqs:
         raise InvalidRequest(f"n must be at most {limits.max_num_seqs}, got {n}")
     # SamplingParams checks every field (NaN and inf included) and raises InvalidRequest
@@ -98,15 +102,25 @@ def usage_to_pb(usage: Any) -> worker_pb2.Usage:
     )
 
 
-def output_to_pb(request_id: str, output: Any) -> worker_pb2.GenerateResponse:
-    """One engine RequestOutput as a GenerateResponse carrying the caller's request id."""
+def output_to_pb(request_id: str, output: Any, *, with_finish: bool = True
+                 ) -> worker_pb2.GenerateResponse:
+    """One engine RequestOutput as a GenerateResponse carrying the caller's request id;
+    `with_finish` False leaves out its finish reason and usage (`finish_to_pb` sends them)."""
     message = worker_pb2.GenerateResponse(
         request_id=request_id,
         index=output.index,
         token_ids=output.new_token_ids,
         text=output.text_delta,
-        finish_reason=FINISH_REASONS[output.finish_reason],
     )
+    if with_finish:
+        message.MergeFrom(finish_to_pb(request_id, output))
+    return message
+
+
+def finish_to_pb(request_id: str, output: Any) -> worker_pb2.GenerateResponse:
+    """An output's finish reason and usage alone, as a GenerateResponse."""
+    message = worker_pb2.GenerateResponse(request_id=request_id, index=output.index,
+                                          finish_reason=FINISH_REASONS[output.finish_reason])
     if output.usage is not None:
         message.usage.CopyFrom(usage_to_pb(output.usage))
     return message
@@ -129,7 +143,7 @@ def event_to_pb(seq: int, event: Any, epoch: int) -> worker_pb2.KvEvent:
 
 
 def stats_to_pb(
-    engine: Any, stats: Any, namespace: Any, epoch: int, kv_events_seq: int
+    engine: Any, stats: Any, namespace: Any, epoch: int, kv_events_seq: int, role: str = "both"
 ) -> worker_pb2.WorkerStats:
     """Stats message from an EngineStats snapshot and the engine's fixed attributes (model name,
     page size, context length: safe to read from any thread)."""
@@ -147,4 +161,5 @@ def stats_to_pb(
         max_model_len=engine.max_model_len,
         namespace=namespace_to_spec(namespace),
         kv_events_seq=kv_events_seq,
+        role=role,
     )
