@@ -55,6 +55,21 @@ class Stack:
     def stderr(self) -> str:
         return self.stderr_path.read_text()[-4000:]
 
+    def child_pids(self, marker: str = "") -> list[int]:
+        """Live (not zombie) children of `kvmesh serve` whose command line contains `marker`."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if int(fields[1]) == self.proc.pid and fields[0] != "Z" and marker in cmdline:
+                pids.append(int(entry.name))
+        return pids
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
