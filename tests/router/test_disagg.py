@@ -1,7 +1,8 @@
 """Prefill/decode disaggregation through the router: a real store, a prefill worker, a decode
 worker (SmolLM2 on CPU) and a real router. A prompt whose uncached part reaches
 --pd-min-tokens gets its first token from the prefill worker and the rest from the decode
-worker, which loads the prompt's pages from the store; the text equals a colocated run's."""
+worker, which loads the prompt's pages from the store; the text equals a colocated run's. A
+decode worker killed before its first token is replaced by the other one."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ HEADERS = {"Authorization": "Bearer key-alice"}
 def stack():
     with running_stack("kvmesh-disagg-test-",
                        ["--max-model-len", "512", "--kv-cache-bytes", str(32 << 20),
-                        "--torch-threads", "1"], roles=("prefill", "decode"),
+                        "--torch-threads", "1"], roles=("prefill", "decode", "decode"),
                        router_args=("--pd-min-tokens", str(PD_MIN_TOKENS))) as stack:
         yield stack
 
@@ -44,7 +45,7 @@ def _colocated(stack, prompt: list[int]) -> str:
         return "".join(o.text for o in outputs)
 
 
-def _complete(stack, prompt: list[int], stream: bool) -> tuple[str, dict]:
+def _complete(stack, prompt: list[int], stream: bool, on_chunk=None) -> tuple[str, dict]:
     body = {"prompt": prompt, "max_tokens": NUM_TOKENS, "temperature": 0, "ignore_eos": True,
             "stream": stream}
     if not stream:
@@ -65,6 +66,8 @@ def _complete(stack, prompt: list[int], stream: bool) -> tuple[str, dict]:
             assert "error" not in event, event
             text += "".join(choice["text"] for choice in event["choices"])
             usage = event.get("usage") or usage
+            if on_chunk is not None:
+                on_chunk()
     return text, usage
 
 
@@ -101,4 +104,41 @@ def test_a_prompt_the_store_holds_already_is_not_prefilled_again(stack):
     text, usage = _complete(stack, prompt, stream=False)
     assert stack.metric("kvmesh:pd_requests_total") == before
     assert text == _colocated(stack, prompt)
+    assert len(prompt) - usage["prompt_tokens_details"]["cached_tokens"] < PAGE_SIZE
+
+
+def _store_hits(stack) -> list[int]:
+    """Prompt tokens each decode worker loaded from the store so far."""
+    hits = []
+    for worker in stack.workers[1:]:
+        with WorkerClient(worker.address) as client:
+            hits.append(client.stats().prefix_hits.get("store", 0))
+    return hits
+
+
+def test_a_decode_worker_killed_before_its_first_token_is_replaced(stack):
+    """Runs last: it kills a worker. The decode worker that loaded a prompt's pages holds them
+    on its device, so the router sends it the longer prompt's rest too; it dies as the client
+    gets the prefill worker's first token, and the other decode worker goes on from the store."""
+    prefix = _prompt(5, 200)
+    prompt = prefix + _prompt(6, 100)
+    reference = _colocated(stack, prompt)
+    before = _store_hits(stack)
+    _complete(stack, prefix, stream=False)
+    grown = [after - was for after, was in zip(_store_hits(stack), before, strict=True)]
+    chosen = stack.workers[1 + grown.index(max(grown))]
+    retries = stack.metric("kvmesh:request_retries_total")
+    requests = stack.metric("kvmesh:pd_requests_total")
+
+    def kill_at_first_token() -> None:
+        if chosen.popen.poll() is None:
+            chosen.kill()
+
+    text, usage = _complete(stack, prompt, stream=True, on_chunk=kill_at_first_token)
+    assert chosen.popen.poll() is not None
+    assert text == reference
+    assert usage["completion_tokens"] == NUM_TOKENS
+    assert stack.metric("kvmesh:pd_requests_total") == requests + 1
+    assert stack.metric("kvmesh:request_retries_total") == retries + 1
+    # the replacement took the whole prompt's pages from the store (both prompts' prefills)
     assert len(prompt) - usage["prompt_tokens_details"]["cached_tokens"] < PAGE_SIZE
