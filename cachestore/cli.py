@@ -63,7 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                       "restart finds them; pages not copied by then are lost "
                                       "(default 20; 0: no flush). A second signal exits at once")
     add("--lease-s", type=float, help="seconds a mapped read's pages stay unchanged unless "
-                                      "released first (default 30)")
+                                      "released first, and that reserved slots wait for their "
+                                      "commit (NIXL or same-host shared-memory puts; default 30)")
     parser.set_defaults(func=run)
 
 

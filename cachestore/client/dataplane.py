@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from kvmesh.cachestore.client.page_gets import MAX_KEYS_PER_CALL, PageGets
+from kvmesh.cachestore.client.page_gets import MAX_KEYS_PER_CALL, PageGets, by_page_size
 from kvmesh.cachestore.dataplane import agent
 from kvmesh.cachestore.dataplane.agent import ArenaInfo
 from kvmesh.cachestore.dataplane.initiator import BufferHook, Initiator
@@ -143,12 +143,8 @@ class DataPlaneCalls:
         """put, one reservation per page size: (pages newly stored, the pages left for the
         caller to send by PutPages: no slot for them, or their transfer failed). Adds the
         shared arenas the pages landed in (same-host server) to `arenas`."""
-        by_size: dict[int, list[tuple[bytes, memoryview]]] = {}
-        for key, blob in pages:
-            view = memoryview(blob).cast("B")
-            by_size.setdefault(view.nbytes, []).append((key, view))
         stored, rest = 0, list[tuple[bytes, bytes | memoryview]]()
-        for group in by_size.values():
+        for group in by_page_size(pages).values():
             try:
                 num_stored, num_sent = self.put(group, arenas)
             except StoreError:

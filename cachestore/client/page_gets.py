@@ -118,3 +118,14 @@ def chunks(items: Sequence) -> Iterator[list]:
     """`items` in calls of at most MAX_KEYS_PER_CALL."""
     for start in range(0, len(items), MAX_KEYS_PER_CALL):
         yield list(items[start : start + MAX_KEYS_PER_CALL])
+
+
+def by_page_size(pages: Sequence[tuple[bytes, bytes | memoryview]]
+                 ) -> dict[int, list[tuple[bytes, memoryview]]]:
+    """(key, page) pairs grouped by the page's size, each page as a flat byte view, in order:
+    a reservation of slots is for pages of one size."""
+    groups: dict[int, list[tuple[bytes, memoryview]]] = {}
+    for key, blob in pages:
+        view = memoryview(blob).cast("B")
+        groups.setdefault(view.nbytes, []).append((key, view))
+    return groups

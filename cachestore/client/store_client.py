@@ -10,8 +10,10 @@ Tensor <-> page payload conversion costs one permute-copy each way; frames are w
 by cachestore.wire without protobuf copies. Against a server on this host, key-level gets move
 their bytes through shared-memory segments the client owns (cachestore/shm/client.py), or, for a
 caller that checks pages itself, not at all: it reads them in the server's arenas (`mapped`);
-those gets are page_gets.py's. When the server offers it and nixl loads here, key-level gets
-and puts move their bytes by NIXL instead (cachestore/client/dataplane.py; `data_plane`).
+those gets are page_gets.py's; key-level puts are copied straight into slots of the server's
+shared arenas (cachestore/client/shm_puts.py). When the server offers it and nixl loads here,
+key-level gets and puts move their bytes by NIXL instead (cachestore/client/dataplane.py;
+`data_plane`), puts only when shared memory is off or declined.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from kvmesh.cachestore.client.channel import open_channel
 from kvmesh.cachestore.client.dataplane import DataPlaneCalls
 from kvmesh.cachestore.client.lookup import LookupCalls
 from kvmesh.cachestore.client.page_gets import PageGets, chunks
+from kvmesh.cachestore.client.shm_puts import SharedPuts
 from kvmesh.cachestore.errors import (  # noqa: F401 - re-exported: callers import them from here
     InvalidRequest,
     PermissionDenied,
@@ -63,10 +66,12 @@ class ClosestKV:
 class StoreClient:
     """Thread-safe (one gRPC channel shared by all calls). `timeout` bounds every call.
 
-    `shared_memory`: None = use /dev/shm segments for key-level gets when `target` is on this
-    host (127.x, localhost, ::1, unix:), False = never, True = always ask (the server still
-    answers inline unless the peer is local). `on_new_segment(address, nbytes)` runs once per
-    new segment (e.g. cudaHostRegister), `on_release_segment` before one is unmapped.
+    `shared_memory`: None = use /dev/shm for key-level gets (segments, mapped arenas) and puts
+    (copies into the server's shared arenas, cachestore/client/shm_puts.py) when `target` is
+    on this host (127.x, localhost, ::1, unix:), False = never, True = always ask (the server
+    still declines unless the peer is local). `on_new_segment(address, nbytes)` runs once per
+    new segment or mapped server arena (e.g. cudaHostRegister), `on_release_segment` before
+    one is unmapped.
     `breaker`: skips a store that keeps timing out or cannot be reached, failing calls at once
     with StoreUnavailable for a while (cachestore/client/breaker.py); None turns that off.
     `data_plane` (default: env KVMESH_STORE_DATA_PLANE, else "auto"): how key-level gets (not
@@ -116,6 +121,9 @@ class StoreClient:
                                       required=plane == "nixl", on_new_buffer=on_new_segment,
                                       on_release_buffer=on_release_segment)
                        if plane != "grpc" else None)
+        # same-host puts copy into the server's shared arenas (tried before NIXL and frames)
+        self._shm_puts = (SharedPuts(target, ch, self._segments.arenas, timeout, self._metadata)
+                          if self._segments is not None else None)
         self._put_pages = ch.stream_unary(_SERVICE + "PutPages",
                                           wire.make_serializer(pb.PutPagesHeader),
                                           pb.PutPagesResponse.FromString)
@@ -242,11 +250,17 @@ class StoreClient:
             self._plane.reserve(nbytes)
 
     def put_encoded_pages(self, pages: Sequence[tuple[bytes, bytes | memoryview]]) -> int:
-        """Store (key, encoded page) pairs; the server checks each page before storing any."""
+        """Store (key, encoded page) pairs; the server checks each page before storing any
+        (of one call, or, through shared memory or NIXL, of one page size). Pages go through
+        the server's shared arenas when it is on this host (one copy), else by NIXL, else (and
+        for what those could not take) by PutPages frames."""
         stored = 0
         arenas: dict[str, int] = {}
+        if pages and self._shm_puts is not None:
+            stored, pages = self._shm_puts.try_put(pages, arenas)  # the rest go another way
         if pages and self._plane is not None and self._plane.is_on():
-            stored, pages = self._plane.try_put(pages, arenas)  # the rest go as frames
+            num_stored, pages = self._plane.try_put(pages, arenas)  # the rest go as frames
+            stored += num_stored
         for chunk in chunks(pages):
             views = [memoryview(blob).cast("B") for _, blob in chunk]
             header = store_pb2.PutPagesHeader(keys=[key for key, _ in chunk],

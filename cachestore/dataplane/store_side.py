@@ -6,16 +6,11 @@ A lease keeps its pages' views referenced, so their slots are not reused until t
 released or expires (the tier may drop the pages meanwhile; the bytes stay). Clients check every
 page they READ (header, key, checksum) and report bad ones with the release.
 
-A reservation holds free slots of the tier (CpuTier.reserve_slots). CommitPages checks each
-slot's bytes as an encoded page under its key (header + xxh3, PageAccess.put: a large commit on
-the bulk pool's threads, the GIL released while hashing) and only when all pass puts them into
-the tier, in place; one bad page stores none, and a failed or surplus slot goes back. An expired
-reservation cannot be committed, and its slots stay out of use for one more TTL so that a late
-WRITE from a slow client lands in no page; so do an aborted one's (a commit of no keys: the
-client's WRITE failed, and a cut-off WRITE may still land).
+Reservations, their commit checks, expiry and cooling are cachestore/store/reservations.py's
+(one table with same-host shared-memory puts); this side only keeps the slots that lie in
+registered arenas and says where they are.
 
-Locks: the plane's lock guards leases, reservations and cooling slots, and nothing that takes
-another lock runs under it (the tier's and the slots' locks are taken after it is released).
+Locks: the plane's lock guards leases, and nothing that takes another lock runs under it.
 Arena registration has a lock of its own (`_register` runs under the slots' lock, from
 PageSlots.take); readers take the registered arenas as one immutable snapshot, with no lock.
 """
@@ -32,19 +27,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kvmesh.cachestore.codec import header_nbytes
 from kvmesh.cachestore.dataplane.agent import ArenaInfo, make_agent
-from kvmesh.cachestore.errors import InvalidRequest
 from kvmesh.cachestore.shm.segments import buffer_address
 from kvmesh.cachestore.store.page_access import PageAccess
+from kvmesh.cachestore.store.reservations import SlotReservations
 from kvmesh.cachestore.tiers.cpu import CpuTier
 
 log = logging.getLogger(__name__)
 
 MAX_LEASES = 1024
-MAX_RESERVATIONS = 256
-MAX_SLOTS_PER_RESERVATION = 1 << 14
-MIN_PAGE_NBYTES = header_nbytes(1) + 1  # the smallest encoded page: one token, one byte
 
 Arenas = tuple[list[tuple[int, ArenaInfo, Any]], int]  # ((address, info, registration), epoch)
 
@@ -60,23 +51,25 @@ class Hello:
 
 
 class StoreDataPlane:
-    """Thread-safe. Owns its NIXL agent; `close` deregisters and drops it."""
+    """Thread-safe. Owns its NIXL agent; `close` deregisters and drops it. `reservations`: the
+    store's reservation table (shared with same-host shared-memory puts; closed by its owner);
+    None makes one of its own."""
 
     def __init__(self, tier: CpuTier, pages: PageAccess, ttl_s: float, name: str,
-                 lease_ids: Any = None) -> None:
+                 lease_ids: Any = None, reservations: SlotReservations | None = None) -> None:
         if tier.slots is None:
             raise ValueError("the data plane needs a cpu tier with slot arenas")
         self.tier, self.pages, self.ttl_s, self.name = tier, pages, ttl_s, name
-        self.agent: Any = make_agent(name, progress_thread=True)
-        self._lock = threading.Lock()  # leases, reservations, cooling; never held into the tier
-        self._arena_lock = threading.Lock()  # registrations (taken under the slots' lock)
         self._ids = lease_ids if lease_ids is not None else itertools.count(1)
+        self._owns_reservations = reservations is None
+        self.reservations = reservations or SlotReservations(tier, pages, ttl_s, self._ids)
+        self.agent: Any = make_agent(name, progress_thread=True)
+        self._lock = threading.Lock()  # leases; never held into the tier
+        self._arena_lock = threading.Lock()  # registrations (taken under the slots' lock)
         # registered arenas by address, and their epoch: replaced whole (under _arena_lock),
         # read with no lock
         self._arenas: Arenas = ([], 0)
         self._leases: OrderedDict[int, tuple[float, list]] = OrderedDict()
-        self._reservations: OrderedDict[int, tuple[float, list]] = OrderedDict()
-        self._cooling: list[tuple[float, list]] = []  # expired reservations' slots, held a TTL
         # arenas live (same address) until the tier closes: each is registered once
         tier.on_new_arena = self._register
         for arena_id, address, nbytes in tier.arenas():
@@ -143,16 +136,16 @@ class StoreDataPlane:
                      for blob, place in zip(blobs, places, strict=True)]
         if not held:
             return 0, places, elsewhere, epoch
-        lease_id = self._hold(self._leases, held, MAX_LEASES)
+        lease_id = self._grant(held)
         if lease_id == 0:  # too many leases: every found page reads over gRPC
             return 0, [None] * len(keys), [blob is not None for blob in blobs], epoch
         return lease_id, places, elsewhere, epoch
 
     def release(self, lease_ids: Sequence[int]) -> int:
         with self._lock:
-            expired = self._expire(time.monotonic())
+            garbage = self._expire(time.monotonic())
             released = [self._leases.pop(i) for i in lease_ids if i in self._leases]
-        self._let_go(expired)
+        del garbage  # (views dropped outside the lock: a slot going back takes the slots')
         return len(released)
 
     # -- writes -------------------------------------------------------------------------------
@@ -161,11 +154,7 @@ class StoreDataPlane:
         """(reservation id, the slots' locations, arena epoch); fewer slots (maybe none, id 0)
         when the tier has no memory for more, or a slot lies in an arena the agent would not
         register (it goes back)."""
-        if not 0 < num_slots <= MAX_SLOTS_PER_RESERVATION or nbytes < MIN_PAGE_NBYTES:
-            raise InvalidRequest(f"reserve 1..{MAX_SLOTS_PER_RESERVATION} slots of at least "
-                                 f"{MIN_PAGE_NBYTES} bytes (an encoded page), not {num_slots} "
-                                 f"of {nbytes} bytes")
-        slots = self.tier.reserve_slots(num_slots, nbytes)
+        slots = self.reservations.take(num_slots, nbytes)
         arenas, epoch = self._arenas  # (after the slots: an arena made for them is in it)
         kept, lost = [], []
         places: list[Location] = []
@@ -177,107 +166,59 @@ class StoreDataPlane:
                 kept.append(slot)
                 places.append(place)
         if lost:
-            self.tier.unreserve(lost)
+            self.reservations.give_back(lost)
         del slots, lost
-        if not kept:
-            return 0, [], epoch
-        reservation_id = self._hold(self._reservations, kept, MAX_RESERVATIONS)
-        if reservation_id == 0:
-            self.tier.unreserve(kept)
-            return 0, [], epoch
-        return reservation_id, places, epoch
+        reservation_id = self.reservations.hold(kept) if kept else 0
+        return reservation_id, places if reservation_id else [], epoch
 
     def commit(self, reservation_id: int, keys: Sequence[bytes]) -> int | None:
-        """Check slot i as the encoded page of keys[i]; when every page passes, store them in
-        place (PageAccess.put). Returns pages newly stored, None (nothing stored) for an
-        unknown or expired reservation. Unused slots go back. Raises InvalidRequest naming
-        the first bad page (nothing stored). No keys is an abort (the client's WRITE failed):
-        its slots stay out of use for one TTL, as an expired reservation's, for a cut-off
-        WRITE may still land in them."""
-        now = time.monotonic()
-        with self._lock:
-            expired = self._expire(now)
-            held = self._reservations.pop(reservation_id, None)
-            if held is not None and not keys:
-                self._cooling.append((now + self.ttl_s, held[1]))
-        self._let_go(expired)
-        if held is None:
-            return None
-        slots = held[1]
-        if not keys:
-            self.tier.unreserve(slots)  # (kept by the cooling entry until it ends)
-            return 0
-        try:
-            if len(keys) > len(slots):
-                raise InvalidRequest(f"{len(keys)} keys for {len(slots)} reserved slots")
-            views = [slot.data.toreadonly() for slot in slots[: len(keys)]]
-            return self.pages.put(list(zip(keys, views, strict=True)), copy=False)
-        finally:
-            self.tier.unreserve(slots)
+        """SlotReservations.commit (either kind of reservation)."""
+        return self.reservations.commit(reservation_id, keys)
 
     # -- plumbing -----------------------------------------------------------------------------
 
-    def _hold(self, table: OrderedDict, items: list, limit: int) -> int:
+    def _grant(self, pages: list) -> int:
+        """A lease on `pages` (their views kept referenced) for ttl_s: its id, or 0 when
+        MAX_LEASES are outstanding."""
         now = time.monotonic()
         with self._lock:
-            expired = self._expire(now)
-            if len(table) >= limit:
-                entry_id = 0
+            garbage = self._expire(now)
+            if len(self._leases) >= MAX_LEASES:
+                lease_id = 0
             else:
-                entry_id = next(self._ids)
-                table[entry_id] = (now + self.ttl_s, items)
-        self._let_go(expired)
-        return entry_id
+                lease_id = next(self._ids)
+                self._leases[lease_id] = (now + self.ttl_s, pages)
+        del garbage
+        return lease_id
 
-    def _expire(self, now: float) -> tuple[list, list[list]]:
-        """(lock held) End expired leases; move expired reservations' slots to cooling. Returns
-        (what was let go, the expired reservations' slots) for `_let_go` once the lock is
-        released: ending a reservation takes the tier's lock, a slot going back the slots'
-        lock, and either may be held by a thread waiting for this one."""
+    def _expire(self, now: float) -> list:
+        """(lock held) End expired leases; returns them, for the caller to drop once the lock
+        is released (a slot going back takes the slots' lock)."""
         garbage: list = []
-        ended: list[list] = []
         while self._leases and next(iter(self._leases.values()))[0] <= now:
             garbage.append(self._leases.popitem(last=False))
-        while self._reservations and next(iter(self._reservations.values()))[0] <= now:
-            _, (_, slots) = self._reservations.popitem(last=False)
-            ended.append(slots)
-            self._cooling.append((now + self.ttl_s, slots))
-        garbage += [entry for entry in self._cooling if entry[0] <= now]
-        self._cooling = [entry for entry in self._cooling if entry[0] > now]
-        return garbage, ended
-
-    def _let_go(self, expired: tuple[list, list[list]]) -> None:
-        """(lock not held) End what `_expire` returned: the tier's reservations of expired
-        slots (still held by cooling), then drop the rest (slots go back)."""
-        garbage, ended = expired
-        for slots in ended:
-            self.tier.unreserve(slots)
-        garbage.clear()
+        return garbage
 
     @property
     def num_leases(self) -> int:
         with self._lock:
-            expired = self._expire(time.monotonic())
+            garbage = self._expire(time.monotonic())
             count = len(self._leases)
-        self._let_go(expired)
+        del garbage
         return count
 
     @property
     def num_reservations(self) -> int:
-        with self._lock:
-            expired = self._expire(time.monotonic())
-            count = len(self._reservations)
-        self._let_go(expired)
-        return count
+        return self.reservations.num_reservations
 
     def close(self) -> None:
         self.tier.on_new_arena = None
         with self._lock:
-            garbage = [*self._leases.values(), *self._reservations.values(), *self._cooling]
+            garbage = list(self._leases.values())
             self._leases.clear()
-            self._reservations.clear()
-            self._cooling.clear()
         del garbage
+        if self._owns_reservations:
+            self.reservations.close()
         with self._arena_lock:
             arenas, self._arenas = self._arenas[0], ([], self._arenas[1] + 1)
         for _, _, registration in arenas:

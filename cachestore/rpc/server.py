@@ -27,6 +27,7 @@ from kvmesh.cachestore.rpc.streams import BulkStreams
 from kvmesh.cachestore.shm.leases import MappedLeases
 from kvmesh.cachestore.shm.server import SegmentWriter
 from kvmesh.cachestore.store.page_access import PageAccess
+from kvmesh.cachestore.store.reservations import SlotReservations
 from kvmesh.cachestore.store.tiered import FlushResult, TieredStore
 from kvmesh.cachestore.tiers.base import Tier
 from kvmesh.cachestore.tiers.cpu import CpuTier
@@ -89,15 +90,19 @@ class StoreServer:
         # mapped GetPages: same-host clients read the cpu tier's pages in place
         self.leases = (MappedLeases(cpu, config.lease_s, lease_ids=lease_ids)
                        if isinstance(cpu, CpuTier) and cpu.is_shared else None)
+        # slots clients fill themselves: NIXL WRITEs, and same-host copies into shared arenas
+        self.reservations = (SlotReservations(cpu, PageAccess(self.store), config.lease_s,
+                                              lease_ids)
+                             if isinstance(cpu, CpuTier) and cpu.slots is not None else None)
         try:
             # data_plane_note: which plane carries bulk bytes, for logs and `kvmesh store`
-            self.data_plane, self.data_plane_note = _start_data_plane(config, self.store, cpu,
-                                                                      lease_ids)
+            self.data_plane, self.data_plane_note = _start_data_plane(
+                config, cpu, self.reservations, lease_ids)
         except InvalidConfig:
             self.store.close()
             raise
         servicer = KVStoreServicer(self.store, self._segments, self.leases, tokens,
-                                   self.data_plane)
+                                   self.data_plane, self.reservations)
         # the lookup socket sends the token as it is: only beside a plaintext gRPC port
         self.lookups = None if config.is_tls else lookup_server.listen(self.store, tokens,
                                                                        config.host)
@@ -154,6 +159,8 @@ class StoreServer:
             self.leases.close()
         if self.data_plane is not None:
             self.data_plane.close()
+        if self.reservations is not None:
+            self.reservations.close()
         self.store.close()
         return flushed
 
@@ -164,23 +171,25 @@ class StoreServer:
         self.stop()
 
 
-def _start_data_plane(config: StoreConfig, store: TieredStore, cpu: Tier | None,
-                      lease_ids: itertools.count) -> tuple[StoreDataPlane | None, str]:
-    """(The NIXL data plane over the cpu tier's arenas, or None: gRPC frames carry the bytes;
-    a line saying which), logged. Raises InvalidConfig when config.data_plane is "nixl" and
-    it cannot start."""
+def _start_data_plane(config: StoreConfig, cpu: Tier | None,
+                      reservations: SlotReservations | None, lease_ids: itertools.count
+                      ) -> tuple[StoreDataPlane | None, str]:
+    """(The NIXL data plane over the cpu tier's arenas, its reservations `reservations`, or
+    None: gRPC frames carry the bytes; a line saying which), logged. Raises InvalidConfig when
+    config.data_plane is "nixl" and it cannot start."""
     why = ""
     if config.data_plane == "grpc":
         why = "data_plane=grpc"
-    elif not isinstance(cpu, CpuTier) or cpu.slots is None:
+    elif not isinstance(cpu, CpuTier) or reservations is None:
         why = "the cpu tier keeps no slot arenas"
     elif agent.nixl_api() is None:
         why = f"nixl unavailable ({agent.why_unavailable()})"
     if not why:
-        assert isinstance(cpu, CpuTier)
+        assert isinstance(cpu, CpuTier) and reservations is not None
         name = f"kvmesh-store-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            plane = StoreDataPlane(cpu, PageAccess(store), config.lease_s, name, lease_ids)
+            plane = StoreDataPlane(cpu, reservations.pages, config.lease_s, name, lease_ids,
+                                   reservations)
         except Exception as exc:  # a UCX that does not start here
             why = f"NIXL agent failed to start: {exc}"
         else:

@@ -22,6 +22,7 @@ from kvmesh.cachestore.shm import segments
 from kvmesh.cachestore.shm.leases import MappedLeases
 from kvmesh.cachestore.shm.server import SegmentWriter
 from kvmesh.cachestore.store.page_access import PageAccess
+from kvmesh.cachestore.store.reservations import SlotReservations
 from kvmesh.cachestore.store.tiered import TieredStore
 from kvmesh.v1 import store_pb2
 
@@ -50,9 +51,13 @@ class KVStoreServicer:
 
     def __init__(self, store: TieredStore, segments: SegmentWriter | None = None,
                  leases: MappedLeases | None = None, tokens: TokenTable | None = None,
-                 data_plane: StoreDataPlane | None = None) -> None:
+                 data_plane: StoreDataPlane | None = None,
+                 reservations: SlotReservations | None = None) -> None:
         self.store = store
         self.data_plane = data_plane  # None: DataPlaneHello says it is not offered
+        # slots clients fill themselves (NIXL WRITE or a same-host copy), made visible by
+        # CommitPages; None: the cpu tier keeps no slot arenas (neither kind of put)
+        self.reservations = reservations or (data_plane.reservations if data_plane else None)
         self.tokens = tokens or TokenTable()
         self.pages = PageAccess(store)
         self.segments = segments  # None: GetPages always answers inline
@@ -190,12 +195,13 @@ class KVStoreServicer:
     @_mapped
     def ReservePages(self, request, context: grpc.ServicerContext):
         self._require_internal(context)
-        return dataplane_server.reserve_reply(self._plane(), request)
+        return dataplane_server.reserve_reply(self.data_plane, self.reservations, request,
+                                              context.peer())
 
     @_mapped
     def CommitPages(self, request, context: grpc.ServicerContext):
         self._require_internal(context)
-        reply = dataplane_server.commit_reply(self._plane(), request)
+        reply = dataplane_server.commit_reply(self.reservations, request)
         self._name_arenas(reply, request.keys, context)
         return reply
 

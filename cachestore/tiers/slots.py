@@ -194,6 +194,12 @@ class PageSlots:
     def locate(self, address: int, nbytes: int) -> tuple[str, int, int] | None:
         """(arena file name, offset in it, arena size) of the bytes at `address`, when they lie
         in a shared arena; else None."""
+        place = self.shared_arena(address, nbytes)
+        return None if place is None else place[1:]
+
+    def shared_arena(self, address: int, nbytes: int) -> tuple[int, str, int, int] | None:
+        """(arena_id, arena file name, offset in it, arena size) of the bytes at `address`,
+        when they lie in a shared arena; else None."""
         with self._lock:
             i = bisect.bisect_right(self._shared, address, key=lambda entry: entry[0]) - 1
             if i < 0:
@@ -202,7 +208,7 @@ class PageSlots:
             if address + nbytes > start + arena.nbytes:
                 return None
             assert arena.segment is not None
-            return arena.segment.name, address - start, arena.nbytes
+            return arena.arena_id, arena.segment.name, address - start, arena.nbytes
 
     def arenas(self) -> list[tuple[int, int, int]]:
         """(arena_id, address, nbytes) of every arena, oldest first (each lives until close)."""

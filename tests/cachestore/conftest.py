@@ -1,6 +1,8 @@
 """Fixtures shared by the gRPC store tests: a client of the module's `server` fixture (each module
 picks its server's scope and configuration), once per data plane: key-level bytes over gRPC
-frames, and over NIXL (UCX over TCP on loopback, as between hosts)."""
+frames with same-host shared memory (segment gets, puts copied into the server's shared arenas),
+and over NIXL with shared memory off (UCX over TCP on loopback, as between hosts: NIXL gets and
+puts)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ DATA_PLANES = ["grpc", pytest.param("nixl", marks=pytest.mark.skipif(
 def client(server, request):
     # a module whose server offers no data plane defines its own gRPC-only `client`
     assert request.param == "grpc" or getattr(server, "data_plane", None) is not None
-    with StoreClient(server.target, data_plane=request.param) as c:
+    with StoreClient(server.target, data_plane=request.param,
+                     shared_memory=None if request.param == "grpc" else False) as c:
         assert c.data_plane == request.param
         yield c

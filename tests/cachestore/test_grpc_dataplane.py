@@ -20,9 +20,9 @@ from test_store_hardening import start_store, stop_store
 from kvmesh.cachestore import StoreClient
 from kvmesh.cachestore.config import StoreConfig
 from kvmesh.cachestore.dataplane import agent
-from kvmesh.cachestore.dataplane.store_side import MIN_PAGE_NBYTES
 from kvmesh.cachestore.errors import InvalidRequest, PermissionDenied, StoreUnavailable
 from kvmesh.cachestore.rpc.server import serve_store
+from kvmesh.cachestore.store.reservations import MIN_PAGE_NBYTES
 from kvmesh.v1 import store_pb2
 
 pytestmark = pytest.mark.skipif(agent.nixl_api() is None, reason="nixl is not installed")
@@ -43,7 +43,9 @@ def server():
 
 @pytest.fixture
 def nixl(server):
-    with StoreClient(server.target, data_plane="nixl") as c:
+    """NIXL for gets and puts: shared memory off (on the same host puts would copy into the
+    server's shared arenas instead, test_shm_puts.py)."""
+    with StoreClient(server.target, data_plane="nixl", shared_memory=False) as c:
         yield c
 
 
@@ -189,7 +191,7 @@ def test_a_reservation_of_a_page_size_no_page_has_is_refused(nixl, page_nbytes):
 
 def test_an_arena_the_agent_will_not_register_stays_off_the_plane(caplog):
     with serve_store(StoreConfig(port=0, cpu_bytes=1 << 20, lease_s=TTL_S)) as srv, \
-            StoreClient(srv.target, data_plane="auto") as auto:
+            StoreClient(srv.target, data_plane="auto", shared_memory=False) as auto:
         plane = srv.data_plane
         hello = plane.hello()
 
@@ -208,7 +210,7 @@ def test_an_arena_the_agent_will_not_register_stays_off_the_plane(caplog):
 
 def test_pages_whose_reservation_expired_go_by_the_frames():
     with serve_store(StoreConfig(port=0, cpu_bytes=1 << 20, lease_s=1e-6)) as srv, \
-            StoreClient(srv.target, data_plane="nixl") as nixl:
+            StoreClient(srv.target, data_plane="nixl", shared_memory=False) as nixl:
         pages = make_pages(3, seed=46)
         assert nixl.put_encoded_pages(pages) == 3
         assert nixl.get_pages([key for key, _ in pages]) == [blob for _, blob in pages]
@@ -220,16 +222,10 @@ def test_a_private_store_offers_the_plane_over_plain_arenas():
         plane = srv.data_plane
         assert plane is not None and not srv.store.tiers[0].is_shared
         assert auto.data_plane == "nixl"
-        commits, real_commit = [], plane.commit
-
-        def commit(*args):
-            commits.append(real_commit(*args))
-            return commits[-1]
-
-        plane.commit = commit
         pages = make_pages(3, seed=48)
         assert auto.put_encoded_pages(pages) == 3
-        assert commits == [3]  # written and committed through the plane
+        # the store declined shared memory (its arenas are private): written through the plane
+        assert auto._plane.num_pages_written == 3 and auto._shm_puts.num_pages_copied == 0
         with auto.get_pages_leased([key for key, _ in pages]) as lease:
             assert not lease.is_shared_memory and lease.regions
             assert [bytes(p) for p in lease.pages] == [blob for _, blob in pages]
@@ -237,7 +233,7 @@ def test_a_private_store_offers_the_plane_over_plain_arenas():
 
 def test_a_lease_pins_its_slot_until_released_or_expired():
     srv = serve_store(StoreConfig(port=0, cpu_bytes=1 << 20, lease_s=TTL_S))
-    with srv, StoreClient(srv.target, data_plane="nixl") as nixl:
+    with srv, StoreClient(srv.target, data_plane="nixl", shared_memory=False) as nixl:
         _check_slot_pinned_until_lease_ends(srv, nixl)
 
 
@@ -270,7 +266,8 @@ def test_page_key_scopes_hold_for_the_plane(tmp_path):
     with serve_store(StoreConfig(port=0, cpu_bytes=1 << 20, token=INTERNAL,
                                  token_file=token_file, tenant_secret=SECRET)) as srv:
         pages = make_pages(1, seed=44)
-        with StoreClient(srv.target, token=INTERNAL, data_plane="nixl") as internal:
+        with StoreClient(srv.target, token=INTERNAL, data_plane="nixl",
+                         shared_memory=False) as internal:
             assert internal.put_encoded_pages(pages) == 1
         with StoreClient(srv.target, token=ALICE_RW, data_plane="grpc") as alice:
             for name, request in (("DataPlaneHello", store_pb2.DataPlaneHelloRequest()),
@@ -308,8 +305,8 @@ def test_a_failed_transfer_falls_back_to_the_frames_unless_nixl_is_required(serv
 
     pages = make_pages(4, seed=47)
     keys = [key for key, _ in pages]
-    with StoreClient(server.target, data_plane="auto") as auto, StoreClient(server.target,
-                                                        data_plane="nixl") as required:
+    with StoreClient(server.target, data_plane="auto", shared_memory=False) as auto, \
+            StoreClient(server.target, data_plane="nixl", shared_memory=False) as required:
         assert auto.data_plane == "nixl" and required.data_plane == "nixl"
         monkeypatch.setattr(Initiator, "write_from", broken)
         monkeypatch.setattr(Initiator, "read", broken)
