@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Callable
-from typing import TYPE_CHECKING
+from collections.abc import AsyncGenerator, Callable, Sequence
+from typing import Protocol
 
 import grpc
 
@@ -35,8 +35,20 @@ from kvmesh.router.routing.policy import Decision
 from kvmesh.router.routing.pool import WorkerHandle, WorkerPool
 from kvmesh.v1 import worker_pb2
 
-if TYPE_CHECKING:
-    from kvmesh.router.service import Router
+
+class RouterParts(Protocol):
+    """What a prefill phase uses of the router (`service.Router`)."""
+
+    config: RouterConfig
+    pool: WorkerPool
+    metrics: RouterMetrics
+
+    def route(self, prompt_ids: Sequence[int], salt: str, exclude: Sequence[str] = (),
+              num_store_pages: int = 0, part: str = "decode"
+              ) -> tuple[WorkerHandle, Decision]: ...
+
+    def generate_request(self, prep: Prepared, sent: Sequence[int] = ()
+                         ) -> worker_pb2.GenerateRequest: ...
 
 
 def wants_prefill_worker(config: RouterConfig, prep: Prepared, decision: Decision,
@@ -56,7 +68,7 @@ class PrefillPhase:
     when the first token ended the request; `first_token_at` (monotonic); `fallback`, why the
     request runs colocated (None when the handoff happened)."""
 
-    def __init__(self, router: Router, prep: Prepared, num_store_pages: int,
+    def __init__(self, router: RouterParts, prep: Prepared, num_store_pages: int,
                  to_chunk: Callable[[worker_pb2.GenerateResponse, str], Chunk]) -> None:
         self._router, self._prep = router, prep
         self._num_store_pages = num_store_pages
