@@ -1,6 +1,7 @@
 """`kvmesh ray deploy|status|down` on a real 2-node Ray cluster (1 CPU each) started by the test
 on this machine, with the real store, two real SmolLM2 CPU workers and the real router; one
-variant puts the store's shared tier on a real redis-server."""
+variant puts the store's shared tier on a real redis-server and disaggregates the workers (a
+prefill and a decode worker, handing pages over through the store and Redis)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ from kvmesh.cachestore.codec import decode_header
 from kvmesh.cachestore.page_mac import TRAILER_NBYTES
 
 pytestmark = pytest.mark.timeout(420)
+COLOCATED = ("--workers", "2")
+DISAGGREGATED = ("--prefill-workers", "1", "--decode-workers", "1")
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +65,10 @@ def ray_head(tmp_path_factory):
 class Stack:
     """A deployed stack: ports, router URL and the pids `kvmesh ray status` reported."""
 
-    def __init__(self, head: RayHead, *extra: str) -> None:
+    def __init__(self, head: RayHead, *extra: str, workers: tuple[str, ...] = COLOCATED) -> None:
         self.store_port, self.router_port, self.worker_port = free_ports(3)
         self.head = head
-        out = kvmesh("ray", "deploy", "--address", head.address, "--workers", "2",
+        out = kvmesh("ray", "deploy", "--address", head.address, *workers,
                      "--num-cpus-per-worker", "1", "--port", str(self.router_port),
                      "--store-port", str(self.store_port), "--worker-port",
                      str(self.worker_port), "--max-restarts", "2", "--timeout", "300",
@@ -77,9 +80,10 @@ class Stack:
             self.url = last.split()[-1]
             # `name role address node IP pid PID` per actor, as `kvmesh ray status` prints
             rows = {row[0]: row for row in map(str.split, out.stdout.splitlines()[:-1])}
-            assert sorted(rows) == ["kvmesh-router", "kvmesh-store", "kvmesh-worker-0",
-                                    "kvmesh-worker-1"]
-            self.workers = [rows[f"kvmesh-worker-{i}"][2] for i in range(2)]
+            names = (["kvmesh-worker-0", "kvmesh-worker-1"] if workers == COLOCATED
+                     else ["kvmesh-prefill-worker-0", "kvmesh-decode-worker-0"])
+            assert sorted(rows) == sorted(["kvmesh-router", "kvmesh-store", *names])
+            self.workers = [rows[name][2] for name in names]
             assert [w.rsplit(":", 1)[1] for w in self.workers] == [
                 str(self.worker_port), str(self.worker_port + 1)]
             self.pids = {name: int(row[6]) for name, row in rows.items()}
@@ -211,15 +215,20 @@ def test_deploy_serve_survive_worker_kill_and_down(ray_head):
 def test_deploy_with_redis_shared_tier(ray_head, redis_server):
     # a store CPU tier smaller than one page (30 layers x 2 x 16 x 3 x 64 fp32 = 720 KiB):
     # every page the workers write through lands in Redis
-    # with auth on every hop: the pages reach Redis only if the workers' store token works
+    # with auth on every hop: the pages reach Redis only if the workers' store token works.
+    # The prompt is prefilled on the prefill worker: the decode worker takes its pages from
+    # the store, which holds them in Redis.
     stack = Stack(ray_head, "--redis-url", redis_server.url, "--store-cpu-bytes", "65536",
-                  "--token", "hop-token", "--api-key", API_KEY)
+                  "--token", "hop-token", "--api-key", API_KEY,
+                  "--router-args", f"--pd-min-tokens {4 * PAGE_SIZE}", workers=DISAGGREGATED)
     try:
         refused = httpx.post(f"{stack.url}/v1/completions", json={"prompt": "hi"}, timeout=30)
         assert refused.status_code == 401
         assert refused.json()["error"]["code"] == "invalid_api_key"
         first = complete(stack.url, PROMPT_IDS, api_key=API_KEY)
         assert first["usage"]["completion_tokens"] == 6
+        handed_over = first["usage"]["prompt_tokens_details"]["cached_tokens_by_tier"]
+        assert handed_over.get("store", 0) >= len(PROMPT_IDS) - PAGE_SIZE, first["usage"]
         client = redis.Redis(host="127.0.0.1", port=redis_server.port)
         wait_for("pages in redis", lambda: client.dbsize() >= 6, 60)
         pages = {}
@@ -233,7 +242,7 @@ def test_deploy_with_redis_shared_tier(ray_head, redis_server):
                     for i in range(0, 6 * PAGE_SIZE, PAGE_SIZE)}
         assert {k: v for k, v in pages.items() if k in expected} == expected
         client.close()
-        # the shared tier going down costs cache hits, not requests
+        # the shared tier going down costs cache hits (and the handoff), not requests
         redis_server.kill()
         answer = complete(stack.url, PROMPT_IDS[::-1], api_key=API_KEY)
         assert answer["usage"]["completion_tokens"] == 6
