@@ -159,7 +159,7 @@ class StoreDataPlane:
         kept, lost = [], []
         places: list[Location] = []
         for slot in slots:
-            place = self._locate(arenas, int(slot.ctypes.data), nbytes)
+            place = self._locate(arenas, slot.address, nbytes)
             if place is None:  # in an arena not registered (never written): back at once
                 lost.append(slot)
             else:

@@ -12,10 +12,9 @@ checks; a slot written after its commit or expiry is caught by the check every r
 
 from __future__ import annotations
 
-import numpy as np
-
 from kvmesh.cachestore.shm import segments
 from kvmesh.cachestore.store.reservations import SlotReservations
+from kvmesh.cachestore.tiers.cpu import ReservedSlot
 from kvmesh.v1 import store_pb2
 
 
@@ -35,11 +34,11 @@ def reserve_reply(reservations: SlotReservations, num_slots: int, nbytes: int, p
     if reply.shared_memory_declined:
         return reply
     assert tier.slots is not None
-    kept: list[np.ndarray] = []
-    lost: list[np.ndarray] = []
+    kept: list[ReservedSlot] = []
+    lost: list[ReservedSlot] = []
     arenas: dict[int, tuple[str, int]] = {}
     for slot in reservations.take(num_slots, nbytes):
-        place = tier.slots.shared_arena(int(slot.ctypes.data), nbytes)
+        place = tier.slots.shared_arena(slot.address, nbytes)
         if place is None:
             lost.append(slot)
             continue

@@ -26,12 +26,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
-import numpy as np
-
 from kvmesh.cachestore.codec import header_nbytes
 from kvmesh.cachestore.errors import InvalidRequest
 from kvmesh.cachestore.store.page_access import PageAccess
-from kvmesh.cachestore.tiers.cpu import CpuTier
+from kvmesh.cachestore.tiers.cpu import CpuTier, ReservedSlot
 
 MAX_RESERVATIONS = 256
 MAX_SLOTS_PER_RESERVATION = 1 << 14
@@ -49,10 +47,10 @@ class SlotReservations:
         self.tier, self.pages, self.ttl_s = tier, pages, ttl_s
         self._ids = ids if ids is not None else itertools.count(1)
         self._lock = threading.Lock()  # table and cooling; never held into the tier
-        self._table: OrderedDict[int, tuple[float, list[np.ndarray]]] = OrderedDict()
-        self._cooling: list[tuple[float, list[np.ndarray]]] = []  # ended early or expired
+        self._table: OrderedDict[int, tuple[float, list[ReservedSlot]]] = OrderedDict()
+        self._cooling: list[tuple[float, list[ReservedSlot]]] = []  # ended early or expired
 
-    def take(self, num_slots: int, nbytes: int) -> list[np.ndarray]:
+    def take(self, num_slots: int, nbytes: int) -> list[ReservedSlot]:
         """Up to `num_slots` free slots of `nbytes` (fewer, maybe none, when the tier has no
         memory for more), not yet held: the caller keeps those it can use (`hold`) and gives
         the rest back (`give_back`). Raises InvalidRequest for a count or size no page has."""
@@ -65,11 +63,11 @@ class SlotReservations:
         self._end(expired)
         return self.tier.reserve_slots(num_slots, nbytes)
 
-    def give_back(self, slots: Sequence[np.ndarray]) -> None:
+    def give_back(self, slots: Sequence[ReservedSlot]) -> None:
         """Slots from `take` that no client ever saw: free again once dropped."""
         self.tier.unreserve(slots)
 
-    def hold(self, slots: list[np.ndarray]) -> int:
+    def hold(self, slots: list[ReservedSlot]) -> int:
         """A reservation of `slots` (from `take`, not empty) for ttl_s: its id, or 0 when
         MAX_RESERVATIONS are outstanding (the slots then went back)."""
         now = time.monotonic()
@@ -107,7 +105,7 @@ class SlotReservations:
         try:
             if len(keys) > len(slots):
                 raise InvalidRequest(f"{len(keys)} keys for {len(slots)} reserved slots")
-            views = [slot.data.toreadonly() for slot in slots[: len(keys)]]
+            views = [slot.view for slot in slots[: len(keys)]]
             return self.pages.put(list(zip(keys, views, strict=True)), copy=False)
         finally:
             self.tier.unreserve(slots)
@@ -127,12 +125,12 @@ class SlotReservations:
             self._cooling.clear()
         del garbage
 
-    def _expire(self, now: float) -> tuple[list, list[list[np.ndarray]]]:
+    def _expire(self, now: float) -> tuple[list, list[list[ReservedSlot]]]:
         """(lock held) Move expired reservations' slots to cooling and drop ended cooling.
         Returns (what was dropped, the expired reservations' slots) for `_end` once the lock
         is released: ending a reservation takes the tier's lock, a slot going back the slots'
         lock, and either may be held by a thread waiting for this one."""
-        ended: list[list[np.ndarray]] = []
+        ended: list[list[ReservedSlot]] = []
         while self._table and next(iter(self._table.values()))[0] <= now:
             _, (end, slots) = self._table.popitem(last=False)
             ended.append(slots)
@@ -142,7 +140,7 @@ class SlotReservations:
             self._cooling = [entry for entry in self._cooling if entry[0] > now]
         return garbage, ended
 
-    def _end(self, expired: tuple[list, list[list[np.ndarray]]]) -> None:
+    def _end(self, expired: tuple[list, list[list[ReservedSlot]]]) -> None:
         """(lock not held) End the tier's reservations of expired slots (still held by
         cooling), then drop the rest (their slots go back)."""
         garbage, ended = expired

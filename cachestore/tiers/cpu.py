@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import NamedTuple
+
+import numpy as np
 
 from kvmesh.cachestore.errors import InvalidConfig
 from kvmesh.cachestore.shm import segments
@@ -28,8 +30,14 @@ from kvmesh.cachestore.tiers.base import Page, Tier, TierStats
 from kvmesh.cachestore.tiers.lru import LruIndex
 from kvmesh.cachestore.tiers.slots import ArenaCallback, Memory, PageSlots
 
-if TYPE_CHECKING:
-    import numpy as np
+
+class ReservedSlot(NamedTuple):
+    """A free slot handed to a writer (CpuTier.reserve_slots): `array` to fill ([nbytes]
+    uint8), `view` (read-only) to put under the page's key, `address` of its first byte."""
+
+    array: np.ndarray
+    view: memoryview
+    address: int
 
 
 def _cuda_available() -> bool:
@@ -80,8 +88,9 @@ class CpuTier(Tier):
         self._lru = LruIndex(capacity_bytes)
         self._pages: dict[bytes, bytes | memoryview] = {}
         self._addresses: dict[bytes, int] = {}  # where a slot page lies (its slot's address)
-        # slots handed out by reserve_slots, by address: a page put from one is kept in place
-        self._reserved: dict[int, np.ndarray] = {}
+        # slots handed out by reserve_slots, by id of their view: a page put as one is kept
+        # in place
+        self._reserved: dict[int, ReservedSlot] = {}
         self._stats = TierStats(name=self.name, capacity_bytes=capacity_bytes)
 
     def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
@@ -132,13 +141,12 @@ class CpuTier(Tier):
         keeps the slot taken), else into a pinned allocation of its own when pinned, else as
         bytes. Callers must never release() a page they got: the slot could be reused while
         the tier still lists it."""
+        if self._reserved:
+            with self._lock:  # (an id in the table is that view's: the table keeps it alive)
+                reserved = self._reserved.pop(id(blob), None)
+            if reserved is not None:
+                return reserved.view, reserved.address  # written in place
         src = memoryview(blob).cast("B")
-        if self._reserved and src.nbytes:
-            with self._lock:
-                slot = self._reserved.get(buffer_address(src)[0])
-                if slot is not None and slot.nbytes == src.nbytes:
-                    del self._reserved[int(slot.ctypes.data)]
-                    return slot.data.toreadonly(), int(slot.ctypes.data)  # written in place
         slot = self._slots.take(src.nbytes) if self._slots is not None and src.nbytes else None
         if slot is not None:
             slot[:] = src
@@ -152,25 +160,22 @@ class CpuTier(Tier):
         """The arenas pages lie in (None: pages are objects of their own)."""
         return self._slots
 
-    def reserve_slots(self, num_slots: int, nbytes: int) -> list[np.ndarray]:
+    def reserve_slots(self, num_slots: int, nbytes: int) -> list[ReservedSlot]:
         """Up to `num_slots` free slots of `nbytes` (fewer when memory runs out), for a writer
-        to fill in place: a page later put through put_many from a whole reserved slot is kept
-        there, not copied. The caller ends each reservation with `unreserve`."""
-        out: list[np.ndarray] = []
-        while self._slots is not None and nbytes and len(out) < num_slots:
-            slot = self._slots.take(nbytes)
-            if slot is None:
-                break
-            out.append(slot)
+        to fill in place: a page later put through put_many as a reserved slot's `view` is
+        kept there, not copied. The caller ends each reservation with `unreserve`."""
+        taken = (self._slots.take_many(num_slots, nbytes)
+                 if self._slots is not None and nbytes else [])
+        out = [ReservedSlot(array, array.data.toreadonly(), address) for array, address in taken]
         with self._lock:
-            self._reserved.update((int(slot.ctypes.data), slot) for slot in out)
+            self._reserved.update((id(slot.view), slot) for slot in out)
         return out
 
-    def unreserve(self, slots: Sequence[np.ndarray]) -> None:
+    def unreserve(self, slots: Sequence[ReservedSlot]) -> None:
         """End reservations: a slot not kept by a page goes back once the caller drops it."""
         with self._lock:
             for slot in slots:
-                self._reserved.pop(int(slot.ctypes.data), None)
+                self._reserved.pop(id(slot.view), None)
 
     def touch_many(self, keys: Sequence[bytes]) -> None:
         """Make these pages the most recently used, the last key most (no hit counted)."""
@@ -255,8 +260,9 @@ class CpuTier(Tier):
         """{shared arena file name: its size} of the arenas holding these keys' pages (no
         recency or hit counting)."""
         with self._lock:
-            pages = [self._pages[key] for key in keys if key in self._pages]
-        return {name: nbytes for place in self.locate_many(pages) if place is not None
+            held = [(key, self._pages[key]) for key in keys if key in self._pages]
+        places = self.locate_many([page for _, page in held], [key for key, _ in held])
+        return {name: nbytes for place in places if place is not None
                 for name, _, nbytes in [place]}
 
     def delete_many(self, keys: Sequence[bytes]) -> int:

@@ -131,19 +131,31 @@ class PageSlots:
 
     def take(self, nbytes: int) -> np.ndarray | None:
         """A writable array of `nbytes` in a free slot, or None."""
+        taken = self.take_many(1, nbytes)
+        return taken[0][0] if taken else None
+
+    def take_many(self, num_slots: int, nbytes: int) -> list[tuple[np.ndarray, int]]:
+        """Up to `num_slots` free slots of `nbytes` (fewer when the budget runs out), as
+        (writable array, its address), under one lock."""
+        picked: list[tuple[_Arena, int]] = []
         with self._lock:
-            arenas = self._by_size.get(nbytes, [])
-            arena = next((a for a in arenas if a.free), None)
-            if arena is None:
-                arena = self._new_arena(nbytes, len(arenas))
-            if arena is None:
-                arena = self._recut_idle(nbytes)
-            if arena is None:
-                return None
-            slot = heapq.heappop(arena.free)
-        view = arena.array[slot * nbytes : (slot + 1) * nbytes]
-        weakref.finalize(view, self._give_back, arena, slot).atexit = False
-        return view
+            while len(picked) < num_slots:
+                arenas = self._by_size.get(nbytes, [])
+                arena = next((a for a in arenas if a.free), None)
+                if arena is None:
+                    arena = self._new_arena(nbytes, len(arenas))
+                if arena is None:
+                    arena = self._recut_idle(nbytes)
+                if arena is None:
+                    break
+                while arena.free and len(picked) < num_slots:
+                    picked.append((arena, heapq.heappop(arena.free)))
+        out = []
+        for arena, slot in picked:
+            view = arena.array[slot * nbytes : (slot + 1) * nbytes]
+            weakref.finalize(view, self._give_back, arena, slot).atexit = False
+            out.append((view, arena.address + slot * nbytes))
+        return out
 
     def _new_arena(self, nbytes: int, num_arenas: int) -> _Arena | None:
         """A new arena cut to `nbytes` slots (twice the slots of the size's last one), within
