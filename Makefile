@@ -77,7 +77,7 @@ lock:
 #   PYTHONPATH=/tmp/site python3 -P -m pytest -m gpu tests/kernels tests/workers tests/cachestore
 DEVICE_PY = 3.12
 DEVICE_WHEELS = grpcio grpcio-health-checking grpcio-reflection protobuf xxhash redis hiredis \
-  gguf pytest pytest-timeout iniconfig pluggy
+  prometheus-client gguf pytest pytest-timeout iniconfig pluggy
 PLATFORMS = $(foreach n,17 27 28 34,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64
 device-wheels:
 	rm -rf $(ROOT)/.whl $(ROOT)/build && mkdir -p $(ROOT)/.whl

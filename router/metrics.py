@@ -1,153 +1,181 @@
-"""Prometheus text exposition for the router (vLLM-style names with a `kvmesh:` prefix).
+"""The router's Prometheus metrics through `prometheus_client` (vLLM's names, `kvmesh:` prefix).
 
-A small registry instead of a client library: counters, gauges and histograms with labels, all
-updated from the router's single asyncio loop."""
+One router process: each `RouterMetrics` owns a `CollectorRegistry`, so several routers built in
+one process (tests) never share or collide. Several router processes: set
+`PROMETHEUS_MULTIPROC_DIR` to an empty folder before they start (prometheus_client picks its
+value store when it is first imported); every process writes its values there and `render()`
+merges all of them. Each gauge says how processes combine (`multiprocess_mode`); a launcher that
+replaces a process calls `prometheus_client.multiprocess.mark_process_dead(pid)` so its `live*`
+gauges drop out.
+
+The wrappers keep the calls the router makes: `inc(amount, **labels)`, `set(value, **labels)`,
+`observe(value)`, and `get(**labels)` / `samples()` to read a value in this process."""
 
 from __future__ import annotations
 
-import bisect
+import os
 from collections.abc import Sequence
+from typing import Literal
 
+from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
+from prometheus_client import Counter as _Counter
+from prometheus_client import Gauge as _Gauge
+from prometheus_client import Histogram as _Histogram
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LabelKey = tuple[tuple[str, str], ...]
+MultiprocessMode = Literal["livesum", "mostrecent"]
 
 TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5)
 
-
-def _labels(labels: dict[str, str]) -> LabelKey:
-    return tuple(sorted((k, str(v)) for k, v in labels.items()))
-
-
-def _fmt_labels(key: LabelKey, extra: tuple[str, str] | None = None) -> str:
-    items = list(key) + ([extra] if extra else [])
-    if not items:
-        return ""
-    body = ",".join(f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-                    for k, v in items)
-    return "{" + body + "}"
+# `*_created` series (one gauge family per counter and histogram) are not part of the exported
+# set and would double every scrape; multiprocess mode never has them either.
+disable_created_metrics()
 
 
-class _Metric:
-    kind = "untyped"
-
-    def __init__(self, name: str, help_text: str) -> None:
-        self.name = name
-        self.help_text = help_text
-
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help_text}", f"# TYPE {self.name} {self.kind}"]
+def multiprocess_dir() -> str | None:
+    """The folder shared by the router's processes, or None in single-process mode."""
+    return os.environ.get(MULTIPROC_DIR_ENV) or None
 
 
-class Counter(_Metric):
-    kind = "counter"
+class _Labelled:
+    """A prometheus_client metric with its label names fixed at construction."""
 
-    def __init__(self, name: str, help_text: str) -> None:
-        super().__init__(name, help_text)
-        self.values: dict[LabelKey, float] = {}
+    def __init__(self, metric: _Counter | _Gauge | _Histogram, labelnames: Sequence[str]) -> None:
+        self._metric = metric
+        self._labelnames = tuple(labelnames)
 
-    def inc(self, amount: float = 1.0, **labels: str) -> None:
-        key = _labels(labels)
-        self.values[key] = self.values.get(key, 0.0) + amount
+    def _child(self, labels: dict[str, str]):
+        return self._metric.labels(**labels) if self._labelnames else self._metric
+
+    def samples(self) -> dict[LabelKey, float]:
+        """Value of each label set this process has recorded (counters: the `_total` sample)."""
+        name = self._metric._name
+        wanted = (name + "_total", name)
+        return {tuple(sorted(s.labels.items())): s.value
+                for family in self._metric.collect() for s in family.samples
+                if s.name in wanted}
 
     def get(self, **labels: str) -> float:
-        return self.values.get(_labels(labels), 0.0)
-
-    def render(self) -> list[str]:
-        return self.header() + [f"{self.name}{_fmt_labels(k)} {v}" for k, v in self.values.items()]
+        """This process's value of the series with exactly `labels`; 0 if never recorded."""
+        return self.samples().get(tuple(sorted((k, str(v)) for k, v in labels.items())), 0.0)
 
 
-class Gauge(Counter):
-    kind = "gauge"
+class Counter(_Labelled):
+    def __init__(self, name: str, help_text: str, labelnames: Sequence[str],
+                 registry: CollectorRegistry | None) -> None:
+        super().__init__(_Counter(name, help_text, labelnames, registry=registry), labelnames)
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        self._child(labels).inc(amount)
+
+
+class Gauge(_Labelled):
+    def __init__(self, name: str, help_text: str, labelnames: Sequence[str],
+                 registry: CollectorRegistry | None, mode: MultiprocessMode) -> None:
+        super().__init__(_Gauge(name, help_text, labelnames, registry=registry,
+                                multiprocess_mode=mode), labelnames)
 
     def set(self, value: float, **labels: str) -> None:
-        self.values[_labels(labels)] = float(value)
-
-    def clear(self) -> None:
-        self.values.clear()
+        self._child(labels).set(value)
 
 
-class Histogram(_Metric):
-    kind = "histogram"
-
-    def __init__(self, name: str, help_text: str, buckets: Sequence[float]) -> None:
-        super().__init__(name, help_text)
-        self.buckets = tuple(buckets)
-        self.counts = [0] * (len(self.buckets) + 1)  # last = +Inf only
-        self.total = 0.0
-        self.num = 0
+class Histogram(_Labelled):
+    def __init__(self, name: str, help_text: str, buckets: Sequence[float],
+                 registry: CollectorRegistry | None) -> None:
+        self._histogram = _Histogram(name, help_text, registry=registry, buckets=buckets)
+        super().__init__(self._histogram, ())
 
     def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.total += value
-        self.num += 1
-
-    def render(self) -> list[str]:
-        lines = self.header()
-        running = 0
-        for bound, count in zip(self.buckets, self.counts, strict=False):
-            running += count
-            lines.append(f'{self.name}_bucket{{le="{bound}"}} {running}')
-        lines.append(f'{self.name}_bucket{{le="+Inf"}} {self.num}')
-        lines.append(f"{self.name}_sum {self.total}")
-        lines.append(f"{self.name}_count {self.num}")
-        return lines
+        self._histogram.observe(value)
 
 
 class RouterMetrics:
-    """Every metric the router exports; names follow vLLM's (`vllm:` -> `kvmesh:`)."""
+    """Every metric the router exports; names follow vLLM's (`vllm:` -> `kvmesh:`).
+
+    Worker-reported gauges (from each worker's Stats poll) merge across router processes as the
+    most recent value; the router's own in-flight count as the sum over live processes."""
 
     def __init__(self) -> None:
+        self._multiprocess_dir = multiprocess_dir()
+        registry = None if self._multiprocess_dir else CollectorRegistry()
+        self.registry = registry
         p = "kvmesh:"
-        self.requests_running = Gauge(p + "num_requests_running", "Requests decoding, per worker")
-        self.requests_waiting = Gauge(p + "num_requests_waiting", "Requests queued, per worker")
-        self.router_inflight = Gauge(p + "router_requests_inflight", "Requests the router holds")
-        self.kv_usage = Gauge(p + "kv_cache_usage_perc", "KV pages in use (0-1), per worker")
-        self.prefix_queries = Counter(p + "prefix_cache_queries_total",
+
+        def counter(name: str, help_text: str, *labels: str) -> Counter:
+            return Counter(p + name, help_text, labels, registry)
+
+        def gauge(name: str, help_text: str, *labels: str,
+                  mode: MultiprocessMode = "mostrecent") -> Gauge:
+            return Gauge(p + name, help_text, labels, registry, mode)
+
+        def histogram(name: str, help_text: str, buckets: Sequence[float]) -> Histogram:
+            return Histogram(p + name, help_text, buckets, registry)
+
+        self.requests_running = gauge("num_requests_running", "Requests decoding, per worker",
+                                      "worker")
+        self.requests_waiting = gauge("num_requests_waiting", "Requests queued, per worker",
+                                      "worker")
+        self.router_inflight = gauge("router_requests_inflight", "Requests the router holds",
+                                     mode="livesum")
+        self.kv_usage = gauge("kv_cache_usage_perc", "KV pages in use (0-1), per worker",
+                              "worker")
+        self.prefix_queries = counter("prefix_cache_queries_total",
                                       "Prompt tokens looked up in prefix caches")
-        self.prefix_hits = Counter(p + "prefix_cache_hits_total",
-                                   "Prompt tokens served from a cache, by tier")
-        self.ttft = Histogram(p + "time_to_first_token_seconds", "Time to first token",
-                              TTFT_BUCKETS)
-        self.itl = Histogram(p + "inter_token_latency_seconds", "Time between output tokens",
+        self.prefix_hits = counter("prefix_cache_hits_total",
+                                   "Prompt tokens served from a cache, by tier", "tier")
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token", TTFT_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Time between output tokens",
                              ITL_BUCKETS)
-        self.e2e = Histogram(p + "e2e_request_latency_seconds", "Request latency", TTFT_BUCKETS)
-        self.decisions = Counter(p + "routing_decisions_total", "Routing decisions")
-        self.retries = Counter(p + "request_retries_total", "Requests moved to another worker")
-        self.migrations = Counter(p + "request_migrations_total",
+        self.e2e = histogram("e2e_request_latency_seconds", "Request latency", TTFT_BUCKETS)
+        self.decisions = counter("routing_decisions_total", "Routing decisions", "reason",
+                                 "worker")
+        self.retries = counter("request_retries_total", "Requests moved to another worker",
+                               "code")
+        self.migrations = counter("request_migrations_total",
                                   "Streams that went on on another worker after a worker failed "
                                   "mid-stream")
-        self.requests = Counter(p + "request_success_total", "Finished requests")
-        self.errors = Counter(p + "http_errors_total", "Error responses, by HTTP status")
-        self.client_disconnects = Counter(p + "client_disconnects_total",
+        self.requests = counter("request_success_total", "Finished requests", "finished_reason")
+        self.errors = counter("http_errors_total", "Error responses, by HTTP status", "status")
+        self.client_disconnects = counter("client_disconnects_total",
                                           "Requests whose client left before the response ended")
-        self.prompt_tokens = Counter(p + "prompt_tokens_total", "Prompt tokens")
-        self.generation_tokens = Counter(p + "generation_tokens_total", "Generated tokens")
-        self.worker_healthy = Gauge(p + "worker_healthy", "1 if the worker takes requests")
-        self.index_pages = Gauge(p + "index_pages", "Page keys in the router's prefix index")
-        self.index_worker_pages = Gauge(p + "index_worker_pages",
-                                        "Page keys the prefix index holds for each worker")
-        self.index_lag = Gauge(p + "index_lag_events",
-                               "KV events a worker emitted that the index has not applied")
-        self.store_lookup_errors = Counter(p + "store_lookup_errors_total",
-                                           "Store lookups that failed or came late (a miss)")
-        self.index_resyncs = Counter(p + "index_resyncs_total", "Event stream resyncs")
-        self.pd_requests = Counter(p + "pd_requests_total",
+        self.prompt_tokens = counter("prompt_tokens_total", "Prompt tokens")
+        self.generation_tokens = counter("generation_tokens_total", "Generated tokens")
+        self.worker_healthy = gauge("worker_healthy", "1 if the worker takes requests", "worker")
+        self.index_pages = gauge("index_pages", "Page keys in the router's prefix index")
+        self.index_worker_pages = gauge("index_worker_pages",
+                                        "Page keys the prefix index holds for each worker",
+                                        "worker")
+        self.index_lag = gauge("index_lag_events",
+                               "KV events a worker emitted that the index has not applied",
+                               "worker")
+        self.store_lookup_errors = counter("store_lookup_errors_total",
+                                           "Store lookups that failed or came late (a miss)",
+                                           "code")
+        self.index_resyncs = counter("index_resyncs_total", "Event stream resyncs", "worker")
+        self.pd_requests = counter("pd_requests_total",
                                    "Requests whose prefill was sent to a prefill worker")
-        self.pd_fallbacks = Counter(p + "pd_fallbacks_total",
-                                    "Disaggregated requests that ran colocated, by reason")
-        self.pd_transfer_bytes = Counter(p + "pd_transfer_bytes_total",
+        self.pd_fallbacks = counter("pd_fallbacks_total",
+                                    "Disaggregated requests that ran colocated, by reason",
+                                    "reason")
+        self.pd_transfer_bytes = counter("pd_transfer_bytes_total",
                                          "KV bytes decode workers loaded from the store for "
                                          "disaggregated requests")
-        self.pd_transfer_seconds = Histogram(
-            p + "pd_transfer_seconds", "From a disaggregated request's first token (prefill "
+        self.pd_transfer_seconds = histogram(
+            "pd_transfer_seconds", "From a disaggregated request's first token (prefill "
             "worker) to its second (decode worker): store writes, load, last page",
             TTFT_BUCKETS)
-        self.pd_handoff_wait = Histogram(
-            p + "pd_handoff_wait_seconds", "Time prefill workers waited for a prompt's pages "
+        self.pd_handoff_wait = histogram(
+            "pd_handoff_wait_seconds", "Time prefill workers waited for a prompt's pages "
             "to reach the store after its first token", TTFT_BUCKETS)
 
-    def render(self) -> str:
-        lines: list[str] = []
-        for metric in vars(self).values():
-            lines.extend(metric.render())
-        return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        """Prometheus text exposition: this router's registry, or every router process's values
+        merged from the multiprocess folder."""
+        if self.registry is not None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=self._multiprocess_dir)
+        return generate_latest(merged)

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 
+import prometheus_client
 from aiohttp import web
 
 from kvmesh.router.errors import (
@@ -234,8 +235,8 @@ async def metrics(request: web.Request) -> web.Response:
     router.metrics.index_pages.set(router.index.num_pages())
     for worker_id in router.index.worker_ids:
         router.metrics.index_worker_pages.set(router.index.num_pages(worker_id), worker=worker_id)
-    return web.Response(text=router.metrics.render(), content_type="text/plain",
-                        headers={"X-Content-Type": "version=0.0.4"})
+    return web.Response(body=router.metrics.render(),
+                        headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
 
 
 async def _close_tokenizer_pool(app: web.Application) -> None:

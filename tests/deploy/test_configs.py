@@ -82,7 +82,7 @@ def test_kuberay_manifest_raycluster_service_and_deploy_job():
 
 
 def _metric_families() -> set[str]:
-    return {line.split()[2] for line in RouterMetrics().render().splitlines()
+    return {line.split()[2] for line in RouterMetrics().render().decode().splitlines()
             if line.startswith("# TYPE ")}
 
 

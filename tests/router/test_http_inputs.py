@@ -132,7 +132,7 @@ def test_bad_body_gets_a_4xx_with_an_openai_error_body(raw, status, code, param,
     assert error["code"] == code and error["message"] and error["type"] == "invalid_request_error"
     assert error["param"] == param
     assert len(error["message"]) < 400  # a huge value is not echoed back
-    assert metrics.errors.values == {(("status", str(status)),): 1.0}
+    assert metrics.errors.samples() == {(("status", str(status)),): 1.0}
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
@@ -232,7 +232,7 @@ def test_slow_body_gets_408_and_slow_headers_are_cut():
     assert json.loads(slow_body.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
     assert 0.5 <= body_s < 2.0
     assert slow_head == b"" and 0.5 <= head_s < 2.0  # closed without an answer
-    assert metrics.errors.values == {(("status", "408"),): 1.0}
+    assert metrics.errors.samples() == {(("status", "408"),): 1.0}
 
 
 @pytest.mark.parametrize("handler_cancellation", [False, True])
@@ -255,7 +255,7 @@ def test_client_that_leaves_mid_body_is_a_disconnect_not_a_server_error(handler_
     with caplog.at_level(logging.INFO):
         metrics = asyncio.run(run())
     assert metrics.client_disconnects.get() == 1.0
-    assert metrics.errors.values == {}
+    assert metrics.errors.samples() == {}
     disconnects = [r for r in caplog.records if "client disconnected" in r.getMessage()]
     assert [r.levelno for r in disconnects] == [logging.INFO]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -317,5 +317,5 @@ def test_client_that_leaves_mid_stream_is_a_disconnect_and_cancels_the_worker(ca
 
     with caplog.at_level(logging.INFO):
         metrics = asyncio.run(run())
-    assert metrics.client_disconnects.get() == 1.0 and metrics.errors.values == {}
+    assert metrics.client_disconnects.get() == 1.0 and metrics.errors.samples() == {}
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -94,7 +94,7 @@ async def run_case(first: str, body: dict) -> tuple[int, dict, str, list[Scripte
             await server.stop(None)
     worker = {addresses[0]: "first", addresses[1]: "ok", "": ""}[headers.get(WORKER_HEADER, "")]
     first_handle = pool.workers[addresses[0]]
-    return status, {"worker": worker, "retries": metrics.retries.values}, text, servicers, {
+    return status, {"worker": worker, "retries": metrics.retries.samples()}, text, servicers, {
         "first_available": first_handle.is_healthy, "first_failures": first_handle.num_failures}
 
 

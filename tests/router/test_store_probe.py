@@ -35,7 +35,7 @@ def test_probe_counts_the_tenants_stored_prefix(tmp_path):
                          await probe.num_pages(NS, [7] + tokens)]
             finally:
                 await probe.close()
-            return found, metrics.store_lookup_errors.values
+            return found, metrics.store_lookup_errors.samples()
 
         # a loaded CI machine may answer the first lookup late (a counted miss): retry once
         found, errors = asyncio.run(body())
@@ -52,7 +52,7 @@ def test_probe_of_a_missing_store_is_a_miss():
         probe = StoreProbe(f"127.0.0.1:{closed_port()}", "", metrics)
         pages = await probe.num_pages(NS, list(range(40)))
         await probe.close()
-        return pages, metrics.store_lookup_errors.values
+        return pages, metrics.store_lookup_errors.samples()
 
     pages, errors = asyncio.run(body())
     assert pages == 0
