@@ -4,14 +4,17 @@
   head_dim] bf16 (the store encodes and checks pages; one permute-copy each way);
 - raw pages, no shared memory: `put_encoded_pages` / `get_pages_leased` over gRPC frames
   (these four clients say data_plane="grpc": "auto" would take the NIXL plane);
-- same-host shared memory: the same put, then `get_pages_leased` into this client's segment
-  (the server checks and copies), or `mapped=True` (views into the server's arenas; this
-  client checks every page header and xxh3 checksum, as the contract asks, and then
+- same-host shared memory: `put_encoded_pages` copying each page once into slots of the
+  server's shared arenas (ReservePages(shared_memory) + copy + CommitPages, every page checked
+  by the server before it is visible), then `get_pages_leased` into this client's segment (the
+  server checks and copies), or `mapped=True` (views into the server's arenas; this client
+  checks every page header and xxh3 checksum, as the contract asks, and then
   `lease.is_valid()`);
-- the NIXL data plane, where StoreClient offers one (`data_plane`), else n/a.
+- the NIXL data plane, where StoreClient offers one (`data_plane`), else n/a; shared memory
+  off, so its puts are NIXL WRITEs too (on this host they would take the arenas' path).
 Pages are encoded once, before timing (a worker encodes as it offloads); GB/s counts payload
-bytes, the same bytes every peer moves. Puts of the shm and mapped peers are the raw put, not
-paths of their own (`put_is_own_path`): puts have no shared-memory path.
+bytes, the same bytes every peer moves. The mapped peer's put is the shm peer's path, not one
+of its own (`put_is_own_path`).
 """
 
 from __future__ import annotations
@@ -142,12 +145,13 @@ class MappedPeer(KvmeshPeer):
 
 
 def data_plane_client(target: str) -> StoreClient | str:
-    """A StoreClient on the NIXL data plane, or why there is none."""
+    """A StoreClient on the NIXL data plane for gets and puts (shared memory off), or why there
+    is none."""
     has_arg = "data_plane" in inspect.signature(StoreClient.__init__).parameters
     if not has_arg and not hasattr(StoreClient, "data_plane"):
         return "StoreClient has no data_plane (kvmesh at HEAD)"
     try:
-        return StoreClient(target, data_plane="nixl")  # type: ignore[call-arg]
+        return StoreClient(target, data_plane="nixl", shared_memory=False)  # type: ignore[call-arg]
     except Exception as exc:  # the colleague's API may differ: report, do not fail the run
         return f"StoreClient(data_plane='nixl') failed: {type(exc).__name__}: {exc}"
 
@@ -167,9 +171,11 @@ def kvmesh_peers(target: str, server_pid: int) -> tuple[list[KvmeshPeer], list[s
         "kvmesh raw pages, no shm", frames_client(target, shared_memory=False), pages, server_pid
     )
     shm = KvmeshPeer(
-        "kvmesh get_pages_leased, shm segment", frames_client(target, True), pages, server_pid
+        "kvmesh shm: put into arena slots, get_pages_leased segment",
+        frames_client(target, True),
+        pages,
+        server_pid,
     )
-    shm.put_is_own_path = False
     peers = [
         TensorPeer(frames_client(target, shared_memory=False), pages, server_pid),
         raw,
