@@ -31,8 +31,8 @@ from engine_bench_tables import print_tables
 from kvmesh.workers.config import WorkerConfig
 from kvmesh.workers.engine.engine import Engine
 from kvmesh.workers.engine.sampling_params import SamplingParams
-from kvmesh.workers.models.llama import LlamaConfig
 from kvmesh.workers.models.loader import LoadedModel
+from kvmesh.workers.models.registry import config_from_hf
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -70,7 +70,7 @@ def build(name: str, device: str, dtype: torch.dtype, max_len: int):
             hf = LlamaForCausalLM(cfg).to(dtype).eval()
     finally:
         torch.set_default_dtype(default)
-    loaded = LoadedModel(f"random-llama-{name}", LlamaConfig.from_hf(hf.config), hf.state_dict(),
+    loaded = LoadedModel(f"random-llama-{name}", config_from_hf(hf.config), hf.state_dict(),
                          None, f"random-{name}-seed0", "none", Path("."))
     return hf, loaded
 

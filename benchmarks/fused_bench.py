@@ -3,7 +3,7 @@
     python3 benchmarks/fused_bench.py [--out DIR]   # CUDA: Llama-3.2-1B and Llama-3-8B shapes, bf16
     python3 benchmarks/fused_bench.py --smoke       # tiny shapes, also on CPU (Triton interpreter)
 
-The torch chains are the ops of workers/models/llama.py before fusion: RMSNorm's forward (with
+The torch chains are the ops of workers/models/layers.py before fusion: RMSNorm's forward (with
 the residual add as a separate op), q * cos + rotate_half(q) * sin for q and k (cos/sin rows
 gathered once per forward, so not timed), F.silu(gate) * up. "eager" columns are
 triton.testing.do_bench medians (L2 flushed, launch overhead included); "graph" columns are

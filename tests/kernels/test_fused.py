@@ -14,7 +14,7 @@ from kvmesh.kernels import (
     silu_and_mul,
     silu_and_mul_ref,
 )
-from kvmesh.workers.models.llama import RMSNorm
+from kvmesh.workers.models.layers import RMSNorm
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # per-dtype (atol, rtol): kernel vs reference and vs fp64; the outputs are rounded to dtype once

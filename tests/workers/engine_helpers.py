@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
+
 from kvmesh.workers.engine.outputs import RequestOutput
 from kvmesh.workers.engine.sampling_params import SamplingParams
 
@@ -49,3 +54,34 @@ def serve_loaded(config, loaded):
 
     handle = serve_worker(config, "127.0.0.1", 0, load_timeout=300, engine_factory=factory)
     return handle, engines[0]
+
+
+_STORE_WRITER = textwrap.dedent("""
+    import json, sys, torch
+    torch.set_num_threads(1)
+    from kvmesh.workers.config import WorkerConfig
+    from kvmesh.workers.engine.engine import Engine
+    from kvmesh.workers.engine.sampling_params import SamplingParams
+    target, jobs, fields = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    results = []
+    for job in jobs:
+        engine = Engine(WorkerConfig(model=job["model"], store=target, **fields))
+        out = engine.generate([job["prompt"]], SamplingParams(temperature=0.0, max_tokens=4,
+                                                              ignore_eos=True))[0]
+        engine.offload.flush()
+        stored = [k.hex() for e in engine.pop_kv_events() if e.tier == "store" for k in e.keys]
+        engine.close()
+        results.append({"tokens": out, "stored": stored})
+    print(json.dumps(results))
+""")
+
+
+def write_through_store(target: str, jobs: list[tuple[str, list[int]]], **fields) -> list[dict]:
+    """Another worker process writes pages to the store at `target`: for each (model, prompt)
+    job an engine (WorkerConfig(model, store=target, **fields)) generates 4 greedy tokens and
+    flushes its store writes. Returns per job {"tokens": [...], "stored": [key hex, ...]}."""
+    payload = json.dumps([{"model": model, "prompt": prompt} for model, prompt in jobs])
+    proc = subprocess.run([sys.executable, "-P", "-c", _STORE_WRITER, target, payload,
+                           json.dumps(fields)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

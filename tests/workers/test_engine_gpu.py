@@ -7,7 +7,7 @@ import ctypes
 
 import pytest
 import torch
-from tiny_llama import (
+from tiny_models import (
     NEW,
     PROMPTS,
     WINDOW_NEW,

@@ -4,45 +4,25 @@ output still matches transformers. A store that is down is a miss, not a failed 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
-import textwrap
 import time
 
-from engine_helpers import LONG, final, run, tokens_of
+from engine_helpers import LONG, final, run, tokens_of, write_through_store
 
 from kvmesh.cachestore.config import StoreConfig
 from kvmesh.cachestore.rpc.server import StoreServer
 from kvmesh.workers.engine.sampling_params import SamplingParams
 
 N = 16
-WRITER = textwrap.dedent("""
-    import json, sys, torch
-    torch.set_num_threads(1)
-    from kvmesh.workers.config import WorkerConfig
-    from kvmesh.workers.engine.engine import Engine
-    from kvmesh.workers.engine.sampling_params import SamplingParams
-    target, prompt = sys.argv[1], json.loads(sys.argv[2])
-    engine = Engine(WorkerConfig(store=target, max_model_len=512, kv_cache_bytes=64 << 20))
-    out = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4,
-                                                   ignore_eos=True))[0]
-    engine.offload.flush()
-    stored = [k.hex() for e in engine.pop_kv_events() if e.tier == "store" for k in e.keys]
-    engine.close()
-    print(json.dumps({"tokens": out, "stored": stored}))
-""")
 
 
 def test_prefix_written_by_another_worker_process_is_loaded_from_the_store(
         store_server, make_engine, encode, hf_greedy):
     prompt = encode(LONG)
-    proc = subprocess.run([sys.executable, "-P", "-c", WRITER, store_server.target,
-                           json.dumps(prompt)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    written = json.loads(proc.stdout.strip().splitlines()[-1])
+    (written,) = write_through_store(store_server.target, [("smollm2", prompt)],
+                                     max_model_len=512, kv_cache_bytes=64 << 20)
     engine = make_engine(store=store_server.target)
     computed = len(prompt) + 4 - 1
     keys = engine.namespace().page_keys(prompt)

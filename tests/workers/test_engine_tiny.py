@@ -1,6 +1,9 @@
-"""A tiny random Llama against transformers' generate on the same weights: llama3 RoPE, GQA,
-untied head; once through the torch reference attention, once through the Triton kernels (the
-CUDA path's ops) under TRITON_INTERPRET=1 in a subprocess."""
+"""A tiny random model of each family against transformers' generate on the same weights
+(Llama: llama3 RoPE, GQA, untied head; Qwen2 with q/k/v bias, tied and untied; Qwen3 with q/k
+norm and an explicit head_dim; Mistral without a window): through the torch reference
+attention, in continued multi-step windows, and through the Triton kernels (the CUDA path's
+ops: skinny matmuls, fused norms, RoPE fused into the cache write) under TRITON_INTERPRET=1 in
+one subprocess for every family."""
 
 from __future__ import annotations
 
@@ -9,8 +12,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
-from tiny_llama import (
+from tiny_models import (
+    FAMILIES,
     HF_CONFIG,
     NEW,
     PROMPTS,
@@ -22,7 +27,8 @@ from tiny_llama import (
     windowed_greedy,
 )
 
-from kvmesh.workers.models.llama import LlamaConfig, rope_inv_freq
+from kvmesh.workers.models.registry import config_from_hf
+from kvmesh.workers.models.rotary import rope_inv_freq
 
 
 def test_llama3_rope_frequencies_match_transformers():
@@ -31,20 +37,23 @@ def test_llama3_rope_frequencies_match_transformers():
 
     hf_config = HFConfig(**HF_CONFIG)
     expected, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config, "cpu")
-    got = rope_inv_freq(LlamaConfig.from_hf(hf_config))
+    got = rope_inv_freq(config_from_hf(hf_config))
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-def test_torch_backend_matches_transformers():
-    hf, loaded = build()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_torch_backend_matches_transformers(family):
+    hf, loaded = build(family)
+    assert loaded.config.family == family.removesuffix("-tied")
     assert engine_greedy(loaded, "torch") == [hf_greedy(hf, p, NEW) for p in PROMPTS]
 
 
-def test_continued_windows_match_transformers_at_every_page_offset():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_continued_windows_match_transformers_at_every_page_offset(family):
     """Windows of 3-5 steps over 4-token pages, each queued before the last step of the one
     before is read: a page reserved one token short, or a first slot not recomputed from the
     grown table, changes tokens here; nothing schedules while a window is queued."""
-    hf, loaded = build()
+    hf, loaded = build(family)
     expected = [hf_greedy(hf, p, WINDOW_NEW) for p in WINDOW_PROMPTS]
     for decode_steps in (3, 4, 5):
         tokens, continued, early_schedules, _ = windowed_greedy(loaded, decode_steps)
@@ -53,10 +62,12 @@ def test_continued_windows_match_transformers_at_every_page_offset():
 
 
 def test_triton_kernels_match_transformers_under_the_interpreter():
-    script = os.path.join(os.path.dirname(__file__), "tiny_llama.py")
+    script = os.path.join(os.path.dirname(__file__), "tiny_models.py")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-P", script, "triton"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-P", script], capture_output=True, text=True,
                           timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["engine"] == result["hf"]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(results) == set(FAMILIES)
+    for family, result in results.items():
+        assert result["engine"] == result["hf"], family

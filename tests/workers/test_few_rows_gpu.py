@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_llama import build
+from tiny_models import build
 
 from kvmesh.kernels.fused import rms_norm, silu_and_mul
 from kvmesh.kernels.rotary import rotary
-from kvmesh.workers.models.llama import AttentionMetadata, FusedOps, LlamaForCausalLM
+from kvmesh.workers.models.llama import LlamaForCausalLM
+from kvmesh.workers.models.ops import AttentionMetadata, FusedOps
 from kvmesh.workers.runner.kernel_ops import attention_ops, few_row_ops
 
 pytestmark = pytest.mark.gpu

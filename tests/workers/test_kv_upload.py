@@ -198,7 +198,7 @@ def test_host_copy_slots_hand_out_consecutive_rows_and_take_them_back():
 @pytest.fixture(scope="module")
 def tiny_runner():
     """A real ModelRunner of the tiny random Llama on CPU (8 KiB pages), its pool randomized."""
-    from tiny_llama import build
+    from tiny_models import build
 
     from kvmesh.workers.config import WorkerConfig
     from kvmesh.workers.runner.model_runner import ModelRunner

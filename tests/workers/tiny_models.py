@@ -1,10 +1,12 @@
-"""A tiny random Llama (GQA, llama3 RoPE scaling, untied head) and greedy references from
-transformers on the same weights. Run as a script (`python tiny_llama.py BACKEND`) it prints the
-engine's and transformers' tokens as JSON: the Triton test runs it with TRITON_INTERPRET=1."""
+"""Tiny random models of every supported family (several layers, GQA, odd sizes), made with
+transformers, and greedy references from transformers' `generate` on the same weights. Run as
+a script (`python tiny_models.py [FAMILY...]`) it prints each family's engine (Triton kernels)
+and transformers tokens as JSON: the Triton test runs it with TRITON_INTERPRET=1."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,53 +15,111 @@ import torch
 from kvmesh.workers.config import WorkerConfig
 from kvmesh.workers.engine.engine import Engine
 from kvmesh.workers.engine.sampling_params import SamplingParams
-from kvmesh.workers.models.llama import LlamaConfig
 from kvmesh.workers.models.loader import LoadedModel
+from kvmesh.workers.models.registry import config_from_hf
 
-HF_CONFIG = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+VOCAB = 211
+_COMMON = dict(vocab_size=VOCAB, max_position_embeddings=256, rms_norm_eps=1e-5,
+               tie_word_embeddings=False)
+HF_CONFIG = dict(_COMMON, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                 max_position_embeddings=256, tie_word_embeddings=False, rms_norm_eps=1e-5,
                  rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                   "original_max_position_embeddings": 16})
-PROMPTS = [[(7 * i + 3) % 211 for i in range(n)] for n in (5, 37, 70)]
+_QWEN2 = dict(_COMMON, hidden_size=80, intermediate_size=72, num_hidden_layers=3,
+              num_attention_heads=5, num_key_value_heads=1,
+              rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+# family -> (transformers architecture, its config kwargs)
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaForCausalLM", HF_CONFIG),  # llama3 RoPE scaling, untied head
+    "qwen2": ("Qwen2ForCausalLM", _QWEN2),  # q/k/v bias, 5 heads over 1 KV head
+    "qwen2-tied": ("Qwen2ForCausalLM", dict(_QWEN2, tie_word_embeddings=True)),
+    # head_dim 32, not hidden / heads (8); per-head q/k norm
+    "qwen3": ("Qwen3ForCausalLM", dict(_COMMON, hidden_size=48, intermediate_size=80,
+                                       num_hidden_layers=3, num_attention_heads=6,
+                                       num_key_value_heads=2, head_dim=32)),
+    "mistral": ("MistralForCausalLM", dict(_COMMON, hidden_size=64, intermediate_size=100,
+                                           num_hidden_layers=3, num_attention_heads=4,
+                                           num_key_value_heads=2, sliding_window=None,
+                                           rope_parameters={"rope_type": "default",
+                                                            "rope_theta": 1e6})),
+}
+NEW_FAMILIES = ["qwen2", "qwen2-tied", "qwen3", "mistral"]
+PROMPTS = [[(7 * i + 3) % VOCAB for i in range(n)] for n in (5, 37, 70)]
 NEW = 20
 
 
-def build():
-    """(transformers model, LoadedModel sharing its weights)."""
-    from transformers import LlamaConfig as HFConfig
-    from transformers import LlamaForCausalLM
+def hf_model(family: str = "llama", **overrides):
+    """A random transformers model of `family` in fp32: its matrices scaled up (sharper logits,
+    no argmax near-ties), its norm weights and biases random too (so loading them matters)."""
+    import transformers
 
+    arch, kwargs = FAMILIES[family]
+    model_cls = getattr(transformers, arch)
     torch.manual_seed(0)
-    hf = LlamaForCausalLM(HFConfig(**HF_CONFIG)).float().eval()
-    with torch.no_grad():  # larger weights than the init: sharper logits, no argmax near-ties
-        for p in hf.parameters():
+    hf = model_cls(model_cls.config_class(**{**kwargs, **overrides})).float().eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
             if p.dim() > 1:
                 p.mul_(4.0)
-    loaded = LoadedModel("tiny", LlamaConfig.from_hf(hf.config), hf.state_dict(), None,
-                         "tiny-seed0", "none", Path("."))
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            else:
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+    return hf
+
+
+def build(family: str = "llama", **overrides):
+    """(transformers model, LoadedModel sharing its weights)."""
+    hf = hf_model(family, **overrides)
+    loaded = LoadedModel(f"tiny-{family}", config_from_hf(hf.config), hf.state_dict(), None,
+                         f"tiny-{family}-seed0", "none", Path("."))
     return hf, loaded
 
 
+def save_folder(hf, folder: Path, tokenizer_folder: Path | None = None) -> Path:
+    """`hf` saved as a Hugging Face folder (safetensors), with the tokenizer files of
+    tokenizer_folder if given."""
+    hf.save_pretrained(folder)
+    if tokenizer_folder is not None:
+        for path in tokenizer_folder.iterdir():
+            if path.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+                shutil.copy(path, folder / path.name)
+    return folder
+
+
 def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens, EOS neither stopping nor suppressed (as the engine's ignore_eos; a
+    min_new_tokens would mask EOS out of the argmax)."""
     ids = torch.tensor([prompt], device=hf.device)
     out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                      max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+                      max_new_tokens=n, eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt) :].tolist()
 
 
-def engine_greedy(loaded: LoadedModel, backend: str) -> list[list[int]]:
+def engine_greedy(loaded: LoadedModel, backend: str, prompts: list[list[int]] = PROMPTS,
+                  new: int = NEW) -> list[list[int]]:
     config = WorkerConfig(model="tiny", kv_cache_bytes=1 << 20, max_num_batched_tokens=24,
                           attention_backend=backend, page_size=8)
     engine = Engine(config, loaded=loaded)
-    return engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=NEW,
+    return engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=new,
                                                    ignore_eos=True))
+
+
+def triton_run(family: str) -> dict[str, list[list[int]]]:
+    """The engine's tokens through the Triton kernels (backend "triton") and transformers':
+    Llama's full PROMPTS; the other families (under the interpreter, ~4x slower a token) two
+    prompts (a prefill in two chunks, batched decodes) and 8 tokens."""
+    hf, loaded = build(family)
+    prompts, new = (PROMPTS, NEW) if family == "llama" else (PROMPTS[:2], 8)
+    return {"engine": engine_greedy(loaded, "triton", prompts, new),
+            "hf": [hf_greedy(hf, p, new) for p in prompts]}
 
 
 # five prompts of 5-9 tokens over 4-token pages: windows of 3, 4 or 5 steps end at every offset
 # within a page, some of them on a page's last slot
-WINDOW_PROMPTS = [[(7 * i + 3 + j) % 211 for i in range(n)] for j, n in enumerate(range(5, 10))]
+WINDOW_PROMPTS = [[(7 * i + 3 + j) % VOCAB for i in range(n)] for j, n in enumerate(range(5, 10))]
 WINDOW_NEW = 25
 
 
@@ -94,6 +154,4 @@ def windowed_greedy(loaded: LoadedModel, decode_steps: int, device: str = "cpu",
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    hf_model, tiny = build()
-    print(json.dumps({"engine": engine_greedy(tiny, sys.argv[1]),
-                      "hf": [hf_greedy(hf_model, p, NEW) for p in PROMPTS]}))
+    print(json.dumps({name: triton_run(name) for name in sys.argv[1:] or FAMILIES}))

@@ -73,10 +73,12 @@ class Engine(Completions, EngineReports):
         self.scheduler.continue_windows = has_graphs
         # a window of decode steps queued on the device by the last step, not read yet
         self.queued_window: tuple[ScheduledBatch, StepTokens] | None = None
+        # the weights' fingerprint field carries the model fingerprint: weights and the
+        # config's KV identity (architecture, shapes, RoPE, ...), so two models never mix pages
         self._base_namespace = Namespace(
             model=self.model_name, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
             head_dim=cfg.head_dim, dtype=config.torch_dtype_name, page_size=self.page_size,
-            weights_fingerprint=loaded.weights_fingerprint,
+            weights_fingerprint=loaded.model_fingerprint,
             tokenizer_fingerprint=loaded.tokenizer_fingerprint)
         self.tenant_namespaces = SaltedNamespaces(MAX_TENANT_NAMESPACES)
         super().__init__()

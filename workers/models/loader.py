@@ -1,4 +1,5 @@
-"""Weights and tokenizer of a Llama-family model, from a Hugging Face folder or a GGUF file.
+"""Weights and tokenizer of a model of a supported family (registry.py), from a Hugging Face
+folder or a GGUF file.
 
 A GGUF file is de-quantized once by transformers and the result is cached as a Hugging Face
 folder (config.json, model.safetensors, tokenizer files) under $KVMESH_CACHE_DIR (default
@@ -21,7 +22,8 @@ import torch
 import xxhash
 
 from kvmesh.workers.errors import ModelLoadError
-from kvmesh.workers.models.llama import LlamaConfig
+from kvmesh.workers.models.config import ModelConfig
+from kvmesh.workers.models.registry import config_from_hf
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HASH_CHUNK = 1 << 24
@@ -30,12 +32,20 @@ _HASH_CHUNK = 1 << 24
 @dataclass
 class LoadedModel:
     model_id: str  # a stable, human-readable name ("SmolLM2-135M-Instruct.Q4_1")
-    config: LlamaConfig
-    state_dict: dict[str, torch.Tensor]  # transformers LlamaForCausalLM names
+    config: ModelConfig
+    state_dict: dict[str, torch.Tensor]  # transformers' names (e.g. Qwen2ForCausalLM's)
     tokenizer: Any  # transformers tokenizer
     weights_fingerprint: str
     tokenizer_fingerprint: str
     folder: Path  # a Hugging Face folder holding these exact weights
+
+    @property
+    def model_fingerprint(self) -> str:
+        """The weights' fingerprint and the config's KV identity (family, shapes, RoPE, norms,
+        sliding window: `ModelConfig.kv_identity`) together: two models that differ in either
+        never share a KV namespace, even where their weights fingerprints agree (a config.json
+        edited beside the same safetensors, or weights named alike)."""
+        return f"{self.weights_fingerprint}+{self.config.family}-{self.config.fingerprint}"
 
 
 def cache_root() -> Path:
@@ -140,12 +150,14 @@ def load_model(model: str) -> LoadedModel:
     from transformers import AutoConfig, AutoTokenizer
 
     folder, model_id, fingerprint = hf_folder_for(model)
-    hf_config = AutoConfig.from_pretrained(folder)
-    if getattr(hf_config, "model_type", None) not in ("llama", "mistral"):
-        raise ModelLoadError(f"unsupported architecture {hf_config.model_type!r}: Llama only")
+    try:
+        hf_config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as exc:  # no or bad config.json, unknown model_type
+        raise ModelLoadError(f"cannot read the model config in {folder}: {exc}") from exc
+    config = config_from_hf(hf_config)  # refuses what no family implements
     state: dict[str, torch.Tensor] = {}
     for path in sorted(folder.glob("*.safetensors")):
         state.update(load_file(path))
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    return LoadedModel(model_id, LlamaConfig.from_hf(hf_config), state, tokenizer, fingerprint,
+    return LoadedModel(model_id, config, state, tokenizer, fingerprint,
                        tokenizer_fingerprint(tokenizer), folder)

@@ -20,12 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kvmesh.workers.models.llama import (
-    AttentionMetadata,
-    AttentionOps,
-    LayerState,
-    LlamaForCausalLM,
-)
+from kvmesh.workers.models.causal_lm import CausalLM, LayerState
+from kvmesh.workers.models.ops import AttentionMetadata, AttentionOps
 from kvmesh.workers.runner.kv_pool import LayerRunLoads
 from kvmesh.workers.runner.pool_copies import layer_runs
 
@@ -96,7 +92,7 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: LlamaForCausalLM, kv_pool: torch.Tensor, max_num_seqs: int,
+    def __init__(self, model: CausalLM, kv_pool: torch.Tensor, max_num_seqs: int,
                  max_pages_per_seq: int, scratch_page: int, max_model_len: int) -> None:
         from kvmesh.kernels.argmax import argmax_rows
         from kvmesh.kernels.paged_decode import DecodeWorkspace, num_kv_splits

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from kvmesh.kernels import reference
-from kvmesh.workers.models.llama import AttentionOps, FewRowOps
+from kvmesh.workers.models.ops import AttentionOps, FewRowOps
 
 
 def attention_ops(device: torch.device, backend: str = "auto") -> AttentionOps:

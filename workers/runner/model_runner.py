@@ -16,8 +16,9 @@ from kvmesh.kernels import reference
 from kvmesh.workers.config import WorkerConfig
 from kvmesh.workers.engine.scheduler import ScheduledBatch
 from kvmesh.workers.errors import InvalidConfig
-from kvmesh.workers.models.llama import AttentionMetadata, FusedOps, LlamaForCausalLM
 from kvmesh.workers.models.loader import LoadedModel
+from kvmesh.workers.models.ops import AttentionMetadata, FusedOps
+from kvmesh.workers.models.registry import model_class
 from kvmesh.workers.runner.cuda_graphs import (
     DecodeGraphs,
     StepTokens,
@@ -53,7 +54,7 @@ class ModelRunner:
         self.max_pages_per_seq = -(-max_model_len // self.page_size)
         cfg = loaded.config
         with torch.device("meta"):
-            self.model = LlamaForCausalLM(cfg, max_positions=max_model_len)
+            self.model = model_class(cfg)(cfg, max_positions=max_model_len)
         self.model.load_weights(loaded.state_dict, self.device, self.dtype)
         self.model.eval()
         self.model.ops = attention_ops(self.device, config.attention_backend)
