@@ -11,11 +11,11 @@ import shutil
 import pytest
 import torch
 import transformers
-from tiny_models import FAMILIES, hf_model, save_folder
+from tiny_models import FAMILIES, build, hf_model, save_folder
 
 from kvmesh.workers.config import WorkerConfig
 from kvmesh.workers.engine.engine import Engine
-from kvmesh.workers.errors import ModelLoadError
+from kvmesh.workers.errors import InvalidConfig, ModelLoadError
 from kvmesh.workers.models.llama import LlamaForCausalLM
 from kvmesh.workers.models.loader import load_model
 from kvmesh.workers.models.mistral import MistralForCausalLM
@@ -161,3 +161,10 @@ def test_models_differing_only_in_config_never_share_a_namespace(tmp_path):
     prompt = list(range(40))
     assert len({ns.page_keys(prompt)[0] for ns in namespaces}) == 3
     assert namespace(load_model(str(original))) == namespaces[0]
+
+
+def test_a_head_dim_the_triton_kernels_cannot_take_fails_when_the_worker_starts():
+    _, loaded = build("qwen3", head_dim=24)
+    with pytest.raises(InvalidConfig, match="power of two >= 16; this model's is 24"):
+        Engine(WorkerConfig(model="tiny", kv_cache_bytes=1 << 20, attention_backend="triton"),
+               loaded=loaded)

@@ -64,6 +64,10 @@ class ModelRunner:
         self._decode_batch: ScheduledBatch | None = None
         self._eager_inputs: tuple | None = None
         if self.model.ops.paged_decode is not reference.paged_decode_ref:
+            if cfg.head_dim < 16 or cfg.head_dim & (cfg.head_dim - 1):  # fail now, not per step
+                raise InvalidConfig(f"the Triton attention kernels take a head_dim that is a "
+                                    f"power of two >= 16; this model's is {cfg.head_dim} "
+                                    "(attention_backend torch runs it)")
             from kvmesh.kernels.fused import rms_norm, silu_and_mul
             from kvmesh.kernels.paged_decode import num_kv_splits
             from kvmesh.kernels.rotary import rotary
