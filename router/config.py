@@ -34,6 +34,10 @@ class RouterConfig:
     decode_workers: tuple[str, ...] = ()
     pd_min_tokens: int = 512
     pd_prefill_timeout_s: float = 60.0  # then the request runs colocated
+    # "store": the decode worker loads the pages the prefill worker wrote through to the store;
+    # "push": the prefill worker sends them to the decode worker's host tier (which it needs),
+    # through the store if that fails (benchmarks/pd_bench.py measures both)
+    pd_transfer: str = "store"
     host: str = "127.0.0.1"
     port: int = 8000  # 0 picks a free port
     store: str = ""  # shared KV store address; empty = no store lookups
@@ -100,6 +104,8 @@ class RouterConfig:
                      "max_body_bytes", "num_tokenizer_threads"):
             if getattr(self, name) < 1:
                 raise InvalidConfig(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.pd_transfer not in ("store", "push"):
+            raise InvalidConfig(f"pd_transfer must be store or push, got {self.pd_transfer!r}")
         if self.pd_min_tokens < 1:
             raise InvalidConfig(f"pd_min_tokens must be >= 1, got {self.pd_min_tokens}")
         for name in ("predicted_ttl_s", "health_interval_s", "circuit_cooldown_s",
@@ -158,6 +164,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         dest="pd_prefill_timeout_s",
                         help="seconds a prefill worker may take before the request runs "
                              "colocated (default 60)")
+    parser.add_argument("--pd-transfer", choices=("store", "push"), default=None,
+                        help="how a prefill worker hands a prompt's KV over: through the store "
+                             "(default) or pushed into the decode worker's host tier (decode "
+                             "workers need --host-tier-bytes)")
     parser.add_argument("--store", default=None, help="shared KV store address HOST:PORT")
     parser.add_argument("--host", default=None, help="listen host (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="listen port (default 8000, 0=any)")
@@ -209,6 +219,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str], object]]] = {
     "max_attempts": ("max_attempts", int),
     "pd_min_tokens": ("pd_min_tokens", int),
     "pd_prefill_timeout_s": ("pd_prefill_timeout_s", float),
+    "pd_transfer": ("pd_transfer", str),
     "max_prompt_chars": ("max_prompt_chars", int),
     "max_body_bytes": ("max_body_bytes", int),
     "read_timeout_s": ("read_timeout_s", float),

@@ -6,7 +6,8 @@ its KV to the decode worker through the store.
    them), the prefill goes elsewhere.
 2. `PrefillPhase`: a prefill worker (least cost among prefill workers, cache-aware) gets the
    request with `prefill_only`: it answers with the first token at once, which goes to the
-   client, and finishes once every full page of the prompt is in the store (`pages_handed_off`).
+   client, and finishes once every full page of the prompt is in the store (`pages_handed_off`)
+   or, with `pd_transfer` "push", in the decode worker's host tier (`push_to`).
 3. The router then runs the request on the decode worker as it would move a stream to another
    worker: the prompt plus the first token, the first token counted as output
    (`Router.run`); the decode worker loads the prompt's pages from the store and computes at
@@ -69,8 +70,9 @@ class PrefillPhase:
     request runs colocated (None when the handoff happened)."""
 
     def __init__(self, router: RouterParts, prep: Prepared, num_store_pages: int,
+                 decode: WorkerHandle,
                  to_chunk: Callable[[worker_pb2.GenerateResponse, str], Chunk]) -> None:
-        self._router, self._prep = router, prep
+        self._router, self._prep, self._decode = router, prep, decode
         self._num_store_pages = num_store_pages
         self._to_chunk = to_chunk
         self.sent: list[int] = []
@@ -102,6 +104,8 @@ class PrefillPhase:
         request = router.generate_request(prep)
         request.prefill_only = True
         request.sampling.max_tokens = 1
+        if router.config.pd_transfer == "push":
+            request.push_to = self._decode.worker_id
         num_prompt = len(prep.prompt_ids)
         handle.num_inflight += 1
         handle.num_queued_tokens += num_prompt
@@ -160,10 +164,14 @@ class PrefillPhase:
 
     def observe_decode(self, chunk: Chunk, handle: WorkerHandle, is_first: bool) -> None:
         """Count the handoff once the decode worker answers: its first token (the time from
-        the prefill's), and its usage (the KV bytes it loaded from the store)."""
+        the prefill's), and its usage (the KV bytes it loaded from the store, or took from its
+        host tier after a push)."""
         if is_first and chunk.token_ids and self.first_token_at is not None:
             self._metrics.pd_transfer_seconds.observe(time.monotonic() - self.first_token_at)
         if chunk.usage is not None and handle.namespace is not None:
             ns = handle.namespace
-            store_tokens = chunk.usage.cached_tokens_by_tier.get("store", 0)
-            self._metrics.pd_transfer_bytes.inc(store_tokens // ns.page_size * ns.page_nbytes)
+            # pushed pages land in the decode worker's host tier ("cpu"), others come from the
+            # store; a push that failed went through the store (the worker says which by tier)
+            tiers = ("cpu", "store") if self._router.config.pd_transfer == "push" else ("store",)
+            tokens = sum(chunk.usage.cached_tokens_by_tier.get(tier, 0) for tier in tiers)
+            self._metrics.pd_transfer_bytes.inc(tokens // ns.page_size * ns.page_nbytes)

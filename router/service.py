@@ -211,7 +211,7 @@ class Router:
                                       num_store_pages=num_store_pages)
             prefill = None
             if self._wants_prefill_worker(prep, first_choice, num_store_pages):
-                prefill = PrefillPhase(self, prep, num_store_pages,
+                prefill = PrefillPhase(self, prep, num_store_pages, first_choice[0],
                                        lambda r, w: self._chunk(r, w, num_prompt, 0))
                 async for chunk in prefill.run(started):
                     yield chunk

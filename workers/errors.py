@@ -56,3 +56,8 @@ class SubscriberTooSlow(Exception):
 class NoStore(Exception):
     """A prefill-only request reached a worker without a store: it has nowhere to hand the
     prompt's pages to. Maps to FAILED_PRECONDITION."""
+
+
+class NoHostTier(Exception):
+    """Pages were pushed to a worker without a host tier to keep them in. Maps to
+    FAILED_PRECONDITION."""

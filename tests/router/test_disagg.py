@@ -107,6 +107,30 @@ def test_a_prompt_the_store_holds_already_is_not_prefilled_again(stack):
     assert len(prompt) - usage["prompt_tokens_details"]["cached_tokens"] < PAGE_SIZE
 
 
+@pytest.fixture(scope="module")
+def push_stack():
+    with running_stack("kvmesh-disagg-push-test-",
+                       ["--max-model-len", "512", "--kv-cache-bytes", str(32 << 20),
+                        "--torch-threads", "1", "--host-tier-bytes", str(64 << 20)],
+                       roles=("prefill", "decode"),
+                       router_args=("--pd-min-tokens", str(PD_MIN_TOKENS),
+                                    "--pd-transfer", "push")) as stack:
+        yield stack
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_pushed_pages_reach_the_decode_workers_host_tier(push_stack, stream):
+    prompt = _prompt(7 + stream, 200)
+    text, usage = _complete(push_stack, prompt, stream)
+    assert text == _colocated(push_stack, prompt)
+    assert usage["completion_tokens"] == NUM_TOKENS
+    cached = usage["prompt_tokens_details"]["cached_tokens"]
+    assert len(prompt) - cached < PAGE_SIZE
+    assert usage["prompt_tokens_details"]["cached_tokens_by_tier"] == {"cpu": cached}
+    assert push_stack.metric("kvmesh:pd_transfer_bytes_total") > 0
+    assert push_stack.metric("kvmesh:pd_fallbacks_total") == 0
+
+
 def _store_hits(stack) -> list[int]:
     """Prompt tokens each decode worker loaded from the store so far."""
     hits = []

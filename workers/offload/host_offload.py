@@ -151,6 +151,23 @@ class KvOffload(TierLookup, KvConnector):
             self._emit(KvEventData("removed", gone, None, "cpu") if gone else None)
         self.host.touch_many(stored_keys[::-1])
 
+    def accept_pages(self, pages: list[tuple[bytes, bytes]], parent: bytes | None) -> None:
+        """Put pages another worker pushed, (key, encoded page) each in prompt order after
+        `parent`, into the host tier (which must exist), as the most recently used."""
+        assert self.host is not None
+        if not pages:
+            return
+        evicted = {key for key, _ in self.host.put_many(pages)}
+        stored: list[bytes] = []  # the leading run announced (a chain after `parent`)
+        for key, _ in pages:
+            if key in evicted:
+                break
+            stored.append(key)
+        gone = list(evicted - {key for key, _ in pages})
+        self._emit(KvEventData("stored", stored, parent, "cpu") if stored else None)
+        self._emit(KvEventData("removed", gone, None, "cpu") if gone else None)
+        self.host.touch_many(stored[::-1])
+
     def save(self, ns: Namespace, pages: list[tuple[bytes, list[int], int]]) -> None:
         """Queue host copies of newly cached device pages, (key, token ids, page id) each, for
         the store (`StoreWriter.write_through`); nothing without one."""

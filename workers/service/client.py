@@ -145,10 +145,11 @@ class WorkerClient:
         tenant_salt: str = "",
         timeout: float | None = None,
         prefill_only: bool = False,
+        push_to: str = "",
     ) -> Iterator[GenerateOutput]:
         """Stream the outputs of one request (all `sampling.n` completions interleaved).
         `prefill_only`: the first token, then the finish once the prompt's pages are in the
-        store (worker.proto, GenerateRequest)."""
+        store, or pushed to the worker at `push_to` (worker.proto, GenerateRequest)."""
         sampling = sampling if sampling is not None else SamplingParams()
         pb_sampling = worker_pb2.SamplingParams(
             temperature=sampling.temperature,
@@ -168,6 +169,7 @@ class WorkerClient:
             sampling=pb_sampling,
             tenant_salt=tenant_salt,
             prefill_only=prefill_only,
+            push_to=push_to,
         )
         call = self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
         return _generate_outputs(call)

@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +98,15 @@ class EngineLoop:
 
     def abort(self, engine_request_id: str) -> None:
         self._commands.put(("abort", engine_request_id))
+
+    def call(self, fn: Callable[[Any], Any], timeout: float) -> Any:
+        """Run `fn(engine)` on the loop thread between steps; its result, or its exception.
+        TimeoutError after `timeout` seconds (it may still run later)."""
+        if not self.is_ready or self._is_stopping:
+            raise WorkerNotReady("worker is not serving (loading or shutting down)")
+        future: Future[Any] = Future()
+        self._commands.put(("call", fn, future))
+        return future.result(timeout)
 
     def subscribe(self) -> EventSubscription:
         if not self.is_ready or self._is_stopping:
@@ -185,6 +195,12 @@ class EngineLoop:
             if active is not None:
                 self._engine.abort_request(command[1])
                 active.stream._finish()
+        elif kind == "call":
+            _, fn, future = command
+            try:
+                future.set_result(fn(self._engine))
+            except Exception as exc:  # noqa: BLE001 - the caller gets it
+                future.set_exception(exc)
         elif kind == "subscribe":
             self._publish_events()  # older subscribers get pending events before the snapshot
             subscription: EventSubscription = command[1]
@@ -267,6 +283,8 @@ class EngineLoop:
                 break
             if command[0] == "add":
                 command[1]._finish(WorkerNotReady("worker is shutting down"))
+            elif command[0] == "call":
+                command[2].set_exception(WorkerNotReady("worker is shutting down"))
             elif command[0] in ("subscribe", "unsubscribe"):
                 command[1]._end()
         try:

@@ -1,5 +1,10 @@
 """The prefill half of a disaggregated request (`GenerateRequest.prefill_only`): once the first
-token is out, wait for the prompt's pages to reach the store, then say how many are there.
+token is out, hand the prompt's pages over, then say how many the decode side will find.
+
+Two ways: through the store (`finish`, the default), or pushed straight into the decode
+worker's host tier (`push`, when the request names one in `push_to`): the prompt's pages are
+read off the device on the engine thread and sent with `Worker.PushPages`; if that fails, the
+handoff goes through the store after all.
 
 The engine writes every newly full page through to the store from a thread of its own
 (`offload.store_writer`); a prefill worker's answer is only useful once a decode worker can
@@ -15,14 +20,21 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import grpc
+
 from kvmesh.cachestore.keys import Namespace
+from kvmesh.cachestore.rpc.wire import GRPC_OPTIONS
+from kvmesh.v1 import worker_pb2, worker_pb2_grpc
+from kvmesh.workers.engine.page_exchange import export_prompt_pages
 
 log = logging.getLogger(__name__)
 
-HANDOFF_TIMEOUT_S = 30.0  # longest wait for the prompt's store writes
+HANDOFF_TIMEOUT_S = 30.0  # longest wait for the prompt's store writes, or for a push
+PUSH_BATCH_NBYTES = 32 << 20  # pages per PushPages call: under the 64 MiB message limit
 
 
 class HandoffStore(Protocol):
@@ -45,12 +57,19 @@ class HandoffResult:
     wait_s: float  # seconds spent waiting for the writes and the lookup
 
 
+EngineCall = Callable[[Callable[[Any], Any], float], Any]  # EngineLoop.call
+
+
 class Handoff:
-    """Thread-safe: the writer's wait and the store client's lookup are."""
+    """Thread-safe: the writer's wait, the store client's lookup and `engine_call` are.
+    `token`: the bearer token pushes carry (this worker's own; workers of one deployment share
+    one)."""
 
     def __init__(self, writes: HandoffWrites, base_namespace: Namespace,
+                 engine_call: EngineCall, token: str | None = None,
                  timeout: float = HANDOFF_TIMEOUT_S) -> None:
         self._writes, self._base, self._timeout = writes, base_namespace, timeout
+        self._engine_call, self._token = engine_call, token
 
     @property
     def has_store(self) -> bool:
@@ -72,3 +91,40 @@ class Handoff:
             except Exception as exc:  # noqa: BLE001 - a sick store is a short count
                 log.warning("prefill handoff: store lookup failed: %s", exc)
         return HandoffResult(num_pages, time.monotonic() - started)
+
+    def push(self, target: str, prompt: list[int], tenant_salt: str) -> HandoffResult:
+        """Send the prompt's pages on this worker's device to worker `target`'s host tier;
+        through the store (`finish`) if that fails or the device holds none."""
+        started = time.monotonic()
+        try:
+            blobs = self._engine_call(
+                lambda engine: export_prompt_pages(engine, tenant_salt, prompt), self._timeout)
+            num_pages = self._send(target, prompt, tenant_salt, blobs) if blobs else 0
+        except Exception as exc:  # noqa: BLE001 - a failed push is a handoff through the store
+            log.warning("prefill handoff: push to %s failed (%s); through the store", target,
+                        exc)
+            num_pages = 0
+        if num_pages:
+            return HandoffResult(num_pages, time.monotonic() - started)
+        through_store = self.finish(prompt, tenant_salt)
+        return HandoffResult(through_store.num_pages, time.monotonic() - started)
+
+    def _send(self, target: str, prompt: list[int], tenant_salt: str,
+              blobs: list[bytes]) -> int:
+        """PushPages calls of at most PUSH_BATCH_NBYTES each; the pages `target` took."""
+        metadata = (("authorization", f"Bearer {self._token}"),) if self._token else ()
+        deadline = time.monotonic() + self._timeout
+        per_call = max(1, PUSH_BATCH_NBYTES // len(blobs[0]))
+        taken = 0
+        with grpc.insecure_channel(target, options=GRPC_OPTIONS) as channel:
+            stub = worker_pb2_grpc.WorkerStub(channel)
+            for first in range(0, len(blobs), per_call):
+                batch = blobs[first : first + per_call]
+                reply = stub.PushPages(worker_pb2.PushPagesRequest(
+                    tenant_salt=tenant_salt, prompt_token_ids=prompt, first_page=first,
+                    pages=batch), metadata=metadata,
+                    timeout=max(deadline - time.monotonic(), 0.001))
+                taken += reply.num_pages
+                if reply.num_pages < len(batch):
+                    break
+        return taken

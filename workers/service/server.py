@@ -101,7 +101,8 @@ def serve_worker(
         interceptors=interceptors,
     )
     worker_pb2_grpc.add_WorkerServicer_to_server(
-        WorkerServicer(loop, max_num_seqs=config.max_num_seqs, role=config.role), server
+        WorkerServicer(loop, max_num_seqs=config.max_num_seqs, role=config.role, token=token),
+        server
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

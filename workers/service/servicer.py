@@ -9,9 +9,11 @@ from collections.abc import Iterator
 import grpc
 
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
+from kvmesh.workers.engine.page_exchange import import_prompt_pages
 from kvmesh.workers.errors import (
     EngineFailure,
     InvalidRequest,
+    NoHostTier,
     NoStore,
     RequestFailed,
     SubscriberTooSlow,
@@ -26,6 +28,7 @@ from kvmesh.workers.service.wire import (
     finish_to_pb,
     output_to_pb,
     parse_generate_request,
+    parse_push_request,
     stats_to_pb,
 )
 
@@ -35,6 +38,7 @@ log = logging.getLogger(__name__)
 STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     NoStore: grpc.StatusCode.FAILED_PRECONDITION,
+    NoHostTier: grpc.StatusCode.FAILED_PRECONDITION,
     WorkerNotReady: grpc.StatusCode.UNAVAILABLE,
     SubscriberTooSlow: grpc.StatusCode.RESOURCE_EXHAUSTED,
     EngineFailure: grpc.StatusCode.INTERNAL,
@@ -44,6 +48,7 @@ STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
 # neither retries it elsewhere nor counts it against the worker.
 FAILURE_SCOPE_KEY = "kvmesh-failure-scope"
 FAILURE_SCOPE_BY_ERROR: dict[type[BaseException], str] = {RequestFailed: "request"}
+PUSH_TIMEOUT_S = 30.0  # for the engine thread to take pushed pages between steps
 
 
 def status_of(error: BaseException) -> grpc.StatusCode:
@@ -67,10 +72,12 @@ def _abort(context: grpc.ServicerContext, error: BaseException) -> None:
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     """Serves one EngineLoop. Handlers run on gRPC's thread pool and never touch the engine."""
 
-    def __init__(self, loop: EngineLoop, max_num_seqs: int, role: str = "both") -> None:
+    def __init__(self, loop: EngineLoop, max_num_seqs: int, role: str = "both",
+                 token: str | None = None) -> None:
         self._loop = loop
         self._max_num_seqs = max_num_seqs
         self._role = role
+        self._token = token  # this worker's own: pushes to its peers carry it
         self._limits: RequestLimits | None = None
         self._handoff: Handoff | None = None
 
@@ -82,6 +89,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 max_model_len=engine.max_model_len,
                 vocab_size=int(engine.model_config.vocab_size),
                 max_num_seqs=self._max_num_seqs,
+                page_size=engine.page_size,
             )
         return self._limits
 
@@ -89,7 +97,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         """The handoff of prefill-only requests; NoStore on a worker without a store."""
         if self._handoff is None:
             engine = self._loop.wait_ready(timeout=0)
-            self._handoff = Handoff(engine.offload, self._loop.base_namespace)
+            self._handoff = Handoff(engine.offload, self._loop.base_namespace, self._loop.call,
+                                    self._token)
         if not self._handoff.has_store:
             raise NoStore("prefill_only needs a worker with a store (kvmesh worker --store)")
         return self._handoff
@@ -128,11 +137,25 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             yield output_to_pb(request_id, output, with_finish=False)
             if output.finish_reason is None:
                 continue
-            result = handoff.finish(list(request.prompt_token_ids), request.tenant_salt)
+            prompt = list(request.prompt_token_ids)
+            result = (handoff.push(request.push_to, prompt, request.tenant_salt)
+                      if request.push_to else handoff.finish(prompt, request.tenant_salt))
             final = finish_to_pb(request_id, output)
             final.usage.pages_handed_off = result.num_pages
             final.usage.handoff_wait_s = result.wait_s
             yield final
+
+    def PushPages(self, request: worker_pb2.PushPagesRequest, context: grpc.ServicerContext
+                  ) -> worker_pb2.PushPagesResponse:
+        try:
+            prompt, first_page, pages = parse_push_request(request, self._request_limits())
+            num_pages = self._loop.call(
+                lambda engine: import_prompt_pages(engine, request.tenant_salt, prompt,
+                                                   first_page, pages), PUSH_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - mapped by the table
+            _abort(context, exc)
+            raise  # unreachable: abort raises
+        return worker_pb2.PushPagesResponse(num_pages=num_pages)
 
     def KvEvents(
         self, request: worker_pb2.KvEventsRequest, context: grpc.ServicerContext

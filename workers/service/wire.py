@@ -27,6 +27,7 @@ MAX_STOP_CHARS = 256
 # A salt is a hex digest (32 characters); anything far longer is a caller's mistake or an attack
 # on the worker's memory (each salt is kept with its namespace).
 MAX_TENANT_SALT_CHARS = 128
+MAX_ADDRESS_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class RequestLimits:
     max_model_len: int
     vocab_size: int
     max_num_seqs: int
+    page_size: int
 
 
 def parse_generate_request(
@@ -68,6 +70,10 @@ def parse_generate_request(
             f"length {limits.max_model_len}"
         )
     n = s.n or 1
+    if request.push_to and not request.prefill_only:
+        raise InvalidRequest("push_to goes with prefill_only")
+    if request.push_to:
+        _check_address(request.push_to, "push_to")
     if request.prefill_only:  # the first token only; a decode worker samples the rest
         if n != 1:
             raise InvalidRequest(f"prefill_only requests take n = 1, got {n}")
@@ -91,6 +97,31 @@ def parse_generate_request(
     if any(len(x) > MAX_STOP_CHARS for x in sampling.stop):
         raise InvalidRequest(f"stop strings must be at most {MAX_STOP_CHARS} characters")
     return prompt, sampling
+
+
+def _check_address(address: str, field: str) -> None:
+    host, sep, port = address.rpartition(":")
+    if (not sep or not host or len(address) > MAX_ADDRESS_CHARS or not port.isdigit()
+            or not 0 < int(port) <= 65535):
+        raise InvalidRequest(f"{field} must be HOST:PORT, got {address[:MAX_ADDRESS_CHARS]!r}")
+
+
+def parse_push_request(request: worker_pb2.PushPagesRequest, limits: RequestLimits
+                       ) -> tuple[list[int], int, list[bytes]]:
+    """Checked (prompt, first page, pages) of a PushPages call; the pages themselves are
+    checked against the namespace when taken (engine.page_exchange)."""
+    if len(request.tenant_salt) > MAX_TENANT_SALT_CHARS:
+        raise InvalidRequest(f"tenant_salt is longer than {MAX_TENANT_SALT_CHARS} characters")
+    prompt = list(request.prompt_token_ids)
+    if not prompt or len(prompt) >= limits.max_model_len:
+        raise InvalidRequest(f"prompt_token_ids must have 1 to {limits.max_model_len - 1} "
+                             f"tokens, got {len(prompt)}")
+    num_full = len(prompt) // limits.page_size
+    end = request.first_page + len(request.pages)
+    if end > num_full:
+        raise InvalidRequest(f"pages {request.first_page}..{end} past the prompt's {num_full} "
+                             "full pages")
+    return prompt, request.first_page, list(request.pages)
 
 
 def usage_to_pb(usage: Any) -> worker_pb2.Usage:
