@@ -117,8 +117,11 @@ class ModelRunner:
             return config.kv_cache_bytes // self.page_nbytes
         if self.device.type == "cpu":
             return CPU_DEFAULT_KV_BYTES // self.page_nbytes
+        # this process's share of the GPU (what it holds already, the weights, counts against
+        # it), so two workers sharing a GPU at 0.45 each both get pages whichever sizes first
         free, total = torch.cuda.mem_get_info(self.device)
-        budget = free - (1 - config.gpu_memory_utilization) * total - _GPU_ACTIVATION_RESERVE
+        share = config.gpu_memory_utilization * total - torch.cuda.memory_reserved(self.device)
+        budget = min(share, free) - _GPU_ACTIVATION_RESERVE
         return max(int(budget) // self.page_nbytes, 0)
 
     # ------------------------------------------------------------------ forward
