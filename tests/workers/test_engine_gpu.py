@@ -9,6 +9,7 @@ import pytest
 import torch
 from tiny_models import (
     NEW,
+    NEW_FAMILIES,
     PROMPTS,
     WINDOW_NEW,
     WINDOW_PROMPTS,
@@ -54,6 +55,22 @@ def test_cuda_graphs_and_eager_match_transformers(tiny_cuda, decode_steps):
     expected = [hf_greedy(hf, p, NEW) for p in PROMPTS]
     assert run(loaded, enforce_eager=True, decode_steps=decode_steps) == expected
     assert run(loaded, enforce_eager=False, decode_steps=decode_steps) == expected
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_every_family_through_graphs_and_eager_matches_transformers(family):
+    """Qwen2's bias (added to the first split-K partial) and Qwen3's q/k norm inside the
+    captured graphs and the multi-step windows, eager beside them."""
+    hf, loaded = build(family)
+    hf = hf.to("cuda")
+    loaded = LoadedModel(loaded.model_id, loaded.config, hf.state_dict(), None,
+                         loaded.weights_fingerprint, "none", loaded.folder)
+    expected = [hf_greedy(hf, p, NEW) for p in PROMPTS]
+    for decode_steps in (1, 8):
+        assert run(loaded, enforce_eager=True, decode_steps=decode_steps) == expected
+        assert run(loaded, enforce_eager=False, decode_steps=decode_steps) == expected
+    tokens, _, _, graphs = windowed_greedy(loaded, 5, "cuda")
+    assert graphs and tokens == [hf_greedy(hf, p, WINDOW_NEW) for p in WINDOW_PROMPTS]
 
 
 @pytest.mark.parametrize("decode_steps", [3, 5])
