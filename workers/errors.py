@@ -20,7 +20,8 @@ class InvalidConfig(EngineError, ValueError):
 
 
 class ModelLoadError(EngineError):
-    """The model could not be found or is not a supported (Llama-family) architecture."""
+    """The model could not be found, or its architecture or a config feature it uses is not
+    supported (workers/models/registry.py names the supported ones)."""
 
 
 class RequestFailed(EngineError):
