@@ -171,6 +171,13 @@ class RouterMetrics:
             "pd_handoff_wait_seconds", "Time prefill workers waited for a prompt's pages "
             "to reach the store after its first token", TTFT_BUCKETS)
 
+    def worker_down(self, worker: str) -> None:
+        """A worker taken out: unhealthy, and nothing running or waiting there as far as the
+        router knows (its last Stats answer must not read on as live load)."""
+        self.worker_healthy.set(0, worker=worker)
+        self.requests_running.set(0, worker=worker)
+        self.requests_waiting.set(0, worker=worker)
+
     def render(self) -> bytes:
         """Prometheus text exposition: this router's registry, or every router process's values
         merged from the multiprocess folder."""

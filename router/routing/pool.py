@@ -151,7 +151,7 @@ class WorkerPool:
         handle.is_healthy = False
         self.index.drop_worker(handle.worker_id)
         handle.num_cached_pages = 0
-        self.metrics.worker_healthy.set(0, worker=handle.worker_id)
+        self.metrics.worker_down(handle.worker_id)
         if handle.events_call is not None and not handle.events_call.done():
             handle.resync_requested = True
             handle.events_call.cancel()
