@@ -1,5 +1,8 @@
 """Prefill/decode disaggregation against colocated serving, one run: the same long prompts
-through `kvmesh serve --workers 1` and `kvmesh serve --prefill-workers 1 --decode-workers 1`.
+through `kvmesh serve --workers 1` and `kvmesh serve --prefill-workers 1 --decode-workers 1`,
+the latter with the handoff through the store (pull) and pushed into the decode worker's host
+tier (`--pd-transfer push`). Every worker gets a host tier (`--host-tier-bytes`), so the stacks
+differ only in the handoff.
 
 Each request is a streamed completion of fresh random token ids (no prefix-cache hits), greedy
 with ignore_eos. Per request the client records the time to the first token (from the prefill
@@ -52,7 +55,7 @@ class Row:
     transfer_ms: float  # mean first token -> decode worker's first token, disaggregated only
     transfer_gb_s: float
     transfer_share: float  # transfer / time to the second token
-    cached_store_tokens: float  # mean prompt tokens the decode worker took from the store
+    handoff_tokens: float  # mean prompt tokens the decode worker took from the store / host tier
     fallbacks: float
 
 
@@ -110,7 +113,8 @@ def one_request(url: str, prompt: list[int], output_len: int) -> dict[str, float
     end = time.perf_counter() - start
     tiers = usage.get("prompt_tokens_details", {}).get("cached_tokens_by_tier", {})
     return {"first": times[0], "second": times[1] if len(times) > 1 else end, "end": end,
-            "num_tokens": usage.get("completion_tokens", 0), "store": tiers.get("store", 0)}
+            "num_tokens": usage.get("completion_tokens", 0),
+            "handoff": tiers.get("store", 0) + tiers.get("cpu", 0)}
 
 
 def measure(stack: Stack, mode: str, prompt_len: int, args: argparse.Namespace,
@@ -138,13 +142,13 @@ def measure(stack: Stack, mode: str, prompt_len: int, args: argparse.Namespace,
         transfer_gb_s=delta["kvmesh:pd_transfer_bytes_total"] / count / transfer_s / 1e9
         if count and transfer_s else 0.0,
         transfer_share=transfer_s * 1000 / p50("second") if transfer_s else 0.0,
-        cached_store_tokens=statistics.mean(r["store"] for r in runs),
+        handoff_tokens=statistics.mean(r["handoff"] for r in runs),
         fallbacks=delta["kvmesh:pd_fallbacks_total"])
 
 
 def print_table(rows: list[Row]) -> None:
     head = ("mode", "prompt", "TTFT p50 ms", "2nd token p50 ms", "e2e p50 ms", "decode tok/s",
-            "handoff wait ms", "transfer ms", "handoff GB/s", "transfer share", "store tokens",
+            "handoff wait ms", "transfer ms", "handoff GB/s", "transfer share", "handoff tokens",
             "fallbacks")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -152,7 +156,7 @@ def print_table(rows: list[Row]) -> None:
         print(f"| {r.mode} | {r.prompt_tokens} | {r.ttft_ms:.1f} | {r.second_token_ms:.1f} | "
               f"{r.e2e_ms:.1f} | {r.decode_tok_s:.1f} | {r.handoff_wait_ms:.1f} | "
               f"{r.transfer_ms:.1f} | {r.transfer_gb_s:.3f} | {r.transfer_share:.0%} | "
-              f"{r.cached_store_tokens:.0f} | {r.fallbacks:.0f} |")
+              f"{r.handoff_tokens:.0f} | {r.fallbacks:.0f} |")
 
 
 def main() -> int:
@@ -166,18 +170,23 @@ def main() -> int:
                         help="random prompt ids are drawn below this")
     parser.add_argument("--worker-arg", action="append", default=[],
                         help="extra `kvmesh worker` argument for both stacks (repeat)")
+    parser.add_argument("--host-tier-bytes", type=int, default=512 << 20)
     parser.add_argument("--out", type=Path, default=None, help="folder for rows.csv / rows.json")
     args = parser.parse_args()
     rng = random.Random(0)
     tmp = Path(tempfile.mkdtemp(prefix="kvmesh-pd-bench-"))
     common = ["--model", args.model, "--device", args.device,
               "--router-arg=--pd-min-tokens=64",
+              f"--worker-arg=--host-tier-bytes={args.host_tier_bytes}",
               *[f"--worker-arg={a}" for a in args.worker_arg]]
+    pd = ["--prefill-workers", "1", "--decode-workers", "1"]
     setups = {"colocated": ["--workers", "1"],
-              "disaggregated": ["--prefill-workers", "1", "--decode-workers", "1"]}
+              "pd store": [*pd, "--router-arg=--pd-transfer=store"],
+              "pd push": [*pd, "--router-arg=--pd-transfer=push"]}
     rows: list[Row] = []
     for mode, extra in setups.items():
-        stack = Stack([*common, *extra, "--data-dir", str(tmp / mode)], tmp / f"{mode}.log")
+        name = mode.replace(" ", "-")
+        stack = Stack([*common, *extra, "--data-dir", str(tmp / name)], tmp / f"{name}.log")
         try:
             rows += [measure(stack, mode, n, args, rng) for n in args.prompt_len]
         finally:
