@@ -1,4 +1,5 @@
-"""Engine benchmark on random bf16 weights with Llama-3.2-1B / Llama-3-8B shapes, beside
+"""Engine benchmark on random bf16 weights with Llama-3.2-1B / Llama-3-8B shapes (or any shape
+of benchmarks/model_folders.py: Qwen2.5-7B, Qwen3-8B), beside
 transformers' `generate` on the very same weight tensors, in one run.
 
   decode   tokens/s at batch 1/32/64 (1K-token prompts, 256 new tokens), engine vs transformers,
@@ -12,6 +13,7 @@ transformers' `generate` on the very same weight tensors, in one run.
            max-length allocation of the same requests
 
   python benchmarks/engine_bench.py --models 1b,8b --out DIR
+  python benchmarks/engine_bench.py --models 8b,qwen2.5-7b,qwen3-8b --parts decode --batches 32
   python benchmarks/engine_bench.py --device cpu --models tiny --smoke   # CPU check
 
 Importable without kvmesh.v1 / grpc.
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import torch
 from engine_bench_tables import print_tables
+from model_folders import build_model
 
 from kvmesh.workers.config import WorkerConfig
 from kvmesh.workers.engine.engine import Engine
@@ -34,21 +37,8 @@ from kvmesh.workers.engine.sampling_params import SamplingParams
 from kvmesh.workers.models.loader import LoadedModel
 from kvmesh.workers.models.registry import config_from_hf
 
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
-               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
-SHAPES = {
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
-               tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
-               tie_word_embeddings=False,
-               rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=1000,
-                 tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE),
-}
+# short names of model_folders.SHAPES (any of its names works too)
+ALIASES = {"1b": "llama-1b", "8b": "llama-8b", "tiny": "llama-tiny"}
 
 
 def sync(device: str) -> None:
@@ -57,20 +47,8 @@ def sync(device: str) -> None:
 
 
 def build(name: str, device: str, dtype: torch.dtype, max_len: int):
-    from transformers import LlamaConfig as HFConfig
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = HFConfig(**SHAPES[name], max_position_embeddings=max_len, rms_norm_eps=1e-5,
-                   bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # initialize straight in bf16: no fp32 copy of 8B weights
-    try:
-        with torch.device(device):
-            hf = LlamaForCausalLM(cfg).to(dtype).eval()
-    finally:
-        torch.set_default_dtype(default)
-    loaded = LoadedModel(f"random-llama-{name}", config_from_hf(hf.config), hf.state_dict(),
+    hf = build_model(ALIASES.get(name, name), device, dtype, max_len)
+    loaded = LoadedModel(f"random-{name}", config_from_hf(hf.config), hf.state_dict(),
                          None, f"random-{name}-seed0", "none", Path("."))
     return hf, loaded
 
