@@ -65,6 +65,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--lease-s", type=float, help="seconds a mapped read's pages stay unchanged unless "
                                       "released first, and that reserved slots wait for their "
                                       "commit (NIXL or same-host shared-memory puts; default 30)")
+    add("--metrics-port", type=int,
+        help="serve Prometheus text of the tiers' counters at /metrics on this port; 0 picks a "
+             "free one (default: off). Asks for 'Authorization: Bearer' "
+             "KVMESH_STORE_METRICS_TOKEN, else the store's token, when either is set")
+    add("--metrics-host", help="address for --metrics-port (default 127.0.0.1; any other "
+                               "needs a token)")
     parser.set_defaults(func=run)
 
 
@@ -77,11 +83,13 @@ def _size(text: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from kvmesh.cachestore.malloc import keep_freed_memory
+    from kvmesh.cachestore.rpc.metrics_http import StoreMetricsConfig, StoreMetricsServer
     from kvmesh.cachestore.rpc.server import serve_store  # grpc + tiers: only when actually serving
 
     flags = {name: getattr(args, name, None) for name in StoreConfig.__dataclass_fields__}
     try:
         config = StoreConfig.from_sources(flags)
+        metrics_config = StoreMetricsConfig.from_sources(vars(args), config)
     except InvalidConfig as exc:
         print(f"kvmesh store: {exc}", file=sys.stderr)
         return 2
@@ -94,7 +102,17 @@ def run(args: argparse.Namespace) -> int:
     except (InvalidConfig, OSError) as exc:
         print(f"kvmesh store: {exc}", file=sys.stderr)
         return 1
+    metrics = None
+    if metrics_config.port is not None:
+        try:
+            metrics = StoreMetricsServer(metrics_config, server.store)
+        except OSError as exc:
+            server.stop(grace=0)
+            print(f"kvmesh store: metrics port: {exc}", file=sys.stderr)
+            return 1
     print(f"kvmesh store listening on {config.host}:{server.port}", flush=True)
+    if metrics is not None:
+        print(f"kvmesh store metrics on {metrics.url}", flush=True)
     print(f"kvmesh store: data plane {server.data_plane_note}", file=sys.stderr, flush=True)
     for tier in server.store.stats():
         print(f"  tier {tier.name}: capacity {tier.capacity_bytes} bytes, "
@@ -102,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
     stop.wait()
     for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal: no flush, exit now
         signal.signal(sig, signal.SIG_DFL)
+    if metrics is not None:
+        metrics.stop()
     flushed = server.stop(grace=2.0, flush_s=config.flush_s)
     if flushed is not None and flushed.num_flushed + flushed.num_left:
         print(f"kvmesh store: copied {flushed.num_flushed} cpu-tier pages down in "
