@@ -1,15 +1,27 @@
 """Every family beside Llama (Qwen2 with and without tied embeddings, Qwen3, Mistral without a
-window), each a tiny random model saved as a Hugging Face folder and loaded through
-`load_model`: greedy output in fp32 on CPU token-identical to transformers' generate cold, with
-the prefix from the device cache, from the host tier, from the store written by another worker
-process, and under preemption. (SmolLM2 runs the same cases for Llama in test_engine_greedy
-and test_engine_store; test_engine_tiny runs every family through the Triton kernels.)"""
+window), and the sliding windows shorter than the prompts (Mistral's of 24 and 7 on every layer,
+Qwen2's of 6 on its last two layers), each a tiny random model saved as a Hugging Face folder and
+loaded through `load_model`: greedy output in fp32 on CPU token-identical to transformers'
+generate cold, with the prefix from the device cache, from the host tier, from the store written
+by another worker process, and under preemption; the windows also over 16-token pages with
+prompts of 60+ tokens. (SmolLM2 runs the same cases for Llama in test_engine_greedy and
+test_engine_store; test_engine_tiny runs every family through the Triton kernels and checks that
+transformers' output changes with each window.)"""
 
 from __future__ import annotations
 
 import pytest
 from engine_helpers import final, run, tokens_of, write_through_store
-from tiny_models import NEW_FAMILIES, PROMPTS, VOCAB, hf_greedy, hf_model, save_folder
+from tiny_models import (
+    NEW_FAMILIES,
+    PROMPTS,
+    VOCAB,
+    WINDOWS_OFF,
+    family_of,
+    hf_greedy,
+    hf_model,
+    save_folder,
+)
 
 from kvmesh.cachestore.config import StoreConfig
 from kvmesh.cachestore.rpc.server import StoreServer
@@ -50,10 +62,24 @@ def page_nbytes(engine: Engine) -> int:
 @pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_cold_batched_chunked_prefill_from_the_folder(families, family):
     hf, _, loaded = families[family]
-    assert loaded.config.family == family.removesuffix("-tied")
+    assert loaded.config.family == family_of(family)
     assert loaded.config.tie_word_embeddings == family.endswith("-tied")
     engine = make(families, family, max_num_batched_tokens=24)
     prompts = {f"r{i}": p for i, p in enumerate(PROMPTS)}
+    outs = run(engine, prompts, GREEDY)
+    for rid, ids in prompts.items():
+        assert tokens_of(outs[rid]) == hf_greedy(hf, ids, N), rid
+    assert engine.stats().num_pages_free == engine.stats().num_pages_total
+
+
+@pytest.mark.parametrize("family", WINDOWS_OFF)
+def test_windows_over_16_token_pages_with_prompts_of_60_and_more(families, family):
+    """Prefill chunks of 24 tokens and decodes whose windows start mid-page, pages before
+    every window not read."""
+    hf, _, loaded = families[family]
+    assert loaded.config.sliding_window is not None
+    engine = make(families, family, page_size=16, max_num_batched_tokens=24)
+    prompts = {"a": PROMPTS[2], "b": [(13 * i + 5) % VOCAB for i in range(64)]}
     outs = run(engine, prompts, GREEDY)
     for rid, ids in prompts.items():
         assert tokens_of(outs[rid]) == hf_greedy(hf, ids, N), rid

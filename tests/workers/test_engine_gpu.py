@@ -59,8 +59,9 @@ def test_cuda_graphs_and_eager_match_transformers(tiny_cuda, decode_steps):
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_every_family_through_graphs_and_eager_matches_transformers(family):
-    """Qwen2's bias (added to the first split-K partial) and Qwen3's q/k norm inside the
-    captured graphs and the multi-step windows, eager beside them."""
+    """Qwen2's bias (added to the first split-K partial), Qwen3's q/k norm and the sliding
+    windows (Mistral's on every layer, Qwen2's on some) inside the captured graphs and the
+    multi-step windows, eager beside them."""
     hf, loaded = build(family)
     hf = hf.to("cuda")
     loaded = LoadedModel(loaded.model_id, loaded.config, hf.state_dict(), None,

@@ -1,9 +1,11 @@
 """A tiny random model of each family against transformers' generate on the same weights
 (Llama: llama3 RoPE, GQA, untied head; Qwen2 with q/k/v bias, tied and untied; Qwen3 with q/k
-norm and an explicit head_dim; Mistral without a window): through the torch reference
+norm and an explicit head_dim; Mistral without a window, and with sliding windows of 24 and 7
+on every layer; Qwen2 with a window of 6 on its last two layers): through the torch reference
 attention, in continued multi-step windows, and through the Triton kernels (the CUDA path's
 ops: skinny matmuls, fused norms, RoPE fused into the cache write) under TRITON_INTERPRET=1 in
-one subprocess for every family."""
+one subprocess for every family. transformers' own output changes with each window (and with
+the window one longer or shorter), so matching it checks the window exactly."""
 
 from __future__ import annotations
 
@@ -21,9 +23,13 @@ from tiny_models import (
     PROMPTS,
     WINDOW_NEW,
     WINDOW_PROMPTS,
+    WINDOWS_OFF,
     build,
     engine_greedy,
+    family_of,
     hf_greedy,
+    hf_model,
+    triton_prompts,
     windowed_greedy,
 )
 
@@ -41,10 +47,24 @@ def test_llama3_rope_frequencies_match_transformers():
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("family", WINDOWS_OFF)
+def test_each_window_changes_transformers_output(family):
+    """The windowed families' references differ from the same weights without the window and
+    with a window one key longer or shorter, on the prompts of the torch and the Triton runs:
+    the comparisons below test the window, exactly."""
+    window = FAMILIES[family][1]["sliding_window"]
+    for prompts, new in ((PROMPTS, NEW), triton_prompts(family)):
+        expected = [hf_greedy(hf_model(family), p, new) for p in prompts]
+        for overrides in (WINDOWS_OFF[family], {"sliding_window": window - 1},
+                          {"sliding_window": window + 1}):
+            got = [hf_greedy(hf_model(family, **overrides), p, new) for p in prompts]
+            assert got != expected, (new, overrides)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_torch_backend_matches_transformers(family):
     hf, loaded = build(family)
-    assert loaded.config.family == family.removesuffix("-tied")
+    assert loaded.config.family == family_of(family)
     assert engine_greedy(loaded, "torch") == [hf_greedy(hf, p, NEW) for p in PROMPTS]
 
 

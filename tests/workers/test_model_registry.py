@@ -11,10 +11,11 @@ import shutil
 import pytest
 import torch
 import transformers
-from tiny_models import FAMILIES, build, hf_model, save_folder
+from tiny_models import FAMILIES, PROMPTS, build, hf_greedy, hf_model, save_folder
 
 from kvmesh.workers.config import WorkerConfig
 from kvmesh.workers.engine.engine import Engine
+from kvmesh.workers.engine.sampling_params import SamplingParams
 from kvmesh.workers.errors import InvalidConfig, ModelLoadError
 from kvmesh.workers.models.llama import LlamaForCausalLM
 from kvmesh.workers.models.loader import load_model
@@ -74,13 +75,20 @@ def test_an_unsupported_architecture_is_refused_naming_the_supported_ones(tmp_pa
     ("qwen3", {"attention_bias": True}, "attention_bias=true"),
     ("llama", {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ("llama", {"num_local_experts": 8}, "mixture of experts \\(num_local_experts=8\\)"),
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1},
-     "use_sliding_window=true"),
-    ("qwen3", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1},
-     "use_sliding_window=true"),
-    ("mistral", {"sliding_window": 24},
-     "sliding_window=24 \\(shorter than max_position_embeddings=256\\): sliding-window attention "
-     "is not supported yet"),
+    # per-layer patterns a family does not compute: Mistral slides every layer alike, Llama none
+    ("mistral", {"sliding_window": 24, "layer_types": ["sliding_attention", "full_attention",
+                                                       "sliding_attention"]},
+     "layer_types \\['sliding_attention', 'full_attention', 'sliding_attention'\\] \\(the "
+     "mistral definition computes the windows \\[24, 24, 24\\], None for full attention\\)"),
+    ("llama", {"sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]},
+     "the llama definition computes the windows \\[None, None\\]"),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 16,
+               "layer_types": ["chunked_attention", "sliding_attention", "full_attention"]},
+     "layer_types \\['chunked_attention'"),
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 16,
+               "layer_types": ["full_attention", "sliding_attention", "linear_attention"]},
+     "the qwen3 definition computes the windows \\[None, 16, None\\]"),
+    ("mistral", {"sliding_window": 0}, "sliding_window 0"),
 ])
 def test_config_features_not_implemented_are_refused(family, overrides, message):
     with pytest.raises(ModelLoadError, match=message) as err:
@@ -88,19 +96,63 @@ def test_config_features_not_implemented_are_refused(family, overrides, message)
     assert "is not supported; kvmesh refuses a model it would not compute exactly" in str(err.value)
 
 
-def test_a_mistral_window_as_long_as_the_context_is_full_attention():
-    assert config_from_hf(hf_config("mistral", sliding_window=256)).sliding_window is None
-    assert config_from_hf(hf_config("mistral", sliding_window=None)).sliding_window is None
+def test_a_window_as_long_as_the_context_is_full_attention():
+    for cfg in (config_from_hf(hf_config("mistral", sliding_window=256)),
+                config_from_hf(hf_config("mistral", sliding_window=None)),
+                config_from_hf(hf_config("qwen2", use_sliding_window=True, sliding_window=256,
+                                         max_window_layers=1))):
+        assert (cfg.sliding_window, cfg.full_attention_layers) == (None, ())
+        assert [cfg.window_of(i) for i in range(cfg.num_layers)] == [None] * cfg.num_layers
 
 
-def test_a_mistral_folder_whose_window_is_shorter_than_the_prompt_is_refused(tmp_path):
+def test_which_layers_slide():
+    """Mistral: every layer; Qwen2/Qwen3: the layers transformers' layer_types marks (from
+    max_window_layers on by default, or as the config lists them), none without
+    use_sliding_window."""
+    mistral = config_from_hf(hf_config("mistral", sliding_window=24))
+    assert [mistral.window_of(i) for i in range(3)] == [24, 24, 24]
+    assert mistral.attention_span(100) == 24 and mistral.attention_span(10) == 10
+    qwen2 = config_from_hf(hf_config("qwen2", use_sliding_window=True, sliding_window=16,
+                                     max_window_layers=1))
+    assert (qwen2.sliding_window, qwen2.full_attention_layers) == (16, (0,))
+    assert [qwen2.window_of(i) for i in range(3)] == [None, 16, 16]
+    assert qwen2.attention_span(100) == 100  # layer 0 attends every key
+    listed = config_from_hf(hf_config("qwen3", use_sliding_window=True, sliding_window=16,
+                                      layer_types=["sliding_attention", "full_attention",
+                                                   "sliding_attention"]))
+    assert [listed.window_of(i) for i in range(3)] == [16, None, 16]
+    for overrides in ({"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 3},
+                      {"use_sliding_window": False, "sliding_window": 16,
+                       "max_window_layers": 1}):
+        cfg = config_from_hf(hf_config("qwen2", **overrides))
+        assert (cfg.sliding_window, cfg.full_attention_layers) == (None, ())
+
+
+def test_use_sliding_window_without_layer_types_is_refused():
+    """transformers before 5 kept no layer_types; its attention implementations applied
+    Qwen2's windows differently, so kvmesh does not guess."""
+    hf = hf_config("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    hf.layer_types = None
+    with pytest.raises(ModelLoadError, match="use_sliding_window without layer_types"):
+        config_from_hf(hf)
+
+
+def test_a_mistral_folder_whose_window_is_shorter_than_the_prompt_is_served_exactly(tmp_path):
     """The issue's case: served through the Llama path it matched transformers for one token,
-    then diverged. Now neither load_model nor a worker accepts it."""
-    folder = save_folder(hf_model("mistral", sliding_window=24), tmp_path / "mistral-w24")
-    for load in (lambda: load_model(str(folder)),
-                 lambda: Engine(WorkerConfig(model=str(folder), kv_cache_bytes=1 << 20))):
-        with pytest.raises(ModelLoadError, match="sliding-window attention is not supported yet"):
-            load()
+    then diverged. A worker started on the folder now computes the window: token-identical to
+    transformers, whose output without the window differs."""
+    from kvmesh.workers.models.loader import hf_folder_for
+
+    hf = hf_model("mistral", sliding_window=24)
+    folder = save_folder(hf, tmp_path / "mistral-w24", hf_folder_for("smollm2")[0])
+    assert load_model(str(folder)).config.sliding_window == 24
+    engine = Engine(WorkerConfig(model=str(folder), kv_cache_bytes=1 << 20, page_size=16))
+    prompt = PROMPTS[2]  # 70 tokens
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    expected = hf_greedy(hf, prompt, 16)
+    assert engine.generate([prompt], params) == [expected]
+    assert hf_greedy(hf_model("mistral"), prompt, 16) != expected
+    engine.close()
 
 
 def test_weights_that_do_not_fit_the_config_are_refused():
@@ -121,24 +173,32 @@ def test_kv_identity_covers_the_architecture_and_every_kv_field():
                 config_from_hf(hf_config("mistral", rope_parameters={"rope_type": "default",
                                                                      "rope_theta": 5e5})),
                 config_from_hf(hf_config("mistral", rms_norm_eps=1e-6)),
-                config_from_hf(hf_config("mistral", head_dim=32))]
+                config_from_hf(hf_config("mistral", head_dim=32)),
+                config_from_hf(hf_config("mistral", sliding_window=24)),
+                config_from_hf(hf_config("mistral", sliding_window=23))]
     identities = {base.kv_identity()} | {v.kv_identity() for v in variants}
     assert len(identities) == 1 + len(variants)
     assert json.loads(base.kv_identity())["family"] == "mistral"
     # the EOS ids change no K/V
     assert config_from_hf(hf_config("mistral", eos_token_id=7)).fingerprint == base.fingerprint
+    # which layers slide does
+    qwen2 = [config_from_hf(hf_config("qwen2", use_sliding_window=True, sliding_window=16,
+                                      max_window_layers=layers)) for layers in (0, 1, 2)]
+    assert len({cfg.fingerprint for cfg in qwen2}) == 3
 
 
 def test_models_differing_only_in_config_never_share_a_namespace(tmp_path):
-    """One safetensors file (one weights fingerprint) under one folder name, three config.json:
-    Mistral, the same labelled Llama, and Mistral with another RoPE theta. Each gets its own
-    namespace, so its page keys; loading a folder again keeps its namespace."""
+    """One safetensors file (one weights fingerprint) under one folder name, five config.json:
+    Mistral, the same labelled Llama, Mistral with another RoPE theta, and with sliding windows
+    of 24 and 23. Each gets its own namespace, so its page keys; loading a folder again keeps
+    its namespace."""
     from kvmesh.workers.models.loader import hf_folder_for
 
     original = save_folder(hf_model("mistral"), tmp_path / "a" / "tiny",
                            hf_folder_for("smollm2")[0])
     edits = {"b": {"architectures": ["LlamaForCausalLM"], "model_type": "llama"},
-             "c": {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}}
+             "c": {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
+             "d": {"sliding_window": 24}, "e": {"sliding_window": 23}}
     folders = [original]
     for parent, edit in edits.items():
         folder = tmp_path / parent / "tiny"
@@ -147,9 +207,10 @@ def test_models_differing_only_in_config_never_share_a_namespace(tmp_path):
         (folder / "config.json").write_text(json.dumps({**config, **edit}))
         folders.append(folder)
     loaded = [load_model(str(folder)) for folder in folders]
-    assert [m.config.family for m in loaded] == ["mistral", "llama", "mistral"]
+    assert [m.config.family for m in loaded] == ["mistral", "llama"] + ["mistral"] * 3
+    assert [m.config.sliding_window for m in loaded] == [None, None, None, 24, 23]
     assert len({m.weights_fingerprint for m in loaded}) == 1
-    assert len({m.model_fingerprint for m in loaded}) == 3
+    assert len({m.model_fingerprint for m in loaded}) == 5
 
     def namespace(model):
         engine = Engine(WorkerConfig(model="tiny", kv_cache_bytes=1 << 20), loaded=model)
@@ -157,9 +218,9 @@ def test_models_differing_only_in_config_never_share_a_namespace(tmp_path):
         return engine.namespace()
 
     namespaces = [namespace(m) for m in loaded]
-    assert len({ns.digest for ns in namespaces}) == 3
+    assert len({ns.digest for ns in namespaces}) == 5
     prompt = list(range(40))
-    assert len({ns.page_keys(prompt)[0] for ns in namespaces}) == 3
+    assert len({ns.page_keys(prompt)[0] for ns in namespaces}) == 5
     assert namespace(load_model(str(original))) == namespaces[0]
 
 

@@ -1,5 +1,6 @@
-"""Tiny random models of every supported family (several layers, GQA, odd sizes), made with
-transformers, and greedy references from transformers' `generate` on the same weights. Run as
+"""Tiny random models of every supported family (several layers, GQA, odd sizes; Mistral and
+Qwen2 also with sliding windows shorter than the prompts), made with transformers, and greedy
+references from transformers' `generate` on the same weights. Run as
 a script (`python tiny_models.py [FAMILY...]`) it prints each family's engine (Triton kernels)
 and transformers tokens as JSON: the Triton test runs it with TRITON_INTERPRET=1."""
 
@@ -29,7 +30,12 @@ HF_CONFIG = dict(_COMMON, hidden_size=64, intermediate_size=96, num_hidden_layer
 _QWEN2 = dict(_COMMON, hidden_size=80, intermediate_size=72, num_hidden_layers=3,
               num_attention_heads=5, num_key_value_heads=1,
               rope_parameters={"rope_type": "default", "rope_theta": 1e6})
-# family -> (transformers architecture, its config kwargs)
+_MISTRAL = dict(_COMMON, hidden_size=64, intermediate_size=100, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, sliding_window=None,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+# family -> (transformers architecture, its config kwargs); a family's name is our family
+# (ModelConfig.family) and, after a dash, its variant
+
 FAMILIES: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaForCausalLM", HF_CONFIG),  # llama3 RoPE scaling, untied head
     "qwen2": ("Qwen2ForCausalLM", _QWEN2),  # q/k/v bias, 5 heads over 1 KV head
@@ -38,15 +44,28 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "qwen3": ("Qwen3ForCausalLM", dict(_COMMON, hidden_size=48, intermediate_size=80,
                                        num_hidden_layers=3, num_attention_heads=6,
                                        num_key_value_heads=2, head_dim=32)),
-    "mistral": ("MistralForCausalLM", dict(_COMMON, hidden_size=64, intermediate_size=100,
-                                           num_hidden_layers=3, num_attention_heads=4,
-                                           num_key_value_heads=2, sliding_window=None,
-                                           rope_parameters={"rope_type": "default",
-                                                            "rope_theta": 1e6})),
+    "mistral": ("MistralForCausalLM", _MISTRAL),
+    # sliding windows shorter than the prompts: Mistral's on every layer, of three 8-token
+    # pages and of less than one; Qwen2's of 6 on the layers from max_window_layers (1) on, 6
+    # heads over 3 KV heads (the 1-KV-head Qwen2 above repeats one token on long prompts, with
+    # or without windows)
+    "mistral-w24": ("MistralForCausalLM", dict(_MISTRAL, sliding_window=24)),
+    "mistral-w7": ("MistralForCausalLM", dict(_MISTRAL, sliding_window=7)),
+    "qwen2-w6": ("Qwen2ForCausalLM", dict(_QWEN2, hidden_size=96, num_attention_heads=6,
+                                          num_key_value_heads=3, use_sliding_window=True,
+                                          sliding_window=6, max_window_layers=1)),
 }
-NEW_FAMILIES = ["qwen2", "qwen2-tied", "qwen3", "mistral"]
+# the overrides that turn each windowed family's window off (same weights)
+WINDOWS_OFF = {"mistral-w24": {"sliding_window": None}, "mistral-w7": {"sliding_window": None},
+               "qwen2-w6": {"use_sliding_window": False}}
+NEW_FAMILIES = ["qwen2", "qwen2-tied", "qwen3", "mistral", *WINDOWS_OFF]
 PROMPTS = [[(7 * i + 3) % VOCAB for i in range(n)] for n in (5, 37, 70)]
 NEW = 20
+
+
+def family_of(name: str) -> str:
+    """Our family (ModelConfig.family) of a FAMILIES name ("qwen2-tied" -> "qwen2")."""
+    return name.split("-")[0]
 
 
 def hf_model(family: str = "llama", **overrides):
@@ -107,12 +126,18 @@ def engine_greedy(loaded: LoadedModel, backend: str, prompts: list[list[int]] = 
                                                    ignore_eos=True))
 
 
+def triton_prompts(family: str) -> tuple[list[list[int]], int]:
+    """The prompts and number of new tokens of `triton_run`: Llama's full PROMPTS and NEW; the
+    other families (under the interpreter, ~4x slower a token) two prompts (a prefill in two
+    chunks, batched decodes) and 8 tokens."""
+    return (PROMPTS, NEW) if family == "llama" else (PROMPTS[:2], 8)
+
+
 def triton_run(family: str) -> dict[str, list[list[int]]]:
-    """The engine's tokens through the Triton kernels (backend "triton") and transformers':
-    Llama's full PROMPTS; the other families (under the interpreter, ~4x slower a token) two
-    prompts (a prefill in two chunks, batched decodes) and 8 tokens."""
+    """The engine's tokens through the Triton kernels (backend "triton") and transformers' on
+    `triton_prompts`."""
     hf, loaded = build(family)
-    prompts, new = (PROMPTS, NEW) if family == "llama" else (PROMPTS[:2], 8)
+    prompts, new = triton_prompts(family)
     return {"engine": engine_greedy(loaded, "triton", prompts, new),
             "hf": [hf_greedy(hf, p, new) for p in prompts]}
 

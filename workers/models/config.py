@@ -2,8 +2,10 @@
 
 `ModelConfig.from_hf` takes the fields all our families read the same way and refuses, with a
 ModelLoadError, every config feature no family implements (another activation, RoPE types other
-than default / llama3, partial rotary, mixture-of-experts, per-layer sliding windows). Each
-family (llama.py, qwen2.py, ...) adds its own flags and refusals on top.
+than default / llama3, partial rotary, mixture-of-experts, per-layer attention other than what
+the family computes). Each family (llama.py, qwen2.py, ...) adds its own flags and refusals on
+top: a uniform sliding window (Mistral, `uniform_window`) or one on the layers transformers'
+`layer_types` names (Qwen2/Qwen3, `windows_by_layer_type`).
 """
 
 from __future__ import annotations
@@ -48,9 +50,11 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     qkv_bias: bool = False  # bias on the q, k and v projections (Qwen2)
     qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
-    # a query at position p attends keys at p - sliding_window < k <= p (Mistral); None: all.
-    # Only set where it can matter (smaller than max_position_embeddings).
+    # a query at position p attends keys at p - sliding_window < k <= p on every layer but
+    # full_attention_layers, which attend every earlier key; None: every layer attends every
+    # key. Only set where it can matter (smaller than max_position_embeddings, on some layer).
     sliding_window: int | None = None
+    full_attention_layers: tuple[int, ...] = ()  # sorted layer indices
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -65,18 +69,37 @@ class ModelConfig:
             raise ModelLoadError(f"head_dim {self.head_dim} must be even (RoPE)")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ModelLoadError(f"sliding_window must be >= 1, got {self.sliding_window}")
+        full = self.full_attention_layers
+        if full and (self.sliding_window is None or list(full) != sorted(set(full))
+                     or full[0] < 0 or len(full) >= self.num_layers
+                     or full[-1] >= self.num_layers):
+            raise ModelLoadError(f"full_attention_layers {full} must be sorted distinct layers "
+                                 f"of {self.num_layers}, some left to slide by a window")
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of `layer`; None where it attends every earlier key."""
+        return None if layer in self.full_attention_layers else self.sliding_window
+
+    def attention_span(self, context_len: int) -> int:
+        """The most keys one query attends, on any layer, in a context of context_len tokens
+        (what a split-KV decode shares out)."""
+        if self.sliding_window is None or self.full_attention_layers:
+            return context_len
+        return min(context_len, self.sliding_window)
 
     @classmethod
     def from_hf(cls, hf: Any, family: str, **flags: Any) -> ModelConfig:
         """The shared fields of transformers config `hf`, plus the family's `flags` (qkv_bias,
-        qk_norm, sliding_window). Raises ModelLoadError for a feature no family implements."""
+        qk_norm, sliding_window, full_attention_layers). Raises ModelLoadError for a feature no
+        family implements, and where the attention of each layer that the config declares
+        (`layer_types`) is not what the flags compute."""
         _refuse_unimplemented(hf)
         theta, scaling = _rope(hf)
         eos = getattr(hf, "eos_token_id", None)
         eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (() if eos is None else (eos,))
         try:
             head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-            return cls(
+            cfg = cls(
                 family=family,
                 vocab_size=hf.vocab_size,
                 hidden_size=hf.hidden_size,
@@ -95,6 +118,8 @@ class ModelConfig:
             )
         except (AttributeError, TypeError) as exc:
             raise ModelLoadError(f"{family} config is incomplete: {exc}") from exc
+        _check_layer_types(hf, cfg)
+        return cfg
 
     def kv_identity(self) -> str:
         """Canonical text of every field that changes what a page's K/V are (the family and
@@ -125,13 +150,29 @@ def refuse_flags(hf: Any, *names: str) -> None:
             raise refuse(f"{name}=true", hf)
 
 
-def refuse_sliding_window(hf: Any, cfg: ModelConfig) -> None:
-    """Refuse a config whose sliding window can matter: the paged attention kernels take no
-    window yet. (Once they do, the family passes cfg.sliding_window on instead.)"""
-    if cfg.sliding_window is not None:
-        raise refuse(f"sliding_window={cfg.sliding_window} (shorter than "
-                     f"max_position_embeddings={cfg.max_position_embeddings}): sliding-window "
-                     "attention is not supported yet", hf)
+def uniform_window(hf: Any) -> dict[str, Any]:
+    """The flags of a config whose `sliding_window` applies to every layer (Mistral)."""
+    return {"sliding_window": window_if_effective(hf, getattr(hf, "sliding_window", None))}
+
+
+def windows_by_layer_type(hf: Any) -> dict[str, Any]:
+    """The flags of transformers' per-layer windows (Qwen2, Qwen3): with use_sliding_window the
+    layers `layer_types` names "sliding_attention" (by default those from max_window_layers on)
+    slide by sliding_window, the others attend every key. A config without layer_types
+    (transformers before 5, whose attention implementations applied these windows differently)
+    is refused."""
+    window = (window_if_effective(hf, getattr(hf, "sliding_window", None))
+              if getattr(hf, "use_sliding_window", False) else None)
+    if window is None:
+        return {}
+    layer_types = getattr(hf, "layer_types", None)
+    if not layer_types:
+        raise refuse("use_sliding_window without layer_types (transformers >= 5 names each "
+                     "layer's attention)", hf)
+    full = tuple(i for i, kind in enumerate(layer_types) if kind != "sliding_attention")
+    if len(full) == len(layer_types):
+        return {}
+    return {"sliding_window": window, "full_attention_layers": full}
 
 
 def window_if_effective(hf: Any, window: Any) -> int | None:
@@ -154,10 +195,24 @@ def _refuse_unimplemented(hf: Any) -> None:
     partial = getattr(hf, "partial_rotary_factor", None)
     if partial not in (None, 1, 1.0):
         raise refuse(f"partial_rotary_factor {partial!r}", hf)
-    layer_types = set(getattr(hf, "layer_types", None) or ())
-    if layer_types - {"full_attention"}:
-        raise refuse(f"layer_types {sorted(layer_types)} (sliding-window attention is not "
-                     "supported yet; full attention only)", hf)
+
+
+def _check_layer_types(hf: Any, cfg: ModelConfig) -> None:
+    """Refuse a config whose `layer_types` (transformers' attention of each layer) is not what
+    cfg computes: a "full_attention" layer attends every key, a "sliding_attention" one the
+    config's effective window. Any other kind (chunked, ...), and a pattern the family does not
+    read (Mistral slides every layer alike), is refused."""
+    layer_types = getattr(hf, "layer_types", None)
+    if not layer_types:
+        return
+    window = window_if_effective(hf, getattr(hf, "sliding_window", None))
+    window_of_kind = {"full_attention": None, "sliding_attention": window}
+    if len(layer_types) != cfg.num_layers or any(
+            kind not in window_of_kind or cfg.window_of(i) != window_of_kind[kind]
+            for i, kind in enumerate(layer_types)):
+        computed = [cfg.window_of(i) for i in range(cfg.num_layers)]
+        raise refuse(f"layer_types {list(layer_types)} (the {cfg.family} definition computes "
+                     f"the windows {computed}, None for full attention)", hf)
 
 
 def _rope(hf: Any) -> tuple[float, tuple[tuple[str, Any], ...] | None]:

@@ -41,7 +41,9 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     """Grouped-query attention of one layer. With `cfg.qkv_bias` the q/k/v projection has a
-    bias (Qwen2); with `cfg.qk_norm` q and k are RMS-normalized per head before RoPE (Qwen3)."""
+    bias (Qwen2); with `cfg.qk_norm` q and k are RMS-normalized per head before RoPE (Qwen3);
+    with a sliding window on this layer (`cfg.window_of`) a query attends only the last
+    `sliding_window` keys, itself included (a constant of the model, so CUDA graphs keep it)."""
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -49,6 +51,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         self.scale = cfg.head_dim ** -0.5
+        self.sliding_window = cfg.window_of(layer)
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         # q, k and v in one matmul (weights, and biases, concatenated at load time)
@@ -115,12 +118,13 @@ class Attention(nn.Module):
 
     def _attend(self, q: torch.Tensor, meta: AttentionMetadata, kv_pool: torch.Tensor,
                 ops: AttentionOps) -> torch.Tensor:
+        window = self.sliding_window
         if meta.is_decode:
             splits = {} if meta.num_splits is None else {"num_splits": meta.num_splits}
             return ops.paged_decode(q, kv_pool, self.layer, meta.page_table, meta.seq_lens,
-                                    self.scale, **splits)
+                                    self.scale, sliding_window=window, **splits)
         return ops.paged_prefill(q, kv_pool, self.layer, meta.page_table, meta.cu_seqlens_q,
-                                 meta.seq_lens, self.scale)
+                                 meta.seq_lens, self.scale, sliding_window=window)
 
 
 class GatedMLP(nn.Module):

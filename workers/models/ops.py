@@ -24,6 +24,9 @@ class AttentionMetadata:
 
 @dataclass(frozen=True)
 class AttentionOps:
+    """The paged attention kernels (kernels/) or their torch references. paged_prefill and
+    paged_decode take the layer's `sliding_window` keyword (None: every earlier key)."""
+
     write_kv: Callable[..., None]
     paged_prefill: Callable[..., torch.Tensor]
     paged_decode: Callable[..., torch.Tensor]

@@ -1,13 +1,14 @@
 """Qwen2 / Qwen2.5: Llama's layers with a bias on the q, k and v projections (not on o);
-tied (0.5B-3B) or untied embeddings. `use_sliding_window` is refused (transformers then slides
-the layers from max_window_layers on; our kernels take no window yet)."""
+tied (0.5B-3B) or untied embeddings. With `use_sliding_window` the layers transformers'
+`layer_types` marks "sliding_attention" (by default those from max_window_layers on) slide by
+`sliding_window`; the others attend every key."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from kvmesh.workers.models.causal_lm import CausalLM
-from kvmesh.workers.models.config import ModelConfig, refuse_flags
+from kvmesh.workers.models.config import ModelConfig, windows_by_layer_type
 
 
 class Qwen2ForCausalLM(CausalLM):
@@ -17,5 +18,4 @@ class Qwen2ForCausalLM(CausalLM):
 
     @classmethod
     def config_from_hf(cls, hf: Any) -> ModelConfig:
-        refuse_flags(hf, "use_sliding_window")
-        return ModelConfig.from_hf(hf, cls.family, qkv_bias=True)
+        return ModelConfig.from_hf(hf, cls.family, qkv_bias=True, **windows_by_layer_type(hf))

@@ -156,17 +156,20 @@ class DecodeGraphs:
         cfg = model.config
         self._counters = counters = torch.zeros((cfg.num_layers, n, cfg.num_heads),
                                                 dtype=torch.int32, device=dev)
+        # a query attends at most this many keys (a sliding window caps it on every layer)
+        span = cfg.attention_span(max_model_len)
         for bs in reversed(self.sizes):
-            splits = num_kv_splits(bs, decode_kv_blocks(kv_pool), max_model_len,
+            splits = num_kv_splits(bs, decode_kv_blocks(kv_pool), span,
                                    ctas_per_sm=decode_ctas_per_sm(kv_pool.shape[5]))
 
-            def decode(q, pool_, layer, table, lens, scale, _splits=splits):
+            def decode(q, pool_, layer, table, lens, scale, sliding_window=None, _splits=splits):
                 rows, heads, dim = q.shape
                 workspace = DecodeWorkspace(
                     q.new_empty((rows, heads, _splits, dim), dtype=torch.float32),
                     q.new_empty((rows, heads, _splits), dtype=torch.float32), counters[layer])
                 return base_ops.paged_decode(q, pool_, layer, table, lens, scale,
-                                             num_splits=_splits, workspace=workspace)
+                                             num_splits=_splits, workspace=workspace,
+                                             sliding_window=sliding_window)
 
             model.ops = AttentionOps(base_ops.write_kv, base_ops.paged_prefill, decode)
             try:

@@ -229,11 +229,13 @@ class ModelRunner:
         return StepTokens(tokens.cpu())
 
     def _splits(self, seq_lens: list[int]) -> int | None:
-        """Split-KV count for a decode-style launch, chosen on the host (no sync per layer)."""
+        """Split-KV count for a decode-style launch, chosen on the host (no sync per layer)
+        for the keys each query attends (at most a sliding window of them)."""
         if self._num_kv_splits is None:
             return None
+        spans = [self.model.config.attention_span(n) for n in seq_lens]
         return self._num_kv_splits(len(seq_lens), decode_kv_blocks(self.kv_pool),
-                                   max(seq_lens), total_tokens=sum(seq_lens),
+                                   max(spans), total_tokens=sum(spans),
                                    ctas_per_sm=decode_ctas_per_sm(self.kv_pool.shape[5]))
 
     def _page_table(self, page_rows: list[list[int]]) -> torch.Tensor:
