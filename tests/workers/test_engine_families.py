@@ -1,12 +1,12 @@
 """Every family beside Llama (Qwen2 with and without tied embeddings, Qwen3, Mistral without a
-window), and the sliding windows shorter than the prompts (Mistral's of 24 and 7 on every layer,
-Qwen2's of 6 on its last two layers), each a tiny random model saved as a Hugging Face folder and
-loaded through `load_model`: greedy output in fp32 on CPU token-identical to transformers'
-generate cold, with the prefix from the device cache, from the host tier, from the store written
-by another worker process, and under preemption; the windows also over 16-token pages with
-prompts of 60+ tokens. (SmolLM2 runs the same cases for Llama in test_engine_greedy and
-test_engine_store; test_engine_tiny runs every family through the Triton kernels and checks that
-transformers' output changes with each window.)"""
+window), and sliding windows shorter than the prompts (Mistral's of 24 and 7 on every layer,
+Qwen2's of 6 and Qwen3's of 10 on their last two layers), each a tiny random model saved as a
+Hugging Face folder and loaded through `load_model`: greedy output in fp32 on CPU
+token-identical to transformers' generate cold, with the prefix from the device cache, from the
+host tier, from the store written by another worker process, and under preemption; the windows
+also over 16-token pages with prompts of 60+ tokens. (SmolLM2 runs the same cases for Llama in
+test_engine_greedy and test_engine_store; test_engine_tiny runs every family through the Triton
+kernels and checks that transformers' output changes with each window.)"""
 
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
 """A tiny random model of each family against transformers' generate on the same weights
 (Llama: llama3 RoPE, GQA, untied head; Qwen2 with q/k/v bias, tied and untied; Qwen3 with q/k
 norm and an explicit head_dim; Mistral without a window, and with sliding windows of 24 and 7
-on every layer; Qwen2 with a window of 6 on its last two layers): through the torch reference
-attention, in continued multi-step windows, and through the Triton kernels (the CUDA path's
-ops: skinny matmuls, fused norms, RoPE fused into the cache write) under TRITON_INTERPRET=1 in
-one subprocess for every family. transformers' own output changes with each window (and with
-the window one longer or shorter), so matching it checks the window exactly."""
+on every layer; Qwen2 and Qwen3 with windows of 6 and 10 on their last two layers): through
+the torch reference attention, in continued multi-step windows, and through the Triton kernels
+(the CUDA path's ops: skinny matmuls, fused norms, RoPE fused into the cache write) under
+TRITON_INTERPRET=1 in one subprocess for every family. transformers' own output changes with
+each window (and with the window one longer or shorter), so matching it checks the window
+exactly."""
 
 from __future__ import annotations
 

@@ -30,6 +30,8 @@ HF_CONFIG = dict(_COMMON, hidden_size=64, intermediate_size=96, num_hidden_layer
 _QWEN2 = dict(_COMMON, hidden_size=80, intermediate_size=72, num_hidden_layers=3,
               num_attention_heads=5, num_key_value_heads=1,
               rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+_QWEN3 = dict(_COMMON, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+              num_attention_heads=6, num_key_value_heads=2, head_dim=32)
 _MISTRAL = dict(_COMMON, hidden_size=64, intermediate_size=100, num_hidden_layers=3,
                 num_attention_heads=4, num_key_value_heads=2, sliding_window=None,
                 rope_parameters={"rope_type": "default", "rope_theta": 1e6})
@@ -41,23 +43,24 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "qwen2": ("Qwen2ForCausalLM", _QWEN2),  # q/k/v bias, 5 heads over 1 KV head
     "qwen2-tied": ("Qwen2ForCausalLM", dict(_QWEN2, tie_word_embeddings=True)),
     # head_dim 32, not hidden / heads (8); per-head q/k norm
-    "qwen3": ("Qwen3ForCausalLM", dict(_COMMON, hidden_size=48, intermediate_size=80,
-                                       num_hidden_layers=3, num_attention_heads=6,
-                                       num_key_value_heads=2, head_dim=32)),
+    "qwen3": ("Qwen3ForCausalLM", _QWEN3),
     "mistral": ("MistralForCausalLM", _MISTRAL),
     # sliding windows shorter than the prompts: Mistral's on every layer, of three 8-token
-    # pages and of less than one; Qwen2's of 6 on the layers from max_window_layers (1) on, 6
-    # heads over 3 KV heads (the 1-KV-head Qwen2 above repeats one token on long prompts, with
-    # or without windows)
+    # pages and of less than one; Qwen2's of 6 and Qwen3's of 10 on the layers from
+    # max_window_layers (1) on, Qwen2 with 6 heads over 3 KV heads (the 1-KV-head Qwen2 above
+    # repeats one token on long prompts, with or without windows)
     "mistral-w24": ("MistralForCausalLM", dict(_MISTRAL, sliding_window=24)),
     "mistral-w7": ("MistralForCausalLM", dict(_MISTRAL, sliding_window=7)),
     "qwen2-w6": ("Qwen2ForCausalLM", dict(_QWEN2, hidden_size=96, num_attention_heads=6,
                                           num_key_value_heads=3, use_sliding_window=True,
                                           sliding_window=6, max_window_layers=1)),
+    "qwen3-w10": ("Qwen3ForCausalLM", dict(_QWEN3, use_sliding_window=True, sliding_window=10,
+                                           max_window_layers=1)),
 }
 # the overrides that turn each windowed family's window off (same weights)
 WINDOWS_OFF = {"mistral-w24": {"sliding_window": None}, "mistral-w7": {"sliding_window": None},
-               "qwen2-w6": {"use_sliding_window": False}}
+               "qwen2-w6": {"use_sliding_window": False},
+               "qwen3-w10": {"use_sliding_window": False}}
 NEW_FAMILIES = ["qwen2", "qwen2-tied", "qwen3", "mistral", *WINDOWS_OFF]
 PROMPTS = [[(7 * i + 3) % VOCAB for i in range(n)] for n in (5, 37, 70)]
 NEW = 20
