@@ -132,6 +132,9 @@ class TierLookup(SchedulerConnector):
                     fetched, staged = self._host_stage(ns, keys[start:], page_tokens[start:])
                 else:
                     fetched = self._store_get(keys[start:])
+                    if not fetched.leading():  # the store holds not even the first one
+                        fetched.release()
+                        break
                     staged = self._stage(fetched, ns, keys[start:], page_tokens[start:])
             except Exception:  # e.g. no device memory: a miss, not a failed step
                 log.warning("loading pages from the %s tier failed", name, exc_info=True)
