@@ -50,7 +50,7 @@ class Row:
     ttft_ms: float  # p50 over repeats
     second_token_ms: float
     e2e_ms: float
-    decode_tok_s: float  # output tokens after the first / time after the first
+    decode_tok_s: float  # output tokens after the second / time after the second
     handoff_wait_ms: float  # mean, disaggregated only
     transfer_ms: float  # mean first token -> decode worker's first token, disaggregated only
     transfer_gb_s: float
@@ -127,8 +127,9 @@ def measure(stack: Stack, mode: str, prompt_len: int, args: argparse.Namespace,
     after = stack.metrics()
     delta = {k: after[k] - before[k] for k in PD_METRICS}
     p50 = lambda key: statistics.median(r[key] for r in runs) * 1000  # noqa: E731
-    decode = [(r["num_tokens"] - 1) / (r["end"] - r["first"]) for r in runs
-              if r["end"] > r["first"]]
+    # from the second token on: the decode worker's own rate (the first came from elsewhere)
+    decode = [(r["num_tokens"] - 2) / (r["end"] - r["second"]) for r in runs
+              if r["end"] > r["second"] and r["num_tokens"] > 2]
     count = delta["kvmesh:pd_transfer_seconds_count"]
     transfer_s = delta["kvmesh:pd_transfer_seconds_sum"] / count if count else 0.0
     num_pd = delta["kvmesh:pd_requests_total"]
