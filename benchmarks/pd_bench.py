@@ -172,6 +172,8 @@ def main() -> int:
     parser.add_argument("--worker-arg", action="append", default=[],
                         help="extra `kvmesh worker` argument for both stacks (repeat)")
     parser.add_argument("--host-tier-bytes", type=int, default=512 << 20)
+    parser.add_argument("--modes", default="colocated,pd store,pd push",
+                        help="comma list of the stacks to run")
     parser.add_argument("--out", type=Path, default=None, help="folder for rows.csv / rows.json")
     args = parser.parse_args()
     rng = random.Random(0)
@@ -185,7 +187,7 @@ def main() -> int:
               "pd store": [*pd, "--router-arg=--pd-transfer=store"],
               "pd push": [*pd, "--router-arg=--pd-transfer=push"]}
     rows: list[Row] = []
-    for mode, extra in setups.items():
+    for mode, extra in ((m, setups[m]) for m in args.modes.split(",")):
         name = mode.replace(" ", "-")
         stack = Stack([*common, *extra, "--data-dir", str(tmp / name)], tmp / f"{name}.log")
         try:
