@@ -1,6 +1,6 @@
 """Cache write: scatter new K/V rows into their pages through a slot mapping (`write_kv`), or
-finish a fused q/k/v projection in one launch: RoPE, then k and v into their pages
-(`rope_write_kv`)."""
+finish a fused q/k/v projection in one launch: the optional per-head RMSNorm of q and k (Qwen3),
+RoPE, then k and v into their pages (`rope_write_kv`)."""
 
 from __future__ import annotations
 
@@ -69,13 +69,29 @@ def write_kv(kv_pool: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor
 
 
 @triton.jit
+def _rms_norm_heads(lo, hi, weight_ptr, dims, eps, HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Each head RMS-normalized and scaled by weight [HEAD_DIM] (in the pool's dtype), rounded as
+    kernels/fused.py's rms_norm rounds a row. lo, hi: [BLOCK_H, BLOCK_HALF] fp32 halves of the
+    heads, 0 in masked lanes (so they add nothing to a head's sum of squares)."""
+    dtype = weight_ptr.dtype.element_ty
+    inv_rms = tl.rsqrt((tl.sum(lo * lo, axis=1) + tl.sum(hi * hi, axis=1)) / HEAD_DIM + eps)
+    dim_mask = dims < HALF
+    weight_lo = tl.load(weight_ptr + dims, mask=dim_mask, other=0.0).to(tl.float32)
+    weight_hi = tl.load(weight_ptr + HALF + dims, mask=dim_mask, other=0.0).to(tl.float32)
+    # normalize in fp32, round to dtype, scale by the weight in dtype (LlamaRMSNorm's order)
+    lo = (lo * inv_rms[:, None]).to(dtype).to(tl.float32) * weight_lo[None, :]
+    hi = (hi * inv_rms[:, None]).to(dtype).to(tl.float32) * weight_hi[None, :]
+    return lo.to(dtype).to(tl.float32), hi.to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _rope_write_kv_kernel(
-    qkv_ptr, positions_ptr, cos_ptr, sin_ptr, pool_ptr, slot_ptr, q_ptr,
+    qkv_ptr, positions_ptr, cos_ptr, sin_ptr, pool_ptr, slot_ptr, q_ptr, q_norm_ptr, k_norm_ptr,
     stride_split, stride_qkv_tok, stride_cos, stride_sin, stride_q_tok, stride_q_head,
-    stride_page, stride_token, stride_head, layer_kv_offset, v_offset,
+    stride_page, stride_token, stride_head, layer_kv_offset, v_offset, norm_eps,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr, NUM_PARTIALS: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, HAS_QK_NORM: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl_wait(USE_PDL)
     # Grid: (num_tokens, 3): the q heads, the k heads or the v heads of one token.
@@ -103,6 +119,11 @@ def _rope_write_kv_kernel(
         lo = tl.load(src, mask=mask, other=0.0).to(tl.float32)
         hi = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
     if part < 2:  # q and k rotate: x * cos + rotate_half(x) * sin (as kernels/rotary.py)
+        if HAS_QK_NORM:  # first each head's RMSNorm, q's and k's own weights (Qwen3)
+            if part == 0:
+                lo, hi = _rms_norm_heads(lo, hi, q_norm_ptr, dims, norm_eps, half, HEAD_DIM)
+            else:
+                lo, hi = _rms_norm_heads(lo, hi, k_norm_ptr, dims, norm_eps, half, HEAD_DIM)
         pos = tl.load(positions_ptr + tok).to(tl.int64)
         dim_mask = dims < half
         cos_lo = tl.load(cos_ptr + pos * stride_cos + dims, mask=dim_mask, other=0.0)
@@ -125,7 +146,10 @@ def _rope_write_kv_kernel(
 def rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
                   sin_cache: torch.Tensor, kv_pool: torch.Tensor, layer: int,
                   slot_mapping: torch.Tensor, num_heads: int,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, *,
+                  q_norm_weight: torch.Tensor | None = None,
+                  k_norm_weight: torch.Tensor | None = None,
+                  norm_eps: float = 1e-6) -> torch.Tensor:
     """The rest of a fused q/k/v projection in one launch: RoPE on q and k, k and v written into
     kv_pool[:, layer] at slot_mapping (mutates kv_pool); returns q [num_tokens, num_heads,
     head_dim] in the pool's dtype (into out, if given).
@@ -135,6 +159,10 @@ def rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.T
     summed and rounded to the pool's dtype first. positions: [num_tokens] int64;
     cos_cache, sin_cache: [max_positions, head_dim] fp32. As `write_kv` and `rotary`, slots and
     positions are not checked on the device.
+
+    With q_norm_weight and k_norm_weight ([head_dim] in the pool's dtype, both or neither),
+    each head of q and of k is first RMS-normalized (eps norm_eps) and scaled by its weight,
+    rounded as `kernels.fused.rms_norm` rounds (Qwen3's q_norm / k_norm before RoPE); v is not.
     """
     num_pages, num_layers, _, page_size, num_kv_heads, head_dim = kv_pool.shape
     width = (num_heads + 2 * num_kv_heads) * head_dim
@@ -169,19 +197,41 @@ def rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.T
     elif out.shape != (num_tokens, num_heads, head_dim) or out.dtype != kv_pool.dtype \
             or out.stride(2) != 1:
         raise ValueError(f"out must be [{num_tokens}, {num_heads}, {head_dim}] {kv_pool.dtype}")
+    has_qk_norm = _check_qk_norm(q_norm_weight, k_norm_weight, norm_eps, kv_pool)
     if num_tokens == 0:
         return out
     block_h = triton.next_power_of_2(max(num_heads, num_kv_heads))
     block_half = triton.next_power_of_2(head_dim // 2)
     _rope_write_kv_kernel[(num_tokens, 3)](
         qkv, positions, cos_cache, sin_cache, kv_pool, slot_mapping, out,
+        q_norm_weight if has_qk_norm else out, k_norm_weight if has_qk_norm else out,
         qkv.stride(0) if num_partials else 0, qkv.stride(-2), cos_cache.stride(0),
         sin_cache.stride(0), out.stride(0), out.stride(1),
         kv_pool.stride(0), kv_pool.stride(3), kv_pool.stride(4),
-        layer * kv_pool.stride(1), kv_pool.stride(2),
+        layer * kv_pool.stride(1), kv_pool.stride(2), float(norm_eps),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         PAGE_SIZE=page_size, NUM_PARTIALS=num_partials, BLOCK_H=block_h,
-        BLOCK_HALF=block_half, num_warps=num_warps_for(block_h * block_half),
+        BLOCK_HALF=block_half, HAS_QK_NORM=has_qk_norm,
+        num_warps=num_warps_for(block_h * block_half),
         **pdl_args(kv_pool.device),
     )
     return out
+
+
+def _check_qk_norm(q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None,
+                   norm_eps: float, kv_pool: torch.Tensor) -> bool:
+    """Whether rope_write_kv normalizes q and k: both weights given, each [head_dim] in the
+    pool's dtype on its device, contiguous; eps finite and >= 0."""
+    if q_norm_weight is None and k_norm_weight is None:
+        return False
+    if q_norm_weight is None or k_norm_weight is None:
+        raise ValueError("q_norm_weight and k_norm_weight go together: give both or neither")
+    head_dim = kv_pool.shape[5]
+    for name, weight in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+        if weight.shape != (head_dim,) or weight.dtype != kv_pool.dtype \
+                or weight.device != kv_pool.device or weight.stride(0) != 1:
+            raise ValueError(f"{name} must be a contiguous [{head_dim}] {kv_pool.dtype} tensor "
+                             f"on {kv_pool.device}, got {tuple(weight.shape)} {weight.dtype}")
+    if not 0.0 <= norm_eps < float("inf"):
+        raise ValueError(f"norm_eps must be finite and >= 0, got {norm_eps}")
+    return True

@@ -1,5 +1,6 @@
 """Cache write kernels: exact scatter through a slot mapping, int64 index math; RoPE and the
-cache write of a fused q/k/v projection (`rope_write_kv`) vs its unfused torch and Triton chains."""
+cache write of a fused q/k/v projection (`rope_write_kv`) vs its unfused torch and Triton chains,
+with and without Qwen3's per-head q/k RMSNorm before RoPE."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from paged_kv_data import DEVICE, round_like_kernel, sum_partials
+from paged_kv_data import DEVICE, TOLERANCE, round_like_kernel, sum_partials
 
 from kvmesh.kernels import (
     paged_decode,
     paged_decode_ref,
+    rms_norm_ref,
     rotary,
     rotary_ref,
     write_kv,
@@ -265,4 +267,104 @@ def test_rope_write_kv_rejects_bad_input():
         call(out=torch.empty(5, num_heads, 16, device=DEVICE))
     with pytest.raises(ValueError, match="out must be"):
         call(out=torch.empty(5, num_heads - 1, 16, dtype=torch.bfloat16, device=DEVICE))
+    assert pool.isnan().all()  # no rejected call wrote
+
+
+# ---- rope_write_kv with Qwen3's per-head q/k RMSNorm ------------------------------------------
+
+
+def rope_tables_of(head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real NeoX cos/sin tables [MAX_POSITIONS, head_dim] (theta 10^6, as Qwen3): |cos|, |sin|
+    <= 1, so the rotation does not magnify the norm's last-ulp rounding differences."""
+    inv_freq = 1e6 ** -(torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.arange(MAX_POSITIONS).float()[:, None] * inv_freq[None]
+    angles = torch.cat((angles, angles), -1)
+    return angles.cos().to(DEVICE), angles.sin().to(DEVICE)
+
+
+def qk_norm_weights(head_dim: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    """q's and k's [head_dim] weights: different, far from 1, so a swap or a skip shows."""
+    gen = torch.Generator().manual_seed(seed)
+    return [(0.5 + 1.5 * torch.rand(head_dim, generator=gen)).to(dtype).to(DEVICE)
+            for _ in range(2)]
+
+
+NORM_EPS = 0.1  # against unit-variance heads, large enough that a missing eps shows
+
+
+def rms_norm_heads_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """rms_norm_ref (transformers' RMSNorm) of each head of x [num_tokens, heads, head_dim],
+    with its two roundings to dtype done as a kernel's `.to(dtype)` does them (so the
+    interpreter's bf16 truncation is not amplified by the rotation that follows)."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    normed = round_like_kernel(rows * torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + NORM_EPS),
+                               x.dtype)
+    return round_like_kernel(weight.float() * normed.float(), x.dtype).view(x.shape)
+
+
+def assert_norm_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Per-dtype tolerance of the kernel tests: the norm's fp32 sum and rsqrt may differ from
+    torch's in the last bit, which can move a rounding to dtype by an ulp."""
+    atol, rtol = TOLERANCE[actual.dtype]
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", ROPE_DTYPES)
+@pytest.mark.parametrize("splits", [None, 3], ids=["plain", "partials3"])
+@pytest.mark.parametrize("heads", ROPE_HEADS, ids=lambda h: "h{}kv{}d{}".format(*h))
+@pytest.mark.parametrize("num_tokens", [1, 19])
+def test_rope_write_kv_with_qk_norm_matches_norm_rotary_write(num_tokens, heads, splits, dtype):
+    num_heads, num_kv_heads, head_dim = heads
+    qkv, positions, _, _, pool, slots = rope_inputs(num_tokens, *heads, dtype, splits,
+                                                    seed=num_tokens + 7)
+    cos_cache, sin_cache = rope_tables_of(head_dim)
+    q_weight, k_weight = qk_norm_weights(head_dim, dtype, seed=head_dim)
+    ref_pool, plain_pool = pool.clone(), pool.clone()
+    q = rope_write_kv(qkv, positions, cos_cache, sin_cache, pool, 1, slots, num_heads,
+                      q_norm_weight=q_weight, k_norm_weight=k_weight, norm_eps=NORM_EPS)
+
+    # torch: RMSNorm of each head (rows of [tokens * heads, head_dim]), RoPE, cache write
+    ref_q, ref_k, ref_v = split_qkv(qkv, *heads, dtype)
+    if dtype != torch.bfloat16 or DEVICE != "cpu":  # rounds to nearest: rms_norm_ref's bits
+        rows = ref_q.reshape(-1, head_dim)
+        assert torch.equal(rms_norm_heads_ref(ref_q, q_weight),
+                           rms_norm_ref(rows, q_weight, NORM_EPS).view(ref_q.shape))
+    ref_q, ref_k = rms_norm_heads_ref(ref_q, q_weight), rms_norm_heads_ref(ref_k, k_weight)
+    rotary_ref(ref_q, ref_k, positions, cos_cache, sin_cache)
+    write_kv_ref(ref_pool, 1, ref_k, ref_v, slots)
+    assert_norm_close(q, ref_q)
+    assert_norm_close(pool, ref_pool)  # written slots, and NaN everywhere else
+    assert_bitwise_equal(pool[:, 1, 1], ref_pool[:, 1, 1])  # v is neither normed nor rotated
+    assert pool[:, 0].isnan().all()
+
+    # the norm is what changed q and k: without it they are the plain rotation
+    plain_q = rope_write_kv(qkv, positions, cos_cache, sin_cache, plain_pool, 1, slots,
+                            num_heads)
+    assert not torch.allclose(plain_q.float(), q.float(), atol=0.1)
+    assert not torch.allclose(plain_pool[:, 1, 0].nan_to_num().float(),
+                              pool[:, 1, 0].nan_to_num().float(), atol=0.1)
+
+
+def test_rope_write_kv_rejects_bad_qk_norm():
+    num_heads, head_dim = 6, 16
+    qkv, positions, cos_cache, sin_cache, pool, slots = rope_inputs(
+        5, num_heads, 2, head_dim, torch.bfloat16, None, seed=0)
+    weight = torch.ones(head_dim, dtype=torch.bfloat16, device=DEVICE)
+
+    def call(q_weight=weight, k_weight=weight, eps=1e-6):
+        rope_write_kv(qkv, positions, cos_cache, sin_cache, pool, 1, slots, num_heads,
+                      q_norm_weight=q_weight, k_norm_weight=k_weight, norm_eps=eps)
+
+    with pytest.raises(ValueError, match="both or neither"):
+        call(k_weight=None)
+    with pytest.raises(ValueError, match="q_norm_weight must be"):
+        call(q_weight=weight.float())  # not the pool's dtype
+    with pytest.raises(ValueError, match="k_norm_weight must be"):
+        call(k_weight=weight[:-2])
+    with pytest.raises(ValueError, match="k_norm_weight must be"):
+        call(k_weight=torch.ones(2 * head_dim, dtype=torch.bfloat16, device=DEVICE)[::2])
+    with pytest.raises(ValueError, match="norm_eps"):
+        call(eps=-1.0)
+    with pytest.raises(ValueError, match="norm_eps"):
+        call(eps=float("nan"))
     assert pool.isnan().all()  # no rejected call wrote
