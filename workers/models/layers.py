@@ -71,7 +71,7 @@ class Attention(nn.Module):
         if few is not None:
             q = few.rope_write_kv(self._few_row_qkv(x, few), rope.positions, rope.cos_cache,
                                   rope.sin_cache, kv_pool, self.layer, meta.slot_mapping,
-                                  self.num_heads)
+                                  self.num_heads, **self._qk_norm_args())
             out = self._attend(q, meta, kv_pool, ops)
             return few.linear_partials(out.reshape(num_tokens, self.q_size), self.o_proj.weight)
         q, k, v = self._split(self.qkv_proj(x))
@@ -98,23 +98,20 @@ class Attention(nn.Module):
                 self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape))
 
     def _few_row_qkv(self, x: torch.Tensor, few: FewRowOps) -> torch.Tensor:
-        """What rope_write_kv takes: the projection's split-K partials (the bias, if any, added
-        to the first split); with q/k norm, which must see the summed rows, the projection
-        itself [num_tokens, q_size + 2 * kv_size] with q and k normalized in place."""
-        bias = self.qkv_proj.bias
-        if self.q_norm is None:
-            partials = few.linear_partials(x, self.qkv_proj.weight)
-            if bias is not None:
-                partials[0].add_(bias)
-            return partials
-        qkv = few.linear(x, self.qkv_proj.weight)
-        if bias is not None:
-            qkv.add_(bias)
-        q, k, _ = self._split(qkv)
-        q_normed, k_normed = self._norm_qk(q, k)
-        q.copy_(q_normed)
-        k.copy_(k_normed)
-        return qkv
+        """What rope_write_kv takes: the projection's split-K partials, the bias (if any) added
+        to the first split."""
+        partials = few.linear_partials(x, self.qkv_proj.weight)
+        if self.qkv_proj.bias is not None:
+            partials[0].add_(self.qkv_proj.bias)
+        return partials
+
+    def _qk_norm_args(self) -> dict[str, torch.Tensor | float]:
+        """rope_write_kv's keywords for the q/k norm, which it applies to each head before RoPE
+        (none without q/k norm)."""
+        if self.q_norm is None or self.k_norm is None:
+            return {}
+        return {"q_norm_weight": self.q_norm.weight, "k_norm_weight": self.k_norm.weight,
+                "norm_eps": self.q_norm.eps}
 
     def _attend(self, q: torch.Tensor, meta: AttentionMetadata, kv_pool: torch.Tensor,
                 ops: AttentionOps) -> torch.Tensor:

@@ -37,15 +37,16 @@ class FewRowOps:
     """A forward over at most max_rows tokens (a decode step) reads every weight once at memory
     speed (kernels/skinny_gemm.py). The q/k/v, o and down projections hand fp32 split-K partials
     to their consumer, which sums them as it reads: q/k/v to `rope_write_kv` (kernels/
-    cache_write.py: RoPE and the cache write in one launch), o and down to the next residual
-    RMSNorm; gate/up applies SiLU-and-mul in its epilogue."""
+    cache_write.py: the optional per-head q/k RMSNorm, RoPE and the cache write in one launch),
+    o and down to the next residual RMSNorm; gate/up applies SiLU-and-mul in its epilogue."""
 
     max_rows: int
     linear: Callable[..., torch.Tensor]  # (x, w) -> x @ w^T
     linear_partials: Callable[..., torch.Tensor]  # (x, w) -> [splits, rows, N] fp32
     gated: Callable[..., torch.Tensor]  # (x, [gate; up]) -> silu(x @ gate^T) * (x @ up^T)
     # (qkv or its partials, positions, cos_cache, sin_cache, kv_pool, layer, slot_mapping,
-    #  num_heads) -> q [rows, num_heads, head_dim]; writes k and v into kv_pool
+    #  num_heads, *, q_norm_weight=None, k_norm_weight=None, norm_eps) -> q [rows, num_heads,
+    #  head_dim]; writes k and v into kv_pool
     rope_write_kv: Callable[..., torch.Tensor]
 
 
