@@ -153,7 +153,7 @@ def test_router_probe_uses_the_socket_with_the_same_scopes(server):
             found = [await probe.num_pages(ns, TOKENS) for ns in (NS, ALICE_NS)]
         finally:
             await probe.close()
-        return found, metrics.store_lookup_errors.values, probe._socket is not None
+        return found, metrics.store_lookup_errors.samples(), probe._socket is not None
 
     def run(token: str) -> tuple[list[int], dict, bool]:
         got = asyncio.run(body(token))
