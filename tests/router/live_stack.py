@@ -4,6 +4,7 @@ reads its listening line; `Stack` is a store, workers (two by default) and a rou
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import re
@@ -71,6 +72,19 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.kill()
         self._log.close()
+
+
+def sse_events(url: str, body: dict, headers: dict[str, str]) -> Iterator[dict]:
+    """The data events of a streamed POST to `url` (an OpenAI-style SSE response), each
+    checked to be no error."""
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=120) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: "):])
+            assert "error" not in event, event
+            yield event
 
 
 @dataclass

@@ -6,11 +6,9 @@ decode worker killed before its first token is replaced by the other one."""
 
 from __future__ import annotations
 
-import json
-
 import httpx
 import pytest
-from live_stack import running_stack
+from live_stack import running_stack, sse_events
 
 from kvmesh.workers.engine.sampling_params import SamplingParams
 from kvmesh.workers.service.client import WorkerClient
@@ -56,18 +54,11 @@ def _complete(stack, prompt: list[int], stream: bool, on_chunk=None) -> tuple[st
         return data["choices"][0]["text"], data["usage"]
     body["stream_options"] = {"include_usage": True}
     text, usage = "", {}
-    with httpx.stream("POST", stack.url + "/v1/completions", json=body, headers=HEADERS,
-                      timeout=120) as response:
-        assert response.status_code == 200
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[len("data: "):])
-            assert "error" not in event, event
-            text += "".join(choice["text"] for choice in event["choices"])
-            usage = event.get("usage") or usage
-            if on_chunk is not None:
-                on_chunk()
+    for event in sse_events(stack.url + "/v1/completions", body, HEADERS):
+        text += "".join(choice["text"] for choice in event["choices"])
+        usage = event.get("usage") or usage
+        if on_chunk is not None:
+            on_chunk()
     return text, usage
 
 

@@ -5,11 +5,9 @@ undisturbed run. Real store, two real SmolLM2 workers and a real router."""
 
 from __future__ import annotations
 
-import json
-
 import httpx
 import pytest
-from live_stack import Proc, running_stack
+from live_stack import Proc, running_stack, sse_events
 
 from kvmesh.workers.service.client import WorkerClient
 
@@ -31,22 +29,15 @@ def _stream(url: str, on_chunk=None) -> tuple[str, dict, list[str]]:
     body = {"prompt": PROMPT, "max_tokens": NUM_TOKENS, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     text, usage, finishes, num_chunks = "", {}, [], 0
-    with httpx.stream("POST", url + "/v1/completions", json=body, headers=HEADERS,
-                      timeout=120) as response:
-        assert response.status_code == 200
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[len("data: "):])
-            assert "error" not in event, event
-            for choice in event["choices"]:
-                text += choice["text"]
-                if choice.get("finish_reason"):
-                    finishes.append(choice["finish_reason"])
-            usage = event.get("usage") or usage
-            num_chunks += 1
-            if on_chunk is not None:
-                on_chunk(num_chunks)
+    for event in sse_events(url + "/v1/completions", body, HEADERS):
+        for choice in event["choices"]:
+            text += choice["text"]
+            if choice.get("finish_reason"):
+                finishes.append(choice["finish_reason"])
+        usage = event.get("usage") or usage
+        num_chunks += 1
+        if on_chunk is not None:
+            on_chunk(num_chunks)
     return text, usage, finishes
 
 
