@@ -207,6 +207,7 @@ def attach_store(engine: Engine, nbytes: int) -> tuple[str, object]:
         return "grpc-loopback", server
     except Exception as exc:  # no kvmesh.v1 / grpc extras on this machine
         print(f"store over gRPC unavailable ({exc!r}); using the in-process page API", flush=True)
+    from kvmesh.cachestore.codec import encode_page
     from kvmesh.cachestore.shm.page_lease import PageLease  # (needs no generated gRPC code)
     from kvmesh.cachestore.store.page_access import PageAccess
     from kvmesh.cachestore.store.tiered import TieredStore
@@ -223,6 +224,10 @@ def attach_store(engine: Engine, nbytes: int) -> tuple[str, object]:
 
         def put_encoded_pages(self, pages):
             return access.put(pages)
+
+        def put_pages_from(self, namespace, pages):
+            return access.put([(key, encode_page(namespace, key, token_ids, payload))
+                               for key, token_ids, payload in pages])
 
     engine.attach_store(InProcessStore())
     return "in-process", None

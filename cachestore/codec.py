@@ -96,16 +96,14 @@ def page_nbytes(ns: Namespace) -> int:
     return header_nbytes(ns.page_size) + ns.page_nbytes
 
 
-def encode_page(ns: Namespace, key: bytes, token_ids: bytes, payload: bytes | memoryview) -> bytes:
-    """One encoded page. `token_ids` are the page's little-endian int32 bytes; `payload` is
-    exactly `ns.page_nbytes` bytes. Returns a new bytes object (header + payload)."""
+def encode_header(ns: Namespace, key: bytes, token_ids: bytes, payload_checksum: int) -> bytes:
+    """The header of a page of `ns` (every byte before its payload), for a caller that writes
+    the payload itself (e.g. straight into a store's slot): `token_ids` are the page's
+    little-endian int32 bytes, `payload_checksum` the payload's xxh3_64 (`checksum`)."""
     if len(key) != KEY_NBYTES:
         raise ValueError(f"page key must be {KEY_NBYTES} bytes, got {len(key)}")
     if len(token_ids) != 4 * ns.page_size:
         raise ValueError(f"page needs {ns.page_size} token ids, got {len(token_ids) // 4}")
-    payload = memoryview(payload).cast("B")
-    if payload.nbytes != ns.page_nbytes:
-        raise ValueError(f"page payload must be {ns.page_nbytes} bytes, got {payload.nbytes}")
     fixed = _FIXED.pack(
         MAGIC,
         LAYOUT_VERSION,
@@ -117,10 +115,19 @@ def encode_page(ns: Namespace, key: bytes, token_ids: bytes, payload: bytes | me
         ns.page_size,
         ns.num_kv_heads,
         ns.head_dim,
-        payload.nbytes,
-        checksum(payload),
+        ns.page_nbytes,
+        payload_checksum,
     )
-    return b"".join((fixed, token_ids, payload))
+    return fixed + bytes(token_ids)
+
+
+def encode_page(ns: Namespace, key: bytes, token_ids: bytes, payload: bytes | memoryview) -> bytes:
+    """One encoded page. `token_ids` are the page's little-endian int32 bytes; `payload` is
+    exactly `ns.page_nbytes` bytes. Returns a new bytes object (header + payload)."""
+    payload = memoryview(payload).cast("B")
+    if payload.nbytes != ns.page_nbytes:
+        raise ValueError(f"page payload must be {ns.page_nbytes} bytes, got {payload.nbytes}")
+    return b"".join((encode_header(ns, key, token_ids, checksum(payload)), payload))
 
 
 def decode_header(blob: bytes | memoryview) -> PageHeader:

@@ -5,7 +5,7 @@ Two levels:
   [num_layers, 2, num_tokens, num_kv_heads, head_dim] in the namespace's dtype;
 - raw pages (what workers and RemoteTier move): `put_pages`, `get_closest_pages`, and the
   key-level `has_pages` / `get_pages` / `get_pages_leased` / `put_encoded_pages` /
-  `delete_pages`.
+  `put_pages_from` (pages encoded straight into a same-host server's slots) / `delete_pages`.
 Tensor <-> page payload conversion costs one permute-copy each way; frames are written and read
 by cachestore.wire without protobuf copies. Against a server on this host, key-level gets move
 their bytes through shared-memory segments the client owns (cachestore/shm/client.py), or, for a
@@ -33,6 +33,8 @@ from kvmesh.cachestore.client.dataplane import DataPlaneCalls
 from kvmesh.cachestore.client.lookup import LookupCalls
 from kvmesh.cachestore.client.page_gets import PageGets, chunks
 from kvmesh.cachestore.client.shm_puts import SharedPuts
+from kvmesh.cachestore.client.slot_fill import check_payload_pages
+from kvmesh.cachestore.codec import encode_page
 from kvmesh.cachestore.errors import (  # noqa: F401 - re-exported: callers import them from here
     InvalidRequest,
     PermissionDenied,
@@ -251,16 +253,38 @@ class StoreClient:
 
     def put_encoded_pages(self, pages: Sequence[tuple[bytes, bytes | memoryview]]) -> int:
         """Store (key, encoded page) pairs; the server checks each page before storing any
-        (of one call, or, through shared memory or NIXL, of one page size). Pages go through
-        the server's shared arenas when it is on this host (one copy), else by NIXL, else (and
-        for what those could not take) by PutPages frames."""
-        stored = 0
-        arenas: dict[str, int] = {}
+        (of one call, or, through shared memory or NIXL, of one page size and batch). Pages
+        go through the server's shared arenas when it is on this host (one copy), else by
+        NIXL, else (and for what those could not take) by PutPages frames."""
+        stored, arenas = 0, dict[str, int]()
         if pages and self._shm_puts is not None:
             stored, pages = self._shm_puts.try_put(pages, arenas)  # the rest go another way
+        return stored + self._put_elsewhere(pages, arenas)
+
+    def put_pages_from(self, namespace: Namespace,
+                       pages: Sequence[tuple[bytes, bytes, memoryview]]) -> int:
+        """Store pages of `namespace` given as (key, token ids as little-endian int32 bytes,
+        payload [L, 2, P, H, D] bytes), without encoding them first: through a same-host
+        server's shared arenas each payload is copied once, straight into its slot, and its
+        header written there (the server checks every page as for put_encoded_pages); else
+        (and for what those could not take) they are encoded and go as put_encoded_pages
+        sends them. The payloads must not change during the call. Returns pages newly
+        stored; raises InvalidRequest for a page of the wrong size."""
+        check_payload_pages(namespace, pages)
+        stored, sent, arenas = 0, 0, dict[str, int]()
+        if pages and self._shm_puts is not None:
+            stored, sent = self._shm_puts.try_put_from(namespace, pages, arenas)
+        rest = [(key, encode_page(namespace, key, token_ids, payload))
+                for key, token_ids, payload in pages[sent:]]
+        return stored + self._put_elsewhere(rest, arenas)
+
+    def _put_elsewhere(self, pages: Sequence[tuple[bytes, bytes | memoryview]],
+                       arenas: dict[str, int]) -> int:
+        """Put encoded pages by NIXL, else by PutPages frames, and map the same-host arenas
+        they (and those in `arenas` already) landed in: pages newly stored."""
+        stored = 0
         if pages and self._plane is not None and self._plane.is_on():
-            num_stored, pages = self._plane.try_put(pages, arenas)  # the rest go as frames
-            stored += num_stored
+            stored, pages = self._plane.try_put(pages, arenas)  # the rest go as frames
         for chunk in chunks(pages):
             views = [memoryview(blob).cast("B") for _, blob in chunk]
             header = store_pb2.PutPagesHeader(keys=[key for key, _ in chunk],

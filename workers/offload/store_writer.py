@@ -1,9 +1,11 @@
 """Write-through of newly cached device pages to the remote store, off the engine thread.
 
 `StoreWriter.write_through` (engine thread) takes one batched device -> host copy of the
-pages and queues it; a thread of its own encodes and sends them, _WRITE_BATCH pages per call, so
-decode steps never wait on the network. Pages that would overflow the queue (_STORE_QUEUE_BYTES)
-or find no host-copy slot (the store is slow or down) are dropped and counted, not waited for.
+pages and queues it; a thread of its own sends them, _WRITE_BATCH_NBYTES per call, so decode
+steps never wait on the network. The host rows go to `put_pages_from` as they are: a same-host
+store gets each payload copied once, straight into its slot, with no encoded copy made here.
+Pages that would overflow the queue (_STORE_QUEUE_BYTES) or find no host-copy slot (the store
+is slow or down) are dropped and counted, not waited for.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kvmesh.cachestore.codec import encode_page
 from kvmesh.cachestore.keys import Namespace, tokens_to_bytes
 from kvmesh.workers.engine.outputs import KvEventData
 from kvmesh.workers.offload.connector import DevicePages, PageStore
@@ -24,7 +25,9 @@ from kvmesh.workers.offload.connector import DevicePages, PageStore
 log = logging.getLogger(__name__)
 
 _STORE_QUEUE_BYTES = 2 << 30
-_WRITE_BATCH = 32
+# per put_pages_from call (the client batches and pipelines inside one): large, so the store's
+# check of one batch overlaps the copy of the next; bounded, so pages show up ("stored") early
+_WRITE_BATCH_NBYTES = 128 << 20
 
 
 @dataclass
@@ -89,7 +92,7 @@ class StoreWriter:
                                           [tokens for _, tokens, _ in kept], rows, event, slots))
 
     def _write_loop(self) -> None:
-        """Send queued pages, _WRITE_BATCH per call, until a None arrives."""
+        """Send queued pages, _WRITE_BATCH_NBYTES per call, until a None arrives."""
         while True:
             item = self._queue.get()
             if item is None:
@@ -98,8 +101,9 @@ class StoreWriter:
             try:
                 if item.event is not None:
                     item.event.synchronize()
-                for start in range(0, len(item.keys), _WRITE_BATCH):
-                    self._send(item, range(start, min(start + _WRITE_BATCH, len(item.keys))))
+                per_call = max(1, _WRITE_BATCH_NBYTES // item.ns.page_nbytes)
+                for start in range(0, len(item.keys), per_call):
+                    self._send(item, range(start, min(start + per_call, len(item.keys))))
             except Exception as exc:  # the host copies failed: drop them, keep the thread
                 self.num_errors += 1
                 log.warning("store write of %d pages failed: %s", len(item.keys), exc)
@@ -114,13 +118,11 @@ class StoreWriter:
 
     def _send(self, item: _PendingWrite, indices: range) -> None:
         try:
-            pages = []
-            for i in indices:
-                payload = memoryview(item.rows[i].view(-1).view(torch.uint8).numpy()).cast("B")
-                pages.append((item.keys[i], encode_page(
-                    item.ns, item.keys[i], tokens_to_bytes(item.token_ids[i]), payload)))
-            self.store.put_encoded_pages(pages)
-            self._emit(KvEventData("stored", [k for k, _ in pages], None, "store"))
+            pages = [(item.keys[i], tokens_to_bytes(item.token_ids[i]),
+                      memoryview(item.rows[i].view(torch.uint8).numpy()))
+                     for i in indices]
+            self.store.put_pages_from(item.ns, pages)
+            self._emit(KvEventData("stored", [key for key, _, _ in pages], None, "store"))
         except Exception as exc:  # a store that is down is a dropped write, not a crash
             self.num_errors += 1
             log.warning("store write of %d pages failed: %s", len(indices), exc)
