@@ -48,7 +48,10 @@ SHAPES = {  # name: (num_layers, num_kv_heads, head_dim, dtype)
 # stages of the writer thread's path, timed: (label, owner, attribute)
 STAGES: list[tuple[str, Any, str]] = [
     ("encode", store_client, "encode_page"),  # (the fallback of put_pages_from)
+    ("send", store_writer.StoreWriter, "_send"),
     ("put_pages_from", StoreClient, "put_pages_from"),
+    ("fill", shm_puts.SharedPuts, "_fill"),
+    ("commit send", shm_puts, "_Commit"),
     ("check", store_client, "check_payload_pages"),
     ("reserve wait", shm_puts.SharedPuts, "_slots"),
     ("map", shm_puts.SharedPuts, "_map"),

@@ -115,6 +115,9 @@ class StoreWriter:
                     self._num_done += 1
                     self._done.notify_all()
                 self._queue.task_done()
+            # the host copies go now (after the waiters were told), not at the next write: on
+            # CPU they are fresh memory, whose freeing would delay the next write's start
+            del item
 
     def _send(self, item: _PendingWrite, indices: range) -> None:
         try:
