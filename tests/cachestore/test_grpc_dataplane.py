@@ -350,7 +350,9 @@ def test_a_transfer_to_a_stalled_store_ends_at_the_clients_timeout(monkeypatch):
                 waited = time.monotonic() - started
                 assert waited < 2 * timeout + 2.0, waited  # never hangs
                 assert not timed_out or waited > timeout - 0.1, waited
-                assert time.thread_time() - cpu < 0.5 * waited  # slept, did not spin
+                # a wait of its timeout was spent asleep, not spinning (a call the signal came
+                # too late for finished in a few ms, mostly CPU: nothing to check there)
+                assert not timed_out or time.thread_time() - cpu < 0.5 * waited
                 proc.send_signal(signal.SIGCONT)
             monkeypatch.undo()
             assert wait_until(lambda: client.get_pages(keys) == [blob for _, blob in pages])
