@@ -59,17 +59,21 @@ def page_nbytes(engine: Engine) -> int:
     return engine.namespace().page_nbytes
 
 
+def assert_greedy_and_pages_freed(engine: Engine, hf, prompts: dict[str, list[int]]) -> None:
+    """Every prompt's greedy output equals transformers', and every page is free after."""
+    outs = run(engine, prompts, GREEDY)
+    for rid, ids in prompts.items():
+        assert tokens_of(outs[rid]) == hf_greedy(hf, ids, N), rid
+    assert engine.stats().num_pages_free == engine.stats().num_pages_total
+
+
 @pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_cold_batched_chunked_prefill_from_the_folder(families, family):
     hf, _, loaded = families[family]
     assert loaded.config.family == family_of(family)
     assert loaded.config.tie_word_embeddings == family.endswith("-tied")
     engine = make(families, family, max_num_batched_tokens=24)
-    prompts = {f"r{i}": p for i, p in enumerate(PROMPTS)}
-    outs = run(engine, prompts, GREEDY)
-    for rid, ids in prompts.items():
-        assert tokens_of(outs[rid]) == hf_greedy(hf, ids, N), rid
-    assert engine.stats().num_pages_free == engine.stats().num_pages_total
+    assert_greedy_and_pages_freed(engine, hf, {f"r{i}": p for i, p in enumerate(PROMPTS)})
 
 
 @pytest.mark.parametrize("family", WINDOWS_OFF)
@@ -79,11 +83,8 @@ def test_windows_over_16_token_pages_with_prompts_of_60_and_more(families, famil
     hf, _, loaded = families[family]
     assert loaded.config.sliding_window is not None
     engine = make(families, family, page_size=16, max_num_batched_tokens=24)
-    prompts = {"a": PROMPTS[2], "b": [(13 * i + 5) % VOCAB for i in range(64)]}
-    outs = run(engine, prompts, GREEDY)
-    for rid, ids in prompts.items():
-        assert tokens_of(outs[rid]) == hf_greedy(hf, ids, N), rid
-    assert engine.stats().num_pages_free == engine.stats().num_pages_total
+    assert_greedy_and_pages_freed(
+        engine, hf, {"a": PROMPTS[2], "b": [(13 * i + 5) % VOCAB for i in range(64)]})
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
