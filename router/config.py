@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from kvmesh.cachestore.rpc.wire import is_host_port
 from kvmesh.router.errors import InvalidConfig
 
 ENV_PREFIX = "KVMESH_ROUTER_"
@@ -125,8 +126,7 @@ class RouterConfig:
 
 
 def _check_address(addr: str, role: str) -> None:
-    host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+    if not is_host_port(addr):
         raise InvalidConfig(f"{role} address must be HOST:PORT, got {addr!r}")
 
 

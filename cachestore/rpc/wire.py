@@ -67,6 +67,12 @@ class BadMessage:
 Received = Any  # pb2 header message | memoryview | BadMessage
 
 
+def is_host_port(address: str) -> bool:
+    """Whether `address` reads HOST:PORT with a port in 1..65535 (a gRPC target of ours)."""
+    host, sep, port = address.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) <= 65535)
+
+
 def varint(value: int) -> bytes:
     out = bytearray()
     while value >= 0x80:

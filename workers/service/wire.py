@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kvmesh.cachestore.rpc.wire import TIER_BY_NAME, namespace_to_spec
+from kvmesh.cachestore.rpc.wire import TIER_BY_NAME, is_host_port, namespace_to_spec
 from kvmesh.v1 import common_pb2, worker_pb2
 from kvmesh.workers.engine.sampling_params import SamplingParams
 from kvmesh.workers.errors import InvalidRequest
@@ -100,9 +100,7 @@ def parse_generate_request(
 
 
 def _check_address(address: str, field: str) -> None:
-    host, sep, port = address.rpartition(":")
-    if (not sep or not host or len(address) > MAX_ADDRESS_CHARS or not port.isdigit()
-            or not 0 < int(port) <= 65535):
+    if len(address) > MAX_ADDRESS_CHARS or not is_host_port(address):
         raise InvalidRequest(f"{field} must be HOST:PORT, got {address[:MAX_ADDRESS_CHARS]!r}")
 
 
