@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--client-procs", type=int, default=4)
     ap.add_argument("--max-num-seqs", type=int, default=64, help="the engine's batch limit")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None,
+                    help="the engine's token budget per step (chunked prefill); the worker's "
+                         "default if not given")
     ap.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("serve_bench_out"))
@@ -96,16 +99,34 @@ def salted(prompts: list[list[int]], run_index: int) -> list[list[int]]:
 
 # ---- the three ways -----------------------------------------------------------------------
 
-def engine_levels(model: str, device: str, max_num_seqs: int, runs: list[list[list[int]]],
+def engine_levels(model: str, device: str, limits: dict[str, int], runs: list[list[list[int]]],
                   output_len: int, levels: list[int]) -> list[Run]:
-    """In a spawned process: load the Engine, warm it up, one Run per level."""
+    """In a spawned process: load the Engine, warm it up, one Run per level. `limits`: the
+    WorkerConfig batch limits given on the command line."""
     from kvmesh.workers.config import WorkerConfig
     from kvmesh.workers.engine.engine import Engine
 
-    engine = Engine(WorkerConfig(model=model, device=device, max_num_seqs=max_num_seqs))
+    engine = Engine(WorkerConfig(model=model, device=device, **limits))
     engine_run(engine, [p[:32] for p in runs[0][:8]], 4, 8, "warmup")
     return [engine_run(engine, prompts, output_len, level, f"run{i}")
             for i, (prompts, level) in enumerate(zip(runs, levels, strict=True))]
+
+
+def batch_limits(args: argparse.Namespace) -> dict[str, int]:
+    """The engine's batch limits given on the command line, as WorkerConfig fields."""
+    limits = {"max_num_seqs": args.max_num_seqs}
+    if args.max_num_batched_tokens is not None:
+        limits["max_num_batched_tokens"] = args.max_num_batched_tokens
+    return limits
+
+
+def limit_flags(args: argparse.Namespace, sep: str = "") -> list[str]:
+    """batch_limits as `kvmesh worker` flags: ["--max-num-seqs", "64"], or joined with `sep`."""
+    flags = []
+    for name, value in batch_limits(args).items():
+        flag = "--" + name.replace("_", "-")
+        flags += [f"{flag}{sep}{value}"] if sep else [flag, str(value)]
+    return flags
 
 
 @contextmanager
@@ -124,7 +145,7 @@ def grpc_backend(args: argparse.Namespace, model: str):
             threads = ["--torch-threads", str(len(os.sched_getaffinity(0)))]
             worker = start("worker", ["worker", "--port", "0", "--model", model, "--device",
                                       args.device, "--store", str(store.address),
-                                      "--max-num-seqs", str(args.max_num_seqs),
+                                      *limit_flags(args),
                                       *(threads if args.device == "cpu" else [])],
                            secrets.worker_env())
             children.append(worker)
@@ -143,7 +164,7 @@ def http_backend(args: argparse.Namespace, model: str):
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         argv = command("serve", "--port", "0", "--model", model, "--device", args.device,
                        "--workers", "1", "--data-dir", tmp,
-                       f"--worker-arg=--max-num-seqs={args.max_num_seqs}")
+                       *(f"--worker-arg={flag}" for flag in limit_flags(args, "=")))
         log = open(Path(tmp) / "serve.log", "w")  # noqa: SIM115 - closed below
         serve = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True,
                                  start_new_session=True)
@@ -261,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         run_index += len(levels) + 1
         if way == "engine":
             with ProcessPoolExecutor(1, mp_context=spawn) as one:
-                results = one.submit(engine_levels, model, args.device, args.max_num_seqs,
+                results = one.submit(engine_levels, model, args.device, batch_limits(args),
                                      runs, args.output_len, levels).result()
             rows += [summarize(way, c, r) for c, r in zip(levels, results, strict=True)]
             continue
