@@ -27,9 +27,11 @@ from concurrent.futures import ProcessPoolExecutor
 import psutil
 from serve_bench_load import client_run
 
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # inherited by the spawned processes
+
 
 # ---- the synthetic worker -------------------------------------------------------------------
-def worker_main(conn, tokens_per_message: int, interval_s: float) -> None:
+def worker_main(conn, tokens_per_message: int, interval_s: float, kv_events: bool) -> None:
     import grpc
 
     from kvmesh.cachestore.keys import Namespace
@@ -37,6 +39,7 @@ def worker_main(conn, tokens_per_message: int, interval_s: float) -> None:
     from kvmesh.v1 import worker_pb2, worker_pb2_grpc
 
     namespace = namespace_to_spec(Namespace("synthetic", 16, 8, 64, "bfloat16"))
+    events: asyncio.Queue = asyncio.Queue()  # with --kv-events: a PagesStored per output page
 
     class SyntheticWorker(worker_pb2_grpc.WorkerServicer):
         async def Generate(self, request, context):
@@ -44,6 +47,9 @@ def worker_main(conn, tokens_per_message: int, interval_s: float) -> None:
             sent = 0
             while sent < total:
                 num = min(tokens_per_message, total - sent)
+                if kv_events and sent // 16 != (sent + num) // 16:
+                    key = os.urandom(16)
+                    events.put_nowait(worker_pb2.PagesStored(keys=[key], tier=1))
                 sent += num
                 message = worker_pb2.GenerateResponse(
                     request_id=request.request_id, token_ids=range(1000, 1000 + num),
@@ -63,7 +69,11 @@ def worker_main(conn, tokens_per_message: int, interval_s: float) -> None:
 
         async def KvEvents(self, request, context):
             yield worker_pb2.KvEvent(seq=1, cleared=worker_pb2.AllCleared(epoch=1))
-            await asyncio.Event().wait()  # no pages ever stored; cancelled when the router goes
+            seq = 1
+            while True:  # cancelled when the router goes
+                stored = await events.get()
+                seq += 1
+                yield worker_pb2.KvEvent(seq=seq, stored=stored)
 
     async def serve() -> None:
         server = grpc.aio.server()
@@ -139,6 +149,8 @@ def main() -> None:
     parser.add_argument("--tokens-per-message", type=int, default=6)
     parser.add_argument("--interval-ms", type=float, default=0.0,
                         help="per stream, between GenerateResponses (0: as fast as it can)")
+    parser.add_argument("--kv-events", action="store_true",
+                        help="the worker reports a stored page per 16 output tokens (KvEvents)")
     parser.add_argument("--client-procs", type=int, default=2)
     parser.add_argument("--profile", choices=("none", "py-spy", "cprofile"), default="none")
     parser.add_argument("--top", type=int, default=25)
@@ -146,7 +158,7 @@ def main() -> None:
     num_requests = args.num_requests or 4 * args.streams
     ctx = multiprocessing.get_context("spawn")
     worker, worker_conn, worker_port = _start(ctx, worker_main, args.tokens_per_message,
-                                              args.interval_ms / 1000)
+                                              args.interval_ms / 1000, args.kv_events)
     cprofile_path = (tempfile.mkstemp(suffix=".prof")[1] if args.profile == "cprofile" else "")
     router, router_conn, port = _start(ctx, router_main, f"127.0.0.1:{worker_port}",
                                        cprofile_path)
@@ -186,7 +198,8 @@ def main() -> None:
     clients_cpu = sum(c for _, c, _ in results)
     print(f"{len(timings)} requests ({len(errors)} failed{': ' + errors[0] if errors else ''}), "
           f"{args.streams} streams, {args.output_len} tokens each, {args.tokens_per_message} "
-          f"tokens/message, interval {args.interval_ms:g} ms, profile {args.profile}")
+          f"tokens/message, interval {args.interval_ms:g} ms, kv events {args.kv_events}, "
+          f"profile {args.profile}")
     print(f"wall {wall:.2f} s  {tokens / wall:,.0f} tok/s  {chunks / wall:,.0f} chunks/s  "
           f"{tokens / max(chunks, 1):.2f} tok/chunk")
     print(f"router CPU {cpu['router']:.2f} s ({100 * cpu['router'] / wall:.0f}% of a core): "
@@ -206,8 +219,8 @@ def main() -> None:
         router_conn.recv()
         pstats.Stats(cprofile_path).sort_stats("tottime").print_stats(args.top)
     router_conn.send("stop")
-    worker_conn.send("stop")
     router.join(30)
+    worker_conn.send("stop")
     worker.join(30)
 
 
