@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve", help="run store + workers + router on this machine",
         description=__doc__.split("\n\n")[0] + " Environment: KVMESH_SERVE_{HOST, PORT, "
         "WORKERS, PREFILL_WORKERS, DECODE_WORKERS, DEVICE, MODEL, DATA_DIR, STORE_CPU_BYTES, "
-        "API_KEYS, API_KEY_FILE}, "
+        "ROUTER_PROCESSES, API_KEYS, API_KEY_FILE}, "
         "KVMESH_TENANT_SECRET. Every store and worker port requires a token made at start "
         "and binds 127.0.0.1; the tenant-salt secret is kept in DATA_DIR/tenant_secret "
         "unless KVMESH_TENANT_SECRET gives one.")
@@ -80,6 +80,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--store-cpu-bytes", type=int,
                         default=_env_int("KVMESH_SERVE_STORE_CPU_BYTES", DEFAULT_STORE_CPU_BYTES),
                         help="capacity of the store's CPU tier in bytes (default 1 GiB)")
+    parser.add_argument("--router-processes", default=env("KVMESH_SERVE_ROUTER_PROCESSES"),
+                        metavar="N|auto",
+                        help="the router's HTTP serving processes on its one port (kvmesh "
+                             "router --processes; default auto: cores // 4, between 1 and 4)")
     parser.add_argument("--api-key", action="append", default=[], metavar="KEY[=TENANT]",
                         help="router API key (repeat); none = no auth. Prefer "
                              "KVMESH_SERVE_API_KEYS or --api-key-file: argv is visible to "
@@ -193,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
                        *router_worker_argv(roles, [str(w.address) for w in workers])]
         if args.model != "smollm2":  # the router tokenizes with the bundled model by default
             router_argv += ["--model", args.model]
+        if args.router_processes is not None:
+            router_argv += ["--processes", args.router_processes]
         router = start("router", [*router_argv, *args.router_arg], auth.router_env())
         children.append(router)
         wait_ready([router], args.start_timeout, stop_requested)

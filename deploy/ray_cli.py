@@ -58,6 +58,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="shared tier behind the store (redis:// or a Redis Cluster node)")
     dep.add_argument("--port", type=int, default=_env("PORT", "8000"),
                      help="router HTTP port")
+    dep.add_argument("--router-processes", default=_env("ROUTER_PROCESSES", None),
+                     metavar="N|auto",
+                     help="the router's HTTP serving processes on its port (kvmesh router "
+                          "--processes; default auto: the head node's cores // 4, 1 to 4)")
     dep.add_argument("--store-port", type=int, default=_env("STORE_PORT", "50051"))
     dep.add_argument("--worker-port", type=int, default=_env("WORKER_PORT", "50100"),
                      help="worker i listens on this port + i")
@@ -93,7 +97,8 @@ def _config(args: argparse.Namespace) -> RayDeployConfig:
         num_cpus_per_worker=args.num_cpus_per_worker,
         num_gpus_per_worker=args.num_gpus_per_worker, model=args.model,
         redis_url=args.redis_url, store_port=args.store_port, worker_base_port=args.worker_port,
-        router_port=args.port, store_cpu_bytes=args.store_cpu_bytes,
+        router_port=args.port, router_processes=args.router_processes,
+        store_cpu_bytes=args.store_cpu_bytes,
         store_disk_dir=args.store_disk_dir, worker_host_tier_bytes=args.host_tier_bytes,
         api_key=args.api_key, token=args.token,
         max_restarts=args.max_restarts, ready_timeout_s=args.timeout,

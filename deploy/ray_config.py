@@ -17,7 +17,7 @@ from kvmesh.deploy.worker_plan import (
     worker_names,
     worker_roles,
 )
-from kvmesh.router.config import parse_api_keys
+from kvmesh.router.config import parse_api_keys, parse_processes
 from kvmesh.router.errors import InvalidConfig
 
 NAMESPACE = "kvmesh"  # Ray namespace holding every kvmesh actor and the placement group
@@ -58,6 +58,7 @@ class RayDeployConfig:
     store_port: int = 50051
     worker_base_port: int = 50100
     router_port: int = 8000
+    router_processes: str | None = None  # `kvmesh router --processes`; None: its default, auto
     store_cpu_bytes: int | None = None
     store_disk_dir: str | None = None
     worker_host_tier_bytes: int | None = None  # each worker's host CPU tier, on its own node
@@ -92,6 +93,11 @@ class RayDeployConfig:
         worker_ports = range(self.worker_base_port, self.worker_base_port + num_workers)
         if self.store_port in worker_ports or self.router_port in worker_ports:
             raise RayConfigError("worker ports overlap the store or router port")
+        if self.router_processes is not None:
+            try:
+                parse_processes(self.router_processes)
+            except ValueError as exc:
+                raise RayConfigError(f"--router-processes: {exc}") from None
         if self.max_restarts < 0:
             raise RayConfigError(f"--max-restarts must be >= 0, got {self.max_restarts}")
         if self.ready_timeout_s <= 0:
@@ -167,4 +173,6 @@ class RayDeployConfig:
                  "--port", str(self.router_port)]
         if self.model and self.model != "smollm2":  # "smollm2" is the router's default too
             argv += ["--model", self.model]  # the router tokenizes with the workers' model
+        if self.router_processes is not None:
+            argv += ["--processes", self.router_processes]
         return argv + list(self.router_args)

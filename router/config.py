@@ -60,6 +60,9 @@ class RouterConfig:
     circuit_cooldown_s: float = 5.0
     max_attempts: int = 3  # workers tried for a request that produced no token yet
     max_inflight: int = 1024  # router-wide; beyond it requests get 429
+    # HTTP serving processes on one port (SO_REUSEPORT), each with its own worker pool, prefix
+    # index and tokenizer; `kvmesh router --processes` (default auto) fills it, 1 = this process
+    num_processes: int = 1
     # HTTP inputs
     # Prompt characters accepted, checked before tokenizing. 0 = max_model_len x the longest
     # token in the vocabulary (in characters): a longer prompt cannot fit the context.
@@ -102,7 +105,7 @@ class RouterConfig:
             if getattr(self, name) < 0:
                 raise InvalidConfig(f"{name} must be >= 0")
         for name in ("balance_abs", "circuit_failures", "max_attempts", "max_inflight",
-                     "max_body_bytes", "num_tokenizer_threads"):
+                     "max_body_bytes", "num_tokenizer_threads", "num_processes"):
             if getattr(self, name) < 1:
                 raise InvalidConfig(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.pd_transfer not in ("store", "push"):
@@ -147,6 +150,27 @@ def parse_api_keys(items: list[str]) -> dict[str, str]:
     return keys
 
 
+def auto_processes(num_cpus: int | None = None) -> int:
+    """`--processes auto`: one HTTP process per 4 usable cores, at most 4, at least 1. A
+    machine of fewer than 8 cores keeps one (its cores serve the workers); 16 cores (the H100
+    hosts, where one loop capped HTTP at ~18.6k tok/s) get 4."""
+    cpus = len(os.sched_getaffinity(0)) if num_cpus is None else num_cpus
+    return max(1, min(4, cpus // 4))
+
+
+def parse_processes(text: str) -> int:
+    """`auto` or a count >= 1 (`--processes`, KVMESH_ROUTER_PROCESSES)."""
+    if text.strip().lower() == "auto":
+        return auto_processes()
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError("expected auto or a count >= 1")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
                         help="worker gRPC address (repeat); env KVMESH_ROUTER_WORKERS (comma list)")
@@ -171,6 +195,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default=None, help="shared KV store address HOST:PORT")
     parser.add_argument("--host", default=None, help="listen host (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="listen port (default 8000, 0=any)")
+    parser.add_argument("--processes", default=None, metavar="N|auto",
+                        help="HTTP serving processes sharing the port (SO_REUSEPORT), each with "
+                             "its own worker pool, prefix index and tokenizer; a parent restarts "
+                             "one that dies. auto (default) = cores // 4, between 1 and 4. Load "
+                             "counts are per process, so balancing is approximate with several")
+    parser.add_argument("--max-inflight", type=int, default=None,
+                        help="requests held at once, router-wide (split across processes); "
+                             "beyond it 429 (default 1024)")
     parser.add_argument("--api-key", action="append", default=[], metavar="KEY[=TENANT]",
                         help="accepted bearer key (repeat); none = no auth")
     parser.add_argument("--secret", default=None,
@@ -224,25 +256,30 @@ _FIELDS: dict[str, tuple[str, Callable[[str], object]]] = {
     "max_body_bytes": ("max_body_bytes", int),
     "read_timeout_s": ("read_timeout_s", float),
     "split_special_tokens": ("split_special_tokens", _env_bool),
+    "max_inflight": ("max_inflight", int),
+    "num_processes": ("processes", parse_processes),
 }
 
 
 def config_from_args(
     args: argparse.Namespace, env: Mapping[str, str] | None = None
 ) -> RouterConfig:
-    """Flags win over `KVMESH_ROUTER_<FIELD>` env vars, which win over defaults."""
+    """Flags win over `KVMESH_ROUTER_<FIELD>` env vars, which win over defaults (the CLI's
+    default for num_processes is auto; KVMESH_ROUTER_PROCESSES is its variable)."""
     env = os.environ if env is None else env
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = {"num_processes": auto_processes()}
     for name, (dest, kind) in _FIELDS.items():
         flag = getattr(args, dest, None)
-        raw = env.get(ENV_PREFIX + name.upper())
+        raw = env.get(_env_name(name))
         try:
             if flag is not None:
-                values[name] = flag
+                values[name] = kind(flag) if name == "num_processes" else flag
             elif raw is not None:
                 values[name] = kind(raw)
         except ValueError as exc:
-            raise InvalidConfig(f"{ENV_PREFIX + name.upper()}={raw!r}: {exc}") from None
+            if flag is not None:
+                raise InvalidConfig(f"--{dest.replace('_', '-')} {flag!r}: {exc}") from None
+            raise InvalidConfig(f"{_env_name(name)}={raw!r}: {exc}") from None
     def addresses(flag: str, name: str) -> tuple[str, ...]:
         given = list(getattr(args, flag, None) or [])
         return tuple(given or [w.strip() for w in env.get(ENV_PREFIX + name, "").split(",")
@@ -253,3 +290,23 @@ def config_from_args(
                         prefill_workers=addresses("prefill_worker", "PREFILL_WORKERS"),
                         decode_workers=addresses("decode_worker", "DECODE_WORKERS"),
                         api_keys=parse_api_keys(keys), **values)
+
+
+def _env_name(name: str) -> str:
+    return ENV_PREFIX + ("PROCESSES" if name == "num_processes" else name.upper())
+
+
+def config_env(config: RouterConfig) -> dict[str, str]:
+    """The `KVMESH_ROUTER_*` variables from which `config_from_args` (given no flags) rebuilds
+    `config` in another process: how the router hands its settings to its serving processes,
+    secrets included, without putting them in argv. Fields without a flag take defaults there."""
+    env = {}
+    for name in _FIELDS:
+        value = getattr(config, name)
+        env[_env_name(name)] = str(value).lower() if isinstance(value, bool) else str(value)
+    for name, addresses in (("WORKERS", config.workers),
+                            ("PREFILL_WORKERS", config.prefill_workers),
+                            ("DECODE_WORKERS", config.decode_workers)):
+        env[ENV_PREFIX + name] = ",".join(addresses)
+    env[ENV_PREFIX + "API_KEYS"] = ",".join(f"{k}={t}" for k, t in config.api_keys.items())
+    return env
