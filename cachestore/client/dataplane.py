@@ -1,8 +1,9 @@
 """A StoreClient's NIXL data plane: key-level gets and puts whose bytes move by NIXL READ/WRITE
-between this client's registered buffers and the server's page arenas
-(cachestore/dataplane/initiator.py), with LeasePages / ReservePages / CommitPages / ReleasePages
-over gRPC as the control path. Used when the server offers it (DataPlaneHello) and nixl loads
-here; StoreClient falls back to the gRPC frames otherwise (and for a call whose transfer fails).
+between this client's registered buffers (or the caller's own tensors, host or GPU memory)
+and the server's page arenas (cachestore/dataplane/initiator.py), with LeasePages /
+ReservePages / CommitPages / ReleasePages over gRPC as the control path. Used when the server
+offers it (DataPlaneHello) and nixl loads here; StoreClient falls back to the gRPC frames
+otherwise (and for a call whose transfer fails).
 
 Checks are the same as the frames': the client checks every page it READ (header, key,
 checksum) before handing it out, reporting bad ones to the server, unless the caller checks
@@ -21,11 +22,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
+import numpy as np
+import torch
 
 from kvmesh.cachestore.client.page_gets import MAX_KEYS_PER_CALL, PageGets, by_page_size
 from kvmesh.cachestore.dataplane import agent
 from kvmesh.cachestore.dataplane.agent import ArenaInfo
-from kvmesh.cachestore.dataplane.initiator import BufferHook, Initiator
+from kvmesh.cachestore.dataplane.initiator import BufferHook, Device, Initiator
 from kvmesh.cachestore.errors import InvalidRequest, ProtocolError, StoreError, StoreUnavailable
 from kvmesh.cachestore.rpc import wire
 from kvmesh.cachestore.rpc.status import typed_error
@@ -36,6 +39,28 @@ from kvmesh.v1 import store_pb2
 
 log = logging.getLogger(__name__)
 Metadata = tuple[tuple[str, str], ...] | None
+
+
+def tensor_range(tensor: torch.Tensor) -> tuple[int, int, Device]:
+    """(address, nbytes, device: None on the host, else the CUDA device index) of a
+    contiguous tensor's memory; InvalidRequest for any other."""
+    if not tensor.is_contiguous():
+        raise InvalidRequest("data-plane tensors must be contiguous")
+    if tensor.device.type not in ("cpu", "cuda"):
+        raise InvalidRequest(f"data-plane tensors live on the host or a CUDA device, not "
+                             f"{tensor.device}")
+    device = None if tensor.device.type == "cpu" else tensor.device.index or 0
+    return tensor.data_ptr(), tensor.numel() * tensor.element_size(), device
+
+
+def copy_page_into(tensor: torch.Tensor, page: memoryview) -> None:
+    """Copy a page into the start of a contiguous tensor (host or GPU) at least its size."""
+    target = tensor.view(-1).view(torch.uint8)[: page.nbytes]
+    source = np.frombuffer(page, dtype=np.uint8)
+    if target.device.type == "cpu":
+        np.copyto(target.numpy(), source)
+    else:  # (torch will not wrap read-only memory without a warning: a copy, off the fast path)
+        target.copy_(torch.from_numpy(source.copy()))
 
 
 class DataPlaneCalls:
@@ -135,7 +160,7 @@ class DataPlaneCalls:
         except StoreError:  # the store's answer (UNAVAILABLE, PERMISSION_DENIED, ...): as is
             raise
         except OSError as exc:  # the transfer (initiator.py raises OSError for all of NIXL)
-            self._failed(exc)
+            self.failed(exc)
             return None
 
     def try_put(self, pages: Sequence[tuple[bytes, bytes | memoryview]], arenas: dict[str, int]
@@ -150,13 +175,15 @@ class DataPlaneCalls:
             except StoreError:
                 raise
             except OSError as exc:
-                self._failed(exc)
+                self.failed(exc)
                 num_stored, num_sent = 0, 0
             stored += num_stored
             rest += group[num_sent:]
         return stored, rest
 
-    def _failed(self, exc: BaseException) -> None:
+    def failed(self, exc: BaseException) -> None:
+        """A transfer failed: StoreUnavailable when the plane is required, else logged (the
+        caller uses the frames)."""
         if self.required:
             raise StoreUnavailable(f"NIXL transfer failed: {exc}") from exc
         log.warning("store %s: NIXL transfer failed (%s); this call uses gRPC frames",
@@ -238,24 +265,29 @@ class DataPlaneCalls:
         (named as PutPages names it)."""
         if not pages:
             return 0, 0
-        nbytes = pages[0][1].nbytes
+        exports = [buffer_address(view) for _, view in pages]  # no copy; kept alive here
+        return self._put_from([key for key, _ in pages], [address for address, _ in exports],
+                              pages[0][1].nbytes, None, arenas)
+
+    def _put_from(self, keys: Sequence[bytes], addresses: Sequence[int], nbytes: int,
+                  device: Device, arenas: dict[str, int] | None) -> tuple[int, int]:
+        """put, of pages of `nbytes` at `addresses` in `device`'s memory."""
         reply = self._call("ReservePages", store_pb2.ReservePagesRequest(
-            num_pages=len(pages), page_nbytes=nbytes))
+            num_pages=len(keys), page_nbytes=nbytes))
         if not reply.reservation_id or not reply.slots:
             return 0, 0
         places = [(s.arena_id, s.offset, s.nbytes) for s in reply.slots]
-        if len(places) > len(pages) or any(n != nbytes for _, _, n in places):
+        if len(places) > len(keys) or any(n != nbytes for _, _, n in places):
             raise ProtocolError("ReservePages answered slots that do not fit the request")
         initiator = self._ready(reply.arena_epoch, places)
-        exports = [buffer_address(view) for _, view in pages[: len(places)]]  # no copy
         try:
-            initiator.write_from(places, [address for address, _ in exports])
+            initiator.write_from(places, addresses[: len(places)], device)
             self.num_pages_written += len(places)
         except BaseException:  # give the slots back now (a commit of no keys), not at expiry
             self._call("CommitPages", store_pb2.CommitPagesRequest(
                 reservation_id=reply.reservation_id))
             raise
-        keys = [key for key, _ in pages[: len(places)]]
+        keys = keys[: len(places)]
         commit = self._call("CommitPages", store_pb2.CommitPagesRequest(
             reservation_id=reply.reservation_id, keys=keys))
         if commit.is_expired:  # (a slow transfer, or a very short lease_s): the frames instead
@@ -265,6 +297,96 @@ class DataPlaneCalls:
         if arenas is not None:
             arenas.update(zip(commit.arena_names, commit.arena_nbytes, strict=False))
         return commit.num_pages_stored, len(places)
+
+    # -- tensors: host or GPU memory, in place --------------------------------------------------
+
+    def register(self, tensor: torch.Tensor) -> None:
+        """Register `tensor`'s memory (host or GPU) for every later put_tensors / get_into
+        within it (nothing is registered per call there) until close. The caller keeps it
+        allocated until then. Raises OSError when NIXL will not register it."""
+        address, nbytes, device = tensor_range(tensor)
+        if self.is_on():
+            assert self._initiator is not None
+            self._initiator.register_region(address, nbytes, device)
+
+    def try_put_tensors(self, pages: Sequence[tuple[bytes, torch.Tensor]]
+                        ) -> tuple[int, list[tuple[bytes, torch.Tensor]]]:
+        """try_put of encoded pages held in tensors (each contiguous; on a GPU: WRITTEN
+        straight from its memory), one reservation per page size and device."""
+        groups: dict[tuple[int, Device], list[tuple[bytes, int]]] = {}
+        for key, tensor in pages:
+            address, nbytes, device = tensor_range(tensor)
+            groups.setdefault((nbytes, device), []).append((key, address))
+        stored, rest = 0, list[tuple[bytes, torch.Tensor]]()
+        by_key = dict(pages)
+        for (nbytes, device), group in groups.items():
+            try:
+                num_stored, num_sent = self._put_from([key for key, _ in group],
+                                                      [address for _, address in group],
+                                                      nbytes, device, None)
+            except StoreError:
+                raise
+            except OSError as exc:
+                self.failed(exc)
+                num_stored, num_sent = 0, 0
+            stored += num_stored
+            rest += [(key, by_key[key]) for key, _ in group[num_sent:]]
+        return stored, rest
+
+    def get_into(self, keys: Sequence[bytes], destinations: Sequence[torch.Tensor],
+                 prefix_only: bool) -> list[bool]:
+        """READ each found page straight into its destination (destinations[i] for keys[i]:
+        contiguous, all on one device, each at least the page's size; the page fills its
+        start). Per key, whether it was found. Pages READ here are NOT checked: the caller
+        checks each (header, key, checksum) and reports bad ones (`report_bad`); pages the
+        server keeps outside its arenas come by the frames, checked, and are copied in.
+        Raises OSError when the transfer fails, InvalidRequest for a destination too small."""
+        if len(keys) > MAX_KEYS_PER_CALL or len(destinations) != len(keys):
+            raise InvalidRequest(f"one destination per key, at most {MAX_KEYS_PER_CALL} keys")
+        if not keys:
+            return []
+        ranges = [tensor_range(tensor) for tensor in destinations]
+        devices = {device for _, _, device in ranges}
+        if len(devices) > 1:
+            raise InvalidRequest("get_pages_into: all destinations on one device")
+        reply = self._call("LeasePages", store_pb2.PageKeys(keys=keys, prefix_only=prefix_only))
+        if (len(reply.is_found) != len(keys) or len(reply.is_elsewhere) != len(keys)
+                or sum(reply.is_found) != len(reply.pages)):
+            raise ProtocolError(f"LeasePages reply does not fit {len(keys)} keys")
+        places = [(p.arena_id, p.offset, p.nbytes) for p in reply.pages]
+        found = [i for i, flag in enumerate(reply.is_found) if flag]
+        try:
+            for i, (_, _, nbytes) in zip(found, places, strict=True):
+                if nbytes > ranges[i][1]:
+                    raise InvalidRequest(f"destination {i} has {ranges[i][1]} bytes, its page "
+                                         f"{nbytes}")
+            if places:
+                initiator = self._ready(reply.arena_epoch, places)
+                initiator.read_into(places, [ranges[i][0] for i in found], devices.pop())
+                self.num_pages_read += len(places)
+        finally:
+            if reply.lease_id:  # the bytes are here (or the READ failed): end it now
+                self._page_gets.end_lease(reply.lease_id)
+        is_found = [bool(flag) for flag in reply.is_found]
+        elsewhere = [i for i, flag in enumerate(reply.is_elsewhere) if flag]
+        if elsewhere:  # stored outside the arenas (disk, redis): the frames, checked there
+            header, inline = self._page_gets.fetch([keys[i] for i in elsewhere], False, None)
+            for i, page in zip(elsewhere, pages_by_key(header.is_found, inline), strict=True):
+                if page is not None:
+                    if page.nbytes > ranges[i][1]:
+                        raise InvalidRequest(f"destination {i} has {ranges[i][1]} bytes, its "
+                                             f"page {page.nbytes}")
+                    copy_page_into(destinations[i], page)
+                    is_found[i] = True
+        if prefix_only and not all(is_found):
+            first = is_found.index(False)
+            is_found[first:] = [False] * (len(keys) - first)
+        return is_found
+
+    def report_bad(self, keys: Sequence[bytes]) -> None:
+        """Tell the server these pages (read by get_into) failed the caller's check."""
+        if keys:
+            self._page_gets.end_lease(None, keys)
 
     def _call(self, name: str, request: Any) -> Any:
         try:

@@ -29,7 +29,7 @@ import torch
 from kvmesh.cachestore.client import kv_pages
 from kvmesh.cachestore.client.breaker import CircuitBreaker
 from kvmesh.cachestore.client.channel import open_channel
-from kvmesh.cachestore.client.dataplane import DataPlaneCalls
+from kvmesh.cachestore.client.dataplane import DataPlaneCalls, copy_page_into
 from kvmesh.cachestore.client.lookup import LookupCalls
 from kvmesh.cachestore.client.page_gets import PageGets, chunks
 from kvmesh.cachestore.client.shm_puts import SharedPuts
@@ -39,6 +39,7 @@ from kvmesh.cachestore.errors import (  # noqa: F401 - re-exported: callers impo
     InvalidRequest,
     PermissionDenied,
     ProtocolError,
+    StoreError,
     StoreFull,
     StoreUnavailable,
     Unauthenticated,
@@ -260,6 +261,54 @@ class StoreClient:
         if pages and self._shm_puts is not None:
             stored, pages = self._shm_puts.try_put(pages, arenas)  # the rest go another way
         return stored + self._put_elsewhere(pages, arenas)
+
+    def register_memory(self, tensor: torch.Tensor) -> bool:
+        """Register a contiguous tensor (e.g. a worker's KV cache, on the host or a GPU) with
+        the NIXL data plane until close, so put_tensor_pages / get_pages_into within it
+        register nothing per call; the caller keeps it allocated. False without the plane."""
+        if self._plane is None or not self._plane.is_on():
+            return False
+        self._plane.register(tensor)
+        return True
+
+    def put_tensor_pages(self, pages: Sequence[tuple[bytes, torch.Tensor]]) -> int:
+        """put_encoded_pages of pages held in contiguous uint8 tensors, host or GPU: over NIXL
+        WRITTEN from their memory, with no copy (GPU memory: cuda_copy / cuda_ipc / GPUDirect,
+        as UCX has them); without the plane, or for what it could not take, copied to the
+        host and sent as put_encoded_pages sends them."""
+        stored = 0
+        if pages and self._plane is not None and self._plane.is_on():
+            stored, pages = self._plane.try_put_tensors(pages)
+        return stored + self.put_encoded_pages(
+            [(key, tensor.cpu().numpy().data) for key, tensor in pages])
+
+    def get_pages_into(self, keys: Sequence[bytes], destinations: Sequence[torch.Tensor],
+                       prefix_only: bool = False) -> list[bool]:
+        """Pages by key straight into the caller's contiguous tensors (destinations[i],
+        at least the page's size, all on one device: host or GPU), over NIXL with no copy;
+        per key, whether it was found. Pages READ over NIXL are NOT checked: the caller checks
+        each (cachestore.codec.check_page_header and the checksum) before use and reports bad
+        ones with report_bad_pages. Without the plane (or when its transfer fails), pages
+        come as get_pages_leased gives them, checked, and are copied in."""
+        if keys and self._plane is not None and self._plane.is_on():
+            try:
+                return self._plane.get_into(keys, destinations, prefix_only)
+            except StoreError:
+                raise
+            except OSError as exc:
+                self._plane.failed(exc)
+        with self.get_pages_leased(keys, prefix_only) as lease:
+            for page, tensor in zip(lease.pages, destinations, strict=True):
+                if page is not None:
+                    copy_page_into(tensor, page)
+            return [page is not None for page in lease.pages]
+
+    def report_bad_pages(self, keys: Sequence[bytes]) -> None:
+        """Pages get_pages_into read that failed the caller's check: the server drops them."""
+        if self._plane is not None:
+            self._plane.report_bad(keys)
+        else:
+            self._page_gets.end_lease(None, keys)
 
     def put_pages_from(self, namespace: Namespace,
                        pages: Sequence[tuple[bytes, bytes, memoryview]]) -> int:

@@ -1,8 +1,8 @@
 """The client's side of the NIXL data plane: one agent (no progress thread: the caller polls its
 own transfers), a pool of registered buffers reused across calls, and READs/WRITEs between them
-(or, for a WRITE, the caller's own memory, registered for that call) and a store's arenas.
-Knows nothing of gRPC: StoreClient (cachestore/rpc/) asks the store where pages lie and hands
-the locations here.
+(or the caller's own memory, host or GPU, registered for that call or for good with
+`register_region`) and a store's arenas. Knows nothing of gRPC: StoreClient (cachestore/rpc/)
+asks the store where pages lie and hands the locations here.
 """
 
 from __future__ import annotations
@@ -26,6 +26,13 @@ log = logging.getLogger(__name__)
 MIN_BUFFER_NBYTES = 4 << 20
 Location = tuple[int, int, int]  # (arena_id, offset, nbytes) in the store
 BufferHook = Callable[[int, int], None]  # (address, nbytes)
+# Where caller memory lies: None = host memory (NIXL "DRAM"), else the index of the CUDA device
+# whose memory it is ("VRAM": UCX moves it with cuda_copy / cuda_ipc, or GPUDirect RDMA).
+Device = int | None
+
+
+def _mem_type(device: Device) -> tuple[str, int]:
+    return ("DRAM", 0) if device is None else ("VRAM", device)
 
 
 class RegisteredBuffer:
@@ -74,6 +81,9 @@ class Initiator:
         self._free: list[RegisteredBuffer] = []
         self._all: list[RegisteredBuffer] = []
         self._remote: bytes | None = None
+        # caller memory registered until deregister_region / close: (address, nbytes, device,
+        # registration)
+        self._regions: list[tuple[int, int, Device, Any]] = []
         self._arenas: dict[int, ArenaInfo] = {}
         self.arena_epoch = -1
         self._on_new_buffer, self._on_release_buffer = on_new_buffer, on_release_buffer
@@ -120,11 +130,34 @@ class Initiator:
         """Make (and register) a buffer of `nbytes` now, off the path of the first get."""
         self.give_back(self.acquire(nbytes))
 
-    def owns(self, address: int, nbytes: int) -> bool:
-        """[address, address + nbytes) lies in one of this initiator's registered buffers."""
+    def owns(self, address: int, nbytes: int, device: Device = None) -> bool:
+        """[address, address + nbytes) of `device`'s memory lies in one of this initiator's
+        registered buffers (host memory) or registered regions."""
         with self._pool_lock:
-            return any(b.address <= address and address + nbytes <= b.address + b.nbytes
-                       for b in self._all)
+            return (device is None and any(b.address <= address
+                                           and address + nbytes <= b.address + b.nbytes
+                                           for b in self._all)
+                    or any(start <= address and address + nbytes <= start + size and dev == device
+                           for start, size, dev, _ in self._regions))
+
+    def register_region(self, address: int, nbytes: int, device: Device = None) -> None:
+        """Register caller memory (e.g. a worker's KV cache on a GPU) for every later transfer
+        from or into it, until `deregister_region` or `close`: those register nothing per
+        call. The caller keeps it allocated until then. Raises OSError when NIXL refuses it."""
+        mem, dev = _mem_type(device)
+        with self._lock, _as_os_error(f"registering {mem} memory"):
+            registration = self.agent.register_memory([(address, nbytes, dev, "")], mem)
+        with self._pool_lock:
+            self._regions.append((address, nbytes, device, registration))
+
+    def deregister_region(self, address: int) -> None:
+        """Forget the region registered at `address` (no transfer may be using it)."""
+        with self._pool_lock:
+            gone = [r for r in self._regions if r[0] == address]
+            self._regions = [r for r in self._regions if r[0] != address]
+        with self._lock:
+            for *_, registration in gone:
+                self.agent.deregister_memory(registration)
 
     def give_back(self, buffer: RegisteredBuffer) -> None:
         if buffer.is_retired:  # (still registered, freed at close)
@@ -145,29 +178,45 @@ class Initiator:
         store's memory once this returns)."""
         self._transfer("WRITE", places, buffer, _packed(places))
 
-    def write_from(self, places: Sequence[Location], sources: Sequence[int]) -> None:
-        """WRITE the bytes at local address sources[i] (places[i]'s nbytes; the caller keeps
-        them alive until this returns) to places[i], with no copy: ranges outside this
-        initiator's buffers are registered for this call only (~0.3 ms per 128 over UCX tcp,
-        against a 5-25 ms copy into a buffer). Memory the backend will not register is copied
-        into a buffer first."""
-        local = [(address, nbytes) for address, (_, _, nbytes) in zip(sources, places,
+    def write_from(self, places: Sequence[Location], sources: Sequence[int],
+                   device: Device = None) -> None:
+        """WRITE the bytes at local address sources[i] (places[i]'s nbytes, in `device`'s
+        memory; the caller keeps them alive until this returns) to places[i], with no copy:
+        ranges outside this initiator's buffers and regions are registered for this call only
+        (~0.3 ms per 128 over UCX tcp, against a 5-25 ms copy into a buffer). Host memory the
+        backend will not register is copied into a buffer first."""
+        self._in_place("WRITE", places, sources, device)
+
+    def read_into(self, places: Sequence[Location], destinations: Sequence[int],
+                  device: Device = None) -> None:
+        """READ places[i] to local address destinations[i] (in `device`'s memory, room for
+        places[i]'s nbytes, kept alive by the caller until this returns), with no copy, as
+        write_from registers. Host memory the backend will not register is READ into a
+        buffer, then copied."""
+        self._in_place("READ", places, destinations, device)
+
+    def _in_place(self, op: str, places: Sequence[Location], addresses: Sequence[int],
+                  device: Device) -> None:
+        local = [(address, nbytes) for address, (_, _, nbytes) in zip(addresses, places,
                                                                        strict=True)]
-        foreign = [(address, nbytes, 0, "") for address, nbytes in dict.fromkeys(local)
-                   if not self.owns(address, nbytes)]
+        mem, dev = _mem_type(device)
+        foreign = [(address, nbytes, dev, "") for address, nbytes in dict.fromkeys(local)
+                   if not self.owns(address, nbytes, device)]
         with self._lock:
             try:
-                registration = self.agent.register_memory(foreign, "DRAM") if foreign else None
+                registration = self.agent.register_memory(foreign, mem) if foreign else None
             except Exception as exc:  # nixl's errors are plain Exceptions
-                log.info("WRITE from unregistrable memory (%s): copied into a buffer", exc)
+                if device is not None:  # no buffer of ours can stand in for device memory
+                    raise OSError(f"NIXL {op}: registering {mem} memory: {exc}") from exc
+                log.info("%s with unregistrable memory (%s): through a buffer", op, exc)
                 registration, unregistrable = None, True
             else:
                 unregistrable = False
         if not unregistrable:
-            with _as_os_error("WRITE"):
+            with _as_os_error(op):
                 is_settled = True  # false only for a transfer NIXL could not cancel
                 try:
-                    self._post("WRITE", local, places)
+                    self._post(op, local, places, device)
                 except TransferTimeout as exc:
                     is_settled = exc.is_cancelled
                     raise
@@ -175,14 +224,19 @@ class Initiator:
                     if registration is not None and is_settled:
                         with self._lock:
                             self.agent.deregister_memory(registration)
-                    elif registration is not None:  # NIXL may still read it: left registered
-                        log.warning("a WRITE's registration is kept: its transfer is stuck")
+                    elif registration is not None:  # NIXL may still use it: left registered
+                        log.warning("a %s's registration is kept: its transfer is stuck", op)
             return
         buffer = self.acquire(sum(nbytes for _, nbytes in local))
         try:
-            for (address, nbytes), offset in zip(local, _packed(places), strict=True):
-                ctypes.memmove(buffer.address + offset, address, nbytes)
-            self.write(places, buffer)
+            offsets = _packed(places)
+            if op == "WRITE":
+                for (address, nbytes), offset in zip(local, offsets, strict=True):
+                    ctypes.memmove(buffer.address + offset, address, nbytes)
+            self._transfer(op, places, buffer, offsets)
+            if op == "READ":
+                for (address, nbytes), offset in zip(local, offsets, strict=True):
+                    ctypes.memmove(address, buffer.address + offset, nbytes)
         finally:
             self.give_back(buffer)
 
@@ -198,10 +252,10 @@ class Initiator:
                 buffer.is_retired = buffer.is_retired or not exc.is_cancelled
                 raise
 
-    def _post(self, op: str, local: Sequence[tuple[int, int]], places: Sequence[Location]
-              ) -> None:
-        """(lock not held) Run one transfer between local (address, nbytes) ranges,
-        registered, and the store's locations, to its end or the timeout."""
+    def _post(self, op: str, local: Sequence[tuple[int, int]], places: Sequence[Location],
+              device: Device = None) -> None:
+        """(lock not held) Run one transfer between local (address, nbytes) ranges of
+        `device`'s memory, registered, and the store's locations, to its end or the timeout."""
         if not places:
             return
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
@@ -210,9 +264,10 @@ class Initiator:
                 raise OSError("the data plane is not connected")
             remote = [(self._arenas[arena_id].address + offset, nbytes, 0)
                       for arena_id, offset, nbytes in places]
+            mem, dev = _mem_type(device)
             handle = self.agent.initialize_xfer(
-                op, self.agent.get_xfer_descs([(address, nbytes, 0) for address, nbytes in local],
-                                              "DRAM"),
+                op, self.agent.get_xfer_descs([(address, nbytes, dev)
+                                               for address, nbytes in local], mem),
                 self.agent.get_xfer_descs(remote, "DRAM"), self._remote)
         wait_done(self.agent, handle, op, deadline, self._lock)
 
@@ -222,7 +277,9 @@ class Initiator:
                 if self._on_release_buffer is not None:
                     self._on_release_buffer(buffer.address, buffer.nbytes)
                 self.agent.deregister_memory(buffer.registration)
-            self._all, self._free = [], []
+            for *_, registration in self._regions:
+                self.agent.deregister_memory(registration)
+            self._all, self._free, self._regions = [], [], []
             if self._remote is not None:
                 self.agent.remove_remote_agent(self._remote.decode())
                 self._remote = None
