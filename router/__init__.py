@@ -9,7 +9,8 @@ will serve it cheapest (`kvmesh router`).
 
 At this root: `config.py` (`RouterConfig`), `requests.py` (a checked request, the one type the
 front hands the core), `errors.py` (every typed router error and the one
-HTTP status table), `metrics.py`, `tokenizer.py`, `cli.py`. May import `kvmesh.cachestore.keys`,
+HTTP status table), `metrics.py`, `tokenizer.py`, `cli.py`, `processes.py` (`--processes N`:
+N serving processes on one port under a supervising parent). May import `kvmesh.cachestore.keys`,
 `kvmesh.cachestore.rpc` (wire, auth) and `kvmesh.v1`; never `kvmesh.workers` (it talks to
 workers over gRPC only).
 """

@@ -6,7 +6,8 @@ one process (tests) never share or collide. Several router processes: set
 value store when it is first imported); every process writes its values there and `render()`
 merges all of them. Each gauge says how processes combine (`multiprocess_mode`); a launcher that
 replaces a process calls `prometheus_client.multiprocess.mark_process_dead(pid)` so its `live*`
-gauges drop out.
+gauges drop out. `kvmesh router --processes N` (router/processes.py) does both for its serving
+processes.
 
 The wrappers keep the calls the router makes: `inc(amount, **labels)`, `set(value, **labels)`,
 `observe(value)`, and `get(**labels)` / `samples()` to read a value in this process."""

@@ -14,6 +14,8 @@ import openai
 import pytest
 from serve_stack import Stack
 
+from kvmesh.deploy.errors import RayConfigError
+from kvmesh.deploy.ray_config import RayDeployConfig
 from kvmesh.router.processes import PROCESS_HEADER
 
 PROMPTS = ("The capital of France is", "Count with me: one, two,")
@@ -93,3 +95,11 @@ def test_both_processes_serve_completions_and_metrics_count_all_of_them(stack):
         assert _metric(text, "kvmesh:generation_tokens_total") == MAX_TOKENS * len(results)
         assert _metric(text, "kvmesh:time_to_first_token_seconds_count") == len(results)
         assert _metric(text, "kvmesh:router_requests_inflight") == 0  # live processes summed
+
+
+def test_ray_deploy_passes_router_processes_on():
+    assert "--processes" not in RayDeployConfig().router_argv(["w:1"], "s:1")  # router's auto
+    argv = RayDeployConfig(router_processes="3").router_argv(["w:1"], "s:1")
+    assert argv[argv.index("--processes") + 1] == "3"
+    with pytest.raises(RayConfigError, match="--router-processes"):
+        RayDeployConfig(router_processes="0")
