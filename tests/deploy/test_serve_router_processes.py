@@ -2,12 +2,15 @@
 many connections to a real stack (store, one SmolLM2 worker, a router of two serving processes
 on one port). Each response names the process that served it (X-Kvmesh-Router-Process): both
 must have served completions, with the same greedy text, and /metrics from either process must
-count every completion of both. Killing a process and SIGTERM are in
-tests/router/test_router_processes.py."""
+count every completion of both. Last, SIGTERM to the router stops both of its processes (exit
+0). Killing one process and a crash loop are in tests/router/test_router_processes.py."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import signal
+from pathlib import Path
 
 import httpx
 import openai
@@ -95,6 +98,30 @@ def test_both_processes_serve_completions_and_metrics_count_all_of_them(stack):
         assert _metric(text, "kvmesh:generation_tokens_total") == MAX_TOKENS * len(results)
         assert _metric(text, "kvmesh:time_to_first_token_seconds_count") == len(results)
         assert _metric(text, "kvmesh:router_requests_inflight") == 0  # live processes summed
+
+
+def test_sigterm_stops_both_router_processes(stack):
+    router = next(pid for pid in stack.child_pids(" router "))
+    processes = _children(router)
+    assert len(processes) == 2
+    os.kill(router, signal.SIGTERM)  # kvmesh serve sees its router exit and stops the stack
+    assert stack.proc.wait(60) == 1
+    assert "router exited with code 0; stopping the stack" in stack.stderr()
+    assert not any(Path(f"/proc/{pid}").exists() for pid in [router, *processes])
+    assert "kvmesh router listening" not in stack.stderr()  # the line came once, to serve
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
 
 
 def test_ray_deploy_passes_router_processes_on():

@@ -2,8 +2,8 @@
 parent. No worker is needed for what is checked here (the router listens after --ready-timeout
 and answers /health and /metrics without one): port 0 resolved once for both, one listening
 line after both listen, a killed process restarted while the other serves, its live gauges
-dropped from the merged metrics, SIGTERM stopping all. Completions through both processes run
-in tests/deploy/test_serve_router_processes.py."""
+dropped from the merged metrics, a crash loop stopping all with exit code 1. Completions through
+both processes, and SIGTERM, run in tests/deploy/test_serve_router_processes.py."""
 
 from __future__ import annotations
 
@@ -20,7 +20,12 @@ from live_stack import Proc
 
 from kvmesh.router.config import add_arguments, auto_processes, config_env, config_from_args
 from kvmesh.router.errors import InvalidConfig
-from kvmesh.router.processes import PROCESS_HEADER, reserve_port
+from kvmesh.router.processes import (
+    PROCESS_HEADER,
+    RESTART_LIMIT,
+    RESTART_WINDOW_S,
+    reserve_port,
+)
 
 UNREACHABLE_WORKER = "127.0.0.1:1"
 
@@ -139,17 +144,28 @@ def test_a_killed_process_is_restarted_while_the_other_serves(router):
     assert sorted(_listening_pids(port, [old[1], restarted])) == sorted([old[1], restarted])
 
 
-def test_sigterm_stops_every_process_and_the_line_came_once(router):
-    children = _children(router.popen.pid)
-    metrics_dir = _metrics_dir(children[0])
-    os.kill(router.popen.pid, signal.SIGTERM)  # the parent alone, not its process group
-    assert router.popen.wait(60) == 0
-    assert not any(_is_alive(pid) for pid in children)
+def test_a_crash_loop_stops_the_router_with_exit_code_1(router):
+    """More than RESTART_LIMIT exits within RESTART_WINDOW_S: the router stops everything."""
+    metrics_dir = _metrics_dir(_children(router.popen.pid)[0])
+    killed: list[int] = []
+    deadline = time.monotonic() + 60
+    while router.popen.poll() is None:
+        assert time.monotonic() < deadline and len(killed) <= RESTART_LIMIT + 1, killed
+        fresh = [pid for pid in _children(router.popen.pid) if pid not in killed]
+        if fresh:
+            os.kill(fresh[0], signal.SIGKILL)
+            killed.append(fresh[0])
+        time.sleep(0.05)
+    assert router.popen.wait(30) == 1
+    assert not any(Path(f"/proc/{pid}").exists() for pid in killed)
+    assert _children(router.popen.pid) == []
     assert not metrics_dir.exists()  # the router's own folder is removed
     lines = []
     while not router._lines.empty():
         lines.append(router._lines.get())
-    assert not [line for line in lines if "listening on" in line], lines
+    assert not [line for line in lines if "listening on" in line], lines  # printed once
+    log = Path(router._log.name).read_text()
+    assert f"exit within {RESTART_WINDOW_S:.0f} s; stopping" in log
 
 
 def test_a_taken_port_is_refused():
