@@ -24,7 +24,7 @@ from kvmesh.router.errors import (
     http_status,
 )
 from kvmesh.router.http.protocol import check_prompt_size, parse_request
-from kvmesh.router.http.responses import StreamFormatter, full_response
+from kvmesh.router.http.responses import StreamFormatter, full_response, sse_event
 from kvmesh.router.requests import Chunk, ParsedRequest, Prepared
 from kvmesh.router.service import Router
 
@@ -183,24 +183,19 @@ async def _stream(request: web.Request, prep: Prepared, chunks: AsyncGenerator[C
         WORKER_HEADER: first.worker_id if first else ""})
     await response.prepare(request)
     formatter = StreamFormatter(prep, router.model_name)
-
-    async def send(payload: dict) -> None:
-        await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
-
+    # one write per chunk: each is a socket send (a syscall) while the client keeps up
     try:
         if first is not None:
-            for event in formatter.events(first):
-                await send(event)
+            if data := formatter.sse(first):  # never b"": that would end the chunked body
+                await response.write(data)
             async for chunk in chunks:
-                for event in formatter.events(chunk):
-                    await send(event)
-        for event in formatter.final_events():
-            await send(event)
+                if data := formatter.sse(chunk):
+                    await response.write(data)
+        await response.write(formatter.final_sse())
     except RouterError as exc:  # headers are out: report in-band, as OpenAI-style servers do
         status, _ = http_status(exc)
         router.metrics.errors.inc(status=str(status))
-        await send(error_body(exc))
-    await response.write(b"data: [DONE]\n\n")
+        await response.write(sse_event(error_body(exc)) + b"data: [DONE]\n\n")
     await response.write_eof()
     return response
 

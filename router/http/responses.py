@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from kvmesh.router.requests import Chunk, Prepared
@@ -65,8 +66,13 @@ def full_response(prep: Prepared, model: str, chunks: list[Chunk]) -> dict:
 
 
 class StreamFormatter:
-    """Turns chunks into SSE `data:` payloads in OpenAI's order: for chat, a role delta first
-    per completion; a finish chunk per completion; an optional usage chunk with no choices."""
+    """Turns chunks into SSE bytes in OpenAI's order: for chat, a role delta first per
+    completion; a finish event per completion; an optional usage event with no choices.
+
+    Every event of a request shares its head (id, object, created, model) and tail (`"usage":
+    null` with include_usage): both are encoded once, and each event is the head, one choice
+    encoded from the chunk's text and finish reason, and the tail. The bytes are those
+    `json.dumps` gives for the whole event."""
 
     def __init__(self, prep: Prepared, model: str) -> None:
         self.prep = prep
@@ -74,34 +80,43 @@ class StreamFormatter:
         self.usage = UsageTotals(prompt_tokens=len(prep.prompt_ids))
         self._started: set[int] = set()
         self._with_usage = prep.parsed.include_usage
+        head = json.dumps(_head(prep, model, True))
+        self._head = "data: " + head[:-1] + ', "choices": ['  # head: '{"id": ..., "model": ...}'
+        self._tail = '], "usage": null}\n\n' if self._with_usage else "]}\n\n"
 
-    def _event(self, choice: dict) -> dict:
-        event = {**_head(self.prep, self.model, True), "choices": [choice]}
-        if self._with_usage:
-            event["usage"] = None
-        return event
+    def _event(self, index: int, body: str, finish: str) -> str:
+        """One event; `body` is the choice's text or delta fields, `finish` its JSON value."""
+        return (f'{self._head}{{"index": {index}, {body}, "logprobs": null, '
+                f'"finish_reason": {finish}}}{self._tail}')
 
-    def events(self, chunk: Chunk) -> list[dict]:
+    def sse(self, chunk: Chunk) -> bytes:
+        """The chunk's events (none, one, or a few: chat's role delta and finish), as one write."""
         self.usage.add(chunk)
-        out = []
         i = chunk.index
-        if self.prep.parsed.is_chat:
-            if i not in self._started:
-                self._started.add(i)
-                out.append(self._event({"index": i, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}))
-            if chunk.text:
-                out.append(self._event({"index": i, "delta": {"content": chunk.text},
-                                        "logprobs": None, "finish_reason": None}))
-            if chunk.finish_reason is not None:
-                out.append(self._event({"index": i, "delta": {}, "logprobs": None,
-                                        "finish_reason": chunk.finish_reason}))
-        elif chunk.text or chunk.finish_reason is not None:
-            out.append(self._event({"index": i, "text": chunk.text, "logprobs": None,
-                                    "finish_reason": chunk.finish_reason}))
-        return out
+        finish = "null" if chunk.finish_reason is None else json.dumps(chunk.finish_reason)
+        if not self.prep.parsed.is_chat:
+            if not chunk.text and chunk.finish_reason is None:
+                return b""
+            return self._event(i, f'"text": {json.dumps(chunk.text)}', finish).encode()
+        out = []
+        if i not in self._started:
+            self._started.add(i)
+            out.append(self._event(i, '"delta": {"role": "assistant", "content": ""}', "null"))
+        if chunk.text:
+            out.append(self._event(i, f'"delta": {{"content": {json.dumps(chunk.text)}}}',
+                                   "null"))
+        if chunk.finish_reason is not None:
+            out.append(self._event(i, '"delta": {}', finish))
+        return "".join(out).encode()
 
-    def final_events(self) -> list[dict]:
+    def final_sse(self) -> bytes:
+        """The usage event (with include_usage), then the stream's end."""
+        done = b"data: [DONE]\n\n"
         if not self._with_usage:
-            return []
-        return [{**_head(self.prep, self.model, True), "choices": [], "usage": self.usage.body()}]
+            return done
+        usage = {**_head(self.prep, self.model, True), "choices": [], "usage": self.usage.body()}
+        return sse_event(usage) + done
+
+
+def sse_event(payload: dict) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
