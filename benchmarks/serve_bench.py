@@ -189,6 +189,8 @@ def http_backend(args: argparse.Namespace, model: str):
 
 def _role(process: psutil.Process) -> str:
     argv = process.cmdline()
+    if "kvmesh.router.cli" in argv:  # a serving process of `kvmesh router --processes N`
+        return f"router process {process.pid}"
     index = argv.index("kvmesh.deploy.cli") if "kvmesh.deploy.cli" in argv else -1
     return argv[index + 1] if 0 <= index < len(argv) - 1 else process.name()
 
