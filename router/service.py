@@ -35,6 +35,7 @@ from kvmesh.router.tokenizer import PromptTokenizer
 from kvmesh.v1 import worker_pb2
 
 MAX_TENANT_NAMESPACES = 1024  # salted namespaces kept built (one per tenant and model)
+METRICS_BATCH = 256  # a stream's inter-token gaps held before they are written to the metrics
 FINISH_REASONS = {
     worker_pb2.FINISH_REASON_STOP: "stop",
     worker_pb2.FINISH_REASON_LENGTH: "length",
@@ -203,6 +204,9 @@ class Router:
         started = time.monotonic()
         last_token_time: float | None = None
         num_prompt = len(prep.prompt_ids)
+        # per token: counted here, written to the metrics every METRICS_BATCH gaps and at the end
+        itls: list[float] = []
+        num_generated = 0
         self.num_inflight += 1
         self.metrics.router_inflight.set(self.num_inflight)
         try:
@@ -244,8 +248,12 @@ class Router:
                             if last_token_time is None:
                                 self.metrics.ttft.observe(now - started)
                             else:
-                                self.metrics.itl.observe(now - last_token_time)
+                                itls.append(now - last_token_time)
+                                if len(itls) >= METRICS_BATCH:
+                                    self._record_tokens(itls, num_generated)
+                                    num_generated = 0
                             last_token_time = now
+                            num_generated += len(response.token_ids)
                         chunk = self._chunk(response, handle.worker_id, num_prompt, resumed)
                         if prefill is not None and prefill.fallback is None:
                             prefill.observe_decode(chunk, handle, is_first=not produced)
@@ -299,8 +307,17 @@ class Router:
                         handle.num_queued_tokens -= num_prompt
             raise NoWorkerAvailable(f"request failed on {len(tried)} workers: {tried}")
         finally:
+            self._record_tokens(itls, num_generated)
             self.num_inflight -= 1
             self.metrics.router_inflight.set(self.num_inflight)
+
+    def _record_tokens(self, itls: list[float], num_generated: int) -> None:
+        """Write a stream's output tokens and inter-token gaps so far to the metrics, in bulk
+        (empties `itls`)."""
+        self.metrics.itl.observe_many(itls)
+        itls.clear()
+        if num_generated:
+            self.metrics.generation_tokens.inc(num_generated)
 
     def _wants_prefill_worker(self, prep: Prepared, choice: tuple[WorkerHandle, Decision],
                               num_store_pages: int) -> bool:
@@ -335,8 +352,6 @@ class Router:
             usage = worker_pb2.Usage(
                 prompt_tokens=num_prompt, completion_tokens=usage.completion_tokens + resumed,
                 cached_tokens=cached, cached_tokens_by_tier=by_tier)
-        if response.token_ids:
-            self.metrics.generation_tokens.inc(len(response.token_ids))
         if usage is not None and response.index == 0:
             self.metrics.prompt_tokens.inc(usage.prompt_tokens)
             self.metrics.prefix_queries.inc(usage.prompt_tokens)

@@ -51,6 +51,20 @@ def test_two_routers_in_one_process_keep_their_own_values():
     assert "kvmesh:client_disconnects_total 0.0" in second.render().decode()
 
 
+def test_observe_many_equals_observing_each():
+    values = [0.0005, 0.001, 0.003, 0.0025, 0.7, 3.0, 1e-9, 2.5]  # on a bound, past the last
+    one_by_one, in_bulk = RouterMetrics(), RouterMetrics()
+    for value in values:
+        one_by_one.itl.observe(value)
+    in_bulk.itl.observe_many(values[:3])
+    in_bulk.itl.observe_many(values[3:])
+    in_bulk.itl.observe_many([])
+    itl = "kvmesh:inter_token_latency_seconds"
+    expected = {k: v for k, v in _samples(one_by_one.render()).items() if k.startswith(itl)}
+    assert {k: v for k, v in _samples(in_bulk.render()).items() if k.startswith(itl)} == expected
+    assert expected[itl + "_count"] == 8.0 and expected[itl + '_bucket{le="0.001"}'] == 3.0
+
+
 _RECORD = textwrap.dedent("""
     import sys
     from kvmesh.router.metrics import RouterMetrics
