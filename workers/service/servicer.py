@@ -21,7 +21,7 @@ from kvmesh.workers.errors import (
 )
 from kvmesh.workers.service.engine_loop import EngineLoop
 from kvmesh.workers.service.handoff import Handoff
-from kvmesh.workers.service.streams import RequestStream
+from kvmesh.workers.service.streams import RequestStream, coalesce
 from kvmesh.workers.service.wire import (
     RequestLimits,
     event_to_pb,
@@ -121,8 +121,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             return
         try:
             if handoff is None:
-                for output in stream:
-                    yield output_to_pb(request_id, output)
+                for outputs in stream.batches():
+                    for output in coalesce(outputs):
+                        yield output_to_pb(request_id, output)
             else:
                 yield from self._prefill(request_id, request, stream, handoff)
         except Exception as exc:  # noqa: BLE001

@@ -9,6 +9,7 @@ back through them. This module does not import the loop: a handler reaches it on
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from collections.abc import Iterator
@@ -59,6 +60,26 @@ class RequestStream:
                 raise item
             yield item
 
+    def batches(self) -> Iterator[list[Any]]:
+        """The same outputs, in order, as lists: each wake-up takes all that is queued. A
+        handler behind the engine (a slow reader, a busy process) sends fewer, larger messages
+        instead of falling further behind; one that keeps up gets one output at a time."""
+        while True:
+            item = self._queue.get()
+            batch = []
+            while item is not _END and not isinstance(item, BaseException):
+                batch.append(item)
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                yield batch
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+
     def cancel(self) -> None:
         if not self._is_done.is_set():
             self._loop.abort(self.engine_request_id)
@@ -73,6 +94,21 @@ class RequestStream:
         if error is not None:
             self._queue.put(error)
         self._queue.put(_END)
+
+
+def coalesce(outputs: list[Any]) -> list[Any]:
+    """One RequestOutput per completion index, in order of first appearance: the new tokens
+    and text of all its outputs joined, with the finish reason and usage of its last (only a
+    completion's final output carries them)."""
+    if len(outputs) == 1:
+        return outputs
+    merged: dict[int, Any] = {}
+    for output in outputs:
+        earlier = merged.get(output.index)
+        merged[output.index] = output if earlier is None else dataclasses.replace(
+            output, new_token_ids=earlier.new_token_ids + output.new_token_ids,
+            text_delta=earlier.text_delta + output.text_delta)
+    return list(merged.values())
 
 
 class EventSubscription:
