@@ -92,6 +92,24 @@ def test_openai_client_streams_chat_with_usage(stack: Stack):
     assert whole.usage.prompt_tokens == chunks[-1].usage.prompt_tokens
 
 
+def test_openai_client_streams_completions_n2_as_the_whole_answer(stack: Stack):
+    client = openai.OpenAI(base_url=stack.url + "/v1", api_key="key-alice", max_retries=0)
+    kwargs = dict(model="SmolLM2-135M-Instruct.Q4_1", prompt="The three primary colors are",
+                  max_tokens=8, temperature=0, n=2)
+    whole = client.completions.create(**kwargs)
+    chunks = list(client.completions.create(**kwargs, stream=True,
+                                            stream_options={"include_usage": True}))
+    texts, finish = ["", ""], [None, None]
+    for chunk in chunks[:-1]:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            finish[choice.index] = choice.finish_reason or finish[choice.index]
+    assert texts == [c.text for c in sorted(whole.choices, key=lambda c: c.index)]
+    assert finish == ["length", "length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
 def test_shared_prefix_goes_to_the_worker_that_holds_it(stack: Stack):
     with stack.client() as client:
         first = complete(client, PREFIX + " Question 1: where is book 7?")
