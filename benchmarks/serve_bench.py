@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-num-batched-tokens", type=int, default=None,
                     help="the engine's token budget per step (chunked prefill); the worker's "
                          "default if not given")
+    ap.add_argument("--decode-steps", type=int, default=None,
+                    help="greedy decode steps per window (the worker's default if not given)")
     ap.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("serve_bench_out"))
@@ -113,10 +115,11 @@ def engine_levels(model: str, device: str, limits: dict[str, int], runs: list[li
 
 
 def batch_limits(args: argparse.Namespace) -> dict[str, int]:
-    """The engine's batch limits given on the command line, as WorkerConfig fields."""
+    """The engine settings given on the command line, as WorkerConfig fields."""
     limits = {"max_num_seqs": args.max_num_seqs}
-    if args.max_num_batched_tokens is not None:
-        limits["max_num_batched_tokens"] = args.max_num_batched_tokens
+    for name in ("max_num_batched_tokens", "decode_steps"):
+        if getattr(args, name) is not None:
+            limits[name] = getattr(args, name)
     return limits
 
 
