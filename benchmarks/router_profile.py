@@ -86,7 +86,7 @@ def worker_main(conn, tokens_per_message: int, interval_s: float, kv_events: boo
             step.set_result(None)
 
     async def serve() -> None:
-        ticker = asyncio.create_task(steps())  # noqa: F841 - runs until the process ends
+        ticker = asyncio.create_task(steps()) if interval_s else None  # noqa: F841 - kept
         server = grpc.aio.server()
         worker_pb2_grpc.add_WorkerServicer_to_server(SyntheticWorker(), server)
         port = server.add_insecure_port("127.0.0.1:0")
