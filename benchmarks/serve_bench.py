@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--decode-steps", type=int, default=None,
                     help="greedy decode steps per window (the worker's default if not given)")
     ap.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS))
+    ap.add_argument("--grpc-without-store", action="store_true",
+                    help="the grpc way's worker runs without a store (no write-through), as the "
+                         "in-process engine does: what the store's write-through costs the worker")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("serve_bench_out"))
     return ap.parse_args(argv)
@@ -146,8 +149,9 @@ def grpc_backend(args: argparse.Namespace, model: str):
         try:
             wait_ready([store], SERVE_START_TIMEOUT_S, threading.Event())
             threads = ["--torch-threads", str(len(os.sched_getaffinity(0)))]
+            store_flags = [] if args.grpc_without_store else ["--store", str(store.address)]
             worker = start("worker", ["worker", "--port", "0", "--model", model, "--device",
-                                      args.device, "--store", str(store.address),
+                                      args.device, *store_flags,
                                       *limit_flags(args),
                                       *(threads if args.device == "cpu" else [])],
                            secrets.worker_env())
