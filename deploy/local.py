@@ -83,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--router-processes", default=env("KVMESH_SERVE_ROUTER_PROCESSES"),
                         metavar="N|auto",
                         help="the router's HTTP serving processes on its one port (kvmesh "
-                             "router --processes; default auto: cores // 4, between 1 and 4)")
+                             "router --processes; default 1; auto: cores // 4, between 1 and 4)")
     parser.add_argument("--api-key", action="append", default=[], metavar="KEY[=TENANT]",
                         help="router API key (repeat); none = no auth. Prefer "
                              "KVMESH_SERVE_API_KEYS or --api-key-file: argv is visible to "

@@ -58,7 +58,7 @@ class RayDeployConfig:
     store_port: int = 50051
     worker_base_port: int = 50100
     router_port: int = 8000
-    router_processes: str | None = None  # `kvmesh router --processes`; None: its default, auto
+    router_processes: str | None = None  # `kvmesh router --processes`; None: its default, 1
     store_cpu_bytes: int | None = None
     store_disk_dir: str | None = None
     worker_host_tier_bytes: int | None = None  # each worker's host CPU tier, on its own node

@@ -150,6 +150,13 @@ def parse_api_keys(items: list[str]) -> dict[str, str]:
     return keys
 
 
+# One serving process unless asked: on an H100 host with one worker (1B shapes, 64 streams),
+# `auto`'s 4 processes served 8.9k tok/s against one process's 11.0k (benchmarks/RESULTS.md,
+# "Serving path on one H100"): the worker, not the router, was the bottleneck, and every router
+# process adds a KvEvents stream and Stats polls that the worker serves.
+DEFAULT_PROCESSES = 1
+
+
 def auto_processes(num_cpus: int | None = None) -> int:
     """`--processes auto`: one HTTP process per 4 usable cores, at most 4, at least 1. A
     machine of fewer than 8 cores keeps one (its cores serve the workers); 16 cores (the H100
@@ -198,7 +205,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--processes", default=None, metavar="N|auto",
                         help="HTTP serving processes sharing the port (SO_REUSEPORT), each with "
                              "its own worker pool, prefix index and tokenizer; a parent restarts "
-                             "one that dies. auto (default) = cores // 4, between 1 and 4. Load "
+                             "one that dies. Default 1; auto = cores // 4, between 1 and 4. Load "
                              "counts are per process, so balancing is approximate with several")
     parser.add_argument("--max-inflight", type=int, default=None,
                         help="requests held at once, router-wide (split across processes); "
@@ -265,9 +272,10 @@ def config_from_args(
     args: argparse.Namespace, env: Mapping[str, str] | None = None
 ) -> RouterConfig:
     """Flags win over `KVMESH_ROUTER_<FIELD>` env vars, which win over defaults (the CLI's
-    default for num_processes is auto; KVMESH_ROUTER_PROCESSES is its variable)."""
+    default for num_processes is 1, see DEFAULT_PROCESSES; KVMESH_ROUTER_PROCESSES is its
+    variable)."""
     env = os.environ if env is None else env
-    values: dict[str, Any] = {"num_processes": auto_processes()}
+    values: dict[str, Any] = {"num_processes": DEFAULT_PROCESSES}
     for name, (dest, kind) in _FIELDS.items():
         flag = getattr(args, dest, None)
         raw = env.get(_env_name(name))

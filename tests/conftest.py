@@ -25,8 +25,8 @@ _REPO_ROOT = str(Path(__file__).resolve().parents[1])
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _REPO_ROOT]
 
 # Routers the tests start serve from one process unless a test asks for more (`--processes`):
-# `auto` gives a machine of 8+ cores several, whose routing is cache-aware and balanced only
-# approximately across them, and the tests assert exact routing.
+# one is the default already, and this pins it should the default change: several processes
+# balance only approximately across them, and the tests assert exact routing.
 os.environ.setdefault("KVMESH_ROUTER_PROCESSES", "1")
 
 _MISSING_REDIS = ("redis-server/redis-cli not on PATH: run `make test`, which installs them "

@@ -190,7 +190,7 @@ def _parse(*argv: str, env: dict[str, str] | None = None):
 
 def test_processes_flag_env_and_auto():
     assert [auto_processes(n) for n in (1, 2, 7, 8, 15, 16, 64)] == [1, 1, 1, 2, 3, 4, 4]
-    assert _parse().num_processes == auto_processes()  # the CLI's default
+    assert _parse().num_processes == 1  # the CLI's default
     assert _parse("--processes", "auto").num_processes == auto_processes()
     assert _parse("--processes", "3").num_processes == 3
     assert _parse(env={"KVMESH_ROUTER_PROCESSES": "2"}).num_processes == 2
