@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -170,16 +170,21 @@ class DataPlaneCalls:
         shared arenas the pages landed in (same-host server) to `arenas`."""
         stored, rest = 0, list[tuple[bytes, bytes | memoryview]]()
         for group in by_page_size(pages).values():
-            try:
-                num_stored, num_sent = self.put(group, arenas)
-            except StoreError:
-                raise
-            except OSError as exc:
-                self.failed(exc)
-                num_stored, num_sent = 0, 0
+            num_stored, num_sent = self._guarded(lambda group=group: self.put(group, arenas))
             stored += num_stored
             rest += group[num_sent:]
         return stored, rest
+
+    def _guarded(self, put: Callable[[], tuple[int, int]]) -> tuple[int, int]:
+        """put()'s (pages stored, pages sent), or (0, 0) after a transfer failure that `failed`
+        let pass (the caller sends those pages by PutPages)."""
+        try:
+            return put()
+        except StoreError:
+            raise
+        except OSError as exc:
+            self.failed(exc)
+            return 0, 0
 
     def failed(self, exc: BaseException) -> None:
         """A transfer failed: StoreUnavailable when the plane is required, else logged (the
@@ -320,15 +325,10 @@ class DataPlaneCalls:
         stored, rest = 0, list[tuple[bytes, torch.Tensor]]()
         by_key = dict(pages)
         for (nbytes, device), group in groups.items():
-            try:
-                num_stored, num_sent = self._put_from([key for key, _ in group],
-                                                      [address for _, address in group],
-                                                      nbytes, device, None)
-            except StoreError:
-                raise
-            except OSError as exc:
-                self.failed(exc)
-                num_stored, num_sent = 0, 0
+            num_stored, num_sent = self._guarded(
+                lambda group=group, nbytes=nbytes, device=device: self._put_from(
+                    [key for key, _ in group], [address for _, address in group], nbytes, device,
+                    None))
             stored += num_stored
             rest += [(key, by_key[key]) for key, _ in group[num_sent:]]
         return stored, rest
