@@ -8,7 +8,12 @@ measured. HTTP load (streamed completions, closed loop) comes from `--client-pro
 optionally a profile of the router process (`--profile py-spy` samples it: flat top lines by
 self time; `--profile cprofile` runs cProfile inside it: slower, but exact call counts).
 
+`--ttft-requests N` instead measures what the router adds to time to first token: N requests
+one at a time (the synthetic worker answers at once), alternating in blocks between HTTP through
+the router and direct worker gRPC (WorkerClient), each way's TTFT p50 / p90 and the difference.
+
     python benchmarks/router_profile.py --streams 64 --output-len 256 --tokens-per-message 6
+    python benchmarks/router_profile.py --ttft-requests 400 --prompt-len 500
 """
 
 from __future__ import annotations
@@ -157,6 +162,30 @@ def print_py_spy_top(raw_path: str, num: int = 25) -> None:
         print(f"  {100 * n / num_samples:5.1f} {100 * total[frame] / num_samples:5.1f}  {frame}")
 
 
+def measure_ttft(ctx, url: str, worker: str, prompts: list[list[int]], num: int,
+                 block: int = 20) -> None:
+    """TTFT one request at a time, blocks of `block` alternating between the ways, in one client
+    process (warmed up on both first)."""
+    import numpy as np
+
+    ways = {"http": url, "grpc": worker}
+    got: dict[str, list[float]] = {way: [] for way in ways}
+    with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        for way, target in ways.items():  # warm-up: connections, first-call costs
+            pool.submit(client_run, way, target, "", prompts[:4], 2, 1, time.time(), "w").result()
+        for start in range(0, num, block):
+            for way, target in ways.items():
+                chunk = [prompts[(start + i) % len(prompts)] for i in range(block)]
+                timings, _, _ = pool.submit(client_run, way, target, "", chunk, 2, 1,
+                                            time.time(), f"t{start}").result()
+                got[way] += [t.ttft for t in timings if not t.error]
+    p = {way: np.percentile(np.array(values) * 1e3, [50, 90]) for way, values in got.items()}
+    for way, (p50, p90) in p.items():
+        print(f"{way:5} {len(got[way])} requests  TTFT p50 {p50:.2f} ms  p90 {p90:.2f} ms")
+    print(f"router adds {p['http'][0] - p['grpc'][0]:.2f} ms at p50, "
+          f"{p['http'][1] - p['grpc'][1]:.2f} ms at p90")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=64, help="requests in flight")
@@ -172,6 +201,8 @@ def main() -> None:
     parser.add_argument("--client-procs", type=int, default=2)
     parser.add_argument("--profile", choices=("none", "py-spy", "cprofile"), default="none")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--ttft-requests", type=int, default=0,
+                        help="measure the router's added TTFT with this many requests a way")
     args = parser.parse_args()
     num_requests = args.num_requests or 4 * args.streams
     ctx = multiprocessing.get_context("spawn")
@@ -184,6 +215,15 @@ def main() -> None:
     prompts = [[100 + (i * 7 + j) % 5000 for j in range(args.prompt_len)]
                for i in range(num_requests)]
     procs = {"router": psutil.Process(router.pid), "worker": psutil.Process(worker.pid)}
+    if args.ttft_requests:
+        try:
+            measure_ttft(ctx, url, f"127.0.0.1:{worker_port}", prompts, args.ttft_requests)
+        finally:
+            router_conn.send("stop")
+            router.join(30)
+            worker_conn.send("stop")
+            worker.join(30)
+        return
     with ProcessPoolExecutor(args.client_procs, mp_context=ctx) as pool:
         # warm-up (connections, first-call costs), then the measured run
         warm = [pool.submit(client_run, "http", url, "", prompts[:4], 16, 2, time.time(), "w")
