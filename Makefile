@@ -20,7 +20,7 @@ SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # shadow Hugging Face's `kernels` package that transformers imports); kvmesh runs installed.
 PYTEST = $(PY) -P -m pytest -q -c $(ROOT)/pyproject.toml --rootdir $(ROOT) $(ROOT)/tests
 
-.PHONY: setup setup-serve serve test test-latest lint typecheck proto lock device-wheels
+.PHONY: setup setup-serve serve test test-latest lint typecheck proto lock device-wheels device-nixl
 
 # grpcio-tools compiles the .proto files at install time; installing it from the lock first and
 # building without isolation keeps the generated code at the tested protobuf version.
@@ -78,10 +78,26 @@ lock:
 DEVICE_PY = 3.12
 DEVICE_WHEELS = grpcio grpcio-health-checking grpcio-reflection protobuf xxhash redis hiredis \
   prometheus-client gguf pytest pytest-timeout iniconfig pluggy
+# The serving benchmarks' load (benchmarks/serve_bench*.py, router_profile.py) needs these too;
+# .whl/tok/ gets SmolLM2's tokenizer files for the model folders benchmarks/model_folders.py
+# builds there (the device has no hub). benchmarks/device/*.sh run on the device.
+DEVICE_BENCH_WHEELS = aiohttp aiohappyeyeballs aiosignal attrs frozenlist multidict propcache yarl \
+  httpx httpcore anyio sniffio h11 idna certifi psutil
 PLATFORMS = $(foreach n,17 27 28 34,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64
+DOWNLOAD = $(PIP) download -q --no-deps --only-binary=:all: --python-version $(DEVICE_PY) \
+  --implementation cp $(PLATFORMS) -c $(LOCK)
 device-wheels:
-	rm -rf $(ROOT)/.whl $(ROOT)/build && mkdir -p $(ROOT)/.whl
+	rm -rf $(ROOT)/.whl $(ROOT)/build && mkdir -p $(ROOT)/.whl/tok
 	$(PIP) wheel -q --no-deps --no-build-isolation -w $(ROOT)/.whl $(ROOT)
-	$(PIP) download -q --no-deps --only-binary=:all: --python-version $(DEVICE_PY) \
-	  --implementation cp $(PLATFORMS) -c $(LOCK) -d $(ROOT)/.whl $(DEVICE_WHEELS)
-	@ls $(ROOT)/.whl
+	$(DOWNLOAD) -d $(ROOT)/.whl $(DEVICE_WHEELS) $(DEVICE_BENCH_WHEELS)
+	$(PY) -P -c "import shutil, sys; from kvmesh.workers.models.loader import hf_folder_for; \
+	  [shutil.copy(p, sys.argv[1]) for p in hf_folder_for('smollm2')[0].iterdir() \
+	   if p.name.startswith('tokenizer') or p.name == 'chat_template.jinja']" $(ROOT)/.whl/tok
+	@ls $(ROOT)/.whl $(ROOT)/.whl/tok
+# NIXL for the data plane's device bench (benchmarks/device/dataplane.sh): nixl-cu13 alone is
+# about 59 MB, so it travels in a call of its own (.nixl/), before the one that carries .whl/.
+device-nixl:
+	rm -rf $(ROOT)/.nixl && mkdir -p $(ROOT)/.nixl/cudart
+	$(DOWNLOAD) -d $(ROOT)/.nixl nixl-cu13
+	$(DOWNLOAD) -d $(ROOT)/.nixl/cudart nvidia-cuda-runtime
+	@du -sh $(ROOT)/.nixl
