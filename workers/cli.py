@@ -41,6 +41,8 @@ _FIELDS: dict[str, tuple[Any, str]] = {
                      "with CUDA graphs, else 1)"),
     "gpu_memory_utilization": (float, "fraction of GPU memory the worker may use"),
     "seed": (int, "engine seed"),
+    "grpc_server": (str, "sync (default: a thread per stream) or aio (grpc.aio, streams on one "
+                         "event loop)"),
 }
 # Serving settings that are not engine config.
 _SERVING: dict[str, tuple[Any, str]] = {

@@ -145,21 +145,41 @@ class BearerAuth(grpc.ServerInterceptor):
         return cls(TokenTable(token))
 
     def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+        return self.gate(continuation(handler_call_details), handler_call_details)
+
+    def gate(self, handler: Any, handler_call_details: Any, *, is_async: bool = False) -> Any:
+        """`handler` if the call may run, else one that ends it UNAUTHENTICATED (a coroutine
+        for a grpc.aio server, whose sync handlers' abort may not run on its event loop)."""
         if handler_call_details.method.startswith(OPEN_METHOD_PREFIXES):
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
         given = metadata.get("authorization")
         if self._tokens.scope_of(given) is not None:
             return handler
-        return _denied(handler, "missing authorization" if not given else "wrong bearer token")
+        return _denied(handler, "missing authorization" if not given else "wrong bearer token",
+                       is_async)
 
 
-def _denied(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
+class AioBearerAuth(grpc.aio.ServerInterceptor):
+    """BearerAuth for a grpc.aio server (the worker's `--grpc-server aio`): the same check."""
+
+    def __init__(self, auth: BearerAuth) -> None:
+        self._auth = auth
+
+    async def intercept_service(self, continuation, handler_call_details):
+        return self._auth.gate(await continuation(handler_call_details), handler_call_details,
+                               is_async=True)
+
+
+def _denied(handler: grpc.RpcMethodHandler | None, message: str,
+            is_async: bool = False) -> grpc.RpcMethodHandler:
     """A handler of the same kind as `handler` (unary when there is none) that only aborts."""
 
     def deny(request: Any, context: grpc.ServicerContext) -> Any:
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def deny_async(request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     kind = (False, False) if handler is None else (handler.request_streaming,
                                                    handler.response_streaming)
@@ -169,4 +189,4 @@ def _denied(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMeth
         (True, False): grpc.stream_unary_rpc_method_handler,
         (True, True): grpc.stream_stream_rpc_method_handler,
     }[kind]
-    return make(deny)
+    return make(deny_async if is_async else deny)

@@ -113,12 +113,13 @@ def _self_signed(tmp_path) -> tuple[str, str]:
     return str(cert_path), str(key_path)
 
 
-def test_worker_process_serves_tls_with_token_and_stops_on_sigterm(tmp_path):
+@pytest.mark.parametrize("grpc_server", ["sync", "aio"])
+def test_worker_process_serves_tls_with_token_and_stops_on_sigterm(tmp_path, grpc_server):
     cert, key = _self_signed(tmp_path)
     env = {**os.environ, "KVMESH_WORKER_MAX_MODEL_LEN": "256", "KVMESH_WORKER_TLS_KEY": key}
     stderr = open(tmp_path / "stderr", "w+")  # a file, not a pipe: model loading logs a lot
     proc = subprocess.Popen(
-        [*command(), "worker", "--port", "0", "--token", "s3cret",
+        [*command(), "worker", "--port", "0", "--token", "s3cret", "--grpc-server", grpc_server,
          "--tls-cert", cert, "--kv-cache-bytes", str(64 << 20), "--log-level", "WARNING"],
         stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
     )

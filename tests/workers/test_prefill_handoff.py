@@ -28,12 +28,13 @@ def _serve(smollm2, **config):
                         engine_factory=lambda: Engine(cfg, loaded=smollm2))
 
 
-@pytest.fixture
-def pair(smollm2, store_server):
-    """A prefill worker and a decode worker sharing one store."""
+@pytest.fixture(params=["sync", "aio"])
+def pair(smollm2, store_server, request):
+    """A prefill worker and a decode worker sharing one store (each gRPC server kind)."""
     target = f"127.0.0.1:{store_server.port}"
-    prefill = _serve(smollm2, store=target, role="prefill")
-    decode = _serve(smollm2, store=target, role="decode", host_tier_bytes=64 << 20)
+    prefill = _serve(smollm2, store=target, role="prefill", grpc_server=request.param)
+    decode = _serve(smollm2, store=target, role="decode", host_tier_bytes=64 << 20,
+                    grpc_server=request.param)
     yield prefill, decode
     decode.stop()
     prefill.stop()

@@ -33,13 +33,14 @@ PROMPT_TEXT = (
 )
 
 
-@pytest.fixture(scope="module")
-def worker(smollm2):
-    """A real worker on a random port; its Engine shares the session's loaded SmolLM2."""
+@pytest.fixture(scope="module", params=["sync", "aio"])
+def worker(smollm2, request):
+    """A real worker on a random port, on each gRPC server kind; its Engine shares the session's
+    loaded SmolLM2."""
     from kvmesh.workers.engine.engine import Engine
 
     config = WorkerConfig(model="smollm2", device="cpu", max_model_len=MAX_MODEL_LEN,
-                          kv_cache_bytes=256 << 20, max_num_seqs=8)
+                          kv_cache_bytes=256 << 20, max_num_seqs=8, grpc_server=request.param)
     handle = serve_worker(config, "127.0.0.1", 0, load_timeout=300,
                           engine_factory=lambda: Engine(config, loaded=smollm2))
     yield handle

@@ -22,11 +22,12 @@ POISON_TEXT = "Write a haiku about the sea:"
 NUM_NORMAL_TOKENS = 24
 
 
-@pytest.fixture(scope="module")
-def worker(smollm2):
-    """(handle, engine): a real worker on a random port and the Engine its loop owns."""
+@pytest.fixture(scope="module", params=["sync", "aio"])
+def worker(smollm2, request):
+    """(handle, engine): a real worker on a random port (each gRPC server kind) and the Engine
+    its loop owns."""
     config = WorkerConfig(model="smollm2", device="cpu", max_model_len=512,
-                          kv_cache_bytes=128 << 20, max_num_seqs=8)
+                          kv_cache_bytes=128 << 20, max_num_seqs=8, grpc_server=request.param)
     handle, engine = serve_loaded(config, smollm2)
     yield handle, engine
     handle.stop()
@@ -100,6 +101,7 @@ class NormalStream:
 def test_poison_params_get_a_clean_answer_or_invalid_argument(worker, stub, encode, hf_greedy,
                                                               sampling, outcome):
     handle, _ = worker
+    sampling = dict(sampling)  # popped below; the parameter is shared by both server kinds
     normal = NormalStream(handle, encode)
     prompt = encode(POISON_TEXT)
     if outcome in ("greedy", "sampled"):

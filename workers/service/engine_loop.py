@@ -45,9 +45,15 @@ class EngineLoop:
     this process's event history: it differs on every start, so a subscriber seeing a new epoch
     knows the worker restarted."""
 
-    def __init__(self, engine_factory: Callable[[], Any]) -> None:
+    def __init__(self, engine_factory: Callable[[], Any],
+                 on_streams_ready: Callable[[list[RequestStream]], None] | None = None) -> None:
         self.epoch = time.time_ns()
         self._engine_factory = engine_factory
+        # Called on the loop thread once per loop iteration with the streams that got outputs
+        # or their end (the grpc.aio server hands them to its event loop in one call); None:
+        # handler threads block on the streams' queues instead.
+        self._on_streams_ready = on_streams_ready
+        self._ready_streams: list[RequestStream] = []
         self._engine: Any = None
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._active: dict[str, _Active] = {}
@@ -161,7 +167,24 @@ class EngineLoop:
             if self._engine.has_unfinished_requests():
                 self._step()
             self._publish_events()
+            self._hand_off_ready_streams()
         self._shutdown()
+        self._hand_off_ready_streams()
+
+    def _put_output(self, stream: RequestStream, output: Any) -> None:
+        stream._put(output)
+        if self._on_streams_ready is not None:
+            self._ready_streams.append(stream)
+
+    def _end_stream(self, stream: RequestStream, error: BaseException | None = None) -> None:
+        stream._finish(error)
+        if self._on_streams_ready is not None:
+            self._ready_streams.append(stream)
+
+    def _hand_off_ready_streams(self) -> None:
+        if self._ready_streams and self._on_streams_ready is not None:
+            ready, self._ready_streams = self._ready_streams, []
+            self._on_streams_ready(ready)
 
     def _handle_commands(self, block: bool) -> bool:
         """Apply queued commands; False once asked to stop."""
@@ -187,14 +210,14 @@ class EngineLoop:
                     stream.engine_request_id, prompt_token_ids, sampling, tenant_salt=tenant_salt
                 )
             except Exception as exc:  # noqa: BLE001 - typed errors go back to the caller
-                stream._finish(exc)
+                self._end_stream(stream, exc)
                 return
             self._active[stream.engine_request_id] = _Active(stream, num_completions)
         elif kind == "abort":
             active = self._active.pop(command[1], None)
             if active is not None:
                 self._engine.abort_request(command[1])
-                active.stream._finish()
+                self._end_stream(active.stream)
         elif kind == "call":
             _, fn, future = command
             try:
@@ -226,7 +249,7 @@ class EngineLoop:
             for request_id in exc.request_ids:
                 active = self._active.pop(request_id, None)
                 if active is not None:
-                    active.stream._finish(EngineFailure(str(exc)))
+                    self._end_stream(active.stream, EngineFailure(str(exc)))
             return
         except Exception as exc:  # noqa: BLE001 - fail everything in flight, keep the worker up
             log.exception("engine step failed; aborting %d requests", len(self._active))
@@ -235,7 +258,7 @@ class EngineLoop:
                     self._engine.abort_request(request_id)
                 except Exception:  # noqa: BLE001
                     log.exception("abort after failed step")
-                active.stream._finish(EngineFailure(f"engine step failed: {exc}"))
+                self._end_stream(active.stream, EngineFailure(f"engine step failed: {exc}"))
             self._active.clear()
             return
         for output in outputs:
@@ -244,14 +267,14 @@ class EngineLoop:
                 continue  # aborted by the caller already
             if output.error is not None:  # quarantined: this request alone failed
                 del self._active[output.request_id]
-                owner.stream._finish(RequestFailed(output.error))
+                self._end_stream(owner.stream, RequestFailed(output.error))
                 continue
-            owner.stream._put(output)
+            self._put_output(owner.stream, output)
             if output.finish_reason is not None:
                 owner.finished_indices.add(output.index)
                 if len(owner.finished_indices) >= owner.num_completions:
                     del self._active[output.request_id]
-                    owner.stream._finish()
+                    self._end_stream(owner.stream)
 
     def _publish_events(self) -> None:
         events = self._engine.pop_kv_events()
@@ -271,7 +294,7 @@ class EngineLoop:
                 self._engine.abort_request(request_id)
             except Exception:  # noqa: BLE001
                 log.exception("abort at shutdown")
-            active.stream._finish(WorkerNotReady("worker is shutting down"))
+            self._end_stream(active.stream, WorkerNotReady("worker is shutting down"))
         self._active.clear()
         for subscription in self._subscriptions:
             subscription._end()
@@ -282,7 +305,7 @@ class EngineLoop:
             except queue.Empty:
                 break
             if command[0] == "add":
-                command[1]._finish(WorkerNotReady("worker is shutting down"))
+                self._end_stream(command[1], WorkerNotReady("worker is shutting down"))
             elif command[0] == "call":
                 command[2].set_exception(WorkerNotReady("worker is shutting down"))
             elif command[0] in ("subscribe", "unsubscribe"):

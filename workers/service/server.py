@@ -22,21 +22,23 @@ from kvmesh.cachestore.rpc.auth import BearerAuth
 from kvmesh.cachestore.rpc.wire import GRPC_OPTIONS
 from kvmesh.v1 import worker_pb2, worker_pb2_grpc
 from kvmesh.workers.config import WorkerConfig
+from kvmesh.workers.service.aio_server import AioServer
+from kvmesh.workers.service.aio_servicer import AioWorkerServicer, wake_streams
 from kvmesh.workers.service.engine_loop import EngineLoop
 from kvmesh.workers.service.servicer import WorkerServicer
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name  # "kvmesh.v1.Worker"
-# Generate and KvEvents hold a thread each for their whole stream; KvEvents subscribers (routers)
-# are few, Generate calls are bounded by the engine's max_num_seqs plus a queue.
+# On the sync server, Generate and KvEvents hold a thread each for their whole stream; KvEvents
+# subscribers (routers) are few, Generate calls are bounded by max_num_seqs plus a queue.
 MIN_HANDLER_THREADS = 32
 
 
 class WorkerHandle:
     """A running worker. `address` is "host:port" with the port actually bound."""
 
-    def __init__(self, server: grpc.Server, loop: EngineLoop, health_servicer: Any,
+    def __init__(self, server: Any, loop: EngineLoop, health_servicer: Any,
                  host: str, port: int) -> None:
         self.host = host
         self.port = port
@@ -92,24 +94,31 @@ def serve_worker(
         )
 
         engine_factory = lambda: Engine(config)  # noqa: E731
-    loop = EngineLoop(engine_factory)
-    interceptors = [BearerAuth.internal(token)] if token else []
     num_threads = max(MIN_HANDLER_THREADS, 2 * config.max_num_seqs + 8)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="kvmesh-worker"),
-        options=GRPC_OPTIONS,
-        interceptors=interceptors,
-    )
-    worker_pb2_grpc.add_WorkerServicer_to_server(
-        WorkerServicer(loop, max_num_seqs=config.max_num_seqs, role=config.role, token=token),
-        server
-    )
+    servicer: WorkerServicer
+    if config.grpc_server == "aio":
+        server: Any = AioServer(num_threads, token)
+        loop = EngineLoop(engine_factory, on_streams_ready=wake_streams(server.event_loop))
+        servicer = AioWorkerServicer(loop, config.max_num_seqs, server.executor,
+                                     role=config.role, token=token)
+    else:
+        loop = EngineLoop(engine_factory)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=num_threads,
+                                       thread_name_prefix="kvmesh-worker"),
+            options=GRPC_OPTIONS,
+            interceptors=[BearerAuth.internal(token)] if token else [],
+        )
+        servicer = WorkerServicer(loop, max_num_seqs=config.max_num_seqs, role=config.role,
+                                  token=token)
+    grpc_server = server.server if isinstance(server, AioServer) else server
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, grpc_server)
     health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME),
-        server,
+        grpc_server,
     )
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -117,9 +126,9 @@ def serve_worker(
         credentials = grpc.ssl_server_credentials(
             [(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())]
         )
-        bound_port = server.add_secure_port(f"{host}:{port}", credentials)
+        bound_port = grpc_server.add_secure_port(f"{host}:{port}", credentials)
     else:
-        bound_port = server.add_insecure_port(f"{host}:{port}")
+        bound_port = grpc_server.add_insecure_port(f"{host}:{port}")
     if bound_port == 0:
         raise OSError(f"cannot bind {host}:{port}")
     server.start()

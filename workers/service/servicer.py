@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 
@@ -58,15 +59,34 @@ def status_of(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def _abort(context: grpc.ServicerContext, error: BaseException) -> None:
-    """End the RPC with the error's status; raises (grpc's abort never returns)."""
+def abort_args(context: Any, error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status and details that end an RPC failed by `error`; sets the failure-scope
+    trailing metadata on `context` (sync or grpc.aio) where the error has one."""
     code = status_of(error)
     scope = next((v for k, v in FAILURE_SCOPE_BY_ERROR.items() if isinstance(error, k)), None)
     if scope is not None:
         context.set_trailing_metadata(((FAILURE_SCOPE_KEY, scope),))
     elif code == grpc.StatusCode.INTERNAL:
         log.error("internal error: %r", error)
-    context.abort(code, str(error) or type(error).__name__)
+    return code, str(error) or type(error).__name__
+
+
+def _abort(context: grpc.ServicerContext, error: BaseException) -> None:
+    """End the RPC with the error's status; raises (grpc's abort never returns)."""
+    context.abort(*abort_args(context, error))
+
+
+def prefill_final(request_id: str, request: worker_pb2.GenerateRequest, output: Any,
+                  handoff: Handoff) -> worker_pb2.GenerateResponse:
+    """A prefill-only request's last message, once its pages are handed over (blocks: waits
+    for the store writes or the push)."""
+    prompt = list(request.prompt_token_ids)
+    result = (handoff.push(request.push_to, prompt, request.tenant_salt)
+              if request.push_to else handoff.finish(prompt, request.tenant_salt))
+    final = finish_to_pb(request_id, output)
+    final.usage.pages_handed_off = result.num_pages
+    final.usage.handoff_wait_s = result.wait_s
+    return final
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -136,15 +156,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         once the prompt's pages are in the store (`handoff.Handoff`)."""
         for output in stream:
             yield output_to_pb(request_id, output, with_finish=False)
-            if output.finish_reason is None:
-                continue
-            prompt = list(request.prompt_token_ids)
-            result = (handoff.push(request.push_to, prompt, request.tenant_salt)
-                      if request.push_to else handoff.finish(prompt, request.tenant_salt))
-            final = finish_to_pb(request_id, output)
-            final.usage.pages_handed_off = result.num_pages
-            final.usage.handoff_wait_s = result.wait_s
-            yield final
+            if output.finish_reason is not None:
+                yield prefill_final(request_id, request, output, handoff)
+
 
     def PushPages(self, request: worker_pb2.PushPagesRequest, context: grpc.ServicerContext
                   ) -> worker_pb2.PushPagesResponse:

@@ -2,17 +2,19 @@
 event subscription.
 
 Both are fed only by the engine-loop thread (`engine_loop.py`) and read by one handler thread
-each; their queues are the only shared state. The loop hands typed errors (`workers/errors.py`)
+each (or by one coroutine, `RequestStream.abatches`, under the grpc.aio server); their queues
+are the only shared state. The loop hands typed errors (`workers/errors.py`)
 back through them. This module does not import the loop: a handler reaches it only through
 `LoopCommands`, which `EngineLoop` implements.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,7 +29,6 @@ class LoopCommands(Protocol):
     def abort(self, engine_request_id: str) -> None: ...
 
     def unsubscribe(self, subscription: EventSubscription) -> None: ...
-
 
 @dataclass(frozen=True)
 class SequencedEvent:
@@ -50,6 +51,7 @@ class RequestStream:
         self._loop = loop
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._is_done = threading.Event()
+        self.waker: Callable[[], None] | None = None  # set by abatches(), on its event loop
 
     def __iter__(self) -> Iterator[Any]:
         while True:
@@ -65,20 +67,50 @@ class RequestStream:
         handler behind the engine (a slow reader, a busy process) sends fewer, larger messages
         instead of falling further behind; one that keeps up gets one output at a time."""
         while True:
-            item = self._queue.get()
-            batch = []
-            while item is not _END and not isinstance(item, BaseException):
-                batch.append(item)
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
+            batch, item = self._drain(self._queue.get())
             if batch:
                 yield batch
             if item is _END:
                 return
             if isinstance(item, BaseException):
                 raise item
+
+    async def abatches(self) -> AsyncIterator[list[Any]]:
+        """`batches()` for a coroutine on an asyncio loop: waits without a thread. The loop
+        thread's `on_streams_ready` hook must call `wake()` on this event loop (`EngineLoop`)."""
+        event = asyncio.Event()
+        self.waker = event.set
+        while True:
+            event.clear()  # set only on this event loop: nothing is missed before the wait
+            try:
+                first = self._queue.get_nowait()
+            except queue.Empty:
+                await event.wait()
+                continue
+            batch, item = self._drain(first)
+            if batch:
+                yield batch
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+
+    def wake(self) -> None:
+        """Wake an `abatches()` reader; call it on the reader's event loop."""
+        if self.waker is not None:
+            self.waker()
+
+    def _drain(self, item: Any) -> tuple[list[Any], Any]:
+        """`item` and the outputs queued after it, up to an end or error: (outputs, the end or
+        error that stopped them, or None)."""
+        batch = []
+        while item is not _END and not isinstance(item, BaseException):
+            batch.append(item)
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return batch, None
+        return batch, item
 
     def cancel(self) -> None:
         if not self._is_done.is_set():
@@ -121,6 +153,7 @@ class EventSubscription:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._num_pending = 0  # approximate; only the loop thread increments it
         self.last_seq = 0
+        self._end_item: Any = None  # the end or error next_batch() met after a batch
 
     def __iter__(self) -> Iterator[SequencedEvent]:
         while True:
@@ -131,6 +164,29 @@ class EventSubscription:
                 raise item
             self._num_pending -= 1
             yield item
+
+    def next_batch(self) -> list[SequencedEvent]:
+        """Block for the next event, then take all queued after it; [] once the subscription
+        ended. Raises the error that ended it (once its events before it were taken)."""
+        if self._end_item is not None:
+            item, self._end_item = self._end_item, _END
+        else:
+            item = self._queue.get()
+        batch: list[SequencedEvent] = []
+        while item is not _END and not isinstance(item, BaseException):
+            self._num_pending -= 1
+            batch.append(item)
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return batch
+        if batch:
+            self._end_item = item  # returned (or raised) by the next call
+            return batch
+        self._end_item = _END
+        if isinstance(item, BaseException):
+            raise item
+        return batch
 
     def close(self) -> None:
         self._loop.unsubscribe(self)
