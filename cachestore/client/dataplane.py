@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import grpc
@@ -170,7 +171,7 @@ class DataPlaneCalls:
         shared arenas the pages landed in (same-host server) to `arenas`."""
         stored, rest = 0, list[tuple[bytes, bytes | memoryview]]()
         for group in by_page_size(pages).values():
-            num_stored, num_sent = self._guarded(lambda group=group: self.put(group, arenas))
+            num_stored, num_sent = self._guarded(partial(self.put, group, arenas))
             stored += num_stored
             rest += group[num_sent:]
         return stored, rest
@@ -325,10 +326,9 @@ class DataPlaneCalls:
         stored, rest = 0, list[tuple[bytes, torch.Tensor]]()
         by_key = dict(pages)
         for (nbytes, device), group in groups.items():
-            num_stored, num_sent = self._guarded(
-                lambda group=group, nbytes=nbytes, device=device: self._put_from(
-                    [key for key, _ in group], [address for _, address in group], nbytes, device,
-                    None))
+            num_stored, num_sent = self._guarded(partial(
+                self._put_from, [key for key, _ in group], [address for _, address in group],
+                nbytes, device, None))
             stored += num_stored
             rest += [(key, by_key[key]) for key, _ in group[num_sent:]]
         return stored, rest
