@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--decode-steps", type=int, default=None,
                     help="greedy decode steps per window (the worker's default if not given)")
     ap.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS))
+    ap.add_argument("--grpc-server", choices=("sync", "aio"), default=None,
+                    help="the worker's gRPC server (kvmesh worker --grpc-server; its default if "
+                         "not given)")
     ap.add_argument("--grpc-without-store", action="store_true",
                     help="the grpc way's worker runs without a store (no write-through), as the "
                          "in-process engine does: what the store's write-through costs the worker")
@@ -104,8 +107,8 @@ def salted(prompts: list[list[int]], run_index: int) -> list[list[int]]:
 
 # ---- the three ways -----------------------------------------------------------------------
 
-def engine_levels(model: str, device: str, limits: dict[str, int], runs: list[list[list[int]]],
-                  output_len: int, levels: list[int]) -> list[Run]:
+def engine_levels(model: str, device: str, limits: dict[str, int | str],
+                  runs: list[list[list[int]]], output_len: int, levels: list[int]) -> list[Run]:
     """In a spawned process: load the Engine, warm it up, one Run per level. `limits`: the
     WorkerConfig batch limits given on the command line."""
     from kvmesh.workers.config import WorkerConfig
@@ -117,10 +120,10 @@ def engine_levels(model: str, device: str, limits: dict[str, int], runs: list[li
             for i, (prompts, level) in enumerate(zip(runs, levels, strict=True))]
 
 
-def batch_limits(args: argparse.Namespace) -> dict[str, int]:
-    """The engine settings given on the command line, as WorkerConfig fields."""
-    limits = {"max_num_seqs": args.max_num_seqs}
-    for name in ("max_num_batched_tokens", "decode_steps"):
+def batch_limits(args: argparse.Namespace) -> dict[str, int | str]:
+    """The worker settings given on the command line, as WorkerConfig fields."""
+    limits: dict[str, int | str] = {"max_num_seqs": args.max_num_seqs}
+    for name in ("max_num_batched_tokens", "decode_steps", "grpc_server"):
         if getattr(args, name) is not None:
             limits[name] = getattr(args, name)
     return limits
