@@ -83,20 +83,27 @@ class NormalStream:
         return self.token_ids, last.finish_reason if last is not None else None
 
 
+POISON_CASES = [
+    ({"temperature": 1e-40}, "greedy"),  # sampled greedily: logits / 1e-40 would be inf
+    ({"temperature": 1e-30, "top_p": 1e-30}, "greedy"),
+    ({"temperature": 0.7, "top_k": 2**31 - 1, "seed": 3}, "sampled"),
+    ({"temperature": float("nan")}, "temperature must be"),
+    ({"temperature": float("inf")}, "temperature must be"),
+    ({"temperature": 0.7, "top_p": float("nan")}, "top_p must be"),
+    ({"temperature": 0.7, "top_p": float("-inf")}, "top_p must be"),
+    ({"n": 2**32 - 1}, "n must be at most"),
+    ({"max_tokens": 2**32 - 1}, "exceeds the context length"),
+    ({"stop_token_ids": [7] * 1000}, "stop_token_ids holds 1000 ids"),
+]
+# The checks are the request parser's, shared by both servers: every case on the sync server,
+# on the aio one a case of each outcome (its own path is the error mapping and the stream).
+AIO_POISON_CASES = [POISON_CASES[i] for i in (0, 2, 3, 9)]
+
+
 @pytest.mark.parametrize(
-    ("sampling", "outcome"),
-    [
-        ({"temperature": 1e-40}, "greedy"),  # sampled greedily: logits / 1e-40 would be inf
-        ({"temperature": 1e-30, "top_p": 1e-30}, "greedy"),
-        ({"temperature": 0.7, "top_k": 2**31 - 1, "seed": 3}, "sampled"),
-        ({"temperature": float("nan")}, "temperature must be"),
-        ({"temperature": float("inf")}, "temperature must be"),
-        ({"temperature": 0.7, "top_p": float("nan")}, "top_p must be"),
-        ({"temperature": 0.7, "top_p": float("-inf")}, "top_p must be"),
-        ({"n": 2**32 - 1}, "n must be at most"),
-        ({"max_tokens": 2**32 - 1}, "exceeds the context length"),
-        ({"stop_token_ids": [7] * 1000}, "stop_token_ids holds 1000 ids"),
-    ],
+    ("worker", "sampling", "outcome"),
+    [("sync", *case) for case in POISON_CASES] + [("aio", *case) for case in AIO_POISON_CASES],
+    indirect=["worker"],
 )
 def test_poison_params_get_a_clean_answer_or_invalid_argument(worker, stub, encode, hf_greedy,
                                                               sampling, outcome):
