@@ -61,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dep.add_argument("--router-processes", default=_env("ROUTER_PROCESSES", None),
                      metavar="N|auto",
                      help="the router's HTTP serving processes on its port (kvmesh router "
-                          "--processes; default auto: the head node's cores // 4, 1 to 4)")
+                          "--processes; default 1; auto: the head node's cores // 4, 1 to 4)")
     dep.add_argument("--store-port", type=int, default=_env("STORE_PORT", "50051"))
     dep.add_argument("--worker-port", type=int, default=_env("WORKER_PORT", "50100"),
                      help="worker i listens on this port + i")

@@ -61,7 +61,7 @@ class RouterConfig:
     max_attempts: int = 3  # workers tried for a request that produced no token yet
     max_inflight: int = 1024  # router-wide; beyond it requests get 429
     # HTTP serving processes on one port (SO_REUSEPORT), each with its own worker pool, prefix
-    # index and tokenizer; `kvmesh router --processes` (default auto) fills it, 1 = this process
+    # index and tokenizer; `kvmesh router --processes` (default 1: this process) fills it
     num_processes: int = 1
     # HTTP inputs
     # Prompt characters accepted, checked before tokenizing. 0 = max_model_len x the longest

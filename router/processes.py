@@ -204,7 +204,8 @@ def run_processes(config: RouterConfig, ready_timeout: float, log_level: str) ->
                              ["--ready-timeout", str(ready_timeout), "--log-level", log_level],
                              metrics_dir)
     try:
-        supervisor.processes = [supervisor.spawn(i) for i in range(num_processes)]
+        for i in range(num_processes):  # each kept at once: stop_all stops what started
+            supervisor.processes.append(supervisor.spawn(i))
         if not supervisor.wait_listening(ready_timeout + START_MARGIN_S, stop):
             return 0 if stop.is_set() else 1
         print(f"kvmesh router listening on {supervisor.processes[0].address}", flush=True)

@@ -36,6 +36,7 @@ from kvmesh.v1 import worker_pb2
 
 MAX_TENANT_NAMESPACES = 1024  # salted namespaces kept built (one per tenant and model)
 METRICS_BATCH = 256  # a stream's inter-token gaps held before they are written to the metrics
+METRICS_FLUSH_S = 1.0  # ... or this long since they were last written, whichever comes first
 FINISH_REASONS = {
     worker_pb2.FINISH_REASON_STOP: "stop",
     worker_pb2.FINISH_REASON_LENGTH: "length",
@@ -204,9 +205,11 @@ class Router:
         started = time.monotonic()
         last_token_time: float | None = None
         num_prompt = len(prep.prompt_ids)
-        # per token: counted here, written to the metrics every METRICS_BATCH gaps and at the end
+        # per token: counted here, written to the metrics every METRICS_BATCH gaps or
+        # METRICS_FLUSH_S, and at the end
         itls: list[float] = []
         num_generated = 0
+        written_at = started
         self.num_inflight += 1
         self.metrics.router_inflight.set(self.num_inflight)
         try:
@@ -249,9 +252,10 @@ class Router:
                                 self.metrics.ttft.observe(now - started)
                             else:
                                 itls.append(now - last_token_time)
-                                if len(itls) >= METRICS_BATCH:
+                                if (len(itls) >= METRICS_BATCH
+                                        or now - written_at >= METRICS_FLUSH_S):
                                     self._record_tokens(itls, num_generated)
-                                    num_generated = 0
+                                    num_generated, written_at = 0, now
                             last_token_time = now
                             num_generated += len(response.token_ids)
                         chunk = self._chunk(response, handle.worker_id, num_prompt, resumed)

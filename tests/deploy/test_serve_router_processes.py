@@ -125,7 +125,7 @@ def _children(pid: int) -> list[int]:
 
 
 def test_ray_deploy_passes_router_processes_on():
-    assert "--processes" not in RayDeployConfig().router_argv(["w:1"], "s:1")  # router's auto
+    assert "--processes" not in RayDeployConfig().router_argv(["w:1"], "s:1")  # router's default
     argv = RayDeployConfig(router_processes="3").router_argv(["w:1"], "s:1")
     assert argv[argv.index("--processes") + 1] == "3"
     with pytest.raises(RayConfigError, match="--router-processes"):

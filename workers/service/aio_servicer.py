@@ -32,8 +32,10 @@ def wake_streams(event_loop: asyncio.AbstractEventLoop) -> Any:
             stream.wake()
 
     def on_streams_ready(streams: list[RequestStream]) -> None:
-        if not event_loop.is_closed():
+        try:
             event_loop.call_soon_threadsafe(wake_all, streams)
+        except RuntimeError:  # the server's loop closed (stopping): nobody is left to wake
+            pass
 
     return on_streams_ready
 
