@@ -12,7 +12,6 @@ servicer's, message for message.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from typing import Any
@@ -21,7 +20,7 @@ from kvmesh.v1 import worker_pb2
 from kvmesh.workers.service.handoff import Handoff
 from kvmesh.workers.service.servicer import WorkerServicer, abort_args, prefill_final
 from kvmesh.workers.service.streams import RequestStream, coalesce
-from kvmesh.workers.service.wire import event_to_pb, output_to_pb, parse_generate_request
+from kvmesh.workers.service.wire import event_to_pb, output_to_pb
 
 
 def wake_streams(event_loop: asyncio.AbstractEventLoop) -> Any:
@@ -54,11 +53,8 @@ class AioWorkerServicer(WorkerServicer):
     async def Generate(  # type: ignore[override]
         self, request: worker_pb2.GenerateRequest, context: Any
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
-        request_id = request.request_id or uuid.uuid4().hex
         try:
-            prompt, sampling = parse_generate_request(request, self._request_limits())
-            handoff = self._prefill_handoff() if request.prefill_only else None
-            stream = self._loop.submit(request_id, prompt, sampling, request.tenant_salt)
+            request_id, handoff, stream = self._start(request)
         except Exception as exc:  # noqa: BLE001 - mapped by the table
             await context.abort(*abort_args(context, exc))
             return

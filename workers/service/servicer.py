@@ -123,14 +123,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             raise NoStore("prefill_only needs a worker with a store (kvmesh worker --store)")
         return self._handoff
 
+    def _start(self, request: worker_pb2.GenerateRequest
+               ) -> tuple[str, Handoff | None, RequestStream]:
+        """Check a Generate request and queue it: (request id, its prefill handoff if it is
+        prefill-only, its output stream). Raises the typed errors the status table maps. Both
+        servers' Generate start here."""
+        request_id = request.request_id or uuid.uuid4().hex
+        prompt, sampling = parse_generate_request(request, self._request_limits())
+        handoff = self._prefill_handoff() if request.prefill_only else None
+        stream = self._loop.submit(request_id, prompt, sampling, request.tenant_salt)
+        return request_id, handoff, stream
+
     def Generate(
         self, request: worker_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[worker_pb2.GenerateResponse]:
-        request_id = request.request_id or uuid.uuid4().hex
         try:
-            prompt, sampling = parse_generate_request(request, self._request_limits())
-            handoff = self._prefill_handoff() if request.prefill_only else None
-            stream = self._loop.submit(request_id, prompt, sampling, request.tenant_salt)
+            request_id, handoff, stream = self._start(request)
         except Exception as exc:  # noqa: BLE001 - mapped by the table
             _abort(context, exc)
             return
